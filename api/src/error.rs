@@ -1,0 +1,178 @@
+//! The one error type of the API. Every failure maps to a status and the documented JSON body
+//! `{"error": {"code": "...", "message": "...", "field": "..."}}` (`field` only when one input is to blame).
+
+use axum::Json;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use chatcore::broker::PublishError;
+use chatcore::domain::InvalidInput;
+use chatcore::numbering::AllocationError;
+use chatcore::search::SearchError;
+use serde_json::json;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 400: the request is not well-formed (bad JSON, bad query string or path parameter).
+    #[error("{message}")]
+    BadRequest { message: String, field: Option<&'static str> },
+    /// 422: well-formed, but a value breaks a rule.
+    #[error("{0}")]
+    Invalid(InvalidInput),
+    /// 404
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    /// 409: the message number was accepted but the message is not written yet.
+    #[error("message {0} was accepted but is not persisted yet; retry shortly")]
+    NotPersistedYet(u64),
+    /// 413
+    #[error("request body exceeds the size limit")]
+    PayloadTooLarge,
+    /// 415
+    #[error("expected a JSON body with Content-Type: application/json")]
+    UnsupportedMediaType,
+    /// 405
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// 503: a dependency did not answer; nothing was accepted.
+    #[error("{0}")]
+    Unavailable(String),
+    /// 500: logged in full, answered opaquely.
+    #[error("internal error")]
+    Internal(#[source] anyhow::Error),
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            Self::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::NotPersistedYet(_) => StatusCode::CONFLICT,
+            Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::BadRequest { .. } => "bad_request",
+            Self::Invalid(_) => "validation_failed",
+            Self::NotFound(_) => "not_found",
+            Self::NotPersistedYet(_) => "not_persisted_yet",
+            Self::PayloadTooLarge => "payload_too_large",
+            Self::UnsupportedMediaType => "unsupported_media_type",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::Unavailable(_) => "service_unavailable",
+            Self::Internal(_) => "internal_error",
+        }
+    }
+
+    fn field(&self) -> Option<&'static str> {
+        match self {
+            Self::BadRequest { field, .. } => *field,
+            Self::Invalid(invalid) => Some(invalid.field),
+            _ => None,
+        }
+    }
+
+    pub fn bad_parameter(invalid: InvalidInput) -> Self {
+        Self::BadRequest {
+            message: invalid.to_string(),
+            field: Some(invalid.field),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        match &self {
+            Self::Internal(error) => tracing::error!(error = %format!("{error:#}"), "request failed"),
+            Self::Unavailable(reason) => tracing::warn!(reason, "dependency unavailable"),
+            _ => {}
+        }
+        let mut error = json!({"code": self.code(), "message": self.to_string()});
+        if let Some(field) = self.field() {
+            error["field"] = json!(field);
+        }
+        let mut response = (status, Json(json!({ "error": error }))).into_response();
+        if matches!(self, Self::NotPersistedYet(_) | Self::Unavailable(_)) {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+impl From<InvalidInput> for ApiError {
+    fn from(invalid: InvalidInput) -> Self {
+        Self::Invalid(invalid)
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(error: sqlx::Error) -> Self {
+        if chatcore::store::is_transient(&error) {
+            return Self::Unavailable(format!("database unavailable: {error}"));
+        }
+        Self::Internal(error.into())
+    }
+}
+
+impl From<AllocationError> for ApiError {
+    fn from(error: AllocationError) -> Self {
+        Self::Unavailable(format!("could not allocate a number: {error}"))
+    }
+}
+
+impl From<PublishError> for ApiError {
+    fn from(error: PublishError) -> Self {
+        Self::Unavailable(format!("the write was not accepted because the event could not be made durable: {error}"))
+    }
+}
+
+impl From<redis::RedisError> for ApiError {
+    fn from(error: redis::RedisError) -> Self {
+        Self::Unavailable(format!("redis unavailable: {error}"))
+    }
+}
+
+impl From<SearchError> for ApiError {
+    fn from(error: SearchError) -> Self {
+        if error.is_transient() {
+            return Self::Unavailable(format!("search unavailable: {error}"));
+        }
+        Self::Internal(error.into())
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        match rejection.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => Self::PayloadTooLarge,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => Self::UnsupportedMediaType,
+            StatusCode::UNPROCESSABLE_ENTITY => Self::BadRequest {
+                message: format!("invalid JSON body: {}", rejection.body_text()),
+                field: None,
+            },
+            _ => Self::BadRequest {
+                message: format!("malformed JSON body: {}", rejection.body_text()),
+                field: None,
+            },
+        }
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(rejection: QueryRejection) -> Self {
+        Self::BadRequest {
+            message: format!("invalid query string: {}", rejection.body_text()),
+            field: None,
+        }
+    }
+}

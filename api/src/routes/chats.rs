@@ -1,0 +1,109 @@
+//! Chats: created asynchronously (202 with the allocated number), read from MySQL.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::{Json, Router};
+use chatcore::domain::serialize_timestamp;
+use chatcore::events::{Event, EventPayload};
+use chatcore::numbering::Scope;
+use chatcore::store::ChatRow;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use super::{Accepted, PageParams, Pagination, paginate, parse_number};
+use crate::AppState;
+use crate::error::ApiError;
+use crate::extract::{QueryParams, RequestTrace};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/applications/{token}/chats", get(list).post(create))
+        .route("/applications/{token}/chats/{number}", get(show))
+}
+
+#[derive(Debug, Serialize)]
+struct ChatView {
+    number: u64,
+    messages_count: u64,
+    #[serde(serialize_with = "serialize_timestamp")]
+    created_at: DateTime<Utc>,
+}
+
+impl From<ChatRow> for ChatView {
+    fn from(row: ChatRow) -> Self {
+        Self {
+            number: row.number,
+            messages_count: row.messages_count,
+            created_at: row.created_at,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct ChatList {
+    chats: Vec<ChatView>,
+    pagination: Pagination,
+}
+
+async fn create(
+    State(state): State<AppState>,
+    Path(token): Path<String>,
+    RequestTrace(trace): RequestTrace,
+) -> Result<(StatusCode, Json<Accepted>), ApiError> {
+    let application_id = state.application_id(&token).await?;
+    let number = state
+        .inner
+        .allocator
+        .allocate(&Scope::ChatsOf { application_id })
+        .await?;
+    let event = Event::new(EventPayload::ChatCreated {
+        application_id,
+        chat_number: number,
+        created_at: chatcore::store::now(),
+    });
+    state.inner.publisher.publish(&event, &trace).await?;
+    // The event is durable now; remember the chat so messages can be posted to it before its row
+    // is written. Failing to remember only delays that, so it does not fail the request.
+    let remembered: Result<(), redis::RedisError> = redis::cmd("SET")
+        .arg(state.pending_chat_key(application_id, number))
+        .arg(1)
+        .arg("EX")
+        .arg(state.config().api.pending_chat_ttl.as_secs().max(1))
+        .query_async(&mut state.inner.redis.clone())
+        .await;
+    if let Err(error) = remembered {
+        tracing::warn!(%error, application_id, chat_number = %number, "could not mark the accepted chat as pending");
+    }
+    Ok((StatusCode::ACCEPTED, Json(Accepted { number })))
+}
+
+async fn list(
+    State(state): State<AppState>,
+    Path(token): Path<String>,
+    QueryParams(params): QueryParams<PageParams>,
+) -> Result<Json<ChatList>, ApiError> {
+    let page = params.parse(&state)?;
+    let application_id = state.application_id(&token).await?;
+    let rows = state.inner.store.list_chats(application_id, page).await?;
+    let (rows, pagination) = paginate(rows, page);
+    Ok(Json(ChatList {
+        chats: rows.into_iter().map(ChatView::from).collect(),
+        pagination,
+    }))
+}
+
+async fn show(
+    State(state): State<AppState>,
+    Path((token, number)): Path<(String, String)>,
+) -> Result<Json<ChatView>, ApiError> {
+    let number = parse_number("number", &number)?;
+    let application_id = state.application_id(&token).await?;
+    let row = state
+        .inner
+        .store
+        .find_chat(application_id, number)
+        .await?
+        .ok_or(ApiError::NotFound("chat"))?;
+    Ok(Json(row.into()))
+}

@@ -1,0 +1,243 @@
+//! Messages: created asynchronously (202), updated synchronously (200), read from MySQL, searched
+//! in Elasticsearch.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::{Json, Router};
+use chatcore::domain::{InvalidInput, MessageBody, Number, SearchQuery, serialize_timestamp};
+use chatcore::events::{Event, EventPayload};
+use chatcore::numbering::Scope;
+use chatcore::search::{MAX_RESULT_WINDOW, MessageHit};
+use chatcore::store::MessageRow;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::{Accepted, PageParams, Pagination, paginate, parse_number};
+use crate::AppState;
+use crate::error::ApiError;
+use crate::extract::{JsonBody, QueryParams, RequestTrace};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/applications/{token}/chats/{chat_number}/messages", get(list).post(create))
+        .route("/applications/{token}/chats/{chat_number}/messages/search", get(search))
+        .route(
+            "/applications/{token}/chats/{chat_number}/messages/{number}",
+            get(show).put(update),
+        )
+}
+
+#[derive(Debug, Deserialize)]
+struct MessageInput {
+    body: Option<String>,
+}
+
+impl MessageInput {
+    fn body(self) -> Result<MessageBody, InvalidInput> {
+        let raw = self.body.ok_or_else(|| InvalidInput::new("body", "is required"))?;
+        MessageBody::parse(raw)
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct MessageView {
+    number: u64,
+    body: String,
+    #[serde(serialize_with = "serialize_timestamp")]
+    created_at: DateTime<Utc>,
+}
+
+impl From<MessageRow> for MessageView {
+    fn from(row: MessageRow) -> Self {
+        Self {
+            number: row.number,
+            body: row.body,
+            created_at: row.created_at,
+        }
+    }
+}
+
+impl From<MessageHit> for MessageView {
+    fn from(hit: MessageHit) -> Self {
+        Self {
+            number: hit.number.get(),
+            body: hit.body,
+            created_at: hit.created_at,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct UpdatedMessageView {
+    number: u64,
+    body: String,
+    #[serde(serialize_with = "serialize_timestamp")]
+    updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Serialize)]
+struct MessageList {
+    messages: Vec<MessageView>,
+    pagination: Pagination,
+}
+
+#[derive(Debug, Deserialize)]
+struct SearchParams {
+    query: Option<String>,
+    #[serde(flatten)]
+    page: PageParams,
+}
+
+async fn create(
+    State(state): State<AppState>,
+    Path((token, chat_number)): Path<(String, String)>,
+    RequestTrace(trace): RequestTrace,
+    JsonBody(input): JsonBody<MessageInput>,
+) -> Result<(StatusCode, Json<Accepted>), ApiError> {
+    let chat_number = parse_number("chat_number", &chat_number)?;
+    let body = input.body()?;
+    let application_id = state.application_id(&token).await?;
+    state.require_chat(application_id, chat_number).await?;
+    let number = state
+        .inner
+        .allocator
+        .allocate(&Scope::MessagesOf {
+            application_id,
+            chat_number,
+        })
+        .await?;
+    let event = Event::new(EventPayload::MessageCreated {
+        application_id,
+        chat_number,
+        message_number: number,
+        body: body.into_string(),
+        created_at: chatcore::store::now(),
+    });
+    state.inner.publisher.publish(&event, &trace).await?;
+    Ok((StatusCode::ACCEPTED, Json(Accepted { number })))
+}
+
+async fn list(
+    State(state): State<AppState>,
+    Path((token, chat_number)): Path<(String, String)>,
+    QueryParams(params): QueryParams<PageParams>,
+) -> Result<Json<MessageList>, ApiError> {
+    let chat_number = parse_number("chat_number", &chat_number)?;
+    let page = params.parse(&state)?;
+    let application_id = state.application_id(&token).await?;
+    state.require_chat(application_id, chat_number).await?;
+    let rows = state
+        .inner
+        .store
+        .list_messages(application_id, chat_number, page)
+        .await?;
+    let (rows, pagination) = paginate(rows, page);
+    Ok(Json(MessageList {
+        messages: rows.into_iter().map(MessageView::from).collect(),
+        pagination,
+    }))
+}
+
+async fn show(
+    State(state): State<AppState>,
+    Path((token, chat_number, number)): Path<(String, String, String)>,
+) -> Result<Json<MessageView>, ApiError> {
+    let chat_number = parse_number("chat_number", &chat_number)?;
+    let number = parse_number("number", &number)?;
+    let application_id = state.application_id(&token).await?;
+    let row = state
+        .inner
+        .store
+        .find_message(application_id, chat_number, number)
+        .await?
+        .ok_or(ApiError::NotFound("message"))?;
+    Ok(Json(row.into()))
+}
+
+/// Synchronous update. A number that was handed out but whose message is not in MySQL yet gets
+/// 409 `not_persisted_yet` (with Retry-After), so the client retries instead of losing its edit.
+async fn update(
+    State(state): State<AppState>,
+    Path((token, chat_number, number)): Path<(String, String, String)>,
+    RequestTrace(trace): RequestTrace,
+    JsonBody(input): JsonBody<MessageInput>,
+) -> Result<Json<UpdatedMessageView>, ApiError> {
+    let chat_number = parse_number("chat_number", &chat_number)?;
+    let number = parse_number("number", &number)?;
+    let body = input.body()?;
+    let application_id = state.application_id(&token).await?;
+    let Some(row) = state
+        .inner
+        .store
+        .update_message(application_id, chat_number, number, &body)
+        .await?
+    else {
+        return Err(missing_message(&state, application_id, chat_number, number).await);
+    };
+    let event = Event::new(EventPayload::MessageUpdated {
+        application_id,
+        chat_number,
+        message_number: number,
+        body: row.body.clone(),
+        version: row.version,
+        created_at: row.created_at,
+        updated_at: row.updated_at,
+    });
+    // MySQL holds the new body; if the event cannot be confirmed the index would lag, so the
+    // client is told (503) and a retried PUT brings the index up to date.
+    state.inner.publisher.publish(&event, &trace).await?;
+    Ok(Json(UpdatedMessageView {
+        number: row.number,
+        body: row.body,
+        updated_at: row.updated_at,
+    }))
+}
+
+async fn missing_message(state: &AppState, application_id: u64, chat_number: Number, number: Number) -> ApiError {
+    if let Err(error) = state.require_chat(application_id, chat_number).await {
+        return error;
+    }
+    let scope = Scope::MessagesOf {
+        application_id,
+        chat_number,
+    };
+    match state.inner.allocator.handed_out_up_to(&scope).await {
+        Ok(handed_out) if number.get() <= handed_out => ApiError::NotPersistedYet(number.get()),
+        Ok(_) => ApiError::NotFound("message"),
+        Err(error) => error.into(),
+    }
+}
+
+async fn search(
+    State(state): State<AppState>,
+    Path((token, chat_number)): Path<(String, String)>,
+    QueryParams(params): QueryParams<SearchParams>,
+) -> Result<Json<MessageList>, ApiError> {
+    let chat_number = parse_number("chat_number", &chat_number)?;
+    let query = params
+        .query
+        .as_deref()
+        .ok_or_else(|| InvalidInput::new("query", "is required"))
+        .and_then(SearchQuery::parse)
+        .map_err(ApiError::bad_parameter)?;
+    let page = params.page.parse(&state)?;
+    if page.offset() + page.fetch_limit() > MAX_RESULT_WINDOW {
+        return Err(ApiError::bad_parameter(InvalidInput::new(
+            "page",
+            format!("search results are available up to result {MAX_RESULT_WINDOW}"),
+        )));
+    }
+    let application_id = state.application_id(&token).await?;
+    state.require_chat(application_id, chat_number).await?;
+    let hits = state
+        .inner
+        .search
+        .search(application_id, chat_number, &query, page)
+        .await?;
+    let (hits, pagination) = paginate(hits, page);
+    Ok(Json(MessageList {
+        messages: hits.into_iter().map(MessageView::from).collect(),
+        pagination,
+    }))
+}

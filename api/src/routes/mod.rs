@@ -1,0 +1,79 @@
+//! One module per resource, each with its own router, merged here under `/api/v1`.
+
+mod applications;
+mod chats;
+mod health;
+mod messages;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use chatcore::domain::{Number, PageRequest};
+use serde::{Deserialize, Serialize};
+
+use crate::error::ApiError;
+use crate::AppState;
+
+pub fn router(state: AppState) -> Router {
+    let max_request_bytes = state.config().api.max_request_bytes;
+    let api = Router::new()
+        .merge(applications::router())
+        .merge(chats::router())
+        .merge(messages::router());
+    Router::new()
+        .nest("/api/v1", api)
+        .merge(health::router())
+        .fallback(|| async { ApiError::NotFound("route") })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(DefaultBodyLimit::max(max_request_bytes))
+        .with_state(state)
+}
+
+/// `?page=&per_page=` of every list.
+#[derive(Debug, Deserialize)]
+pub struct PageParams {
+    page: Option<String>,
+    per_page: Option<String>,
+}
+
+impl PageParams {
+    fn parse(&self, state: &AppState) -> Result<PageRequest, ApiError> {
+        let api = &state.config().api;
+        PageRequest::parse(
+            self.page.as_deref(),
+            self.per_page.as_deref(),
+            api.default_page_size,
+            api.max_page_size,
+        )
+        .map_err(ApiError::bad_parameter)
+    }
+}
+
+/// Pagination block of every list response.
+#[derive(Debug, Serialize)]
+pub struct Pagination {
+    page: u32,
+    per_page: u32,
+    next_page: Option<u32>,
+}
+
+/// Cuts the extra row fetched to detect a next page.
+fn paginate<T>(mut rows: Vec<T>, page: PageRequest) -> (Vec<T>, Pagination) {
+    let has_next = rows.len() > page.per_page as usize;
+    rows.truncate(page.per_page as usize);
+    let pagination = Pagination {
+        page: page.page,
+        per_page: page.per_page,
+        next_page: has_next.then_some(page.page + 1),
+    };
+    (rows, pagination)
+}
+
+fn parse_number(field: &'static str, raw: &str) -> Result<Number, ApiError> {
+    Number::parse(field, raw).map_err(ApiError::bad_parameter)
+}
+
+/// `{"number": n}` of a 202.
+#[derive(Debug, Serialize)]
+struct Accepted {
+    number: Number,
+}

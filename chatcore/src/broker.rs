@@ -1,0 +1,238 @@
+//! RabbitMQ: the topology, and a publisher that reports success only after a publisher confirm.
+//!
+//! Topology (all durable): a topic exchange for events; one queue per consumer bound to the routing
+//! keys it needs; each queue dead-letters into `<queue>.dead` through a direct exchange.
+
+use std::time::Duration;
+
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
+use tokio::sync::RwLock;
+
+use crate::config::{SecretUrl, Topology};
+use crate::events::{Event, SCHEMA_VERSION, SCHEMA_VERSION_HEADER, TRACEPARENT_HEADER, TraceContext, routing};
+
+pub const PERSISTENT: u8 = 2;
+
+pub async fn connect(url: &SecretUrl, connection_name: &str) -> Result<Connection, lapin::Error> {
+    let properties = ConnectionProperties::default().with_connection_name(LongString::from(connection_name));
+    Connection::connect(url.expose(), properties).await
+}
+
+/// Routing keys each consumer queue receives.
+pub fn queue_bindings(topology: &Topology) -> [(&str, &'static [&'static str]); 2] {
+    [
+        (
+            topology.ingest_queue.as_str(),
+            &[routing::CHAT_CREATED, routing::MESSAGE_CREATED],
+        ),
+        (
+            topology.index_queue.as_str(),
+            &[routing::MESSAGE_CREATED, routing::MESSAGE_UPDATED],
+        ),
+    ]
+}
+
+/// Declares exchanges, queues, dead-letter queues and bindings; idempotent.
+pub async fn declare_topology(channel: &Channel, topology: &Topology) -> Result<(), lapin::Error> {
+    let durable_exchange = ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    channel
+        .exchange_declare(
+            topology.exchange.as_str().into(),
+            ExchangeKind::Topic,
+            durable_exchange,
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .exchange_declare(
+            topology.dead_letter_exchange.as_str().into(),
+            ExchangeKind::Direct,
+            durable_exchange,
+            FieldTable::default(),
+        )
+        .await?;
+    let durable_queue = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    for (queue, routing_keys) in queue_bindings(topology) {
+        let dead_letter_queue = Topology::dead_letter_queue(queue);
+        let mut arguments = FieldTable::default();
+        arguments.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString(topology.dead_letter_exchange.as_str().into()),
+        );
+        arguments.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString(dead_letter_queue.as_str().into()),
+        );
+        channel.queue_declare(queue.into(), durable_queue, arguments).await?;
+        for routing_key in routing_keys {
+            channel
+                .queue_bind(
+                    queue.into(),
+                    topology.exchange.as_str().into(),
+                    (*routing_key).into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+        channel
+            .queue_declare(dead_letter_queue.as_str().into(), durable_queue, FieldTable::default())
+            .await?;
+        channel
+            .queue_bind(
+                dead_letter_queue.as_str().into(),
+                topology.dead_letter_exchange.as_str().into(),
+                dead_letter_queue.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+/// AMQP properties of an event: persistent, JSON, with schema version and trace context headers.
+pub fn event_properties(event: &Event, trace: &TraceContext) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    headers.insert(
+        TRACEPARENT_HEADER.into(),
+        AMQPValue::LongString(trace.as_str().into()),
+    );
+    headers.insert(
+        SCHEMA_VERSION_HEADER.into(),
+        AMQPValue::LongUInt(SCHEMA_VERSION),
+    );
+    BasicProperties::default()
+        .with_delivery_mode(PERSISTENT)
+        .with_content_type(ShortString::from("application/json"))
+        .with_message_id(ShortString::from(event.event_id.to_string()))
+        .with_headers(headers)
+}
+
+/// Reads the trace context of a delivery, if it carries a valid one.
+pub fn trace_context_of(properties: &BasicProperties) -> Option<TraceContext> {
+    let headers = properties.headers().as_ref()?;
+    match headers.inner().get(TRACEPARENT_HEADER)? {
+        AMQPValue::LongString(value) => TraceContext::parse(std::str::from_utf8(value.as_bytes()).ok()?),
+        _ => None,
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("rabbitmq: {0}")]
+    Broker(#[from] lapin::Error),
+    #[error("rabbitmq refused the event (nack)")]
+    Nacked,
+    #[error("no queue is bound for routing key {0}")]
+    Unroutable(&'static str),
+    #[error("rabbitmq did not confirm the event within {0:?}")]
+    ConfirmTimeout(Duration),
+}
+
+/// A publisher-confirmed channel that reconnects after the connection is lost.
+pub struct Publisher {
+    url: SecretUrl,
+    topology: Topology,
+    confirm_timeout: Duration,
+    link: RwLock<Link>,
+}
+
+struct Link {
+    // Kept so the connection lives as long as its channel.
+    _connection: Connection,
+    channel: Channel,
+    generation: u64,
+}
+
+impl Publisher {
+    pub async fn connect(url: SecretUrl, topology: Topology, confirm_timeout: Duration) -> Result<Self, lapin::Error> {
+        let link = open_link(&url, &topology, 0).await?;
+        Ok(Self {
+            url,
+            topology,
+            confirm_timeout,
+            link: RwLock::new(link),
+        })
+    }
+
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    /// Publishes the event and waits for the broker's confirm. Retries once on a fresh connection
+    /// when the current one is broken (events are idempotent, so a duplicate is harmless).
+    pub async fn publish(&self, event: &Event, trace: &TraceContext) -> Result<(), PublishError> {
+        let (channel, generation) = {
+            let link = self.link.read().await;
+            (link.channel.clone(), link.generation)
+        };
+        match self.publish_on(&channel, event, trace).await {
+            Err(PublishError::Broker(error)) => {
+                tracing::warn!(%error, "publish failed, reconnecting to rabbitmq");
+                let channel = self.reconnect(generation).await?;
+                self.publish_on(&channel, event, trace).await
+            }
+            outcome => outcome,
+        }
+    }
+
+    /// True when the channel is open.
+    pub async fn is_connected(&self) -> bool {
+        self.link.read().await.channel.status().connected()
+    }
+
+    async fn publish_on(&self, channel: &Channel, event: &Event, trace: &TraceContext) -> Result<(), PublishError> {
+        let routing_key = event.routing_key();
+        let confirm = channel
+            .basic_publish(
+                self.topology.exchange.as_str().into(),
+                routing_key.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                &event.encode(),
+                event_properties(event, trace),
+            )
+            .await?;
+        let confirmation = tokio::time::timeout(self.confirm_timeout, confirm)
+            .await
+            .map_err(|_| PublishError::ConfirmTimeout(self.confirm_timeout))??;
+        match confirmation {
+            Confirmation::Ack(None) => Ok(()),
+            Confirmation::Ack(Some(_returned)) => Err(PublishError::Unroutable(routing_key)),
+            Confirmation::Nack(_) | Confirmation::NotRequested => Err(PublishError::Nacked),
+        }
+    }
+
+    async fn reconnect(&self, broken_generation: u64) -> Result<Channel, PublishError> {
+        let mut link = self.link.write().await;
+        if link.generation == broken_generation {
+            *link = open_link(&self.url, &self.topology, broken_generation + 1).await?;
+        }
+        Ok(link.channel.clone())
+    }
+}
+
+async fn open_link(url: &SecretUrl, topology: &Topology, generation: u64) -> Result<Link, lapin::Error> {
+    let connection = connect(url, "chat-api-publisher").await?;
+    let channel = connection.create_channel().await?;
+    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    declare_topology(&channel, topology).await?;
+    Ok(Link {
+        _connection: connection,
+        channel,
+        generation,
+    })
+}

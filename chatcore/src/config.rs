@@ -1,0 +1,268 @@
+//! The one place that reads configuration. Every setting is an environment variable with a
+//! documented default (see README "Configuration"); connection URLs are kept as [`SecretUrl`]
+//! so their passwords never reach a log line.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// A connection URL whose password is redacted whenever it is displayed or debug-printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretUrl(String);
+
+impl SecretUrl {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self(url.into())
+    }
+
+    /// The full URL, for handing to a client library. Never log this.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    fn redacted(&self) -> String {
+        // scheme://user:password@host -> scheme://user:***@host
+        let Some((scheme, rest)) = self.0.split_once("://") else {
+            return self.0.clone();
+        };
+        let Some((credentials, host)) = rest.rsplit_once('@') else {
+            return self.0.clone();
+        };
+        match credentials.split_once(':') {
+            Some((user, _password)) => format!("{scheme}://{user}:***@{host}"),
+            None => self.0.clone(),
+        }
+    }
+}
+
+impl fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.redacted())
+    }
+}
+
+impl fmt::Display for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {name}={value:?}: {reason}")]
+pub struct ConfigError {
+    name: &'static str,
+    value: String,
+    reason: String,
+}
+
+/// Names of the RabbitMQ objects; all derived from one prefix so that tests can isolate themselves.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    pub exchange: String,
+    pub dead_letter_exchange: String,
+    pub ingest_queue: String,
+    pub index_queue: String,
+}
+
+impl Topology {
+    pub fn from_prefix(prefix: &str) -> Self {
+        Self {
+            exchange: format!("{prefix}.events"),
+            dead_letter_exchange: format!("{prefix}.dead-letter"),
+            ingest_queue: format!("{prefix}.ingest"),
+            index_queue: format!("{prefix}.index"),
+        }
+    }
+
+    pub fn dead_letter_queue(queue: &str) -> String {
+        format!("{queue}.dead")
+    }
+}
+
+/// Settings shared by every binary. Service-specific settings sit in the sub-structs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub database_url: SecretUrl,
+    pub database_max_connections: u32,
+    pub redis_url: SecretUrl,
+    /// Prefix of every Redis key this system writes.
+    pub redis_key_prefix: String,
+    pub amqp_url: SecretUrl,
+    pub topology: Topology,
+    pub elasticsearch_url: SecretUrl,
+    pub elasticsearch_index: String,
+    /// Replicas of the search index when it is created (0 on a single node).
+    pub elasticsearch_replicas: u32,
+    /// How many numbers one durable reservation in MySQL covers (see README "Numbering").
+    pub number_block_size: u64,
+    pub api: ApiConfig,
+    pub consumer: ConsumerConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    pub listen_addr: SocketAddr,
+    pub request_timeout: Duration,
+    pub publish_confirm_timeout: Duration,
+    pub max_request_bytes: usize,
+    /// How long a just-accepted chat is remembered in Redis so messages can be posted to it
+    /// before the ingest-worker has written its row.
+    pub pending_chat_ttl: Duration,
+    pub default_page_size: u32,
+    pub max_page_size: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct ConsumerConfig {
+    pub prefetch: u16,
+    pub batch_max_size: usize,
+    pub batch_max_wait: Duration,
+    /// Attempts for one event that fails with a non-transient error before it is dead-lettered.
+    pub max_attempts: u32,
+    pub retry_base_delay: Duration,
+    pub retry_max_delay: Duration,
+}
+
+impl Config {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Reads from a map, for tests that isolate themselves with their own settings.
+    pub fn from_map(values: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| values.get(name).cloned())
+    }
+
+    fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let settings = Settings { lookup: &lookup };
+        let amqp_prefix = settings.string("CHAT_AMQP_PREFIX", "chat");
+        Ok(Self {
+            database_url: SecretUrl::new(
+                settings.string("DATABASE_URL", "mysql://chat:chat@127.0.0.1:3306/chat"),
+            ),
+            database_max_connections: settings.parse("CHAT_DATABASE_MAX_CONNECTIONS", 16)?,
+            redis_url: SecretUrl::new(settings.string("REDIS_URL", "redis://127.0.0.1:6379/0")),
+            redis_key_prefix: settings.string("CHAT_REDIS_PREFIX", "chat"),
+            amqp_url: SecretUrl::new(
+                settings.string("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f"),
+            ),
+            topology: Topology::from_prefix(&amqp_prefix),
+            elasticsearch_url: SecretUrl::new(
+                settings.string("ELASTICSEARCH_URL", "http://127.0.0.1:9200"),
+            ),
+            elasticsearch_index: settings.string("CHAT_ES_INDEX", "chat-messages"),
+            elasticsearch_replicas: settings.parse("CHAT_ES_REPLICAS", 0)?,
+            number_block_size: settings.parse("CHAT_NUMBER_BLOCK_SIZE", 1000)?,
+            api: ApiConfig {
+                listen_addr: settings.parse("CHAT_HTTP_ADDR", SocketAddr::from(([127, 0, 0, 1], 3000)))?,
+                request_timeout: settings.millis("CHAT_REQUEST_TIMEOUT_MS", 10_000)?,
+                publish_confirm_timeout: settings.millis("CHAT_PUBLISH_CONFIRM_TIMEOUT_MS", 5_000)?,
+                max_request_bytes: settings.parse("CHAT_MAX_REQUEST_BYTES", 256 * 1024)?,
+                pending_chat_ttl: Duration::from_secs(settings.parse("CHAT_PENDING_CHAT_TTL_SECONDS", 86_400)?),
+                default_page_size: settings.parse("CHAT_DEFAULT_PAGE_SIZE", 25)?,
+                max_page_size: settings.parse("CHAT_MAX_PAGE_SIZE", 100)?,
+            },
+            consumer: ConsumerConfig {
+                prefetch: settings.parse("CHAT_CONSUMER_PREFETCH", 1000)?,
+                batch_max_size: settings.parse("CHAT_BATCH_MAX_SIZE", 500)?,
+                batch_max_wait: settings.millis("CHAT_BATCH_MAX_WAIT_MS", 20)?,
+                max_attempts: settings.parse("CHAT_MAX_ATTEMPTS", 3)?,
+                retry_base_delay: settings.millis("CHAT_RETRY_BASE_DELAY_MS", 100)?,
+                retry_max_delay: settings.millis("CHAT_RETRY_MAX_DELAY_MS", 10_000)?,
+            },
+        })
+        .and_then(Self::checked)
+    }
+
+    fn checked(self) -> Result<Self, ConfigError> {
+        let invalid = |name: &'static str, value: String, reason: &str| ConfigError {
+            name,
+            value,
+            reason: reason.to_owned(),
+        };
+        if self.number_block_size == 0 {
+            return Err(invalid("CHAT_NUMBER_BLOCK_SIZE", "0".into(), "must be at least 1"));
+        }
+        if self.consumer.batch_max_size == 0 || self.consumer.prefetch == 0 {
+            return Err(invalid(
+                "CHAT_BATCH_MAX_SIZE",
+                self.consumer.batch_max_size.to_string(),
+                "batch size and prefetch must be at least 1",
+            ));
+        }
+        if self.api.default_page_size == 0 || self.api.default_page_size > self.api.max_page_size {
+            return Err(invalid(
+                "CHAT_DEFAULT_PAGE_SIZE",
+                self.api.default_page_size.to_string(),
+                "must be between 1 and CHAT_MAX_PAGE_SIZE",
+            ));
+        }
+        Ok(self)
+    }
+}
+
+struct Settings<'a, F: Fn(&str) -> Option<String>> {
+    lookup: &'a F,
+}
+
+impl<F: Fn(&str) -> Option<String>> Settings<'_, F> {
+    fn string(&self, name: &str, default: &str) -> String {
+        (self.lookup)(name)
+            .filter(|value| !value.is_empty())
+            .unwrap_or_else(|| default.to_owned())
+    }
+
+    fn parse<T>(&self, name: &'static str, default: T) -> Result<T, ConfigError>
+    where
+        T: FromStr,
+        T::Err: fmt::Display,
+    {
+        match (self.lookup)(name).filter(|value| !value.is_empty()) {
+            None => Ok(default),
+            Some(value) => value.parse().map_err(|error: T::Err| ConfigError {
+                name,
+                reason: error.to_string(),
+                value,
+            }),
+        }
+    }
+
+    fn millis(&self, name: &'static str, default: u64) -> Result<Duration, ConfigError> {
+        self.parse(name, default).map(Duration::from_millis)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_url_redacts_password() {
+        let url = SecretUrl::new("mysql://chat:hunter2@db:3306/chat");
+        assert_eq!(url.to_string(), "mysql://chat:***@db:3306/chat");
+        assert!(!format!("{url:?}").contains("hunter2"));
+        assert_eq!(url.expose(), "mysql://chat:hunter2@db:3306/chat");
+    }
+
+    #[test]
+    fn defaults_apply_and_overrides_parse() {
+        let mut values = HashMap::new();
+        values.insert("CHAT_BATCH_MAX_SIZE".to_owned(), "42".to_owned());
+        values.insert("CHAT_AMQP_PREFIX".to_owned(), "t1".to_owned());
+        let config = Config::from_map(&values).expect("valid config");
+        assert_eq!(config.consumer.batch_max_size, 42);
+        assert_eq!(config.topology.ingest_queue, "t1.ingest");
+        assert_eq!(config.api.max_page_size, 100);
+    }
+
+    #[test]
+    fn invalid_number_names_the_variable() {
+        let mut values = HashMap::new();
+        values.insert("CHAT_CONSUMER_PREFETCH".to_owned(), "lots".to_owned());
+        let error = Config::from_map(&values).expect_err("must fail");
+        assert!(error.to_string().contains("CHAT_CONSUMER_PREFETCH"));
+    }
+}

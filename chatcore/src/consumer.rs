@@ -1,0 +1,239 @@
+//! The batching consumer loop shared by ingest-worker and indexer.
+//!
+//! Deliveries arrive within a prefetch window and are grouped into batches bounded by size and
+//! time. A batch is acknowledged (one multiple-ack) only after its handler succeeded, so a crash at
+//! any point redelivers it. Failures are classified by the handler:
+//! - transient (a dependency is down): the batch is retried with capped exponential backoff, for as
+//!   long as it takes, without acking; nothing is dead-lettered because MySQL is restarting.
+//! - permanent (this event cannot be processed): the batch is split and each event retried alone up
+//!   to `max_attempts`; an event that still fails is rejected into the dead-letter queue and the
+//!   consumer goes on.
+//!
+//! Events that do not decode are dead-lettered at once: retrying cannot fix them.
+
+use std::future::Future;
+use std::time::Duration;
+
+use futures_util::StreamExt as _;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Consumer};
+use tokio_util::sync::CancellationToken;
+
+use crate::broker;
+use crate::config::{Config, ConsumerConfig};
+use crate::events::{Event, TraceContext};
+
+#[derive(Debug, thiserror::Error)]
+pub enum HandleError {
+    #[error("transient failure: {0:#}")]
+    Transient(anyhow::Error),
+    #[error("permanent failure: {0:#}")]
+    Permanent(anyhow::Error),
+}
+
+/// One decoded event with the trace context it travelled with.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub event: Event,
+    pub trace: Option<TraceContext>,
+}
+
+/// Processes a batch of events; must be idempotent, since any batch may be delivered again.
+pub trait BatchHandler: Send + Sync {
+    fn handle(&self, batch: &[Received]) -> impl Future<Output = Result<(), HandleError>> + Send;
+}
+
+/// Consumes `queue` until `shutdown` is cancelled, reconnecting after broker failures.
+pub async fn run<H: BatchHandler>(
+    config: &Config,
+    queue: &str,
+    handler: &H,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let mut reconnect_delay = config.consumer.retry_base_delay;
+    while !shutdown.is_cancelled() {
+        match consume_once(config, queue, handler, shutdown).await {
+            Ok(()) => break,
+            Err(error) => {
+                tracing::warn!(queue, error = %format!("{error:#}"), delay_ms = reconnect_delay.as_millis() as u64, "consumer lost its broker connection, reconnecting");
+                sleep_or_cancel(reconnect_delay, shutdown).await;
+                reconnect_delay = (reconnect_delay * 2).min(config.consumer.retry_max_delay);
+            }
+        }
+    }
+    tracing::info!(queue, "consumer stopped");
+    Ok(())
+}
+
+async fn consume_once<H: BatchHandler>(
+    config: &Config,
+    queue: &str,
+    handler: &H,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let connection = broker::connect(&config.amqp_url, queue).await?;
+    let channel = connection.create_channel().await?;
+    broker::declare_topology(&channel, &config.topology).await?;
+    channel
+        .basic_qos(config.consumer.prefetch, BasicQosOptions::default())
+        .await?;
+    let mut consumer = channel
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    tracing::info!(queue, prefetch = config.consumer.prefetch, "consumer started");
+    let settings = &config.consumer;
+    loop {
+        let Some(deliveries) = next_batch(&mut consumer, settings, shutdown).await? else {
+            // Closing the channel hands every unacked delivery back to the queue.
+            let _ = channel.close(200, "shutting down".into()).await;
+            let _ = connection.close(200, "shutting down".into()).await;
+            return Ok(());
+        };
+        let settled = process_batch(&channel, deliveries, handler, settings, shutdown).await?;
+        if !settled {
+            // Shutdown arrived while a batch was being retried: leave it unacked for redelivery.
+            let _ = channel.close(200, "shutting down".into()).await;
+            let _ = connection.close(200, "shutting down".into()).await;
+            return Ok(());
+        }
+    }
+}
+
+/// Waits for the first delivery, then gathers more until the batch is full or its time is up.
+/// Returns None on shutdown.
+async fn next_batch(
+    consumer: &mut Consumer,
+    settings: &ConsumerConfig,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<Vec<Delivery>>> {
+    let first = tokio::select! {
+        _ = shutdown.cancelled() => return Ok(None),
+        delivery = consumer.next() => delivery,
+    };
+    let Some(first) = first else {
+        anyhow::bail!("the broker cancelled the consumer");
+    };
+    let mut batch = vec![first?];
+    let deadline = tokio::time::Instant::now() + settings.batch_max_wait;
+    while batch.len() < settings.batch_max_size {
+        match tokio::time::timeout_at(deadline, consumer.next()).await {
+            Ok(Some(delivery)) => batch.push(delivery?),
+            Ok(None) => anyhow::bail!("the broker cancelled the consumer"),
+            Err(_elapsed) => break,
+        }
+    }
+    Ok(Some(batch))
+}
+
+/// Returns false when shutdown interrupted retries and the batch was left unacked.
+async fn process_batch<H: BatchHandler>(
+    channel: &Channel,
+    deliveries: Vec<Delivery>,
+    handler: &H,
+    settings: &ConsumerConfig,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<bool> {
+    let last_tag = deliveries.last().map(|delivery| delivery.delivery_tag);
+    let mut decoded = Vec::with_capacity(deliveries.len());
+    for delivery in deliveries {
+        match Event::decode(&delivery.data) {
+            Ok(event) => decoded.push((
+                delivery.delivery_tag,
+                Received {
+                    event,
+                    trace: broker::trace_context_of(&delivery.properties),
+                },
+            )),
+            Err(error) => {
+                tracing::error!(delivery_tag = delivery.delivery_tag, %error, "dead-lettering an event that does not decode");
+                dead_letter(channel, delivery.delivery_tag).await?;
+            }
+        }
+    }
+    if !decoded.is_empty() {
+        let events: Vec<Received> = decoded.iter().map(|(_, received)| received.clone()).collect();
+        match handle_with_retries(handler, &events, settings, shutdown, None).await {
+            Outcome::Done => {}
+            Outcome::Interrupted => return Ok(false),
+            Outcome::Permanent(error) => {
+                tracing::warn!(events = events.len(), error = %format!("{error:#}"), "batch failed permanently, retrying its events one by one");
+                for (delivery_tag, received) in &decoded {
+                    let single = std::slice::from_ref(received);
+                    match handle_with_retries(handler, single, settings, shutdown, Some(settings.max_attempts)).await {
+                        Outcome::Done => {}
+                        Outcome::Interrupted => return Ok(false),
+                        Outcome::Permanent(error) => {
+                            tracing::error!(event_id = %received.event.event_id, trace_id = received.trace.as_ref().map(TraceContext::trace_id), error = %format!("{error:#}"), "dead-lettering an event that keeps failing");
+                            dead_letter(channel, *delivery_tag).await?;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if let Some(last_tag) = last_tag {
+        // Everything up to last_tag that was not dead-lettered is done.
+        channel
+            .basic_ack(last_tag, BasicAckOptions { multiple: true })
+            .await?;
+    }
+    Ok(true)
+}
+
+enum Outcome {
+    Done,
+    Interrupted,
+    Permanent(anyhow::Error),
+}
+
+/// Transient failures retry until shutdown; permanent ones `permanent_attempts` times (None: once).
+async fn handle_with_retries<H: BatchHandler>(
+    handler: &H,
+    batch: &[Received],
+    settings: &ConsumerConfig,
+    shutdown: &CancellationToken,
+    permanent_attempts: Option<u32>,
+) -> Outcome {
+    let mut delay = settings.retry_base_delay;
+    let mut permanent_failures = 0;
+    loop {
+        match handler.handle(batch).await {
+            Ok(()) => return Outcome::Done,
+            Err(HandleError::Permanent(error)) => {
+                permanent_failures += 1;
+                if permanent_failures >= permanent_attempts.unwrap_or(1) {
+                    return Outcome::Permanent(error);
+                }
+                tracing::warn!(attempt = permanent_failures, error = %format!("{error:#}"), "event failed, retrying");
+            }
+            Err(HandleError::Transient(error)) => {
+                tracing::warn!(events = batch.len(), delay_ms = delay.as_millis() as u64, error = %format!("{error:#}"), "batch failed transiently, retrying");
+            }
+        }
+        if sleep_or_cancel(delay, shutdown).await {
+            return Outcome::Interrupted;
+        }
+        delay = (delay * 2).min(settings.retry_max_delay);
+    }
+}
+
+async fn dead_letter(channel: &Channel, delivery_tag: u64) -> Result<(), lapin::Error> {
+    channel
+        .basic_reject(delivery_tag, BasicRejectOptions { requeue: false })
+        .await
+}
+
+/// Sleeps; returns true when shutdown cut the sleep short.
+async fn sleep_or_cancel(delay: Duration, shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = shutdown.cancelled() => true,
+        _ = tokio::time::sleep(delay) => false,
+    }
+}

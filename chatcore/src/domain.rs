@@ -1,0 +1,311 @@
+//! Domain types that parse their input once; holding one means the value is valid.
+
+use std::fmt;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use chrono::{DateTime, SecondsFormat, Utc};
+use rand::RngCore as _;
+use serde::{Deserialize, Serialize, Serializer};
+
+/// Why a value was refused; `field` names the JSON field or parameter that was wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct InvalidInput {
+    pub field: &'static str,
+    pub message: String,
+}
+
+impl InvalidInput {
+    pub fn new(field: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            field,
+            message: message.into(),
+        }
+    }
+}
+
+/// 24 random bytes (192 bits) encoded as 32 URL-safe base64 characters.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(transparent)]
+pub struct ApplicationToken(String);
+
+impl ApplicationToken {
+    pub const RANDOM_BYTES: usize = 24;
+    pub const LENGTH: usize = 32;
+
+    pub fn generate() -> Self {
+        let mut bytes = [0u8; Self::RANDOM_BYTES];
+        rand::rng().fill_bytes(&mut bytes);
+        Self(URL_SAFE_NO_PAD.encode(bytes))
+    }
+
+    pub fn parse(raw: &str) -> Result<Self, InvalidInput> {
+        let well_formed = raw.len() == Self::LENGTH
+            && raw
+                .bytes()
+                .all(|byte| byte.is_ascii_alphanumeric() || byte == b'-' || byte == b'_');
+        if !well_formed {
+            return Err(InvalidInput::new(
+                "token",
+                format!("must be {} URL-safe base64 characters", Self::LENGTH),
+            ));
+        }
+        Ok(Self(raw.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ApplicationToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// An application name: 1..=255 characters after trimming, no control characters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct ApplicationName(String);
+
+impl ApplicationName {
+    pub const MAX_CHARS: usize = 255;
+
+    pub fn parse(raw: &str) -> Result<Self, InvalidInput> {
+        let trimmed = raw.trim();
+        if trimmed.is_empty() {
+            return Err(InvalidInput::new("name", "must not be blank"));
+        }
+        if trimmed.chars().count() > Self::MAX_CHARS {
+            return Err(InvalidInput::new(
+                "name",
+                format!("must be at most {} characters", Self::MAX_CHARS),
+            ));
+        }
+        if trimmed.chars().any(char::is_control) {
+            return Err(InvalidInput::new("name", "must not contain control characters"));
+        }
+        Ok(Self(trimmed.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A message body: 1..=65,536 bytes of UTF-8, not only whitespace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct MessageBody(String);
+
+impl MessageBody {
+    pub const MAX_BYTES: usize = 65_536;
+
+    pub fn parse(raw: String) -> Result<Self, InvalidInput> {
+        if raw.trim().is_empty() {
+            return Err(InvalidInput::new("body", "must not be blank"));
+        }
+        if raw.len() > Self::MAX_BYTES {
+            return Err(InvalidInput::new(
+                "body",
+                format!("must be at most {} bytes", Self::MAX_BYTES),
+            ));
+        }
+        if raw.contains('\0') {
+            return Err(InvalidInput::new("body", "must not contain NUL characters"));
+        }
+        Ok(Self(raw))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn into_string(self) -> String {
+        self.0
+    }
+}
+
+/// A chat or message number: a positive integer, unique within its parent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Number(u64);
+
+impl Number {
+    /// Numbers are stored in signed 64-bit columns.
+    pub const MAX: u64 = i64::MAX as u64;
+
+    pub fn new(value: u64) -> Option<Self> {
+        (1..=Self::MAX).contains(&value).then_some(Self(value))
+    }
+
+    pub fn parse(field: &'static str, raw: &str) -> Result<Self, InvalidInput> {
+        raw.parse::<u64>()
+            .ok()
+            .and_then(Self::new)
+            .ok_or_else(|| InvalidInput::new(field, "must be a positive integer"))
+    }
+
+    pub fn get(self) -> u64 {
+        self.0
+    }
+
+    pub fn as_i64(self) -> i64 {
+        // In range by construction (<= i64::MAX).
+        self.0 as i64
+    }
+}
+
+impl fmt::Display for Number {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// A search query: 1..=256 characters after trimming. Any characters are allowed; the search
+/// adapter treats the text as words, never as query syntax.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SearchQuery(String);
+
+impl SearchQuery {
+    pub const MAX_CHARS: usize = 256;
+
+    pub fn parse(raw: &str) -> Result<Self, InvalidInput> {
+        let trimmed = raw.trim();
+        if trimmed.is_empty() {
+            return Err(InvalidInput::new("query", "must not be blank"));
+        }
+        if trimmed.chars().count() > Self::MAX_CHARS {
+            return Err(InvalidInput::new(
+                "query",
+                format!("must be at most {} characters", Self::MAX_CHARS),
+            ));
+        }
+        Ok(Self(trimmed.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// One page of a list: 1-based page number and page size within the configured bounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageRequest {
+    pub page: u32,
+    pub per_page: u32,
+}
+
+impl PageRequest {
+    /// The deepest page reachable; keeps offsets (and search windows) bounded.
+    pub const MAX_PAGE: u32 = 10_000;
+
+    pub fn parse(
+        page: Option<&str>,
+        per_page: Option<&str>,
+        default_per_page: u32,
+        max_per_page: u32,
+    ) -> Result<Self, InvalidInput> {
+        let page = match page {
+            None => 1,
+            Some(raw) => raw
+                .parse::<u32>()
+                .ok()
+                .filter(|page| (1..=Self::MAX_PAGE).contains(page))
+                .ok_or_else(|| {
+                    InvalidInput::new("page", format!("must be an integer from 1 to {}", Self::MAX_PAGE))
+                })?,
+        };
+        let per_page = match per_page {
+            None => default_per_page,
+            Some(raw) => raw
+                .parse::<u32>()
+                .ok()
+                .filter(|size| (1..=max_per_page).contains(size))
+                .ok_or_else(|| {
+                    InvalidInput::new("per_page", format!("must be an integer from 1 to {max_per_page}"))
+                })?,
+        };
+        Ok(Self { page, per_page })
+    }
+
+    pub fn offset(self) -> u64 {
+        u64::from(self.page - 1) * u64::from(self.per_page)
+    }
+
+    /// Rows to fetch: one more than the page, to learn whether a next page exists.
+    pub fn fetch_limit(self) -> u64 {
+        u64::from(self.per_page) + 1
+    }
+}
+
+/// Timestamps as the reference shows them: RFC 3339, UTC, milliseconds, `Z`.
+pub fn serialize_timestamp<S: Serializer>(at: &DateTime<Utc>, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&at.to_rfc3339_opts(SecondsFormat::Millis, true))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_random_url_safe_and_parse_back() {
+        let first = ApplicationToken::generate();
+        let second = ApplicationToken::generate();
+        assert_ne!(first, second);
+        assert_eq!(first.as_str().len(), ApplicationToken::LENGTH);
+        assert_eq!(ApplicationToken::parse(first.as_str()), Ok(first));
+        assert!(ApplicationToken::parse("short").is_err());
+        assert!(ApplicationToken::parse(&"+".repeat(32)).is_err());
+    }
+
+    #[test]
+    fn names_are_trimmed_and_bounded() {
+        assert_eq!(ApplicationName::parse("  app ").map(|n| n.0), Ok("app".to_owned()));
+        assert!(ApplicationName::parse("   ").is_err());
+        assert!(ApplicationName::parse(&"é".repeat(255)).is_ok());
+        assert!(ApplicationName::parse(&"é".repeat(256)).is_err());
+        assert!(ApplicationName::parse("a\u{7}b").is_err());
+    }
+
+    #[test]
+    fn bodies_are_bounded_in_bytes() {
+        assert!(MessageBody::parse("hi".into()).is_ok());
+        assert!(MessageBody::parse(" \n".into()).is_err());
+        assert!(MessageBody::parse("a".repeat(MessageBody::MAX_BYTES)).is_ok());
+        assert!(MessageBody::parse("a".repeat(MessageBody::MAX_BYTES + 1)).is_err());
+        assert!(MessageBody::parse("a\0b".into()).is_err());
+    }
+
+    #[test]
+    fn numbers_are_positive_and_fit_a_signed_column() {
+        assert_eq!(Number::parse("number", "7").map(Number::get), Ok(7));
+        assert!(Number::parse("number", "0").is_err());
+        assert!(Number::parse("number", "-1").is_err());
+        assert!(Number::parse("number", "abc").is_err());
+        assert!(Number::parse("number", &(Number::MAX + 1).to_string()).is_err());
+    }
+
+    #[test]
+    fn pages_default_and_are_bounded() {
+        let default = PageRequest::parse(None, None, 25, 100).expect("defaults");
+        assert_eq!((default.page, default.per_page, default.offset()), (1, 25, 0));
+        let third = PageRequest::parse(Some("3"), Some("10"), 25, 100).expect("valid");
+        assert_eq!((third.offset(), third.fetch_limit()), (20, 11));
+        assert!(PageRequest::parse(Some("0"), None, 25, 100).is_err());
+        assert!(PageRequest::parse(None, Some("101"), 25, 100).is_err());
+        assert!(PageRequest::parse(Some("x"), None, 25, 100).is_err());
+    }
+
+    #[test]
+    fn timestamps_serialize_like_the_reference() {
+        let at = DateTime::parse_from_rfc3339("2025-11-15T00:00:00Z")
+            .expect("valid")
+            .with_timezone(&Utc);
+        let mut out = Vec::new();
+        serialize_timestamp(&at, &mut serde_json::Serializer::new(&mut out)).expect("serializes");
+        assert_eq!(String::from_utf8(out).expect("utf8"), "\"2025-11-15T00:00:00.000Z\"");
+    }
+}

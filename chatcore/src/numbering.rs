@@ -1,0 +1,276 @@
+//! Per-parent sequential numbers: Redis hands them out, MySQL makes sure none is ever reused.
+//!
+//! Each scope (the chats of one application, the messages of one chat) has one Redis hash with
+//! `next` (last number handed out), `ceil` (highest number durably reserved) and `epoch`. A number
+//! is handed out only when it is at most a ceiling that MySQL has committed in the
+//! `number_reservations` row of the scope, under the same epoch.
+//!
+//! When Redis loses the hash (FLUSHALL, restart without persistence), the next caller *seeds* it:
+//! in one MySQL transaction it bumps the epoch and reserves a fresh block above everything ever
+//! reserved, then writes that block into Redis. Bumping the epoch makes every extension still in
+//! flight from the old Redis state fail, so the old and the new state can never hand out the same
+//! number. Numbers may skip (the rest of a block is lost with Redis); they are never reused.
+
+use std::collections::HashMap;
+
+use redis::Script;
+use redis::aio::ConnectionManager;
+use sqlx::{MySql, MySqlPool, QueryBuilder};
+
+use crate::domain::Number;
+
+/// The parent whose children are numbered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Scope {
+    ChatsOf { application_id: u64 },
+    MessagesOf { application_id: u64, chat_number: Number },
+}
+
+impl Scope {
+    /// Stable identifier, used as the MySQL row key and in the Redis key.
+    pub fn id(&self) -> String {
+        match self {
+            Self::ChatsOf { application_id } => format!("chats:{application_id}"),
+            Self::MessagesOf {
+                application_id,
+                chat_number,
+            } => format!("messages:{application_id}:{chat_number}"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AllocationError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("mysql: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("number allocation kept racing with a concurrent reseed")]
+    Contended,
+}
+
+const MAX_ROUNDS: usize = 8;
+
+/// Returns `{}` when the scope has no Redis state, else `{next, ceil, epoch}` after incrementing.
+const ALLOCATE: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return {} end
+local next = redis.call('HINCRBY', KEYS[1], 'next', 1)
+local state = redis.call('HMGET', KEYS[1], 'ceil', 'epoch')
+return {next, tonumber(state[1]), tonumber(state[2])}
+";
+
+/// Installs a freshly reserved block unless Redis already holds the same or a newer epoch.
+const SEED: &str = r"
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if epoch and tonumber(epoch) >= tonumber(ARGV[3]) then return 0 end
+redis.call('HSET', KEYS[1], 'next', ARGV[1], 'ceil', ARGV[2], 'epoch', ARGV[3])
+return 1
+";
+
+/// Raises the ceiling of the current epoch; a stale epoch changes nothing.
+const RAISE_CEILING: &str = r"
+local state = redis.call('HMGET', KEYS[1], 'ceil', 'epoch')
+if not state[2] or tonumber(state[2]) ~= tonumber(ARGV[2]) then return 0 end
+if tonumber(state[1]) < tonumber(ARGV[1]) then redis.call('HSET', KEYS[1], 'ceil', ARGV[1]) end
+return 1
+";
+
+/// Raises `next` to at least ARGV[1] (used by counter-sync when a counter fell behind). It leaves
+/// `ceil` alone: the next allocation then extends the reservation under the epoch check.
+const RAISE_NEXT: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local next = tonumber(redis.call('HGET', KEYS[1], 'next'))
+if next >= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'next', ARGV[1])
+return 1
+";
+
+#[derive(Clone)]
+pub struct NumberAllocator {
+    redis: ConnectionManager,
+    database: MySqlPool,
+    key_prefix: String,
+    block_size: u64,
+    allocate_script: Script,
+    seed_script: Script,
+    raise_ceiling_script: Script,
+    raise_next_script: Script,
+}
+
+struct Reservation {
+    reserved_until: u64,
+    epoch: u64,
+}
+
+impl NumberAllocator {
+    pub fn new(redis: ConnectionManager, database: MySqlPool, key_prefix: &str, block_size: u64) -> Self {
+        Self {
+            redis,
+            database,
+            key_prefix: key_prefix.to_owned(),
+            block_size,
+            allocate_script: Script::new(ALLOCATE),
+            seed_script: Script::new(SEED),
+            raise_ceiling_script: Script::new(RAISE_CEILING),
+            raise_next_script: Script::new(RAISE_NEXT),
+        }
+    }
+
+    fn key(&self, scope: &Scope) -> String {
+        format!("{}:numbers:{}", self.key_prefix, scope.id())
+    }
+
+    /// Hands out the next number of the scope; never one handed out before.
+    pub async fn allocate(&self, scope: &Scope) -> Result<Number, AllocationError> {
+        let key = self.key(scope);
+        for _ in 0..MAX_ROUNDS {
+            let state: Vec<u64> = self
+                .allocate_script
+                .key(&key)
+                .invoke_async(&mut self.redis.clone())
+                .await?;
+            let [next, ceiling, epoch] = state[..] else {
+                self.seed(scope, &key).await?;
+                continue;
+            };
+            if next <= ceiling || self.extend(scope, &key, next, epoch).await? {
+                return Number::new(next).ok_or(AllocationError::Contended);
+            }
+        }
+        Err(AllocationError::Contended)
+    }
+
+    /// The highest number that may have been handed out in the scope (an upper bound).
+    pub async fn handed_out_up_to(&self, scope: &Scope) -> Result<u64, AllocationError> {
+        let next: Option<u64> = redis::cmd("HGET")
+            .arg(self.key(scope))
+            .arg("next")
+            .query_async(&mut self.redis.clone())
+            .await?;
+        if let Some(next) = next {
+            return Ok(next);
+        }
+        let reserved: Option<u64> =
+            sqlx::query_scalar("SELECT reserved_until FROM number_reservations WHERE scope = ?")
+                .bind(scope.id())
+                .fetch_optional(&self.database)
+                .await?;
+        Ok(reserved.unwrap_or(0))
+    }
+
+    /// Makes sure no scope will hand out its number, or anything below it, again: raises the MySQL
+    /// reservations and the Redis counters that are behind. Returns the scopes that were behind.
+    /// One query, one upsert and one Redis pipeline for the whole slice.
+    pub async fn ensure_beyond(&self, highest: &[(Scope, u64)]) -> Result<Vec<Scope>, AllocationError> {
+        if highest.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<String> = highest.iter().map(|(scope, _)| scope.id()).collect();
+        let mut query = QueryBuilder::<MySql>::new("SELECT scope, reserved_until FROM number_reservations WHERE scope IN (");
+        let mut list = query.separated(", ");
+        for id in &ids {
+            list.push_bind(id.as_str());
+        }
+        query.push(")");
+        let reserved: HashMap<String, u64> = query.build_query_as().fetch_all(&self.database).await?.into_iter().collect();
+        let behind_in_mysql: Vec<(&String, u64)> = ids
+            .iter()
+            .zip(highest)
+            .filter(|(id, (_, number))| reserved.get(*id).is_none_or(|until| until < number))
+            .map(|(id, (_, number))| (id, *number))
+            .collect();
+        if !behind_in_mysql.is_empty() {
+            let mut upsert = QueryBuilder::<MySql>::new("INSERT INTO number_reservations (scope, reserved_until, epoch) ");
+            upsert.push_values(&behind_in_mysql, |mut row, (id, number)| {
+                row.push_bind(id.as_str()).push_bind(*number).push_bind(0u64);
+            });
+            upsert.push(" ON DUPLICATE KEY UPDATE reserved_until = GREATEST(reserved_until, VALUES(reserved_until))");
+            upsert.build().execute(&self.database).await?;
+        }
+        let mut pipeline = redis::pipe();
+        for (scope, number) in highest {
+            pipeline.invoke_script(self.raise_next_script.key(self.key(scope)).arg(*number));
+        }
+        let raised: Vec<i64> = pipeline.query_async(&mut self.redis.clone()).await?;
+        Ok(highest
+            .iter()
+            .zip(&ids)
+            .zip(raised)
+            .filter(|(((_, number), id), raised)| *raised == 1 || behind_in_mysql.iter().any(|(behind, n)| behind == id && n == number))
+            .map(|(((scope, _), _), _)| *scope)
+            .collect())
+    }
+
+    /// Reserves a fresh block above every earlier reservation, under a new epoch.
+    async fn seed(&self, scope: &Scope, key: &str) -> Result<(), AllocationError> {
+        let mut transaction = self.database.begin().await?;
+        insert_reservation_if_missing(&mut transaction, scope).await?;
+        let current = lock_reservation(&mut transaction, scope).await?;
+        let epoch = current.epoch + 1;
+        let ceiling = current.reserved_until + self.block_size;
+        sqlx::query("UPDATE number_reservations SET reserved_until = ?, epoch = ? WHERE scope = ?")
+            .bind(ceiling)
+            .bind(epoch)
+            .bind(scope.id())
+            .execute(&mut *transaction)
+            .await?;
+        transaction.commit().await?;
+        let _installed: i64 = self
+            .seed_script
+            .key(key)
+            .arg(current.reserved_until)
+            .arg(ceiling)
+            .arg(epoch)
+            .invoke_async(&mut self.redis.clone())
+            .await?;
+        tracing::info!(scope = %scope.id(), epoch, ceiling, "seeded number counter");
+        Ok(())
+    }
+
+    /// Durably reserves a block that covers `number`, if the epoch is still current.
+    async fn extend(&self, scope: &Scope, key: &str, number: u64, epoch: u64) -> Result<bool, AllocationError> {
+        let mut transaction = self.database.begin().await?;
+        let current = lock_reservation(&mut transaction, scope).await?;
+        if current.epoch != epoch {
+            return Ok(false);
+        }
+        let ceiling = current.reserved_until.max(number - 1 + self.block_size);
+        sqlx::query("UPDATE number_reservations SET reserved_until = ? WHERE scope = ?")
+            .bind(ceiling)
+            .bind(scope.id())
+            .execute(&mut *transaction)
+            .await?;
+        transaction.commit().await?;
+        let _raised: i64 = self
+            .raise_ceiling_script
+            .key(key)
+            .arg(ceiling)
+            .arg(epoch)
+            .invoke_async(&mut self.redis.clone())
+            .await?;
+        Ok(true)
+    }
+}
+
+async fn lock_reservation(
+    transaction: &mut sqlx::Transaction<'_, MySql>,
+    scope: &Scope,
+) -> Result<Reservation, sqlx::Error> {
+    let (reserved_until, epoch): (u64, u64) =
+        sqlx::query_as("SELECT reserved_until, epoch FROM number_reservations WHERE scope = ? FOR UPDATE")
+            .bind(scope.id())
+            .fetch_one(&mut **transaction)
+            .await?;
+    Ok(Reservation { reserved_until, epoch })
+}
+
+async fn insert_reservation_if_missing(
+    transaction: &mut sqlx::Transaction<'_, MySql>,
+    scope: &Scope,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("INSERT IGNORE INTO number_reservations (scope, reserved_until, epoch) VALUES (?, 0, 0)")
+        .bind(scope.id())
+        .execute(&mut **transaction)
+        .await?;
+    Ok(())
+}

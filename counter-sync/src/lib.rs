@@ -1,0 +1,196 @@
+//! One reconciliation pass:
+//! - `chats_count` and `messages_count` are recomputed from the rows and repaired where they drifted;
+//! - no number counter (Redis) or reservation (MySQL) may be behind the highest number persisted.
+//!
+//! Walks applications and chats in pages by id, with one query per page for the figures, so its
+//! cost grows linearly and it never holds long locks.
+
+use std::fmt;
+
+use anyhow::Context as _;
+use chatcore::Config;
+use chatcore::domain::Number;
+use chatcore::numbering::{NumberAllocator, Scope};
+use sqlx::{MySqlPool, Row as _};
+
+const PAGE_SIZE: i64 = 1000;
+
+/// One thing counter-sync changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Repair {
+    ChatsCount { application_id: u64, from: u64, to: u64 },
+    MessagesCount { application_id: u64, chat_number: u64, from: u64, to: u64 },
+    Counter { scope: String, raised_to: u64 },
+}
+
+impl fmt::Display for Repair {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::ChatsCount { application_id, from, to } => {
+                write!(f, "application {application_id}: chats_count {from} -> {to}")
+            }
+            Self::MessagesCount {
+                application_id,
+                chat_number,
+                from,
+                to,
+            } => write!(
+                f,
+                "application {application_id} chat {chat_number}: messages_count {from} -> {to}"
+            ),
+            Self::Counter { scope, raised_to } => write!(f, "counter {scope}: raised to at least {raised_to}"),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Report {
+    pub applications_checked: u64,
+    pub chats_checked: u64,
+    pub repairs: Vec<Repair>,
+}
+
+/// Runs one pass against the configured MySQL and Redis.
+pub async fn run(config: &Config) -> anyhow::Result<Report> {
+    let pool = chatcore::store::connect(&config.database_url, 4)
+        .await
+        .with_context(|| format!("connecting to mysql at {}", config.database_url))?;
+    let redis = chatcore::connect_redis(&config.redis_url)
+        .await
+        .with_context(|| format!("connecting to redis at {}", config.redis_url))?;
+    let allocator = NumberAllocator::new(redis, pool.clone(), &config.redis_key_prefix, config.number_block_size);
+    let mut report = Report::default();
+    sync_applications(&pool, &allocator, &mut report).await?;
+    sync_chats(&pool, &allocator, &mut report).await?;
+    Ok(report)
+}
+
+async fn sync_applications(pool: &MySqlPool, allocator: &NumberAllocator, report: &mut Report) -> anyhow::Result<()> {
+    let mut after_id = 0u64;
+    loop {
+        let rows = sqlx::query(
+            "SELECT a.id, a.chats_count, \
+               (SELECT COUNT(*) FROM chats c WHERE c.application_id = a.id) AS actual, \
+               (SELECT COALESCE(MAX(number), 0) FROM chats c WHERE c.application_id = a.id) AS highest \
+             FROM applications a WHERE a.id > ? ORDER BY a.id LIMIT ?",
+        )
+        .bind(after_id)
+        .bind(PAGE_SIZE)
+        .fetch_all(pool)
+        .await?;
+        let Some(last) = rows.last() else {
+            return Ok(());
+        };
+        after_id = last.try_get("id")?;
+        let mut highest_per_scope = Vec::with_capacity(rows.len());
+        for row in &rows {
+            report.applications_checked += 1;
+            let application_id: u64 = row.try_get("id")?;
+            let stored: u64 = row.try_get("chats_count")?;
+            let actual: i64 = row.try_get("actual")?;
+            let highest: u64 = row.try_get("highest")?;
+            if stored != actual as u64 {
+                let to = recount(
+                    pool,
+                    "UPDATE applications SET chats_count = (SELECT COUNT(*) FROM chats WHERE application_id = ?) WHERE id = ?",
+                    "SELECT chats_count FROM applications WHERE id = ?",
+                    application_id,
+                )
+                .await?;
+                report.repairs.push(Repair::ChatsCount {
+                    application_id,
+                    from: stored,
+                    to,
+                });
+            }
+            highest_per_scope.push((Scope::ChatsOf { application_id }, highest));
+        }
+        ensure_counters(allocator, &highest_per_scope, report).await?;
+    }
+}
+
+async fn sync_chats(pool: &MySqlPool, allocator: &NumberAllocator, report: &mut Report) -> anyhow::Result<()> {
+    let mut after_id = 0u64;
+    loop {
+        let rows = sqlx::query(
+            "SELECT c.id, c.application_id, c.number, c.messages_count, \
+               (SELECT COUNT(*) FROM messages m WHERE m.chat_id = c.id) AS actual, \
+               (SELECT COALESCE(MAX(number), 0) FROM messages m WHERE m.chat_id = c.id) AS highest \
+             FROM chats c WHERE c.id > ? ORDER BY c.id LIMIT ?",
+        )
+        .bind(after_id)
+        .bind(PAGE_SIZE)
+        .fetch_all(pool)
+        .await?;
+        let Some(last) = rows.last() else {
+            return Ok(());
+        };
+        after_id = last.try_get("id")?;
+        let mut highest_per_scope = Vec::with_capacity(rows.len());
+        for row in &rows {
+            report.chats_checked += 1;
+            let chat_id: u64 = row.try_get("id")?;
+            let application_id: u64 = row.try_get("application_id")?;
+            let number: u64 = row.try_get("number")?;
+            let stored: u64 = row.try_get("messages_count")?;
+            let actual: i64 = row.try_get("actual")?;
+            let highest: u64 = row.try_get("highest")?;
+            if stored != actual as u64 {
+                let to = recount(
+                    pool,
+                    "UPDATE chats SET messages_count = (SELECT COUNT(*) FROM messages WHERE chat_id = ?) WHERE id = ?",
+                    "SELECT messages_count FROM chats WHERE id = ?",
+                    chat_id,
+                )
+                .await?;
+                report.repairs.push(Repair::MessagesCount {
+                    application_id,
+                    chat_number: number,
+                    from: stored,
+                    to,
+                });
+            }
+            let Some(chat_number) = Number::new(number) else {
+                continue;
+            };
+            let scope = Scope::MessagesOf {
+                application_id,
+                chat_number,
+            };
+            highest_per_scope.push((scope, highest));
+        }
+        ensure_counters(allocator, &highest_per_scope, report).await?;
+    }
+}
+
+/// Recomputes a count inside one statement (the count is read under the row lock), then reads it.
+async fn recount(pool: &MySqlPool, update: &'static str, select: &'static str, id: u64) -> anyhow::Result<u64> {
+    let mut transaction = pool.begin().await?;
+    sqlx::query(update).bind(id).bind(id).execute(&mut *transaction).await?;
+    let count: u64 = sqlx::query_scalar(select).bind(id).fetch_one(&mut *transaction).await?;
+    transaction.commit().await?;
+    Ok(count)
+}
+
+async fn ensure_counters(
+    allocator: &NumberAllocator,
+    highest_per_scope: &[(Scope, u64)],
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let with_numbers: Vec<(Scope, u64)> = highest_per_scope
+        .iter()
+        .filter(|(_, highest)| *highest > 0)
+        .copied()
+        .collect();
+    for scope in allocator.ensure_beyond(&with_numbers).await? {
+        let raised_to = with_numbers
+            .iter()
+            .find(|(candidate, _)| *candidate == scope)
+            .map_or(0, |(_, highest)| *highest);
+        report.repairs.push(Repair::Counter {
+            scope: scope.id(),
+            raised_to,
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,90 @@
+//! Bulk-indexes messages into Elasticsearch. Every write carries an external version (1 when
+//! created, the MySQL version after each update), so a redelivered or late event never replaces
+//! a newer body: Elasticsearch answers 409 and the event counts as done.
+
+use anyhow::anyhow;
+use chatcore::Config;
+use chatcore::consumer::{self, BatchHandler, HandleError, Received};
+use chatcore::events::EventPayload;
+use chatcore::search::{ItemOutcome, MessageDocument, SearchIndex};
+use tokio_util::sync::CancellationToken;
+
+/// Consumes the index queue until `shutdown` is cancelled.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let index = SearchIndex::connect(&config.elasticsearch_url, &config.elasticsearch_index)?;
+    let mut delay = config.consumer.retry_base_delay;
+    while let Err(error) = index.ensure_index(config.elasticsearch_replicas).await {
+        tracing::warn!(%error, delay_ms = delay.as_millis() as u64, "search index not ready, retrying");
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(config.consumer.retry_max_delay);
+    }
+    let handler = Indexer { index };
+    consumer::run(&config, &config.topology.index_queue, &handler, &shutdown).await
+}
+
+pub struct Indexer {
+    index: SearchIndex,
+}
+
+fn document_of(payload: &EventPayload) -> Option<MessageDocument> {
+    match payload {
+        EventPayload::MessageCreated {
+            application_id,
+            chat_number,
+            message_number,
+            body,
+            created_at,
+        } => Some(MessageDocument {
+            application_id: *application_id,
+            chat_number: *chat_number,
+            number: *message_number,
+            body: body.clone(),
+            created_at: *created_at,
+            version: 1,
+        }),
+        EventPayload::MessageUpdated {
+            application_id,
+            chat_number,
+            message_number,
+            body,
+            version,
+            created_at,
+            ..
+        } => Some(MessageDocument {
+            application_id: *application_id,
+            chat_number: *chat_number,
+            number: *message_number,
+            body: body.clone(),
+            created_at: *created_at,
+            version: *version,
+        }),
+        EventPayload::ChatCreated { .. } => None,
+    }
+}
+
+impl BatchHandler for Indexer {
+    async fn handle(&self, batch: &[Received]) -> Result<(), HandleError> {
+        let documents: Vec<MessageDocument> = batch
+            .iter()
+            .filter_map(|received| document_of(&received.event.payload))
+            .collect();
+        let outcomes = self.index.bulk_index(&documents).await.map_err(|error| {
+            if error.is_transient() {
+                HandleError::Transient(error.into())
+            } else {
+                HandleError::Permanent(error.into())
+            }
+        })?;
+        // Retrying the whole batch is safe: versions make the writes that succeeded no-ops.
+        if let Some(ItemOutcome::Transient(reason)) = outcomes.iter().find(|o| matches!(o, ItemOutcome::Transient(_))) {
+            return Err(HandleError::Transient(anyhow!("document not indexed: {reason}")));
+        }
+        if let Some(ItemOutcome::Permanent(reason)) = outcomes.iter().find(|o| matches!(o, ItemOutcome::Permanent(_))) {
+            return Err(HandleError::Permanent(anyhow!("document rejected: {reason}")));
+        }
+        Ok(())
+    }
+}
