@@ -15,7 +15,10 @@ use serde_json::json;
 pub enum ApiError {
     /// 400: the request is not well-formed (bad JSON, bad query string or path parameter).
     #[error("{message}")]
-    BadRequest { message: String, field: Option<&'static str> },
+    BadRequest {
+        message: String,
+        field: Option<&'static str>,
+    },
     /// 422: well-formed, but a value breaks a rule.
     #[error("{0}")]
     Invalid(InvalidInput),
@@ -91,7 +94,9 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
         match &self {
-            Self::Internal(error) => tracing::error!(error = %format!("{error:#}"), "request failed"),
+            Self::Internal(error) => {
+                tracing::error!(error = %format!("{error:#}"), "request failed")
+            }
             Self::Unavailable(reason) => tracing::warn!(reason, "dependency unavailable"),
             _ => {}
         }
@@ -132,7 +137,9 @@ impl From<AllocationError> for ApiError {
 
 impl From<PublishError> for ApiError {
     fn from(error: PublishError) -> Self {
-        Self::Unavailable(format!("the write was not accepted because the event could not be made durable: {error}"))
+        Self::Unavailable(format!(
+            "the write was not accepted because the event could not be made durable: {error}"
+        ))
     }
 }
 

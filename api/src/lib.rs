@@ -118,7 +118,13 @@ impl AppState {
         if self.inner.known_chats.get(&key).is_some() {
             return Ok(());
         }
-        if self.inner.store.find_chat(application_id, chat_number).await?.is_some() {
+        if self
+            .inner
+            .store
+            .find_chat(application_id, chat_number)
+            .await?
+            .is_some()
+        {
             self.inner.known_chats.insert(key, ());
             return Ok(());
         }
@@ -138,7 +144,11 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// Serves the API on `listener` until `shutdown` is cancelled, then drains in-flight requests.
-pub async fn serve(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let state = AppState::connect(config).await?;
     tracing::info!(address = %listener.local_addr()?, "api listening");
     axum::serve(listener, router(state))
@@ -152,7 +162,9 @@ pub async fn migrate(config: &Config) -> anyhow::Result<()> {
     let pool = chatcore::store::connect(&config.database_url, 2)
         .await
         .with_context(|| format!("connecting to mysql at {}", config.database_url))?;
-    chatcore::store::migrate(&pool).await.context("applying migrations")?;
+    chatcore::store::migrate(&pool)
+        .await
+        .context("applying migrations")?;
     let search = SearchIndex::connect(&config.elasticsearch_url, &config.elasticsearch_index)?;
     search
         .ensure_index(config.elasticsearch_replicas)

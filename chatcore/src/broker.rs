@@ -6,19 +6,25 @@
 use std::time::Duration;
 
 use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+};
 use tokio::sync::RwLock;
 
 use crate::config::{SecretUrl, Topology};
-use crate::events::{Event, SCHEMA_VERSION, SCHEMA_VERSION_HEADER, TRACEPARENT_HEADER, TraceContext, routing};
+use crate::events::{
+    Event, SCHEMA_VERSION, SCHEMA_VERSION_HEADER, TRACEPARENT_HEADER, TraceContext, routing,
+};
 
 pub const PERSISTENT: u8 = 2;
 
 pub async fn connect(url: &SecretUrl, connection_name: &str) -> Result<Connection, lapin::Error> {
-    let properties = ConnectionProperties::default().with_connection_name(LongString::from(connection_name));
+    let properties =
+        ConnectionProperties::default().with_connection_name(LongString::from(connection_name));
     Connection::connect(url.expose(), properties).await
 }
 
@@ -73,7 +79,9 @@ pub async fn declare_topology(channel: &Channel, topology: &Topology) -> Result<
             "x-dead-letter-routing-key".into(),
             AMQPValue::LongString(dead_letter_queue.as_str().into()),
         );
-        channel.queue_declare(queue.into(), durable_queue, arguments).await?;
+        channel
+            .queue_declare(queue.into(), durable_queue, arguments)
+            .await?;
         for routing_key in routing_keys {
             channel
                 .queue_bind(
@@ -86,7 +94,11 @@ pub async fn declare_topology(channel: &Channel, topology: &Topology) -> Result<
                 .await?;
         }
         channel
-            .queue_declare(dead_letter_queue.as_str().into(), durable_queue, FieldTable::default())
+            .queue_declare(
+                dead_letter_queue.as_str().into(),
+                durable_queue,
+                FieldTable::default(),
+            )
             .await?;
         channel
             .queue_bind(
@@ -123,7 +135,9 @@ pub fn event_properties(event: &Event, trace: &TraceContext) -> BasicProperties 
 pub fn trace_context_of(properties: &BasicProperties) -> Option<TraceContext> {
     let headers = properties.headers().as_ref()?;
     match headers.inner().get(TRACEPARENT_HEADER)? {
-        AMQPValue::LongString(value) => TraceContext::parse(std::str::from_utf8(value.as_bytes()).ok()?),
+        AMQPValue::LongString(value) => {
+            TraceContext::parse(std::str::from_utf8(value.as_bytes()).ok()?)
+        }
         _ => None,
     }
 }
@@ -156,7 +170,11 @@ struct Link {
 }
 
 impl Publisher {
-    pub async fn connect(url: SecretUrl, topology: Topology, confirm_timeout: Duration) -> Result<Self, lapin::Error> {
+    pub async fn connect(
+        url: SecretUrl,
+        topology: Topology,
+        confirm_timeout: Duration,
+    ) -> Result<Self, lapin::Error> {
         let link = open_link(&url, &topology, 0).await?;
         Ok(Self {
             url,
@@ -192,7 +210,12 @@ impl Publisher {
         self.link.read().await.channel.status().connected()
     }
 
-    async fn publish_on(&self, channel: &Channel, event: &Event, trace: &TraceContext) -> Result<(), PublishError> {
+    async fn publish_on(
+        &self,
+        channel: &Channel,
+        event: &Event,
+        trace: &TraceContext,
+    ) -> Result<(), PublishError> {
         let routing_key = event.routing_key();
         let confirm = channel
             .basic_publish(
@@ -225,10 +248,16 @@ impl Publisher {
     }
 }
 
-async fn open_link(url: &SecretUrl, topology: &Topology, generation: u64) -> Result<Link, lapin::Error> {
+async fn open_link(
+    url: &SecretUrl,
+    topology: &Topology,
+    generation: u64,
+) -> Result<Link, lapin::Error> {
     let connection = connect(url, "chat-api-publisher").await?;
     let channel = connection.create_channel().await?;
-    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
     declare_topology(&channel, topology).await?;
     Ok(Link {
         _connection: connection,

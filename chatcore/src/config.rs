@@ -157,11 +157,15 @@ impl Config {
             elasticsearch_replicas: settings.parse("CHAT_ES_REPLICAS", 0)?,
             number_block_size: settings.parse("CHAT_NUMBER_BLOCK_SIZE", 1000)?,
             api: ApiConfig {
-                listen_addr: settings.parse("CHAT_HTTP_ADDR", SocketAddr::from(([127, 0, 0, 1], 3000)))?,
+                listen_addr: settings
+                    .parse("CHAT_HTTP_ADDR", SocketAddr::from(([127, 0, 0, 1], 3000)))?,
                 request_timeout: settings.millis("CHAT_REQUEST_TIMEOUT_MS", 10_000)?,
-                publish_confirm_timeout: settings.millis("CHAT_PUBLISH_CONFIRM_TIMEOUT_MS", 5_000)?,
+                publish_confirm_timeout: settings
+                    .millis("CHAT_PUBLISH_CONFIRM_TIMEOUT_MS", 5_000)?,
                 max_request_bytes: settings.parse("CHAT_MAX_REQUEST_BYTES", 256 * 1024)?,
-                pending_chat_ttl: Duration::from_secs(settings.parse("CHAT_PENDING_CHAT_TTL_SECONDS", 86_400)?),
+                pending_chat_ttl: Duration::from_secs(
+                    settings.parse("CHAT_PENDING_CHAT_TTL_SECONDS", 86_400)?,
+                ),
                 default_page_size: settings.parse("CHAT_DEFAULT_PAGE_SIZE", 25)?,
                 max_page_size: settings.parse("CHAT_MAX_PAGE_SIZE", 100)?,
             },
@@ -184,7 +188,11 @@ impl Config {
             reason: reason.to_owned(),
         };
         if self.number_block_size == 0 {
-            return Err(invalid("CHAT_NUMBER_BLOCK_SIZE", "0".into(), "must be at least 1"));
+            return Err(invalid(
+                "CHAT_NUMBER_BLOCK_SIZE",
+                "0".into(),
+                "must be at least 1",
+            ));
         }
         if self.consumer.batch_max_size == 0 || self.consumer.prefetch == 0 {
             return Err(invalid(

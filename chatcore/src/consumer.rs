@@ -87,7 +87,11 @@ async fn consume_once<H: BatchHandler>(
             FieldTable::default(),
         )
         .await?;
-    tracing::info!(queue, prefetch = config.consumer.prefetch, "consumer started");
+    tracing::info!(
+        queue,
+        prefetch = config.consumer.prefetch,
+        "consumer started"
+    );
     let settings = &config.consumer;
     loop {
         let Some(deliveries) = next_batch(&mut consumer, settings, shutdown).await? else {
@@ -158,7 +162,10 @@ async fn process_batch<H: BatchHandler>(
         }
     }
     if !decoded.is_empty() {
-        let events: Vec<Received> = decoded.iter().map(|(_, received)| received.clone()).collect();
+        let events: Vec<Received> = decoded
+            .iter()
+            .map(|(_, received)| received.clone())
+            .collect();
         match handle_with_retries(handler, &events, settings, shutdown, None).await {
             Outcome::Done => {}
             Outcome::Interrupted => return Ok(false),
@@ -166,7 +173,15 @@ async fn process_batch<H: BatchHandler>(
                 tracing::warn!(events = events.len(), error = %format!("{error:#}"), "batch failed permanently, retrying its events one by one");
                 for (delivery_tag, received) in &decoded {
                     let single = std::slice::from_ref(received);
-                    match handle_with_retries(handler, single, settings, shutdown, Some(settings.max_attempts)).await {
+                    match handle_with_retries(
+                        handler,
+                        single,
+                        settings,
+                        shutdown,
+                        Some(settings.max_attempts),
+                    )
+                    .await
+                    {
                         Outcome::Done => {}
                         Outcome::Interrupted => return Ok(false),
                         Outcome::Permanent(error) => {

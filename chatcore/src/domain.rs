@@ -85,7 +85,10 @@ impl ApplicationName {
             ));
         }
         if trimmed.chars().any(char::is_control) {
-            return Err(InvalidInput::new("name", "must not contain control characters"));
+            return Err(InvalidInput::new(
+                "name",
+                "must not contain control characters",
+            ));
         }
         Ok(Self(trimmed.to_owned()))
     }
@@ -215,7 +218,10 @@ impl PageRequest {
                 .ok()
                 .filter(|page| (1..=Self::MAX_PAGE).contains(page))
                 .ok_or_else(|| {
-                    InvalidInput::new("page", format!("must be an integer from 1 to {}", Self::MAX_PAGE))
+                    InvalidInput::new(
+                        "page",
+                        format!("must be an integer from 1 to {}", Self::MAX_PAGE),
+                    )
                 })?,
         };
         let per_page = match per_page {
@@ -225,7 +231,10 @@ impl PageRequest {
                 .ok()
                 .filter(|size| (1..=max_per_page).contains(size))
                 .ok_or_else(|| {
-                    InvalidInput::new("per_page", format!("must be an integer from 1 to {max_per_page}"))
+                    InvalidInput::new(
+                        "per_page",
+                        format!("must be an integer from 1 to {max_per_page}"),
+                    )
                 })?,
         };
         Ok(Self { page, per_page })
@@ -242,7 +251,10 @@ impl PageRequest {
 }
 
 /// Timestamps as the reference shows them: RFC 3339, UTC, milliseconds, `Z`.
-pub fn serialize_timestamp<S: Serializer>(at: &DateTime<Utc>, serializer: S) -> Result<S::Ok, S::Error> {
+pub fn serialize_timestamp<S: Serializer>(
+    at: &DateTime<Utc>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
     serializer.serialize_str(&at.to_rfc3339_opts(SecondsFormat::Millis, true))
 }
 
@@ -263,7 +275,10 @@ mod tests {
 
     #[test]
     fn names_are_trimmed_and_bounded() {
-        assert_eq!(ApplicationName::parse("  app ").map(|n| n.0), Ok("app".to_owned()));
+        assert_eq!(
+            ApplicationName::parse("  app ").map(|n| n.0),
+            Ok("app".to_owned())
+        );
         assert!(ApplicationName::parse("   ").is_err());
         assert!(ApplicationName::parse(&"é".repeat(255)).is_ok());
         assert!(ApplicationName::parse(&"é".repeat(256)).is_err());
@@ -291,7 +306,10 @@ mod tests {
     #[test]
     fn pages_default_and_are_bounded() {
         let default = PageRequest::parse(None, None, 25, 100).expect("defaults");
-        assert_eq!((default.page, default.per_page, default.offset()), (1, 25, 0));
+        assert_eq!(
+            (default.page, default.per_page, default.offset()),
+            (1, 25, 0)
+        );
         let third = PageRequest::parse(Some("3"), Some("10"), 25, 100).expect("valid");
         assert_eq!((third.offset(), third.fetch_limit()), (20, 11));
         assert!(PageRequest::parse(Some("0"), None, 25, 100).is_err());
@@ -306,6 +324,9 @@ mod tests {
             .with_timezone(&Utc);
         let mut out = Vec::new();
         serialize_timestamp(&at, &mut serde_json::Serializer::new(&mut out)).expect("serializes");
-        assert_eq!(String::from_utf8(out).expect("utf8"), "\"2025-11-15T00:00:00.000Z\"");
+        assert_eq!(
+            String::from_utf8(out).expect("utf8"),
+            "\"2025-11-15T00:00:00.000Z\""
+        );
     }
 }

@@ -127,7 +127,8 @@ impl TraceContext {
 
     fn trace_id_of(traceparent: &str) -> Option<&str> {
         let mut parts = traceparent.split('-');
-        let (version, trace_id, span_id, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        let (version, trace_id, span_id, flags) =
+            (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
         let hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
         let valid = hex(version, 2)
             && hex(trace_id, 32)
@@ -181,7 +182,10 @@ mod tests {
             Event::decode(&event.encode()),
             Err(DecodeError::UnsupportedVersion { .. })
         ));
-        assert!(matches!(Event::decode(b"{not json"), Err(DecodeError::Malformed(_))));
+        assert!(matches!(
+            Event::decode(b"{not json"),
+            Err(DecodeError::Malformed(_))
+        ));
     }
 
     #[test]

@@ -15,7 +15,9 @@ pub mod telemetry;
 pub use config::Config;
 
 /// Connects to Redis with a multiplexed, self-reconnecting connection.
-pub async fn connect_redis(url: &config::SecretUrl) -> Result<redis::aio::ConnectionManager, redis::RedisError> {
+pub async fn connect_redis(
+    url: &config::SecretUrl,
+) -> Result<redis::aio::ConnectionManager, redis::RedisError> {
     let client = redis::Client::open(url.expose())?;
     redis::aio::ConnectionManager::new(client).await
 }

@@ -22,8 +22,13 @@ use crate::domain::Number;
 /// The parent whose children are numbered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Scope {
-    ChatsOf { application_id: u64 },
-    MessagesOf { application_id: u64, chat_number: Number },
+    ChatsOf {
+        application_id: u64,
+    },
+    MessagesOf {
+        application_id: u64,
+        chat_number: Number,
+    },
 }
 
 impl Scope {
@@ -47,9 +52,12 @@ pub enum AllocationError {
     Database(#[from] sqlx::Error),
     #[error("number allocation kept racing with a concurrent reseed")]
     Contended,
+    #[error("the numbers of this scope are exhausted")]
+    Exhausted,
 }
 
 const MAX_ROUNDS: usize = 8;
+const RECONNECT_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Returns `{}` when the scope has no Redis state, else `{next, ceil, epoch}` after incrementing.
 const ALLOCATE: &str = r"
@@ -95,6 +103,14 @@ pub struct NumberAllocator {
     seed_script: Script,
     raise_ceiling_script: Script,
     raise_next_script: Script,
+    reservation_locks: std::sync::Arc<[tokio::sync::Mutex<()>]>,
+}
+
+/// Stripes of the per-scope reservation lock.
+const RESERVATION_LOCK_STRIPES: usize = 256;
+
+fn number(value: u64) -> Result<Number, AllocationError> {
+    Number::new(value).ok_or(AllocationError::Exhausted)
 }
 
 struct Reservation {
@@ -103,7 +119,12 @@ struct Reservation {
 }
 
 impl NumberAllocator {
-    pub fn new(redis: ConnectionManager, database: MySqlPool, key_prefix: &str, block_size: u64) -> Self {
+    pub fn new(
+        redis: ConnectionManager,
+        database: MySqlPool,
+        key_prefix: &str,
+        block_size: u64,
+    ) -> Self {
         Self {
             redis,
             database,
@@ -113,6 +134,9 @@ impl NumberAllocator {
             seed_script: Script::new(SEED),
             raise_ceiling_script: Script::new(RAISE_CEILING),
             raise_next_script: Script::new(RAISE_NEXT),
+            reservation_locks: (0..RESERVATION_LOCK_STRIPES)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
         }
     }
 
@@ -124,20 +148,84 @@ impl NumberAllocator {
     pub async fn allocate(&self, scope: &Scope) -> Result<Number, AllocationError> {
         let key = self.key(scope);
         for _ in 0..MAX_ROUNDS {
-            let state: Vec<u64> = self
+            let state: Vec<u64> = match self
                 .allocate_script
                 .key(&key)
                 .invoke_async(&mut self.redis.clone())
-                .await?;
-            let [next, ceiling, epoch] = state[..] else {
-                self.seed(scope, &key).await?;
-                continue;
+                .await
+            {
+                Ok(state) => state,
+                // The connection manager reconnects in the background after a dropped connection
+                // (a Redis restart); give it a moment instead of failing the request.
+                Err(error) if error.is_connection_dropped() || error.is_io_error() => {
+                    tracing::warn!(%error, "redis connection lost, retrying");
+                    tokio::time::sleep(RECONNECT_PAUSE).await;
+                    continue;
+                }
+                Err(error) => return Err(error.into()),
             };
-            if next <= ceiling || self.extend(scope, &key, next, epoch).await? {
-                return Number::new(next).ok_or(AllocationError::Contended);
+            let outcome = match state[..] {
+                [next, ceiling, _] if next <= ceiling => return Ok(number(next)?),
+                [next, _, epoch] => self.extend_once(scope, &key, next, epoch).await,
+                _ => self.seed_once(scope, &key).await.map(|()| false),
+            };
+            match outcome {
+                Ok(true) => return Ok(number(state[0])?),
+                Ok(false) => {}
+                // Another replica's reservation held the row; the next round sees its result.
+                Err(AllocationError::Database(error)) if crate::store::is_transient(&error) => {
+                    tracing::debug!(%error, scope = %scope.id(), "number reservation raced, retrying");
+                }
+                Err(error) => return Err(error),
             }
         }
         Err(AllocationError::Contended)
+    }
+
+    /// The stripe lock of a scope: reservations of one scope run one at a time in this process,
+    /// so a burst of requests on a fresh or exhausted scope makes one reservation, not hundreds.
+    fn reservation_lock(&self, scope: &Scope) -> &tokio::sync::Mutex<()> {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        std::hash::Hash::hash(scope, &mut hasher);
+        let stripe = std::hash::Hasher::finish(&hasher) as usize % self.reservation_locks.len();
+        &self.reservation_locks[stripe]
+    }
+
+    async fn seed_once(&self, scope: &Scope, key: &str) -> Result<(), AllocationError> {
+        let _serialized = self.reservation_lock(scope).lock().await;
+        let exists: bool = redis::cmd("EXISTS")
+            .arg(key)
+            .query_async(&mut self.redis.clone())
+            .await?;
+        if exists {
+            // Seeded by a request that held the lock before us.
+            return Ok(());
+        }
+        self.seed(scope, key).await
+    }
+
+    /// Returns true when `number` is now covered by a reservation of `epoch`.
+    async fn extend_once(
+        &self,
+        scope: &Scope,
+        key: &str,
+        number: u64,
+        epoch: u64,
+    ) -> Result<bool, AllocationError> {
+        let _serialized = self.reservation_lock(scope).lock().await;
+        let state: Vec<Option<u64>> = redis::cmd("HMGET")
+            .arg(key)
+            .arg("ceil")
+            .arg("epoch")
+            .query_async(&mut self.redis.clone())
+            .await?;
+        if let [Some(ceiling), Some(current_epoch)] = state[..] {
+            if current_epoch == epoch && number <= ceiling {
+                // Extended by a request that held the lock before us.
+                return Ok(true);
+            }
+        }
+        self.extend(scope, key, number, epoch).await
     }
 
     /// The highest number that may have been handed out in the scope (an upper bound).
@@ -161,18 +249,28 @@ impl NumberAllocator {
     /// Makes sure no scope will hand out its number, or anything below it, again: raises the MySQL
     /// reservations and the Redis counters that are behind. Returns the scopes that were behind.
     /// One query, one upsert and one Redis pipeline for the whole slice.
-    pub async fn ensure_beyond(&self, highest: &[(Scope, u64)]) -> Result<Vec<Scope>, AllocationError> {
+    pub async fn ensure_beyond(
+        &self,
+        highest: &[(Scope, u64)],
+    ) -> Result<Vec<Scope>, AllocationError> {
         if highest.is_empty() {
             return Ok(Vec::new());
         }
         let ids: Vec<String> = highest.iter().map(|(scope, _)| scope.id()).collect();
-        let mut query = QueryBuilder::<MySql>::new("SELECT scope, reserved_until FROM number_reservations WHERE scope IN (");
+        let mut query = QueryBuilder::<MySql>::new(
+            "SELECT scope, reserved_until FROM number_reservations WHERE scope IN (",
+        );
         let mut list = query.separated(", ");
         for id in &ids {
             list.push_bind(id.as_str());
         }
         query.push(")");
-        let reserved: HashMap<String, u64> = query.build_query_as().fetch_all(&self.database).await?.into_iter().collect();
+        let reserved: HashMap<String, u64> = query
+            .build_query_as()
+            .fetch_all(&self.database)
+            .await?
+            .into_iter()
+            .collect();
         let behind_in_mysql: Vec<(&String, u64)> = ids
             .iter()
             .zip(highest)
@@ -180,13 +278,23 @@ impl NumberAllocator {
             .map(|(id, (_, number))| (id, *number))
             .collect();
         if !behind_in_mysql.is_empty() {
-            let mut upsert = QueryBuilder::<MySql>::new("INSERT INTO number_reservations (scope, reserved_until, epoch) ");
+            let mut upsert = QueryBuilder::<MySql>::new(
+                "INSERT INTO number_reservations (scope, reserved_until, epoch) ",
+            );
             upsert.push_values(&behind_in_mysql, |mut row, (id, number)| {
-                row.push_bind(id.as_str()).push_bind(*number).push_bind(0u64);
+                row.push_bind(id.as_str())
+                    .push_bind(*number)
+                    .push_bind(0u64);
             });
             upsert.push(" ON DUPLICATE KEY UPDATE reserved_until = GREATEST(reserved_until, VALUES(reserved_until))");
             upsert.build().execute(&self.database).await?;
         }
+        // Pipelines only send EVALSHA: make sure the script is loaded first.
+        let _sha: String = redis::cmd("SCRIPT")
+            .arg("LOAD")
+            .arg(RAISE_NEXT)
+            .query_async(&mut self.redis.clone())
+            .await?;
         let mut pipeline = redis::pipe();
         for (scope, number) in highest {
             pipeline.invoke_script(self.raise_next_script.key(self.key(scope)).arg(*number));
@@ -196,39 +304,51 @@ impl NumberAllocator {
             .iter()
             .zip(&ids)
             .zip(raised)
-            .filter(|(((_, number), id), raised)| *raised == 1 || behind_in_mysql.iter().any(|(behind, n)| behind == id && n == number))
+            .filter(|(((_, number), id), raised)| {
+                *raised == 1
+                    || behind_in_mysql
+                        .iter()
+                        .any(|(behind, n)| behind == id && n == number)
+            })
             .map(|(((scope, _), _), _)| *scope)
             .collect())
     }
 
-    /// Reserves a fresh block above every earlier reservation, under a new epoch.
+    /// Reserves a fresh block above every earlier reservation, under a new epoch. One upsert
+    /// statement takes the row lock, so concurrent seeders queue up instead of deadlocking.
     async fn seed(&self, scope: &Scope, key: &str) -> Result<(), AllocationError> {
         let mut transaction = self.database.begin().await?;
-        insert_reservation_if_missing(&mut transaction, scope).await?;
-        let current = lock_reservation(&mut transaction, scope).await?;
-        let epoch = current.epoch + 1;
-        let ceiling = current.reserved_until + self.block_size;
-        sqlx::query("UPDATE number_reservations SET reserved_until = ?, epoch = ? WHERE scope = ?")
-            .bind(ceiling)
-            .bind(epoch)
-            .bind(scope.id())
-            .execute(&mut *transaction)
-            .await?;
+        sqlx::query(
+            "INSERT INTO number_reservations (scope, reserved_until, epoch) VALUES (?, ?, 1) \
+             ON DUPLICATE KEY UPDATE reserved_until = reserved_until + VALUES(reserved_until), epoch = epoch + 1",
+        )
+        .bind(scope.id())
+        .bind(self.block_size)
+        .execute(&mut *transaction)
+        .await?;
+        let reserved = lock_reservation(&mut transaction, scope).await?;
         transaction.commit().await?;
+        let start = reserved.reserved_until - self.block_size;
         let _installed: i64 = self
             .seed_script
             .key(key)
-            .arg(current.reserved_until)
-            .arg(ceiling)
-            .arg(epoch)
+            .arg(start)
+            .arg(reserved.reserved_until)
+            .arg(reserved.epoch)
             .invoke_async(&mut self.redis.clone())
             .await?;
-        tracing::info!(scope = %scope.id(), epoch, ceiling, "seeded number counter");
+        tracing::info!(scope = %scope.id(), epoch = reserved.epoch, start, "seeded number counter");
         Ok(())
     }
 
     /// Durably reserves a block that covers `number`, if the epoch is still current.
-    async fn extend(&self, scope: &Scope, key: &str, number: u64, epoch: u64) -> Result<bool, AllocationError> {
+    async fn extend(
+        &self,
+        scope: &Scope,
+        key: &str,
+        number: u64,
+        epoch: u64,
+    ) -> Result<bool, AllocationError> {
         let mut transaction = self.database.begin().await?;
         let current = lock_reservation(&mut transaction, scope).await?;
         if current.epoch != epoch {
@@ -256,21 +376,14 @@ async fn lock_reservation(
     transaction: &mut sqlx::Transaction<'_, MySql>,
     scope: &Scope,
 ) -> Result<Reservation, sqlx::Error> {
-    let (reserved_until, epoch): (u64, u64) =
-        sqlx::query_as("SELECT reserved_until, epoch FROM number_reservations WHERE scope = ? FOR UPDATE")
-            .bind(scope.id())
-            .fetch_one(&mut **transaction)
-            .await?;
-    Ok(Reservation { reserved_until, epoch })
-}
-
-async fn insert_reservation_if_missing(
-    transaction: &mut sqlx::Transaction<'_, MySql>,
-    scope: &Scope,
-) -> Result<(), sqlx::Error> {
-    sqlx::query("INSERT IGNORE INTO number_reservations (scope, reserved_until, epoch) VALUES (?, 0, 0)")
-        .bind(scope.id())
-        .execute(&mut **transaction)
-        .await?;
-    Ok(())
+    let (reserved_until, epoch): (u64, u64) = sqlx::query_as(
+        "SELECT reserved_until, epoch FROM number_reservations WHERE scope = ? FOR UPDATE",
+    )
+    .bind(scope.id())
+    .fetch_one(&mut **transaction)
+    .await?;
+    Ok(Reservation {
+        reserved_until,
+        epoch,
+    })
 }

@@ -17,8 +17,10 @@ use serde_json::{Value, json};
 use crate::config::SecretUrl;
 use crate::domain::{Number, PageRequest, SearchQuery};
 
-/// Longest word prefix that is indexed; longer query words are cut to it.
-const MAX_PREFIX_CHARS: u32 = 20;
+/// Longest word prefix indexed as its own term; longer prefixes still match, a little slower.
+const MAX_INDEXED_PREFIX_CHARS: u32 = 12;
+/// Words of a query beyond this many are ignored, which bounds the cost of one search.
+pub const MAX_QUERY_WORDS: usize = 16;
 /// Elasticsearch's default `index.max_result_window`.
 pub const MAX_RESULT_WINDOW: u64 = 10_000;
 
@@ -84,7 +86,8 @@ fn chat_key(application_id: u64, chat_number: Number) -> String {
 
 impl SearchIndex {
     pub fn connect(url: &SecretUrl, index: &str) -> Result<Self, SearchError> {
-        let mut parsed = Url::parse(url.expose()).map_err(|error| SearchError::InvalidUrl(error.to_string()))?;
+        let mut parsed =
+            Url::parse(url.expose()).map_err(|error| SearchError::InvalidUrl(error.to_string()))?;
         let credentials = (!parsed.username().is_empty()).then(|| {
             Credentials::Basic(
                 parsed.username().to_owned(),
@@ -147,11 +150,15 @@ impl SearchIndex {
     }
 
     /// Indexes documents with external versions; one outcome per document, in order.
-    pub async fn bulk_index(&self, documents: &[MessageDocument]) -> Result<Vec<ItemOutcome>, SearchError> {
+    pub async fn bulk_index(
+        &self,
+        documents: &[MessageDocument],
+    ) -> Result<Vec<ItemOutcome>, SearchError> {
         if documents.is_empty() {
             return Ok(Vec::new());
         }
-        let mut lines: Vec<elasticsearch::http::request::JsonBody<Value>> = Vec::with_capacity(documents.len() * 2);
+        let mut lines: Vec<elasticsearch::http::request::JsonBody<Value>> =
+            Vec::with_capacity(documents.len() * 2);
         for document in documents {
             let routing = chat_key(document.application_id, document.chat_number);
             lines.push(
@@ -186,7 +193,11 @@ impl SearchIndex {
         if body.items.len() != documents.len() {
             return Err(SearchError::Status {
                 status: 500,
-                body: format!("bulk answered {} items for {} documents", body.items.len(), documents.len()),
+                body: format!(
+                    "bulk answered {} items for {} documents",
+                    body.items.len(),
+                    documents.len()
+                ),
             });
         }
         Ok(body.items.into_iter().map(BulkItem::outcome).collect())
@@ -211,14 +222,7 @@ impl SearchIndex {
                 "size": page.fetch_limit(),
                 "track_total_hits": false,
                 "_source": ["number", "body", "created_at"],
-                "query": {"bool": {
-                    "filter": [{"term": {"chat": routing}}],
-                    "should": [
-                        {"match": {"body": {"query": query.as_str(), "operator": "and", "boost": 2.0}}},
-                        {"match": {"body.prefix": {"query": query.as_str(), "operator": "and"}}},
-                    ],
-                    "minimum_should_match": 1,
-                }},
+                "query": query_definition(&routing, query),
                 "sort": ["_score", {"number": "asc"}],
             }))
             .send()
@@ -237,7 +241,9 @@ impl SearchIndex {
         let response = self
             .client
             .indices()
-            .refresh(elasticsearch::indices::IndicesRefreshParts::Index(&[&self.index]))
+            .refresh(elasticsearch::indices::IndicesRefreshParts::Index(&[
+                &self.index
+            ]))
             .send()
             .await?;
         success_or_error(response).await.map(|_| ())
@@ -266,23 +272,12 @@ async fn success_or_error(response: Response) -> Result<Response, SearchError> {
     })
 }
 
+/// The index uses only what every Elasticsearch node has (no analysis plugins): the standard
+/// analyzer (lowercases, splits on word boundaries) and `index_prefixes`, which indexes word
+/// prefixes so that prefix queries are single term lookups.
 fn index_definition(replicas: u32) -> Value {
     json!({
-        "settings": {
-            "number_of_shards": 1,
-            "number_of_replicas": replicas,
-            "analysis": {
-                "filter": {
-                    "word_prefixes": {"type": "edge_ngram", "min_gram": 1, "max_gram": MAX_PREFIX_CHARS},
-                    "longest_prefix": {"type": "truncate", "length": MAX_PREFIX_CHARS},
-                },
-                "analyzer": {
-                    "words": {"tokenizer": "standard", "filter": ["lowercase", "asciifolding"]},
-                    "word_prefixes": {"tokenizer": "standard", "filter": ["lowercase", "asciifolding", "word_prefixes"]},
-                    "query_prefixes": {"tokenizer": "standard", "filter": ["lowercase", "asciifolding", "longest_prefix"]},
-                },
-            },
-        },
+        "settings": {"number_of_shards": 1, "number_of_replicas": replicas},
         "mappings": {
             "dynamic": "strict",
             "_routing": {"required": true},
@@ -293,13 +288,61 @@ fn index_definition(replicas: u32) -> Value {
                 "number": {"type": "long"},
                 "body": {
                     "type": "text",
-                    "analyzer": "words",
-                    "fields": {"prefix": {"type": "text", "analyzer": "word_prefixes", "search_analyzer": "query_prefixes"}},
+                    "analyzer": "standard",
+                    "index_prefixes": {"min_chars": 1, "max_chars": MAX_INDEXED_PREFIX_CHARS},
                 },
                 "created_at": {"type": "date"},
             },
         },
     })
+}
+
+/// Every word of the query must match a word of the body, whole (scored higher) or as a prefix.
+/// Words are extracted here, so no character of the query is ever parsed as query syntax.
+fn query_definition(routing: &str, query: &SearchQuery) -> Value {
+    let words: Vec<Value> = query_words(query.as_str())
+        .into_iter()
+        .map(|word| {
+            json!({"bool": {"should": [
+                {"term": {"body": {"value": word, "boost": 2.0}}},
+                {"prefix": {"body": {"value": word}}},
+            ]}})
+        })
+        .collect();
+    json!({"bool": {
+        "filter": [{"term": {"chat": routing}}],
+        "must": if words.is_empty() { vec![json!({"match_none": {}})] } else { words },
+    }})
+}
+
+/// Lowercased words as the standard analyzer sees them (letters, digits and `_`, with `'`
+/// inside words and `.`/`,` inside numbers kept), at most [`MAX_QUERY_WORDS`].
+pub fn query_words(text: &str) -> Vec<String> {
+    let chars: Vec<char> = text.chars().collect();
+    let is_word_char = |c: char| c.is_alphanumeric() || c == '_';
+    let mut words = Vec::new();
+    let mut current = String::new();
+    for (index, &c) in chars.iter().enumerate() {
+        let previous = index.checked_sub(1).map(|i| chars[i]);
+        let next = chars.get(index + 1).copied();
+        let joins_letters = matches!(c, '\'' | '\u{2019}')
+            && previous.is_some_and(char::is_alphabetic)
+            && next.is_some_and(char::is_alphabetic);
+        let joins_digits = matches!(c, '.' | ',')
+            && previous.is_some_and(|p| p.is_ascii_digit())
+            && next.is_some_and(|n| n.is_ascii_digit());
+        if is_word_char(c) || joins_letters || joins_digits {
+            current.extend(c.to_lowercase());
+        } else if !current.is_empty() {
+            words.push(std::mem::take(&mut current));
+        }
+    }
+    if !current.is_empty() {
+        words.push(current);
+    }
+    words.dedup();
+    words.truncate(MAX_QUERY_WORDS);
+    words
 }
 
 #[derive(Deserialize)]
@@ -322,7 +365,12 @@ struct BulkItemResult {
 impl BulkItem {
     fn outcome(self) -> ItemOutcome {
         let BulkItemResult { status, error } = self.index;
-        let describe = || format!("{status}: {}", error.as_ref().map(Value::to_string).unwrap_or_default());
+        let describe = || {
+            format!(
+                "{status}: {}",
+                error.as_ref().map(Value::to_string).unwrap_or_default()
+            )
+        };
         match status {
             200..=299 | 409 => ItemOutcome::Done,
             429 | 500.. => ItemOutcome::Transient(describe()),
@@ -345,4 +393,36 @@ struct SearchHits {
 struct SearchHit {
     #[serde(rename = "_source")]
     source: MessageHit,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_words_are_lowercased_words_without_syntax() {
+        assert_eq!(query_words("Hello, WORLD!"), vec!["hello", "world"]);
+        assert_eq!(
+            query_words("don't stop 3.14"),
+            vec!["don't", "stop", "3.14"]
+        );
+        assert_eq!(
+            query_words("\"quoted\" AND (x OR y*) -z ~2"),
+            vec!["quoted", "and", "x", "or", "y", "z", "2"]
+        );
+        assert!(query_words("*** ?? \\ /").is_empty());
+        assert_eq!(query_words("snake_case"), vec!["snake_case"]);
+        assert_eq!(query_words(&"w ".repeat(40)).len(), 1);
+        assert_eq!(
+            query_words(&(0..40).map(|i| format!("w{i} ")).collect::<String>()).len(),
+            MAX_QUERY_WORDS
+        );
+    }
+
+    #[test]
+    fn a_query_without_words_matches_nothing() {
+        let query = SearchQuery::parse("!!!").expect("non-blank");
+        let definition = query_definition("1:1", &query);
+        assert_eq!(definition["bool"]["must"][0], json!({"match_none": {}}));
+    }
 }

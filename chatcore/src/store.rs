@@ -94,7 +94,10 @@ impl Store {
         &self.pool
     }
 
-    pub async fn create_application(&self, name: &ApplicationName) -> Result<ApplicationRow, sqlx::Error> {
+    pub async fn create_application(
+        &self,
+        name: &ApplicationName,
+    ) -> Result<ApplicationRow, sqlx::Error> {
         let token = ApplicationToken::generate();
         let created_at = now();
         let id = sqlx::query("INSERT INTO applications (token, name, chats_count, created_at, updated_at) VALUES (?, ?, 0, ?, ?)")
@@ -130,15 +133,23 @@ impl Store {
         self.find_application(token).await
     }
 
-    pub async fn find_application(&self, token: &ApplicationToken) -> Result<Option<ApplicationRow>, sqlx::Error> {
-        sqlx::query_as(AssertSqlSafe(format!("SELECT {APPLICATION_COLUMNS} FROM applications WHERE token = ?")))
-            .bind(token.as_str())
-            .fetch_optional(&self.pool)
-            .await
+    pub async fn find_application(
+        &self,
+        token: &ApplicationToken,
+    ) -> Result<Option<ApplicationRow>, sqlx::Error> {
+        sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT {APPLICATION_COLUMNS} FROM applications WHERE token = ?"
+        )))
+        .bind(token.as_str())
+        .fetch_optional(&self.pool)
+        .await
     }
 
     /// Applications in creation order.
-    pub async fn list_applications(&self, page: PageRequest) -> Result<Vec<ApplicationRow>, sqlx::Error> {
+    pub async fn list_applications(
+        &self,
+        page: PageRequest,
+    ) -> Result<Vec<ApplicationRow>, sqlx::Error> {
         sqlx::query_as(AssertSqlSafe(format!(
             "SELECT {APPLICATION_COLUMNS} FROM applications ORDER BY id LIMIT ? OFFSET ?"
         )))
@@ -148,14 +159,21 @@ impl Store {
         .await
     }
 
-    pub async fn application_id(&self, token: &ApplicationToken) -> Result<Option<u64>, sqlx::Error> {
+    pub async fn application_id(
+        &self,
+        token: &ApplicationToken,
+    ) -> Result<Option<u64>, sqlx::Error> {
         sqlx::query_scalar("SELECT id FROM applications WHERE token = ?")
             .bind(token.as_str())
             .fetch_optional(&self.pool)
             .await
     }
 
-    pub async fn find_chat(&self, application_id: u64, number: Number) -> Result<Option<ChatRow>, sqlx::Error> {
+    pub async fn find_chat(
+        &self,
+        application_id: u64,
+        number: Number,
+    ) -> Result<Option<ChatRow>, sqlx::Error> {
         sqlx::query_as(
             "SELECT number, messages_count, created_at FROM chats WHERE application_id = ? AND number = ?",
         )
@@ -165,7 +183,11 @@ impl Store {
         .await
     }
 
-    pub async fn list_chats(&self, application_id: u64, page: PageRequest) -> Result<Vec<ChatRow>, sqlx::Error> {
+    pub async fn list_chats(
+        &self,
+        application_id: u64,
+        page: PageRequest,
+    ) -> Result<Vec<ChatRow>, sqlx::Error> {
         sqlx::query_as(
             "SELECT number, messages_count, created_at FROM chats WHERE application_id = ? \
              ORDER BY number LIMIT ? OFFSET ?",
@@ -255,6 +277,9 @@ impl Store {
     }
 
     pub async fn ping(&self) -> Result<(), sqlx::Error> {
-        sqlx::query("SELECT 1").execute(&self.pool).await.map(|_| ())
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
     }
 }

@@ -13,6 +13,10 @@ pub fn init(service_name: &'static str) {
         .try_init()
         .is_ok();
     if installed {
-        tracing::info!(service = service_name, version = env!("CARGO_PKG_VERSION"), "starting");
+        tracing::info!(
+            service = service_name,
+            version = env!("CARGO_PKG_VERSION"),
+            "starting"
+        );
     }
 }

@@ -18,16 +18,35 @@ const PAGE_SIZE: i64 = 1000;
 /// One thing counter-sync changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Repair {
-    ChatsCount { application_id: u64, from: u64, to: u64 },
-    MessagesCount { application_id: u64, chat_number: u64, from: u64, to: u64 },
-    Counter { scope: String, raised_to: u64 },
+    ChatsCount {
+        application_id: u64,
+        from: u64,
+        to: u64,
+    },
+    MessagesCount {
+        application_id: u64,
+        chat_number: u64,
+        from: u64,
+        to: u64,
+    },
+    Counter {
+        scope: String,
+        raised_to: u64,
+    },
 }
 
 impl fmt::Display for Repair {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::ChatsCount { application_id, from, to } => {
-                write!(f, "application {application_id}: chats_count {from} -> {to}")
+            Self::ChatsCount {
+                application_id,
+                from,
+                to,
+            } => {
+                write!(
+                    f,
+                    "application {application_id}: chats_count {from} -> {to}"
+                )
             }
             Self::MessagesCount {
                 application_id,
@@ -38,7 +57,9 @@ impl fmt::Display for Repair {
                 f,
                 "application {application_id} chat {chat_number}: messages_count {from} -> {to}"
             ),
-            Self::Counter { scope, raised_to } => write!(f, "counter {scope}: raised to at least {raised_to}"),
+            Self::Counter { scope, raised_to } => {
+                write!(f, "counter {scope}: raised to at least {raised_to}")
+            }
         }
     }
 }
@@ -58,20 +79,29 @@ pub async fn run(config: &Config) -> anyhow::Result<Report> {
     let redis = chatcore::connect_redis(&config.redis_url)
         .await
         .with_context(|| format!("connecting to redis at {}", config.redis_url))?;
-    let allocator = NumberAllocator::new(redis, pool.clone(), &config.redis_key_prefix, config.number_block_size);
+    let allocator = NumberAllocator::new(
+        redis,
+        pool.clone(),
+        &config.redis_key_prefix,
+        config.number_block_size,
+    );
     let mut report = Report::default();
     sync_applications(&pool, &allocator, &mut report).await?;
     sync_chats(&pool, &allocator, &mut report).await?;
     Ok(report)
 }
 
-async fn sync_applications(pool: &MySqlPool, allocator: &NumberAllocator, report: &mut Report) -> anyhow::Result<()> {
+async fn sync_applications(
+    pool: &MySqlPool,
+    allocator: &NumberAllocator,
+    report: &mut Report,
+) -> anyhow::Result<()> {
     let mut after_id = 0u64;
     loop {
         let rows = sqlx::query(
             "SELECT a.id, a.chats_count, \
                (SELECT COUNT(*) FROM chats c WHERE c.application_id = a.id) AS actual, \
-               (SELECT COALESCE(MAX(number), 0) FROM chats c WHERE c.application_id = a.id) AS highest \
+               (SELECT CAST(COALESCE(MAX(number), 0) AS UNSIGNED) FROM chats c WHERE c.application_id = a.id) AS highest \
              FROM applications a WHERE a.id > ? ORDER BY a.id LIMIT ?",
         )
         .bind(after_id)
@@ -109,13 +139,17 @@ async fn sync_applications(pool: &MySqlPool, allocator: &NumberAllocator, report
     }
 }
 
-async fn sync_chats(pool: &MySqlPool, allocator: &NumberAllocator, report: &mut Report) -> anyhow::Result<()> {
+async fn sync_chats(
+    pool: &MySqlPool,
+    allocator: &NumberAllocator,
+    report: &mut Report,
+) -> anyhow::Result<()> {
     let mut after_id = 0u64;
     loop {
         let rows = sqlx::query(
             "SELECT c.id, c.application_id, c.number, c.messages_count, \
                (SELECT COUNT(*) FROM messages m WHERE m.chat_id = c.id) AS actual, \
-               (SELECT COALESCE(MAX(number), 0) FROM messages m WHERE m.chat_id = c.id) AS highest \
+               (SELECT CAST(COALESCE(MAX(number), 0) AS UNSIGNED) FROM messages m WHERE m.chat_id = c.id) AS highest \
              FROM chats c WHERE c.id > ? ORDER BY c.id LIMIT ?",
         )
         .bind(after_id)
@@ -164,10 +198,22 @@ async fn sync_chats(pool: &MySqlPool, allocator: &NumberAllocator, report: &mut 
 }
 
 /// Recomputes a count inside one statement (the count is read under the row lock), then reads it.
-async fn recount(pool: &MySqlPool, update: &'static str, select: &'static str, id: u64) -> anyhow::Result<u64> {
+async fn recount(
+    pool: &MySqlPool,
+    update: &'static str,
+    select: &'static str,
+    id: u64,
+) -> anyhow::Result<u64> {
     let mut transaction = pool.begin().await?;
-    sqlx::query(update).bind(id).bind(id).execute(&mut *transaction).await?;
-    let count: u64 = sqlx::query_scalar(select).bind(id).fetch_one(&mut *transaction).await?;
+    sqlx::query(update)
+        .bind(id)
+        .bind(id)
+        .execute(&mut *transaction)
+        .await?;
+    let count: u64 = sqlx::query_scalar(select)
+        .bind(id)
+        .fetch_one(&mut *transaction)
+        .await?;
     transaction.commit().await?;
     Ok(count)
 }

@@ -79,11 +79,21 @@ impl BatchHandler for Indexer {
             }
         })?;
         // Retrying the whole batch is safe: versions make the writes that succeeded no-ops.
-        if let Some(ItemOutcome::Transient(reason)) = outcomes.iter().find(|o| matches!(o, ItemOutcome::Transient(_))) {
-            return Err(HandleError::Transient(anyhow!("document not indexed: {reason}")));
+        if let Some(ItemOutcome::Transient(reason)) = outcomes
+            .iter()
+            .find(|o| matches!(o, ItemOutcome::Transient(_)))
+        {
+            return Err(HandleError::Transient(anyhow!(
+                "document not indexed: {reason}"
+            )));
         }
-        if let Some(ItemOutcome::Permanent(reason)) = outcomes.iter().find(|o| matches!(o, ItemOutcome::Permanent(_))) {
-            return Err(HandleError::Permanent(anyhow!("document rejected: {reason}")));
+        if let Some(ItemOutcome::Permanent(reason)) = outcomes
+            .iter()
+            .find(|o| matches!(o, ItemOutcome::Permanent(_)))
+        {
+            return Err(HandleError::Permanent(anyhow!(
+                "document rejected: {reason}"
+            )));
         }
         Ok(())
     }

@@ -66,7 +66,9 @@ impl MysqlWriter {
                     chat_number,
                     created_at,
                 } => {
-                    let earliest = chats.entry((*application_id, *chat_number)).or_insert(*created_at);
+                    let earliest = chats
+                        .entry((*application_id, *chat_number))
+                        .or_insert(*created_at);
                     *earliest = (*earliest).min(*created_at);
                 }
                 EventPayload::MessageCreated {
@@ -103,12 +105,19 @@ impl MysqlWriter {
             let chat_id = *chat_ids
                 .get(key)
                 .ok_or_else(|| anyhow!("chat {}:{} was not written", key.0, key.1))?;
-            let inserted = insert_messages(&mut transaction, chat_id, chat_messages.values()).await?;
+            let inserted =
+                insert_messages(&mut transaction, chat_id, chat_messages.values()).await?;
             if inserted > 0 {
                 new_messages_per_chat.push((chat_id, inserted));
             }
         }
-        add_counts(&mut transaction, "chats", "messages_count", &new_messages_per_chat).await?;
+        add_counts(
+            &mut transaction,
+            "chats",
+            "messages_count",
+            &new_messages_per_chat,
+        )
+        .await?;
         transaction.commit().await?;
         Ok(())
     }
@@ -119,10 +128,18 @@ async fn insert_chats(
     transaction: &mut Transaction<'_, MySql>,
     chats: &BTreeMap<ChatKey, DateTime<Utc>>,
 ) -> anyhow::Result<()> {
-    let application_ids: BTreeSet<u64> = chats.keys().map(|(application_id, _)| *application_id).collect();
+    let application_ids: BTreeSet<u64> = chats
+        .keys()
+        .map(|(application_id, _)| *application_id)
+        .collect();
     let mut known = QueryBuilder::<MySql>::new("SELECT id FROM applications WHERE id IN ");
     push_in_list(&mut known, application_ids.iter().copied());
-    let known: BTreeSet<u64> = known.build_query_scalar().fetch_all(&mut **transaction).await?.into_iter().collect();
+    let known: BTreeSet<u64> = known
+        .build_query_scalar()
+        .fetch_all(&mut **transaction)
+        .await?
+        .into_iter()
+        .collect();
     if let Some(unknown) = application_ids.difference(&known).next() {
         // Not transient: the application does not exist, so the event can never be written.
         return Err(anyhow!("application {unknown} does not exist"));
@@ -144,12 +161,22 @@ async fn insert_chats(
                 .push_bind(*created_at)
                 .push_bind(now);
         });
-        let inserted = insert.build().execute(&mut **transaction).await?.rows_affected();
+        let inserted = insert
+            .build()
+            .execute(&mut **transaction)
+            .await?
+            .rows_affected();
         if inserted > 0 {
             new_chats_per_application.push((application_id, inserted));
         }
     }
-    add_counts(transaction, "applications", "chats_count", &new_chats_per_application).await
+    add_counts(
+        transaction,
+        "applications",
+        "chats_count",
+        &new_chats_per_application,
+    )
+    .await
 }
 
 /// Internal ids of the given chats, looked up per application with the unique key.
@@ -159,11 +186,15 @@ async fn chat_ids(
 ) -> Result<BTreeMap<ChatKey, u64>, sqlx::Error> {
     let mut numbers_per_application: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
     for (application_id, number) in keys {
-        numbers_per_application.entry(*application_id).or_default().push(number.get());
+        numbers_per_application
+            .entry(*application_id)
+            .or_default()
+            .push(number.get());
     }
     let mut ids = BTreeMap::new();
     for (application_id, numbers) in numbers_per_application {
-        let mut query = QueryBuilder::<MySql>::new("SELECT id, number FROM chats WHERE application_id = ");
+        let mut query =
+            QueryBuilder::<MySql>::new("SELECT id, number FROM chats WHERE application_id = ");
         query.push_bind(application_id).push(" AND number IN ");
         push_in_list(&mut query, numbers);
         let rows: Vec<(u64, u64)> = query.build_query_as().fetch_all(&mut **transaction).await?;
@@ -205,7 +236,11 @@ async fn insert_messages<'a>(
                 .push_bind(message.created_at)
                 .push_bind(now);
         });
-        inserted += insert.build().execute(&mut **transaction).await?.rows_affected();
+        inserted += insert
+            .build()
+            .execute(&mut **transaction)
+            .await?
+            .rows_affected();
         chunk_bytes = 0;
     }
     Ok(inserted)
@@ -221,9 +256,14 @@ async fn add_counts(
     if increments.is_empty() {
         return Ok(());
     }
-    let mut update = QueryBuilder::<MySql>::new(format!("UPDATE {table} SET {column} = {column} + CASE id"));
+    let mut update =
+        QueryBuilder::<MySql>::new(format!("UPDATE {table} SET {column} = {column} + CASE id"));
     for (id, increment) in increments {
-        update.push(" WHEN ").push_bind(*id).push(" THEN ").push_bind(*increment);
+        update
+            .push(" WHEN ")
+            .push_bind(*id)
+            .push(" THEN ")
+            .push_bind(*increment);
     }
     update.push(" ELSE 0 END WHERE id IN ");
     push_in_list(&mut update, increments.iter().map(|(id, _)| *id));

@@ -1,1 +1,5 @@
+//! End-to-end tests against real MariaDB, Redis, RabbitMQ and Elasticsearch (`scripts/test`).
 
+mod contract;
+mod pipeline;
+mod search;

@@ -1,1 +1,428 @@
+//! Helpers of the end-to-end tests: an isolated environment per test on the real services (own
+//! MySQL database, RabbitMQ names, Redis key prefix and Elasticsearch index), the api and workers
+//! in-process or as child processes, and an HTTP client.
+//!
+//! The services must be running (`scripts/services up`, done by `scripts/test`); a test that cannot
+//! reach one fails.
 
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use chatcore::Config;
+use serde_json::Value;
+use sqlx::{Connection as _, MySqlConnection, MySqlPool};
+use tokio::process::{Child, Command};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use reqwest::StatusCode;
+
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name)
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| default.to_owned())
+}
+
+/// Base URLs of the shared services, from the same variables `scripts/services` uses.
+pub struct Services {
+    pub mysql_admin_url: String,
+    pub redis_url: String,
+    pub amqp_url: String,
+    pub elasticsearch_url: String,
+}
+
+impl Services {
+    pub fn from_env() -> Self {
+        let mysql_port = env_or("MYSQL_PORT", "3306");
+        let redis_port = env_or("REDIS_PORT", "6379");
+        let amqp_port = env_or("AMQP_PORT", "5672");
+        let es_port = env_or("ES_PORT", "9200");
+        Self {
+            mysql_admin_url: format!("mysql://chat:chat@127.0.0.1:{mysql_port}"),
+            redis_url: format!("redis://127.0.0.1:{redis_port}/0"),
+            amqp_url: format!("amqp://guest:guest@127.0.0.1:{amqp_port}/%2f"),
+            elasticsearch_url: format!("http://127.0.0.1:{es_port}"),
+        }
+    }
+}
+
+/// One test's isolated slice of the shared services.
+pub struct TestEnv {
+    pub id: String,
+    pub settings: HashMap<String, String>,
+    pub pool: MySqlPool,
+    pub services: Services,
+}
+
+impl TestEnv {
+    /// A fresh database (migrated), queue names, key prefix and index.
+    pub async fn new() -> anyhow::Result<Self> {
+        Self::with_settings(&[]).await
+    }
+
+    pub async fn with_settings(overrides: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let services = Services::from_env();
+        let id = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let database = format!("chat_{id}");
+        let mut admin = MySqlConnection::connect(&services.mysql_admin_url)
+            .await
+            .context("connecting to mysql (is `scripts/services up` running?)")?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "CREATE DATABASE {database} CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci"
+        )))
+        .execute(&mut admin)
+        .await?;
+        admin.close().await?;
+        let mut settings: HashMap<String, String> = [
+            (
+                "DATABASE_URL",
+                format!("{}/{database}", services.mysql_admin_url),
+            ),
+            ("REDIS_URL", services.redis_url.clone()),
+            ("AMQP_URL", services.amqp_url.clone()),
+            ("ELASTICSEARCH_URL", services.elasticsearch_url.clone()),
+            ("CHAT_AMQP_PREFIX", id.clone()),
+            ("CHAT_REDIS_PREFIX", id.clone()),
+            ("CHAT_ES_INDEX", format!("{id}-messages")),
+            ("CHAT_HTTP_ADDR", "127.0.0.1:0".to_owned()),
+            ("CHAT_BATCH_MAX_WAIT_MS", "10".to_owned()),
+            ("CHAT_RETRY_BASE_DELAY_MS", "20".to_owned()),
+            ("CHAT_RETRY_MAX_DELAY_MS", "500".to_owned()),
+            ("CHAT_DATABASE_MAX_CONNECTIONS", "8".to_owned()),
+            ("RUST_LOG", "warn".to_owned()),
+        ]
+        .into_iter()
+        .map(|(name, value)| (name.to_owned(), value))
+        .collect();
+        for (name, value) in overrides {
+            settings.insert((*name).to_owned(), (*value).to_owned());
+        }
+        let config = Config::from_map(&settings)?;
+        api::migrate(&config).await?;
+        let pool = chatcore::store::connect(&config.database_url, 4).await?;
+        Ok(Self {
+            id,
+            settings,
+            pool,
+            services,
+        })
+    }
+
+    pub fn config(&self) -> Config {
+        Config::from_map(&self.settings).expect("test settings are valid")
+    }
+
+    pub fn set(&mut self, name: &str, value: &str) {
+        self.settings.insert(name.to_owned(), value.to_owned());
+    }
+
+    /// Starts the api in this process on an ephemeral port.
+    pub async fn spawn_api(&self) -> anyhow::Result<ApiHandle> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let base_url = format!("http://{}/api/v1", listener.local_addr()?);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(api::serve(self.config(), listener, shutdown.clone()));
+        let handle = ApiHandle {
+            client: Client::new(&base_url),
+            base_url,
+            shutdown,
+            task,
+        };
+        eventually("api answers /livez", Duration::from_secs(20), || async {
+            let url = handle.base_url.replace("/api/v1", "/livez");
+            Ok(reqwest::get(url)
+                .await
+                .is_ok_and(|r| r.status().is_success()))
+        })
+        .await?;
+        Ok(handle)
+    }
+
+    /// Starts ingest-worker and indexer in this process.
+    pub fn spawn_workers(&self) -> WorkerHandles {
+        let shutdown = CancellationToken::new();
+        let ingest = tokio::spawn(ingest_worker::run(self.config(), shutdown.clone()));
+        let index = tokio::spawn(indexer::run(self.config(), shutdown.clone()));
+        WorkerHandles {
+            shutdown,
+            tasks: vec![ingest, index],
+        }
+    }
+
+    /// Starts one of the workspace binaries as a child process with this environment.
+    pub fn spawn_process(&self, binary: &str) -> anyhow::Result<Child> {
+        let path = binary_path(binary)?;
+        Command::new(&path)
+            .envs(&self.settings)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("spawning {}", path.display()))
+    }
+
+    pub async fn count(&self, sql: &'static str, binds: &[u64]) -> anyhow::Result<i64> {
+        let mut query = sqlx::query_scalar::<_, i64>(sql);
+        for bind in binds {
+            query = query.bind(*bind);
+        }
+        Ok(query.fetch_one(&self.pool).await?)
+    }
+
+    /// Internal id of an application, for assertions on the tables.
+    pub async fn application_id(&self, token: &str) -> anyhow::Result<u64> {
+        Ok(
+            sqlx::query_scalar("SELECT id FROM applications WHERE token = ?")
+                .bind(token)
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    /// Message numbers of one chat as stored in MySQL, ascending.
+    pub async fn stored_message_numbers(
+        &self,
+        token: &str,
+        chat_number: u64,
+    ) -> anyhow::Result<Vec<u64>> {
+        Ok(sqlx::query_scalar(
+            "SELECT m.number FROM messages m JOIN chats c ON c.id = m.chat_id \
+             JOIN applications a ON a.id = c.application_id WHERE a.token = ? AND c.number = ? ORDER BY m.number",
+        )
+        .bind(token)
+        .bind(chat_number)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Message numbers of one chat in the search index, ascending (after a refresh).
+    pub async fn indexed_message_numbers(
+        &self,
+        token: &str,
+        chat_number: u64,
+    ) -> anyhow::Result<Vec<u64>> {
+        let application_id = self.application_id(token).await?;
+        let http = reqwest::Client::new();
+        let index = format!("{}/{}-messages", self.services.elasticsearch_url, self.id);
+        http.post(format!("{index}/_refresh"))
+            .send()
+            .await?
+            .error_for_status()?;
+        let response: Value = http
+            .post(format!("{index}/_search"))
+            .json(&serde_json::json!({
+                "size": 10_000,
+                "_source": ["number"],
+                "query": {"term": {"chat": format!("{application_id}:{chat_number}")}},
+                "sort": [{"number": "asc"}],
+            }))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        Ok(response["hits"]["hits"]
+            .as_array()
+            .context("hits")?
+            .iter()
+            .filter_map(|hit| hit["_source"]["number"].as_u64())
+            .collect())
+    }
+
+    /// Depth of a queue (messages ready), through a passive declare.
+    pub async fn queue_depth(&self, queue: &str) -> anyhow::Result<u32> {
+        let connection = chatcore::broker::connect(&self.config().amqp_url, "test-inspect").await?;
+        let channel = connection.create_channel().await?;
+        let declared = channel
+            .queue_declare(
+                queue.into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
+            .await?;
+        connection.close(200, "done".into()).await?;
+        Ok(declared.message_count())
+    }
+}
+
+fn binary_path(binary: &str) -> anyhow::Result<PathBuf> {
+    // The test executable lives in target/<profile>/deps; the binaries one level up.
+    let executable = std::env::current_exe()?;
+    let profile_dir = executable
+        .parent()
+        .and_then(|deps| deps.parent())
+        .context("locating the target directory")?;
+    let path = profile_dir.join(binary);
+    if !path.exists() {
+        bail!(
+            "{} is missing: build the binaries first (`cargo build --bins`, which scripts/test does)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+pub struct ApiHandle {
+    pub base_url: String,
+    pub client: Client,
+    shutdown: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl ApiHandle {
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.task.await?
+    }
+}
+
+pub struct WorkerHandles {
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl WorkerHandles {
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        for task in self.tasks {
+            task.await??;
+        }
+        Ok(())
+    }
+}
+
+/// A JSON HTTP client bound to the API base URL.
+#[derive(Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base_url: String,
+}
+
+/// Status and parsed JSON body of a response (Null when the body is not JSON).
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub body: Value,
+}
+
+impl Client {
+    pub fn new(base_url: &str) -> Self {
+        Self {
+            http: reqwest::Client::builder()
+                .pool_max_idle_per_host(256)
+                .build()
+                .expect("client builds"),
+            base_url: base_url.to_owned(),
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> anyhow::Result<Reply> {
+        self.send(self.http.get(self.url(path))).await
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> anyhow::Result<Reply> {
+        self.send(self.http.post(self.url(path)).json(&body)).await
+    }
+
+    pub async fn post_empty(&self, path: &str) -> anyhow::Result<Reply> {
+        self.send(self.http.post(self.url(path))).await
+    }
+
+    pub async fn put(&self, path: &str, body: Value) -> anyhow::Result<Reply> {
+        self.send(self.http.put(self.url(path)).json(&body)).await
+    }
+
+    pub async fn send_raw(&self, request: reqwest::RequestBuilder) -> anyhow::Result<Reply> {
+        self.send(request).await
+    }
+
+    pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http.request(method, self.url(path))
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base_url)
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder) -> anyhow::Result<Reply> {
+        let response = request.send().await?;
+        let status = response.status();
+        let bytes = response.bytes().await?;
+        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        Ok(Reply { status, body })
+    }
+
+    /// Creates an application and returns its token.
+    pub async fn create_application(&self, name: &str) -> anyhow::Result<String> {
+        let reply = self
+            .post("/applications", serde_json::json!({ "name": name }))
+            .await?;
+        anyhow::ensure!(
+            reply.status == StatusCode::CREATED,
+            "create application: {reply:?}"
+        );
+        Ok(reply.body["token"].as_str().context("token")?.to_owned())
+    }
+
+    /// Creates a chat (202) and returns its number.
+    pub async fn create_chat(&self, token: &str) -> anyhow::Result<u64> {
+        let reply = self
+            .post_empty(&format!("/applications/{token}/chats"))
+            .await?;
+        anyhow::ensure!(
+            reply.status == StatusCode::ACCEPTED,
+            "create chat: {reply:?}"
+        );
+        reply.body["number"].as_u64().context("number")
+    }
+
+    /// Posts a message (202) and returns its number.
+    pub async fn create_message(&self, token: &str, chat: u64, body: &str) -> anyhow::Result<u64> {
+        let reply = self
+            .post(
+                &format!("/applications/{token}/chats/{chat}/messages"),
+                serde_json::json!({ "body": body }),
+            )
+            .await?;
+        anyhow::ensure!(
+            reply.status == StatusCode::ACCEPTED,
+            "create message: {reply:?}"
+        );
+        reply.body["number"].as_u64().context("number")
+    }
+}
+
+/// Polls `check` until it returns true, failing after `timeout`.
+pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<bool>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last_error = None;
+    loop {
+        match check().await {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(error) => last_error = Some(error),
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting until {what} (last error: {last_error:?})");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Sends SIGKILL and reaps the child.
+pub async fn kill_hard(child: &mut Child) -> anyhow::Result<()> {
+    child.kill().await?;
+    Ok(())
+}

@@ -83,7 +83,10 @@ fn parse_token(raw: &str) -> Result<ApplicationToken, ApiError> {
     ApplicationToken::parse(raw).map_err(|_| ApiError::NotFound("application"))
 }
 
-async fn show(State(state): State<AppState>, Path(token): Path<String>) -> Result<Json<ApplicationView>, ApiError> {
+async fn show(
+    State(state): State<AppState>,
+    Path(token): Path<String>,
+) -> Result<Json<ApplicationView>, ApiError> {
     let token = parse_token(&token)?;
     let row = state
         .inner

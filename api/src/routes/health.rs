@@ -24,7 +24,14 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     let rabbitmq = inner.publisher.is_connected().await;
     let elasticsearch = inner.search.ping().await.is_ok();
     let ready = mysql && redis && rabbitmq && elasticsearch;
-    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     let checks = json!({"mysql": mysql, "redis": redis, "rabbitmq": rabbitmq, "elasticsearch": elasticsearch});
-    (status, Json(json!({"status": if ready { "ready" } else { "unavailable" }, "checks": checks})))
+    (
+        status,
+        Json(json!({"status": if ready { "ready" } else { "unavailable" }, "checks": checks})),
+    )
 }

@@ -20,8 +20,14 @@ use crate::extract::{JsonBody, QueryParams, RequestTrace};
 
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route("/applications/{token}/chats/{chat_number}/messages", get(list).post(create))
-        .route("/applications/{token}/chats/{chat_number}/messages/search", get(search))
+        .route(
+            "/applications/{token}/chats/{chat_number}/messages",
+            get(list).post(create),
+        )
+        .route(
+            "/applications/{token}/chats/{chat_number}/messages/search",
+            get(search),
+        )
         .route(
             "/applications/{token}/chats/{chat_number}/messages/{number}",
             get(show).put(update),
@@ -35,7 +41,9 @@ struct MessageInput {
 
 impl MessageInput {
     fn body(self) -> Result<MessageBody, InvalidInput> {
-        let raw = self.body.ok_or_else(|| InvalidInput::new("body", "is required"))?;
+        let raw = self
+            .body
+            .ok_or_else(|| InvalidInput::new("body", "is required"))?;
         MessageBody::parse(raw)
     }
 }
@@ -194,7 +202,12 @@ async fn update(
     }))
 }
 
-async fn missing_message(state: &AppState, application_id: u64, chat_number: Number, number: Number) -> ApiError {
+async fn missing_message(
+    state: &AppState,
+    application_id: u64,
+    chat_number: Number,
+    number: Number,
+) -> ApiError {
     if let Err(error) = state.require_chat(application_id, chat_number).await {
         return error;
     }

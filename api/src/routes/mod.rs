@@ -10,8 +10,8 @@ use axum::extract::DefaultBodyLimit;
 use chatcore::domain::{Number, PageRequest};
 use serde::{Deserialize, Serialize};
 
-use crate::error::ApiError;
 use crate::AppState;
+use crate::error::ApiError;
 
 pub fn router(state: AppState) -> Router {
     let max_request_bytes = state.config().api.max_request_bytes;

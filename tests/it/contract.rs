@@ -1,0 +1,484 @@
+//! Every endpoint: success shapes, 404s, validation rules, pagination bounds, error body.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use system_tests::{Reply, StatusCode, TestEnv, eventually};
+
+fn assert_error(reply: &Reply, status: StatusCode, code: &str) {
+    assert_eq!(reply.status, status, "unexpected reply {reply:?}");
+    assert_eq!(
+        reply.body["error"]["code"], code,
+        "unexpected error body {reply:?}"
+    );
+    assert!(
+        reply.body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "error message missing: {reply:?}"
+    );
+}
+
+fn keys(value: &Value) -> Vec<String> {
+    let mut keys: Vec<String> = value.as_object().expect("object").keys().cloned().collect();
+    keys.sort();
+    keys
+}
+
+#[tokio::test]
+async fn applications_create_show_update_list() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    let api = env.spawn_api().await?;
+    let client = &api.client;
+
+    let created = client
+        .post("/applications", json!({"name": "  My Chat App "}))
+        .await?;
+    assert_eq!(created.status, StatusCode::CREATED);
+    assert_eq!(keys(&created.body), ["chats_count", "name", "token"]);
+    assert_eq!(created.body["name"], "My Chat App");
+    assert_eq!(created.body["chats_count"], 0);
+    let token = created.body["token"].as_str().expect("token").to_owned();
+    assert_eq!(token.len(), 32);
+    assert!(
+        token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    );
+
+    let shown = client.get(&format!("/applications/{token}")).await?;
+    assert_eq!(shown.status, StatusCode::OK);
+    assert_eq!(shown.body, created.body);
+
+    let updated = client
+        .put(
+            &format!("/applications/{token}"),
+            json!({"name": "Renamed"}),
+        )
+        .await?;
+    assert_eq!(updated.status, StatusCode::OK);
+    assert_eq!(updated.body["name"], "Renamed");
+    assert_eq!(updated.body["token"], token.as_str());
+    // Same name again is still a 200, not a 404.
+    let unchanged = client
+        .put(
+            &format!("/applications/{token}"),
+            json!({"name": "Renamed"}),
+        )
+        .await?;
+    assert_eq!(unchanged.status, StatusCode::OK);
+
+    let second = client.create_application("Second").await?;
+    let listed = client.get("/applications").await?;
+    assert_eq!(listed.status, StatusCode::OK);
+    let tokens: Vec<&str> = listed.body["applications"]
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|a| a["token"].as_str().expect("token"))
+        .collect();
+    assert_eq!(tokens, [token.as_str(), second.as_str()]);
+    assert_eq!(
+        listed.body["pagination"],
+        json!({"page": 1, "per_page": 25, "next_page": null})
+    );
+    api.stop().await
+}
+
+#[tokio::test]
+async fn application_validation_and_not_found() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    let api = env.spawn_api().await?;
+    let client = &api.client;
+
+    for body in [
+        json!({}),
+        json!({"name": ""}),
+        json!({"name": "   "}),
+        json!({"name": "x".repeat(256)}),
+        json!({"name": "a\u{1}b"}),
+    ] {
+        let reply = client.post("/applications", body).await?;
+        assert_error(
+            &reply,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation_failed",
+        );
+        assert_eq!(reply.body["error"]["field"], "name");
+    }
+    assert_eq!(
+        client
+            .post("/applications", json!({"name": "é".repeat(255)}))
+            .await?
+            .status,
+        StatusCode::CREATED
+    );
+    let wrong_type = client.post("/applications", json!({"name": 5})).await?;
+    assert_error(&wrong_type, StatusCode::BAD_REQUEST, "bad_request");
+    let malformed = client
+        .send_raw(
+            client
+                .request(reqwest::Method::POST, "/applications")
+                .header("content-type", "application/json")
+                .body("{\"name\":"),
+        )
+        .await?;
+    assert_error(&malformed, StatusCode::BAD_REQUEST, "bad_request");
+    let not_json = client
+        .send_raw(
+            client
+                .request(reqwest::Method::POST, "/applications")
+                .header("content-type", "text/plain")
+                .body("name=x"),
+        )
+        .await?;
+    assert_error(
+        &not_json,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+    );
+    let too_large = client
+        .post("/applications", json!({"name": "x".repeat(300 * 1024)}))
+        .await?;
+    assert_error(
+        &too_large,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+    );
+
+    let missing = "A".repeat(32);
+    assert_error(
+        &client.get(&format!("/applications/{missing}")).await?,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
+    assert_error(
+        &client.get("/applications/not-a-token").await?,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
+    assert_error(
+        &client
+            .put(&format!("/applications/{missing}"), json!({"name": "x"}))
+            .await?,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
+    assert_error(
+        &client.get("/nothing/here").await?,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
+    let delete = client
+        .send_raw(client.request(reqwest::Method::DELETE, "/applications"))
+        .await?;
+    assert_error(
+        &delete,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+    );
+
+    // Nothing invalid was stored: only the one valid application exists.
+    assert_eq!(
+        env.count("SELECT COUNT(*) FROM applications", &[]).await?,
+        1
+    );
+    api.stop().await
+}
+
+#[tokio::test]
+async fn pagination_is_bounded_and_ordered() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    let api = env.spawn_api().await?;
+    let client = &api.client;
+    let mut tokens = Vec::new();
+    for index in 0..5 {
+        tokens.push(client.create_application(&format!("app {index}")).await?);
+    }
+    let first = client.get("/applications?per_page=2").await?;
+    assert_eq!(
+        first.body["applications"].as_array().expect("array").len(),
+        2
+    );
+    assert_eq!(
+        first.body["pagination"],
+        json!({"page": 1, "per_page": 2, "next_page": 2})
+    );
+    let last = client.get("/applications?per_page=2&page=3").await?;
+    assert_eq!(last.body["applications"][0]["token"], tokens[4].as_str());
+    assert_eq!(last.body["pagination"]["next_page"], Value::Null);
+    let beyond = client.get("/applications?per_page=2&page=9").await?;
+    assert_eq!(beyond.body["applications"], json!([]));
+    let maximum = client.get("/applications?per_page=100").await?;
+    assert_eq!(maximum.status, StatusCode::OK);
+    for query in [
+        "per_page=0",
+        "per_page=101",
+        "per_page=x",
+        "page=0",
+        "page=-1",
+        "page=10001",
+    ] {
+        let reply = client.get(&format!("/applications?{query}")).await?;
+        assert_error(&reply, StatusCode::BAD_REQUEST, "bad_request");
+    }
+    api.stop().await
+}
+
+#[tokio::test]
+async fn chats_and_messages_lifecycle() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    let api = env.spawn_api().await?;
+    let workers = env.spawn_workers();
+    let client = &api.client;
+    let token = client.create_application("app").await?;
+
+    let chat = client
+        .post_empty(&format!("/applications/{token}/chats"))
+        .await?;
+    assert_eq!(chat.status, StatusCode::ACCEPTED);
+    assert_eq!(chat.body, json!({"number": 1}));
+    assert_eq!(client.create_chat(&token).await?, 2);
+
+    // A message to a chat that was just accepted is accepted too, before the chat row exists.
+    let message = client
+        .post(
+            &format!("/applications/{token}/chats/1/messages"),
+            json!({"body": "Hello, world!"}),
+        )
+        .await?;
+    assert_eq!(message.status, StatusCode::ACCEPTED);
+    assert_eq!(message.body, json!({"number": 1}));
+    assert_eq!(client.create_message(&token, 1, "second").await?, 2);
+    assert_eq!(client.create_message(&token, 2, "other chat").await?, 1);
+
+    eventually(
+        "messages are persisted",
+        Duration::from_secs(20),
+        || async { Ok(env.stored_message_numbers(&token, 1).await? == [1, 2]) },
+    )
+    .await?;
+    eventually("counts are current", Duration::from_secs(20), || async {
+        let app = client.get(&format!("/applications/{token}")).await?;
+        let chat = client
+            .get(&format!("/applications/{token}/chats/1"))
+            .await?;
+        Ok(app.body["chats_count"] == 2 && chat.body["messages_count"] == 2)
+    })
+    .await?;
+
+    let chat = client
+        .get(&format!("/applications/{token}/chats/1"))
+        .await?;
+    assert_eq!(chat.status, StatusCode::OK);
+    assert_eq!(keys(&chat.body), ["created_at", "messages_count", "number"]);
+    assert!(
+        chat.body["created_at"]
+            .as_str()
+            .expect("timestamp")
+            .ends_with('Z')
+    );
+    let chats = client.get(&format!("/applications/{token}/chats")).await?;
+    let numbers: Vec<u64> = chats.body["chats"]
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|c| c["number"].as_u64().expect("n"))
+        .collect();
+    assert_eq!(numbers, [1, 2]);
+
+    let message = client
+        .get(&format!("/applications/{token}/chats/1/messages/1"))
+        .await?;
+    assert_eq!(message.status, StatusCode::OK);
+    assert_eq!(keys(&message.body), ["body", "created_at", "number"]);
+    assert_eq!(message.body["body"], "Hello, world!");
+    let messages = client
+        .get(&format!(
+            "/applications/{token}/chats/1/messages?per_page=1"
+        ))
+        .await?;
+    assert_eq!(messages.body["messages"][0]["number"], 1);
+    assert_eq!(messages.body["pagination"]["next_page"], 2);
+    let page_two = client
+        .get(&format!(
+            "/applications/{token}/chats/1/messages?per_page=1&page=2"
+        ))
+        .await?;
+    assert_eq!(page_two.body["messages"][0]["number"], 2);
+
+    let updated = client
+        .put(
+            &format!("/applications/{token}/chats/1/messages/1"),
+            json!({"body": "Updated content"}),
+        )
+        .await?;
+    assert_eq!(updated.status, StatusCode::OK);
+    assert_eq!(keys(&updated.body), ["body", "number", "updated_at"]);
+    assert_eq!(updated.body["body"], "Updated content");
+    let reread = client
+        .get(&format!("/applications/{token}/chats/1/messages/1"))
+        .await?;
+    assert_eq!(reread.body["body"], "Updated content");
+
+    workers.stop().await?;
+    api.stop().await
+}
+
+#[tokio::test]
+async fn chat_and_message_validation_and_not_found() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    let api = env.spawn_api().await?;
+    let client = &api.client;
+    let token = client.create_application("app").await?;
+    let missing_app = "B".repeat(32);
+
+    assert_error(
+        &client
+            .post_empty(&format!("/applications/{missing_app}/chats"))
+            .await?,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
+    assert_error(
+        &client
+            .get(&format!("/applications/{missing_app}/chats"))
+            .await?,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
+    assert_error(
+        &client
+            .get(&format!("/applications/{token}/chats/1"))
+            .await?,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
+    for bad in ["0", "-1", "abc", "99999999999999999999"] {
+        let reply = client
+            .get(&format!("/applications/{token}/chats/{bad}"))
+            .await?;
+        assert_error(&reply, StatusCode::BAD_REQUEST, "bad_request");
+    }
+    // Messages to a chat that was never accepted.
+    let no_chat = client
+        .post(
+            &format!("/applications/{token}/chats/7/messages"),
+            json!({"body": "hi"}),
+        )
+        .await?;
+    assert_error(&no_chat, StatusCode::NOT_FOUND, "not_found");
+    assert_eq!(client.create_chat(&token).await?, 1);
+    for body in [
+        json!({}),
+        json!({"body": ""}),
+        json!({"body": "  \n "}),
+        json!({"body": "x".repeat(65_537)}),
+    ] {
+        let reply = client
+            .post(&format!("/applications/{token}/chats/1/messages"), body)
+            .await?;
+        assert_error(
+            &reply,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation_failed",
+        );
+        assert_eq!(reply.body["error"]["field"], "body");
+    }
+    let largest = client
+        .post(
+            &format!("/applications/{token}/chats/1/messages"),
+            json!({"body": "x".repeat(65_536)}),
+        )
+        .await?;
+    assert_eq!(largest.status, StatusCode::ACCEPTED);
+    assert_error(
+        &client
+            .get(&format!("/applications/{token}/chats/1/messages/5"))
+            .await?,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
+    assert_error(
+        &client
+            .put(
+                &format!("/applications/{token}/chats/1/messages/5"),
+                json!({"body": "x"}),
+            )
+            .await?,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
+    // Number 1 was accepted but no worker runs here, so it is not persisted yet.
+    let pending = client
+        .put(
+            &format!("/applications/{token}/chats/1/messages/1"),
+            json!({"body": "x"}),
+        )
+        .await?;
+    assert_error(&pending, StatusCode::CONFLICT, "not_persisted_yet");
+    let invalid_update = client
+        .put(
+            &format!("/applications/{token}/chats/1/messages/1"),
+            json!({"body": ""}),
+        )
+        .await?;
+    assert_error(
+        &invalid_update,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "validation_failed",
+    );
+    // Invalid input allocated no number: the next message is 2.
+    assert_eq!(client.create_message(&token, 1, "next").await?, 2);
+    api.stop().await
+}
+
+#[tokio::test]
+async fn search_parameters_are_validated() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    let api = env.spawn_api().await?;
+    let client = &api.client;
+    let token = client.create_application("app").await?;
+    client.create_chat(&token).await?;
+    let base = format!("/applications/{token}/chats/1/messages/search");
+    for query in [
+        "",
+        "?query=",
+        "?query=%20%20",
+        &format!("?query={}", "a".repeat(257)),
+        "?query=a&per_page=0",
+        "?query=a&page=101&per_page=100",
+    ] {
+        let reply = client.get(&format!("{base}{query}")).await?;
+        assert_error(&reply, StatusCode::BAD_REQUEST, "bad_request");
+    }
+    let empty = client.get(&format!("{base}?query=nothing")).await?;
+    assert_eq!(empty.status, StatusCode::OK);
+    assert_eq!(empty.body["messages"], json!([]));
+    assert_error(
+        &client
+            .get(&format!(
+                "/applications/{token}/chats/9/messages/search?query=a"
+            ))
+            .await?,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
+    api.stop().await
+}
+
+#[tokio::test]
+async fn health_endpoints() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    let api = env.spawn_api().await?;
+    let root = api.base_url.replace("/api/v1", "");
+    let live = reqwest::get(format!("{root}/livez")).await?;
+    assert_eq!(live.status(), StatusCode::OK);
+    let ready: Value = reqwest::get(format!("{root}/readyz")).await?.json().await?;
+    assert_eq!(ready["status"], "ready");
+    assert_eq!(
+        ready["checks"],
+        json!({"mysql": true, "redis": true, "rabbitmq": true, "elasticsearch": true})
+    );
+    api.stop().await
+}

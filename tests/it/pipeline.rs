@@ -1,0 +1,528 @@
+//! The asynchronous pipeline on the real services: concurrency, crashes, Redis data loss, poison
+//! events, broker refusal, counter-sync.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use chatcore::domain::Number;
+use chatcore::events::{Event, EventPayload};
+use futures_util::future::join_all;
+use lapin::options::{BasicGetOptions, BasicPublishOptions};
+use lapin::types::FieldTable;
+use serde_json::json;
+use system_tests::{StatusCode, TestEnv, eventually, kill_hard};
+
+const LONG: Duration = Duration::from_secs(90);
+
+#[tokio::test]
+async fn a_thousand_concurrent_chats_and_messages_are_numbered_1_to_1000() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    let api = env.spawn_api().await?;
+    let workers = env.spawn_workers();
+    let client = &api.client;
+    let token = client.create_application("busy").await?;
+
+    let chats = join_all((0..1000).map(|_| client.create_chat(&token))).await;
+    let mut chat_numbers: Vec<u64> = chats.into_iter().collect::<anyhow::Result<_>>()?;
+    chat_numbers.sort_unstable();
+    assert_eq!(chat_numbers, (1..=1000).collect::<Vec<_>>());
+
+    let token_ref = token.as_str();
+    let messages = join_all((0..1000).map(|i| {
+        let body = format!("message {i}");
+        async move { client.create_message(token_ref, 1, &body).await }
+    }))
+    .await;
+    let mut message_numbers: Vec<u64> = messages.into_iter().collect::<anyhow::Result<_>>()?;
+    message_numbers.sort_unstable();
+    assert_eq!(message_numbers, (1..=1000).collect::<Vec<_>>());
+
+    let application_id = env.application_id(&token).await?;
+    eventually(
+        "all chats and messages are in mysql with counts of 1000",
+        LONG,
+        || async {
+            let chats = env
+                .count(
+                    "SELECT COUNT(*) FROM chats WHERE application_id = ?",
+                    &[application_id],
+                )
+                .await?;
+            let messages = env.stored_message_numbers(&token, 1).await?.len();
+            Ok(chats == 1000 && messages == 1000)
+        },
+    )
+    .await?;
+    let app = client.get(&format!("/applications/{token}")).await?;
+    assert_eq!(app.body["chats_count"], 1000);
+    let chat = client
+        .get(&format!("/applications/{token}/chats/1"))
+        .await?;
+    assert_eq!(chat.body["messages_count"], 1000);
+    assert_eq!(
+        env.stored_message_numbers(&token, 1).await?,
+        (1..=1000).collect::<Vec<_>>()
+    );
+    eventually("all messages are indexed", LONG, || async {
+        Ok(env.indexed_message_numbers(&token, 1).await?.len() == 1000)
+    })
+    .await?;
+    workers.stop().await?;
+    api.stop().await
+}
+
+/// Posts `count` messages in waves of 50 concurrent requests; returns the numbers that got a 202.
+async fn post_messages_in_waves(
+    client: &system_tests::Client,
+    token: &str,
+    chat: u64,
+    count: usize,
+) -> anyhow::Result<Vec<u64>> {
+    let mut accepted = Vec::with_capacity(count);
+    for wave in 0..count / 50 {
+        let replies = join_all((0..50).map(|i| {
+            let body = format!("wave {wave} message {i}");
+            async move { client.create_message(token, chat, &body).await }
+        }))
+        .await;
+        for reply in replies {
+            accepted.push(reply?);
+        }
+    }
+    Ok(accepted)
+}
+
+#[tokio::test]
+async fn killing_workers_mid_load_loses_and_duplicates_nothing() -> anyhow::Result<()> {
+    // Small batches so that the kill lands between many commits.
+    let env = TestEnv::with_settings(&[
+        ("CHAT_BATCH_MAX_SIZE", "20"),
+        ("CHAT_CONSUMER_PREFETCH", "40"),
+    ])
+    .await?;
+    let api = env.spawn_api().await?;
+    let client = api.client.clone();
+    let token = client.create_application("crashy").await?;
+    let chat = client.create_chat(&token).await?;
+
+    let mut ingest = env.spawn_process("ingest-worker")?;
+    let mut indexer = env.spawn_process("indexer")?;
+    let load = tokio::spawn({
+        let client = client.clone();
+        let token = token.clone();
+        async move { post_messages_in_waves(&client, &token, chat, 2000).await }
+    });
+    // Kill both while they are writing: as soon as some (not all) messages have landed.
+    eventually("some messages are persisted", LONG, || async {
+        Ok(!env.stored_message_numbers(&token, chat).await?.is_empty())
+    })
+    .await?;
+    kill_hard(&mut ingest).await?;
+    kill_hard(&mut indexer).await?;
+    let accepted = load.await??;
+    let stored_while_down = env.stored_message_numbers(&token, chat).await?.len();
+    assert!(
+        stored_while_down < accepted.len(),
+        "the kill should land mid-load"
+    );
+
+    let mut ingest = env.spawn_process("ingest-worker")?;
+    let mut indexer = env.spawn_process("indexer")?;
+    let expected: Vec<u64> = {
+        let mut sorted = accepted.clone();
+        sorted.sort_unstable();
+        sorted
+    };
+    assert_eq!(
+        expected.len(),
+        BTreeSet::from_iter(expected.iter()).len(),
+        "numbers are unique"
+    );
+    eventually(
+        "every accepted message is in mysql exactly once",
+        LONG,
+        || async { Ok(env.stored_message_numbers(&token, chat).await? == expected) },
+    )
+    .await?;
+    eventually(
+        "every accepted message is in the index exactly once",
+        LONG,
+        || async { Ok(env.indexed_message_numbers(&token, chat).await? == expected) },
+    )
+    .await?;
+    let chat_view = client
+        .get(&format!("/applications/{token}/chats/{chat}"))
+        .await?;
+    assert_eq!(chat_view.body["messages_count"], expected.len());
+    kill_hard(&mut ingest).await?;
+    kill_hard(&mut indexer).await?;
+    api.stop().await
+}
+
+/// A Redis of the test's own (FLUSHALL and restarts would disturb other tests on the shared one).
+struct OwnRedis {
+    port: u16,
+    process: tokio::process::Child,
+}
+
+impl OwnRedis {
+    async fn start() -> anyhow::Result<Self> {
+        let port = {
+            let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
+            probe.local_addr()?.port()
+        };
+        let process = tokio::process::Command::new("redis-server")
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()?;
+        let redis = Self { port, process };
+        eventually("own redis answers", Duration::from_secs(10), || async {
+            Ok(redis.connection().await.is_ok())
+        })
+        .await?;
+        Ok(redis)
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    async fn connection(&self) -> anyhow::Result<redis::aio::MultiplexedConnection> {
+        Ok(redis::Client::open(self.url())?
+            .get_multiplexed_async_connection()
+            .await?)
+    }
+
+    /// Restarts without persistence: every counter is gone.
+    async fn restart_empty(&mut self) -> anyhow::Result<()> {
+        self.process.kill().await?;
+        let restarted = Self::start_on(self.port).await?;
+        self.process = restarted;
+        Ok(())
+    }
+
+    async fn start_on(port: u16) -> anyhow::Result<tokio::process::Child> {
+        let process = tokio::process::Command::new("redis-server")
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()?;
+        let url = format!("redis://127.0.0.1:{port}/0");
+        eventually(
+            "restarted redis answers",
+            Duration::from_secs(10),
+            || async {
+                Ok(redis::Client::open(url.as_str())?
+                    .get_multiplexed_async_connection()
+                    .await
+                    .is_ok())
+            },
+        )
+        .await?;
+        Ok(process)
+    }
+}
+
+#[tokio::test]
+async fn numbers_are_never_reused_when_redis_loses_its_data() -> anyhow::Result<()> {
+    let mut redis = OwnRedis::start().await?;
+    // A small block makes reservations move often during the load.
+    let env = TestEnv::with_settings(&[
+        ("REDIS_URL", &redis.url()),
+        ("CHAT_NUMBER_BLOCK_SIZE", "50"),
+    ])
+    .await?;
+    let api = env.spawn_api().await?;
+    let workers = env.spawn_workers();
+    let client = api.client.clone();
+    let token = client.create_application("forgetful").await?;
+    let first_chat = client.create_chat(&token).await?;
+
+    let load = tokio::spawn({
+        let client = client.clone();
+        let token = token.clone();
+        async move { post_messages_in_waves(&client, &token, first_chat, 1500).await }
+    });
+    // Flush twice while the load is running: once messages start landing, and a moment later.
+    eventually("messages start landing", LONG, || async {
+        Ok(!env
+            .stored_message_numbers(&token, first_chat)
+            .await?
+            .is_empty())
+    })
+    .await?;
+    let _: () = redis::cmd("FLUSHALL")
+        .query_async(&mut redis.connection().await?)
+        .await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let _: () = redis::cmd("FLUSHALL")
+        .query_async(&mut redis.connection().await?)
+        .await?;
+    assert!(!load.is_finished(), "the flushes should land mid-load");
+    let mut accepted = load.await??;
+    let highest = accepted.iter().copied().max().unwrap_or_default();
+    assert!(
+        highest > accepted.len() as u64,
+        "a flush skips the rest of a block: {highest}"
+    );
+
+    // A restart without persistence loses the counters too; the chat counter must not restart at 1.
+    redis.restart_empty().await?;
+    let second_chat = client.create_chat(&token).await?;
+    assert!(second_chat > first_chat, "chat number {second_chat} reused");
+    for _ in 0..20 {
+        accepted.push(
+            client
+                .create_message(&token, first_chat, "after restart")
+                .await?,
+        );
+    }
+    let unique: BTreeSet<u64> = accepted.iter().copied().collect();
+    assert_eq!(
+        unique.len(),
+        accepted.len(),
+        "a message number was handed out twice"
+    );
+    eventually("every accepted message is persisted once", LONG, || async {
+        Ok(env.stored_message_numbers(&token, first_chat).await?
+            == unique.iter().copied().collect::<Vec<_>>())
+    })
+    .await?;
+    workers.stop().await?;
+    api.stop().await
+}
+
+#[tokio::test]
+async fn poison_events_are_dead_lettered_and_the_consumers_go_on() -> anyhow::Result<()> {
+    let env = TestEnv::with_settings(&[("CHAT_MAX_ATTEMPTS", "2")]).await?;
+    let api = env.spawn_api().await?;
+    let workers = env.spawn_workers();
+    let client = &api.client;
+    let token = client.create_application("app").await?;
+    let chat = client.create_chat(&token).await?;
+    let config = env.config();
+
+    let connection = chatcore::broker::connect(&config.amqp_url, "test-poison").await?;
+    let channel = connection.create_channel().await?;
+    let trace = chatcore::events::TraceContext::child_of(None);
+    // Undecodable bytes, and a well-formed event for an application that does not exist.
+    let unknown_application = Event::new(EventPayload::MessageCreated {
+        application_id: 987_654,
+        chat_number: Number::new(1).expect("positive"),
+        message_number: Number::new(1).expect("positive"),
+        body: "orphan".into(),
+        created_at: chrono_now(),
+    });
+    let malformed_properties = chatcore::broker::event_properties(&unknown_application, &trace);
+    channel
+        .basic_publish(
+            config.topology.exchange.as_str().into(),
+            "message.created".into(),
+            BasicPublishOptions::default(),
+            b"{not json",
+            malformed_properties.clone(),
+        )
+        .await?
+        .await?;
+    channel
+        .basic_publish(
+            config.topology.exchange.as_str().into(),
+            "message.created".into(),
+            BasicPublishOptions::default(),
+            &unknown_application.encode(),
+            malformed_properties,
+        )
+        .await?
+        .await?;
+    // A good message after the poison still goes through.
+    let number = client.create_message(&token, chat, "still flowing").await?;
+    eventually("the good message is persisted", LONG, || async {
+        Ok(env.stored_message_numbers(&token, chat).await? == [number])
+    })
+    .await?;
+    let ingest_dead = chatcore::config::Topology::dead_letter_queue(&config.topology.ingest_queue);
+    let index_dead = chatcore::config::Topology::dead_letter_queue(&config.topology.index_queue);
+    eventually("the ingest poison is dead-lettered", LONG, || async {
+        Ok(env.queue_depth(&ingest_dead).await? == 2)
+    })
+    .await?;
+    // The index accepts the orphan (it needs no application row) but not the undecodable bytes.
+    eventually("the index poison is dead-lettered", LONG, || async {
+        Ok(env.queue_depth(&index_dead).await? == 1)
+    })
+    .await?;
+    let dead = channel
+        .basic_get(
+            ingest_dead.as_str().into(),
+            BasicGetOptions { no_ack: true },
+        )
+        .await?
+        .expect("a dead letter");
+    assert_eq!(dead.delivery.data, b"{not json");
+    assert_eq!(env.queue_depth(&config.topology.ingest_queue).await?, 0);
+    connection.close(200, "done".into()).await?;
+    workers.stop().await?;
+    api.stop().await
+}
+
+fn chrono_now() -> chrono::DateTime<chrono::Utc> {
+    chatcore::store::now()
+}
+
+#[tokio::test]
+async fn an_event_the_broker_cannot_route_is_a_503_and_nothing_is_written() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    let api = env.spawn_api().await?;
+    let workers = env.spawn_workers();
+    let client = &api.client;
+    let token = client.create_application("app").await?;
+    // Once a chat is persisted the workers have declared their topology: it is not re-bound later.
+    let first_chat = client.create_chat(&token).await?;
+    let application_id = env.application_id(&token).await?;
+    eventually("the first chat is persisted", LONG, || async {
+        Ok(env
+            .count(
+                "SELECT COUNT(*) FROM chats WHERE application_id = ?",
+                &[application_id],
+            )
+            .await?
+            == 1)
+    })
+    .await?;
+    let config = env.config();
+    let connection = chatcore::broker::connect(&config.amqp_url, "test-unbind").await?;
+    let channel = connection.create_channel().await?;
+    channel
+        .queue_unbind(
+            config.topology.ingest_queue.as_str().into(),
+            config.topology.exchange.as_str().into(),
+            "chat.created".into(),
+            FieldTable::default(),
+        )
+        .await?;
+    let refused = client
+        .post_empty(&format!("/applications/{token}/chats"))
+        .await?;
+    assert_eq!(
+        refused.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{refused:?}"
+    );
+    assert_eq!(refused.body["error"]["code"], "service_unavailable");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        env.count(
+            "SELECT COUNT(*) FROM chats WHERE application_id = ?",
+            &[application_id]
+        )
+        .await?,
+        1
+    );
+    // The chat that was refused is unknown to the api: no message can be posted to it.
+    let refused_number = first_chat + 1;
+    let orphan = client
+        .post(
+            &format!("/applications/{token}/chats/{refused_number}/messages"),
+            json!({"body": "x"}),
+        )
+        .await?;
+    assert_eq!(orphan.status, StatusCode::NOT_FOUND);
+    connection.close(200, "done".into()).await?;
+    workers.stop().await?;
+    api.stop().await
+}
+
+#[tokio::test]
+async fn counter_sync_repairs_drifted_counts_and_counters_behind() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    let api = env.spawn_api().await?;
+    let workers = env.spawn_workers();
+    let client = &api.client;
+    let token = client.create_application("app").await?;
+    let chat = client.create_chat(&token).await?;
+    for _ in 0..3 {
+        client.create_message(&token, chat, "hello").await?;
+    }
+    eventually("messages are persisted", LONG, || async {
+        Ok(env.stored_message_numbers(&token, chat).await?.len() == 3)
+    })
+    .await?;
+    let clean = counter_sync::run(&env.config()).await?;
+    assert!(
+        clean.repairs.is_empty(),
+        "nothing to repair yet: {:?}",
+        clean.repairs
+    );
+    assert_eq!((clean.applications_checked, clean.chats_checked), (1, 1));
+
+    let application_id = env.application_id(&token).await?;
+    sqlx::query("UPDATE applications SET chats_count = 42 WHERE id = ?")
+        .bind(application_id)
+        .execute(&env.pool)
+        .await?;
+    sqlx::query("UPDATE chats SET messages_count = 0 WHERE application_id = ?")
+        .bind(application_id)
+        .execute(&env.pool)
+        .await?;
+    let mut redis = redis::Client::open(env.config().redis_url.expose())?
+        .get_multiplexed_async_connection()
+        .await?;
+    let key = format!("{}:numbers:messages:{application_id}:{chat}", env.id);
+    let _: () = redis::cmd("HSET")
+        .arg(&key)
+        .arg("next")
+        .arg(1)
+        .query_async(&mut redis)
+        .await?;
+
+    let report = counter_sync::run(&env.config()).await?;
+    let described: Vec<String> = report.repairs.iter().map(ToString::to_string).collect();
+    assert_eq!(report.repairs.len(), 3, "{described:?}");
+    assert!(
+        described.contains(&format!(
+            "application {application_id}: chats_count 42 -> 1"
+        )),
+        "{described:?}"
+    );
+    assert!(
+        described.contains(&format!(
+            "application {application_id} chat {chat}: messages_count 0 -> 3"
+        )),
+        "{described:?}"
+    );
+    assert_eq!(
+        client.get(&format!("/applications/{token}")).await?.body["chats_count"],
+        1
+    );
+    assert_eq!(
+        client
+            .get(&format!("/applications/{token}/chats/{chat}"))
+            .await?
+            .body["messages_count"],
+        3
+    );
+    // The counter was behind: the next number continues above everything persisted.
+    assert_eq!(client.create_message(&token, chat, "next").await?, 4);
+    assert!(counter_sync::run(&env.config()).await?.repairs.is_empty());
+    workers.stop().await?;
+    api.stop().await
+}

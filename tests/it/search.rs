@@ -1,0 +1,244 @@
+//! Search: whole words, prefixes, case, scoping to one chat, update then search, hostile queries.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use system_tests::{Client, StatusCode, TestEnv, eventually};
+
+async fn search(client: &Client, token: &str, chat: u64, query: &str) -> anyhow::Result<Vec<u64>> {
+    let reply = client
+        .send_raw(
+            client
+                .request(
+                    reqwest::Method::GET,
+                    &format!("/applications/{token}/chats/{chat}/messages/search"),
+                )
+                .query(&[("query", query)]),
+        )
+        .await?;
+    anyhow::ensure!(
+        reply.status == StatusCode::OK,
+        "search {query:?}: {reply:?}"
+    );
+    Ok(reply.body["messages"]
+        .as_array()
+        .map(|hits| {
+            hits.iter()
+                .filter_map(|hit| hit["number"].as_u64())
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+fn sorted(mut numbers: Vec<u64>) -> Vec<u64> {
+    numbers.sort_unstable();
+    numbers
+}
+
+#[tokio::test]
+async fn search_finds_words_and_prefixes_in_one_chat() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    let api = env.spawn_api().await?;
+    let workers = env.spawn_workers();
+    let client = &api.client;
+    let token = client.create_application("app").await?;
+    let chat = client.create_chat(&token).await?;
+    let other_chat = client.create_chat(&token).await?;
+    let bodies = [
+        "Internationalization is hard",
+        "hello world",
+        "HELLO again, World!",
+        "say hello-world to everyone",
+        "nothing relevant here",
+    ];
+    for body in bodies {
+        client.create_message(&token, chat, body).await?;
+    }
+    client
+        .create_message(&token, other_chat, "hello from another chat")
+        .await?;
+    let other_token = client.create_application("other").await?;
+    let foreign_chat = client.create_chat(&other_token).await?;
+    client
+        .create_message(&other_token, foreign_chat, "hello from another application")
+        .await?;
+
+    eventually(
+        "messages are searchable",
+        Duration::from_secs(60),
+        || async { Ok(search(client, &token, chat, "hello").await?.len() == 3) },
+    )
+    .await?;
+    assert_eq!(
+        sorted(search(client, &token, chat, "hello").await?),
+        [2, 3, 4]
+    );
+    assert_eq!(
+        sorted(search(client, &token, chat, "HeLLo").await?),
+        [2, 3, 4]
+    );
+    assert_eq!(search(client, &token, chat, "internation").await?, [1]);
+    assert_eq!(
+        search(client, &token, chat, "INTERNATIONALIZATION").await?,
+        [1]
+    );
+    assert_eq!(
+        sorted(search(client, &token, chat, "hel wor").await?),
+        [2, 3, 4]
+    );
+    assert_eq!(search(client, &token, chat, "again world").await?, [3]);
+    assert!(
+        search(client, &token, chat, "nationalization")
+            .await?
+            .is_empty(),
+        "infixes do not match"
+    );
+    assert!(search(client, &token, chat, "absent").await?.is_empty());
+    assert_eq!(search(client, &token, other_chat, "hello").await?, [1]);
+    assert_eq!(
+        search(client, &other_token, foreign_chat, "hello").await?,
+        [1]
+    );
+    assert_eq!(
+        sorted(search(client, &token, chat, "world").await?),
+        [2, 3, 4]
+    );
+
+    let page = client
+        .get(&format!(
+            "/applications/{token}/chats/{chat}/messages/search?query=hello&per_page=2"
+        ))
+        .await?;
+    assert_eq!(page.body["messages"].as_array().map(Vec::len), Some(2));
+    assert_eq!(
+        page.body["pagination"],
+        json!({"page": 1, "per_page": 2, "next_page": 2})
+    );
+    let hit: &Value = &page.body["messages"][0];
+    let mut keys: Vec<&String> = hit.as_object().expect("object").keys().collect();
+    keys.sort();
+    assert_eq!(keys, ["body", "created_at", "number"]);
+    workers.stop().await?;
+    api.stop().await
+}
+
+#[tokio::test]
+async fn an_update_is_what_search_finds() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    let api = env.spawn_api().await?;
+    let workers = env.spawn_workers();
+    let client = &api.client;
+    let token = client.create_application("app").await?;
+    let chat = client.create_chat(&token).await?;
+    let number = client
+        .create_message(&token, chat, "original wording")
+        .await?;
+    eventually(
+        "the original is searchable",
+        Duration::from_secs(60),
+        || async { Ok(search(client, &token, chat, "original").await? == [number]) },
+    )
+    .await?;
+    for body in ["first revision", "second revision", "final revision"] {
+        let reply = client
+            .put(
+                &format!("/applications/{token}/chats/{chat}/messages/{number}"),
+                json!({ "body": body }),
+            )
+            .await?;
+        assert_eq!(reply.status, StatusCode::OK);
+    }
+    eventually(
+        "the final body is searchable",
+        Duration::from_secs(60),
+        || async { Ok(search(client, &token, chat, "final").await? == [number]) },
+    )
+    .await?;
+    assert!(search(client, &token, chat, "original").await?.is_empty());
+    assert!(search(client, &token, chat, "second").await?.is_empty());
+    let hit = client
+        .get(&format!(
+            "/applications/{token}/chats/{chat}/messages/search?query=revision"
+        ))
+        .await?;
+    assert_eq!(hit.body["messages"][0]["body"], "final revision");
+    workers.stop().await?;
+    api.stop().await
+}
+
+#[tokio::test]
+async fn hostile_queries_never_fail() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    let api = env.spawn_api().await?;
+    let workers = env.spawn_workers();
+    let client = &api.client;
+    let token = client.create_application("app").await?;
+    let chat = client.create_chat(&token).await?;
+    let number = client
+        .create_message(&token, chat, "price is 3.14 dollars, isn't it? (yes) a+b")
+        .await?;
+    eventually(
+        "the message is searchable",
+        Duration::from_secs(60),
+        || async { Ok(search(client, &token, chat, "price").await? == [number]) },
+    )
+    .await?;
+    let hostile = [
+        "\"",
+        "\"unterminated",
+        "(",
+        ")",
+        "[",
+        "{",
+        "*",
+        "?",
+        "~",
+        "^2",
+        "\\",
+        "/",
+        "/regex/",
+        "a AND",
+        "OR",
+        "NOT",
+        "&&",
+        "||",
+        "!",
+        "-",
+        "+",
+        ":",
+        "field:value",
+        "body:price",
+        "*:*",
+        "price^100",
+        "pri*",
+        "pr?ce",
+        "price~",
+        "{\"match_all\":{}}",
+        "<script>",
+        "'; DROP TABLE messages; --",
+        "%",
+        "\u{0}",
+        "😀",
+        "ü",
+        "a b c d e f g h i j k l m n o p q r s t u v w x y z",
+    ];
+    for query in hostile {
+        // `search` fails the test on anything but a 200.
+        search(client, &token, chat, query).await?;
+    }
+    assert_eq!(search(client, &token, chat, "\"price\"").await?, [number]);
+    assert_eq!(
+        search(client, &token, chat, "body:price").await?,
+        Vec::<u64>::new(),
+        "no field syntax: 'body' is a word"
+    );
+    assert_eq!(
+        search(client, &token, chat, "pri*").await?,
+        [number],
+        "* is not syntax, pri is a prefix"
+    );
+    assert_eq!(search(client, &token, chat, "3.14").await?, [number]);
+    assert_eq!(search(client, &token, chat, "isn't").await?, [number]);
+    workers.stop().await?;
+    api.stop().await
+}
