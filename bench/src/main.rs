@@ -1,1 +1,435 @@
-fn main() {}
+//! Bounded benchmark of a running stack (`scripts/stack up`), with the raw limits it depends on
+//! measured in the same run, so the figures can be read as ratios on a shared, noisy machine.
+//!
+//! Settings (environment): BENCH_API_URL (http://127.0.0.1:3000/api/v1), BENCH_CONNECTIONS (64),
+//! BENCH_MESSAGES (100000), BENCH_MAX_SECONDS (180, bound of each phase), BENCH_SEARCHES (2000),
+//! and the connection URLs of the README's configuration table.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use chatcore::Config;
+use futures_util::future::join_all;
+use lapin::BasicProperties;
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use serde_json::{Value, json};
+
+const RAW_PHASE: Duration = Duration::from_secs(5);
+const REDIS_CLIENTS: usize = 50;
+const PUBLISHERS: usize = 64;
+const VOCABULARY: usize = 2000;
+
+struct Settings {
+    api_url: String,
+    connections: usize,
+    messages: u64,
+    max_phase: Duration,
+    searches: usize,
+}
+
+fn setting<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Latencies of one phase.
+struct Latencies(Vec<Duration>);
+
+impl Latencies {
+    fn percentile(&self, fraction: f64) -> Duration {
+        let mut sorted = self.0.clone();
+        sorted.sort_unstable();
+        let index = ((sorted.len() as f64 * fraction).ceil() as usize).saturating_sub(1);
+        sorted.get(index).copied().unwrap_or_default()
+    }
+}
+
+fn ms(duration: Duration) -> String {
+    format!("{:.2} ms", duration.as_secs_f64() * 1000.0)
+}
+
+/// A deterministic pseudo-random word list, so message bodies and queries share words.
+fn word(index: usize) -> String {
+    const SYLLABLES: [&str; 16] = [
+        "ka", "lo", "mi", "ne", "ru", "ta", "shi", "po", "ve", "da", "zu", "ri", "mo", "xa", "te",
+        "qui",
+    ];
+    let mut value = index.wrapping_mul(2_654_435_761) % 65_536;
+    let mut out = String::new();
+    for _ in 0..3 {
+        out.push_str(SYLLABLES[value % SYLLABLES.len()]);
+        value /= SYLLABLES.len();
+    }
+    out.push_str(&index.to_string());
+    out
+}
+
+fn body(seed: u64) -> String {
+    (0..10)
+        .map(|i| word((seed as usize).wrapping_mul(31).wrapping_add(i * 7919) % VOCABULARY))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = Config::from_env()?;
+    let settings = Settings {
+        api_url: setting("BENCH_API_URL", "http://127.0.0.1:3000/api/v1".to_owned()),
+        connections: setting("BENCH_CONNECTIONS", 64),
+        messages: setting("BENCH_MESSAGES", 100_000),
+        max_phase: Duration::from_secs(setting("BENCH_MAX_SECONDS", 180)),
+        searches: setting("BENCH_SEARCHES", 2000),
+    };
+    eprintln!("bench: measuring raw redis INCR rate ({REDIS_CLIENTS} concurrent clients)");
+    let redis_rate = redis_incr_rate(&config).await?;
+    eprintln!(
+        "bench: measuring raw rabbitmq confirmed-publish rate ({PUBLISHERS} concurrent publishers)"
+    );
+    let publish_rate = confirmed_publish_rate(&config).await?;
+
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(settings.connections)
+        .build()?;
+    let token = create_application(&http, &settings.api_url).await?;
+    let chat = post_json(
+        &http,
+        &format!("{}/applications/{token}/chats", settings.api_url),
+        None,
+    )
+    .await?["number"]
+        .as_u64()
+        .context("chat number")?;
+    eprintln!(
+        "bench: posting {} messages with {} connections (at most {:?})",
+        settings.messages, settings.connections, settings.max_phase
+    );
+    let started = Instant::now();
+    let (posted, post_elapsed, post_latencies) =
+        post_messages(&http, &settings, &token, chat).await?;
+    let post_rate = posted as f64 / post_elapsed.as_secs_f64();
+
+    eprintln!("bench: waiting until all {posted} messages are in mysql and in the index");
+    let application_id = application_id(&config, &token).await?;
+    let (mysql_done, index_done) = wait_until_persisted(
+        &config,
+        &http,
+        &settings,
+        &token,
+        application_id,
+        chat,
+        posted,
+    )
+    .await?;
+    let mysql_rate = posted as f64 / mysql_done.duration_since(started).as_secs_f64();
+    let index_rate = posted as f64 / index_done.duration_since(started).as_secs_f64();
+
+    eprintln!(
+        "bench: {} searches on the chat of {posted} messages",
+        settings.searches
+    );
+    let search_latencies = search(&http, &settings, &token, chat).await?;
+
+    println!();
+    println!("| measure | figure | ratio to raw limit |");
+    println!("| --- | --- | --- |");
+    println!("| raw: redis INCR ({REDIS_CLIENTS} concurrent) | {redis_rate:.0} ops/s | 1 |");
+    println!(
+        "| raw: rabbitmq confirmed publish ({PUBLISHERS} concurrent, persistent) | {publish_rate:.0} msg/s | 1 |"
+    );
+    println!(
+        "| POST message, {} connections | {post_rate:.0} req/s | {:.2} of confirmed publish, {:.2} of INCR |",
+        settings.connections,
+        post_rate / publish_rate,
+        post_rate / redis_rate
+    );
+    println!(
+        "| POST message p50 / p99 | {} / {} | |",
+        ms(post_latencies.percentile(0.50)),
+        ms(post_latencies.percentile(0.99))
+    );
+    println!(
+        "| end-to-end into MySQL ({posted} messages) | {mysql_rate:.0} msg/s | {:.2} of confirmed publish |",
+        mysql_rate / publish_rate
+    );
+    println!(
+        "| end-to-end into the index | {index_rate:.0} msg/s | {:.2} of confirmed publish |",
+        index_rate / publish_rate
+    );
+    println!(
+        "| search p50 / p99 ({} queries, chat of {posted}) | {} / {} | |",
+        settings.searches,
+        ms(search_latencies.percentile(0.50)),
+        ms(search_latencies.percentile(0.99))
+    );
+    Ok(())
+}
+
+async fn redis_incr_rate(config: &Config) -> anyhow::Result<f64> {
+    let connection = chatcore::connect_redis(&config.redis_url).await?;
+    let key = format!("{}:bench:incr", config.redis_key_prefix);
+    let deadline = Instant::now() + RAW_PHASE;
+    let started = Instant::now();
+    let counts = join_all((0..REDIS_CLIENTS).map(|_| {
+        let mut connection = connection.clone();
+        let key = key.clone();
+        async move {
+            let mut count = 0u64;
+            while Instant::now() < deadline {
+                let _: u64 = redis::cmd("INCR")
+                    .arg(&key)
+                    .query_async(&mut connection)
+                    .await?;
+                count += 1;
+            }
+            anyhow::Ok(count)
+        }
+    }))
+    .await;
+    let elapsed = started.elapsed();
+    let total: u64 = counts.into_iter().sum::<anyhow::Result<u64>>()?;
+    let _: () = redis::cmd("DEL")
+        .arg(&key)
+        .query_async(&mut connection.clone())
+        .await?;
+    Ok(total as f64 / elapsed.as_secs_f64())
+}
+
+async fn confirmed_publish_rate(config: &Config) -> anyhow::Result<f64> {
+    let connection = chatcore::broker::connect(&config.amqp_url, "bench-raw-publish").await?;
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let queue = format!("{}.bench-raw", config.redis_key_prefix);
+    channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    let payload = vec![b'x'; 200];
+    let deadline = Instant::now() + RAW_PHASE;
+    let started = Instant::now();
+    let counts = join_all((0..PUBLISHERS).map(|_| {
+        let channel = channel.clone();
+        let queue = queue.clone();
+        let payload = &payload;
+        async move {
+            let mut count = 0u64;
+            while Instant::now() < deadline {
+                let confirmation = channel
+                    .basic_publish(
+                        "".into(),
+                        queue.as_str().into(),
+                        BasicPublishOptions::default(),
+                        payload,
+                        BasicProperties::default().with_delivery_mode(chatcore::broker::PERSISTENT),
+                    )
+                    .await?
+                    .await?;
+                if !confirmation.is_ack() {
+                    bail!("raw publish was not confirmed");
+                }
+                count += 1;
+            }
+            anyhow::Ok(count)
+        }
+    }))
+    .await;
+    let elapsed = started.elapsed();
+    let total: u64 = counts.into_iter().sum::<anyhow::Result<u64>>()?;
+    channel
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await?;
+    connection.close(200, "done".into()).await?;
+    Ok(total as f64 / elapsed.as_secs_f64())
+}
+
+async fn post_json(
+    http: &reqwest::Client,
+    url: &str,
+    body: Option<Value>,
+) -> anyhow::Result<Value> {
+    let request = http.post(url);
+    let request = match body {
+        Some(body) => request.json(&body),
+        None => request,
+    };
+    let response = request.send().await?;
+    let status = response.status();
+    let value: Value = response.json().await?;
+    if !status.is_success() {
+        bail!("{url} answered {status}: {value}");
+    }
+    Ok(value)
+}
+
+async fn create_application(http: &reqwest::Client, api_url: &str) -> anyhow::Result<String> {
+    let created = post_json(
+        http,
+        &format!("{api_url}/applications"),
+        Some(json!({"name": "bench"})),
+    )
+    .await?;
+    Ok(created["token"].as_str().context("token")?.to_owned())
+}
+
+async fn post_messages(
+    http: &reqwest::Client,
+    settings: &Settings,
+    token: &str,
+    chat: u64,
+) -> anyhow::Result<(u64, Duration, Latencies)> {
+    let url = format!(
+        "{}/applications/{token}/chats/{chat}/messages",
+        settings.api_url
+    );
+    let issued = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let deadline = started + settings.max_phase;
+    let results = join_all((0..settings.connections).map(|_| {
+        let issued = Arc::clone(&issued);
+        let url = url.clone();
+        async move {
+            let mut latencies = Vec::new();
+            loop {
+                let seed = issued.fetch_add(1, Ordering::Relaxed);
+                if seed >= settings.messages || Instant::now() >= deadline {
+                    break;
+                }
+                let sent = Instant::now();
+                post_json(http, &url, Some(json!({"body": body(seed)}))).await?;
+                latencies.push(sent.elapsed());
+            }
+            anyhow::Ok(latencies)
+        }
+    }))
+    .await;
+    let elapsed = started.elapsed();
+    let mut latencies = Vec::new();
+    for result in results {
+        latencies.extend(result?);
+    }
+    Ok((latencies.len() as u64, elapsed, Latencies(latencies)))
+}
+
+async fn application_id(config: &Config, token: &str) -> anyhow::Result<u64> {
+    let pool = chatcore::store::connect(&config.database_url, 1).await?;
+    Ok(
+        sqlx::query_scalar("SELECT id FROM applications WHERE token = ?")
+            .bind(token)
+            .fetch_one(&pool)
+            .await?,
+    )
+}
+
+async fn wait_until_persisted(
+    config: &Config,
+    http: &reqwest::Client,
+    settings: &Settings,
+    token: &str,
+    application_id: u64,
+    chat: u64,
+    posted: u64,
+) -> anyhow::Result<(Instant, Instant)> {
+    let deadline = Instant::now() + settings.max_phase;
+    let chat_url = format!("{}/applications/{token}/chats/{chat}", settings.api_url);
+    let count_url = format!(
+        "{}/{}/_count?routing={application_id}:{chat}",
+        config.elasticsearch_url.expose(),
+        config.elasticsearch_index
+    );
+    let count_query = json!({"query": {"term": {"chat": format!("{application_id}:{chat}")}}});
+    let (mut mysql_done, mut index_done) = (None, None);
+    while mysql_done.is_none() || index_done.is_none() {
+        if Instant::now() > deadline {
+            bail!(
+                "not everything was persisted within {:?}",
+                settings.max_phase
+            );
+        }
+        if mysql_done.is_none() {
+            let chat: Value = http.get(&chat_url).send().await?.json().await?;
+            if chat["messages_count"].as_u64() == Some(posted) {
+                mysql_done = Some(Instant::now());
+            }
+        }
+        if index_done.is_none() {
+            let count: Value = http
+                .post(&count_url)
+                .json(&count_query)
+                .send()
+                .await?
+                .json()
+                .await?;
+            if count["count"].as_u64() == Some(posted) {
+                index_done = Some(Instant::now());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok((mysql_done.context("mysql")?, index_done.context("index")?))
+}
+
+async fn search(
+    http: &reqwest::Client,
+    settings: &Settings,
+    token: &str,
+    chat: u64,
+) -> anyhow::Result<Latencies> {
+    let url = format!(
+        "{}/applications/{token}/chats/{chat}/messages/search",
+        settings.api_url
+    );
+    let issued = Arc::new(AtomicU64::new(0));
+    let results = join_all((0..8).map(|_| {
+        let issued = Arc::clone(&issued);
+        let url = url.clone();
+        async move {
+            let mut latencies = Vec::new();
+            loop {
+                let index = issued.fetch_add(1, Ordering::Relaxed) as usize;
+                if index >= settings.searches {
+                    break;
+                }
+                let full = word(index * 13 % VOCABULARY);
+                // Half whole words, half prefixes.
+                let query = if index.is_multiple_of(2) {
+                    full
+                } else {
+                    full[..4.min(full.len())].to_owned()
+                };
+                let sent = Instant::now();
+                let response = http
+                    .get(&url)
+                    .query(&[("query", query.as_str())])
+                    .send()
+                    .await?;
+                if !response.status().is_success() {
+                    bail!("search answered {}", response.status());
+                }
+                let _: Value = response.json().await?;
+                latencies.push(sent.elapsed());
+            }
+            anyhow::Ok(latencies)
+        }
+    }))
+    .await;
+    let mut latencies = Vec::new();
+    for result in results {
+        latencies.extend(result?);
+    }
+    Ok(Latencies(latencies))
+}

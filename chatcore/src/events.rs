@@ -109,7 +109,7 @@ impl TraceContext {
         let trace_id = incoming
             .and_then(Self::trace_id_of)
             .map(str::to_owned)
-            .unwrap_or_else(|| random_hex::<16>());
+            .unwrap_or_else(random_hex::<16>);
         Self(format!("00-{trace_id}-{}-01", random_hex::<8>()))
     }
 

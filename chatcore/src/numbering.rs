@@ -165,12 +165,12 @@ impl NumberAllocator {
                 Err(error) => return Err(error.into()),
             };
             let outcome = match state[..] {
-                [next, ceiling, _] if next <= ceiling => return Ok(number(next)?),
+                [next, ceiling, _] if next <= ceiling => return number(next),
                 [next, _, epoch] => self.extend_once(scope, &key, next, epoch).await,
                 _ => self.seed_once(scope, &key).await.map(|()| false),
             };
             match outcome {
-                Ok(true) => return Ok(number(state[0])?),
+                Ok(true) => return number(state[0]),
                 Ok(false) => {}
                 // Another replica's reservation held the row; the next round sees its result.
                 Err(AllocationError::Database(error)) if crate::store::is_transient(&error) => {
@@ -219,11 +219,12 @@ impl NumberAllocator {
             .arg("epoch")
             .query_async(&mut self.redis.clone())
             .await?;
-        if let [Some(ceiling), Some(current_epoch)] = state[..] {
-            if current_epoch == epoch && number <= ceiling {
-                // Extended by a request that held the lock before us.
-                return Ok(true);
-            }
+        if let [Some(ceiling), Some(current_epoch)] = state[..]
+            && current_epoch == epoch
+            && number <= ceiling
+        {
+            // Extended by a request that held the lock before us.
+            return Ok(true);
         }
         self.extend(scope, key, number, epoch).await
     }
