@@ -115,6 +115,11 @@ async fn main() -> anyhow::Result<()> {
     let (posted, post_elapsed, post_latencies) =
         post_messages(&http, &settings, &token, chat).await?;
     let post_rate = posted as f64 / post_elapsed.as_secs_f64();
+    eprintln!(
+        "bench: {posted} posted at {post_rate:.0} req/s, p50 {} p99 {}",
+        ms(post_latencies.percentile(0.50)),
+        ms(post_latencies.percentile(0.99))
+    );
 
     eprintln!("bench: waiting until all {posted} messages are in mysql and in the index");
     let application_id = application_id(&config, &token).await?;

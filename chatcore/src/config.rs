@@ -172,7 +172,7 @@ impl Config {
             consumer: ConsumerConfig {
                 prefetch: settings.parse("CHAT_CONSUMER_PREFETCH", 1000)?,
                 batch_max_size: settings.parse("CHAT_BATCH_MAX_SIZE", 500)?,
-                batch_max_wait: settings.millis("CHAT_BATCH_MAX_WAIT_MS", 20)?,
+                batch_max_wait: settings.millis("CHAT_BATCH_MAX_WAIT_MS", 50)?,
                 max_attempts: settings.parse("CHAT_MAX_ATTEMPTS", 3)?,
                 retry_base_delay: settings.millis("CHAT_RETRY_BASE_DELAY_MS", 100)?,
                 retry_max_delay: settings.millis("CHAT_RETRY_MAX_DELAY_MS", 10_000)?,

@@ -16,13 +16,16 @@ use std::time::Duration;
 
 use futures_util::StreamExt as _;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
+    BasicRejectOptions, ConfirmSelectOptions, QueueDeclareOptions,
+};
 use lapin::types::FieldTable;
 use lapin::{Channel, Consumer};
 use tokio_util::sync::CancellationToken;
 
 use crate::broker;
-use crate::config::{Config, ConsumerConfig};
+use crate::config::{Config, ConsumerConfig, Topology};
 use crate::events::{Event, TraceContext};
 
 #[derive(Debug, thiserror::Error)]
@@ -243,6 +246,66 @@ async fn dead_letter(channel: &Channel, delivery_tag: u64) -> Result<(), lapin::
     channel
         .basic_reject(delivery_tag, BasicRejectOptions { requeue: false })
         .await
+}
+
+/// Moves the messages waiting in `<queue>.dead` back into `queue` (after the cause was fixed);
+/// returns how many. Only the messages present at the start are moved, so an event that fails
+/// again is dead-lettered again instead of looping.
+pub async fn replay_dead_letters(config: &Config, queue: &str) -> anyhow::Result<u32> {
+    let connection = broker::connect(&config.amqp_url, "replay-dead-letters").await?;
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    broker::declare_topology(&channel, &config.topology).await?;
+    let dead_letter_queue = Topology::dead_letter_queue(queue);
+    let waiting = channel
+        .queue_declare(
+            dead_letter_queue.as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?
+        .message_count();
+    let mut moved = 0;
+    while moved < waiting {
+        let Some(message) = channel
+            .basic_get(
+                dead_letter_queue.as_str().into(),
+                BasicGetOptions::default(),
+            )
+            .await?
+        else {
+            break;
+        };
+        let delivery = message.delivery;
+        let confirmation = channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                &delivery.data,
+                delivery.properties.clone(),
+            )
+            .await?
+            .await?;
+        if !matches!(confirmation, lapin::Confirmation::Ack(None)) {
+            anyhow::bail!("rabbitmq did not accept the replayed message into {queue}");
+        }
+        channel
+            .basic_ack(delivery.delivery_tag, BasicAckOptions::default())
+            .await?;
+        moved += 1;
+    }
+    connection.close(200, "done".into()).await?;
+    tracing::info!(queue, moved, "replayed dead letters");
+    Ok(moved)
 }
 
 /// Sleeps; returns true when shutdown cut the sleep short.

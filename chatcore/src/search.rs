@@ -17,8 +17,10 @@ use serde_json::{Value, json};
 use crate::config::SecretUrl;
 use crate::domain::{Number, PageRequest, SearchQuery};
 
-/// Longest word prefix indexed as its own term; longer prefixes still match, a little slower.
-const MAX_INDEXED_PREFIX_CHARS: u32 = 12;
+/// Word prefixes of these lengths are indexed as their own terms; shorter and longer prefixes
+/// still match (by expanding terms), a little slower. Fewer indexed prefixes make indexing cheaper.
+const MIN_INDEXED_PREFIX_CHARS: u32 = 2;
+const MAX_INDEXED_PREFIX_CHARS: u32 = 8;
 /// Words of a query beyond this many are ignored, which bounds the cost of one search.
 pub const MAX_QUERY_WORDS: usize = 16;
 /// Elasticsearch's default `index.max_result_window`.
@@ -289,7 +291,7 @@ fn index_definition(replicas: u32) -> Value {
                 "body": {
                     "type": "text",
                     "analyzer": "standard",
-                    "index_prefixes": {"min_chars": 1, "max_chars": MAX_INDEXED_PREFIX_CHARS},
+                    "index_prefixes": {"min_chars": MIN_INDEXED_PREFIX_CHARS, "max_chars": MAX_INDEXED_PREFIX_CHARS},
                 },
                 "created_at": {"type": "date"},
             },

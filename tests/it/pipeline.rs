@@ -379,6 +379,22 @@ async fn poison_events_are_dead_lettered_and_the_consumers_go_on() -> anyhow::Re
         .expect("a dead letter");
     assert_eq!(dead.delivery.data, b"{not json");
     assert_eq!(env.queue_depth(&config.topology.ingest_queue).await?, 0);
+
+    // The operator fixes the cause (the application appears) and replays the dead letters: the
+    // orphan is written now; nothing else is left behind.
+    sqlx::query("INSERT INTO applications (id, token, name, chats_count, created_at, updated_at) VALUES (987654, ?, 'restored', 0, NOW(3), NOW(3))")
+        .bind("R".repeat(32))
+        .execute(&env.pool)
+        .await?;
+    assert_eq!(
+        chatcore::consumer::replay_dead_letters(&config, &config.topology.ingest_queue).await?,
+        1
+    );
+    eventually("the replayed event is written", LONG, || async {
+        Ok(env.stored_message_numbers(&"R".repeat(32), 1).await? == [1])
+    })
+    .await?;
+    assert_eq!(env.queue_depth(&ingest_dead).await?, 0);
     connection.close(200, "done".into()).await?;
     workers.stop().await?;
     api.stop().await
