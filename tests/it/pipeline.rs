@@ -154,9 +154,25 @@ async fn killing_workers_mid_load_loses_and_duplicates_nothing() -> anyhow::Resu
         .get(&format!("/applications/{token}/chats/{chat}"))
         .await?;
     assert_eq!(chat_view.body["messages_count"], expected.len());
-    kill_hard(&mut ingest).await?;
-    kill_hard(&mut indexer).await?;
+    // SIGTERM: both stop taking work and exit cleanly.
+    for child in [&mut ingest, &mut indexer] {
+        let status = terminate(child).await?;
+        assert!(status.success(), "graceful exit expected, got {status}");
+    }
     api.stop().await
+}
+
+/// Sends SIGTERM and waits (bounded) for the exit.
+async fn terminate(child: &mut tokio::process::Child) -> anyhow::Result<std::process::ExitStatus> {
+    let pid = child
+        .id()
+        .ok_or_else(|| anyhow::anyhow!("child already exited"))?;
+    let sent = tokio::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .await?;
+    anyhow::ensure!(sent.success(), "kill -TERM failed");
+    Ok(tokio::time::timeout(Duration::from_secs(15), child.wait()).await??)
 }
 
 /// A Redis of the test's own (FLUSHALL and restarts would disturb other tests on the shared one).

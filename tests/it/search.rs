@@ -36,8 +36,16 @@ fn sorted(mut numbers: Vec<u64>) -> Vec<u64> {
 }
 
 #[tokio::test]
-async fn search_finds_words_and_prefixes_in_one_chat() -> anyhow::Result<()> {
-    let env = TestEnv::new().await?;
+async fn search_finds_words_and_prefixes_in_one_chat_on_elasticsearch_8() -> anyhow::Result<()> {
+    search_finds_words_and_prefixes_in_one_chat(TestEnv::new().await?).await
+}
+
+#[tokio::test]
+async fn search_finds_words_and_prefixes_in_one_chat_on_elasticsearch_7() -> anyhow::Result<()> {
+    search_finds_words_and_prefixes_in_one_chat(TestEnv::on_elasticsearch_7().await?).await
+}
+
+async fn search_finds_words_and_prefixes_in_one_chat(env: TestEnv) -> anyhow::Result<()> {
     let api = env.spawn_api().await?;
     let workers = env.spawn_workers();
     let client = &api.client;
@@ -123,8 +131,16 @@ async fn search_finds_words_and_prefixes_in_one_chat() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
-async fn an_update_is_what_search_finds() -> anyhow::Result<()> {
-    let env = TestEnv::new().await?;
+async fn an_update_is_what_search_finds_on_elasticsearch_8() -> anyhow::Result<()> {
+    an_update_is_what_search_finds(TestEnv::new().await?).await
+}
+
+#[tokio::test]
+async fn an_update_is_what_search_finds_on_elasticsearch_7() -> anyhow::Result<()> {
+    an_update_is_what_search_finds(TestEnv::on_elasticsearch_7().await?).await
+}
+
+async fn an_update_is_what_search_finds(env: TestEnv) -> anyhow::Result<()> {
     let api = env.spawn_api().await?;
     let workers = env.spawn_workers();
     let client = &api.client;
@@ -167,8 +183,16 @@ async fn an_update_is_what_search_finds() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
-async fn hostile_queries_never_fail() -> anyhow::Result<()> {
-    let env = TestEnv::new().await?;
+async fn hostile_queries_never_fail_on_elasticsearch_8() -> anyhow::Result<()> {
+    hostile_queries_never_fail(TestEnv::new().await?).await
+}
+
+#[tokio::test]
+async fn hostile_queries_never_fail_on_elasticsearch_7() -> anyhow::Result<()> {
+    hostile_queries_never_fail(TestEnv::on_elasticsearch_7().await?).await
+}
+
+async fn hostile_queries_never_fail(env: TestEnv) -> anyhow::Result<()> {
     let api = env.spawn_api().await?;
     let workers = env.spawn_workers();
     let client = &api.client;

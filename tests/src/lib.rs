@@ -34,6 +34,8 @@ pub struct Services {
     pub redis_url: String,
     pub amqp_url: String,
     pub elasticsearch_url: String,
+    /// The Elasticsearch 7.17 node `scripts/test` starts beside the 8.x one.
+    pub elasticsearch_7_url: String,
 }
 
 impl Services {
@@ -42,11 +44,13 @@ impl Services {
         let redis_port = env_or("REDIS_PORT", "6379");
         let amqp_port = env_or("AMQP_PORT", "5672");
         let es_port = env_or("ES_PORT", "9200");
+        let es7_port = env_or("ES7_PORT", "9201");
         Self {
             mysql_admin_url: format!("mysql://chat:chat@127.0.0.1:{mysql_port}"),
             redis_url: format!("redis://127.0.0.1:{redis_port}/0"),
             amqp_url: format!("amqp://guest:guest@127.0.0.1:{amqp_port}/%2f"),
             elasticsearch_url: format!("http://127.0.0.1:{es_port}"),
+            elasticsearch_7_url: format!("http://127.0.0.1:{es7_port}"),
         }
     }
 }
@@ -63,6 +67,12 @@ impl TestEnv {
     /// A fresh database (migrated), queue names, key prefix and index.
     pub async fn new() -> anyhow::Result<Self> {
         Self::with_settings(&[]).await
+    }
+
+    /// Like [`TestEnv::new`], with the search index on the Elasticsearch 7.17 node.
+    pub async fn on_elasticsearch_7() -> anyhow::Result<Self> {
+        let url = Services::from_env().elasticsearch_7_url;
+        Self::with_settings(&[("ELASTICSEARCH_URL", &url)]).await
     }
 
     pub async fn with_settings(overrides: &[(&str, &str)]) -> anyhow::Result<Self> {
@@ -208,7 +218,10 @@ impl TestEnv {
     ) -> anyhow::Result<Vec<u64>> {
         let application_id = self.application_id(token).await?;
         let http = reqwest::Client::new();
-        let index = format!("{}/{}-messages", self.services.elasticsearch_url, self.id);
+        let index = format!(
+            "{}/{}-messages",
+            self.settings["ELASTICSEARCH_URL"], self.id
+        );
         http.post(format!("{index}/_refresh"))
             .send()
             .await?
