@@ -123,6 +123,8 @@ pub struct ConsumerConfig {
     pub max_attempts: u32,
     pub retry_base_delay: Duration,
     pub retry_max_delay: Duration,
+    /// Where the worker serves `/livez` and `/readyz`; None: the binary's own default port.
+    pub health_addr: Option<SocketAddr>,
 }
 
 impl Config {
@@ -176,6 +178,7 @@ impl Config {
                 max_attempts: settings.parse("CHAT_MAX_ATTEMPTS", 3)?,
                 retry_base_delay: settings.millis("CHAT_RETRY_BASE_DELAY_MS", 100)?,
                 retry_max_delay: settings.millis("CHAT_RETRY_MAX_DELAY_MS", 10_000)?,
+                health_addr: settings.optional("CHAT_HEALTH_ADDR")?,
             },
         })
         .and_then(Self::checked)
@@ -228,14 +231,25 @@ impl<F: Fn(&str) -> Option<String>> Settings<'_, F> {
         T: FromStr,
         T::Err: fmt::Display,
     {
-        match (self.lookup)(name).filter(|value| !value.is_empty()) {
-            None => Ok(default),
-            Some(value) => value.parse().map_err(|error: T::Err| ConfigError {
+        Ok(self.optional(name)?.unwrap_or(default))
+    }
+
+    fn optional<T>(&self, name: &'static str) -> Result<Option<T>, ConfigError>
+    where
+        T: FromStr,
+        T::Err: fmt::Display,
+    {
+        let Some(value) = (self.lookup)(name).filter(|value| !value.is_empty()) else {
+            return Ok(None);
+        };
+        value
+            .parse()
+            .map(Some)
+            .map_err(|error: T::Err| ConfigError {
                 name,
                 reason: error.to_string(),
                 value,
-            }),
-        }
+            })
     }
 
     fn millis(&self, name: &'static str, default: u64) -> Result<Duration, ConfigError> {

@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use crate::broker;
 use crate::config::{Config, ConsumerConfig, Topology};
 use crate::events::{Event, TraceContext};
+use crate::health::Readiness;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HandleError {
@@ -49,15 +50,19 @@ pub trait BatchHandler: Send + Sync {
 }
 
 /// Consumes `queue` until `shutdown` is cancelled, reconnecting after broker failures.
+/// `readiness` is true while a consumer is attached to the queue.
 pub async fn run<H: BatchHandler>(
     config: &Config,
     queue: &str,
     handler: &H,
     shutdown: &CancellationToken,
+    readiness: &Readiness,
 ) -> anyhow::Result<()> {
     let mut reconnect_delay = config.consumer.retry_base_delay;
     while !shutdown.is_cancelled() {
-        match consume_once(config, queue, handler, shutdown).await {
+        let consumed = consume_once(config, queue, handler, shutdown, readiness).await;
+        readiness.set(false);
+        match consumed {
             Ok(()) => break,
             Err(error) => {
                 tracing::warn!(queue, error = %format!("{error:#}"), delay_ms = reconnect_delay.as_millis() as u64, "consumer lost its broker connection, reconnecting");
@@ -75,6 +80,7 @@ async fn consume_once<H: BatchHandler>(
     queue: &str,
     handler: &H,
     shutdown: &CancellationToken,
+    readiness: &Readiness,
 ) -> anyhow::Result<()> {
     let connection = broker::connect(&config.amqp_url, queue).await?;
     let channel = connection.create_channel().await?;
@@ -95,6 +101,7 @@ async fn consume_once<H: BatchHandler>(
         prefetch = config.consumer.prefetch,
         "consumer started"
     );
+    readiness.set(true);
     let settings = &config.consumer;
     loop {
         let Some(deliveries) = next_batch(&mut consumer, settings, shutdown).await? else {
@@ -306,6 +313,21 @@ pub async fn replay_dead_letters(config: &Config, queue: &str) -> anyhow::Result
     connection.close(200, "done".into()).await?;
     tracing::info!(queue, moved, "replayed dead letters");
     Ok(moved)
+}
+
+/// Runs a worker: its health endpoints (on `CHAT_HEALTH_ADDR`, else `default_health_addr`) and
+/// the consumer of `queue`, until `shutdown`.
+pub async fn run_worker<H: BatchHandler>(
+    config: &Config,
+    queue: &str,
+    handler: &H,
+    shutdown: &CancellationToken,
+    default_health_addr: std::net::SocketAddr,
+) -> anyhow::Result<()> {
+    let readiness = Readiness::default();
+    let health_addr = config.consumer.health_addr.unwrap_or(default_health_addr);
+    crate::health::serve(health_addr, readiness.clone(), shutdown.clone()).await?;
+    run(config, queue, handler, shutdown, &readiness).await
 }
 
 /// Sleeps; returns true when shutdown cut the sleep short.

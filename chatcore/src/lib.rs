@@ -6,6 +6,7 @@ pub mod config;
 pub mod consumer;
 pub mod domain;
 pub mod events;
+pub mod health;
 pub mod numbering;
 pub mod search;
 pub mod shutdown;
@@ -14,10 +15,15 @@ pub mod telemetry;
 
 pub use config::Config;
 
-/// Connects to Redis with a multiplexed, self-reconnecting connection.
+/// Connects to Redis with a multiplexed, self-reconnecting connection. The response timeout is
+/// generous (the client default of 500 ms fails requests on a briefly saturated machine); a dead
+/// Redis is still noticed at once through the dropped connection.
 pub async fn connect_redis(
     url: &config::SecretUrl,
 ) -> Result<redis::aio::ConnectionManager, redis::RedisError> {
     let client = redis::Client::open(url.expose())?;
-    redis::aio::ConnectionManager::new(client).await
+    let settings = redis::aio::ConnectionManagerConfig::new()
+        .set_response_timeout(Some(std::time::Duration::from_secs(5)))
+        .set_connection_timeout(Some(std::time::Duration::from_secs(5)));
+    redis::aio::ConnectionManager::new_with_config(client, settings).await
 }

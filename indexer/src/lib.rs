@@ -9,6 +9,10 @@ use chatcore::events::EventPayload;
 use chatcore::search::{ItemOutcome, MessageDocument, SearchIndex};
 use tokio_util::sync::CancellationToken;
 
+/// `/livez` and `/readyz` unless `CHAT_HEALTH_ADDR` says otherwise.
+pub const DEFAULT_HEALTH_ADDR: std::net::SocketAddr =
+    std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9092);
+
 /// Consumes the index queue until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let index = SearchIndex::connect(&config.elasticsearch_url, &config.elasticsearch_index)?;
@@ -22,7 +26,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         delay = (delay * 2).min(config.consumer.retry_max_delay);
     }
     let handler = Indexer { index };
-    consumer::run(&config, &config.topology.index_queue, &handler, &shutdown).await
+    consumer::run_worker(
+        &config,
+        &config.topology.index_queue,
+        &handler,
+        &shutdown,
+        DEFAULT_HEALTH_ADDR,
+    )
+    .await
 }
 
 pub struct Indexer {

@@ -18,13 +18,24 @@ use tokio_util::sync::CancellationToken;
 /// Upper bound of body bytes in one INSERT statement, well under MariaDB's 16 MiB packet default.
 const MAX_STATEMENT_BODY_BYTES: usize = 4 * 1024 * 1024;
 
+/// `/livez` and `/readyz` unless `CHAT_HEALTH_ADDR` says otherwise.
+pub const DEFAULT_HEALTH_ADDR: std::net::SocketAddr =
+    std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9091);
+
 /// Consumes the ingest queue until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let pool = chatcore::store::connect(&config.database_url, config.database_max_connections)
         .await
         .with_context(|| format!("connecting to mysql at {}", config.database_url))?;
     let handler = MysqlWriter { pool };
-    consumer::run(&config, &config.topology.ingest_queue, &handler, &shutdown).await
+    consumer::run_worker(
+        &config,
+        &config.topology.ingest_queue,
+        &handler,
+        &shutdown,
+        DEFAULT_HEALTH_ADDR,
+    )
+    .await
 }
 
 pub struct MysqlWriter {

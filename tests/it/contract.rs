@@ -482,3 +482,23 @@ async fn health_endpoints() -> anyhow::Result<()> {
     );
     api.stop().await
 }
+
+#[tokio::test]
+async fn worker_health_follows_the_consumer() -> anyhow::Result<()> {
+    let readiness = chatcore::health::Readiness::default();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let address =
+        chatcore::health::serve("127.0.0.1:0".parse()?, readiness.clone(), shutdown.clone())
+            .await?;
+    let get = |path: &'static str| async move {
+        reqwest::get(format!("http://{address}{path}"))
+            .await
+            .map(|r| r.status())
+    };
+    assert_eq!(get("/livez").await?, StatusCode::OK);
+    assert_eq!(get("/readyz").await?, StatusCode::SERVICE_UNAVAILABLE);
+    readiness.set(true);
+    assert_eq!(get("/readyz").await?, StatusCode::OK);
+    shutdown.cancel();
+    Ok(())
+}

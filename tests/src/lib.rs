@@ -100,6 +100,7 @@ impl TestEnv {
             ("CHAT_REDIS_PREFIX", id.clone()),
             ("CHAT_ES_INDEX", format!("{id}-messages")),
             ("CHAT_HTTP_ADDR", "127.0.0.1:0".to_owned()),
+            ("CHAT_HEALTH_ADDR", "127.0.0.1:0".to_owned()),
             ("CHAT_BATCH_MAX_WAIT_MS", "10".to_owned()),
             ("CHAT_RETRY_BASE_DELAY_MS", "20".to_owned()),
             ("CHAT_RETRY_MAX_DELAY_MS", "500".to_owned()),

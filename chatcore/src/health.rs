@@ -1,0 +1,57 @@
+//! The health port of the workers: `/livez` (process up) and `/readyz` (consuming, 503 otherwise).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::http::StatusCode;
+use axum::routing::get;
+use tokio_util::sync::CancellationToken;
+
+/// Whether a worker is connected and consuming; cheap to clone and share.
+#[derive(Clone, Default)]
+pub struct Readiness(Arc<AtomicBool>);
+
+impl Readiness {
+    pub fn set(&self, ready: bool) {
+        self.0.store(ready, Ordering::Relaxed);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Serves `/livez` and `/readyz` on `address` until `shutdown`; returns the bound address.
+pub async fn serve(
+    address: SocketAddr,
+    readiness: Readiness,
+    shutdown: CancellationToken,
+) -> anyhow::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(address).await?;
+    let bound = listener.local_addr()?;
+    let router = Router::new().route("/livez", get(|| async { "ok" })).route(
+        "/readyz",
+        get(move || {
+            let ready = readiness.is_ready();
+            async move {
+                if ready {
+                    (StatusCode::OK, "ready")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "not consuming")
+                }
+            }
+        }),
+    );
+    tracing::info!(address = %bound, "health endpoints listening");
+    tokio::spawn(async move {
+        let served = axum::serve(listener, router)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await;
+        if let Err(error) = served {
+            tracing::error!(%error, "health endpoint failed");
+        }
+    });
+    Ok(bound)
+}
