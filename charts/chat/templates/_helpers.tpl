@@ -1,0 +1,156 @@
+{{/* Chart name, truncated to the 63 characters a label allows. */}}
+{{- define "chat.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Full name: release-chart, unless the release name already contains the chart name. */}}
+{{- define "chat.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Name of one component's resources: <fullname>-<component>. */}}
+{{- define "chat.componentName" -}}
+{{- printf "%s-%s" (include "chat.fullname" .root) .component | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "chat.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels of every resource of a component. */}}
+{{- define "chat.labels" -}}
+helm.sh/chart: {{ include "chat.chart" .root }}
+{{ include "chat.selectorLabels" . }}
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+app.kubernetes.io/part-of: {{ include "chat.name" .root }}
+{{- end }}
+
+{{/* Selector labels: name, instance and component only, so they never change on upgrade. */}}
+{{- define "chat.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "chat.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/* Image reference of a component: [registry/]repository:tag. */}}
+{{- define "chat.image" -}}
+{{- $registry := .root.Values.image.registry }}
+{{- $tag := default .root.Chart.AppVersion .root.Values.image.tag }}
+{{- if $registry }}
+{{- printf "%s/%s:%s" $registry .values.image.repository $tag }}
+{{- else }}
+{{- printf "%s:%s" .values.image.repository $tag }}
+{{- end }}
+{{- end }}
+
+{{/* Service account of the api and the workers (no Kubernetes API access). */}}
+{{- define "chat.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "chat.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* Service account of counter-sync (Lease and Events). */}}
+{{- define "chat.counterSyncServiceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- include "chat.componentName" (dict "root" . "component" "counter-sync") }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* Secret holding the four connection URLs. */}}
+{{- define "chat.connectionSecretName" -}}
+{{- default (printf "%s-connections" (include "chat.fullname" .)) .Values.connections.existingSecret }}
+{{- end }}
+
+{{- define "chat.configMapName" -}}
+{{- printf "%s-config" (include "chat.fullname" .) }}
+{{- end }}
+
+{{/* Connection URLs as environment, from the Secret whose name is the context. */}}
+{{- define "chat.connectionEnv" -}}
+{{- $secret := . }}
+{{- range $key := list "DATABASE_URL" "REDIS_URL" "AMQP_URL" "ELASTICSEARCH_URL" }}
+- name: {{ $key }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ $secret }}
+      key: {{ $key }}
+{{- end }}
+{{- end }}
+
+{{/* Environment of every long-running container: connection URLs from the release's Secret. */}}
+{{- define "chat.env" -}}
+{{- include "chat.connectionEnv" (include "chat.connectionSecretName" .) }}
+{{- end }}
+
+{{- define "chat.envFrom" -}}
+- configMapRef:
+    name: {{ include "chat.configMapName" . }}
+{{- end }}
+
+{{/* Pod-level settings shared by every workload. */}}
+{{- define "chat.podSpecCommon" -}}
+{{- with .root.Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+securityContext:
+  {{- toYaml .root.Values.podSecurityContext | nindent 2 }}
+{{- with .values.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .values.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .values.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* Non-secret settings as a map: the ConfigMap's data, and the migration hook's environment. */}}
+{{- define "chat.configData" -}}
+RUST_LOG: {{ .Values.config.logLevel | quote }}
+CHAT_REDIS_PREFIX: {{ .Values.config.redisKeyPrefix | quote }}
+CHAT_AMQP_PREFIX: {{ .Values.config.amqpPrefix | quote }}
+CHAT_ES_INDEX: {{ .Values.config.elasticsearchIndex | quote }}
+CHAT_ES_REPLICAS: {{ .Values.config.elasticsearchReplicas | quote }}
+CHAT_NUMBER_BLOCK_SIZE: {{ .Values.config.numberBlockSize | quote }}
+CHAT_DATABASE_MAX_CONNECTIONS: {{ .Values.config.databaseMaxConnections | quote }}
+CHAT_DEFAULT_PAGE_SIZE: {{ .Values.config.defaultPageSize | quote }}
+CHAT_MAX_PAGE_SIZE: {{ .Values.config.maxPageSize | quote }}
+CHAT_CONSUMER_PREFETCH: {{ .Values.config.consumerPrefetch | quote }}
+CHAT_BATCH_MAX_SIZE: {{ .Values.config.batchMaxSize | quote }}
+CHAT_BATCH_MAX_WAIT_MS: {{ .Values.config.batchMaxWaitMs | quote }}
+CHAT_MAX_ATTEMPTS: {{ .Values.config.maxAttempts | quote }}
+{{- end }}
+
+{{/* The four connection URLs as Secret stringData. */}}
+{{- define "chat.connectionData" -}}
+DATABASE_URL: {{ required "connections.databaseUrl is required" .Values.connections.databaseUrl | quote }}
+REDIS_URL: {{ required "connections.redisUrl is required" .Values.connections.redisUrl | quote }}
+AMQP_URL: {{ required "connections.amqpUrl is required" .Values.connections.amqpUrl | quote }}
+ELASTICSEARCH_URL: {{ required "connections.elasticsearchUrl is required" .Values.connections.elasticsearchUrl | quote }}
+{{- end }}
+
+{{/* The two worker components, for templates that render both alike. */}}
+{{- define "chat.workers" -}}
+ingest-worker: ingestWorker
+indexer: indexer
+{{- end }}
