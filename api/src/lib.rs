@@ -157,6 +157,22 @@ pub async fn serve(
         .context("serving http")
 }
 
+/// Applies the MySQL migrations and creates the search index and the broker topology, retrying
+/// for up to `wait_for_services` while a dependency is not reachable yet (a fresh cluster).
+pub async fn migrate_when_ready(config: &Config, wait_for_services: std::time::Duration) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + wait_for_services;
+    loop {
+        match migrate(config).await {
+            Ok(()) => return Ok(()),
+            Err(error) if tokio::time::Instant::now() < deadline => {
+                tracing::warn!(error = %format!("{error:#}"), "migration failed, retrying in 2s");
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
 /// Applies the MySQL migrations and creates the search index and the broker topology.
 pub async fn migrate(config: &Config) -> anyhow::Result<()> {
     let pool = chatcore::store::connect(&config.database_url, 2)

@@ -1,4 +1,5 @@
-//! `api` serves the HTTP API; `api migrate` applies schema migrations and exits.
+//! `api` (or `api serve`) serves the HTTP API; `api migrate` applies schema migrations and exits
+//! (retrying for `CHAT_MIGRATE_WAIT_SECONDS`, default 0, while a dependency is unreachable).
 
 use anyhow::Context as _;
 use chatcore::Config;
@@ -15,7 +16,13 @@ async fn main() -> anyhow::Result<()> {
             let shutdown = chatcore::shutdown::on_signal();
             api::serve(config, listener, shutdown).await
         }
-        Some("migrate") => api::migrate(&config).await,
+        Some("migrate") => {
+            let wait_seconds: u64 = std::env::var("CHAT_MIGRATE_WAIT_SECONDS")
+                .ok()
+                .and_then(|value| value.parse().ok())
+                .unwrap_or(0);
+            api::migrate_when_ready(&config, std::time::Duration::from_secs(wait_seconds)).await
+        }
         Some(other) => anyhow::bail!("unknown command {other:?}; expected `serve` or `migrate`"),
     }
 }

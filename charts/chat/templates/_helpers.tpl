@@ -42,10 +42,11 @@ app.kubernetes.io/instance: {{ .root.Release.Name }}
 app.kubernetes.io/component: {{ .component }}
 {{- end }}
 
-{{/* Image reference of a component: [registry/]repository:tag. */}}
+{{/* Image reference of a component: [registry/]repository:tag, the component's tag winning over
+image.tag, which wins over the appVersion. */}}
 {{- define "chat.image" -}}
 {{- $registry := .root.Values.image.registry }}
-{{- $tag := default .root.Chart.AppVersion .root.Values.image.tag }}
+{{- $tag := .values.image.tag | default .root.Values.image.tag | default .root.Chart.AppVersion }}
 {{- if $registry }}
 {{- printf "%s/%s:%s" $registry .values.image.repository $tag }}
 {{- else }}
