@@ -1,5 +1,6 @@
 //! End-to-end tests against real MariaDB, Redis, RabbitMQ and Elasticsearch (`scripts/test`).
 
 mod contract;
+mod kubernetes;
 mod pipeline;
 mod search;
