@@ -159,7 +159,10 @@ pub async fn serve(
 
 /// Applies the MySQL migrations and creates the search index and the broker topology, retrying
 /// for up to `wait_for_services` while a dependency is not reachable yet (a fresh cluster).
-pub async fn migrate_when_ready(config: &Config, wait_for_services: std::time::Duration) -> anyhow::Result<()> {
+pub async fn migrate_when_ready(
+    config: &Config,
+    wait_for_services: std::time::Duration,
+) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + wait_for_services;
     loop {
         match migrate(config).await {

@@ -5,6 +5,8 @@
 //! Walks applications and chats in pages by id, with one query per page for the figures, so its
 //! cost grows linearly and it never holds long locks.
 
+pub mod lease;
+
 use std::fmt;
 
 use anyhow::Context as _;
@@ -69,6 +71,66 @@ pub struct Report {
     pub applications_checked: u64,
     pub chats_checked: u64,
     pub repairs: Vec<Repair>,
+}
+
+/// Runs one pass while holding the Lease when in a Kubernetes cluster; outside a cluster (no service
+/// account) it runs without one and says so. Returns None when another run holds the Lease.
+pub async fn run_exclusively(config: &Config) -> anyhow::Result<Option<Report>> {
+    let kube_config = match kube::Config::incluster() {
+        Ok(kube_config) => kube_config,
+        Err(reason) => {
+            tracing::info!(%reason, "not in a kubernetes cluster: running without a lease");
+            return run(config).await.map(Some);
+        }
+    };
+    let lock = lease::LeaseLock::new(
+        kube::Client::try_from(kube_config)?,
+        lease::LeaseSettings::from_env(),
+    );
+    run_holding(config, &lock).await
+}
+
+/// Runs one pass if `lock` can be taken, renewing it meanwhile and recording each repair as an Event.
+pub async fn run_holding(
+    config: &Config,
+    lock: &lease::LeaseLock,
+) -> anyhow::Result<Option<Report>> {
+    use k8s_openapi::jiff::Timestamp;
+    match lock.try_acquire(Timestamp::now()).await? {
+        lease::Acquisition::Acquired => tracing::info!("lease acquired"),
+        lease::Acquisition::HeldBy(holder) => {
+            tracing::info!(%holder, "another counter-sync run holds the lease, nothing to do");
+            return Ok(None);
+        }
+        lease::Acquisition::LostRace => {
+            tracing::info!("another counter-sync run took the lease first, nothing to do");
+            return Ok(None);
+        }
+    }
+    let renewals = async {
+        loop {
+            tokio::time::sleep(lock.renew_interval()).await;
+            match lock.renew(Timestamp::now()).await {
+                Ok(true) => {}
+                Ok(false) => return anyhow::anyhow!("the lease was taken over"),
+                Err(error) => return anyhow::Error::from(error).context("renewing the lease"),
+            }
+        }
+    };
+    let report = tokio::select! {
+        report = run(config) => report?,
+        lost = renewals => return Err(lost.context("stopping: another run may be repairing now")),
+    };
+    for repair in &report.repairs {
+        if let Err(error) = lock
+            .record_repair(Timestamp::now(), &repair.to_string())
+            .await
+        {
+            tracing::warn!(%error, %repair, "could not record the repair as an event");
+        }
+    }
+    lock.release().await?;
+    Ok(Some(report))
 }
 
 /// Runs one pass against the configured MySQL and Redis.

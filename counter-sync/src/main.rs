@@ -1,4 +1,5 @@
-//! `counter-sync`: one reconciliation pass; prints every repair, exits 0 on success.
+//! `counter-sync`: one reconciliation pass; prints every repair, exits 0 on success. In a
+//! Kubernetes cluster it holds a Lease while it runs and records each repair as an Event.
 
 use chatcore::Config;
 
@@ -6,7 +7,10 @@ use chatcore::Config;
 async fn main() -> anyhow::Result<()> {
     chatcore::telemetry::init("counter-sync");
     let config = Config::from_env()?;
-    let report = counter_sync::run(&config).await?;
+    let Some(report) = counter_sync::run_exclusively(&config).await? else {
+        println!("another counter-sync run holds the lease; nothing done");
+        return Ok(());
+    };
     for repair in &report.repairs {
         println!("repaired {repair}");
     }

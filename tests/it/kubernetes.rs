@@ -11,7 +11,9 @@ use anyhow::{Context as _, bail, ensure};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::batch::v1::{CronJob, Job};
-use k8s_openapi::api::core::v1::{ConfigMap, Container, Pod, PodSpec, Secret, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Container, Pod, PodSpec, Secret, Service, ServiceAccount,
+};
 use k8s_openapi::api::networking::v1::{Ingress, NetworkPolicy};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
@@ -30,7 +32,10 @@ const REQUIRED_LABELS: [&str; 5] = [
 ];
 
 fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
 }
 
 fn helm() -> anyhow::Result<PathBuf> {
@@ -38,7 +43,11 @@ fn helm() -> anyhow::Result<PathBuf> {
         Some(path) => PathBuf::from(path),
         None => repo_root().join(".services/bin/helm-v3.22.0"),
     };
-    ensure!(path.exists(), "helm not found at {} (scripts/test builds it with scripts/tools helm)", path.display());
+    ensure!(
+        path.exists(),
+        "helm not found at {} (scripts/test builds it with scripts/tools helm)",
+        path.display()
+    );
     Ok(path)
 }
 
@@ -53,14 +62,20 @@ fn scenarios() -> anyhow::Result<Vec<Option<PathBuf>>> {
         .map(|entry| entry.map(|e| e.path()))
         .collect::<Result<_, _>>()?;
     files.sort();
-    ensure!(files.len() >= 3, "expected at least three ci scenarios, found {files:?}");
+    ensure!(
+        files.len() >= 3,
+        "expected at least three ci scenarios, found {files:?}"
+    );
     scenarios.extend(files.into_iter().map(Some));
     Ok(scenarios)
 }
 
 fn run_helm(args: &[&str], values: Option<&Path>) -> anyhow::Result<String> {
     let mut command = Command::new(helm()?);
-    command.args(args).arg(chart()).args(["--kube-version", KUBE_VERSION]);
+    command
+        .args(args)
+        .arg(chart())
+        .args(["--kube-version", KUBE_VERSION]);
     if let Some(values) = values {
         command.arg("--values").arg(values);
     }
@@ -112,7 +127,10 @@ fn round_trip<T: DeserializeOwned + serde::Serialize>(document: &Value) -> anyho
     let typed: T = serde_json::from_value(document.clone())?;
     let mut lost = Vec::new();
     differences(document, &serde_json::to_value(&typed)?, "", &mut lost);
-    ensure!(lost.is_empty(), "fields the type does not know or changes: {lost:?}");
+    ensure!(
+        lost.is_empty(),
+        "fields the type does not know or changes: {lost:?}"
+    );
     Ok(typed)
 }
 
@@ -138,11 +156,18 @@ impl Rendered {
         let mut rendered = Self::default();
         for document in documents {
             let kind = document["kind"].as_str().context("kind")?.to_owned();
-            let name = document["metadata"]["name"].as_str().context("metadata.name")?.to_owned();
+            let name = document["metadata"]["name"]
+                .as_str()
+                .context("metadata.name")?
+                .to_owned();
             let labels: BTreeMap<String, String> =
                 serde_json::from_value(document["metadata"]["labels"].clone()).unwrap_or_default();
             rendered.labels.push((format!("{kind}/{name}"), labels));
-            rendered.names.entry(kind.clone()).or_default().insert(name.clone());
+            rendered
+                .names
+                .entry(kind.clone())
+                .or_default()
+                .insert(name.clone());
             let parsed = match kind.as_str() {
                 "Deployment" => round_trip(document).map(|d| rendered.deployments.push(d)),
                 "Service" => round_trip(document).map(|s| rendered.services.push(s)),
@@ -166,7 +191,9 @@ impl Rendered {
     }
 
     fn exists(&self, kind: &str, name: &str) -> bool {
-        self.names.get(kind).is_some_and(|names| names.contains(name))
+        self.names
+            .get(kind)
+            .is_some_and(|names| names.contains(name))
     }
 
     /// Pod templates of every workload, with their owner's name and whether it runs to completion.
@@ -176,18 +203,40 @@ impl Rendered {
             let spec = deployment.spec.as_ref().expect("deployment spec");
             let template = &spec.template;
             specs.push((
-                format!("Deployment/{}", deployment.metadata.name.clone().unwrap_or_default()),
+                format!(
+                    "Deployment/{}",
+                    deployment.metadata.name.clone().unwrap_or_default()
+                ),
                 template.spec.as_ref().expect("pod spec"),
-                template.metadata.as_ref().and_then(|m| m.labels.clone()).unwrap_or_default(),
+                template
+                    .metadata
+                    .as_ref()
+                    .and_then(|m| m.labels.clone())
+                    .unwrap_or_default(),
                 false,
             ));
         }
         for cron_job in &self.cron_jobs {
-            let template = &cron_job.spec.as_ref().expect("spec").job_template.spec.as_ref().expect("job spec").template;
+            let template = &cron_job
+                .spec
+                .as_ref()
+                .expect("spec")
+                .job_template
+                .spec
+                .as_ref()
+                .expect("job spec")
+                .template;
             specs.push((
-                format!("CronJob/{}", cron_job.metadata.name.clone().unwrap_or_default()),
+                format!(
+                    "CronJob/{}",
+                    cron_job.metadata.name.clone().unwrap_or_default()
+                ),
                 template.spec.as_ref().expect("pod spec"),
-                template.metadata.as_ref().and_then(|m| m.labels.clone()).unwrap_or_default(),
+                template
+                    .metadata
+                    .as_ref()
+                    .and_then(|m| m.labels.clone())
+                    .unwrap_or_default(),
                 true,
             ));
         }
@@ -196,7 +245,11 @@ impl Rendered {
             specs.push((
                 format!("Job/{}", job.metadata.name.clone().unwrap_or_default()),
                 template.spec.as_ref().expect("pod spec"),
-                template.metadata.as_ref().and_then(|m| m.labels.clone()).unwrap_or_default(),
+                template
+                    .metadata
+                    .as_ref()
+                    .and_then(|m| m.labels.clone())
+                    .unwrap_or_default(),
                 true,
             ));
         }
@@ -213,43 +266,108 @@ impl Rendered {
 }
 
 fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
-    !selector.is_empty() && selector.iter().all(|(key, value)| labels.get(key) == Some(value))
+    !selector.is_empty()
+        && selector
+            .iter()
+            .all(|(key, value)| labels.get(key) == Some(value))
 }
 
-fn check_container_hardening(owner: &str, pod: &PodSpec, container: &Container) -> anyhow::Result<()> {
-    let context = container.security_context.as_ref().with_context(|| format!("{owner}: no securityContext"))?;
-    ensure!(context.run_as_non_root == Some(true), "{owner}: runAsNonRoot");
-    ensure!(context.read_only_root_filesystem == Some(true), "{owner}: readOnlyRootFilesystem");
-    ensure!(context.allow_privilege_escalation == Some(false), "{owner}: allowPrivilegeEscalation");
+fn check_container_hardening(
+    owner: &str,
+    pod: &PodSpec,
+    container: &Container,
+) -> anyhow::Result<()> {
+    let context = container
+        .security_context
+        .as_ref()
+        .with_context(|| format!("{owner}: no securityContext"))?;
+    ensure!(
+        context.run_as_non_root == Some(true),
+        "{owner}: runAsNonRoot"
+    );
+    ensure!(
+        context.read_only_root_filesystem == Some(true),
+        "{owner}: readOnlyRootFilesystem"
+    );
+    ensure!(
+        context.allow_privilege_escalation == Some(false),
+        "{owner}: allowPrivilegeEscalation"
+    );
     ensure!(context.privileged != Some(true), "{owner}: privileged");
-    let drops = context.capabilities.as_ref().and_then(|c| c.drop.clone()).unwrap_or_default();
-    ensure!(drops.iter().any(|d| d == "ALL"), "{owner}: capabilities must drop ALL");
+    let drops = context
+        .capabilities
+        .as_ref()
+        .and_then(|c| c.drop.clone())
+        .unwrap_or_default();
+    ensure!(
+        drops.iter().any(|d| d == "ALL"),
+        "{owner}: capabilities must drop ALL"
+    );
     let seccomp = context
         .seccomp_profile
         .as_ref()
-        .or_else(|| pod.security_context.as_ref().and_then(|p| p.seccomp_profile.as_ref()))
+        .or_else(|| {
+            pod.security_context
+                .as_ref()
+                .and_then(|p| p.seccomp_profile.as_ref())
+        })
         .map(|profile| profile.type_.as_str());
-    ensure!(seccomp == Some("RuntimeDefault"), "{owner}: seccomp RuntimeDefault");
-    let resources = container.resources.as_ref().with_context(|| format!("{owner}: no resources"))?;
-    ensure!(resources.requests.as_ref().is_some_and(|r| !r.is_empty()), "{owner}: resource requests");
-    ensure!(resources.limits.as_ref().is_some_and(|l| !l.is_empty()), "{owner}: resource limits");
+    ensure!(
+        seccomp == Some("RuntimeDefault"),
+        "{owner}: seccomp RuntimeDefault"
+    );
+    let resources = container
+        .resources
+        .as_ref()
+        .with_context(|| format!("{owner}: no resources"))?;
+    ensure!(
+        resources.requests.as_ref().is_some_and(|r| !r.is_empty()),
+        "{owner}: resource requests"
+    );
+    ensure!(
+        resources.limits.as_ref().is_some_and(|l| !l.is_empty()),
+        "{owner}: resource limits"
+    );
     Ok(())
 }
 
-fn check_chart_invariants(rendered: &Rendered, existing_secret: Option<&str>) -> anyhow::Result<()> {
+fn check_chart_invariants(
+    rendered: &Rendered,
+    existing_secret: Option<&str>,
+) -> anyhow::Result<()> {
     for (object, labels) in &rendered.labels {
         for label in REQUIRED_LABELS {
-            ensure!(labels.contains_key(label), "{object}: missing label {label}");
+            ensure!(
+                labels.contains_key(label),
+                "{object}: missing label {label}"
+            );
         }
-        ensure!(labels["app.kubernetes.io/instance"] == RELEASE, "{object}: instance label");
+        ensure!(
+            labels["app.kubernetes.io/instance"] == RELEASE,
+            "{object}: instance label"
+        );
     }
-    let secret_exists = |name: &str| rendered.exists("Secret", name) || existing_secret == Some(name);
+    let secret_exists =
+        |name: &str| rendered.exists("Secret", name) || existing_secret == Some(name);
     for (owner, pod, labels, completes) in rendered.pod_specs() {
-        ensure!(pod.security_context.as_ref().and_then(|c| c.run_as_non_root) == Some(true), "{owner}: pod runAsNonRoot");
+        ensure!(
+            pod.security_context
+                .as_ref()
+                .and_then(|c| c.run_as_non_root)
+                == Some(true),
+            "{owner}: pod runAsNonRoot"
+        );
         if let Some(account) = &pod.service_account_name {
-            ensure!(rendered.exists("ServiceAccount", account), "{owner}: service account {account} is not rendered");
+            ensure!(
+                rendered.exists("ServiceAccount", account),
+                "{owner}: service account {account} is not rendered"
+            );
         }
-        for label in ["app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/component"] {
+        for label in [
+            "app.kubernetes.io/name",
+            "app.kubernetes.io/instance",
+            "app.kubernetes.io/component",
+        ] {
             ensure!(labels.contains_key(label), "{owner}: pod label {label}");
         }
         for container in &pod.containers {
@@ -257,23 +375,44 @@ fn check_chart_invariants(rendered: &Rendered, existing_secret: Option<&str>) ->
             check_container_hardening(&owner, pod, container)?;
             if !completes {
                 ensure!(container.liveness_probe.is_some(), "{owner}: livenessProbe");
-                ensure!(container.readiness_probe.is_some(), "{owner}: readinessProbe");
+                ensure!(
+                    container.readiness_probe.is_some(),
+                    "{owner}: readinessProbe"
+                );
             }
             for env in container.env.iter().flatten() {
-                let Some(source) = &env.value_from else { continue };
+                let Some(source) = &env.value_from else {
+                    continue;
+                };
                 if let Some(secret) = &source.secret_key_ref {
-                    ensure!(secret_exists(&secret.name), "{owner}: secret {} is neither rendered nor existingSecret", secret.name);
+                    ensure!(
+                        secret_exists(&secret.name),
+                        "{owner}: secret {} is neither rendered nor existingSecret",
+                        secret.name
+                    );
                 }
                 if let Some(config_map) = &source.config_map_key_ref {
-                    ensure!(rendered.exists("ConfigMap", &config_map.name), "{owner}: configmap {}", config_map.name);
+                    ensure!(
+                        rendered.exists("ConfigMap", &config_map.name),
+                        "{owner}: configmap {}",
+                        config_map.name
+                    );
                 }
             }
             for source in container.env_from.iter().flatten() {
                 if let Some(config_map) = &source.config_map_ref {
-                    ensure!(rendered.exists("ConfigMap", &config_map.name), "{owner}: configmap {}", config_map.name);
+                    ensure!(
+                        rendered.exists("ConfigMap", &config_map.name),
+                        "{owner}: configmap {}",
+                        config_map.name
+                    );
                 }
                 if let Some(secret) = &source.secret_ref {
-                    ensure!(secret_exists(&secret.name), "{owner}: secret {}", secret.name);
+                    ensure!(
+                        secret_exists(&secret.name),
+                        "{owner}: secret {}",
+                        secret.name
+                    );
                 }
             }
         }
@@ -282,54 +421,130 @@ fn check_chart_invariants(rendered: &Rendered, existing_secret: Option<&str>) ->
         let name = deployment.metadata.name.clone().unwrap_or_default();
         let spec = deployment.spec.as_ref().context("spec")?;
         let selector = spec.selector.match_labels.clone().unwrap_or_default();
-        let labels = spec.template.metadata.as_ref().and_then(|m| m.labels.clone()).unwrap_or_default();
-        ensure!(selects(&selector, &labels), "Deployment/{name}: selector does not match its pod labels");
+        let labels = spec
+            .template
+            .metadata
+            .as_ref()
+            .and_then(|m| m.labels.clone())
+            .unwrap_or_default();
         ensure!(
-            selector.keys().all(|key| ["app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/component"].contains(&key.as_str())),
+            selects(&selector, &labels),
+            "Deployment/{name}: selector does not match its pod labels"
+        );
+        ensure!(
+            selector.keys().all(|key| [
+                "app.kubernetes.io/name",
+                "app.kubernetes.io/instance",
+                "app.kubernetes.io/component"
+            ]
+            .contains(&key.as_str())),
             "Deployment/{name}: selector must only use name, instance and component (immutable)"
         );
     }
-    let pod_labels: Vec<BTreeMap<String, String>> = rendered.pod_specs().into_iter().map(|(_, _, labels, _)| labels).collect();
+    let pod_labels: Vec<BTreeMap<String, String>> = rendered
+        .pod_specs()
+        .into_iter()
+        .map(|(_, _, labels, _)| labels)
+        .collect();
     for service in &rendered.services {
-        let selector = service.spec.as_ref().and_then(|s| s.selector.clone()).unwrap_or_default();
-        ensure!(pod_labels.iter().any(|labels| selects(&selector, labels)), "Service/{:?} selects no pod", service.metadata.name);
+        let selector = service
+            .spec
+            .as_ref()
+            .and_then(|s| s.selector.clone())
+            .unwrap_or_default();
+        ensure!(
+            pod_labels.iter().any(|labels| selects(&selector, labels)),
+            "Service/{:?} selects no pod",
+            service.metadata.name
+        );
     }
     for pdb in &rendered.pdbs {
-        let selector = pdb.spec.as_ref().and_then(|s| s.selector.as_ref()).and_then(|s| s.match_labels.clone()).unwrap_or_default();
-        ensure!(pod_labels.iter().any(|labels| selects(&selector, labels)), "PDB/{:?} selects no pod", pdb.metadata.name);
+        let selector = pdb
+            .spec
+            .as_ref()
+            .and_then(|s| s.selector.as_ref())
+            .and_then(|s| s.match_labels.clone())
+            .unwrap_or_default();
+        ensure!(
+            pod_labels.iter().any(|labels| selects(&selector, labels)),
+            "PDB/{:?} selects no pod",
+            pdb.metadata.name
+        );
     }
     for hpa in &rendered.hpas {
         let target = &hpa.spec.as_ref().context("hpa spec")?.scale_target_ref;
-        ensure!(rendered.exists(&target.kind, &target.name), "HPA targets missing {}/{}", target.kind, target.name);
+        ensure!(
+            rendered.exists(&target.kind, &target.name),
+            "HPA targets missing {}/{}",
+            target.kind,
+            target.name
+        );
     }
     for ingress in &rendered.ingresses {
-        for rule in ingress.spec.as_ref().and_then(|s| s.rules.clone()).unwrap_or_default() {
+        for rule in ingress
+            .spec
+            .as_ref()
+            .and_then(|s| s.rules.clone())
+            .unwrap_or_default()
+        {
             for path in rule.http.map(|h| h.paths).unwrap_or_default() {
                 let service = path.backend.service.context("ingress backend service")?;
-                ensure!(rendered.exists("Service", &service.name), "Ingress backend {} is not rendered", service.name);
+                ensure!(
+                    rendered.exists("Service", &service.name),
+                    "Ingress backend {} is not rendered",
+                    service.name
+                );
             }
         }
     }
     for policy in &rendered.network_policies {
-        let selector = policy.spec.as_ref().context("spec")?.pod_selector.clone().unwrap_or_default();
+        let selector = policy
+            .spec
+            .as_ref()
+            .context("spec")?
+            .pod_selector
+            .clone()
+            .unwrap_or_default();
         let selects_something = match (&selector.match_labels, &selector.match_expressions) {
             (Some(labels), _) => pod_labels.iter().any(|pod| selects(labels, pod)),
             (None, Some(expressions)) => pod_labels.iter().any(|pod| {
-                expressions.iter().all(|e| pod.get(&e.key).is_some_and(|v| e.values.iter().flatten().any(|allowed| allowed == v)))
+                expressions.iter().all(|e| {
+                    pod.get(&e.key)
+                        .is_some_and(|v| e.values.iter().flatten().any(|allowed| allowed == v))
+                })
             }),
             (None, None) => true,
         };
-        ensure!(selects_something, "NetworkPolicy/{:?} selects no pod", policy.metadata.name);
+        ensure!(
+            selects_something,
+            "NetworkPolicy/{:?} selects no pod",
+            policy.metadata.name
+        );
     }
     for binding in &rendered.role_bindings {
-        ensure!(rendered.exists("Role", &binding.role_ref.name), "RoleBinding refers to missing Role {}", binding.role_ref.name);
+        ensure!(
+            rendered.exists("Role", &binding.role_ref.name),
+            "RoleBinding refers to missing Role {}",
+            binding.role_ref.name
+        );
         for subject in binding.subjects.iter().flatten() {
-            ensure!(rendered.exists("ServiceAccount", &subject.name), "RoleBinding subject {} is not rendered", subject.name);
+            ensure!(
+                rendered.exists("ServiceAccount", &subject.name),
+                "RoleBinding subject {} is not rendered",
+                subject.name
+            );
         }
     }
     ensure!(rendered.cron_jobs.len() == 1, "one counter-sync CronJob");
     for cron_job in &rendered.cron_jobs {
-        ensure!(cron_job.spec.as_ref().and_then(|s| s.concurrency_policy.as_deref()) == Some("Forbid"), "CronJob must Forbid overlap");
+        ensure!(
+            cron_job
+                .spec
+                .as_ref()
+                .and_then(|s| s.concurrency_policy.as_deref())
+                == Some("Forbid"),
+            "CronJob must Forbid overlap"
+        );
     }
     Ok(())
 }
@@ -337,9 +552,14 @@ fn check_chart_invariants(rendered: &Rendered, existing_secret: Option<&str>) ->
 #[test]
 fn the_chart_lints_renders_and_keeps_its_invariants_in_every_scenario() -> anyhow::Result<()> {
     for scenario in scenarios()? {
-        let label = scenario.as_deref().map_or("defaults".to_owned(), |p| p.display().to_string());
+        let label = scenario
+            .as_deref()
+            .map_or("defaults".to_owned(), |p| p.display().to_string());
         run_helm(&["lint", "--strict"], scenario.as_deref()).with_context(|| label.clone())?;
-        let yaml = run_helm(&["template", RELEASE, "--namespace", "chat"], scenario.as_deref())?;
+        let yaml = run_helm(
+            &["template", RELEASE, "--namespace", "chat"],
+            scenario.as_deref(),
+        )?;
         let rendered = Rendered::parse(&parse_documents(&yaml)?).with_context(|| label.clone())?;
         let values: Value = match scenario.as_deref() {
             Some(path) => serde_yaml::from_str(&std::fs::read_to_string(path)?)?,
@@ -349,14 +569,25 @@ fn the_chart_lints_renders_and_keeps_its_invariants_in_every_scenario() -> anyho
         check_chart_invariants(&rendered, existing_secret).with_context(|| label.clone())?;
         // What each scenario promises is really there.
         if label.contains("production") {
-            for kind in ["HorizontalPodAutoscaler", "PodDisruptionBudget", "Ingress", "NetworkPolicy"] {
+            for kind in [
+                "HorizontalPodAutoscaler",
+                "PodDisruptionBudget",
+                "Ingress",
+                "NetworkPolicy",
+            ] {
                 ensure!(rendered.names.contains_key(kind), "{label}: no {kind}");
             }
         }
         if existing_secret.is_some() {
-            ensure!(!rendered.names.contains_key("Secret"), "{label}: no Secret may be rendered with existingSecret");
+            ensure!(
+                !rendered.names.contains_key("Secret"),
+                "{label}: no Secret may be rendered with existingSecret"
+            );
         }
-        ensure!(rendered.names["Deployment"].len() == 3, "{label}: api, ingest-worker and indexer");
+        ensure!(
+            rendered.names["Deployment"].len() == 3,
+            "{label}: api, ingest-worker and indexer"
+        );
     }
     Ok(())
 }
@@ -364,7 +595,12 @@ fn the_chart_lints_renders_and_keeps_its_invariants_in_every_scenario() -> anyho
 #[test]
 fn invalid_values_are_refused_by_the_schema() -> anyhow::Result<()> {
     let scratch = std::env::temp_dir().join(format!("chat-bad-values-{}.yaml", std::process::id()));
-    for bad in ["api: {replicaCount: -1}", "image: {pullPolicy: Sometimes}", "connections: {databaseUrl: 'postgres://x'}", "unknownKey: 1"] {
+    for bad in [
+        "api: {replicaCount: -1}",
+        "image: {pullPolicy: Sometimes}",
+        "connections: {databaseUrl: 'postgres://x'}",
+        "unknownKey: 1",
+    ] {
         std::fs::write(&scratch, bad)?;
         let refused = run_helm(&["template", RELEASE], Some(&scratch));
         ensure!(refused.is_err(), "values {bad:?} should be refused");
@@ -386,12 +622,27 @@ fn dev_manifests_parse_into_their_types() -> anyhow::Result<()> {
         let documents = parse_documents(&std::fs::read_to_string(&path)?)?;
         let rendered = Rendered::parse(&documents).with_context(|| path.display().to_string())?;
         for (object, labels) in &rendered.labels {
-            ensure!(labels.get("environment").map(String::as_str) == Some("dev-only"), "{object} must be labelled dev-only");
+            ensure!(
+                labels.get("environment").map(String::as_str) == Some("dev-only"),
+                "{object} must be labelled dev-only"
+            );
         }
-        let pod_labels: Vec<_> = rendered.pod_specs().into_iter().map(|(_, _, labels, _)| labels).collect();
+        let pod_labels: Vec<_> = rendered
+            .pod_specs()
+            .into_iter()
+            .map(|(_, _, labels, _)| labels)
+            .collect();
         for service in &rendered.services {
-            let selector = service.spec.as_ref().and_then(|s| s.selector.clone()).unwrap_or_default();
-            ensure!(pod_labels.iter().any(|labels| selects(&selector, labels)), "{}: service selects no pod", path.display());
+            let selector = service
+                .spec
+                .as_ref()
+                .and_then(|s| s.selector.clone())
+                .unwrap_or_default();
+            ensure!(
+                pod_labels.iter().any(|labels| selects(&selector, labels)),
+                "{}: service selects no pod",
+                path.display()
+            );
         }
     }
     ensure!(files == 4, "mysql, redis, rabbitmq and elasticsearch");
@@ -536,9 +787,15 @@ fn skaffold_builds_every_image_and_deploys_through_the_chart() -> anyhow::Result
     let names: Vec<&str> = configs.iter().map(|c| c.metadata.name.as_str()).collect();
     ensure!(names == ["dev-services", "chat"], "configs: {names:?}");
     for config in &configs {
-        ensure!(config.api_version == skaffold::API_VERSION && config.kind == "Config", "pinned schema version");
+        ensure!(
+            config.api_version == skaffold::API_VERSION && config.kind == "Config",
+            "pinned schema version"
+        );
         for required in config.requires.iter().flat_map(|r| &r.configs) {
-            ensure!(names.contains(&required.as_str()), "requires unknown config {required}");
+            ensure!(
+                names.contains(&required.as_str()),
+                "requires unknown config {required}"
+            );
         }
         for raw in config.manifests.iter().flat_map(|m| &m.raw_yaml) {
             ensure!(root.join(raw).exists(), "manifest {raw} is missing");
@@ -547,27 +804,55 @@ fn skaffold_builds_every_image_and_deploys_through_the_chart() -> anyhow::Result
     let chat = &configs[1];
     let build = chat.build.as_ref().context("build")?;
     let images: Vec<&str> = build.artifacts.iter().map(|a| a.image.as_str()).collect();
-    ensure!(images == ["chat-api", "chat-ingest-worker", "chat-indexer", "chat-counter-sync"], "{images:?}");
+    ensure!(
+        images
+            == [
+                "chat-api",
+                "chat-ingest-worker",
+                "chat-indexer",
+                "chat-counter-sync"
+            ],
+        "{images:?}"
+    );
     for artifact in &build.artifacts {
-        ensure!(root.join(&artifact.docker.dockerfile).exists(), "Dockerfile missing");
+        ensure!(
+            root.join(&artifact.docker.dockerfile).exists(),
+            "Dockerfile missing"
+        );
         ensure!(
             dockerfile.contains(&format!(" AS {}\n", artifact.docker.target)),
             "Dockerfile has no target {}",
             artifact.docker.target
         );
     }
-    let release = &chat.deploy.as_ref().and_then(|d| d.helm.as_ref()).context("helm deploy")?.releases[0];
-    ensure!(root.join(&release.chart_path).join("Chart.yaml").exists(), "chart path");
+    let release = &chat
+        .deploy
+        .as_ref()
+        .and_then(|d| d.helm.as_ref())
+        .context("helm deploy")?
+        .releases[0];
+    ensure!(
+        root.join(&release.chart_path).join("Chart.yaml").exists(),
+        "chart path"
+    );
     // Every image is injected into the chart under its component's image values.
-    for (image, component) in images.iter().zip(["api", "ingestWorker", "indexer", "counterSync"]) {
+    for (image, component) in images
+        .iter()
+        .zip(["api", "ingestWorker", "indexer", "counterSync"])
+    {
         let template_name = image.replace('-', "_");
         ensure!(
-            release.set_value_templates.get(&format!("{component}.image.repository"))
+            release
+                .set_value_templates
+                .get(&format!("{component}.image.repository"))
                 == Some(&format!("{{{{.IMAGE_REPO_{template_name}}}}}")),
             "{component} repository is not injected"
         );
         ensure!(
-            release.set_value_templates.get(&format!("{component}.image.tag")) == Some(&format!("{{{{.IMAGE_TAG_{template_name}}}}}")),
+            release
+                .set_value_templates
+                .get(&format!("{component}.image.tag"))
+                == Some(&format!("{{{{.IMAGE_TAG_{template_name}}}}}")),
             "{component} tag is not injected"
         );
     }
@@ -575,23 +860,56 @@ fn skaffold_builds_every_image_and_deploys_through_the_chart() -> anyhow::Result
     let mut args = vec!["template".to_owned(), release.name.clone()];
     for (key, value) in release.set_values.iter() {
         args.push("--set".into());
-        args.push(format!("{key}={}", value.as_str().map_or(value.to_string(), str::to_owned)));
+        args.push(format!(
+            "{key}={}",
+            value.as_str().map_or(value.to_string(), str::to_owned)
+        ));
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let rendered = Rendered::parse(&parse_documents(&run_helm(&args, None)?)?)?;
     for forward in &chat.port_forward {
-        ensure!(forward.resource_type == "service" && rendered.exists("Service", &forward.resource_name), "port-forward target {}", forward.resource_name);
+        ensure!(
+            forward.resource_type == "service"
+                && rendered.exists("Service", &forward.resource_name),
+            "port-forward target {}",
+            forward.resource_name
+        );
     }
     let local = build.local.as_ref().context("build.local")?;
-    ensure!(local.push && local.use_buildkit == Some(true), "remote clusters get pushed BuildKit images");
-    let dev_services = &configs[0];
-    ensure!(dev_services.deploy.as_ref().is_some_and(|d| d.kubectl.is_some()), "dev services are applied with kubectl");
     ensure!(
-        chat.port_forward.iter().any(|f| f.local_port == 3000 && f.port == 80),
+        local.push && local.use_buildkit == Some(true),
+        "remote clusters get pushed BuildKit images"
+    );
+    let dev_services = &configs[0];
+    ensure!(
+        dev_services
+            .deploy
+            .as_ref()
+            .is_some_and(|d| d.kubectl.is_some()),
+        "dev services are applied with kubectl"
+    );
+    ensure!(
+        chat.port_forward
+            .iter()
+            .any(|f| f.local_port == 3000 && f.port == 80),
         "the API is forwarded to 127.0.0.1:3000"
     );
-    let kind = chat.profiles.iter().find(|p| p.name == "kind").context("kind profile")?;
-    ensure!(kind.activation.iter().any(|a| a.kube_context.starts_with("kind-")), "kind profile activation");
-    ensure!(kind.patches.iter().any(|p| p.path == "/build/local/push" && p.value == false), "kind loads images instead of pushing");
+    let kind = chat
+        .profiles
+        .iter()
+        .find(|p| p.name == "kind")
+        .context("kind profile")?;
+    ensure!(
+        kind.activation
+            .iter()
+            .any(|a| a.kube_context.starts_with("kind-")),
+        "kind profile activation"
+    );
+    ensure!(
+        kind.patches
+            .iter()
+            .any(|p| p.op == "replace" && p.path == "/build/local/push" && p.value == false),
+        "kind loads images instead of pushing"
+    );
     Ok(())
 }
