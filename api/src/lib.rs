@@ -6,6 +6,7 @@ mod error;
 mod extract;
 mod routes;
 
+use std::future::Future;
 use std::sync::Arc;
 
 use anyhow::Context as _;
@@ -13,7 +14,8 @@ use axum::Router;
 use chatcore::Config;
 use chatcore::broker::Publisher;
 use chatcore::domain::{ApplicationToken, Number};
-use chatcore::numbering::NumberAllocator;
+use chatcore::metrics::Metrics;
+use chatcore::numbering::{NumberAllocator, Scope};
 use chatcore::search::SearchIndex;
 use chatcore::store::Store;
 use quick_cache::sync::Cache;
@@ -37,6 +39,7 @@ pub struct AppState {
 
 struct Inner {
     config: Config,
+    metrics: Arc<Metrics>,
     store: Store,
     allocator: NumberAllocator,
     publisher: Publisher,
@@ -55,10 +58,12 @@ impl AppState {
         let redis = chatcore::connect_redis(&config.redis_url)
             .await
             .with_context(|| format!("connecting to redis at {}", config.redis_url))?;
+        let metrics = Metrics::new();
         let publisher = Publisher::connect(
             config.amqp_url.clone(),
             config.topology.clone(),
             config.api.publish_confirm_timeout,
+            Arc::clone(&metrics),
         )
         .await
         .with_context(|| format!("connecting to rabbitmq at {}", config.amqp_url))?;
@@ -79,12 +84,34 @@ impl AppState {
                 application_ids: Cache::new(APPLICATION_CACHE_ENTRIES),
                 known_chats: Cache::new(CHAT_CACHE_ENTRIES),
                 config,
+                metrics,
             }),
         })
     }
 
     fn config(&self) -> &Config {
         &self.inner.config
+    }
+
+    /// Records the latency of a call to a dependency.
+    async fn time<T>(
+        &self,
+        dependency: &'static str,
+        operation: &'static str,
+        call: impl Future<Output = T>,
+    ) -> T {
+        self.inner.metrics.time(dependency, operation, call).await
+    }
+
+    /// Hands out the next number of the scope (Redis, and MySQL when a reservation is due).
+    async fn allocate(&self, scope: &Scope) -> Result<Number, ApiError> {
+        Ok(self
+            .time(
+                "redis",
+                "allocate_number",
+                self.inner.allocator.allocate(scope),
+            )
+            .await?)
     }
 
     /// Resolves a token to the internal application id (cached), or 404.
@@ -96,9 +123,11 @@ impl AppState {
             return Ok(id);
         }
         let id = self
-            .inner
-            .store
-            .application_id(&token)
+            .time(
+                "mysql",
+                "find_application",
+                self.inner.store.application_id(&token),
+            )
             .await?
             .ok_or(ApiError::NotFound("application"))?;
         self.inner.application_ids.insert(token.to_string(), id);

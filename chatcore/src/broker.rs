@@ -13,12 +13,15 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
 };
+use std::sync::Arc;
+
 use tokio::sync::RwLock;
 
 use crate::config::{SecretUrl, Topology};
 use crate::events::{
     Event, SCHEMA_VERSION, SCHEMA_VERSION_HEADER, TRACEPARENT_HEADER, TraceContext, routing,
 };
+use crate::metrics::{Metrics, OutcomeLabels};
 
 pub const PERSISTENT: u8 = 2;
 
@@ -160,6 +163,7 @@ pub struct Publisher {
     topology: Topology,
     confirm_timeout: Duration,
     link: RwLock<Link>,
+    metrics: Arc<Metrics>,
 }
 
 struct Link {
@@ -174,6 +178,7 @@ impl Publisher {
         url: SecretUrl,
         topology: Topology,
         confirm_timeout: Duration,
+        metrics: Arc<Metrics>,
     ) -> Result<Self, lapin::Error> {
         let link = open_link(&url, &topology, 0).await?;
         Ok(Self {
@@ -181,6 +186,7 @@ impl Publisher {
             topology,
             confirm_timeout,
             link: RwLock::new(link),
+            metrics,
         })
     }
 
@@ -191,6 +197,27 @@ impl Publisher {
     /// Publishes the event and waits for the broker's confirm. Retries once on a fresh connection
     /// when the current one is broken (events are idempotent, so a duplicate is harmless).
     pub async fn publish(&self, event: &Event, trace: &TraceContext) -> Result<(), PublishError> {
+        let started = std::time::Instant::now();
+        let outcome = self.publish_with_reconnect(event, trace).await;
+        let labels = OutcomeLabels {
+            outcome: if outcome.is_ok() {
+                "confirmed"
+            } else {
+                "failed"
+            },
+        };
+        self.metrics
+            .publish_confirm_duration
+            .get_or_create(&labels)
+            .observe(started.elapsed().as_secs_f64());
+        outcome
+    }
+
+    async fn publish_with_reconnect(
+        &self,
+        event: &Event,
+        trace: &TraceContext,
+    ) -> Result<(), PublishError> {
         let (channel, generation) = {
             let link = self.link.read().await;
             (link.channel.clone(), link.generation)

@@ -12,6 +12,7 @@
 //! Events that do not decode are dead-lettered at once: retrying cannot fix them.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
@@ -28,6 +29,7 @@ use crate::broker;
 use crate::config::{Config, ConsumerConfig, Topology};
 use crate::events::{Event, TraceContext};
 use crate::health::Readiness;
+use crate::metrics::{Metrics, QueueLabels};
 
 #[derive(Debug, thiserror::Error)]
 pub enum HandleError {
@@ -56,11 +58,12 @@ pub async fn run<H: BatchHandler>(
     queue: &str,
     handler: &H,
     shutdown: &CancellationToken,
-    readiness: &Readiness,
+    observers: &Observers,
 ) -> anyhow::Result<()> {
     let mut reconnect_delay = config.consumer.retry_base_delay;
+    let readiness = &observers.readiness;
     while !shutdown.is_cancelled() {
-        let consumed = consume_once(config, queue, handler, shutdown, readiness).await;
+        let consumed = consume_once(config, queue, handler, shutdown, observers).await;
         readiness.set(false);
         match consumed {
             Ok(()) => break,
@@ -80,7 +83,7 @@ async fn consume_once<H: BatchHandler>(
     queue: &str,
     handler: &H,
     shutdown: &CancellationToken,
-    readiness: &Readiness,
+    observers: &Observers,
 ) -> anyhow::Result<()> {
     let connection = broker::connect(&config.amqp_url, queue).await?;
     let channel = connection.create_channel().await?;
@@ -101,7 +104,13 @@ async fn consume_once<H: BatchHandler>(
         prefetch = config.consumer.prefetch,
         "consumer started"
     );
-    readiness.set(true);
+    observers.readiness.set(true);
+    let depth_sampler = tokio::spawn(sample_queue_depth(
+        channel.clone(),
+        queue.to_owned(),
+        Arc::clone(&observers.metrics),
+    ));
+    let _stop_sampler = AbortOnDrop(depth_sampler);
     let settings = &config.consumer;
     loop {
         let Some(deliveries) = next_batch(&mut consumer, settings, shutdown).await? else {
@@ -110,7 +119,15 @@ async fn consume_once<H: BatchHandler>(
             let _ = connection.close(200, "shutting down".into()).await;
             return Ok(());
         };
-        let settled = process_batch(&channel, deliveries, handler, settings, shutdown).await?;
+        let settled = process_batch(
+            &channel,
+            deliveries,
+            handler,
+            settings,
+            shutdown,
+            &observers.batch(queue),
+        )
+        .await?;
         if !settled {
             // Shutdown arrived while a batch was being retried: leave it unacked for redelivery.
             let _ = channel.close(200, "shutting down".into()).await;
@@ -153,7 +170,16 @@ async fn process_batch<H: BatchHandler>(
     handler: &H,
     settings: &ConsumerConfig,
     shutdown: &CancellationToken,
+    observe: &BatchObserver<'_>,
 ) -> anyhow::Result<bool> {
+    let started = std::time::Instant::now();
+    let delivered = deliveries.len() as u64;
+    observe
+        .metrics
+        .batch_size
+        .get_or_create(&observe.labels)
+        .observe(delivered as f64);
+    let mut dead_lettered = 0u64;
     let last_tag = deliveries.last().map(|delivery| delivery.delivery_tag);
     let mut decoded = Vec::with_capacity(deliveries.len());
     for delivery in deliveries {
@@ -168,6 +194,7 @@ async fn process_batch<H: BatchHandler>(
             Err(error) => {
                 tracing::error!(delivery_tag = delivery.delivery_tag, %error, "dead-lettering an event that does not decode");
                 dead_letter(channel, delivery.delivery_tag).await?;
+                dead_lettered += 1;
             }
         }
     }
@@ -176,7 +203,7 @@ async fn process_batch<H: BatchHandler>(
             .iter()
             .map(|(_, received)| received.clone())
             .collect();
-        match handle_with_retries(handler, &events, settings, shutdown, None).await {
+        match handle_with_retries(handler, &events, settings, shutdown, None, observe).await {
             Outcome::Done => {}
             Outcome::Interrupted => return Ok(false),
             Outcome::Permanent(error) => {
@@ -189,6 +216,7 @@ async fn process_batch<H: BatchHandler>(
                         settings,
                         shutdown,
                         Some(settings.max_attempts),
+                        observe,
                     )
                     .await
                     {
@@ -197,6 +225,7 @@ async fn process_batch<H: BatchHandler>(
                         Outcome::Permanent(error) => {
                             tracing::error!(event_id = %received.event.event_id, trace_id = received.trace.as_ref().map(TraceContext::trace_id), error = %format!("{error:#}"), "dead-lettering an event that keeps failing");
                             dead_letter(channel, *delivery_tag).await?;
+                            dead_lettered += 1;
                         }
                     }
                 }
@@ -209,6 +238,19 @@ async fn process_batch<H: BatchHandler>(
             .basic_ack(last_tag, BasicAckOptions { multiple: true })
             .await?;
     }
+    let metrics = observe.metrics;
+    metrics
+        .batch_duration
+        .get_or_create(&observe.labels)
+        .observe(started.elapsed().as_secs_f64());
+    metrics
+        .events_processed
+        .get_or_create(&observe.labels)
+        .inc_by(delivered - dead_lettered);
+    metrics
+        .events_dead_lettered
+        .get_or_create(&observe.labels)
+        .inc_by(dead_lettered);
     Ok(true)
 }
 
@@ -225,11 +267,20 @@ async fn handle_with_retries<H: BatchHandler>(
     settings: &ConsumerConfig,
     shutdown: &CancellationToken,
     permanent_attempts: Option<u32>,
+    observe: &BatchObserver<'_>,
 ) -> Outcome {
     let mut delay = settings.retry_base_delay;
     let mut permanent_failures = 0;
     loop {
-        match handler.handle(batch).await {
+        let outcome = handler.handle(batch).await;
+        if outcome.is_err() {
+            observe
+                .metrics
+                .events_failed
+                .get_or_create(&observe.labels)
+                .inc();
+        }
+        match outcome {
             Ok(()) => return Outcome::Done,
             Err(HandleError::Permanent(error)) => {
                 permanent_failures += 1;
@@ -324,10 +375,87 @@ pub async fn run_worker<H: BatchHandler>(
     shutdown: &CancellationToken,
     default_health_addr: std::net::SocketAddr,
 ) -> anyhow::Result<()> {
-    let readiness = Readiness::default();
+    let observers = Observers::default();
     let health_addr = config.consumer.health_addr.unwrap_or(default_health_addr);
-    crate::health::serve(health_addr, readiness.clone(), shutdown.clone()).await?;
-    run(config, queue, handler, shutdown, &readiness).await
+    crate::health::serve(
+        health_addr,
+        observers.readiness.clone(),
+        Arc::clone(&observers.metrics),
+        shutdown.clone(),
+    )
+    .await?;
+    run(config, queue, handler, shutdown, &observers).await
+}
+
+/// What a consumer reports: readiness and metrics.
+#[derive(Clone)]
+pub struct Observers {
+    pub readiness: Readiness,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Default for Observers {
+    fn default() -> Self {
+        Self {
+            readiness: Readiness::default(),
+            metrics: Metrics::new(),
+        }
+    }
+}
+
+impl Observers {
+    fn batch<'a>(&'a self, queue: &str) -> BatchObserver<'a> {
+        BatchObserver {
+            metrics: &self.metrics,
+            labels: QueueLabels {
+                queue: queue.to_owned(),
+            },
+        }
+    }
+}
+
+struct BatchObserver<'a> {
+    metrics: &'a Metrics,
+    labels: QueueLabels,
+}
+
+/// How often the queue depth (consumer lag) is sampled.
+const QUEUE_DEPTH_INTERVAL: Duration = Duration::from_secs(5);
+
+async fn sample_queue_depth(channel: Channel, queue: String, metrics: Arc<Metrics>) {
+    let labels = QueueLabels {
+        queue: queue.clone(),
+    };
+    loop {
+        let declared = channel
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        match declared {
+            Ok(state) => {
+                metrics
+                    .queue_depth
+                    .get_or_create(&labels)
+                    .set(i64::from(state.message_count()));
+            }
+            Err(error) => tracing::debug!(%error, "could not sample the queue depth"),
+        }
+        tokio::time::sleep(QUEUE_DEPTH_INTERVAL).await;
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Sleeps; returns true when shutdown cut the sleep short.

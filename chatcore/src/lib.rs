@@ -7,6 +7,7 @@ pub mod consumer;
 pub mod domain;
 pub mod events;
 pub mod health;
+pub mod metrics;
 pub mod numbering;
 pub mod search;
 pub mod shutdown;

@@ -133,6 +133,44 @@ pub async fn run_holding(
     Ok(Some(report))
 }
 
+impl Repair {
+    /// The `kind` label of the repairs metric.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::ChatsCount { .. } => "chats_count",
+            Self::MessagesCount { .. } => "messages_count",
+            Self::Counter { .. } => "counter",
+        }
+    }
+}
+
+/// Pushes the run's metrics (repairs by kind) to a Prometheus Pushgateway: a one-shot job lives too
+/// briefly to be scraped. `url` is the gateway's base URL, e.g. http://pushgateway:9091.
+pub async fn push_metrics(url: &str, report: &Report) -> anyhow::Result<()> {
+    let metrics = chatcore::metrics::Metrics::new();
+    for kind in ["chats_count", "messages_count", "counter"] {
+        let repairs = report
+            .repairs
+            .iter()
+            .filter(|repair| repair.kind() == kind)
+            .count() as u64;
+        metrics
+            .counter_sync_repairs
+            .get_or_create(&chatcore::metrics::RepairLabels { kind })
+            .inc_by(repairs);
+    }
+    let target = format!("{}/metrics/job/counter-sync", url.trim_end_matches('/'));
+    reqwest::Client::new()
+        .put(&target)
+        .header("content-type", "text/plain; version=0.0.4")
+        .body(metrics.encode().replace("# EOF\n", ""))
+        .send()
+        .await?
+        .error_for_status()
+        .with_context(|| format!("pushing metrics to {target}"))?;
+    Ok(())
+}
+
 /// Runs one pass against the configured MySQL and Redis.
 pub async fn run(config: &Config) -> anyhow::Result<Report> {
     let pool = chatcore::store::connect(&config.database_url, 4)

@@ -14,6 +14,11 @@ async fn main() -> anyhow::Result<()> {
     for repair in &report.repairs {
         println!("repaired {repair}");
     }
+    if let Ok(gateway) = std::env::var("CHAT_PUSHGATEWAY_URL")
+        && !gateway.is_empty()
+    {
+        counter_sync::push_metrics(&gateway, &report).await?;
+    }
     println!(
         "checked {} applications and {} chats, made {} repairs",
         report.applications_checked,

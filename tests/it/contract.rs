@@ -487,9 +487,13 @@ async fn health_endpoints() -> anyhow::Result<()> {
 async fn worker_health_follows_the_consumer() -> anyhow::Result<()> {
     let readiness = chatcore::health::Readiness::default();
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let address =
-        chatcore::health::serve("127.0.0.1:0".parse()?, readiness.clone(), shutdown.clone())
-            .await?;
+    let address = chatcore::health::serve(
+        "127.0.0.1:0".parse()?,
+        readiness.clone(),
+        chatcore::metrics::Metrics::new(),
+        shutdown.clone(),
+    )
+    .await?;
     let get = |path: &'static str| async move {
         reqwest::get(format!("http://{address}{path}"))
             .await

@@ -2,5 +2,6 @@
 
 mod contract;
 mod kubernetes;
+mod observability;
 mod pipeline;
 mod search;

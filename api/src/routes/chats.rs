@@ -52,11 +52,7 @@ async fn create(
     RequestTrace(trace): RequestTrace,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
     let application_id = state.application_id(&token).await?;
-    let number = state
-        .inner
-        .allocator
-        .allocate(&Scope::ChatsOf { application_id })
-        .await?;
+    let number = state.allocate(&Scope::ChatsOf { application_id }).await?;
     let event = Event::new(EventPayload::ChatCreated {
         application_id,
         chat_number: number,

@@ -1,4 +1,5 @@
 //! `/livez`: the process is up. `/readyz`: every dependency answers (503 otherwise).
+//! `/metrics`: Prometheus metrics of this process.
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -12,6 +13,17 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/livez", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+}
+
+async fn metrics(State(state): State<AppState>) -> impl axum::response::IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            chatcore::metrics::CONTENT_TYPE,
+        )],
+        state.inner.metrics.encode(),
+    )
 }
 
 async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {

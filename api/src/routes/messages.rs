@@ -108,8 +108,6 @@ async fn create(
     let application_id = state.application_id(&token).await?;
     state.require_chat(application_id, chat_number).await?;
     let number = state
-        .inner
-        .allocator
         .allocate(&Scope::MessagesOf {
             application_id,
             chat_number,
@@ -244,9 +242,14 @@ async fn search(
     let application_id = state.application_id(&token).await?;
     state.require_chat(application_id, chat_number).await?;
     let hits = state
-        .inner
-        .search
-        .search(application_id, chat_number, &query, page)
+        .time(
+            "elasticsearch",
+            "search",
+            state
+                .inner
+                .search
+                .search(application_id, chat_number, &query, page),
+        )
         .await?;
     let (hits, pagination) = paginate(hits, page);
     Ok(Json(MessageList {

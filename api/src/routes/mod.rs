@@ -5,9 +5,14 @@ mod chats;
 mod health;
 mod messages;
 
+use std::time::Instant;
+
 use axum::Router;
-use axum::extract::DefaultBodyLimit;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::Response;
 use chatcore::domain::{Number, PageRequest};
+use chatcore::metrics::HttpLabels;
 use serde::{Deserialize, Serialize};
 
 use crate::AppState;
@@ -22,10 +27,40 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .nest("/api/v1", api)
         .merge(health::router())
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            record_http_metrics,
+        ))
         .fallback(|| async { ApiError::NotFound("route") })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(max_request_bytes))
         .with_state(state)
+}
+
+/// Counts every routed request and its latency by route template (never the raw path, which
+/// would make one series per token).
+async fn record_http_metrics(
+    State(state): State<AppState>,
+    matched: Option<MatchedPath>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let started = Instant::now();
+    let method = request.method().to_string();
+    let route = matched.map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned());
+    let response = next.run(request).await;
+    let labels = HttpLabels {
+        method,
+        route,
+        status: response.status().as_u16(),
+    };
+    let metrics = &state.inner.metrics;
+    metrics.http_requests.get_or_create(&labels).inc();
+    metrics
+        .http_request_duration
+        .get_or_create(&labels)
+        .observe(started.elapsed().as_secs_f64());
+    response
 }
 
 /// `?page=&per_page=` of every list.

@@ -1,0 +1,188 @@
+//! Prometheus metrics of every service, in one registry per process, served as text at `/metrics`
+//! (the api's port; the workers' health port). Names follow the Prometheus conventions: a `chat_`
+//! prefix, base units (seconds), `_total` on counters.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Instant;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Registry, Unit};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    pub method: String,
+    pub route: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DependencyLabels {
+    pub dependency: &'static str,
+    pub operation: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QueueLabels {
+    pub queue: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RepairLabels {
+    pub kind: &'static str,
+}
+
+fn latency_histogram() -> Histogram {
+    // 0.25 ms .. ~8 s
+    Histogram::new(exponential_buckets(0.000_25, 2.0, 16))
+}
+
+fn size_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(1.0, 2.0, 12))
+}
+
+/// Every metric of the platform; each process registers all and moves the ones it uses.
+pub struct Metrics {
+    registry: Registry,
+    pub http_requests: Family<HttpLabels, Counter>,
+    pub http_request_duration: Family<HttpLabels, Histogram, fn() -> Histogram>,
+    pub publish_confirm_duration: Family<OutcomeLabels, Histogram, fn() -> Histogram>,
+    pub dependency_duration: Family<DependencyLabels, Histogram, fn() -> Histogram>,
+    pub batch_size: Family<QueueLabels, Histogram, fn() -> Histogram>,
+    pub batch_duration: Family<QueueLabels, Histogram, fn() -> Histogram>,
+    pub events_processed: Family<QueueLabels, Counter>,
+    pub events_failed: Family<QueueLabels, Counter>,
+    pub events_dead_lettered: Family<QueueLabels, Counter>,
+    pub queue_depth: Family<QueueLabels, Gauge>,
+    pub counter_sync_repairs: Family<RepairLabels, Counter>,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::with_prefix("chat");
+        let http_requests = Family::<HttpLabels, Counter>::default();
+        registry.register(
+            "http_requests",
+            "HTTP requests by route, method and status",
+            http_requests.clone(),
+        );
+        let http_request_duration =
+            Family::new_with_constructor(latency_histogram as fn() -> Histogram);
+        registry.register_with_unit(
+            "http_request_duration",
+            "HTTP request latency by route, method and status",
+            Unit::Seconds,
+            http_request_duration.clone(),
+        );
+        let publish_confirm_duration =
+            Family::new_with_constructor(latency_histogram as fn() -> Histogram);
+        registry.register_with_unit(
+            "publish_confirm_duration",
+            "Time from publishing an event until RabbitMQ confirmed it, by outcome",
+            Unit::Seconds,
+            publish_confirm_duration.clone(),
+        );
+        let dependency_duration =
+            Family::new_with_constructor(latency_histogram as fn() -> Histogram);
+        registry.register_with_unit(
+            "dependency_duration",
+            "Latency of calls to Redis, MySQL and Elasticsearch by operation",
+            Unit::Seconds,
+            dependency_duration.clone(),
+        );
+        let batch_size = Family::new_with_constructor(size_histogram as fn() -> Histogram);
+        registry.register(
+            "batch_size",
+            "Events per consumed batch",
+            batch_size.clone(),
+        );
+        let batch_duration = Family::new_with_constructor(latency_histogram as fn() -> Histogram);
+        registry.register_with_unit(
+            "batch_write_duration",
+            "Time to write one batch (MySQL transaction or Elasticsearch bulk), retries included",
+            Unit::Seconds,
+            batch_duration.clone(),
+        );
+        let events_processed = Family::<QueueLabels, Counter>::default();
+        registry.register(
+            "events_processed",
+            "Events written and acknowledged",
+            events_processed.clone(),
+        );
+        let events_failed = Family::<QueueLabels, Counter>::default();
+        registry.register(
+            "events_failed",
+            "Failed attempts to process a batch or an event",
+            events_failed.clone(),
+        );
+        let events_dead_lettered = Family::<QueueLabels, Counter>::default();
+        registry.register(
+            "events_dead_lettered",
+            "Events rejected into the dead-letter queue",
+            events_dead_lettered.clone(),
+        );
+        let queue_depth = Family::<QueueLabels, Gauge>::default();
+        registry.register(
+            "queue_depth",
+            "Events waiting in the queue (consumer lag), sampled",
+            queue_depth.clone(),
+        );
+        let counter_sync_repairs = Family::<RepairLabels, Counter>::default();
+        registry.register(
+            "counter_sync_repairs",
+            "Repairs made by counter-sync by kind",
+            counter_sync_repairs.clone(),
+        );
+        Arc::new(Self {
+            registry,
+            http_requests,
+            http_request_duration,
+            publish_confirm_duration,
+            dependency_duration,
+            batch_size,
+            batch_duration,
+            events_processed,
+            events_failed,
+            events_dead_lettered,
+            queue_depth,
+            counter_sync_repairs,
+        })
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+
+    /// Runs `call` and records its latency under `dependency`/`operation`.
+    pub async fn time<T>(
+        &self,
+        dependency: &'static str,
+        operation: &'static str,
+        call: impl Future<Output = T>,
+    ) -> T {
+        let started = Instant::now();
+        let output = call.await;
+        self.dependency_duration
+            .get_or_create(&DependencyLabels {
+                dependency,
+                operation,
+            })
+            .observe(started.elapsed().as_secs_f64());
+        output
+    }
+}
+
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
