@@ -32,17 +32,25 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for QueryParams<T>
     }
 }
 
-/// The trace context for the events of this request: the caller's `traceparent` continued, or new.
+/// The trace context for the events of this request when tracing is off: the caller's
+/// `traceparent` continued, or a new trace (set by the request middleware).
 pub struct RequestTrace(pub TraceContext);
 
 impl<S: Send + Sync> FromRequestParts<S> for RequestTrace {
     type Rejection = std::convert::Infallible;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        let incoming = parts
-            .headers
-            .get(TRACEPARENT_HEADER)
-            .and_then(|value| value.to_str().ok());
-        Ok(Self(TraceContext::child_of(incoming)))
+        let context = parts
+            .extensions
+            .get::<TraceContext>()
+            .cloned()
+            .unwrap_or_else(|| {
+                let incoming = parts
+                    .headers
+                    .get(TRACEPARENT_HEADER)
+                    .and_then(|value| value.to_str().ok());
+                TraceContext::child_of(incoming)
+            });
+        Ok(Self(context))
     }
 }

@@ -22,6 +22,7 @@ use quick_cache::sync::Cache;
 use redis::aio::ConnectionManager;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 pub use error::ApiError;
 
@@ -100,17 +101,27 @@ impl AppState {
         operation: &'static str,
         call: impl Future<Output = T>,
     ) -> T {
-        self.inner.metrics.time(dependency, operation, call).await
+        let span = tracing::info_span!(
+            "dependency call",
+            otel.name = %format!("{dependency} {operation}"),
+            otel.kind = "client",
+            db.system = dependency,
+        );
+        self.inner
+            .metrics
+            .time(dependency, operation, call)
+            .instrument(span)
+            .await
     }
 
     /// Hands out the next number of the scope (Redis, and MySQL when a reservation is due).
     async fn allocate(&self, scope: &Scope) -> Result<Number, ApiError> {
+        // The allocator has a span of its own.
+        let allocation = self.inner.allocator.allocate(scope);
         Ok(self
-            .time(
-                "redis",
-                "allocate_number",
-                self.inner.allocator.allocate(scope),
-            )
+            .inner
+            .metrics
+            .time("redis", "allocate_number", allocation)
             .await?)
     }
 

@@ -6,7 +6,7 @@ use chatcore::Config;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    chatcore::telemetry::init("api");
+    let _telemetry = chatcore::telemetry::init("api");
     let config = Config::from_env()?;
     match std::env::args().nth(1).as_deref() {
         None | Some("serve") => {

@@ -16,6 +16,7 @@ use lapin::{
 use std::sync::Arc;
 
 use tokio::sync::RwLock;
+use tracing::Instrument as _;
 
 use crate::config::{SecretUrl, Topology};
 use crate::events::{
@@ -196,9 +197,26 @@ impl Publisher {
 
     /// Publishes the event and waits for the broker's confirm. Retries once on a fresh connection
     /// when the current one is broken (events are idempotent, so a duplicate is harmless).
-    pub async fn publish(&self, event: &Event, trace: &TraceContext) -> Result<(), PublishError> {
+    /// The event carries the context of this publish span (or `fallback` when tracing is off).
+    pub async fn publish(
+        &self,
+        event: &Event,
+        fallback: &TraceContext,
+    ) -> Result<(), PublishError> {
+        let span = tracing::info_span!(
+            "amqp publish",
+            otel.kind = "producer",
+            messaging.system = "rabbitmq",
+            messaging.destination.name = %self.topology.exchange,
+            messaging.rabbitmq.destination.routing_key = event.routing_key(),
+            event_id = %event.event_id,
+        );
+        let trace = crate::telemetry::inject(&span, fallback.clone());
         let started = std::time::Instant::now();
-        let outcome = self.publish_with_reconnect(event, trace).await;
+        let outcome = self
+            .publish_with_reconnect(event, &trace)
+            .instrument(span)
+            .await;
         let labels = OutcomeLabels {
             outcome: if outcome.is_ok() {
                 "confirmed"

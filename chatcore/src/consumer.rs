@@ -24,6 +24,7 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{Channel, Consumer};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::broker;
 use crate::config::{Config, ConsumerConfig, Topology};
@@ -48,6 +49,9 @@ pub struct Received {
 
 /// Processes a batch of events; must be idempotent, since any batch may be delivered again.
 pub trait BatchHandler: Send + Sync {
+    /// Name of the span of one batch, e.g. "mysql batch write".
+    const OPERATION: &'static str;
+
     fn handle(&self, batch: &[Received]) -> impl Future<Output = Result<(), HandleError>> + Send;
 }
 
@@ -198,12 +202,28 @@ async fn process_batch<H: BatchHandler>(
             }
         }
     }
+    // One span per event, continuing the trace of the request that published it; one span per
+    // batch, inside the first event's trace and linked to every event it carries.
+    let event_spans: Vec<tracing::Span> = decoded
+        .iter()
+        .map(|(_, received)| event_span(&observe.labels.queue, received))
+        .collect();
+    let batch_span = tracing::info_span!(
+        parent: event_spans.first().and_then(tracing::Span::id),
+        "batch",
+        otel.name = H::OPERATION,
+        messaging.batch.message_count = event_spans.len(),
+    );
+    crate::telemetry::add_links(&batch_span, &event_spans);
     if !decoded.is_empty() {
         let events: Vec<Received> = decoded
             .iter()
             .map(|(_, received)| received.clone())
             .collect();
-        match handle_with_retries(handler, &events, settings, shutdown, None, observe).await {
+        let handled = handle_with_retries(handler, &events, settings, shutdown, None, observe)
+            .instrument(batch_span.clone())
+            .await;
+        match handled {
             Outcome::Done => {}
             Outcome::Interrupted => return Ok(false),
             Outcome::Permanent(error) => {
@@ -252,6 +272,23 @@ async fn process_batch<H: BatchHandler>(
         .get_or_create(&observe.labels)
         .inc_by(dead_lettered);
     Ok(true)
+}
+
+fn event_span(queue: &str, received: &Received) -> tracing::Span {
+    let span = tracing::info_span!(
+        "consume event",
+        otel.kind = "consumer",
+        messaging.system = "rabbitmq",
+        messaging.destination.name = queue,
+        event_id = %received.event.event_id,
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
+    );
+    if let Some(trace) = &received.trace {
+        crate::telemetry::set_remote_parent(&span, trace.as_str());
+        crate::telemetry::record_ids(&span, trace);
+    }
+    span
 }
 
 enum Outcome {

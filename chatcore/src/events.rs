@@ -125,6 +125,11 @@ impl TraceContext {
         Self::trace_id_of(&self.0).expect("valid by construction")
     }
 
+    /// The parent span id this context carries.
+    pub fn span_id(&self) -> &str {
+        self.0.split('-').nth(2).expect("valid by construction")
+    }
+
     fn trace_id_of(traceparent: &str) -> Option<&str> {
         let mut parts = traceparent.split('-');
         let (version, trace_id, span_id, flags) =

@@ -145,6 +145,7 @@ impl NumberAllocator {
     }
 
     /// Hands out the next number of the scope; never one handed out before.
+    #[tracing::instrument(name = "redis allocate number", skip_all, fields(otel.kind = "client", scope = %scope.id()))]
     pub async fn allocate(&self, scope: &Scope) -> Result<Number, AllocationError> {
         let key = self.key(scope);
         for _ in 0..MAX_ROUNDS {

@@ -1,22 +1,159 @@
-//! Logging: JSON lines on stdout, level from `RUST_LOG` (default `info`), lowercase messages.
+//! Logging and tracing of every binary.
+//!
+//! - Logs: JSON lines on stdout, level from `RUST_LOG` (default `info`), lowercase messages; the
+//!   spans of a request or a batch carry `trace_id` and `span_id`, so every log line inside them does.
+//! - Traces: exported over OTLP/gRPC when `OTEL_EXPORTER_OTLP_ENDPOINT` is set (off, and free,
+//!   otherwise), with `service.name` set per binary. The W3C trace context travels in AMQP headers
+//!   ([`inject`] / [`extract`]), so one POST is one trace across api, ingest-worker and indexer.
 
-use tracing_subscriber::EnvFilter;
+use std::collections::HashMap;
 
-/// Installs the global subscriber once; later calls (tests spawning several services) are no-ops.
-pub fn init(service_name: &'static str) {
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator as _};
+use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{EnvFilter, Layer as _};
+
+use crate::events::TraceContext;
+
+/// Flushes buffered spans when dropped; keep it alive for the life of `main`.
+#[must_use = "traces are flushed when the guard is dropped"]
+pub struct TelemetryGuard {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Drop for TelemetryGuard {
+    fn drop(&mut self) {
+        if let Some(provider) = self.provider.take()
+            && let Err(error) = provider.shutdown()
+        {
+            eprintln!("flushing traces failed: {error}");
+        }
+    }
+}
+
+/// Installs logging (and tracing when configured) once; later calls are no-ops.
+pub fn init(service_name: &'static str) -> TelemetryGuard {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let installed = tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt::layer()
         .json()
-        .with_env_filter(filter)
         .with_current_span(true)
         .flatten_event(true)
+        .with_filter(filter);
+    let endpoint = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .ok()
+        .filter(|value| !value.is_empty());
+    let provider = endpoint
+        .as_ref()
+        .and_then(|_| match tracer_provider(service_name) {
+            Ok(provider) => Some(provider),
+            Err(error) => {
+                eprintln!("tracing disabled: {error}");
+                None
+            }
+        });
+    let traces = provider.as_ref().map(|provider| {
+        tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer(service_name))
+            .with_filter(EnvFilter::new("info"))
+    });
+    let installed = tracing_subscriber::registry()
+        .with(logs)
+        .with(traces)
         .try_init()
         .is_ok();
-    if installed {
-        tracing::info!(
-            service = service_name,
-            version = env!("CARGO_PKG_VERSION"),
-            "starting"
-        );
+    if !installed {
+        return TelemetryGuard { provider: None };
+    }
+    tracing::info!(
+        service = service_name,
+        version = env!("CARGO_PKG_VERSION"),
+        tracing = provider.is_some(),
+        "starting"
+    );
+    TelemetryGuard { provider }
+}
+
+fn tracer_provider(
+    service_name: &'static str,
+) -> Result<SdkTracerProvider, opentelemetry_otlp::ExporterBuildError> {
+    // Endpoint, headers and timeout come from the standard OTEL_EXPORTER_OTLP_* variables.
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .build()?;
+    let resource = opentelemetry_sdk::Resource::builder()
+        .with_service_name(service_name)
+        .build();
+    Ok(SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(resource)
+        .build())
+}
+
+struct HeaderMap<'a>(&'a mut HashMap<String, String>);
+
+impl Injector for HeaderMap<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        self.0.insert(key.to_owned(), value);
+    }
+}
+
+struct Headers<'a>(&'a HashMap<String, String>);
+
+impl Extractor for Headers<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(String::as_str)
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(String::as_str).collect()
+    }
+}
+
+/// The trace context to put on an outgoing event: the current span's when tracing is on, else
+/// `fallback` (a context continued from the caller or started locally), so every event has one.
+pub fn inject(span: &tracing::Span, fallback: TraceContext) -> TraceContext {
+    let mut headers = HashMap::new();
+    TraceContextPropagator::new().inject_context(&span.context(), &mut HeaderMap(&mut headers));
+    headers
+        .get(crate::events::TRACEPARENT_HEADER)
+        .and_then(|value| TraceContext::parse(value))
+        .unwrap_or(fallback)
+}
+
+/// Makes `span` a child of the remote context in `traceparent` (no-op without tracing).
+pub fn set_remote_parent(span: &tracing::Span, traceparent: &str) {
+    let mut headers = HashMap::new();
+    headers.insert(
+        crate::events::TRACEPARENT_HEADER.to_owned(),
+        traceparent.to_owned(),
+    );
+    let parent = TraceContextPropagator::new().extract(&Headers(&headers));
+    if parent.span().span_context().is_valid() {
+        let _ = span.set_parent(parent);
+    }
+}
+
+/// Links `span` to the span of each context (a batch span to the messages it carries).
+pub fn add_links<'a>(span: &tracing::Span, contexts: impl IntoIterator<Item = &'a tracing::Span>) {
+    for context in contexts {
+        span.add_link(context.context().span().span_context().clone());
+    }
+}
+
+/// Records the OpenTelemetry ids of `span` (or of `fallback` without tracing) as its
+/// `trace_id`/`span_id` fields, which every log line inside the span then carries.
+pub fn record_ids(span: &tracing::Span, fallback: &TraceContext) {
+    let context = span.context();
+    let span_context = context.span().span_context().clone();
+    if span_context.is_valid() {
+        span.record("trace_id", span_context.trace_id().to_string());
+        span.record("span_id", span_context.span_id().to_string());
+    } else {
+        span.record("trace_id", fallback.trace_id());
+        span.record("span_id", fallback.span_id());
     }
 }

@@ -5,7 +5,7 @@ use chatcore::Config;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    chatcore::telemetry::init("counter-sync");
+    let _telemetry = chatcore::telemetry::init("counter-sync");
     let config = Config::from_env()?;
     let Some(report) = counter_sync::run_exclusively(&config).await? else {
         println!("another counter-sync run holds the lease; nothing done");

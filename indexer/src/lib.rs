@@ -77,6 +77,8 @@ fn document_of(payload: &EventPayload) -> Option<MessageDocument> {
 }
 
 impl BatchHandler for Indexer {
+    const OPERATION: &'static str = "elasticsearch bulk";
+
     async fn handle(&self, batch: &[Received]) -> Result<(), HandleError> {
         let documents: Vec<MessageDocument> = batch
             .iter()

@@ -5,7 +5,7 @@ use chatcore::Config;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    chatcore::telemetry::init("indexer");
+    let _telemetry = chatcore::telemetry::init("indexer");
     let config = Config::from_env()?;
     let queue = config.topology.index_queue.clone();
     match std::env::args().nth(1).as_deref() {

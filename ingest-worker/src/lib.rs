@@ -51,6 +51,8 @@ struct NewMessage<'a> {
 }
 
 impl BatchHandler for MysqlWriter {
+    const OPERATION: &'static str = "mysql batch write";
+
     async fn handle(&self, batch: &[Received]) -> Result<(), HandleError> {
         self.write(batch).await.map_err(|error| {
             let transient = error

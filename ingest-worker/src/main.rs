@@ -5,7 +5,7 @@ use chatcore::Config;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    chatcore::telemetry::init("ingest-worker");
+    let _telemetry = chatcore::telemetry::init("ingest-worker");
     let config = Config::from_env()?;
     let queue = config.topology.ingest_queue.clone();
     match std::env::args().nth(1).as_deref() {

@@ -5,3 +5,4 @@ mod kubernetes;
 mod observability;
 mod pipeline;
 mod search;
+mod tracing;

@@ -12,8 +12,10 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use chatcore::domain::{Number, PageRequest};
+use chatcore::events::{TRACEPARENT_HEADER, TraceContext};
 use chatcore::metrics::HttpLabels;
 use serde::{Deserialize, Serialize};
+use tracing::Instrument as _;
 
 use crate::AppState;
 use crate::error::ApiError;
@@ -29,7 +31,7 @@ pub fn router(state: AppState) -> Router {
         .merge(health::router())
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
-            record_http_metrics,
+            observe_request,
         ))
         .fallback(|| async { ApiError::NotFound("route") })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
@@ -37,9 +39,10 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Counts every routed request and its latency by route template (never the raw path, which
-/// would make one series per token).
-async fn record_http_metrics(
+/// Runs every routed request inside a server span (continuing the caller's `traceparent`) and
+/// counts it and its latency by route template (never the raw path, which would make one series
+/// per token).
+async fn observe_request(
     State(state): State<AppState>,
     matched: Option<MatchedPath>,
     request: Request,
@@ -48,7 +51,30 @@ async fn record_http_metrics(
     let started = Instant::now();
     let method = request.method().to_string();
     let route = matched.map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned());
-    let response = next.run(request).await;
+    let incoming = request
+        .headers()
+        .get(TRACEPARENT_HEADER)
+        .and_then(|value| value.to_str().ok())
+        .map(str::to_owned);
+    let span = tracing::info_span!(
+        "http request",
+        otel.name = %format!("{method} {route}"),
+        otel.kind = "server",
+        http.request.method = %method,
+        http.route = %route,
+        http.response.status_code = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
+    );
+    if let Some(incoming) = &incoming {
+        chatcore::telemetry::set_remote_parent(&span, incoming);
+    }
+    let fallback = TraceContext::child_of(incoming.as_deref());
+    chatcore::telemetry::record_ids(&span, &fallback);
+    let mut request = request;
+    request.extensions_mut().insert(fallback);
+    let response = next.run(request).instrument(span.clone()).await;
+    span.record("http.response.status_code", response.status().as_u16());
     let labels = HttpLabels {
         method,
         route,
