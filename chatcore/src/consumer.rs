@@ -459,29 +459,35 @@ struct BatchObserver<'a> {
 /// How often the queue depth (consumer lag) is sampled.
 const QUEUE_DEPTH_INTERVAL: Duration = Duration::from_secs(5);
 
+/// Samples the depth of the queue (consumer lag) and of its dead-letter queue.
 async fn sample_queue_depth(channel: Channel, queue: String, metrics: Arc<Metrics>) {
-    let labels = QueueLabels {
-        queue: queue.clone(),
-    };
+    let sampled = [queue.clone(), Topology::dead_letter_queue(&queue)];
     loop {
-        let declared = channel
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await;
-        match declared {
-            Ok(state) => {
-                metrics
-                    .queue_depth
-                    .get_or_create(&labels)
-                    .set(i64::from(state.message_count()));
+        for name in &sampled {
+            let declared = channel
+                .queue_declare(
+                    name.as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await;
+            match declared {
+                Ok(state) => {
+                    let labels = QueueLabels {
+                        queue: name.clone(),
+                    };
+                    metrics
+                        .queue_depth
+                        .get_or_create(&labels)
+                        .set(i64::from(state.message_count()));
+                }
+                Err(error) => {
+                    tracing::debug!(%error, queue = %name, "could not sample the queue depth")
+                }
             }
-            Err(error) => tracing::debug!(%error, "could not sample the queue depth"),
         }
         tokio::time::sleep(QUEUE_DEPTH_INTERVAL).await;
     }

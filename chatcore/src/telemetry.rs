@@ -41,6 +41,7 @@ pub fn init(service_name: &'static str) -> TelemetryGuard {
     let logs = tracing_subscriber::fmt::layer()
         .json()
         .with_current_span(true)
+        .with_span_list(true)
         .flatten_event(true)
         .with_filter(filter);
     let endpoint = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")

@@ -148,6 +148,7 @@ struct Rendered {
     ingresses: Vec<Ingress>,
     network_policies: Vec<NetworkPolicy>,
     role_bindings: Vec<RoleBinding>,
+    prometheus_rules: Vec<monitoring::PrometheusRule>,
     labels: Vec<(String, BTreeMap<String, String>)>,
 }
 
@@ -183,6 +184,8 @@ impl Rendered {
                 "ConfigMap" => round_trip::<ConfigMap>(document).map(drop),
                 "Secret" => round_trip::<Secret>(document).map(drop),
                 "ServiceAccount" => round_trip::<ServiceAccount>(document).map(drop),
+                "ServiceMonitor" => round_trip::<monitoring::ServiceMonitor>(document).map(drop),
+                "PrometheusRule" => round_trip(document).map(|r| rendered.prometheus_rules.push(r)),
                 other => bail!("{other}/{name}: a kind this check does not know; add it"),
             };
             parsed.with_context(|| format!("{kind}/{name}"))?;
@@ -646,6 +649,190 @@ fn dev_manifests_parse_into_their_types() -> anyhow::Result<()> {
         }
     }
     ensure!(files == 4, "mysql, redis, rabbitmq and elasticsearch");
+    Ok(())
+}
+
+/// The fields of the Prometheus Operator's `monitoring.coreos.com/v1` resources this chart uses
+/// (not in k8s-openapi); unknown fields fail.
+mod monitoring {
+    use std::collections::BTreeMap;
+
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+    use serde::{Deserialize, Serialize};
+
+    #[derive(Deserialize, Serialize)]
+    #[serde(deny_unknown_fields, rename_all = "camelCase")]
+    pub struct ServiceMonitor {
+        pub api_version: String,
+        pub kind: String,
+        pub metadata: ObjectMeta,
+        pub spec: ServiceMonitorSpec,
+    }
+
+    #[derive(Deserialize, Serialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct ServiceMonitorSpec {
+        pub selector: LabelSelector,
+        pub endpoints: Vec<Endpoint>,
+    }
+
+    #[derive(Deserialize, Serialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Endpoint {
+        pub port: String,
+        pub path: String,
+        pub interval: String,
+    }
+
+    #[derive(Deserialize, Serialize)]
+    #[serde(deny_unknown_fields, rename_all = "camelCase")]
+    pub struct PrometheusRule {
+        pub api_version: String,
+        pub kind: String,
+        pub metadata: ObjectMeta,
+        pub spec: PrometheusRuleSpec,
+    }
+
+    #[derive(Deserialize, Serialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct PrometheusRuleSpec {
+        pub groups: Vec<RuleGroup>,
+    }
+
+    #[derive(Deserialize, Serialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct RuleGroup {
+        pub name: String,
+        pub rules: Vec<Rule>,
+    }
+
+    #[derive(Deserialize, Serialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Rule {
+        pub alert: String,
+        pub expr: String,
+        #[serde(rename = "for")]
+        pub for_: String,
+        pub labels: BTreeMap<String, String>,
+        pub annotations: BTreeMap<String, String>,
+    }
+}
+
+/// Metric names the services register (from the `# TYPE` lines; a family shows once it has a series).
+fn exposed_metric_families() -> BTreeSet<String> {
+    use chatcore::metrics::{
+        DependencyLabels, HttpLabels, OutcomeLabels, QueueLabels, RepairLabels,
+    };
+    let metrics = chatcore::metrics::Metrics::new();
+    let http = HttpLabels {
+        method: "GET".into(),
+        route: "/".into(),
+        status: 200,
+    };
+    let queue = QueueLabels { queue: "q".into() };
+    metrics.http_requests.get_or_create(&http).inc();
+    metrics
+        .http_request_duration
+        .get_or_create(&http)
+        .observe(0.1);
+    metrics
+        .publish_confirm_duration
+        .get_or_create(&OutcomeLabels {
+            outcome: "confirmed",
+        })
+        .observe(0.1);
+    metrics
+        .dependency_duration
+        .get_or_create(&DependencyLabels {
+            dependency: "redis",
+            operation: "x",
+        })
+        .observe(0.1);
+    metrics.batch_size.get_or_create(&queue).observe(1.0);
+    metrics.batch_duration.get_or_create(&queue).observe(0.1);
+    metrics.events_processed.get_or_create(&queue).inc();
+    metrics.events_failed.get_or_create(&queue).inc();
+    metrics.events_dead_lettered.get_or_create(&queue).inc();
+    metrics.queue_depth.get_or_create(&queue).set(1);
+    metrics
+        .counter_sync_repairs
+        .get_or_create(&RepairLabels { kind: "counter" })
+        .inc();
+    metrics
+        .encode()
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// `chat_*` names used in a PromQL text, with the suffixes Prometheus adds to families removed.
+fn referenced_metric_families(promql: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let mut rest = promql;
+    while let Some(start) = rest.find("chat_") {
+        let tail = &rest[start..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        let name = &tail[..end];
+        let family = ["_total", "_bucket", "_count", "_sum"]
+            .iter()
+            .find_map(|suffix| name.strip_suffix(suffix))
+            .unwrap_or(name);
+        names.insert(family.to_owned());
+        rest = &tail[end..];
+    }
+    names
+}
+
+#[test]
+fn alerts_and_dashboard_only_use_metrics_the_services_expose() -> anyhow::Result<()> {
+    let exposed = exposed_metric_families();
+    ensure!(
+        exposed.contains("chat_http_requests") && exposed.contains("chat_queue_depth"),
+        "{exposed:?}"
+    );
+    let production = chart().join("ci/production-values.yaml");
+    let yaml = run_helm(
+        &["template", RELEASE, "--namespace", "chat"],
+        Some(&production),
+    )?;
+    let rendered = Rendered::parse(&parse_documents(&yaml)?)?;
+    let rules: Vec<&monitoring::Rule> = rendered
+        .prometheus_rules
+        .iter()
+        .flat_map(|rule| &rule.spec.groups)
+        .flat_map(|group| &group.rules)
+        .collect();
+    let alerts: Vec<&str> = rules.iter().map(|rule| rule.alert.as_str()).collect();
+    ensure!(
+        alerts
+            == [
+                "ChatConsumerLagHigh",
+                "ChatDeadLetterQueueNotEmpty",
+                "ChatApiErrorRateHigh",
+                "ChatPublishFailures"
+            ],
+        "{alerts:?}"
+    );
+    let dashboard = std::fs::read_to_string(chart().join("files/dashboard.json"))?;
+    let _: Value = serde_json::from_str(&dashboard)?;
+    for (source, text) in rules
+        .iter()
+        .map(|rule| (rule.alert.as_str(), rule.expr.as_str()))
+        .chain([("dashboard", dashboard.as_str())])
+    {
+        let referenced = referenced_metric_families(text);
+        ensure!(!referenced.is_empty(), "{source} uses no metric");
+        for name in referenced {
+            ensure!(
+                exposed.contains(&name),
+                "{source} uses {name}, which no service exposes"
+            );
+        }
+    }
     Ok(())
 }
 
