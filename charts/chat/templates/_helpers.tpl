@@ -140,6 +140,12 @@ CHAT_CONSUMER_PREFETCH: {{ .Values.config.consumerPrefetch | quote }}
 CHAT_BATCH_MAX_SIZE: {{ .Values.config.batchMaxSize | quote }}
 CHAT_BATCH_MAX_WAIT_MS: {{ .Values.config.batchMaxWaitMs | quote }}
 CHAT_MAX_ATTEMPTS: {{ .Values.config.maxAttempts | quote }}
+{{- with .Values.config.otlpEndpoint }}
+OTEL_EXPORTER_OTLP_ENDPOINT: {{ . | quote }}
+{{- end }}
+{{- with .Values.config.pushgatewayUrl }}
+CHAT_PUSHGATEWAY_URL: {{ . | quote }}
+{{- end }}
 {{- end }}
 
 {{/* The four connection URLs as Secret stringData. */}}
