@@ -424,6 +424,30 @@ pub async fn run_worker<H: BatchHandler>(
     run(config, queue, handler, shutdown, &observers).await
 }
 
+/// The command line of a worker binary: `run` (the default) consumes until SIGTERM,
+/// `replay-dead-letters` moves the queue's dead letters back into it.
+pub async fn worker_command<F, Fut>(
+    config: Config,
+    queue: String,
+    run_worker: F,
+) -> anyhow::Result<()>
+where
+    F: FnOnce(Config, CancellationToken) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    match std::env::args().nth(1).as_deref() {
+        None | Some("run") => run_worker(config, crate::shutdown::on_signal()).await,
+        Some("replay-dead-letters") => {
+            let moved = replay_dead_letters(&config, &queue).await?;
+            println!("moved {moved} dead letters back to {queue}");
+            Ok(())
+        }
+        Some(other) => {
+            anyhow::bail!("unknown command {other:?}; expected `run` or `replay-dead-letters`")
+        }
+    }
+}
+
 /// What a consumer reports: readiness and metrics.
 #[derive(Clone)]
 pub struct Observers {

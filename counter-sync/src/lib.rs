@@ -186,112 +186,123 @@ pub async fn run(config: &Config) -> anyhow::Result<Report> {
         config.number_block_size,
     );
     let mut report = Report::default();
-    sync_applications(&pool, &allocator, &mut report).await?;
-    sync_chats(&pool, &allocator, &mut report).await?;
+    sync_level(&pool, &allocator, &mut report, Level::Applications).await?;
+    sync_level(&pool, &allocator, &mut report, Level::Chats).await?;
     Ok(report)
 }
 
-async fn sync_applications(
-    pool: &MySqlPool,
-    allocator: &NumberAllocator,
-    report: &mut Report,
-) -> anyhow::Result<()> {
-    let mut after_id = 0u64;
-    loop {
-        let rows = sqlx::query(
-            "SELECT a.id, a.chats_count, \
-               (SELECT COUNT(*) FROM chats c WHERE c.application_id = a.id) AS actual, \
-               (SELECT CAST(COALESCE(MAX(number), 0) AS UNSIGNED) FROM chats c WHERE c.application_id = a.id) AS highest \
-             FROM applications a WHERE a.id > ? ORDER BY a.id LIMIT ?",
-        )
-        .bind(after_id)
-        .bind(PAGE_SIZE)
-        .fetch_all(pool)
-        .await?;
-        let Some(last) = rows.last() else {
-            return Ok(());
-        };
-        after_id = last.try_get("id")?;
-        let mut highest_per_scope = Vec::with_capacity(rows.len());
-        for row in &rows {
-            report.applications_checked += 1;
-            let application_id: u64 = row.try_get("id")?;
-            let stored: u64 = row.try_get("chats_count")?;
-            let actual: i64 = row.try_get("actual")?;
-            let highest: u64 = row.try_get("highest")?;
-            if stored != actual as u64 {
-                let to = recount(
-                    pool,
-                    "UPDATE applications SET chats_count = (SELECT COUNT(*) FROM chats WHERE application_id = ?) WHERE id = ?",
-                    "SELECT chats_count FROM applications WHERE id = ?",
-                    application_id,
-                )
-                .await?;
-                report.repairs.push(Repair::ChatsCount {
-                    application_id,
-                    from: stored,
-                    to,
-                });
+/// The two levels whose children are counted and numbered: applications (chats) and chats
+/// (messages). Their page queries answer the same columns, so one walk serves both.
+#[derive(Clone, Copy)]
+enum Level {
+    Applications,
+    Chats,
+}
+
+impl Level {
+    /// Columns: id, application_id, number, stored, actual, highest.
+    fn page_query(self) -> &'static str {
+        match self {
+            Self::Applications => {
+                "SELECT a.id, a.id AS application_id, CAST(0 AS UNSIGNED) AS number, a.chats_count AS stored, \
+                   (SELECT COUNT(*) FROM chats c WHERE c.application_id = a.id) AS actual, \
+                   (SELECT CAST(COALESCE(MAX(number), 0) AS UNSIGNED) FROM chats c WHERE c.application_id = a.id) AS highest \
+                 FROM applications a WHERE a.id > ? ORDER BY a.id LIMIT ?"
             }
-            highest_per_scope.push((Scope::ChatsOf { application_id }, highest));
+            Self::Chats => {
+                "SELECT c.id, c.application_id, c.number, c.messages_count AS stored, \
+                   (SELECT COUNT(*) FROM messages m WHERE m.chat_id = c.id) AS actual, \
+                   (SELECT CAST(COALESCE(MAX(number), 0) AS UNSIGNED) FROM messages m WHERE m.chat_id = c.id) AS highest \
+                 FROM chats c WHERE c.id > ? ORDER BY c.id LIMIT ?"
+            }
         }
-        ensure_counters(allocator, &highest_per_scope, report).await?;
+    }
+
+    /// Recount statement (binds id twice) and the read of the recounted value.
+    fn recount_queries(self) -> (&'static str, &'static str) {
+        match self {
+            Self::Applications => (
+                "UPDATE applications SET chats_count = (SELECT COUNT(*) FROM chats WHERE application_id = ?) WHERE id = ?",
+                "SELECT chats_count FROM applications WHERE id = ?",
+            ),
+            Self::Chats => (
+                "UPDATE chats SET messages_count = (SELECT COUNT(*) FROM messages WHERE chat_id = ?) WHERE id = ?",
+                "SELECT messages_count FROM chats WHERE id = ?",
+            ),
+        }
+    }
+
+    fn repair(self, application_id: u64, number: u64, from: u64, to: u64) -> Repair {
+        match self {
+            Self::Applications => Repair::ChatsCount {
+                application_id,
+                from,
+                to,
+            },
+            Self::Chats => Repair::MessagesCount {
+                application_id,
+                chat_number: number,
+                from,
+                to,
+            },
+        }
+    }
+
+    fn scope(self, application_id: u64, number: u64) -> Option<Scope> {
+        match self {
+            Self::Applications => Some(Scope::ChatsOf { application_id }),
+            Self::Chats => Number::new(number).map(|chat_number| Scope::MessagesOf {
+                application_id,
+                chat_number,
+            }),
+        }
+    }
+
+    fn count_checked(self, report: &mut Report) {
+        match self {
+            Self::Applications => report.applications_checked += 1,
+            Self::Chats => report.chats_checked += 1,
+        }
     }
 }
 
-async fn sync_chats(
+/// Walks one level in pages by id: repairs drifted counts, then raises counters that are behind.
+async fn sync_level(
     pool: &MySqlPool,
     allocator: &NumberAllocator,
     report: &mut Report,
+    level: Level,
 ) -> anyhow::Result<()> {
     let mut after_id = 0u64;
     loop {
-        let rows = sqlx::query(
-            "SELECT c.id, c.application_id, c.number, c.messages_count, \
-               (SELECT COUNT(*) FROM messages m WHERE m.chat_id = c.id) AS actual, \
-               (SELECT CAST(COALESCE(MAX(number), 0) AS UNSIGNED) FROM messages m WHERE m.chat_id = c.id) AS highest \
-             FROM chats c WHERE c.id > ? ORDER BY c.id LIMIT ?",
-        )
-        .bind(after_id)
-        .bind(PAGE_SIZE)
-        .fetch_all(pool)
-        .await?;
+        let rows = sqlx::query(level.page_query())
+            .bind(after_id)
+            .bind(PAGE_SIZE)
+            .fetch_all(pool)
+            .await?;
         let Some(last) = rows.last() else {
             return Ok(());
         };
         after_id = last.try_get("id")?;
         let mut highest_per_scope = Vec::with_capacity(rows.len());
         for row in &rows {
-            report.chats_checked += 1;
-            let chat_id: u64 = row.try_get("id")?;
+            level.count_checked(report);
+            let id: u64 = row.try_get("id")?;
             let application_id: u64 = row.try_get("application_id")?;
             let number: u64 = row.try_get("number")?;
-            let stored: u64 = row.try_get("messages_count")?;
+            let stored: u64 = row.try_get("stored")?;
             let actual: i64 = row.try_get("actual")?;
             let highest: u64 = row.try_get("highest")?;
             if stored != actual as u64 {
-                let to = recount(
-                    pool,
-                    "UPDATE chats SET messages_count = (SELECT COUNT(*) FROM messages WHERE chat_id = ?) WHERE id = ?",
-                    "SELECT messages_count FROM chats WHERE id = ?",
-                    chat_id,
-                )
-                .await?;
-                report.repairs.push(Repair::MessagesCount {
-                    application_id,
-                    chat_number: number,
-                    from: stored,
-                    to,
-                });
+                let (update, select) = level.recount_queries();
+                let to = recount(pool, update, select, id).await?;
+                report
+                    .repairs
+                    .push(level.repair(application_id, number, stored, to));
             }
-            let Some(chat_number) = Number::new(number) else {
-                continue;
-            };
-            let scope = Scope::MessagesOf {
-                application_id,
-                chat_number,
-            };
-            highest_per_scope.push((scope, highest));
+            if let Some(scope) = level.scope(application_id, number) {
+                highest_per_scope.push((scope, highest));
+            }
         }
         ensure_counters(allocator, &highest_per_scope, report).await?;
     }

@@ -183,30 +183,11 @@ struct OwnRedis {
 
 impl OwnRedis {
     async fn start() -> anyhow::Result<Self> {
-        let port = {
-            let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
-            probe.local_addr()?.port()
-        };
-        let process = tokio::process::Command::new("redis-server")
-            .args([
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                &port.to_string(),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()?;
-        let redis = Self { port, process };
-        eventually("own redis answers", Duration::from_secs(10), || async {
-            Ok(redis.connection().await.is_ok())
-        })
-        .await?;
-        Ok(redis)
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let process = Self::start_on(port).await?;
+        Ok(Self { port, process })
     }
 
     fn url(&self) -> String {
@@ -222,11 +203,11 @@ impl OwnRedis {
     /// Restarts without persistence: every counter is gone.
     async fn restart_empty(&mut self) -> anyhow::Result<()> {
         self.process.kill().await?;
-        let restarted = Self::start_on(self.port).await?;
-        self.process = restarted;
+        self.process = Self::start_on(self.port).await?;
         Ok(())
     }
 
+    /// A redis-server that keeps nothing on disk, once it answers.
     async fn start_on(port: u16) -> anyhow::Result<tokio::process::Child> {
         let process = tokio::process::Command::new("redis-server")
             .args([
@@ -243,16 +224,12 @@ impl OwnRedis {
             .kill_on_drop(true)
             .spawn()?;
         let url = format!("redis://127.0.0.1:{port}/0");
-        eventually(
-            "restarted redis answers",
-            Duration::from_secs(10),
-            || async {
-                Ok(redis::Client::open(url.as_str())?
-                    .get_multiplexed_async_connection()
-                    .await
-                    .is_ok())
-            },
-        )
+        eventually("redis answers", Duration::from_secs(10), || async {
+            Ok(redis::Client::open(url.as_str())?
+                .get_multiplexed_async_connection()
+                .await
+                .is_ok())
+        })
         .await?;
         Ok(process)
     }

@@ -30,20 +30,29 @@ async fn search(client: &Client, token: &str, chat: u64, query: &str) -> anyhow:
         .unwrap_or_default())
 }
 
+/// Runs a search test once on Elasticsearch 8 and once on 7.17, which the index must support.
+macro_rules! on_both_elasticsearch_versions {
+    ($test:ident) => {
+        mod $test {
+            #[tokio::test]
+            async fn on_elasticsearch_8() -> anyhow::Result<()> {
+                super::$test(system_tests::TestEnv::new().await?).await
+            }
+
+            #[tokio::test]
+            async fn on_elasticsearch_7() -> anyhow::Result<()> {
+                super::$test(system_tests::TestEnv::on_elasticsearch_7().await?).await
+            }
+        }
+    };
+}
+
 fn sorted(mut numbers: Vec<u64>) -> Vec<u64> {
     numbers.sort_unstable();
     numbers
 }
 
-#[tokio::test]
-async fn search_finds_words_and_prefixes_in_one_chat_on_elasticsearch_8() -> anyhow::Result<()> {
-    search_finds_words_and_prefixes_in_one_chat(TestEnv::new().await?).await
-}
-
-#[tokio::test]
-async fn search_finds_words_and_prefixes_in_one_chat_on_elasticsearch_7() -> anyhow::Result<()> {
-    search_finds_words_and_prefixes_in_one_chat(TestEnv::on_elasticsearch_7().await?).await
-}
+on_both_elasticsearch_versions!(search_finds_words_and_prefixes_in_one_chat);
 
 async fn search_finds_words_and_prefixes_in_one_chat(env: TestEnv) -> anyhow::Result<()> {
     let api = env.spawn_api().await?;
@@ -130,15 +139,7 @@ async fn search_finds_words_and_prefixes_in_one_chat(env: TestEnv) -> anyhow::Re
     api.stop().await
 }
 
-#[tokio::test]
-async fn an_update_is_what_search_finds_on_elasticsearch_8() -> anyhow::Result<()> {
-    an_update_is_what_search_finds(TestEnv::new().await?).await
-}
-
-#[tokio::test]
-async fn an_update_is_what_search_finds_on_elasticsearch_7() -> anyhow::Result<()> {
-    an_update_is_what_search_finds(TestEnv::on_elasticsearch_7().await?).await
-}
+on_both_elasticsearch_versions!(an_update_is_what_search_finds);
 
 async fn an_update_is_what_search_finds(env: TestEnv) -> anyhow::Result<()> {
     let api = env.spawn_api().await?;
@@ -182,15 +183,7 @@ async fn an_update_is_what_search_finds(env: TestEnv) -> anyhow::Result<()> {
     api.stop().await
 }
 
-#[tokio::test]
-async fn hostile_queries_never_fail_on_elasticsearch_8() -> anyhow::Result<()> {
-    hostile_queries_never_fail(TestEnv::new().await?).await
-}
-
-#[tokio::test]
-async fn hostile_queries_never_fail_on_elasticsearch_7() -> anyhow::Result<()> {
-    hostile_queries_never_fail(TestEnv::on_elasticsearch_7().await?).await
-}
+on_both_elasticsearch_versions!(hostile_queries_never_fail);
 
 async fn hostile_queries_never_fail(env: TestEnv) -> anyhow::Result<()> {
     let api = env.spawn_api().await?;
