@@ -22,7 +22,6 @@ use quick_cache::sync::Cache;
 use redis::aio::ConnectionManager;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument as _;
 
 pub use error::ApiError;
 
@@ -77,7 +76,7 @@ impl AppState {
         );
         Ok(Self {
             inner: Arc::new(Inner {
-                store: Store::new(pool),
+                store: Store::new(pool, Arc::clone(&metrics)),
                 allocator,
                 publisher,
                 search,
@@ -101,28 +100,18 @@ impl AppState {
         operation: &'static str,
         call: impl Future<Output = T>,
     ) -> T {
-        let span = tracing::info_span!(
-            "dependency call",
-            otel.name = %format!("{dependency} {operation}"),
-            otel.kind = "client",
-            db.system = dependency,
-        );
-        self.inner
-            .metrics
-            .time(dependency, operation, call)
-            .instrument(span)
-            .await
+        self.inner.metrics.time(dependency, operation, call).await
     }
 
     /// Hands out the next number of the scope (Redis, and MySQL when a reservation is due).
     async fn allocate(&self, scope: &Scope) -> Result<Number, ApiError> {
         // The allocator has a span of its own.
-        let allocation = self.inner.allocator.allocate(scope);
-        Ok(self
-            .inner
+        let started = std::time::Instant::now();
+        let allocation = self.inner.allocator.allocate(scope).await;
+        self.inner
             .metrics
-            .time("redis", "allocate_number", allocation)
-            .await?)
+            .record_call("redis", "allocate_number", started);
+        Ok(allocation?)
     }
 
     /// Resolves a token to the internal application id (cached), or 404.
@@ -134,11 +123,9 @@ impl AppState {
             return Ok(id);
         }
         let id = self
-            .time(
-                "mysql",
-                "find_application",
-                self.inner.store.application_id(&token),
-            )
+            .inner
+            .store
+            .application_id(&token)
             .await?
             .ok_or(ApiError::NotFound("application"))?;
         self.inner.application_ids.insert(token.to_string(), id);

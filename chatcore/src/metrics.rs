@@ -13,6 +13,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
+use tracing::Instrument as _;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HttpLabels {
@@ -166,22 +167,34 @@ impl Metrics {
         out
     }
 
-    /// Runs `call` and records its latency under `dependency`/`operation`.
+    /// Runs a call to a dependency inside a client span and records its latency under
+    /// `dependency`/`operation`.
     pub async fn time<T>(
         &self,
         dependency: &'static str,
         operation: &'static str,
         call: impl Future<Output = T>,
     ) -> T {
+        let span = tracing::info_span!(
+            "dependency call",
+            otel.name = %format!("{dependency} {operation}"),
+            otel.kind = "client",
+            db.system = dependency,
+        );
         let started = Instant::now();
-        let output = call.await;
+        let output = call.instrument(span).await;
+        self.record_call(dependency, operation, started);
+        output
+    }
+
+    /// Records the latency of a call that started at `started` (for calls with a span of their own).
+    pub fn record_call(&self, dependency: &'static str, operation: &'static str, started: Instant) {
         self.dependency_duration
             .get_or_create(&DependencyLabels {
                 dependency,
                 operation,
             })
             .observe(started.elapsed().as_secs_f64());
-        output
     }
 }
 

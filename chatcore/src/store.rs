@@ -1,6 +1,8 @@
 //! MySQL: connection pool, migrations, and the reads and synchronous writes of the API.
 
+use std::future::Future;
 use std::str::FromStr as _;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, SubsecRound as _, Utc};
@@ -9,6 +11,7 @@ use sqlx::{AssertSqlSafe, MySqlPool, Row as _};
 
 use crate::config::SecretUrl;
 use crate::domain::{ApplicationName, ApplicationToken, MessageBody, Number, PageRequest};
+use crate::metrics::Metrics;
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
 
@@ -77,17 +80,23 @@ pub struct MessageRow {
     pub updated_at: DateTime<Utc>,
 }
 
+/// Every call is timed as `chat_dependency_duration_seconds{dependency="mysql"}` in a client span.
 #[derive(Clone)]
 pub struct Store {
     pool: MySqlPool,
+    metrics: Arc<Metrics>,
 }
 
 const APPLICATION_COLUMNS: &str = "id, token, name, chats_count, created_at, updated_at";
 const MESSAGE_COLUMNS: &str = "m.number, m.body, m.version, m.created_at, m.updated_at";
 
 impl Store {
-    pub fn new(pool: MySqlPool) -> Self {
-        Self { pool }
+    pub fn new(pool: MySqlPool, metrics: Arc<Metrics>) -> Self {
+        Self { pool, metrics }
+    }
+
+    async fn timed<T>(&self, operation: &'static str, call: impl Future<Output = T>) -> T {
+        self.metrics.time("mysql", operation, call).await
     }
 
     pub fn pool(&self) -> &MySqlPool {
@@ -98,24 +107,27 @@ impl Store {
         &self,
         name: &ApplicationName,
     ) -> Result<ApplicationRow, sqlx::Error> {
-        let token = ApplicationToken::generate();
-        let created_at = now();
-        let id = sqlx::query("INSERT INTO applications (token, name, chats_count, created_at, updated_at) VALUES (?, ?, 0, ?, ?)")
-            .bind(token.as_str())
-            .bind(name.as_str())
-            .bind(created_at)
-            .bind(created_at)
-            .execute(&self.pool)
-            .await?
-            .last_insert_id();
-        Ok(ApplicationRow {
-            id,
-            token: token.to_string(),
-            name: name.as_str().to_owned(),
-            chats_count: 0,
-            created_at,
-            updated_at: created_at,
+        self.timed("create_application", async {
+            let token = ApplicationToken::generate();
+            let created_at = now();
+            let id = sqlx::query("INSERT INTO applications (token, name, chats_count, created_at, updated_at) VALUES (?, ?, 0, ?, ?)")
+                .bind(token.as_str())
+                .bind(name.as_str())
+                .bind(created_at)
+                .bind(created_at)
+                .execute(&self.pool)
+                .await?
+                .last_insert_id();
+            Ok(ApplicationRow {
+                id,
+                token: token.to_string(),
+                name: name.as_str().to_owned(),
+                chats_count: 0,
+                created_at,
+                updated_at: created_at,
+            })
         })
+        .await
     }
 
     pub async fn rename_application(
@@ -123,25 +135,31 @@ impl Store {
         token: &ApplicationToken,
         name: &ApplicationName,
     ) -> Result<Option<ApplicationRow>, sqlx::Error> {
-        sqlx::query("UPDATE applications SET name = ?, updated_at = ? WHERE token = ?")
-            .bind(name.as_str())
-            .bind(now())
-            .bind(token.as_str())
-            .execute(&self.pool)
-            .await?;
-        // Zero affected rows means either no such token or an unchanged name: the read decides.
-        self.find_application(token).await
+        self.timed("rename_application", async {
+            sqlx::query("UPDATE applications SET name = ?, updated_at = ? WHERE token = ?")
+                .bind(name.as_str())
+                .bind(now())
+                .bind(token.as_str())
+                .execute(&self.pool)
+                .await?;
+            // Zero affected rows means either no such token or an unchanged name: the read decides.
+            self.find_application(token).await
+        })
+        .await
     }
 
     pub async fn find_application(
         &self,
         token: &ApplicationToken,
     ) -> Result<Option<ApplicationRow>, sqlx::Error> {
-        sqlx::query_as(AssertSqlSafe(format!(
-            "SELECT {APPLICATION_COLUMNS} FROM applications WHERE token = ?"
-        )))
-        .bind(token.as_str())
-        .fetch_optional(&self.pool)
+        self.timed("find_application", async {
+            sqlx::query_as(AssertSqlSafe(format!(
+                "SELECT {APPLICATION_COLUMNS} FROM applications WHERE token = ?"
+            )))
+            .bind(token.as_str())
+            .fetch_optional(&self.pool)
+            .await
+        })
         .await
     }
 
@@ -150,12 +168,15 @@ impl Store {
         &self,
         page: PageRequest,
     ) -> Result<Vec<ApplicationRow>, sqlx::Error> {
-        sqlx::query_as(AssertSqlSafe(format!(
-            "SELECT {APPLICATION_COLUMNS} FROM applications ORDER BY id LIMIT ? OFFSET ?"
-        )))
-        .bind(page.fetch_limit())
-        .bind(page.offset())
-        .fetch_all(&self.pool)
+        self.timed("list_applications", async {
+            sqlx::query_as(AssertSqlSafe(format!(
+                "SELECT {APPLICATION_COLUMNS} FROM applications ORDER BY id LIMIT ? OFFSET ?"
+            )))
+            .bind(page.fetch_limit())
+            .bind(page.offset())
+            .fetch_all(&self.pool)
+            .await
+        })
         .await
     }
 
@@ -163,10 +184,13 @@ impl Store {
         &self,
         token: &ApplicationToken,
     ) -> Result<Option<u64>, sqlx::Error> {
-        sqlx::query_scalar("SELECT id FROM applications WHERE token = ?")
-            .bind(token.as_str())
-            .fetch_optional(&self.pool)
-            .await
+        self.timed("application_id", async {
+            sqlx::query_scalar("SELECT id FROM applications WHERE token = ?")
+                .bind(token.as_str())
+                .fetch_optional(&self.pool)
+                .await
+        })
+        .await
     }
 
     pub async fn find_chat(
@@ -174,12 +198,15 @@ impl Store {
         application_id: u64,
         number: Number,
     ) -> Result<Option<ChatRow>, sqlx::Error> {
-        sqlx::query_as(
-            "SELECT number, messages_count, created_at FROM chats WHERE application_id = ? AND number = ?",
-        )
-        .bind(application_id)
-        .bind(number.get())
-        .fetch_optional(&self.pool)
+        self.timed("find_chat", async {
+            sqlx::query_as(
+                "SELECT number, messages_count, created_at FROM chats WHERE application_id = ? AND number = ?",
+            )
+            .bind(application_id)
+            .bind(number.get())
+            .fetch_optional(&self.pool)
+            .await
+        })
         .await
     }
 
@@ -188,14 +215,17 @@ impl Store {
         application_id: u64,
         page: PageRequest,
     ) -> Result<Vec<ChatRow>, sqlx::Error> {
-        sqlx::query_as(
-            "SELECT number, messages_count, created_at FROM chats WHERE application_id = ? \
-             ORDER BY number LIMIT ? OFFSET ?",
-        )
-        .bind(application_id)
-        .bind(page.fetch_limit())
-        .bind(page.offset())
-        .fetch_all(&self.pool)
+        self.timed("list_chats", async {
+            sqlx::query_as(
+                "SELECT number, messages_count, created_at FROM chats WHERE application_id = ? \
+                 ORDER BY number LIMIT ? OFFSET ?",
+            )
+            .bind(application_id)
+            .bind(page.fetch_limit())
+            .bind(page.offset())
+            .fetch_all(&self.pool)
+            .await
+        })
         .await
     }
 
@@ -205,14 +235,17 @@ impl Store {
         chat_number: Number,
         number: Number,
     ) -> Result<Option<MessageRow>, sqlx::Error> {
-        sqlx::query_as(AssertSqlSafe(format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages m JOIN chats c ON c.id = m.chat_id \
-             WHERE c.application_id = ? AND c.number = ? AND m.number = ?"
-        )))
-        .bind(application_id)
-        .bind(chat_number.get())
-        .bind(number.get())
-        .fetch_optional(&self.pool)
+        self.timed("find_message", async {
+            sqlx::query_as(AssertSqlSafe(format!(
+                "SELECT {MESSAGE_COLUMNS} FROM messages m JOIN chats c ON c.id = m.chat_id \
+                 WHERE c.application_id = ? AND c.number = ? AND m.number = ?"
+            )))
+            .bind(application_id)
+            .bind(chat_number.get())
+            .bind(number.get())
+            .fetch_optional(&self.pool)
+            .await
+        })
         .await
     }
 
@@ -222,15 +255,18 @@ impl Store {
         chat_number: Number,
         page: PageRequest,
     ) -> Result<Vec<MessageRow>, sqlx::Error> {
-        sqlx::query_as(AssertSqlSafe(format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages m JOIN chats c ON c.id = m.chat_id \
-             WHERE c.application_id = ? AND c.number = ? ORDER BY m.number LIMIT ? OFFSET ?"
-        )))
-        .bind(application_id)
-        .bind(chat_number.get())
-        .bind(page.fetch_limit())
-        .bind(page.offset())
-        .fetch_all(&self.pool)
+        self.timed("list_messages", async {
+            sqlx::query_as(AssertSqlSafe(format!(
+                "SELECT {MESSAGE_COLUMNS} FROM messages m JOIN chats c ON c.id = m.chat_id \
+                 WHERE c.application_id = ? AND c.number = ? ORDER BY m.number LIMIT ? OFFSET ?"
+            )))
+            .bind(application_id)
+            .bind(chat_number.get())
+            .bind(page.fetch_limit())
+            .bind(page.offset())
+            .fetch_all(&self.pool)
+            .await
+        })
         .await
     }
 
@@ -242,38 +278,41 @@ impl Store {
         number: Number,
         body: &MessageBody,
     ) -> Result<Option<MessageRow>, sqlx::Error> {
-        let mut transaction = self.pool.begin().await?;
-        let Some(row) = sqlx::query(
-            "SELECT m.id, m.version, m.created_at FROM messages m JOIN chats c ON c.id = m.chat_id \
-             WHERE c.application_id = ? AND c.number = ? AND m.number = ? FOR UPDATE",
-        )
-        .bind(application_id)
-        .bind(chat_number.get())
-        .bind(number.get())
-        .fetch_optional(&mut *transaction)
-        .await?
-        else {
-            return Ok(None);
-        };
-        let id: u64 = row.try_get("id")?;
-        let version: u64 = row.try_get::<u64, _>("version")? + 1;
-        let created_at: DateTime<Utc> = row.try_get("created_at")?;
-        let updated_at = now();
-        sqlx::query("UPDATE messages SET body = ?, version = ?, updated_at = ? WHERE id = ?")
-            .bind(body.as_str())
-            .bind(version)
-            .bind(updated_at)
-            .bind(id)
-            .execute(&mut *transaction)
-            .await?;
-        transaction.commit().await?;
-        Ok(Some(MessageRow {
-            number: number.get(),
-            body: body.as_str().to_owned(),
-            version,
-            created_at,
-            updated_at,
-        }))
+        self.timed("update_message", async {
+            let mut transaction = self.pool.begin().await?;
+            let Some(row) = sqlx::query(
+                "SELECT m.id, m.version, m.created_at FROM messages m JOIN chats c ON c.id = m.chat_id \
+                 WHERE c.application_id = ? AND c.number = ? AND m.number = ? FOR UPDATE",
+            )
+            .bind(application_id)
+            .bind(chat_number.get())
+            .bind(number.get())
+            .fetch_optional(&mut *transaction)
+            .await?
+            else {
+                return Ok(None);
+            };
+            let id: u64 = row.try_get("id")?;
+            let version: u64 = row.try_get::<u64, _>("version")? + 1;
+            let created_at: DateTime<Utc> = row.try_get("created_at")?;
+            let updated_at = now();
+            sqlx::query("UPDATE messages SET body = ?, version = ?, updated_at = ? WHERE id = ?")
+                .bind(body.as_str())
+                .bind(version)
+                .bind(updated_at)
+                .bind(id)
+                .execute(&mut *transaction)
+                .await?;
+            transaction.commit().await?;
+            Ok(Some(MessageRow {
+                number: number.get(),
+                body: body.as_str().to_owned(),
+                version,
+                created_at,
+                updated_at,
+            }))
+        })
+        .await
     }
 
     pub async fn ping(&self) -> Result<(), sqlx::Error> {
