@@ -28,6 +28,12 @@ pub enum ApiError {
     /// 409: the message number was accepted but the message is not written yet.
     #[error("message {0} was accepted but is not persisted yet; retry shortly")]
     NotPersistedYet(u64),
+    /// 409: another request with this Idempotency-Key is being processed.
+    #[error("a request with this Idempotency-Key is in progress; retry shortly")]
+    IdempotencyKeyInUse,
+    /// 422: the Idempotency-Key was used before with a different request body.
+    #[error("this Idempotency-Key was used with a different request")]
+    IdempotencyKeyReused,
     /// 413
     #[error("request body exceeds the size limit")]
     PayloadTooLarge,
@@ -51,7 +57,8 @@ impl ApiError {
             Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
             Self::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
-            Self::NotPersistedYet(_) => StatusCode::CONFLICT,
+            Self::NotPersistedYet(_) | Self::IdempotencyKeyInUse => StatusCode::CONFLICT,
+            Self::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -66,6 +73,8 @@ impl ApiError {
             Self::Invalid(_) => "validation_failed",
             Self::NotFound(_) => "not_found",
             Self::NotPersistedYet(_) => "not_persisted_yet",
+            Self::IdempotencyKeyInUse => "idempotency_key_in_use",
+            Self::IdempotencyKeyReused => "idempotency_key_reused",
             Self::PayloadTooLarge => "payload_too_large",
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::MethodNotAllowed => "method_not_allowed",
@@ -105,7 +114,10 @@ impl IntoResponse for ApiError {
             error["field"] = json!(field);
         }
         let mut response = (status, Json(json!({ "error": error }))).into_response();
-        if matches!(self, Self::NotPersistedYet(_) | Self::Unavailable(_)) {
+        if matches!(
+            self,
+            Self::NotPersistedYet(_) | Self::IdempotencyKeyInUse | Self::Unavailable(_)
+        ) {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

@@ -4,6 +4,7 @@
 
 mod error;
 mod extract;
+mod idempotency;
 mod routes;
 
 use std::future::Future;

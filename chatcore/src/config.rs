@@ -110,6 +110,8 @@ pub struct ApiConfig {
     /// How long a just-accepted chat is remembered in Redis so messages can be posted to it
     /// before the ingest-worker has written its row.
     pub pending_chat_ttl: Duration,
+    /// How long an `Idempotency-Key` is remembered.
+    pub idempotency_ttl: Duration,
     pub default_page_size: u32,
     pub max_page_size: u32,
 }
@@ -167,6 +169,9 @@ impl Config {
                 max_request_bytes: settings.parse("CHAT_MAX_REQUEST_BYTES", 256 * 1024)?,
                 pending_chat_ttl: Duration::from_secs(
                     settings.parse("CHAT_PENDING_CHAT_TTL_SECONDS", 86_400)?,
+                ),
+                idempotency_ttl: Duration::from_secs(
+                    settings.parse("CHAT_IDEMPOTENCY_TTL_SECONDS", 86_400)?,
                 ),
                 default_page_size: settings.parse("CHAT_DEFAULT_PAGE_SIZE", 25)?,
                 max_page_size: settings.parse("CHAT_MAX_PAGE_SIZE", 100)?,

@@ -506,3 +506,100 @@ async fn worker_health_follows_the_consumer() -> anyhow::Result<()> {
     shutdown.cancel();
     Ok(())
 }
+
+#[tokio::test]
+async fn idempotency_keys_make_retries_safe() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    let api = env.spawn_api().await?;
+    let workers = env.spawn_workers();
+    let client = &api.client;
+    let token = client.create_application("app").await?;
+    let post_chat = |key: &'static str| {
+        client.send_raw(
+            client
+                .request(
+                    reqwest::Method::POST,
+                    &format!("/applications/{token}/chats"),
+                )
+                .header("Idempotency-Key", key),
+        )
+    };
+    let first = post_chat("chat-key-1").await?;
+    assert_eq!(first.status, StatusCode::ACCEPTED);
+    let retried = post_chat("chat-key-1").await?;
+    assert_eq!(retried.status, StatusCode::ACCEPTED);
+    assert_eq!(retried.body, first.body, "a retry gets the first number");
+    let other = post_chat("chat-key-2").await?;
+    assert_eq!(other.body["number"], 2);
+    let chat = first.body["number"].as_u64().expect("number");
+
+    let post_message = |key: &'static str, body: &'static str| {
+        client.send_raw(
+            client
+                .request(
+                    reqwest::Method::POST,
+                    &format!("/applications/{token}/chats/{chat}/messages"),
+                )
+                .header("Idempotency-Key", key)
+                .json(&json!({ "body": body })),
+        )
+    };
+    let (one, two) = tokio::join!(
+        post_message("msg-key", "hello"),
+        post_message("msg-key", "hello")
+    );
+    let (one, two) = (one?, two?);
+    // Concurrent twins: one creates, the other is told to retry (409) or already sees the number.
+    let accepted: Vec<&Reply> = [&one, &two]
+        .into_iter()
+        .filter(|r| r.status == StatusCode::ACCEPTED)
+        .collect();
+    assert!(!accepted.is_empty(), "{one:?} {two:?}");
+    for reply in [&one, &two] {
+        assert!(
+            reply.status == StatusCode::ACCEPTED
+                || reply.body["error"]["code"] == "idempotency_key_in_use",
+            "{reply:?}"
+        );
+    }
+    let again = post_message("msg-key", "hello").await?;
+    assert_eq!(again.status, StatusCode::ACCEPTED);
+    assert_eq!(again.body, accepted[0].body);
+    let reused = post_message("msg-key", "a different body").await?;
+    assert_error(
+        &reused,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "idempotency_key_reused",
+    );
+    let bad_key = client
+        .send_raw(
+            client
+                .request(
+                    reqwest::Method::POST,
+                    &format!("/applications/{token}/chats"),
+                )
+                .header("Idempotency-Key", "has space"),
+        )
+        .await?;
+    assert_error(&bad_key, StatusCode::BAD_REQUEST, "bad_request");
+
+    eventually(
+        "the messages are persisted",
+        Duration::from_secs(30),
+        || async { Ok(env.stored_message_numbers(&token, chat).await? == [1]) },
+    )
+    .await?;
+    let application_id = env.application_id(&token).await?;
+    eventually("two chats, not four", Duration::from_secs(30), || async {
+        Ok(env
+            .count(
+                "SELECT COUNT(*) FROM chats WHERE application_id = ?",
+                &[application_id],
+            )
+            .await?
+            == 2)
+    })
+    .await?;
+    workers.stop().await?;
+    api.stop().await
+}

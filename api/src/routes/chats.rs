@@ -4,7 +4,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
-use chatcore::domain::serialize_timestamp;
+use chatcore::domain::{Number, serialize_timestamp};
 use chatcore::events::{Event, EventPayload};
 use chatcore::numbering::Scope;
 use chatcore::store::ChatRow;
@@ -15,6 +15,7 @@ use super::{Accepted, PageParams, Pagination, paginate, parse_number};
 use crate::AppState;
 use crate::error::ApiError;
 use crate::extract::{QueryParams, RequestTrace};
+use crate::idempotency::IdempotencyKey;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -50,15 +51,31 @@ async fn create(
     State(state): State<AppState>,
     Path(token): Path<String>,
     RequestTrace(trace): RequestTrace,
+    idempotency_key: IdempotencyKey,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
     let application_id = state.application_id(&token).await?;
-    let number = state.allocate(&Scope::ChatsOf { application_id }).await?;
+    let scope = Scope::ChatsOf { application_id };
+    let number = state
+        .accept_once(idempotency_key, &scope, b"", || {
+            accept_chat(&state, &scope, application_id, &trace)
+        })
+        .await?;
+    Ok((StatusCode::ACCEPTED, Json(Accepted { number })))
+}
+
+async fn accept_chat(
+    state: &AppState,
+    scope: &Scope,
+    application_id: u64,
+    trace: &chatcore::events::TraceContext,
+) -> Result<Number, ApiError> {
+    let number = state.allocate(scope).await?;
     let event = Event::new(EventPayload::ChatCreated {
         application_id,
         chat_number: number,
         created_at: chatcore::store::now(),
     });
-    state.inner.publisher.publish(&event, &trace).await?;
+    state.inner.publisher.publish(&event, trace).await?;
     // The event is durable now; remember the chat so messages can be posted to it before its row
     // is written. Failing to remember only delays that, so it does not fail the request.
     let remembered: Result<(), redis::RedisError> = redis::cmd("SET")
@@ -71,7 +88,7 @@ async fn create(
     if let Err(error) = remembered {
         tracing::warn!(%error, application_id, chat_number = %number, "could not mark the accepted chat as pending");
     }
-    Ok((StatusCode::ACCEPTED, Json(Accepted { number })))
+    Ok(number)
 }
 
 async fn list(

@@ -17,6 +17,7 @@ use super::{Accepted, PageParams, Pagination, paginate, parse_number};
 use crate::AppState;
 use crate::error::ApiError;
 use crate::extract::{JsonBody, QueryParams, RequestTrace};
+use crate::idempotency::IdempotencyKey;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -101,26 +102,32 @@ async fn create(
     State(state): State<AppState>,
     Path((token, chat_number)): Path<(String, String)>,
     RequestTrace(trace): RequestTrace,
+    idempotency_key: IdempotencyKey,
     JsonBody(input): JsonBody<MessageInput>,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
     let chat_number = parse_number("chat_number", &chat_number)?;
     let body = input.body()?;
     let application_id = state.application_id(&token).await?;
     state.require_chat(application_id, chat_number).await?;
-    let number = state
-        .allocate(&Scope::MessagesOf {
-            application_id,
-            chat_number,
-        })
-        .await?;
-    let event = Event::new(EventPayload::MessageCreated {
+    let scope = Scope::MessagesOf {
         application_id,
         chat_number,
-        message_number: number,
-        body: body.into_string(),
-        created_at: chatcore::store::now(),
-    });
-    state.inner.publisher.publish(&event, &trace).await?;
+    };
+    let fingerprint = body.as_str().as_bytes().to_vec();
+    let number = state
+        .accept_once(idempotency_key, &scope, &fingerprint, || async {
+            let number = state.allocate(&scope).await?;
+            let event = Event::new(EventPayload::MessageCreated {
+                application_id,
+                chat_number,
+                message_number: number,
+                body: body.into_string(),
+                created_at: chatcore::store::now(),
+            });
+            state.inner.publisher.publish(&event, &trace).await?;
+            Ok(number)
+        })
+        .await?;
     Ok((StatusCode::ACCEPTED, Json(Accepted { number })))
 }
 
