@@ -9,7 +9,8 @@ use chatcore::broker::PublishError;
 use chatcore::domain::InvalidInput;
 use chatcore::numbering::AllocationError;
 use chatcore::search::SearchError;
-use serde_json::json;
+use serde::Serialize;
+use utoipa::ToSchema;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -99,6 +100,23 @@ impl ApiError {
     }
 }
 
+/// The body of every error answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable, machine-readable code, e.g. `validation_failed`.
+    code: &'static str,
+    /// What went wrong, for people.
+    message: String,
+    /// The input to blame, when there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    field: Option<&'static str>,
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
@@ -109,11 +127,14 @@ impl IntoResponse for ApiError {
             Self::Unavailable(reason) => tracing::warn!(reason, "dependency unavailable"),
             _ => {}
         }
-        let mut error = json!({"code": self.code(), "message": self.to_string()});
-        if let Some(field) = self.field() {
-            error["field"] = json!(field);
-        }
-        let mut response = (status, Json(json!({ "error": error }))).into_response();
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code(),
+                message: self.to_string(),
+                field: self.field(),
+            },
+        };
+        let mut response = (status, Json(body)).into_response();
         if matches!(
             self,
             Self::NotPersistedYet(_) | Self::IdempotencyKeyInUse | Self::Unavailable(_)

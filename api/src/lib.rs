@@ -171,6 +171,13 @@ pub fn router(state: AppState) -> Router {
     routes::router(state)
 }
 
+/// The OpenAPI 3.1 document, pretty-printed (what `/api/v1/openapi.json` serves).
+pub fn openapi_json() -> String {
+    routes::openapi()
+        .to_pretty_json()
+        .expect("the document serializes")
+}
+
 /// Serves the API on `listener` until `shutdown` is cancelled, then drains in-flight requests.
 pub async fn serve(
     config: Config,

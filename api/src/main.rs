@@ -1,11 +1,17 @@
 //! `api` (or `api serve`) serves the HTTP API; `api migrate` applies schema migrations and exits
-//! (retrying for `CHAT_MIGRATE_WAIT_SECONDS`, default 0, while a dependency is unreachable).
+//! (retrying for `CHAT_MIGRATE_WAIT_SECONDS`, default 0, while a dependency is unreachable);
+//! `api openapi` prints the OpenAPI document.
 
 use anyhow::Context as _;
 use chatcore::Config;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    if std::env::args().nth(1).as_deref() == Some("openapi") {
+        // Only the document on stdout, no log lines.
+        println!("{}", api::openapi_json());
+        return Ok(());
+    }
     let _telemetry = chatcore::telemetry::init("api");
     let config = Config::from_env()?;
     match std::env::args().nth(1).as_deref() {
@@ -23,6 +29,8 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or(0);
             api::migrate_when_ready(&config, std::time::Duration::from_secs(wait_seconds)).await
         }
-        Some(other) => anyhow::bail!("unknown command {other:?}; expected `serve` or `migrate`"),
+        Some(other) => {
+            anyhow::bail!("unknown command {other:?}; expected `serve`, `migrate` or `openapi`")
+        }
     }
 }

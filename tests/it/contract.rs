@@ -603,3 +603,43 @@ async fn idempotency_keys_make_retries_safe() -> anyhow::Result<()> {
     workers.stop().await?;
     api.stop().await
 }
+
+#[tokio::test]
+async fn the_openapi_document_and_docs_page_are_served() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    let api = env.spawn_api().await?;
+    let document = api.client.get("/openapi.json").await?;
+    assert_eq!(document.status, StatusCode::OK);
+    assert_eq!(document.body["openapi"], "3.1.0");
+    let paths = document.body["paths"].as_object().expect("paths");
+    assert_eq!(paths.len(), 7, "{:?}", paths.keys().collect::<Vec<_>>());
+    for (path, operations) in paths {
+        for operation in operations.as_object().expect("operations").values() {
+            assert!(
+                operation["responses"]
+                    .as_object()
+                    .is_some_and(|r| !r.is_empty()),
+                "{path}"
+            );
+        }
+    }
+    let docs = reqwest::get(api.base_url.replace("/api/v1", "/docs/")).await?;
+    assert_eq!(docs.status(), StatusCode::OK);
+    let page = docs.text().await?;
+    assert!(
+        page.contains("swagger-ui"),
+        "the docs page is served from the binary"
+    );
+    api.stop().await
+}
+
+#[test]
+fn the_checked_in_openapi_document_matches_the_code() -> anyhow::Result<()> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/openapi.json");
+    let checked_in = std::fs::read_to_string(&path)?;
+    assert!(
+        checked_in.trim_end() == api::openapi_json().trim_end(),
+        "docs/openapi.json is out of date: run `cargo run -p api -- openapi > docs/openapi.json`"
+    );
+    Ok(())
+}

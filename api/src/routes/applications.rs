@@ -1,25 +1,27 @@
 //! Applications: created and renamed synchronously; addressed by token.
 
+use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::routing::get;
-use axum::{Json, Router};
 use chatcore::domain::{ApplicationName, ApplicationToken, InvalidInput};
 use chatcore::store::ApplicationRow;
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::{PageParams, Pagination, paginate};
 use crate::AppState;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 use crate::extract::{JsonBody, QueryParams};
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/applications", get(list).post(create))
-        .route("/applications/{token}", get(show).put(update))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list, create))
+        .routes(routes!(show, update))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 struct ApplicationInput {
     name: Option<String>,
 }
@@ -34,7 +36,7 @@ impl ApplicationInput {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 struct ApplicationView {
     token: String,
     name: String,
@@ -51,12 +53,17 @@ impl From<ApplicationRow> for ApplicationView {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 struct ApplicationList {
     applications: Vec<ApplicationView>,
     pagination: Pagination,
 }
 
+/// Creates an application (synchronous).
+#[utoipa::path(post, path = "/applications", tag = "applications", request_body = ApplicationInput,
+    responses((status = 201, description = "created", body = ApplicationView),
+        (status = 400, body = ErrorBody), (status = 413, body = ErrorBody), (status = 415, body = ErrorBody),
+        (status = 422, body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn create(
     State(state): State<AppState>,
     JsonBody(input): JsonBody<ApplicationInput>,
@@ -66,6 +73,9 @@ async fn create(
     Ok((StatusCode::CREATED, Json(row.into())))
 }
 
+/// Lists applications in creation order.
+#[utoipa::path(get, path = "/applications", tag = "applications", params(PageParams),
+    responses((status = 200, body = ApplicationList), (status = 400, body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn list(
     State(state): State<AppState>,
     QueryParams(params): QueryParams<PageParams>,
@@ -83,6 +93,9 @@ fn parse_token(raw: &str) -> Result<ApplicationToken, ApiError> {
     ApplicationToken::parse(raw).map_err(|_| ApiError::NotFound("application"))
 }
 
+/// Shows one application.
+#[utoipa::path(get, path = "/applications/{token}", tag = "applications", params(("token" = String, Path, description = "application token")),
+    responses((status = 200, body = ApplicationView), (status = 404, description = "unknown application, chat or message", body = ErrorBody), (status = 503, description = "a dependency did not answer", body = ErrorBody)))]
 async fn show(
     State(state): State<AppState>,
     Path(token): Path<String>,
@@ -97,6 +110,9 @@ async fn show(
     Ok(Json(row.into()))
 }
 
+/// Renames an application (synchronous).
+#[utoipa::path(put, path = "/applications/{token}", tag = "applications", params(("token" = String, Path, description = "application token")), request_body = ApplicationInput,
+    responses((status = 200, body = ApplicationView), (status = 400, body = ErrorBody), (status = 422, body = ErrorBody), (status = 404, description = "unknown application, chat or message", body = ErrorBody), (status = 503, description = "a dependency did not answer", body = ErrorBody)))]
 async fn update(
     State(state): State<AppState>,
     Path(token): Path<String>,

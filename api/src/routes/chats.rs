@@ -1,29 +1,31 @@
 //! Chats: created asynchronously (202 with the allocated number), read from MySQL.
 
+use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::routing::get;
-use axum::{Json, Router};
 use chatcore::domain::{Number, serialize_timestamp};
 use chatcore::events::{Event, EventPayload};
 use chatcore::numbering::Scope;
 use chatcore::store::ChatRow;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::{Accepted, PageParams, Pagination, paginate, parse_number};
 use crate::AppState;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 use crate::extract::{QueryParams, RequestTrace};
 use crate::idempotency::IdempotencyKey;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/applications/{token}/chats", get(list).post(create))
-        .route("/applications/{token}/chats/{number}", get(show))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list, create))
+        .routes(routes!(show))
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 struct ChatView {
     number: u64,
     messages_count: u64,
@@ -41,12 +43,17 @@ impl From<ChatRow> for ChatView {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 struct ChatList {
     chats: Vec<ChatView>,
     pagination: Pagination,
 }
 
+/// Accepts a chat: 202 with its number once the event is durable; written a moment later.
+#[utoipa::path(post, path = "/applications/{token}/chats", tag = "chats",
+    params(("token" = String, Path, description = "application token"), ("Idempotency-Key" = Option<String>, Header, description = "makes retries return the first number")),
+    responses((status = 202, description = "accepted", body = Accepted), (status = 400, body = ErrorBody),
+        (status = 409, body = ErrorBody), (status = 422, body = ErrorBody), (status = 404, description = "unknown application, chat or message", body = ErrorBody), (status = 503, description = "a dependency did not answer", body = ErrorBody)))]
 async fn create(
     State(state): State<AppState>,
     Path(token): Path<String>,
@@ -91,6 +98,9 @@ async fn accept_chat(
     Ok(number)
 }
 
+/// Lists the chats of an application by number.
+#[utoipa::path(get, path = "/applications/{token}/chats", tag = "chats", params(("token" = String, Path, description = "application token"), PageParams),
+    responses((status = 200, body = ChatList), (status = 400, body = ErrorBody), (status = 404, description = "unknown application, chat or message", body = ErrorBody), (status = 503, description = "a dependency did not answer", body = ErrorBody)))]
 async fn list(
     State(state): State<AppState>,
     Path(token): Path<String>,
@@ -106,6 +116,9 @@ async fn list(
     }))
 }
 
+/// Shows one chat.
+#[utoipa::path(get, path = "/applications/{token}/chats/{number}", tag = "chats", params(("token" = String, Path, description = "application token"), ("number" = u64, Path, description = "number within the parent")),
+    responses((status = 200, body = ChatView), (status = 400, body = ErrorBody), (status = 404, description = "unknown application, chat or message", body = ErrorBody), (status = 503, description = "a dependency did not answer", body = ErrorBody)))]
 async fn show(
     State(state): State<AppState>,
     Path((token, number)): Path<(String, String)>,

@@ -1,10 +1,13 @@
 //! Messages: created asynchronously (202), updated synchronously (200), read from MySQL, searched
 //! in Elasticsearch.
+#![allow(
+    unused_qualifications,
+    reason = "utoipa::path expands IntoParams after tuple params with a qualified path"
+)]
 
+use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::routing::get;
-use axum::{Json, Router};
 use chatcore::domain::{InvalidInput, MessageBody, Number, SearchQuery, serialize_timestamp};
 use chatcore::events::{Event, EventPayload};
 use chatcore::numbering::Scope;
@@ -12,30 +15,24 @@ use chatcore::search::{MAX_RESULT_WINDOW, MessageHit};
 use chatcore::store::MessageRow;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::{Accepted, PageParams, Pagination, paginate, parse_number};
 use crate::AppState;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 use crate::extract::{JsonBody, QueryParams, RequestTrace};
 use crate::idempotency::IdempotencyKey;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route(
-            "/applications/{token}/chats/{chat_number}/messages",
-            get(list).post(create),
-        )
-        .route(
-            "/applications/{token}/chats/{chat_number}/messages/search",
-            get(search),
-        )
-        .route(
-            "/applications/{token}/chats/{chat_number}/messages/{number}",
-            get(show).put(update),
-        )
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list, create))
+        .routes(routes!(search))
+        .routes(routes!(show, update))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 struct MessageInput {
     body: Option<String>,
 }
@@ -49,7 +46,7 @@ impl MessageInput {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 struct MessageView {
     number: u64,
     body: String,
@@ -77,7 +74,7 @@ impl From<MessageHit> for MessageView {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 struct UpdatedMessageView {
     number: u64,
     body: String,
@@ -85,19 +82,31 @@ struct UpdatedMessageView {
     updated_at: DateTime<Utc>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 struct MessageList {
     messages: Vec<MessageView>,
     pagination: Pagination,
 }
 
-#[derive(Debug, Deserialize)]
+/// `?query=&page=&per_page=` of a search.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct SearchParams {
+    /// Words to find (1..256 characters); symbols are plain text.
     query: Option<String>,
-    #[serde(flatten)]
-    page: PageParams,
+    /// Page, 1-based (default 1).
+    page: Option<String>,
+    /// Page size (default 25, at most 100).
+    per_page: Option<String>,
 }
 
+/// Accepts a message: 202 with its number once the event is durable; written and indexed a moment later.
+#[utoipa::path(post, path = "/applications/{token}/chats/{chat_number}/messages", tag = "messages",
+    params(("token" = String, Path, description = "application token"), ("chat_number" = u64, Path, description = "chat number within the application"), ("Idempotency-Key" = Option<String>, Header, description = "makes retries return the first number")),
+    request_body = MessageInput,
+    responses((status = 202, description = "accepted", body = Accepted), (status = 400, body = ErrorBody),
+        (status = 409, body = ErrorBody), (status = 413, body = ErrorBody), (status = 415, body = ErrorBody),
+        (status = 422, body = ErrorBody), (status = 404, description = "unknown application, chat or message", body = ErrorBody), (status = 503, description = "a dependency did not answer", body = ErrorBody)))]
 async fn create(
     State(state): State<AppState>,
     Path((token, chat_number)): Path<(String, String)>,
@@ -131,6 +140,10 @@ async fn create(
     Ok((StatusCode::ACCEPTED, Json(Accepted { number })))
 }
 
+/// Lists the messages of a chat by number.
+#[utoipa::path(get, path = "/applications/{token}/chats/{chat_number}/messages", tag = "messages",
+    params(("token" = String, Path, description = "application token"), ("chat_number" = u64, Path, description = "chat number within the application"), PageParams),
+    responses((status = 200, body = MessageList), (status = 400, body = ErrorBody), (status = 404, description = "unknown application, chat or message", body = ErrorBody), (status = 503, description = "a dependency did not answer", body = ErrorBody)))]
 async fn list(
     State(state): State<AppState>,
     Path((token, chat_number)): Path<(String, String)>,
@@ -152,6 +165,10 @@ async fn list(
     }))
 }
 
+/// Shows one message.
+#[utoipa::path(get, path = "/applications/{token}/chats/{chat_number}/messages/{number}", tag = "messages",
+    params(("token" = String, Path, description = "application token"), ("chat_number" = u64, Path, description = "chat number within the application"), ("number" = u64, Path, description = "number within the parent")),
+    responses((status = 200, body = MessageView), (status = 400, body = ErrorBody), (status = 404, description = "unknown application, chat or message", body = ErrorBody), (status = 503, description = "a dependency did not answer", body = ErrorBody)))]
 async fn show(
     State(state): State<AppState>,
     Path((token, chat_number, number)): Path<(String, String, String)>,
@@ -170,6 +187,11 @@ async fn show(
 
 /// Synchronous update. A number that was handed out but whose message is not in MySQL yet gets
 /// 409 `not_persisted_yet` (with Retry-After), so the client retries instead of losing its edit.
+#[utoipa::path(put, path = "/applications/{token}/chats/{chat_number}/messages/{number}", tag = "messages",
+    params(("token" = String, Path, description = "application token"), ("chat_number" = u64, Path, description = "chat number within the application"), ("number" = u64, Path, description = "number within the parent")), request_body = MessageInput,
+    responses((status = 200, body = UpdatedMessageView),
+        (status = 409, description = "accepted but not persisted yet; retry", body = ErrorBody),
+        (status = 400, body = ErrorBody), (status = 422, body = ErrorBody), (status = 404, description = "unknown application, chat or message", body = ErrorBody), (status = 503, description = "a dependency did not answer", body = ErrorBody)))]
 async fn update(
     State(state): State<AppState>,
     Path((token, chat_number, number)): Path<(String, String, String)>,
@@ -227,6 +249,10 @@ async fn missing_message(
     }
 }
 
+/// Searches the messages of one chat: every word must match a word or a word prefix.
+#[utoipa::path(get, path = "/applications/{token}/chats/{chat_number}/messages/search", tag = "messages",
+    params(("token" = String, Path, description = "application token"), ("chat_number" = u64, Path, description = "chat number within the application"), SearchParams),
+    responses((status = 200, body = MessageList), (status = 400, body = ErrorBody), (status = 404, description = "unknown application, chat or message", body = ErrorBody), (status = 503, description = "a dependency did not answer", body = ErrorBody)))]
 async fn search(
     State(state): State<AppState>,
     Path((token, chat_number)): Path<(String, String)>,
@@ -239,7 +265,11 @@ async fn search(
         .ok_or_else(|| InvalidInput::new("query", "is required"))
         .and_then(SearchQuery::parse)
         .map_err(ApiError::bad_parameter)?;
-    let page = params.page.parse(&state)?;
+    let page = PageParams {
+        page: params.page,
+        per_page: params.per_page,
+    }
+    .parse(&state)?;
     if page.offset() + page.fetch_limit() > MAX_RESULT_WINDOW {
         return Err(ApiError::bad_parameter(InvalidInput::new(
             "page",

@@ -16,18 +16,55 @@ use chatcore::events::{TRACEPARENT_HEADER, TraceContext};
 use chatcore::metrics::HttpLabels;
 use serde::{Deserialize, Serialize};
 use tracing::Instrument as _;
+use utoipa::{IntoParams, OpenApi, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_swagger_ui::SwaggerUi;
 
 use crate::AppState;
 use crate::error::ApiError;
 
-pub fn router(state: AppState) -> Router {
-    let max_request_bytes = state.config().api.max_request_bytes;
-    let api = Router::new()
+/// Where the OpenAPI document is served; the docs page at `/docs` reads it.
+pub const OPENAPI_PATH: &str = "/api/v1/openapi.json";
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Chat platform API",
+        description = "Applications, chats and messages with per-parent sequential numbers; writes are accepted (202) and persisted asynchronously; messages are searchable. Every error has the body `{\"error\": {\"code\", \"message\", \"field\"}}`."
+    ),
+    tags(
+        (name = "applications", description = "created and renamed synchronously"),
+        (name = "chats", description = "created asynchronously (202)"),
+        (name = "messages", description = "created asynchronously (202), updated synchronously, searchable")
+    )
+)]
+struct ApiDoc;
+
+/// The API routes and the OpenAPI document generated from the same handlers, so the two cannot
+/// drift apart.
+fn api_routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    let api = OpenApiRouter::new()
         .merge(applications::router())
         .merge(chats::router())
         .merge(messages::router());
-    Router::new()
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
         .nest("/api/v1", api)
+        .split_for_parts()
+}
+
+/// The OpenAPI 3.1 document of the API.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    api_routes().1
+}
+
+pub fn router(state: AppState) -> Router {
+    let max_request_bytes = state.config().api.max_request_bytes;
+    let (api, document) = api_routes();
+    // The docs page ships its assets in the binary (works offline).
+    let docs = SwaggerUi::new("/docs").url(OPENAPI_PATH, document);
+    Router::new()
+        .merge(api)
+        .merge(docs)
         .merge(health::router())
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
@@ -90,9 +127,12 @@ async fn observe_request(
 }
 
 /// `?page=&per_page=` of every list.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct PageParams {
+    /// Page, 1-based (default 1, at most 10,000).
     page: Option<String>,
+    /// Page size (default 25, at most 100).
     per_page: Option<String>,
 }
 
@@ -110,7 +150,7 @@ impl PageParams {
 }
 
 /// Pagination block of every list response.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct Pagination {
     page: u32,
     per_page: u32,
@@ -134,7 +174,9 @@ fn parse_number(field: &'static str, raw: &str) -> Result<Number, ApiError> {
 }
 
 /// `{"number": n}` of a 202.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 struct Accepted {
+    /// The number the chat or message will have.
+    #[schema(value_type = u64, minimum = 1)]
     number: Number,
 }
