@@ -253,7 +253,7 @@ async fn numbers_are_never_reused_when_redis_loses_its_data() -> anyhow::Result<
     let load = tokio::spawn({
         let client = client.clone();
         let token = token.clone();
-        async move { post_messages_in_waves(&client, &token, first_chat, 1500).await }
+        async move { post_messages_in_waves(&client, &token, first_chat, 3000).await }
     });
     // Flush twice while the load is running: once messages start landing, and a moment later.
     eventually("messages start landing", LONG, || async {
@@ -266,7 +266,7 @@ async fn numbers_are_never_reused_when_redis_loses_its_data() -> anyhow::Result<
     let _: () = redis::cmd("FLUSHALL")
         .query_async(&mut redis.connection().await?)
         .await?;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
     let _: () = redis::cmd("FLUSHALL")
         .query_async(&mut redis.connection().await?)
         .await?;
