@@ -224,7 +224,11 @@ async fn process_batch<H: BatchHandler>(
             .instrument(batch_span.clone())
             .await;
         match handled {
-            Outcome::Done => {}
+            Outcome::Done => {
+                // Inside the first event's span: the line carries its trace id.
+                let _in_event = event_spans.first().map(tracing::Span::enter);
+                tracing::debug!(events = events.len(), "batch written");
+            }
             Outcome::Interrupted => return Ok(false),
             Outcome::Permanent(error) => {
                 tracing::warn!(events = events.len(), error = %format!("{error:#}"), "batch failed permanently, retrying its events one by one");

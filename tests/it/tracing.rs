@@ -84,7 +84,11 @@ async fn one_post_is_one_trace_across_the_three_services() -> anyhow::Result<()>
     env.set("CHAT_HTTP_ADDR", &format!("127.0.0.1:{api_port}"));
     let mut api = env.spawn_process("api")?;
     env.set("CHAT_HEALTH_ADDR", "127.0.0.1:0");
-    let mut ingest = env.spawn_process("ingest-worker")?;
+    let ingest_log_path = std::env::temp_dir().join(format!("{}-ingest-worker.log", env.id));
+    env.set("RUST_LOG", "chatcore=debug,warn");
+    let mut ingest =
+        env.spawn_process_logging_to("ingest-worker", std::fs::File::create(&ingest_log_path)?)?;
+    env.set("RUST_LOG", "warn");
     let mut indexer = env.spawn_process("indexer")?;
     let client = Client::new(&format!("http://127.0.0.1:{api_port}/api/v1"));
     eventually("the api answers", Duration::from_secs(30), || async {
@@ -194,9 +198,23 @@ async fn one_post_is_one_trace_across_the_three_services() -> anyhow::Result<()>
             "{service}: the batch span links to the event span"
         );
     }
+    // The worker's JSON log line of that batch carries the trace and span ids of the event.
+    let logs = std::fs::read_to_string(&ingest_log_path)?;
+    let line = logs
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .find(|line| line["message"] == "batch written" && line.to_string().contains(trace_id))
+        .unwrap_or_else(|| panic!("no log line of the batch with trace id {trace_id}:\n{logs}"));
+    let event_span = line["spans"]
+        .as_array()
+        .and_then(|spans| spans.iter().find(|span| span["name"] == "consume event"))
+        .expect("the line lists the event span");
+    assert_eq!(event_span["trace_id"], trace_id);
+    assert_eq!(event_span["span_id"].as_str().map(str::len), Some(16));
     for child in [&mut api, &mut ingest, &mut indexer] {
         child.kill().await?;
     }
+    std::fs::remove_file(&ingest_log_path)?;
     Ok(())
 }
 

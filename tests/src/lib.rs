@@ -167,10 +167,19 @@ impl TestEnv {
 
     /// Starts one of the workspace binaries as a child process with this environment.
     pub fn spawn_process(&self, binary: &str) -> anyhow::Result<Child> {
+        self.spawn_process_logging_to(binary, Stdio::null())
+    }
+
+    /// Like [`TestEnv::spawn_process`], with the process' log lines (stdout) going to `logs`.
+    pub fn spawn_process_logging_to(
+        &self,
+        binary: &str,
+        logs: impl Into<Stdio>,
+    ) -> anyhow::Result<Child> {
         let path = binary_path(binary)?;
         Command::new(&path)
             .envs(&self.settings)
-            .stdout(Stdio::null())
+            .stdout(logs)
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
             .spawn()
