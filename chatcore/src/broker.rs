@@ -117,6 +117,18 @@ pub async fn declare_topology(channel: &Channel, topology: &Topology) -> Result<
     Ok(())
 }
 
+/// Messages ready in a queue, through a passive declare (which fails if the queue is missing).
+pub async fn queue_depth(channel: &Channel, queue: &str) -> Result<u32, lapin::Error> {
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    let declared = channel
+        .queue_declare(queue.into(), passive, FieldTable::default())
+        .await?;
+    Ok(declared.message_count())
+}
+
 /// AMQP properties of an event: persistent, JSON, with schema version and trace context headers.
 pub fn event_properties(event: &Event, trace: &TraceContext) -> BasicProperties {
     let mut headers = FieldTable::default();

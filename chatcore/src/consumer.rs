@@ -19,7 +19,7 @@ use futures_util::StreamExt as _;
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
-    BasicRejectOptions, ConfirmSelectOptions, QueueDeclareOptions,
+    BasicRejectOptions, ConfirmSelectOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Consumer};
@@ -358,17 +358,7 @@ pub async fn replay_dead_letters(config: &Config, queue: &str) -> anyhow::Result
         .await?;
     broker::declare_topology(&channel, &config.topology).await?;
     let dead_letter_queue = Topology::dead_letter_queue(queue);
-    let waiting = channel
-        .queue_declare(
-            dead_letter_queue.as_str().into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await?
-        .message_count();
+    let waiting = broker::queue_depth(&channel, &dead_letter_queue).await?;
     let mut moved = 0;
     while moved < waiting {
         let Some(message) = channel
@@ -492,25 +482,16 @@ async fn sample_queue_depth(channel: Channel, queue: String, metrics: Arc<Metric
     let sampled = [queue.clone(), Topology::dead_letter_queue(&queue)];
     loop {
         for name in &sampled {
-            let declared = channel
-                .queue_declare(
-                    name.as_str().into(),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..QueueDeclareOptions::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await;
+            let declared = broker::queue_depth(&channel, name).await;
             match declared {
-                Ok(state) => {
+                Ok(depth) => {
                     let labels = QueueLabels {
                         queue: name.clone(),
                     };
                     metrics
                         .queue_depth
                         .get_or_create(&labels)
-                        .set(i64::from(state.message_count()));
+                        .set(i64::from(depth));
                 }
                 Err(error) => {
                     tracing::debug!(%error, queue = %name, "could not sample the queue depth")

@@ -261,18 +261,9 @@ impl TestEnv {
     pub async fn queue_depth(&self, queue: &str) -> anyhow::Result<u32> {
         let connection = chatcore::broker::connect(&self.config().amqp_url, "test-inspect").await?;
         let channel = connection.create_channel().await?;
-        let declared = channel
-            .queue_declare(
-                queue.into(),
-                lapin::options::QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                lapin::types::FieldTable::default(),
-            )
-            .await?;
+        let depth = chatcore::broker::queue_depth(&channel, queue).await?;
         connection.close(200, "done".into()).await?;
-        Ok(declared.message_count())
+        Ok(depth)
     }
 }
 
