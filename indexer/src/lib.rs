@@ -41,21 +41,22 @@ pub struct Indexer {
 }
 
 fn document_of(payload: &EventPayload) -> Option<MessageDocument> {
-    match payload {
+    // A created message is version 1; an update carries the version MySQL gave it.
+    let (application_id, chat_number, number, body, created_at, version) = match payload {
         EventPayload::MessageCreated {
             application_id,
             chat_number,
             message_number,
             body,
             created_at,
-        } => Some(MessageDocument {
-            application_id: *application_id,
-            chat_number: *chat_number,
-            number: *message_number,
-            body: body.clone(),
-            created_at: *created_at,
-            version: 1,
-        }),
+        } => (
+            application_id,
+            chat_number,
+            message_number,
+            body,
+            created_at,
+            1,
+        ),
         EventPayload::MessageUpdated {
             application_id,
             chat_number,
@@ -64,16 +65,24 @@ fn document_of(payload: &EventPayload) -> Option<MessageDocument> {
             version,
             created_at,
             ..
-        } => Some(MessageDocument {
-            application_id: *application_id,
-            chat_number: *chat_number,
-            number: *message_number,
-            body: body.clone(),
-            created_at: *created_at,
-            version: *version,
-        }),
-        EventPayload::ChatCreated { .. } => None,
-    }
+        } => (
+            application_id,
+            chat_number,
+            message_number,
+            body,
+            created_at,
+            *version,
+        ),
+        EventPayload::ChatCreated { .. } => return None,
+    };
+    Some(MessageDocument {
+        application_id: *application_id,
+        chat_number: *chat_number,
+        number: *number,
+        body: body.clone(),
+        created_at: *created_at,
+        version,
+    })
 }
 
 impl BatchHandler for Indexer {
