@@ -5,10 +5,11 @@ use axum::Json;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use chatcore::broker::PublishError;
 use chatcore::domain::InvalidInput;
 use chatcore::numbering::AllocationError;
+use chatcore::queue::PublishError;
 use chatcore::search::SearchError;
+use chatcore::state::StateError;
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -176,9 +177,9 @@ impl From<PublishError> for ApiError {
     }
 }
 
-impl From<redis::RedisError> for ApiError {
-    fn from(error: redis::RedisError) -> Self {
-        Self::Unavailable(format!("redis unavailable: {error}"))
+impl From<StateError> for ApiError {
+    fn from(error: StateError) -> Self {
+        Self::Unavailable(format!("shared state unavailable: {error}"))
     }
 }
 

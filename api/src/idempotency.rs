@@ -1,10 +1,11 @@
 //! `Idempotency-Key` on the POSTs that create chats and messages: a retry with the same key (and
 //! the same body) gets the number of the first attempt and creates nothing new.
 //!
-//! Keys live in Redis for `CHAT_IDEMPOTENCY_TTL_SECONDS` (a day), per parent (application or
-//! chat). The first request claims the key with `SET NX` before it allocates a number, so two
-//! concurrent retries can never both create; the loser gets 409 and retries. A failed attempt
-//! (503) releases the key. Keys are lost with Redis' data, like the counters.
+//! Keys live in the shared state (Redis, or the embedded `state.db`) for
+//! `CHAT_IDEMPOTENCY_TTL_SECONDS` (a day), per parent (application or chat). The first request
+//! claims the key (set-if-absent) before it allocates a number, so two concurrent retries can
+//! never both create; the loser gets 409 and retries. A failed attempt (503) releases the key.
+//! Keys are lost with Redis' data, like the counters; the embedded ones survive restarts.
 
 use std::future::Future;
 
@@ -90,27 +91,19 @@ impl AppState {
         let Some(key) = key.0 else {
             return accept().await;
         };
-        let redis_key = format!(
+        let state_key = format!(
             "{}:idempotency:{}:{key}",
             self.config().redis_key_prefix,
             scope.id()
         );
         let fingerprint = fingerprint(body);
-        let ttl = self.config().api.idempotency_ttl.as_secs().max(1);
-        let mut redis = self.inner.redis.clone();
-        let claimed: Option<String> = redis::cmd("SET")
-            .arg(&redis_key)
-            .arg(format!("pending:{fingerprint}"))
-            .arg("NX")
-            .arg("EX")
-            .arg(ttl)
-            .query_async(&mut redis)
+        let ttl = self.config().api.idempotency_ttl;
+        let state = &self.inner.state;
+        let claimed = state
+            .set_if_absent(&state_key, &format!("pending:{fingerprint}"), ttl)
             .await?;
-        if claimed.is_none() {
-            let recorded: Option<String> = redis::cmd("GET")
-                .arg(&redis_key)
-                .query_async(&mut redis)
-                .await?;
+        if !claimed {
+            let recorded = state.get(&state_key).await?;
             return match recorded.as_deref().and_then(parse_recorded) {
                 Some(Recorded::Done {
                     fingerprint: first,
@@ -120,27 +113,23 @@ impl AppState {
                     Err(ApiError::IdempotencyKeyInUse)
                 }
                 Some(_) => Err(ApiError::IdempotencyKeyReused),
-                // Expired between SET and GET: treat as in progress, the retry will claim it.
+                // Expired between the claim and the read: treat as in progress, the retry will
+                // claim it.
                 None => Err(ApiError::IdempotencyKeyInUse),
             };
         }
         match accept().await {
             Ok(number) => {
-                let _: () = redis::cmd("SET")
-                    .arg(&redis_key)
-                    .arg(format!("done:{fingerprint}:{number}"))
-                    .arg("EX")
-                    .arg(ttl)
-                    .query_async(&mut redis)
+                state
+                    .set(&state_key, &format!("done:{fingerprint}:{number}"), ttl)
                     .await?;
                 Ok(number)
             }
             Err(error) => {
                 // Nothing was accepted: the client may retry with the same key.
-                let _: Result<(), redis::RedisError> = redis::cmd("DEL")
-                    .arg(&redis_key)
-                    .query_async(&mut redis)
-                    .await;
+                if let Err(release) = state.delete(&state_key).await {
+                    tracing::warn!(error = %release, "could not release an idempotency key");
+                }
                 Err(error)
             }
         }

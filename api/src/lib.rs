@@ -1,6 +1,8 @@
 //! The HTTP API: validates, resolves, allocates numbers, publishes confirmed events, answers.
 //!
-//! [`serve`] takes a configuration and a bound listener, so tests can run it on port 0.
+//! [`serve`] takes a configuration and a bound listener, so tests can run it on port 0. When the
+//! queue is embedded (no `AMQP_URL`), the same process also runs the ingest and index consumers,
+//! with the handlers of ingest-worker and indexer: that is the single-process embedded mode.
 
 mod error;
 mod extract;
@@ -13,14 +15,17 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use axum::Router;
 use chatcore::Config;
-use chatcore::broker::Publisher;
+use chatcore::adapters::Adapters;
+use chatcore::consumer::Observers;
 use chatcore::domain::{ApplicationToken, Number};
+use chatcore::local_queue::LocalQueue;
 use chatcore::metrics::Metrics;
 use chatcore::numbering::{NumberAllocator, Scope};
+use chatcore::queue::EventPublisher;
 use chatcore::search::SearchIndex;
-use chatcore::store::Store;
+use chatcore::state::SharedState;
+use chatcore::store::Storage;
 use quick_cache::sync::Cache;
-use redis::aio::ConnectionManager;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -41,53 +46,30 @@ pub struct AppState {
 struct Inner {
     config: Config,
     metrics: Arc<Metrics>,
-    store: Store,
+    store: Arc<dyn Storage>,
     allocator: NumberAllocator,
-    publisher: Publisher,
-    search: SearchIndex,
-    redis: ConnectionManager,
+    publisher: Arc<dyn EventPublisher>,
+    search: Arc<dyn SearchIndex>,
+    state: Arc<dyn SharedState>,
     application_ids: Cache<String, u64>,
     known_chats: Cache<(u64, Number), ()>,
 }
 
 impl AppState {
-    /// Connects to every dependency; fails fast when one is unreachable.
-    pub async fn connect(config: Config) -> anyhow::Result<Self> {
-        let pool = chatcore::store::connect(&config.database_url, config.database_max_connections)
-            .await
-            .with_context(|| format!("connecting to mysql at {}", config.database_url))?;
-        let redis = chatcore::connect_redis(&config.redis_url)
-            .await
-            .with_context(|| format!("connecting to redis at {}", config.redis_url))?;
-        let metrics = Metrics::new();
-        let publisher = Publisher::connect(
-            config.amqp_url.clone(),
-            config.topology.clone(),
-            config.api.publish_confirm_timeout,
-            Arc::clone(&metrics),
-        )
-        .await
-        .with_context(|| format!("connecting to rabbitmq at {}", config.amqp_url))?;
-        let search = SearchIndex::connect(&config.elasticsearch_url, &config.elasticsearch_index)?;
-        let allocator = NumberAllocator::new(
-            redis.clone(),
-            pool.clone(),
-            &config.redis_key_prefix,
-            config.number_block_size,
-        );
-        Ok(Self {
+    fn new(config: Config, adapters: &Adapters, metrics: Arc<Metrics>) -> Self {
+        Self {
             inner: Arc::new(Inner {
-                store: Store::new(pool, Arc::clone(&metrics)),
-                allocator,
-                publisher,
-                search,
-                redis,
+                store: Arc::clone(&adapters.storage),
+                allocator: adapters.allocator.clone(),
+                publisher: Arc::clone(&adapters.publisher),
+                search: Arc::clone(&adapters.search),
+                state: Arc::clone(&adapters.state),
                 application_ids: Cache::new(APPLICATION_CACHE_ENTRIES),
                 known_chats: Cache::new(CHAT_CACHE_ENTRIES),
                 config,
                 metrics,
             }),
-        })
+        }
     }
 
     fn config(&self) -> &Config {
@@ -104,14 +86,15 @@ impl AppState {
         self.inner.metrics.time(dependency, operation, call).await
     }
 
-    /// Hands out the next number of the scope (Redis, and MySQL when a reservation is due).
+    /// Hands out the next number of the scope (the counter, and the database when a
+    /// reservation is due).
     async fn allocate(&self, scope: &Scope) -> Result<Number, ApiError> {
         // The allocator has a span of its own.
         let started = std::time::Instant::now();
         let allocation = self.inner.allocator.allocate(scope).await;
         self.inner
             .metrics
-            .record_call("redis", "allocate_number", started);
+            .record_call(self.inner.state.kind(), "allocate_number", started);
         Ok(allocation?)
     }
 
@@ -140,7 +123,7 @@ impl AppState {
         )
     }
 
-    /// Succeeds when the chat is in MySQL or was accepted (202) recently and is still on its way.
+    /// Succeeds when the chat is stored or was accepted (202) recently and is still on its way.
     async fn require_chat(&self, application_id: u64, chat_number: Number) -> Result<(), ApiError> {
         let key = (application_id, chat_number);
         if self.inner.known_chats.get(&key).is_some() {
@@ -156,11 +139,12 @@ impl AppState {
             self.inner.known_chats.insert(key, ());
             return Ok(());
         }
-        let pending: bool = redis::cmd("EXISTS")
-            .arg(self.pending_chat_key(application_id, chat_number))
-            .query_async(&mut self.inner.redis.clone())
+        let pending = self
+            .inner
+            .state
+            .get(&self.pending_chat_key(application_id, chat_number))
             .await?;
-        if pending {
+        if pending.is_some() {
             return Ok(());
         }
         Err(ApiError::NotFound("chat"))
@@ -179,17 +163,88 @@ pub fn openapi_json() -> String {
 }
 
 /// Serves the API on `listener` until `shutdown` is cancelled, then drains in-flight requests.
+/// With the embedded queue it also runs the ingest and index consumers until then.
 pub async fn serve(
     config: Config,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let state = AppState::connect(config).await?;
-    tracing::info!(address = %listener.local_addr()?, "api listening");
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+    let metrics = Metrics::new();
+    let adapters = Adapters::connect(&config, &metrics).await?;
+    let consumers = adapters.local_queue.as_ref().map(|local_queue| {
+        spawn_embedded_consumers(&config, &adapters, local_queue, &metrics, shutdown.clone())
+    });
+    let state = AppState::new(config, &adapters, metrics);
+    tracing::info!(
+        address = %listener.local_addr()?,
+        storage = adapters.storage.kind(),
+        counters = adapters.state.kind(),
+        queue = adapters.publisher.kind(),
+        search = adapters.search.kind(),
+        "api listening"
+    );
+    let served = axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
         .await
-        .context("serving http")
+        .context("serving http");
+    // The consumers stop at the same signal; an unfinished batch stays queued for the next start.
+    shutdown.cancel();
+    for consumer in consumers.into_iter().flatten() {
+        consumer.await.context("consumer task")??;
+    }
+    served
+}
+
+/// The ingest and index consumers of the embedded queue, with the worker binaries' handlers.
+fn spawn_embedded_consumers(
+    config: &Config,
+    adapters: &Adapters,
+    local_queue: &LocalQueue,
+    metrics: &Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> [tokio::task::JoinHandle<anyhow::Result<()>>; 2] {
+    let observers = Observers {
+        readiness: chatcore::health::Readiness::default(),
+        metrics: Arc::clone(metrics),
+    };
+    let ingest = {
+        let (config, queue, observers, shutdown) = (
+            config.clone(),
+            local_queue.clone(),
+            observers.clone(),
+            shutdown.clone(),
+        );
+        let writer = ingest_worker::IngestWriter::new(Arc::clone(&adapters.storage));
+        tokio::spawn(async move {
+            let queue_name = &config.topology.ingest_queue;
+            chatcore::consumer::run_embedded(
+                &queue,
+                queue_name,
+                &writer,
+                &config.consumer,
+                &shutdown,
+                &observers,
+            )
+            .await
+        })
+    };
+    let index = {
+        let (config, queue) = (config.clone(), local_queue.clone());
+        let indexer = indexer::Indexer::new(Arc::clone(&adapters.search));
+        tokio::spawn(async move {
+            let queue_name = &config.topology.index_queue;
+            chatcore::consumer::run_embedded(
+                &queue,
+                queue_name,
+                &indexer,
+                &config.consumer,
+                &shutdown,
+                &observers,
+            )
+            .await
+        })
+    };
+    [ingest, index]
 }
 
 /// Applies the MySQL migrations and creates the search index and the broker topology, retrying
@@ -211,23 +266,30 @@ pub async fn migrate_when_ready(
     }
 }
 
-/// Applies the MySQL migrations and creates the search index and the broker topology.
+/// Applies the MySQL migrations and creates the search index and the broker topology of the
+/// configured services. The embedded files migrate themselves when they are opened.
 pub async fn migrate(config: &Config) -> anyhow::Result<()> {
-    let pool = chatcore::store::connect(&config.database_url, 2)
-        .await
-        .with_context(|| format!("connecting to mysql at {}", config.database_url))?;
-    chatcore::store::migrate(&pool)
-        .await
-        .context("applying migrations")?;
-    let search = SearchIndex::connect(&config.elasticsearch_url, &config.elasticsearch_index)?;
-    search
-        .ensure_index(config.elasticsearch_replicas)
-        .await
-        .context("creating the search index")?;
-    let connection = chatcore::broker::connect(&config.amqp_url, "chat-migrate").await?;
-    let channel = connection.create_channel().await?;
-    chatcore::broker::declare_topology(&channel, &config.topology).await?;
-    connection.close(200, "done".into()).await?;
+    if let Some(url) = &config.database_url {
+        let pool = chatcore::store::mysql::connect(url, 2)
+            .await
+            .with_context(|| format!("connecting to mysql at {url}"))?;
+        chatcore::store::mysql::migrate(&pool)
+            .await
+            .context("applying migrations")?;
+    }
+    if config.elasticsearch_url.is_some() {
+        chatcore::adapters::connect_search(config)
+            .await?
+            .ensure_index()
+            .await
+            .context("creating the search index")?;
+    }
+    if let Some(url) = &config.amqp_url {
+        let connection = chatcore::broker::connect(url, "chat-migrate").await?;
+        let channel = connection.create_channel().await?;
+        chatcore::broker::declare_topology(&channel, &config.topology).await?;
+        connection.close(200, "done".into()).await?;
+    }
     tracing::info!("migrations applied");
     Ok(())
 }

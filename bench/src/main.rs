@@ -178,7 +178,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn redis_incr_rate(config: &Config) -> anyhow::Result<f64> {
-    let connection = chatcore::connect_redis(&config.redis_url).await?;
+    let connection = chatcore::connect_redis(config.require_redis_url()?).await?;
     let key = format!("{}:bench:incr", config.redis_key_prefix);
     let deadline = Instant::now() + RAW_PHASE;
     let started = Instant::now();
@@ -208,7 +208,7 @@ async fn redis_incr_rate(config: &Config) -> anyhow::Result<f64> {
 }
 
 async fn confirmed_publish_rate(config: &Config) -> anyhow::Result<f64> {
-    let connection = chatcore::broker::connect(&config.amqp_url, "bench-raw-publish").await?;
+    let connection = chatcore::broker::connect(config.require_amqp_url()?, "bench-raw-publish").await?;
     let channel = connection.create_channel().await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
@@ -331,7 +331,7 @@ async fn post_messages(
 }
 
 async fn application_id(config: &Config, token: &str) -> anyhow::Result<u64> {
-    let pool = chatcore::store::connect(&config.database_url, 1).await?;
+    let pool = chatcore::store::mysql::connect(config.require_database_url()?, 1).await?;
     Ok(
         sqlx::query_scalar("SELECT id FROM applications WHERE token = ?")
             .bind(token)
@@ -353,7 +353,7 @@ async fn wait_until_persisted(
     let chat_url = format!("{}/applications/{token}/chats/{chat}", settings.api_url);
     let count_url = format!(
         "{}/{}/_count?routing={application_id}:{chat}",
-        config.elasticsearch_url.expose(),
+        config.require_elasticsearch_url()?.expose(),
         config.elasticsearch_index
     );
     let count_query = json!({"query": {"term": {"chat": format!("{application_id}:{chat}")}}});

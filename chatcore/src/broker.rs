@@ -1,13 +1,16 @@
-//! RabbitMQ: the topology, and a publisher that reports success only after a publisher confirm.
+//! RabbitMQ: the topology, a publisher that reports success only after a publisher confirm, and
+//! the consuming side of a queue (the [`crate::queue`] adapters of the distributed stack).
 //!
 //! Topology (all durable): a topic exchange for events; one queue per consumer bound to the routing
 //! keys it needs; each queue dead-letters into `<queue>.dead` through a direct exchange.
 
 use std::time::Duration;
 
+use async_trait::async_trait;
+use futures_util::StreamExt as _;
 use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions,
+    BasicAckOptions, BasicPublishOptions, BasicRejectOptions, ConfirmSelectOptions,
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{
@@ -18,11 +21,14 @@ use std::sync::Arc;
 use tokio::sync::RwLock;
 use tracing::Instrument as _;
 
-use crate::config::{SecretUrl, Topology};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{ConsumerConfig, SecretUrl, Topology};
 use crate::events::{
     Event, SCHEMA_VERSION, SCHEMA_VERSION_HEADER, TRACEPARENT_HEADER, TraceContext, routing,
 };
 use crate::metrics::{Metrics, OutcomeLabels};
+use crate::queue::{Delivery, EventPublisher, EventSource, PublishError};
 
 pub const PERSISTENT: u8 = 2;
 
@@ -158,18 +164,6 @@ pub fn trace_context_of(properties: &BasicProperties) -> Option<TraceContext> {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum PublishError {
-    #[error("rabbitmq: {0}")]
-    Broker(#[from] lapin::Error),
-    #[error("rabbitmq refused the event (nack)")]
-    Nacked,
-    #[error("no queue is bound for routing key {0}")]
-    Unroutable(&'static str),
-    #[error("rabbitmq did not confirm the event within {0:?}")]
-    ConfirmTimeout(Duration),
-}
-
 /// A publisher-confirmed channel that reconnects after the connection is lost.
 pub struct Publisher {
     url: SecretUrl,
@@ -186,35 +180,15 @@ struct Link {
     generation: u64,
 }
 
-impl Publisher {
-    pub async fn connect(
-        url: SecretUrl,
-        topology: Topology,
-        confirm_timeout: Duration,
-        metrics: Arc<Metrics>,
-    ) -> Result<Self, lapin::Error> {
-        let link = open_link(&url, &topology, 0).await?;
-        Ok(Self {
-            url,
-            topology,
-            confirm_timeout,
-            link: RwLock::new(link),
-            metrics,
-        })
+#[async_trait]
+impl EventPublisher for Publisher {
+    fn kind(&self) -> &'static str {
+        "rabbitmq"
     }
 
-    pub fn topology(&self) -> &Topology {
-        &self.topology
-    }
-
-    /// Publishes the event and waits for the broker's confirm. Retries once on a fresh connection
-    /// when the current one is broken (events are idempotent, so a duplicate is harmless).
-    /// The event carries the context of this publish span (or `fallback` when tracing is off).
-    pub async fn publish(
-        &self,
-        event: &Event,
-        fallback: &TraceContext,
-    ) -> Result<(), PublishError> {
+    /// Waits for the broker's confirm. Retries once on a fresh connection when the current one
+    /// is broken (events are idempotent, so a duplicate is harmless).
+    async fn publish(&self, event: &Event, fallback: &TraceContext) -> Result<(), PublishError> {
         let span = tracing::info_span!(
             "amqp publish",
             otel.kind = "producer",
@@ -243,6 +217,33 @@ impl Publisher {
         outcome
     }
 
+    /// True when the channel is open.
+    async fn is_ready(&self) -> bool {
+        self.link.read().await.channel.status().connected()
+    }
+}
+
+impl Publisher {
+    pub async fn connect(
+        url: SecretUrl,
+        topology: Topology,
+        confirm_timeout: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, lapin::Error> {
+        let link = open_link(&url, &topology, 0).await?;
+        Ok(Self {
+            url,
+            topology,
+            confirm_timeout,
+            link: RwLock::new(link),
+            metrics,
+        })
+    }
+
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
     async fn publish_with_reconnect(
         &self,
         event: &Event,
@@ -260,11 +261,6 @@ impl Publisher {
             }
             outcome => outcome,
         }
-    }
-
-    /// True when the channel is open.
-    pub async fn is_connected(&self) -> bool {
-        self.link.read().await.channel.status().connected()
     }
 
     async fn publish_on(
@@ -321,4 +317,72 @@ async fn open_link(
         channel,
         generation,
     })
+}
+
+/// The consuming side of one RabbitMQ queue, on a channel with a prefetch window.
+pub struct AmqpSource {
+    channel: Channel,
+    consumer: lapin::Consumer,
+}
+
+impl AmqpSource {
+    pub fn new(channel: Channel, consumer: lapin::Consumer) -> Self {
+        Self { channel, consumer }
+    }
+}
+
+#[async_trait]
+impl EventSource for AmqpSource {
+    fn system(&self) -> &'static str {
+        "rabbitmq"
+    }
+
+    async fn next_batch(
+        &mut self,
+        settings: &ConsumerConfig,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Option<Vec<Delivery>>> {
+        let first = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(None),
+            delivery = self.consumer.next() => delivery,
+        };
+        let Some(first) = first else {
+            anyhow::bail!("the broker cancelled the consumer");
+        };
+        let mut batch = vec![delivery_of(first?)];
+        let deadline = tokio::time::Instant::now() + settings.batch_max_wait;
+        while batch.len() < settings.batch_max_size {
+            match tokio::time::timeout_at(deadline, self.consumer.next()).await {
+                Ok(Some(delivery)) => batch.push(delivery_of(delivery?)),
+                Ok(None) => anyhow::bail!("the broker cancelled the consumer"),
+                Err(_elapsed) => break,
+            }
+        }
+        Ok(Some(batch))
+    }
+
+    async fn dead_letter(&mut self, tag: u64) -> anyhow::Result<()> {
+        self.channel
+            .basic_reject(tag, BasicRejectOptions { requeue: false })
+            .await?;
+        Ok(())
+    }
+
+    async fn acknowledge(&mut self, batch: &[u64]) -> anyhow::Result<()> {
+        // Delivery tags grow within a channel: one multiple-ack settles the whole batch.
+        if let Some(last) = batch.iter().max() {
+            self.channel
+                .basic_ack(*last, BasicAckOptions { multiple: true })
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+fn delivery_of(delivery: lapin::message::Delivery) -> Delivery {
+    Delivery {
+        tag: delivery.delivery_tag,
+        trace: trace_context_of(&delivery.properties),
+        data: delivery.data,
+    }
 }

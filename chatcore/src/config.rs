@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -82,21 +83,27 @@ impl Topology {
 }
 
 /// Settings shared by every binary. Service-specific settings sit in the sub-structs.
+///
+/// A service URL that is not set selects the embedded adapter of that part (see README
+/// "Embedded or real services"): SQLite for MySQL, in-process counters for Redis, a SQLite queue
+/// for RabbitMQ, SQLite FTS5 for Elasticsearch, all under `data_dir`.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub database_url: SecretUrl,
+    pub database_url: Option<SecretUrl>,
     pub database_max_connections: u32,
-    pub redis_url: SecretUrl,
+    pub redis_url: Option<SecretUrl>,
     /// Prefix of every Redis key this system writes.
     pub redis_key_prefix: String,
-    pub amqp_url: SecretUrl,
+    pub amqp_url: Option<SecretUrl>,
     pub topology: Topology,
-    pub elasticsearch_url: SecretUrl,
+    pub elasticsearch_url: Option<SecretUrl>,
     pub elasticsearch_index: String,
     /// Replicas of the search index when it is created (0 on a single node).
     pub elasticsearch_replicas: u32,
     /// How many numbers one durable reservation in MySQL covers (see README "Numbering").
     pub number_block_size: u64,
+    /// Where the embedded adapters keep their files.
+    pub data_dir: PathBuf,
     pub api: ApiConfig,
     pub consumer: ConsumerConfig,
 }
@@ -144,22 +151,17 @@ impl Config {
         let settings = Settings { lookup: &lookup };
         let amqp_prefix = settings.string("CHAT_AMQP_PREFIX", "chat");
         Ok(Self {
-            database_url: SecretUrl::new(
-                settings.string("DATABASE_URL", "mysql://chat:chat@127.0.0.1:3306/chat"),
-            ),
+            database_url: settings.url("DATABASE_URL"),
             database_max_connections: settings.parse("CHAT_DATABASE_MAX_CONNECTIONS", 16)?,
-            redis_url: SecretUrl::new(settings.string("REDIS_URL", "redis://127.0.0.1:6379/0")),
+            redis_url: settings.url("REDIS_URL"),
             redis_key_prefix: settings.string("CHAT_REDIS_PREFIX", "chat"),
-            amqp_url: SecretUrl::new(
-                settings.string("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f"),
-            ),
+            amqp_url: settings.url("AMQP_URL"),
             topology: Topology::from_prefix(&amqp_prefix),
-            elasticsearch_url: SecretUrl::new(
-                settings.string("ELASTICSEARCH_URL", "http://127.0.0.1:9200"),
-            ),
+            elasticsearch_url: settings.url("ELASTICSEARCH_URL"),
             elasticsearch_index: settings.string("CHAT_ES_INDEX", "chat-messages"),
             elasticsearch_replicas: settings.parse("CHAT_ES_REPLICAS", 0)?,
             number_block_size: settings.parse("CHAT_NUMBER_BLOCK_SIZE", 1000)?,
+            data_dir: PathBuf::from(settings.string("CHAT_DATA_DIR", "data")),
             api: ApiConfig {
                 listen_addr: settings
                     .parse("CHAT_HTTP_ADDR", SocketAddr::from(([127, 0, 0, 1], 3000)))?,
@@ -209,6 +211,21 @@ impl Config {
                 "batch size and prefetch must be at least 1",
             ));
         }
+        if self.amqp_url.is_some() {
+            // Separate workers consume RabbitMQ; they cannot reach this process' embedded files.
+            for (name, url) in [
+                ("DATABASE_URL", &self.database_url),
+                ("ELASTICSEARCH_URL", &self.elasticsearch_url),
+            ] {
+                if url.is_none() {
+                    return Err(invalid(
+                        name,
+                        String::new(),
+                        "must be set when AMQP_URL is (the separate workers write to it)",
+                    ));
+                }
+            }
+        }
         if self.api.default_page_size == 0 || self.api.default_page_size > self.api.max_page_size {
             return Err(invalid(
                 "CHAT_DEFAULT_PAGE_SIZE",
@@ -218,6 +235,42 @@ impl Config {
         }
         Ok(self)
     }
+
+    /// True when every part runs embedded in this process (no service URL is set).
+    pub fn is_fully_embedded(&self) -> bool {
+        self.database_url.is_none()
+            && self.redis_url.is_none()
+            && self.amqp_url.is_none()
+            && self.elasticsearch_url.is_none()
+    }
+
+    pub fn require_database_url(&self) -> Result<&SecretUrl, ConfigError> {
+        required("DATABASE_URL", &self.database_url)
+    }
+
+    pub fn require_redis_url(&self) -> Result<&SecretUrl, ConfigError> {
+        required("REDIS_URL", &self.redis_url)
+    }
+
+    pub fn require_amqp_url(&self) -> Result<&SecretUrl, ConfigError> {
+        required("AMQP_URL", &self.amqp_url)
+    }
+
+    pub fn require_elasticsearch_url(&self) -> Result<&SecretUrl, ConfigError> {
+        required("ELASTICSEARCH_URL", &self.elasticsearch_url)
+    }
+}
+
+/// For the parts that exist only as real services (the separate workers, counter-sync).
+fn required<'a>(
+    name: &'static str,
+    url: &'a Option<SecretUrl>,
+) -> Result<&'a SecretUrl, ConfigError> {
+    url.as_ref().ok_or_else(|| ConfigError {
+        name,
+        value: String::new(),
+        reason: "is required by this service".to_owned(),
+    })
 }
 
 struct Settings<'a, F: Fn(&str) -> Option<String>> {
@@ -229,6 +282,12 @@ impl<F: Fn(&str) -> Option<String>> Settings<'_, F> {
         (self.lookup)(name)
             .filter(|value| !value.is_empty())
             .unwrap_or_else(|| default.to_owned())
+    }
+
+    fn url(&self, name: &str) -> Option<SecretUrl> {
+        (self.lookup)(name)
+            .filter(|value| !value.is_empty())
+            .map(SecretUrl::new)
     }
 
     fn parse<T>(&self, name: &'static str, default: T) -> Result<T, ConfigError>
@@ -283,6 +342,21 @@ mod tests {
         assert_eq!(config.consumer.batch_max_size, 42);
         assert_eq!(config.topology.ingest_queue, "t1.ingest");
         assert_eq!(config.api.max_page_size, 100);
+        assert!(config.is_fully_embedded());
+        assert_eq!(config.data_dir, PathBuf::from("data"));
+    }
+
+    #[test]
+    fn separate_workers_need_the_real_database_and_index() {
+        let mut values = HashMap::new();
+        values.insert("AMQP_URL".to_owned(), "amqp://127.0.0.1".to_owned());
+        let error = Config::from_map(&values).expect_err("must fail");
+        assert!(error.to_string().contains("DATABASE_URL"));
+        values.insert("DATABASE_URL".to_owned(), "mysql://127.0.0.1/chat".to_owned());
+        values.insert("ELASTICSEARCH_URL".to_owned(), "http://127.0.0.1:9200".to_owned());
+        let config = Config::from_map(&values).expect("valid config");
+        assert!(!config.is_fully_embedded());
+        assert!(config.require_redis_url().is_err());
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! The batching consumer loop shared by ingest-worker and indexer.
+//! The batching consumer loop shared by ingest-worker and indexer, on RabbitMQ ([`run`]) and on
+//! the embedded queue ([`run_embedded`]).
 //!
 //! Deliveries arrive within a prefetch window and are grouped into batches bounded by size and
 //! time. A batch is acknowledged (one multiple-ack) only after its handler succeeded, so a crash at
@@ -15,14 +16,11 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt as _;
-use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
-    BasicRejectOptions, ConfirmSelectOptions,
+    ConfirmSelectOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{Channel, Consumer};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
@@ -30,6 +28,8 @@ use crate::broker;
 use crate::config::{Config, ConsumerConfig, Topology};
 use crate::events::{Event, TraceContext};
 use crate::health::Readiness;
+use crate::local_queue::LocalQueue;
+use crate::queue::{Delivery, EventSource};
 use crate::metrics::{Metrics, QueueLabels};
 
 #[derive(Debug, thiserror::Error)]
@@ -55,8 +55,8 @@ pub trait BatchHandler: Send + Sync {
     fn handle(&self, batch: &[Received]) -> impl Future<Output = Result<(), HandleError>> + Send;
 }
 
-/// Consumes `queue` until `shutdown` is cancelled, reconnecting after broker failures.
-/// `readiness` is true while a consumer is attached to the queue.
+/// Consumes the RabbitMQ `queue` until `shutdown` is cancelled, reconnecting after broker
+/// failures. `observers.readiness` is true while a consumer is attached to the queue.
 pub async fn run<H: BatchHandler>(
     config: &Config,
     queue: &str,
@@ -64,10 +64,11 @@ pub async fn run<H: BatchHandler>(
     shutdown: &CancellationToken,
     observers: &Observers,
 ) -> anyhow::Result<()> {
+    let amqp_url = config.require_amqp_url()?;
     let mut reconnect_delay = config.consumer.retry_base_delay;
     let readiness = &observers.readiness;
     while !shutdown.is_cancelled() {
-        let consumed = consume_once(config, queue, handler, shutdown, observers).await;
+        let consumed = consume_once(config, amqp_url, queue, handler, shutdown, observers).await;
         readiness.set(false);
         match consumed {
             Ok(()) => break,
@@ -84,18 +85,19 @@ pub async fn run<H: BatchHandler>(
 
 async fn consume_once<H: BatchHandler>(
     config: &Config,
+    amqp_url: &crate::config::SecretUrl,
     queue: &str,
     handler: &H,
     shutdown: &CancellationToken,
     observers: &Observers,
 ) -> anyhow::Result<()> {
-    let connection = broker::connect(&config.amqp_url, queue).await?;
+    let connection = broker::connect(amqp_url, queue).await?;
     let channel = connection.create_channel().await?;
     broker::declare_topology(&channel, &config.topology).await?;
     channel
         .basic_qos(config.consumer.prefetch, BasicQosOptions::default())
         .await?;
-    let mut consumer = channel
+    let consumer = channel
         .basic_consume(
             queue.into(),
             "".into(),
@@ -109,67 +111,87 @@ async fn consume_once<H: BatchHandler>(
         "consumer started"
     );
     observers.readiness.set(true);
-    let depth_sampler = tokio::spawn(sample_queue_depth(
-        channel.clone(),
+    let sampled_channel = channel.clone();
+    let _stop_sampler = AbortOnDrop(tokio::spawn(sample_queue_depth(
         queue.to_owned(),
         Arc::clone(&observers.metrics),
-    ));
-    let _stop_sampler = AbortOnDrop(depth_sampler);
-    let settings = &config.consumer;
-    loop {
-        let Some(deliveries) = next_batch(&mut consumer, settings, shutdown).await? else {
-            // Closing the channel hands every unacked delivery back to the queue.
-            let _ = channel.close(200, "shutting down".into()).await;
-            let _ = connection.close(200, "shutting down".into()).await;
-            return Ok(());
-        };
-        let settled = process_batch(
-            &channel,
-            deliveries,
-            handler,
-            settings,
-            shutdown,
-            &observers.batch(queue),
-        )
-        .await?;
-        if !settled {
-            // Shutdown arrived while a batch was being retried: leave it unacked for redelivery.
-            let _ = channel.close(200, "shutting down".into()).await;
-            let _ = connection.close(200, "shutting down".into()).await;
-            return Ok(());
-        }
+        move |name| {
+            let channel = sampled_channel.clone();
+            async move { Ok(u64::from(broker::queue_depth(&channel, &name).await?)) }
+        },
+    )));
+    let mut source = broker::AmqpSource::new(channel.clone(), consumer);
+    let consumed = consume(&mut source, queue, handler, &config.consumer, shutdown, observers).await;
+    if consumed.is_ok() {
+        // Closing the channel hands every unacked delivery back to the queue.
+        let _ = channel.close(200, "shutting down".into()).await;
+        let _ = connection.close(200, "shutting down".into()).await;
     }
+    consumed
 }
 
-/// Waits for the first delivery, then gathers more until the batch is full or its time is up.
-/// Returns None on shutdown.
-async fn next_batch(
-    consumer: &mut Consumer,
+/// Consumes `queue` of the embedded queue until `shutdown` is cancelled: the same batches,
+/// retries and dead-lettering as [`run`] on RabbitMQ.
+pub async fn run_embedded<H: BatchHandler>(
+    local_queue: &LocalQueue,
+    queue: &str,
+    handler: &H,
     settings: &ConsumerConfig,
     shutdown: &CancellationToken,
-) -> anyhow::Result<Option<Vec<Delivery>>> {
-    let first = tokio::select! {
-        _ = shutdown.cancelled() => return Ok(None),
-        delivery = consumer.next() => delivery,
-    };
-    let Some(first) = first else {
-        anyhow::bail!("the broker cancelled the consumer");
-    };
-    let mut batch = vec![first?];
-    let deadline = tokio::time::Instant::now() + settings.batch_max_wait;
-    while batch.len() < settings.batch_max_size {
-        match tokio::time::timeout_at(deadline, consumer.next()).await {
-            Ok(Some(delivery)) => batch.push(delivery?),
-            Ok(None) => anyhow::bail!("the broker cancelled the consumer"),
-            Err(_elapsed) => break,
+    observers: &Observers,
+) -> anyhow::Result<()> {
+    let sampled_queue = local_queue.clone();
+    let _stop_sampler = AbortOnDrop(tokio::spawn(sample_queue_depth(
+        queue.to_owned(),
+        Arc::clone(&observers.metrics),
+        move |name| {
+            let local_queue = sampled_queue.clone();
+            async move { Ok(local_queue.depth(&name).await?) }
+        },
+    )));
+    let mut source = local_queue.source(queue);
+    let mut delay = settings.retry_base_delay;
+    observers.readiness.set(true);
+    while let Err(error) = consume(&mut source, queue, handler, settings, shutdown, observers).await
+    {
+        // The queue file was busy or unreadable; the unacknowledged batch is read again.
+        tracing::warn!(queue, error = %format!("{error:#}"), delay_ms = delay.as_millis() as u64, "embedded consumer failed, retrying");
+        if sleep_or_cancel(delay, shutdown).await {
+            break;
         }
+        delay = (delay * 2).min(settings.retry_max_delay);
     }
-    Ok(Some(batch))
+    observers.readiness.set(false);
+    tracing::info!(queue, "consumer stopped");
+    Ok(())
 }
 
-/// Returns false when shutdown interrupted retries and the batch was left unacked.
-async fn process_batch<H: BatchHandler>(
-    channel: &Channel,
+/// Processes batches from `source` until shutdown (Ok) or a failure of the source (Err).
+async fn consume<S: EventSource, H: BatchHandler>(
+    source: &mut S,
+    queue: &str,
+    handler: &H,
+    settings: &ConsumerConfig,
+    shutdown: &CancellationToken,
+    observers: &Observers,
+) -> anyhow::Result<()> {
+    let observe = observers.batch(queue);
+    loop {
+        let Some(deliveries) = source.next_batch(settings, shutdown).await? else {
+            return Ok(());
+        };
+        let settled =
+            process_batch(source, deliveries, handler, settings, shutdown, &observe).await?;
+        if !settled {
+            // Shutdown arrived while a batch was being retried: leave it for redelivery.
+            return Ok(());
+        }
+    }
+}
+
+/// Returns false when shutdown interrupted retries and the batch was left unacknowledged.
+async fn process_batch<S: EventSource, H: BatchHandler>(
+    source: &mut S,
     deliveries: Vec<Delivery>,
     handler: &H,
     settings: &ConsumerConfig,
@@ -184,20 +206,20 @@ async fn process_batch<H: BatchHandler>(
         .get_or_create(&observe.labels)
         .observe(delivered as f64);
     let mut dead_lettered = 0u64;
-    let last_tag = deliveries.last().map(|delivery| delivery.delivery_tag);
+    let tags: Vec<u64> = deliveries.iter().map(|delivery| delivery.tag).collect();
     let mut decoded = Vec::with_capacity(deliveries.len());
     for delivery in deliveries {
         match Event::decode(&delivery.data) {
             Ok(event) => decoded.push((
-                delivery.delivery_tag,
+                delivery.tag,
                 Received {
                     event,
-                    trace: broker::trace_context_of(&delivery.properties),
+                    trace: delivery.trace,
                 },
             )),
             Err(error) => {
-                tracing::error!(delivery_tag = delivery.delivery_tag, %error, "dead-lettering an event that does not decode");
-                dead_letter(channel, delivery.delivery_tag).await?;
+                tracing::error!(delivery_tag = delivery.tag, %error, "dead-lettering an event that does not decode");
+                source.dead_letter(delivery.tag).await?;
                 dead_lettered += 1;
             }
         }
@@ -206,7 +228,7 @@ async fn process_batch<H: BatchHandler>(
     // batch, inside the first event's trace and linked to every event it carries.
     let event_spans: Vec<tracing::Span> = decoded
         .iter()
-        .map(|(_, received)| event_span(&observe.labels.queue, received))
+        .map(|(_, received)| event_span(source.system(), &observe.labels.queue, received))
         .collect();
     let batch_span = tracing::info_span!(
         parent: event_spans.first().and_then(tracing::Span::id),
@@ -248,7 +270,7 @@ async fn process_batch<H: BatchHandler>(
                         Outcome::Interrupted => return Ok(false),
                         Outcome::Permanent(error) => {
                             tracing::error!(event_id = %received.event.event_id, trace_id = received.trace.as_ref().map(TraceContext::trace_id), error = %format!("{error:#}"), "dead-lettering an event that keeps failing");
-                            dead_letter(channel, *delivery_tag).await?;
+                            source.dead_letter(*delivery_tag).await?;
                             dead_lettered += 1;
                         }
                     }
@@ -256,12 +278,7 @@ async fn process_batch<H: BatchHandler>(
             }
         }
     }
-    if let Some(last_tag) = last_tag {
-        // Everything up to last_tag that was not dead-lettered is done.
-        channel
-            .basic_ack(last_tag, BasicAckOptions { multiple: true })
-            .await?;
-    }
+    source.acknowledge(&tags).await?;
     let metrics = observe.metrics;
     metrics
         .batch_duration
@@ -278,11 +295,11 @@ async fn process_batch<H: BatchHandler>(
     Ok(true)
 }
 
-fn event_span(queue: &str, received: &Received) -> tracing::Span {
+fn event_span(system: &'static str, queue: &str, received: &Received) -> tracing::Span {
     let span = tracing::info_span!(
         "consume event",
         otel.kind = "consumer",
-        messaging.system = "rabbitmq",
+        messaging.system = system,
         messaging.destination.name = queue,
         event_id = %received.event.event_id,
         trace_id = tracing::field::Empty,
@@ -341,17 +358,11 @@ async fn handle_with_retries<H: BatchHandler>(
     }
 }
 
-async fn dead_letter(channel: &Channel, delivery_tag: u64) -> Result<(), lapin::Error> {
-    channel
-        .basic_reject(delivery_tag, BasicRejectOptions { requeue: false })
-        .await
-}
-
 /// Moves the messages waiting in `<queue>.dead` back into `queue` (after the cause was fixed);
 /// returns how many. Only the messages present at the start are moved, so an event that fails
 /// again is dead-lettered again instead of looping.
 pub async fn replay_dead_letters(config: &Config, queue: &str) -> anyhow::Result<u32> {
-    let connection = broker::connect(&config.amqp_url, "replay-dead-letters").await?;
+    let connection = broker::connect(config.require_amqp_url()?, "replay-dead-letters").await?;
     let channel = connection.create_channel().await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
@@ -404,9 +415,9 @@ pub async fn run_worker<H: BatchHandler>(
     queue: &str,
     handler: &H,
     shutdown: &CancellationToken,
+    observers: Observers,
     default_health_addr: std::net::SocketAddr,
 ) -> anyhow::Result<()> {
-    let observers = Observers::default();
     let health_addr = config.consumer.health_addr.unwrap_or(default_health_addr);
     crate::health::serve(
         health_addr,
@@ -478,12 +489,15 @@ struct BatchObserver<'a> {
 const QUEUE_DEPTH_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Samples the depth of the queue (consumer lag) and of its dead-letter queue.
-async fn sample_queue_depth(channel: Channel, queue: String, metrics: Arc<Metrics>) {
+async fn sample_queue_depth<F, Fut>(queue: String, metrics: Arc<Metrics>, depth: F)
+where
+    F: Fn(String) -> Fut,
+    Fut: Future<Output = anyhow::Result<u64>>,
+{
     let sampled = [queue.clone(), Topology::dead_letter_queue(&queue)];
     loop {
         for name in &sampled {
-            let declared = broker::queue_depth(&channel, name).await;
-            match declared {
+            match depth(name.clone()).await {
                 Ok(depth) => {
                     let labels = QueueLabels {
                         queue: name.clone(),
@@ -491,10 +505,10 @@ async fn sample_queue_depth(channel: Channel, queue: String, metrics: Arc<Metric
                     metrics
                         .queue_depth
                         .get_or_create(&labels)
-                        .set(i64::from(depth));
+                        .set(i64::try_from(depth).unwrap_or(i64::MAX));
                 }
                 Err(error) => {
-                    tracing::debug!(%error, queue = %name, "could not sample the queue depth")
+                    tracing::debug!(error = %format!("{error:#}"), queue = %name, "could not sample the queue depth")
                 }
             }
         }

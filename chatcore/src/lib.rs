@@ -1,16 +1,23 @@
 //! Shared core of the chat platform: domain types, event schema, configuration, and the adapters
-//! to MySQL, Redis, RabbitMQ and Elasticsearch used by the api and the workers.
+//! used by the api and the workers. Each adapter is one trait with two implementations: the real
+//! service (MySQL, Redis, RabbitMQ, Elasticsearch) and the embedded one (SQLite, in-process
+//! counters, a SQLite queue, SQLite FTS5); [`adapters`] picks them from the configuration.
 
+pub mod adapters;
 pub mod broker;
 pub mod config;
 pub mod consumer;
 pub mod domain;
 pub mod events;
 pub mod health;
+pub mod local_queue;
 pub mod metrics;
 pub mod numbering;
+pub mod queue;
 pub mod search;
 pub mod shutdown;
+pub mod sqlite;
+pub mod state;
 pub mod store;
 pub mod telemetry;
 

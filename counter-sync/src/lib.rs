@@ -8,11 +8,15 @@
 pub mod lease;
 
 use std::fmt;
+use std::sync::Arc;
 
 use anyhow::Context as _;
 use chatcore::Config;
 use chatcore::domain::Number;
+use chatcore::metrics::Metrics;
 use chatcore::numbering::{NumberAllocator, Scope};
+use chatcore::state::RedisState;
+use chatcore::store::MySqlStorage;
 use sqlx::{MySqlPool, Row as _};
 
 const PAGE_SIZE: i64 = 1000;
@@ -147,7 +151,7 @@ impl Repair {
 /// Pushes the run's metrics (repairs by kind) to a Prometheus Pushgateway: a one-shot job lives too
 /// briefly to be scraped. `url` is the gateway's base URL, e.g. http://pushgateway:9091.
 pub async fn push_metrics(url: &str, report: &Report) -> anyhow::Result<()> {
-    let metrics = chatcore::metrics::Metrics::new();
+    let metrics = Metrics::new();
     for kind in ["chats_count", "messages_count", "counter"] {
         let repairs = report
             .repairs
@@ -173,15 +177,17 @@ pub async fn push_metrics(url: &str, report: &Report) -> anyhow::Result<()> {
 
 /// Runs one pass against the configured MySQL and Redis.
 pub async fn run(config: &Config) -> anyhow::Result<Report> {
-    let pool = chatcore::store::connect(&config.database_url, 4)
+    let mysql_url = config.require_database_url()?;
+    let pool = chatcore::store::mysql::connect(mysql_url, 4)
         .await
-        .with_context(|| format!("connecting to mysql at {}", config.database_url))?;
-    let redis = chatcore::connect_redis(&config.redis_url)
+        .with_context(|| format!("connecting to mysql at {mysql_url}"))?;
+    let redis_url = config.require_redis_url()?;
+    let redis = chatcore::connect_redis(redis_url)
         .await
-        .with_context(|| format!("connecting to redis at {}", config.redis_url))?;
+        .with_context(|| format!("connecting to redis at {redis_url}"))?;
     let allocator = NumberAllocator::new(
-        redis,
-        pool.clone(),
+        Arc::new(RedisState::new(redis)),
+        Arc::new(MySqlStorage::new(pool.clone(), Metrics::new())),
         &config.redis_key_prefix,
         config.number_block_size,
     );

@@ -1,23 +1,30 @@
-//! Bulk-indexes messages into Elasticsearch. Every write carries an external version (1 when
-//! created, the MySQL version after each update), so a redelivered or late event never replaces
-//! a newer body: Elasticsearch answers 409 and the event counts as done.
+//! Bulk-indexes messages: into Elasticsearch in the distributed stack, and (through the same
+//! [`Indexer`], run by the api) into SQLite FTS5 in the embedded mode. Every write carries a
+//! version (1 when created, the stored version after each update), so a redelivered or late event
+//! never replaces a newer body: the index skips it and the event counts as done.
+
+use std::sync::Arc;
 
 use anyhow::anyhow;
 use chatcore::Config;
-use chatcore::consumer::{self, BatchHandler, HandleError, Received};
+use chatcore::consumer::{self, BatchHandler, HandleError, Observers, Received};
 use chatcore::events::EventPayload;
-use chatcore::search::{ItemOutcome, MessageDocument, SearchIndex};
+use chatcore::search::{ElasticsearchIndex, ItemOutcome, MessageDocument, SearchIndex};
 use tokio_util::sync::CancellationToken;
 
 /// `/livez` and `/readyz` unless `CHAT_HEALTH_ADDR` says otherwise.
 pub const DEFAULT_HEALTH_ADDR: std::net::SocketAddr =
     std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9092);
 
-/// Consumes the index queue until `shutdown` is cancelled.
+/// Consumes the RabbitMQ index queue into Elasticsearch until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let index = SearchIndex::connect(&config.elasticsearch_url, &config.elasticsearch_index)?;
+    let index = ElasticsearchIndex::connect(
+        config.require_elasticsearch_url()?,
+        &config.elasticsearch_index,
+        config.elasticsearch_replicas,
+    )?;
     let mut delay = config.consumer.retry_base_delay;
-    while let Err(error) = index.ensure_index(config.elasticsearch_replicas).await {
+    while let Err(error) = index.ensure_index().await {
         tracing::warn!(%error, delay_ms = delay.as_millis() as u64, "search index not ready, retrying");
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
@@ -25,19 +32,26 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         }
         delay = (delay * 2).min(config.consumer.retry_max_delay);
     }
-    let handler = Indexer { index };
+    let handler = Indexer::new(Arc::new(index));
     consumer::run_worker(
         &config,
         &config.topology.index_queue,
         &handler,
         &shutdown,
+        Observers::default(),
         DEFAULT_HEALTH_ADDR,
     )
     .await
 }
 
 pub struct Indexer {
-    index: SearchIndex,
+    index: Arc<dyn SearchIndex>,
+}
+
+impl Indexer {
+    pub fn new(index: Arc<dyn SearchIndex>) -> Self {
+        Self { index }
+    }
 }
 
 fn document_of(payload: &EventPayload) -> Option<MessageDocument> {
@@ -86,7 +100,7 @@ fn document_of(payload: &EventPayload) -> Option<MessageDocument> {
 }
 
 impl BatchHandler for Indexer {
-    const OPERATION: &'static str = "elasticsearch bulk";
+    const OPERATION: &'static str = "index batch write";
 
     async fn handle(&self, batch: &[Received]) -> Result<(), HandleError> {
         let documents: Vec<MessageDocument> = batch

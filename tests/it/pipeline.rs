@@ -314,7 +314,7 @@ async fn poison_events_are_dead_lettered_and_the_consumers_go_on() -> anyhow::Re
     let chat = client.create_chat(&token).await?;
     let config = env.config();
 
-    let connection = chatcore::broker::connect(&config.amqp_url, "test-poison").await?;
+    let connection = chatcore::broker::connect(config.require_amqp_url()?, "test-poison").await?;
     let channel = connection.create_channel().await?;
     let trace = chatcore::events::TraceContext::child_of(None);
     // Undecodable bytes, and a well-formed event for an application that does not exist.
@@ -377,7 +377,7 @@ async fn poison_events_are_dead_lettered_and_the_consumers_go_on() -> anyhow::Re
     // orphan is written now; nothing else is left behind.
     sqlx::query("INSERT INTO applications (id, token, name, chats_count, created_at, updated_at) VALUES (987654, ?, 'restored', 0, NOW(3), NOW(3))")
         .bind("R".repeat(32))
-        .execute(&env.pool)
+        .execute(env.mysql())
         .await?;
     assert_eq!(
         chatcore::consumer::replay_dead_letters(&config, &config.topology.ingest_queue).await?,
@@ -418,7 +418,7 @@ async fn an_event_the_broker_cannot_route_is_a_503_and_nothing_is_written() -> a
     })
     .await?;
     let config = env.config();
-    let connection = chatcore::broker::connect(&config.amqp_url, "test-unbind").await?;
+    let connection = chatcore::broker::connect(config.require_amqp_url()?, "test-unbind").await?;
     let channel = connection.create_channel().await?;
     channel
         .queue_unbind(
@@ -489,13 +489,13 @@ async fn counter_sync_repairs_drifted_counts_and_counters_behind() -> anyhow::Re
     let application_id = env.application_id(&token).await?;
     sqlx::query("UPDATE applications SET chats_count = 42 WHERE id = ?")
         .bind(application_id)
-        .execute(&env.pool)
+        .execute(env.mysql())
         .await?;
     sqlx::query("UPDATE chats SET messages_count = 0 WHERE application_id = ?")
         .bind(application_id)
-        .execute(&env.pool)
+        .execute(env.mysql())
         .await?;
-    let mut redis = redis::Client::open(env.config().redis_url.expose())?
+    let mut redis = redis::Client::open(env.config().require_redis_url()?.expose())?
         .get_multiplexed_async_connection()
         .await?;
     let key = format!("{}:numbers:messages:{application_id}:{chat}", env.id);

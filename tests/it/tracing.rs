@@ -146,8 +146,8 @@ async fn one_post_is_one_trace_across_the_three_services() -> anyhow::Result<()>
                     .any(|r| r.service == service && r.span.name == name)
             };
             Ok(has("api", "amqp publish")
-                && has("ingest-worker", "mysql batch write")
-                && has("indexer", "elasticsearch bulk"))
+                && has("ingest-worker", "ingest batch write")
+                && has("indexer", "index batch write"))
         },
     )
     .await?;
@@ -168,13 +168,13 @@ async fn one_post_is_one_trace_across_the_three_services() -> anyhow::Result<()>
         caller_span,
         "the server span continues the caller's"
     );
-    let allocate = find("api", "redis allocate number");
+    let allocate = find("api", "allocate number");
     assert_eq!(allocate.parent_span_id, http.span_id);
     let publish = find("api", "amqp publish");
     assert_eq!(publish.parent_span_id, http.span_id);
     for (service, batch_name) in [
-        ("ingest-worker", "mysql batch write"),
-        ("indexer", "elasticsearch bulk"),
+        ("ingest-worker", "ingest batch write"),
+        ("indexer", "index batch write"),
     ] {
         let consume = spans
             .iter()

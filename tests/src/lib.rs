@@ -1,9 +1,10 @@
-//! Helpers of the end-to-end tests: an isolated environment per test on the real services (own
-//! MySQL database, RabbitMQ names, Redis key prefix and Elasticsearch index), the api and workers
-//! in-process or as child processes, and an HTTP client.
+//! Helpers of the end-to-end tests: an isolated environment per test, on either stack: the real
+//! services (own MySQL database, RabbitMQ names, Redis key prefix and Elasticsearch index) or the
+//! embedded single process (own data directory); the api and workers in-process or as child
+//! processes, and an HTTP client.
 //!
 //! The services must be running (`scripts/services up`, done by `scripts/test`); a test that cannot
-//! reach one fails.
+//! reach one fails. [`both_stacks!`] runs one test body on each stack.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -55,15 +56,140 @@ impl Services {
     }
 }
 
-/// One test's isolated slice of the shared services.
+/// Which stack a test runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stack {
+    /// MySQL, Redis, RabbitMQ and Elasticsearch, with separate workers.
+    Services,
+    /// One process, no service URL: SQLite, in-process counters and queue, FTS5.
+    Embedded,
+}
+
+/// Runs an `async fn(TestEnv) -> anyhow::Result<()>` once on each stack, as two tests
+/// `<name>::on_services` and `<name>::embedded`.
+#[macro_export]
+macro_rules! both_stacks {
+    ($test:ident) => {
+        mod $test {
+            #[tokio::test]
+            async fn on_services() -> anyhow::Result<()> {
+                super::$test($crate::TestEnv::new().await?).await
+            }
+
+            #[tokio::test]
+            async fn embedded() -> anyhow::Result<()> {
+                super::$test($crate::TestEnv::embedded().await?).await
+            }
+        }
+    };
+}
+
+/// One test's isolated slice of the shared services, or its own embedded data directory.
 pub struct TestEnv {
     pub id: String,
     pub settings: HashMap<String, String>,
-    pub pool: MySqlPool,
     pub services: Services,
+    database: Database,
+}
+
+enum Database {
+    MySql(MySqlPool),
+    /// The data directory of the embedded process; removed when the test ends.
+    Embedded(PathBuf),
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        if let Database::Embedded(data_dir) = &self.database {
+            let _ = std::fs::remove_dir_all(data_dir);
+        }
+    }
+}
+
+/// Settings of every test: ephemeral ports, short batch waits and retry delays, quiet logs.
+const TEST_SETTINGS: [(&str, &str); 7] = [
+    ("CHAT_HTTP_ADDR", "127.0.0.1:0"),
+    ("CHAT_HEALTH_ADDR", "127.0.0.1:0"),
+    ("CHAT_BATCH_MAX_WAIT_MS", "10"),
+    ("CHAT_RETRY_BASE_DELAY_MS", "20"),
+    ("CHAT_RETRY_MAX_DELAY_MS", "500"),
+    ("CHAT_DATABASE_MAX_CONNECTIONS", "8"),
+    ("RUST_LOG", "warn"),
+];
+
+fn new_test_id() -> String {
+    format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
 }
 
 impl TestEnv {
+    /// The embedded stack: no service URL, a fresh data directory.
+    pub async fn embedded() -> anyhow::Result<Self> {
+        let id = new_test_id();
+        let data_dir = std::env::temp_dir().join(format!("chat-{id}"));
+        let mut settings: HashMap<String, String> = TEST_SETTINGS
+            .iter()
+            .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
+            .collect();
+        settings.insert(
+            "CHAT_DATA_DIR".to_owned(),
+            data_dir.to_string_lossy().into_owned(),
+        );
+        Ok(Self {
+            id,
+            settings,
+            services: Services::from_env(),
+            database: Database::Embedded(data_dir),
+        })
+    }
+
+    pub fn stack(&self) -> Stack {
+        match self.database {
+            Database::MySql(_) => Stack::Services,
+            Database::Embedded(_) => Stack::Embedded,
+        }
+    }
+
+    /// The MySQL pool of a test on the real services.
+    pub fn mysql(&self) -> &MySqlPool {
+        match &self.database {
+            Database::MySql(pool) => pool,
+            Database::Embedded(_) => panic!("this test runs on the real services only"),
+        }
+    }
+
+    /// Runs a query that answers one integer column (the SQL must mean the same in MySQL and
+    /// SQLite) on the test's database.
+    async fn integers(&self, sql: &str, binds: &[&str]) -> anyhow::Result<Vec<i64>> {
+        let sql = sqlx::AssertSqlSafe(sql.to_owned());
+        match &self.database {
+            Database::MySql(pool) => {
+                let mut query = sqlx::query_scalar::<_, i64>(sql);
+                for bind in binds {
+                    query = query.bind(*bind);
+                }
+                Ok(query.fetch_all(pool).await?)
+            }
+            Database::Embedded(data_dir) => {
+                let file = if sql.0.contains("search_documents") {
+                    "search.db"
+                } else {
+                    "chat.db"
+                };
+                let options = sqlx::sqlite::SqliteConnectOptions::new()
+                    .filename(data_dir.join(file))
+                    .read_only(true);
+                let mut connection = sqlx::SqliteConnection::connect_with(&options).await?;
+                let mut query = sqlx::query_scalar::<_, i64>(sql);
+                for bind in binds {
+                    query = query.bind(*bind);
+                }
+                let values = query.fetch_all(&mut connection).await?;
+                connection.close().await?;
+                Ok(values)
+            }
+        }
+    }
+
     /// A fresh database (migrated), queue names, key prefix and index.
     pub async fn new() -> anyhow::Result<Self> {
         Self::with_settings(&[]).await
@@ -77,7 +203,7 @@ impl TestEnv {
 
     pub async fn with_settings(overrides: &[(&str, &str)]) -> anyhow::Result<Self> {
         let services = Services::from_env();
-        let id = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let id = new_test_id();
         let database = format!("chat_{id}");
         let mut admin = MySqlConnection::connect(&services.mysql_admin_url)
             .await
@@ -99,28 +225,26 @@ impl TestEnv {
             ("CHAT_AMQP_PREFIX", id.clone()),
             ("CHAT_REDIS_PREFIX", id.clone()),
             ("CHAT_ES_INDEX", format!("{id}-messages")),
-            ("CHAT_HTTP_ADDR", "127.0.0.1:0".to_owned()),
-            ("CHAT_HEALTH_ADDR", "127.0.0.1:0".to_owned()),
-            ("CHAT_BATCH_MAX_WAIT_MS", "10".to_owned()),
-            ("CHAT_RETRY_BASE_DELAY_MS", "20".to_owned()),
-            ("CHAT_RETRY_MAX_DELAY_MS", "500".to_owned()),
-            ("CHAT_DATABASE_MAX_CONNECTIONS", "8".to_owned()),
-            ("RUST_LOG", "warn".to_owned()),
         ]
         .into_iter()
         .map(|(name, value)| (name.to_owned(), value))
+        .chain(
+            TEST_SETTINGS
+                .iter()
+                .map(|(name, value)| ((*name).to_owned(), (*value).to_owned())),
+        )
         .collect();
         for (name, value) in overrides {
             settings.insert((*name).to_owned(), (*value).to_owned());
         }
         let config = Config::from_map(&settings)?;
         api::migrate(&config).await?;
-        let pool = chatcore::store::connect(&config.database_url, 4).await?;
+        let pool = chatcore::store::mysql::connect(config.require_database_url()?, 4).await?;
         Ok(Self {
             id,
             settings,
-            pool,
             services,
+            database: Database::MySql(pool),
         })
     }
 
@@ -154,15 +278,18 @@ impl TestEnv {
         Ok(handle)
     }
 
-    /// Starts ingest-worker and indexer in this process.
+    /// Starts ingest-worker and indexer in this process (on the embedded stack the api runs
+    /// its consumers itself, and this starts nothing).
     pub fn spawn_workers(&self) -> WorkerHandles {
         let shutdown = CancellationToken::new();
-        let ingest = tokio::spawn(ingest_worker::run(self.config(), shutdown.clone()));
-        let index = tokio::spawn(indexer::run(self.config(), shutdown.clone()));
-        WorkerHandles {
-            shutdown,
-            tasks: vec![ingest, index],
-        }
+        let tasks = match self.stack() {
+            Stack::Services => vec![
+                tokio::spawn(ingest_worker::run(self.config(), shutdown.clone())),
+                tokio::spawn(indexer::run(self.config(), shutdown.clone())),
+            ],
+            Stack::Embedded => Vec::new(),
+        };
+        WorkerHandles { shutdown, tasks }
     }
 
     /// Starts one of the workspace binaries as a child process with this environment.
@@ -187,37 +314,38 @@ impl TestEnv {
     }
 
     pub async fn count(&self, sql: &'static str, binds: &[u64]) -> anyhow::Result<i64> {
-        let mut query = sqlx::query_scalar::<_, i64>(sql);
-        for bind in binds {
-            query = query.bind(*bind);
-        }
-        Ok(query.fetch_one(&self.pool).await?)
+        let binds: Vec<String> = binds.iter().map(u64::to_string).collect();
+        let binds: Vec<&str> = binds.iter().map(String::as_str).collect();
+        self.integers(sql, &binds)
+            .await?
+            .first()
+            .copied()
+            .context("the count answered no row")
     }
 
     /// Internal id of an application, for assertions on the tables.
     pub async fn application_id(&self, token: &str) -> anyhow::Result<u64> {
-        Ok(
-            sqlx::query_scalar("SELECT id FROM applications WHERE token = ?")
-                .bind(token)
-                .fetch_one(&self.pool)
-                .await?,
-        )
+        let ids = self
+            .integers("SELECT id FROM applications WHERE token = ?", &[token])
+            .await?;
+        Ok(u64::try_from(*ids.first().context("no such application")?)?)
     }
 
-    /// Message numbers of one chat as stored in MySQL, ascending.
+    /// Message numbers of one chat as stored, ascending.
     pub async fn stored_message_numbers(
         &self,
         token: &str,
         chat_number: u64,
     ) -> anyhow::Result<Vec<u64>> {
-        Ok(sqlx::query_scalar(
-            "SELECT m.number FROM messages m JOIN chats c ON c.id = m.chat_id \
-             JOIN applications a ON a.id = c.application_id WHERE a.token = ? AND c.number = ? ORDER BY m.number",
-        )
-        .bind(token)
-        .bind(chat_number)
-        .fetch_all(&self.pool)
-        .await?)
+        let numbers = self
+            .integers(
+                "SELECT m.number FROM messages m JOIN chats c ON c.id = m.chat_id \
+                 JOIN applications a ON a.id = c.application_id WHERE a.token = ? AND c.number = ? \
+                 ORDER BY m.number",
+                &[token, &chat_number.to_string()],
+            )
+            .await?;
+        Ok(numbers.into_iter().map(|n| n as u64).collect())
     }
 
     /// Message numbers of one chat in the search index, ascending (after a refresh).
@@ -227,6 +355,16 @@ impl TestEnv {
         chat_number: u64,
     ) -> anyhow::Result<Vec<u64>> {
         let application_id = self.application_id(token).await?;
+        if self.stack() == Stack::Embedded {
+            let numbers = self
+                .integers(
+                    "SELECT number FROM search_documents WHERE application_id = ? \
+                     AND chat_number = ? ORDER BY number",
+                    &[&application_id.to_string(), &chat_number.to_string()],
+                )
+                .await?;
+            return Ok(numbers.into_iter().map(|n| n as u64).collect());
+        }
         let http = reqwest::Client::new();
         let index = format!(
             "{}/{}-messages",
@@ -259,7 +397,8 @@ impl TestEnv {
 
     /// Depth of a queue (messages ready), through a passive declare.
     pub async fn queue_depth(&self, queue: &str) -> anyhow::Result<u32> {
-        let connection = chatcore::broker::connect(&self.config().amqp_url, "test-inspect").await?;
+        let connection =
+            chatcore::broker::connect(self.config().require_amqp_url()?, "test-inspect").await?;
         let channel = connection.create_channel().await?;
         let depth = chatcore::broker::queue_depth(&channel, queue).await?;
         connection.close(200, "done".into()).await?;

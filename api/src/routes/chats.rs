@@ -1,4 +1,4 @@
-//! Chats: created asynchronously (202 with the allocated number), read from MySQL.
+//! Chats: created asynchronously (202 with the allocated number), read from the storage.
 
 use axum::Json;
 use axum::extract::{Path, State};
@@ -85,12 +85,14 @@ async fn accept_chat(
     state.inner.publisher.publish(&event, trace).await?;
     // The event is durable now; remember the chat so messages can be posted to it before its row
     // is written. Failing to remember only delays that, so it does not fail the request.
-    let remembered: Result<(), redis::RedisError> = redis::cmd("SET")
-        .arg(state.pending_chat_key(application_id, number))
-        .arg(1)
-        .arg("EX")
-        .arg(state.config().api.pending_chat_ttl.as_secs().max(1))
-        .query_async(&mut state.inner.redis.clone())
+    let remembered = state
+        .inner
+        .state
+        .set(
+            &state.pending_chat_key(application_id, number),
+            "1",
+            state.config().api.pending_chat_ttl,
+        )
         .await;
     if let Err(error) = remembered {
         tracing::warn!(%error, application_id, chat_number = %number, "could not mark the accepted chat as pending");

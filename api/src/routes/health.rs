@@ -28,20 +28,28 @@ async fn metrics(State(state): State<AppState>) -> impl axum::response::IntoResp
 
 async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     let inner = &state.inner;
-    let mysql = inner.store.ping().await.is_ok();
-    let redis = redis::cmd("PING")
-        .query_async::<String>(&mut inner.redis.clone())
-        .await
-        .is_ok();
-    let rabbitmq = inner.publisher.is_connected().await;
-    let elasticsearch = inner.search.ping().await.is_ok();
-    let ready = mysql && redis && rabbitmq && elasticsearch;
+    let (storage, counters, queue, search) = tokio::join!(
+        inner.store.ping(),
+        inner.state.ping(),
+        inner.publisher.is_ready(),
+        inner.search.ping(),
+    );
+    let checks = [
+        (inner.store.kind(), storage.is_ok()),
+        (inner.state.kind(), counters.is_ok()),
+        (inner.publisher.kind(), queue),
+        (inner.search.kind(), search.is_ok()),
+    ];
+    let ready = checks.iter().all(|(_, up)| *up);
     let status = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    let checks = json!({"mysql": mysql, "redis": redis, "rabbitmq": rabbitmq, "elasticsearch": elasticsearch});
+    let checks: serde_json::Map<String, Value> = checks
+        .into_iter()
+        .map(|(name, up)| (name.to_owned(), Value::Bool(up)))
+        .collect();
     (
         status,
         Json(json!({"status": if ready { "ready" } else { "unavailable" }, "checks": checks})),

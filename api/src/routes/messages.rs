@@ -1,5 +1,5 @@
-//! Messages: created asynchronously (202), updated synchronously (200), read from MySQL, searched
-//! in Elasticsearch.
+//! Messages: created asynchronously (202), updated synchronously (200), read from the storage,
+//! searched in the search index.
 #![allow(
     unused_qualifications,
     reason = "utoipa::path expands IntoParams after tuple params with a qualified path"
@@ -280,7 +280,7 @@ async fn search(
     state.require_chat(application_id, chat_number).await?;
     let hits = state
         .time(
-            "elasticsearch",
+            state.inner.search.kind(),
             "search",
             state
                 .inner

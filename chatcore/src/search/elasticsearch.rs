@@ -1,10 +1,11 @@
-//! Elasticsearch: the message index (mapping, bulk writes with external versions, chat-scoped search).
+//! Elasticsearch: the [`SearchIndex`] adapter of the distributed stack (mapping, bulk writes with
+//! external versions, chat-scoped search).
 //!
 //! Works with Elasticsearch 8 and 7.17: only typeless index/bulk/search calls are used.
 
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use async_trait::async_trait;
 use elasticsearch::auth::Credentials;
 use elasticsearch::http::response::Response;
 use elasticsearch::http::transport::{SingleNodeConnectionPool, TransportBuilder};
@@ -14,6 +15,9 @@ use elasticsearch::{BulkParts, Elasticsearch, SearchParts};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::{
+    ItemOutcome, MessageDocument, MessageHit, SearchError, SearchIndex, query_words,
+};
 use crate::config::SecretUrl;
 use crate::domain::{Number, PageRequest, SearchQuery};
 
@@ -21,73 +25,20 @@ use crate::domain::{Number, PageRequest, SearchQuery};
 /// still match (by expanding terms), a little slower. Fewer indexed prefixes make indexing cheaper.
 const MIN_INDEXED_PREFIX_CHARS: u32 = 2;
 const MAX_INDEXED_PREFIX_CHARS: u32 = 8;
-/// Words of a query beyond this many are ignored, which bounds the cost of one search.
-pub const MAX_QUERY_WORDS: usize = 16;
-/// Elasticsearch's default `index.max_result_window`.
-pub const MAX_RESULT_WINDOW: u64 = 10_000;
-
-#[derive(Debug, thiserror::Error)]
-pub enum SearchError {
-    #[error("elasticsearch is unreachable: {0}")]
-    Unavailable(#[from] elasticsearch::Error),
-    #[error("elasticsearch answered {status}: {body}")]
-    Status { status: u16, body: String },
-    #[error("invalid elasticsearch url: {0}")]
-    InvalidUrl(String),
-}
-
-impl SearchError {
-    /// Whether retrying later can succeed (a node down, overloaded or restarting).
-    pub fn is_transient(&self) -> bool {
-        match self {
-            Self::Unavailable(_) => true,
-            Self::Status { status, .. } => *status == 429 || *status >= 500,
-            Self::InvalidUrl(_) => false,
-        }
-    }
-}
-
-/// A message as the index stores it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MessageDocument {
-    pub application_id: u64,
-    pub chat_number: Number,
-    pub number: Number,
-    pub body: String,
-    pub created_at: DateTime<Utc>,
-    /// External version: 1 when created, then the MySQL version of each update.
-    pub version: u64,
-}
-
-/// A search hit, as the API returns it.
-#[derive(Debug, Clone, Deserialize)]
-pub struct MessageHit {
-    pub number: Number,
-    pub body: String,
-    pub created_at: DateTime<Utc>,
-}
-
-/// What happened to one document of a bulk request.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ItemOutcome {
-    /// Written, or skipped because the index already holds the same or a newer version.
-    Done,
-    Transient(String),
-    Permanent(String),
-}
-
 #[derive(Clone)]
-pub struct SearchIndex {
+pub struct ElasticsearchIndex {
     client: Elasticsearch,
     index: String,
+    /// Replicas of the index when it is created (0 on a single node).
+    replicas: u32,
 }
 
 fn chat_key(application_id: u64, chat_number: Number) -> String {
     format!("{application_id}:{chat_number}")
 }
 
-impl SearchIndex {
-    pub fn connect(url: &SecretUrl, index: &str) -> Result<Self, SearchError> {
+impl ElasticsearchIndex {
+    pub fn connect(url: &SecretUrl, index: &str, replicas: u32) -> Result<Self, SearchError> {
         let mut parsed =
             Url::parse(url.expose()).map_err(|error| SearchError::InvalidUrl(error.to_string()))?;
         let credentials = (!parsed.username().is_empty()).then(|| {
@@ -111,6 +62,7 @@ impl SearchIndex {
         Ok(Self {
             client: Elasticsearch::new(transport),
             index: index.to_owned(),
+            replicas,
         })
     }
 
@@ -118,8 +70,27 @@ impl SearchIndex {
         &self.index
     }
 
-    /// Creates the index with its mapping when it does not exist yet.
-    pub async fn ensure_index(&self, replicas: u32) -> Result<(), SearchError> {
+    /// Makes every write so far visible to search (for tests and benchmarks).
+    pub async fn refresh(&self) -> Result<(), SearchError> {
+        let response = self
+            .client
+            .indices()
+            .refresh(elasticsearch::indices::IndicesRefreshParts::Index(&[
+                &self.index
+            ]))
+            .send()
+            .await?;
+        success_or_error(response).await.map(|_| ())
+    }
+}
+
+#[async_trait]
+impl SearchIndex for ElasticsearchIndex {
+    fn kind(&self) -> &'static str {
+        "elasticsearch"
+    }
+
+    async fn ensure_index(&self) -> Result<(), SearchError> {
         let exists = self
             .client
             .indices()
@@ -133,7 +104,7 @@ impl SearchIndex {
             .client
             .indices()
             .create(IndicesCreateParts::Index(&self.index))
-            .body(index_definition(replicas))
+            .body(index_definition(self.replicas))
             .send()
             .await?;
         let status = response.status_code();
@@ -151,8 +122,7 @@ impl SearchIndex {
         })
     }
 
-    /// Indexes documents with external versions; one outcome per document, in order.
-    pub async fn bulk_index(
+    async fn bulk_index(
         &self,
         documents: &[MessageDocument],
     ) -> Result<Vec<ItemOutcome>, SearchError> {
@@ -193,8 +163,7 @@ impl SearchIndex {
         let response = success_or_error(response).await?;
         let body: BulkResponse = response.json().await?;
         if body.items.len() != documents.len() {
-            return Err(SearchError::Status {
-                status: 500,
+            return Err(SearchError::Rejected {
                 body: format!(
                     "bulk answered {} items for {} documents",
                     body.items.len(),
@@ -205,9 +174,7 @@ impl SearchIndex {
         Ok(body.items.into_iter().map(BulkItem::outcome).collect())
     }
 
-    /// Messages of one chat matching every word of the query as a word or a word prefix,
-    /// best match first. Returns up to `page.fetch_limit()` hits.
-    pub async fn search(
+    async fn search(
         &self,
         application_id: u64,
         chat_number: Number,
@@ -238,20 +205,7 @@ impl SearchIndex {
         Ok(body.hits.hits.into_iter().map(|hit| hit.source).collect())
     }
 
-    /// Makes every write so far visible to search (for tests and benchmarks).
-    pub async fn refresh(&self) -> Result<(), SearchError> {
-        let response = self
-            .client
-            .indices()
-            .refresh(elasticsearch::indices::IndicesRefreshParts::Index(&[
-                &self.index
-            ]))
-            .send()
-            .await?;
-        success_or_error(response).await.map(|_| ())
-    }
-
-    pub async fn ping(&self) -> Result<(), SearchError> {
+    async fn ping(&self) -> Result<(), SearchError> {
         let response = self
             .client
             .cluster()
@@ -319,36 +273,6 @@ fn query_definition(routing: &str, query: &SearchQuery) -> Value {
     }})
 }
 
-/// Lowercased words as the standard analyzer sees them (letters, digits and `_`, with `'`
-/// inside words and `.`/`,` inside numbers kept), at most [`MAX_QUERY_WORDS`].
-pub fn query_words(text: &str) -> Vec<String> {
-    let chars: Vec<char> = text.chars().collect();
-    let is_word_char = |c: char| c.is_alphanumeric() || c == '_';
-    let mut words = Vec::new();
-    let mut current = String::new();
-    for (index, &c) in chars.iter().enumerate() {
-        let previous = index.checked_sub(1).map(|i| chars[i]);
-        let next = chars.get(index + 1).copied();
-        let joins_letters = matches!(c, '\'' | '\u{2019}')
-            && previous.is_some_and(char::is_alphabetic)
-            && next.is_some_and(char::is_alphabetic);
-        let joins_digits = matches!(c, '.' | ',')
-            && previous.is_some_and(|p| p.is_ascii_digit())
-            && next.is_some_and(|n| n.is_ascii_digit());
-        if is_word_char(c) || joins_letters || joins_digits {
-            current.extend(c.to_lowercase());
-        } else if !current.is_empty() {
-            words.push(std::mem::take(&mut current));
-        }
-    }
-    if !current.is_empty() {
-        words.push(current);
-    }
-    words.dedup();
-    words.truncate(MAX_QUERY_WORDS);
-    words
-}
-
 #[derive(Deserialize)]
 struct BulkResponse {
     items: Vec<BulkItem>,
@@ -402,26 +326,6 @@ struct SearchHit {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn query_words_are_lowercased_words_without_syntax() {
-        assert_eq!(query_words("Hello, WORLD!"), vec!["hello", "world"]);
-        assert_eq!(
-            query_words("don't stop 3.14"),
-            vec!["don't", "stop", "3.14"]
-        );
-        assert_eq!(
-            query_words("\"quoted\" AND (x OR y*) -z ~2"),
-            vec!["quoted", "and", "x", "or", "y", "z", "2"]
-        );
-        assert!(query_words("*** ?? \\ /").is_empty());
-        assert_eq!(query_words("snake_case"), vec!["snake_case"]);
-        assert_eq!(query_words(&"w ".repeat(40)).len(), 1);
-        assert_eq!(
-            query_words(&(0..40).map(|i| format!("w{i} ")).collect::<String>()).len(),
-            MAX_QUERY_WORDS
-        );
-    }
 
     #[test]
     fn a_query_without_words_matches_nothing() {

@@ -1,0 +1,280 @@
+//! The embedded event queue: a SQLite file (`<data dir>/queue.db`) in place of RabbitMQ.
+//!
+//! Publishing inserts one row per consumer queue bound to the event's routing key (the bindings
+//! of the RabbitMQ topology) and returns once the transaction is committed with `synchronous =
+//! FULL`, so a 202 is on disk before it is sent. Concurrent publishes are committed together
+//! (group commit): one writer task takes every request waiting and writes them in one
+//! transaction, so a burst costs one disk flush, not one per request.
+//!
+//! Consuming reads the oldest rows of a queue in id order; acknowledging deletes them; a dead
+//! letter moves to queue `<queue>.dead`. A consumer is woken by the publisher, and polls as a
+//! fallback.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::{QueryBuilder, Sqlite, SqlitePool};
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+
+use crate::config::{ConsumerConfig, Topology};
+use crate::events::{Event, TraceContext};
+use crate::queue::{Delivery, EventPublisher, EventSource, PublishError};
+
+/// Publishes waiting for the writer; beyond this, publishers wait for room (back-pressure).
+const PENDING_PUBLISHES: usize = 4096;
+/// Publishes committed in one transaction at most.
+const GROUP_COMMIT_MAX: usize = 512;
+/// A consumer looks for events this often even when nobody woke it.
+const POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+struct QueuedRow {
+    queue: String,
+    body: Arc<Vec<u8>>,
+    traceparent: String,
+}
+
+struct PendingPublish {
+    rows: Vec<QueuedRow>,
+    done: oneshot::Sender<Result<(), String>>,
+}
+
+/// The embedded queue; clones share the file, the writer and the wake-ups.
+#[derive(Clone)]
+pub struct LocalQueue {
+    pool: SqlitePool,
+    bindings: Arc<Vec<(String, &'static [&'static str])>>,
+    arrivals: Arc<HashMap<String, Notify>>,
+    publishes: mpsc::Sender<PendingPublish>,
+    confirm_timeout: Duration,
+}
+
+impl LocalQueue {
+    /// Opens (creating and migrating) the queue file and starts its writer task.
+    pub async fn open(
+        path: &Path,
+        topology: &Topology,
+        confirm_timeout: Duration,
+    ) -> anyhow::Result<Self> {
+        let pool = crate::sqlite::open(path, &crate::sqlite::QUEUE_MIGRATOR, 4).await?;
+        let bindings: Vec<(String, &'static [&'static str])> =
+            crate::broker::queue_bindings(topology)
+                .into_iter()
+                .map(|(queue, keys)| (queue.to_owned(), keys))
+                .collect();
+        let arrivals: Arc<HashMap<String, Notify>> = Arc::new(
+            bindings
+                .iter()
+                .map(|(queue, _)| (queue.clone(), Notify::new()))
+                .collect(),
+        );
+        let (publishes, pending) = mpsc::channel(PENDING_PUBLISHES);
+        tokio::spawn(write_publishes(pool.clone(), pending, Arc::clone(&arrivals)));
+        Ok(Self {
+            pool,
+            bindings: Arc::new(bindings),
+            arrivals,
+            publishes,
+            confirm_timeout,
+        })
+    }
+
+    /// The consuming side of `queue`.
+    pub fn source(&self, queue: &str) -> LocalSource {
+        LocalSource {
+            queue: self.clone(),
+            name: queue.to_owned(),
+        }
+    }
+
+    /// Moves the events waiting in `<queue>.dead` back into `queue`; returns how many.
+    pub async fn replay_dead_letters(&self, queue: &str) -> Result<u64, sqlx::Error> {
+        let moved = sqlx::query("UPDATE queued_events SET queue = ? WHERE queue = ?")
+            .bind(queue)
+            .bind(Topology::dead_letter_queue(queue))
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        if let Some(arrival) = self.arrivals.get(queue) {
+            arrival.notify_one();
+        }
+        Ok(moved)
+    }
+
+    /// Events waiting in `queue`, for the lag metrics.
+    pub async fn depth(&self, queue: &str) -> Result<u64, sqlx::Error> {
+        sqlx::query_scalar("SELECT COUNT(*) FROM queued_events WHERE queue = ?")
+            .bind(queue)
+            .fetch_one(&self.pool)
+            .await
+    }
+}
+
+/// The writer task: commits every waiting publish in one transaction, then answers each.
+async fn write_publishes(
+    pool: SqlitePool,
+    mut pending: mpsc::Receiver<PendingPublish>,
+    arrivals: Arc<HashMap<String, Notify>>,
+) {
+    let mut group = Vec::with_capacity(GROUP_COMMIT_MAX);
+    while pending.recv_many(&mut group, GROUP_COMMIT_MAX).await > 0 {
+        let written = insert_rows(&pool, &group).await;
+        if let Err(error) = &written {
+            tracing::error!(%error, publishes = group.len(), "embedded queue write failed");
+        }
+        for publish in group.drain(..) {
+            for row in &publish.rows {
+                if written.is_ok()
+                    && let Some(arrival) = arrivals.get(&row.queue)
+                {
+                    arrival.notify_one();
+                }
+            }
+            let _ = publish
+                .done
+                .send(written.as_ref().map(|_| ()).map_err(ToString::to_string));
+        }
+    }
+}
+
+async fn insert_rows(pool: &SqlitePool, group: &[PendingPublish]) -> Result<(), sqlx::Error> {
+    let mut transaction = crate::sqlite::begin_write(pool).await?;
+    for publish in group {
+        for row in &publish.rows {
+            sqlx::query("INSERT INTO queued_events (queue, body, traceparent) VALUES (?, ?, ?)")
+                .bind(&row.queue)
+                .bind(row.body.as_slice())
+                .bind(&row.traceparent)
+                .execute(&mut *transaction)
+                .await?;
+        }
+    }
+    transaction.commit().await
+}
+
+#[async_trait]
+impl EventPublisher for LocalQueue {
+    fn kind(&self) -> &'static str {
+        "sqlite-queue"
+    }
+
+    async fn publish(&self, event: &Event, fallback: &TraceContext) -> Result<(), PublishError> {
+        let routing_key = event.routing_key();
+        let span = tracing::info_span!(
+            "queue publish",
+            otel.kind = "producer",
+            messaging.system = "sqlite",
+            messaging.destination.name = routing_key,
+            event_id = %event.event_id,
+        );
+        let trace = crate::telemetry::inject(&span, fallback.clone());
+        let body = Arc::new(event.encode());
+        let rows: Vec<QueuedRow> = self
+            .bindings
+            .iter()
+            .filter(|(_, keys)| keys.contains(&routing_key))
+            .map(|(queue, _)| QueuedRow {
+                queue: queue.clone(),
+                body: Arc::clone(&body),
+                traceparent: trace.as_str().to_owned(),
+            })
+            .collect();
+        if rows.is_empty() {
+            return Err(PublishError::Unroutable(routing_key));
+        }
+        let (done, committed) = oneshot::channel();
+        let confirmed = async {
+            self.publishes
+                .send(PendingPublish { rows, done })
+                .await
+                .map_err(|_| PublishError::Embedded("the queue writer stopped".to_owned()))?;
+            committed
+                .await
+                .map_err(|_| PublishError::Embedded("the queue writer stopped".to_owned()))?
+                .map_err(PublishError::Embedded)
+        };
+        tokio::time::timeout(self.confirm_timeout, confirmed)
+            .instrument(span)
+            .await
+            .map_err(|_| PublishError::ConfirmTimeout(self.confirm_timeout))?
+    }
+
+    async fn is_ready(&self) -> bool {
+        !self.publishes.is_closed() && sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
+    }
+}
+
+/// The consuming side of one queue of the embedded queue.
+pub struct LocalSource {
+    queue: LocalQueue,
+    name: String,
+}
+
+#[async_trait]
+impl EventSource for LocalSource {
+    fn system(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn next_batch(
+        &mut self,
+        settings: &ConsumerConfig,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Option<Vec<Delivery>>> {
+        loop {
+            let rows: Vec<(i64, Vec<u8>, Option<String>)> = sqlx::query_as(
+                "SELECT id, body, traceparent FROM queued_events WHERE queue = ? ORDER BY id LIMIT ?",
+            )
+            .bind(&self.name)
+            .bind(settings.batch_max_size as i64)
+            .fetch_all(&self.queue.pool)
+            .await?;
+            if !rows.is_empty() {
+                return Ok(Some(
+                    rows.into_iter()
+                        .map(|(id, data, traceparent)| Delivery {
+                            tag: id as u64,
+                            data,
+                            trace: traceparent.as_deref().and_then(TraceContext::parse),
+                        })
+                        .collect(),
+                ));
+            }
+            let arrival = self.queue.arrivals.get(&self.name);
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(None),
+                _ = async { if let Some(arrival) = arrival { arrival.notified().await } else { std::future::pending().await } } => {}
+                _ = tokio::time::sleep(POLL_INTERVAL) => {}
+            }
+        }
+    }
+
+    async fn dead_letter(&mut self, tag: u64) -> anyhow::Result<()> {
+        sqlx::query("UPDATE queued_events SET queue = ? WHERE id = ?")
+            .bind(Topology::dead_letter_queue(&self.name))
+            .bind(tag as i64)
+            .execute(&self.queue.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn acknowledge(&mut self, batch: &[u64]) -> anyhow::Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut delete =
+            QueryBuilder::<Sqlite>::new("DELETE FROM queued_events WHERE queue = ");
+        delete.push_bind(&self.name).push(" AND id IN (");
+        let mut ids = delete.separated(", ");
+        for tag in batch {
+            ids.push_bind(*tag as i64);
+        }
+        delete.push(")");
+        delete.build().execute(&self.queue.pool).await?;
+        Ok(())
+    }
+}

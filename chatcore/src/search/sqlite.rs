@@ -1,0 +1,135 @@
+//! SQLite FTS5: the [`SearchIndex`] adapter of the embedded mode (`<data dir>/search.db`).
+//!
+//! FTS5 comes with the SQLite that sqlx bundles, so the embedded mode needs no further
+//! dependency, builds in seconds and keeps its index in one file beside the data. Documents live in
+//! `search_documents` (with their version, so an older event never replaces a newer body) and
+//! triggers keep the FTS5 index in step (see the migration under `migrations/sqlite/search`).
+
+use std::path::Path;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::SqlitePool;
+
+use super::{ItemOutcome, MessageDocument, MessageHit, SearchError, SearchIndex, query_words};
+use crate::domain::{Number, PageRequest, SearchQuery};
+
+#[derive(Clone)]
+pub struct SqliteSearchIndex {
+    pool: SqlitePool,
+}
+
+impl SqliteSearchIndex {
+    /// Opens (creating and migrating) the index file.
+    pub async fn open(path: &Path) -> anyhow::Result<Self> {
+        let pool = crate::sqlite::open(path, &crate::sqlite::SEARCH_MIGRATOR, 4).await?;
+        Ok(Self { pool })
+    }
+}
+
+/// The FTS5 expression: the chat's token, and for each word the word itself or a word starting
+/// with it (the whole word counts twice in the ranking, like the boost of the Elasticsearch
+/// query). Query words hold only letters, digits, `_`, `'`, `.` and `,`, never a `"`, so quoting
+/// them makes every one a plain phrase.
+fn match_expression(application_id: u64, chat_number: Number, words: &[String]) -> String {
+    let mut expression = format!("chat : \"c{application_id}x{chat_number}\"");
+    for word in words {
+        expression.push_str(&format!(" AND body : (\"{word}\" OR \"{word}\" *)"));
+    }
+    expression
+}
+
+#[async_trait]
+impl SearchIndex for SqliteSearchIndex {
+    fn kind(&self) -> &'static str {
+        "sqlite-fts5"
+    }
+
+    async fn ping(&self) -> Result<(), SearchError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn ensure_index(&self) -> Result<(), SearchError> {
+        // Created by the migrations when the file was opened.
+        Ok(())
+    }
+
+    async fn bulk_index(
+        &self,
+        documents: &[MessageDocument],
+    ) -> Result<Vec<ItemOutcome>, SearchError> {
+        if documents.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut transaction = crate::sqlite::begin_write(&self.pool).await?;
+        for document in documents {
+            sqlx::query(
+                "INSERT INTO search_documents (application_id, chat_number, number, body, created_at, version) \
+                 VALUES (?, ?, ?, ?, ?, ?) \
+                 ON CONFLICT (application_id, chat_number, number) DO UPDATE SET \
+                 body = excluded.body, created_at = excluded.created_at, version = excluded.version \
+                 WHERE excluded.version > version",
+            )
+            .bind(document.application_id as i64)
+            .bind(document.chat_number.get() as i64)
+            .bind(document.number.get() as i64)
+            .bind(&document.body)
+            .bind(document.created_at)
+            .bind(document.version as i64)
+            .execute(&mut *transaction)
+            .await?;
+        }
+        transaction.commit().await?;
+        Ok(vec![ItemOutcome::Done; documents.len()])
+    }
+
+    async fn search(
+        &self,
+        application_id: u64,
+        chat_number: Number,
+        query: &SearchQuery,
+        page: PageRequest,
+    ) -> Result<Vec<MessageHit>, SearchError> {
+        let words = query_words(query.as_str());
+        if words.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows: Vec<(i64, String, DateTime<Utc>)> = sqlx::query_as(
+            "WITH hits AS (SELECT rowid, bm25(search_fts, 0.0, 1.0) AS score FROM search_fts \
+             WHERE search_fts MATCH ?) \
+             SELECT d.number, d.body, d.created_at FROM hits JOIN search_documents d ON d.id = hits.rowid \
+             ORDER BY hits.score, d.number LIMIT ? OFFSET ?",
+        )
+        .bind(match_expression(application_id, chat_number, &words))
+        .bind(page.fetch_limit() as i64)
+        .bind(page.offset() as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(number, body, created_at)| {
+                Some(MessageHit {
+                    number: Number::new(u64::try_from(number).ok()?)?,
+                    body,
+                    created_at,
+                })
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn match_expression_scopes_to_the_chat_and_quotes_every_word() {
+        let chat = Number::new(7).expect("positive");
+        let words = query_words("Hello don't*");
+        assert_eq!(
+            match_expression(3, chat, &words),
+            "chat : \"c3x7\" AND body : (\"hello\" OR \"hello\" *) AND body : (\"don't\" OR \"don't\" *)"
+        );
+    }
+}

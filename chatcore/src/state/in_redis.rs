@@ -1,0 +1,205 @@
+//! [`SharedState`] on Redis: a counter is a hash `{next, ceil, epoch}` changed by Lua scripts, so
+//! every step is atomic across api replicas; keys are plain strings with a TTL.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::Script;
+use redis::aio::ConnectionManager;
+
+use super::{Counter, SharedState, StateError};
+
+/// Returns `{}` when the counter does not exist, else `{next, ceil, epoch}` after incrementing.
+const INCREMENT: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return {} end
+local next = redis.call('HINCRBY', KEYS[1], 'next', 1)
+local state = redis.call('HMGET', KEYS[1], 'ceil', 'epoch')
+return {next, tonumber(state[1]), tonumber(state[2])}
+";
+
+/// Installs a counter unless Redis already holds the same or a newer epoch.
+const SEED: &str = r"
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if epoch and tonumber(epoch) >= tonumber(ARGV[3]) then return 0 end
+redis.call('HSET', KEYS[1], 'next', ARGV[1], 'ceil', ARGV[2], 'epoch', ARGV[3])
+return 1
+";
+
+/// Raises the ceiling of the current epoch; a stale epoch changes nothing.
+const RAISE_CEILING: &str = r"
+local state = redis.call('HMGET', KEYS[1], 'ceil', 'epoch')
+if not state[2] or tonumber(state[2]) ~= tonumber(ARGV[2]) then return 0 end
+if tonumber(state[1]) < tonumber(ARGV[1]) then redis.call('HSET', KEYS[1], 'ceil', ARGV[1]) end
+return 1
+";
+
+/// Raises `next` to at least ARGV[1]; leaves `ceil` alone, so the next allocation extends the
+/// reservation under the epoch check.
+const RAISE_NEXT: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local next = tonumber(redis.call('HGET', KEYS[1], 'next'))
+if next >= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'next', ARGV[1])
+return 1
+";
+
+#[derive(Clone)]
+pub struct RedisState {
+    redis: ConnectionManager,
+    increment: Script,
+    seed: Script,
+    raise_ceiling: Script,
+    raise_next: Script,
+}
+
+impl RedisState {
+    pub fn new(redis: ConnectionManager) -> Self {
+        Self {
+            redis,
+            increment: Script::new(INCREMENT),
+            seed: Script::new(SEED),
+            raise_ceiling: Script::new(RAISE_CEILING),
+            raise_next: Script::new(RAISE_NEXT),
+        }
+    }
+
+    fn connection(&self) -> ConnectionManager {
+        self.redis.clone()
+    }
+}
+
+fn ttl_seconds(ttl: Duration) -> u64 {
+    ttl.as_secs().max(1)
+}
+
+#[async_trait]
+impl SharedState for RedisState {
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
+    async fn ping(&self) -> Result<(), StateError> {
+        let _: String = redis::cmd("PING")
+            .query_async(&mut self.connection())
+            .await?;
+        Ok(())
+    }
+
+    async fn increment(&self, key: &str) -> Result<Option<Counter>, StateError> {
+        let state: Vec<u64> = self
+            .increment
+            .key(key)
+            .invoke_async(&mut self.connection())
+            .await?;
+        Ok(match state[..] {
+            [next, ceiling, epoch] => Some(Counter {
+                next,
+                ceiling,
+                epoch,
+            }),
+            _ => None,
+        })
+    }
+
+    async fn counter(&self, key: &str) -> Result<Option<Counter>, StateError> {
+        let state: Vec<Option<u64>> = redis::cmd("HMGET")
+            .arg(key)
+            .arg("next")
+            .arg("ceil")
+            .arg("epoch")
+            .query_async(&mut self.connection())
+            .await?;
+        Ok(match state[..] {
+            [Some(next), Some(ceiling), Some(epoch)] => Some(Counter {
+                next,
+                ceiling,
+                epoch,
+            }),
+            _ => None,
+        })
+    }
+
+    async fn seed(&self, key: &str, counter: Counter) -> Result<bool, StateError> {
+        let installed: i64 = self
+            .seed
+            .key(key)
+            .arg(counter.next)
+            .arg(counter.ceiling)
+            .arg(counter.epoch)
+            .invoke_async(&mut self.connection())
+            .await?;
+        Ok(installed == 1)
+    }
+
+    async fn raise_ceiling(&self, key: &str, ceiling: u64, epoch: u64) -> Result<(), StateError> {
+        let _raised: i64 = self
+            .raise_ceiling
+            .key(key)
+            .arg(ceiling)
+            .arg(epoch)
+            .invoke_async(&mut self.connection())
+            .await?;
+        Ok(())
+    }
+
+    async fn raise_next(&self, targets: &[(String, u64)]) -> Result<Vec<bool>, StateError> {
+        if targets.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Pipelines only send EVALSHA: make sure the script is loaded first.
+        let _sha: String = redis::cmd("SCRIPT")
+            .arg("LOAD")
+            .arg(RAISE_NEXT)
+            .query_async(&mut self.connection())
+            .await?;
+        let mut pipeline = redis::pipe();
+        for (key, number) in targets {
+            pipeline.invoke_script(self.raise_next.key(key).arg(*number));
+        }
+        let raised: Vec<i64> = pipeline.query_async(&mut self.connection()).await?;
+        Ok(raised.into_iter().map(|raised| raised == 1).collect())
+    }
+
+    async fn set_if_absent(
+        &self,
+        key: &str,
+        value: &str,
+        ttl: Duration,
+    ) -> Result<bool, StateError> {
+        let set: Option<String> = redis::cmd("SET")
+            .arg(key)
+            .arg(value)
+            .arg("NX")
+            .arg("EX")
+            .arg(ttl_seconds(ttl))
+            .query_async(&mut self.connection())
+            .await?;
+        Ok(set.is_some())
+    }
+
+    async fn set(&self, key: &str, value: &str, ttl: Duration) -> Result<(), StateError> {
+        let _: () = redis::cmd("SET")
+            .arg(key)
+            .arg(value)
+            .arg("EX")
+            .arg(ttl_seconds(ttl))
+            .query_async(&mut self.connection())
+            .await?;
+        Ok(())
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<String>, StateError> {
+        Ok(redis::cmd("GET")
+            .arg(key)
+            .query_async(&mut self.connection())
+            .await?)
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StateError> {
+        let _: () = redis::cmd("DEL")
+            .arg(key)
+            .query_async(&mut self.connection())
+            .await?;
+        Ok(())
+    }
+}

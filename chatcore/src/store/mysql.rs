@@ -1,0 +1,585 @@
+//! MySQL: connection pool, migrations, and the [`Storage`] adapter of the distributed stack.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::future::Future;
+use std::str::FromStr as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
+use sqlx::{AssertSqlSafe, MySql, MySqlPool, QueryBuilder, Row as _, Transaction};
+
+use super::{
+    ApplicationRow, ChatKey, ChatRow, IngestBatch, IngestError, MessageRow, NewMessage,
+    Reservation, Storage, now,
+};
+use crate::config::SecretUrl;
+use crate::domain::{ApplicationName, ApplicationToken, MessageBody, Number, PageRequest};
+use crate::metrics::Metrics;
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/mysql");
+
+/// Upper bound of body bytes in one INSERT statement, well under MariaDB's 16 MiB packet default.
+const MAX_STATEMENT_BODY_BYTES: usize = 4 * 1024 * 1024;
+
+pub async fn connect(url: &SecretUrl, max_connections: u32) -> Result<MySqlPool, sqlx::Error> {
+    let options = MySqlConnectOptions::from_str(url.expose())?
+        .charset("utf8mb4")
+        .timezone(Some(String::from("+00:00")));
+    MySqlPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_with(options)
+        .await
+}
+
+/// Applies pending migrations; run once per deploy (`api migrate`), not by every replica.
+pub async fn migrate(pool: &MySqlPool) -> Result<(), sqlx::migrate::MigrateError> {
+    MIGRATOR.run(pool).await
+}
+
+#[derive(Clone)]
+pub struct MySqlStorage {
+    pool: MySqlPool,
+    metrics: Arc<Metrics>,
+}
+
+const APPLICATION_COLUMNS: &str = "id, token, name, chats_count, created_at, updated_at";
+const MESSAGE_COLUMNS: &str = "m.number, m.body, m.version, m.created_at, m.updated_at";
+
+impl MySqlStorage {
+    pub fn new(pool: MySqlPool, metrics: Arc<Metrics>) -> Self {
+        Self { pool, metrics }
+    }
+
+    async fn timed<T>(&self, operation: &'static str, call: impl Future<Output = T>) -> T {
+        self.metrics.time("mysql", operation, call).await
+    }
+
+    pub fn pool(&self) -> &MySqlPool {
+        &self.pool
+    }
+}
+
+#[async_trait]
+impl Storage for MySqlStorage {
+    fn kind(&self) -> &'static str {
+        "mysql"
+    }
+
+    async fn create_application(
+        &self,
+        name: &ApplicationName,
+    ) -> Result<ApplicationRow, sqlx::Error> {
+        self.timed("create_application", async {
+            let token = ApplicationToken::generate();
+            let created_at = now();
+            let id = sqlx::query("INSERT INTO applications (token, name, chats_count, created_at, updated_at) VALUES (?, ?, 0, ?, ?)")
+                .bind(token.as_str())
+                .bind(name.as_str())
+                .bind(created_at)
+                .bind(created_at)
+                .execute(&self.pool)
+                .await?
+                .last_insert_id();
+            Ok(ApplicationRow {
+                id,
+                token: token.to_string(),
+                name: name.as_str().to_owned(),
+                chats_count: 0,
+                created_at,
+                updated_at: created_at,
+            })
+        })
+        .await
+    }
+
+    async fn rename_application(
+        &self,
+        token: &ApplicationToken,
+        name: &ApplicationName,
+    ) -> Result<Option<ApplicationRow>, sqlx::Error> {
+        self.timed("rename_application", async {
+            sqlx::query("UPDATE applications SET name = ?, updated_at = ? WHERE token = ?")
+                .bind(name.as_str())
+                .bind(now())
+                .bind(token.as_str())
+                .execute(&self.pool)
+                .await?;
+            // Zero affected rows means either no such token or an unchanged name: the read decides.
+            self.find_application(token).await
+        })
+        .await
+    }
+
+    async fn find_application(
+        &self,
+        token: &ApplicationToken,
+    ) -> Result<Option<ApplicationRow>, sqlx::Error> {
+        self.timed("find_application", async {
+            sqlx::query_as(AssertSqlSafe(format!(
+                "SELECT {APPLICATION_COLUMNS} FROM applications WHERE token = ?"
+            )))
+            .bind(token.as_str())
+            .fetch_optional(&self.pool)
+            .await
+        })
+        .await
+    }
+
+    async fn list_applications(
+        &self,
+        page: PageRequest,
+    ) -> Result<Vec<ApplicationRow>, sqlx::Error> {
+        self.timed("list_applications", async {
+            sqlx::query_as(AssertSqlSafe(format!(
+                "SELECT {APPLICATION_COLUMNS} FROM applications ORDER BY id LIMIT ? OFFSET ?"
+            )))
+            .bind(page.fetch_limit())
+            .bind(page.offset())
+            .fetch_all(&self.pool)
+            .await
+        })
+        .await
+    }
+
+    async fn application_id(
+        &self,
+        token: &ApplicationToken,
+    ) -> Result<Option<u64>, sqlx::Error> {
+        self.timed("application_id", async {
+            sqlx::query_scalar("SELECT id FROM applications WHERE token = ?")
+                .bind(token.as_str())
+                .fetch_optional(&self.pool)
+                .await
+        })
+        .await
+    }
+
+    async fn find_chat(
+        &self,
+        application_id: u64,
+        number: Number,
+    ) -> Result<Option<ChatRow>, sqlx::Error> {
+        self.timed("find_chat", async {
+            sqlx::query_as(
+                "SELECT number, messages_count, created_at FROM chats WHERE application_id = ? AND number = ?",
+            )
+            .bind(application_id)
+            .bind(number.get())
+            .fetch_optional(&self.pool)
+            .await
+        })
+        .await
+    }
+
+    async fn list_chats(
+        &self,
+        application_id: u64,
+        page: PageRequest,
+    ) -> Result<Vec<ChatRow>, sqlx::Error> {
+        self.timed("list_chats", async {
+            sqlx::query_as(
+                "SELECT number, messages_count, created_at FROM chats WHERE application_id = ? \
+                 ORDER BY number LIMIT ? OFFSET ?",
+            )
+            .bind(application_id)
+            .bind(page.fetch_limit())
+            .bind(page.offset())
+            .fetch_all(&self.pool)
+            .await
+        })
+        .await
+    }
+
+    async fn find_message(
+        &self,
+        application_id: u64,
+        chat_number: Number,
+        number: Number,
+    ) -> Result<Option<MessageRow>, sqlx::Error> {
+        self.timed("find_message", async {
+            sqlx::query_as(AssertSqlSafe(format!(
+                "SELECT {MESSAGE_COLUMNS} FROM messages m JOIN chats c ON c.id = m.chat_id \
+                 WHERE c.application_id = ? AND c.number = ? AND m.number = ?"
+            )))
+            .bind(application_id)
+            .bind(chat_number.get())
+            .bind(number.get())
+            .fetch_optional(&self.pool)
+            .await
+        })
+        .await
+    }
+
+    async fn list_messages(
+        &self,
+        application_id: u64,
+        chat_number: Number,
+        page: PageRequest,
+    ) -> Result<Vec<MessageRow>, sqlx::Error> {
+        self.timed("list_messages", async {
+            sqlx::query_as(AssertSqlSafe(format!(
+                "SELECT {MESSAGE_COLUMNS} FROM messages m JOIN chats c ON c.id = m.chat_id \
+                 WHERE c.application_id = ? AND c.number = ? ORDER BY m.number LIMIT ? OFFSET ?"
+            )))
+            .bind(application_id)
+            .bind(chat_number.get())
+            .bind(page.fetch_limit())
+            .bind(page.offset())
+            .fetch_all(&self.pool)
+            .await
+        })
+        .await
+    }
+
+    async fn update_message(
+        &self,
+        application_id: u64,
+        chat_number: Number,
+        number: Number,
+        body: &MessageBody,
+    ) -> Result<Option<MessageRow>, sqlx::Error> {
+        self.timed("update_message", async {
+            let mut transaction = self.pool.begin().await?;
+            let Some(row) = sqlx::query(
+                "SELECT m.id, m.version, m.created_at FROM messages m JOIN chats c ON c.id = m.chat_id \
+                 WHERE c.application_id = ? AND c.number = ? AND m.number = ? FOR UPDATE",
+            )
+            .bind(application_id)
+            .bind(chat_number.get())
+            .bind(number.get())
+            .fetch_optional(&mut *transaction)
+            .await?
+            else {
+                return Ok(None);
+            };
+            let id: u64 = row.try_get("id")?;
+            let version: u64 = row.try_get::<u64, _>("version")? + 1;
+            let created_at: DateTime<Utc> = row.try_get("created_at")?;
+            let updated_at = now();
+            sqlx::query("UPDATE messages SET body = ?, version = ?, updated_at = ? WHERE id = ?")
+                .bind(body.as_str())
+                .bind(version)
+                .bind(updated_at)
+                .bind(id)
+                .execute(&mut *transaction)
+                .await?;
+            transaction.commit().await?;
+            Ok(Some(MessageRow {
+                number: number.get(),
+                body: body.as_str().to_owned(),
+                version,
+                created_at,
+                updated_at,
+            }))
+        })
+        .await
+    }
+
+    async fn ping(&self) -> Result<(), sqlx::Error> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+    }
+
+    async fn write_ingest_batch(&self, batch: &IngestBatch<'_>) -> Result<(), IngestError> {
+        if batch.chats.is_empty() {
+            return Ok(());
+        }
+        self.timed("write_ingest_batch", async {
+            let mut transaction = self.pool.begin().await?;
+            insert_chats(&mut transaction, &batch.chats).await?;
+            let chat_ids = chat_ids(&mut transaction, batch.chats.keys()).await?;
+            let mut new_messages_per_chat = Vec::new();
+            for (key, chat_messages) in &batch.messages {
+                let chat_id = *chat_ids
+                    .get(key)
+                    .ok_or(IngestError::ChatMissing(key.0, key.1))?;
+                let inserted =
+                    insert_messages(&mut transaction, chat_id, chat_messages.values()).await?;
+                if inserted > 0 {
+                    new_messages_per_chat.push((chat_id, inserted));
+                }
+            }
+            add_counts(
+                &mut transaction,
+                "chats",
+                "messages_count",
+                &new_messages_per_chat,
+            )
+            .await?;
+            transaction.commit().await?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn reserve_fresh_block(
+        &self,
+        scope: &str,
+        block_size: u64,
+    ) -> Result<Reservation, sqlx::Error> {
+        // One upsert statement takes the row lock, so concurrent callers queue up instead of
+        // deadlocking.
+        let mut transaction = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO number_reservations (scope, reserved_until, epoch) VALUES (?, ?, 1) \
+             ON DUPLICATE KEY UPDATE reserved_until = reserved_until + VALUES(reserved_until), epoch = epoch + 1",
+        )
+        .bind(scope)
+        .bind(block_size)
+        .execute(&mut *transaction)
+        .await?;
+        let reserved = lock_reservation(&mut transaction, scope).await?;
+        transaction.commit().await?;
+        Ok(reserved)
+    }
+
+    async fn extend_reservation(
+        &self,
+        scope: &str,
+        number: u64,
+        epoch: u64,
+        block_size: u64,
+    ) -> Result<Option<u64>, sqlx::Error> {
+        let mut transaction = self.pool.begin().await?;
+        let current = lock_reservation(&mut transaction, scope).await?;
+        if current.epoch != epoch {
+            return Ok(None);
+        }
+        let ceiling = current.reserved_until.max(number - 1 + block_size);
+        sqlx::query("UPDATE number_reservations SET reserved_until = ? WHERE scope = ?")
+            .bind(ceiling)
+            .bind(scope)
+            .execute(&mut *transaction)
+            .await?;
+        transaction.commit().await?;
+        Ok(Some(ceiling))
+    }
+
+    async fn reserved_until(&self, scope: &str) -> Result<Option<u64>, sqlx::Error> {
+        sqlx::query_scalar("SELECT reserved_until FROM number_reservations WHERE scope = ?")
+            .bind(scope)
+            .fetch_optional(&self.pool)
+            .await
+    }
+
+    async fn raise_reservations(
+        &self,
+        highest: &[(String, u64)],
+    ) -> Result<Vec<String>, sqlx::Error> {
+        if highest.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut query = QueryBuilder::<MySql>::new(
+            "SELECT scope, reserved_until FROM number_reservations WHERE scope IN (",
+        );
+        let mut list = query.separated(", ");
+        for (scope, _) in highest {
+            list.push_bind(scope.as_str());
+        }
+        query.push(")");
+        let reserved: HashMap<String, u64> = query
+            .build_query_as()
+            .fetch_all(&self.pool)
+            .await?
+            .into_iter()
+            .collect();
+        let behind: Vec<&(String, u64)> = highest
+            .iter()
+            .filter(|(scope, number)| reserved.get(scope).is_none_or(|until| until < number))
+            .collect();
+        if behind.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut upsert = QueryBuilder::<MySql>::new(
+            "INSERT INTO number_reservations (scope, reserved_until, epoch) ",
+        );
+        upsert.push_values(&behind, |mut row, (scope, number)| {
+            row.push_bind(scope.as_str())
+                .push_bind(*number)
+                .push_bind(0u64);
+        });
+        upsert.push(" ON DUPLICATE KEY UPDATE reserved_until = GREATEST(reserved_until, VALUES(reserved_until))");
+        upsert.build().execute(&self.pool).await?;
+        Ok(behind.into_iter().map(|(scope, _)| scope.clone()).collect())
+    }
+}
+
+async fn lock_reservation(
+    transaction: &mut Transaction<'_, MySql>,
+    scope: &str,
+) -> Result<Reservation, sqlx::Error> {
+    let (reserved_until, epoch): (u64, u64) = sqlx::query_as(
+        "SELECT reserved_until, epoch FROM number_reservations WHERE scope = ? FOR UPDATE",
+    )
+    .bind(scope)
+    .fetch_one(&mut **transaction)
+    .await?;
+    Ok(Reservation {
+        reserved_until,
+        epoch,
+    })
+}
+
+/// Inserts the chats that do not exist yet and grows `chats_count` by the new ones.
+async fn insert_chats(
+    transaction: &mut Transaction<'_, MySql>,
+    chats: &BTreeMap<ChatKey, DateTime<Utc>>,
+) -> Result<(), IngestError> {
+    let application_ids: BTreeSet<u64> = chats
+        .keys()
+        .map(|(application_id, _)| *application_id)
+        .collect();
+    let mut known = QueryBuilder::<MySql>::new("SELECT id FROM applications WHERE id IN ");
+    push_in_list(&mut known, application_ids.iter().copied());
+    let known: BTreeSet<u64> = known
+        .build_query_scalar()
+        .fetch_all(&mut **transaction)
+        .await?
+        .into_iter()
+        .collect();
+    if let Some(unknown) = application_ids.difference(&known).next() {
+        return Err(IngestError::UnknownApplication(*unknown));
+    }
+    let now = now();
+    let mut new_chats_per_application = Vec::new();
+    for application_id in application_ids {
+        let rows: Vec<_> = chats
+            .range((application_id, Number::new(1).expect("1 is positive"))..)
+            .take_while(|((id, _), _)| *id == application_id)
+            .collect();
+        let mut insert = QueryBuilder::<MySql>::new(
+            "INSERT IGNORE INTO chats (application_id, number, messages_count, created_at, updated_at) ",
+        );
+        insert.push_values(rows, |mut row, ((application_id, number), created_at)| {
+            row.push_bind(*application_id)
+                .push_bind(number.get())
+                .push_bind(0u64)
+                .push_bind(*created_at)
+                .push_bind(now);
+        });
+        let inserted = insert
+            .build()
+            .execute(&mut **transaction)
+            .await?
+            .rows_affected();
+        if inserted > 0 {
+            new_chats_per_application.push((application_id, inserted));
+        }
+    }
+    add_counts(
+        transaction,
+        "applications",
+        "chats_count",
+        &new_chats_per_application,
+    )
+    .await?;
+    Ok(())
+}
+
+/// Internal ids of the given chats, looked up per application with the unique key.
+async fn chat_ids(
+    transaction: &mut Transaction<'_, MySql>,
+    keys: impl Iterator<Item = &ChatKey>,
+) -> Result<BTreeMap<ChatKey, u64>, sqlx::Error> {
+    let mut numbers_per_application: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+    for (application_id, number) in keys {
+        numbers_per_application
+            .entry(*application_id)
+            .or_default()
+            .push(number.get());
+    }
+    let mut ids = BTreeMap::new();
+    for (application_id, numbers) in numbers_per_application {
+        let mut query =
+            QueryBuilder::<MySql>::new("SELECT id, number FROM chats WHERE application_id = ");
+        query.push_bind(application_id).push(" AND number IN ");
+        push_in_list(&mut query, numbers);
+        let rows: Vec<(u64, u64)> = query.build_query_as().fetch_all(&mut **transaction).await?;
+        for (id, number) in rows {
+            if let Some(number) = Number::new(number) {
+                ids.insert((application_id, number), id);
+            }
+        }
+    }
+    Ok(ids)
+}
+
+/// Inserts the messages of one chat that are not there yet; returns how many were new.
+async fn insert_messages<'a>(
+    transaction: &mut Transaction<'_, MySql>,
+    chat_id: u64,
+    messages: impl Iterator<Item = &'a NewMessage<'a>>,
+) -> Result<u64, sqlx::Error> {
+    let now = now();
+    let mut inserted = 0;
+    let mut chunk: Vec<&NewMessage<'_>> = Vec::new();
+    let mut chunk_bytes = 0;
+    let mut messages = messages.peekable();
+    while let Some(message) = messages.next() {
+        chunk_bytes += message.body.len();
+        chunk.push(message);
+        let full = chunk_bytes >= MAX_STATEMENT_BODY_BYTES;
+        if !full && messages.peek().is_some() {
+            continue;
+        }
+        let mut insert = QueryBuilder::<MySql>::new(
+            "INSERT IGNORE INTO messages (chat_id, number, body, version, created_at, updated_at) ",
+        );
+        insert.push_values(chunk.drain(..), |mut row, message| {
+            row.push_bind(chat_id)
+                .push_bind(message.number.get())
+                .push_bind(message.body)
+                .push_bind(1u64)
+                .push_bind(message.created_at)
+                .push_bind(now);
+        });
+        inserted += insert
+            .build()
+            .execute(&mut **transaction)
+            .await?
+            .rows_affected();
+        chunk_bytes = 0;
+    }
+    Ok(inserted)
+}
+
+/// `UPDATE <table> SET <column> = <column> + CASE id ... END` for all rows in one statement.
+async fn add_counts(
+    transaction: &mut Transaction<'_, MySql>,
+    table: &'static str,
+    column: &'static str,
+    increments: &[(u64, u64)],
+) -> Result<(), sqlx::Error> {
+    if increments.is_empty() {
+        return Ok(());
+    }
+    let mut update =
+        QueryBuilder::<MySql>::new(format!("UPDATE {table} SET {column} = {column} + CASE id"));
+    for (id, increment) in increments {
+        update
+            .push(" WHEN ")
+            .push_bind(*id)
+            .push(" THEN ")
+            .push_bind(*increment);
+    }
+    update.push(" ELSE 0 END WHERE id IN ");
+    push_in_list(&mut update, increments.iter().map(|(id, _)| *id));
+    update.build().execute(&mut **transaction).await?;
+    Ok(())
+}
+
+/// Appends `(?, ?, ...)` binding every value.
+fn push_in_list(query: &mut QueryBuilder<MySql>, values: impl IntoIterator<Item = u64>) {
+    query.push("(");
+    let mut list = query.separated(", ");
+    for value in values {
+        list.push_bind(value);
+    }
+    query.push(")");
+}

@@ -1,0 +1,402 @@
+//! SQLite: the [`Storage`] adapter of the embedded mode (`<data dir>/chat.db`).
+//!
+//! SQLite runs in this process, so a statement costs no round trip: batch writes are one
+//! transaction of cached prepared statements, row by row, instead of the multi-row statements the
+//! MySQL adapter needs to save round trips. Write transactions take the write lock up front
+//! ([`crate::sqlite::begin_write`]).
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use sqlx::{AssertSqlSafe, Sqlite, SqlitePool, Transaction};
+
+use super::{
+    ApplicationRow, ChatRow, IngestBatch, IngestError, MessageRow, Reservation, Storage, now,
+};
+use crate::domain::{ApplicationName, ApplicationToken, MessageBody, Number, PageRequest};
+use crate::metrics::Metrics;
+use crate::sqlite::begin_write;
+
+const APPLICATION_COLUMNS: &str = "id, token, name, chats_count, created_at, updated_at";
+const MESSAGE_COLUMNS: &str = "m.number, m.body, m.version, m.created_at, m.updated_at";
+
+#[derive(Clone)]
+pub struct SqliteStorage {
+    pool: SqlitePool,
+    metrics: Arc<Metrics>,
+}
+
+impl SqliteStorage {
+    /// Opens (creating and migrating) the database file.
+    pub async fn open(path: &Path, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+        let pool = crate::sqlite::open(path, &crate::sqlite::DATA_MIGRATOR, 8).await?;
+        Ok(Self { pool, metrics })
+    }
+
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    async fn timed<T>(&self, operation: &'static str, call: impl Future<Output = T>) -> T {
+        self.metrics.time("sqlite", operation, call).await
+    }
+}
+
+#[async_trait]
+impl Storage for SqliteStorage {
+    fn kind(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn ping(&self) -> Result<(), sqlx::Error> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+    }
+
+    async fn create_application(
+        &self,
+        name: &ApplicationName,
+    ) -> Result<ApplicationRow, sqlx::Error> {
+        self.timed("create_application", async {
+            let token = ApplicationToken::generate();
+            let created_at = now();
+            sqlx::query_as(AssertSqlSafe(format!(
+                "INSERT INTO applications (token, name, chats_count, created_at, updated_at) \
+                 VALUES (?, ?, 0, ?, ?) RETURNING {APPLICATION_COLUMNS}"
+            )))
+            .bind(token.as_str())
+            .bind(name.as_str())
+            .bind(created_at)
+            .bind(created_at)
+            .fetch_one(&self.pool)
+            .await
+        })
+        .await
+    }
+
+    async fn rename_application(
+        &self,
+        token: &ApplicationToken,
+        name: &ApplicationName,
+    ) -> Result<Option<ApplicationRow>, sqlx::Error> {
+        self.timed("rename_application", async {
+            sqlx::query_as(AssertSqlSafe(format!(
+                "UPDATE applications SET name = ?, updated_at = ? WHERE token = ? \
+                 RETURNING {APPLICATION_COLUMNS}"
+            )))
+            .bind(name.as_str())
+            .bind(now())
+            .bind(token.as_str())
+            .fetch_optional(&self.pool)
+            .await
+        })
+        .await
+    }
+
+    async fn find_application(
+        &self,
+        token: &ApplicationToken,
+    ) -> Result<Option<ApplicationRow>, sqlx::Error> {
+        self.timed("find_application", async {
+            sqlx::query_as(AssertSqlSafe(format!(
+                "SELECT {APPLICATION_COLUMNS} FROM applications WHERE token = ?"
+            )))
+            .bind(token.as_str())
+            .fetch_optional(&self.pool)
+            .await
+        })
+        .await
+    }
+
+    async fn list_applications(
+        &self,
+        page: PageRequest,
+    ) -> Result<Vec<ApplicationRow>, sqlx::Error> {
+        self.timed("list_applications", async {
+            sqlx::query_as(AssertSqlSafe(format!(
+                "SELECT {APPLICATION_COLUMNS} FROM applications ORDER BY id LIMIT ? OFFSET ?"
+            )))
+            .bind(page.fetch_limit() as i64)
+            .bind(page.offset() as i64)
+            .fetch_all(&self.pool)
+            .await
+        })
+        .await
+    }
+
+    async fn application_id(&self, token: &ApplicationToken) -> Result<Option<u64>, sqlx::Error> {
+        self.timed("application_id", async {
+            sqlx::query_scalar("SELECT id FROM applications WHERE token = ?")
+                .bind(token.as_str())
+                .fetch_optional(&self.pool)
+                .await
+        })
+        .await
+    }
+
+    async fn find_chat(
+        &self,
+        application_id: u64,
+        number: Number,
+    ) -> Result<Option<ChatRow>, sqlx::Error> {
+        self.timed("find_chat", async {
+            sqlx::query_as(
+                "SELECT number, messages_count, created_at FROM chats \
+                 WHERE application_id = ? AND number = ?",
+            )
+            .bind(application_id as i64)
+            .bind(number.get() as i64)
+            .fetch_optional(&self.pool)
+            .await
+        })
+        .await
+    }
+
+    async fn list_chats(
+        &self,
+        application_id: u64,
+        page: PageRequest,
+    ) -> Result<Vec<ChatRow>, sqlx::Error> {
+        self.timed("list_chats", async {
+            sqlx::query_as(
+                "SELECT number, messages_count, created_at FROM chats WHERE application_id = ? \
+                 ORDER BY number LIMIT ? OFFSET ?",
+            )
+            .bind(application_id as i64)
+            .bind(page.fetch_limit() as i64)
+            .bind(page.offset() as i64)
+            .fetch_all(&self.pool)
+            .await
+        })
+        .await
+    }
+
+    async fn find_message(
+        &self,
+        application_id: u64,
+        chat_number: Number,
+        number: Number,
+    ) -> Result<Option<MessageRow>, sqlx::Error> {
+        self.timed("find_message", async {
+            sqlx::query_as(AssertSqlSafe(format!(
+                "SELECT {MESSAGE_COLUMNS} FROM messages m JOIN chats c ON c.id = m.chat_id \
+                 WHERE c.application_id = ? AND c.number = ? AND m.number = ?"
+            )))
+            .bind(application_id as i64)
+            .bind(chat_number.get() as i64)
+            .bind(number.get() as i64)
+            .fetch_optional(&self.pool)
+            .await
+        })
+        .await
+    }
+
+    async fn list_messages(
+        &self,
+        application_id: u64,
+        chat_number: Number,
+        page: PageRequest,
+    ) -> Result<Vec<MessageRow>, sqlx::Error> {
+        self.timed("list_messages", async {
+            sqlx::query_as(AssertSqlSafe(format!(
+                "SELECT {MESSAGE_COLUMNS} FROM messages m JOIN chats c ON c.id = m.chat_id \
+                 WHERE c.application_id = ? AND c.number = ? ORDER BY m.number LIMIT ? OFFSET ?"
+            )))
+            .bind(application_id as i64)
+            .bind(chat_number.get() as i64)
+            .bind(page.fetch_limit() as i64)
+            .bind(page.offset() as i64)
+            .fetch_all(&self.pool)
+            .await
+        })
+        .await
+    }
+
+    async fn update_message(
+        &self,
+        application_id: u64,
+        chat_number: Number,
+        number: Number,
+        body: &MessageBody,
+    ) -> Result<Option<MessageRow>, sqlx::Error> {
+        self.timed("update_message", async {
+            // One statement: the write lock makes the version bump atomic.
+            sqlx::query_as(
+                "UPDATE messages SET body = ?, version = version + 1, updated_at = ? \
+                 WHERE chat_id = (SELECT id FROM chats WHERE application_id = ? AND number = ?) \
+                 AND number = ? RETURNING number, body, version, created_at, updated_at",
+            )
+            .bind(body.as_str())
+            .bind(now())
+            .bind(application_id as i64)
+            .bind(chat_number.get() as i64)
+            .bind(number.get() as i64)
+            .fetch_optional(&self.pool)
+            .await
+        })
+        .await
+    }
+
+    async fn write_ingest_batch(&self, batch: &IngestBatch<'_>) -> Result<(), IngestError> {
+        if batch.chats.is_empty() {
+            return Ok(());
+        }
+        self.timed("write_ingest_batch", async {
+            let mut transaction = begin_write(&self.pool).await?;
+            let now = now();
+            let mut new_chats_per_application: BTreeMap<u64, i64> = BTreeMap::new();
+            for (&(application_id, chat_number), created_at) in &batch.chats {
+                if !new_chats_per_application.contains_key(&application_id) {
+                    let known: Option<i64> =
+                        sqlx::query_scalar("SELECT 1 FROM applications WHERE id = ?")
+                            .bind(application_id as i64)
+                            .fetch_optional(&mut *transaction)
+                            .await?;
+                    if known.is_none() {
+                        return Err(IngestError::UnknownApplication(application_id));
+                    }
+                }
+                let inserted = sqlx::query(
+                    "INSERT INTO chats (application_id, number, messages_count, created_at, updated_at) \
+                     VALUES (?, ?, 0, ?, ?) ON CONFLICT DO NOTHING",
+                )
+                .bind(application_id as i64)
+                .bind(chat_number.get() as i64)
+                .bind(created_at)
+                .bind(now)
+                .execute(&mut *transaction)
+                .await?
+                .rows_affected();
+                *new_chats_per_application.entry(application_id).or_default() += inserted as i64;
+            }
+            for (application_id, new_chats) in new_chats_per_application {
+                add_count(&mut transaction, "applications", "chats_count", application_id, new_chats)
+                    .await?;
+            }
+            for (&(application_id, chat_number), messages) in &batch.messages {
+                let chat_id: i64 =
+                    sqlx::query_scalar("SELECT id FROM chats WHERE application_id = ? AND number = ?")
+                        .bind(application_id as i64)
+                        .bind(chat_number.get() as i64)
+                        .fetch_optional(&mut *transaction)
+                        .await?
+                        .ok_or(IngestError::ChatMissing(application_id, chat_number))?;
+                let mut new_messages = 0;
+                for message in messages.values() {
+                    new_messages += sqlx::query(
+                        "INSERT INTO messages (chat_id, number, body, version, created_at, updated_at) \
+                         VALUES (?, ?, ?, 1, ?, ?) ON CONFLICT DO NOTHING",
+                    )
+                    .bind(chat_id)
+                    .bind(message.number.get() as i64)
+                    .bind(message.body)
+                    .bind(message.created_at)
+                    .bind(now)
+                    .execute(&mut *transaction)
+                    .await?
+                    .rows_affected() as i64;
+                }
+                add_count(&mut transaction, "chats", "messages_count", chat_id as u64, new_messages)
+                    .await?;
+            }
+            transaction.commit().await?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn reserve_fresh_block(
+        &self,
+        scope: &str,
+        block_size: u64,
+    ) -> Result<Reservation, sqlx::Error> {
+        sqlx::query_as(
+            "INSERT INTO number_reservations (scope, reserved_until, epoch) VALUES (?, ?, 1) \
+             ON CONFLICT (scope) DO UPDATE SET reserved_until = reserved_until + excluded.reserved_until, \
+             epoch = epoch + 1 RETURNING reserved_until, epoch",
+        )
+        .bind(scope)
+        .bind(block_size as i64)
+        .fetch_one(&self.pool)
+        .await
+        .map(|(reserved_until, epoch): (u64, u64)| Reservation {
+            reserved_until,
+            epoch,
+        })
+    }
+
+    async fn extend_reservation(
+        &self,
+        scope: &str,
+        number: u64,
+        epoch: u64,
+        block_size: u64,
+    ) -> Result<Option<u64>, sqlx::Error> {
+        sqlx::query_scalar(
+            "UPDATE number_reservations SET reserved_until = MAX(reserved_until, ?) \
+             WHERE scope = ? AND epoch = ? RETURNING reserved_until",
+        )
+        .bind((number - 1 + block_size) as i64)
+        .bind(scope)
+        .bind(epoch as i64)
+        .fetch_optional(&self.pool)
+        .await
+    }
+
+    async fn reserved_until(&self, scope: &str) -> Result<Option<u64>, sqlx::Error> {
+        sqlx::query_scalar("SELECT reserved_until FROM number_reservations WHERE scope = ?")
+            .bind(scope)
+            .fetch_optional(&self.pool)
+            .await
+    }
+
+    async fn raise_reservations(
+        &self,
+        highest: &[(String, u64)],
+    ) -> Result<Vec<String>, sqlx::Error> {
+        let mut transaction = begin_write(&self.pool).await?;
+        let mut behind = Vec::new();
+        for (scope, number) in highest {
+            let raised = sqlx::query(
+                "INSERT INTO number_reservations (scope, reserved_until, epoch) VALUES (?, ?, 0) \
+                 ON CONFLICT (scope) DO UPDATE SET reserved_until = excluded.reserved_until \
+                 WHERE reserved_until < excluded.reserved_until",
+            )
+            .bind(scope)
+            .bind(*number as i64)
+            .execute(&mut *transaction)
+            .await?
+            .rows_affected();
+            if raised > 0 {
+                behind.push(scope.clone());
+            }
+        }
+        transaction.commit().await?;
+        Ok(behind)
+    }
+}
+
+async fn add_count(
+    transaction: &mut Transaction<'_, Sqlite>,
+    table: &'static str,
+    column: &'static str,
+    id: u64,
+    increment: i64,
+) -> Result<(), sqlx::Error> {
+    if increment == 0 {
+        return Ok(());
+    }
+    sqlx::query(AssertSqlSafe(format!(
+        "UPDATE {table} SET {column} = {column} + ? WHERE id = ?"
+    )))
+    .bind(increment)
+    .bind(id as i64)
+    .execute(&mut **transaction)
+    .await?;
+    Ok(())
+}
