@@ -30,8 +30,9 @@ async fn search(client: &Client, token: &str, chat: u64, query: &str) -> anyhow:
         .unwrap_or_default())
 }
 
-/// Runs a search test once on Elasticsearch 8 and once on 7.17, which the index must support.
-macro_rules! on_both_elasticsearch_versions {
+/// Runs a search test on every index: Elasticsearch 8 and 7.17 (both supported) and the
+/// embedded SQLite FTS5 index.
+macro_rules! on_every_index {
     ($test:ident) => {
         mod $test {
             #[tokio::test]
@@ -43,6 +44,11 @@ macro_rules! on_both_elasticsearch_versions {
             async fn on_elasticsearch_7() -> anyhow::Result<()> {
                 super::$test(system_tests::TestEnv::on_elasticsearch_7().await?).await
             }
+
+            #[tokio::test]
+            async fn embedded() -> anyhow::Result<()> {
+                super::$test(system_tests::TestEnv::embedded().await?).await
+            }
         }
     };
 }
@@ -52,7 +58,7 @@ fn sorted(mut numbers: Vec<u64>) -> Vec<u64> {
     numbers
 }
 
-on_both_elasticsearch_versions!(search_finds_words_and_prefixes_in_one_chat);
+on_every_index!(search_finds_words_and_prefixes_in_one_chat);
 
 async fn search_finds_words_and_prefixes_in_one_chat(env: TestEnv) -> anyhow::Result<()> {
     let api = env.spawn_api().await?;
@@ -139,7 +145,7 @@ async fn search_finds_words_and_prefixes_in_one_chat(env: TestEnv) -> anyhow::Re
     api.stop().await
 }
 
-on_both_elasticsearch_versions!(an_update_is_what_search_finds);
+on_every_index!(an_update_is_what_search_finds);
 
 async fn an_update_is_what_search_finds(env: TestEnv) -> anyhow::Result<()> {
     let api = env.spawn_api().await?;
@@ -183,7 +189,7 @@ async fn an_update_is_what_search_finds(env: TestEnv) -> anyhow::Result<()> {
     api.stop().await
 }
 
-on_both_elasticsearch_versions!(hostile_queries_never_fail);
+on_every_index!(hostile_queries_never_fail);
 
 async fn hostile_queries_never_fail(env: TestEnv) -> anyhow::Result<()> {
     let api = env.spawn_api().await?;

@@ -15,7 +15,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use chatcore::Config;
 use serde_json::Value;
-use sqlx::{Connection as _, MySqlConnection, MySqlPool};
+use sqlx::{Connection as _, MySqlConnection, MySqlPool, Row as _};
 use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -163,11 +163,21 @@ impl TestEnv {
         let sql = sqlx::AssertSqlSafe(sql.to_owned());
         match &self.database {
             Database::MySql(pool) => {
-                let mut query = sqlx::query_scalar::<_, i64>(sql);
+                let mut query = sqlx::query(sql);
                 for bind in binds {
                     query = query.bind(*bind);
                 }
-                Ok(query.fetch_all(pool).await?)
+                // Ids and numbers are BIGINT UNSIGNED, counts BIGINT.
+                query
+                    .fetch_all(pool)
+                    .await?
+                    .iter()
+                    .map(|row| {
+                        row.try_get::<i64, _>(0)
+                            .or_else(|_| row.try_get::<u64, _>(0).map(|value| value as i64))
+                            .context("an integer column")
+                    })
+                    .collect()
             }
             Database::Embedded(data_dir) => {
                 let file = if sql.0.contains("search_documents") {
