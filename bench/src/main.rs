@@ -208,7 +208,8 @@ async fn redis_incr_rate(config: &Config) -> anyhow::Result<f64> {
 }
 
 async fn confirmed_publish_rate(config: &Config) -> anyhow::Result<f64> {
-    let connection = chatcore::broker::connect(config.require_amqp_url()?, "bench-raw-publish").await?;
+    let connection =
+        chatcore::broker::connect(config.require_amqp_url()?, "bench-raw-publish").await?;
     let channel = connection.create_channel().await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())

@@ -60,7 +60,9 @@ impl Adapters {
                     .with_context(|| format!("connecting to mysql at {url}"))?;
                 Arc::new(MySqlStorage::new(pool, Arc::clone(metrics)))
             }
-            None => Arc::new(SqliteStorage::open(&data_file("chat.db"), Arc::clone(metrics)).await?),
+            None => {
+                Arc::new(SqliteStorage::open(&data_file("chat.db"), Arc::clone(metrics)).await?)
+            }
         };
         let state: Arc<dyn SharedState> = match &config.redis_url {
             Some(url) => Arc::new(RedisState::new(

@@ -352,8 +352,14 @@ mod tests {
         values.insert("AMQP_URL".to_owned(), "amqp://127.0.0.1".to_owned());
         let error = Config::from_map(&values).expect_err("must fail");
         assert!(error.to_string().contains("DATABASE_URL"));
-        values.insert("DATABASE_URL".to_owned(), "mysql://127.0.0.1/chat".to_owned());
-        values.insert("ELASTICSEARCH_URL".to_owned(), "http://127.0.0.1:9200".to_owned());
+        values.insert(
+            "DATABASE_URL".to_owned(),
+            "mysql://127.0.0.1/chat".to_owned(),
+        );
+        values.insert(
+            "ELASTICSEARCH_URL".to_owned(),
+            "http://127.0.0.1:9200".to_owned(),
+        );
         let config = Config::from_map(&values).expect("valid config");
         assert!(!config.is_fully_embedded());
         assert!(config.require_redis_url().is_err());

@@ -29,8 +29,8 @@ use crate::config::{Config, ConsumerConfig, Topology};
 use crate::events::{Event, TraceContext};
 use crate::health::Readiness;
 use crate::local_queue::LocalQueue;
-use crate::queue::{Delivery, EventSource};
 use crate::metrics::{Metrics, QueueLabels};
+use crate::queue::{Delivery, EventSource};
 
 #[derive(Debug, thiserror::Error)]
 pub enum HandleError {
@@ -121,7 +121,15 @@ async fn consume_once<H: BatchHandler>(
         },
     )));
     let mut source = broker::AmqpSource::new(channel.clone(), consumer);
-    let consumed = consume(&mut source, queue, handler, &config.consumer, shutdown, observers).await;
+    let consumed = consume(
+        &mut source,
+        queue,
+        handler,
+        &config.consumer,
+        shutdown,
+        observers,
+    )
+    .await;
     if consumed.is_ok() {
         // Closing the channel hands every unacked delivery back to the queue.
         let _ = channel.close(200, "shutting down".into()).await;

@@ -73,7 +73,11 @@ impl LocalQueue {
                 .collect(),
         );
         let (publishes, pending) = mpsc::channel(PENDING_PUBLISHES);
-        tokio::spawn(write_publishes(pool.clone(), pending, Arc::clone(&arrivals)));
+        tokio::spawn(write_publishes(
+            pool.clone(),
+            pending,
+            Arc::clone(&arrivals),
+        ));
         Ok(Self {
             pool,
             bindings: Arc::new(bindings),
@@ -266,8 +270,7 @@ impl EventSource for LocalSource {
         if batch.is_empty() {
             return Ok(());
         }
-        let mut delete =
-            QueryBuilder::<Sqlite>::new("DELETE FROM queued_events WHERE queue = ");
+        let mut delete = QueryBuilder::<Sqlite>::new("DELETE FROM queued_events WHERE queue = ");
         delete.push_bind(&self.name).push(" AND id IN (");
         let mut ids = delete.separated(", ");
         for tag in batch {

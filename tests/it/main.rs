@@ -1,6 +1,8 @@
-//! End-to-end tests against real MariaDB, Redis, RabbitMQ and Elasticsearch (`scripts/test`).
+//! End-to-end tests against real MariaDB, Redis, RabbitMQ and Elasticsearch, and against the
+//! embedded single process (`scripts/test`).
 
 mod contract;
+mod embedded;
 mod kubernetes;
 mod observability;
 mod pipeline;

@@ -1,5 +1,5 @@
-//! The asynchronous pipeline on the real services: concurrency, crashes, Redis data loss, poison
-//! events, broker refusal, counter-sync.
+//! The asynchronous pipeline: concurrency (on both stacks); and on the real services crashes,
+//! Redis data loss, poison events, broker refusal, counter-sync.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -10,13 +10,15 @@ use futures_util::future::join_all;
 use lapin::options::{BasicGetOptions, BasicPublishOptions};
 use lapin::types::FieldTable;
 use serde_json::json;
-use system_tests::{StatusCode, TestEnv, eventually, kill_hard};
+use system_tests::{StatusCode, TestEnv, both_stacks, eventually, kill_hard};
 
 const LONG: Duration = Duration::from_secs(90);
 
-#[tokio::test]
-async fn a_thousand_concurrent_chats_and_messages_are_numbered_1_to_1000() -> anyhow::Result<()> {
-    let env = TestEnv::new().await?;
+both_stacks!(a_thousand_concurrent_chats_and_messages_are_numbered_1_to_1000);
+
+async fn a_thousand_concurrent_chats_and_messages_are_numbered_1_to_1000(
+    env: TestEnv,
+) -> anyhow::Result<()> {
     let api = env.spawn_api().await?;
     let workers = env.spawn_workers();
     let client = &api.client;
@@ -39,7 +41,7 @@ async fn a_thousand_concurrent_chats_and_messages_are_numbered_1_to_1000() -> an
 
     let application_id = env.application_id(&token).await?;
     eventually(
-        "all chats and messages are in mysql with counts of 1000",
+        "all chats and messages are stored with counts of 1000",
         LONG,
         || async {
             let chats = env
@@ -72,7 +74,7 @@ async fn a_thousand_concurrent_chats_and_messages_are_numbered_1_to_1000() -> an
 }
 
 /// Posts `count` messages in waves of 50 concurrent requests; returns the numbers that got a 202.
-async fn post_messages_in_waves(
+pub async fn post_messages_in_waves(
     client: &system_tests::Client,
     token: &str,
     chat: u64,
@@ -163,7 +165,9 @@ async fn killing_workers_mid_load_loses_and_duplicates_nothing() -> anyhow::Resu
 }
 
 /// Sends SIGTERM and waits (bounded) for the exit.
-async fn terminate(child: &mut tokio::process::Child) -> anyhow::Result<std::process::ExitStatus> {
+pub async fn terminate(
+    child: &mut tokio::process::Child,
+) -> anyhow::Result<std::process::ExitStatus> {
     let pid = child
         .id()
         .ok_or_else(|| anyhow::anyhow!("child already exited"))?;

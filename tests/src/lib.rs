@@ -313,14 +313,18 @@ impl TestEnv {
         binary: &str,
         logs: impl Into<Stdio>,
     ) -> anyhow::Result<Child> {
-        let path = binary_path(binary)?;
-        Command::new(&path)
-            .envs(&self.settings)
+        self.command(binary)?
             .stdout(logs)
             .stderr(Stdio::inherit())
-            .kill_on_drop(true)
             .spawn()
-            .with_context(|| format!("spawning {}", path.display()))
+            .with_context(|| format!("spawning {binary}"))
+    }
+
+    /// The command line of one of the workspace binaries with this environment.
+    pub fn command(&self, binary: &str) -> anyhow::Result<Command> {
+        let mut command = Command::new(binary_path(binary)?);
+        command.envs(&self.settings).kill_on_drop(true);
+        Ok(command)
     }
 
     pub async fn count(&self, sql: &'static str, binds: &[u64]) -> anyhow::Result<i64> {

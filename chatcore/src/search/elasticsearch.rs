@@ -15,9 +15,7 @@ use elasticsearch::{BulkParts, Elasticsearch, SearchParts};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{
-    ItemOutcome, MessageDocument, MessageHit, SearchError, SearchIndex, query_words,
-};
+use super::{ItemOutcome, MessageDocument, MessageHit, SearchError, SearchIndex, query_words};
 use crate::config::SecretUrl;
 use crate::domain::{Number, PageRequest, SearchQuery};
 

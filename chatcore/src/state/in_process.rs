@@ -158,13 +158,13 @@ impl SharedState for InProcessState {
     }
 
     async fn get(&self, key: &str) -> Result<Option<String>, StateError> {
-        Ok(
-            sqlx::query_scalar("SELECT value FROM expiring_keys WHERE key = ? AND expires_at_ms > ?")
-                .bind(key)
-                .bind(unix_millis(SystemTime::now()))
-                .fetch_optional(&self.keys)
-                .await?,
+        Ok(sqlx::query_scalar(
+            "SELECT value FROM expiring_keys WHERE key = ? AND expires_at_ms > ?",
         )
+        .bind(key)
+        .bind(unix_millis(SystemTime::now()))
+        .fetch_optional(&self.keys)
+        .await?)
     }
 
     async fn delete(&self, key: &str) -> Result<(), StateError> {

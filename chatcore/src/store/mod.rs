@@ -131,8 +131,10 @@ pub trait Storage: Send + Sync {
 
     async fn ping(&self) -> Result<(), sqlx::Error>;
 
-    async fn create_application(&self, name: &ApplicationName)
-    -> Result<ApplicationRow, sqlx::Error>;
+    async fn create_application(
+        &self,
+        name: &ApplicationName,
+    ) -> Result<ApplicationRow, sqlx::Error>;
 
     /// None when there is no such application.
     async fn rename_application(

@@ -145,10 +145,7 @@ impl Storage for MySqlStorage {
         .await
     }
 
-    async fn application_id(
-        &self,
-        token: &ApplicationToken,
-    ) -> Result<Option<u64>, sqlx::Error> {
+    async fn application_id(&self, token: &ApplicationToken) -> Result<Option<u64>, sqlx::Error> {
         self.timed("application_id", async {
             sqlx::query_scalar("SELECT id FROM applications WHERE token = ?")
                 .bind(token.as_str())
