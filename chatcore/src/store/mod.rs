@@ -18,6 +18,159 @@ use crate::domain::{ApplicationName, ApplicationToken, MessageBody, Number, Page
 pub use mysql::MySqlStorage;
 pub use sqlite::SqliteStorage;
 
+pub(crate) const APPLICATION_COLUMNS: &str = "id, token, name, chats_count, created_at, updated_at";
+pub(crate) const MESSAGE_COLUMNS: &str = "m.number, m.body, m.version, m.created_at, m.updated_at";
+
+/// Implements [`Storage`] for an adapter with a `pool` field and a `timed` method: the reads
+/// are the same SQL in MySQL and SQLite and are written here once; the adapter passes the methods
+/// whose SQL differs. Integers are bound as i64, which both drivers encode.
+macro_rules! storage_impl {
+    ($adapter:ty, { $($dialect_methods:tt)* }) => {
+        #[async_trait::async_trait]
+        impl $crate::store::Storage for $adapter {
+            async fn ping(&self) -> Result<(), sqlx::Error> {
+                sqlx::query("SELECT 1")
+                    .execute(&self.pool)
+                    .await
+                    .map(|_| ())
+            }
+
+            async fn find_application(
+                &self,
+                token: &ApplicationToken,
+            ) -> Result<Option<ApplicationRow>, sqlx::Error> {
+                self.timed("find_application", async {
+                    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                        "SELECT {} FROM applications WHERE token = ?",
+                        $crate::store::APPLICATION_COLUMNS
+                    )))
+                    .bind(token.as_str())
+                    .fetch_optional(&self.pool)
+                    .await
+                })
+                .await
+            }
+
+            async fn list_applications(
+                &self,
+                page: PageRequest,
+            ) -> Result<Vec<ApplicationRow>, sqlx::Error> {
+                self.timed("list_applications", async {
+                    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                        "SELECT {} FROM applications ORDER BY id LIMIT ? OFFSET ?",
+                        $crate::store::APPLICATION_COLUMNS
+                    )))
+                    .bind(page.fetch_limit() as i64)
+                    .bind(page.offset() as i64)
+                    .fetch_all(&self.pool)
+                    .await
+                })
+                .await
+            }
+
+            async fn application_id(&self, token: &ApplicationToken) -> Result<Option<u64>, sqlx::Error> {
+                self.timed("application_id", async {
+                    sqlx::query_scalar("SELECT id FROM applications WHERE token = ?")
+                        .bind(token.as_str())
+                        .fetch_optional(&self.pool)
+                        .await
+                })
+                .await
+            }
+
+            async fn find_chat(
+                &self,
+                application_id: u64,
+                number: Number,
+            ) -> Result<Option<ChatRow>, sqlx::Error> {
+                self.timed("find_chat", async {
+                    sqlx::query_as(
+                        "SELECT number, messages_count, created_at FROM chats \
+                         WHERE application_id = ? AND number = ?",
+                    )
+                    .bind(application_id as i64)
+                    .bind(number.get() as i64)
+                    .fetch_optional(&self.pool)
+                    .await
+                })
+                .await
+            }
+
+            async fn list_chats(
+                &self,
+                application_id: u64,
+                page: PageRequest,
+            ) -> Result<Vec<ChatRow>, sqlx::Error> {
+                self.timed("list_chats", async {
+                    sqlx::query_as(
+                        "SELECT number, messages_count, created_at FROM chats WHERE application_id = ? \
+                         ORDER BY number LIMIT ? OFFSET ?",
+                    )
+                    .bind(application_id as i64)
+                    .bind(page.fetch_limit() as i64)
+                    .bind(page.offset() as i64)
+                    .fetch_all(&self.pool)
+                    .await
+                })
+                .await
+            }
+
+            async fn find_message(
+                &self,
+                application_id: u64,
+                chat_number: Number,
+                number: Number,
+            ) -> Result<Option<MessageRow>, sqlx::Error> {
+                self.timed("find_message", async {
+                    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                        "SELECT {} FROM messages m JOIN chats c ON c.id = m.chat_id \
+                         WHERE c.application_id = ? AND c.number = ? AND m.number = ?",
+                        $crate::store::MESSAGE_COLUMNS
+                    )))
+                    .bind(application_id as i64)
+                    .bind(chat_number.get() as i64)
+                    .bind(number.get() as i64)
+                    .fetch_optional(&self.pool)
+                    .await
+                })
+                .await
+            }
+
+            async fn list_messages(
+                &self,
+                application_id: u64,
+                chat_number: Number,
+                page: PageRequest,
+            ) -> Result<Vec<MessageRow>, sqlx::Error> {
+                self.timed("list_messages", async {
+                    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                        "SELECT {} FROM messages m JOIN chats c ON c.id = m.chat_id \
+                         WHERE c.application_id = ? AND c.number = ? ORDER BY m.number LIMIT ? OFFSET ?",
+                        $crate::store::MESSAGE_COLUMNS
+                    )))
+                    .bind(application_id as i64)
+                    .bind(chat_number.get() as i64)
+                    .bind(page.fetch_limit() as i64)
+                    .bind(page.offset() as i64)
+                    .fetch_all(&self.pool)
+                    .await
+                })
+                .await
+            }
+
+            async fn reserved_until(&self, scope: &str) -> Result<Option<u64>, sqlx::Error> {
+                sqlx::query_scalar("SELECT reserved_until FROM number_reservations WHERE scope = ?")
+                    .bind(scope)
+                    .fetch_optional(&self.pool)
+                    .await
+            }
+
+            $($dialect_methods)*
+        }
+    };
+}
+use storage_impl;
+
 /// Timestamps are stored with millisecond precision, as the API shows them.
 pub fn now() -> DateTime<Utc> {
     Utc::now().trunc_subsecs(3)

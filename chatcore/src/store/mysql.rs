@@ -6,14 +6,13 @@ use std::str::FromStr as _;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
-use sqlx::{AssertSqlSafe, MySql, MySqlPool, QueryBuilder, Row as _, Transaction};
+use sqlx::{MySql, MySqlPool, QueryBuilder, Row as _, Transaction};
 
 use super::{
     ApplicationRow, ChatKey, ChatRow, IngestBatch, IngestError, MessageRow, NewMessage,
-    Reservation, Storage, now,
+    Reservation, now,
 };
 use crate::config::SecretUrl;
 use crate::domain::{ApplicationName, ApplicationToken, MessageBody, Number, PageRequest};
@@ -46,9 +45,6 @@ pub struct MySqlStorage {
     metrics: Arc<Metrics>,
 }
 
-const APPLICATION_COLUMNS: &str = "id, token, name, chats_count, created_at, updated_at";
-const MESSAGE_COLUMNS: &str = "m.number, m.body, m.version, m.created_at, m.updated_at";
-
 impl MySqlStorage {
     pub fn new(pool: MySqlPool, metrics: Arc<Metrics>) -> Self {
         Self { pool, metrics }
@@ -63,8 +59,7 @@ impl MySqlStorage {
     }
 }
 
-#[async_trait]
-impl Storage for MySqlStorage {
+super::storage_impl!(MySqlStorage, {
     fn kind(&self) -> &'static str {
         "mysql"
     }
@@ -114,124 +109,6 @@ impl Storage for MySqlStorage {
         .await
     }
 
-    async fn find_application(
-        &self,
-        token: &ApplicationToken,
-    ) -> Result<Option<ApplicationRow>, sqlx::Error> {
-        self.timed("find_application", async {
-            sqlx::query_as(AssertSqlSafe(format!(
-                "SELECT {APPLICATION_COLUMNS} FROM applications WHERE token = ?"
-            )))
-            .bind(token.as_str())
-            .fetch_optional(&self.pool)
-            .await
-        })
-        .await
-    }
-
-    async fn list_applications(
-        &self,
-        page: PageRequest,
-    ) -> Result<Vec<ApplicationRow>, sqlx::Error> {
-        self.timed("list_applications", async {
-            sqlx::query_as(AssertSqlSafe(format!(
-                "SELECT {APPLICATION_COLUMNS} FROM applications ORDER BY id LIMIT ? OFFSET ?"
-            )))
-            .bind(page.fetch_limit())
-            .bind(page.offset())
-            .fetch_all(&self.pool)
-            .await
-        })
-        .await
-    }
-
-    async fn application_id(&self, token: &ApplicationToken) -> Result<Option<u64>, sqlx::Error> {
-        self.timed("application_id", async {
-            sqlx::query_scalar("SELECT id FROM applications WHERE token = ?")
-                .bind(token.as_str())
-                .fetch_optional(&self.pool)
-                .await
-        })
-        .await
-    }
-
-    async fn find_chat(
-        &self,
-        application_id: u64,
-        number: Number,
-    ) -> Result<Option<ChatRow>, sqlx::Error> {
-        self.timed("find_chat", async {
-            sqlx::query_as(
-                "SELECT number, messages_count, created_at FROM chats WHERE application_id = ? AND number = ?",
-            )
-            .bind(application_id)
-            .bind(number.get())
-            .fetch_optional(&self.pool)
-            .await
-        })
-        .await
-    }
-
-    async fn list_chats(
-        &self,
-        application_id: u64,
-        page: PageRequest,
-    ) -> Result<Vec<ChatRow>, sqlx::Error> {
-        self.timed("list_chats", async {
-            sqlx::query_as(
-                "SELECT number, messages_count, created_at FROM chats WHERE application_id = ? \
-                 ORDER BY number LIMIT ? OFFSET ?",
-            )
-            .bind(application_id)
-            .bind(page.fetch_limit())
-            .bind(page.offset())
-            .fetch_all(&self.pool)
-            .await
-        })
-        .await
-    }
-
-    async fn find_message(
-        &self,
-        application_id: u64,
-        chat_number: Number,
-        number: Number,
-    ) -> Result<Option<MessageRow>, sqlx::Error> {
-        self.timed("find_message", async {
-            sqlx::query_as(AssertSqlSafe(format!(
-                "SELECT {MESSAGE_COLUMNS} FROM messages m JOIN chats c ON c.id = m.chat_id \
-                 WHERE c.application_id = ? AND c.number = ? AND m.number = ?"
-            )))
-            .bind(application_id)
-            .bind(chat_number.get())
-            .bind(number.get())
-            .fetch_optional(&self.pool)
-            .await
-        })
-        .await
-    }
-
-    async fn list_messages(
-        &self,
-        application_id: u64,
-        chat_number: Number,
-        page: PageRequest,
-    ) -> Result<Vec<MessageRow>, sqlx::Error> {
-        self.timed("list_messages", async {
-            sqlx::query_as(AssertSqlSafe(format!(
-                "SELECT {MESSAGE_COLUMNS} FROM messages m JOIN chats c ON c.id = m.chat_id \
-                 WHERE c.application_id = ? AND c.number = ? ORDER BY m.number LIMIT ? OFFSET ?"
-            )))
-            .bind(application_id)
-            .bind(chat_number.get())
-            .bind(page.fetch_limit())
-            .bind(page.offset())
-            .fetch_all(&self.pool)
-            .await
-        })
-        .await
-    }
-
     async fn update_message(
         &self,
         application_id: u64,
@@ -274,13 +151,6 @@ impl Storage for MySqlStorage {
             }))
         })
         .await
-    }
-
-    async fn ping(&self) -> Result<(), sqlx::Error> {
-        sqlx::query("SELECT 1")
-            .execute(&self.pool)
-            .await
-            .map(|_| ())
     }
 
     async fn write_ingest_batch(&self, batch: &IngestBatch<'_>) -> Result<(), IngestError> {
@@ -358,13 +228,6 @@ impl Storage for MySqlStorage {
         Ok(Some(ceiling))
     }
 
-    async fn reserved_until(&self, scope: &str) -> Result<Option<u64>, sqlx::Error> {
-        sqlx::query_scalar("SELECT reserved_until FROM number_reservations WHERE scope = ?")
-            .bind(scope)
-            .fetch_optional(&self.pool)
-            .await
-    }
-
     async fn raise_reservations(
         &self,
         highest: &[(String, u64)],
@@ -405,7 +268,7 @@ impl Storage for MySqlStorage {
         upsert.build().execute(&self.pool).await?;
         Ok(behind.into_iter().map(|(scope, _)| scope.clone()).collect())
     }
-}
+});
 
 async fn lock_reservation(
     transaction: &mut Transaction<'_, MySql>,

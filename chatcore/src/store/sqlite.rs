@@ -10,18 +10,15 @@ use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
 
-use async_trait::async_trait;
 use sqlx::{AssertSqlSafe, Sqlite, SqlitePool, Transaction};
 
 use super::{
-    ApplicationRow, ChatRow, IngestBatch, IngestError, MessageRow, Reservation, Storage, now,
+    APPLICATION_COLUMNS, ApplicationRow, ChatRow, IngestBatch, IngestError, MessageRow,
+    Reservation, now,
 };
 use crate::domain::{ApplicationName, ApplicationToken, MessageBody, Number, PageRequest};
 use crate::metrics::Metrics;
 use crate::sqlite::begin_write;
-
-const APPLICATION_COLUMNS: &str = "id, token, name, chats_count, created_at, updated_at";
-const MESSAGE_COLUMNS: &str = "m.number, m.body, m.version, m.created_at, m.updated_at";
 
 #[derive(Clone)]
 pub struct SqliteStorage {
@@ -45,17 +42,9 @@ impl SqliteStorage {
     }
 }
 
-#[async_trait]
-impl Storage for SqliteStorage {
+super::storage_impl!(SqliteStorage, {
     fn kind(&self) -> &'static str {
         "sqlite"
-    }
-
-    async fn ping(&self) -> Result<(), sqlx::Error> {
-        sqlx::query("SELECT 1")
-            .execute(&self.pool)
-            .await
-            .map(|_| ())
     }
 
     async fn create_application(
@@ -93,125 +82,6 @@ impl Storage for SqliteStorage {
             .bind(now())
             .bind(token.as_str())
             .fetch_optional(&self.pool)
-            .await
-        })
-        .await
-    }
-
-    async fn find_application(
-        &self,
-        token: &ApplicationToken,
-    ) -> Result<Option<ApplicationRow>, sqlx::Error> {
-        self.timed("find_application", async {
-            sqlx::query_as(AssertSqlSafe(format!(
-                "SELECT {APPLICATION_COLUMNS} FROM applications WHERE token = ?"
-            )))
-            .bind(token.as_str())
-            .fetch_optional(&self.pool)
-            .await
-        })
-        .await
-    }
-
-    async fn list_applications(
-        &self,
-        page: PageRequest,
-    ) -> Result<Vec<ApplicationRow>, sqlx::Error> {
-        self.timed("list_applications", async {
-            sqlx::query_as(AssertSqlSafe(format!(
-                "SELECT {APPLICATION_COLUMNS} FROM applications ORDER BY id LIMIT ? OFFSET ?"
-            )))
-            .bind(page.fetch_limit() as i64)
-            .bind(page.offset() as i64)
-            .fetch_all(&self.pool)
-            .await
-        })
-        .await
-    }
-
-    async fn application_id(&self, token: &ApplicationToken) -> Result<Option<u64>, sqlx::Error> {
-        self.timed("application_id", async {
-            sqlx::query_scalar("SELECT id FROM applications WHERE token = ?")
-                .bind(token.as_str())
-                .fetch_optional(&self.pool)
-                .await
-        })
-        .await
-    }
-
-    async fn find_chat(
-        &self,
-        application_id: u64,
-        number: Number,
-    ) -> Result<Option<ChatRow>, sqlx::Error> {
-        self.timed("find_chat", async {
-            sqlx::query_as(
-                "SELECT number, messages_count, created_at FROM chats \
-                 WHERE application_id = ? AND number = ?",
-            )
-            .bind(application_id as i64)
-            .bind(number.get() as i64)
-            .fetch_optional(&self.pool)
-            .await
-        })
-        .await
-    }
-
-    async fn list_chats(
-        &self,
-        application_id: u64,
-        page: PageRequest,
-    ) -> Result<Vec<ChatRow>, sqlx::Error> {
-        self.timed("list_chats", async {
-            sqlx::query_as(
-                "SELECT number, messages_count, created_at FROM chats WHERE application_id = ? \
-                 ORDER BY number LIMIT ? OFFSET ?",
-            )
-            .bind(application_id as i64)
-            .bind(page.fetch_limit() as i64)
-            .bind(page.offset() as i64)
-            .fetch_all(&self.pool)
-            .await
-        })
-        .await
-    }
-
-    async fn find_message(
-        &self,
-        application_id: u64,
-        chat_number: Number,
-        number: Number,
-    ) -> Result<Option<MessageRow>, sqlx::Error> {
-        self.timed("find_message", async {
-            sqlx::query_as(AssertSqlSafe(format!(
-                "SELECT {MESSAGE_COLUMNS} FROM messages m JOIN chats c ON c.id = m.chat_id \
-                 WHERE c.application_id = ? AND c.number = ? AND m.number = ?"
-            )))
-            .bind(application_id as i64)
-            .bind(chat_number.get() as i64)
-            .bind(number.get() as i64)
-            .fetch_optional(&self.pool)
-            .await
-        })
-        .await
-    }
-
-    async fn list_messages(
-        &self,
-        application_id: u64,
-        chat_number: Number,
-        page: PageRequest,
-    ) -> Result<Vec<MessageRow>, sqlx::Error> {
-        self.timed("list_messages", async {
-            sqlx::query_as(AssertSqlSafe(format!(
-                "SELECT {MESSAGE_COLUMNS} FROM messages m JOIN chats c ON c.id = m.chat_id \
-                 WHERE c.application_id = ? AND c.number = ? ORDER BY m.number LIMIT ? OFFSET ?"
-            )))
-            .bind(application_id as i64)
-            .bind(chat_number.get() as i64)
-            .bind(page.fetch_limit() as i64)
-            .bind(page.offset() as i64)
-            .fetch_all(&self.pool)
             .await
         })
         .await
@@ -348,13 +218,6 @@ impl Storage for SqliteStorage {
         .await
     }
 
-    async fn reserved_until(&self, scope: &str) -> Result<Option<u64>, sqlx::Error> {
-        sqlx::query_scalar("SELECT reserved_until FROM number_reservations WHERE scope = ?")
-            .bind(scope)
-            .fetch_optional(&self.pool)
-            .await
-    }
-
     async fn raise_reservations(
         &self,
         highest: &[(String, u64)],
@@ -379,7 +242,7 @@ impl Storage for SqliteStorage {
         transaction.commit().await?;
         Ok(behind)
     }
-}
+});
 
 async fn add_count(
     transaction: &mut Transaction<'_, Sqlite>,
