@@ -247,6 +247,27 @@ fn spawn_embedded_consumers(
     [ingest, index]
 }
 
+/// Moves the dead letters of the embedded queue back into the ingest and index queues (after the
+/// cause was fixed); returns how many per queue. An event that fails again is dead-lettered again.
+pub async fn replay_dead_letters(config: &Config) -> anyhow::Result<Vec<(String, u64)>> {
+    if config.amqp_url.is_some() {
+        anyhow::bail!(
+            "the queue is RabbitMQ: use `ingest-worker replay-dead-letters` and `indexer replay-dead-letters`"
+        );
+    }
+    let local_queue = LocalQueue::open(
+        &config.data_dir.join("queue.db"),
+        &config.topology,
+        config.api.publish_confirm_timeout,
+    )
+    .await?;
+    let mut moved = Vec::new();
+    for queue in [&config.topology.ingest_queue, &config.topology.index_queue] {
+        moved.push((queue.clone(), local_queue.replay_dead_letters(queue).await?));
+    }
+    Ok(moved)
+}
+
 /// Applies the MySQL migrations and creates the search index and the broker topology, retrying
 /// for up to `wait_for_services` while a dependency is not reachable yet (a fresh cluster).
 pub async fn migrate_when_ready(

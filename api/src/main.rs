@@ -1,6 +1,7 @@
 //! `api` (or `api serve`) serves the HTTP API; `api migrate` applies schema migrations and exits
 //! (retrying for `CHAT_MIGRATE_WAIT_SECONDS`, default 0, while a dependency is unreachable);
-//! `api openapi` prints the OpenAPI document.
+//! `api openapi` prints the OpenAPI document; `api replay-dead-letters` moves the dead letters of
+//! the embedded queue back into their queues.
 
 use anyhow::Context as _;
 use chatcore::Config;
@@ -29,8 +30,14 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or(0);
             api::migrate_when_ready(&config, std::time::Duration::from_secs(wait_seconds)).await
         }
-        Some(other) => {
-            anyhow::bail!("unknown command {other:?}; expected `serve`, `migrate` or `openapi`")
+        Some("replay-dead-letters") => {
+            for (queue, moved) in api::replay_dead_letters(&config).await? {
+                println!("moved {moved} dead letters back to {queue}");
+            }
+            Ok(())
         }
+        Some(other) => anyhow::bail!(
+            "unknown command {other:?}; expected `serve`, `migrate`, `openapi` or `replay-dead-letters`"
+        ),
     }
 }

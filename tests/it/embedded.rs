@@ -3,6 +3,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use sqlx::Connection as _;
 use system_tests::{Client, StatusCode, TestEnv, eventually, kill_hard};
 use tokio::process::Child;
 
@@ -163,4 +164,74 @@ async fn a_second_process_on_the_same_data_directory_refuses_to_start() -> anyho
         "{error}"
     );
     kill_hard(&mut api).await
+}
+
+/// Events waiting in a queue of the embedded queue file.
+async fn embedded_queue_depth(env: &TestEnv, queue: &str) -> anyhow::Result<i64> {
+    let options = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(std::path::Path::new(&env.settings["CHAT_DATA_DIR"]).join("queue.db"));
+    let mut connection = sqlx::SqliteConnection::connect_with(&options).await?;
+    let depth = sqlx::query_scalar("SELECT COUNT(*) FROM queued_events WHERE queue = ?")
+        .bind(queue)
+        .fetch_one(&mut connection)
+        .await?;
+    connection.close().await?;
+    Ok(depth)
+}
+
+#[tokio::test]
+async fn a_poison_event_is_dead_lettered_and_can_be_replayed() -> anyhow::Result<()> {
+    let env = TestEnv::embedded().await?;
+    let api = env.spawn_api().await?;
+    let client = &api.client;
+    let token = client.create_application("poison").await?;
+    let chat = client.create_chat(&token).await?;
+
+    let options = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(std::path::Path::new(&env.settings["CHAT_DATA_DIR"]).join("queue.db"));
+    let mut queue_file = sqlx::SqliteConnection::connect_with(&options).await?;
+    sqlx::query("INSERT INTO queued_events (queue, body) VALUES ('chat.ingest', 'not an event')")
+        .execute(&mut queue_file)
+        .await?;
+    queue_file.close().await?;
+    eventually("the poison event is dead-lettered", LONG, || async {
+        Ok(embedded_queue_depth(&env, "chat.ingest.dead").await? == 1)
+    })
+    .await?;
+    // The consumer goes on.
+    let number = client
+        .create_message(&token, chat, "after the poison")
+        .await?;
+    eventually("the next message is stored", LONG, || async {
+        Ok(env.stored_message_numbers(&token, chat).await? == [number])
+    })
+    .await?;
+
+    let replay = env
+        .command("api")?
+        .arg("replay-dead-letters")
+        .output()
+        .await?;
+    assert!(replay.status.success(), "{replay:?}");
+    let printed = String::from_utf8_lossy(&replay.stdout);
+    assert!(
+        printed.contains("moved 1 dead letters back to chat.ingest"),
+        "{printed}"
+    );
+    // It fails again and goes back to the dead-letter queue; nothing else is touched.
+    let metrics_url = api.base_url.replace("/api/v1", "/metrics");
+    eventually(
+        "the replayed event is dead-lettered again",
+        LONG,
+        || async {
+            let metrics = reqwest::get(&metrics_url).await?.text().await?;
+            Ok(metrics
+                .lines()
+                .any(|line| line == "chat_events_dead_lettered_total{queue=\"chat.ingest\"} 2")
+                && embedded_queue_depth(&env, "chat.ingest.dead").await? == 1)
+        },
+    )
+    .await?;
+    assert_eq!(env.stored_message_numbers(&token, chat).await?, [number]);
+    api.stop().await
 }
