@@ -185,7 +185,7 @@ async fn show(
     Ok(Json(row.into()))
 }
 
-/// Synchronous update. A number that was handed out but whose message is not in MySQL yet gets
+/// Synchronous update. A number that was handed out but whose message is not stored yet gets
 /// 409 `not_persisted_yet` (with Retry-After), so the client retries instead of losing its edit.
 #[utoipa::path(put, path = "/applications/{token}/chats/{chat_number}/messages/{number}", tag = "messages",
     params(("token" = String, Path, description = "application token"), ("chat_number" = u64, Path, description = "chat number within the application"), ("number" = u64, Path, description = "number within the parent")), request_body = MessageInput,
@@ -219,7 +219,7 @@ async fn update(
         created_at: row.created_at,
         updated_at: row.updated_at,
     });
-    // MySQL holds the new body; if the event cannot be confirmed the index would lag, so the
+    // The storage holds the new body; if the event cannot be confirmed the index would lag, so the
     // client is told (503) and a retried PUT brings the index up to date.
     state.inner.publisher.publish(&event, &trace).await?;
     Ok(Json(UpdatedMessageView {
