@@ -1,9 +1,13 @@
-//! Bounded benchmark of a running stack (`scripts/stack up`), with the raw limits it depends on
-//! measured in the same run, so the figures can be read as ratios on a shared, noisy machine.
+//! Bounded benchmark of a running stack, with the raw limits it depends on measured in the same
+//! run, so the figures can be read as ratios on a shared, noisy machine. Two stacks:
+//! - the real services (`scripts/stack up`): raw limits are Redis INCR and RabbitMQ confirmed
+//!   publish;
+//! - the embedded process (`BENCH_STACK=embedded`, started by `scripts/bench`): the raw limit is the
+//!   rate of durable (`synchronous = FULL`) one-row SQLite commits on the same disk.
 //!
-//! Settings (environment): BENCH_API_URL (http://127.0.0.1:3000/api/v1), BENCH_CONNECTIONS (64),
-//! BENCH_MESSAGES (100000), BENCH_MAX_SECONDS (180, bound of each phase), BENCH_SEARCHES (2000),
-//! and the connection URLs of the README's configuration table.
+//! Settings (environment): BENCH_STACK (services), BENCH_API_URL (http://127.0.0.1:3000/api/v1),
+//! BENCH_CONNECTIONS (64), BENCH_MESSAGES (100000), BENCH_MAX_SECONDS (180, bound of each phase),
+//! BENCH_SEARCHES (2000), and the configuration of the README (service URLs, CHAT_DATA_DIR).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,6 +22,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use serde_json::{Value, json};
+use sqlx::Connection as _;
 
 const RAW_PHASE: Duration = Duration::from_secs(5);
 const REDIS_CLIENTS: usize = 50;
@@ -88,12 +93,40 @@ async fn main() -> anyhow::Result<()> {
         max_phase: Duration::from_secs(setting("BENCH_MAX_SECONDS", 180)),
         searches: setting("BENCH_SEARCHES", 2000),
     };
-    eprintln!("bench: measuring raw redis INCR rate ({REDIS_CLIENTS} concurrent clients)");
-    let redis_rate = redis_incr_rate(&config).await?;
-    eprintln!(
-        "bench: measuring raw rabbitmq confirmed-publish rate ({PUBLISHERS} concurrent publishers)"
-    );
-    let publish_rate = confirmed_publish_rate(&config).await?;
+    let embedded = setting("BENCH_STACK", "services".to_owned()) == "embedded";
+    let raw_limits = if embedded {
+        eprintln!("bench: measuring raw durable sqlite commit rate ({PUBLISHERS} concurrent writers)");
+        vec![RawLimit {
+            name: format!("sqlite durable one-row commit ({PUBLISHERS} concurrent)"),
+            short_name: "durable commit",
+            rate: sqlite_commit_rate(&config).await?,
+        }]
+    } else {
+        eprintln!("bench: measuring raw redis INCR rate ({REDIS_CLIENTS} concurrent clients)");
+        let redis_rate = redis_incr_rate(&config).await?;
+        eprintln!(
+            "bench: measuring raw rabbitmq confirmed-publish rate ({PUBLISHERS} concurrent publishers)"
+        );
+        vec![
+            RawLimit {
+                name: format!("rabbitmq confirmed publish ({PUBLISHERS} concurrent, persistent)"),
+                short_name: "confirmed publish",
+                rate: confirmed_publish_rate(&config).await?,
+            },
+            RawLimit {
+                name: format!("redis INCR ({REDIS_CLIENTS} concurrent)"),
+                short_name: "INCR",
+                rate: redis_rate,
+            },
+        ]
+    };
+    let ratios = |rate: f64| {
+        raw_limits
+            .iter()
+            .map(|raw| format!("{:.2} of {}", rate / raw.rate, raw.short_name))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
 
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(settings.connections)
@@ -121,18 +154,18 @@ async fn main() -> anyhow::Result<()> {
         ms(post_latencies.percentile(0.99))
     );
 
-    eprintln!("bench: waiting until all {posted} messages are in mysql and in the index");
-    let application_id = application_id(&config, &token).await?;
-    let (mysql_done, index_done) = wait_until_persisted(
-        &config,
-        &http,
-        &settings,
-        &token,
-        application_id,
-        chat,
-        posted,
-    )
-    .await?;
+    eprintln!("bench: waiting until all {posted} messages are stored and in the index");
+    let index = if embedded {
+        IndexCount::Embedded(config.data_dir.join("search.db"))
+    } else {
+        IndexCount::Elasticsearch {
+            url: config.require_elasticsearch_url()?.expose().to_owned(),
+            index: config.elasticsearch_index.clone(),
+            application_id: application_id(&config, &token).await?,
+        }
+    };
+    let (mysql_done, index_done) =
+        wait_until_persisted(&http, &settings, &index, &token, chat, posted).await?;
     let mysql_rate = posted as f64 / mysql_done.duration_since(started).as_secs_f64();
     let index_rate = posted as f64 / index_done.duration_since(started).as_secs_f64();
 
@@ -145,15 +178,13 @@ async fn main() -> anyhow::Result<()> {
     println!();
     println!("| measure | figure | ratio to raw limit |");
     println!("| --- | --- | --- |");
-    println!("| raw: redis INCR ({REDIS_CLIENTS} concurrent) | {redis_rate:.0} ops/s | 1 |");
+    for raw in &raw_limits {
+        println!("| raw: {} | {:.0} /s | 1 |", raw.name, raw.rate);
+    }
     println!(
-        "| raw: rabbitmq confirmed publish ({PUBLISHERS} concurrent, persistent) | {publish_rate:.0} msg/s | 1 |"
-    );
-    println!(
-        "| POST message, {} connections | {post_rate:.0} req/s | {:.2} of confirmed publish, {:.2} of INCR |",
+        "| POST message, {} connections | {post_rate:.0} req/s | {} |",
         settings.connections,
-        post_rate / publish_rate,
-        post_rate / redis_rate
+        ratios(post_rate)
     );
     println!(
         "| POST message p50 / p99 | {} / {} | |",
@@ -161,12 +192,12 @@ async fn main() -> anyhow::Result<()> {
         ms(post_latencies.percentile(0.99))
     );
     println!(
-        "| end-to-end into MySQL ({posted} messages) | {mysql_rate:.0} msg/s | {:.2} of confirmed publish |",
-        mysql_rate / publish_rate
+        "| end-to-end into the storage ({posted} messages) | {mysql_rate:.0} msg/s | {} |",
+        ratios(mysql_rate)
     );
     println!(
-        "| end-to-end into the index | {index_rate:.0} msg/s | {:.2} of confirmed publish |",
-        index_rate / publish_rate
+        "| end-to-end into the index | {index_rate:.0} msg/s | {} |",
+        ratios(index_rate)
     );
     println!(
         "| search p50 / p99 ({} queries, chat of {posted}) | {} / {} | |",
@@ -175,6 +206,45 @@ async fn main() -> anyhow::Result<()> {
         ms(search_latencies.percentile(0.99))
     );
     Ok(())
+}
+
+/// A raw limit measured in the same run.
+struct RawLimit {
+    name: String,
+    short_name: &'static str,
+    rate: f64,
+}
+
+/// One-row transactions, each committed to disk, from concurrent writers for [`RAW_PHASE`]: what
+/// the embedded queue would manage if every request committed on its own (it groups them).
+async fn sqlite_commit_rate(config: &Config) -> anyhow::Result<f64> {
+    let path = config.data_dir.join("bench-raw.db");
+    let pool = chatcore::sqlite::open(&path, &chatcore::sqlite::QUEUE_MIGRATOR, 4).await?;
+    let payload = vec![b'x'; 200];
+    let deadline = Instant::now() + RAW_PHASE;
+    let started = Instant::now();
+    let counts = join_all((0..PUBLISHERS).map(|_| {
+        let (pool, payload) = (pool.clone(), &payload);
+        async move {
+            let mut count = 0u64;
+            while Instant::now() < deadline {
+                sqlx::query("INSERT INTO queued_events (queue, body) VALUES ('raw', ?)")
+                    .bind(payload.as_slice())
+                    .execute(&pool)
+                    .await?;
+                count += 1;
+            }
+            anyhow::Ok(count)
+        }
+    }))
+    .await;
+    let elapsed = started.elapsed();
+    let total: u64 = counts.into_iter().sum::<anyhow::Result<u64>>()?;
+    pool.close().await;
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+    }
+    Ok(total as f64 / elapsed.as_secs_f64())
 }
 
 async fn redis_incr_rate(config: &Config) -> anyhow::Result<f64> {
@@ -341,52 +411,82 @@ async fn application_id(config: &Config, token: &str) -> anyhow::Result<u64> {
     )
 }
 
+/// Where the bench counts the indexed messages of its chat.
+enum IndexCount {
+    Elasticsearch {
+        url: String,
+        index: String,
+        application_id: u64,
+    },
+    /// The embedded FTS5 file (the bench's chat is the only one with messages).
+    Embedded(std::path::PathBuf),
+}
+
+impl IndexCount {
+    async fn count(&self, http: &reqwest::Client, chat: u64) -> anyhow::Result<u64> {
+        match self {
+            Self::Elasticsearch {
+                url,
+                index,
+                application_id,
+            } => {
+                let count: Value = http
+                    .post(format!("{url}/{index}/_count?routing={application_id}:{chat}"))
+                    .json(&json!({"query": {"term": {"chat": format!("{application_id}:{chat}")}}}))
+                    .send()
+                    .await?
+                    .json()
+                    .await?;
+                count["count"].as_u64().context("count")
+            }
+            Self::Embedded(path) => {
+                let options = sqlx::sqlite::SqliteConnectOptions::new()
+                    .filename(path)
+                    .read_only(true);
+                let mut connection = sqlx::SqliteConnection::connect_with(&options).await?;
+                let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM search_documents")
+                    .fetch_one(&mut connection)
+                    .await?;
+                connection.close().await?;
+                Ok(u64::try_from(count)?)
+            }
+        }
+    }
+}
+
 async fn wait_until_persisted(
-    config: &Config,
     http: &reqwest::Client,
     settings: &Settings,
+    index: &IndexCount,
     token: &str,
-    application_id: u64,
     chat: u64,
     posted: u64,
 ) -> anyhow::Result<(Instant, Instant)> {
     let deadline = Instant::now() + settings.max_phase;
     let chat_url = format!("{}/applications/{token}/chats/{chat}", settings.api_url);
-    let count_url = format!(
-        "{}/{}/_count?routing={application_id}:{chat}",
-        config.require_elasticsearch_url()?.expose(),
-        config.elasticsearch_index
-    );
-    let count_query = json!({"query": {"term": {"chat": format!("{application_id}:{chat}")}}});
-    let (mut mysql_done, mut index_done) = (None, None);
-    while mysql_done.is_none() || index_done.is_none() {
+    let (mut stored_done, mut index_done) = (None, None);
+    while stored_done.is_none() || index_done.is_none() {
         if Instant::now() > deadline {
             bail!(
                 "not everything was persisted within {:?}",
                 settings.max_phase
             );
         }
-        if mysql_done.is_none() {
+        if stored_done.is_none() {
             let chat: Value = http.get(&chat_url).send().await?.json().await?;
             if chat["messages_count"].as_u64() == Some(posted) {
-                mysql_done = Some(Instant::now());
+                stored_done = Some(Instant::now());
             }
         }
-        if index_done.is_none() {
-            let count: Value = http
-                .post(&count_url)
-                .json(&count_query)
-                .send()
-                .await?
-                .json()
-                .await?;
-            if count["count"].as_u64() == Some(posted) {
-                index_done = Some(Instant::now());
-            }
+        if index_done.is_none() && index.count(http, chat).await? == posted {
+            index_done = Some(Instant::now());
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    Ok((mysql_done.context("mysql")?, index_done.context("index")?))
+    Ok((
+        stored_done.context("storage")?,
+        index_done.context("index")?,
+    ))
 }
 
 async fn search(
