@@ -95,7 +95,9 @@ async fn main() -> anyhow::Result<()> {
     };
     let embedded = setting("BENCH_STACK", "services".to_owned()) == "embedded";
     let raw_limits = if embedded {
-        eprintln!("bench: measuring raw durable sqlite commit rate ({PUBLISHERS} concurrent writers)");
+        eprintln!(
+            "bench: measuring raw durable sqlite commit rate ({PUBLISHERS} concurrent writers)"
+        );
         vec![RawLimit {
             name: format!("sqlite durable one-row commit ({PUBLISHERS} concurrent)"),
             short_name: "durable commit",
@@ -431,7 +433,9 @@ impl IndexCount {
                 application_id,
             } => {
                 let count: Value = http
-                    .post(format!("{url}/{index}/_count?routing={application_id}:{chat}"))
+                    .post(format!(
+                        "{url}/{index}/_count?routing={application_id}:{chat}"
+                    ))
                     .json(&json!({"query": {"term": {"chat": format!("{application_id}:{chat}")}}}))
                     .send()
                     .await?
