@@ -171,6 +171,14 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let metrics = Metrics::new();
     let adapters = Adapters::connect(&config, &metrics).await?;
+    if adapters.local_queue.is_some() {
+        // This process indexes, as the indexer binary would: make sure the index exists.
+        adapters
+            .search
+            .ensure_index()
+            .await
+            .context("creating the search index")?;
+    }
     let consumers = adapters.local_queue.as_ref().map(|local_queue| {
         spawn_embedded_consumers(&config, &adapters, local_queue, &metrics, shutdown.clone())
     });

@@ -1,4 +1,5 @@
-//! The embedded single process as a user runs it: the `api` binary with no service URL.
+//! The embedded single process as a user runs it (the `api` binary with no service URL), and a
+//! mixed configuration in which only some parts are real services.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -234,4 +235,39 @@ async fn a_poison_event_is_dead_lettered_and_can_be_replayed() -> anyhow::Result
     .await?;
     assert_eq!(env.stored_message_numbers(&token, chat).await?, [number]);
     api.stop().await
+}
+
+#[tokio::test]
+async fn each_part_switches_on_its_own_url() -> anyhow::Result<()> {
+    // MySQL and Elasticsearch real; counters and queue embedded, consumed inside the api.
+    let mut env = TestEnv::new().await?;
+    env.settings.remove("REDIS_URL");
+    env.settings.remove("AMQP_URL");
+    let data_dir = std::env::temp_dir().join(format!("chat-{}", env.id));
+    env.set("CHAT_DATA_DIR", &data_dir.to_string_lossy());
+    let api = env.spawn_api().await?;
+    let client = &api.client;
+    let ready: serde_json::Value = reqwest::get(api.base_url.replace("/api/v1", "/readyz"))
+        .await?
+        .json()
+        .await?;
+    assert_eq!(
+        ready["checks"],
+        serde_json::json!({"mysql": true, "in-process": true, "sqlite-queue": true, "elasticsearch": true})
+    );
+    let token = client.create_application("mixed").await?;
+    let chat = client.create_chat(&token).await?;
+    let first = client.create_message(&token, chat, "mixed stacks").await?;
+    let second = client.create_message(&token, chat, "still one api").await?;
+    eventually("the messages are in mysql", LONG, || async {
+        Ok(env.stored_message_numbers(&token, chat).await? == [first, second])
+    })
+    .await?;
+    eventually("the messages are in elasticsearch", LONG, || async {
+        Ok(env.indexed_message_numbers(&token, chat).await? == [first, second])
+    })
+    .await?;
+    api.stop().await?;
+    std::fs::remove_dir_all(&data_dir)?;
+    Ok(())
 }

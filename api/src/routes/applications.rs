@@ -23,6 +23,8 @@ pub fn router() -> OpenApiRouter<AppState> {
 
 #[derive(Debug, Deserialize, ToSchema)]
 struct ApplicationInput {
+    /// 1 to 255 characters; surrounding whitespace is trimmed.
+    #[schema(value_type = String, required = true, min_length = 1, max_length = 255)]
     name: Option<String>,
 }
 

@@ -119,7 +119,7 @@ async fn list(
 }
 
 /// Shows one chat.
-#[utoipa::path(get, path = "/applications/{token}/chats/{number}", tag = "chats", params(("token" = String, Path, description = "application token"), ("number" = u64, Path, description = "number within the parent")),
+#[utoipa::path(get, path = "/applications/{token}/chats/{number}", tag = "chats", params(("token" = String, Path, description = "application token"), ("number" = u64, Path, minimum = 1, description = "number within the parent")),
     responses((status = 200, body = ChatView), (status = 400, body = ErrorBody), (status = 404, description = "unknown application, chat or message", body = ErrorBody), (status = 503, description = "a dependency did not answer", body = ErrorBody)))]
 async fn show(
     State(state): State<AppState>,

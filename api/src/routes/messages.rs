@@ -34,6 +34,8 @@ pub fn router() -> OpenApiRouter<AppState> {
 
 #[derive(Debug, Deserialize, ToSchema)]
 struct MessageInput {
+    /// 1 to 65,536 bytes of UTF-8.
+    #[schema(value_type = String, required = true, min_length = 1, max_length = 65536)]
     body: Option<String>,
 }
 
@@ -93,16 +95,19 @@ struct MessageList {
 #[into_params(parameter_in = Query)]
 struct SearchParams {
     /// Words to find (1..256 characters); symbols are plain text.
+    #[param(value_type = String, required = true, min_length = 1, max_length = 256)]
     query: Option<String>,
     /// Page, 1-based (default 1).
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 10000)]
     page: Option<String>,
     /// Page size (default 25, at most 100).
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 100)]
     per_page: Option<String>,
 }
 
 /// Accepts a message: 202 with its number once the event is durable; written and indexed a moment later.
 #[utoipa::path(post, path = "/applications/{token}/chats/{chat_number}/messages", tag = "messages",
-    params(("token" = String, Path, description = "application token"), ("chat_number" = u64, Path, description = "chat number within the application"), ("Idempotency-Key" = Option<String>, Header, description = "makes retries return the first number")),
+    params(("token" = String, Path, description = "application token"), ("chat_number" = u64, Path, minimum = 1, description = "chat number within the application"), ("Idempotency-Key" = Option<String>, Header, description = "makes retries return the first number")),
     request_body = MessageInput,
     responses((status = 202, description = "accepted", body = Accepted), (status = 400, body = ErrorBody),
         (status = 409, body = ErrorBody), (status = 413, body = ErrorBody), (status = 415, body = ErrorBody),
@@ -142,7 +147,7 @@ async fn create(
 
 /// Lists the messages of a chat by number.
 #[utoipa::path(get, path = "/applications/{token}/chats/{chat_number}/messages", tag = "messages",
-    params(("token" = String, Path, description = "application token"), ("chat_number" = u64, Path, description = "chat number within the application"), PageParams),
+    params(("token" = String, Path, description = "application token"), ("chat_number" = u64, Path, minimum = 1, description = "chat number within the application"), PageParams),
     responses((status = 200, body = MessageList), (status = 400, body = ErrorBody), (status = 404, description = "unknown application, chat or message", body = ErrorBody), (status = 503, description = "a dependency did not answer", body = ErrorBody)))]
 async fn list(
     State(state): State<AppState>,
@@ -167,7 +172,7 @@ async fn list(
 
 /// Shows one message.
 #[utoipa::path(get, path = "/applications/{token}/chats/{chat_number}/messages/{number}", tag = "messages",
-    params(("token" = String, Path, description = "application token"), ("chat_number" = u64, Path, description = "chat number within the application"), ("number" = u64, Path, description = "number within the parent")),
+    params(("token" = String, Path, description = "application token"), ("chat_number" = u64, Path, minimum = 1, description = "chat number within the application"), ("number" = u64, Path, minimum = 1, description = "number within the parent")),
     responses((status = 200, body = MessageView), (status = 400, body = ErrorBody), (status = 404, description = "unknown application, chat or message", body = ErrorBody), (status = 503, description = "a dependency did not answer", body = ErrorBody)))]
 async fn show(
     State(state): State<AppState>,
@@ -188,7 +193,7 @@ async fn show(
 /// Synchronous update. A number that was handed out but whose message is not stored yet gets
 /// 409 `not_persisted_yet` (with Retry-After), so the client retries instead of losing its edit.
 #[utoipa::path(put, path = "/applications/{token}/chats/{chat_number}/messages/{number}", tag = "messages",
-    params(("token" = String, Path, description = "application token"), ("chat_number" = u64, Path, description = "chat number within the application"), ("number" = u64, Path, description = "number within the parent")), request_body = MessageInput,
+    params(("token" = String, Path, description = "application token"), ("chat_number" = u64, Path, minimum = 1, description = "chat number within the application"), ("number" = u64, Path, minimum = 1, description = "number within the parent")), request_body = MessageInput,
     responses((status = 200, body = UpdatedMessageView),
         (status = 409, description = "accepted but not persisted yet; retry", body = ErrorBody),
         (status = 400, body = ErrorBody), (status = 422, body = ErrorBody), (status = 404, description = "unknown application, chat or message", body = ErrorBody), (status = 503, description = "a dependency did not answer", body = ErrorBody)))]
@@ -251,7 +256,7 @@ async fn missing_message(
 
 /// Searches the messages of one chat: every word must match a word or a word prefix.
 #[utoipa::path(get, path = "/applications/{token}/chats/{chat_number}/messages/search", tag = "messages",
-    params(("token" = String, Path, description = "application token"), ("chat_number" = u64, Path, description = "chat number within the application"), SearchParams),
+    params(("token" = String, Path, description = "application token"), ("chat_number" = u64, Path, minimum = 1, description = "chat number within the application"), SearchParams),
     responses((status = 200, body = MessageList), (status = 400, body = ErrorBody), (status = 404, description = "unknown application, chat or message", body = ErrorBody), (status = 503, description = "a dependency did not answer", body = ErrorBody)))]
 async fn search(
     State(state): State<AppState>,

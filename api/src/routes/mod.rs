@@ -131,8 +131,10 @@ async fn observe_request(
 #[into_params(parameter_in = Query)]
 pub struct PageParams {
     /// Page, 1-based (default 1, at most 10,000).
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 10000)]
     page: Option<String>,
     /// Page size (default 25, at most 100).
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 100)]
     per_page: Option<String>,
 }
 
