@@ -1,0 +1,182 @@
+//! The embedded adapters on real SQLite files: numbering across a restart, the queue's delivery,
+//! acknowledgement and dead letters, and expiring keys.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chatcore::config::{ConsumerConfig, Topology};
+use chatcore::domain::Number;
+use chatcore::events::{Event, EventPayload, TraceContext};
+use chatcore::local_queue::LocalQueue;
+use chatcore::metrics::Metrics;
+use chatcore::numbering::{NumberAllocator, Scope};
+use chatcore::queue::{EventPublisher as _, EventSource as _};
+use chatcore::state::{InProcessState, SharedState as _};
+use chatcore::store::SqliteStorage;
+use tokio_util::sync::CancellationToken;
+
+/// A data directory of its own, removed at the end.
+struct DataDir(PathBuf);
+
+impl DataDir {
+    fn new() -> Self {
+        Self(std::env::temp_dir().join(format!("chatcore-{}", uuid::Uuid::new_v4().simple())))
+    }
+}
+
+impl Drop for DataDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+async fn allocator(data_dir: &DataDir, block_size: u64) -> anyhow::Result<NumberAllocator> {
+    let storage = SqliteStorage::open(&data_dir.0.join("chat.db"), Metrics::new()).await?;
+    let state = InProcessState::open(&data_dir.0.join("state.db")).await?;
+    Ok(NumberAllocator::new(
+        Arc::new(state),
+        Arc::new(storage),
+        "test",
+        block_size,
+    ))
+}
+
+#[tokio::test]
+async fn numbers_are_unique_and_continue_above_everything_after_a_restart() -> anyhow::Result<()> {
+    let data_dir = DataDir::new();
+    let scope = Scope::ChatsOf { application_id: 7 };
+    let first_run = allocator(&data_dir, 10).await?;
+    let numbers = futures_util::future::join_all((0..25).map(|_| first_run.allocate(&scope))).await;
+    let numbers: BTreeSet<u64> = numbers
+        .into_iter()
+        .map(|number| number.map(Number::get))
+        .collect::<Result<_, _>>()?;
+    assert_eq!(
+        numbers,
+        (1..=25).collect(),
+        "concurrent allocations are 1..25"
+    );
+    drop(first_run);
+
+    // A restart: the counters in memory are gone, the reservations on disk are not.
+    let second_run = allocator(&data_dir, 10).await?;
+    let after_restart = second_run.allocate(&scope).await?.get();
+    assert!(after_restart > 25, "{after_restart} reuses a number");
+    assert!(second_run.handed_out_up_to(&scope).await? >= after_restart);
+    let other_scope = Scope::ChatsOf { application_id: 8 };
+    assert_eq!(second_run.allocate(&other_scope).await?.get(), 1);
+    Ok(())
+}
+
+fn message_event(number: u64) -> Event {
+    Event::new(EventPayload::MessageCreated {
+        application_id: 1,
+        chat_number: Number::new(1).expect("positive"),
+        message_number: Number::new(number).expect("positive"),
+        body: format!("message {number}"),
+        created_at: chatcore::store::now(),
+    })
+}
+
+#[tokio::test]
+async fn the_queue_delivers_to_every_bound_queue_until_acknowledged() -> anyhow::Result<()> {
+    let data_dir = DataDir::new();
+    let topology = Topology::from_prefix("t");
+    let queue = LocalQueue::open(
+        &data_dir.0.join("queue.db"),
+        &topology,
+        Duration::from_secs(5),
+    )
+    .await?;
+    let trace = TraceContext::child_of(None);
+    for number in 1..=3 {
+        queue.publish(&message_event(number), &trace).await?;
+    }
+    // A message goes to both consumers.
+    assert_eq!(queue.depth(&topology.ingest_queue).await?, 3);
+    assert_eq!(queue.depth(&topology.index_queue).await?, 3);
+
+    let settings = ConsumerConfig {
+        prefetch: 10,
+        batch_max_size: 10,
+        batch_max_wait: Duration::from_millis(10),
+        max_attempts: 1,
+        retry_base_delay: Duration::from_millis(10),
+        retry_max_delay: Duration::from_millis(10),
+        health_addr: None,
+    };
+    let shutdown = CancellationToken::new();
+    let mut source = queue.source(&topology.ingest_queue);
+    let batch = source
+        .next_batch(&settings, &shutdown)
+        .await?
+        .expect("a batch");
+    assert_eq!(batch.len(), 3);
+    assert!(batch.iter().all(|delivery| delivery.trace.is_some()));
+    let decoded = Event::decode(&batch[0].data)?;
+    assert!(matches!(
+        decoded.payload,
+        EventPayload::MessageCreated { .. }
+    ));
+
+    // Not acknowledged: delivered again.
+    let again = source
+        .next_batch(&settings, &shutdown)
+        .await?
+        .expect("a batch");
+    assert_eq!(again.len(), 3);
+    source.dead_letter(batch[0].tag).await?;
+    let tags: Vec<u64> = batch.iter().map(|delivery| delivery.tag).collect();
+    source.acknowledge(&tags).await?;
+    assert_eq!(queue.depth(&topology.ingest_queue).await?, 0);
+    assert_eq!(
+        queue
+            .depth(&Topology::dead_letter_queue(&topology.ingest_queue))
+            .await?,
+        1
+    );
+    assert_eq!(queue.depth(&topology.index_queue).await?, 3, "untouched");
+
+    assert_eq!(queue.replay_dead_letters(&topology.ingest_queue).await?, 1);
+    assert_eq!(queue.depth(&topology.ingest_queue).await?, 1);
+
+    // An empty queue waits, and returns nothing on shutdown.
+    let replayed = source
+        .next_batch(&settings, &shutdown)
+        .await?
+        .expect("a batch");
+    source.acknowledge(&[replayed[0].tag]).await?;
+    shutdown.cancel();
+    assert!(source.next_batch(&settings, &shutdown).await?.is_none());
+    Ok(())
+}
+
+#[tokio::test]
+async fn keys_are_set_once_until_they_expire() -> anyhow::Result<()> {
+    let data_dir = DataDir::new();
+    let state = InProcessState::open(&data_dir.0.join("state.db")).await?;
+    let long = Duration::from_secs(60);
+    assert!(state.set_if_absent("k", "first", long).await?);
+    assert!(!state.set_if_absent("k", "second", long).await?);
+    assert_eq!(state.get("k").await?.as_deref(), Some("first"));
+    state.set("k", "done", long).await?;
+    assert_eq!(state.get("k").await?.as_deref(), Some("done"));
+    state.delete("k").await?;
+    assert_eq!(state.get("k").await?, None);
+
+    assert!(
+        state
+            .set_if_absent("short", "v", Duration::from_millis(1))
+            .await?
+    );
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(state.get("short").await?, None, "expired");
+    assert!(
+        state.set_if_absent("short", "again", long).await?,
+        "an expired key is absent"
+    );
+    assert_eq!(state.purge_expired_keys().await?, 0);
+    Ok(())
+}
