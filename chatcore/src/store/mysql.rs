@@ -53,10 +53,6 @@ impl MySqlStorage {
     async fn timed<T>(&self, operation: &'static str, call: impl Future<Output = T>) -> T {
         self.metrics.time("mysql", operation, call).await
     }
-
-    pub fn pool(&self) -> &MySqlPool {
-        &self.pool
-    }
 }
 
 super::storage_impl!(MySqlStorage, {

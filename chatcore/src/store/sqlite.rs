@@ -33,10 +33,6 @@ impl SqliteStorage {
         Ok(Self { pool, metrics })
     }
 
-    pub fn pool(&self) -> &SqlitePool {
-        &self.pool
-    }
-
     async fn timed<T>(&self, operation: &'static str, call: impl Future<Output = T>) -> T {
         self.metrics.time("sqlite", operation, call).await
     }
