@@ -66,8 +66,8 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
-#[tokio::test]
-async fn one_post_is_one_trace_across_the_three_services() -> anyhow::Result<()> {
+/// Starts an OTLP/gRPC receiver on a free port; returns what it receives and its endpoint.
+async fn start_collector() -> anyhow::Result<(Collector, String)> {
     let collector = Collector::default();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let receiver = listener.local_addr()?;
@@ -75,22 +75,28 @@ async fn one_post_is_one_trace_across_the_three_services() -> anyhow::Result<()>
         .add_service(TraceServiceServer::new(collector.clone()))
         .serve_with_incoming(tokio_stream_of(listener));
     tokio::spawn(server);
+    Ok((collector, format!("http://{receiver}")))
+}
 
-    let mut env = TestEnv::new().await?;
-    env.set("OTEL_EXPORTER_OTLP_ENDPOINT", &format!("http://{receiver}"));
-    env.set("OTEL_BSP_SCHEDULE_DELAY", "100");
-    env.set("RUST_LOG", "warn");
-    let api_port = free_port()?;
-    env.set("CHAT_HTTP_ADDR", &format!("127.0.0.1:{api_port}"));
-    let mut api = env.spawn_process("api")?;
-    env.set("CHAT_HEALTH_ADDR", "127.0.0.1:0");
-    let ingest_log_path = std::env::temp_dir().join(format!("{}-ingest-worker.log", env.id));
-    env.set("RUST_LOG", "chatcore=debug,warn");
-    let mut ingest =
-        env.spawn_process_logging_to("ingest-worker", std::fs::File::create(&ingest_log_path)?)?;
-    env.set("RUST_LOG", "warn");
-    let mut indexer = env.spawn_process("indexer")?;
-    let client = Client::new(&format!("http://127.0.0.1:{api_port}/api/v1"));
+impl Collector {
+    fn spans_of_trace(&self, trace_id: &str) -> Vec<Received> {
+        self.0
+            .lock()
+            .expect("collector lock")
+            .iter()
+            .filter(|received| hex(&received.span.trace_id) == trace_id)
+            .cloned()
+            .collect()
+    }
+}
+
+/// The caller's trace, continued by the api: its trace id is the one to follow.
+const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const CALLER_SPAN: &str = "00f067aa0ba902b7";
+
+/// Creates an application and a chat, waits until the chat is stored, and posts one message with
+/// the caller's traceparent.
+async fn post_traced_message(client: &Client) -> anyhow::Result<()> {
     eventually("the api answers", Duration::from_secs(30), || async {
         Ok(client
             .get("/applications")
@@ -108,10 +114,6 @@ async fn one_post_is_one_trace_across_the_three_services() -> anyhow::Result<()>
             == StatusCode::OK)
     })
     .await?;
-
-    // The caller's trace is continued: its trace id is the one to follow.
-    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
-    let caller_span = "00f067aa0ba902b7";
     let reply = client
         .send_raw(
             client
@@ -119,27 +121,87 @@ async fn one_post_is_one_trace_across_the_three_services() -> anyhow::Result<()>
                     reqwest::Method::POST,
                     &format!("/applications/{token}/chats/{chat}/messages"),
                 )
-                .header("traceparent", format!("00-{trace_id}-{caller_span}-01"))
+                .header("traceparent", format!("00-{TRACE_ID}-{CALLER_SPAN}-01"))
                 .json(&json!({"body": "follow me"})),
         )
         .await?;
-    assert_eq!(reply.status, StatusCode::ACCEPTED);
+    anyhow::ensure!(reply.status == StatusCode::ACCEPTED, "{reply:?}");
+    Ok(())
+}
 
-    let spans_of_trace = || -> Vec<Received> {
-        collector
-            .0
-            .lock()
-            .expect("collector lock")
+/// The shape of the trace: the server span continues the caller's, allocation and publish are
+/// its children, and for each consumer a consume span under the publish span has the batch span
+/// under it, and the batch span links to it.
+fn assert_one_trace(spans: &[Received], publish_name: &str, consumers: [(&str, &str); 2]) {
+    let find = |name: &str| {
+        spans
             .iter()
-            .filter(|received| hex(&received.span.trace_id) == trace_id)
-            .cloned()
-            .collect()
+            .find(|r| r.service == "api" && r.span.name == name)
+            .map(|r| r.span.clone())
+            .unwrap_or_else(|| panic!("no {name} span from the api: {spans:#?}"))
     };
+    let http = find("POST /api/v1/applications/{token}/chats/{chat_number}/messages");
+    assert_eq!(
+        hex(&http.parent_span_id),
+        CALLER_SPAN,
+        "the server span continues the caller's"
+    );
+    assert_eq!(find("allocate number").parent_span_id, http.span_id);
+    let publish = find(publish_name);
+    assert_eq!(publish.parent_span_id, http.span_id);
+    for (service, batch_name) in consumers {
+        let batch_under = |consume: &Span| {
+            spans.iter().find(|r| {
+                r.service == service
+                    && r.span.name == batch_name
+                    && r.span.parent_span_id == consume.span_id
+            })
+        };
+        let (consume, batch) = spans
+            .iter()
+            .filter(|r| {
+                r.service == service
+                    && r.span.name == "consume event"
+                    && r.span.parent_span_id == publish.span_id
+            })
+            .find_map(|r| batch_under(&r.span).map(|batch| (r.span.clone(), batch.span.clone())))
+            .unwrap_or_else(|| {
+                panic!("{service}: no consume span under the publish span with a {batch_name} span under it")
+            });
+        assert!(
+            batch
+                .links
+                .iter()
+                .any(|link| link.span_id == consume.span_id && link.trace_id == consume.trace_id),
+            "{service}: the batch span links to the event span"
+        );
+    }
+}
+
+#[tokio::test]
+async fn one_post_is_one_trace_across_the_three_services() -> anyhow::Result<()> {
+    let (collector, endpoint) = start_collector().await?;
+    let mut env = TestEnv::new().await?;
+    env.set("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint);
+    env.set("OTEL_BSP_SCHEDULE_DELAY", "100");
+    env.set("RUST_LOG", "warn");
+    let api_port = free_port()?;
+    env.set("CHAT_HTTP_ADDR", &format!("127.0.0.1:{api_port}"));
+    let mut api = env.spawn_process("api")?;
+    env.set("CHAT_HEALTH_ADDR", "127.0.0.1:0");
+    let ingest_log_path = std::env::temp_dir().join(format!("{}-ingest-worker.log", env.id));
+    env.set("RUST_LOG", "chatcore=debug,warn");
+    let mut ingest =
+        env.spawn_process_logging_to("ingest-worker", std::fs::File::create(&ingest_log_path)?)?;
+    env.set("RUST_LOG", "warn");
+    let mut indexer = env.spawn_process("indexer")?;
+    let client = Client::new(&format!("http://127.0.0.1:{api_port}/api/v1"));
+    post_traced_message(&client).await?;
     eventually(
         "spans of all three services arrive",
         Duration::from_secs(60),
         || async {
-            let spans = spans_of_trace();
+            let spans = collector.spans_of_trace(TRACE_ID);
             let has = |service: &str, name: &str| {
                 spans
                     .iter()
@@ -151,70 +213,62 @@ async fn one_post_is_one_trace_across_the_three_services() -> anyhow::Result<()>
         },
     )
     .await?;
-    let spans = spans_of_trace();
-    let find = |service: &str, name: &str| {
-        spans
-            .iter()
-            .find(|r| r.service == service && r.span.name == name)
-            .map(|r| r.span.clone())
-            .unwrap_or_else(|| panic!("no {name} span from {service}: {spans:#?}"))
-    };
-    let http = find(
-        "api",
-        "POST /api/v1/applications/{token}/chats/{chat_number}/messages",
+    assert_one_trace(
+        &collector.spans_of_trace(TRACE_ID),
+        "amqp publish",
+        [
+            ("ingest-worker", "ingest batch write"),
+            ("indexer", "index batch write"),
+        ],
     );
-    assert_eq!(
-        hex(&http.parent_span_id),
-        caller_span,
-        "the server span continues the caller's"
-    );
-    let allocate = find("api", "allocate number");
-    assert_eq!(allocate.parent_span_id, http.span_id);
-    let publish = find("api", "amqp publish");
-    assert_eq!(publish.parent_span_id, http.span_id);
-    for (service, batch_name) in [
-        ("ingest-worker", "ingest batch write"),
-        ("indexer", "index batch write"),
-    ] {
-        let consume = spans
-            .iter()
-            .find(|r| {
-                r.service == service
-                    && r.span.name == "consume event"
-                    && r.span.parent_span_id == publish.span_id
-            })
-            .map(|r| r.span.clone())
-            .unwrap_or_else(|| panic!("no consume span of {service} under the publish span"));
-        let batch = find(service, batch_name);
-        assert_eq!(
-            batch.parent_span_id, consume.span_id,
-            "{service}: the batch runs in the trace of its first event"
-        );
-        assert!(
-            batch
-                .links
-                .iter()
-                .any(|link| link.span_id == consume.span_id && link.trace_id == consume.trace_id),
-            "{service}: the batch span links to the event span"
-        );
-    }
     // The worker's JSON log line of that batch carries the trace and span ids of the event.
     let logs = std::fs::read_to_string(&ingest_log_path)?;
     let line = logs
         .lines()
         .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .find(|line| line["message"] == "batch written" && line.to_string().contains(trace_id))
-        .unwrap_or_else(|| panic!("no log line of the batch with trace id {trace_id}:\n{logs}"));
+        .find(|line| line["message"] == "batch written" && line.to_string().contains(TRACE_ID))
+        .unwrap_or_else(|| panic!("no log line of the batch with trace id {TRACE_ID}:\n{logs}"));
     let event_span = line["spans"]
         .as_array()
         .and_then(|spans| spans.iter().find(|span| span["name"] == "consume event"))
         .expect("the line lists the event span");
-    assert_eq!(event_span["trace_id"], trace_id);
+    assert_eq!(event_span["trace_id"], TRACE_ID);
     assert_eq!(event_span["span_id"].as_str().map(str::len), Some(16));
     for child in [&mut api, &mut ingest, &mut indexer] {
         child.kill().await?;
     }
     std::fs::remove_file(&ingest_log_path)?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn one_post_is_one_trace_in_the_embedded_process() -> anyhow::Result<()> {
+    let (collector, endpoint) = start_collector().await?;
+    let mut env = TestEnv::embedded().await?;
+    env.set("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint);
+    env.set("OTEL_BSP_SCHEDULE_DELAY", "100");
+    let api_port = free_port()?;
+    env.set("CHAT_HTTP_ADDR", &format!("127.0.0.1:{api_port}"));
+    let mut api = env.spawn_process("api")?;
+    let client = Client::new(&format!("http://127.0.0.1:{api_port}/api/v1"));
+    post_traced_message(&client).await?;
+    eventually(
+        "the spans of both consumers arrive",
+        Duration::from_secs(60),
+        || async {
+            let spans = collector.spans_of_trace(TRACE_ID);
+            Ok(["queue publish", "ingest batch write", "index batch write"]
+                .iter()
+                .all(|name| spans.iter().any(|r| r.span.name == *name)))
+        },
+    )
+    .await?;
+    assert_one_trace(
+        &collector.spans_of_trace(TRACE_ID),
+        "queue publish",
+        [("api", "ingest batch write"), ("api", "index batch write")],
+    );
+    api.kill().await?;
     Ok(())
 }
 
