@@ -40,6 +40,17 @@ pub enum HandleError {
     Permanent(anyhow::Error),
 }
 
+impl HandleError {
+    /// Transient when a retry later can succeed (a dependency is down), else permanent.
+    pub fn classify(error: impl Into<anyhow::Error>, transient: bool) -> Self {
+        if transient {
+            Self::Transient(error.into())
+        } else {
+            Self::Permanent(error.into())
+        }
+    }
+}
+
 /// One decoded event with the trace context it travelled with.
 #[derive(Debug, Clone)]
 pub struct Received {

@@ -108,11 +108,8 @@ impl BatchHandler for Indexer {
             .filter_map(|received| document_of(&received.event.payload))
             .collect();
         let outcomes = self.index.bulk_index(&documents).await.map_err(|error| {
-            if error.is_transient() {
-                HandleError::Transient(error.into())
-            } else {
-                HandleError::Permanent(error.into())
-            }
+            let transient = error.is_transient();
+            HandleError::classify(error, transient)
         })?;
         // Retrying the whole batch is safe: versions make the writes that succeeded no-ops.
         if let Some(ItemOutcome::Transient(reason)) = outcomes

@@ -59,11 +59,8 @@ impl BatchHandler for IngestWriter {
             .write_ingest_batch(&ingest_batch(batch))
             .await
             .map_err(|error| {
-                if error.is_transient() {
-                    HandleError::Transient(error.into())
-                } else {
-                    HandleError::Permanent(error.into())
-                }
+                let transient = error.is_transient();
+                HandleError::classify(error, transient)
             })
     }
 }

@@ -82,16 +82,25 @@ pub async fn post_messages_in_waves(
 ) -> anyhow::Result<Vec<u64>> {
     let mut accepted = Vec::with_capacity(count);
     for wave in 0..count / 50 {
-        let replies = join_all((0..50).map(|i| {
-            let body = format!("wave {wave} message {i}");
-            async move { client.create_message(token, chat, &body).await }
-        }))
-        .await;
-        for reply in replies {
-            accepted.push(reply?);
-        }
+        accepted.extend(post_wave(client, token, chat, wave).await?);
     }
     Ok(accepted)
+}
+
+/// Posts 50 messages concurrently; returns their numbers.
+async fn post_wave(
+    client: &system_tests::Client,
+    token: &str,
+    chat: u64,
+    wave: usize,
+) -> anyhow::Result<Vec<u64>> {
+    join_all((0..50).map(|i| {
+        let body = format!("wave {wave} message {i}");
+        async move { client.create_message(token, chat, &body).await }
+    }))
+    .await
+    .into_iter()
+    .collect()
 }
 
 #[tokio::test]
@@ -254,28 +263,25 @@ async fn numbers_are_never_reused_when_redis_loses_its_data() -> anyhow::Result<
     let token = client.create_application("forgetful").await?;
     let first_chat = client.create_chat(&token).await?;
 
-    let load = tokio::spawn({
-        let client = client.clone();
-        let token = token.clone();
-        async move { post_messages_in_waves(&client, &token, first_chat, 3000).await }
-    });
-    // Flush twice while the load is running: once messages start landing, and a moment later.
-    eventually("messages start landing", LONG, || async {
-        Ok(!env
-            .stored_message_numbers(&token, first_chat)
-            .await?
-            .is_empty())
-    })
-    .await?;
-    let _: () = redis::cmd("FLUSHALL")
-        .query_async(&mut redis.connection().await?)
-        .await?;
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    let _: () = redis::cmd("FLUSHALL")
-        .query_async(&mut redis.connection().await?)
-        .await?;
-    assert!(!load.is_finished(), "the flushes should land mid-load");
-    let mut accepted = load.await??;
+    // Flush twice in the middle of the load, each time while a wave of requests is in flight.
+    let mut accepted = Vec::new();
+    for wave in 0..60 {
+        if wave == 20 || wave == 30 {
+            let flush = async {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                let _: () = redis::cmd("FLUSHALL")
+                    .query_async(&mut redis.connection().await?)
+                    .await?;
+                anyhow::Ok(())
+            };
+            let (posted, flushed) =
+                tokio::join!(post_wave(&client, &token, first_chat, wave), flush);
+            flushed?;
+            accepted.extend(posted?);
+        } else {
+            accepted.extend(post_wave(&client, &token, first_chat, wave).await?);
+        }
+    }
     let highest = accepted.iter().copied().max().unwrap_or_default();
     assert!(
         highest > accepted.len() as u64,

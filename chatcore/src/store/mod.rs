@@ -21,13 +21,29 @@ pub use sqlite::SqliteStorage;
 pub(crate) const APPLICATION_COLUMNS: &str = "id, token, name, chats_count, created_at, updated_at";
 pub(crate) const MESSAGE_COLUMNS: &str = "m.number, m.body, m.version, m.created_at, m.updated_at";
 
-/// Implements [`Storage`] for an adapter with a `pool` field and a `timed` method: the reads
-/// are the same SQL in MySQL and SQLite and are written here once; the adapter passes the methods
-/// whose SQL differs. Integers are bound as i64, which both drivers encode.
+/// Implements [`Storage`] for an adapter with `pool` and `metrics` fields: the reads are the same
+/// SQL in MySQL and SQLite and are written here once; the adapter passes its kind (the label of
+/// its metrics and readiness check) and the methods whose SQL differs. Integers are bound as i64,
+/// which both drivers encode.
 macro_rules! storage_impl {
-    ($adapter:ty, { $($dialect_methods:tt)* }) => {
+    ($adapter:ty, $kind:literal, { $($dialect_methods:tt)* }) => {
+        impl $adapter {
+            /// Times a call as `chat_dependency_duration_seconds{dependency=<kind>}`.
+            async fn timed<T>(
+                &self,
+                operation: &'static str,
+                call: impl std::future::Future<Output = T>,
+            ) -> T {
+                self.metrics.time($kind, operation, call).await
+            }
+        }
+
         #[async_trait::async_trait]
         impl $crate::store::Storage for $adapter {
+            fn kind(&self) -> &'static str {
+                $kind
+            }
+
             async fn ping(&self) -> Result<(), sqlx::Error> {
                 sqlx::query("SELECT 1")
                     .execute(&self.pool)

@@ -1,7 +1,6 @@
 //! MySQL: connection pool, migrations, and the [`Storage`] adapter of the distributed stack.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::future::Future;
 use std::str::FromStr as _;
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,17 +48,9 @@ impl MySqlStorage {
     pub fn new(pool: MySqlPool, metrics: Arc<Metrics>) -> Self {
         Self { pool, metrics }
     }
-
-    async fn timed<T>(&self, operation: &'static str, call: impl Future<Output = T>) -> T {
-        self.metrics.time("mysql", operation, call).await
-    }
 }
 
-super::storage_impl!(MySqlStorage, {
-    fn kind(&self) -> &'static str {
-        "mysql"
-    }
-
+super::storage_impl!(MySqlStorage, "mysql", {
     async fn create_application(
         &self,
         name: &ApplicationName,

@@ -6,7 +6,6 @@
 //! ([`crate::sqlite::begin_write`]).
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -32,17 +31,9 @@ impl SqliteStorage {
         let pool = crate::sqlite::open(path, &crate::sqlite::DATA_MIGRATOR, 8).await?;
         Ok(Self { pool, metrics })
     }
-
-    async fn timed<T>(&self, operation: &'static str, call: impl Future<Output = T>) -> T {
-        self.metrics.time("sqlite", operation, call).await
-    }
 }
 
-super::storage_impl!(SqliteStorage, {
-    fn kind(&self) -> &'static str {
-        "sqlite"
-    }
-
+super::storage_impl!(SqliteStorage, "sqlite", {
     async fn create_application(
         &self,
         name: &ApplicationName,
