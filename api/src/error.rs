@@ -7,9 +7,11 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chatcore::domain::InvalidInput;
 use chatcore::numbering::AllocationError;
-use chatcore::queue::PublishError;
+use chatcore::queue::QueueError;
+use chatcore::retry::Transient as _;
 use chatcore::search::SearchError;
 use chatcore::state::StateError;
+use chatcore::store::StorageError;
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -48,6 +50,9 @@ pub enum ApiError {
     /// 503: a dependency did not answer; nothing was accepted.
     #[error("{0}")]
     Unavailable(String),
+    /// 503: the request took longer than `CHAT_REQUEST_TIMEOUT_MS`.
+    #[error("the request did not finish within {0} ms; retry shortly")]
+    TimedOut(u128),
     /// 500: logged in full, answered opaquely.
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
@@ -64,7 +69,7 @@ impl ApiError {
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable(_) | Self::TimedOut(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -81,6 +86,7 @@ impl ApiError {
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::Unavailable(_) => "service_unavailable",
+            Self::TimedOut(_) => "timed_out",
             Self::Internal(_) => "internal_error",
         }
     }
@@ -138,7 +144,10 @@ impl IntoResponse for ApiError {
         let mut response = (status, Json(body)).into_response();
         if matches!(
             self,
-            Self::NotPersistedYet(_) | Self::IdempotencyKeyInUse | Self::Unavailable(_)
+            Self::NotPersistedYet(_)
+                | Self::IdempotencyKeyInUse
+                | Self::Unavailable(_)
+                | Self::TimedOut(_)
         ) {
             response
                 .headers_mut()
@@ -154,9 +163,9 @@ impl From<InvalidInput> for ApiError {
     }
 }
 
-impl From<sqlx::Error> for ApiError {
-    fn from(error: sqlx::Error) -> Self {
-        if chatcore::store::is_transient(&error) {
+impl From<StorageError> for ApiError {
+    fn from(error: StorageError) -> Self {
+        if error.is_transient() {
             return Self::Unavailable(format!("database unavailable: {error}"));
         }
         Self::Internal(error.into())
@@ -169,8 +178,8 @@ impl From<AllocationError> for ApiError {
     }
 }
 
-impl From<PublishError> for ApiError {
-    fn from(error: PublishError) -> Self {
+impl From<QueueError> for ApiError {
+    fn from(error: QueueError) -> Self {
         Self::Unavailable(format!(
             "the write was not accepted because the event could not be made durable: {error}"
         ))

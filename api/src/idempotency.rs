@@ -3,18 +3,14 @@
 //!
 //! Keys live in the shared state (Redis, or the embedded `state.db`) for
 //! `CHAT_IDEMPOTENCY_TTL_SECONDS` (a day), per parent (application or chat). The first request
-//! claims the key (set-if-absent) before it allocates a number, so two concurrent retries can
-//! never both create; the loser gets 409 and retries. A failed attempt (503) releases the key.
+//! claims the key (set-if-absent, in [`crate::service::ChatService`]) before it allocates a
+//! number, so two concurrent retries can never both create; the loser gets 409 and retries. A failed attempt (503) releases the key.
 //! Keys are lost with Redis' data, like the counters; the embedded ones survive restarts.
-
-use std::future::Future;
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use chatcore::domain::{InvalidInput, Number};
-use chatcore::numbering::Scope;
 
-use crate::AppState;
 use crate::error::ApiError;
 
 pub const HEADER: &str = "idempotency-key";
@@ -49,19 +45,19 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
 }
 
 /// FNV-1a: a fingerprint of the request body that stays the same across processes and versions.
-fn fingerprint(body: &[u8]) -> String {
+pub(crate) fn fingerprint(body: &[u8]) -> String {
     let hash = body.iter().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
         (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
     });
     format!("{hash:016x}")
 }
 
-enum Recorded {
+pub(crate) enum Recorded {
     Done { fingerprint: String, number: Number },
     Pending { fingerprint: String },
 }
 
-fn parse_recorded(value: &str) -> Option<Recorded> {
+pub(crate) fn parse_recorded(value: &str) -> Option<Recorded> {
     let mut parts = value.split(':');
     match (parts.next()?, parts.next()?, parts.next()) {
         ("done", fingerprint, Some(number)) => Some(Recorded::Done {
@@ -72,67 +68,6 @@ fn parse_recorded(value: &str) -> Option<Recorded> {
             fingerprint: fingerprint.to_owned(),
         }),
         _ => None,
-    }
-}
-
-impl AppState {
-    /// Runs `accept` once per key: a repeated key returns the first number.
-    pub(crate) async fn accept_once<F, Fut>(
-        &self,
-        key: IdempotencyKey,
-        scope: &Scope,
-        body: &[u8],
-        accept: F,
-    ) -> Result<Number, ApiError>
-    where
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<Number, ApiError>>,
-    {
-        let Some(key) = key.0 else {
-            return accept().await;
-        };
-        let state_key = format!(
-            "{}:idempotency:{}:{key}",
-            self.config().redis_key_prefix,
-            scope.id()
-        );
-        let fingerprint = fingerprint(body);
-        let ttl = self.config().api.idempotency_ttl;
-        let state = &self.inner.state;
-        let claimed = state
-            .set_if_absent(&state_key, &format!("pending:{fingerprint}"), ttl)
-            .await?;
-        if !claimed {
-            let recorded = state.get(&state_key).await?;
-            return match recorded.as_deref().and_then(parse_recorded) {
-                Some(Recorded::Done {
-                    fingerprint: first,
-                    number,
-                }) if first == fingerprint => Ok(number),
-                Some(Recorded::Pending { fingerprint: first }) if first == fingerprint => {
-                    Err(ApiError::IdempotencyKeyInUse)
-                }
-                Some(_) => Err(ApiError::IdempotencyKeyReused),
-                // Expired between the claim and the read: treat as in progress, the retry will
-                // claim it.
-                None => Err(ApiError::IdempotencyKeyInUse),
-            };
-        }
-        match accept().await {
-            Ok(number) => {
-                state
-                    .set(&state_key, &format!("done:{fingerprint}:{number}"), ttl)
-                    .await?;
-                Ok(number)
-            }
-            Err(error) => {
-                // Nothing was accepted: the client may retry with the same key.
-                if let Err(release) = state.delete(&state_key).await {
-                    tracing::warn!(error = %release, "could not release an idempotency key");
-                }
-                Err(error)
-            }
-        }
     }
 }
 

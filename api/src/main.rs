@@ -1,43 +1,61 @@
-//! `api` (or `api serve`) serves the HTTP API; `api migrate` applies schema migrations and exits
-//! (retrying for `CHAT_MIGRATE_WAIT_SECONDS`, default 0, while a dependency is unreachable);
-//! `api openapi` prints the OpenAPI document; `api replay-dead-letters` moves the dead letters of
-//! the embedded queue back into their queues.
+//! The api binary: serves the HTTP API (and, with no service URL, the whole embedded system).
 
 use anyhow::Context as _;
 use chatcore::Config;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "api", version, about = "HTTP API of the chat platform")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the API on CHAT_HTTP_ADDR until SIGTERM or Ctrl-C (the default).
+    Serve,
+    /// Apply the schema migrations, create the search index and the broker topology, then exit
+    /// (retrying for CHAT_MIGRATE_WAIT_SECONDS while a service is unreachable).
+    Migrate,
+    /// Print the OpenAPI document.
+    Openapi,
+    /// Move the dead letters of the ingest and index queues back into their queues, then exit.
+    ReplayDeadLetters,
+}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    if std::env::args().nth(1).as_deref() == Some("openapi") {
-        // Only the document on stdout, no log lines.
-        println!("{}", api::openapi_json());
-        return Ok(());
-    }
-    let _telemetry = chatcore::telemetry::init("api");
-    let config = Config::from_env()?;
-    match std::env::args().nth(1).as_deref() {
-        None | Some("serve") => {
+    match Cli::parse().command.unwrap_or(Command::Serve) {
+        Command::Serve => {
+            let (config, _telemetry) = start()?;
             let listener = tokio::net::TcpListener::bind(config.api.listen_addr)
                 .await
                 .with_context(|| format!("binding {}", config.api.listen_addr))?;
-            let shutdown = chatcore::shutdown::on_signal();
-            api::serve(config, listener, shutdown).await
+            api::serve(config, listener, chatcore::shutdown::on_signal()).await
         }
-        Some("migrate") => {
-            let wait_seconds: u64 = std::env::var("CHAT_MIGRATE_WAIT_SECONDS")
-                .ok()
-                .and_then(|value| value.parse().ok())
-                .unwrap_or(0);
-            api::migrate_when_ready(&config, std::time::Duration::from_secs(wait_seconds)).await
+        Command::Migrate => {
+            let (config, _telemetry) = start()?;
+            chatcore::adapters::migrate(&config).await
         }
-        Some("replay-dead-letters") => {
+        Command::Openapi => {
+            // Only the document on stdout, no log lines.
+            println!("{}", api::openapi_json());
+            Ok(())
+        }
+        Command::ReplayDeadLetters => {
+            let (config, _telemetry) = start()?;
             for (queue, moved) in api::replay_dead_letters(&config).await? {
                 println!("moved {moved} dead letters back to {queue}");
             }
             Ok(())
         }
-        Some(other) => anyhow::bail!(
-            "unknown command {other:?}; expected `serve`, `migrate`, `openapi` or `replay-dead-letters`"
-        ),
     }
+}
+
+/// The configuration, and logging (and tracing) set up from it.
+fn start() -> anyhow::Result<(Config, chatcore::telemetry::TelemetryGuard)> {
+    let config = Config::from_env()?;
+    let telemetry = chatcore::telemetry::init("api", config.otlp_endpoint.as_deref());
+    Ok((config, telemetry))
 }

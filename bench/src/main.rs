@@ -24,6 +24,9 @@ use lapin::types::FieldTable;
 use serde_json::{Value, json};
 use sqlx::Connection as _;
 
+/// AMQP delivery mode of messages written to disk, as the api publishes them.
+const PERSISTENT: u8 = 2;
+
 const RAW_PHASE: Duration = Duration::from_secs(5);
 const REDIS_CLIENTS: usize = 50;
 const PUBLISHERS: usize = 64;
@@ -250,7 +253,7 @@ async fn sqlite_commit_rate(config: &Config) -> anyhow::Result<f64> {
 }
 
 async fn redis_incr_rate(config: &Config) -> anyhow::Result<f64> {
-    let connection = chatcore::connect_redis(config.require_redis_url()?).await?;
+    let connection = chatcore::state::connect_redis(config.require_redis_url()?).await?;
     let key = format!("{}:bench:incr", config.redis_key_prefix);
     let deadline = Instant::now() + RAW_PHASE;
     let started = Instant::now();
@@ -280,8 +283,11 @@ async fn redis_incr_rate(config: &Config) -> anyhow::Result<f64> {
 }
 
 async fn confirmed_publish_rate(config: &Config) -> anyhow::Result<f64> {
-    let connection =
-        chatcore::broker::connect(config.require_amqp_url()?, "bench-raw-publish").await?;
+    let connection = lapin::Connection::connect(
+        config.require_amqp_url()?.expose(),
+        lapin::ConnectionProperties::default(),
+    )
+    .await?;
     let channel = connection.create_channel().await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
@@ -313,7 +319,7 @@ async fn confirmed_publish_rate(config: &Config) -> anyhow::Result<f64> {
                         queue.as_str().into(),
                         BasicPublishOptions::default(),
                         payload,
-                        BasicProperties::default().with_delivery_mode(chatcore::broker::PERSISTENT),
+                        BasicProperties::default().with_delivery_mode(PERSISTENT),
                     )
                     .await?
                     .await?;

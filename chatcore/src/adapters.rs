@@ -1,5 +1,6 @@
-//! Picks the adapter of each part from the configuration: a part whose service URL is set talks
-//! to that service, a part without one runs embedded under `CHAT_DATA_DIR`.
+//! The composition root: every binary gets its adapters here. A part whose service URL is set
+//! talks to that service, a part without one runs embedded under `CHAT_DATA_DIR`; either way the
+//! adapter is wrapped in its trait's timing wrapper.
 //!
 //! | part     | URL               | real service   | embedded                         |
 //! |----------|-------------------|----------------|----------------------------------|
@@ -13,16 +14,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use tokio_util::sync::CancellationToken;
 
-use crate::broker::Publisher;
 use crate::config::Config;
-use crate::local_queue::LocalQueue;
 use crate::metrics::Metrics;
 use crate::numbering::NumberAllocator;
-use crate::queue::EventPublisher;
-use crate::search::{ElasticsearchIndex, SearchIndex, SqliteSearchIndex};
-use crate::state::{InProcessState, RedisState, SharedState};
-use crate::store::{MySqlStorage, SqliteStorage, Storage};
+use crate::queue::{EventQueue, RabbitMqQueue, SqliteQueue, TimedQueue};
+use crate::retry::{self, Backoff};
+use crate::search::{ElasticsearchIndex, SearchIndex, SqliteSearchIndex, TimedSearchIndex};
+use crate::state::{InProcessState, RedisState, SharedState, TimedState};
+use crate::store::{MySqlStorage, SqliteStorage, Storage, TimedStorage};
 
 /// How often expired keys of the in-process state are deleted.
 const KEY_PURGE_INTERVAL: Duration = Duration::from_secs(600);
@@ -31,11 +32,11 @@ const KEY_PURGE_INTERVAL: Duration = Duration::from_secs(600);
 pub struct Adapters {
     pub storage: Arc<dyn Storage>,
     pub state: Arc<dyn SharedState>,
-    pub publisher: Arc<dyn EventPublisher>,
+    pub queue: Arc<dyn EventQueue>,
     pub search: Arc<dyn SearchIndex>,
     pub allocator: NumberAllocator,
-    /// Set when the queue is embedded: then this process also runs the consumers.
-    pub local_queue: Option<LocalQueue>,
+    /// The queue is embedded: this process also runs its consumers.
+    pub consumes_in_process: bool,
     /// Held while the process runs: one process at a time owns the data directory.
     _data_dir_lock: Option<File>,
 }
@@ -43,64 +44,28 @@ pub struct Adapters {
 impl Adapters {
     /// Connects to the configured services and opens the embedded files of the other parts.
     pub async fn connect(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Self> {
-        let data_dir_lock = if config.database_url.is_none()
-            || config.redis_url.is_none()
-            || config.amqp_url.is_none()
-            || config.elasticsearch_url.is_none()
-        {
+        let data_dir_lock = if config.is_partly_embedded() {
             Some(lock_data_dir(config)?)
         } else {
             None
         };
-        let data_file = |name: &str| config.data_dir.join(name);
-        let storage: Arc<dyn Storage> = match &config.database_url {
-            Some(url) => {
-                let pool = crate::store::mysql::connect(url, config.database_max_connections)
-                    .await
-                    .with_context(|| format!("connecting to mysql at {url}"))?;
-                Arc::new(MySqlStorage::new(pool, Arc::clone(metrics)))
-            }
-            None => {
-                Arc::new(SqliteStorage::open(&data_file("chat.db"), Arc::clone(metrics)).await?)
-            }
-        };
-        let state: Arc<dyn SharedState> = match &config.redis_url {
-            Some(url) => Arc::new(RedisState::new(
-                crate::connect_redis(url)
-                    .await
-                    .with_context(|| format!("connecting to redis at {url}"))?,
-            )),
-            None => {
-                let state = Arc::new(InProcessState::open(&data_file("state.db")).await?);
-                tokio::spawn(purge_expired_keys(Arc::clone(&state)));
-                state
-            }
-        };
-        let (publisher, local_queue): (Arc<dyn EventPublisher>, _) = match &config.amqp_url {
-            Some(url) => (
-                Arc::new(
-                    Publisher::connect(
-                        url.clone(),
-                        config.topology.clone(),
-                        config.api.publish_confirm_timeout,
-                        Arc::clone(metrics),
-                    )
-                    .await
-                    .with_context(|| format!("connecting to rabbitmq at {url}"))?,
-                ),
-                None,
-            ),
-            None => {
-                let queue = LocalQueue::open(
-                    &data_file("queue.db"),
-                    &config.topology,
-                    config.api.publish_confirm_timeout,
-                )
-                .await?;
-                (Arc::new(queue.clone()), Some(queue))
-            }
-        };
-        let search = connect_search(config).await?;
+        let storage = storage(config, metrics).await?;
+        let state = state(config, metrics).await?;
+        let queue = queue(config, metrics).await?;
+        // The api refuses to start without its broker: connect now, not at the first POST.
+        queue
+            .ensure_topology()
+            .await
+            .with_context(|| format!("connecting to the queue ({})", queue.kind()))?;
+        let search = search(config, metrics).await?;
+        let consumes_in_process = config.amqp_url.is_none();
+        if consumes_in_process {
+            // This process indexes, as the indexer binary would: make sure the index exists.
+            search
+                .ensure_index()
+                .await
+                .context("creating the search index")?;
+        }
         let allocator = NumberAllocator::new(
             Arc::clone(&state),
             Arc::clone(&storage),
@@ -110,25 +75,138 @@ impl Adapters {
         Ok(Self {
             storage,
             state,
-            publisher,
+            queue,
             search,
             allocator,
-            local_queue,
+            consumes_in_process,
             _data_dir_lock: data_dir_lock,
         })
     }
 }
 
+/// The storage: MySQL when `DATABASE_URL` is set, else the embedded `chat.db`.
+pub async fn storage(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Arc<dyn Storage>> {
+    let storage: Arc<dyn Storage> = match &config.database_url {
+        Some(url) => {
+            let pool = crate::store::mysql::connect(url, config.database_max_connections)
+                .await
+                .with_context(|| format!("connecting to mysql at {url}"))?;
+            Arc::new(MySqlStorage::new(pool))
+        }
+        None => Arc::new(SqliteStorage::open(&config.data_dir.join("chat.db")).await?),
+    };
+    Ok(Arc::new(TimedStorage::new(storage, Arc::clone(metrics))))
+}
+
+/// The counters and keys: Redis when `REDIS_URL` is set, else memory and the embedded
+/// `state.db`.
+pub async fn state(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<Arc<dyn SharedState>> {
+    let state: Arc<dyn SharedState> = match &config.redis_url {
+        Some(url) => Arc::new(RedisState::new(
+            crate::state::connect_redis(url)
+                .await
+                .with_context(|| format!("connecting to redis at {url}"))?,
+        )),
+        None => {
+            let state = Arc::new(InProcessState::open(&config.data_dir.join("state.db")).await?);
+            tokio::spawn(purge_expired_keys(Arc::clone(&state)));
+            state
+        }
+    };
+    Ok(Arc::new(TimedState::new(state, Arc::clone(metrics))))
+}
+
+/// The event queue: RabbitMQ when `AMQP_URL` is set (connected on first use), else the embedded
+/// `queue.db`.
+pub async fn queue(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Arc<dyn EventQueue>> {
+    let confirm_timeout = config.api.publish_confirm_timeout;
+    let queue: Arc<dyn EventQueue> = match &config.amqp_url {
+        Some(url) => Arc::new(RabbitMqQueue::new(
+            url.clone(),
+            config.topology.clone(),
+            confirm_timeout,
+        )),
+        None => Arc::new(
+            SqliteQueue::open(
+                &config.data_dir.join("queue.db"),
+                &config.topology,
+                confirm_timeout,
+            )
+            .await?,
+        ),
+    };
+    Ok(Arc::new(TimedQueue::new(queue, Arc::clone(metrics))))
+}
+
 /// The search index: Elasticsearch when its URL is set, else the embedded FTS5 file.
-pub async fn connect_search(config: &Config) -> anyhow::Result<Arc<dyn SearchIndex>> {
-    Ok(match &config.elasticsearch_url {
+pub async fn search(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<Arc<dyn SearchIndex>> {
+    let search: Arc<dyn SearchIndex> = match &config.elasticsearch_url {
         Some(url) => Arc::new(ElasticsearchIndex::connect(
             url,
             &config.elasticsearch_index,
             config.elasticsearch_replicas,
         )?),
         None => Arc::new(SqliteSearchIndex::open(&config.data_dir.join("search.db")).await?),
-    })
+    };
+    Ok(Arc::new(TimedSearchIndex::new(search, Arc::clone(metrics))))
+}
+
+/// Applies the storage migrations, creates the search index and the broker topology of the
+/// configured services (the embedded files migrate themselves when they are opened), retrying
+/// for up to `CHAT_MIGRATE_WAIT_SECONDS` while a service is not reachable yet (a fresh cluster).
+pub async fn migrate(config: &Config) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + config.migrate_wait;
+    let metrics = Metrics::new();
+    let migrated = retry::retry(
+        Backoff::new(Duration::from_millis(500), Duration::from_secs(5)),
+        &CancellationToken::new(),
+        || migrate_once(config, &metrics),
+        |error, attempt, delay| {
+            let retry = tokio::time::Instant::now() + delay < deadline;
+            if retry {
+                tracing::warn!(error = %format!("{error:#}"), attempt, delay_ms = delay.as_millis() as u64, "migration failed, retrying");
+            }
+            retry
+        },
+    )
+    .await;
+    match migrated {
+        Ok(()) => Ok(()),
+        Err(retry::Stopped::GaveUp(error)) => Err(error),
+        Err(retry::Stopped::Interrupted) => anyhow::bail!("migration interrupted"),
+    }
+}
+
+async fn migrate_once(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<()> {
+    if config.database_url.is_some() {
+        storage(config, metrics)
+            .await?
+            .migrate()
+            .await
+            .context("applying migrations")?;
+    }
+    if config.elasticsearch_url.is_some() {
+        search(config, metrics)
+            .await?
+            .ensure_index()
+            .await
+            .context("creating the search index")?;
+    }
+    if config.amqp_url.is_some() {
+        queue(config, metrics)
+            .await?
+            .ensure_topology()
+            .await
+            .context("declaring the broker topology")?;
+    }
+    tracing::info!("migrations applied");
+    Ok(())
 }
 
 /// Two processes on one data directory would each count numbers in memory; the lock makes the

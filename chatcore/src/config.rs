@@ -9,6 +9,9 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
+use crate::events::Consumer;
+use crate::retry::Backoff;
+
 /// A connection URL whose password is redacted whenever it is displayed or debug-printed.
 #[derive(Clone, PartialEq, Eq)]
 pub struct SecretUrl(String);
@@ -77,6 +80,14 @@ impl Topology {
         }
     }
 
+    /// The queue of one consumer.
+    pub fn queue(&self, consumer: Consumer) -> &str {
+        match consumer {
+            Consumer::Ingest => &self.ingest_queue,
+            Consumer::Index => &self.index_queue,
+        }
+    }
+
     pub fn dead_letter_queue(queue: &str) -> String {
         format!("{queue}.dead")
     }
@@ -104,8 +115,13 @@ pub struct Config {
     pub number_block_size: u64,
     /// Where the embedded adapters keep their files.
     pub data_dir: PathBuf,
+    /// Where traces are exported (OTLP/gRPC); None: no export.
+    pub otlp_endpoint: Option<String>,
+    /// How long `api migrate` retries while a service is not reachable yet.
+    pub migrate_wait: Duration,
     pub api: ApiConfig,
     pub consumer: ConsumerConfig,
+    pub counter_sync: CounterSyncConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -130,10 +146,28 @@ pub struct ConsumerConfig {
     pub batch_max_wait: Duration,
     /// Attempts for one event that fails with a non-transient error before it is dead-lettered.
     pub max_attempts: u32,
-    pub retry_base_delay: Duration,
-    pub retry_max_delay: Duration,
+    /// Delays between attempts of a failed batch, and between reconnects to the queue.
+    pub retry: Backoff,
     /// Where the worker serves `/livez` and `/readyz`; None: the binary's own default port.
     pub health_addr: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone)]
+pub struct CounterSyncConfig {
+    /// A Prometheus Pushgateway that receives the metrics of each run (a CronJob's pod lives too
+    /// briefly to be scraped); None: no push.
+    pub pushgateway_url: Option<String>,
+    pub lease: LeaseConfig,
+}
+
+/// The Kubernetes Lease that keeps two counter-sync runs from overlapping.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseConfig {
+    pub namespace: String,
+    pub name: String,
+    /// Who holds it: the pod's name.
+    pub holder: String,
+    pub duration: Duration,
 }
 
 impl Config {
@@ -162,6 +196,8 @@ impl Config {
             elasticsearch_replicas: settings.parse("CHAT_ES_REPLICAS", 0)?,
             number_block_size: settings.parse("CHAT_NUMBER_BLOCK_SIZE", 1000)?,
             data_dir: PathBuf::from(settings.string("CHAT_DATA_DIR", "data")),
+            otlp_endpoint: settings.optional("OTEL_EXPORTER_OTLP_ENDPOINT")?,
+            migrate_wait: Duration::from_secs(settings.parse("CHAT_MIGRATE_WAIT_SECONDS", 0)?),
             api: ApiConfig {
                 listen_addr: settings
                     .parse("CHAT_HTTP_ADDR", SocketAddr::from(([127, 0, 0, 1], 3000)))?,
@@ -183,9 +219,22 @@ impl Config {
                 batch_max_size: settings.parse("CHAT_BATCH_MAX_SIZE", 500)?,
                 batch_max_wait: settings.millis("CHAT_BATCH_MAX_WAIT_MS", 50)?,
                 max_attempts: settings.parse("CHAT_MAX_ATTEMPTS", 3)?,
-                retry_base_delay: settings.millis("CHAT_RETRY_BASE_DELAY_MS", 100)?,
-                retry_max_delay: settings.millis("CHAT_RETRY_MAX_DELAY_MS", 10_000)?,
+                retry: Backoff::new(
+                    settings.millis("CHAT_RETRY_BASE_DELAY_MS", 100)?,
+                    settings.millis("CHAT_RETRY_MAX_DELAY_MS", 10_000)?,
+                ),
                 health_addr: settings.optional("CHAT_HEALTH_ADDR")?,
+            },
+            counter_sync: CounterSyncConfig {
+                pushgateway_url: settings.optional("CHAT_PUSHGATEWAY_URL")?,
+                lease: LeaseConfig {
+                    namespace: settings.string("POD_NAMESPACE", "default"),
+                    name: settings.string("CHAT_LEASE_NAME", "chat-counter-sync"),
+                    holder: settings.string("POD_NAME", "counter-sync"),
+                    duration: Duration::from_secs(
+                        settings.parse("CHAT_LEASE_DURATION_SECONDS", 60)?,
+                    ),
+                },
             },
         })
         .and_then(Self::checked)
@@ -200,6 +249,21 @@ impl Config {
         if self.number_block_size == 0 {
             return Err(invalid(
                 "CHAT_NUMBER_BLOCK_SIZE",
+                "0".into(),
+                "must be at least 1",
+            ));
+        }
+        if self.consumer.retry.base.is_zero() || self.consumer.retry.max < self.consumer.retry.base
+        {
+            return Err(invalid(
+                "CHAT_RETRY_BASE_DELAY_MS",
+                self.consumer.retry.base.as_millis().to_string(),
+                "must be at least 1 and at most CHAT_RETRY_MAX_DELAY_MS",
+            ));
+        }
+        if self.counter_sync.lease.duration.is_zero() {
+            return Err(invalid(
+                "CHAT_LEASE_DURATION_SECONDS",
                 "0".into(),
                 "must be at least 1",
             ));
@@ -236,12 +300,23 @@ impl Config {
         Ok(self)
     }
 
+    fn service_urls(&self) -> [&Option<SecretUrl>; 4] {
+        [
+            &self.database_url,
+            &self.redis_url,
+            &self.amqp_url,
+            &self.elasticsearch_url,
+        ]
+    }
+
     /// True when every part runs embedded in this process (no service URL is set).
     pub fn is_fully_embedded(&self) -> bool {
-        self.database_url.is_none()
-            && self.redis_url.is_none()
-            && self.amqp_url.is_none()
-            && self.elasticsearch_url.is_none()
+        self.service_urls().iter().all(|url| url.is_none())
+    }
+
+    /// True when at least one part runs embedded (and keeps files in `data_dir`).
+    pub fn is_partly_embedded(&self) -> bool {
+        self.service_urls().iter().any(|url| url.is_none())
     }
 
     pub fn require_database_url(&self) -> Result<&SecretUrl, ConfigError> {
@@ -367,9 +442,53 @@ mod tests {
 
     #[test]
     fn invalid_number_names_the_variable() {
-        let mut values = HashMap::new();
-        values.insert("CHAT_CONSUMER_PREFETCH".to_owned(), "lots".to_owned());
-        let error = Config::from_map(&values).expect_err("must fail");
-        assert!(error.to_string().contains("CHAT_CONSUMER_PREFETCH"));
+        for name in [
+            "CHAT_CONSUMER_PREFETCH",
+            "CHAT_MIGRATE_WAIT_SECONDS",
+            "CHAT_LEASE_DURATION_SECONDS",
+            "CHAT_REQUEST_TIMEOUT_MS",
+        ] {
+            let values = HashMap::from([(name.to_owned(), "lots".to_owned())]);
+            let error = Config::from_map(&values).expect_err("must fail");
+            assert!(error.to_string().contains(name), "{error}");
+        }
+    }
+
+    #[test]
+    fn every_setting_of_the_other_binaries_is_read_here() {
+        let values: HashMap<String, String> = [
+            ("CHAT_MIGRATE_WAIT_SECONDS", "30"),
+            ("CHAT_PUSHGATEWAY_URL", "http://pushgateway:9091"),
+            ("POD_NAMESPACE", "chat"),
+            ("POD_NAME", "counter-sync-1"),
+            ("CHAT_LEASE_NAME", "lease"),
+            ("CHAT_LEASE_DURATION_SECONDS", "15"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4317"),
+        ]
+        .into_iter()
+        .map(|(name, value)| (name.to_owned(), value.to_owned()))
+        .collect();
+        let config = Config::from_map(&values).expect("valid config");
+        assert_eq!(config.migrate_wait, Duration::from_secs(30));
+        assert_eq!(
+            config.counter_sync.pushgateway_url.as_deref(),
+            Some("http://pushgateway:9091")
+        );
+        assert_eq!(
+            config.counter_sync.lease,
+            LeaseConfig {
+                namespace: "chat".into(),
+                name: "lease".into(),
+                holder: "counter-sync-1".into(),
+                duration: Duration::from_secs(15),
+            }
+        );
+        assert_eq!(
+            config.otlp_endpoint.as_deref(),
+            Some("http://collector:4317")
+        );
+        let zero_lease =
+            HashMap::from([("CHAT_LEASE_DURATION_SECONDS".to_owned(), "0".to_owned())]);
+        assert!(Config::from_map(&zero_lease).is_err());
     }
 }

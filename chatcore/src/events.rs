@@ -1,4 +1,5 @@
-//! The event schema carried over RabbitMQ between the api and the consumers.
+//! The event schema carried by the queue between the api and the consumers, and its routing:
+//! which consumer receives which events.
 //!
 //! Every event has a `schema_version` in its body and in the `x-schema-version` header, and a W3C
 //! `traceparent` header so one request can be followed across services.
@@ -56,6 +57,48 @@ pub mod routing {
     pub const CHAT_CREATED: &str = "chat.created";
     pub const MESSAGE_CREATED: &str = "message.created";
     pub const MESSAGE_UPDATED: &str = "message.updated";
+}
+
+/// The consumers of events, each with a queue of its own (named by
+/// [`crate::config::Topology::queue`]) that receives the routing keys it needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Consumer {
+    /// Writes chats and messages to the storage. Updates are written by the api itself.
+    Ingest,
+    /// Writes messages, created or updated, to the search index.
+    Index,
+}
+
+impl Consumer {
+    pub const ALL: [Self; 2] = [Self::Ingest, Self::Index];
+
+    pub fn routing_keys(self) -> &'static [&'static str] {
+        match self {
+            Self::Ingest => &[routing::CHAT_CREATED, routing::MESSAGE_CREATED],
+            Self::Index => &[routing::MESSAGE_CREATED, routing::MESSAGE_UPDATED],
+        }
+    }
+
+    /// Whether this consumer's queue receives events with `routing_key`.
+    pub fn receives(self, routing_key: &str) -> bool {
+        self.routing_keys().contains(&routing_key)
+    }
+
+    /// The name of the worker binary that runs this consumer (its `service.name`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Ingest => "ingest-worker",
+            Self::Index => "indexer",
+        }
+    }
+
+    /// What the worker binary does, for its `--help`.
+    pub fn description(self) -> &'static str {
+        match self {
+            Self::Ingest => "Consumes accepted chats and messages and batch-writes them to MySQL",
+            Self::Index => "Consumes message events and bulk-indexes them into Elasticsearch",
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -15,10 +15,14 @@
 //! block is lost with the counter); they are never reused.
 
 use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
 
 use crate::domain::Number;
+use crate::retry::{self, Backoff, Stopped, Transient};
 use crate::state::{Counter, SharedState, StateError};
-use crate::store::Storage;
+use crate::store::{Storage, StorageError};
 
 /// The parent whose children are numbered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -49,16 +53,29 @@ impl Scope {
 pub enum AllocationError {
     #[error("counter: {0}")]
     State(#[from] StateError),
-    #[error("database: {0}")]
-    Database(#[from] sqlx::Error),
+    #[error("storage: {0}")]
+    Storage(#[from] StorageError),
     #[error("number allocation kept racing with a concurrent reseed")]
     Contended,
     #[error("the numbers of this scope are exhausted")]
     Exhausted,
 }
 
-const MAX_ROUNDS: usize = 8;
-const RECONNECT_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
+impl Transient for AllocationError {
+    fn is_transient(&self) -> bool {
+        match self {
+            Self::State(error) => error.is_transient(),
+            Self::Storage(error) => error.is_transient(),
+            Self::Contended => true,
+            Self::Exhausted => false,
+        }
+    }
+}
+
+/// Rounds of one allocation at most, and the pause between them: long enough in total (about
+/// 0.7 s) for a dropped Redis connection to come back.
+const MAX_ROUNDS: u32 = 8;
+const ROUND_BACKOFF: Backoff = Backoff::new(Duration::from_millis(10), Duration::from_millis(200));
 
 #[derive(Clone)]
 pub struct NumberAllocator {
@@ -67,6 +84,8 @@ pub struct NumberAllocator {
     key_prefix: String,
     block_size: u64,
     reservation_locks: Arc<[tokio::sync::Mutex<()>]>,
+    /// Allocations are never cut short by shutdown: a request in flight finishes.
+    never_cancelled: CancellationToken,
 }
 
 /// Stripes of the per-scope reservation lock.
@@ -91,6 +110,7 @@ impl NumberAllocator {
             reservation_locks: (0..RESERVATION_LOCK_STRIPES)
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
+            never_cancelled: CancellationToken::new(),
         }
     }
 
@@ -98,40 +118,52 @@ impl NumberAllocator {
         format!("{}:numbers:{}", self.key_prefix, scope.id())
     }
 
-    /// Hands out the next number of the scope; never one handed out before.
+    /// Hands out the next number of the scope; never one handed out before. A round that races
+    /// with a reservation of another replica, or meets a dropped counter connection (a Redis
+    /// restart: it reconnects in the background), is tried again a moment later.
     #[tracing::instrument(name = "allocate number", skip_all, fields(otel.kind = "client", scope = %scope.id()))]
     pub async fn allocate(&self, scope: &Scope) -> Result<Number, AllocationError> {
         let key = self.key(scope);
-        for _ in 0..MAX_ROUNDS {
-            let counter = match self.counters.increment(&key).await {
-                Ok(counter) => counter,
-                // A Redis connection is re-established in the background after it dropped (a
-                // Redis restart); give it a moment instead of failing the request.
-                Err(error) if error.is_connection_lost() => {
-                    tracing::warn!(%error, "counter connection lost, retrying");
-                    tokio::time::sleep(RECONNECT_PAUSE).await;
-                    continue;
+        let allocated = retry::retry(
+            ROUND_BACKOFF,
+            &self.never_cancelled,
+            || self.allocate_once(scope, &key),
+            |error, round, _| {
+                let again = round < MAX_ROUNDS && error.is_transient();
+                if again {
+                    tracing::debug!(%error, round, "number allocation round failed, retrying");
                 }
-                Err(error) => return Err(error.into()),
-            };
-            let outcome = match counter {
+                again
+            },
+        )
+        .await;
+        allocated.map_err(|stopped| match stopped {
+            Stopped::GaveUp(error) => error,
+            Stopped::Interrupted => AllocationError::Contended,
+        })
+    }
+
+    /// One round: increments the counter, extending the reservation or seeding the counter when
+    /// due. `Contended` when another reservation got in the way.
+    async fn allocate_once(&self, scope: &Scope, key: &str) -> Result<Number, AllocationError> {
+        let mut seeded = false;
+        loop {
+            match self.counters.increment(key).await? {
                 Some(Counter { next, ceiling, .. }) if next <= ceiling => return number(next),
                 Some(Counter { next, epoch, .. }) => {
-                    self.extend_once(scope, &key, next, epoch).await
+                    return if self.extend_once(scope, key, next, epoch).await? {
+                        number(next)
+                    } else {
+                        Err(AllocationError::Contended)
+                    };
                 }
-                None => self.seed_once(scope, &key).await.map(|()| false),
-            };
-            match outcome {
-                Ok(true) => return number(counter.map_or(0, |counter| counter.next)),
-                Ok(false) => {}
-                // Another replica's reservation held the row; the next round sees its result.
-                Err(AllocationError::Database(error)) if crate::store::is_transient(&error) => {
-                    tracing::debug!(%error, scope = %scope.id(), "number reservation raced, retrying");
+                None if !seeded => {
+                    self.seed_once(scope, key).await?;
+                    seeded = true;
                 }
-                Err(error) => return Err(error),
+                None => return Err(AllocationError::Contended),
             }
         }
-        Err(AllocationError::Contended)
     }
 
     /// The stripe lock of a scope: reservations of one scope run one at a time in this process,

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator as _};
 use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
+use opentelemetry_otlp::WithExportConfig as _;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
@@ -35,8 +36,9 @@ impl Drop for TelemetryGuard {
     }
 }
 
-/// Installs logging (and tracing when configured) once; later calls are no-ops.
-pub fn init(service_name: &'static str) -> TelemetryGuard {
+/// Installs logging, and tracing when `otlp_endpoint` is set ([`crate::Config::otlp_endpoint`]),
+/// once; later calls are no-ops.
+pub fn init(service_name: &'static str, otlp_endpoint: Option<&str>) -> TelemetryGuard {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt::layer()
         .json()
@@ -44,12 +46,8 @@ pub fn init(service_name: &'static str) -> TelemetryGuard {
         .with_span_list(true)
         .flatten_event(true)
         .with_filter(filter);
-    let endpoint = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")
-        .ok()
-        .filter(|value| !value.is_empty());
-    let provider = endpoint
-        .as_ref()
-        .and_then(|_| match tracer_provider(service_name) {
+    let provider =
+        otlp_endpoint.and_then(|endpoint| match tracer_provider(service_name, endpoint) {
             Ok(provider) => Some(provider),
             Err(error) => {
                 eprintln!("tracing disabled: {error}");
@@ -80,10 +78,12 @@ pub fn init(service_name: &'static str) -> TelemetryGuard {
 
 fn tracer_provider(
     service_name: &'static str,
+    endpoint: &str,
 ) -> Result<SdkTracerProvider, opentelemetry_otlp::ExporterBuildError> {
-    // Endpoint, headers and timeout come from the standard OTEL_EXPORTER_OTLP_* variables.
+    // Headers and timeout come from the standard OTEL_EXPORTER_OTLP_* variables of the exporter.
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_tonic()
+        .with_endpoint(endpoint)
         .build()?;
     let resource = opentelemetry_sdk::Resource::builder()
         .with_service_name(service_name)

@@ -8,11 +8,10 @@ use std::time::Duration;
 
 use chatcore::config::{ConsumerConfig, Topology};
 use chatcore::domain::Number;
-use chatcore::events::{Event, EventPayload, TraceContext};
-use chatcore::local_queue::LocalQueue;
-use chatcore::metrics::Metrics;
+use chatcore::events::{Consumer, Event, EventPayload, TraceContext};
 use chatcore::numbering::{NumberAllocator, Scope};
-use chatcore::queue::{EventPublisher as _, EventSource as _};
+use chatcore::queue::{EventQueue as _, SqliteQueue};
+use chatcore::retry::Backoff;
 use chatcore::state::{InProcessState, SharedState as _};
 use chatcore::store::SqliteStorage;
 use tokio_util::sync::CancellationToken;
@@ -33,7 +32,7 @@ impl Drop for DataDir {
 }
 
 async fn allocator(data_dir: &DataDir, block_size: u64) -> anyhow::Result<NumberAllocator> {
-    let storage = SqliteStorage::open(&data_dir.0.join("chat.db"), Metrics::new()).await?;
+    let storage = SqliteStorage::open(&data_dir.0.join("chat.db")).await?;
     let state = InProcessState::open(&data_dir.0.join("state.db")).await?;
     Ok(NumberAllocator::new(
         Arc::new(state),
@@ -84,7 +83,7 @@ fn message_event(number: u64) -> Event {
 async fn the_queue_delivers_to_every_bound_queue_until_acknowledged() -> anyhow::Result<()> {
     let data_dir = DataDir::new();
     let topology = Topology::from_prefix("t");
-    let queue = LocalQueue::open(
+    let queue = SqliteQueue::open(
         &data_dir.0.join("queue.db"),
         &topology,
         Duration::from_secs(5),
@@ -103,12 +102,11 @@ async fn the_queue_delivers_to_every_bound_queue_until_acknowledged() -> anyhow:
         batch_max_size: 10,
         batch_max_wait: Duration::from_millis(10),
         max_attempts: 1,
-        retry_base_delay: Duration::from_millis(10),
-        retry_max_delay: Duration::from_millis(10),
+        retry: Backoff::new(Duration::from_millis(10), Duration::from_millis(10)),
         health_addr: None,
     };
     let shutdown = CancellationToken::new();
-    let mut source = queue.source(&topology.ingest_queue);
+    let mut source = queue.open_source(Consumer::Ingest, &settings).await?;
     let batch = source
         .next_batch(&settings, &shutdown)
         .await?
@@ -139,7 +137,7 @@ async fn the_queue_delivers_to_every_bound_queue_until_acknowledged() -> anyhow:
     );
     assert_eq!(queue.depth(&topology.index_queue).await?, 3, "untouched");
 
-    assert_eq!(queue.replay_dead_letters(&topology.ingest_queue).await?, 1);
+    assert_eq!(queue.replay_dead_letters(Consumer::Ingest).await?, 1);
     assert_eq!(queue.depth(&topology.ingest_queue).await?, 1);
 
     // An empty queue waits, and returns nothing on shutdown.

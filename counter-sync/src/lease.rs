@@ -14,36 +14,7 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::PostParams;
 use kube::{Api, Client};
 
-/// Where the Lease lives and who holds it (from the pod's environment in the CronJob).
-#[derive(Debug, Clone)]
-pub struct LeaseSettings {
-    pub namespace: String,
-    pub name: String,
-    pub holder: String,
-    pub duration: Duration,
-}
-
-impl LeaseSettings {
-    /// From `POD_NAMESPACE`, `POD_NAME`, `CHAT_LEASE_NAME` and `CHAT_LEASE_DURATION_SECONDS`.
-    pub fn from_env() -> Self {
-        let variable = |name: &str, default: &str| {
-            std::env::var(name)
-                .ok()
-                .filter(|v| !v.is_empty())
-                .unwrap_or_else(|| default.to_owned())
-        };
-        Self {
-            namespace: variable("POD_NAMESPACE", "default"),
-            name: variable("CHAT_LEASE_NAME", "chat-counter-sync"),
-            holder: variable("POD_NAME", "counter-sync"),
-            duration: Duration::from_secs(
-                variable("CHAT_LEASE_DURATION_SECONDS", "60")
-                    .parse()
-                    .unwrap_or(60),
-            ),
-        }
-    }
-}
+pub use chatcore::config::LeaseConfig;
 
 /// Outcome of trying to take the Lease.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,7 +28,7 @@ pub enum Acquisition {
 pub struct LeaseLock {
     api: Api<Lease>,
     events: Api<Event>,
-    settings: LeaseSettings,
+    settings: LeaseConfig,
 }
 
 fn is_status(error: &kube::Error, code: u16) -> bool {
@@ -65,7 +36,7 @@ fn is_status(error: &kube::Error, code: u16) -> bool {
 }
 
 impl LeaseLock {
-    pub fn new(client: Client, settings: LeaseSettings) -> Self {
+    pub fn new(client: Client, settings: LeaseConfig) -> Self {
         Self {
             api: Api::namespaced(client.clone(), &settings.namespace),
             events: Api::namespaced(client, &settings.namespace),

@@ -15,11 +15,9 @@ use chatcore::Config;
 use chatcore::domain::Number;
 use chatcore::metrics::Metrics;
 use chatcore::numbering::{NumberAllocator, Scope};
-use chatcore::state::RedisState;
-use chatcore::store::MySqlStorage;
-use sqlx::{MySqlPool, Row as _};
+use chatcore::store::{CountLevel, Storage};
 
-const PAGE_SIZE: i64 = 1000;
+const PAGE_SIZE: u32 = 1000;
 
 /// One thing counter-sync changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,7 +87,7 @@ pub async fn run_exclusively(config: &Config) -> anyhow::Result<Option<Report>> 
     };
     let lock = lease::LeaseLock::new(
         kube::Client::try_from(kube_config)?,
-        lease::LeaseSettings::from_env(),
+        config.counter_sync.lease.clone(),
     );
     run_holding(config, &lock).await
 }
@@ -177,162 +175,97 @@ pub async fn push_metrics(url: &str, report: &Report) -> anyhow::Result<()> {
 
 /// Runs one pass against the configured MySQL and Redis.
 pub async fn run(config: &Config) -> anyhow::Result<Report> {
-    let mysql_url = config.require_database_url()?;
-    let pool = chatcore::store::mysql::connect(mysql_url, 4)
-        .await
-        .with_context(|| format!("connecting to mysql at {mysql_url}"))?;
-    let redis_url = config.require_redis_url()?;
-    let redis = chatcore::connect_redis(redis_url)
-        .await
-        .with_context(|| format!("connecting to redis at {redis_url}"))?;
+    config.require_database_url()?;
+    config.require_redis_url()?;
+    let metrics = Metrics::new();
+    let storage = chatcore::adapters::storage(config, &metrics).await?;
     let allocator = NumberAllocator::new(
-        Arc::new(RedisState::new(redis)),
-        Arc::new(MySqlStorage::new(pool.clone(), Metrics::new())),
+        chatcore::adapters::state(config, &metrics).await?,
+        Arc::clone(&storage),
         &config.redis_key_prefix,
         config.number_block_size,
     );
     let mut report = Report::default();
-    sync_level(&pool, &allocator, &mut report, Level::Applications).await?;
-    sync_level(&pool, &allocator, &mut report, Level::Chats).await?;
+    for level in [CountLevel::Applications, CountLevel::Chats] {
+        sync_level(storage.as_ref(), &allocator, &mut report, level).await?;
+    }
     Ok(report)
 }
 
-/// The two levels whose children are counted and numbered: applications (chats) and chats
-/// (messages). Their page queries answer the same columns, so one walk serves both.
-#[derive(Clone, Copy)]
-enum Level {
-    Applications,
-    Chats,
+/// What one level's figures mean for the report.
+fn repair(level: CountLevel, application_id: u64, number: u64, from: u64, to: u64) -> Repair {
+    match level {
+        CountLevel::Applications => Repair::ChatsCount {
+            application_id,
+            from,
+            to,
+        },
+        CountLevel::Chats => Repair::MessagesCount {
+            application_id,
+            chat_number: number,
+            from,
+            to,
+        },
+    }
 }
 
-impl Level {
-    /// Columns: id, application_id, number, stored, actual, highest.
-    fn page_query(self) -> &'static str {
-        match self {
-            Self::Applications => {
-                "SELECT a.id, a.id AS application_id, CAST(0 AS UNSIGNED) AS number, a.chats_count AS stored, \
-                   (SELECT COUNT(*) FROM chats c WHERE c.application_id = a.id) AS actual, \
-                   (SELECT CAST(COALESCE(MAX(number), 0) AS UNSIGNED) FROM chats c WHERE c.application_id = a.id) AS highest \
-                 FROM applications a WHERE a.id > ? ORDER BY a.id LIMIT ?"
-            }
-            Self::Chats => {
-                "SELECT c.id, c.application_id, c.number, c.messages_count AS stored, \
-                   (SELECT COUNT(*) FROM messages m WHERE m.chat_id = c.id) AS actual, \
-                   (SELECT CAST(COALESCE(MAX(number), 0) AS UNSIGNED) FROM messages m WHERE m.chat_id = c.id) AS highest \
-                 FROM chats c WHERE c.id > ? ORDER BY c.id LIMIT ?"
-            }
-        }
+/// The scope whose numbers the children of an application or chat get.
+fn scope(level: CountLevel, application_id: u64, number: u64) -> Option<Scope> {
+    match level {
+        CountLevel::Applications => Some(Scope::ChatsOf { application_id }),
+        CountLevel::Chats => Number::new(number).map(|chat_number| Scope::MessagesOf {
+            application_id,
+            chat_number,
+        }),
     }
+}
 
-    /// Recount statement (binds id twice) and the read of the recounted value.
-    fn recount_queries(self) -> (&'static str, &'static str) {
-        match self {
-            Self::Applications => (
-                "UPDATE applications SET chats_count = (SELECT COUNT(*) FROM chats WHERE application_id = ?) WHERE id = ?",
-                "SELECT chats_count FROM applications WHERE id = ?",
-            ),
-            Self::Chats => (
-                "UPDATE chats SET messages_count = (SELECT COUNT(*) FROM messages WHERE chat_id = ?) WHERE id = ?",
-                "SELECT messages_count FROM chats WHERE id = ?",
-            ),
-        }
-    }
-
-    fn repair(self, application_id: u64, number: u64, from: u64, to: u64) -> Repair {
-        match self {
-            Self::Applications => Repair::ChatsCount {
-                application_id,
-                from,
-                to,
-            },
-            Self::Chats => Repair::MessagesCount {
-                application_id,
-                chat_number: number,
-                from,
-                to,
-            },
-        }
-    }
-
-    fn scope(self, application_id: u64, number: u64) -> Option<Scope> {
-        match self {
-            Self::Applications => Some(Scope::ChatsOf { application_id }),
-            Self::Chats => Number::new(number).map(|chat_number| Scope::MessagesOf {
-                application_id,
-                chat_number,
-            }),
-        }
-    }
-
-    fn count_checked(self, report: &mut Report) {
-        match self {
-            Self::Applications => report.applications_checked += 1,
-            Self::Chats => report.chats_checked += 1,
-        }
+fn count_checked(level: CountLevel, report: &mut Report) {
+    match level {
+        CountLevel::Applications => report.applications_checked += 1,
+        CountLevel::Chats => report.chats_checked += 1,
     }
 }
 
 /// Walks one level in pages by id: repairs drifted counts, then raises counters that are behind.
 async fn sync_level(
-    pool: &MySqlPool,
+    storage: &dyn Storage,
     allocator: &NumberAllocator,
     report: &mut Report,
-    level: Level,
+    level: CountLevel,
 ) -> anyhow::Result<()> {
     let mut after_id = 0u64;
     loop {
-        let rows = sqlx::query(level.page_query())
-            .bind(after_id)
-            .bind(PAGE_SIZE)
-            .fetch_all(pool)
-            .await?;
-        let Some(last) = rows.last() else {
+        let page = storage
+            .count_figures(level, after_id, PAGE_SIZE)
+            .await
+            .context("reading counts")?;
+        let Some(last) = page.last() else {
             return Ok(());
         };
-        after_id = last.try_get("id")?;
-        let mut highest_per_scope = Vec::with_capacity(rows.len());
-        for row in &rows {
-            level.count_checked(report);
-            let id: u64 = row.try_get("id")?;
-            let application_id: u64 = row.try_get("application_id")?;
-            let number: u64 = row.try_get("number")?;
-            let stored: u64 = row.try_get("stored")?;
-            let actual: i64 = row.try_get("actual")?;
-            let highest: u64 = row.try_get("highest")?;
-            if stored != actual as u64 {
-                let (update, select) = level.recount_queries();
-                let to = recount(pool, update, select, id).await?;
-                report
-                    .repairs
-                    .push(level.repair(application_id, number, stored, to));
+        after_id = last.id;
+        let mut highest_per_scope = Vec::with_capacity(page.len());
+        for figures in &page {
+            count_checked(level, report);
+            if figures.stored != figures.actual as u64 {
+                let to = storage
+                    .recount(level, figures.id)
+                    .await
+                    .context("recounting")?;
+                report.repairs.push(repair(
+                    level,
+                    figures.application_id,
+                    figures.number,
+                    figures.stored,
+                    to,
+                ));
             }
-            if let Some(scope) = level.scope(application_id, number) {
-                highest_per_scope.push((scope, highest));
+            if let Some(scope) = scope(level, figures.application_id, figures.number) {
+                highest_per_scope.push((scope, figures.highest));
             }
         }
         ensure_counters(allocator, &highest_per_scope, report).await?;
     }
-}
-
-/// Recomputes a count inside one statement (the count is read under the row lock), then reads it.
-async fn recount(
-    pool: &MySqlPool,
-    update: &'static str,
-    select: &'static str,
-    id: u64,
-) -> anyhow::Result<u64> {
-    let mut transaction = pool.begin().await?;
-    sqlx::query(update)
-        .bind(id)
-        .bind(id)
-        .execute(&mut *transaction)
-        .await?;
-    let count: u64 = sqlx::query_scalar(select)
-        .bind(id)
-        .fetch_one(&mut *transaction)
-        .await?;
-    transaction.commit().await?;
-    Ok(count)
 }
 
 async fn ensure_counters(

@@ -2,11 +2,21 @@
 //! Kubernetes cluster it holds a Lease while it runs and records each repair as an Event.
 
 use chatcore::Config;
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(
+    name = "counter-sync",
+    version,
+    about = "One reconciliation pass of counts and number counters (run by a Kubernetes CronJob)"
+)]
+struct Cli {}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let _telemetry = chatcore::telemetry::init("counter-sync");
+    Cli::parse();
     let config = Config::from_env()?;
+    let _telemetry = chatcore::telemetry::init("counter-sync", config.otlp_endpoint.as_deref());
     let Some(report) = counter_sync::run_exclusively(&config).await? else {
         println!("another counter-sync run holds the lease; nothing done");
         return Ok(());
@@ -14,10 +24,8 @@ async fn main() -> anyhow::Result<()> {
     for repair in &report.repairs {
         println!("repaired {repair}");
     }
-    if let Ok(gateway) = std::env::var("CHAT_PUSHGATEWAY_URL")
-        && !gateway.is_empty()
-    {
-        counter_sync::push_metrics(&gateway, &report).await?;
+    if let Some(gateway) = &config.counter_sync.pushgateway_url {
+        counter_sync::push_metrics(gateway, &report).await?;
     }
     println!(
         "checked {} applications and {} chats, made {} repairs",

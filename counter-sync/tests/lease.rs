@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use counter_sync::lease::{Acquisition, LeaseLock, LeaseSettings};
+use counter_sync::lease::{Acquisition, LeaseConfig, LeaseLock};
 use http::{Method, Request, Response, StatusCode};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::Client;
@@ -22,8 +22,8 @@ fn base_time() -> Timestamp {
     "2026-11-24T05:00:00.123456Z".parse().expect("timestamp")
 }
 
-fn settings() -> LeaseSettings {
-    LeaseSettings {
+fn settings() -> LeaseConfig {
+    LeaseConfig {
         namespace: "chat".into(),
         name: "chat-counter-sync".into(),
         holder: "counter-sync-28551-abcde".into(),

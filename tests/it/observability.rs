@@ -99,7 +99,7 @@ async fn every_service_exposes_metrics_that_move_with_the_workload() -> anyhow::
         sample(
             &after,
             "chat_dependency_duration_seconds_count",
-            &[("dependency", "redis"), ("operation", "allocate_number")]
+            &[("dependency", "redis"), ("operation", "increment")]
         ) >= Some(21.0)
     );
     assert!(

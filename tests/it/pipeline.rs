@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use chatcore::domain::Number;
-use chatcore::events::{Event, EventPayload};
+use chatcore::events::{Consumer, Event, EventPayload};
 use futures_util::future::join_all;
 use lapin::options::{BasicGetOptions, BasicPublishOptions};
 use lapin::types::FieldTable;
@@ -324,7 +324,7 @@ async fn poison_events_are_dead_lettered_and_the_consumers_go_on() -> anyhow::Re
     let chat = client.create_chat(&token).await?;
     let config = env.config();
 
-    let connection = chatcore::broker::connect(config.require_amqp_url()?, "test-poison").await?;
+    let connection = env.amqp_connection().await?;
     let channel = connection.create_channel().await?;
     let trace = chatcore::events::TraceContext::child_of(None);
     // Undecodable bytes, and a well-formed event for an application that does not exist.
@@ -335,7 +335,7 @@ async fn poison_events_are_dead_lettered_and_the_consumers_go_on() -> anyhow::Re
         body: "orphan".into(),
         created_at: chrono_now(),
     });
-    let malformed_properties = chatcore::broker::event_properties(&unknown_application, &trace);
+    let malformed_properties = chatcore::queue::event_properties(&unknown_application, &trace);
     channel
         .basic_publish(
             config.topology.exchange.as_str().into(),
@@ -389,10 +389,10 @@ async fn poison_events_are_dead_lettered_and_the_consumers_go_on() -> anyhow::Re
         .bind("R".repeat(32))
         .execute(env.mysql())
         .await?;
-    assert_eq!(
-        chatcore::consumer::replay_dead_letters(&config, &config.topology.ingest_queue).await?,
-        1
-    );
+    let queue = chatcore::adapters::queue(&config, &chatcore::metrics::Metrics::new()).await?;
+    let replayed =
+        chatcore::pipeline::replay_dead_letters(queue.as_ref(), &[Consumer::Ingest]).await?;
+    assert_eq!(replayed, [(config.topology.ingest_queue.clone(), 1)]);
     eventually("the replayed event is written", LONG, || async {
         Ok(env.stored_message_numbers(&"R".repeat(32), 1).await? == [1])
     })
@@ -428,7 +428,7 @@ async fn an_event_the_broker_cannot_route_is_a_503_and_nothing_is_written() -> a
     })
     .await?;
     let config = env.config();
-    let connection = chatcore::broker::connect(config.require_amqp_url()?, "test-unbind").await?;
+    let connection = env.amqp_connection().await?;
     let channel = connection.create_channel().await?;
     channel
         .queue_unbind(

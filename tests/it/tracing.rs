@@ -132,7 +132,7 @@ async fn post_traced_message(client: &Client) -> anyhow::Result<()> {
 /// The shape of the trace: the server span continues the caller's, allocation and publish are
 /// its children, and for each consumer a consume span under the publish span has the batch span
 /// under it, and the batch span links to it.
-fn assert_one_trace(spans: &[Received], publish_name: &str, consumers: [(&str, &str); 2]) {
+fn assert_one_trace(spans: &[Received], consumers: [(&str, &str); 2]) {
     let find = |name: &str| {
         spans
             .iter()
@@ -147,7 +147,7 @@ fn assert_one_trace(spans: &[Received], publish_name: &str, consumers: [(&str, &
         "the server span continues the caller's"
     );
     assert_eq!(find("allocate number").parent_span_id, http.span_id);
-    let publish = find(publish_name);
+    let publish = find("queue publish");
     assert_eq!(publish.parent_span_id, http.span_id);
     for (service, batch_name) in consumers {
         let batch_under = |consume: &Span| {
@@ -207,7 +207,7 @@ async fn one_post_is_one_trace_across_the_three_services() -> anyhow::Result<()>
                     .iter()
                     .any(|r| r.service == service && r.span.name == name)
             };
-            Ok(has("api", "amqp publish")
+            Ok(has("api", "queue publish")
                 && has("ingest-worker", "ingest batch write")
                 && has("indexer", "index batch write"))
         },
@@ -215,7 +215,6 @@ async fn one_post_is_one_trace_across_the_three_services() -> anyhow::Result<()>
     .await?;
     assert_one_trace(
         &collector.spans_of_trace(TRACE_ID),
-        "amqp publish",
         [
             ("ingest-worker", "ingest batch write"),
             ("indexer", "index batch write"),
@@ -265,7 +264,6 @@ async fn one_post_is_one_trace_in_the_embedded_process() -> anyhow::Result<()> {
     .await?;
     assert_one_trace(
         &collector.spans_of_trace(TRACE_ID),
-        "queue publish",
         [("api", "ingest batch write"), ("api", "index batch write")],
     );
     api.kill().await?;

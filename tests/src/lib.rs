@@ -14,6 +14,9 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use chatcore::Config;
+use chatcore::events::Consumer;
+use chatcore::metrics::Metrics;
+use chatcore::pipeline::run_worker;
 use serde_json::Value;
 use sqlx::{Connection as _, MySqlConnection, MySqlPool, Row as _};
 use tokio::process::{Child, Command};
@@ -248,7 +251,7 @@ impl TestEnv {
             settings.insert((*name).to_owned(), (*value).to_owned());
         }
         let config = Config::from_map(&settings)?;
-        api::migrate(&config).await?;
+        chatcore::adapters::migrate(&config).await?;
         let pool = chatcore::store::mysql::connect(config.require_database_url()?, 4).await?;
         Ok(Self {
             id,
@@ -294,8 +297,12 @@ impl TestEnv {
         let shutdown = CancellationToken::new();
         let tasks = match self.stack() {
             Stack::Services => vec![
-                tokio::spawn(ingest_worker::run(self.config(), shutdown.clone())),
-                tokio::spawn(indexer::run(self.config(), shutdown.clone())),
+                tokio::spawn(run_worker(
+                    self.config(),
+                    Consumer::Ingest,
+                    shutdown.clone(),
+                )),
+                tokio::spawn(run_worker(self.config(), Consumer::Index, shutdown.clone())),
             ],
             Stack::Embedded => Vec::new(),
         };
@@ -409,14 +416,19 @@ impl TestEnv {
             .collect())
     }
 
-    /// Depth of a queue (messages ready), through a passive declare.
+    /// A connection to the test's RabbitMQ, for publishing what the api never would.
+    pub async fn amqp_connection(&self) -> anyhow::Result<lapin::Connection> {
+        let url = self.config().require_amqp_url()?.clone();
+        Ok(
+            lapin::Connection::connect(url.expose(), lapin::ConnectionProperties::default())
+                .await?,
+        )
+    }
+
+    /// Depth of a queue (messages ready).
     pub async fn queue_depth(&self, queue: &str) -> anyhow::Result<u32> {
-        let connection =
-            chatcore::broker::connect(self.config().require_amqp_url()?, "test-inspect").await?;
-        let channel = connection.create_channel().await?;
-        let depth = chatcore::broker::queue_depth(&channel, queue).await?;
-        connection.close(200, "done".into()).await?;
-        Ok(depth)
+        let queue_of = chatcore::adapters::queue(&self.config(), &Metrics::new()).await?;
+        Ok(u32::try_from(queue_of.depth(queue).await?)?)
     }
 }
 

@@ -71,7 +71,7 @@ async fn create(
     JsonBody(input): JsonBody<ApplicationInput>,
 ) -> Result<(StatusCode, Json<ApplicationView>), ApiError> {
     let name = input.name()?;
-    let row = state.inner.store.create_application(&name).await?;
+    let row = state.service().create_application(&name).await?;
     Ok((StatusCode::CREATED, Json(row.into())))
 }
 
@@ -83,7 +83,7 @@ async fn list(
     QueryParams(params): QueryParams<PageParams>,
 ) -> Result<Json<ApplicationList>, ApiError> {
     let page = params.parse(&state)?;
-    let rows = state.inner.store.list_applications(page).await?;
+    let rows = state.service().list_applications(page).await?;
     let (rows, pagination) = paginate(rows, page);
     Ok(Json(ApplicationList {
         applications: rows.into_iter().map(ApplicationView::from).collect(),
@@ -103,12 +103,7 @@ async fn show(
     Path(token): Path<String>,
 ) -> Result<Json<ApplicationView>, ApiError> {
     let token = parse_token(&token)?;
-    let row = state
-        .inner
-        .store
-        .find_application(&token)
-        .await?
-        .ok_or(ApiError::NotFound("application"))?;
+    let row = state.service().find_application(&token).await?;
     Ok(Json(row.into()))
 }
 
@@ -122,11 +117,6 @@ async fn update(
 ) -> Result<Json<ApplicationView>, ApiError> {
     let token = parse_token(&token)?;
     let name = input.name()?;
-    let row = state
-        .inner
-        .store
-        .rename_application(&token, &name)
-        .await?
-        .ok_or(ApiError::NotFound("application"))?;
+    let row = state.service().rename_application(&token, &name).await?;
     Ok(Json(row.into()))
 }

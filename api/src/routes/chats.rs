@@ -3,9 +3,7 @@
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use chatcore::domain::{Number, serialize_timestamp};
-use chatcore::events::{Event, EventPayload};
-use chatcore::numbering::Scope;
+use chatcore::domain::serialize_timestamp;
 use chatcore::store::ChatRow;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -60,44 +58,11 @@ async fn create(
     RequestTrace(trace): RequestTrace,
     idempotency_key: IdempotencyKey,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
-    let application_id = state.application_id(&token).await?;
-    let scope = Scope::ChatsOf { application_id };
     let number = state
-        .accept_once(idempotency_key, &scope, b"", || {
-            accept_chat(&state, &scope, application_id, &trace)
-        })
+        .service()
+        .accept_chat(&token, idempotency_key, &trace)
         .await?;
     Ok((StatusCode::ACCEPTED, Json(Accepted { number })))
-}
-
-async fn accept_chat(
-    state: &AppState,
-    scope: &Scope,
-    application_id: u64,
-    trace: &chatcore::events::TraceContext,
-) -> Result<Number, ApiError> {
-    let number = state.allocate(scope).await?;
-    let event = Event::new(EventPayload::ChatCreated {
-        application_id,
-        chat_number: number,
-        created_at: chatcore::store::now(),
-    });
-    state.inner.publisher.publish(&event, trace).await?;
-    // The event is durable now; remember the chat so messages can be posted to it before its row
-    // is written. Failing to remember only delays that, so it does not fail the request.
-    let remembered = state
-        .inner
-        .state
-        .set(
-            &state.pending_chat_key(application_id, number),
-            "1",
-            state.config().api.pending_chat_ttl,
-        )
-        .await;
-    if let Err(error) = remembered {
-        tracing::warn!(%error, application_id, chat_number = %number, "could not mark the accepted chat as pending");
-    }
-    Ok(number)
 }
 
 /// Lists the chats of an application by number.
@@ -109,8 +74,7 @@ async fn list(
     QueryParams(params): QueryParams<PageParams>,
 ) -> Result<Json<ChatList>, ApiError> {
     let page = params.parse(&state)?;
-    let application_id = state.application_id(&token).await?;
-    let rows = state.inner.store.list_chats(application_id, page).await?;
+    let rows = state.service().list_chats(&token, page).await?;
     let (rows, pagination) = paginate(rows, page);
     Ok(Json(ChatList {
         chats: rows.into_iter().map(ChatView::from).collect(),
@@ -126,12 +90,6 @@ async fn show(
     Path((token, number)): Path<(String, String)>,
 ) -> Result<Json<ChatView>, ApiError> {
     let number = parse_number("number", &number)?;
-    let application_id = state.application_id(&token).await?;
-    let row = state
-        .inner
-        .store
-        .find_chat(application_id, number)
-        .await?
-        .ok_or(ApiError::NotFound("chat"))?;
+    let row = state.service().find_chat(&token, number).await?;
     Ok(Json(row.into()))
 }

@@ -22,24 +22,12 @@ async fn metrics(State(state): State<AppState>) -> impl axum::response::IntoResp
             axum::http::header::CONTENT_TYPE,
             chatcore::metrics::CONTENT_TYPE,
         )],
-        state.inner.metrics.encode(),
+        state.metrics.encode(),
     )
 }
 
 async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
-    let inner = &state.inner;
-    let (storage, counters, queue, search) = tokio::join!(
-        inner.store.ping(),
-        inner.state.ping(),
-        inner.publisher.is_ready(),
-        inner.search.ping(),
-    );
-    let checks = [
-        (inner.store.kind(), storage.is_ok()),
-        (inner.state.kind(), counters.is_ok()),
-        (inner.publisher.kind(), queue),
-        (inner.search.kind(), search.is_ok()),
-    ];
+    let checks = state.service().readiness().await;
     let ready = checks.iter().all(|(_, up)| *up);
     let status = if ready {
         StatusCode::OK

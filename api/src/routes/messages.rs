@@ -8,9 +8,7 @@
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use chatcore::domain::{InvalidInput, MessageBody, Number, SearchQuery, serialize_timestamp};
-use chatcore::events::{Event, EventPayload};
-use chatcore::numbering::Scope;
+use chatcore::domain::{InvalidInput, MessageBody, SearchQuery, serialize_timestamp};
 use chatcore::search::{MAX_RESULT_WINDOW, MessageHit};
 use chatcore::store::MessageRow;
 use chrono::{DateTime, Utc};
@@ -121,26 +119,9 @@ async fn create(
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
     let chat_number = parse_number("chat_number", &chat_number)?;
     let body = input.body()?;
-    let application_id = state.application_id(&token).await?;
-    state.require_chat(application_id, chat_number).await?;
-    let scope = Scope::MessagesOf {
-        application_id,
-        chat_number,
-    };
-    let fingerprint = body.as_str().as_bytes().to_vec();
     let number = state
-        .accept_once(idempotency_key, &scope, &fingerprint, || async {
-            let number = state.allocate(&scope).await?;
-            let event = Event::new(EventPayload::MessageCreated {
-                application_id,
-                chat_number,
-                message_number: number,
-                body: body.into_string(),
-                created_at: chatcore::store::now(),
-            });
-            state.inner.publisher.publish(&event, &trace).await?;
-            Ok(number)
-        })
+        .service()
+        .accept_message(&token, chat_number, body, idempotency_key, &trace)
         .await?;
     Ok((StatusCode::ACCEPTED, Json(Accepted { number })))
 }
@@ -156,12 +137,9 @@ async fn list(
 ) -> Result<Json<MessageList>, ApiError> {
     let chat_number = parse_number("chat_number", &chat_number)?;
     let page = params.parse(&state)?;
-    let application_id = state.application_id(&token).await?;
-    state.require_chat(application_id, chat_number).await?;
     let rows = state
-        .inner
-        .store
-        .list_messages(application_id, chat_number, page)
+        .service()
+        .list_messages(&token, chat_number, page)
         .await?;
     let (rows, pagination) = paginate(rows, page);
     Ok(Json(MessageList {
@@ -180,13 +158,10 @@ async fn show(
 ) -> Result<Json<MessageView>, ApiError> {
     let chat_number = parse_number("chat_number", &chat_number)?;
     let number = parse_number("number", &number)?;
-    let application_id = state.application_id(&token).await?;
     let row = state
-        .inner
-        .store
-        .find_message(application_id, chat_number, number)
-        .await?
-        .ok_or(ApiError::NotFound("message"))?;
+        .service()
+        .find_message(&token, chat_number, number)
+        .await?;
     Ok(Json(row.into()))
 }
 
@@ -206,52 +181,15 @@ async fn update(
     let chat_number = parse_number("chat_number", &chat_number)?;
     let number = parse_number("number", &number)?;
     let body = input.body()?;
-    let application_id = state.application_id(&token).await?;
-    let Some(row) = state
-        .inner
-        .store
-        .update_message(application_id, chat_number, number, &body)
-        .await?
-    else {
-        return Err(missing_message(&state, application_id, chat_number, number).await);
-    };
-    let event = Event::new(EventPayload::MessageUpdated {
-        application_id,
-        chat_number,
-        message_number: number,
-        body: row.body.clone(),
-        version: row.version,
-        created_at: row.created_at,
-        updated_at: row.updated_at,
-    });
-    // The storage holds the new body; if the event cannot be confirmed the index would lag, so the
-    // client is told (503) and a retried PUT brings the index up to date.
-    state.inner.publisher.publish(&event, &trace).await?;
+    let row = state
+        .service()
+        .update_message(&token, chat_number, number, &body, &trace)
+        .await?;
     Ok(Json(UpdatedMessageView {
         number: row.number,
         body: row.body,
         updated_at: row.updated_at,
     }))
-}
-
-async fn missing_message(
-    state: &AppState,
-    application_id: u64,
-    chat_number: Number,
-    number: Number,
-) -> ApiError {
-    if let Err(error) = state.require_chat(application_id, chat_number).await {
-        return error;
-    }
-    let scope = Scope::MessagesOf {
-        application_id,
-        chat_number,
-    };
-    match state.inner.allocator.handed_out_up_to(&scope).await {
-        Ok(handed_out) if number.get() <= handed_out => ApiError::NotPersistedYet(number.get()),
-        Ok(_) => ApiError::NotFound("message"),
-        Err(error) => error.into(),
-    }
 }
 
 /// Searches the messages of one chat: every word must match a word or a word prefix.
@@ -281,17 +219,9 @@ async fn search(
             format!("search results are available up to result {MAX_RESULT_WINDOW}"),
         )));
     }
-    let application_id = state.application_id(&token).await?;
-    state.require_chat(application_id, chat_number).await?;
     let hits = state
-        .time(
-            state.inner.search.kind(),
-            "search",
-            state
-                .inner
-                .search
-                .search(application_id, chat_number, &query, page),
-        )
+        .service()
+        .search(&token, chat_number, &query, page)
         .await?;
     let (hits, pagination) = paginate(hits, page);
     Ok(Json(MessageList {

@@ -10,7 +10,7 @@ use std::time::Instant;
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::response::{IntoResponse as _, Response};
 use chatcore::domain::{Number, PageRequest};
 use chatcore::events::{TRACEPARENT_HEADER, TraceContext};
 use chatcore::metrics::HttpLabels;
@@ -58,7 +58,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 }
 
 pub fn router(state: AppState) -> Router {
-    let max_request_bytes = state.config().api.max_request_bytes;
+    let max_request_bytes = state.settings().max_request_bytes;
     let (api, document) = api_routes();
     // The docs page ships its assets in the binary (works offline).
     let docs = SwaggerUi::new("/docs").url(OPENAPI_PATH, document);
@@ -76,9 +76,9 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Runs every routed request inside a server span (continuing the caller's `traceparent`) and
-/// counts it and its latency by route template (never the raw path, which would make one series
-/// per token).
+/// Runs every routed request inside a server span (continuing the caller's `traceparent`), within
+/// `CHAT_REQUEST_TIMEOUT_MS`, and counts it and its latency by route template (never the raw path,
+/// which would make one series per token).
 async fn observe_request(
     State(state): State<AppState>,
     matched: Option<MatchedPath>,
@@ -110,14 +110,17 @@ async fn observe_request(
     chatcore::telemetry::record_ids(&span, &fallback);
     let mut request = request;
     request.extensions_mut().insert(fallback);
-    let response = next.run(request).instrument(span.clone()).await;
+    let timeout = state.settings().request_timeout;
+    let response = tokio::time::timeout(timeout, next.run(request).instrument(span.clone()))
+        .await
+        .unwrap_or_else(|_| ApiError::TimedOut(timeout.as_millis()).into_response());
     span.record("http.response.status_code", response.status().as_u16());
     let labels = HttpLabels {
         method,
         route,
         status: response.status().as_u16(),
     };
-    let metrics = &state.inner.metrics;
+    let metrics = &state.metrics;
     metrics.http_requests.get_or_create(&labels).inc();
     metrics
         .http_request_duration
@@ -140,7 +143,7 @@ pub struct PageParams {
 
 impl PageParams {
     fn parse(&self, state: &AppState) -> Result<PageRequest, ApiError> {
-        let api = &state.config().api;
+        let api = state.settings();
         PageRequest::parse(
             self.page.as_deref(),
             self.per_page.as_deref(),

@@ -5,15 +5,18 @@
 
 mod elasticsearch;
 mod sqlite;
+mod timed;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 
 use crate::domain::{Number, PageRequest, SearchQuery};
+use crate::retry::Transient;
 
 pub use self::elasticsearch::ElasticsearchIndex;
 pub use self::sqlite::SqliteSearchIndex;
+pub use self::timed::TimedSearchIndex;
 
 /// Words of a query beyond this many are ignored, which bounds the cost of one search.
 pub const MAX_QUERY_WORDS: usize = 16;
@@ -34,9 +37,9 @@ pub enum SearchError {
     Database(#[from] sqlx::Error),
 }
 
-impl SearchError {
+impl Transient for SearchError {
     /// Whether retrying later can succeed (a node down, overloaded or restarting, a busy file).
-    pub fn is_transient(&self) -> bool {
+    fn is_transient(&self) -> bool {
         match self {
             Self::Unavailable(_) => true,
             Self::Status { status, .. } => *status == 429 || *status >= 500,
@@ -75,6 +78,8 @@ pub enum ItemOutcome {
     Permanent(String),
 }
 
+/// Every call is timed by [`TimedSearchIndex`], which the composition root wraps around the
+/// adapter.
 #[async_trait]
 pub trait SearchIndex: Send + Sync {
     /// "elasticsearch" or "sqlite-fts5": the dependency label of metrics and readiness.

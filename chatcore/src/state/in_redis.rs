@@ -8,6 +8,18 @@ use redis::Script;
 use redis::aio::ConnectionManager;
 
 use super::{Counter, SharedState, StateError};
+use crate::config::SecretUrl;
+
+/// Connects to Redis with a multiplexed, self-reconnecting connection. The response timeout is
+/// generous (the client default of 500 ms fails requests on a briefly saturated machine); a dead
+/// Redis is still noticed at once through the dropped connection.
+pub async fn connect_redis(url: &SecretUrl) -> Result<ConnectionManager, redis::RedisError> {
+    let client = redis::Client::open(url.expose())?;
+    let settings = redis::aio::ConnectionManagerConfig::new()
+        .set_response_timeout(Some(Duration::from_secs(5)))
+        .set_connection_timeout(Some(Duration::from_secs(5)));
+    ConnectionManager::new_with_config(client, settings).await
+}
 
 /// Returns `{}` when the counter does not exist, else `{next, ceil, epoch}` after incrementing.
 const INCREMENT: &str = r"

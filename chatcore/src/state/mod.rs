@@ -8,13 +8,17 @@
 
 mod in_process;
 mod in_redis;
+mod timed;
 
 use std::time::Duration;
 
 use async_trait::async_trait;
 
 pub use in_process::InProcessState;
-pub use in_redis::RedisState;
+pub use in_redis::{RedisState, connect_redis};
+pub use timed::TimedState;
+
+use crate::retry::Transient;
 
 /// One scope's counter: `next` is the last number handed out, `ceiling` the highest durably
 /// reserved one, `epoch` the reservation generation it belongs to.
@@ -33,9 +37,10 @@ pub enum StateError {
     Database(#[from] sqlx::Error),
 }
 
-impl StateError {
-    /// The connection dropped and is being re-established: worth a retry in a moment.
-    pub fn is_connection_lost(&self) -> bool {
+impl Transient for StateError {
+    /// The connection dropped and is being re-established, or the file is busy: worth a retry in
+    /// a moment.
+    fn is_transient(&self) -> bool {
         match self {
             Self::Redis(error) => error.is_connection_dropped() || error.is_io_error(),
             Self::Database(error) => crate::store::is_transient(error),
@@ -43,6 +48,7 @@ impl StateError {
     }
 }
 
+/// Every call is timed by [`TimedState`], which the composition root wraps around the adapter.
 #[async_trait]
 pub trait SharedState: Send + Sync {
     /// "redis" or "in-process": the dependency label of metrics and readiness.

@@ -7,55 +7,46 @@
 
 pub mod mysql;
 mod sqlite;
+mod timed;
 
 use std::collections::BTreeMap;
+use std::future::Future;
 
 use async_trait::async_trait;
 use chrono::{DateTime, SubsecRound as _, Utc};
 
 use crate::domain::{ApplicationName, ApplicationToken, MessageBody, Number, PageRequest};
+use crate::retry::Transient;
 
 pub use mysql::MySqlStorage;
 pub use sqlite::SqliteStorage;
+pub use timed::TimedStorage;
 
 pub(crate) const APPLICATION_COLUMNS: &str = "id, token, name, chats_count, created_at, updated_at";
 pub(crate) const MESSAGE_COLUMNS: &str = "m.number, m.body, m.version, m.created_at, m.updated_at";
 
-/// Implements [`Storage`] for an adapter with `pool` and `metrics` fields: the reads are the same
-/// SQL in MySQL and SQLite and are written here once; the adapter passes its kind (the label of
-/// its metrics and readiness check) and the methods whose SQL differs. Integers are bound as i64,
-/// which both drivers encode.
+/// Implements [`Storage`] for an adapter with a `pool` field: the reads are the same SQL in MySQL
+/// and SQLite and are written here once; the adapter passes its kind (the label of its metrics and
+/// readiness check) and the methods whose SQL differs. Integers are bound as i64, which both
+/// drivers encode.
 macro_rules! storage_impl {
     ($adapter:ty, $kind:literal, { $($dialect_methods:tt)* }) => {
-        impl $adapter {
-            /// Times a call as `chat_dependency_duration_seconds{dependency=<kind>}`.
-            async fn timed<T>(
-                &self,
-                operation: &'static str,
-                call: impl std::future::Future<Output = T>,
-            ) -> T {
-                self.metrics.time($kind, operation, call).await
-            }
-        }
-
         #[async_trait::async_trait]
         impl $crate::store::Storage for $adapter {
             fn kind(&self) -> &'static str {
                 $kind
             }
 
-            async fn ping(&self) -> Result<(), sqlx::Error> {
-                sqlx::query("SELECT 1")
-                    .execute(&self.pool)
-                    .await
-                    .map(|_| ())
+            async fn ping(&self) -> Result<(), StorageError> {
+                sqlx::query("SELECT 1").execute(&self.pool).await?;
+                Ok(())
             }
 
             async fn find_application(
                 &self,
                 token: &ApplicationToken,
-            ) -> Result<Option<ApplicationRow>, sqlx::Error> {
-                self.timed("find_application", async {
+            ) -> Result<Option<ApplicationRow>, StorageError> {
+                sql(async {
                     sqlx::query_as(sqlx::AssertSqlSafe(format!(
                         "SELECT {} FROM applications WHERE token = ?",
                         $crate::store::APPLICATION_COLUMNS
@@ -70,8 +61,8 @@ macro_rules! storage_impl {
             async fn list_applications(
                 &self,
                 page: PageRequest,
-            ) -> Result<Vec<ApplicationRow>, sqlx::Error> {
-                self.timed("list_applications", async {
+            ) -> Result<Vec<ApplicationRow>, StorageError> {
+                sql(async {
                     sqlx::query_as(sqlx::AssertSqlSafe(format!(
                         "SELECT {} FROM applications ORDER BY id LIMIT ? OFFSET ?",
                         $crate::store::APPLICATION_COLUMNS
@@ -84,8 +75,8 @@ macro_rules! storage_impl {
                 .await
             }
 
-            async fn application_id(&self, token: &ApplicationToken) -> Result<Option<u64>, sqlx::Error> {
-                self.timed("application_id", async {
+            async fn application_id(&self, token: &ApplicationToken) -> Result<Option<u64>, StorageError> {
+                sql(async {
                     sqlx::query_scalar("SELECT id FROM applications WHERE token = ?")
                         .bind(token.as_str())
                         .fetch_optional(&self.pool)
@@ -98,8 +89,8 @@ macro_rules! storage_impl {
                 &self,
                 application_id: u64,
                 number: Number,
-            ) -> Result<Option<ChatRow>, sqlx::Error> {
-                self.timed("find_chat", async {
+            ) -> Result<Option<ChatRow>, StorageError> {
+                sql(async {
                     sqlx::query_as(
                         "SELECT number, messages_count, created_at FROM chats \
                          WHERE application_id = ? AND number = ?",
@@ -116,8 +107,8 @@ macro_rules! storage_impl {
                 &self,
                 application_id: u64,
                 page: PageRequest,
-            ) -> Result<Vec<ChatRow>, sqlx::Error> {
-                self.timed("list_chats", async {
+            ) -> Result<Vec<ChatRow>, StorageError> {
+                sql(async {
                     sqlx::query_as(
                         "SELECT number, messages_count, created_at FROM chats WHERE application_id = ? \
                          ORDER BY number LIMIT ? OFFSET ?",
@@ -136,8 +127,8 @@ macro_rules! storage_impl {
                 application_id: u64,
                 chat_number: Number,
                 number: Number,
-            ) -> Result<Option<MessageRow>, sqlx::Error> {
-                self.timed("find_message", async {
+            ) -> Result<Option<MessageRow>, StorageError> {
+                sql(async {
                     sqlx::query_as(sqlx::AssertSqlSafe(format!(
                         "SELECT {} FROM messages m JOIN chats c ON c.id = m.chat_id \
                          WHERE c.application_id = ? AND c.number = ? AND m.number = ?",
@@ -157,8 +148,8 @@ macro_rules! storage_impl {
                 application_id: u64,
                 chat_number: Number,
                 page: PageRequest,
-            ) -> Result<Vec<MessageRow>, sqlx::Error> {
-                self.timed("list_messages", async {
+            ) -> Result<Vec<MessageRow>, StorageError> {
+                sql(async {
                     sqlx::query_as(sqlx::AssertSqlSafe(format!(
                         "SELECT {} FROM messages m JOIN chats c ON c.id = m.chat_id \
                          WHERE c.application_id = ? AND c.number = ? ORDER BY m.number LIMIT ? OFFSET ?",
@@ -174,11 +165,40 @@ macro_rules! storage_impl {
                 .await
             }
 
-            async fn reserved_until(&self, scope: &str) -> Result<Option<u64>, sqlx::Error> {
-                sqlx::query_scalar("SELECT reserved_until FROM number_reservations WHERE scope = ?")
+            async fn reserved_until(&self, scope: &str) -> Result<Option<u64>, StorageError> {
+                sql(sqlx::query_scalar("SELECT reserved_until FROM number_reservations WHERE scope = ?")
                     .bind(scope)
-                    .fetch_optional(&self.pool)
-                    .await
+                    .fetch_optional(&self.pool))
+                .await
+            }
+
+            async fn count_figures(
+                &self,
+                level: CountLevel,
+                after_id: u64,
+                limit: u32,
+            ) -> Result<Vec<CountFigures>, StorageError> {
+                sql(sqlx::query_as(level.figures_query())
+                    .bind(after_id as i64)
+                    .bind(i64::from(limit))
+                    .fetch_all(&self.pool))
+                .await
+            }
+
+            async fn recount(&self, level: CountLevel, id: u64) -> Result<u64, StorageError> {
+                let (update, select) = level.recount_queries();
+                let mut transaction = self.pool.begin().await?;
+                sqlx::query(update)
+                    .bind(id as i64)
+                    .bind(id as i64)
+                    .execute(&mut *transaction)
+                    .await?;
+                let count: u64 = sqlx::query_scalar(select)
+                    .bind(id as i64)
+                    .fetch_one(&mut *transaction)
+                    .await?;
+                transaction.commit().await?;
+                Ok(count)
             }
 
             $($dialect_methods)*
@@ -192,9 +212,39 @@ pub fn now() -> DateTime<Utc> {
     Utc::now().trunc_subsecs(3)
 }
 
+/// Runs a block of statements; the driver's errors become [`StorageError`]s.
+async fn sql<T, E: Into<StorageError>>(
+    block: impl Future<Output = Result<T, E>>,
+) -> Result<T, StorageError> {
+    block.await.map_err(Into::into)
+}
+
+/// What went wrong in the storage.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    /// Not transient: the event can never be written.
+    #[error("application {0} does not exist")]
+    UnknownApplication(u64),
+    #[error("chat {0}:{1} was not written")]
+    ChatMissing(u64, Number),
+    #[error("migrations: {0}")]
+    Migration(#[from] sqlx::migrate::MigrateError),
+}
+
+impl Transient for StorageError {
+    fn is_transient(&self) -> bool {
+        match self {
+            Self::Database(error) => is_transient(error),
+            Self::UnknownApplication(_) | Self::ChatMissing(..) | Self::Migration(_) => false,
+        }
+    }
+}
+
 /// Whether a database error is worth retrying (connection trouble, deadlock, lock wait timeout,
-/// a busy SQLite file).
-pub fn is_transient(error: &sqlx::Error) -> bool {
+/// a busy SQLite file). The embedded adapters of the other parts share it.
+pub(crate) fn is_transient(error: &sqlx::Error) -> bool {
     const MYSQL_DEADLOCK: u16 = 1213;
     const MYSQL_LOCK_WAIT_TIMEOUT: u16 = 1205;
     match error {
@@ -265,24 +315,60 @@ pub struct IngestBatch<'a> {
     pub messages: BTreeMap<ChatKey, BTreeMap<Number, NewMessage<'a>>>,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum IngestError {
-    #[error(transparent)]
-    Database(#[from] sqlx::Error),
-    /// Not transient: the event can never be written.
-    #[error("application {0} does not exist")]
-    UnknownApplication(u64),
-    #[error("chat {0}:{1} was not written")]
-    ChatMissing(u64, Number),
+/// The two levels whose children are counted and numbered (what counter-sync reconciles):
+/// applications (their chats) and chats (their messages).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CountLevel {
+    Applications,
+    Chats,
 }
 
-impl IngestError {
-    pub fn is_transient(&self) -> bool {
+impl CountLevel {
+    /// One page of [`CountFigures`] by id; binds the last id seen and the page size. The casts
+    /// give MySQL's unsigned types (SQLite reads them as integers).
+    fn figures_query(self) -> &'static str {
         match self {
-            Self::Database(error) => is_transient(error),
-            Self::UnknownApplication(_) | Self::ChatMissing(..) => false,
+            Self::Applications => {
+                "SELECT a.id, a.id AS application_id, CAST(0 AS UNSIGNED) AS number, a.chats_count AS stored, \
+                   (SELECT COUNT(*) FROM chats c WHERE c.application_id = a.id) AS actual, \
+                   (SELECT CAST(COALESCE(MAX(number), 0) AS UNSIGNED) FROM chats c WHERE c.application_id = a.id) AS highest \
+                 FROM applications a WHERE a.id > ? ORDER BY a.id LIMIT ?"
+            }
+            Self::Chats => {
+                "SELECT c.id, c.application_id, c.number, c.messages_count AS stored, \
+                   (SELECT COUNT(*) FROM messages m WHERE m.chat_id = c.id) AS actual, \
+                   (SELECT CAST(COALESCE(MAX(number), 0) AS UNSIGNED) FROM messages m WHERE m.chat_id = c.id) AS highest \
+                 FROM chats c WHERE c.id > ? ORDER BY c.id LIMIT ?"
+            }
         }
     }
+
+    /// The recount statement (binds the id twice; the count is read under the row lock) and the
+    /// read of the recounted value.
+    fn recount_queries(self) -> (&'static str, &'static str) {
+        match self {
+            Self::Applications => (
+                "UPDATE applications SET chats_count = (SELECT COUNT(*) FROM chats WHERE application_id = ?) WHERE id = ?",
+                "SELECT chats_count FROM applications WHERE id = ?",
+            ),
+            Self::Chats => (
+                "UPDATE chats SET messages_count = (SELECT COUNT(*) FROM messages WHERE chat_id = ?) WHERE id = ?",
+                "SELECT messages_count FROM chats WHERE id = ?",
+            ),
+        }
+    }
+}
+
+/// One application or chat as counter-sync checks it: the stored count of its children, the
+/// actual count, and the highest child number persisted. `number` is 0 for an application.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::FromRow)]
+pub struct CountFigures {
+    pub id: u64,
+    pub application_id: u64,
+    pub number: u64,
+    pub stored: u64,
+    pub actual: i64,
+    pub highest: u64,
 }
 
 /// The durable upper bound of the numbers handed out in one scope (see [`crate::numbering`]).
@@ -292,58 +378,61 @@ pub struct Reservation {
     pub epoch: u64,
 }
 
-/// Every call is timed as `chat_dependency_duration_seconds{dependency=<kind>}` in a client span.
+/// Every call is timed by [`TimedStorage`], which the composition root wraps around the adapter.
 #[async_trait]
 pub trait Storage: Send + Sync {
     /// "mysql" or "sqlite": the dependency label of metrics and readiness.
     fn kind(&self) -> &'static str;
 
-    async fn ping(&self) -> Result<(), sqlx::Error>;
+    async fn ping(&self) -> Result<(), StorageError>;
+
+    /// Applies the schema migrations that are missing (once per deploy, not by every replica).
+    async fn migrate(&self) -> Result<(), StorageError>;
 
     async fn create_application(
         &self,
         name: &ApplicationName,
-    ) -> Result<ApplicationRow, sqlx::Error>;
+    ) -> Result<ApplicationRow, StorageError>;
 
     /// None when there is no such application.
     async fn rename_application(
         &self,
         token: &ApplicationToken,
         name: &ApplicationName,
-    ) -> Result<Option<ApplicationRow>, sqlx::Error>;
+    ) -> Result<Option<ApplicationRow>, StorageError>;
 
     async fn find_application(
         &self,
         token: &ApplicationToken,
-    ) -> Result<Option<ApplicationRow>, sqlx::Error>;
+    ) -> Result<Option<ApplicationRow>, StorageError>;
 
     /// Applications in creation order; up to `page.fetch_limit()` rows.
     async fn list_applications(
         &self,
         page: PageRequest,
-    ) -> Result<Vec<ApplicationRow>, sqlx::Error>;
+    ) -> Result<Vec<ApplicationRow>, StorageError>;
 
-    async fn application_id(&self, token: &ApplicationToken) -> Result<Option<u64>, sqlx::Error>;
+    async fn application_id(&self, token: &ApplicationToken) -> Result<Option<u64>, StorageError>;
 
     async fn find_chat(
         &self,
         application_id: u64,
         number: Number,
-    ) -> Result<Option<ChatRow>, sqlx::Error>;
+    ) -> Result<Option<ChatRow>, StorageError>;
 
     /// Chats by number; up to `page.fetch_limit()` rows.
     async fn list_chats(
         &self,
         application_id: u64,
         page: PageRequest,
-    ) -> Result<Vec<ChatRow>, sqlx::Error>;
+    ) -> Result<Vec<ChatRow>, StorageError>;
 
     async fn find_message(
         &self,
         application_id: u64,
         chat_number: Number,
         number: Number,
-    ) -> Result<Option<MessageRow>, sqlx::Error>;
+    ) -> Result<Option<MessageRow>, StorageError>;
 
     /// Messages by number; up to `page.fetch_limit()` rows.
     async fn list_messages(
@@ -351,7 +440,7 @@ pub trait Storage: Send + Sync {
         application_id: u64,
         chat_number: Number,
         page: PageRequest,
-    ) -> Result<Vec<MessageRow>, sqlx::Error>;
+    ) -> Result<Vec<MessageRow>, StorageError>;
 
     /// Replaces the body and bumps the version; None when the message is not stored.
     async fn update_message(
@@ -360,10 +449,21 @@ pub trait Storage: Send + Sync {
         chat_number: Number,
         number: Number,
         body: &MessageBody,
-    ) -> Result<Option<MessageRow>, sqlx::Error>;
+    ) -> Result<Option<MessageRow>, StorageError>;
 
     /// Writes a batch in one transaction (see [`IngestBatch`]).
-    async fn write_ingest_batch(&self, batch: &IngestBatch<'_>) -> Result<(), IngestError>;
+    async fn write_ingest_batch(&self, batch: &IngestBatch<'_>) -> Result<(), StorageError>;
+
+    /// Up to `limit` applications or chats with an id above `after_id`, by id.
+    async fn count_figures(
+        &self,
+        level: CountLevel,
+        after_id: u64,
+        limit: u32,
+    ) -> Result<Vec<CountFigures>, StorageError>;
+
+    /// Recomputes the stored count of one application or chat; returns it.
+    async fn recount(&self, level: CountLevel, id: u64) -> Result<u64, StorageError>;
 
     /// Reserves a fresh block of `block_size` numbers above every earlier reservation of the
     /// scope, under a new epoch.
@@ -371,7 +471,7 @@ pub trait Storage: Send + Sync {
         &self,
         scope: &str,
         block_size: u64,
-    ) -> Result<Reservation, sqlx::Error>;
+    ) -> Result<Reservation, StorageError>;
 
     /// Raises the reservation so that it covers `number` (and the rest of a block), provided the
     /// scope is still at `epoch`. Returns the new ceiling, or None when the epoch moved on.
@@ -381,13 +481,13 @@ pub trait Storage: Send + Sync {
         number: u64,
         epoch: u64,
         block_size: u64,
-    ) -> Result<Option<u64>, sqlx::Error>;
+    ) -> Result<Option<u64>, StorageError>;
 
-    async fn reserved_until(&self, scope: &str) -> Result<Option<u64>, sqlx::Error>;
+    async fn reserved_until(&self, scope: &str) -> Result<Option<u64>, StorageError>;
 
     /// Raises each reservation to at least its number; returns the scopes that were behind.
     async fn raise_reservations(
         &self,
         highest: &[(String, u64)],
-    ) -> Result<Vec<String>, sqlx::Error>;
+    ) -> Result<Vec<String>, StorageError>;
 }

@@ -2,7 +2,6 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::str::FromStr as _;
-use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -10,12 +9,11 @@ use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
 use sqlx::{MySql, MySqlPool, QueryBuilder, Row as _, Transaction};
 
 use super::{
-    ApplicationRow, ChatKey, ChatRow, IngestBatch, IngestError, MessageRow, NewMessage,
-    Reservation, now,
+    ApplicationRow, ChatKey, ChatRow, CountFigures, CountLevel, IngestBatch, MessageRow,
+    NewMessage, Reservation, StorageError, now, sql,
 };
 use crate::config::SecretUrl;
 use crate::domain::{ApplicationName, ApplicationToken, MessageBody, Number, PageRequest};
-use crate::metrics::Metrics;
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/mysql");
 
@@ -33,67 +31,59 @@ pub async fn connect(url: &SecretUrl, max_connections: u32) -> Result<MySqlPool,
         .await
 }
 
-/// Applies pending migrations; run once per deploy (`api migrate`), not by every replica.
-pub async fn migrate(pool: &MySqlPool) -> Result<(), sqlx::migrate::MigrateError> {
-    MIGRATOR.run(pool).await
-}
-
 #[derive(Clone)]
 pub struct MySqlStorage {
     pool: MySqlPool,
-    metrics: Arc<Metrics>,
 }
 
 impl MySqlStorage {
-    pub fn new(pool: MySqlPool, metrics: Arc<Metrics>) -> Self {
-        Self { pool, metrics }
+    pub fn new(pool: MySqlPool) -> Self {
+        Self { pool }
     }
 }
 
 super::storage_impl!(MySqlStorage, "mysql", {
+    async fn migrate(&self) -> Result<(), StorageError> {
+        Ok(MIGRATOR.run(&self.pool).await?)
+    }
+
     async fn create_application(
         &self,
         name: &ApplicationName,
-    ) -> Result<ApplicationRow, sqlx::Error> {
-        self.timed("create_application", async {
-            let token = ApplicationToken::generate();
-            let created_at = now();
-            let id = sqlx::query("INSERT INTO applications (token, name, chats_count, created_at, updated_at) VALUES (?, ?, 0, ?, ?)")
-                .bind(token.as_str())
-                .bind(name.as_str())
-                .bind(created_at)
-                .bind(created_at)
-                .execute(&self.pool)
-                .await?
-                .last_insert_id();
-            Ok(ApplicationRow {
-                id,
-                token: token.to_string(),
-                name: name.as_str().to_owned(),
-                chats_count: 0,
-                created_at,
-                updated_at: created_at,
-            })
+    ) -> Result<ApplicationRow, StorageError> {
+        let token = ApplicationToken::generate();
+        let created_at = now();
+        let id = sqlx::query("INSERT INTO applications (token, name, chats_count, created_at, updated_at) VALUES (?, ?, 0, ?, ?)")
+            .bind(token.as_str())
+            .bind(name.as_str())
+            .bind(created_at)
+            .bind(created_at)
+            .execute(&self.pool)
+            .await?
+            .last_insert_id();
+        Ok(ApplicationRow {
+            id,
+            token: token.to_string(),
+            name: name.as_str().to_owned(),
+            chats_count: 0,
+            created_at,
+            updated_at: created_at,
         })
-        .await
     }
 
     async fn rename_application(
         &self,
         token: &ApplicationToken,
         name: &ApplicationName,
-    ) -> Result<Option<ApplicationRow>, sqlx::Error> {
-        self.timed("rename_application", async {
-            sqlx::query("UPDATE applications SET name = ?, updated_at = ? WHERE token = ?")
-                .bind(name.as_str())
-                .bind(now())
-                .bind(token.as_str())
-                .execute(&self.pool)
-                .await?;
-            // Zero affected rows means either no such token or an unchanged name: the read decides.
-            self.find_application(token).await
-        })
-        .await
+    ) -> Result<Option<ApplicationRow>, StorageError> {
+        sqlx::query("UPDATE applications SET name = ?, updated_at = ? WHERE token = ?")
+            .bind(name.as_str())
+            .bind(now())
+            .bind(token.as_str())
+            .execute(&self.pool)
+            .await?;
+        // Zero affected rows means either no such token or an unchanged name: the read decides.
+        self.find_application(token).await
     }
 
     async fn update_message(
@@ -102,81 +92,75 @@ super::storage_impl!(MySqlStorage, "mysql", {
         chat_number: Number,
         number: Number,
         body: &MessageBody,
-    ) -> Result<Option<MessageRow>, sqlx::Error> {
-        self.timed("update_message", async {
-            let mut transaction = self.pool.begin().await?;
-            let Some(row) = sqlx::query(
-                "SELECT m.id, m.version, m.created_at FROM messages m JOIN chats c ON c.id = m.chat_id \
-                 WHERE c.application_id = ? AND c.number = ? AND m.number = ? FOR UPDATE",
-            )
-            .bind(application_id)
-            .bind(chat_number.get())
-            .bind(number.get())
-            .fetch_optional(&mut *transaction)
-            .await?
-            else {
-                return Ok(None);
-            };
-            let id: u64 = row.try_get("id")?;
-            let version: u64 = row.try_get::<u64, _>("version")? + 1;
-            let created_at: DateTime<Utc> = row.try_get("created_at")?;
-            let updated_at = now();
-            sqlx::query("UPDATE messages SET body = ?, version = ?, updated_at = ? WHERE id = ?")
-                .bind(body.as_str())
-                .bind(version)
-                .bind(updated_at)
-                .bind(id)
-                .execute(&mut *transaction)
-                .await?;
-            transaction.commit().await?;
-            Ok(Some(MessageRow {
-                number: number.get(),
-                body: body.as_str().to_owned(),
-                version,
-                created_at,
-                updated_at,
-            }))
-        })
-        .await
+    ) -> Result<Option<MessageRow>, StorageError> {
+        let mut transaction = self.pool.begin().await?;
+        let Some(row) = sqlx::query(
+            "SELECT m.id, m.version, m.created_at FROM messages m JOIN chats c ON c.id = m.chat_id \
+             WHERE c.application_id = ? AND c.number = ? AND m.number = ? FOR UPDATE",
+        )
+        .bind(application_id)
+        .bind(chat_number.get())
+        .bind(number.get())
+        .fetch_optional(&mut *transaction)
+        .await?
+        else {
+            return Ok(None);
+        };
+        let id: u64 = row.try_get("id")?;
+        let version: u64 = row.try_get::<u64, _>("version")? + 1;
+        let created_at: DateTime<Utc> = row.try_get("created_at")?;
+        let updated_at = now();
+        sqlx::query("UPDATE messages SET body = ?, version = ?, updated_at = ? WHERE id = ?")
+            .bind(body.as_str())
+            .bind(version)
+            .bind(updated_at)
+            .bind(id)
+            .execute(&mut *transaction)
+            .await?;
+        transaction.commit().await?;
+        Ok(Some(MessageRow {
+            number: number.get(),
+            body: body.as_str().to_owned(),
+            version,
+            created_at,
+            updated_at,
+        }))
     }
 
-    async fn write_ingest_batch(&self, batch: &IngestBatch<'_>) -> Result<(), IngestError> {
+    async fn write_ingest_batch(&self, batch: &IngestBatch<'_>) -> Result<(), StorageError> {
         if batch.chats.is_empty() {
             return Ok(());
         }
-        self.timed("write_ingest_batch", async {
-            let mut transaction = self.pool.begin().await?;
-            insert_chats(&mut transaction, &batch.chats).await?;
-            let chat_ids = chat_ids(&mut transaction, batch.chats.keys()).await?;
-            let mut new_messages_per_chat = Vec::new();
-            for (key, chat_messages) in &batch.messages {
-                let chat_id = *chat_ids
-                    .get(key)
-                    .ok_or(IngestError::ChatMissing(key.0, key.1))?;
-                let inserted =
-                    insert_messages(&mut transaction, chat_id, chat_messages.values()).await?;
-                if inserted > 0 {
-                    new_messages_per_chat.push((chat_id, inserted));
-                }
+        let mut transaction = self.pool.begin().await?;
+        insert_chats(&mut transaction, &batch.chats).await?;
+        let chat_ids = chat_ids(&mut transaction, batch.chats.keys()).await?;
+        let mut new_messages_per_chat = Vec::new();
+        for (key, chat_messages) in &batch.messages {
+            let chat_id = *chat_ids
+                .get(key)
+                .ok_or(StorageError::ChatMissing(key.0, key.1))?;
+            let inserted =
+                insert_messages(&mut transaction, chat_id, chat_messages.values()).await?;
+            if inserted > 0 {
+                new_messages_per_chat.push((chat_id, inserted));
             }
-            add_counts(
-                &mut transaction,
-                "chats",
-                "messages_count",
-                &new_messages_per_chat,
-            )
-            .await?;
-            transaction.commit().await?;
-            Ok(())
-        })
-        .await
+        }
+        add_counts(
+            &mut transaction,
+            "chats",
+            "messages_count",
+            &new_messages_per_chat,
+        )
+        .await?;
+        transaction.commit().await?;
+        Ok(())
     }
 
     async fn reserve_fresh_block(
         &self,
         scope: &str,
         block_size: u64,
-    ) -> Result<Reservation, sqlx::Error> {
+    ) -> Result<Reservation, StorageError> {
         // One upsert statement takes the row lock, so concurrent callers queue up instead of
         // deadlocking.
         let mut transaction = self.pool.begin().await?;
@@ -199,7 +183,7 @@ super::storage_impl!(MySqlStorage, "mysql", {
         number: u64,
         epoch: u64,
         block_size: u64,
-    ) -> Result<Option<u64>, sqlx::Error> {
+    ) -> Result<Option<u64>, StorageError> {
         let mut transaction = self.pool.begin().await?;
         let current = lock_reservation(&mut transaction, scope).await?;
         if current.epoch != epoch {
@@ -218,7 +202,7 @@ super::storage_impl!(MySqlStorage, "mysql", {
     async fn raise_reservations(
         &self,
         highest: &[(String, u64)],
-    ) -> Result<Vec<String>, sqlx::Error> {
+    ) -> Result<Vec<String>, StorageError> {
         if highest.is_empty() {
             return Ok(Vec::new());
         }
@@ -277,7 +261,7 @@ async fn lock_reservation(
 async fn insert_chats(
     transaction: &mut Transaction<'_, MySql>,
     chats: &BTreeMap<ChatKey, DateTime<Utc>>,
-) -> Result<(), IngestError> {
+) -> Result<(), StorageError> {
     let application_ids: BTreeSet<u64> = chats
         .keys()
         .map(|(application_id, _)| *application_id)
@@ -291,7 +275,7 @@ async fn insert_chats(
         .into_iter()
         .collect();
     if let Some(unknown) = application_ids.difference(&known).next() {
-        return Err(IngestError::UnknownApplication(*unknown));
+        return Err(StorageError::UnknownApplication(*unknown));
     }
     let now = now();
     let mut new_chats_per_application = Vec::new();

@@ -7,71 +7,67 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
 
 use sqlx::{AssertSqlSafe, Sqlite, SqlitePool, Transaction};
 
 use super::{
-    APPLICATION_COLUMNS, ApplicationRow, ChatRow, IngestBatch, IngestError, MessageRow,
-    Reservation, now,
+    APPLICATION_COLUMNS, ApplicationRow, ChatRow, CountFigures, CountLevel, IngestBatch,
+    MessageRow, Reservation, StorageError, now, sql,
 };
 use crate::domain::{ApplicationName, ApplicationToken, MessageBody, Number, PageRequest};
-use crate::metrics::Metrics;
 use crate::sqlite::begin_write;
 
 #[derive(Clone)]
 pub struct SqliteStorage {
     pool: SqlitePool,
-    metrics: Arc<Metrics>,
 }
 
 impl SqliteStorage {
     /// Opens (creating and migrating) the database file.
-    pub async fn open(path: &Path, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+    pub async fn open(path: &Path) -> anyhow::Result<Self> {
         let pool = crate::sqlite::open(path, &crate::sqlite::DATA_MIGRATOR, 8).await?;
-        Ok(Self { pool, metrics })
+        Ok(Self { pool })
     }
 }
 
 super::storage_impl!(SqliteStorage, "sqlite", {
+    async fn migrate(&self) -> Result<(), StorageError> {
+        // Applied when the file is opened.
+        Ok(())
+    }
+
     async fn create_application(
         &self,
         name: &ApplicationName,
-    ) -> Result<ApplicationRow, sqlx::Error> {
-        self.timed("create_application", async {
-            let token = ApplicationToken::generate();
-            let created_at = now();
-            sqlx::query_as(AssertSqlSafe(format!(
-                "INSERT INTO applications (token, name, chats_count, created_at, updated_at) \
-                 VALUES (?, ?, 0, ?, ?) RETURNING {APPLICATION_COLUMNS}"
-            )))
-            .bind(token.as_str())
-            .bind(name.as_str())
-            .bind(created_at)
-            .bind(created_at)
-            .fetch_one(&self.pool)
-            .await
-        })
-        .await
+    ) -> Result<ApplicationRow, StorageError> {
+        let token = ApplicationToken::generate();
+        let created_at = now();
+        Ok(sqlx::query_as(AssertSqlSafe(format!(
+            "INSERT INTO applications (token, name, chats_count, created_at, updated_at) \
+             VALUES (?, ?, 0, ?, ?) RETURNING {APPLICATION_COLUMNS}"
+        )))
+        .bind(token.as_str())
+        .bind(name.as_str())
+        .bind(created_at)
+        .bind(created_at)
+        .fetch_one(&self.pool)
+        .await?)
     }
 
     async fn rename_application(
         &self,
         token: &ApplicationToken,
         name: &ApplicationName,
-    ) -> Result<Option<ApplicationRow>, sqlx::Error> {
-        self.timed("rename_application", async {
-            sqlx::query_as(AssertSqlSafe(format!(
-                "UPDATE applications SET name = ?, updated_at = ? WHERE token = ? \
-                 RETURNING {APPLICATION_COLUMNS}"
-            )))
-            .bind(name.as_str())
-            .bind(now())
-            .bind(token.as_str())
-            .fetch_optional(&self.pool)
-            .await
-        })
-        .await
+    ) -> Result<Option<ApplicationRow>, StorageError> {
+        Ok(sqlx::query_as(AssertSqlSafe(format!(
+            "UPDATE applications SET name = ?, updated_at = ? WHERE token = ? \
+             RETURNING {APPLICATION_COLUMNS}"
+        )))
+        .bind(name.as_str())
+        .bind(now())
+        .bind(token.as_str())
+        .fetch_optional(&self.pool)
+        .await?)
     }
 
     async fn update_message(
@@ -80,98 +76,104 @@ super::storage_impl!(SqliteStorage, "sqlite", {
         chat_number: Number,
         number: Number,
         body: &MessageBody,
-    ) -> Result<Option<MessageRow>, sqlx::Error> {
-        self.timed("update_message", async {
-            // One statement: the write lock makes the version bump atomic.
-            sqlx::query_as(
-                "UPDATE messages SET body = ?, version = version + 1, updated_at = ? \
-                 WHERE chat_id = (SELECT id FROM chats WHERE application_id = ? AND number = ?) \
-                 AND number = ? RETURNING number, body, version, created_at, updated_at",
-            )
-            .bind(body.as_str())
-            .bind(now())
-            .bind(application_id as i64)
-            .bind(chat_number.get() as i64)
-            .bind(number.get() as i64)
-            .fetch_optional(&self.pool)
-            .await
-        })
-        .await
+    ) -> Result<Option<MessageRow>, StorageError> {
+        // One statement: the write lock makes the version bump atomic.
+        Ok(sqlx::query_as(
+            "UPDATE messages SET body = ?, version = version + 1, updated_at = ? \
+             WHERE chat_id = (SELECT id FROM chats WHERE application_id = ? AND number = ?) \
+             AND number = ? RETURNING number, body, version, created_at, updated_at",
+        )
+        .bind(body.as_str())
+        .bind(now())
+        .bind(application_id as i64)
+        .bind(chat_number.get() as i64)
+        .bind(number.get() as i64)
+        .fetch_optional(&self.pool)
+        .await?)
     }
 
-    async fn write_ingest_batch(&self, batch: &IngestBatch<'_>) -> Result<(), IngestError> {
+    async fn write_ingest_batch(&self, batch: &IngestBatch<'_>) -> Result<(), StorageError> {
         if batch.chats.is_empty() {
             return Ok(());
         }
-        self.timed("write_ingest_batch", async {
-            let mut transaction = begin_write(&self.pool).await?;
-            let now = now();
-            let mut new_chats_per_application: BTreeMap<u64, i64> = BTreeMap::new();
-            for (&(application_id, chat_number), created_at) in &batch.chats {
-                if !new_chats_per_application.contains_key(&application_id) {
-                    let known: Option<i64> =
-                        sqlx::query_scalar("SELECT 1 FROM applications WHERE id = ?")
-                            .bind(application_id as i64)
-                            .fetch_optional(&mut *transaction)
-                            .await?;
-                    if known.is_none() {
-                        return Err(IngestError::UnknownApplication(application_id));
-                    }
+        let mut transaction = begin_write(&self.pool).await?;
+        let now = now();
+        let mut new_chats_per_application: BTreeMap<u64, i64> = BTreeMap::new();
+        for (&(application_id, chat_number), created_at) in &batch.chats {
+            if !new_chats_per_application.contains_key(&application_id) {
+                let known: Option<i64> =
+                    sqlx::query_scalar("SELECT 1 FROM applications WHERE id = ?")
+                        .bind(application_id as i64)
+                        .fetch_optional(&mut *transaction)
+                        .await?;
+                if known.is_none() {
+                    return Err(StorageError::UnknownApplication(application_id));
                 }
-                let inserted = sqlx::query(
-                    "INSERT INTO chats (application_id, number, messages_count, created_at, updated_at) \
-                     VALUES (?, ?, 0, ?, ?) ON CONFLICT DO NOTHING",
+            }
+            let inserted = sqlx::query(
+                "INSERT INTO chats (application_id, number, messages_count, created_at, updated_at) \
+                 VALUES (?, ?, 0, ?, ?) ON CONFLICT DO NOTHING",
+            )
+            .bind(application_id as i64)
+            .bind(chat_number.get() as i64)
+            .bind(created_at)
+            .bind(now)
+            .execute(&mut *transaction)
+            .await?
+            .rows_affected();
+            *new_chats_per_application.entry(application_id).or_default() += inserted as i64;
+        }
+        for (application_id, new_chats) in new_chats_per_application {
+            add_count(
+                &mut transaction,
+                "applications",
+                "chats_count",
+                application_id,
+                new_chats,
+            )
+            .await?;
+        }
+        for (&(application_id, chat_number), messages) in &batch.messages {
+            let chat_id: i64 =
+                sqlx::query_scalar("SELECT id FROM chats WHERE application_id = ? AND number = ?")
+                    .bind(application_id as i64)
+                    .bind(chat_number.get() as i64)
+                    .fetch_optional(&mut *transaction)
+                    .await?
+                    .ok_or(StorageError::ChatMissing(application_id, chat_number))?;
+            let mut new_messages = 0;
+            for message in messages.values() {
+                new_messages += sqlx::query(
+                    "INSERT INTO messages (chat_id, number, body, version, created_at, updated_at) \
+                     VALUES (?, ?, ?, 1, ?, ?) ON CONFLICT DO NOTHING",
                 )
-                .bind(application_id as i64)
-                .bind(chat_number.get() as i64)
-                .bind(created_at)
+                .bind(chat_id)
+                .bind(message.number.get() as i64)
+                .bind(message.body)
+                .bind(message.created_at)
                 .bind(now)
                 .execute(&mut *transaction)
                 .await?
-                .rows_affected();
-                *new_chats_per_application.entry(application_id).or_default() += inserted as i64;
+                .rows_affected() as i64;
             }
-            for (application_id, new_chats) in new_chats_per_application {
-                add_count(&mut transaction, "applications", "chats_count", application_id, new_chats)
-                    .await?;
-            }
-            for (&(application_id, chat_number), messages) in &batch.messages {
-                let chat_id: i64 =
-                    sqlx::query_scalar("SELECT id FROM chats WHERE application_id = ? AND number = ?")
-                        .bind(application_id as i64)
-                        .bind(chat_number.get() as i64)
-                        .fetch_optional(&mut *transaction)
-                        .await?
-                        .ok_or(IngestError::ChatMissing(application_id, chat_number))?;
-                let mut new_messages = 0;
-                for message in messages.values() {
-                    new_messages += sqlx::query(
-                        "INSERT INTO messages (chat_id, number, body, version, created_at, updated_at) \
-                         VALUES (?, ?, ?, 1, ?, ?) ON CONFLICT DO NOTHING",
-                    )
-                    .bind(chat_id)
-                    .bind(message.number.get() as i64)
-                    .bind(message.body)
-                    .bind(message.created_at)
-                    .bind(now)
-                    .execute(&mut *transaction)
-                    .await?
-                    .rows_affected() as i64;
-                }
-                add_count(&mut transaction, "chats", "messages_count", chat_id as u64, new_messages)
-                    .await?;
-            }
-            transaction.commit().await?;
-            Ok(())
-        })
-        .await
+            add_count(
+                &mut transaction,
+                "chats",
+                "messages_count",
+                chat_id as u64,
+                new_messages,
+            )
+            .await?;
+        }
+        transaction.commit().await?;
+        Ok(())
     }
 
     async fn reserve_fresh_block(
         &self,
         scope: &str,
         block_size: u64,
-    ) -> Result<Reservation, sqlx::Error> {
+    ) -> Result<Reservation, StorageError> {
         sqlx::query_as(
             "INSERT INTO number_reservations (scope, reserved_until, epoch) VALUES (?, ?, 1) \
              ON CONFLICT (scope) DO UPDATE SET reserved_until = reserved_until + excluded.reserved_until, \
@@ -185,6 +187,7 @@ super::storage_impl!(SqliteStorage, "sqlite", {
             reserved_until,
             epoch,
         })
+        .map_err(StorageError::from)
     }
 
     async fn extend_reservation(
@@ -193,8 +196,8 @@ super::storage_impl!(SqliteStorage, "sqlite", {
         number: u64,
         epoch: u64,
         block_size: u64,
-    ) -> Result<Option<u64>, sqlx::Error> {
-        sqlx::query_scalar(
+    ) -> Result<Option<u64>, StorageError> {
+        Ok(sqlx::query_scalar(
             "UPDATE number_reservations SET reserved_until = MAX(reserved_until, ?) \
              WHERE scope = ? AND epoch = ? RETURNING reserved_until",
         )
@@ -202,13 +205,13 @@ super::storage_impl!(SqliteStorage, "sqlite", {
         .bind(scope)
         .bind(epoch as i64)
         .fetch_optional(&self.pool)
-        .await
+        .await?)
     }
 
     async fn raise_reservations(
         &self,
         highest: &[(String, u64)],
-    ) -> Result<Vec<String>, sqlx::Error> {
+    ) -> Result<Vec<String>, StorageError> {
         let mut transaction = begin_write(&self.pool).await?;
         let mut behind = Vec::new();
         for (scope, number) in highest {

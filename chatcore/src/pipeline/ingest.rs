@@ -1,5 +1,5 @@
-//! Writes accepted chats and messages in batches, idempotently: MySQL in the distributed stack,
-//! and (through the same [`IngestWriter`], run by the api) SQLite in the embedded mode.
+//! The ingest consumer: writes accepted chats and messages in batches, idempotently, to the
+//! storage (MySQL in ingest-worker, SQLite in the embedded process).
 //!
 //! One transaction per batch: chats are inserted (also the chats that messages refer to, which
 //! may not have arrived yet), then messages, and the counts grow by exactly the rows that were new,
@@ -7,38 +7,9 @@
 
 use std::sync::Arc;
 
-use anyhow::Context as _;
-use chatcore::Config;
-use chatcore::consumer::{self, BatchHandler, HandleError, Observers, Received};
-use chatcore::events::EventPayload;
-use chatcore::store::{IngestBatch, MySqlStorage, NewMessage, Storage};
-use tokio_util::sync::CancellationToken;
-
-/// `/livez` and `/readyz` unless `CHAT_HEALTH_ADDR` says otherwise.
-pub const DEFAULT_HEALTH_ADDR: std::net::SocketAddr =
-    std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9091);
-
-/// Consumes the RabbitMQ ingest queue into MySQL until `shutdown` is cancelled.
-pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let url = config.require_database_url()?;
-    let pool = chatcore::store::mysql::connect(url, config.database_max_connections)
-        .await
-        .with_context(|| format!("connecting to mysql at {url}"))?;
-    let observers = Observers::default();
-    let handler = IngestWriter::new(Arc::new(MySqlStorage::new(
-        pool,
-        Arc::clone(&observers.metrics),
-    )));
-    consumer::run_worker(
-        &config,
-        &config.topology.ingest_queue,
-        &handler,
-        &shutdown,
-        observers,
-        DEFAULT_HEALTH_ADDR,
-    )
-    .await
-}
+use super::consumer::{BatchHandler, HandleError, Received};
+use crate::events::EventPayload;
+use crate::store::{IngestBatch, NewMessage, Storage};
 
 /// Writes batches of accepted chats and messages to the storage (MySQL, or SQLite embedded).
 pub struct IngestWriter {
@@ -58,10 +29,7 @@ impl BatchHandler for IngestWriter {
         self.storage
             .write_ingest_batch(&ingest_batch(batch))
             .await
-            .map_err(|error| {
-                let transient = error.is_transient();
-                HandleError::classify(error, transient)
-            })
+            .map_err(HandleError::of)
     }
 }
 

@@ -1,7 +1,6 @@
 //! The embedded event queue: a SQLite file (`<data dir>/queue.db`) in place of RabbitMQ.
 //!
-//! Publishing inserts one row per consumer queue bound to the event's routing key (the bindings
-//! of the RabbitMQ topology) and returns once the transaction is committed with `synchronous =
+//! Publishing inserts one row per consumer that receives the event's routing key and returns once the transaction is committed with `synchronous =
 //! FULL`, so a 202 is on disk before it is sent. Concurrent publishes are committed together
 //! (group commit): one writer task takes every request waiting and writes them in one
 //! transaction, so a burst costs one disk flush, not one per request.
@@ -19,11 +18,10 @@ use async_trait::async_trait;
 use sqlx::{QueryBuilder, Sqlite, SqlitePool};
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument as _;
 
+use super::{Delivery, EventQueue, EventSource, QueueError};
 use crate::config::{ConsumerConfig, Topology};
-use crate::events::{Event, TraceContext};
-use crate::queue::{Delivery, EventPublisher, EventSource, PublishError};
+use crate::events::{Consumer, Event, TraceContext};
 
 /// Publishes waiting for the writer; beyond this, publishers wait for room (back-pressure).
 const PENDING_PUBLISHES: usize = 4096;
@@ -45,15 +43,15 @@ struct PendingPublish {
 
 /// The embedded queue; clones share the file, the writer and the wake-ups.
 #[derive(Clone)]
-pub struct LocalQueue {
+pub struct SqliteQueue {
     pool: SqlitePool,
-    bindings: Arc<Vec<(String, &'static [&'static str])>>,
+    topology: Topology,
     arrivals: Arc<HashMap<String, Notify>>,
     publishes: mpsc::Sender<PendingPublish>,
     confirm_timeout: Duration,
 }
 
-impl LocalQueue {
+impl SqliteQueue {
     /// Opens (creating and migrating) the queue file and starts its writer task.
     pub async fn open(
         path: &Path,
@@ -61,15 +59,10 @@ impl LocalQueue {
         confirm_timeout: Duration,
     ) -> anyhow::Result<Self> {
         let pool = crate::sqlite::open(path, &crate::sqlite::QUEUE_MIGRATOR, 4).await?;
-        let bindings: Vec<(String, &'static [&'static str])> =
-            crate::broker::queue_bindings(topology)
-                .into_iter()
-                .map(|(queue, keys)| (queue.to_owned(), keys))
-                .collect();
         let arrivals: Arc<HashMap<String, Notify>> = Arc::new(
-            bindings
+            Consumer::ALL
                 .iter()
-                .map(|(queue, _)| (queue.clone(), Notify::new()))
+                .map(|consumer| (topology.queue(*consumer).to_owned(), Notify::new()))
                 .collect(),
         );
         let (publishes, pending) = mpsc::channel(PENDING_PUBLISHES);
@@ -80,41 +73,11 @@ impl LocalQueue {
         ));
         Ok(Self {
             pool,
-            bindings: Arc::new(bindings),
+            topology: topology.clone(),
             arrivals,
             publishes,
             confirm_timeout,
         })
-    }
-
-    /// The consuming side of `queue`.
-    pub fn source(&self, queue: &str) -> LocalSource {
-        LocalSource {
-            queue: self.clone(),
-            name: queue.to_owned(),
-        }
-    }
-
-    /// Moves the events waiting in `<queue>.dead` back into `queue`; returns how many.
-    pub async fn replay_dead_letters(&self, queue: &str) -> Result<u64, sqlx::Error> {
-        let moved = sqlx::query("UPDATE queued_events SET queue = ? WHERE queue = ?")
-            .bind(queue)
-            .bind(Topology::dead_letter_queue(queue))
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
-        if let Some(arrival) = self.arrivals.get(queue) {
-            arrival.notify_one();
-        }
-        Ok(moved)
-    }
-
-    /// Events waiting in `queue`, for the lag metrics.
-    pub async fn depth(&self, queue: &str) -> Result<u64, sqlx::Error> {
-        sqlx::query_scalar("SELECT COUNT(*) FROM queued_events WHERE queue = ?")
-            .bind(queue)
-            .fetch_one(&self.pool)
-            .await
     }
 }
 
@@ -161,74 +124,108 @@ async fn insert_rows(pool: &SqlitePool, group: &[PendingPublish]) -> Result<(), 
 }
 
 #[async_trait]
-impl EventPublisher for LocalQueue {
+impl EventQueue for SqliteQueue {
     fn kind(&self) -> &'static str {
         "sqlite-queue"
     }
 
-    async fn publish(&self, event: &Event, fallback: &TraceContext) -> Result<(), PublishError> {
+    fn queue_name(&self, consumer: Consumer) -> &str {
+        self.topology.queue(consumer)
+    }
+
+    fn system(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn ensure_topology(&self) -> Result<(), QueueError> {
+        // The queues are rows of one table, created with the file.
+        Ok(())
+    }
+
+    async fn publish(&self, event: &Event, trace: &TraceContext) -> Result<(), QueueError> {
         let routing_key = event.routing_key();
-        let span = tracing::info_span!(
-            "queue publish",
-            otel.kind = "producer",
-            messaging.system = "sqlite",
-            messaging.destination.name = routing_key,
-            event_id = %event.event_id,
-        );
-        let trace = crate::telemetry::inject(&span, fallback.clone());
         let body = Arc::new(event.encode());
-        let rows: Vec<QueuedRow> = self
-            .bindings
+        let rows: Vec<QueuedRow> = Consumer::ALL
             .iter()
-            .filter(|(_, keys)| keys.contains(&routing_key))
-            .map(|(queue, _)| QueuedRow {
-                queue: queue.clone(),
+            .filter(|consumer| consumer.receives(routing_key))
+            .map(|consumer| QueuedRow {
+                queue: self.topology.queue(*consumer).to_owned(),
                 body: Arc::clone(&body),
                 traceparent: trace.as_str().to_owned(),
             })
             .collect();
         if rows.is_empty() {
-            return Err(PublishError::Unroutable(routing_key));
+            return Err(QueueError::Unroutable(routing_key));
         }
         let (done, committed) = oneshot::channel();
+        let writer_stopped = || QueueError::Embedded("the queue writer stopped".to_owned());
         let confirmed = async {
             self.publishes
                 .send(PendingPublish { rows, done })
                 .await
-                .map_err(|_| PublishError::Embedded("the queue writer stopped".to_owned()))?;
+                .map_err(|_| writer_stopped())?;
             committed
                 .await
-                .map_err(|_| PublishError::Embedded("the queue writer stopped".to_owned()))?
-                .map_err(PublishError::Embedded)
+                .map_err(|_| writer_stopped())?
+                .map_err(QueueError::Embedded)
         };
         tokio::time::timeout(self.confirm_timeout, confirmed)
-            .instrument(span)
             .await
-            .map_err(|_| PublishError::ConfirmTimeout(self.confirm_timeout))?
+            .map_err(|_| QueueError::ConfirmTimeout(self.confirm_timeout))?
     }
 
     async fn is_ready(&self) -> bool {
         !self.publishes.is_closed() && sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
     }
+
+    async fn open_source(
+        &self,
+        consumer: Consumer,
+        _settings: &ConsumerConfig,
+    ) -> Result<Box<dyn EventSource>, QueueError> {
+        Ok(Box::new(SqliteQueueSource {
+            queue: self.clone(),
+            name: self.topology.queue(consumer).to_owned(),
+        }))
+    }
+
+    async fn depth(&self, queue: &str) -> Result<u64, QueueError> {
+        Ok(
+            sqlx::query_scalar("SELECT COUNT(*) FROM queued_events WHERE queue = ?")
+                .bind(queue)
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn replay_dead_letters(&self, consumer: Consumer) -> Result<u64, QueueError> {
+        let queue = self.topology.queue(consumer);
+        let moved = sqlx::query("UPDATE queued_events SET queue = ? WHERE queue = ?")
+            .bind(queue)
+            .bind(Topology::dead_letter_queue(queue))
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        if let Some(arrival) = self.arrivals.get(queue) {
+            arrival.notify_one();
+        }
+        Ok(moved)
+    }
 }
 
 /// The consuming side of one queue of the embedded queue.
-pub struct LocalSource {
-    queue: LocalQueue,
+struct SqliteQueueSource {
+    queue: SqliteQueue,
     name: String,
 }
 
 #[async_trait]
-impl EventSource for LocalSource {
-    fn system(&self) -> &'static str {
-        "sqlite"
-    }
-
+impl EventSource for SqliteQueueSource {
     async fn next_batch(
         &mut self,
         settings: &ConsumerConfig,
         shutdown: &CancellationToken,
-    ) -> anyhow::Result<Option<Vec<Delivery>>> {
+    ) -> Result<Option<Vec<Delivery>>, QueueError> {
         loop {
             let rows: Vec<(i64, Vec<u8>, Option<String>)> = sqlx::query_as(
                 "SELECT id, body, traceparent FROM queued_events WHERE queue = ? ORDER BY id LIMIT ?",
@@ -257,7 +254,7 @@ impl EventSource for LocalSource {
         }
     }
 
-    async fn dead_letter(&mut self, tag: u64) -> anyhow::Result<()> {
+    async fn dead_letter(&mut self, tag: u64) -> Result<(), QueueError> {
         sqlx::query("UPDATE queued_events SET queue = ? WHERE id = ?")
             .bind(Topology::dead_letter_queue(&self.name))
             .bind(tag as i64)
@@ -266,7 +263,7 @@ impl EventSource for LocalSource {
         Ok(())
     }
 
-    async fn acknowledge(&mut self, batch: &[u64]) -> anyhow::Result<()> {
+    async fn acknowledge(&mut self, batch: &[u64]) -> Result<(), QueueError> {
         if batch.is_empty() {
             return Ok(());
         }
@@ -279,5 +276,9 @@ impl EventSource for LocalSource {
         delete.push(")");
         delete.build().execute(&self.queue.pool).await?;
         Ok(())
+    }
+
+    async fn close(self: Box<Self>) {
+        // Unacknowledged rows simply stay in the table.
     }
 }

@@ -1,0 +1,408 @@
+//! The use cases of the API, between the handlers and the adapters: handlers parse the request,
+//! call one method here and render its answer; this layer resolves tokens, hands out numbers,
+//! publishes events and reads the storage and the index, in domain terms only.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use chatcore::adapters::Adapters;
+use chatcore::config::{ApiConfig, Config};
+use chatcore::domain::{
+    ApplicationName, ApplicationToken, MessageBody, Number, PageRequest, SearchQuery,
+};
+use chatcore::events::{Event, EventPayload, TraceContext};
+use chatcore::numbering::{NumberAllocator, Scope};
+use chatcore::queue::EventQueue;
+use chatcore::search::{MessageHit, SearchIndex};
+use chatcore::state::SharedState;
+use chatcore::store::{ApplicationRow, ChatRow, MessageRow, Storage};
+use quick_cache::sync::Cache;
+
+use crate::error::ApiError;
+use crate::idempotency::{IdempotencyKey, Recorded, fingerprint, parse_recorded};
+
+/// Entries of the token -> application id cache. Applications are never deleted, so an entry
+/// never goes stale.
+const APPLICATION_CACHE_ENTRIES: usize = 100_000;
+/// Entries of the cache of chats known to exist (chats are never deleted either).
+const CHAT_CACHE_ENTRIES: usize = 500_000;
+
+pub struct ChatService {
+    settings: ApiConfig,
+    key_prefix: String,
+    storage: Arc<dyn Storage>,
+    state: Arc<dyn SharedState>,
+    queue: Arc<dyn EventQueue>,
+    search: Arc<dyn SearchIndex>,
+    allocator: NumberAllocator,
+    application_ids: Cache<String, u64>,
+    known_chats: Cache<(u64, Number), ()>,
+}
+
+impl ChatService {
+    pub fn new(config: &Config, adapters: &Adapters) -> Self {
+        Self {
+            settings: config.api.clone(),
+            key_prefix: config.redis_key_prefix.clone(),
+            storage: Arc::clone(&adapters.storage),
+            state: Arc::clone(&adapters.state),
+            queue: Arc::clone(&adapters.queue),
+            search: Arc::clone(&adapters.search),
+            allocator: adapters.allocator.clone(),
+            application_ids: Cache::new(APPLICATION_CACHE_ENTRIES),
+            known_chats: Cache::new(CHAT_CACHE_ENTRIES),
+        }
+    }
+
+    /// Whether each dependency answers, by its kind.
+    pub async fn readiness(&self) -> [(&'static str, bool); 4] {
+        let (storage, counters, queue, search) = tokio::join!(
+            self.storage.ping(),
+            self.state.ping(),
+            self.queue.is_ready(),
+            self.search.ping(),
+        );
+        [
+            (self.storage.kind(), storage.is_ok()),
+            (self.state.kind(), counters.is_ok()),
+            (self.queue.kind(), queue),
+            (self.search.kind(), search.is_ok()),
+        ]
+    }
+
+    pub async fn create_application(
+        &self,
+        name: &ApplicationName,
+    ) -> Result<ApplicationRow, ApiError> {
+        Ok(self.storage.create_application(name).await?)
+    }
+
+    pub async fn rename_application(
+        &self,
+        token: &ApplicationToken,
+        name: &ApplicationName,
+    ) -> Result<ApplicationRow, ApiError> {
+        self.storage
+            .rename_application(token, name)
+            .await?
+            .ok_or(ApiError::NotFound("application"))
+    }
+
+    pub async fn find_application(
+        &self,
+        token: &ApplicationToken,
+    ) -> Result<ApplicationRow, ApiError> {
+        self.storage
+            .find_application(token)
+            .await?
+            .ok_or(ApiError::NotFound("application"))
+    }
+
+    pub async fn list_applications(
+        &self,
+        page: PageRequest,
+    ) -> Result<Vec<ApplicationRow>, ApiError> {
+        Ok(self.storage.list_applications(page).await?)
+    }
+
+    /// Accepts a chat: its number once the event is durable. Messages may be posted to it at
+    /// once, before its row is written.
+    pub async fn accept_chat(
+        &self,
+        token: &str,
+        idempotency_key: IdempotencyKey,
+        trace: &TraceContext,
+    ) -> Result<Number, ApiError> {
+        let application_id = self.application_id(token).await?;
+        let scope = Scope::ChatsOf { application_id };
+        self.accept_once(idempotency_key, &scope, b"", || async {
+            let number = self
+                .publish_numbered(&scope, trace, |chat_number| EventPayload::ChatCreated {
+                    application_id,
+                    chat_number,
+                    created_at: chatcore::store::now(),
+                })
+                .await?;
+            // Failing to remember the chat only delays posting to it, so it does not fail the
+            // request.
+            let remembered = self
+                .state
+                .set(
+                    &self.pending_chat_key(application_id, number),
+                    "1",
+                    self.settings.pending_chat_ttl,
+                )
+                .await;
+            if let Err(error) = remembered {
+                tracing::warn!(%error, application_id, chat_number = %number, "could not mark the accepted chat as pending");
+            }
+            Ok(number)
+        })
+        .await
+    }
+
+    pub async fn list_chats(
+        &self,
+        token: &str,
+        page: PageRequest,
+    ) -> Result<Vec<ChatRow>, ApiError> {
+        let application_id = self.application_id(token).await?;
+        Ok(self.storage.list_chats(application_id, page).await?)
+    }
+
+    pub async fn find_chat(&self, token: &str, number: Number) -> Result<ChatRow, ApiError> {
+        let application_id = self.application_id(token).await?;
+        self.storage
+            .find_chat(application_id, number)
+            .await?
+            .ok_or(ApiError::NotFound("chat"))
+    }
+
+    /// Accepts a message: its number once the event is durable; written and indexed a moment
+    /// later.
+    pub async fn accept_message(
+        &self,
+        token: &str,
+        chat_number: Number,
+        body: MessageBody,
+        idempotency_key: IdempotencyKey,
+        trace: &TraceContext,
+    ) -> Result<Number, ApiError> {
+        let application_id = self.application_id(token).await?;
+        self.require_chat(application_id, chat_number).await?;
+        let scope = Scope::MessagesOf {
+            application_id,
+            chat_number,
+        };
+        let fingerprint = body.as_str().as_bytes().to_vec();
+        self.accept_once(idempotency_key, &scope, &fingerprint, || {
+            self.publish_numbered(&scope, trace, |message_number| {
+                EventPayload::MessageCreated {
+                    application_id,
+                    chat_number,
+                    message_number,
+                    body: body.into_string(),
+                    created_at: chatcore::store::now(),
+                }
+            })
+        })
+        .await
+    }
+
+    pub async fn list_messages(
+        &self,
+        token: &str,
+        chat_number: Number,
+        page: PageRequest,
+    ) -> Result<Vec<MessageRow>, ApiError> {
+        let application_id = self.application_id(token).await?;
+        self.require_chat(application_id, chat_number).await?;
+        Ok(self
+            .storage
+            .list_messages(application_id, chat_number, page)
+            .await?)
+    }
+
+    pub async fn find_message(
+        &self,
+        token: &str,
+        chat_number: Number,
+        number: Number,
+    ) -> Result<MessageRow, ApiError> {
+        let application_id = self.application_id(token).await?;
+        self.storage
+            .find_message(application_id, chat_number, number)
+            .await?
+            .ok_or(ApiError::NotFound("message"))
+    }
+
+    /// Replaces the body in the storage, then publishes the update for the index. If the event
+    /// cannot be confirmed the index would lag, so the client is told (503) and a retried PUT
+    /// brings the index up to date. A number handed out but not stored yet is
+    /// [`ApiError::NotPersistedYet`], so the client retries instead of losing its edit.
+    pub async fn update_message(
+        &self,
+        token: &str,
+        chat_number: Number,
+        number: Number,
+        body: &MessageBody,
+        trace: &TraceContext,
+    ) -> Result<MessageRow, ApiError> {
+        let application_id = self.application_id(token).await?;
+        let Some(row) = self
+            .storage
+            .update_message(application_id, chat_number, number, body)
+            .await?
+        else {
+            return Err(self
+                .missing_message(application_id, chat_number, number)
+                .await);
+        };
+        let event = Event::new(EventPayload::MessageUpdated {
+            application_id,
+            chat_number,
+            message_number: number,
+            body: row.body.clone(),
+            version: row.version,
+            created_at: row.created_at,
+            updated_at: row.updated_at,
+        });
+        self.queue.publish(&event, trace).await?;
+        Ok(row)
+    }
+
+    /// Messages of one chat in which every word of the query matches a word or a word prefix.
+    pub async fn search(
+        &self,
+        token: &str,
+        chat_number: Number,
+        query: &SearchQuery,
+        page: PageRequest,
+    ) -> Result<Vec<MessageHit>, ApiError> {
+        let application_id = self.application_id(token).await?;
+        self.require_chat(application_id, chat_number).await?;
+        Ok(self
+            .search
+            .search(application_id, chat_number, query, page)
+            .await?)
+    }
+
+    /// Hands out the next number of the scope and publishes the event that carries it.
+    async fn publish_numbered(
+        &self,
+        scope: &Scope,
+        trace: &TraceContext,
+        payload: impl FnOnce(Number) -> EventPayload,
+    ) -> Result<Number, ApiError> {
+        let number = self.allocator.allocate(scope).await?;
+        self.queue
+            .publish(&Event::new(payload(number)), trace)
+            .await?;
+        Ok(number)
+    }
+
+    /// Resolves a token to the internal application id (cached), or 404.
+    async fn application_id(&self, raw_token: &str) -> Result<u64, ApiError> {
+        let Ok(token) = ApplicationToken::parse(raw_token) else {
+            return Err(ApiError::NotFound("application"));
+        };
+        if let Some(id) = self.application_ids.get(token.as_str()) {
+            return Ok(id);
+        }
+        let id = self
+            .storage
+            .application_id(&token)
+            .await?
+            .ok_or(ApiError::NotFound("application"))?;
+        self.application_ids.insert(token.to_string(), id);
+        Ok(id)
+    }
+
+    fn pending_chat_key(&self, application_id: u64, chat_number: Number) -> String {
+        format!(
+            "{}:pending-chat:{application_id}:{chat_number}",
+            self.key_prefix
+        )
+    }
+
+    /// Succeeds when the chat is stored or was accepted (202) recently and is still on its way.
+    async fn require_chat(&self, application_id: u64, chat_number: Number) -> Result<(), ApiError> {
+        let key = (application_id, chat_number);
+        if self.known_chats.get(&key).is_some() {
+            return Ok(());
+        }
+        if self
+            .storage
+            .find_chat(application_id, chat_number)
+            .await?
+            .is_some()
+        {
+            self.known_chats.insert(key, ());
+            return Ok(());
+        }
+        let pending = self
+            .state
+            .get(&self.pending_chat_key(application_id, chat_number))
+            .await?;
+        if pending.is_some() {
+            return Ok(());
+        }
+        Err(ApiError::NotFound("chat"))
+    }
+
+    async fn missing_message(
+        &self,
+        application_id: u64,
+        chat_number: Number,
+        number: Number,
+    ) -> ApiError {
+        if let Err(error) = self.require_chat(application_id, chat_number).await {
+            return error;
+        }
+        let scope = Scope::MessagesOf {
+            application_id,
+            chat_number,
+        };
+        match self.allocator.handed_out_up_to(&scope).await {
+            Ok(handed_out) if number.get() <= handed_out => ApiError::NotPersistedYet(number.get()),
+            Ok(_) => ApiError::NotFound("message"),
+            Err(error) => error.into(),
+        }
+    }
+
+    /// Runs `accept` once per idempotency key: a repeated key (with the same body) returns the
+    /// first number. See [`crate::idempotency`].
+    async fn accept_once<F, Fut>(
+        &self,
+        key: IdempotencyKey,
+        scope: &Scope,
+        body: &[u8],
+        accept: F,
+    ) -> Result<Number, ApiError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Number, ApiError>>,
+    {
+        let Some(key) = key.0 else {
+            return accept().await;
+        };
+        let state_key = format!("{}:idempotency:{}:{key}", self.key_prefix, scope.id());
+        let fingerprint = fingerprint(body);
+        let ttl = self.settings.idempotency_ttl;
+        let claimed = self
+            .state
+            .set_if_absent(&state_key, &format!("pending:{fingerprint}"), ttl)
+            .await?;
+        if !claimed {
+            let recorded = self.state.get(&state_key).await?;
+            return match recorded.as_deref().and_then(parse_recorded) {
+                Some(Recorded::Done {
+                    fingerprint: first,
+                    number,
+                }) if first == fingerprint => Ok(number),
+                Some(Recorded::Pending { fingerprint: first }) if first == fingerprint => {
+                    Err(ApiError::IdempotencyKeyInUse)
+                }
+                Some(_) => Err(ApiError::IdempotencyKeyReused),
+                // Expired between the claim and the read: treat as in progress, the retry will
+                // claim it.
+                None => Err(ApiError::IdempotencyKeyInUse),
+            };
+        }
+        match accept().await {
+            Ok(number) => {
+                self.state
+                    .set(&state_key, &format!("done:{fingerprint}:{number}"), ttl)
+                    .await?;
+                Ok(number)
+            }
+            Err(error) => {
+                // Nothing was accepted: the client may retry with the same key.
+                if let Err(release) = self.state.delete(&state_key).await {
+                    tracing::warn!(error = %release, "could not release an idempotency key");
+                }
+                Err(error)
+            }
+        }
+    }
+}

@@ -1,0 +1,418 @@
+//! RabbitMQ: the [`EventQueue`] adapter of the distributed stack.
+//!
+//! Topology (all durable): a topic exchange for events; one queue per consumer bound to the routing
+//! keys it receives; each queue dead-letters into `<queue>.dead` through a direct exchange.
+//!
+//! Publishing, depth and replay share one publisher-confirmed channel that is opened on first use
+//! and again after the connection is lost; each consumer gets a connection of its own.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_util::StreamExt as _;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
+    BasicRejectOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+};
+use tokio::sync::RwLock;
+use tokio_util::sync::CancellationToken;
+
+use super::{Delivery, EventQueue, EventSource, QueueError};
+use crate::config::{ConsumerConfig, SecretUrl, Topology};
+use crate::events::{
+    Consumer, Event, SCHEMA_VERSION, SCHEMA_VERSION_HEADER, TRACEPARENT_HEADER, TraceContext,
+};
+
+/// AMQP delivery mode of messages written to disk.
+const PERSISTENT: u8 = 2;
+
+pub struct RabbitMqQueue {
+    url: SecretUrl,
+    topology: Topology,
+    confirm_timeout: Duration,
+    link: RwLock<Option<Link>>,
+}
+
+/// The publisher-confirmed channel and the connection it lives on.
+struct Link {
+    // Kept so the connection lives as long as its channel.
+    _connection: Connection,
+    channel: Channel,
+    generation: u64,
+}
+
+impl RabbitMqQueue {
+    /// Connects on first use, not here.
+    pub fn new(url: SecretUrl, topology: Topology, confirm_timeout: Duration) -> Self {
+        Self {
+            url,
+            topology,
+            confirm_timeout,
+            link: RwLock::new(None),
+        }
+    }
+
+    /// The open channel, connecting when there is none or `broken_generation` is the current one.
+    async fn channel(&self, broken_generation: Option<u64>) -> Result<(Channel, u64), QueueError> {
+        {
+            let link = self.link.read().await;
+            if let Some(link) = link.as_ref()
+                && Some(link.generation) != broken_generation
+                && link.channel.status().connected()
+            {
+                return Ok((link.channel.clone(), link.generation));
+            }
+        }
+        let mut link = self.link.write().await;
+        if let Some(current) = link.as_ref()
+            && Some(current.generation) != broken_generation
+            && current.channel.status().connected()
+        {
+            return Ok((current.channel.clone(), current.generation));
+        }
+        let generation = link.as_ref().map_or(0, |link| link.generation + 1);
+        let connection = connect(&self.url, "chat-publisher").await?;
+        let channel = connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        declare_topology(&channel, &self.topology).await?;
+        *link = Some(Link {
+            _connection: connection,
+            channel: channel.clone(),
+            generation,
+        });
+        Ok((channel, generation))
+    }
+
+    async fn publish_on(
+        &self,
+        channel: &Channel,
+        event: &Event,
+        trace: &TraceContext,
+    ) -> Result<(), QueueError> {
+        let routing_key = event.routing_key();
+        let confirm = channel
+            .basic_publish(
+                self.topology.exchange.as_str().into(),
+                routing_key.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                &event.encode(),
+                event_properties(event, trace),
+            )
+            .await?;
+        let confirmation = tokio::time::timeout(self.confirm_timeout, confirm)
+            .await
+            .map_err(|_| QueueError::ConfirmTimeout(self.confirm_timeout))??;
+        match confirmation {
+            Confirmation::Ack(None) => Ok(()),
+            Confirmation::Ack(Some(_returned)) => Err(QueueError::Unroutable(routing_key)),
+            Confirmation::Nack(_) | Confirmation::NotRequested => Err(QueueError::Nacked),
+        }
+    }
+}
+
+#[async_trait]
+impl EventQueue for RabbitMqQueue {
+    fn kind(&self) -> &'static str {
+        "rabbitmq"
+    }
+
+    fn queue_name(&self, consumer: Consumer) -> &str {
+        self.topology.queue(consumer)
+    }
+
+    fn system(&self) -> &'static str {
+        "rabbitmq"
+    }
+
+    async fn ensure_topology(&self) -> Result<(), QueueError> {
+        // Opening the channel declares the topology.
+        self.channel(None).await.map(|_| ())
+    }
+
+    /// Waits for the broker's confirm. Retries once on a fresh connection when the current one
+    /// is broken (events are idempotent, so a duplicate is harmless).
+    async fn publish(&self, event: &Event, trace: &TraceContext) -> Result<(), QueueError> {
+        let (channel, generation) = self.channel(None).await?;
+        match self.publish_on(&channel, event, trace).await {
+            Err(QueueError::Broker(error)) => {
+                tracing::warn!(%error, "publish failed, reconnecting to rabbitmq");
+                let (channel, _) = self.channel(Some(generation)).await?;
+                self.publish_on(&channel, event, trace).await
+            }
+            outcome => outcome,
+        }
+    }
+
+    /// True when the channel is open.
+    async fn is_ready(&self) -> bool {
+        self.link
+            .read()
+            .await
+            .as_ref()
+            .is_some_and(|link| link.channel.status().connected())
+    }
+
+    async fn open_source(
+        &self,
+        consumer: Consumer,
+        settings: &ConsumerConfig,
+    ) -> Result<Box<dyn EventSource>, QueueError> {
+        let queue = self.topology.queue(consumer);
+        let connection = connect(&self.url, queue).await?;
+        let channel = connection.create_channel().await?;
+        declare_topology(&channel, &self.topology).await?;
+        channel
+            .basic_qos(settings.prefetch, BasicQosOptions::default())
+            .await?;
+        let deliveries = channel
+            .basic_consume(
+                queue.into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        tracing::info!(queue, prefetch = settings.prefetch, "consumer started");
+        Ok(Box::new(RabbitMqSource {
+            connection,
+            channel,
+            deliveries,
+        }))
+    }
+
+    /// Messages ready in a queue, through a passive declare (which fails if the queue is missing).
+    async fn depth(&self, queue: &str) -> Result<u64, QueueError> {
+        let (channel, _) = self.channel(None).await?;
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let declared = channel
+            .queue_declare(queue.into(), passive, FieldTable::default())
+            .await?;
+        Ok(u64::from(declared.message_count()))
+    }
+
+    async fn replay_dead_letters(&self, consumer: Consumer) -> Result<u64, QueueError> {
+        let queue = self.topology.queue(consumer);
+        let dead_letter_queue = Topology::dead_letter_queue(queue);
+        let waiting = self.depth(&dead_letter_queue).await?;
+        let (channel, _) = self.channel(None).await?;
+        let mut moved = 0;
+        while moved < waiting {
+            let Some(message) = channel
+                .basic_get(
+                    dead_letter_queue.as_str().into(),
+                    BasicGetOptions::default(),
+                )
+                .await?
+            else {
+                break;
+            };
+            let delivery = message.delivery;
+            let confirmation = channel
+                .basic_publish(
+                    "".into(),
+                    queue.into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    &delivery.data,
+                    delivery.properties.clone(),
+                )
+                .await?
+                .await?;
+            if !matches!(confirmation, Confirmation::Ack(None)) {
+                return Err(QueueError::Nacked);
+            }
+            channel
+                .basic_ack(delivery.delivery_tag, BasicAckOptions::default())
+                .await?;
+            moved += 1;
+        }
+        Ok(moved)
+    }
+}
+
+async fn connect(url: &SecretUrl, connection_name: &str) -> Result<Connection, lapin::Error> {
+    let properties =
+        ConnectionProperties::default().with_connection_name(LongString::from(connection_name));
+    Connection::connect(url.expose(), properties).await
+}
+
+/// Declares exchanges, queues, dead-letter queues and bindings; idempotent.
+async fn declare_topology(channel: &Channel, topology: &Topology) -> Result<(), lapin::Error> {
+    let durable_exchange = ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    channel
+        .exchange_declare(
+            topology.exchange.as_str().into(),
+            ExchangeKind::Topic,
+            durable_exchange,
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .exchange_declare(
+            topology.dead_letter_exchange.as_str().into(),
+            ExchangeKind::Direct,
+            durable_exchange,
+            FieldTable::default(),
+        )
+        .await?;
+    let durable_queue = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    for consumer in Consumer::ALL {
+        let queue = topology.queue(consumer);
+        let dead_letter_queue = Topology::dead_letter_queue(queue);
+        let mut arguments = FieldTable::default();
+        arguments.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString(topology.dead_letter_exchange.as_str().into()),
+        );
+        arguments.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString(dead_letter_queue.as_str().into()),
+        );
+        channel
+            .queue_declare(queue.into(), durable_queue, arguments)
+            .await?;
+        for routing_key in consumer.routing_keys() {
+            channel
+                .queue_bind(
+                    queue.into(),
+                    topology.exchange.as_str().into(),
+                    (*routing_key).into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+        channel
+            .queue_declare(
+                dead_letter_queue.as_str().into(),
+                durable_queue,
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .queue_bind(
+                dead_letter_queue.as_str().into(),
+                topology.dead_letter_exchange.as_str().into(),
+                dead_letter_queue.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+/// AMQP properties of an event: persistent, JSON, with schema version and trace context headers.
+pub fn event_properties(event: &Event, trace: &TraceContext) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    headers.insert(
+        TRACEPARENT_HEADER.into(),
+        AMQPValue::LongString(trace.as_str().into()),
+    );
+    headers.insert(
+        SCHEMA_VERSION_HEADER.into(),
+        AMQPValue::LongUInt(SCHEMA_VERSION),
+    );
+    BasicProperties::default()
+        .with_delivery_mode(PERSISTENT)
+        .with_content_type(ShortString::from("application/json"))
+        .with_message_id(ShortString::from(event.event_id.to_string()))
+        .with_headers(headers)
+}
+
+/// Reads the trace context of a delivery, if it carries a valid one.
+fn trace_context_of(properties: &BasicProperties) -> Option<TraceContext> {
+    let headers = properties.headers().as_ref()?;
+    match headers.inner().get(TRACEPARENT_HEADER)? {
+        AMQPValue::LongString(value) => {
+            TraceContext::parse(std::str::from_utf8(value.as_bytes()).ok()?)
+        }
+        _ => None,
+    }
+}
+
+/// The consuming side of one RabbitMQ queue, on a channel with a prefetch window.
+struct RabbitMqSource {
+    connection: Connection,
+    channel: Channel,
+    deliveries: lapin::Consumer,
+}
+
+#[async_trait]
+impl EventSource for RabbitMqSource {
+    async fn next_batch(
+        &mut self,
+        settings: &ConsumerConfig,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Vec<Delivery>>, QueueError> {
+        let first = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(None),
+            delivery = self.deliveries.next() => delivery,
+        };
+        let Some(first) = first else {
+            return Err(QueueError::ConsumerCancelled);
+        };
+        let mut batch = vec![delivery_of(first?)];
+        let deadline = tokio::time::Instant::now() + settings.batch_max_wait;
+        while batch.len() < settings.batch_max_size {
+            match tokio::time::timeout_at(deadline, self.deliveries.next()).await {
+                Ok(Some(delivery)) => batch.push(delivery_of(delivery?)),
+                Ok(None) => return Err(QueueError::ConsumerCancelled),
+                Err(_elapsed) => break,
+            }
+        }
+        Ok(Some(batch))
+    }
+
+    async fn dead_letter(&mut self, tag: u64) -> Result<(), QueueError> {
+        self.channel
+            .basic_reject(tag, BasicRejectOptions { requeue: false })
+            .await?;
+        Ok(())
+    }
+
+    async fn acknowledge(&mut self, batch: &[u64]) -> Result<(), QueueError> {
+        // Delivery tags grow within a channel: one multiple-ack settles the whole batch.
+        if let Some(last) = batch.iter().max() {
+            self.channel
+                .basic_ack(*last, BasicAckOptions { multiple: true })
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn close(self: Box<Self>) {
+        // Closing the channel hands every unacked delivery back to the queue.
+        let _ = self.channel.close(200, "shutting down".into()).await;
+        let _ = self.connection.close(200, "shutting down".into()).await;
+    }
+}
+
+fn delivery_of(delivery: lapin::message::Delivery) -> Delivery {
+    Delivery {
+        tag: delivery.delivery_tag,
+        trace: trace_context_of(&delivery.properties),
+        data: delivery.data,
+    }
+}

@@ -1,0 +1,58 @@
+//! [`TimedSearchIndex`]: every call of a [`SearchIndex`] adapter inside a client span and timed
+//! as `chat_dependency_duration_seconds{dependency=<kind>, operation=<method>}`.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use super::{ItemOutcome, MessageDocument, MessageHit, SearchError, SearchIndex};
+use crate::domain::{Number, PageRequest, SearchQuery};
+use crate::metrics::Metrics;
+
+pub struct TimedSearchIndex {
+    inner: Arc<dyn SearchIndex>,
+    metrics: Arc<Metrics>,
+}
+
+impl TimedSearchIndex {
+    pub fn new(inner: Arc<dyn SearchIndex>, metrics: Arc<Metrics>) -> Self {
+        Self { inner, metrics }
+    }
+}
+
+#[async_trait]
+impl SearchIndex for TimedSearchIndex {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+
+    async fn ping(&self) -> Result<(), SearchError> {
+        self.metrics
+            .time(self.kind(), "ping", self.inner.ping())
+            .await
+    }
+
+    async fn ensure_index(&self) -> Result<(), SearchError> {
+        let call = self.inner.ensure_index();
+        self.metrics.time(self.kind(), "ensure_index", call).await
+    }
+
+    async fn bulk_index(
+        &self,
+        documents: &[MessageDocument],
+    ) -> Result<Vec<ItemOutcome>, SearchError> {
+        let call = self.inner.bulk_index(documents);
+        self.metrics.time(self.kind(), "bulk_index", call).await
+    }
+
+    async fn search(
+        &self,
+        application_id: u64,
+        chat_number: Number,
+        query: &SearchQuery,
+        page: PageRequest,
+    ) -> Result<Vec<MessageHit>, SearchError> {
+        let call = self.inner.search(application_id, chat_number, query, page);
+        self.metrics.time(self.kind(), "search", call).await
+    }
+}
