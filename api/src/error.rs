@@ -47,7 +47,8 @@ pub enum ApiError {
     /// 405
     #[error("method not allowed")]
     MethodNotAllowed,
-    /// 503: a dependency did not answer; nothing was accepted.
+    /// 503: a dependency did not answer. Retried with the same `Idempotency-Key`, the request
+    /// keeps the number it may have been given.
     #[error("{0}")]
     Unavailable(String),
     /// 503: the request took longer than `CHAT_REQUEST_TIMEOUT_MS`.
@@ -181,7 +182,7 @@ impl From<AllocationError> for ApiError {
 impl From<QueueError> for ApiError {
     fn from(error: QueueError) -> Self {
         Self::Unavailable(format!(
-            "the write was not accepted because the event could not be made durable: {error}"
+            "the event was not confirmed durable ({error}); retry with the same Idempotency-Key"
         ))
     }
 }

@@ -1,15 +1,21 @@
 //! `Idempotency-Key` on the POSTs that create chats and messages: a retry with the same key (and
-//! the same body) gets the number of the first attempt and creates nothing new.
+//! the same body) gets the number of the first attempt and creates nothing new, also when the
+//! first attempt's answer was an ambiguous 503 or the api died on the way.
 //!
-//! Keys live in the shared state (Redis, or the embedded `state.db`) for
-//! `CHAT_IDEMPOTENCY_TTL_SECONDS` (a day), per parent (application or chat). The first request
-//! claims the key (set-if-absent, in [`crate::service::ChatService`]) before it allocates a
-//! number, so two concurrent retries can never both create; the loser gets 409 and retries. A failed attempt (503) releases the key.
-//! Keys are lost with Redis' data, like the counters; the embedded ones survive restarts.
+//! Per parent (application or chat) and key, the shared state (Redis, or the embedded `state.db`)
+//! holds a [`Recorded`]: the first request claims the key (set-if-absent, a lease of
+//! `CHAT_IDEMPOTENCY_LEASE_SECONDS`) before it hands out a number, so two concurrent retries can
+//! never both create (the loser gets 409 and retries); then it records the number with its event
+//! before publishing, so a retry after a 503 publishes that same event again (the consumers
+//! collapse duplicates) instead of handing out a second number; then it records the number as
+//! done for `CHAT_IDEMPOTENCY_TTL_SECONDS` (a day). A failure before a number was handed out
+//! releases the key. Keys are lost with Redis' data, like the counters; the embedded ones survive
+//! restarts.
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use chatcore::domain::{InvalidInput, Number};
+use chatcore::events::Event;
 
 use crate::error::ApiError;
 
@@ -52,27 +58,64 @@ pub(crate) fn fingerprint(body: &[u8]) -> String {
     format!("{hash:016x}")
 }
 
+/// What the shared state holds for one key.
+#[derive(Debug)]
 pub(crate) enum Recorded {
+    /// Claimed by a request that has not handed out a number yet; a short lease, so a request
+    /// that died here does not block the key for long.
+    Claimed { fingerprint: String },
+    /// A number was handed out and this is its event; it may or may not be durable yet (a 503
+    /// after the publish frame went out is ambiguous). A retry publishes this same event again.
+    Accepted { fingerprint: String, event: Event },
+    /// The event is durable: a retry gets the number at once.
     Done { fingerprint: String, number: Number },
-    Pending { fingerprint: String },
 }
 
-pub(crate) fn parse_recorded(value: &str) -> Option<Recorded> {
-    let mut parts = value.split(':');
-    match (parts.next()?, parts.next()?, parts.next()) {
-        ("done", fingerprint, Some(number)) => Some(Recorded::Done {
-            fingerprint: fingerprint.to_owned(),
-            number: number.parse().ok().and_then(Number::new)?,
-        }),
-        ("pending", fingerprint, None) => Some(Recorded::Pending {
-            fingerprint: fingerprint.to_owned(),
-        }),
-        _ => None,
+impl Recorded {
+    pub(crate) fn fingerprint(&self) -> &str {
+        match self {
+            Self::Claimed { fingerprint }
+            | Self::Accepted { fingerprint, .. }
+            | Self::Done { fingerprint, .. } => fingerprint,
+        }
+    }
+
+    pub(crate) fn encode(&self) -> String {
+        match self {
+            Self::Claimed { fingerprint } => format!("pending:{fingerprint}"),
+            Self::Accepted { fingerprint, event } => format!(
+                "accepted:{fingerprint}:{}",
+                String::from_utf8_lossy(&event.encode())
+            ),
+            Self::Done {
+                fingerprint,
+                number,
+            } => format!("done:{fingerprint}:{number}"),
+        }
+    }
+
+    pub(crate) fn parse(value: &str) -> Option<Self> {
+        let mut parts = value.splitn(3, ':');
+        let (state, fingerprint) = (parts.next()?, parts.next()?.to_owned());
+        match (state, parts.next()) {
+            ("pending", None) => Some(Self::Claimed { fingerprint }),
+            ("accepted", Some(event)) => Some(Self::Accepted {
+                fingerprint,
+                event: Event::decode(event.as_bytes()).ok()?,
+            }),
+            ("done", Some(number)) => Some(Self::Done {
+                fingerprint,
+                number: number.parse().ok().and_then(Number::new)?,
+            }),
+            _ => None,
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use chatcore::events::EventPayload;
+
     use super::*;
 
     #[test]
@@ -86,15 +129,35 @@ mod tests {
     }
 
     #[test]
-    fn recorded_values_parse() {
+    fn records_round_trip() {
+        let event = Event::new(EventPayload::ChatCreated {
+            application_id: 3,
+            chat_number: Number::new(9).expect("positive"),
+            created_at: chatcore::store::now(),
+        });
+        let records = [
+            Recorded::Claimed {
+                fingerprint: "ab".into(),
+            },
+            Recorded::Accepted {
+                fingerprint: "ab".into(),
+                event: event.clone(),
+            },
+            Recorded::Done {
+                fingerprint: "ab".into(),
+                number: Number::new(7).expect("positive"),
+            },
+        ];
+        for record in records {
+            let parsed = Recorded::parse(&record.encode()).expect("parses");
+            assert_eq!(parsed.encode(), record.encode());
+            assert_eq!(parsed.fingerprint(), "ab");
+        }
         assert!(
-            matches!(parse_recorded("done:ab:7"), Some(Recorded::Done { number, .. }) if number.get() == 7)
+            matches!(Recorded::parse(&format!("accepted:ab:{}", String::from_utf8_lossy(&event.encode()))), Some(Recorded::Accepted { event: parsed, .. }) if parsed == event)
         );
-        assert!(matches!(
-            parse_recorded("pending:ab"),
-            Some(Recorded::Pending { .. })
-        ));
-        assert!(parse_recorded("done:ab:0").is_none());
-        assert!(parse_recorded("garbage").is_none());
+        assert!(Recorded::parse("done:ab:0").is_none());
+        assert!(Recorded::parse("accepted:ab:{not json").is_none());
+        assert!(Recorded::parse("garbage").is_none());
     }
 }

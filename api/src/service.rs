@@ -2,7 +2,6 @@
 //! call one method here and render its answer; this layer resolves tokens, hands out numbers,
 //! publishes events and reads the storage and the index, in domain terms only.
 
-use std::future::Future;
 use std::sync::Arc;
 
 use chatcore::adapters::Adapters;
@@ -19,13 +18,21 @@ use chatcore::store::{ApplicationRow, ChatRow, MessageRow, Storage};
 use quick_cache::sync::Cache;
 
 use crate::error::ApiError;
-use crate::idempotency::{IdempotencyKey, Recorded, fingerprint, parse_recorded};
+use crate::idempotency::{IdempotencyKey, Recorded, fingerprint};
 
 /// Entries of the token -> application id cache. Applications are never deleted, so an entry
 /// never goes stale.
 const APPLICATION_CACHE_ENTRIES: usize = 100_000;
 /// Entries of the cache of chats known to exist (chats are never deleted either).
 const CHAT_CACHE_ENTRIES: usize = 500_000;
+
+/// One dependency as `/readyz` reports it.
+pub struct DependencyCheck {
+    pub dependency: &'static str,
+    pub up: bool,
+    /// Whether the api can serve without it (no: not ready).
+    pub required: bool,
+}
 
 pub struct ChatService {
     settings: ApiConfig,
@@ -54,19 +61,26 @@ impl ChatService {
         }
     }
 
-    /// Whether each dependency answers, by its kind.
-    pub async fn readiness(&self) -> [(&'static str, bool); 4] {
+    /// Whether each dependency answers, by its kind, and whether it is needed to serve: search is
+    /// needed by the search endpoint alone, so an unreachable index does not take the api out of
+    /// service.
+    pub async fn readiness(&self) -> [DependencyCheck; 4] {
         let (storage, counters, queue, search) = tokio::join!(
             self.storage.ping(),
             self.state.ping(),
             self.queue.is_ready(),
             self.search.ping(),
         );
+        let check = |dependency, up, required| DependencyCheck {
+            dependency,
+            up,
+            required,
+        };
         [
-            (self.storage.kind(), storage.is_ok()),
-            (self.state.kind(), counters.is_ok()),
-            (self.queue.kind(), queue),
-            (self.search.kind(), search.is_ok()),
+            check(self.storage.kind(), storage.is_ok(), true),
+            check(self.state.kind(), counters.is_ok(), true),
+            check(self.queue.kind(), queue, true),
+            check(self.search.kind(), search.is_ok(), false),
         ]
     }
 
@@ -115,28 +129,12 @@ impl ChatService {
     ) -> Result<Number, ApiError> {
         let application_id = self.application_id(token).await?;
         let scope = Scope::ChatsOf { application_id };
-        self.accept_once(idempotency_key, &scope, b"", || async {
-            let number = self
-                .publish_numbered(&scope, trace, |chat_number| EventPayload::ChatCreated {
-                    application_id,
-                    chat_number,
-                    created_at: chatcore::store::now(),
-                })
-                .await?;
-            // Failing to remember the chat only delays posting to it, so it does not fail the
-            // request.
-            let remembered = self
-                .state
-                .set(
-                    &self.pending_chat_key(application_id, number),
-                    "1",
-                    self.settings.pending_chat_ttl,
-                )
-                .await;
-            if let Err(error) = remembered {
-                tracing::warn!(%error, application_id, chat_number = %number, "could not mark the accepted chat as pending");
+        self.accept(idempotency_key, &scope, b"", trace, |chat_number| {
+            EventPayload::ChatCreated {
+                application_id,
+                chat_number,
+                created_at: chatcore::store::now(),
             }
-            Ok(number)
         })
         .await
     }
@@ -175,17 +173,19 @@ impl ChatService {
             chat_number,
         };
         let fingerprint = body.as_str().as_bytes().to_vec();
-        self.accept_once(idempotency_key, &scope, &fingerprint, || {
-            self.publish_numbered(&scope, trace, |message_number| {
-                EventPayload::MessageCreated {
-                    application_id,
-                    chat_number,
-                    message_number,
-                    body: body.into_string(),
-                    created_at: chatcore::store::now(),
-                }
-            })
-        })
+        self.accept(
+            idempotency_key,
+            &scope,
+            &fingerprint,
+            trace,
+            |message_number| EventPayload::MessageCreated {
+                application_id,
+                chat_number,
+                message_number,
+                body: body.into_string(),
+                created_at: chatcore::store::now(),
+            },
+        )
         .await
     }
 
@@ -267,18 +267,126 @@ impl ChatService {
             .await?)
     }
 
-    /// Hands out the next number of the scope and publishes the event that carries it.
-    async fn publish_numbered(
+    /// Hands out the next number of the scope and publishes the event that carries it, once per
+    /// idempotency key (see [`crate::idempotency`]).
+    async fn accept(
         &self,
+        idempotency_key: IdempotencyKey,
         scope: &Scope,
+        body: &[u8],
         trace: &TraceContext,
         payload: impl FnOnce(Number) -> EventPayload,
     ) -> Result<Number, ApiError> {
-        let number = self.allocator.allocate(scope).await?;
-        self.queue
-            .publish(&Event::new(payload(number)), trace)
+        let Some(key) = idempotency_key.0 else {
+            let number = self.allocator.allocate(scope).await?;
+            return self
+                .publish_accepted(&Event::new(payload(number)), trace)
+                .await;
+        };
+        let record_key = format!("{}:idempotency:{}:{key}", self.key_prefix, scope.id());
+        let fingerprint = fingerprint(body);
+        let claim = Recorded::Claimed {
+            fingerprint: fingerprint.clone(),
+        };
+        let claimed = self
+            .state
+            .set_if_absent(
+                &record_key,
+                &claim.encode(),
+                self.settings.idempotency_lease,
+            )
+            .await?;
+        if !claimed {
+            let recorded = self.state.get(&record_key).await?;
+            return match recorded.as_deref().and_then(Recorded::parse) {
+                Some(recorded) if recorded.fingerprint() != fingerprint => {
+                    Err(ApiError::IdempotencyKeyReused)
+                }
+                Some(Recorded::Done { number, .. }) => Ok(number),
+                // Maybe durable, maybe not: the same event again.
+                Some(Recorded::Accepted { event, .. }) => {
+                    self.publish_recorded(&record_key, fingerprint, &event, trace)
+                        .await
+                }
+                // Claimed by a request still running (or one that died: the lease runs out), or
+                // expired between the claim and the read.
+                Some(Recorded::Claimed { .. }) | None => Err(ApiError::IdempotencyKeyInUse),
+            };
+        }
+        let number = match self.allocator.allocate(scope).await {
+            Ok(number) => number,
+            Err(error) => {
+                // Nothing was handed out: the client may retry with the same key at once.
+                if let Err(release) = self.state.delete(&record_key).await {
+                    tracing::warn!(error = %release, "could not release an idempotency key");
+                }
+                return Err(error.into());
+            }
+        };
+        let event = Event::new(payload(number));
+        let accepted = Recorded::Accepted {
+            fingerprint: fingerprint.clone(),
+            event: event.clone(),
+        };
+        self.state
+            .set(
+                &record_key,
+                &accepted.encode(),
+                self.settings.idempotency_ttl,
+            )
+            .await?;
+        self.publish_recorded(&record_key, fingerprint, &event, trace)
+            .await
+    }
+
+    /// Publishes an event recorded for an idempotency key, then records its number as done. A
+    /// failed publish leaves the record as it is, for the retry.
+    async fn publish_recorded(
+        &self,
+        record_key: &str,
+        fingerprint: String,
+        event: &Event,
+        trace: &TraceContext,
+    ) -> Result<Number, ApiError> {
+        let number = self.publish_accepted(event, trace).await?;
+        let done = Recorded::Done {
+            fingerprint,
+            number,
+        };
+        self.state
+            .set(record_key, &done.encode(), self.settings.idempotency_ttl)
             .await?;
         Ok(number)
+    }
+
+    /// Publishes the event of an accepted chat or message and returns its number. A chat is
+    /// remembered once its event is durable, so messages can be posted to it before its row is
+    /// written; failing to remember only delays that, so it does not fail the request.
+    async fn publish_accepted(
+        &self,
+        event: &Event,
+        trace: &TraceContext,
+    ) -> Result<Number, ApiError> {
+        self.queue.publish(event, trace).await?;
+        if let EventPayload::ChatCreated {
+            application_id,
+            chat_number,
+            ..
+        } = event.payload
+        {
+            let remembered = self
+                .state
+                .set(
+                    &self.pending_chat_key(application_id, chat_number),
+                    "1",
+                    self.settings.pending_chat_ttl,
+                )
+                .await;
+            if let Err(error) = remembered {
+                tracing::warn!(%error, application_id, %chat_number, "could not mark the accepted chat as pending");
+            }
+        }
+        Ok(event.number())
     }
 
     /// Resolves a token to the internal application id (cached), or 404.
@@ -347,62 +455,6 @@ impl ChatService {
             Ok(handed_out) if number.get() <= handed_out => ApiError::NotPersistedYet(number.get()),
             Ok(_) => ApiError::NotFound("message"),
             Err(error) => error.into(),
-        }
-    }
-
-    /// Runs `accept` once per idempotency key: a repeated key (with the same body) returns the
-    /// first number. See [`crate::idempotency`].
-    async fn accept_once<F, Fut>(
-        &self,
-        key: IdempotencyKey,
-        scope: &Scope,
-        body: &[u8],
-        accept: F,
-    ) -> Result<Number, ApiError>
-    where
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<Number, ApiError>>,
-    {
-        let Some(key) = key.0 else {
-            return accept().await;
-        };
-        let state_key = format!("{}:idempotency:{}:{key}", self.key_prefix, scope.id());
-        let fingerprint = fingerprint(body);
-        let ttl = self.settings.idempotency_ttl;
-        let claimed = self
-            .state
-            .set_if_absent(&state_key, &format!("pending:{fingerprint}"), ttl)
-            .await?;
-        if !claimed {
-            let recorded = self.state.get(&state_key).await?;
-            return match recorded.as_deref().and_then(parse_recorded) {
-                Some(Recorded::Done {
-                    fingerprint: first,
-                    number,
-                }) if first == fingerprint => Ok(number),
-                Some(Recorded::Pending { fingerprint: first }) if first == fingerprint => {
-                    Err(ApiError::IdempotencyKeyInUse)
-                }
-                Some(_) => Err(ApiError::IdempotencyKeyReused),
-                // Expired between the claim and the read: treat as in progress, the retry will
-                // claim it.
-                None => Err(ApiError::IdempotencyKeyInUse),
-            };
-        }
-        match accept().await {
-            Ok(number) => {
-                self.state
-                    .set(&state_key, &format!("done:{fingerprint}:{number}"), ttl)
-                    .await?;
-                Ok(number)
-            }
-            Err(error) => {
-                // Nothing was accepted: the client may retry with the same key.
-                if let Err(release) = self.state.delete(&state_key).await {
-                    tracing::warn!(error = %release, "could not release an idempotency key");
-                }
-                Err(error)
-            }
         }
     }
 }

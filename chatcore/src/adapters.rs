@@ -84,6 +84,33 @@ impl Adapters {
     }
 }
 
+/// How often the api checks that its queue is still connected.
+const QUEUE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Keeps the queue connected until `shutdown`: after the broker restarts or drops the connection
+/// it is opened again in the background, with backoff, so readiness recovers without a request.
+pub async fn keep_queue_connected(queue: Arc<dyn EventQueue>, shutdown: CancellationToken) {
+    let backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    while !retry::sleep_or_cancel(QUEUE_CHECK_INTERVAL, &shutdown).await {
+        if queue.is_ready().await {
+            continue;
+        }
+        let reconnected = retry::retry(
+            backoff,
+            &shutdown,
+            || queue.ensure_topology(),
+            |error, attempt, delay| {
+                tracing::warn!(%error, attempt, delay_ms = delay.as_millis() as u64, "queue unreachable, reconnecting");
+                true
+            },
+        )
+        .await;
+        if reconnected.is_ok() {
+            tracing::info!(queue = queue.kind(), "queue reconnected");
+        }
+    }
+}
+
 /// The storage: MySQL when `DATABASE_URL` is set, else the embedded `chat.db`.
 pub async fn storage(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Arc<dyn Storage>> {
     let storage: Arc<dyn Storage> = match &config.database_url {

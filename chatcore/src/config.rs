@@ -135,6 +135,9 @@ pub struct ApiConfig {
     pub pending_chat_ttl: Duration,
     /// How long an `Idempotency-Key` is remembered.
     pub idempotency_ttl: Duration,
+    /// How long a claimed `Idempotency-Key` waits for its request to hand out a number; a request
+    /// that died before that blocks the key no longer than this.
+    pub idempotency_lease: Duration,
     pub default_page_size: u32,
     pub max_page_size: u32,
 }
@@ -211,6 +214,9 @@ impl Config {
                 idempotency_ttl: Duration::from_secs(
                     settings.parse("CHAT_IDEMPOTENCY_TTL_SECONDS", 86_400)?,
                 ),
+                idempotency_lease: Duration::from_secs(
+                    settings.parse("CHAT_IDEMPOTENCY_LEASE_SECONDS", 30)?,
+                ),
                 default_page_size: settings.parse("CHAT_DEFAULT_PAGE_SIZE", 25)?,
                 max_page_size: settings.parse("CHAT_MAX_PAGE_SIZE", 100)?,
             },
@@ -259,6 +265,16 @@ impl Config {
                 "CHAT_RETRY_BASE_DELAY_MS",
                 self.consumer.retry.base.as_millis().to_string(),
                 "must be at least 1 and at most CHAT_RETRY_MAX_DELAY_MS",
+            ));
+        }
+        if self.api.idempotency_lease <= self.api.request_timeout
+            || self.api.idempotency_lease > self.api.idempotency_ttl
+        {
+            // A shorter lease would let a retry claim a key whose request still runs.
+            return Err(invalid(
+                "CHAT_IDEMPOTENCY_LEASE_SECONDS",
+                self.api.idempotency_lease.as_secs().to_string(),
+                "must be longer than CHAT_REQUEST_TIMEOUT_MS and at most CHAT_IDEMPOTENCY_TTL_SECONDS",
             ));
         }
         if self.counter_sync.lease.duration.is_zero() {

@@ -127,6 +127,15 @@ impl Event {
         }
     }
 
+    /// The number of the chat or message the event is about.
+    pub fn number(&self) -> Number {
+        match self.payload {
+            EventPayload::ChatCreated { chat_number, .. } => chat_number,
+            EventPayload::MessageCreated { message_number, .. }
+            | EventPayload::MessageUpdated { message_number, .. } => message_number,
+        }
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("an event always serializes")
     }

@@ -4,6 +4,7 @@
 mod architecture;
 mod contract;
 mod embedded;
+mod faults;
 mod kubernetes;
 mod observability;
 mod pipeline;

@@ -10,6 +10,7 @@ use futures_util::future::join_all;
 use lapin::options::{BasicGetOptions, BasicPublishOptions};
 use lapin::types::FieldTable;
 use serde_json::json;
+use system_tests::own_redis::OwnRedis;
 use system_tests::{StatusCode, TestEnv, both_stacks, eventually, kill_hard};
 
 const LONG: Duration = Duration::from_secs(90);
@@ -186,66 +187,6 @@ pub async fn terminate(
         .await?;
     anyhow::ensure!(sent.success(), "kill -TERM failed");
     Ok(tokio::time::timeout(Duration::from_secs(15), child.wait()).await??)
-}
-
-/// A Redis of the test's own (FLUSHALL and restarts would disturb other tests on the shared one).
-struct OwnRedis {
-    port: u16,
-    process: tokio::process::Child,
-}
-
-impl OwnRedis {
-    async fn start() -> anyhow::Result<Self> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let process = Self::start_on(port).await?;
-        Ok(Self { port, process })
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
-    }
-
-    async fn connection(&self) -> anyhow::Result<redis::aio::MultiplexedConnection> {
-        Ok(redis::Client::open(self.url())?
-            .get_multiplexed_async_connection()
-            .await?)
-    }
-
-    /// Restarts without persistence: every counter is gone.
-    async fn restart_empty(&mut self) -> anyhow::Result<()> {
-        self.process.kill().await?;
-        self.process = Self::start_on(self.port).await?;
-        Ok(())
-    }
-
-    /// A redis-server that keeps nothing on disk, once it answers.
-    async fn start_on(port: u16) -> anyhow::Result<tokio::process::Child> {
-        let process = tokio::process::Command::new("redis-server")
-            .args([
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                &port.to_string(),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()?;
-        let url = format!("redis://127.0.0.1:{port}/0");
-        eventually("redis answers", Duration::from_secs(10), || async {
-            Ok(redis::Client::open(url.as_str())?
-                .get_multiplexed_async_connection()
-                .await
-                .is_ok())
-        })
-        .await?;
-        Ok(process)
-    }
 }
 
 #[tokio::test]

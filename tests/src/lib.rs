@@ -25,6 +25,8 @@ use tokio_util::sync::CancellationToken;
 
 pub use reqwest::StatusCode;
 
+pub mod own_redis;
+
 fn env_or(name: &str, default: &str) -> String {
     std::env::var(name)
         .ok()
@@ -37,6 +39,8 @@ pub struct Services {
     pub mysql_admin_url: String,
     pub redis_url: String,
     pub amqp_url: String,
+    /// RabbitMQ's management API (guest/guest).
+    pub amqp_management_url: String,
     pub elasticsearch_url: String,
     /// The Elasticsearch 7.17 node `scripts/test` starts beside the 8.x one.
     pub elasticsearch_7_url: String,
@@ -47,12 +51,14 @@ impl Services {
         let mysql_port = env_or("MYSQL_PORT", "3306");
         let redis_port = env_or("REDIS_PORT", "6379");
         let amqp_port = env_or("AMQP_PORT", "5672");
+        let amqp_management_port = env_or("AMQP_MANAGEMENT_PORT", "15672");
         let es_port = env_or("ES_PORT", "9200");
         let es7_port = env_or("ES7_PORT", "9201");
         Self {
             mysql_admin_url: format!("mysql://chat:chat@127.0.0.1:{mysql_port}"),
             redis_url: format!("redis://127.0.0.1:{redis_port}/0"),
             amqp_url: format!("amqp://guest:guest@127.0.0.1:{amqp_port}/%2f"),
+            amqp_management_url: format!("http://127.0.0.1:{amqp_management_port}/api"),
             elasticsearch_url: format!("http://127.0.0.1:{es_port}"),
             elasticsearch_7_url: format!("http://127.0.0.1:{es7_port}"),
         }
@@ -425,6 +431,42 @@ impl TestEnv {
         )
     }
 
+    /// Closes, from the broker's side, the RabbitMQ connections whose name starts with `prefix`
+    /// (as a broker restart or a network cut would); returns how many.
+    pub async fn drop_amqp_connections(&self, prefix: &str) -> anyhow::Result<usize> {
+        let http = reqwest::Client::new();
+        let api = &self.services.amqp_management_url;
+        let connections: Vec<Value> = http
+            .get(format!("{api}/connections"))
+            .basic_auth("guest", Some("guest"))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        let mut closed = 0;
+        for connection in connections {
+            let named = connection["client_properties"]["connection_name"]
+                .as_str()
+                .is_some_and(|name| name.starts_with(prefix));
+            let Some(name) = connection["name"].as_str().filter(|_| named) else {
+                continue;
+            };
+            let mut url = reqwest::Url::parse(&format!("{api}/connections/"))?;
+            url.path_segments_mut()
+                .map_err(|()| anyhow::anyhow!("base url"))?
+                .pop_if_empty()
+                .push(name);
+            http.delete(url)
+                .basic_auth("guest", Some("guest"))
+                .send()
+                .await?
+                .error_for_status()?;
+            closed += 1;
+        }
+        Ok(closed)
+    }
+
     /// Depth of a queue (messages ready).
     pub async fn queue_depth(&self, queue: &str) -> anyhow::Result<u32> {
         let queue_of = chatcore::adapters::queue(&self.config(), &Metrics::new()).await?;
@@ -561,6 +603,42 @@ impl Client {
             "create chat: {reply:?}"
         );
         reply.body["number"].as_u64().context("number")
+    }
+
+    /// Posts a message as a careful client does: with an `Idempotency-Key`, retrying on 5xx and
+    /// 409 (in progress) with the same key until it is accepted; returns its number.
+    pub async fn create_message_carefully(
+        &self,
+        token: &str,
+        chat: u64,
+        body: &str,
+        idempotency_key: &str,
+    ) -> anyhow::Result<u64> {
+        let path = format!("/applications/{token}/chats/{chat}/messages");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let request = self
+                .request(reqwest::Method::POST, &path)
+                .header("idempotency-key", idempotency_key)
+                .json(&serde_json::json!({ "body": body }));
+            let reply = self.send(request).await;
+            match reply {
+                Ok(reply) if reply.status == StatusCode::ACCEPTED => {
+                    return reply.body["number"].as_u64().context("number");
+                }
+                Ok(reply)
+                    if !(reply.status.is_server_error()
+                        || reply.status == StatusCode::CONFLICT) =>
+                {
+                    bail!("create message: {reply:?}")
+                }
+                // A 5xx, a 409 or a dropped connection: the same request again.
+                _ if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                other => bail!("create message kept failing: {other:?}"),
+            }
+        }
     }
 
     /// Posts a message (202) and returns its number.

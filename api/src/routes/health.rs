@@ -1,4 +1,5 @@
-//! `/livez`: the process is up. `/readyz`: every dependency answers (503 otherwise).
+//! `/livez`: the process is up. `/readyz`: every dependency the api needs to serve answers (503
+//! otherwise); the search index is reported but not required (only search needs it).
 //! `/metrics`: Prometheus metrics of this process.
 
 use axum::extract::State;
@@ -28,7 +29,7 @@ async fn metrics(State(state): State<AppState>) -> impl axum::response::IntoResp
 
 async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     let checks = state.service().readiness().await;
-    let ready = checks.iter().all(|(_, up)| *up);
+    let ready = checks.iter().all(|check| check.up || !check.required);
     let status = if ready {
         StatusCode::OK
     } else {
@@ -36,7 +37,7 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     };
     let checks: serde_json::Map<String, Value> = checks
         .into_iter()
-        .map(|(name, up)| (name.to_owned(), Value::Bool(up)))
+        .map(|check| (check.dependency.to_owned(), Value::Bool(check.up)))
         .collect();
     (
         status,

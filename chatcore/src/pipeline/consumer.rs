@@ -9,8 +9,10 @@
 //!   to `max_attempts`; an event that still fails is rejected into the dead-letter queue and the
 //!   consumer goes on.
 //!
-//! Events that do not decode are dead-lettered at once: retrying cannot fix them. When the queue
-//! itself fails (the broker connection is lost), the consumer opens it again with backoff.
+//! Events that do not decode are dead-lettered at once: retrying cannot fix them. Events of a newer
+//! schema version than this consumer knows are handed back to the queue for an upgraded consumer
+//! (during a rolling upgrade), with a growing pause. When the queue itself fails (the broker
+//! connection is lost), the consumer opens it again with backoff.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -20,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::config::{ConsumerConfig, Topology};
-use crate::events::{Consumer, Event, TraceContext};
+use crate::events::{Consumer, DecodeError, Event, TraceContext};
 use crate::health::Readiness;
 use crate::metrics::{Metrics, QueueLabels};
 use crate::queue::{Delivery, EventQueue, EventSource, QueueError};
@@ -129,6 +131,7 @@ async fn consume<H: BatchHandler>(
     observers: &Observers,
 ) -> Result<(), QueueError> {
     let observe = observers.batch(queue);
+    let mut batches_with_postponed_events = 0;
     loop {
         let Some(deliveries) = source.next_batch(settings, shutdown).await? else {
             return Ok(());
@@ -137,14 +140,25 @@ async fn consume<H: BatchHandler>(
             source, system, deliveries, handler, settings, shutdown, &observe,
         )
         .await?;
-        if !settled {
+        let Some(postponed) = settled else {
             // Shutdown arrived while a batch was being retried: leave it for redelivery.
+            return Ok(());
+        };
+        if postponed == 0 {
+            batches_with_postponed_events = 0;
+            continue;
+        }
+        // They come straight back: wait a little longer each time instead of spinning on them.
+        batches_with_postponed_events += 1;
+        let delay = settings.retry.delay(batches_with_postponed_events);
+        if retry::sleep_or_cancel(delay, shutdown).await {
             return Ok(());
         }
     }
 }
 
-/// Returns false when shutdown interrupted retries and the batch was left unacknowledged.
+/// Returns how many events were postponed (handed back to the queue for a later consumer), or
+/// None when shutdown interrupted retries and the batch was left unacknowledged.
 async fn process_batch<H: BatchHandler>(
     source: &mut dyn EventSource,
     system: &'static str,
@@ -153,7 +167,7 @@ async fn process_batch<H: BatchHandler>(
     settings: &ConsumerConfig,
     shutdown: &CancellationToken,
     observe: &BatchObserver<'_>,
-) -> Result<bool, QueueError> {
+) -> Result<Option<usize>, QueueError> {
     let started = std::time::Instant::now();
     let delivered = deliveries.len() as u64;
     observe
@@ -161,8 +175,9 @@ async fn process_batch<H: BatchHandler>(
         .batch_size
         .get_or_create(&observe.labels)
         .observe(delivered as f64);
-    let mut dead_lettered = 0u64;
-    let tags: Vec<u64> = deliveries.iter().map(|delivery| delivery.tag).collect();
+    let mut tags: Vec<u64> = deliveries.iter().map(|delivery| delivery.tag).collect();
+    let mut dead_tags = Vec::new();
+    let mut postponed_tags = Vec::new();
     let mut decoded = Vec::with_capacity(deliveries.len());
     for delivery in deliveries {
         match Event::decode(&delivery.data) {
@@ -173,10 +188,16 @@ async fn process_batch<H: BatchHandler>(
                     trace: delivery.trace,
                 },
             )),
+            // During a rolling upgrade a new api may publish before every consumer is new.
+            Err(error @ DecodeError::UnsupportedVersion { .. }) => {
+                tracing::warn!(delivery_tag = delivery.tag, %error, "an event of a newer schema waits for an upgraded consumer");
+                source.postpone(delivery.tag).await?;
+                postponed_tags.push(delivery.tag);
+            }
             Err(error) => {
                 tracing::error!(delivery_tag = delivery.tag, %error, "dead-lettering an event that does not decode");
                 source.dead_letter(delivery.tag).await?;
-                dead_lettered += 1;
+                dead_tags.push(delivery.tag);
             }
         }
     }
@@ -207,7 +228,7 @@ async fn process_batch<H: BatchHandler>(
                 let _in_event = event_spans.first().map(tracing::Span::enter);
                 tracing::debug!(events = events.len(), "batch written");
             }
-            Outcome::Interrupted => return Ok(false),
+            Outcome::Interrupted => return Ok(None),
             Outcome::Permanent(error) => {
                 tracing::warn!(events = events.len(), error = %format!("{error:#}"), "batch failed permanently, retrying its events one by one");
                 for (delivery_tag, received) in &decoded {
@@ -223,18 +244,22 @@ async fn process_batch<H: BatchHandler>(
                     .await
                     {
                         Outcome::Done => {}
-                        Outcome::Interrupted => return Ok(false),
+                        Outcome::Interrupted => return Ok(None),
                         Outcome::Permanent(error) => {
                             tracing::error!(event_id = %received.event.event_id, trace_id = received.trace.as_ref().map(TraceContext::trace_id), error = %format!("{error:#}"), "dead-lettering an event that keeps failing");
                             source.dead_letter(*delivery_tag).await?;
-                            dead_lettered += 1;
+                            dead_tags.push(*delivery_tag);
                         }
                     }
                 }
             }
         }
     }
+    // A delivery that was dead-lettered is settled: the ack must not name it (an ack of an
+    // unknown tag closes a RabbitMQ channel).
+    tags.retain(|tag| !dead_tags.contains(tag) && !postponed_tags.contains(tag));
     source.acknowledge(&tags).await?;
+    let dead_lettered = dead_tags.len() as u64;
     let metrics = observe.metrics;
     metrics
         .batch_duration
@@ -243,12 +268,12 @@ async fn process_batch<H: BatchHandler>(
     metrics
         .events_processed
         .get_or_create(&observe.labels)
-        .inc_by(delivered - dead_lettered);
+        .inc_by(delivered - dead_lettered - postponed_tags.len() as u64);
     metrics
         .events_dead_lettered
         .get_or_create(&observe.labels)
         .inc_by(dead_lettered);
-    Ok(true)
+    Ok(Some(postponed_tags.len()))
 }
 
 fn event_span(system: &'static str, queue: &str, received: &Received) -> tracing::Span {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use super::consumer::{BatchHandler, HandleError, Received};
 use crate::events::EventPayload;
-use crate::store::{IngestBatch, NewMessage, Storage};
+use crate::store::{ChatKey, IngestBatch, NewMessage, Storage, StorageError};
 
 /// Writes batches of accepted chats and messages to the storage (MySQL, or SQLite embedded).
 pub struct IngestWriter {
@@ -27,7 +27,7 @@ impl BatchHandler for IngestWriter {
 
     async fn handle(&self, batch: &[Received]) -> Result<(), HandleError> {
         self.storage
-            .write_ingest_batch(&ingest_batch(batch))
+            .write_ingest_batch(&ingest_batch(batch).map_err(HandleError::of)?)
             .await
             .map_err(HandleError::of)
     }
@@ -36,7 +36,7 @@ impl BatchHandler for IngestWriter {
 /// What a batch of events writes: each chat once (with its earliest creation time), also the
 /// chats that messages refer to (a message may arrive before its chat), and the messages.
 /// Updates are written synchronously by the api; only the indexer consumes them.
-fn ingest_batch(batch: &[Received]) -> IngestBatch<'_> {
+fn ingest_batch(batch: &[Received]) -> Result<IngestBatch<'_>, StorageError> {
     let mut ingest = IngestBatch::default();
     for received in batch {
         match &received.event.payload {
@@ -60,17 +60,38 @@ fn ingest_batch(batch: &[Received]) -> IngestBatch<'_> {
             } => {
                 let key = (*application_id, *chat_number);
                 ingest.chats.entry(key).or_insert(*created_at);
-                ingest.messages.entry(key).or_default().insert(
-                    *message_number,
-                    NewMessage {
-                        number: *message_number,
-                        body,
-                        created_at: *created_at,
-                    },
-                );
+                let message = NewMessage {
+                    event_id: received.event.event_id,
+                    number: *message_number,
+                    body,
+                    created_at: *created_at,
+                };
+                let chat_messages = ingest.messages.entry(key).or_default();
+                if let Some(earlier) = chat_messages.get(message_number) {
+                    // The same event twice is a redelivery; two events with one number are not.
+                    first_conflict_in_batch(key, earlier, &message)?;
+                    continue;
+                }
+                chat_messages.insert(*message_number, message);
             }
             EventPayload::MessageUpdated { .. } => {}
         }
     }
-    ingest
+    Ok(ingest)
+}
+
+fn first_conflict_in_batch(
+    chat: ChatKey,
+    earlier: &NewMessage<'_>,
+    message: &NewMessage<'_>,
+) -> Result<(), StorageError> {
+    if earlier.event_id == message.event_id {
+        return Ok(());
+    }
+    Err(StorageError::NumberConflict {
+        application_id: chat.0,
+        chat_number: chat.1,
+        number: message.number,
+        event_id: message.event_id,
+    })
 }

@@ -119,7 +119,10 @@ pub trait EventSource: Send {
     /// Moves one event of the current batch to the queue's dead-letter queue.
     async fn dead_letter(&mut self, tag: u64) -> Result<(), QueueError>;
 
-    /// Removes the batch from the queue: every event of it that was not dead-lettered is done.
+    /// Hands one event of the current batch back to the queue, for a later delivery.
+    async fn postpone(&mut self, tag: u64) -> Result<(), QueueError>;
+
+    /// Removes these events of the current batch from the queue: they are done.
     async fn acknowledge(&mut self, batch: &[u64]) -> Result<(), QueueError>;
 
     /// Stops consuming; every delivery not acknowledged goes back to the queue.

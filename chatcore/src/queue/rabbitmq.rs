@@ -11,9 +11,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures_util::StreamExt as _;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
-    BasicRejectOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
+    BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{
@@ -76,7 +76,8 @@ impl RabbitMqQueue {
             return Ok((current.channel.clone(), current.generation));
         }
         let generation = link.as_ref().map_or(0, |link| link.generation + 1);
-        let connection = connect(&self.url, "chat-publisher").await?;
+        let connection_name = format!("{} publisher", self.topology.exchange);
+        let connection = connect(&self.url, &connection_name).await?;
         let channel = connection.create_channel().await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
@@ -392,8 +393,22 @@ impl EventSource for RabbitMqSource {
         Ok(())
     }
 
+    async fn postpone(&mut self, tag: u64) -> Result<(), QueueError> {
+        self.channel
+            .basic_nack(
+                tag,
+                BasicNackOptions {
+                    multiple: false,
+                    requeue: true,
+                },
+            )
+            .await?;
+        Ok(())
+    }
+
     async fn acknowledge(&mut self, batch: &[u64]) -> Result<(), QueueError> {
-        // Delivery tags grow within a channel: one multiple-ack settles the whole batch.
+        // Delivery tags grow within a channel: one multiple-ack up to the highest tag settles them
+        // all (a dead-lettered or postponed tag below it is no longer outstanding: skipped).
         if let Some(last) = batch.iter().max() {
             self.channel
                 .basic_ack(*last, BasicAckOptions { multiple: true })

@@ -263,6 +263,11 @@ impl EventSource for SqliteQueueSource {
         Ok(())
     }
 
+    async fn postpone(&mut self, _tag: u64) -> Result<(), QueueError> {
+        // Not acknowledged, the row stays first in the queue for the next batch.
+        Ok(())
+    }
+
     async fn acknowledge(&mut self, batch: &[u64]) -> Result<(), QueueError> {
         if batch.is_empty() {
             return Ok(());

@@ -131,6 +131,11 @@ impl EventSource for TimedSource {
         self.metrics.time(self.kind, "dead_letter", call).await
     }
 
+    async fn postpone(&mut self, tag: u64) -> Result<(), QueueError> {
+        let call = self.inner.postpone(tag);
+        self.metrics.time(self.kind, "postpone", call).await
+    }
+
     async fn acknowledge(&mut self, batch: &[u64]) -> Result<(), QueueError> {
         let call = self.inner.acknowledge(batch);
         self.metrics.time(self.kind, "acknowledge", call).await

@@ -297,9 +297,14 @@ impl BulkItem {
                 error.as_ref().map(Value::to_string).unwrap_or_default()
             )
         };
+        let blocked = error
+            .as_ref()
+            .is_some_and(|error| error["type"] == "cluster_block_exception");
         match status {
             200..=299 | 409 => ItemOutcome::Done,
             429 | 500.. => ItemOutcome::Transient(describe()),
+            // A read-only block (disk flood stage, maintenance) is lifted, not fixed by the event.
+            403 if blocked => ItemOutcome::Transient(describe()),
             _ => ItemOutcome::Permanent(describe()),
         }
     }

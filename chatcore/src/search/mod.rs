@@ -42,7 +42,12 @@ impl Transient for SearchError {
     fn is_transient(&self) -> bool {
         match self {
             Self::Unavailable(_) => true,
-            Self::Status { status, .. } => *status == 429 || *status >= 500,
+            // 403 cluster_block_exception: a read-only block (disk flood stage), lifted later.
+            Self::Status { status, body } => {
+                *status == 429
+                    || *status >= 500
+                    || (*status == 403 && body.contains("cluster_block_exception"))
+            }
             Self::Rejected { .. } | Self::InvalidUrl(_) => false,
             Self::Database(error) => crate::store::is_transient(error),
         }

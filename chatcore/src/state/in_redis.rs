@@ -1,5 +1,5 @@
-//! [`SharedState`] on Redis: a counter is a hash `{next, ceil, epoch}` changed by Lua scripts, so
-//! every step is atomic across api replicas; keys are plain strings with a TTL.
+//! [`SharedState`] on Redis: a counter is a hash `{next, ceil, epoch, server}` changed by Lua
+//! scripts, so every step is atomic across api replicas; keys are plain strings with a TTL.
 
 use std::time::Duration;
 
@@ -21,44 +21,78 @@ pub async fn connect_redis(url: &SecretUrl) -> Result<ConnectionManager, redis::
     ConnectionManager::new_with_config(client, settings).await
 }
 
-/// Returns `{}` when the counter does not exist, else `{next, ceil, epoch}` after incrementing.
-const INCREMENT: &str = r"
-if redis.call('EXISTS', KEYS[1]) == 0 then return {} end
+/// Lua that sets `server` to the run id of the Redis server running the script. A counter
+/// remembers the server that installed it; on any other server (a restart, even one that reloaded
+/// the data from disk, or a replica promoted after a failover) it may have gone back in time and
+/// is treated as absent, so numbering reseeds it above every durable reservation.
+macro_rules! this_server {
+    () => {
+        "local server = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')\n"
+    };
+}
+
+/// Returns `{}` when there is no counter this server installed, else `{next, ceil, epoch}` after
+/// incrementing.
+const INCREMENT: &str = concat!(
+    this_server!(),
+    r"
+local state = redis.call('HMGET', KEYS[1], 'ceil', 'epoch', 'server')
+if not state[1] or state[3] ~= server then return {} end
 local next = redis.call('HINCRBY', KEYS[1], 'next', 1)
-local state = redis.call('HMGET', KEYS[1], 'ceil', 'epoch')
 return {next, tonumber(state[1]), tonumber(state[2])}
-";
+"
+);
 
-/// Installs a counter unless Redis already holds the same or a newer epoch.
-const SEED: &str = r"
-local epoch = redis.call('HGET', KEYS[1], 'epoch')
-if epoch and tonumber(epoch) >= tonumber(ARGV[3]) then return 0 end
-redis.call('HSET', KEYS[1], 'next', ARGV[1], 'ceil', ARGV[2], 'epoch', ARGV[3])
+/// `{next, ceil, epoch}` of the counter this server installed, or `{}`.
+const READ: &str = concat!(
+    this_server!(),
+    r"
+local state = redis.call('HMGET', KEYS[1], 'next', 'ceil', 'epoch', 'server')
+if not state[1] or state[4] ~= server then return {} end
+return {tonumber(state[1]), tonumber(state[2]), tonumber(state[3])}
+"
+);
+
+/// Installs a counter unless this server already holds one of the same or a newer epoch.
+const SEED: &str = concat!(
+    this_server!(),
+    r"
+local state = redis.call('HMGET', KEYS[1], 'epoch', 'server')
+if state[1] and state[2] == server and tonumber(state[1]) >= tonumber(ARGV[3]) then return 0 end
+redis.call('HSET', KEYS[1], 'next', ARGV[1], 'ceil', ARGV[2], 'epoch', ARGV[3], 'server', server)
 return 1
-";
+"
+);
 
-/// Raises the ceiling of the current epoch; a stale epoch changes nothing.
-const RAISE_CEILING: &str = r"
-local state = redis.call('HMGET', KEYS[1], 'ceil', 'epoch')
-if not state[2] or tonumber(state[2]) ~= tonumber(ARGV[2]) then return 0 end
+/// Raises the ceiling of the current epoch; a stale epoch or server changes nothing.
+const RAISE_CEILING: &str = concat!(
+    this_server!(),
+    r"
+local state = redis.call('HMGET', KEYS[1], 'ceil', 'epoch', 'server')
+if not state[2] or state[3] ~= server or tonumber(state[2]) ~= tonumber(ARGV[2]) then return 0 end
 if tonumber(state[1]) < tonumber(ARGV[1]) then redis.call('HSET', KEYS[1], 'ceil', ARGV[1]) end
 return 1
-";
+"
+);
 
 /// Raises `next` to at least ARGV[1]; leaves `ceil` alone, so the next allocation extends the
 /// reservation under the epoch check.
-const RAISE_NEXT: &str = r"
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-local next = tonumber(redis.call('HGET', KEYS[1], 'next'))
-if next >= tonumber(ARGV[1]) then return 0 end
+const RAISE_NEXT: &str = concat!(
+    this_server!(),
+    r"
+local state = redis.call('HMGET', KEYS[1], 'next', 'server')
+if not state[1] or state[2] ~= server then return 0 end
+if tonumber(state[1]) >= tonumber(ARGV[1]) then return 0 end
 redis.call('HSET', KEYS[1], 'next', ARGV[1])
 return 1
-";
+"
+);
 
 #[derive(Clone)]
 pub struct RedisState {
     redis: ConnectionManager,
     increment: Script,
+    read: Script,
     seed: Script,
     raise_ceiling: Script,
     raise_next: Script,
@@ -69,6 +103,7 @@ impl RedisState {
         Self {
             redis,
             increment: Script::new(INCREMENT),
+            read: Script::new(READ),
             seed: Script::new(SEED),
             raise_ceiling: Script::new(RAISE_CEILING),
             raise_next: Script::new(RAISE_NEXT),
@@ -77,6 +112,18 @@ impl RedisState {
 
     fn connection(&self) -> ConnectionManager {
         self.redis.clone()
+    }
+}
+
+/// `{next, ceil, epoch}` as the scripts answer it; `{}` is no counter.
+fn counter_of(state: &[u64]) -> Option<Counter> {
+    match *state {
+        [next, ceiling, epoch] => Some(Counter {
+            next,
+            ceiling,
+            epoch,
+        }),
+        _ => None,
     }
 }
 
@@ -103,32 +150,16 @@ impl SharedState for RedisState {
             .key(key)
             .invoke_async(&mut self.connection())
             .await?;
-        Ok(match state[..] {
-            [next, ceiling, epoch] => Some(Counter {
-                next,
-                ceiling,
-                epoch,
-            }),
-            _ => None,
-        })
+        Ok(counter_of(&state))
     }
 
     async fn counter(&self, key: &str) -> Result<Option<Counter>, StateError> {
-        let state: Vec<Option<u64>> = redis::cmd("HMGET")
-            .arg(key)
-            .arg("next")
-            .arg("ceil")
-            .arg("epoch")
-            .query_async(&mut self.connection())
+        let state: Vec<u64> = self
+            .read
+            .key(key)
+            .invoke_async(&mut self.connection())
             .await?;
-        Ok(match state[..] {
-            [Some(next), Some(ceiling), Some(epoch)] => Some(Counter {
-                next,
-                ceiling,
-                epoch,
-            }),
-            _ => None,
-        })
+        Ok(counter_of(&state))
     }
 
     async fn seed(&self, key: &str, counter: Counter) -> Result<bool, StateError> {

@@ -231,28 +231,56 @@ pub enum StorageError {
     ChatMissing(u64, Number),
     #[error("migrations: {0}")]
     Migration(#[from] sqlx::migrate::MigrateError),
+    /// Two different events carry the same message number: it was handed out twice. The second
+    /// can never be written; it is dead-lettered, not dropped.
+    #[error(
+        "message number {number} of chat {application_id}:{chat_number} already belongs to another event (event {event_id})"
+    )]
+    NumberConflict {
+        application_id: u64,
+        chat_number: Number,
+        number: Number,
+        event_id: uuid::Uuid,
+    },
 }
 
 impl Transient for StorageError {
     fn is_transient(&self) -> bool {
         match self {
             Self::Database(error) => is_transient(error),
-            Self::UnknownApplication(_) | Self::ChatMissing(..) | Self::Migration(_) => false,
+            Self::UnknownApplication(_)
+            | Self::ChatMissing(..)
+            | Self::Migration(_)
+            | Self::NumberConflict { .. } => false,
         }
     }
 }
 
-/// Whether a database error is worth retrying (connection trouble, deadlock, lock wait timeout,
-/// a busy SQLite file). The embedded adapters of the other parts share it.
+/// MySQL / MariaDB errors that pass by themselves: the server is busy, restarting or switching
+/// over, or this connection was killed.
+const TRANSIENT_MYSQL_ERRORS: [u16; 10] = [
+    1040, // ER_CON_COUNT_ERROR: too many connections
+    1053, // ER_SERVER_SHUTDOWN: shutdown in progress
+    1205, // ER_LOCK_WAIT_TIMEOUT
+    1213, // ER_LOCK_DEADLOCK
+    1290, // ER_OPTION_PREVENTS_STATEMENT: --read-only, during a switchover
+    1317, // ER_QUERY_INTERRUPTED
+    1836, // ER_READ_ONLY_MODE
+    1927, // ER_CONNECTION_KILLED (MariaDB)
+    2006, // CR_SERVER_GONE_ERROR
+    2013, // CR_SERVER_LOST
+];
+
+/// Whether a database error is worth retrying (connection trouble, a server restarting or
+/// read-only during a switchover, deadlock, lock wait timeout, a busy SQLite file). The embedded
+/// adapters of the other parts share it.
 pub(crate) fn is_transient(error: &sqlx::Error) -> bool {
-    const MYSQL_DEADLOCK: u16 = 1213;
-    const MYSQL_LOCK_WAIT_TIMEOUT: u16 = 1205;
     match error {
         sqlx::Error::Database(database_error) => {
             if let Some(mysql) =
                 database_error.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
             {
-                return matches!(mysql.number(), MYSQL_DEADLOCK | MYSQL_LOCK_WAIT_TIMEOUT);
+                return TRANSIENT_MYSQL_ERRORS.contains(&mysql.number());
             }
             // SQLITE_BUSY (5) and SQLITE_LOCKED (6), with their extended codes.
             database_error
@@ -300,6 +328,8 @@ pub struct MessageRow {
 pub type ChatKey = (u64, Number);
 
 pub struct NewMessage<'a> {
+    /// The event that accepted the message: tells a redelivery from a number handed out twice.
+    pub event_id: uuid::Uuid,
     pub number: Number,
     pub body: &'a str,
     pub created_at: DateTime<Utc>,
@@ -369,6 +399,33 @@ pub struct CountFigures {
     pub stored: u64,
     pub actual: i64,
     pub highest: u64,
+}
+
+/// The first message of `messages` whose number is stored with another event id (`stored`: the
+/// number and event id of rows that were there already; rows older than the event id column
+/// match anything).
+pub(crate) fn first_conflict<'a>(
+    chat: ChatKey,
+    messages: impl IntoIterator<Item = &'a NewMessage<'a>>,
+    stored: &[(u64, Option<Vec<u8>>)],
+) -> Result<(), StorageError> {
+    for message in messages {
+        let taken = stored.iter().any(|(number, event_id)| {
+            *number == message.number.get()
+                && event_id
+                    .as_deref()
+                    .is_some_and(|event_id| event_id != message.event_id.as_bytes())
+        });
+        if taken {
+            return Err(StorageError::NumberConflict {
+                application_id: chat.0,
+                chat_number: chat.1,
+                number: message.number,
+                event_id: message.event_id,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The durable upper bound of the numbers handed out in one scope (see [`crate::numbering`]).

@@ -10,7 +10,7 @@ use sqlx::{MySql, MySqlPool, QueryBuilder, Row as _, Transaction};
 
 use super::{
     ApplicationRow, ChatKey, ChatRow, CountFigures, CountLevel, IngestBatch, MessageRow,
-    NewMessage, Reservation, StorageError, now, sql,
+    NewMessage, Reservation, StorageError, first_conflict, now, sql,
 };
 use crate::config::SecretUrl;
 use crate::domain::{ApplicationName, ApplicationToken, MessageBody, Number, PageRequest};
@@ -141,6 +141,12 @@ super::storage_impl!(MySqlStorage, "mysql", {
                 .ok_or(StorageError::ChatMissing(key.0, key.1))?;
             let inserted =
                 insert_messages(&mut transaction, chat_id, chat_messages.values()).await?;
+            if inserted < chat_messages.len() as u64 {
+                // Some were there already: redeliveries, or numbers handed out twice.
+                let stored =
+                    stored_event_ids(&mut transaction, chat_id, chat_messages.keys()).await?;
+                first_conflict(*key, chat_messages.values(), &stored)?;
+            }
             if inserted > 0 {
                 new_messages_per_chat.push((chat_id, inserted));
             }
@@ -360,7 +366,7 @@ async fn insert_messages<'a>(
             continue;
         }
         let mut insert = QueryBuilder::<MySql>::new(
-            "INSERT IGNORE INTO messages (chat_id, number, body, version, created_at, updated_at) ",
+            "INSERT IGNORE INTO messages (chat_id, number, body, version, created_at, updated_at, event_id) ",
         );
         insert.push_values(chunk.drain(..), |mut row, message| {
             row.push_bind(chat_id)
@@ -368,7 +374,8 @@ async fn insert_messages<'a>(
                 .push_bind(message.body)
                 .push_bind(1u64)
                 .push_bind(message.created_at)
-                .push_bind(now);
+                .push_bind(now)
+                .push_bind(message.event_id.as_bytes().as_slice());
         });
         inserted += insert
             .build()
@@ -378,6 +385,19 @@ async fn insert_messages<'a>(
         chunk_bytes = 0;
     }
     Ok(inserted)
+}
+
+/// Number and event id of the stored messages of one chat among `numbers`.
+async fn stored_event_ids(
+    transaction: &mut Transaction<'_, MySql>,
+    chat_id: u64,
+    numbers: impl Iterator<Item = &Number>,
+) -> Result<Vec<(u64, Option<Vec<u8>>)>, sqlx::Error> {
+    let mut query =
+        QueryBuilder::<MySql>::new("SELECT number, event_id FROM messages WHERE chat_id = ");
+    query.push_bind(chat_id).push(" AND number IN ");
+    push_in_list(&mut query, numbers.map(|number| number.get()));
+    query.build_query_as().fetch_all(&mut **transaction).await
 }
 
 /// `UPDATE <table> SET <column> = <column> + CASE id ... END` for all rows in one statement.

@@ -12,7 +12,7 @@ use sqlx::{AssertSqlSafe, Sqlite, SqlitePool, Transaction};
 
 use super::{
     APPLICATION_COLUMNS, ApplicationRow, ChatRow, CountFigures, CountLevel, IngestBatch,
-    MessageRow, Reservation, StorageError, now, sql,
+    MessageRow, Reservation, StorageError, first_conflict, now, sql,
 };
 use crate::domain::{ApplicationName, ApplicationToken, MessageBody, Number, PageRequest};
 use crate::sqlite::begin_write;
@@ -143,18 +143,35 @@ super::storage_impl!(SqliteStorage, "sqlite", {
                     .ok_or(StorageError::ChatMissing(application_id, chat_number))?;
             let mut new_messages = 0;
             for message in messages.values() {
-                new_messages += sqlx::query(
-                    "INSERT INTO messages (chat_id, number, body, version, created_at, updated_at) \
-                     VALUES (?, ?, ?, 1, ?, ?) ON CONFLICT DO NOTHING",
+                let inserted = sqlx::query(
+                    "INSERT INTO messages (chat_id, number, body, version, created_at, updated_at, event_id) \
+                     VALUES (?, ?, ?, 1, ?, ?, ?) ON CONFLICT DO NOTHING",
                 )
                 .bind(chat_id)
                 .bind(message.number.get() as i64)
                 .bind(message.body)
                 .bind(message.created_at)
                 .bind(now)
+                .bind(message.event_id.as_bytes().as_slice())
                 .execute(&mut *transaction)
                 .await?
                 .rows_affected() as i64;
+                if inserted == 0 {
+                    // There already: a redelivery, or a number handed out twice.
+                    let stored: Option<Vec<u8>> = sqlx::query_scalar(
+                        "SELECT event_id FROM messages WHERE chat_id = ? AND number = ?",
+                    )
+                    .bind(chat_id)
+                    .bind(message.number.get() as i64)
+                    .fetch_one(&mut *transaction)
+                    .await?;
+                    first_conflict(
+                        (application_id, chat_number),
+                        [message],
+                        &[(message.number.get(), stored)],
+                    )?;
+                }
+                new_messages += inserted;
             }
             add_count(
                 &mut transaction,

@@ -1,0 +1,4 @@
+-- The event that created each message: a second event with the same (chat, number) is a number
+-- handed out twice, which the ingest consumer records instead of dropping. NULL for messages
+-- written before this column existed.
+ALTER TABLE messages ADD COLUMN event_id BINARY(16) NULL;

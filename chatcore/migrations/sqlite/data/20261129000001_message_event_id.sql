@@ -1,0 +1,2 @@
+-- The event that created each message (see the MySQL migration of the same name).
+ALTER TABLE messages ADD COLUMN event_id BLOB;

@@ -1,0 +1,478 @@
+//! Failures that production meets every week. Under a load of careful clients (an
+//! `Idempotency-Key` per message, retried on 5xx): Redis coming back with older data, after a
+//! restart from a backup or a failover to a replica that lagged; afterwards every accepted message
+//! is stored exactly once and no number was handed out twice. And: an ambiguous 503 retried with
+//! its key, the broker dropping the api, a read-only index, a dead letter at the end of a batch.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chatcore::config::Topology;
+use chatcore::domain::Number;
+use chatcore::events::{Consumer, Event, EventPayload, TraceContext};
+use chatcore::health::Readiness;
+use chatcore::metrics::Metrics;
+use chatcore::pipeline::consumer::run;
+use chatcore::pipeline::{BatchHandler, HandleError, Observers, Received};
+use futures_util::future::join_all;
+use system_tests::own_redis::{OwnRedis, TcpProxy};
+use system_tests::{Client, StatusCode, TestEnv, both_stacks, eventually};
+use tokio_util::sync::CancellationToken;
+
+const LONG: Duration = Duration::from_secs(60);
+
+/// 25 messages at once, each with a key of its own, retried until accepted.
+async fn careful_wave(
+    client: &Client,
+    token: &str,
+    chat: u64,
+    wave: usize,
+) -> anyhow::Result<Vec<u64>> {
+    join_all((0..25).map(|i| {
+        let body = format!("wave {wave} message {i}");
+        let key = format!("wave-{wave}-{i}");
+        async move {
+            client
+                .create_message_carefully(token, chat, &body, &key)
+                .await
+        }
+    }))
+    .await
+    .into_iter()
+    .collect()
+}
+
+async fn careful_waves(
+    client: &Client,
+    token: &str,
+    chat: u64,
+    waves: std::ops::Range<usize>,
+) -> anyhow::Result<Vec<u64>> {
+    let mut accepted = Vec::new();
+    for wave in waves {
+        accepted.extend(careful_wave(client, token, chat, wave).await?);
+    }
+    Ok(accepted)
+}
+
+/// Every number accepted once, and each stored exactly once.
+async fn assert_unique_and_stored(
+    env: &TestEnv,
+    token: &str,
+    chat: u64,
+    accepted: &[u64],
+) -> anyhow::Result<()> {
+    let unique: BTreeSet<u64> = accepted.iter().copied().collect();
+    assert_eq!(
+        unique.len(),
+        accepted.len(),
+        "a message number was handed out twice: {accepted:?}"
+    );
+    let expected: Vec<u64> = unique.into_iter().collect();
+    eventually("every accepted message is stored once", LONG, || async {
+        Ok(env.stored_message_numbers(token, chat).await? == expected)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn numbers_are_never_reused_when_redis_restarts_from_an_older_backup() -> anyhow::Result<()> {
+    let mut redis = OwnRedis::start().await?;
+    // Small blocks: the reservations move on between the backup and the restore.
+    let env = TestEnv::with_settings(&[
+        ("REDIS_URL", &redis.url()),
+        ("CHAT_NUMBER_BLOCK_SIZE", "20"),
+    ])
+    .await?;
+    let api = env.spawn_api().await?;
+    let workers = env.spawn_workers();
+    let client = api.client.clone();
+    let token = client.create_application("restored").await?;
+    let chat = client.create_chat(&token).await?;
+
+    let mut accepted = careful_waves(&client, &token, chat, 0..4).await?;
+    redis.back_up().await?;
+    accepted.extend(careful_waves(&client, &token, chat, 4..8).await?);
+    // Redis comes back with the counters of the backup: 100 numbers behind.
+    redis.restart_from_backup().await?;
+    accepted.extend(careful_waves(&client, &token, chat, 8..12).await?);
+    let second_chat = client.create_chat(&token).await?;
+    assert!(second_chat > chat, "chat number {second_chat} reused");
+
+    assert_unique_and_stored(&env, &token, chat, &accepted).await?;
+    workers.stop().await?;
+    api.stop().await
+}
+
+#[tokio::test]
+async fn numbers_are_never_reused_after_a_failover_to_a_lagging_replica() -> anyhow::Result<()> {
+    let mut primary = OwnRedis::start().await?;
+    // The replica follows the primary over a link the test can cut.
+    let replication = TcpProxy::start(primary.port).await?;
+    let mut replica = OwnRedis::start_replica_of(replication.port).await?;
+    // The api knows one address; behind it the primary, after the failover the replica.
+    let proxy = TcpProxy::start(primary.port).await?;
+    let env = TestEnv::with_settings(&[
+        ("REDIS_URL", &proxy.url()),
+        ("CHAT_NUMBER_BLOCK_SIZE", "20"),
+    ])
+    .await?;
+    let api = env.spawn_api().await?;
+    let workers = env.spawn_workers();
+    let client = api.client.clone();
+    let token = client.create_application("failed-over").await?;
+    let chat = client.create_chat(&token).await?;
+
+    let mut accepted = careful_waves(&client, &token, chat, 0..4).await?;
+    primary.wait_for_replicas().await?;
+    // From now on the primary acknowledges writes the replica never sees.
+    replication.cut();
+    accepted.extend(careful_waves(&client, &token, chat, 4..8).await?);
+    primary.kill().await?;
+    replica.promote().await?;
+    proxy.switch(replica.port);
+    accepted.extend(careful_waves(&client, &token, chat, 8..12).await?);
+    let second_chat = client.create_chat(&token).await?;
+    assert!(second_chat > chat, "chat number {second_chat} reused");
+
+    assert_unique_and_stored(&env, &token, chat, &accepted).await?;
+    workers.stop().await?;
+    api.stop().await
+}
+
+both_stacks!(an_ambiguous_503_keeps_its_number_for_the_retry);
+
+/// The api gives up waiting for the confirm (timeout 0) after the event went out: the client gets
+/// 503 although the event is durable. Its retry with the same key must get that number, and the
+/// message must be stored once, not twice under two numbers.
+async fn an_ambiguous_503_keeps_its_number_for_the_retry(mut env: TestEnv) -> anyhow::Result<()> {
+    let api = env.spawn_api().await?;
+    let token = api.client.create_application("ambiguous").await?;
+    let chat = api.client.create_chat(&token).await?;
+    api.stop().await?;
+
+    env.set("CHAT_PUBLISH_CONFIRM_TIMEOUT_MS", "0");
+    let impatient = env.spawn_api().await?;
+    // A confirm that beats the first poll is a 202; post until one is too late.
+    let mut accepted = Vec::new();
+    let mut ambiguous_key = None;
+    for attempt in 0..50 {
+        let key = format!("ambiguous-{attempt}");
+        let request = impatient
+            .client
+            .request(
+                reqwest::Method::POST,
+                &format!("/applications/{token}/chats/{chat}/messages"),
+            )
+            .header("idempotency-key", &key)
+            .json(&serde_json::json!({ "body": key }));
+        let reply = impatient.client.send_raw(request).await?;
+        match reply.status {
+            StatusCode::ACCEPTED => accepted.push(reply.body["number"].as_u64().unwrap_or(0)),
+            StatusCode::SERVICE_UNAVAILABLE => {
+                ambiguous_key = Some(key);
+                break;
+            }
+            status => anyhow::bail!("unexpected {status}: {reply:?}"),
+        }
+    }
+    let key = ambiguous_key.expect("a publish outran the confirm within 50 posts");
+    impatient.stop().await?;
+
+    env.set("CHAT_PUBLISH_CONFIRM_TIMEOUT_MS", "5000");
+    let api = env.spawn_api().await?;
+    let workers = env.spawn_workers();
+    let client = &api.client;
+    let number = client
+        .create_message_carefully(&token, chat, &key, &key)
+        .await?;
+    let again = client
+        .create_message_carefully(&token, chat, &key, &key)
+        .await?;
+    assert_eq!(again, number, "a retry gets the first number");
+    assert!(!accepted.contains(&number), "{number} handed out twice");
+    accepted.push(number);
+    accepted.sort_unstable();
+    eventually("every message is stored and indexed once", LONG, || async {
+        Ok(env.stored_message_numbers(&token, chat).await? == accepted
+            && env.indexed_message_numbers(&token, chat).await? == accepted)
+    })
+    .await?;
+    // Nothing else arrives later: the first publish and the retry's are one message.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(env.stored_message_numbers(&token, chat).await?, accepted);
+    workers.stop().await?;
+    api.stop().await
+}
+
+#[tokio::test]
+async fn readiness_recovers_without_traffic_after_the_broker_drops_the_api() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    let api = env.spawn_api().await?;
+    let readyz = api.base_url.replace("/api/v1", "/readyz");
+    let ready = || async { Ok(reqwest::get(&readyz).await?.status() == StatusCode::OK) };
+    assert!(ready().await?, "ready at start");
+    let publisher = format!("{} publisher", env.config().topology.exchange);
+    eventually("the broker drops the api's connection", LONG, || async {
+        Ok(env.drop_amqp_connections(&publisher).await? > 0)
+    })
+    .await?;
+    // No request but the probes: the api reconnects by itself.
+    eventually("the api is ready again", Duration::from_secs(15), ready).await?;
+    let token = api.client.create_application("after the drop").await?;
+    api.client.create_chat(&token).await?;
+    api.stop().await
+}
+
+#[tokio::test]
+async fn a_read_only_index_is_waited_for_not_dead_lettered() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    let api = env.spawn_api().await?;
+    let workers = env.spawn_workers();
+    let client = &api.client;
+    let token = client.create_application("flood stage").await?;
+    let chat = client.create_chat(&token).await?;
+    let first = client
+        .create_message(&token, chat, "before the block")
+        .await?;
+    eventually("the first message is indexed", LONG, || async {
+        Ok(env.indexed_message_numbers(&token, chat).await? == [first])
+    })
+    .await?;
+
+    // What Elasticsearch does at the disk flood stage.
+    let config = env.config();
+    let settings = format!(
+        "{}/{}/_settings",
+        env.services.elasticsearch_url, config.elasticsearch_index
+    );
+    let block = |value: serde_json::Value| {
+        let settings = settings.clone();
+        async move {
+            reqwest::Client::new()
+                .put(settings)
+                .json(&serde_json::json!({ "index.blocks.read_only_allow_delete": value }))
+                .send()
+                .await?
+                .error_for_status()?;
+            anyhow::Ok(())
+        }
+    };
+    block(serde_json::json!(true)).await?;
+    let second = client
+        .create_message(&token, chat, "during the block")
+        .await?;
+    eventually("the second message is stored", LONG, || async {
+        Ok(env.stored_message_numbers(&token, chat).await? == [first, second])
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let index_dead = Topology::dead_letter_queue(&config.topology.index_queue);
+    assert_eq!(
+        env.queue_depth(&index_dead).await?,
+        0,
+        "nothing dead-lettered"
+    );
+
+    block(serde_json::Value::Null).await?;
+    eventually(
+        "the second message is indexed once the block is lifted",
+        LONG,
+        || async { Ok(env.indexed_message_numbers(&token, chat).await? == [first, second]) },
+    )
+    .await?;
+    assert_eq!(env.queue_depth(&index_dead).await?, 0);
+    workers.stop().await?;
+    api.stop().await
+}
+
+/// Fails permanently on one event, records the others.
+struct FailsOn {
+    poison: uuid::Uuid,
+    handled: std::sync::Mutex<Vec<uuid::Uuid>>,
+}
+
+impl BatchHandler for FailsOn {
+    const OPERATION: &'static str = "test batch";
+
+    async fn handle(&self, batch: &[Received]) -> Result<(), HandleError> {
+        if batch
+            .iter()
+            .any(|received| received.event.event_id == self.poison)
+        {
+            return Err(HandleError::Permanent(anyhow::anyhow!("poison")));
+        }
+        let mut handled = self.handled.lock().expect("not poisoned");
+        handled.extend(batch.iter().map(|received| received.event.event_id));
+        Ok(())
+    }
+}
+
+fn message_event(number: u64) -> Event {
+    Event::new(EventPayload::MessageCreated {
+        application_id: 1,
+        chat_number: Number::new(1).expect("positive"),
+        message_number: Number::new(number).expect("positive"),
+        body: format!("message {number}"),
+        created_at: chatcore::store::now(),
+    })
+}
+
+#[tokio::test]
+async fn dead_lettering_the_last_event_of_a_batch_keeps_the_consumer_on_its_channel()
+-> anyhow::Result<()> {
+    let env = TestEnv::with_settings(&[
+        ("CHAT_BATCH_MAX_WAIT_MS", "500"),
+        ("CHAT_MAX_ATTEMPTS", "1"),
+    ])
+    .await?;
+    let config = env.config();
+    let metrics = Metrics::new();
+    let queue = chatcore::adapters::queue(&config, &metrics).await?;
+    queue.ensure_topology().await?;
+    let trace = TraceContext::child_of(None);
+    let events: Vec<Event> = (1..=3).map(message_event).collect();
+    for event in &events {
+        queue.publish(event, &trace).await?;
+    }
+    // The poison is the last delivery of the batch: its tag is the highest.
+    let handler = FailsOn {
+        poison: events[2].event_id,
+        handled: std::sync::Mutex::default(),
+    };
+    let shutdown = CancellationToken::new();
+    let observers = Observers {
+        readiness: Readiness::default(),
+        metrics: Arc::clone(&metrics),
+    };
+    let consuming = async {
+        run(
+            &queue,
+            Consumer::Ingest,
+            &handler,
+            &config.consumer,
+            &shutdown,
+            &observers,
+        )
+        .await;
+        anyhow::Ok(())
+    };
+    let dead_letter_queue = Topology::dead_letter_queue(&config.topology.ingest_queue);
+    let checks = async {
+        eventually("the poison is dead-lettered", LONG, || async {
+            Ok(queue.depth(&dead_letter_queue).await? == 1)
+        })
+        .await?;
+        let later = message_event(4);
+        queue.publish(&later, &trace).await?;
+        eventually("an event after the poison is handled", LONG, || async {
+            Ok(handler
+                .handled
+                .lock()
+                .expect("not poisoned")
+                .contains(&later.event_id))
+        })
+        .await?;
+        let opened = metrics.encode();
+        shutdown.cancel();
+        anyhow::Ok(opened)
+    };
+    let ((), opened) = tokio::try_join!(consuming, checks)?;
+    let opens = opened
+        .lines()
+        .find(|line| {
+            line.starts_with("chat_dependency_duration_seconds_count")
+                && line.contains("operation=\"open_source\"")
+        })
+        .and_then(|line| line.rsplit(' ').next())
+        .map(str::to_owned);
+    assert_eq!(
+        opens.as_deref(),
+        Some("1"),
+        "the consumer kept its first channel (an ack naming the rejected delivery closes it)"
+    );
+    assert_eq!(handler.handled.lock().expect("not poisoned").len(), 3);
+    Ok(())
+}
+
+both_stacks!(a_number_handed_out_twice_is_dead_lettered_not_dropped);
+
+/// Whatever gets past the numbering guard must not vanish: two events that carry the same message
+/// number (as a Redis that went back in time would make) keep the first message and dead-letter
+/// the second, instead of dropping it as a redelivery.
+async fn a_number_handed_out_twice_is_dead_lettered_not_dropped(
+    env: TestEnv,
+) -> anyhow::Result<()> {
+    let api = env.spawn_api().await?;
+    let workers = env.spawn_workers();
+    let client = &api.client;
+    let token = client.create_application("twice").await?;
+    let chat = client.create_chat(&token).await?;
+    let application_id = env.application_id(&token).await?;
+    let taken = |body: &str| {
+        Event::new(EventPayload::MessageCreated {
+            application_id,
+            chat_number: Number::new(chat).expect("positive"),
+            message_number: Number::new(1000).expect("positive"),
+            body: body.to_owned(),
+            created_at: chatcore::store::now(),
+        })
+    };
+    let config = env.config();
+    let queue = chatcore::adapters::queue(&config, &Metrics::new()).await?;
+    let trace = TraceContext::child_of(None);
+    // In one batch, and then again alone after the batch is split.
+    queue.publish(&taken("first"), &trace).await?;
+    queue.publish(&taken("second"), &trace).await?;
+    let dead_letter_queue = Topology::dead_letter_queue(&config.topology.ingest_queue);
+    eventually("the second event is dead-lettered", LONG, || async {
+        Ok(queue.depth(&dead_letter_queue).await? == 1)
+    })
+    .await?;
+    let stored = client
+        .get(&format!("/applications/{token}/chats/{chat}/messages/1000"))
+        .await?;
+    assert_eq!(stored.body["body"], "first", "{stored:?}");
+    assert_eq!(env.stored_message_numbers(&token, chat).await?, [1000]);
+    workers.stop().await?;
+    api.stop().await
+}
+
+both_stacks!(an_event_of_a_newer_schema_waits_for_an_upgraded_consumer);
+
+/// A new api may publish before every consumer is upgraded: the old consumer leaves the event in
+/// the queue (not in the dead-letter queue) and goes on with the others.
+async fn an_event_of_a_newer_schema_waits_for_an_upgraded_consumer(
+    env: TestEnv,
+) -> anyhow::Result<()> {
+    let api = env.spawn_api().await?;
+    let workers = env.spawn_workers();
+    let client = &api.client;
+    let token = client.create_application("rolling upgrade").await?;
+    let chat = client.create_chat(&token).await?;
+    let config = env.config();
+    let queue = chatcore::adapters::queue(&config, &Metrics::new()).await?;
+    let mut newer = message_event(7);
+    newer.schema_version = chatcore::events::SCHEMA_VERSION + 1;
+    queue.publish(&newer, &TraceContext::child_of(None)).await?;
+    let number = client.create_message(&token, chat, "after it").await?;
+    eventually("the consumer goes on", LONG, || async {
+        Ok(env.stored_message_numbers(&token, chat).await? == [number])
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Stopped, the consumers hand back what they hold: the event is still in its queue.
+    workers.stop().await?;
+    api.stop().await?;
+    let ingest = &config.topology.ingest_queue;
+    assert_eq!(
+        queue.depth(&Topology::dead_letter_queue(ingest)).await?,
+        0,
+        "not dead-lettered"
+    );
+    eventually("the event waits in the queue", LONG, || async {
+        Ok(queue.depth(ingest).await? == 1)
+    })
+    .await
+}
