@@ -20,7 +20,10 @@ use axum::Router;
 use chatcore::Config;
 use chatcore::adapters::Adapters;
 use chatcore::config::ApiConfig;
+use chatcore::domain::{ApplicationToken, Number};
 use chatcore::metrics::Metrics;
+use chatcore::pipeline::ReindexProgress;
+use chatcore::store::{ReindexCursor, ReindexScope};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -108,4 +111,52 @@ pub async fn serve(
 pub async fn replay_dead_letters(config: &Config) -> anyhow::Result<Vec<(String, u64)>> {
     let queue = chatcore::adapters::queue(config, &Metrics::new()).await?;
     chatcore::pipeline::replay_dead_letters(queue.as_ref(), &chatcore::events::Consumer::ALL).await
+}
+
+/// Rebuilds the search index from the storage: every message, or those of one application (its
+/// token) or one of its chats, after `after`; prints the progress and where to resume.
+pub async fn reindex(
+    config: &Config,
+    application: Option<&str>,
+    chat: Option<u64>,
+    after: ReindexCursor,
+    shutdown: CancellationToken,
+) -> anyhow::Result<ReindexProgress> {
+    let metrics = Metrics::new();
+    let storage = chatcore::adapters::storage(config, &metrics).await?;
+    let search = chatcore::adapters::search(config, &metrics).await?;
+    search
+        .ensure_index()
+        .await
+        .context("creating the search index")?;
+    let scope = match application {
+        None => ReindexScope::All,
+        Some(token) => {
+            let unknown = || anyhow::anyhow!("no application with the token {token:?}");
+            let token = ApplicationToken::parse(token).map_err(|_| unknown())?;
+            let id = storage.application_id(&token).await?.ok_or_else(unknown)?;
+            match chat {
+                None => ReindexScope::Application(id),
+                Some(number) => ReindexScope::Chat(
+                    id,
+                    Number::new(number).context("a chat number is at least 1")?,
+                ),
+            }
+        }
+    };
+    let done = chatcore::pipeline::reindex(
+        storage.as_ref(),
+        search.as_ref(),
+        scope,
+        after,
+        &shutdown,
+        |progress| {
+            println!(
+                "reindexed {} messages; resume with --after {}",
+                progress.indexed, progress.cursor
+            );
+        },
+    )
+    .await?;
+    Ok(done)
 }

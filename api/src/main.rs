@@ -2,6 +2,7 @@
 
 use anyhow::Context as _;
 use chatcore::Config;
+use chatcore::store::ReindexCursor;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -22,6 +23,22 @@ enum Command {
     Openapi,
     /// Move the dead letters of the ingest and index queues back into their queues, then exit.
     ReplayDeadLetters,
+    /// Rebuild the search index from the storage (all of it, one application or one chat), while
+    /// the system runs; prints its progress and where to resume.
+    Reindex(ReindexArgs),
+}
+
+#[derive(clap::Args)]
+struct ReindexArgs {
+    /// Only the messages of this application (its token).
+    #[arg(long)]
+    application: Option<String>,
+    /// Only the messages of this chat of the application.
+    #[arg(long, requires = "application")]
+    chat: Option<u64>,
+    /// Resume after this position, as an earlier run printed it (CHAT_ID:NUMBER).
+    #[arg(long, default_value = "0:0")]
+    after: ReindexCursor,
 }
 
 #[tokio::main]
@@ -41,6 +58,19 @@ async fn main() -> anyhow::Result<()> {
         Command::Openapi => {
             // Only the document on stdout, no log lines.
             println!("{}", api::openapi_json());
+            Ok(())
+        }
+        Command::Reindex(args) => {
+            let (config, _telemetry) = start()?;
+            let done = api::reindex(
+                &config,
+                args.application.as_deref(),
+                args.chat,
+                args.after,
+                chatcore::shutdown::on_signal(),
+            )
+            .await?;
+            println!("reindexed {} messages", done.indexed);
             Ok(())
         }
         Command::ReplayDeadLetters => {

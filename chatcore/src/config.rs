@@ -68,6 +68,18 @@ pub struct Topology {
     pub dead_letter_exchange: String,
     pub ingest_queue: String,
     pub index_queue: String,
+    pub queue_type: QueueType,
+}
+
+/// How RabbitMQ keeps the queues (`CHAT_AMQP_QUEUE_TYPE`). The type of an existing queue cannot
+/// change: switching means new queue names (`CHAT_AMQP_PREFIX`) or deleting the drained queues.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueType {
+    /// On one node: fast, the default for a laptop; lost with that node's disk.
+    Classic,
+    /// Replicated by Raft over the cluster's nodes (a majority must be up); an event redelivered
+    /// `delivery_limit` times (a consumer that keeps crashing on it) is dead-lettered.
+    Quorum { delivery_limit: u32 },
 }
 
 impl Topology {
@@ -77,6 +89,7 @@ impl Topology {
             dead_letter_exchange: format!("{prefix}.dead-letter"),
             ingest_queue: format!("{prefix}.ingest"),
             index_queue: format!("{prefix}.index"),
+            queue_type: QueueType::Classic,
         }
     }
 
@@ -92,6 +105,9 @@ impl Topology {
         format!("{queue}.dead")
     }
 }
+
+/// What an event adds around the body of its request: ids, numbers, timestamps, field names.
+const EVENT_ENVELOPE_BYTES: usize = 1024;
 
 /// Settings shared by every binary. Service-specific settings sit in the sub-structs.
 ///
@@ -144,7 +160,11 @@ pub struct ApiConfig {
 
 #[derive(Debug, Clone)]
 pub struct ConsumerConfig {
+    /// Deliveries in flight: `CHAT_CONSUMER_PREFETCH`, lowered so that as many of the largest
+    /// events the api can accept fit in `CHAT_CONSUMER_MAX_BYTES_IN_FLIGHT` (RabbitMQ bounds a
+    /// consumer by count only).
     pub prefetch: u16,
+    /// At most `prefetch`.
     pub batch_max_size: usize,
     pub batch_max_wait: Duration,
     /// Attempts for one event that fails with a non-transient error before it is dead-lettered.
@@ -157,6 +177,9 @@ pub struct ConsumerConfig {
 
 #[derive(Debug, Clone)]
 pub struct CounterSyncConfig {
+    /// How far back counter-sync writes updated messages to the index again; longer than the
+    /// time between two runs.
+    pub reindex_lookback: Duration,
     /// A Prometheus Pushgateway that receives the metrics of each run (a CronJob's pod lives too
     /// briefly to be scraped); None: no push.
     pub pushgateway_url: Option<String>,
@@ -187,13 +210,30 @@ impl Config {
     fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let settings = Settings { lookup: &lookup };
         let amqp_prefix = settings.string("CHAT_AMQP_PREFIX", "chat");
+        let max_bytes_in_flight: usize =
+            settings.parse("CHAT_CONSUMER_MAX_BYTES_IN_FLIGHT", 64 * 1024 * 1024)?;
         Ok(Self {
             database_url: settings.url("DATABASE_URL"),
             database_max_connections: settings.parse("CHAT_DATABASE_MAX_CONNECTIONS", 16)?,
             redis_url: settings.url("REDIS_URL"),
             redis_key_prefix: settings.string("CHAT_REDIS_PREFIX", "chat"),
             amqp_url: settings.url("AMQP_URL"),
-            topology: Topology::from_prefix(&amqp_prefix),
+            topology: Topology {
+                queue_type: match settings.string("CHAT_AMQP_QUEUE_TYPE", "classic").as_str() {
+                    "classic" => QueueType::Classic,
+                    "quorum" => QueueType::Quorum {
+                        delivery_limit: settings.parse("CHAT_AMQP_DELIVERY_LIMIT", 20)?,
+                    },
+                    other => {
+                        return Err(ConfigError {
+                            name: "CHAT_AMQP_QUEUE_TYPE",
+                            value: other.to_owned(),
+                            reason: "must be classic or quorum".to_owned(),
+                        });
+                    }
+                },
+                ..Topology::from_prefix(&amqp_prefix)
+            },
             elasticsearch_url: settings.url("ELASTICSEARCH_URL"),
             elasticsearch_index: settings.string("CHAT_ES_INDEX", "chat-messages"),
             elasticsearch_replicas: settings.parse("CHAT_ES_REPLICAS", 0)?,
@@ -232,6 +272,9 @@ impl Config {
                 health_addr: settings.optional("CHAT_HEALTH_ADDR")?,
             },
             counter_sync: CounterSyncConfig {
+                reindex_lookback: Duration::from_secs(
+                    settings.parse("CHAT_REINDEX_LOOKBACK_SECONDS", 3600)?,
+                ),
                 pushgateway_url: settings.optional("CHAT_PUSHGATEWAY_URL")?,
                 lease: LeaseConfig {
                     namespace: settings.string("POD_NAMESPACE", "default"),
@@ -244,6 +287,19 @@ impl Config {
             },
         })
         .and_then(Self::checked)
+        .map(|config| config.bounded_in_memory(max_bytes_in_flight))
+    }
+
+    /// Lowers the prefetch (and the batch size) so that `max_bytes_in_flight` holds that many of
+    /// the largest events: a request body of `CHAT_MAX_REQUEST_BYTES` makes an event of about the
+    /// same size (JSON in, JSON out).
+    fn bounded_in_memory(mut self, max_bytes_in_flight: usize) -> Self {
+        let largest_event = self.api.max_request_bytes + EVENT_ENVELOPE_BYTES;
+        let fitting = (max_bytes_in_flight / largest_event).clamp(1, usize::from(u16::MAX));
+        let consumer = &mut self.consumer;
+        consumer.prefetch = consumer.prefetch.min(fitting as u16);
+        consumer.batch_max_size = consumer.batch_max_size.min(usize::from(consumer.prefetch));
+        self
     }
 
     fn checked(self) -> Result<Self, ConfigError> {
@@ -468,6 +524,32 @@ mod tests {
             let error = Config::from_map(&values).expect_err("must fail");
             assert!(error.to_string().contains(name), "{error}");
         }
+    }
+
+    #[test]
+    fn deliveries_in_flight_fit_in_the_memory_bound() {
+        let config = Config::from_map(&HashMap::new()).expect("valid config");
+        // 64 MiB of 257 KiB events.
+        assert_eq!(config.consumer.prefetch, 255);
+        assert_eq!(config.consumer.batch_max_size, 255);
+        let values = HashMap::from([
+            (
+                "CHAT_CONSUMER_MAX_BYTES_IN_FLIGHT".to_owned(),
+                "1".to_owned(),
+            ),
+            ("CHAT_BATCH_MAX_SIZE".to_owned(), "20".to_owned()),
+        ]);
+        let config = Config::from_map(&values).expect("valid config");
+        assert_eq!(config.consumer.prefetch, 1, "at least one");
+        assert_eq!(config.consumer.batch_max_size, 1);
+        let roomy = HashMap::from([(
+            "CHAT_CONSUMER_MAX_BYTES_IN_FLIGHT".to_owned(),
+            (1u64 << 40).to_string(),
+        )]);
+        assert_eq!(
+            Config::from_map(&roomy).expect("valid").consumer.prefetch,
+            1000
+        );
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! One reconciliation pass:
 //! - `chats_count` and `messages_count` are recomputed from the rows and repaired where they drifted;
-//! - no number counter (Redis) or reservation (MySQL) may be behind the highest number persisted.
+//! - no number counter (Redis) or reservation (MySQL) may be behind the highest number persisted;
+//! - the messages updated lately are written to the search index again, which repairs an update
+//!   whose event never reached it.
 //!
 //! Walks applications and chats in pages by id, with one query per page for the figures, so its
 //! cost grows linearly and it never holds long locks.
@@ -15,7 +17,8 @@ use chatcore::Config;
 use chatcore::domain::Number;
 use chatcore::metrics::Metrics;
 use chatcore::numbering::{NumberAllocator, Scope};
-use chatcore::store::{CountLevel, Storage};
+use chatcore::store::{CountLevel, ReindexCursor, ReindexScope, Storage};
+use tokio_util::sync::CancellationToken;
 
 const PAGE_SIZE: u32 = 1000;
 
@@ -73,6 +76,8 @@ pub struct Report {
     pub applications_checked: u64,
     pub chats_checked: u64,
     pub repairs: Vec<Repair>,
+    /// Messages updated within `CHAT_REINDEX_LOOKBACK_SECONDS`, written to the index again.
+    pub reindexed: u64,
 }
 
 /// Runs one pass while holding the Lease when in a Kubernetes cluster; outside a cluster (no service
@@ -173,10 +178,11 @@ pub async fn push_metrics(url: &str, report: &Report) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs one pass against the configured MySQL and Redis.
+/// Runs one pass against the configured MySQL, Redis and Elasticsearch.
 pub async fn run(config: &Config) -> anyhow::Result<Report> {
     config.require_database_url()?;
     config.require_redis_url()?;
+    config.require_elasticsearch_url()?;
     let metrics = Metrics::new();
     let storage = chatcore::adapters::storage(config, &metrics).await?;
     let allocator = NumberAllocator::new(
@@ -189,6 +195,22 @@ pub async fn run(config: &Config) -> anyhow::Result<Report> {
     for level in [CountLevel::Applications, CountLevel::Chats] {
         sync_level(storage.as_ref(), &allocator, &mut report, level).await?;
     }
+    // A PUT whose event never reached the index (the api answered 503 after the row changed) is
+    // repaired here: the updates of the last while are written again, and the index keeps
+    // whichever version is newer.
+    let search = chatcore::adapters::search(config, &metrics).await?;
+    let since = chatcore::store::now() - config.counter_sync.reindex_lookback;
+    let reindexed = chatcore::pipeline::reindex(
+        storage.as_ref(),
+        search.as_ref(),
+        ReindexScope::UpdatedSince(since),
+        ReindexCursor::default(),
+        &CancellationToken::new(),
+        |_| {},
+    )
+    .await
+    .context("re-indexing the recent updates")?;
+    report.reindexed = reindexed.indexed;
     Ok(report)
 }
 

@@ -28,10 +28,11 @@ async fn main() -> anyhow::Result<()> {
         counter_sync::push_metrics(gateway, &report).await?;
     }
     println!(
-        "checked {} applications and {} chats, made {} repairs",
+        "checked {} applications and {} chats, made {} repairs, re-indexed {} recently updated messages",
         report.applications_checked,
         report.chats_checked,
-        report.repairs.len()
+        report.repairs.len(),
+        report.reindexed
     );
     Ok(())
 }

@@ -1,10 +1,8 @@
-//! Failures that production meets every week. Under a load of careful clients (an
-//! `Idempotency-Key` per message, retried on 5xx): Redis coming back with older data, after a
-//! restart from a backup or a failover to a replica that lagged; afterwards every accepted message
-//! is stored exactly once and no number was handed out twice. And: an ambiguous 503 retried with
-//! its key, the broker dropping the api, a read-only index, a dead letter at the end of a batch.
+//! Failures that do not restart a shared service (those are in `tests/faults`, run serially): an
+//! ambiguous 503 retried with its key, the broker dropping the api, a read-only index, a dead
+//! letter at the end of a batch, two events with one number, an event of a newer schema, a worker
+//! behind a thousand of the largest events, quorum queues.
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,8 +14,8 @@ use chatcore::metrics::Metrics;
 use chatcore::pipeline::consumer::run;
 use chatcore::pipeline::{BatchHandler, HandleError, Observers, Received};
 use futures_util::future::join_all;
-use system_tests::own_redis::{OwnRedis, TcpProxy};
-use system_tests::{Client, StatusCode, TestEnv, both_stacks, eventually};
+use sqlx::Connection as _;
+use system_tests::{Client, Stack, StatusCode, TestEnv, both_stacks, eventually};
 use tokio_util::sync::CancellationToken;
 
 const LONG: Duration = Duration::from_secs(60);
@@ -41,104 +39,6 @@ async fn careful_wave(
     .await
     .into_iter()
     .collect()
-}
-
-async fn careful_waves(
-    client: &Client,
-    token: &str,
-    chat: u64,
-    waves: std::ops::Range<usize>,
-) -> anyhow::Result<Vec<u64>> {
-    let mut accepted = Vec::new();
-    for wave in waves {
-        accepted.extend(careful_wave(client, token, chat, wave).await?);
-    }
-    Ok(accepted)
-}
-
-/// Every number accepted once, and each stored exactly once.
-async fn assert_unique_and_stored(
-    env: &TestEnv,
-    token: &str,
-    chat: u64,
-    accepted: &[u64],
-) -> anyhow::Result<()> {
-    let unique: BTreeSet<u64> = accepted.iter().copied().collect();
-    assert_eq!(
-        unique.len(),
-        accepted.len(),
-        "a message number was handed out twice: {accepted:?}"
-    );
-    let expected: Vec<u64> = unique.into_iter().collect();
-    eventually("every accepted message is stored once", LONG, || async {
-        Ok(env.stored_message_numbers(token, chat).await? == expected)
-    })
-    .await
-}
-
-#[tokio::test]
-async fn numbers_are_never_reused_when_redis_restarts_from_an_older_backup() -> anyhow::Result<()> {
-    let mut redis = OwnRedis::start().await?;
-    // Small blocks: the reservations move on between the backup and the restore.
-    let env = TestEnv::with_settings(&[
-        ("REDIS_URL", &redis.url()),
-        ("CHAT_NUMBER_BLOCK_SIZE", "20"),
-    ])
-    .await?;
-    let api = env.spawn_api().await?;
-    let workers = env.spawn_workers();
-    let client = api.client.clone();
-    let token = client.create_application("restored").await?;
-    let chat = client.create_chat(&token).await?;
-
-    let mut accepted = careful_waves(&client, &token, chat, 0..4).await?;
-    redis.back_up().await?;
-    accepted.extend(careful_waves(&client, &token, chat, 4..8).await?);
-    // Redis comes back with the counters of the backup: 100 numbers behind.
-    redis.restart_from_backup().await?;
-    accepted.extend(careful_waves(&client, &token, chat, 8..12).await?);
-    let second_chat = client.create_chat(&token).await?;
-    assert!(second_chat > chat, "chat number {second_chat} reused");
-
-    assert_unique_and_stored(&env, &token, chat, &accepted).await?;
-    workers.stop().await?;
-    api.stop().await
-}
-
-#[tokio::test]
-async fn numbers_are_never_reused_after_a_failover_to_a_lagging_replica() -> anyhow::Result<()> {
-    let mut primary = OwnRedis::start().await?;
-    // The replica follows the primary over a link the test can cut.
-    let replication = TcpProxy::start(primary.port).await?;
-    let mut replica = OwnRedis::start_replica_of(replication.port).await?;
-    // The api knows one address; behind it the primary, after the failover the replica.
-    let proxy = TcpProxy::start(primary.port).await?;
-    let env = TestEnv::with_settings(&[
-        ("REDIS_URL", &proxy.url()),
-        ("CHAT_NUMBER_BLOCK_SIZE", "20"),
-    ])
-    .await?;
-    let api = env.spawn_api().await?;
-    let workers = env.spawn_workers();
-    let client = api.client.clone();
-    let token = client.create_application("failed-over").await?;
-    let chat = client.create_chat(&token).await?;
-
-    let mut accepted = careful_waves(&client, &token, chat, 0..4).await?;
-    primary.wait_for_replicas().await?;
-    // From now on the primary acknowledges writes the replica never sees.
-    replication.cut();
-    accepted.extend(careful_waves(&client, &token, chat, 4..8).await?);
-    primary.kill().await?;
-    replica.promote().await?;
-    proxy.switch(replica.port);
-    accepted.extend(careful_waves(&client, &token, chat, 8..12).await?);
-    let second_chat = client.create_chat(&token).await?;
-    assert!(second_chat > chat, "chat number {second_chat} reused");
-
-    assert_unique_and_stored(&env, &token, chat, &accepted).await?;
-    workers.stop().await?;
-    api.stop().await
 }
 
 both_stacks!(an_ambiguous_503_keeps_its_number_for_the_retry);
@@ -475,4 +375,275 @@ async fn an_event_of_a_newer_schema_waits_for_an_upgraded_consumer(
         Ok(queue.depth(ingest).await? == 1)
     })
     .await
+}
+
+/// The memory limit of a worker in the chart.
+const CHART_WORKER_MEMORY_LIMIT: u64 = 256 * 1024 * 1024;
+
+/// Peak resident memory of a process (`VmHWM`), in bytes.
+fn peak_memory(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kilobytes = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|value| {
+            value
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .ok_or_else(|| anyhow::anyhow!("no VmHWM in /proc/{pid}/status"))?;
+    Ok(kilobytes * 1024)
+}
+
+#[tokio::test]
+async fn workers_behind_a_thousand_of_the_largest_events_stay_within_their_memory_limit()
+-> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    let api = env.spawn_api().await?;
+    let token = api.client.create_application("heavy").await?;
+    let chat = api.client.create_chat(&token).await?;
+    let application_id = env.application_id(&token).await?;
+    let config = env.config();
+    let queue = chatcore::adapters::queue(&config, &Metrics::new()).await?;
+    // Control characters take 6 bytes in JSON: the largest event a 256 KiB request can make.
+    let body = "\u{1}".repeat(43_000);
+    let trace = TraceContext::child_of(None);
+    for numbers in (1..=1000u64).collect::<Vec<_>>().chunks(50) {
+        let publishes = numbers.iter().map(|number| {
+            let event = Event::new(EventPayload::MessageCreated {
+                application_id,
+                chat_number: Number::new(chat).expect("positive"),
+                message_number: Number::new(*number).expect("positive"),
+                body: body.clone(),
+                created_at: chatcore::store::now(),
+            });
+            let (queue, trace) = (&queue, &trace);
+            async move { queue.publish(&event, trace).await }
+        });
+        for published in join_all(publishes).await {
+            published?;
+        }
+    }
+    // The workers start with all of them waiting, under the chart's defaults.
+    let mut ingest = env.spawn_process("ingest-worker")?;
+    let mut indexer = env.spawn_process("indexer")?;
+    eventually(
+        "the thousand messages are stored and indexed",
+        LONG,
+        || async {
+            Ok(
+                env.stored_message_numbers(&token, chat).await?.len() == 1000
+                    && env.indexed_message_numbers(&token, chat).await?.len() == 1000,
+            )
+        },
+    )
+    .await?;
+    for (name, worker) in [("ingest-worker", &mut ingest), ("indexer", &mut indexer)] {
+        let peak = peak_memory(worker.id().expect("running"))?;
+        worker.kill().await?;
+        println!("{name} peak memory: {} MiB", peak / 1024 / 1024);
+        assert!(
+            peak < CHART_WORKER_MEMORY_LIMIT,
+            "{name}: peak {peak} bytes is over the chart's limit"
+        );
+    }
+    api.stop().await
+}
+
+#[tokio::test]
+async fn quorum_queues_carry_the_pipeline_and_its_dead_letters() -> anyhow::Result<()> {
+    let env = TestEnv::with_settings(&[
+        ("CHAT_AMQP_QUEUE_TYPE", "quorum"),
+        ("CHAT_MAX_ATTEMPTS", "1"),
+    ])
+    .await?;
+    let api = env.spawn_api().await?;
+    let workers = env.spawn_workers();
+    let client = &api.client;
+    let token = client.create_application("replicated").await?;
+    let chat = client.create_chat(&token).await?;
+    let accepted = careful_wave(client, &token, chat, 0).await?;
+    let config = env.config();
+    for queue in [&config.topology.ingest_queue, &config.topology.index_queue] {
+        assert_eq!(env.queue_type(queue).await?, "quorum");
+        assert_eq!(
+            env.queue_type(&Topology::dead_letter_queue(queue)).await?,
+            "quorum"
+        );
+    }
+    let mut expected = accepted.clone();
+    expected.sort_unstable();
+    eventually("every message is stored and indexed", LONG, || async {
+        Ok(env.stored_message_numbers(&token, chat).await? == expected
+            && env.indexed_message_numbers(&token, chat).await? == expected)
+    })
+    .await?;
+    let queue = chatcore::adapters::queue(&config, &Metrics::new()).await?;
+    let connection = env.amqp_connection().await?;
+    let channel = connection.create_channel().await?;
+    channel
+        .basic_publish(
+            config.topology.exchange.as_str().into(),
+            "chat.created".into(),
+            lapin::options::BasicPublishOptions::default(),
+            b"{not json",
+            lapin::BasicProperties::default(),
+        )
+        .await?
+        .await?;
+    let dead_letter_queue = Topology::dead_letter_queue(&config.topology.ingest_queue);
+    eventually("the poison is dead-lettered", LONG, || async {
+        Ok(queue.depth(&dead_letter_queue).await? == 1)
+    })
+    .await?;
+    connection.close(200, "done".into()).await?;
+    workers.stop().await?;
+    api.stop().await
+}
+
+/// Hits of a search in one chat, by number.
+async fn search_numbers(
+    client: &Client,
+    token: &str,
+    chat: u64,
+    query: &str,
+) -> anyhow::Result<Vec<u64>> {
+    let reply = client
+        .get(&format!(
+            "/applications/{token}/chats/{chat}/messages/search?query={query}"
+        ))
+        .await?;
+    anyhow::ensure!(reply.status == StatusCode::OK, "search: {reply:?}");
+    Ok(reply.body["messages"]
+        .as_array()
+        .map(|messages| {
+            messages
+                .iter()
+                .filter_map(|message| message["number"].as_u64())
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+#[tokio::test]
+async fn an_update_whose_event_was_lost_is_repaired_by_counter_sync() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    let api = env.spawn_api().await?;
+    let workers = env.spawn_workers();
+    let client = &api.client;
+    let token = client.create_application("edited").await?;
+    let chat = client.create_chat(&token).await?;
+    let number = client
+        .create_message(&token, chat, "original words")
+        .await?;
+    eventually("the message is searchable", LONG, || async {
+        Ok(search_numbers(client, &token, chat, "original").await? == [number])
+    })
+    .await?;
+
+    // The update's event cannot be routed: the row changes, the index does not, the client gets 503.
+    let config = env.config();
+    let connection = env.amqp_connection().await?;
+    let channel = connection.create_channel().await?;
+    channel
+        .queue_unbind(
+            config.topology.index_queue.as_str().into(),
+            config.topology.exchange.as_str().into(),
+            "message.updated".into(),
+            lapin::types::FieldTable::default(),
+        )
+        .await?;
+    let path = format!("/applications/{token}/chats/{chat}/messages/{number}");
+    let reply = client
+        .put(&path, serde_json::json!({ "body": "edited words" }))
+        .await?;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "{reply:?}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        search_numbers(client, &token, chat, "edited")
+            .await?
+            .is_empty(),
+        "the index missed the update"
+    );
+
+    // Nobody retries; the next counter-sync run repairs it.
+    let report = counter_sync::run(&config).await?;
+    assert!(report.reindexed >= 1, "{report:?}");
+    eventually("the update is searchable", LONG, || async {
+        Ok(search_numbers(client, &token, chat, "edited").await? == [number])
+    })
+    .await?;
+    connection.close(200, "done".into()).await?;
+    workers.stop().await?;
+    api.stop().await
+}
+
+both_stacks!(reindex_rebuilds_a_lost_index_from_the_storage);
+
+async fn reindex_rebuilds_a_lost_index_from_the_storage(env: TestEnv) -> anyhow::Result<()> {
+    let api = env.spawn_api().await?;
+    let workers = env.spawn_workers();
+    let client = &api.client;
+    let token = client.create_application("reindexed").await?;
+    let chat = client.create_chat(&token).await?;
+    let other_chat = client.create_chat(&token).await?;
+    let accepted = careful_wave(client, &token, chat, 0).await?;
+    careful_wave(client, &token, other_chat, 1).await?;
+    let mut expected = accepted.clone();
+    expected.sort_unstable();
+    eventually("the messages are indexed", LONG, || async {
+        Ok(env.indexed_message_numbers(&token, chat).await? == expected
+            && env.indexed_message_numbers(&token, other_chat).await?.len() == 25)
+    })
+    .await?;
+    workers.stop().await?;
+
+    // The index is lost: all of it, or the embedded chat's documents.
+    let config = env.config();
+    match env.stack() {
+        Stack::Services => {
+            reqwest::Client::new()
+                .delete(format!(
+                    "{}/{}",
+                    env.services.elasticsearch_url, config.elasticsearch_index
+                ))
+                .send()
+                .await?
+                .error_for_status()?;
+        }
+        Stack::Embedded => {
+            let options = sqlx::sqlite::SqliteConnectOptions::new()
+                .filename(config.data_dir.join("search.db"));
+            let mut index = sqlx::SqliteConnection::connect_with(&options).await?;
+            sqlx::query("DELETE FROM search_documents")
+                .execute(&mut index)
+                .await?;
+            index.close().await?;
+        }
+    }
+    let output = env
+        .command("api")?
+        .args([
+            "reindex",
+            "--application",
+            &token,
+            "--chat",
+            &chat.to_string(),
+        ])
+        .output()
+        .await?;
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{printed}");
+    assert!(printed.contains("reindexed 25 messages"), "{printed}");
+    assert_eq!(env.indexed_message_numbers(&token, chat).await?, expected);
+    assert!(
+        env.indexed_message_numbers(&token, other_chat)
+            .await?
+            .is_empty(),
+        "only the chat asked for"
+    );
+    api.stop().await
 }

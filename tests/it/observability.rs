@@ -197,6 +197,7 @@ async fn counter_sync_pushes_its_repairs_to_a_pushgateway() -> anyhow::Result<()
             scope: "messages:1:1".into(),
             raised_to: 7,
         }],
+        reindexed: 0,
     };
     counter_sync::push_metrics(&format!("http://{address}"), &report).await?;
     let (job, body) = received.recv().await.expect("a push");

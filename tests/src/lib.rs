@@ -401,25 +401,35 @@ impl TestEnv {
             .send()
             .await?
             .error_for_status()?;
-        let response: Value = http
-            .post(format!("{index}/_search"))
-            .json(&serde_json::json!({
+        // Pages of 10,000 (the result window) after the last number seen.
+        let mut numbers: Vec<u64> = Vec::new();
+        loop {
+            let mut query = serde_json::json!({
                 "size": 10_000,
                 "_source": ["number"],
                 "query": {"term": {"chat": format!("{application_id}:{chat_number}")}},
                 "sort": [{"number": "asc"}],
-            }))
-            .send()
-            .await?
-            .error_for_status()?
-            .json()
-            .await?;
-        Ok(response["hits"]["hits"]
-            .as_array()
-            .context("hits")?
-            .iter()
-            .filter_map(|hit| hit["_source"]["number"].as_u64())
-            .collect())
+            });
+            if let Some(last) = numbers.last() {
+                query["search_after"] = serde_json::json!([last]);
+            }
+            let response: Value = http
+                .post(format!("{index}/_search"))
+                .json(&query)
+                .send()
+                .await?
+                .error_for_status()?
+                .json()
+                .await?;
+            let hits = response["hits"]["hits"].as_array().context("hits")?;
+            if hits.is_empty() {
+                return Ok(numbers);
+            }
+            numbers.extend(
+                hits.iter()
+                    .filter_map(|hit| hit["_source"]["number"].as_u64()),
+            );
+        }
     }
 
     /// A connection to the test's RabbitMQ, for publishing what the api never would.
@@ -465,6 +475,26 @@ impl TestEnv {
             closed += 1;
         }
         Ok(closed)
+    }
+
+    /// The type of a RabbitMQ queue (`classic`, `quorum`), from the management API.
+    pub async fn queue_type(&self, queue: &str) -> anyhow::Result<String> {
+        let mut url =
+            reqwest::Url::parse(&format!("{}/queues/", self.services.amqp_management_url))?;
+        url.path_segments_mut()
+            .map_err(|()| anyhow::anyhow!("base url"))?
+            .pop_if_empty()
+            .push("/")
+            .push(queue);
+        let described: Value = reqwest::Client::new()
+            .get(url)
+            .basic_auth("guest", Some("guest"))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        Ok(described["type"].as_str().context("type")?.to_owned())
     }
 
     /// Depth of a queue (messages ready).

@@ -137,6 +137,9 @@ CHAT_DATABASE_MAX_CONNECTIONS: {{ .Values.config.databaseMaxConnections | quote 
 CHAT_DEFAULT_PAGE_SIZE: {{ .Values.config.defaultPageSize | quote }}
 CHAT_MAX_PAGE_SIZE: {{ .Values.config.maxPageSize | quote }}
 CHAT_CONSUMER_PREFETCH: {{ .Values.config.consumerPrefetch | quote }}
+CHAT_CONSUMER_MAX_BYTES_IN_FLIGHT: {{ .Values.config.consumerMaxBytesInFlight | int64 | quote }}
+CHAT_AMQP_QUEUE_TYPE: {{ .Values.config.amqpQueueType | quote }}
+CHAT_AMQP_DELIVERY_LIMIT: {{ .Values.config.amqpDeliveryLimit | quote }}
 CHAT_BATCH_MAX_SIZE: {{ .Values.config.batchMaxSize | quote }}
 CHAT_BATCH_MAX_WAIT_MS: {{ .Values.config.batchMaxWaitMs | quote }}
 CHAT_MAX_ATTEMPTS: {{ .Values.config.maxAttempts | quote }}

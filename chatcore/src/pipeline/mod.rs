@@ -7,6 +7,7 @@
 pub mod consumer;
 mod index;
 mod ingest;
+mod reindex;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -25,6 +26,7 @@ use crate::retry::{self, Stopped};
 pub use consumer::{BatchHandler, HandleError, Observers, Received};
 pub use index::Indexer;
 pub use ingest::IngestWriter;
+pub use reindex::{ReindexError, ReindexProgress, reindex};
 
 /// The worker command line: `run` (the default) consumes until SIGTERM,
 /// `replay-dead-letters` moves the worker's dead letters back into its queue.

@@ -23,7 +23,7 @@ use tokio::sync::RwLock;
 use tokio_util::sync::CancellationToken;
 
 use super::{Delivery, EventQueue, EventSource, QueueError};
-use crate::config::{ConsumerConfig, SecretUrl, Topology};
+use crate::config::{ConsumerConfig, QueueType, SecretUrl, Topology};
 use crate::events::{
     Consumer, Event, SCHEMA_VERSION, SCHEMA_VERSION_HEADER, TRACEPARENT_HEADER, TraceContext,
 };
@@ -278,10 +278,23 @@ async fn declare_topology(channel: &Channel, topology: &Topology) -> Result<(), 
         durable: true,
         ..QueueDeclareOptions::default()
     };
+    let mut typed = FieldTable::default();
+    if let QueueType::Quorum { .. } = topology.queue_type {
+        typed.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+    }
     for consumer in Consumer::ALL {
         let queue = topology.queue(consumer);
         let dead_letter_queue = Topology::dead_letter_queue(queue);
-        let mut arguments = FieldTable::default();
+        let mut arguments = typed.clone();
+        if let QueueType::Quorum { delivery_limit } = topology.queue_type {
+            arguments.insert(
+                "x-delivery-limit".into(),
+                AMQPValue::LongUInt(delivery_limit),
+            );
+        }
         arguments.insert(
             "x-dead-letter-exchange".into(),
             AMQPValue::LongString(topology.dead_letter_exchange.as_str().into()),
@@ -308,7 +321,7 @@ async fn declare_topology(channel: &Channel, topology: &Topology) -> Result<(), 
             .queue_declare(
                 dead_letter_queue.as_str().into(),
                 durable_queue,
-                FieldTable::default(),
+                typed.clone(),
             )
             .await?;
         channel

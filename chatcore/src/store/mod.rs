@@ -185,6 +185,32 @@ macro_rules! storage_impl {
                 .await
             }
 
+            async fn messages_to_index(
+                &self,
+                scope: ReindexScope,
+                after: ReindexCursor,
+                limit: u32,
+            ) -> Result<Vec<MessageToIndex>, StorageError> {
+                let (filter, scope_binds) = scope.filter();
+                let query = format!(
+                    "SELECT m.chat_id, c.application_id, c.number AS chat_number, m.number, m.body, \
+                     m.version, m.created_at FROM messages m JOIN chats c ON c.id = m.chat_id \
+                     WHERE (m.chat_id > ? OR (m.chat_id = ? AND m.number > ?)) AND {filter} \
+                     ORDER BY m.chat_id, m.number LIMIT ?"
+                );
+                let mut rows = sqlx::query_as(sqlx::AssertSqlSafe(query))
+                    .bind(after.chat_id as i64)
+                    .bind(after.chat_id as i64)
+                    .bind(after.number as i64);
+                for bind in scope_binds {
+                    rows = match bind {
+                        ScopeBind::Id(id) => rows.bind(id as i64),
+                        ScopeBind::Time(at) => rows.bind(at),
+                    };
+                }
+                sql(rows.bind(i64::from(limit)).fetch_all(&self.pool)).await
+            }
+
             async fn recount(&self, level: CountLevel, id: u64) -> Result<u64, StorageError> {
                 let (update, select) = level.recount_queries();
                 let mut transaction = self.pool.begin().await?;
@@ -389,6 +415,90 @@ impl CountLevel {
     }
 }
 
+/// Which messages a reindex rebuilds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReindexScope {
+    All,
+    Application(u64),
+    Chat(u64, Number),
+    /// Messages updated at or after this moment (the reconciliation of counter-sync: a `PUT` whose
+    /// event never reached the index is repaired by the next pass).
+    UpdatedSince(DateTime<Utc>),
+}
+
+enum ScopeBind {
+    Id(u64),
+    Time(DateTime<Utc>),
+}
+
+impl ReindexScope {
+    /// The SQL condition (over `m` messages and `c` chats) and its binds.
+    fn filter(self) -> (&'static str, Vec<ScopeBind>) {
+        match self {
+            Self::All => ("1 = 1", Vec::new()),
+            Self::Application(id) => ("c.application_id = ?", vec![ScopeBind::Id(id)]),
+            Self::Chat(id, number) => (
+                "c.application_id = ? AND c.number = ?",
+                vec![ScopeBind::Id(id), ScopeBind::Id(number.get())],
+            ),
+            Self::UpdatedSince(at) => ("m.updated_at >= ?", vec![ScopeBind::Time(at)]),
+        }
+    }
+}
+
+/// Where a reindex goes on from: the last message written (internal chat id, number). Printed
+/// with the progress, so an interrupted reindex resumes where it stopped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReindexCursor {
+    pub chat_id: u64,
+    pub number: u64,
+}
+
+impl std::fmt::Display for ReindexCursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.chat_id, self.number)
+    }
+}
+
+impl std::str::FromStr for ReindexCursor {
+    type Err = String;
+
+    fn from_str(raw: &str) -> Result<Self, Self::Err> {
+        let (chat_id, number) = raw
+            .split_once(':')
+            .ok_or_else(|| format!("{raw:?} is not CHAT_ID:NUMBER"))?;
+        let parse = |part: &str| {
+            part.parse::<u64>()
+                .map_err(|error| format!("{raw:?}: {error}"))
+        };
+        Ok(Self {
+            chat_id: parse(chat_id)?,
+            number: parse(number)?,
+        })
+    }
+}
+
+/// A stored message as the search index needs it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct MessageToIndex {
+    pub chat_id: u64,
+    pub application_id: u64,
+    pub chat_number: u64,
+    pub number: u64,
+    pub body: String,
+    pub version: u64,
+    pub created_at: DateTime<Utc>,
+}
+
+impl MessageToIndex {
+    pub fn cursor(&self) -> ReindexCursor {
+        ReindexCursor {
+            chat_id: self.chat_id,
+            number: self.number,
+        }
+    }
+}
+
 /// One application or chat as counter-sync checks it: the stored count of its children, the
 /// actual count, and the highest child number persisted. `number` is 0 for an application.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::FromRow)]
@@ -518,6 +628,14 @@ pub trait Storage: Send + Sync {
         after_id: u64,
         limit: u32,
     ) -> Result<Vec<CountFigures>, StorageError>;
+
+    /// Up to `limit` messages of `scope` after `after`, in (chat, number) order.
+    async fn messages_to_index(
+        &self,
+        scope: ReindexScope,
+        after: ReindexCursor,
+        limit: u32,
+    ) -> Result<Vec<MessageToIndex>, StorageError>;
 
     /// Recomputes the stored count of one application or chat; returns it.
     async fn recount(&self, level: CountLevel, id: u64) -> Result<u64, StorageError>;

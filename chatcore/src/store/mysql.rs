@@ -10,7 +10,8 @@ use sqlx::{MySql, MySqlPool, QueryBuilder, Row as _, Transaction};
 
 use super::{
     ApplicationRow, ChatKey, ChatRow, CountFigures, CountLevel, IngestBatch, MessageRow,
-    NewMessage, Reservation, StorageError, first_conflict, now, sql,
+    MessageToIndex, NewMessage, ReindexCursor, ReindexScope, Reservation, ScopeBind, StorageError,
+    first_conflict, now, sql,
 };
 use crate::config::SecretUrl;
 use crate::domain::{ApplicationName, ApplicationToken, MessageBody, Number, PageRequest};

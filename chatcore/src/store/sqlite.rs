@@ -12,7 +12,8 @@ use sqlx::{AssertSqlSafe, Sqlite, SqlitePool, Transaction};
 
 use super::{
     APPLICATION_COLUMNS, ApplicationRow, ChatRow, CountFigures, CountLevel, IngestBatch,
-    MessageRow, Reservation, StorageError, first_conflict, now, sql,
+    MessageRow, MessageToIndex, ReindexCursor, ReindexScope, Reservation, ScopeBind, StorageError,
+    first_conflict, now, sql,
 };
 use crate::domain::{ApplicationName, ApplicationToken, MessageBody, Number, PageRequest};
 use crate::sqlite::begin_write;

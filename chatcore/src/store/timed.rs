@@ -6,8 +6,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use super::{
-    ApplicationRow, ChatRow, CountFigures, CountLevel, IngestBatch, MessageRow, Reservation,
-    Storage, StorageError,
+    ApplicationRow, ChatRow, CountFigures, CountLevel, IngestBatch, MessageRow, MessageToIndex,
+    ReindexCursor, ReindexScope, Reservation, Storage, StorageError,
 };
 use crate::domain::{ApplicationName, ApplicationToken, MessageBody, Number, PageRequest};
 use crate::metrics::Metrics;
@@ -153,6 +153,18 @@ impl Storage for TimedStorage {
     ) -> Result<Vec<CountFigures>, StorageError> {
         let call = self.inner.count_figures(level, after_id, limit);
         self.metrics.time(self.kind(), "count_figures", call).await
+    }
+
+    async fn messages_to_index(
+        &self,
+        scope: ReindexScope,
+        after: ReindexCursor,
+        limit: u32,
+    ) -> Result<Vec<MessageToIndex>, StorageError> {
+        let call = self.inner.messages_to_index(scope, after, limit);
+        self.metrics
+            .time(self.kind(), "messages_to_index", call)
+            .await
     }
 
     async fn recount(&self, level: CountLevel, id: u64) -> Result<u64, StorageError> {
