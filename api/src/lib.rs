@@ -76,10 +76,7 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let metrics = Metrics::new();
     let adapters = Adapters::connect(&config, &metrics).await?;
-    tokio::spawn(chatcore::adapters::keep_queue_connected(
-        Arc::clone(&adapters.queue),
-        shutdown.clone(),
-    ));
+    adapters.keep_connected(&shutdown);
     let consumers = if adapters.consumes_in_process {
         chatcore::pipeline::spawn_consumers(&config, &adapters, &metrics, &shutdown)
     } else {

@@ -84,14 +84,46 @@ impl Adapters {
     }
 }
 
-/// How often the api checks that its queue is still connected.
-const QUEUE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the api checks its connections.
+const CONNECTION_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Keeps the queue connected until `shutdown`: after the broker restarts or drops the connection
-/// it is opened again in the background, with backoff, so readiness recovers without a request.
-pub async fn keep_queue_connected(queue: Arc<dyn EventQueue>, shutdown: CancellationToken) {
+impl Adapters {
+    /// Keeps every connection of the api alive until `shutdown`, without waiting for a request to
+    /// notice a broken one: after a broker restart the queue is opened again (with backoff), and
+    /// the storage, the counters and the index are pinged, which makes their clients reconnect
+    /// (each with its own backoff). So readiness recovers by itself.
+    pub fn keep_connected(&self, shutdown: &CancellationToken) {
+        tokio::spawn(keep_queue_connected(
+            Arc::clone(&self.queue),
+            shutdown.clone(),
+        ));
+        let (storage, state, search, shutdown) = (
+            Arc::clone(&self.storage),
+            Arc::clone(&self.state),
+            Arc::clone(&self.search),
+            shutdown.clone(),
+        );
+        tokio::spawn(async move {
+            while !retry::sleep_or_cancel(CONNECTION_CHECK_INTERVAL, &shutdown).await {
+                let (storage, state, search) =
+                    tokio::join!(storage.ping(), state.ping(), search.ping());
+                for (dependency, failure) in [
+                    ("storage", storage.err().map(|error| error.to_string())),
+                    ("counters", state.err().map(|error| error.to_string())),
+                    ("search", search.err().map(|error| error.to_string())),
+                ] {
+                    if let Some(error) = failure {
+                        tracing::debug!(dependency, %error, "dependency unreachable, its client reconnects");
+                    }
+                }
+            }
+        });
+    }
+}
+
+async fn keep_queue_connected(queue: Arc<dyn EventQueue>, shutdown: CancellationToken) {
     let backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
-    while !retry::sleep_or_cancel(QUEUE_CHECK_INTERVAL, &shutdown).await {
+    while !retry::sleep_or_cancel(CONNECTION_CHECK_INTERVAL, &shutdown).await {
         if queue.is_ready().await {
             continue;
         }

@@ -164,7 +164,7 @@ pub struct ConsumerConfig {
     /// events the api can accept fit in `CHAT_CONSUMER_MAX_BYTES_IN_FLIGHT` (RabbitMQ bounds a
     /// consumer by count only).
     pub prefetch: u16,
-    /// At most `prefetch`.
+    /// A RabbitMQ batch is also at most `prefetch` (no more deliveries come unacknowledged).
     pub batch_max_size: usize,
     pub batch_max_wait: Duration,
     /// Attempts for one event that fails with a non-transient error before it is dead-lettered.
@@ -290,15 +290,13 @@ impl Config {
         .map(|config| config.bounded_in_memory(max_bytes_in_flight))
     }
 
-    /// Lowers the prefetch (and the batch size) so that `max_bytes_in_flight` holds that many of
+    /// Lowers the prefetch so that `max_bytes_in_flight` holds that many of
     /// the largest events: a request body of `CHAT_MAX_REQUEST_BYTES` makes an event of about the
     /// same size (JSON in, JSON out).
     fn bounded_in_memory(mut self, max_bytes_in_flight: usize) -> Self {
         let largest_event = self.api.max_request_bytes + EVENT_ENVELOPE_BYTES;
         let fitting = (max_bytes_in_flight / largest_event).clamp(1, usize::from(u16::MAX));
-        let consumer = &mut self.consumer;
-        consumer.prefetch = consumer.prefetch.min(fitting as u16);
-        consumer.batch_max_size = consumer.batch_max_size.min(usize::from(consumer.prefetch));
+        self.consumer.prefetch = self.consumer.prefetch.min(fitting as u16);
         self
     }
 
@@ -531,7 +529,6 @@ mod tests {
         let config = Config::from_map(&HashMap::new()).expect("valid config");
         // 64 MiB of 257 KiB events.
         assert_eq!(config.consumer.prefetch, 255);
-        assert_eq!(config.consumer.batch_max_size, 255);
         let values = HashMap::from([
             (
                 "CHAT_CONSUMER_MAX_BYTES_IN_FLIGHT".to_owned(),
@@ -541,7 +538,6 @@ mod tests {
         ]);
         let config = Config::from_map(&values).expect("valid config");
         assert_eq!(config.consumer.prefetch, 1, "at least one");
-        assert_eq!(config.consumer.batch_max_size, 1);
         let roomy = HashMap::from([(
             "CHAT_CONSUMER_MAX_BYTES_IN_FLIGHT".to_owned(),
             (1u64 << 40).to_string(),

@@ -389,7 +389,9 @@ impl EventSource for RabbitMqSource {
         };
         let mut batch = vec![delivery_of(first?)];
         let deadline = tokio::time::Instant::now() + settings.batch_max_wait;
-        while batch.len() < settings.batch_max_size {
+        // Beyond the prefetch nothing more arrives before the batch is acknowledged.
+        let limit = settings.batch_max_size.min(usize::from(settings.prefetch));
+        while batch.len() < limit {
             match tokio::time::timeout_at(deadline, self.deliveries.next()).await {
                 Ok(Some(delivery)) => batch.push(delivery_of(delivery?)),
                 Ok(None) => return Err(QueueError::ConsumerCancelled),
