@@ -125,8 +125,19 @@ pub async fn run_holding(
         }
     };
     let report = tokio::select! {
-        report = run(config) => report?,
+        report = run(config) => report,
         lost = renewals => return Err(lost.context("stopping: another run may be repairing now")),
+    };
+    let report = match report {
+        Ok(report) => report,
+        Err(failure) => {
+            // The Job's retry must find the Lease free, not held by a run that gave up (it would
+            // do nothing and complete).
+            if let Err(error) = lock.release().await {
+                tracing::warn!(%error, "could not release the lease after a failed run");
+            }
+            return Err(failure);
+        }
     };
     for repair in &report.repairs {
         if let Err(error) = lock

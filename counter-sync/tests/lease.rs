@@ -340,3 +340,58 @@ fn renewal_happens_well_within_the_lease_duration() {
     let lock = LeaseLock::new(Client::new(service, "chat"), settings());
     assert_eq!(lock.renew_interval(), Duration::from_secs(20));
 }
+
+#[tokio::test]
+async fn a_run_that_fails_gives_the_lease_back() {
+    let (lock, mut api) = lock();
+    let now = Timestamp::now();
+    let server = tokio::spawn(async move {
+        exchange(
+            &mut api,
+            Method::GET,
+            LEASE_PATH,
+            StatusCode::NOT_FOUND,
+            status(404, "NotFound"),
+        )
+        .await;
+        exchange(
+            &mut api,
+            Method::POST,
+            LEASES_PATH,
+            StatusCode::CREATED,
+            lease(Some("counter-sync-28551-abcde"), now, 0),
+        )
+        .await;
+        exchange(
+            &mut api,
+            Method::GET,
+            LEASE_PATH,
+            StatusCode::OK,
+            lease(Some("counter-sync-28551-abcde"), now, 0),
+        )
+        .await;
+        let released = exchange(
+            &mut api,
+            Method::PUT,
+            LEASE_PATH,
+            StatusCode::OK,
+            lease(None, now, 0),
+        )
+        .await;
+        assert_eq!(released["spec"]["holderIdentity"], Value::Null);
+    });
+    // Nothing listens on port 1: the pass fails at once, as with a database that is down.
+    let unreachable: std::collections::HashMap<String, String> = [
+        ("DATABASE_URL", "mysql://chat:chat@127.0.0.1:1/chat"),
+        ("REDIS_URL", "redis://127.0.0.1:1/0"),
+        ("AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2f"),
+        ("ELASTICSEARCH_URL", "http://127.0.0.1:1"),
+    ]
+    .into_iter()
+    .map(|(name, value)| (name.to_owned(), value.to_owned()))
+    .collect();
+    let config = chatcore::Config::from_map(&unreachable).expect("valid config");
+    let outcome = counter_sync::run_holding(&config, &lock).await;
+    assert!(outcome.is_err(), "the pass cannot reach its database");
+    server.await.expect("the lease was given back");
+}
