@@ -2,7 +2,7 @@
 //! `{"error": {"code": "...", "message": "...", "field": "..."}}` (`field` only when one input is to blame).
 
 use axum::Json;
-use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chatcore::domain::InvalidInput;
@@ -38,6 +38,21 @@ pub enum ApiError {
     /// 422: the Idempotency-Key was used before with a different request body.
     #[error("this Idempotency-Key was used with a different request")]
     IdempotencyKeyReused,
+    /// 401: the admin routes need `Authorization: Bearer <admin token>`.
+    #[error("this needs the admin token: Authorization: Bearer <token>")]
+    Unauthorized,
+    /// 403: the bearer token is not the admin token.
+    #[error("the bearer token is not the admin token")]
+    Forbidden,
+    /// 429: over the rate limit of the client address or the application token.
+    #[error("too many requests; retry after the Retry-After seconds")]
+    RateLimited {
+        limit: u32,
+        retry_after: std::time::Duration,
+    },
+    /// 408: the body did not arrive within `CHAT_BODY_TIMEOUT_MS`.
+    #[error("the request body did not arrive within {0} ms")]
+    BodyTimedOut(u128),
     /// 413
     #[error("request body exceeds the size limit")]
     PayloadTooLarge,
@@ -48,8 +63,10 @@ pub enum ApiError {
     #[error("method not allowed")]
     MethodNotAllowed,
     /// 503: a dependency did not answer. Retried with the same `Idempotency-Key`, the request
-    /// keeps the number it may have been given.
-    #[error("{0}")]
+    /// keeps the number it may have been given. What failed goes to the log, not to the client.
+    #[error(
+        "the service is unavailable for a moment; retry shortly (a POST with the same Idempotency-Key keeps its number)"
+    )]
     Unavailable(String),
     /// 503: the request took longer than `CHAT_REQUEST_TIMEOUT_MS`.
     #[error("the request did not finish within {0} ms; retry shortly")]
@@ -65,6 +82,10 @@ impl ApiError {
             Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
             Self::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::Forbidden => StatusCode::FORBIDDEN,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::BodyTimedOut(_) => StatusCode::REQUEST_TIMEOUT,
             Self::NotPersistedYet(_) | Self::IdempotencyKeyInUse => StatusCode::CONFLICT,
             Self::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -80,6 +101,10 @@ impl ApiError {
             Self::BadRequest { .. } => "bad_request",
             Self::Invalid(_) => "validation_failed",
             Self::NotFound(_) => "not_found",
+            Self::Unauthorized => "unauthorized",
+            Self::Forbidden => "forbidden",
+            Self::RateLimited { .. } => "rate_limited",
+            Self::BodyTimedOut(_) => "body_timed_out",
             Self::NotPersistedYet(_) => "not_persisted_yet",
             Self::IdempotencyKeyInUse => "idempotency_key_in_use",
             Self::IdempotencyKeyReused => "idempotency_key_reused",
@@ -143,16 +168,26 @@ impl IntoResponse for ApiError {
             },
         };
         let mut response = (status, Json(body)).into_response();
-        if matches!(
-            self,
+        let headers = response.headers_mut();
+        match self {
             Self::NotPersistedYet(_)
-                | Self::IdempotencyKeyInUse
-                | Self::Unavailable(_)
-                | Self::TimedOut(_)
-        ) {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            | Self::IdempotencyKeyInUse
+            | Self::Unavailable(_)
+            | Self::TimedOut(_) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            Self::RateLimited { limit, retry_after } => {
+                let seconds = crate::rate_limit::seconds_rounded_up(retry_after);
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+                crate::rate_limit::set_headers(headers, limit, 0, retry_after);
+            }
+            Self::Unauthorized => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"chat admin\""),
+                );
+            }
+            _ => {}
         }
         response
     }
@@ -223,6 +258,15 @@ impl From<QueryRejection> for ApiError {
     fn from(rejection: QueryRejection) -> Self {
         Self::BadRequest {
             message: format!("invalid query string: {}", rejection.body_text()),
+            field: None,
+        }
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(rejection: PathRejection) -> Self {
+        Self::BadRequest {
+            message: format!("invalid path parameter: {}", rejection.body_text()),
             field: None,
         }
     }

@@ -7,19 +7,22 @@
 //! Layers: `routes` (one module per resource: parse, call, render) -> [`service::ChatService`]
 //! (the use cases) -> the adapters' traits, built by [`chatcore::adapters`].
 
+mod admin;
 mod error;
 mod extract;
 mod idempotency;
+mod rate_limit;
+mod request_body;
 mod routes;
+mod server;
 mod service;
 
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use axum::Router;
 use chatcore::Config;
 use chatcore::adapters::Adapters;
-use chatcore::config::ApiConfig;
+use chatcore::config::{AdminToken, ApiConfig};
 use chatcore::domain::{ApplicationToken, Number};
 use chatcore::metrics::Metrics;
 use chatcore::pipeline::ReindexProgress;
@@ -28,6 +31,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use error::ApiError;
+use rate_limit::RateLimiters;
 use service::ChatService;
 
 /// Cheap-to-clone state shared by every handler.
@@ -36,14 +40,26 @@ pub struct AppState {
     service: Arc<ChatService>,
     settings: Arc<ApiConfig>,
     metrics: Arc<Metrics>,
+    admin_token: Arc<AdminToken>,
+    rate_limiters: Arc<RateLimiters>,
 }
 
 impl AppState {
-    fn new(config: &Config, adapters: &Adapters, metrics: Arc<Metrics>) -> Self {
+    fn new(
+        config: &Config,
+        adapters: &Adapters,
+        metrics: Arc<Metrics>,
+        admin_token: AdminToken,
+    ) -> Self {
         Self {
             service: Arc::new(ChatService::new(config, adapters)),
             settings: Arc::new(config.api.clone()),
             metrics,
+            admin_token: Arc::new(admin_token),
+            rate_limiters: Arc::new(RateLimiters::new(
+                config.api.rate_limits,
+                config.api.trusted_proxy_hops,
+            )),
         }
     }
 
@@ -56,9 +72,31 @@ impl AppState {
     }
 }
 
-pub fn router(state: AppState) -> Router {
-    routes::router(state)
+/// Where the api listens: the public API, and the internal port of `/metrics`, `/livez` and
+/// `/readyz` for the cluster (`CHAT_HEALTH_ADDR`).
+pub struct Listeners {
+    pub public: TcpListener,
+    pub internal: TcpListener,
 }
+
+impl Listeners {
+    /// Binds the addresses of the configuration.
+    pub async fn bind(config: &Config) -> anyhow::Result<Self> {
+        let internal_addr = config.health_addr.unwrap_or(DEFAULT_HEALTH_ADDR);
+        Ok(Self {
+            public: TcpListener::bind(config.api.listen_addr)
+                .await
+                .with_context(|| format!("binding {}", config.api.listen_addr))?,
+            internal: TcpListener::bind(internal_addr)
+                .await
+                .with_context(|| format!("binding {internal_addr}"))?,
+        })
+    }
+}
+
+/// The api's internal port when `CHAT_HEALTH_ADDR` is not set.
+const DEFAULT_HEALTH_ADDR: std::net::SocketAddr =
+    std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9090);
 
 /// The OpenAPI 3.1 document, pretty-printed (what `/api/v1/openapi.json` serves).
 pub fn openapi_json() -> String {
@@ -71,9 +109,10 @@ pub fn openapi_json() -> String {
 /// With the embedded queue it also runs the ingest and index consumers until then.
 pub async fn serve(
     config: Config,
-    listener: TcpListener,
+    listeners: Listeners,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let admin_token = admin::load_or_create(&config)?;
     let metrics = Metrics::new();
     let adapters = Adapters::connect(&config, &metrics).await?;
     adapters.keep_connected(&shutdown);
@@ -83,24 +122,37 @@ pub async fn serve(
         Vec::new()
     };
     tracing::info!(
-        address = %listener.local_addr()?,
+        address = %listeners.public.local_addr()?,
+        internal_address = %listeners.internal.local_addr()?,
         storage = adapters.storage.kind(),
         counters = adapters.state.kind(),
         queue = adapters.queue.kind(),
         search = adapters.search.kind(),
         "api listening"
     );
-    let state = AppState::new(&config, &adapters, metrics);
-    let served = axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .await
-        .context("serving http");
+    let state = AppState::new(&config, &adapters, metrics, admin_token);
+    state.rate_limiters.forget_quiet_clients(&shutdown);
+    let internal = tokio::spawn(
+        axum::serve(listeners.internal, routes::internal_router(state.clone()))
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+            .into_future(),
+    );
+    server::serve(
+        listeners.public,
+        routes::router(state),
+        &config.api,
+        shutdown.clone(),
+    )
+    .await;
     // The consumers stop at the same signal; an unfinished batch stays queued for the next start.
     shutdown.cancel();
     for consumer in consumers {
         consumer.await.context("consumer task")?;
     }
-    served
+    internal
+        .await
+        .context("internal port task")?
+        .context("serving the internal port")
 }
 
 /// Moves the dead letters of the ingest and index queues back into their queues (after the cause

@@ -1,6 +1,5 @@
 //! The api binary: serves the HTTP API (and, with no service URL, the whole embedded system).
 
-use anyhow::Context as _;
 use chatcore::Config;
 use chatcore::store::ReindexCursor;
 use clap::{Parser, Subcommand};
@@ -46,10 +45,8 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command.unwrap_or(Command::Serve) {
         Command::Serve => {
             let (config, _telemetry) = start()?;
-            let listener = tokio::net::TcpListener::bind(config.api.listen_addr)
-                .await
-                .with_context(|| format!("binding {}", config.api.listen_addr))?;
-            api::serve(config, listener, chatcore::shutdown::on_signal()).await
+            let listeners = api::Listeners::bind(&config).await?;
+            api::serve(config, listeners, chatcore::shutdown::on_signal()).await
         }
         Command::Migrate => {
             let (config, _telemetry) = start()?;

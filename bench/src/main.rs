@@ -180,6 +180,18 @@ async fn main() -> anyhow::Result<()> {
     );
     let search_latencies = search(&http, &settings, &token, chat).await?;
 
+    eprintln!("bench: seeding a chat of {DEEP_CHAT_MESSAGES} messages for the pagination phase");
+    let deep_chat = post_json(
+        &http,
+        &format!("{}/applications/{token}/chats", settings.api_url),
+        None,
+    )
+    .await?["number"]
+        .as_u64()
+        .context("chat number")?;
+    seed_deep_chat(&http, &settings, &config, embedded, &token, deep_chat).await?;
+    let (first_page, last_page) = page_latencies(&http, &settings, &token, deep_chat).await?;
+
     println!();
     println!("| measure | figure | ratio to raw limit |");
     println!("| --- | --- | --- |");
@@ -210,7 +222,114 @@ async fn main() -> anyhow::Result<()> {
         ms(search_latencies.percentile(0.50)),
         ms(search_latencies.percentile(0.99))
     );
+    println!(
+        "| list messages, page 1 p50 / p99 (chat of {DEEP_CHAT_MESSAGES}) | {} / {} | |",
+        ms(first_page.percentile(0.50)),
+        ms(first_page.percentile(0.99))
+    );
+    println!(
+        "| list messages, last page (after={}) p50 / p99 | {} / {} | {:.2} of page 1 (p50) |",
+        DEEP_CHAT_MESSAGES - 25,
+        ms(last_page.percentile(0.50)),
+        ms(last_page.percentile(0.99)),
+        last_page.percentile(0.50).as_secs_f64() / first_page.percentile(0.50).as_secs_f64()
+    );
     Ok(())
+}
+
+/// The messages of the chat whose first and last page are timed.
+const DEEP_CHAT_MESSAGES: u64 = 1_000_000;
+/// Requests per page in the pagination phase.
+const PAGE_REQUESTS: usize = 400;
+
+/// Writes [`DEEP_CHAT_MESSAGES`] messages straight into the storage (the api would take minutes
+/// to accept them, and only their reading is measured here).
+async fn seed_deep_chat(
+    http: &reqwest::Client,
+    settings: &Settings,
+    config: &Config,
+    embedded: bool,
+    token: &str,
+    chat: u64,
+) -> anyhow::Result<()> {
+    let chat_url = format!("{}/applications/{token}/chats/{chat}", settings.api_url);
+    let deadline = Instant::now() + settings.max_phase;
+    while !http.get(&chat_url).send().await?.status().is_success() {
+        if Instant::now() > deadline {
+            bail!("chat {chat} was not stored within {:?}", settings.max_phase);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let chat_id = "SELECT c.id FROM chats c JOIN applications a ON a.id = c.application_id \
+                   WHERE a.token = ? AND c.number = ?";
+    if embedded {
+        let options = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(config.data_dir.join("chat.db"))
+            .busy_timeout(Duration::from_secs(30));
+        let mut connection = sqlx::SqliteConnection::connect_with(&options).await?;
+        let id: i64 = sqlx::query_scalar(chat_id)
+            .bind(token)
+            .bind(chat as i64)
+            .fetch_one(&mut connection)
+            .await?;
+        sqlx::query(
+            "WITH RECURSIVE seq(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM seq WHERE n < ?) \
+             INSERT INTO messages (chat_id, number, body, created_at, updated_at) \
+             SELECT c.id, n, 'seeded message ' || n, c.created_at, c.created_at FROM chats c, seq WHERE c.id = ?",
+        )
+        .bind(DEEP_CHAT_MESSAGES as i64)
+        .bind(id)
+        .execute(&mut connection)
+        .await?;
+        connection.close().await?;
+    } else {
+        let pool = chatcore::store::mysql::connect(config.require_database_url()?, 1).await?;
+        let id: u64 = sqlx::query_scalar(chat_id)
+            .bind(token)
+            .bind(chat as i64)
+            .fetch_one(&pool)
+            .await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO messages (chat_id, number, body, created_at, updated_at) \
+             SELECT c.id, s.seq, CONCAT('seeded message ', s.seq), c.created_at, c.created_at \
+             FROM chats c JOIN seq_1_to_{DEEP_CHAT_MESSAGES} s WHERE c.id = ?"
+        )))
+        .bind(id)
+        .execute(&pool)
+        .await?;
+        pool.close().await;
+    }
+    Ok(())
+}
+
+/// Latencies of the first page and of the last page (`after`) of the deep chat, alternating, one
+/// request at a time.
+async fn page_latencies(
+    http: &reqwest::Client,
+    settings: &Settings,
+    token: &str,
+    chat: u64,
+) -> anyhow::Result<(Latencies, Latencies)> {
+    let list = format!(
+        "{}/applications/{token}/chats/{chat}/messages?per_page=25",
+        settings.api_url
+    );
+    let last = format!("{list}&after={}", DEEP_CHAT_MESSAGES - 25);
+    let (mut first_page, mut last_page) = (Vec::new(), Vec::new());
+    for _ in 0..PAGE_REQUESTS {
+        for (url, latencies, expected_first) in [
+            (&list, &mut first_page, 1),
+            (&last, &mut last_page, DEEP_CHAT_MESSAGES - 24),
+        ] {
+            let sent = Instant::now();
+            let page: Value = http.get(url).send().await?.json().await?;
+            latencies.push(sent.elapsed());
+            if page["messages"][0]["number"].as_u64() != Some(expected_first) {
+                bail!("unexpected page {url}: {page}");
+            }
+        }
+    }
+    Ok((Latencies(first_page), Latencies(last_page)))
 }
 
 /// A raw limit measured in the same run.

@@ -147,14 +147,23 @@ async fn keep_queue_connected(queue: Arc<dyn EventQueue>, shutdown: Cancellation
 pub async fn storage(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Arc<dyn Storage>> {
     let storage: Arc<dyn Storage> = match &config.database_url {
         Some(url) => {
-            let pool = crate::store::mysql::connect(url, config.database_max_connections)
-                .await
-                .with_context(|| format!("connecting to mysql at {url}"))?;
+            let pool = crate::store::mysql::connect_with(
+                url,
+                config.database_max_connections,
+                config.connect_timeout,
+                tls_ca(config)?.as_deref(),
+            )
+            .await
+            .with_context(|| format!("connecting to mysql at {url}"))?;
             Arc::new(MySqlStorage::new(pool))
         }
         None => Arc::new(SqliteStorage::open(&config.data_dir.join("chat.db")).await?),
     };
-    Ok(Arc::new(TimedStorage::new(storage, Arc::clone(metrics))))
+    Ok(Arc::new(TimedStorage::new(
+        storage,
+        Arc::clone(metrics),
+        config.dependency_timeout,
+    )))
 }
 
 /// The counters and keys: Redis when `REDIS_URL` is set, else memory and the embedded
@@ -165,9 +174,13 @@ pub async fn state(
 ) -> anyhow::Result<Arc<dyn SharedState>> {
     let state: Arc<dyn SharedState> = match &config.redis_url {
         Some(url) => Arc::new(RedisState::new(
-            crate::state::connect_redis(url)
-                .await
-                .with_context(|| format!("connecting to redis at {url}"))?,
+            crate::state::connect_redis_with(
+                url,
+                config.connect_timeout,
+                tls_ca(config)?.as_deref(),
+            )
+            .await
+            .with_context(|| format!("connecting to redis at {url}"))?,
         )),
         None => {
             let state = Arc::new(InProcessState::open(&config.data_dir.join("state.db")).await?);
@@ -175,7 +188,11 @@ pub async fn state(
             state
         }
     };
-    Ok(Arc::new(TimedState::new(state, Arc::clone(metrics))))
+    Ok(Arc::new(TimedState::new(
+        state,
+        Arc::clone(metrics),
+        config.dependency_timeout,
+    )))
 }
 
 /// The event queue: RabbitMQ when `AMQP_URL` is set (connected on first use), else the embedded
@@ -187,6 +204,8 @@ pub async fn queue(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Ar
             url.clone(),
             config.topology.clone(),
             confirm_timeout,
+            config.connect_timeout,
+            tls_ca(config)?.as_deref(),
         )),
         None => Arc::new(
             SqliteQueue::open(
@@ -197,7 +216,11 @@ pub async fn queue(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Ar
             .await?,
         ),
     };
-    Ok(Arc::new(TimedQueue::new(queue, Arc::clone(metrics))))
+    Ok(Arc::new(TimedQueue::new(
+        queue,
+        Arc::clone(metrics),
+        config.dependency_timeout,
+    )))
 }
 
 /// The search index: Elasticsearch when its URL is set, else the embedded FTS5 file.
@@ -206,14 +229,22 @@ pub async fn search(
     metrics: &Arc<Metrics>,
 ) -> anyhow::Result<Arc<dyn SearchIndex>> {
     let search: Arc<dyn SearchIndex> = match &config.elasticsearch_url {
-        Some(url) => Arc::new(ElasticsearchIndex::connect(
-            url,
-            &config.elasticsearch_index,
-            config.elasticsearch_replicas,
-        )?),
+        Some(url) => Arc::new(
+            ElasticsearchIndex::connect(
+                url,
+                &config.elasticsearch_index,
+                config.elasticsearch_replicas,
+                tls_ca(config)?.as_deref(),
+            )?
+            .with_search_timeout(config.api.search_timeout),
+        ),
         None => Arc::new(SqliteSearchIndex::open(&config.data_dir.join("search.db")).await?),
     };
-    Ok(Arc::new(TimedSearchIndex::new(search, Arc::clone(metrics))))
+    Ok(Arc::new(TimedSearchIndex::new(
+        search,
+        Arc::clone(metrics),
+        config.dependency_timeout,
+    )))
 }
 
 /// Applies the storage migrations, creates the search index and the broker topology of the
@@ -266,6 +297,22 @@ async fn migrate_once(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Result
     }
     tracing::info!("migrations applied");
     Ok(())
+}
+
+/// The PEM of `CHAT_TLS_CA_FILE`, which TLS connections to every service trust beside the public
+/// roots (TLS itself is the choice of each URL).
+fn tls_ca(config: &Config) -> anyhow::Result<Option<Vec<u8>>> {
+    let Some(path) = &config.tls_ca_file else {
+        return Ok(None);
+    };
+    let pem = std::fs::read(path)
+        .with_context(|| format!("reading CHAT_TLS_CA_FILE {}", path.display()))?;
+    anyhow::ensure!(
+        String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----"),
+        "CHAT_TLS_CA_FILE {} holds no PEM certificate",
+        path.display()
+    );
+    Ok(Some(pem))
 }
 
 /// Two processes on one data directory would each count numbers in memory; the lock makes the

@@ -135,6 +135,18 @@ pub struct Config {
     pub otlp_endpoint: Option<String>,
     /// How long `api migrate` retries while a service is not reachable yet.
     pub migrate_wait: Duration,
+    /// Where this binary serves `/livez`, `/readyz` and `/metrics` for the cluster (not the
+    /// public port); None: the binary's own default port.
+    pub health_addr: Option<SocketAddr>,
+    /// The longest wait for a connection to a backing service (TCP, TLS and the protocol's
+    /// handshake); a black-holed address fails after this instead of the OS timeout.
+    pub connect_timeout: Duration,
+    /// The longest wait for one call to a backing service once connected (a query, a publish and
+    /// its confirm, a search); a call past it fails as transient.
+    pub dependency_timeout: Duration,
+    /// Extra certificate authority (PEM) trusted for TLS connections to every backing service
+    /// (`mysql://...?ssl-mode=...`, `rediss://`, `amqps://`, `https://`), e.g. a private CA.
+    pub tls_ca_file: Option<PathBuf>,
     pub api: ApiConfig,
     pub consumer: ConsumerConfig,
     pub counter_sync: CounterSyncConfig,
@@ -143,6 +155,23 @@ pub struct Config {
 #[derive(Debug, Clone)]
 pub struct ApiConfig {
     pub listen_addr: SocketAddr,
+    /// The secret that opens the listing of every application; None: generated on first start
+    /// and kept in `data_dir/admin-token`.
+    pub admin_token: Option<AdminToken>,
+    /// Serve the docs page (`/docs`) and the OpenAPI document on the public port.
+    pub docs_enabled: bool,
+    pub rate_limits: RateLimits,
+    /// How many proxies in front of the api append to `X-Forwarded-For`: the client address is
+    /// the one that many entries from the right; 0 trusts no header (the peer address).
+    pub trusted_proxy_hops: usize,
+    /// Connections served at once; further clients wait in the listen backlog.
+    pub max_connections: usize,
+    /// How long a client may take to send the request line and headers.
+    pub header_read_timeout: Duration,
+    /// How long a client may take to send a request body.
+    pub body_timeout: Duration,
+    /// How long a search may run in the search index.
+    pub search_timeout: Duration,
     pub request_timeout: Duration,
     pub publish_confirm_timeout: Duration,
     pub max_request_bytes: usize,
@@ -158,6 +187,56 @@ pub struct ApiConfig {
     pub max_page_size: u32,
 }
 
+/// The secret of the operator: `Authorization: Bearer <token>` on the admin routes.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminToken(String);
+
+impl AdminToken {
+    /// The shortest admin token accepted: 128 bits of a random alphanumeric string.
+    pub const MIN_LENGTH: usize = 22;
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for AdminToken {
+    type Err = String;
+
+    fn from_str(raw: &str) -> Result<Self, Self::Err> {
+        let token = raw.trim();
+        if token.len() < Self::MIN_LENGTH || !token.chars().all(|c| c.is_ascii_graphic()) {
+            return Err(format!(
+                "must be at least {} printable ASCII characters without spaces",
+                Self::MIN_LENGTH
+            ));
+        }
+        Ok(Self(token.to_owned()))
+    }
+}
+
+impl fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AdminToken(***)")
+    }
+}
+
+/// Requests per second and burst of one client; `per_second == 0` turns the limit off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    pub per_second: u32,
+    pub burst: u32,
+}
+
+/// The rate limits of the api, per replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimits {
+    /// Per application token (every request naming it).
+    pub per_token: RateLimit,
+    /// Per client address (every request).
+    pub per_address: RateLimit,
+}
+
 #[derive(Debug, Clone)]
 pub struct ConsumerConfig {
     /// Deliveries in flight: `CHAT_CONSUMER_PREFETCH`, lowered so that as many of the largest
@@ -171,8 +250,6 @@ pub struct ConsumerConfig {
     pub max_attempts: u32,
     /// Delays between attempts of a failed batch, and between reconnects to the queue.
     pub retry: Backoff,
-    /// Where the worker serves `/livez` and `/readyz`; None: the binary's own default port.
-    pub health_addr: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone)]
@@ -241,9 +318,30 @@ impl Config {
             data_dir: PathBuf::from(settings.string("CHAT_DATA_DIR", "data")),
             otlp_endpoint: settings.optional("OTEL_EXPORTER_OTLP_ENDPOINT")?,
             migrate_wait: Duration::from_secs(settings.parse("CHAT_MIGRATE_WAIT_SECONDS", 0)?),
+            health_addr: settings.optional("CHAT_HEALTH_ADDR")?,
+            connect_timeout: settings.millis("CHAT_CONNECT_TIMEOUT_MS", 3_000)?,
+            dependency_timeout: settings.millis("CHAT_DEPENDENCY_TIMEOUT_MS", 5_000)?,
+            tls_ca_file: settings.optional("CHAT_TLS_CA_FILE")?,
             api: ApiConfig {
                 listen_addr: settings
                     .parse("CHAT_HTTP_ADDR", SocketAddr::from(([127, 0, 0, 1], 3000)))?,
+                admin_token: settings.optional("CHAT_ADMIN_TOKEN")?,
+                docs_enabled: settings.parse("CHAT_DOCS_ENABLED", true)?,
+                rate_limits: RateLimits {
+                    per_token: RateLimit {
+                        per_second: settings.parse("CHAT_RATE_LIMIT_PER_TOKEN", 500)?,
+                        burst: settings.parse("CHAT_RATE_LIMIT_PER_TOKEN_BURST", 1000)?,
+                    },
+                    per_address: RateLimit {
+                        per_second: settings.parse("CHAT_RATE_LIMIT_PER_ADDRESS", 200)?,
+                        burst: settings.parse("CHAT_RATE_LIMIT_PER_ADDRESS_BURST", 400)?,
+                    },
+                },
+                trusted_proxy_hops: settings.parse("CHAT_TRUSTED_PROXY_HOPS", 0)?,
+                max_connections: settings.parse("CHAT_MAX_CONNECTIONS", 1024)?,
+                header_read_timeout: settings.millis("CHAT_HEADER_READ_TIMEOUT_MS", 5_000)?,
+                body_timeout: settings.millis("CHAT_BODY_TIMEOUT_MS", 5_000)?,
+                search_timeout: settings.millis("CHAT_SEARCH_TIMEOUT_MS", 2_000)?,
                 request_timeout: settings.millis("CHAT_REQUEST_TIMEOUT_MS", 10_000)?,
                 publish_confirm_timeout: settings
                     .millis("CHAT_PUBLISH_CONFIRM_TIMEOUT_MS", 5_000)?,
@@ -269,7 +367,6 @@ impl Config {
                     settings.millis("CHAT_RETRY_BASE_DELAY_MS", 100)?,
                     settings.millis("CHAT_RETRY_MAX_DELAY_MS", 10_000)?,
                 ),
-                health_addr: settings.optional("CHAT_HEALTH_ADDR")?,
             },
             counter_sync: CounterSyncConfig {
                 reindex_lookback: Duration::from_secs(
@@ -359,6 +456,42 @@ impl Config {
                     ));
                 }
             }
+        }
+        for (name, limit) in [
+            (
+                "CHAT_RATE_LIMIT_PER_TOKEN_BURST",
+                self.api.rate_limits.per_token,
+            ),
+            (
+                "CHAT_RATE_LIMIT_PER_ADDRESS_BURST",
+                self.api.rate_limits.per_address,
+            ),
+        ] {
+            if limit.per_second > 0 && limit.burst == 0 {
+                return Err(invalid(
+                    name,
+                    "0".into(),
+                    "must be at least 1 while the limit is on",
+                ));
+            }
+        }
+        for (name, duration) in [
+            ("CHAT_CONNECT_TIMEOUT_MS", self.connect_timeout),
+            ("CHAT_DEPENDENCY_TIMEOUT_MS", self.dependency_timeout),
+            ("CHAT_HEADER_READ_TIMEOUT_MS", self.api.header_read_timeout),
+            ("CHAT_BODY_TIMEOUT_MS", self.api.body_timeout),
+            ("CHAT_SEARCH_TIMEOUT_MS", self.api.search_timeout),
+        ] {
+            if duration.is_zero() {
+                return Err(invalid(name, "0".into(), "must be at least 1"));
+            }
+        }
+        if self.api.max_connections == 0 {
+            return Err(invalid(
+                "CHAT_MAX_CONNECTIONS",
+                "0".into(),
+                "must be at least 1",
+            ));
         }
         if self.api.default_page_size == 0 || self.api.default_page_size > self.api.max_page_size {
             return Err(invalid(

@@ -194,37 +194,36 @@ impl SearchQuery {
     }
 }
 
-/// One page of a list: 1-based page number and page size within the configured bounds.
+/// Where a page starts: a page number (the reference's `page`, only as deep as
+/// [`PageRequest::MAX_PAGE_DEPTH`] rows) or a key (`after`/`before` a number), whose cost does
+/// not depend on how deep the page is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PagePosition {
+    Page(u32),
+    /// The rows whose key is greater, ascending.
+    After(u64),
+    /// The rows whose key is smaller: the page right before, fetched descending.
+    Before(u64),
+}
+
+/// One page of a list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PageRequest {
-    pub page: u32,
     pub per_page: u32,
+    pub position: PagePosition,
 }
 
 impl PageRequest {
-    /// The deepest page reachable; keeps offsets (and search windows) bounded.
-    pub const MAX_PAGE: u32 = 10_000;
+    /// The deepest row a page number reaches: an `OFFSET` costs as many rows as it skips, so
+    /// deeper pages are reached with `after`.
+    pub const MAX_PAGE_DEPTH: u64 = 1_000;
 
     pub fn parse(
-        page: Option<&str>,
-        per_page: Option<&str>,
+        input: PageInput<'_>,
         default_per_page: u32,
         max_per_page: u32,
     ) -> Result<Self, InvalidInput> {
-        let page = match page {
-            None => 1,
-            Some(raw) => raw
-                .parse::<u32>()
-                .ok()
-                .filter(|page| (1..=Self::MAX_PAGE).contains(page))
-                .ok_or_else(|| {
-                    InvalidInput::new(
-                        "page",
-                        format!("must be an integer from 1 to {}", Self::MAX_PAGE),
-                    )
-                })?,
-        };
-        let per_page = match per_page {
+        let per_page = match input.per_page {
             None => default_per_page,
             Some(raw) => raw
                 .parse::<u32>()
@@ -237,17 +236,83 @@ impl PageRequest {
                     )
                 })?,
         };
-        Ok(Self { page, per_page })
+        let key = |field: &'static str, raw: &str| {
+            raw.parse::<u64>()
+                .ok()
+                .filter(|key| *key < Number::MAX)
+                .ok_or_else(|| {
+                    InvalidInput::new(
+                        field,
+                        format!("must be an integer from 0 to {}", Number::MAX - 1),
+                    )
+                })
+        };
+        let position = match (input.page, input.after, input.before) {
+            (None, None, None) => PagePosition::Page(1),
+            (Some(raw), None, None) => {
+                let deepest = Self::MAX_PAGE_DEPTH / u64::from(per_page);
+                let page = raw
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|page| *page >= 1 && u64::from(*page) <= deepest.max(1))
+                    .ok_or_else(|| {
+                        InvalidInput::new(
+                            "page",
+                            format!(
+                                "must be an integer from 1 to {} at this per_page; continue deeper with after=<the last number>",
+                                deepest.max(1)
+                            ),
+                        )
+                    })?;
+                PagePosition::Page(page)
+            }
+            (None, Some(raw), None) => PagePosition::After(key("after", raw)?),
+            (None, None, Some(raw)) => PagePosition::Before(key("before", raw)?),
+            _ => {
+                return Err(InvalidInput::new(
+                    "page",
+                    "page, after and before cannot be combined",
+                ));
+            }
+        };
+        Ok(Self { per_page, position })
     }
 
+    /// Rows skipped before the page (0 for a keyed page).
     pub fn offset(self) -> u64 {
-        u64::from(self.page - 1) * u64::from(self.per_page)
+        match self.position {
+            PagePosition::Page(page) => u64::from(page - 1) * u64::from(self.per_page),
+            PagePosition::After(_) | PagePosition::Before(_) => 0,
+        }
     }
 
     /// Rows to fetch: one more than the page, to learn whether a next page exists.
     pub fn fetch_limit(self) -> u64 {
         u64::from(self.per_page) + 1
     }
+
+    /// The lowest and highest key of the page (both included; both fit a signed column).
+    pub fn key_bounds(self) -> (u64, u64) {
+        match self.position {
+            PagePosition::Page(_) => (0, Number::MAX),
+            PagePosition::After(after) => (after + 1, Number::MAX),
+            PagePosition::Before(before) => (0, before.saturating_sub(1)),
+        }
+    }
+
+    /// True when the rows are fetched from the highest key down (a `before` page).
+    pub fn descending(self) -> bool {
+        matches!(self.position, PagePosition::Before(_))
+    }
+}
+
+/// The raw query parameters of a page.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PageInput<'a> {
+    pub page: Option<&'a str>,
+    pub per_page: Option<&'a str>,
+    pub after: Option<&'a str>,
+    pub before: Option<&'a str>,
 }
 
 /// Timestamps as the reference shows them: RFC 3339, UTC, milliseconds, `Z`.
@@ -303,18 +368,66 @@ mod tests {
         assert!(Number::parse("number", &(Number::MAX + 1).to_string()).is_err());
     }
 
+    fn page(page: Option<&str>, per_page: Option<&str>) -> Result<PageRequest, InvalidInput> {
+        PageRequest::parse(
+            PageInput {
+                page,
+                per_page,
+                ..PageInput::default()
+            },
+            25,
+            100,
+        )
+    }
+
     #[test]
     fn pages_default_and_are_bounded() {
-        let default = PageRequest::parse(None, None, 25, 100).expect("defaults");
+        let default = page(None, None).expect("defaults");
         assert_eq!(
-            (default.page, default.per_page, default.offset()),
-            (1, 25, 0)
+            (default.position, default.per_page, default.offset()),
+            (PagePosition::Page(1), 25, 0)
         );
-        let third = PageRequest::parse(Some("3"), Some("10"), 25, 100).expect("valid");
+        let third = page(Some("3"), Some("10")).expect("valid");
         assert_eq!((third.offset(), third.fetch_limit()), (20, 11));
-        assert!(PageRequest::parse(Some("0"), None, 25, 100).is_err());
-        assert!(PageRequest::parse(None, Some("101"), 25, 100).is_err());
-        assert!(PageRequest::parse(Some("x"), None, 25, 100).is_err());
+        assert!(page(Some("0"), None).is_err());
+        assert!(page(None, Some("101")).is_err());
+        assert!(page(Some("x"), None).is_err());
+        assert!(page(Some("10"), Some("100")).is_ok(), "row 1,000");
+        assert!(page(Some("11"), Some("100")).is_err(), "deeper: use after");
+        assert!(page(Some("1000"), Some("1")).is_ok());
+    }
+
+    #[test]
+    fn keyed_pages_cost_no_offset() {
+        let after = PageRequest::parse(
+            PageInput {
+                after: Some("999900"),
+                ..PageInput::default()
+            },
+            25,
+            100,
+        )
+        .expect("valid");
+        assert_eq!(after.offset(), 0);
+        assert_eq!(after.key_bounds(), (999_901, Number::MAX));
+        assert!(!after.descending());
+        let before = PageRequest::parse(
+            PageInput {
+                before: Some("26"),
+                ..PageInput::default()
+            },
+            25,
+            100,
+        )
+        .expect("valid");
+        assert_eq!(before.key_bounds(), (0, 25));
+        assert!(before.descending());
+        let both = PageInput {
+            page: Some("2"),
+            after: Some("3"),
+            ..PageInput::default()
+        };
+        assert!(PageRequest::parse(both, 25, 100).is_err());
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
@@ -14,6 +14,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 use tracing::Instrument as _;
+
+use crate::retry::DependencyTimedOut;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HttpLabels {
@@ -185,6 +187,27 @@ impl Metrics {
         let output = call.instrument(span).await;
         self.record_call(dependency, operation, started);
         output
+    }
+
+    /// [`Metrics::time`], failing the call with [`DependencyTimedOut`] after `limit`.
+    pub async fn time_within<T, E: From<DependencyTimedOut>>(
+        &self,
+        dependency: &'static str,
+        operation: &'static str,
+        limit: Duration,
+        call: impl Future<Output = Result<T, E>>,
+    ) -> Result<T, E> {
+        let bounded = async {
+            tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
+                Err(DependencyTimedOut {
+                    dependency,
+                    operation,
+                    limit,
+                }
+                .into())
+            })
+        };
+        self.time(dependency, operation, bounded).await
     }
 
     /// Records the latency of a call that started at `started` (for calls with a span of their own).

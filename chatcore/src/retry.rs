@@ -10,6 +10,16 @@ use tokio_util::sync::CancellationToken;
 
 /// Whether a failure may pass by itself (a dependency restarting, a connection dropped, a busy
 /// file) or can never succeed (bad data, a missing row). Every adapter error answers it.
+/// A call to a backing service that did not answer within `CHAT_DEPENDENCY_TIMEOUT_MS`; always
+/// transient (the service may answer again in a moment).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{dependency} {operation} did not answer within {limit:?}")]
+pub struct DependencyTimedOut {
+    pub dependency: &'static str,
+    pub operation: &'static str,
+    pub limit: Duration,
+}
+
 pub trait Transient {
     fn is_transient(&self) -> bool;
 }

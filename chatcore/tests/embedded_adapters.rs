@@ -103,7 +103,6 @@ async fn the_queue_delivers_to_every_bound_queue_until_acknowledged() -> anyhow:
         batch_max_wait: Duration::from_millis(10),
         max_attempts: 1,
         retry: Backoff::new(Duration::from_millis(10), Duration::from_millis(10)),
-        health_addr: None,
     };
     let shutdown = CancellationToken::new();
     let mut source = queue.open_source(Consumer::Ingest, &settings).await?;

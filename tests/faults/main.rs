@@ -246,23 +246,30 @@ async fn scenario(name: &str, overrides: &[(&str, &str)], fault: Fault<'_>) -> a
 
 /// `scripts/services <action> <service>`, with the ports of the environment.
 async fn services(action: &str, service: &str) -> anyhow::Result<()> {
+    services_command(&[action, service]).await
+}
+
+async fn services_command(arguments: &[&str]) -> anyhow::Result<()> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/services");
     let status = tokio::process::Command::new(script)
-        .args([action, service])
+        .args(arguments)
         .status()
         .await?;
-    anyhow::ensure!(
-        status.success(),
-        "scripts/services {action} {service} failed"
-    );
+    anyhow::ensure!(status.success(), "scripts/services {arguments:?} failed");
     Ok(())
 }
+
+/// The longest a POST may take while RabbitMQ blocks publishers: the request timeout of the
+/// scenario (2 s) and a margin.
+const BLOCKED_ANSWER_BOUND: Duration = Duration::from_secs(4);
 
 /// What a scenario breaks in the middle of the load.
 enum Fault<'a> {
     Kill9(&'static str),
     Restart(&'static str),
     StopFor30Seconds(&'static str),
+    /// A memory alarm: RabbitMQ blocks every publishing connection (`connection.blocked`).
+    RabbitMqBlocked,
     RedisFlushAll(&'a OwnRedis),
     RedisRestartEmpty(&'a mut OwnRedis),
     RedisRestartFromBackup(&'a mut OwnRedis),
@@ -307,6 +314,24 @@ impl Fault<'_> {
                 tokio::time::sleep(Duration::from_secs(30)).await;
                 services("start", service).await
             }
+            Self::RabbitMqBlocked => {
+                services_command(&[
+                    "rabbitmqctl",
+                    "set_vm_memory_high_watermark",
+                    "absolute",
+                    "1",
+                ])
+                .await?;
+                let blocked = answers_while_blocked(stack).await;
+                services_command(&["rabbitmqctl", "set_vm_memory_high_watermark", "0.4"]).await?;
+                let (status, took) = blocked?;
+                println!("fault rabbitmq blocked: a POST answered {status} after {took:?}");
+                anyhow::ensure!(
+                    status == StatusCode::SERVICE_UNAVAILABLE && took < BLOCKED_ANSWER_BOUND,
+                    "a POST while RabbitMQ blocks publishers answered {status} after {took:?}"
+                );
+                Ok(())
+            }
             Self::RedisFlushAll(redis) => {
                 let _: () = redis::cmd("FLUSHALL")
                     .query_async(&mut redis.connection().await?)
@@ -338,6 +363,19 @@ impl Fault<'_> {
     }
 }
 
+/// One POST while the broker blocks publishers (after the alarm has had a moment to spread):
+/// its status and how long it took.
+async fn answers_while_blocked(stack: &Stack) -> anyhow::Result<(StatusCode, Duration)> {
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let client = stack.client();
+    let token = client.create_application("blocked").await?;
+    let started = tokio::time::Instant::now();
+    let reply = client
+        .post_empty(&format!("/applications/{token}/chats"))
+        .await?;
+    Ok((reply.status, started.elapsed()))
+}
+
 /// Small blocks, so that the reservations move on during a Redis scenario.
 const SMALL_BLOCKS: (&str, &str) = ("CHAT_NUMBER_BLOCK_SIZE", "50");
 
@@ -359,6 +397,11 @@ async fn kill_9_of_the_indexer() -> anyhow::Result<()> {
 #[tokio::test]
 async fn rabbitmq_restart() -> anyhow::Result<()> {
     scenario("rabbitmq restart", &[], Fault::Restart("rabbitmq")).await
+}
+
+#[tokio::test]
+async fn rabbitmq_blocks_publishers() -> anyhow::Result<()> {
+    scenario("rabbitmq blocks publishers", &[], Fault::RabbitMqBlocked).await
 }
 
 #[tokio::test]

@@ -70,7 +70,7 @@ async fn applications_create_show_update_list(env: TestEnv) -> anyhow::Result<()
     assert_eq!(unchanged.status, StatusCode::OK);
 
     let second = client.create_application("Second").await?;
-    let listed = client.get("/applications").await?;
+    let listed = client.get_as_admin("/applications").await?;
     assert_eq!(listed.status, StatusCode::OK);
     let tokens: Vec<&str> = listed.body["applications"]
         .as_array()
@@ -81,7 +81,7 @@ async fn applications_create_show_update_list(env: TestEnv) -> anyhow::Result<()
     assert_eq!(tokens, [token.as_str(), second.as_str()]);
     assert_eq!(
         listed.body["pagination"],
-        json!({"page": 1, "per_page": 25, "next_page": null})
+        json!({"page": 1, "per_page": 25, "next_page": null, "next_after": null, "previous_before": null})
     );
     api.stop().await
 }
@@ -196,21 +196,43 @@ async fn pagination_is_bounded_and_ordered(env: TestEnv) -> anyhow::Result<()> {
     for index in 0..5 {
         tokens.push(client.create_application(&format!("app {index}")).await?);
     }
-    let first = client.get("/applications?per_page=2").await?;
+    let first = client.get_as_admin("/applications?per_page=2").await?;
     assert_eq!(
         first.body["applications"].as_array().expect("array").len(),
         2
     );
-    assert_eq!(
-        first.body["pagination"],
-        json!({"page": 1, "per_page": 2, "next_page": 2})
+    assert_eq!(first.body["pagination"]["next_page"], 2);
+    assert_eq!(first.body["pagination"]["previous_before"], Value::Null);
+    let cursor = first.body["pagination"]["next_after"]
+        .as_u64()
+        .expect("a cursor");
+    let second = client
+        .get_as_admin(&format!("/applications?per_page=2&after={cursor}"))
+        .await?;
+    assert_eq!(second.body["applications"][0]["token"], tokens[2].as_str());
+    assert_eq!(second.body["applications"][1]["token"], tokens[3].as_str());
+    assert!(
+        second.body["pagination"].get("page").is_none(),
+        "a keyed page has no number"
     );
-    let last = client.get("/applications?per_page=2&page=3").await?;
+    let back = second.body["pagination"]["previous_before"]
+        .as_u64()
+        .expect("a cursor");
+    let again = client
+        .get_as_admin(&format!("/applications?per_page=2&before={back}"))
+        .await?;
+    assert_eq!(again.body["applications"], first.body["applications"]);
+    assert_eq!(again.body["pagination"]["previous_before"], Value::Null);
+    let last = client
+        .get_as_admin("/applications?per_page=2&page=3")
+        .await?;
     assert_eq!(last.body["applications"][0]["token"], tokens[4].as_str());
     assert_eq!(last.body["pagination"]["next_page"], Value::Null);
-    let beyond = client.get("/applications?per_page=2&page=9").await?;
+    let beyond = client
+        .get_as_admin("/applications?per_page=2&page=9")
+        .await?;
     assert_eq!(beyond.body["applications"], json!([]));
-    let maximum = client.get("/applications?per_page=100").await?;
+    let maximum = client.get_as_admin("/applications?per_page=100").await?;
     assert_eq!(maximum.status, StatusCode::OK);
     for query in [
         "per_page=0",
@@ -219,10 +241,87 @@ async fn pagination_is_bounded_and_ordered(env: TestEnv) -> anyhow::Result<()> {
         "page=0",
         "page=-1",
         "page=10001",
+        "page=501&per_page=2",
+        "after=x",
+        "before=-1",
+        "page=2&after=3",
     ] {
-        let reply = client.get(&format!("/applications?{query}")).await?;
+        let reply = client
+            .get_as_admin(&format!("/applications?{query}"))
+            .await?;
         assert_error(&reply, StatusCode::BAD_REQUEST, "bad_request");
     }
+    api.stop().await
+}
+
+both_stacks!(keyset_pages_return_every_message_exactly_once);
+
+async fn keyset_pages_return_every_message_exactly_once(env: TestEnv) -> anyhow::Result<()> {
+    let api = env.spawn_api().await?;
+    let workers = env.spawn_workers();
+    let client = &api.client;
+    let token = client.create_application("keyset").await?;
+    let chat = client.create_chat(&token).await?;
+    for index in 0..30 {
+        client
+            .create_message(&token, chat, &format!("message {index}"))
+            .await?;
+    }
+    let list = format!("/applications/{token}/chats/{chat}/messages?per_page=7");
+    eventually(
+        "the 30 messages are stored",
+        Duration::from_secs(30),
+        || async {
+            let page = client.get(&format!("{list}&after=29")).await?;
+            Ok(page.body["messages"]
+                .as_array()
+                .is_some_and(|m| m.len() == 1))
+        },
+    )
+    .await?;
+    let numbers = |reply: &Reply| -> Vec<u64> {
+        reply.body["messages"]
+            .as_array()
+            .expect("array")
+            .iter()
+            .map(|message| message["number"].as_u64().expect("number"))
+            .collect()
+    };
+    let mut forward = Vec::new();
+    let mut query = String::new();
+    loop {
+        let page = client.get(&format!("{list}{query}")).await?;
+        assert_eq!(page.status, StatusCode::OK, "{page:?}");
+        forward.extend(numbers(&page));
+        match page.body["pagination"]["next_after"].as_u64() {
+            Some(after) => query = format!("&after={after}"),
+            None => break,
+        }
+    }
+    assert_eq!(forward, (1..=30).collect::<Vec<_>>());
+    let mut backward = Vec::new();
+    let mut before = 31;
+    loop {
+        let page = client.get(&format!("{list}&before={before}")).await?;
+        let mut page_numbers = numbers(&page);
+        assert!(
+            page_numbers.is_sorted(),
+            "ascending within a page: {page_numbers:?}"
+        );
+        page_numbers.extend(backward);
+        backward = page_numbers;
+        match page.body["pagination"]["previous_before"].as_u64() {
+            Some(first) => before = first,
+            None => break,
+        }
+    }
+    assert_eq!(backward, forward);
+    let chats = client
+        .get(&format!("/applications/{token}/chats?after=0&per_page=1"))
+        .await?;
+    assert_eq!(chats.body["chats"][0]["number"], chat);
+    assert_eq!(chats.body["pagination"]["next_after"], Value::Null);
+    workers.stop().await?;
     api.stop().await
 }
 

@@ -220,7 +220,7 @@ async fn a_poison_event_is_dead_lettered_and_can_be_replayed() -> anyhow::Result
         "{printed}"
     );
     // It fails again and goes back to the dead-letter queue; nothing else is touched.
-    let metrics_url = api.base_url.replace("/api/v1", "/metrics");
+    let metrics_url = api.metrics_url();
     eventually(
         "the replayed event is dead-lettered again",
         LONG,

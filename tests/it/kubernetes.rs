@@ -17,6 +17,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::api::networking::v1::{Ingress, NetworkPolicy};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -71,12 +72,17 @@ fn scenarios() -> anyhow::Result<Vec<Option<PathBuf>>> {
 }
 
 fn run_helm(args: &[&str], values: Option<&Path>) -> anyhow::Result<String> {
+    run_helm_with(args, values.as_slice())
+}
+
+/// helm with several values files, later ones winning.
+fn run_helm_with(args: &[&str], values: &[&Path]) -> anyhow::Result<String> {
     let mut command = Command::new(helm()?);
     command
         .args(args)
         .arg(chart())
         .args(["--kube-version", KUBE_VERSION]);
-    if let Some(values) = values {
+    for values in values {
         command.arg("--values").arg(values);
     }
     let output = command.output()?;
@@ -87,6 +93,35 @@ fn run_helm(args: &[&str], values: Option<&Path>) -> anyhow::Result<String> {
         String::from_utf8_lossy(&output.stderr)
     );
     Ok(String::from_utf8(output.stdout)?)
+}
+
+/// A values file in the temporary directory, deleted when dropped (names are unique per test).
+struct ScratchValues(PathBuf);
+
+impl ScratchValues {
+    fn new(name: &str, yaml: &str) -> anyhow::Result<Self> {
+        let path =
+            std::env::temp_dir().join(format!("chat-values-{name}-{}.yaml", std::process::id()));
+        std::fs::write(&path, yaml)?;
+        Ok(Self(path))
+    }
+}
+
+impl Drop for ScratchValues {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// `helm template` of `ci/minimal-values.yaml` (the smallest values that render) plus `extra`.
+fn render_minimal_with(name: &str, extra: &str) -> anyhow::Result<Rendered> {
+    let minimal = chart().join("ci/minimal-values.yaml");
+    let extra = ScratchValues::new(name, extra)?;
+    let yaml = run_helm_with(
+        &["template", RELEASE, "--namespace", "chat"],
+        &[&minimal, &extra.0],
+    )?;
+    Rendered::parse(&parse_documents(&yaml)?)
 }
 
 fn parse_documents(yaml: &str) -> anyhow::Result<Vec<Value>> {
@@ -148,6 +183,9 @@ struct Rendered {
     ingresses: Vec<Ingress>,
     network_policies: Vec<NetworkPolicy>,
     role_bindings: Vec<RoleBinding>,
+    config_maps: Vec<ConfigMap>,
+    secrets: Vec<Secret>,
+    service_monitors: Vec<monitoring::ServiceMonitor>,
     prometheus_rules: Vec<monitoring::PrometheusRule>,
     labels: Vec<(String, BTreeMap<String, String>)>,
 }
@@ -181,10 +219,10 @@ impl Rendered {
                 "NetworkPolicy" => round_trip(document).map(|n| rendered.network_policies.push(n)),
                 "RoleBinding" => round_trip(document).map(|r| rendered.role_bindings.push(r)),
                 "Role" => round_trip::<Role>(document).map(drop),
-                "ConfigMap" => round_trip::<ConfigMap>(document).map(drop),
-                "Secret" => round_trip::<Secret>(document).map(drop),
+                "ConfigMap" => round_trip(document).map(|c| rendered.config_maps.push(c)),
+                "Secret" => round_trip(document).map(|s| rendered.secrets.push(s)),
                 "ServiceAccount" => round_trip::<ServiceAccount>(document).map(drop),
-                "ServiceMonitor" => round_trip::<monitoring::ServiceMonitor>(document).map(drop),
+                "ServiceMonitor" => round_trip(document).map(|m| rendered.service_monitors.push(m)),
                 "PrometheusRule" => round_trip(document).map(|r| rendered.prometheus_rules.push(r)),
                 other => bail!("{other}/{name}: a kind this check does not know; add it"),
             };
@@ -334,10 +372,33 @@ fn check_container_hardening(
     Ok(())
 }
 
-fn check_chart_invariants(
-    rendered: &Rendered,
-    existing_secret: Option<&str>,
-) -> anyhow::Result<()> {
+/// Objects the chart refers to but expects to exist already (named in the values).
+#[derive(Default)]
+struct Existing {
+    secrets: Vec<String>,
+    config_maps: Vec<String>,
+}
+
+impl Existing {
+    fn from_values(values: &Value) -> Self {
+        let name = |value: &Value| value.as_str().filter(|s| !s.is_empty()).map(str::to_owned);
+        Self {
+            secrets: [
+                &values["connections"]["existingSecret"],
+                &values["auth"]["existingSecret"],
+                &values["connections"]["tls"]["caSecret"],
+            ]
+            .into_iter()
+            .filter_map(name)
+            .collect(),
+            config_maps: name(&values["connections"]["tls"]["caConfigMap"])
+                .into_iter()
+                .collect(),
+        }
+    }
+}
+
+fn check_chart_invariants(rendered: &Rendered, existing: &Existing) -> anyhow::Result<()> {
     for (object, labels) in &rendered.labels {
         for label in REQUIRED_LABELS {
             ensure!(
@@ -351,7 +412,10 @@ fn check_chart_invariants(
         );
     }
     let secret_exists =
-        |name: &str| rendered.exists("Secret", name) || existing_secret == Some(name);
+        |name: &str| rendered.exists("Secret", name) || existing.secrets.iter().any(|s| s == name);
+    let config_map_exists = |name: &str| {
+        rendered.exists("ConfigMap", name) || existing.config_maps.iter().any(|c| c == name)
+    };
     for (owner, pod, labels, completes) in rendered.pod_specs() {
         ensure!(
             pod.security_context
@@ -373,9 +437,38 @@ fn check_chart_invariants(
         ] {
             ensure!(labels.contains_key(label), "{owner}: pod label {label}");
         }
+        let volumes: Vec<&str> = pod
+            .volumes
+            .iter()
+            .flatten()
+            .map(|v| v.name.as_str())
+            .collect();
+        for volume in pod.volumes.iter().flatten() {
+            if let Some(name) = volume
+                .secret
+                .as_ref()
+                .and_then(|s| s.secret_name.as_deref())
+            {
+                ensure!(secret_exists(name), "{owner}: volume secret {name}");
+            }
+            if let Some(config_map) = &volume.config_map {
+                ensure!(
+                    config_map_exists(&config_map.name),
+                    "{owner}: volume configmap {}",
+                    config_map.name
+                );
+            }
+        }
         for container in &pod.containers {
             let owner = format!("{owner}/{}", container.name);
             check_container_hardening(&owner, pod, container)?;
+            for mount in container.volume_mounts.iter().flatten() {
+                ensure!(
+                    volumes.contains(&mount.name.as_str()),
+                    "{owner}: mounts undeclared volume {}",
+                    mount.name
+                );
+            }
             if !completes {
                 ensure!(container.liveness_probe.is_some(), "{owner}: livenessProbe");
                 ensure!(
@@ -396,7 +489,7 @@ fn check_chart_invariants(
                 }
                 if let Some(config_map) = &source.config_map_key_ref {
                     ensure!(
-                        rendered.exists("ConfigMap", &config_map.name),
+                        config_map_exists(&config_map.name),
                         "{owner}: configmap {}",
                         config_map.name
                     );
@@ -559,17 +652,16 @@ fn the_chart_lints_renders_and_keeps_its_invariants_in_every_scenario() -> anyho
             .as_deref()
             .map_or("defaults".to_owned(), |p| p.display().to_string());
         run_helm(&["lint", "--strict"], scenario.as_deref()).with_context(|| label.clone())?;
-        let yaml = run_helm(
-            &["template", RELEASE, "--namespace", "chat"],
-            scenario.as_deref(),
-        )?;
-        let rendered = Rendered::parse(&parse_documents(&yaml)?).with_context(|| label.clone())?;
-        let values: Value = match scenario.as_deref() {
-            Some(path) => serde_yaml::from_str(&std::fs::read_to_string(path)?)?,
-            None => Value::Null,
+        // The defaults carry no connection URLs, so they only lint (see
+        // `without_connection_urls_the_chart_refuses_to_render`).
+        let Some(path) = scenario.as_deref() else {
+            continue;
         };
-        let existing_secret = values["connections"]["existingSecret"].as_str();
-        check_chart_invariants(&rendered, existing_secret).with_context(|| label.clone())?;
+        let yaml = run_helm(&["template", RELEASE, "--namespace", "chat"], Some(path))?;
+        let rendered = Rendered::parse(&parse_documents(&yaml)?).with_context(|| label.clone())?;
+        let values: Value = serde_yaml::from_str(&std::fs::read_to_string(path)?)?;
+        let existing = Existing::from_values(&values);
+        check_chart_invariants(&rendered, &existing).with_context(|| label.clone())?;
         // What each scenario promises is really there.
         if label.contains("production") {
             for kind in [
@@ -577,14 +669,29 @@ fn the_chart_lints_renders_and_keeps_its_invariants_in_every_scenario() -> anyho
                 "PodDisruptionBudget",
                 "Ingress",
                 "NetworkPolicy",
+                "ServiceMonitor",
             ] {
                 ensure!(rendered.names.contains_key(kind), "{label}: no {kind}");
             }
         }
-        if existing_secret.is_some() {
+        let connections_secret = values["connections"]["existingSecret"].as_str();
+        let admin_secret = values["auth"]["existingSecret"].as_str();
+        if connections_secret.is_some() {
+            for name in ["chat-connections", "chat-migrate"] {
+                ensure!(
+                    !rendered.exists("Secret", name) || connections_secret == Some(name),
+                    "{label}: Secret {name} may not be rendered with connections.existingSecret"
+                );
+            }
+        }
+        ensure!(
+            rendered.exists("Secret", "chat-admin-token") == admin_secret.is_none(),
+            "{label}: the chart's admin token Secret exists exactly without auth.existingSecret"
+        );
+        if connections_secret.is_some() && admin_secret.is_some() {
             ensure!(
                 !rendered.names.contains_key("Secret"),
-                "{label}: no Secret may be rendered with existingSecret"
+                "{label}: no Secret may be rendered with both existingSecrets"
             );
         }
         ensure!(
@@ -597,18 +704,481 @@ fn the_chart_lints_renders_and_keeps_its_invariants_in_every_scenario() -> anyho
 
 #[test]
 fn invalid_values_are_refused_by_the_schema() -> anyhow::Result<()> {
-    let scratch = std::env::temp_dir().join(format!("chat-bad-values-{}.yaml", std::process::id()));
-    for bad in [
+    // On top of values that render, so that only the schema can refuse them.
+    let minimal = chart().join("ci/minimal-values.yaml");
+    run_helm(&["template", RELEASE], Some(&minimal))?;
+    for (index, bad) in [
         "api: {replicaCount: -1}",
         "image: {pullPolicy: Sometimes}",
         "connections: {databaseUrl: 'postgres://x'}",
         "unknownKey: 1",
-    ] {
-        std::fs::write(&scratch, bad)?;
-        let refused = run_helm(&["template", RELEASE], Some(&scratch));
-        ensure!(refused.is_err(), "values {bad:?} should be refused");
+        "auth: {adminToken: too-short}",
+        "auth: {adminToken: 'has a space in the middle of it'}",
+        "connections: {tls: {caSecret: ca, caConfigMap: ca}}",
+        "api: {healthPort: 0}",
+        "api: {docs: {enabled: 'yes'}}",
+        "api: {rateLimits: {perToken: -1}}",
+        "api: {rateLimits: {perTokenBurst: 0}}",
+        "api: {trustedProxyHops: -1}",
+        "api: {maxConnections: 0}",
+        "api: {requestTimeoutMs: 30000}",
+        "config: {connectTimeoutMs: 0}",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let scratch = ScratchValues::new(&format!("bad-{index}"), bad)?;
+        let refused = run_helm_with(&["template", RELEASE], &[&minimal, &scratch.0]);
+        let error = refused.err().map(|e| e.to_string()).unwrap_or_default();
+        ensure!(
+            error.contains("schema"),
+            "values {bad:?} should be refused by the schema, got {error:?}"
+        );
     }
-    std::fs::remove_file(&scratch)?;
+    Ok(())
+}
+
+#[test]
+fn without_connection_urls_the_chart_refuses_to_render() -> anyhow::Result<()> {
+    // The defaults ship no credentials: the URLs that carry them must be given.
+    let error = run_helm(&["template", RELEASE], None)
+        .err()
+        .context("the defaults must not render")?
+        .to_string();
+    ensure!(
+        error.contains("connections.databaseUrl is required")
+            && error.contains("connections.existingSecret"),
+        "the failure names the value and existingSecret: {error}"
+    );
+    let only_database = ScratchValues::new(
+        "only-database",
+        "connections: {databaseUrl: 'mysql://chat:x@mysql:3306/chat'}",
+    )?;
+    let error = run_helm(&["template", RELEASE], Some(&only_database.0))
+        .err()
+        .context("amqpUrl is required too")?
+        .to_string();
+    ensure!(
+        error.contains("connections.amqpUrl is required")
+            && error.contains("connections.existingSecret"),
+        "{error}"
+    );
+    // An existing Secret replaces every URL value.
+    let existing = ScratchValues::new(
+        "existing-connections",
+        "connections: {existingSecret: chat-connections}",
+    )?;
+    run_helm(&["template", RELEASE], Some(&existing.0))?;
+    let values = std::fs::read_to_string(chart().join("values.yaml"))?;
+    for credentials in ["chat:chat@", "guest:guest@"] {
+        ensure!(
+            !values.contains(credentials),
+            "values.yaml ships {credentials}"
+        );
+    }
+    Ok(())
+}
+
+fn api_container(rendered: &Rendered) -> anyhow::Result<&Container> {
+    rendered
+        .deployments
+        .iter()
+        .find(|d| d.metadata.name.as_deref() == Some("chat-api"))
+        .and_then(|d| d.spec.as_ref())
+        .and_then(|s| s.template.spec.as_ref())
+        .and_then(|p| p.containers.iter().find(|c| c.name == "api"))
+        .context("the api container")
+}
+
+fn config_data(rendered: &Rendered) -> anyhow::Result<BTreeMap<String, String>> {
+    rendered
+        .config_maps
+        .iter()
+        .find(|c| c.metadata.name.as_deref() == Some("chat-config"))
+        .and_then(|c| c.data.clone())
+        .context("ConfigMap chat-config")
+}
+
+fn env_value<'a>(container: &'a Container, name: &str) -> Option<&'a str> {
+    container
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == name)
+        .and_then(|e| e.value.as_deref())
+}
+
+#[test]
+fn the_admin_token_is_generated_into_a_secret_and_never_into_a_config_map() -> anyhow::Result<()> {
+    let rendered = render_minimal_with("admin-generated", "{}")?;
+    let secret = rendered
+        .secrets
+        .iter()
+        .find(|s| s.metadata.name.as_deref() == Some("chat-admin-token"))
+        .context("the generated admin token Secret")?;
+    let token = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get("CHAT_ADMIN_TOKEN"))
+        .context("key CHAT_ADMIN_TOKEN")?;
+    let token = String::from_utf8(token.0.clone())?;
+    ensure!(
+        token.len() == 40 && token.chars().all(|c| c.is_ascii_alphanumeric()),
+        "a generated token is 40 random alphanumerics, got {} characters",
+        token.len()
+    );
+    for config_map in &rendered.config_maps {
+        for (key, value) in config_map.data.iter().flatten() {
+            ensure!(
+                key != "CHAT_ADMIN_TOKEN" && !value.contains(&token),
+                "ConfigMap {:?} holds the admin token",
+                config_map.metadata.name
+            );
+        }
+    }
+    // Only the api receives it, from that Secret.
+    for (owner, pod, _, _) in rendered.pod_specs() {
+        for container in &pod.containers {
+            let source = container
+                .env
+                .iter()
+                .flatten()
+                .find(|e| e.name == "CHAT_ADMIN_TOKEN");
+            if container.name == "api" {
+                let reference = source
+                    .and_then(|e| e.value_from.as_ref())
+                    .and_then(|v| v.secret_key_ref.as_ref())
+                    .context("the api reads CHAT_ADMIN_TOKEN from a Secret")?;
+                ensure!(
+                    reference.name == "chat-admin-token" && reference.key == "CHAT_ADMIN_TOKEN",
+                    "{owner}: {reference:?}"
+                );
+                ensure!(
+                    env_value(container, "CHAT_ADMIN_TOKEN").is_none(),
+                    "{owner}: a literal token"
+                );
+            } else {
+                ensure!(
+                    source.is_none(),
+                    "{owner}/{}: only the api gets the admin token",
+                    container.name
+                );
+            }
+        }
+    }
+    // A given token is used as it is; an existing Secret replaces the chart's.
+    let given = "an-operator-chosen-token-0123456789";
+    let rendered = render_minimal_with("admin-given", &format!("auth: {{adminToken: {given}}}"))?;
+    let secret = rendered
+        .secrets
+        .iter()
+        .find(|s| s.metadata.name.as_deref() == Some("chat-admin-token"))
+        .context("admin token Secret")?;
+    ensure!(
+        secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get("CHAT_ADMIN_TOKEN"))
+            .map(|b| b.0.as_slice())
+            == Some(given.as_bytes()),
+        "auth.adminToken is stored as given"
+    );
+    let rendered = render_minimal_with("admin-existing", "auth: {existingSecret: ops-admin}")?;
+    ensure!(
+        !rendered.exists("Secret", "chat-admin-token"),
+        "no admin Secret with auth.existingSecret"
+    );
+    let reference = api_container(&rendered)?
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "CHAT_ADMIN_TOKEN")
+        .and_then(|e| e.value_from.as_ref())
+        .and_then(|v| v.secret_key_ref.as_ref())
+        .context("CHAT_ADMIN_TOKEN from the existing Secret")?;
+    ensure!(reference.name == "ops-admin", "{reference:?}");
+    Ok(())
+}
+
+#[test]
+fn the_api_metrics_are_scraped_on_the_health_port_only() -> anyhow::Result<()> {
+    let production = chart().join("ci/production-values.yaml");
+    let yaml = run_helm(
+        &["template", RELEASE, "--namespace", "chat"],
+        Some(&production),
+    )?;
+    let rendered = Rendered::parse(&parse_documents(&yaml)?)?;
+    let api = api_container(&rendered)?;
+    let health = api
+        .ports
+        .iter()
+        .flatten()
+        .find(|p| p.name.as_deref() == Some("health"))
+        .context("the api's health port")?;
+    ensure!(health.container_port == 9090, "api.healthPort");
+    ensure!(
+        env_value(api, "CHAT_HEALTH_ADDR") == Some("0.0.0.0:9090"),
+        "CHAT_HEALTH_ADDR"
+    );
+    for (kind, probe) in [
+        ("liveness", api.liveness_probe.as_ref()),
+        ("readiness", api.readiness_probe.as_ref()),
+    ] {
+        let port = probe
+            .and_then(|p| p.http_get.as_ref())
+            .map(|h| h.port.clone())
+            .context("http probe")?;
+        ensure!(
+            port == IntOrString::String("health".into()),
+            "{kind} probe on {port:?}"
+        );
+    }
+    let monitor = rendered
+        .service_monitors
+        .first()
+        .context("the ServiceMonitor")?;
+    let endpoints: Vec<(&str, &str)> = monitor
+        .spec
+        .endpoints
+        .iter()
+        .map(|e| (e.port.as_str(), e.path.as_str()))
+        .collect();
+    ensure!(endpoints == [("metrics", "/metrics")], "{endpoints:?}");
+    let selector = monitor
+        .spec
+        .selector
+        .match_labels
+        .clone()
+        .unwrap_or_default();
+    let scraped: Vec<&Service> = rendered
+        .services
+        .iter()
+        .filter(|s| selects(&selector, &s.metadata.labels.clone().unwrap_or_default()))
+        .collect();
+    let names: BTreeSet<&str> = scraped
+        .iter()
+        .filter_map(|s| s.metadata.name.as_deref())
+        .collect();
+    ensure!(
+        names
+            == BTreeSet::from([
+                "chat-api-metrics",
+                "chat-ingest-worker-metrics",
+                "chat-indexer-metrics"
+            ]),
+        "scraped Services: {names:?}"
+    );
+    for service in scraped {
+        let spec = service.spec.as_ref().context("spec")?;
+        for port in spec.ports.iter().flatten() {
+            ensure!(
+                port.name.as_deref() == Some("metrics")
+                    && port.target_port == Some(IntOrString::String("health".into())),
+                "{:?}: scraped port must target the health port",
+                service.metadata.name
+            );
+        }
+    }
+    // The public Service exposes only the public port.
+    let public = rendered
+        .services
+        .iter()
+        .find(|s| s.metadata.name.as_deref() == Some("chat-api"))
+        .and_then(|s| s.spec.as_ref())
+        .context("Service chat-api")?;
+    let ports: Vec<Option<&str>> = public
+        .ports
+        .iter()
+        .flatten()
+        .map(|p| p.name.as_deref())
+        .collect();
+    ensure!(
+        ports == [Some("http")],
+        "public api Service ports: {ports:?}"
+    );
+    // The health port is reachable from the namespace and metricsFrom, not from apiIngressFrom.
+    let policy = rendered
+        .network_policies
+        .iter()
+        .find(|p| p.metadata.name.as_deref() == Some("chat-api"))
+        .and_then(|p| p.spec.as_ref())
+        .context("NetworkPolicy chat-api")?;
+    let rules = policy.ingress.clone().unwrap_or_default();
+    let health_rules: Vec<_> = rules
+        .iter()
+        .filter(|r| {
+            r.ports
+                .iter()
+                .flatten()
+                .any(|p| p.port == Some(IntOrString::Int(9090)))
+        })
+        .collect();
+    ensure!(health_rules.len() == 1, "one rule for the health port");
+    let peers = health_rules[0].from.clone().unwrap_or_default();
+    ensure!(
+        peers.iter().any(|p| p
+            .pod_selector
+            .as_ref()
+            .is_some_and(|s| { s.match_labels.is_none() && s.match_expressions.is_none() })
+            && p.namespace_selector.is_none()),
+        "the namespace's pods may reach the health port"
+    );
+    ensure!(
+        peers
+            .iter()
+            .any(|p| p.namespace_selector.as_ref().is_some_and(|s| {
+                s.match_labels
+                    .as_ref()
+                    .and_then(|l| l.get("kubernetes.io/metadata.name"))
+                    == Some(&"monitoring".to_owned())
+            })),
+        "metricsFrom may reach the health port"
+    );
+    ensure!(
+        !peers
+            .iter()
+            .any(|p| p.namespace_selector.as_ref().is_some_and(|s| {
+                s.match_labels
+                    .as_ref()
+                    .and_then(|l| l.get("kubernetes.io/metadata.name"))
+                    == Some(&"ingress-nginx".to_owned())
+            })),
+        "the ingress controller may not reach the health port"
+    );
+    Ok(())
+}
+
+#[test]
+fn docs_are_off_and_the_limits_are_set_by_default() -> anyhow::Result<()> {
+    let rendered = render_minimal_with("defaults-config", "{}")?;
+    let data = config_data(&rendered)?;
+    for (name, expected) in [
+        ("CHAT_DOCS_ENABLED", "false"),
+        ("CHAT_RATE_LIMIT_PER_TOKEN", "500"),
+        ("CHAT_RATE_LIMIT_PER_TOKEN_BURST", "1000"),
+        ("CHAT_RATE_LIMIT_PER_ADDRESS", "200"),
+        ("CHAT_RATE_LIMIT_PER_ADDRESS_BURST", "400"),
+        ("CHAT_TRUSTED_PROXY_HOPS", "0"),
+        ("CHAT_MAX_CONNECTIONS", "1024"),
+        ("CHAT_HEADER_READ_TIMEOUT_MS", "5000"),
+        ("CHAT_BODY_TIMEOUT_MS", "5000"),
+        ("CHAT_REQUEST_TIMEOUT_MS", "10000"),
+        ("CHAT_SEARCH_TIMEOUT_MS", "2000"),
+        ("CHAT_CONNECT_TIMEOUT_MS", "3000"),
+        ("CHAT_DEPENDENCY_TIMEOUT_MS", "5000"),
+    ] {
+        ensure!(
+            data.get(name).map(String::as_str) == Some(expected),
+            "{name}: {:?}, expected {expected}",
+            data.get(name)
+        );
+    }
+    ensure!(
+        !data.contains_key("CHAT_TLS_CA_FILE"),
+        "no CA file without connections.tls"
+    );
+    let docs = render_minimal_with("docs-on", "api: {docs: {enabled: true}}")?;
+    ensure!(
+        config_data(&docs)?
+            .get("CHAT_DOCS_ENABLED")
+            .map(String::as_str)
+            == Some("true"),
+        "api.docs.enabled"
+    );
+    Ok(())
+}
+
+#[test]
+fn the_tls_ca_is_mounted_into_every_pod() -> anyhow::Result<()> {
+    for (name, values, kind) in [
+        (
+            "ca-secret",
+            "connections: {tls: {caSecret: data-ca, caKey: bundle.pem}}",
+            "secret",
+        ),
+        (
+            "ca-config-map",
+            "connections: {tls: {caConfigMap: data-ca}}",
+            "configMap",
+        ),
+    ] {
+        let rendered = render_minimal_with(name, values)?;
+        let file = config_data(&rendered)?
+            .get("CHAT_TLS_CA_FILE")
+            .cloned()
+            .context("CHAT_TLS_CA_FILE in the ConfigMap")?;
+        let specs = rendered.pod_specs();
+        let mut owners = BTreeSet::new();
+        for (owner, pod, _, _) in &specs {
+            if owner.starts_with("Pod/") {
+                continue; // the `helm test` pod talks to the api only
+            }
+            let volume = pod
+                .volumes
+                .iter()
+                .flatten()
+                .find(|v| v.name == "tls-ca")
+                .with_context(|| format!("{owner}: the CA volume"))?;
+            let key = match kind {
+                "secret" => {
+                    let secret = volume.secret.as_ref().context("secret volume")?;
+                    ensure!(secret.secret_name.as_deref() == Some("data-ca"), "{owner}");
+                    secret.items.clone().unwrap_or_default()
+                }
+                _ => {
+                    let config_map = volume.config_map.as_ref().context("configMap volume")?;
+                    ensure!(config_map.name == "data-ca", "{owner}");
+                    config_map.items.clone().unwrap_or_default()
+                }
+            };
+            let expected_key = if kind == "secret" {
+                "bundle.pem"
+            } else {
+                "ca.crt"
+            };
+            ensure!(
+                key.len() == 1 && key[0].key == expected_key,
+                "{owner}: caKey"
+            );
+            for container in &pod.containers {
+                let mount = container
+                    .volume_mounts
+                    .iter()
+                    .flatten()
+                    .find(|m| m.name == "tls-ca")
+                    .with_context(|| format!("{owner}/{}: CA mount", container.name))?;
+                ensure!(mount.read_only == Some(true), "{owner}: read-only");
+                ensure!(
+                    file == format!("{}/{}", mount.mount_path, key[0].path),
+                    "{owner}: CHAT_TLS_CA_FILE={file} is not the mounted file"
+                );
+            }
+            owners.insert(owner.clone());
+        }
+        ensure!(
+            owners
+                == BTreeSet::from([
+                    "Deployment/chat-api".to_owned(),
+                    "Deployment/chat-ingest-worker".to_owned(),
+                    "Deployment/chat-indexer".to_owned(),
+                    "CronJob/chat-counter-sync".to_owned(),
+                    "Job/chat-migrate".to_owned(),
+                ]),
+            "{owners:?}"
+        );
+        // The migration hook gets its settings as env, not from the ConfigMap.
+        let migrate = rendered.jobs.first().context("migrate job")?;
+        let container = &migrate
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref())
+            .context("migrate pod")?
+            .containers[0];
+        ensure!(
+            env_value(container, "CHAT_TLS_CA_FILE") == Some(file.as_str()),
+            "migrate: CHAT_TLS_CA_FILE"
+        );
+    }
     Ok(())
 }
 
@@ -629,6 +1199,25 @@ fn dev_manifests_parse_into_their_types() -> anyhow::Result<()> {
                 labels.get("environment").map(String::as_str) == Some("dev-only"),
                 "{object} must be labelled dev-only"
             );
+        }
+        // No password is written in the manifests: they come from the Secret the developer creates.
+        for (owner, pod, _, _) in rendered.pod_specs() {
+            for env in pod.containers.iter().flat_map(|c| c.env.iter().flatten()) {
+                if env.name.contains("PASS") && !env.name.contains("RANDOM") {
+                    let reference = env
+                        .value_from
+                        .as_ref()
+                        .and_then(|v| v.secret_key_ref.as_ref())
+                        .with_context(|| {
+                            format!("{owner}: {} must come from a Secret", env.name)
+                        })?;
+                    ensure!(
+                        reference.name == "chat-dev-credentials" && reference.key == "password",
+                        "{owner}: {} from {reference:?}",
+                        env.name
+                    );
+                }
+            }
         }
         let pod_labels: Vec<_> = rendered
             .pod_specs()
@@ -1043,7 +1632,31 @@ fn skaffold_builds_every_image_and_deploys_through_the_chart() -> anyhow::Result
             "{component} tag is not injected"
         );
     }
-    // The values skaffold sets render, and the port-forward names the rendered api Service.
+    // No credentials are written in skaffold.yaml: the URLs that carry them take the password of
+    // the developer's Secret from the environment (k8s/dev/README.md).
+    for (key, value) in &release.set_values {
+        let value = value.as_str().map_or(value.to_string(), str::to_owned);
+        ensure!(
+            !value.contains('@'),
+            "{key}: credentials in skaffold.yaml's setValues"
+        );
+    }
+    for key in ["connections.databaseUrl", "connections.amqpUrl"] {
+        let template = release
+            .set_value_templates
+            .get(key)
+            .with_context(|| format!("{key} in setValueTemplates"))?;
+        ensure!(
+            template.contains(":{{.CHAT_DEV_PASSWORD}}@"),
+            "{key} takes its password from CHAT_DEV_PASSWORD"
+        );
+    }
+    ensure!(
+        release.set_values.get("api.docs.enabled") == Some(&Value::Bool(true)),
+        "skaffold serves the docs"
+    );
+    // The values skaffold sets render (templates filled in as skaffold would, with stand-ins), and
+    // the port-forward names the rendered api Service.
     let mut args = vec!["template".to_owned(), release.name.clone()];
     for (key, value) in release.set_values.iter() {
         args.push("--set".into());
@@ -1052,8 +1665,30 @@ fn skaffold_builds_every_image_and_deploys_through_the_chart() -> anyhow::Result
             value.as_str().map_or(value.to_string(), str::to_owned)
         ));
     }
+    for (key, template) in &release.set_value_templates {
+        let mut value = template.clone();
+        while let Some(start) = value.find("{{.") {
+            let end = value[start..]
+                .find("}}")
+                .map(|end| start + end + 2)
+                .with_context(|| format!("{key}: unclosed template"))?;
+            let name = value[start + 3..end - 2]
+                .to_ascii_lowercase()
+                .replace('_', "-");
+            value.replace_range(start..end, &name);
+        }
+        args.push("--set".into());
+        args.push(format!("{key}={value}"));
+    }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let rendered = Rendered::parse(&parse_documents(&run_helm(&args, None)?)?)?;
+    ensure!(
+        config_data(&rendered)?
+            .get("CHAT_DOCS_ENABLED")
+            .map(String::as_str)
+            == Some("true"),
+        "skaffold renders docs on"
+    );
     for forward in &chat.port_forward {
         ensure!(
             forward.resource_type == "service"

@@ -9,4 +9,6 @@ mod kubernetes;
 mod observability;
 mod pipeline;
 mod search;
+mod tls;
 mod tracing;
+mod trust;

@@ -40,7 +40,7 @@ fn free_port() -> anyhow::Result<u16> {
 async fn every_service_exposes_metrics_that_move_with_the_workload() -> anyhow::Result<()> {
     let mut env = TestEnv::new().await?;
     let api = env.spawn_api().await?;
-    let api_metrics = api.base_url.replace("/api/v1", "/metrics");
+    let api_metrics = api.metrics_url();
     let before = scrape(&api_metrics).await?;
     let route = "/api/v1/applications/{token}/chats/{chat_number}/messages";
     assert_eq!(

@@ -133,10 +133,8 @@ async fn search_finds_words_and_prefixes_in_one_chat(env: TestEnv) -> anyhow::Re
         ))
         .await?;
     assert_eq!(page.body["messages"].as_array().map(Vec::len), Some(2));
-    assert_eq!(
-        page.body["pagination"],
-        json!({"page": 1, "per_page": 2, "next_page": 2})
-    );
+    assert_eq!(page.body["pagination"]["page"], 1);
+    assert_eq!(page.body["pagination"]["next_page"], 2);
     let hit: &Value = &page.body["messages"][0];
     let mut keys: Vec<&String> = hit.as_object().expect("object").keys().collect();
     keys.sort();
@@ -262,6 +260,44 @@ async fn hostile_queries_never_fail(env: TestEnv) -> anyhow::Result<()> {
     );
     assert_eq!(search(client, &token, chat, "3.14").await?, [number]);
     assert_eq!(search(client, &token, chat, "isn't").await?, [number]);
+    workers.stop().await?;
+    api.stop().await
+}
+
+on_every_index!(one_letter_words_match_whole_words_only);
+
+/// A one-letter prefix would expand to every word of the index starting with that letter: such
+/// words match whole words only, so a query of many of them stays a handful of term lookups.
+async fn one_letter_words_match_whole_words_only(env: TestEnv) -> anyhow::Result<()> {
+    let api = env.spawn_api().await?;
+    let workers = env.spawn_workers();
+    let client = &api.client;
+    let token = client.create_application("letters").await?;
+    let chat = client.create_chat(&token).await?;
+    for body in ["a plan", "apple pie", "x marks the spot"] {
+        client.create_message(&token, chat, body).await?;
+    }
+    eventually(
+        "messages are searchable",
+        Duration::from_secs(60),
+        || async { Ok(search(client, &token, chat, "spot").await? == [3]) },
+    )
+    .await?;
+    assert_eq!(search(client, &token, chat, "a").await?, [1], "not apple");
+    assert_eq!(
+        search(client, &token, chat, "ap").await?,
+        [2],
+        "a prefix of two letters"
+    );
+    assert_eq!(search(client, &token, chat, "x").await?, [3]);
+    let started = std::time::Instant::now();
+    let many = search(client, &token, chat, "a b c d e f g h i j k l m n o p").await?;
+    assert!(many.is_empty());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "sixteen one-letter words took {:?}",
+        started.elapsed()
+    );
     workers.stop().await?;
     api.stop().await
 }

@@ -99,7 +99,7 @@ const CALLER_SPAN: &str = "00f067aa0ba902b7";
 async fn post_traced_message(client: &Client) -> anyhow::Result<()> {
     eventually("the api answers", Duration::from_secs(30), || async {
         Ok(client
-            .get("/applications")
+            .get_as_admin("/applications")
             .await
             .is_ok_and(|reply| reply.status == StatusCode::OK))
     })

@@ -115,10 +115,17 @@ impl Drop for TestEnv {
     }
 }
 
-/// Settings of every test: ephemeral ports, short batch waits and retry delays, quiet logs.
-const TEST_SETTINGS: [(&str, &str); 7] = [
+/// The admin token of every test's api (`Client::get_as_admin` sends it).
+pub const TEST_ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";
+
+/// Settings of every test: ephemeral ports, short batch waits and retry delays, quiet logs, a
+/// known admin token, and no rate limits (the tests of the limits turn them on).
+const TEST_SETTINGS: [(&str, &str); 10] = [
     ("CHAT_HTTP_ADDR", "127.0.0.1:0"),
     ("CHAT_HEALTH_ADDR", "127.0.0.1:0"),
+    ("CHAT_ADMIN_TOKEN", TEST_ADMIN_TOKEN),
+    ("CHAT_RATE_LIMIT_PER_TOKEN", "0"),
+    ("CHAT_RATE_LIMIT_PER_ADDRESS", "0"),
     ("CHAT_BATCH_MAX_WAIT_MS", "10"),
     ("CHAT_RETRY_BASE_DELAY_MS", "20"),
     ("CHAT_RETRY_MAX_DELAY_MS", "500"),
@@ -277,13 +284,18 @@ impl TestEnv {
 
     /// Starts the api in this process on an ephemeral port.
     pub async fn spawn_api(&self) -> anyhow::Result<ApiHandle> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let base_url = format!("http://{}/api/v1", listener.local_addr()?);
+        let listeners = api::Listeners {
+            public: tokio::net::TcpListener::bind("127.0.0.1:0").await?,
+            internal: tokio::net::TcpListener::bind("127.0.0.1:0").await?,
+        };
+        let base_url = format!("http://{}/api/v1", listeners.public.local_addr()?);
+        let internal_url = format!("http://{}", listeners.internal.local_addr()?);
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(api::serve(self.config(), listener, shutdown.clone()));
+        let task = tokio::spawn(api::serve(self.config(), listeners, shutdown.clone()));
         let handle = ApiHandle {
             client: Client::new(&base_url),
             base_url,
+            internal_url,
             shutdown,
             task,
         };
@@ -523,12 +535,18 @@ fn binary_path(binary: &str) -> anyhow::Result<PathBuf> {
 
 pub struct ApiHandle {
     pub base_url: String,
+    /// The internal port: `/metrics`, `/livez`, `/readyz`.
+    pub internal_url: String,
     pub client: Client,
     shutdown: CancellationToken,
     task: JoinHandle<anyhow::Result<()>>,
 }
 
 impl ApiHandle {
+    pub fn metrics_url(&self) -> String {
+        format!("{}/metrics", self.internal_url)
+    }
+
     pub async fn stop(self) -> anyhow::Result<()> {
         self.shutdown.cancel();
         self.task.await?
@@ -577,6 +595,12 @@ impl Client {
 
     pub async fn get(&self, path: &str) -> anyhow::Result<Reply> {
         self.send(self.http.get(self.url(path))).await
+    }
+
+    /// A GET with the admin token of the tests.
+    pub async fn get_as_admin(&self, path: &str) -> anyhow::Result<Reply> {
+        self.send(self.http.get(self.url(path)).bearer_auth(TEST_ADMIN_TOKEN))
+            .await
     }
 
     pub async fn post(&self, path: &str, body: Value) -> anyhow::Result<Reply> {

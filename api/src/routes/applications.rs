@@ -1,7 +1,7 @@
 //! Applications: created and renamed synchronously; addressed by token.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use chatcore::domain::{ApplicationName, ApplicationToken, InvalidInput};
 use chatcore::store::ApplicationRow;
@@ -12,8 +12,9 @@ use utoipa_axum::routes;
 
 use super::{PageParams, Pagination, paginate};
 use crate::AppState;
+use crate::admin::AdminAccess;
 use crate::error::{ApiError, ErrorBody};
-use crate::extract::{JsonBody, QueryParams};
+use crate::extract::{JsonBody, PathParams, QueryParams};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -75,16 +76,21 @@ async fn create(
     Ok((StatusCode::CREATED, Json(row.into())))
 }
 
-/// Lists applications in creation order.
+/// Lists applications in creation order, with their tokens: for the operator only
+/// (`Authorization: Bearer <admin token>`).
 #[utoipa::path(get, path = "/applications", tag = "applications", params(PageParams),
-    responses((status = 200, body = ApplicationList), (status = 400, body = ErrorBody), (status = 503, body = ErrorBody)))]
+    security(("admin_token" = [])),
+    responses((status = 200, body = ApplicationList), (status = 400, body = ErrorBody),
+        (status = 401, description = "no admin token", body = ErrorBody),
+        (status = 403, description = "not the admin token", body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn list(
+    _admin: AdminAccess,
     State(state): State<AppState>,
     QueryParams(params): QueryParams<PageParams>,
 ) -> Result<Json<ApplicationList>, ApiError> {
     let page = params.parse(&state)?;
     let rows = state.service().list_applications(page).await?;
-    let (rows, pagination) = paginate(rows, page);
+    let (rows, pagination) = paginate(rows, page, |row| row.id);
     Ok(Json(ApplicationList {
         applications: rows.into_iter().map(ApplicationView::from).collect(),
         pagination,
@@ -100,7 +106,7 @@ fn parse_token(raw: &str) -> Result<ApplicationToken, ApiError> {
     responses((status = 200, body = ApplicationView), (status = 404, description = "unknown application, chat or message", body = ErrorBody), (status = 503, description = "a dependency did not answer", body = ErrorBody)))]
 async fn show(
     State(state): State<AppState>,
-    Path(token): Path<String>,
+    PathParams(token): PathParams<String>,
 ) -> Result<Json<ApplicationView>, ApiError> {
     let token = parse_token(&token)?;
     let row = state.service().find_application(&token).await?;
@@ -112,7 +118,7 @@ async fn show(
     responses((status = 200, body = ApplicationView), (status = 400, body = ErrorBody), (status = 422, body = ErrorBody), (status = 404, description = "unknown application, chat or message", body = ErrorBody), (status = 503, description = "a dependency did not answer", body = ErrorBody)))]
 async fn update(
     State(state): State<AppState>,
-    Path(token): Path<String>,
+    PathParams(token): PathParams<String>,
     JsonBody(input): JsonBody<ApplicationInput>,
 ) -> Result<Json<ApplicationView>, ApiError> {
     let token = parse_token(&token)?;

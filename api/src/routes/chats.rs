@@ -1,7 +1,7 @@
 //! Chats: created asynchronously (202 with the allocated number), read from the storage.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use chatcore::domain::serialize_timestamp;
 use chatcore::store::ChatRow;
@@ -14,7 +14,7 @@ use utoipa_axum::routes;
 use super::{Accepted, PageParams, Pagination, paginate, parse_number};
 use crate::AppState;
 use crate::error::{ApiError, ErrorBody};
-use crate::extract::{QueryParams, RequestTrace};
+use crate::extract::{PathParams, QueryParams, RequestTrace};
 use crate::idempotency::IdempotencyKey;
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -54,7 +54,7 @@ struct ChatList {
         (status = 409, body = ErrorBody), (status = 422, body = ErrorBody), (status = 404, description = "unknown application, chat or message", body = ErrorBody), (status = 503, description = "a dependency did not answer", body = ErrorBody)))]
 async fn create(
     State(state): State<AppState>,
-    Path(token): Path<String>,
+    PathParams(token): PathParams<String>,
     RequestTrace(trace): RequestTrace,
     idempotency_key: IdempotencyKey,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
@@ -70,12 +70,12 @@ async fn create(
     responses((status = 200, body = ChatList), (status = 400, body = ErrorBody), (status = 404, description = "unknown application, chat or message", body = ErrorBody), (status = 503, description = "a dependency did not answer", body = ErrorBody)))]
 async fn list(
     State(state): State<AppState>,
-    Path(token): Path<String>,
+    PathParams(token): PathParams<String>,
     QueryParams(params): QueryParams<PageParams>,
 ) -> Result<Json<ChatList>, ApiError> {
     let page = params.parse(&state)?;
     let rows = state.service().list_chats(&token, page).await?;
-    let (rows, pagination) = paginate(rows, page);
+    let (rows, pagination) = paginate(rows, page, |row| row.number);
     Ok(Json(ChatList {
         chats: rows.into_iter().map(ChatView::from).collect(),
         pagination,
@@ -87,7 +87,7 @@ async fn list(
     responses((status = 200, body = ChatView), (status = 400, body = ErrorBody), (status = 404, description = "unknown application, chat or message", body = ErrorBody), (status = 503, description = "a dependency did not answer", body = ErrorBody)))]
 async fn show(
     State(state): State<AppState>,
-    Path((token, number)): Path<(String, String)>,
+    PathParams((token, number)): PathParams<(String, String)>,
 ) -> Result<Json<ChatView>, ApiError> {
     let number = parse_number("number", &number)?;
     let row = state.service().find_chat(&token, number).await?;

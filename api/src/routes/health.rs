@@ -1,6 +1,6 @@
 //! `/livez`: the process is up. `/readyz`: every dependency the api needs to serve answers (503
 //! otherwise); the search index is reported but not required (only search needs it).
-//! `/metrics`: Prometheus metrics of this process.
+//! `/metrics`: Prometheus metrics of this process, on the internal port only.
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -10,11 +10,16 @@ use serde_json::{Value, json};
 
 use crate::AppState;
 
-pub fn router() -> Router<AppState> {
+/// `/livez` and `/readyz`, served on both ports (load balancers probe the public one).
+pub fn public_router() -> Router<AppState> {
     Router::new()
         .route("/livez", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+}
+
+/// The probes and `/metrics`.
+pub fn internal_router() -> Router<AppState> {
+    public_router().route("/metrics", get(metrics))
 }
 
 async fn metrics(State(state): State<AppState>) -> impl axum::response::IntoResponse {

@@ -6,7 +6,7 @@
 )]
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use chatcore::domain::{InvalidInput, MessageBody, SearchQuery, serialize_timestamp};
 use chatcore::search::{MAX_RESULT_WINDOW, MessageHit};
@@ -20,7 +20,7 @@ use utoipa_axum::routes;
 use super::{Accepted, PageParams, Pagination, paginate, parse_number};
 use crate::AppState;
 use crate::error::{ApiError, ErrorBody};
-use crate::extract::{JsonBody, QueryParams, RequestTrace};
+use crate::extract::{JsonBody, PathParams, QueryParams, RequestTrace};
 use crate::idempotency::IdempotencyKey;
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -95,8 +95,8 @@ struct SearchParams {
     /// Words to find (1..256 characters); symbols are plain text.
     #[param(value_type = String, required = true, min_length = 1, max_length = 256)]
     query: Option<String>,
-    /// Page, 1-based (default 1).
-    #[param(value_type = Option<u32>, minimum = 1, maximum = 10000)]
+    /// Page, 1-based (default 1), as deep as result 1,000 (`page * per_page`).
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 1000)]
     page: Option<String>,
     /// Page size (default 25, at most 100).
     #[param(value_type = Option<u32>, minimum = 1, maximum = 100)]
@@ -112,7 +112,7 @@ struct SearchParams {
         (status = 422, body = ErrorBody), (status = 404, description = "unknown application, chat or message", body = ErrorBody), (status = 503, description = "a dependency did not answer", body = ErrorBody)))]
 async fn create(
     State(state): State<AppState>,
-    Path((token, chat_number)): Path<(String, String)>,
+    PathParams((token, chat_number)): PathParams<(String, String)>,
     RequestTrace(trace): RequestTrace,
     idempotency_key: IdempotencyKey,
     JsonBody(input): JsonBody<MessageInput>,
@@ -132,7 +132,7 @@ async fn create(
     responses((status = 200, body = MessageList), (status = 400, body = ErrorBody), (status = 404, description = "unknown application, chat or message", body = ErrorBody), (status = 503, description = "a dependency did not answer", body = ErrorBody)))]
 async fn list(
     State(state): State<AppState>,
-    Path((token, chat_number)): Path<(String, String)>,
+    PathParams((token, chat_number)): PathParams<(String, String)>,
     QueryParams(params): QueryParams<PageParams>,
 ) -> Result<Json<MessageList>, ApiError> {
     let chat_number = parse_number("chat_number", &chat_number)?;
@@ -141,7 +141,7 @@ async fn list(
         .service()
         .list_messages(&token, chat_number, page)
         .await?;
-    let (rows, pagination) = paginate(rows, page);
+    let (rows, pagination) = paginate(rows, page, |row| row.number);
     Ok(Json(MessageList {
         messages: rows.into_iter().map(MessageView::from).collect(),
         pagination,
@@ -154,7 +154,7 @@ async fn list(
     responses((status = 200, body = MessageView), (status = 400, body = ErrorBody), (status = 404, description = "unknown application, chat or message", body = ErrorBody), (status = 503, description = "a dependency did not answer", body = ErrorBody)))]
 async fn show(
     State(state): State<AppState>,
-    Path((token, chat_number, number)): Path<(String, String, String)>,
+    PathParams((token, chat_number, number)): PathParams<(String, String, String)>,
 ) -> Result<Json<MessageView>, ApiError> {
     let chat_number = parse_number("chat_number", &chat_number)?;
     let number = parse_number("number", &number)?;
@@ -174,7 +174,7 @@ async fn show(
         (status = 400, body = ErrorBody), (status = 422, body = ErrorBody), (status = 404, description = "unknown application, chat or message", body = ErrorBody), (status = 503, description = "a dependency did not answer", body = ErrorBody)))]
 async fn update(
     State(state): State<AppState>,
-    Path((token, chat_number, number)): Path<(String, String, String)>,
+    PathParams((token, chat_number, number)): PathParams<(String, String, String)>,
     RequestTrace(trace): RequestTrace,
     JsonBody(input): JsonBody<MessageInput>,
 ) -> Result<Json<UpdatedMessageView>, ApiError> {
@@ -198,7 +198,7 @@ async fn update(
     responses((status = 200, body = MessageList), (status = 400, body = ErrorBody), (status = 404, description = "unknown application, chat or message", body = ErrorBody), (status = 503, description = "a dependency did not answer", body = ErrorBody)))]
 async fn search(
     State(state): State<AppState>,
-    Path((token, chat_number)): Path<(String, String)>,
+    PathParams((token, chat_number)): PathParams<(String, String)>,
     QueryParams(params): QueryParams<SearchParams>,
 ) -> Result<Json<MessageList>, ApiError> {
     let chat_number = parse_number("chat_number", &chat_number)?;
@@ -211,6 +211,8 @@ async fn search(
     let page = PageParams {
         page: params.page,
         per_page: params.per_page,
+        after: None,
+        before: None,
     }
     .parse(&state)?;
     if page.offset() + page.fetch_limit() > MAX_RESULT_WINDOW {
@@ -223,7 +225,7 @@ async fn search(
         .service()
         .search(&token, chat_number, &query, page)
         .await?;
-    let (hits, pagination) = paginate(hits, page);
+    let (hits, pagination) = paginate(hits, page, |hit| hit.number.get());
     Ok(Json(MessageList {
         messages: hits.into_iter().map(MessageView::from).collect(),
         pagination,

@@ -11,7 +11,7 @@ use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse as _, Response};
-use chatcore::domain::{Number, PageRequest};
+use chatcore::domain::{Number, PageInput, PagePosition, PageRequest};
 use chatcore::events::{TRACEPARENT_HEADER, TraceContext};
 use chatcore::metrics::HttpLabels;
 use serde::{Deserialize, Serialize};
@@ -32,13 +32,59 @@ pub const OPENAPI_PATH: &str = "/api/v1/openapi.json";
         title = "Chat platform API",
         description = "Applications, chats and messages with per-parent sequential numbers; writes are accepted (202) and persisted asynchronously; messages are searchable. Every error has the body `{\"error\": {\"code\", \"message\", \"field\"}}`."
     ),
+    modifiers(&AccessControl),
     tags(
-        (name = "applications", description = "created and renamed synchronously"),
+        (name = "applications", description = "created and renamed synchronously; listing them needs the admin token"),
         (name = "chats", description = "created asynchronously (202)"),
         (name = "messages", description = "created asynchronously (202), updated synchronously, searchable")
     )
 )]
 struct ApiDoc;
+
+/// The admin token's security scheme, and the 429 that every operation may answer.
+struct AccessControl;
+
+impl utoipa::Modify for AccessControl {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+        use utoipa::openapi::{RefOr, ResponseBuilder};
+
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            ADMIN_SECURITY_SCHEME,
+            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        );
+        let rate_limited = ResponseBuilder::new()
+            .description("over the rate limit of the client address or the application token; see Retry-After and RateLimit-*")
+            .content(
+                "application/json",
+                utoipa::openapi::ContentBuilder::new()
+                    .schema(Some(utoipa::openapi::Ref::from_schema_name("ErrorBody")))
+                    .build(),
+            )
+            .build();
+        for item in openapi.paths.paths.values_mut() {
+            for operation in [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.patch,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                operation
+                    .responses
+                    .responses
+                    .insert("429".to_owned(), RefOr::T(rate_limited.clone()));
+            }
+        }
+    }
+}
+
+/// The name of the admin token's security scheme in the OpenAPI document (the handlers spell it out: utoipa wants a literal).
+pub const ADMIN_SECURITY_SCHEME: &str = "admin_token";
 
 /// The API routes and the OpenAPI document generated from the same handlers, so the two cannot
 /// drift apart.
@@ -57,15 +103,19 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     api_routes().1
 }
 
+/// The public port: the API, `/livez` and `/readyz`, and the docs unless `CHAT_DOCS_ENABLED=false`.
+///
+/// Layers, outermost first: the body is read whole (size and time limits), the rate limits, then
+/// per matched route the span, metrics and request timeout.
 pub fn router(state: AppState) -> Router {
     let max_request_bytes = state.settings().max_request_bytes;
     let (api, document) = api_routes();
-    // The docs page ships its assets in the binary (works offline).
-    let docs = SwaggerUi::new("/docs").url(OPENAPI_PATH, document);
-    Router::new()
-        .merge(api)
-        .merge(docs)
-        .merge(health::router())
+    let mut router = Router::new().merge(api).merge(health::public_router());
+    if state.settings().docs_enabled {
+        // The docs page ships its assets in the binary (works offline).
+        router = router.merge(SwaggerUi::new("/docs").url(OPENAPI_PATH, document));
+    }
+    router
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             observe_request,
@@ -73,7 +123,20 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async { ApiError::NotFound("route") })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(max_request_bytes))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::rate_limit::limit_rate,
+        ))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::request_body::read_body,
+        ))
         .with_state(state)
+}
+
+/// The internal port: `/metrics`, `/livez` and `/readyz`, for the cluster only.
+pub fn internal_router(state: AppState) -> Router {
+    health::internal_router().with_state(state)
 }
 
 /// Runs every routed request inside a server span (continuing the caller's `traceparent`), within
@@ -129,24 +192,36 @@ async fn observe_request(
     response
 }
 
-/// `?page=&per_page=` of every list.
+/// `?page=&per_page=&after=&before=` of every list.
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct PageParams {
-    /// Page, 1-based (default 1, at most 10,000).
-    #[param(value_type = Option<u32>, minimum = 1, maximum = 10000)]
+    /// Page, 1-based (default 1), only as deep as row 1,000 (`page * per_page`); continue with
+    /// `after`. Cannot be combined with `after` or `before`.
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 1000)]
     page: Option<String>,
     /// Page size (default 25, at most 100).
     #[param(value_type = Option<u32>, minimum = 1, maximum = 100)]
     per_page: Option<String>,
+    /// The page after this key (a number; for applications the `next_after` of a page): its
+    /// cost does not depend on how deep the page is.
+    #[param(value_type = Option<u64>, minimum = 0)]
+    after: Option<String>,
+    /// The page right before this key.
+    #[param(value_type = Option<u64>, minimum = 0)]
+    before: Option<String>,
 }
 
 impl PageParams {
     fn parse(&self, state: &AppState) -> Result<PageRequest, ApiError> {
         let api = state.settings();
         PageRequest::parse(
-            self.page.as_deref(),
-            self.per_page.as_deref(),
+            PageInput {
+                page: self.page.as_deref(),
+                per_page: self.per_page.as_deref(),
+                after: self.after.as_deref(),
+                before: self.before.as_deref(),
+            },
             api.default_page_size,
             api.max_page_size,
         )
@@ -157,19 +232,52 @@ impl PageParams {
 /// Pagination block of every list response.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Pagination {
-    page: u32,
+    /// The page number, for a `page` request.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    page: Option<u32>,
     per_page: u32,
+    /// The next page number, while it is within the page-number depth; null otherwise.
     next_page: Option<u32>,
+    /// `after` of the next page; null on the last page.
+    next_after: Option<u64>,
+    /// `before` of the previous page; null on the first page.
+    previous_before: Option<u64>,
 }
 
-/// Cuts the extra row fetched to detect a next page.
-fn paginate<T>(mut rows: Vec<T>, page: PageRequest) -> (Vec<T>, Pagination) {
-    let has_next = rows.len() > page.per_page as usize;
+/// Cuts the extra row fetched to detect more rows, puts a `before` page back in ascending order,
+/// and tells where the neighbouring pages start (`key` is the key the list is ordered by).
+fn paginate<T>(
+    mut rows: Vec<T>,
+    page: PageRequest,
+    key: impl Fn(&T) -> u64,
+) -> (Vec<T>, Pagination) {
+    let has_more = rows.len() > page.per_page as usize;
     rows.truncate(page.per_page as usize);
+    if page.descending() {
+        rows.reverse();
+    }
+    let first = rows.first().map(&key);
+    let last = rows.last().map(&key);
+    let (next_after, previous_before) = match page.position {
+        PagePosition::Page(number) => (last.filter(|_| has_more), first.filter(|_| number > 1)),
+        PagePosition::After(after) => (last.filter(|_| has_more), first.filter(|_| after > 0)),
+        // The key the page was asked before is itself after it.
+        PagePosition::Before(_) => (last, first.filter(|_| has_more)),
+    };
+    let (page_number, next_page) = match page.position {
+        PagePosition::Page(number) => {
+            let next = number + 1;
+            let within = u64::from(next) * u64::from(page.per_page) <= PageRequest::MAX_PAGE_DEPTH;
+            (Some(number), (has_more && within).then_some(next))
+        }
+        PagePosition::After(_) | PagePosition::Before(_) => (None, None),
+    };
     let pagination = Pagination {
-        page: page.page,
+        page: page_number,
         per_page: page.per_page,
-        next_page: has_next.then_some(page.page + 1),
+        next_page,
+        next_after,
+        previous_before,
     };
     (rows, pagination)
 }

@@ -98,6 +98,73 @@ image.tag, which wins over the appVersion. */}}
 {{- include "chat.connectionEnv" (include "chat.connectionSecretName" .) }}
 {{- end }}
 
+{{/* Secret holding the admin token (CHAT_ADMIN_TOKEN): auth.existingSecret or the chart's own. */}}
+{{- define "chat.adminTokenSecretName" -}}
+{{- default (printf "%s-admin-token" (include "chat.fullname" .)) .Values.auth.existingSecret }}
+{{- end }}
+
+{{/* The admin token of the chart's own Secret: auth.adminToken, else the value the Secret already
+holds in the cluster (kept across upgrades), else a new random one (first install, or a render
+without cluster access such as `helm template`). */}}
+{{- define "chat.adminToken" -}}
+{{- if .Values.auth.adminToken }}
+{{- .Values.auth.adminToken }}
+{{- else }}
+{{- $existing := lookup "v1" "Secret" .Release.Namespace (include "chat.adminTokenSecretName" .) }}
+{{- $data := dig "data" (dict) $existing }}
+{{- if hasKey $data "CHAT_ADMIN_TOKEN" }}
+{{- index $data "CHAT_ADMIN_TOKEN" | b64dec }}
+{{- else }}
+{{- randAlphaNum 40 }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The api's admin token, from a Secret (never from the ConfigMap). */}}
+{{- define "chat.adminTokenEnv" -}}
+- name: CHAT_ADMIN_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "chat.adminTokenSecretName" . }}
+      key: CHAT_ADMIN_TOKEN
+{{- end }}
+
+{{/* True (non-empty) when a CA bundle for the backing services' TLS is configured. */}}
+{{- define "chat.tlsCaEnabled" -}}
+{{- if or .Values.connections.tls.caSecret .Values.connections.tls.caConfigMap }}true{{ end }}
+{{- end }}
+
+{{- define "chat.tlsCaDir" -}}
+/etc/chat/tls
+{{- end }}
+
+{{/* Volume of the CA bundle (a list entry of a pod's volumes); empty without one. */}}
+{{- define "chat.tlsCaVolumes" -}}
+{{- $tls := .Values.connections.tls }}
+{{- if $tls.caSecret }}
+- name: tls-ca
+  secret:
+    secretName: {{ $tls.caSecret }}
+    items:
+      - {key: {{ $tls.caKey | quote }}, path: ca.crt}
+{{- else if $tls.caConfigMap }}
+- name: tls-ca
+  configMap:
+    name: {{ $tls.caConfigMap }}
+    items:
+      - {key: {{ $tls.caKey | quote }}, path: ca.crt}
+{{- end }}
+{{- end }}
+
+{{/* Read-only mount of the CA bundle (a list entry of a container's volumeMounts). */}}
+{{- define "chat.tlsCaVolumeMounts" -}}
+{{- if include "chat.tlsCaEnabled" . }}
+- name: tls-ca
+  mountPath: {{ include "chat.tlsCaDir" . }}
+  readOnly: true
+{{- end }}
+{{- end }}
+
 {{- define "chat.envFrom" -}}
 - configMapRef:
     name: {{ include "chat.configMapName" . }}
@@ -143,6 +210,22 @@ CHAT_AMQP_DELIVERY_LIMIT: {{ .Values.config.amqpDeliveryLimit | quote }}
 CHAT_BATCH_MAX_SIZE: {{ .Values.config.batchMaxSize | quote }}
 CHAT_BATCH_MAX_WAIT_MS: {{ .Values.config.batchMaxWaitMs | quote }}
 CHAT_MAX_ATTEMPTS: {{ .Values.config.maxAttempts | quote }}
+CHAT_CONNECT_TIMEOUT_MS: {{ .Values.config.connectTimeoutMs | int64 | quote }}
+CHAT_DEPENDENCY_TIMEOUT_MS: {{ .Values.config.dependencyTimeoutMs | int64 | quote }}
+CHAT_DOCS_ENABLED: {{ .Values.api.docs.enabled | quote }}
+CHAT_RATE_LIMIT_PER_TOKEN: {{ .Values.api.rateLimits.perToken | int64 | quote }}
+CHAT_RATE_LIMIT_PER_TOKEN_BURST: {{ .Values.api.rateLimits.perTokenBurst | int64 | quote }}
+CHAT_RATE_LIMIT_PER_ADDRESS: {{ .Values.api.rateLimits.perAddress | int64 | quote }}
+CHAT_RATE_LIMIT_PER_ADDRESS_BURST: {{ .Values.api.rateLimits.perAddressBurst | int64 | quote }}
+CHAT_TRUSTED_PROXY_HOPS: {{ .Values.api.trustedProxyHops | int64 | quote }}
+CHAT_MAX_CONNECTIONS: {{ .Values.api.maxConnections | int64 | quote }}
+CHAT_HEADER_READ_TIMEOUT_MS: {{ .Values.api.headerReadTimeoutMs | int64 | quote }}
+CHAT_BODY_TIMEOUT_MS: {{ .Values.api.bodyTimeoutMs | int64 | quote }}
+CHAT_REQUEST_TIMEOUT_MS: {{ .Values.api.requestTimeoutMs | int64 | quote }}
+CHAT_SEARCH_TIMEOUT_MS: {{ .Values.api.searchTimeoutMs | int64 | quote }}
+{{- if include "chat.tlsCaEnabled" . }}
+CHAT_TLS_CA_FILE: {{ printf "%s/ca.crt" (include "chat.tlsCaDir" .) | quote }}
+{{- end }}
 {{- with .Values.config.otlpEndpoint }}
 OTEL_EXPORTER_OTLP_ENDPOINT: {{ . | quote }}
 {{- end }}
@@ -151,12 +234,14 @@ CHAT_PUSHGATEWAY_URL: {{ . | quote }}
 {{- end }}
 {{- end }}
 
-{{/* The four connection URLs as Secret stringData. */}}
+{{/* The four connection URLs as Secret stringData. The chart ships no credentials: the URLs that
+carry them must be given, unless the URLs come from connections.existingSecret. */}}
 {{- define "chat.connectionData" -}}
-DATABASE_URL: {{ required "connections.databaseUrl is required" .Values.connections.databaseUrl | quote }}
-REDIS_URL: {{ required "connections.redisUrl is required" .Values.connections.redisUrl | quote }}
-AMQP_URL: {{ required "connections.amqpUrl is required" .Values.connections.amqpUrl | quote }}
-ELASTICSEARCH_URL: {{ required "connections.elasticsearchUrl is required" .Values.connections.elasticsearchUrl | quote }}
+{{- $hint := "or set connections.existingSecret to a Secret with DATABASE_URL, REDIS_URL, AMQP_URL and ELASTICSEARCH_URL" }}
+DATABASE_URL: {{ required (printf "connections.databaseUrl is required (e.g. mysql://chat:PASSWORD@mysql:3306/chat), %s" $hint) .Values.connections.databaseUrl | quote }}
+REDIS_URL: {{ required (printf "connections.redisUrl is required, %s" $hint) .Values.connections.redisUrl | quote }}
+AMQP_URL: {{ required (printf "connections.amqpUrl is required (e.g. amqp://chat:PASSWORD@rabbitmq:5672/%%2f), %s" $hint) .Values.connections.amqpUrl | quote }}
+ELASTICSEARCH_URL: {{ required (printf "connections.elasticsearchUrl is required, %s" $hint) .Values.connections.elasticsearchUrl | quote }}
 {{- end }}
 
 {{/* The two worker components, for templates that render both alike. */}}

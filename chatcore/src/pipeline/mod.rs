@@ -106,7 +106,6 @@ pub async fn run_worker(
     let metrics = &observers.metrics;
     let queue = worker_queue(&config, metrics).await?;
     let health_addr = config
-        .consumer
         .health_addr
         .unwrap_or_else(|| default_health_addr(consumer));
     crate::health::serve(

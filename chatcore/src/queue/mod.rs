@@ -26,6 +26,8 @@ pub use timed::TimedQueue;
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
+    #[error(transparent)]
+    TimedOut(#[from] crate::retry::DependencyTimedOut),
     #[error("rabbitmq: {0}")]
     Broker(#[from] lapin::Error),
     #[error("rabbitmq refused the event (nack)")]
@@ -45,6 +47,7 @@ pub enum QueueError {
 impl Transient for QueueError {
     fn is_transient(&self) -> bool {
         match self {
+            Self::TimedOut(_) => true,
             Self::Database(error) => crate::store::is_transient(error),
             // A topology that lacks a binding does not fix itself.
             Self::Unroutable(_) => false,

@@ -6,6 +6,9 @@
 //! Publishing, depth and replay share one publisher-confirmed channel that is opened on first use
 //! and again after the connection is lost; each consumer gets a connection of its own.
 
+use std::io;
+use std::net::Shutdown;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -15,7 +18,9 @@ use lapin::options::{
     BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
     QueueBindOptions, QueueDeclareOptions,
 };
+use lapin::tcp::{AsyncTcpStream, OwnedTLSConfig};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::uri::{AMQPScheme, AMQPUri};
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
 };
@@ -35,6 +40,9 @@ pub struct RabbitMqQueue {
     url: SecretUrl,
     topology: Topology,
     confirm_timeout: Duration,
+    connect_timeout: Duration,
+    /// PEM of the CA an `amqps://` connection trusts beside the public roots (`CHAT_TLS_CA_FILE`).
+    tls_ca: Option<String>,
     link: RwLock<Option<Link>>,
 }
 
@@ -47,12 +55,21 @@ struct Link {
 }
 
 impl RabbitMqQueue {
-    /// Connects on first use, not here.
-    pub fn new(url: SecretUrl, topology: Topology, confirm_timeout: Duration) -> Self {
+    /// Connects on first use, not here. A connection (TCP, TLS for `amqps://`, the AMQP
+    /// handshake) takes at most `connect_timeout`; `tls_ca` is PEM.
+    pub fn new(
+        url: SecretUrl,
+        topology: Topology,
+        confirm_timeout: Duration,
+        connect_timeout: Duration,
+        tls_ca: Option<&[u8]>,
+    ) -> Self {
         Self {
             url,
             topology,
             confirm_timeout,
+            connect_timeout,
+            tls_ca: tls_ca.map(|pem| String::from_utf8_lossy(pem).into_owned()),
             link: RwLock::new(None),
         }
     }
@@ -77,7 +94,7 @@ impl RabbitMqQueue {
         }
         let generation = link.as_ref().map_or(0, |link| link.generation + 1);
         let connection_name = format!("{} publisher", self.topology.exchange);
-        let connection = connect(&self.url, &connection_name).await?;
+        let connection = self.connect(&connection_name).await?;
         let channel = connection.create_channel().await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
@@ -169,7 +186,7 @@ impl EventQueue for RabbitMqQueue {
         settings: &ConsumerConfig,
     ) -> Result<Box<dyn EventSource>, QueueError> {
         let queue = self.topology.queue(consumer);
-        let connection = connect(&self.url, queue).await?;
+        let connection = self.connect(queue).await?;
         let channel = connection.create_channel().await?;
         declare_topology(&channel, &self.topology).await?;
         channel
@@ -246,10 +263,104 @@ impl EventQueue for RabbitMqQueue {
     }
 }
 
-async fn connect(url: &SecretUrl, connection_name: &str) -> Result<Connection, lapin::Error> {
-    let properties =
-        ConnectionProperties::default().with_connection_name(LongString::from(connection_name));
-    Connection::connect(url.expose(), properties).await
+impl RabbitMqQueue {
+    /// Opens a connection within `connect_timeout`: TCP, TLS (`amqps://`, trusting the public
+    /// roots and `tls_ca`) and the AMQP handshake. lapin runs the handshake on an IO thread of its
+    /// own that the timeout does not stop, so past it the socket is shut down under that thread
+    /// (a broker that accepts and never answers would otherwise hold it forever).
+    async fn connect(&self, connection_name: &str) -> Result<Connection, lapin::Error> {
+        let uri: AMQPUri = self
+            .url
+            .expose()
+            .parse()
+            .map_err(|error: String| io::Error::new(io::ErrorKind::InvalidInput, error))?;
+        let properties =
+            ConnectionProperties::default().with_connection_name(LongString::from(connection_name));
+        let tls = OwnedTLSConfig {
+            identity: None,
+            cert_chain: self.tls_ca.clone(),
+        };
+        let timeout = self.connect_timeout;
+        let dialing = Arc::new(Mutex::new(Dialing::Connecting(None)));
+        let runtime = lapin::runtime::default_runtime()?;
+        let handles = Arc::clone(&dialing);
+        let connecting = Connection::connector(
+            uri,
+            runtime,
+            async move |uri, runtime| {
+                let host = uri.authority.host.clone();
+                let addresses = runtime.to_socket_addrs((host.clone(), uri.authority.port));
+                let stream =
+                    tokio::time::timeout(timeout, AsyncTcpStream::connect(&runtime, addresses))
+                        .await
+                        .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+                if let AsyncTcpStream::Plain(socket) = &stream {
+                    let mut dialing = handles.lock().unwrap_or_else(PoisonError::into_inner);
+                    match &mut *dialing {
+                        Dialing::Abandoned => {
+                            return Err(io::Error::from(io::ErrorKind::TimedOut).into());
+                        }
+                        Dialing::Connecting(handle) => {
+                            *handle = Some(socket_handle(socket.get_ref())?);
+                        }
+                        Dialing::Connected => {}
+                    }
+                }
+                match uri.scheme {
+                    AMQPScheme::AMQP => Ok(stream),
+                    AMQPScheme::AMQPS => Ok(stream.into_tls(&host, tls.as_ref()).await?),
+                }
+            },
+            properties,
+        );
+        let connected = tokio::time::timeout(timeout, connecting).await;
+        let succeeded = matches!(connected, Ok(Ok(_)));
+        let previous = std::mem::replace(
+            &mut *dialing.lock().unwrap_or_else(PoisonError::into_inner),
+            if succeeded {
+                Dialing::Connected
+            } else {
+                Dialing::Abandoned
+            },
+        );
+        if let Dialing::Connecting(Some(socket)) = previous
+            && !succeeded
+        {
+            // lapin's IO thread may still wait on it: this ends the wait.
+            let _ = socket.shutdown(Shutdown::Both);
+        }
+        match connected {
+            Ok(connection) => connection,
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("rabbitmq: no connection within {timeout:?}"),
+            )
+            .into()),
+        }
+    }
+}
+
+/// Where the connection of one [`RabbitMqQueue::connect`] is.
+enum Dialing {
+    /// Before the handshake ended: a second handle on the socket once there is one.
+    Connecting(Option<std::net::TcpStream>),
+    /// Timed out or failed: a late dial gives up.
+    Abandoned,
+    /// The connection is lapin's alone (a handle kept here would keep its socket open).
+    Connected,
+}
+
+/// A second handle on a socket, to shut it down from outside lapin's IO thread.
+#[cfg(unix)]
+fn socket_handle(socket: &tokio::net::TcpStream) -> io::Result<std::net::TcpStream> {
+    use std::os::fd::AsFd as _;
+    Ok(socket.as_fd().try_clone_to_owned()?.into())
+}
+
+#[cfg(windows)]
+fn socket_handle(socket: &tokio::net::TcpStream) -> io::Result<std::net::TcpStream> {
+    use std::os::windows::io::AsSocket as _;
+    Ok(socket.as_socket().try_clone_to_owned()?.into())
 }
 
 /// Declares exchanges, queues, dead-letter queues and bindings; idempotent.

@@ -4,7 +4,7 @@
 //! `chat_dependency_duration_seconds{dependency=<kind>, operation=<method>}`.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use tracing::Instrument as _;
@@ -15,15 +15,22 @@ use super::{Delivery, EventQueue, EventSource, QueueError};
 use crate::config::ConsumerConfig;
 use crate::events::{Consumer, Event, TraceContext};
 use crate::metrics::{Metrics, OutcomeLabels};
+use crate::retry::DependencyTimedOut;
 
 pub struct TimedQueue {
     inner: Arc<dyn EventQueue>,
     metrics: Arc<Metrics>,
+    /// The longest wait for one call on the request path (`CHAT_DEPENDENCY_TIMEOUT_MS`).
+    limit: Duration,
 }
 
 impl TimedQueue {
-    pub fn new(inner: Arc<dyn EventQueue>, metrics: Arc<Metrics>) -> Self {
-        Self { inner, metrics }
+    pub fn new(inner: Arc<dyn EventQueue>, metrics: Arc<Metrics>, limit: Duration) -> Self {
+        Self {
+            inner,
+            metrics,
+            limit,
+        }
     }
 }
 
@@ -60,7 +67,19 @@ impl EventQueue for TimedQueue {
         );
         let trace = crate::telemetry::inject(&span, trace.clone());
         let started = Instant::now();
-        let outcome = self.inner.publish(event, &trace).instrument(span).await;
+        // Bounded as a whole: a blocked connection (a broker memory or disk alarm) holds the
+        // publish itself, not only its confirm.
+        let outcome = tokio::time::timeout(self.limit, self.inner.publish(event, &trace))
+            .instrument(span)
+            .await
+            .unwrap_or_else(|_| {
+                Err(DependencyTimedOut {
+                    dependency: self.kind(),
+                    operation: "publish",
+                    limit: self.limit,
+                }
+                .into())
+            });
         let labels = OutcomeLabels {
             outcome: if outcome.is_ok() {
                 "confirmed"
@@ -77,7 +96,11 @@ impl EventQueue for TimedQueue {
 
     async fn is_ready(&self) -> bool {
         self.metrics
-            .time(self.kind(), "is_ready", self.inner.is_ready())
+            .time(self.kind(), "is_ready", async {
+                tokio::time::timeout(self.limit, self.inner.is_ready())
+                    .await
+                    .unwrap_or(false)
+            })
             .await
     }
 
@@ -97,7 +120,9 @@ impl EventQueue for TimedQueue {
 
     async fn depth(&self, queue: &str) -> Result<u64, QueueError> {
         let call = self.inner.depth(queue);
-        self.metrics.time(self.kind(), "depth", call).await
+        self.metrics
+            .time_within(self.kind(), "depth", self.limit, call)
+            .await
     }
 
     async fn replay_dead_letters(&self, consumer: Consumer) -> Result<u64, QueueError> {

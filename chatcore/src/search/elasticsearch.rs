@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use elasticsearch::auth::Credentials;
+use elasticsearch::cert::{Certificate, CertificateValidation};
 use elasticsearch::http::response::Response;
 use elasticsearch::http::transport::{SingleNodeConnectionPool, TransportBuilder};
 use elasticsearch::http::{StatusCode, Url};
@@ -15,20 +16,28 @@ use elasticsearch::{BulkParts, Elasticsearch, SearchParts};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{ItemOutcome, MessageDocument, MessageHit, SearchError, SearchIndex, query_words};
+use super::{
+    ItemOutcome, MessageDocument, MessageHit, SearchError, SearchIndex, matches_as_prefix,
+    query_words,
+};
 use crate::config::SecretUrl;
 use crate::domain::{Number, PageRequest, SearchQuery};
 
 /// Word prefixes of these lengths are indexed as their own terms; shorter and longer prefixes
 /// still match (by expanding terms), a little slower. Fewer indexed prefixes make indexing cheaper.
-const MIN_INDEXED_PREFIX_CHARS: u32 = 2;
-const MAX_INDEXED_PREFIX_CHARS: u32 = 8;
+const MIN_INDEXED_PREFIX_CHARS: usize = super::MIN_PREFIX_CHARS;
+const MAX_INDEXED_PREFIX_CHARS: usize = 8;
+/// The server-side time limit of a search unless set otherwise (the api's default).
+const DEFAULT_SEARCH_TIMEOUT: Duration = Duration::from_secs(2);
+
 #[derive(Clone)]
 pub struct ElasticsearchIndex {
     client: Elasticsearch,
     index: String,
     /// Replicas of the index when it is created (0 on a single node).
     replicas: u32,
+    /// How long a search may run on the nodes before they answer with what they found.
+    search_timeout: Duration,
 }
 
 fn chat_key(application_id: u64, chat_number: Number) -> String {
@@ -36,7 +45,14 @@ fn chat_key(application_id: u64, chat_number: Number) -> String {
 }
 
 impl ElasticsearchIndex {
-    pub fn connect(url: &SecretUrl, index: &str, replicas: u32) -> Result<Self, SearchError> {
+    /// Builds the client; it connects on the first request. `https://` trusts the public roots
+    /// and `tls_ca` (PEM, `CHAT_TLS_CA_FILE`).
+    pub fn connect(
+        url: &SecretUrl,
+        index: &str,
+        replicas: u32,
+        tls_ca: Option<&[u8]>,
+    ) -> Result<Self, SearchError> {
         let mut parsed =
             Url::parse(url.expose()).map_err(|error| SearchError::InvalidUrl(error.to_string()))?;
         let credentials = (!parsed.username().is_empty()).then(|| {
@@ -54,6 +70,11 @@ impl ElasticsearchIndex {
         if let Some(credentials) = credentials {
             builder = builder.auth(credentials);
         }
+        if let Some(pem) = tls_ca {
+            let ca = Certificate::from_pem(pem)
+                .map_err(|error| SearchError::InvalidUrl(format!("CHAT_TLS_CA_FILE: {error}")))?;
+            builder = builder.cert_validation(CertificateValidation::Full(ca));
+        }
         let transport = builder
             .build()
             .map_err(|error| SearchError::InvalidUrl(error.to_string()))?;
@@ -61,7 +82,14 @@ impl ElasticsearchIndex {
             client: Elasticsearch::new(transport),
             index: index.to_owned(),
             replicas,
+            search_timeout: DEFAULT_SEARCH_TIMEOUT,
         })
+    }
+
+    /// Sets the server-side time limit of a search (`CHAT_SEARCH_TIMEOUT_MS`).
+    pub fn with_search_timeout(mut self, search_timeout: Duration) -> Self {
+        self.search_timeout = search_timeout;
+        self
     }
 
     pub fn index_name(&self) -> &str {
@@ -191,6 +219,7 @@ impl SearchIndex for ElasticsearchIndex {
                 "_source": ["number", "body", "created_at"],
                 "query": query_definition(&routing, query),
                 "sort": ["_score", {"number": "asc"}],
+                "timeout": format!("{}ms", self.search_timeout.as_millis()),
             }))
             .send()
             .await?;
@@ -257,8 +286,12 @@ fn query_definition(routing: &str, query: &SearchQuery) -> Value {
     let words: Vec<Value> = query_words(query.as_str())
         .into_iter()
         .map(|word| {
+            let whole = json!({"term": {"body": {"value": word, "boost": 2.0}}});
+            if !matches_as_prefix(&word) {
+                return whole;
+            }
             json!({"bool": {"should": [
-                {"term": {"body": {"value": word, "boost": 2.0}}},
+                whole,
                 // An explicit rewrite: Elasticsearch 7.17 fails on a prefix shorter than
                 // index_prefixes.min_chars without one.
                 {"prefix": {"body": {"value": word, "rewrite": "constant_score"}}},

@@ -20,11 +20,22 @@ pub use self::timed::TimedSearchIndex;
 
 /// Words of a query beyond this many are ignored, which bounds the cost of one search.
 pub const MAX_QUERY_WORDS: usize = 16;
+
+/// Words of the query shorter than this match whole words only: a one-letter prefix would
+/// expand to every word of the index that starts with the letter (the prefix index starts here).
+pub const MIN_PREFIX_CHARS: usize = 2;
+
+/// Whether a query word also matches as a prefix.
+pub fn matches_as_prefix(word: &str) -> bool {
+    word.chars().count() >= MIN_PREFIX_CHARS
+}
 /// Elasticsearch's default `index.max_result_window`.
 pub const MAX_RESULT_WINDOW: u64 = 10_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SearchError {
+    #[error(transparent)]
+    TimedOut(#[from] crate::retry::DependencyTimedOut),
     #[error("elasticsearch is unreachable: {0}")]
     Unavailable(#[from] ::elasticsearch::Error),
     #[error("elasticsearch answered {status}: {body}")]
@@ -41,6 +52,7 @@ impl Transient for SearchError {
     /// Whether retrying later can succeed (a node down, overloaded or restarting, a busy file).
     fn is_transient(&self) -> bool {
         match self {
+            Self::TimedOut(_) => true,
             Self::Unavailable(_) => true,
             // 403 cluster_block_exception: a read-only block (disk flood stage), lifted later.
             Self::Status { status, body } => {

@@ -11,7 +11,10 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::SqlitePool;
 
-use super::{ItemOutcome, MessageDocument, MessageHit, SearchError, SearchIndex, query_words};
+use super::{
+    ItemOutcome, MessageDocument, MessageHit, SearchError, SearchIndex, matches_as_prefix,
+    query_words,
+};
 use crate::domain::{Number, PageRequest, SearchQuery};
 
 #[derive(Clone)]
@@ -34,7 +37,11 @@ impl SqliteSearchIndex {
 fn match_expression(application_id: u64, chat_number: Number, words: &[String]) -> String {
     let mut expression = format!("chat : \"c{application_id}x{chat_number}\"");
     for word in words {
-        expression.push_str(&format!(" AND body : (\"{word}\" OR \"{word}\" *)"));
+        if matches_as_prefix(word) {
+            expression.push_str(&format!(" AND body : (\"{word}\" OR \"{word}\" *)"));
+        } else {
+            expression.push_str(&format!(" AND body : \"{word}\""));
+        }
     }
     expression
 }
@@ -126,10 +133,10 @@ mod tests {
     #[test]
     fn match_expression_scopes_to_the_chat_and_quotes_every_word() {
         let chat = Number::new(7).expect("positive");
-        let words = query_words("Hello don't*");
+        let words = query_words("Hello don't* a");
         assert_eq!(
             match_expression(3, chat, &words),
-            "chat : \"c3x7\" AND body : (\"hello\" OR \"hello\" *) AND body : (\"don't\" OR \"don't\" *)"
+            "chat : \"c3x7\" AND body : (\"hello\" OR \"hello\" *) AND body : (\"don't\" OR \"don't\" *) AND body : \"a\""
         );
     }
 }

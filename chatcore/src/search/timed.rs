@@ -2,6 +2,7 @@
 //! as `chat_dependency_duration_seconds{dependency=<kind>, operation=<method>}`.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 
@@ -12,11 +13,17 @@ use crate::metrics::Metrics;
 pub struct TimedSearchIndex {
     inner: Arc<dyn SearchIndex>,
     metrics: Arc<Metrics>,
+    /// The longest wait for one call on the request path (`CHAT_DEPENDENCY_TIMEOUT_MS`).
+    limit: Duration,
 }
 
 impl TimedSearchIndex {
-    pub fn new(inner: Arc<dyn SearchIndex>, metrics: Arc<Metrics>) -> Self {
-        Self { inner, metrics }
+    pub fn new(inner: Arc<dyn SearchIndex>, metrics: Arc<Metrics>, limit: Duration) -> Self {
+        Self {
+            inner,
+            metrics,
+            limit,
+        }
     }
 }
 
@@ -28,7 +35,7 @@ impl SearchIndex for TimedSearchIndex {
 
     async fn ping(&self) -> Result<(), SearchError> {
         self.metrics
-            .time(self.kind(), "ping", self.inner.ping())
+            .time_within(self.kind(), "ping", self.limit, self.inner.ping())
             .await
     }
 
@@ -42,7 +49,9 @@ impl SearchIndex for TimedSearchIndex {
         documents: &[MessageDocument],
     ) -> Result<Vec<ItemOutcome>, SearchError> {
         let call = self.inner.bulk_index(documents);
-        self.metrics.time(self.kind(), "bulk_index", call).await
+        self.metrics
+            .time_within(self.kind(), "bulk_index", self.limit, call)
+            .await
     }
 
     async fn search(
@@ -53,6 +62,8 @@ impl SearchIndex for TimedSearchIndex {
         page: PageRequest,
     ) -> Result<Vec<MessageHit>, SearchError> {
         let call = self.inner.search(application_id, chat_number, query, page);
-        self.metrics.time(self.kind(), "search", call).await
+        self.metrics
+            .time_within(self.kind(), "search", self.limit, call)
+            .await
     }
 }

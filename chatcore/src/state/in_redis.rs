@@ -10,15 +10,89 @@ use redis::aio::ConnectionManager;
 use super::{Counter, SharedState, StateError};
 use crate::config::SecretUrl;
 
+/// [`connect_redis_with`] with 5 s to connect and the public roots only (the benchmark).
+pub async fn connect_redis(url: &SecretUrl) -> Result<ConnectionManager, redis::RedisError> {
+    connect_redis_with(url, Duration::from_secs(5), None).await
+}
+
 /// Connects to Redis with a multiplexed, self-reconnecting connection. The response timeout is
 /// generous (the client default of 500 ms fails requests on a briefly saturated machine); a dead
 /// Redis is still noticed at once through the dropped connection.
-pub async fn connect_redis(url: &SecretUrl) -> Result<ConnectionManager, redis::RedisError> {
-    let client = redis::Client::open(url.expose())?;
+///
+/// `rediss://` connects with TLS (rustls), trusting the public (webpki) roots and `tls_ca` (PEM,
+/// `CHAT_TLS_CA_FILE`). Each connection (TCP, TLS, the handshake's commands) takes at most
+/// `connect_timeout`, and so does this first one as a whole: its failure is the error of one
+/// attempt (a refused port, an untrusted certificate), not of the manager's retries.
+pub async fn connect_redis_with(
+    url: &SecretUrl,
+    connect_timeout: Duration,
+    tls_ca: Option<&[u8]>,
+) -> Result<ConnectionManager, redis::RedisError> {
+    let mut client = redis::Client::open(url.expose())?;
+    if let Some(pem) = tls_ca
+        && matches!(
+            client.get_connection_info().addr(),
+            redis::ConnectionAddr::TcpTls { .. }
+        )
+    {
+        let certificates = redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(with_public_roots(pem)),
+        };
+        client = redis::Client::build_with_tls(client.get_connection_info().clone(), certificates)?;
+    }
+    // One attempt first, for its own error (the manager makes seven before it reports one).
+    let attempt = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(connect_timeout))
+        .set_response_timeout(Some(connect_timeout));
+    within(connect_timeout, async {
+        let mut connection = client
+            .get_multiplexed_async_connection_with_config(&attempt)
+            .await?;
+        redis::cmd("PING").query_async::<()>(&mut connection).await
+    })
+    .await?;
     let settings = redis::aio::ConnectionManagerConfig::new()
         .set_response_timeout(Some(Duration::from_secs(5)))
-        .set_connection_timeout(Some(Duration::from_secs(5)));
-    ConnectionManager::new_with_config(client, settings).await
+        .set_connection_timeout(Some(connect_timeout));
+    within(
+        connect_timeout,
+        ConnectionManager::new_with_config(client, settings),
+    )
+    .await
+}
+
+/// `connecting`, failing as an IO error (transient) past `timeout`.
+async fn within<T>(
+    timeout: Duration,
+    connecting: impl Future<Output = Result<T, redis::RedisError>>,
+) -> Result<T, redis::RedisError> {
+    tokio::time::timeout(timeout, connecting)
+        .await
+        .map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("redis: no connection within {timeout:?}"),
+            )
+        })?
+}
+
+/// The PEM of `ca` followed by the public roots: given a root certificate, redis-rs trusts that
+/// one alone.
+fn with_public_roots(ca: &[u8]) -> Vec<u8> {
+    use base64::Engine as _;
+    let mut pem = ca.to_vec();
+    pem.push(b'\n');
+    for root in webpki_root_certs::TLS_SERVER_ROOT_CERTS {
+        pem.extend_from_slice(b"-----BEGIN CERTIFICATE-----\n");
+        let encoded = base64::engine::general_purpose::STANDARD.encode(root);
+        for line in encoded.as_bytes().chunks(64) {
+            pem.extend_from_slice(line);
+            pem.push(b'\n');
+        }
+        pem.extend_from_slice(b"-----END CERTIFICATE-----\n");
+    }
+    pem
 }
 
 /// Lua that sets `server` to the run id of the Redis server running the script. A counter

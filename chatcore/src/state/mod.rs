@@ -15,7 +15,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 pub use in_process::InProcessState;
-pub use in_redis::{RedisState, connect_redis};
+pub use in_redis::{RedisState, connect_redis, connect_redis_with};
 pub use timed::TimedState;
 
 use crate::retry::Transient;
@@ -31,6 +31,8 @@ pub struct Counter {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
+    #[error(transparent)]
+    TimedOut(#[from] crate::retry::DependencyTimedOut),
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
     #[error("sqlite: {0}")]
@@ -42,6 +44,7 @@ impl Transient for StateError {
     /// a moment.
     fn is_transient(&self) -> bool {
         match self {
+            Self::TimedOut(_) => true,
             Self::Redis(error) => error.is_connection_dropped() || error.is_io_error(),
             Self::Database(error) => crate::store::is_transient(error),
         }

@@ -12,11 +12,17 @@ use crate::metrics::Metrics;
 pub struct TimedState {
     inner: Arc<dyn SharedState>,
     metrics: Arc<Metrics>,
+    /// The longest wait for one call on the request path (`CHAT_DEPENDENCY_TIMEOUT_MS`).
+    limit: Duration,
 }
 
 impl TimedState {
-    pub fn new(inner: Arc<dyn SharedState>, metrics: Arc<Metrics>) -> Self {
-        Self { inner, metrics }
+    pub fn new(inner: Arc<dyn SharedState>, metrics: Arc<Metrics>, limit: Duration) -> Self {
+        Self {
+            inner,
+            metrics,
+            limit,
+        }
     }
 }
 
@@ -28,33 +34,43 @@ impl SharedState for TimedState {
 
     async fn ping(&self) -> Result<(), StateError> {
         self.metrics
-            .time(self.kind(), "ping", self.inner.ping())
+            .time_within(self.kind(), "ping", self.limit, self.inner.ping())
             .await
     }
 
     async fn increment(&self, key: &str) -> Result<Option<Counter>, StateError> {
         let call = self.inner.increment(key);
-        self.metrics.time(self.kind(), "increment", call).await
+        self.metrics
+            .time_within(self.kind(), "increment", self.limit, call)
+            .await
     }
 
     async fn counter(&self, key: &str) -> Result<Option<Counter>, StateError> {
         let call = self.inner.counter(key);
-        self.metrics.time(self.kind(), "counter", call).await
+        self.metrics
+            .time_within(self.kind(), "counter", self.limit, call)
+            .await
     }
 
     async fn seed(&self, key: &str, counter: Counter) -> Result<bool, StateError> {
         let call = self.inner.seed(key, counter);
-        self.metrics.time(self.kind(), "seed", call).await
+        self.metrics
+            .time_within(self.kind(), "seed", self.limit, call)
+            .await
     }
 
     async fn raise_ceiling(&self, key: &str, ceiling: u64, epoch: u64) -> Result<(), StateError> {
         let call = self.inner.raise_ceiling(key, ceiling, epoch);
-        self.metrics.time(self.kind(), "raise_ceiling", call).await
+        self.metrics
+            .time_within(self.kind(), "raise_ceiling", self.limit, call)
+            .await
     }
 
     async fn raise_next(&self, targets: &[(String, u64)]) -> Result<Vec<bool>, StateError> {
         let call = self.inner.raise_next(targets);
-        self.metrics.time(self.kind(), "raise_next", call).await
+        self.metrics
+            .time_within(self.kind(), "raise_next", self.limit, call)
+            .await
     }
 
     async fn set_if_absent(
@@ -64,21 +80,29 @@ impl SharedState for TimedState {
         ttl: Duration,
     ) -> Result<bool, StateError> {
         let call = self.inner.set_if_absent(key, value, ttl);
-        self.metrics.time(self.kind(), "set_if_absent", call).await
+        self.metrics
+            .time_within(self.kind(), "set_if_absent", self.limit, call)
+            .await
     }
 
     async fn set(&self, key: &str, value: &str, ttl: Duration) -> Result<(), StateError> {
         let call = self.inner.set(key, value, ttl);
-        self.metrics.time(self.kind(), "set", call).await
+        self.metrics
+            .time_within(self.kind(), "set", self.limit, call)
+            .await
     }
 
     async fn get(&self, key: &str) -> Result<Option<String>, StateError> {
         let call = self.inner.get(key);
-        self.metrics.time(self.kind(), "get", call).await
+        self.metrics
+            .time_within(self.kind(), "get", self.limit, call)
+            .await
     }
 
     async fn delete(&self, key: &str) -> Result<(), StateError> {
         let call = self.inner.delete(key);
-        self.metrics.time(self.kind(), "delete", call).await
+        self.metrics
+            .time_within(self.kind(), "delete", self.limit, call)
+            .await
     }
 }

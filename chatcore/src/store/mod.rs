@@ -64,9 +64,12 @@ macro_rules! storage_impl {
             ) -> Result<Vec<ApplicationRow>, StorageError> {
                 sql(async {
                     sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                        "SELECT {} FROM applications ORDER BY id LIMIT ? OFFSET ?",
-                        $crate::store::APPLICATION_COLUMNS
+                        "SELECT {} FROM applications WHERE id BETWEEN ? AND ? ORDER BY id {} LIMIT ? OFFSET ?",
+                        $crate::store::APPLICATION_COLUMNS,
+                        $crate::store::direction(page)
                     )))
+                    .bind(page.key_bounds().0 as i64)
+                    .bind(page.key_bounds().1 as i64)
                     .bind(page.fetch_limit() as i64)
                     .bind(page.offset() as i64)
                     .fetch_all(&self.pool)
@@ -109,11 +112,14 @@ macro_rules! storage_impl {
                 page: PageRequest,
             ) -> Result<Vec<ChatRow>, StorageError> {
                 sql(async {
-                    sqlx::query_as(
+                    sqlx::query_as(sqlx::AssertSqlSafe(format!(
                         "SELECT number, messages_count, created_at FROM chats WHERE application_id = ? \
-                         ORDER BY number LIMIT ? OFFSET ?",
-                    )
+                         AND number BETWEEN ? AND ? ORDER BY number {} LIMIT ? OFFSET ?",
+                        $crate::store::direction(page)
+                    )))
                     .bind(application_id as i64)
+                    .bind(page.key_bounds().0 as i64)
+                    .bind(page.key_bounds().1 as i64)
                     .bind(page.fetch_limit() as i64)
                     .bind(page.offset() as i64)
                     .fetch_all(&self.pool)
@@ -152,11 +158,15 @@ macro_rules! storage_impl {
                 sql(async {
                     sqlx::query_as(sqlx::AssertSqlSafe(format!(
                         "SELECT {} FROM messages m JOIN chats c ON c.id = m.chat_id \
-                         WHERE c.application_id = ? AND c.number = ? ORDER BY m.number LIMIT ? OFFSET ?",
-                        $crate::store::MESSAGE_COLUMNS
+                         WHERE c.application_id = ? AND c.number = ? AND m.number BETWEEN ? AND ? \
+                         ORDER BY m.number {} LIMIT ? OFFSET ?",
+                        $crate::store::MESSAGE_COLUMNS,
+                        $crate::store::direction(page)
                     )))
                     .bind(application_id as i64)
                     .bind(chat_number.get() as i64)
+                    .bind(page.key_bounds().0 as i64)
+                    .bind(page.key_bounds().1 as i64)
                     .bind(page.fetch_limit() as i64)
                     .bind(page.offset() as i64)
                     .fetch_all(&self.pool)
@@ -245,9 +255,16 @@ async fn sql<T, E: Into<StorageError>>(
     block.await.map_err(Into::into)
 }
 
+/// `ASC`, or `DESC` for a `before` page (the api puts its rows back in ascending order).
+pub(crate) fn direction(page: PageRequest) -> &'static str {
+    if page.descending() { "DESC" } else { "ASC" }
+}
+
 /// What went wrong in the storage.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
+    #[error(transparent)]
+    TimedOut(#[from] crate::retry::DependencyTimedOut),
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
     /// Not transient: the event can never be written.
@@ -273,6 +290,7 @@ pub enum StorageError {
 impl Transient for StorageError {
     fn is_transient(&self) -> bool {
         match self {
+            Self::TimedOut(_) => true,
             Self::Database(error) => is_transient(error),
             Self::UnknownApplication(_)
             | Self::ChatMissing(..)
@@ -573,7 +591,8 @@ pub trait Storage: Send + Sync {
         token: &ApplicationToken,
     ) -> Result<Option<ApplicationRow>, StorageError>;
 
-    /// Applications in creation order; up to `page.fetch_limit()` rows.
+    /// Applications in creation order (keyed by id); up to `page.fetch_limit()` rows, descending
+    /// for a `before` page.
     async fn list_applications(
         &self,
         page: PageRequest,
@@ -587,7 +606,7 @@ pub trait Storage: Send + Sync {
         number: Number,
     ) -> Result<Option<ChatRow>, StorageError>;
 
-    /// Chats by number; up to `page.fetch_limit()` rows.
+    /// Chats by number; up to `page.fetch_limit()` rows, descending for a `before` page.
     async fn list_chats(
         &self,
         application_id: u64,
@@ -601,7 +620,7 @@ pub trait Storage: Send + Sync {
         number: Number,
     ) -> Result<Option<MessageRow>, StorageError>;
 
-    /// Messages by number; up to `page.fetch_limit()` rows.
+    /// Messages by number; up to `page.fetch_limit()` rows, descending for a `before` page.
     async fn list_messages(
         &self,
         application_id: u64,

@@ -21,15 +21,43 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/mysq
 /// Upper bound of body bytes in one INSERT statement, well under MariaDB's 16 MiB packet default.
 const MAX_STATEMENT_BODY_BYTES: usize = 4 * 1024 * 1024;
 
+/// [`connect_with`] with 5 s to connect and the public roots only (the benchmark, the tests).
 pub async fn connect(url: &SecretUrl, max_connections: u32) -> Result<MySqlPool, sqlx::Error> {
-    let options = MySqlConnectOptions::from_str(url.expose())?
+    connect_with(url, max_connections, Duration::from_secs(5), None).await
+}
+
+/// Opens the pool and its first connection. TLS is the URL's choice (`ssl-mode=VERIFY_IDENTITY`,
+/// `VERIFY_CA`, `REQUIRED`; `ssl-ca=<file>`); `tls_ca` (PEM, `CHAT_TLS_CA_FILE`) is trusted beside
+/// the public roots when the URL names no CA of its own. A connection (TCP, TLS, handshake) and the
+/// wait for a free one take at most `connect_timeout`; past it the pool answers `PoolTimedOut`.
+pub async fn connect_with(
+    url: &SecretUrl,
+    max_connections: u32,
+    connect_timeout: Duration,
+    tls_ca: Option<&[u8]>,
+) -> Result<MySqlPool, sqlx::Error> {
+    let mut options = MySqlConnectOptions::from_str(url.expose())?
         .charset("utf8mb4")
         .timezone(Some(String::from("+00:00")));
+    if let Some(pem) = tls_ca
+        && !names_ssl_ca(url.expose())
+    {
+        options = options.ssl_ca_from_pem(pem.to_vec());
+    }
     MySqlPoolOptions::new()
         .max_connections(max_connections)
-        .acquire_timeout(Duration::from_secs(5))
+        .acquire_timeout(connect_timeout)
         .connect_with(options)
         .await
+}
+
+/// Whether the URL's query sets `ssl-ca` (or `sslca`), as sqlx reads it.
+fn names_ssl_ca(url: &str) -> bool {
+    url.split_once('?').is_some_and(|(_, query)| {
+        query
+            .split('&')
+            .any(|pair| matches!(pair.split('=').next(), Some("ssl-ca" | "sslca")))
+    })
 }
 
 #[derive(Clone)]

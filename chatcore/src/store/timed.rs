@@ -2,6 +2,7 @@
 //! `chat_dependency_duration_seconds{dependency=<kind>, operation=<method>}`.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 
@@ -15,11 +16,17 @@ use crate::metrics::Metrics;
 pub struct TimedStorage {
     inner: Arc<dyn Storage>,
     metrics: Arc<Metrics>,
+    /// The longest wait for one call on the request path (`CHAT_DEPENDENCY_TIMEOUT_MS`).
+    limit: Duration,
 }
 
 impl TimedStorage {
-    pub fn new(inner: Arc<dyn Storage>, metrics: Arc<Metrics>) -> Self {
-        Self { inner, metrics }
+    pub fn new(inner: Arc<dyn Storage>, metrics: Arc<Metrics>, limit: Duration) -> Self {
+        Self {
+            inner,
+            metrics,
+            limit,
+        }
     }
 }
 
@@ -31,7 +38,7 @@ impl Storage for TimedStorage {
 
     async fn ping(&self) -> Result<(), StorageError> {
         self.metrics
-            .time(self.kind(), "ping", self.inner.ping())
+            .time_within(self.kind(), "ping", self.limit, self.inner.ping())
             .await
     }
 
@@ -47,7 +54,7 @@ impl Storage for TimedStorage {
     ) -> Result<ApplicationRow, StorageError> {
         let call = self.inner.create_application(name);
         self.metrics
-            .time(self.kind(), "create_application", call)
+            .time_within(self.kind(), "create_application", self.limit, call)
             .await
     }
 
@@ -58,7 +65,7 @@ impl Storage for TimedStorage {
     ) -> Result<Option<ApplicationRow>, StorageError> {
         let call = self.inner.rename_application(token, name);
         self.metrics
-            .time(self.kind(), "rename_application", call)
+            .time_within(self.kind(), "rename_application", self.limit, call)
             .await
     }
 
@@ -68,7 +75,7 @@ impl Storage for TimedStorage {
     ) -> Result<Option<ApplicationRow>, StorageError> {
         let call = self.inner.find_application(token);
         self.metrics
-            .time(self.kind(), "find_application", call)
+            .time_within(self.kind(), "find_application", self.limit, call)
             .await
     }
 
@@ -78,13 +85,15 @@ impl Storage for TimedStorage {
     ) -> Result<Vec<ApplicationRow>, StorageError> {
         let call = self.inner.list_applications(page);
         self.metrics
-            .time(self.kind(), "list_applications", call)
+            .time_within(self.kind(), "list_applications", self.limit, call)
             .await
     }
 
     async fn application_id(&self, token: &ApplicationToken) -> Result<Option<u64>, StorageError> {
         let call = self.inner.application_id(token);
-        self.metrics.time(self.kind(), "application_id", call).await
+        self.metrics
+            .time_within(self.kind(), "application_id", self.limit, call)
+            .await
     }
 
     async fn find_chat(
@@ -93,7 +102,9 @@ impl Storage for TimedStorage {
         number: Number,
     ) -> Result<Option<ChatRow>, StorageError> {
         let call = self.inner.find_chat(application_id, number);
-        self.metrics.time(self.kind(), "find_chat", call).await
+        self.metrics
+            .time_within(self.kind(), "find_chat", self.limit, call)
+            .await
     }
 
     async fn list_chats(
@@ -102,7 +113,9 @@ impl Storage for TimedStorage {
         page: PageRequest,
     ) -> Result<Vec<ChatRow>, StorageError> {
         let call = self.inner.list_chats(application_id, page);
-        self.metrics.time(self.kind(), "list_chats", call).await
+        self.metrics
+            .time_within(self.kind(), "list_chats", self.limit, call)
+            .await
     }
 
     async fn find_message(
@@ -112,7 +125,9 @@ impl Storage for TimedStorage {
         number: Number,
     ) -> Result<Option<MessageRow>, StorageError> {
         let call = self.inner.find_message(application_id, chat_number, number);
-        self.metrics.time(self.kind(), "find_message", call).await
+        self.metrics
+            .time_within(self.kind(), "find_message", self.limit, call)
+            .await
     }
 
     async fn list_messages(
@@ -122,7 +137,9 @@ impl Storage for TimedStorage {
         page: PageRequest,
     ) -> Result<Vec<MessageRow>, StorageError> {
         let call = self.inner.list_messages(application_id, chat_number, page);
-        self.metrics.time(self.kind(), "list_messages", call).await
+        self.metrics
+            .time_within(self.kind(), "list_messages", self.limit, call)
+            .await
     }
 
     async fn update_message(
@@ -135,13 +152,15 @@ impl Storage for TimedStorage {
         let call = self
             .inner
             .update_message(application_id, chat_number, number, body);
-        self.metrics.time(self.kind(), "update_message", call).await
+        self.metrics
+            .time_within(self.kind(), "update_message", self.limit, call)
+            .await
     }
 
     async fn write_ingest_batch(&self, batch: &IngestBatch<'_>) -> Result<(), StorageError> {
         let call = self.inner.write_ingest_batch(batch);
         self.metrics
-            .time(self.kind(), "write_ingest_batch", call)
+            .time_within(self.kind(), "write_ingest_batch", self.limit, call)
             .await
     }
 
@@ -179,7 +198,7 @@ impl Storage for TimedStorage {
     ) -> Result<Reservation, StorageError> {
         let call = self.inner.reserve_fresh_block(scope, block_size);
         self.metrics
-            .time(self.kind(), "reserve_fresh_block", call)
+            .time_within(self.kind(), "reserve_fresh_block", self.limit, call)
             .await
     }
 
@@ -194,13 +213,15 @@ impl Storage for TimedStorage {
             .inner
             .extend_reservation(scope, number, epoch, block_size);
         self.metrics
-            .time(self.kind(), "extend_reservation", call)
+            .time_within(self.kind(), "extend_reservation", self.limit, call)
             .await
     }
 
     async fn reserved_until(&self, scope: &str) -> Result<Option<u64>, StorageError> {
         let call = self.inner.reserved_until(scope);
-        self.metrics.time(self.kind(), "reserved_until", call).await
+        self.metrics
+            .time_within(self.kind(), "reserved_until", self.limit, call)
+            .await
     }
 
     async fn raise_reservations(
@@ -209,7 +230,7 @@ impl Storage for TimedStorage {
     ) -> Result<Vec<String>, StorageError> {
         let call = self.inner.raise_reservations(highest);
         self.metrics
-            .time(self.kind(), "raise_reservations", call)
+            .time_within(self.kind(), "raise_reservations", self.limit, call)
             .await
     }
 }
