@@ -204,6 +204,46 @@ pub enum PagePosition {
     After(u64),
     /// The rows whose key is smaller: the page right before, fetched descending.
     Before(u64),
+    /// The search hits ranked after this one.
+    AfterHit(SearchCursor),
+}
+
+/// Where the next page of a search starts: the relevance score and number of the last hit of a
+/// page, handed to the client as an opaque string (each index has its own kind of score).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SearchCursor {
+    score_bits: u64,
+    pub number: u64,
+}
+
+impl SearchCursor {
+    pub fn new(score: f64, number: u64) -> Self {
+        Self {
+            score_bits: score.to_bits(),
+            number,
+        }
+    }
+
+    pub fn score(self) -> f64 {
+        f64::from_bits(self.score_bits)
+    }
+
+    pub fn encode(self) -> String {
+        URL_SAFE_NO_PAD.encode(format!("{}:{}", self.score(), self.number))
+    }
+
+    pub fn parse(raw: &str) -> Result<Self, InvalidInput> {
+        let invalid = || InvalidInput::new("cursor", "is not a cursor this api handed out");
+        let decoded = URL_SAFE_NO_PAD.decode(raw).map_err(|_| invalid())?;
+        let text = String::from_utf8(decoded).map_err(|_| invalid())?;
+        let (score, number) = text.split_once(':').ok_or_else(invalid)?;
+        let score: f64 = score.parse().map_err(|_| invalid())?;
+        let number: u64 = number.parse().map_err(|_| invalid())?;
+        if !score.is_finite() || number > Number::MAX {
+            return Err(invalid());
+        }
+        Ok(Self::new(score, number))
+    }
 }
 
 /// One page of a list.
@@ -247,6 +287,15 @@ impl PageRequest {
                     )
                 })
         };
+        if let Some(raw) = input.cursor {
+            if input.page.is_some() {
+                return Err(InvalidInput::new("cursor", "cannot be combined with page"));
+            }
+            return Ok(Self {
+                per_page,
+                position: PagePosition::AfterHit(SearchCursor::parse(raw)?),
+            });
+        }
         let position = match (input.page, input.after, input.before) {
             (None, None, None) => PagePosition::Page(1),
             (Some(raw), None, None) => {
@@ -282,7 +331,7 @@ impl PageRequest {
     pub fn offset(self) -> u64 {
         match self.position {
             PagePosition::Page(page) => u64::from(page - 1) * u64::from(self.per_page),
-            PagePosition::After(_) | PagePosition::Before(_) => 0,
+            PagePosition::After(_) | PagePosition::Before(_) | PagePosition::AfterHit(_) => 0,
         }
     }
 
@@ -294,7 +343,7 @@ impl PageRequest {
     /// The lowest and highest key of the page (both included; both fit a signed column).
     pub fn key_bounds(self) -> (u64, u64) {
         match self.position {
-            PagePosition::Page(_) => (0, Number::MAX),
+            PagePosition::Page(_) | PagePosition::AfterHit(_) => (0, Number::MAX),
             PagePosition::After(after) => (after + 1, Number::MAX),
             PagePosition::Before(before) => (0, before.saturating_sub(1)),
         }
@@ -313,6 +362,8 @@ pub struct PageInput<'a> {
     pub per_page: Option<&'a str>,
     pub after: Option<&'a str>,
     pub before: Option<&'a str>,
+    /// The `next_cursor` of a search page.
+    pub cursor: Option<&'a str>,
 }
 
 /// Timestamps as the reference shows them: RFC 3339, UTC, milliseconds, `Z`.
@@ -428,6 +479,15 @@ mod tests {
             ..PageInput::default()
         };
         assert!(PageRequest::parse(both, 25, 100).is_err());
+    }
+
+    #[test]
+    fn search_cursors_round_trip_and_reject_forgeries() {
+        let cursor = SearchCursor::new(-0.123_456_789_012_345_67, 42);
+        assert_eq!(SearchCursor::parse(&cursor.encode()), Ok(cursor));
+        for forged in ["", "!!", "bm90IGEgY3Vyc29y", "TmFOOjE"] {
+            assert!(SearchCursor::parse(forged).is_err(), "{forged}");
+        }
     }
 
     #[test]

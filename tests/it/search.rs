@@ -301,3 +301,76 @@ async fn one_letter_words_match_whole_words_only(env: TestEnv) -> anyhow::Result
     workers.stop().await?;
     api.stop().await
 }
+
+on_every_index!(search_cursors_walk_every_hit_exactly_once);
+
+/// `next_cursor` pages through the hits in rank order, each hit once, at any depth.
+async fn search_cursors_walk_every_hit_exactly_once(env: TestEnv) -> anyhow::Result<()> {
+    let api = env.spawn_api().await?;
+    let workers = env.spawn_workers();
+    let client = &api.client;
+    let token = client.create_application("cursor").await?;
+    let chat = client.create_chat(&token).await?;
+    for index in 0..23 {
+        // Ranks differ: some bodies repeat the word.
+        let body = format!("needle {} {index}", "needle ".repeat(index % 3));
+        client.create_message(&token, chat, &body).await?;
+    }
+    eventually(
+        "messages are searchable",
+        Duration::from_secs(60),
+        || async {
+            let page = client
+                .get(&format!(
+                    "/applications/{token}/chats/{chat}/messages/search?query=needle&per_page=100"
+                ))
+                .await?;
+            Ok(page.body["messages"].as_array().map(Vec::len) == Some(23))
+        },
+    )
+    .await?;
+    let everything = client
+        .get(&format!(
+            "/applications/{token}/chats/{chat}/messages/search?query=needle&per_page=100"
+        ))
+        .await?;
+    let ranked: Vec<u64> = everything.body["messages"]
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|hit| hit["number"].as_u64().expect("number"))
+        .collect();
+    let mut walked = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let page = client
+            .get(&format!(
+                "/applications/{token}/chats/{chat}/messages/search?query=needle&per_page=5{cursor}"
+            ))
+            .await?;
+        assert_eq!(page.status, StatusCode::OK, "{page:?}");
+        walked.extend(
+            page.body["messages"]
+                .as_array()
+                .expect("array")
+                .iter()
+                .map(|hit| hit["number"].as_u64().expect("number")),
+        );
+        match page.body["pagination"]["next_cursor"].as_str() {
+            Some(next) => cursor = format!("&cursor={next}"),
+            None => break,
+        }
+    }
+    assert_eq!(
+        walked, ranked,
+        "the cursor walk is the ranking, each hit once"
+    );
+    let forged = client
+        .get(&format!(
+            "/applications/{token}/chats/{chat}/messages/search?query=needle&cursor=forged"
+        ))
+        .await?;
+    assert_eq!(forged.status, StatusCode::BAD_REQUEST);
+    workers.stop().await?;
+    api.stop().await
+}

@@ -8,7 +8,10 @@
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
-use chatcore::domain::{InvalidInput, MessageBody, SearchQuery, serialize_timestamp};
+use chatcore::domain::{
+    InvalidInput, MessageBody, PageInput, PageRequest, SearchCursor, SearchQuery,
+    serialize_timestamp,
+};
 use chatcore::search::{MAX_RESULT_WINDOW, MessageHit};
 use chatcore::store::MessageRow;
 use chrono::{DateTime, Utc};
@@ -101,6 +104,9 @@ struct SearchParams {
     /// Page size (default 25, at most 100).
     #[param(value_type = Option<u32>, minimum = 1, maximum = 100)]
     per_page: Option<String>,
+    /// The `next_cursor` of the previous page (opaque): the next page, at a cost that does not
+    /// depend on how deep it is. Cannot be combined with `page`.
+    cursor: Option<String>,
 }
 
 /// Accepts a message: 202 with its number once the event is durable; written and indexed a moment later.
@@ -208,13 +214,18 @@ async fn search(
         .ok_or_else(|| InvalidInput::new("query", "is required"))
         .and_then(SearchQuery::parse)
         .map_err(ApiError::bad_parameter)?;
-    let page = PageParams {
-        page: params.page,
-        per_page: params.per_page,
-        after: None,
-        before: None,
-    }
-    .parse(&state)?;
+    let settings = state.settings();
+    let page = PageRequest::parse(
+        PageInput {
+            page: params.page.as_deref(),
+            per_page: params.per_page.as_deref(),
+            cursor: params.cursor.as_deref(),
+            ..PageInput::default()
+        },
+        settings.default_page_size,
+        settings.max_page_size,
+    )
+    .map_err(ApiError::bad_parameter)?;
     if page.offset() + page.fetch_limit() > MAX_RESULT_WINDOW {
         return Err(ApiError::bad_parameter(InvalidInput::new(
             "page",
@@ -225,7 +236,11 @@ async fn search(
         .service()
         .search(&token, chat_number, &query, page)
         .await?;
+    let last_hit = hits
+        .get(page.per_page as usize - 1)
+        .map(|hit| SearchCursor::new(hit.score, hit.number.get()));
     let (hits, pagination) = paginate(hits, page, |hit| hit.number.get());
+    let pagination = pagination.with_next_cursor(last_hit);
     Ok(Json(MessageList {
         messages: hits.into_iter().map(MessageView::from).collect(),
         pagination,

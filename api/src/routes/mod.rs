@@ -11,7 +11,7 @@ use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse as _, Response};
-use chatcore::domain::{Number, PageInput, PagePosition, PageRequest};
+use chatcore::domain::{Number, PageInput, PagePosition, PageRequest, SearchCursor};
 use chatcore::events::{TRACEPARENT_HEADER, TraceContext};
 use chatcore::metrics::HttpLabels;
 use serde::{Deserialize, Serialize};
@@ -221,6 +221,7 @@ impl PageParams {
                 per_page: self.per_page.as_deref(),
                 after: self.after.as_deref(),
                 before: self.before.as_deref(),
+                cursor: None,
             },
             api.default_page_size,
             api.max_page_size,
@@ -242,6 +243,9 @@ pub struct Pagination {
     next_after: Option<u64>,
     /// `before` of the previous page; null on the first page.
     previous_before: Option<u64>,
+    /// Search only: `cursor` of the next page (opaque); null on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_cursor: Option<Option<String>>,
 }
 
 /// Cuts the extra row fetched to detect more rows, puts a `before` page back in ascending order,
@@ -263,6 +267,7 @@ fn paginate<T>(
         PagePosition::After(after) => (last.filter(|_| has_more), first.filter(|_| after > 0)),
         // The key the page was asked before is itself after it.
         PagePosition::Before(_) => (last, first.filter(|_| has_more)),
+        PagePosition::AfterHit(_) => (last.filter(|_| has_more), None),
     };
     let (page_number, next_page) = match page.position {
         PagePosition::Page(number) => {
@@ -270,7 +275,9 @@ fn paginate<T>(
             let within = u64::from(next) * u64::from(page.per_page) <= PageRequest::MAX_PAGE_DEPTH;
             (Some(number), (has_more && within).then_some(next))
         }
-        PagePosition::After(_) | PagePosition::Before(_) => (None, None),
+        PagePosition::After(_) | PagePosition::Before(_) | PagePosition::AfterHit(_) => {
+            (None, None)
+        }
     };
     let pagination = Pagination {
         page: page_number,
@@ -278,8 +285,18 @@ fn paginate<T>(
         next_page,
         next_after,
         previous_before,
+        next_cursor: None,
     };
     (rows, pagination)
+}
+
+impl Pagination {
+    /// Adds the cursor of the next search page: after the last hit, when there are more.
+    fn with_next_cursor(mut self, last_hit: Option<SearchCursor>) -> Self {
+        let more = self.next_after.is_some();
+        self.next_cursor = Some(last_hit.filter(|_| more).map(SearchCursor::encode));
+        self
+    }
 }
 
 fn parse_number(field: &'static str, raw: &str) -> Result<Number, ApiError> {

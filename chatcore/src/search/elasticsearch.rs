@@ -21,7 +21,7 @@ use super::{
     query_words,
 };
 use crate::config::SecretUrl;
-use crate::domain::{Number, PageRequest, SearchQuery};
+use crate::domain::{Number, PagePosition, PageRequest, SearchQuery};
 
 /// Word prefixes of these lengths are indexed as their own terms; shorter and longer prefixes
 /// still match (by expanding terms), a little slower. Fewer indexed prefixes make indexing cheaper.
@@ -208,19 +208,23 @@ impl SearchIndex for ElasticsearchIndex {
         page: PageRequest,
     ) -> Result<Vec<MessageHit>, SearchError> {
         let routing = chat_key(application_id, chat_number);
+        let mut body = json!({
+            "from": page.offset(),
+            "size": page.fetch_limit(),
+            "track_total_hits": false,
+            "_source": ["number", "body", "created_at"],
+            "query": query_definition(&routing, query),
+            "sort": [{"_score": "desc"}, {"number": "asc"}],
+            "timeout": format!("{}ms", self.search_timeout.as_millis()),
+        });
+        if let PagePosition::AfterHit(cursor) = page.position {
+            body["search_after"] = json!([cursor.score(), cursor.number]);
+        }
         let response = self
             .client
             .search(SearchParts::Index(&[&self.index]))
             .routing(&[&routing])
-            .body(json!({
-                "from": page.offset(),
-                "size": page.fetch_limit(),
-                "track_total_hits": false,
-                "_source": ["number", "body", "created_at"],
-                "query": query_definition(&routing, query),
-                "sort": ["_score", {"number": "asc"}],
-                "timeout": format!("{}ms", self.search_timeout.as_millis()),
-            }))
+            .body(body)
             .send()
             .await?;
         if response.status_code() == StatusCode::NOT_FOUND {
@@ -229,7 +233,15 @@ impl SearchIndex for ElasticsearchIndex {
         }
         let response = success_or_error(response).await?;
         let body: SearchResponse = response.json().await?;
-        Ok(body.hits.hits.into_iter().map(|hit| hit.source).collect())
+        Ok(body
+            .hits
+            .hits
+            .into_iter()
+            .map(|hit| MessageHit {
+                score: hit.sort.0,
+                ..hit.source
+            })
+            .collect())
     }
 
     async fn ping(&self) -> Result<(), SearchError> {
@@ -357,6 +369,8 @@ struct SearchHits {
 struct SearchHit {
     #[serde(rename = "_source")]
     source: MessageHit,
+    /// The score and the number the hits are sorted by.
+    sort: (f64, u64),
 }
 
 #[cfg(test)]

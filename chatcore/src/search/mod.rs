@@ -84,6 +84,9 @@ pub struct MessageHit {
     pub number: Number,
     pub body: String,
     pub created_at: DateTime<Utc>,
+    /// The relevance the hits are ranked by (the index's own measure); the next page's cursor.
+    #[serde(skip)]
+    pub score: f64,
 }
 
 /// What happened to one document of a bulk request.
@@ -115,7 +118,8 @@ pub trait SearchIndex: Send + Sync {
     ) -> Result<Vec<ItemOutcome>, SearchError>;
 
     /// Messages of one chat matching every word of the query as a word or a word prefix, best
-    /// match first, then by number. Returns up to `page.fetch_limit()` hits.
+    /// match first, then by number. Returns up to `page.fetch_limit()` hits, from the start of
+    /// the page: its offset, or after the hit of its cursor.
     async fn search(
         &self,
         application_id: u64,

@@ -15,7 +15,7 @@ use super::{
     ItemOutcome, MessageDocument, MessageHit, SearchError, SearchIndex, matches_as_prefix,
     query_words,
 };
-use crate::domain::{Number, PageRequest, SearchQuery};
+use crate::domain::{Number, PagePosition, PageRequest, SearchQuery};
 
 #[derive(Clone)]
 pub struct SqliteSearchIndex {
@@ -102,24 +102,34 @@ impl SearchIndex for SqliteSearchIndex {
         if words.is_empty() {
             return Ok(Vec::new());
         }
-        let rows: Vec<(i64, String, DateTime<Utc>)> = sqlx::query_as(
+        // bm25 is lower for a better match: ascending; a cursor starts after its hit.
+        let (after_score, after_number) = match page.position {
+            PagePosition::AfterHit(cursor) => (cursor.score(), cursor.number as i64),
+            _ => (f64::NEG_INFINITY, 0),
+        };
+        let rows: Vec<(i64, String, DateTime<Utc>, f64)> = sqlx::query_as(
             "WITH hits AS (SELECT rowid, bm25(search_fts, 0.0, 1.0) AS score FROM search_fts \
              WHERE search_fts MATCH ?) \
-             SELECT d.number, d.body, d.created_at FROM hits JOIN search_documents d ON d.id = hits.rowid \
+             SELECT d.number, d.body, d.created_at, hits.score FROM hits JOIN search_documents d ON d.id = hits.rowid \
+             WHERE hits.score > ? OR (hits.score = ? AND d.number > ?) \
              ORDER BY hits.score, d.number LIMIT ? OFFSET ?",
         )
         .bind(match_expression(application_id, chat_number, &words))
+        .bind(after_score)
+        .bind(after_score)
+        .bind(after_number)
         .bind(page.fetch_limit() as i64)
         .bind(page.offset() as i64)
         .fetch_all(&self.pool)
         .await?;
         Ok(rows
             .into_iter()
-            .filter_map(|(number, body, created_at)| {
+            .filter_map(|(number, body, created_at, score)| {
                 Some(MessageHit {
                     number: Number::new(u64::try_from(number).ok()?)?,
                     body,
                     created_at,
+                    score,
                 })
             })
             .collect())
