@@ -71,6 +71,13 @@ fn scenarios() -> anyhow::Result<Vec<Option<PathBuf>>> {
     Ok(scenarios)
 }
 
+/// The APIs of the Prometheus operator's CRDs: the renders stand for a cluster that has them (the
+/// chart leaves its monitoring objects out where they are missing).
+const MONITORING_APIS: [&str; 2] = [
+    "monitoring.coreos.com/v1/ServiceMonitor",
+    "monitoring.coreos.com/v1/PrometheusRule",
+];
+
 fn run_helm(args: &[&str], values: Option<&Path>) -> anyhow::Result<String> {
     run_helm_with(args, values.as_slice())
 }
@@ -82,6 +89,14 @@ fn run_helm_with(args: &[&str], values: &[&Path]) -> anyhow::Result<String> {
         .args(args)
         .arg(chart())
         .args(["--kube-version", KUBE_VERSION]);
+    if args.first() == Some(&"template") {
+        // `helm lint` takes no API versions.
+        command.args(
+            MONITORING_APIS
+                .iter()
+                .flat_map(|api| ["--api-versions", api]),
+        );
+    }
     for values in values {
         command.arg("--values").arg(values);
     }
@@ -1733,5 +1748,34 @@ fn skaffold_builds_every_image_and_deploys_through_the_chart() -> anyhow::Result
             .any(|p| p.op == "replace" && p.path == "/build/local/push" && p.value == false),
         "kind loads images instead of pushing"
     );
+    Ok(())
+}
+
+/// Without the Prometheus operator's CRDs the monitoring objects are left out (the install would
+/// fail on their kinds), and the rest of the chart is the same.
+#[test]
+fn monitoring_objects_need_their_crds() -> anyhow::Result<()> {
+    let production = chart().join("ci/production-values.yaml");
+    let with_crds = run_helm(
+        &["template", RELEASE, "--namespace", "chat"],
+        Some(&production),
+    )?;
+    assert!(with_crds.contains("kind: ServiceMonitor"));
+    assert!(with_crds.contains("kind: PrometheusRule"));
+    let output = Command::new(helm()?)
+        .args(["template", RELEASE, "--namespace", "chat"])
+        .arg(chart())
+        .args(["--kube-version", KUBE_VERSION, "--values"])
+        .arg(&production)
+        .output()?;
+    ensure!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let without_crds = String::from_utf8(output.stdout)?;
+    assert!(!without_crds.contains("kind: ServiceMonitor"));
+    assert!(!without_crds.contains("kind: PrometheusRule"));
+    assert!(without_crds.contains("kind: Deployment"));
     Ok(())
 }
