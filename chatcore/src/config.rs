@@ -270,6 +270,9 @@ pub struct LeaseConfig {
     pub name: String,
     /// Who holds it: the pod's name.
     pub holder: String,
+    /// The Job the pod belongs to (`JOB_NAME`): a Lease still held by an earlier pod of the same
+    /// Job is a predecessor that died, not a run in progress.
+    pub job: Option<String>,
     pub duration: Duration,
 }
 
@@ -377,6 +380,7 @@ impl Config {
                     namespace: settings.string("POD_NAMESPACE", "default"),
                     name: settings.string("CHAT_LEASE_NAME", "chat-counter-sync"),
                     holder: settings.string("POD_NAME", "counter-sync"),
+                    job: settings.optional("JOB_NAME")?,
                     duration: Duration::from_secs(
                         settings.parse("CHAT_LEASE_DURATION_SECONDS", 60)?,
                     ),
@@ -707,6 +711,7 @@ mod tests {
                 namespace: "chat".into(),
                 name: "lease".into(),
                 holder: "counter-sync-1".into(),
+                job: None,
                 duration: Duration::from_secs(15),
             }
         );

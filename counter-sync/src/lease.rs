@@ -44,6 +44,17 @@ impl LeaseLock {
         }
     }
 
+    /// Whether `holder` is an earlier pod of this run's own Job: a Job runs its pods one after
+    /// another, so that pod is gone without having given the Lease back (killed, evicted).
+    pub fn is_own_predecessor(&self, holder: &str) -> bool {
+        self.settings.job.as_deref().is_some_and(|job| {
+            holder != self.settings.holder
+                && holder
+                    .strip_prefix(job)
+                    .is_some_and(|suffix| suffix.starts_with('-'))
+        })
+    }
+
     /// Renewing at a third of the duration survives two failed renewals.
     pub fn renew_interval(&self) -> Duration {
         self.settings.duration / 3

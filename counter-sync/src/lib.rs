@@ -105,6 +105,14 @@ pub async fn run_holding(
     use k8s_openapi::jiff::Timestamp;
     match lock.try_acquire(Timestamp::now()).await? {
         lease::Acquisition::Acquired => tracing::info!("lease acquired"),
+        lease::Acquisition::HeldBy(holder) if lock.is_own_predecessor(&holder) => {
+            // Exiting 0 would mark the Job complete while nothing ran: fail, so that the Job's
+            // next retry comes after the dead pod's Lease expired and does the work.
+            anyhow::bail!(
+                "the lease is held by {holder}, an earlier pod of this Job that did not finish; \
+                 the Job retries once it expires"
+            );
+        }
         lease::Acquisition::HeldBy(holder) => {
             tracing::info!(%holder, "another counter-sync run holds the lease, nothing to do");
             return Ok(None);

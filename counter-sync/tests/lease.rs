@@ -27,6 +27,7 @@ fn settings() -> LeaseConfig {
         namespace: "chat".into(),
         name: "chat-counter-sync".into(),
         holder: "counter-sync-28551-abcde".into(),
+        job: Some("counter-sync-28551".into()),
         duration: Duration::from_secs(60),
     }
 }
@@ -394,4 +395,38 @@ async fn a_run_that_fails_gives_the_lease_back() {
     let outcome = counter_sync::run_holding(&config, &lock).await;
     assert!(outcome.is_err(), "the pass cannot reach its database");
     server.await.expect("the lease was given back");
+}
+
+#[tokio::test]
+async fn a_lease_left_by_a_dead_pod_of_the_same_job_fails_the_run() {
+    let (lock, mut api) = lock();
+    assert!(lock.is_own_predecessor("counter-sync-28551-zzzzz"));
+    assert!(
+        !lock.is_own_predecessor("counter-sync-28551-abcde"),
+        "itself"
+    );
+    assert!(
+        !lock.is_own_predecessor("counter-sync-28552-zzzzz"),
+        "another Job"
+    );
+    assert!(!lock.is_own_predecessor("counter-sync-285510-zzzzz"));
+    let now = Timestamp::now();
+    let server = tokio::spawn(async move {
+        exchange(
+            &mut api,
+            Method::GET,
+            LEASE_PATH,
+            StatusCode::OK,
+            lease(Some("counter-sync-28551-zzzzz"), now, 0),
+        )
+        .await;
+    });
+    let config = chatcore::Config::from_map(&std::collections::HashMap::new()).expect("valid");
+    let outcome = counter_sync::run_holding(&config, &lock).await;
+    let error = outcome.expect_err("a dead predecessor's lease is not success");
+    assert!(
+        error.to_string().contains("counter-sync-28551-zzzzz"),
+        "{error}"
+    );
+    server.await.expect("one read, no write");
 }
