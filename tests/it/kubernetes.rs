@@ -42,7 +42,7 @@ fn repo_root() -> PathBuf {
 fn helm() -> anyhow::Result<PathBuf> {
     let path = match std::env::var_os("HELM") {
         Some(path) => PathBuf::from(path),
-        None => repo_root().join(".services/bin/helm-v3.22.0"),
+        None => repo_root().join(".services/bin/helm-v3.22.0-k1.33"),
     };
     ensure!(
         path.exists(),
@@ -1777,5 +1777,56 @@ fn monitoring_objects_need_their_crds() -> anyhow::Result<()> {
     assert!(!without_crds.contains("kind: ServiceMonitor"));
     assert!(!without_crds.contains("kind: PrometheusRule"));
     assert!(without_crds.contains("kind: Deployment"));
+    Ok(())
+}
+
+/// Every object of every scenario, and the development manifests, against the Kubernetes JSON
+/// schemas of the chart's minimum version, strictly (unknown fields fail): `kubernetes-validate`
+/// (PyPI, `scripts/tools kubernetes-validate`), offline.
+#[test]
+fn every_rendered_object_passes_the_strict_kubernetes_schemas() -> anyhow::Result<()> {
+    let validator = match std::env::var_os("KUBERNETES_VALIDATE") {
+        Some(path) => PathBuf::from(path),
+        None => {
+            repo_root().join(".services/bin/kubernetes-validate-1.37.0/bin/kubernetes-validate")
+        }
+    };
+    ensure!(
+        validator.exists(),
+        "kubernetes-validate not found at {} (scripts/test installs it with scripts/tools kubernetes-validate)",
+        validator.display()
+    );
+    let scratch = std::env::temp_dir().join(format!("chart-schemas-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch)?;
+    let mut files = Vec::new();
+    for scenario in scenarios()?.into_iter().flatten() {
+        let rendered = run_helm(
+            &["template", RELEASE, "--namespace", "chat"],
+            Some(&scenario),
+        )?;
+        let file = scratch.join(scenario.file_name().context("a file name")?);
+        std::fs::write(&file, rendered)?;
+        files.push(file);
+    }
+    for manifest in std::fs::read_dir(repo_root().join("k8s/dev"))? {
+        let path = manifest?.path();
+        if path
+            .extension()
+            .is_some_and(|extension| extension == "yaml")
+        {
+            files.push(path);
+        }
+    }
+    let output = Command::new(&validator)
+        .args(["--kubernetes-version", KUBE_VERSION, "--strict", "--quiet"])
+        .args(&files)
+        .output()?;
+    std::fs::remove_dir_all(&scratch)?;
+    ensure!(
+        output.status.success(),
+        "kubernetes-validate --strict failed:\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
     Ok(())
 }

@@ -6,6 +6,7 @@ mod contract;
 mod embedded;
 mod faults;
 mod kubernetes;
+mod kubernetes_live;
 mod observability;
 mod pipeline;
 mod search;

@@ -1,0 +1,581 @@
+//! The chart and counter-sync's Lease against a real Kubernetes API server (`scripts/kube up`:
+//! etcd, kube-apiserver with RBAC, controller-manager, scheduler and a kwok fake node, on
+//! loopback). kwok marks pods Running without running containers: these tests prove the API
+//! objects, hooks, rollouts, RBAC and the Lease, not the images.
+//!
+//! Each test works in namespaces of its own; the cluster is shared.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context as _, ensure};
+use counter_sync::lease::{Acquisition, LeaseConfig, LeaseLock};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Event;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{ListParams, PostParams};
+use kube::{Api, Client};
+
+const RELEASE: &str = "chat";
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// A tool path from the environment `scripts/test` sets, or its cached default.
+fn tool(variable: &str, default: &str) -> anyhow::Result<PathBuf> {
+    let path = std::env::var_os(variable).map_or_else(|| repo_root().join(default), PathBuf::from);
+    ensure!(
+        path.exists(),
+        "{variable}: {} not found (scripts/test starts the cluster with scripts/kube up)",
+        path.display()
+    );
+    Ok(path)
+}
+
+fn kubeconfig() -> anyhow::Result<PathBuf> {
+    tool("KUBECONFIG", ".services/kube/kubeconfig")
+}
+
+/// Runs a command with the cluster's kubeconfig; its stdout, or the failure with its output.
+fn run(program: &PathBuf, args: &[&str]) -> anyhow::Result<String> {
+    let output = Command::new(program)
+        .args(args)
+        .env("KUBECONFIG", kubeconfig()?)
+        .output()
+        .with_context(|| format!("running {}", program.display()))?;
+    ensure!(
+        output.status.success(),
+        "{} {args:?} failed:\n{}{}",
+        program.display(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(String::from_utf8(output.stdout)?)
+}
+
+fn kubectl(args: &[&str]) -> anyhow::Result<String> {
+    run(
+        &tool("KUBECTL", ".services/bin/kube-v1.37.2/kubectl")?,
+        args,
+    )
+}
+
+fn helm(args: &[&str]) -> anyhow::Result<String> {
+    run(&tool("HELM", ".services/bin/helm-v3.22.0-k1.33")?, args)
+}
+
+fn chart() -> String {
+    repo_root().join("charts/chat").display().to_string()
+}
+
+fn scenario(name: &str) -> String {
+    repo_root()
+        .join("charts/chat/ci")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+/// A namespace of this test, deleted (without waiting) when dropped.
+struct Namespace(String);
+
+impl Namespace {
+    fn create(prefix: &str) -> anyhow::Result<Self> {
+        let name = format!(
+            "{prefix}-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        kubectl(&["create", "namespace", &name])?;
+        Ok(Self(name))
+    }
+}
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        let _ = kubectl(&["delete", "namespace", &self.0, "--wait=false"]);
+    }
+}
+
+/// The Secrets and ConfigMap that a scenario names (in a real installation the platform team
+/// creates them): the connection URLs and the CA of `production-values.yaml`, and for
+/// `existing-secret-values.yaml` also the admin token (the others let the chart generate it).
+fn create_prerequisites(namespace: &str, scenario: &str) -> anyhow::Result<()> {
+    if scenario == "minimal-values.yaml" {
+        // Its URLs are values: the chart makes the Secret.
+        return Ok(());
+    }
+    let urls = [
+        "--from-literal=DATABASE_URL=mysql://chat:secret@mysql:3306/chat",
+        "--from-literal=REDIS_URL=redis://redis:6379/0",
+        "--from-literal=AMQP_URL=amqp://chat:secret@rabbitmq:5672/%2f",
+        "--from-literal=ELASTICSEARCH_URL=http://elasticsearch:9200",
+    ];
+    let mut connections = vec![
+        "-n",
+        namespace,
+        "create",
+        "secret",
+        "generic",
+        "chat-connections",
+    ];
+    connections.extend(urls);
+    kubectl(&connections)?;
+    if scenario == "existing-secret-values.yaml" {
+        kubectl(&[
+            "-n",
+            namespace,
+            "create",
+            "secret",
+            "generic",
+            "chat-admin-token",
+            "--from-literal=CHAT_ADMIN_TOKEN=an-admin-token-of-the-platform-team",
+        ])?;
+    }
+    kubectl(&[
+        "-n",
+        namespace,
+        "create",
+        "configmap",
+        "data-services-ca",
+        "--from-literal=ca.crt=-----BEGIN CERTIFICATE-----",
+    ])?;
+    Ok(())
+}
+
+fn deployment_replicas(namespace: &str, name: &str) -> anyhow::Result<String> {
+    kubectl(&[
+        "-n",
+        namespace,
+        "get",
+        "deployment",
+        name,
+        "-o",
+        "jsonpath={.spec.replicas}/{.status.readyReplicas}",
+    ])
+}
+
+/// Every scenario of `charts/chat/ci/` is installed (the migration hook included), upgraded, rolled
+/// back and uninstalled on the API server, as an operator would.
+#[test]
+fn the_chart_installs_upgrades_rolls_back_and_uninstalls_in_every_scenario() -> anyhow::Result<()> {
+    for file in [
+        "minimal-values.yaml",
+        "existing-secret-values.yaml",
+        "production-values.yaml",
+    ] {
+        let namespace = Namespace::create("live")?;
+        let ns = namespace.0.as_str();
+        create_prerequisites(ns, file)?;
+        let values = scenario(file);
+        let install = [
+            "install",
+            RELEASE,
+            &chart(),
+            "-n",
+            ns,
+            "-f",
+            &values,
+            "--wait",
+            "--wait-for-jobs",
+            "--timeout",
+            "3m",
+        ];
+        helm(&install).with_context(|| format!("install {file}"))?;
+        let api = format!("{RELEASE}-api");
+        let installed = deployment_replicas(ns, &api)?;
+        let (wanted, ready) = installed.split_once('/').context("replicas")?;
+        ensure!(wanted == ready, "{file}: api {installed} after --wait");
+        for object in [
+            "deployment/chat-ingest-worker",
+            "deployment/chat-indexer",
+            "cronjob/chat-counter-sync",
+            "serviceaccount/chat-counter-sync",
+            "role/chat-counter-sync",
+            "service/chat-api",
+        ] {
+            kubectl(&["-n", ns, "get", object]).with_context(|| format!("{file}: {object}"))?;
+        }
+        let status = helm(&["status", RELEASE, "-n", ns, "-o", "json"])?;
+        let status: serde_json::Value = serde_json::from_str(&status)?;
+        assert_eq!(status["info"]["status"], "deployed", "{file}");
+
+        helm(&[
+            "upgrade",
+            RELEASE,
+            &chart(),
+            "-n",
+            ns,
+            "-f",
+            &values,
+            "--set",
+            "api.replicaCount=3",
+            "--set",
+            "api.autoscaling.enabled=false",
+            "--wait",
+            "--timeout",
+            "3m",
+        ])
+        .with_context(|| format!("upgrade {file}"))?;
+        assert_eq!(deployment_replicas(ns, &api)?, "3/3", "{file}: upgraded");
+        helm(&[
+            "rollback",
+            RELEASE,
+            "1",
+            "-n",
+            ns,
+            "--wait",
+            "--timeout",
+            "3m",
+        ])
+        .with_context(|| format!("rollback {file}"))?;
+        assert_eq!(
+            deployment_replicas(ns, &api)?,
+            installed,
+            "{file}: rolled back"
+        );
+        let history = helm(&["history", RELEASE, "-n", ns, "-o", "json"])?;
+        let history: Vec<serde_json::Value> = serde_json::from_str(&history)?;
+        assert_eq!(history.len(), 3, "{file}: install, upgrade, rollback");
+
+        helm(&["uninstall", RELEASE, "-n", ns, "--wait", "--timeout", "2m"])?;
+        let left = kubectl(&[
+            "-n",
+            ns,
+            "get",
+            "deployments,cronjobs,services",
+            "-o",
+            "name",
+        ])?;
+        assert_eq!(left.trim(), "", "{file}: left behind {left}");
+    }
+    Ok(())
+}
+
+/// What helm renders is accepted by the API server itself, strictly (unknown fields fail), and so
+/// are the development manifests.
+#[test]
+fn the_rendered_chart_and_the_dev_manifests_pass_the_servers_strict_validation()
+-> anyhow::Result<()> {
+    let namespace = Namespace::create("dry-run")?;
+    for file in [
+        "minimal-values.yaml",
+        "existing-secret-values.yaml",
+        "production-values.yaml",
+    ] {
+        let rendered = helm(&[
+            "template",
+            RELEASE,
+            &chart(),
+            "-n",
+            &namespace.0,
+            "-f",
+            &scenario(file),
+        ])?;
+        let path = std::env::temp_dir().join(format!("{}-{file}", namespace.0));
+        std::fs::write(&path, rendered)?;
+        let applied = kubectl(&[
+            "apply",
+            "-n",
+            &namespace.0,
+            "--dry-run=server",
+            "--validate=strict",
+            "-f",
+            &path.display().to_string(),
+        ]);
+        std::fs::remove_file(&path)?;
+        applied.with_context(|| format!("server-side dry run of {file}"))?;
+    }
+    kubectl(&[
+        "apply",
+        "-n",
+        &namespace.0,
+        "--dry-run=server",
+        "--validate=strict",
+        "-f",
+        &repo_root().join("k8s/dev").display().to_string(),
+    ])
+    .context("server-side dry run of k8s/dev")?;
+    Ok(())
+}
+
+/// The chart's ServiceMonitor and PrometheusRule are left out on a cluster without the Prometheus
+/// operator's CRDs (the install succeeds), and created once the CRDs exist.
+#[test]
+fn monitoring_objects_follow_their_crds() -> anyhow::Result<()> {
+    let namespace = Namespace::create("monitoring")?;
+    let ns = namespace.0.as_str();
+    create_prerequisites(ns, "production-values.yaml")?;
+    let values = scenario("production-values.yaml");
+    let crds = repo_root().join("tests/fixtures/monitoring-crds.yaml");
+    let crds = crds.display().to_string();
+    // The CRDs are cluster-wide: this test alone adds and removes them.
+    let _ = kubectl(&["delete", "-f", &crds, "--ignore-not-found", "--wait=true"]);
+    helm(&[
+        "install",
+        RELEASE,
+        &chart(),
+        "-n",
+        ns,
+        "-f",
+        &values,
+        "--wait",
+        "--timeout",
+        "3m",
+    ])?;
+    let none = kubectl(&[
+        "api-resources",
+        "--api-group=monitoring.coreos.com",
+        "-o",
+        "name",
+    ])?;
+    assert_eq!(none.trim(), "", "no monitoring API yet");
+    let manifest = helm(&["get", "manifest", RELEASE, "-n", ns])?;
+    assert!(!manifest.contains("kind: ServiceMonitor"));
+
+    kubectl(&["apply", "-f", &crds])?;
+    kubectl(&[
+        "wait",
+        "--for=condition=Established",
+        "crd/servicemonitors.monitoring.coreos.com",
+        "crd/prometheusrules.monitoring.coreos.com",
+        "--timeout=60s",
+    ])?;
+    helm(&[
+        "upgrade",
+        RELEASE,
+        &chart(),
+        "-n",
+        ns,
+        "-f",
+        &values,
+        "--wait",
+        "--timeout",
+        "3m",
+    ])?;
+    let monitoring = kubectl(&[
+        "-n",
+        ns,
+        "get",
+        "servicemonitors,prometheusrules",
+        "-o",
+        "name",
+    ])?;
+    assert!(
+        monitoring.contains("servicemonitor") && monitoring.contains("prometheusrule"),
+        "created once the CRDs exist: {monitoring:?}"
+    );
+    helm(&["uninstall", RELEASE, "-n", ns, "--wait"])?;
+    kubectl(&["delete", "-f", &crds, "--wait=false"])?;
+    Ok(())
+}
+
+/// The cluster of the kubeconfig, as its admin.
+async fn cluster_config() -> anyhow::Result<kube::Config> {
+    let kubeconfig = kube::config::Kubeconfig::read_from(kubeconfig()?)?;
+    let options = kube::config::KubeConfigOptions::default();
+    Ok(kube::Config::from_custom_kubeconfig(kubeconfig, &options).await?)
+}
+
+/// A client of the API server authenticated as the chart's counter-sync ServiceAccount (a token
+/// from the TokenRequest API), so that every call meets the chart's own Role.
+async fn counter_sync_client(namespace: &str) -> anyhow::Result<Client> {
+    let token = kubectl(&[
+        "-n",
+        namespace,
+        "create",
+        "token",
+        "chat-counter-sync",
+        "--duration=10m",
+    ])?;
+    let kubeconfig = kube::config::Kubeconfig::read_from(kubeconfig()?)?;
+    let mut config = kube::Config::from_custom_kubeconfig(
+        kubeconfig,
+        &kube::config::KubeConfigOptions::default(),
+    )
+    .await?;
+    config.auth_info = kube::config::AuthInfo {
+        token: Some(token.trim().to_owned().into()),
+        ..kube::config::AuthInfo::default()
+    };
+    Ok(Client::try_from(config)?)
+}
+
+fn lease_settings(namespace: &str, holder: &str, seconds: u64) -> LeaseConfig {
+    LeaseConfig {
+        namespace: namespace.to_owned(),
+        name: "chat-counter-sync".to_owned(),
+        holder: holder.to_owned(),
+        job: Some("chat-counter-sync-29001".to_owned()),
+        duration: Duration::from_secs(seconds),
+    }
+}
+
+/// The Lease, live, under the chart's Role: acquire, held by another, renew, takeover after
+/// expiry, release, a stale write refused, the repair Event, 403 outside the namespace, and the
+/// failure paths of a run.
+#[tokio::test]
+async fn the_lease_works_live_under_the_charts_own_role() -> anyhow::Result<()> {
+    let namespace = Namespace::create("lease")?;
+    let ns = namespace.0.as_str();
+    helm(&[
+        "install",
+        RELEASE,
+        &chart(),
+        "-n",
+        ns,
+        "-f",
+        &scenario("minimal-values.yaml"),
+        "--wait",
+        "--timeout",
+        "3m",
+    ])?;
+    let client = counter_sync_client(ns).await?;
+    let first = LeaseLock::new(
+        client.clone(),
+        lease_settings(ns, "chat-counter-sync-29001-aaaaa", 2),
+    );
+    let second = LeaseLock::new(
+        client.clone(),
+        lease_settings(ns, "chat-counter-sync-29002-bbbbb", 2),
+    );
+
+    assert_eq!(
+        first.try_acquire(Timestamp::now()).await?,
+        Acquisition::Acquired
+    );
+    assert_eq!(
+        second.try_acquire(Timestamp::now()).await?,
+        Acquisition::HeldBy("chat-counter-sync-29001-aaaaa".to_owned())
+    );
+    assert!(first.renew(Timestamp::now()).await?, "renewed");
+    let leases: Api<Lease> = Api::namespaced(client.clone(), ns);
+    let held = leases.get("chat-counter-sync").await?;
+    let spec = held.spec.clone().context("spec")?;
+    assert_eq!(
+        spec.holder_identity.as_deref(),
+        Some("chat-counter-sync-29001-aaaaa")
+    );
+    assert_eq!(spec.lease_duration_seconds, Some(2));
+
+    // A write with the resourceVersion read before another write is refused (409): what makes
+    // two runs racing for the Lease safe.
+    assert!(first.renew(Timestamp::now()).await?);
+    let stale = leases
+        .replace("chat-counter-sync", &PostParams::default(), &held)
+        .await
+        .expect_err("a stale resourceVersion");
+    assert!(
+        matches!(&stale, kube::Error::Api(status) if status.code == 409),
+        "{stale:?}"
+    );
+
+    // Not renewed for longer than its duration: the second run takes it over.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        second.try_acquire(Timestamp::now()).await?,
+        Acquisition::Acquired
+    );
+    assert!(
+        !first.renew(Timestamp::now()).await?,
+        "the first run lost it"
+    );
+    let taken = leases
+        .get("chat-counter-sync")
+        .await?
+        .spec
+        .context("spec")?;
+    assert_eq!(taken.lease_transitions, Some(1));
+
+    second
+        .record_repair(Timestamp::now(), "application 1: chats_count 2 -> 3")
+        .await?;
+    // The Role may create Events, not read them: the operator's view.
+    let admin = Client::try_from(cluster_config().await?)?;
+    let events: Api<Event> = Api::namespaced(admin, ns);
+    let recorded = events.list(&ListParams::default()).await?;
+    assert!(
+        recorded
+            .items
+            .iter()
+            .any(|event| event.reason.as_deref() == Some("CounterRepaired")
+                && event.message.as_deref() == Some("application 1: chats_count 2 -> 3"))
+    );
+
+    second.release().await?;
+    let released = leases
+        .get("chat-counter-sync")
+        .await?
+        .spec
+        .context("spec")?;
+    assert_eq!(released.holder_identity, None);
+
+    // The Role opens this namespace only.
+    let elsewhere = LeaseLock::new(
+        client.clone(),
+        lease_settings("default", "chat-counter-sync-1-x", 60),
+    );
+    let forbidden = elsewhere
+        .try_acquire(Timestamp::now())
+        .await
+        .expect_err("outside its namespace");
+    assert!(
+        matches!(&forbidden, kube::Error::Api(status) if status.code == 403),
+        "{forbidden:?}"
+    );
+
+    // A run that fails gives the Lease back; a run that finds the Lease of a dead earlier pod of
+    // its own Job fails instead of reporting success.
+    let unreachable =
+        chatcore::Config::from_map(&std::collections::HashMap::<String, String>::from_iter(
+            [
+                ("DATABASE_URL", "mysql://chat:chat@127.0.0.1:1/chat"),
+                ("REDIS_URL", "redis://127.0.0.1:1/0"),
+                ("AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2f"),
+                ("ELASTICSEARCH_URL", "http://127.0.0.1:1"),
+                ("CHAT_CONNECT_TIMEOUT_MS", "500"),
+            ]
+            .map(|(name, value)| (name.to_owned(), value.to_owned())),
+        ))?;
+    let failing = LeaseLock::new(
+        client.clone(),
+        lease_settings(ns, "chat-counter-sync-29001-ccccc", 60),
+    );
+    assert!(
+        counter_sync::run_holding(&unreachable, &failing)
+            .await
+            .is_err()
+    );
+    let after_failure = leases
+        .get("chat-counter-sync")
+        .await?
+        .spec
+        .context("spec")?;
+    assert_eq!(after_failure.holder_identity, None, "given back");
+
+    let dead = LeaseLock::new(
+        client.clone(),
+        lease_settings(ns, "chat-counter-sync-29001-ddddd", 60),
+    );
+    assert_eq!(
+        dead.try_acquire(Timestamp::now()).await?,
+        Acquisition::Acquired
+    );
+    // The pod dies here without releasing; the Job's next pod starts.
+    let retry = LeaseLock::new(
+        client,
+        lease_settings(ns, "chat-counter-sync-29001-eeeee", 60),
+    );
+    let outcome = counter_sync::run_holding(&unreachable, &retry).await;
+    let error = outcome.expect_err("a dead predecessor's Lease is no success");
+    assert!(
+        error.to_string().contains("chat-counter-sync-29001-ddddd"),
+        "{error}"
+    );
+    helm(&["uninstall", RELEASE, "-n", ns])?;
+    Ok(())
+}
