@@ -1830,3 +1830,34 @@ fn every_rendered_object_passes_the_strict_kubernetes_schemas() -> anyhow::Resul
     );
     Ok(())
 }
+
+/// The helm-unittest suites of `charts/chat/unittests/` (template-level rules written as
+/// assertions on the rendered YAML).
+#[test]
+fn the_helm_unittest_suites_pass() -> anyhow::Result<()> {
+    let unittest = match std::env::var_os("HELM_UNITTEST") {
+        Some(path) => PathBuf::from(path),
+        None => repo_root().join(".services/bin/helm-unittest-v1.1.2"),
+    };
+    ensure!(
+        unittest.exists(),
+        "helm-unittest not found at {} (scripts/test builds it with scripts/tools helm-unittest)",
+        unittest.display()
+    );
+    let output = Command::new(&unittest)
+        .args(["--file", "unittests/*_test.yaml"])
+        .arg(chart())
+        .output()?;
+    ensure!(
+        output.status.success(),
+        "helm-unittest failed:\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        report.contains("Test Suites:") && !report.contains("failed"),
+        "{report}"
+    );
+    Ok(())
+}

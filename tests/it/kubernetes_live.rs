@@ -579,3 +579,84 @@ async fn the_lease_works_live_under_the_charts_own_role() -> anyhow::Result<()> 
     helm(&["uninstall", RELEASE, "-n", ns])?;
     Ok(())
 }
+
+/// `skaffold render` and `skaffold deploy` of `skaffold.yaml` (the development services of
+/// `k8s/dev`, then the chart) against the live API server, with prebuilt image tags: what
+/// `skaffold dev` does after its build, without a Docker engine.
+#[test]
+fn skaffold_renders_and_deploys_the_development_setup() -> anyhow::Result<()> {
+    let namespace = Namespace::create("skaffold")?;
+    let ns = namespace.0.as_str();
+    kubectl(&[
+        "-n",
+        ns,
+        "create",
+        "secret",
+        "generic",
+        "chat-dev-credentials",
+        "--from-literal=password=a-dev-password",
+    ])?;
+    // skaffold finds helm and kubectl on PATH, and keeps its settings in HOME: both of this test.
+    let scratch = std::env::temp_dir().join(format!("skaffold-{ns}"));
+    let bin = scratch.join("bin");
+    std::fs::create_dir_all(&bin)?;
+    std::os::unix::fs::symlink(
+        tool("HELM", ".services/bin/helm-v3.22.0-k1.33")?,
+        bin.join("helm"),
+    )?;
+    std::os::unix::fs::symlink(
+        tool("KUBECTL", ".services/bin/kube-v1.37.2/kubectl")?,
+        bin.join("kubectl"),
+    )?;
+    let skaffold = tool("SKAFFOLD", ".services/bin/skaffold-v2.16.1")?;
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let run_skaffold = |args: &[&str]| -> anyhow::Result<String> {
+        let output = Command::new(&skaffold)
+            .args(args)
+            .current_dir(repo_root())
+            .env("KUBECONFIG", kubeconfig()?)
+            .env("PATH", &path)
+            .env("HOME", &scratch)
+            .env("SKAFFOLD_UPDATE_CHECK", "false")
+            .env("CHAT_DEV_PASSWORD", "a-dev-password")
+            .output()?;
+        ensure!(
+            output.status.success(),
+            "skaffold {args:?} failed:\n{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Ok(String::from_utf8(output.stdout)?)
+    };
+    run_skaffold(&["config", "set", "--global", "collect-metrics", "false"])?;
+    let rendered = run_skaffold(&[
+        "render",
+        "--offline=true",
+        "--digest-source=tag",
+        "-t",
+        "test",
+    ])?;
+    for image in [
+        "chat-api:test",
+        "chat-ingest-worker:test",
+        "chat-indexer:test",
+        "chat-counter-sync:test",
+    ] {
+        assert!(rendered.contains(image), "{image} in the render");
+    }
+    run_skaffold(&["deploy", "-t", "test", "-n", ns, "--status-check=true"])?;
+    let deployments = kubectl(&["-n", ns, "get", "deployments", "-o", "name"])?;
+    for name in [
+        "deployment.apps/chat-api",
+        "deployment.apps/chat-ingest-worker",
+        "deployment.apps/chat-indexer",
+    ] {
+        assert!(deployments.contains(name), "{name} deployed: {deployments}");
+    }
+    std::fs::remove_dir_all(&scratch)?;
+    Ok(())
+}

@@ -48,10 +48,9 @@ impl SearchIndex for TimedSearchIndex {
         &self,
         documents: &[MessageDocument],
     ) -> Result<Vec<ItemOutcome>, SearchError> {
+        // Not bounded, as the storage's batch write (see `TimedStorage::write_ingest_batch`).
         let call = self.inner.bulk_index(documents);
-        self.metrics
-            .time_within(self.kind(), "bulk_index", self.limit, call)
-            .await
+        self.metrics.time(self.kind(), "bulk_index", call).await
     }
 
     async fn search(
