@@ -86,10 +86,19 @@ async fn search_finds_words_and_prefixes_in_one_chat(env: TestEnv) -> anyhow::Re
         .create_message(&other_token, foreign_chat, "hello from another application")
         .await?;
 
+    // Every message of the three chats is indexed before the assertions (the last one was
+    // published last).
     eventually(
         "messages are searchable",
         Duration::from_secs(60),
-        || async { Ok(search(client, &token, chat, "hello").await?.len() == 3) },
+        || async {
+            Ok(search(client, &token, chat, "hello").await?.len() == 3
+                && search(client, &token, other_chat, "hello").await?.len() == 1
+                && search(client, &other_token, foreign_chat, "hello")
+                    .await?
+                    .len()
+                    == 1)
+        },
     )
     .await?;
     assert_eq!(
