@@ -50,6 +50,39 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
     }
 }
 
+/// The header as an OpenAPI parameter, with the rules the extractor enforces (a generated client
+/// exposes it as an argument of the POSTs that take it).
+impl utoipa::IntoParams for IdempotencyKey {
+    fn into_params(
+        _parameter_in: impl Fn() -> Option<utoipa::openapi::path::ParameterIn>,
+    ) -> Vec<utoipa::openapi::path::Parameter> {
+        use utoipa::openapi::Required;
+        use utoipa::openapi::path::{ParameterBuilder, ParameterIn};
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+
+        let schema = ObjectBuilder::new()
+            .schema_type(Type::String)
+            .min_length(Some(1))
+            .max_length(Some(MAX_KEY_LENGTH))
+            .pattern(Some("^[!-~]+$"));
+        vec![
+            ParameterBuilder::new()
+                .name("Idempotency-Key")
+                .parameter_in(ParameterIn::Header)
+                .required(Required::False)
+                .description(Some(
+                    "Chosen by the client (e.g. a UUID), 1 to 255 visible ASCII characters. A \
+                     retry with the same key and body gets the first attempt's number and creates \
+                     nothing; the same key with another body is a 422 `idempotency_key_reused`; \
+                     while the first attempt runs a twin gets a 409 `idempotency_key_in_use`. \
+                     Keys are kept for a day. Retry a 503 with the same key.",
+                ))
+                .schema(Some(schema))
+                .build(),
+        ]
+    }
+}
+
 /// FNV-1a: a fingerprint of the request body that stays the same across processes and versions.
 pub(crate) fn fingerprint(body: &[u8]) -> String {
     let hash = body.iter().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {

@@ -63,7 +63,7 @@ struct ApplicationList {
 }
 
 /// Creates an application (synchronous).
-#[utoipa::path(post, path = "/applications", tag = "applications", request_body = ApplicationInput,
+#[utoipa::path(post, path = "/applications", tag = "applications", operation_id = "create_application", request_body = ApplicationInput,
     responses((status = 201, description = "created", body = ApplicationView),
         (status = 400, body = ErrorBody), (status = 413, body = ErrorBody), (status = 415, body = ErrorBody),
         (status = 422, body = ErrorBody), (status = 503, body = ErrorBody)))]
@@ -78,11 +78,11 @@ async fn create(
 
 /// Lists applications in creation order, with their tokens: for the operator only
 /// (`Authorization: Bearer <admin token>`).
-#[utoipa::path(get, path = "/applications", tag = "applications", params(PageParams),
+#[utoipa::path(get, path = "/applications", tag = "applications", operation_id = "list_applications", params(PageParams),
     security(("admin_token" = [])),
     responses((status = 200, body = ApplicationList), (status = 400, body = ErrorBody),
-        (status = 401, description = "no admin token", body = ErrorBody),
-        (status = 403, description = "not the admin token", body = ErrorBody), (status = 503, body = ErrorBody)))]
+        (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn list(
     _admin: AdminAccess,
     State(state): State<AppState>,
@@ -102,8 +102,8 @@ fn parse_token(raw: &str) -> Result<ApplicationToken, ApiError> {
 }
 
 /// Shows one application.
-#[utoipa::path(get, path = "/applications/{token}", tag = "applications", params(("token" = String, Path, description = "application token")),
-    responses((status = 200, body = ApplicationView), (status = 404, description = "unknown application, chat or message", body = ErrorBody), (status = 503, description = "a dependency did not answer", body = ErrorBody)))]
+#[utoipa::path(get, path = "/applications/{token}", tag = "applications", operation_id = "show_application", params(("token" = String, Path, description = "application token")),
+    responses((status = 200, body = ApplicationView), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn show(
     State(state): State<AppState>,
     PathParams(token): PathParams<String>,
@@ -114,8 +114,8 @@ async fn show(
 }
 
 /// Renames an application (synchronous).
-#[utoipa::path(put, path = "/applications/{token}", tag = "applications", params(("token" = String, Path, description = "application token")), request_body = ApplicationInput,
-    responses((status = 200, body = ApplicationView), (status = 400, body = ErrorBody), (status = 422, body = ErrorBody), (status = 404, description = "unknown application, chat or message", body = ErrorBody), (status = 503, description = "a dependency did not answer", body = ErrorBody)))]
+#[utoipa::path(put, path = "/applications/{token}", tag = "applications", operation_id = "update_application", params(("token" = String, Path, description = "application token")), request_body = ApplicationInput,
+    responses((status = 200, body = ApplicationView), (status = 400, body = ErrorBody), (status = 422, body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn update(
     State(state): State<AppState>,
     PathParams(token): PathParams<String>,

@@ -48,10 +48,11 @@ struct ChatList {
 }
 
 /// Accepts a chat: 202 with its number once the event is durable; written a moment later.
-#[utoipa::path(post, path = "/applications/{token}/chats", tag = "chats",
-    params(("token" = String, Path, description = "application token"), ("Idempotency-Key" = Option<String>, Header, description = "makes retries return the first number")),
+#[utoipa::path(post, path = "/applications/{token}/chats", tag = "chats", operation_id = "create_chat",
+    params(("token" = String, Path, description = "application token"), IdempotencyKey),
     responses((status = 202, description = "accepted", body = Accepted), (status = 400, body = ErrorBody),
-        (status = 409, body = ErrorBody), (status = 422, body = ErrorBody), (status = 404, description = "unknown application, chat or message", body = ErrorBody), (status = 503, description = "a dependency did not answer", body = ErrorBody)))]
+        (status = 409, description = "`idempotency_key_in_use`: a request with this `Idempotency-Key` is still running; retry after `Retry-After` seconds", body = ErrorBody),
+        (status = 422, description = "`idempotency_key_reused`: the `Idempotency-Key` was used with another request", body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn create(
     State(state): State<AppState>,
     PathParams(token): PathParams<String>,
@@ -66,8 +67,8 @@ async fn create(
 }
 
 /// Lists the chats of an application by number.
-#[utoipa::path(get, path = "/applications/{token}/chats", tag = "chats", params(("token" = String, Path, description = "application token"), PageParams),
-    responses((status = 200, body = ChatList), (status = 400, body = ErrorBody), (status = 404, description = "unknown application, chat or message", body = ErrorBody), (status = 503, description = "a dependency did not answer", body = ErrorBody)))]
+#[utoipa::path(get, path = "/applications/{token}/chats", tag = "chats", operation_id = "list_chats", params(("token" = String, Path, description = "application token"), PageParams),
+    responses((status = 200, body = ChatList), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn list(
     State(state): State<AppState>,
     PathParams(token): PathParams<String>,
@@ -83,8 +84,8 @@ async fn list(
 }
 
 /// Shows one chat.
-#[utoipa::path(get, path = "/applications/{token}/chats/{number}", tag = "chats", params(("token" = String, Path, description = "application token"), ("number" = u64, Path, minimum = 1, description = "number within the parent")),
-    responses((status = 200, body = ChatView), (status = 400, body = ErrorBody), (status = 404, description = "unknown application, chat or message", body = ErrorBody), (status = 503, description = "a dependency did not answer", body = ErrorBody)))]
+#[utoipa::path(get, path = "/applications/{token}/chats/{number}", tag = "chats", operation_id = "show_chat", params(("token" = String, Path, description = "application token"), ("number" = u64, Path, minimum = 1, description = "number within the parent")),
+    responses((status = 200, body = ChatView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn show(
     State(state): State<AppState>,
     PathParams((token, number)): PathParams<(String, String)>,

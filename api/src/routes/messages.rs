@@ -110,12 +110,12 @@ struct SearchParams {
 }
 
 /// Accepts a message: 202 with its number once the event is durable; written and indexed a moment later.
-#[utoipa::path(post, path = "/applications/{token}/chats/{chat_number}/messages", tag = "messages",
-    params(("token" = String, Path, description = "application token"), ("chat_number" = u64, Path, minimum = 1, description = "chat number within the application"), ("Idempotency-Key" = Option<String>, Header, description = "makes retries return the first number")),
+#[utoipa::path(post, path = "/applications/{token}/chats/{chat_number}/messages", tag = "messages", operation_id = "create_message",
+    params(("token" = String, Path, description = "application token"), ("chat_number" = u64, Path, minimum = 1, description = "chat number within the application"), IdempotencyKey),
     request_body = MessageInput,
     responses((status = 202, description = "accepted", body = Accepted), (status = 400, body = ErrorBody),
-        (status = 409, body = ErrorBody), (status = 413, body = ErrorBody), (status = 415, body = ErrorBody),
-        (status = 422, body = ErrorBody), (status = 404, description = "unknown application, chat or message", body = ErrorBody), (status = 503, description = "a dependency did not answer", body = ErrorBody)))]
+        (status = 409, description = "`idempotency_key_in_use`: a request with this `Idempotency-Key` is still running; retry after `Retry-After` seconds", body = ErrorBody), (status = 413, body = ErrorBody), (status = 415, body = ErrorBody),
+        (status = 422, description = "`validation_failed`: `body` breaks a rule; or `idempotency_key_reused`: the `Idempotency-Key` was used with another body", body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn create(
     State(state): State<AppState>,
     PathParams((token, chat_number)): PathParams<(String, String)>,
@@ -133,9 +133,9 @@ async fn create(
 }
 
 /// Lists the messages of a chat by number.
-#[utoipa::path(get, path = "/applications/{token}/chats/{chat_number}/messages", tag = "messages",
+#[utoipa::path(get, path = "/applications/{token}/chats/{chat_number}/messages", tag = "messages", operation_id = "list_messages",
     params(("token" = String, Path, description = "application token"), ("chat_number" = u64, Path, minimum = 1, description = "chat number within the application"), PageParams),
-    responses((status = 200, body = MessageList), (status = 400, body = ErrorBody), (status = 404, description = "unknown application, chat or message", body = ErrorBody), (status = 503, description = "a dependency did not answer", body = ErrorBody)))]
+    responses((status = 200, body = MessageList), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn list(
     State(state): State<AppState>,
     PathParams((token, chat_number)): PathParams<(String, String)>,
@@ -155,9 +155,9 @@ async fn list(
 }
 
 /// Shows one message.
-#[utoipa::path(get, path = "/applications/{token}/chats/{chat_number}/messages/{number}", tag = "messages",
+#[utoipa::path(get, path = "/applications/{token}/chats/{chat_number}/messages/{number}", tag = "messages", operation_id = "show_message",
     params(("token" = String, Path, description = "application token"), ("chat_number" = u64, Path, minimum = 1, description = "chat number within the application"), ("number" = u64, Path, minimum = 1, description = "number within the parent")),
-    responses((status = 200, body = MessageView), (status = 400, body = ErrorBody), (status = 404, description = "unknown application, chat or message", body = ErrorBody), (status = 503, description = "a dependency did not answer", body = ErrorBody)))]
+    responses((status = 200, body = MessageView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn show(
     State(state): State<AppState>,
     PathParams((token, chat_number, number)): PathParams<(String, String, String)>,
@@ -173,11 +173,11 @@ async fn show(
 
 /// Synchronous update. A number that was handed out but whose message is not stored yet gets
 /// 409 `not_persisted_yet` (with Retry-After), so the client retries instead of losing its edit.
-#[utoipa::path(put, path = "/applications/{token}/chats/{chat_number}/messages/{number}", tag = "messages",
+#[utoipa::path(put, path = "/applications/{token}/chats/{chat_number}/messages/{number}", tag = "messages", operation_id = "update_message",
     params(("token" = String, Path, description = "application token"), ("chat_number" = u64, Path, minimum = 1, description = "chat number within the application"), ("number" = u64, Path, minimum = 1, description = "number within the parent")), request_body = MessageInput,
     responses((status = 200, body = UpdatedMessageView),
-        (status = 409, description = "accepted but not persisted yet; retry", body = ErrorBody),
-        (status = 400, body = ErrorBody), (status = 422, body = ErrorBody), (status = 404, description = "unknown application, chat or message", body = ErrorBody), (status = 503, description = "a dependency did not answer", body = ErrorBody)))]
+        (status = 409, description = "`not_persisted_yet`: the number was accepted but the message is not written yet; retry after `Retry-After` seconds", body = ErrorBody),
+        (status = 400, body = ErrorBody), (status = 422, body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn update(
     State(state): State<AppState>,
     PathParams((token, chat_number, number)): PathParams<(String, String, String)>,
@@ -199,9 +199,9 @@ async fn update(
 }
 
 /// Searches the messages of one chat: every word must match a word or a word prefix.
-#[utoipa::path(get, path = "/applications/{token}/chats/{chat_number}/messages/search", tag = "messages",
+#[utoipa::path(get, path = "/applications/{token}/chats/{chat_number}/messages/search", tag = "messages", operation_id = "search_messages",
     params(("token" = String, Path, description = "application token"), ("chat_number" = u64, Path, minimum = 1, description = "chat number within the application"), SearchParams),
-    responses((status = 200, body = MessageList), (status = 400, body = ErrorBody), (status = 404, description = "unknown application, chat or message", body = ErrorBody), (status = 503, description = "a dependency did not answer", body = ErrorBody)))]
+    responses((status = 200, body = MessageList), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn search(
     State(state): State<AppState>,
     PathParams((token, chat_number)): PathParams<(String, String)>,

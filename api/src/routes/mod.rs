@@ -2,6 +2,7 @@
 
 mod applications;
 mod chats;
+mod document;
 mod health;
 mod messages;
 
@@ -16,7 +17,7 @@ use chatcore::events::{TRACEPARENT_HEADER, TraceContext};
 use chatcore::metrics::HttpLabels;
 use serde::{Deserialize, Serialize};
 use tracing::Instrument as _;
-use utoipa::{IntoParams, OpenApi, ToSchema};
+use utoipa::{IntoParams, Modify as _, OpenApi, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_swagger_ui::SwaggerUi;
 
@@ -32,6 +33,8 @@ pub const OPENAPI_PATH: &str = "/api/v1/openapi.json";
         title = "Chat platform API",
         description = "Applications, chats and messages with per-parent sequential numbers; writes are accepted (202) and persisted asynchronously; messages are searchable. Every error has the body `{\"error\": {\"code\", \"message\", \"field\"}}`."
     ),
+    // Relative: the paths carry `/api/v1`, so the origin that serves this document serves them.
+    servers((url = "/", description = "the origin that serves this document")),
     modifiers(&AccessControl),
     tags(
         (name = "applications", description = "created and renamed synchronously; listing them needs the admin token"),
@@ -41,45 +44,18 @@ pub const OPENAPI_PATH: &str = "/api/v1/openapi.json";
 )]
 struct ApiDoc;
 
-/// The admin token's security scheme, and the 429 that every operation may answer.
+/// The admin token's security scheme.
 struct AccessControl;
 
 impl utoipa::Modify for AccessControl {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
-        use utoipa::openapi::{RefOr, ResponseBuilder};
 
         let components = openapi.components.get_or_insert_with(Default::default);
         components.add_security_scheme(
             ADMIN_SECURITY_SCHEME,
             SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
         );
-        let rate_limited = ResponseBuilder::new()
-            .description("over the rate limit of the client address or the application token; see Retry-After and RateLimit-*")
-            .content(
-                "application/json",
-                utoipa::openapi::ContentBuilder::new()
-                    .schema(Some(utoipa::openapi::Ref::from_schema_name("ErrorBody")))
-                    .build(),
-            )
-            .build();
-        for item in openapi.paths.paths.values_mut() {
-            for operation in [
-                &mut item.get,
-                &mut item.put,
-                &mut item.post,
-                &mut item.delete,
-                &mut item.patch,
-            ]
-            .into_iter()
-            .flatten()
-            {
-                operation
-                    .responses
-                    .responses
-                    .insert("429".to_owned(), RefOr::T(rate_limited.clone()));
-            }
-        }
     }
 }
 
@@ -93,9 +69,12 @@ fn api_routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .merge(applications::router())
         .merge(chats::router())
         .merge(messages::router());
-    OpenApiRouter::with_openapi(ApiDoc::openapi())
+    let (router, mut document) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .nest("/api/v1", api)
-        .split_for_parts()
+        .split_for_parts();
+    // On the merged document: `ApiDoc`'s own modifiers run before the routes' paths are in it.
+    document::ResponseConventions.modify(&mut document);
+    (router, document)
 }
 
 /// The OpenAPI 3.1 document of the API.
@@ -230,12 +209,16 @@ impl PageParams {
     }
 }
 
-/// Pagination block of every list response.
+/// Pagination block of every list response: where the neighbouring pages start. Pass
+/// `next_after` as `after` for the next page, `previous_before` as `before` for the previous one,
+/// and in a search `next_cursor` as `cursor`; walking `next_after` (or `next_cursor`) returns every
+/// item exactly once.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Pagination {
     /// The page number, for a `page` request.
     #[serde(skip_serializing_if = "Option::is_none")]
     page: Option<u32>,
+    /// The page size used (the `per_page` asked for, or the default).
     per_page: u32,
     /// The next page number, while it is within the page-number depth; null otherwise.
     next_page: Option<u32>,

@@ -1,0 +1,223 @@
+//! What the handlers' `#[utoipa::path]` annotations leave to the whole document: a description for
+//! every response (OpenAPI requires one; a future endpoint cannot forget it), the headers that
+//! middleware and the error type send (`Retry-After`, `RateLimit-*`, `WWW-Authenticate`) as
+//! reusable components, and the `429` every operation may answer.
+
+use axum::http::StatusCode;
+use utoipa::openapi::path::Operation;
+use utoipa::openapi::schema::{ObjectBuilder, Type};
+use utoipa::openapi::security::SecurityRequirement;
+use utoipa::openapi::{
+    ContentBuilder, HeaderBuilder, OpenApi, Ref, RefOr, Response, ResponseBuilder,
+};
+
+const RETRY_AFTER: &str = "Retry-After";
+const RATE_LIMIT_HEADERS: [&str; 3] = ["RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset"];
+const WWW_AUTHENTICATE: &str = "WWW-Authenticate";
+const RATE_LIMITED_RESPONSE: &str = "RateLimited";
+
+/// The statuses answered with `Retry-After` (see `ApiError::into_response`).
+const RETRY_AFTER_STATUSES: [&str; 3] = ["409", "429", "503"];
+
+/// Fills in what the annotations cannot say; see the module doc.
+pub struct ResponseConventions;
+
+impl utoipa::Modify for ResponseConventions {
+    fn modify(&self, openapi: &mut OpenApi) {
+        // Operations without a `security` of their own need no credential (the application token
+        // in the path is the capability); an empty requirement says so explicitly.
+        openapi.security = Some(vec![SecurityRequirement::default()]);
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.headers.extend([
+            header(
+                RETRY_AFTER,
+                0,
+                "Seconds to wait before retrying: 1 for a 409 or a 503, the time until the rate \
+                 limit admits a request for a 429.",
+            ),
+            header(
+                "RateLimit-Limit",
+                1,
+                "The burst of the rate limit (per client address or per application token) with \
+                 the fewest requests left. Sent on every answer that passed the rate limiter, \
+                 absent when the limits are turned off.",
+            ),
+            header(
+                "RateLimit-Remaining",
+                0,
+                "Requests left in that limit's bucket now (0 on a 429).",
+            ),
+            header(
+                "RateLimit-Reset",
+                0,
+                "Seconds until that bucket is full again (on a 429: until it admits a request).",
+            ),
+            (
+                WWW_AUTHENTICATE.to_owned(),
+                RefOr::T(
+                    HeaderBuilder::new()
+                        .schema(Some(
+                            ObjectBuilder::new()
+                                .schema_type(Type::String)
+                                .examples(["Bearer realm=\"chat admin\""]),
+                        ))
+                        .description(Some("The admin token's scheme: `Bearer`."))
+                        .build(),
+                ),
+            ),
+        ]);
+        components.responses.insert(
+            RATE_LIMITED_RESPONSE.to_owned(),
+            RefOr::T(error_response(
+                "`rate_limited`: over the rate limit of the client address or of the application \
+                 token; retry after `Retry-After` seconds.",
+            )),
+        );
+        for item in openapi.paths.paths.values_mut() {
+            for operation in [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.patch,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                describe_operation(operation);
+            }
+        }
+        if let Some(RefOr::T(rate_limited)) = openapi
+            .components
+            .as_mut()
+            .and_then(|components| components.responses.get_mut(RATE_LIMITED_RESPONSE))
+        {
+            add_headers(rate_limited, "429");
+        }
+    }
+}
+
+fn describe_operation(operation: &mut Operation) {
+    for (status, response) in &mut operation.responses.responses {
+        if let RefOr::T(response) = response {
+            if response.description.is_empty() {
+                response.description = default_description(status);
+            }
+            add_headers(response, status);
+        }
+    }
+    operation.responses.responses.insert(
+        "429".to_owned(),
+        RefOr::Ref(Ref::from_response_name(RATE_LIMITED_RESPONSE)),
+    );
+}
+
+/// The headers an answer of `status` carries, as references to the components.
+fn add_headers(response: &mut Response, status: &str) {
+    let mut names: Vec<&str> = Vec::new();
+    if RETRY_AFTER_STATUSES.contains(&status) {
+        names.push(RETRY_AFTER);
+    }
+    // A 413 is answered while the body is read, before the rate limiter counts the request.
+    if status != "413" {
+        names.extend(RATE_LIMIT_HEADERS);
+    }
+    if status == "401" {
+        names.push(WWW_AUTHENTICATE);
+    }
+    for name in names {
+        response.headers.insert(
+            name.to_owned(),
+            RefOr::Ref(Ref::new(format!("#/components/headers/{name}"))),
+        );
+    }
+}
+
+/// An integer header component with a lower bound.
+fn header(name: &str, minimum: u32, description: &str) -> (String, RefOr<utoipa::openapi::Header>) {
+    let schema = ObjectBuilder::new()
+        .schema_type(Type::Integer)
+        .minimum(Some(minimum));
+    (
+        name.to_owned(),
+        RefOr::T(
+            HeaderBuilder::new()
+                .schema(Some(schema))
+                .description(Some(description))
+                .build(),
+        ),
+    )
+}
+
+fn error_response(description: &str) -> Response {
+    ResponseBuilder::new()
+        .description(description)
+        .content(
+            "application/json",
+            ContentBuilder::new()
+                .schema(Some(Ref::from_schema_name("ErrorBody")))
+                .build(),
+        )
+        .build()
+}
+
+/// What an answer of `status` means, with the error codes it carries (`ApiError::code`), for a
+/// response whose annotation says nothing more specific.
+fn default_description(status: &str) -> String {
+    let described = match status {
+        "400" => {
+            "`bad_request`: malformed JSON, a wrong JSON type, or a bad path, query or header \
+             parameter (`field` names it)"
+        }
+        "401" => "`unauthorized`: no `Authorization: Bearer <admin token>`",
+        "403" => "`forbidden`: the bearer token is not the admin token",
+        "404" => "`not_found`: unknown application (also a malformed token), chat or message",
+        "409" => {
+            "`idempotency_key_in_use` or `not_persisted_yet`; retry after `Retry-After` seconds"
+        }
+        "413" => "`payload_too_large`: the request body is over the size limit",
+        "415" => "`unsupported_media_type`: a JSON body without `Content-Type: application/json`",
+        "422" => "`validation_failed`: a field breaks a rule (`field` names it)",
+        "503" => {
+            "`service_unavailable` or `timed_out`: a dependency did not answer in time; retry \
+             after `Retry-After` seconds (a POST with the same `Idempotency-Key` keeps its number)"
+        }
+        _ => {
+            return status
+                .parse::<u16>()
+                .ok()
+                .and_then(|code| StatusCode::from_u16(code).ok())
+                .and_then(|code| code.canonical_reason())
+                .unwrap_or("the answer")
+                .to_owned();
+        }
+    };
+    described.to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_response_of_every_operation_is_described() {
+        let document = super::super::openapi();
+        for (path, item) in &document.paths.paths {
+            for operation in [&item.get, &item.put, &item.post].into_iter().flatten() {
+                for (status, response) in &operation.responses.responses {
+                    if let RefOr::T(response) = response {
+                        assert!(!response.description.is_empty(), "{path} {status}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_status_without_a_text_of_its_own_gets_its_reason_phrase() {
+        assert_eq!(default_description("200"), "OK");
+        assert_eq!(default_description("418"), "I'm a teapot");
+        assert_eq!(default_description("weird"), "the answer");
+        assert!(default_description("404").starts_with("`not_found`"));
+    }
+}
