@@ -5,6 +5,7 @@ mod architecture;
 mod contract;
 mod embedded;
 mod faults;
+mod generated_client;
 mod kubernetes;
 mod kubernetes_live;
 mod observability;

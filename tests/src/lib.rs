@@ -516,6 +516,28 @@ impl TestEnv {
     }
 }
 
+/// The repository's root folder.
+pub fn repo_root() -> PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// A pinned tool's path: from `variable` (`scripts/test` exports it), or its cached default under
+/// the repository. A missing tool is an error, never a skipped test.
+pub fn tool_path(variable: &str, default: &str, installed_by: &str) -> anyhow::Result<PathBuf> {
+    let path = std::env::var_os(variable)
+        .filter(|path| !path.is_empty())
+        .map_or_else(|| repo_root().join(default), PathBuf::from);
+    anyhow::ensure!(
+        path.exists(),
+        "{variable}: {} not found (scripts/test installs it with `{installed_by}`)",
+        path.display()
+    );
+    Ok(path)
+}
+
 fn binary_path(binary: &str) -> anyhow::Result<PathBuf> {
     // The test executable lives in target/<profile>/deps; the binaries one level up.
     let executable = std::env::current_exe()?;
