@@ -69,12 +69,14 @@ async fn the_openapi_document_passes_two_openapi_validators() -> anyhow::Result<
 }
 
 /// The client package generated from `docs/openapi.json`, in a folder of the temporary directory
-/// named by the document's and the tools' hash (reused while neither changes). Returns the folder
-/// to put on PYTHONPATH; the package is `chat_client`.
+/// named by the hash of the document, the generator's configuration and the tools' folder (reused
+/// while none changes). Returns the folder to put on PYTHONPATH; the package is `chat_client`.
 async fn generated_client(tools: &Path) -> anyhow::Result<PathBuf> {
     let document = document();
+    let config = repo_root().join("tests/client/openapi-python-client.yaml");
     let mut hasher = DefaultHasher::new();
     std::fs::read(&document)?.hash(&mut hasher);
+    std::fs::read(&config)?.hash(&mut hasher);
     tools.hash(&mut hasher);
     let folder = std::env::temp_dir().join(format!("chat-openapi-client-{:016x}", hasher.finish()));
     let package = folder.join("chat_client");
@@ -86,7 +88,7 @@ async fn generated_client(tools: &Path) -> anyhow::Result<PathBuf> {
             .args(["generate", "--meta", "none", "--fail-on-warning", "--path"])
             .arg(&document)
             .arg("--config")
-            .arg(repo_root().join("tests/client/openapi-python-client.yaml"))
+            .arg(&config)
             .arg("--output-path")
             .arg(scratch.join("chat_client")))
         .await;
