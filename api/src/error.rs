@@ -50,6 +50,9 @@ pub enum ApiError {
         limit: u32,
         retry_after: std::time::Duration,
     },
+    /// 429: this replica serves as many live streams as it may (of the application, or in all).
+    #[error("too many live streams open ({0}); retry later or close one")]
+    TooManyStreams(&'static str),
     /// 408: the body did not arrive within `CHAT_BODY_TIMEOUT_MS`.
     #[error("the request body did not arrive within {0} ms")]
     BodyTimedOut(u128),
@@ -84,7 +87,7 @@ impl ApiError {
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::Forbidden => StatusCode::FORBIDDEN,
-            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::RateLimited { .. } | Self::TooManyStreams(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::BodyTimedOut(_) => StatusCode::REQUEST_TIMEOUT,
             Self::NotPersistedYet(_) | Self::IdempotencyKeyInUse => StatusCode::CONFLICT,
             Self::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
@@ -104,6 +107,7 @@ impl ApiError {
             Self::Unauthorized => "unauthorized",
             Self::Forbidden => "forbidden",
             Self::RateLimited { .. } => "rate_limited",
+            Self::TooManyStreams(_) => "too_many_streams",
             Self::BodyTimedOut(_) => "body_timed_out",
             Self::NotPersistedYet(_) => "not_persisted_yet",
             Self::IdempotencyKeyInUse => "idempotency_key_in_use",
@@ -180,6 +184,9 @@ impl IntoResponse for ApiError {
                 let seconds = crate::rate_limit::seconds_rounded_up(retry_after);
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
                 crate::rate_limit::set_headers(headers, limit, 0, retry_after);
+            }
+            Self::TooManyStreams(_) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
             }
             Self::Unauthorized => {
                 headers.insert(

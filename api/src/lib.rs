@@ -11,6 +11,7 @@ mod admin;
 mod error;
 mod extract;
 mod idempotency;
+mod live;
 mod rate_limit;
 mod request_body;
 mod routes;
@@ -31,6 +32,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use error::ApiError;
+use live::LiveHub;
 use rate_limit::RateLimiters;
 use service::ChatService;
 
@@ -42,6 +44,7 @@ pub struct AppState {
     metrics: Arc<Metrics>,
     admin_token: Arc<AdminToken>,
     rate_limiters: Arc<RateLimiters>,
+    live: Arc<LiveHub>,
 }
 
 impl AppState {
@@ -50,8 +53,15 @@ impl AppState {
         adapters: &Adapters,
         metrics: Arc<Metrics>,
         admin_token: AdminToken,
+        shutdown: &CancellationToken,
     ) -> Self {
         Self {
+            live: LiveHub::start(
+                Arc::clone(&adapters.queue),
+                config.api.streams,
+                Arc::clone(&metrics),
+                shutdown.clone(),
+            ),
             service: Arc::new(ChatService::new(config, adapters)),
             settings: Arc::new(config.api.clone()),
             metrics,
@@ -65,6 +75,11 @@ impl AppState {
 
     fn service(&self) -> &ChatService {
         &self.service
+    }
+
+    /// The service, for work that outlives the request (a live stream).
+    fn service_handle(&self) -> Arc<ChatService> {
+        Arc::clone(&self.service)
     }
 
     fn settings(&self) -> &ApiConfig {
@@ -130,7 +145,7 @@ pub async fn serve(
         search = adapters.search.kind(),
         "api listening"
     );
-    let state = AppState::new(&config, &adapters, metrics, admin_token);
+    let state = AppState::new(&config, &adapters, metrics, admin_token, &shutdown);
     state.rate_limiters.forget_quiet_clients(&shutdown);
     let internal = tokio::spawn(
         axum::serve(listeners.internal, routes::internal_router(state.clone()))

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use chatcore::adapters::Adapters;
+use chatcore::changes::{ChangeKind, MessageChange};
 use chatcore::config::{ApiConfig, Config};
 use chatcore::domain::{
     ApplicationName, ApplicationToken, MessageBody, Number, PageRequest, SearchQuery,
@@ -14,7 +15,7 @@ use chatcore::numbering::{NumberAllocator, Scope};
 use chatcore::queue::EventQueue;
 use chatcore::search::{MessageHit, SearchIndex};
 use chatcore::state::SharedState;
-use chatcore::store::{ApplicationRow, ChatRow, MessageRow, Storage};
+use chatcore::store::{ApplicationRow, ChatKey, ChatRow, MessageRow, Storage};
 use quick_cache::sync::Cache;
 
 use crate::error::ApiError;
@@ -247,8 +248,92 @@ impl ChatService {
             created_at: row.created_at,
             updated_at: row.updated_at,
         });
-        self.queue.publish(&event, trace).await?;
+        let change = MessageChange::of_row(
+            ChangeKind::Updated,
+            application_id,
+            chat_number,
+            number,
+            &row,
+        );
+        self.publish_change(&event, change, trace).await?;
         Ok(row)
+    }
+
+    /// Deletes a message: a tombstone in the storage (its number is never reused), then the
+    /// event for the index and the live streams. Like an update, a message accepted but not
+    /// stored yet is [`ApiError::NotPersistedYet`]; deleting it again is 404. If the event cannot
+    /// be confirmed the client is told (503): the deletion is stored, and the counter-sync pass
+    /// re-indexes it (the messages updated lately include the deleted ones).
+    pub async fn delete_message(
+        &self,
+        token: &str,
+        chat_number: Number,
+        number: Number,
+        trace: &TraceContext,
+    ) -> Result<(), ApiError> {
+        let application_id = self.application_id(token).await?;
+        let Some(row) = self
+            .storage
+            .delete_message(application_id, chat_number, number)
+            .await?
+        else {
+            return Err(self
+                .missing_message(application_id, chat_number, number)
+                .await);
+        };
+        let event = Event::new(EventPayload::MessageDeleted {
+            application_id,
+            chat_number,
+            message_number: number,
+            version: row.version,
+            created_at: row.created_at,
+            deleted_at: row.updated_at,
+        });
+        let change = MessageChange::of_row(
+            ChangeKind::Deleted,
+            application_id,
+            chat_number,
+            number,
+            &row,
+        );
+        self.publish_change(&event, change, trace).await
+    }
+
+    /// Publishes the event of a change the api committed (for the index), then announces it to
+    /// the live streams.
+    async fn publish_change(
+        &self,
+        event: &Event,
+        change: MessageChange,
+        trace: &TraceContext,
+    ) -> Result<(), ApiError> {
+        self.queue.publish(event, trace).await?;
+        self.queue.announce(&[change]).await?;
+        Ok(())
+    }
+
+    /// The chat a live stream follows: its application resolved, the chat known.
+    pub async fn stream_target(
+        &self,
+        token: &str,
+        chat_number: Number,
+    ) -> Result<ChatKey, ApiError> {
+        let application_id = self.application_id(token).await?;
+        self.require_chat(application_id, chat_number).await?;
+        Ok((application_id, chat_number))
+    }
+
+    /// Stored messages of a chat by its internal key (a live stream catching up).
+    pub async fn stored_messages(
+        &self,
+        application_id: u64,
+        chat_number: Number,
+        page: PageRequest,
+    ) -> Result<Vec<MessageRow>, ApiError> {
+        Ok(self
+            .storage
+            .list_messages(application_id, chat_number, page)
+            .await?)
     }
 
     /// Messages of one chat in which every word of the query matches a word or a word prefix.
@@ -438,6 +523,8 @@ impl ChatService {
         Err(ApiError::NotFound("chat"))
     }
 
+    /// Why a message to change is not in the storage: unknown chat, deleted (404), handed out
+    /// but not stored yet (409, retry) or never handed out (404).
     async fn missing_message(
         &self,
         application_id: u64,
@@ -446,6 +533,15 @@ impl ChatService {
     ) -> ApiError {
         if let Err(error) = self.require_chat(application_id, chat_number).await {
             return error;
+        }
+        match self
+            .storage
+            .message_deleted(application_id, chat_number, number)
+            .await
+        {
+            Ok(true) => return ApiError::NotFound("message"),
+            Ok(false) => {}
+            Err(error) => return error.into(),
         }
         let scope = Scope::MessagesOf {
             application_id,

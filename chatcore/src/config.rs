@@ -68,6 +68,9 @@ pub struct Topology {
     pub dead_letter_exchange: String,
     pub ingest_queue: String,
     pub index_queue: String,
+    /// The fanout exchange of [`crate::changes`] announcements; every api replica binds a queue
+    /// of its own (exclusive, deleted with its connection).
+    pub changes_exchange: String,
     pub queue_type: QueueType,
 }
 
@@ -89,6 +92,7 @@ impl Topology {
             dead_letter_exchange: format!("{prefix}.dead-letter"),
             ingest_queue: format!("{prefix}.ingest"),
             index_queue: format!("{prefix}.index"),
+            changes_exchange: format!("{prefix}.changes"),
             queue_type: QueueType::Classic,
         }
     }
@@ -185,6 +189,21 @@ pub struct ApiConfig {
     pub idempotency_lease: Duration,
     pub default_page_size: u32,
     pub max_page_size: u32,
+    pub streams: StreamLimits,
+}
+
+/// The bounds of the live message streams (`GET .../messages/stream`) of one replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamLimits {
+    /// Streams open at once on this replica; 0 turns streaming off.
+    pub per_replica: usize,
+    /// Streams open at once per application on this replica.
+    pub per_application: usize,
+    /// A comment line this often keeps proxies from closing a quiet stream.
+    pub heartbeat: Duration,
+    /// Changes a stream may fall behind by; a reader slower than that is disconnected (it
+    /// resumes with `Last-Event-ID`) instead of being buffered for without end.
+    pub buffered_changes: usize,
 }
 
 /// The secret of the operator: `Authorization: Bearer <token>` on the admin routes.
@@ -360,6 +379,12 @@ impl Config {
                 ),
                 default_page_size: settings.parse("CHAT_DEFAULT_PAGE_SIZE", 25)?,
                 max_page_size: settings.parse("CHAT_MAX_PAGE_SIZE", 100)?,
+                streams: StreamLimits {
+                    per_replica: settings.parse("CHAT_STREAMS_PER_REPLICA", 1000)?,
+                    per_application: settings.parse("CHAT_STREAMS_PER_APPLICATION", 100)?,
+                    heartbeat: settings.millis("CHAT_STREAM_HEARTBEAT_MS", 15_000)?,
+                    buffered_changes: settings.parse("CHAT_STREAM_BUFFERED_CHANGES", 256)?,
+                },
             },
             consumer: ConsumerConfig {
                 prefetch: settings.parse("CHAT_CONSUMER_PREFETCH", 1000)?,
@@ -485,10 +510,18 @@ impl Config {
             ("CHAT_HEADER_READ_TIMEOUT_MS", self.api.header_read_timeout),
             ("CHAT_BODY_TIMEOUT_MS", self.api.body_timeout),
             ("CHAT_SEARCH_TIMEOUT_MS", self.api.search_timeout),
+            ("CHAT_STREAM_HEARTBEAT_MS", self.api.streams.heartbeat),
         ] {
             if duration.is_zero() {
                 return Err(invalid(name, "0".into(), "must be at least 1"));
             }
+        }
+        if self.api.streams.buffered_changes == 0 {
+            return Err(invalid(
+                "CHAT_STREAM_BUFFERED_CHANGES",
+                "0".into(),
+                "must be at least 1",
+            ));
         }
         if self.api.max_connections == 0 {
             return Err(invalid(

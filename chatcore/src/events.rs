@@ -50,6 +50,17 @@ pub enum EventPayload {
         created_at: DateTime<Utc>,
         updated_at: DateTime<Utc>,
     },
+    /// A deletion already committed to the storage (the message is a tombstone there);
+    /// `version` orders it after every earlier write of the message, so a late create or update
+    /// never brings it back into the search index.
+    MessageDeleted {
+        application_id: u64,
+        chat_number: Number,
+        message_number: Number,
+        version: u64,
+        created_at: DateTime<Utc>,
+        deleted_at: DateTime<Utc>,
+    },
 }
 
 /// Routing keys; queues bind to the ones they consume.
@@ -57,15 +68,17 @@ pub mod routing {
     pub const CHAT_CREATED: &str = "chat.created";
     pub const MESSAGE_CREATED: &str = "message.created";
     pub const MESSAGE_UPDATED: &str = "message.updated";
+    pub const MESSAGE_DELETED: &str = "message.deleted";
 }
 
 /// The consumers of events, each with a queue of its own (named by
 /// [`crate::config::Topology::queue`]) that receives the routing keys it needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Consumer {
-    /// Writes chats and messages to the storage. Updates are written by the api itself.
+    /// Writes chats and messages to the storage. Updates and deletions are written by the api
+    /// itself.
     Ingest,
-    /// Writes messages, created or updated, to the search index.
+    /// Writes messages, created, updated or deleted, to the search index.
     Index,
 }
 
@@ -75,7 +88,11 @@ impl Consumer {
     pub fn routing_keys(self) -> &'static [&'static str] {
         match self {
             Self::Ingest => &[routing::CHAT_CREATED, routing::MESSAGE_CREATED],
-            Self::Index => &[routing::MESSAGE_CREATED, routing::MESSAGE_UPDATED],
+            Self::Index => &[
+                routing::MESSAGE_CREATED,
+                routing::MESSAGE_UPDATED,
+                routing::MESSAGE_DELETED,
+            ],
         }
     }
 
@@ -124,6 +141,7 @@ impl Event {
             EventPayload::ChatCreated { .. } => routing::CHAT_CREATED,
             EventPayload::MessageCreated { .. } => routing::MESSAGE_CREATED,
             EventPayload::MessageUpdated { .. } => routing::MESSAGE_UPDATED,
+            EventPayload::MessageDeleted { .. } => routing::MESSAGE_DELETED,
         }
     }
 
@@ -132,7 +150,8 @@ impl Event {
         match self.payload {
             EventPayload::ChatCreated { chat_number, .. } => chat_number,
             EventPayload::MessageCreated { message_number, .. }
-            | EventPayload::MessageUpdated { message_number, .. } => message_number,
+            | EventPayload::MessageUpdated { message_number, .. }
+            | EventPayload::MessageDeleted { message_number, .. } => message_number,
         }
     }
 

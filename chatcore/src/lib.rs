@@ -8,6 +8,7 @@
 //! See ARCHITECTURE.md for the picture and the rules.
 
 pub mod adapters;
+pub mod changes;
 pub mod config;
 pub mod domain;
 pub mod events;

@@ -41,6 +41,12 @@ pub struct QueueLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StreamEndLabels {
+    /// `client` (it went away), `slow_reader`, `feed_lost`, `storage_error` or `shutdown`.
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RepairLabels {
     pub kind: &'static str,
 }
@@ -68,6 +74,8 @@ pub struct Metrics {
     pub events_dead_lettered: Family<QueueLabels, Counter>,
     pub queue_depth: Family<QueueLabels, Gauge>,
     pub counter_sync_repairs: Family<RepairLabels, Counter>,
+    pub live_streams: Gauge,
+    pub live_streams_ended: Family<StreamEndLabels, Counter>,
 }
 
 impl Metrics {
@@ -146,6 +154,18 @@ impl Metrics {
             "Repairs made by counter-sync by kind",
             counter_sync_repairs.clone(),
         );
+        let live_streams = Gauge::default();
+        registry.register(
+            "live_streams",
+            "Live message streams (Server-Sent Events) open on this replica",
+            live_streams.clone(),
+        );
+        let live_streams_ended = Family::<StreamEndLabels, Counter>::default();
+        registry.register(
+            "live_streams_ended",
+            "Live message streams ended, by reason",
+            live_streams_ended.clone(),
+        );
         Arc::new(Self {
             registry,
             http_requests,
@@ -159,6 +179,8 @@ impl Metrics {
             events_dead_lettered,
             queue_depth,
             counter_sync_repairs,
+            live_streams,
+            live_streams_ended,
         })
     }
 

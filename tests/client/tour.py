@@ -16,6 +16,7 @@ from chat_client.api.applications import create_application, show_application, u
 from chat_client.api.chats import create_chat, show_chat
 from chat_client.api.messages import (
     create_message,
+    delete_message,
     list_messages,
     search_messages,
     show_message,
@@ -192,11 +193,21 @@ def tour(base_url):
         lambda: search_all(client, token, chat, "world") == [],
     )
     check(search_all(client, token, chat, "hello") == [2, 5], "whole words, case-insensitive")
+    check(search_all(client, token, chat, '"hello again"') == [5], "a phrase in double quotes")
+    hit = expect(search_messages.sync_detailed(token, chat, client=client, query="again"), 200).messages[0]
+    check(hit.highlight == "hello <mark>again</mark>", f"the hit shows where it matched: {hit!r}")
+
+    # Deleting: 204, then gone from reads and search; a second delete is 404.
+    expect(delete_message.sync_detailed(token, chat, 4, client=client), 204)
+    expect_error(show_message.sync_detailed(token, chat, 4, client=client), 404, "not_found")
+    expect_error(delete_message.sync_detailed(token, chat, 4, client=client), 404, "not_found")
+    walked, _ = walk_messages(client, token, chat, 2)
+    check(walked == [1, 2, 3, 5], f"the list leaves it out: {walked}")
 
     # Counts follow the asynchronous writes.
     eventually(
-        "the chat counts its messages",
-        lambda: expect(show_chat.sync_detailed(token, chat, client=client), 200).messages_count == 5,
+        "the chat counts its messages, the deleted one not",
+        lambda: expect(show_chat.sync_detailed(token, chat, client=client), 200).messages_count == 4,
     )
     eventually(
         "the application counts its chat",

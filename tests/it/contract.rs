@@ -731,7 +731,7 @@ async fn the_openapi_document_and_docs_page_are_served(env: TestEnv) -> anyhow::
     assert_eq!(document.status, StatusCode::OK);
     assert_eq!(document.body["openapi"], "3.1.0");
     let paths = document.body["paths"].as_object().expect("paths");
-    assert_eq!(paths.len(), 7, "{:?}", paths.keys().collect::<Vec<_>>());
+    assert_eq!(paths.len(), 8, "{:?}", paths.keys().collect::<Vec<_>>());
     for (path, operations) in paths {
         for operation in operations.as_object().expect("operations").values() {
             assert!(

@@ -3,11 +3,13 @@
 
 mod architecture;
 mod contract;
+mod deletion;
 mod embedded;
 mod faults;
 mod generated_client;
 mod kubernetes;
 mod kubernetes_live;
+mod live;
 mod observability;
 mod pipeline;
 mod search;

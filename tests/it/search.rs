@@ -53,6 +53,39 @@ macro_rules! on_every_index {
     };
 }
 
+/// The highlight of each hit of a search, by number.
+async fn highlights(
+    client: &Client,
+    token: &str,
+    chat: u64,
+    query: &str,
+) -> anyhow::Result<Vec<(u64, String)>> {
+    let reply = client
+        .send_raw(
+            client
+                .request(
+                    reqwest::Method::GET,
+                    &format!("/applications/{token}/chats/{chat}/messages/search"),
+                )
+                .query(&[("query", query)]),
+        )
+        .await?;
+    anyhow::ensure!(reply.status == StatusCode::OK, "{reply:?}");
+    let mut by_number: Vec<(u64, String)> = reply.body["messages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|hit| {
+            (
+                hit["number"].as_u64().unwrap_or_default(),
+                hit["highlight"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    by_number.sort();
+    Ok(by_number)
+}
+
 fn sorted(mut numbers: Vec<u64>) -> Vec<u64> {
     numbers.sort_unstable();
     numbers
@@ -147,7 +180,91 @@ async fn search_finds_words_and_prefixes_in_one_chat(env: TestEnv) -> anyhow::Re
     let hit: &Value = &page.body["messages"][0];
     let mut keys: Vec<&String> = hit.as_object().expect("object").keys().collect();
     keys.sort();
-    assert_eq!(keys, ["body", "created_at", "number"]);
+    assert_eq!(keys, ["body", "created_at", "highlight", "number"]);
+    workers.stop().await?;
+    api.stop().await
+}
+
+on_every_index!(phrases_match_words_in_a_row_and_hits_show_where_they_matched);
+
+/// A query in double quotes matches the phrase; every hit carries a fragment with the matches
+/// marked, in the same markup on every index (HTML-escaped, `<mark>`, `…` where cut).
+async fn phrases_match_words_in_a_row_and_hits_show_where_they_matched(
+    env: TestEnv,
+) -> anyhow::Result<()> {
+    let api = env.spawn_api().await?;
+    let workers = env.spawn_workers();
+    let client = &api.client;
+    let token = client.create_application("app").await?;
+    let chat = client.create_chat(&token).await?;
+    let filler = |word: &str| vec![word; 40].join(" ");
+    let long = format!("{} the needle sits here {}", filler("hay"), filler("straw"));
+    let bodies = [
+        "the quick brown fox jumps",
+        "brown and quick, the fox",
+        "<b>Quick</b> & \"co\" it's",
+        long.as_str(),
+    ];
+    for body in bodies {
+        client.create_message(&token, chat, body).await?;
+    }
+    eventually("all are searchable", Duration::from_secs(60), || async {
+        Ok(search(client, &token, chat, "needle").await? == [4]
+            && search(client, &token, chat, "quick").await?.len() == 3)
+    })
+    .await?;
+
+    assert_eq!(search(client, &token, chat, "\"quick brown\"").await?, [1]);
+    assert_eq!(
+        search(client, &token, chat, "\"brown quick\"").await?,
+        Vec::<u64>::new()
+    );
+    assert_eq!(
+        search(client, &token, chat, "fox \"brown and\"").await?,
+        [2]
+    );
+    assert_eq!(
+        search(client, &token, chat, "\"qui\"").await?,
+        Vec::<u64>::new(),
+        "a quoted word matches whole words only"
+    );
+    assert_eq!(
+        sorted(search(client, &token, chat, "\"quick brown fox").await?),
+        [1, 2],
+        "an unmatched quote is a space"
+    );
+
+    assert_eq!(
+        highlights(client, &token, chat, "qui").await?,
+        [
+            (1, "the <mark>quick</mark> brown fox jumps".to_owned()),
+            (2, "brown and <mark>quick</mark>, the fox".to_owned()),
+            (
+                3,
+                "&lt;b&gt;<mark>Quick</mark>&lt;/b&gt; &amp; &quot;co&quot; it&#39;s".to_owned()
+            ),
+        ]
+    );
+    let [(1, phrase)] = &highlights(client, &token, chat, "\"quick brown\"").await?[..] else {
+        anyhow::bail!("one hit expected");
+    };
+    assert!(
+        phrase.contains("<mark>quick</mark> <mark>brown</mark>")
+            || phrase.contains("<mark>quick brown</mark>"),
+        "{phrase}"
+    );
+    let [(4, cut)] = &highlights(client, &token, chat, "needle").await?[..] else {
+        anyhow::bail!("one hit expected");
+    };
+    assert!(cut.contains("the <mark>needle</mark> sits here"), "{cut}");
+    assert!(
+        cut.starts_with('…') && cut.ends_with('…'),
+        "cut on both sides: {cut}"
+    );
+    assert!(
+        cut.chars().count() < long.len() / 2,
+        "a fragment, not the body: {cut}"
+    );
     workers.stop().await?;
     api.stop().await
 }

@@ -33,7 +33,7 @@ impl utoipa::Modify for ResponseConventions {
                 RETRY_AFTER,
                 0,
                 "Seconds to wait before retrying: 1 for a 409 or a 503, the time until the rate \
-                 limit admits a request for a 429.",
+                 limit admits a request for a 429 (5 for `too_many_streams`).",
             ),
             header(
                 "RateLimit-Limit",
@@ -70,7 +70,9 @@ impl utoipa::Modify for ResponseConventions {
             RATE_LIMITED_RESPONSE.to_owned(),
             RefOr::T(error_response(
                 "`rate_limited`: over the rate limit of the client address or of the application \
-                 token; retry after `Retry-After` seconds.",
+                 token; or `too_many_streams` (live streams only): as many streams are open as \
+                 the replica allows, for the application or in all. Retry after `Retry-After` \
+                 seconds.",
             )),
         );
         for item in openapi.paths.paths.values_mut() {

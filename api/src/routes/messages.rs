@@ -1,5 +1,5 @@
-//! Messages: created asynchronously (202), updated synchronously (200), read from the storage,
-//! searched in the search index.
+//! Messages: created asynchronously (202), updated and deleted synchronously, read from the
+//! storage, searched in the search index, followed live (Server-Sent Events).
 #![allow(
     unused_qualifications,
     reason = "utoipa::path expands IntoParams after tuple params with a qualified path"
@@ -7,7 +7,8 @@
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
 use chatcore::domain::{
     InvalidInput, MessageBody, PageInput, PageRequest, SearchCursor, SearchQuery,
     serialize_timestamp,
@@ -30,7 +31,8 @@ pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(list, create))
         .routes(routes!(search))
-        .routes(routes!(show, update))
+        .routes(routes!(stream))
+        .routes(routes!(show, update, delete))
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -67,14 +69,34 @@ impl From<MessageRow> for MessageView {
     }
 }
 
-impl From<MessageHit> for MessageView {
+/// A search hit: the message, and where it matched.
+#[derive(Debug, Serialize, ToSchema)]
+struct MessageHitView {
+    number: u64,
+    body: String,
+    #[serde(serialize_with = "serialize_timestamp")]
+    created_at: DateTime<Utc>,
+    /// A fragment of the body (about 24 words) with each match in `<mark>`...`</mark>`, `…` where
+    /// the body was cut; HTML-escaped otherwise, so it can be put into a page as it is.
+    highlight: String,
+}
+
+impl From<MessageHit> for MessageHitView {
     fn from(hit: MessageHit) -> Self {
         Self {
             number: hit.number.get(),
             body: hit.body,
             created_at: hit.created_at,
+            highlight: hit.highlight.into_string(),
         }
     }
+}
+
+/// A page of search hits, best match first.
+#[derive(Debug, Serialize, ToSchema)]
+struct SearchResults {
+    messages: Vec<MessageHitView>,
+    pagination: Pagination,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -95,7 +117,8 @@ struct MessageList {
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 struct SearchParams {
-    /// Words to find (1..256 characters); symbols are plain text.
+    /// Words to find (1..256 characters), each matching a word or the start of one; `"a phrase"`
+    /// in double quotes matches those whole words in a row. Other symbols are plain text.
     #[param(value_type = String, required = true, min_length = 1, max_length = 256)]
     query: Option<String>,
     /// Page, 1-based (default 1), as deep as result 1,000 (`page * per_page`).
@@ -198,15 +221,16 @@ async fn update(
     }))
 }
 
-/// Searches the messages of one chat: every word must match a word or a word prefix.
+/// Searches the messages of one chat: every word must match a word or a word prefix, and every
+/// phrase in double quotes its words in a row. Each hit carries a highlighted fragment.
 #[utoipa::path(get, path = "/applications/{token}/chats/{chat_number}/messages/search", tag = "messages", operation_id = "search_messages",
     params(("token" = String, Path, description = "application token"), ("chat_number" = u64, Path, minimum = 1, description = "chat number within the application"), SearchParams),
-    responses((status = 200, body = MessageList), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
+    responses((status = 200, body = SearchResults), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn search(
     State(state): State<AppState>,
     PathParams((token, chat_number)): PathParams<(String, String)>,
     QueryParams(params): QueryParams<SearchParams>,
-) -> Result<Json<MessageList>, ApiError> {
+) -> Result<Json<SearchResults>, ApiError> {
     let chat_number = parse_number("chat_number", &chat_number)?;
     let query = params
         .query
@@ -241,8 +265,72 @@ async fn search(
         .map(|hit| SearchCursor::new(hit.score, hit.number.get()));
     let (hits, pagination) = paginate(hits, page, |hit| hit.number.get());
     let pagination = pagination.with_next_cursor(last_hit);
-    Ok(Json(MessageList {
-        messages: hits.into_iter().map(MessageView::from).collect(),
+    Ok(Json(SearchResults {
+        messages: hits.into_iter().map(MessageHitView::from).collect(),
         pagination,
     }))
+}
+
+/// Deletes a message: 204. It leaves GET, lists, search and counts, its number is never reused,
+/// and live streams get a `deleted` event. Deleting it again is 404; a message accepted but not
+/// stored yet is 409 `not_persisted_yet` (retry).
+#[utoipa::path(delete, path = "/applications/{token}/chats/{chat_number}/messages/{number}", tag = "messages", operation_id = "delete_message",
+    params(("token" = String, Path, description = "application token"), ("chat_number" = u64, Path, minimum = 1, description = "chat number within the application"), ("number" = u64, Path, minimum = 1, description = "number within the parent")),
+    responses((status = 204, description = "deleted"),
+        (status = 409, description = "accepted but not persisted yet; retry", body = ErrorBody),
+        (status = 400, body = ErrorBody), (status = 404, description = "unknown application, chat or message, or a message deleted already", body = ErrorBody), (status = 503, body = ErrorBody)))]
+async fn delete(
+    State(state): State<AppState>,
+    PathParams((token, chat_number, number)): PathParams<(String, String, String)>,
+    RequestTrace(trace): RequestTrace,
+) -> Result<StatusCode, ApiError> {
+    let chat_number = parse_number("chat_number", &chat_number)?;
+    let number = parse_number("number", &number)?;
+    state
+        .service()
+        .delete_message(&token, chat_number, number, &trace)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The header a reconnecting Server-Sent Events client sends: the id (message number) of the
+/// last event it received.
+const LAST_EVENT_ID: &str = "last-event-id";
+
+/// Follows a chat live (Server-Sent Events): an event for every message created, updated or
+/// deleted once it is stored (`event:` created, updated or deleted; `id:` the message number;
+/// `data:` the message as JSON), and a comment line as heartbeat. With `Last-Event-ID` (what an
+/// EventSource sends when it reconnects; 0 for the whole chat) the messages after that number
+/// are sent first, from the storage, each as it is now, then the stream goes live without a gap
+/// or a duplicate. A reader that falls behind is disconnected and resumes the same way.
+#[utoipa::path(get, path = "/applications/{token}/chats/{chat_number}/messages/stream", tag = "messages", operation_id = "stream_messages",
+    params(("token" = String, Path, description = "application token"), ("chat_number" = u64, Path, minimum = 1, description = "chat number within the application"),
+        ("Last-Event-ID" = Option<u64>, Header, description = "resume after this message number (0: from the first message)")),
+    responses((status = 200, description = "a stream of Server-Sent Events; each `data:` is a StreamedMessage", content_type = "text/event-stream", body = crate::live::StreamedMessage),
+        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 503, description = "a dependency did not answer, or this replica does not hear stored changes right now; retry", body = ErrorBody)))]
+async fn stream(
+    State(state): State<AppState>,
+    PathParams((token, chat_number)): PathParams<(String, String)>,
+    headers: HeaderMap,
+) -> Result<impl IntoResponse, ApiError> {
+    let chat_number = parse_number("chat_number", &chat_number)?;
+    let last_event_id = match headers.get(LAST_EVENT_ID) {
+        None => None,
+        Some(value) => Some(
+            value
+                .to_str()
+                .ok()
+                .and_then(|raw| raw.trim().parse::<u64>().ok())
+                .ok_or_else(|| ApiError::BadRequest {
+                    message: "Last-Event-ID must be a message number (0 or more)".into(),
+                    field: Some("Last-Event-ID"),
+                })?,
+        ),
+    };
+    let chat = state.service().stream_target(&token, chat_number).await?;
+    let subscription = state.live.open(chat).await?;
+    Ok(state
+        .live
+        .serve(subscription, state.service_handle(), last_event_id))
 }

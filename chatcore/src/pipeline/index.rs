@@ -1,4 +1,4 @@
-//! The index consumer: bulk-indexes messages into the search index (Elasticsearch in indexer,
+//! The index consumer: bulk-indexes messages (a deleted one as an empty tombstone) into the search index (Elasticsearch in indexer,
 //! SQLite FTS5 in the embedded process). Every write carries a
 //! version (1 when created, the stored version after each update), so a redelivered or late event
 //! never replaces a newer body: the index skips it and the event counts as done.
@@ -35,7 +35,7 @@ fn document_of(payload: &EventPayload) -> Option<MessageDocument> {
             application_id,
             chat_number,
             message_number,
-            body,
+            body.as_str(),
             created_at,
             1,
         ),
@@ -51,7 +51,23 @@ fn document_of(payload: &EventPayload) -> Option<MessageDocument> {
             application_id,
             chat_number,
             message_number,
-            body,
+            body.as_str(),
+            created_at,
+            *version,
+        ),
+        // A tombstone: no word matches its empty body, and its version keeps older writes out.
+        EventPayload::MessageDeleted {
+            application_id,
+            chat_number,
+            message_number,
+            version,
+            created_at,
+            ..
+        } => (
+            application_id,
+            chat_number,
+            message_number,
+            "",
             created_at,
             *version,
         ),
@@ -61,7 +77,7 @@ fn document_of(payload: &EventPayload) -> Option<MessageDocument> {
         application_id: *application_id,
         chat_number: *chat_number,
         number: *number,
-        body: body.clone(),
+        body: body.to_owned(),
         created_at: *created_at,
         version,
     })

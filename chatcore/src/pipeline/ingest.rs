@@ -4,21 +4,29 @@
 //! One transaction per batch: chats are inserted (also the chats that messages refer to, which
 //! may not have arrived yet), then messages, and the counts grow by exactly the rows that were new,
 //! so a redelivered batch changes nothing. The batch is acked only after the commit.
+//!
+//! After the commit the batch's messages are announced to the api replicas' live streams
+//! ([`crate::changes`]); a failed announcement fails the batch, which is retried (the write is a
+//! no-op the second time), so a live stream does not silently miss a message.
 
 use std::sync::Arc;
 
 use super::consumer::{BatchHandler, HandleError, Received};
+use crate::changes::{ChangeKind, MessageChange};
 use crate::events::EventPayload;
+use crate::queue::EventQueue;
 use crate::store::{ChatKey, IngestBatch, NewMessage, Storage, StorageError};
 
-/// Writes batches of accepted chats and messages to the storage (MySQL, or SQLite embedded).
+/// Writes batches of accepted chats and messages to the storage (MySQL, or SQLite embedded),
+/// then announces the messages on `queue`.
 pub struct IngestWriter {
     storage: Arc<dyn Storage>,
+    queue: Arc<dyn EventQueue>,
 }
 
 impl IngestWriter {
-    pub fn new(storage: Arc<dyn Storage>) -> Self {
-        Self { storage }
+    pub fn new(storage: Arc<dyn Storage>, queue: Arc<dyn EventQueue>) -> Self {
+        Self { storage, queue }
     }
 }
 
@@ -26,16 +34,46 @@ impl BatchHandler for IngestWriter {
     const OPERATION: &'static str = "ingest batch write";
 
     async fn handle(&self, batch: &[Received]) -> Result<(), HandleError> {
+        let ingest = ingest_batch(batch).map_err(HandleError::of)?;
         self.storage
-            .write_ingest_batch(&ingest_batch(batch).map_err(HandleError::of)?)
+            .write_ingest_batch(&ingest)
             .await
-            .map_err(HandleError::of)
+            .map_err(HandleError::of)?;
+        let created = created_messages(&ingest);
+        if created.is_empty() {
+            return Ok(());
+        }
+        self.queue
+            .announce(&created)
+            .await
+            .map_err(|error| HandleError::Transient(error.into()))
     }
+}
+
+/// The messages of a written batch as changes, by chat and number. A redelivered batch announces
+/// them again; streams skip a version they already sent.
+fn created_messages(ingest: &IngestBatch<'_>) -> Vec<MessageChange> {
+    ingest
+        .messages
+        .iter()
+        .flat_map(|(&(application_id, chat_number), messages)| {
+            messages.values().map(move |message| MessageChange {
+                kind: ChangeKind::Created,
+                application_id,
+                chat_number,
+                number: message.number,
+                body: message.body.to_owned(),
+                version: 1,
+                created_at: message.created_at,
+                updated_at: message.created_at,
+            })
+        })
+        .collect()
 }
 
 /// What a batch of events writes: each chat once (with its earliest creation time), also the
 /// chats that messages refer to (a message may arrive before its chat), and the messages.
-/// Updates are written synchronously by the api; only the indexer consumes them.
+/// Updates and deletions are written synchronously by the api; only the indexer consumes them.
 fn ingest_batch(batch: &[Received]) -> Result<IngestBatch<'_>, StorageError> {
     let mut ingest = IngestBatch::default();
     for received in batch {
@@ -74,7 +112,7 @@ fn ingest_batch(batch: &[Received]) -> Result<IngestBatch<'_>, StorageError> {
                 }
                 chat_messages.insert(*message_number, message);
             }
-            EventPayload::MessageUpdated { .. } => {}
+            EventPayload::MessageUpdated { .. } | EventPayload::MessageDeleted { .. } => {}
         }
     }
     Ok(ingest)

@@ -119,7 +119,10 @@ pub async fn run_worker(
     match consumer {
         Consumer::Ingest => {
             config.require_database_url()?;
-            let handler = IngestWriter::new(adapters::storage(&config, metrics).await?);
+            let handler = IngestWriter::new(
+                adapters::storage(&config, metrics).await?,
+                Arc::clone(&queue),
+            );
             consumer::run(&queue, consumer, &handler, settings, &shutdown, &observers).await;
         }
         Consumer::Index => {
@@ -158,7 +161,7 @@ pub fn spawn_consumers(
         metrics: Arc::clone(metrics),
     };
     let settings = &config.consumer;
-    let writer = IngestWriter::new(Arc::clone(&adapters.storage));
+    let writer = IngestWriter::new(Arc::clone(&adapters.storage), Arc::clone(&adapters.queue));
     let indexer = Indexer::new(Arc::clone(&adapters.search));
     vec![
         spawn_consumer(

@@ -16,6 +16,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
+use crate::changes::MessageChange;
 use crate::config::ConsumerConfig;
 use crate::events::{Consumer, Event, TraceContext};
 use crate::retry::Transient;
@@ -91,6 +92,13 @@ pub trait EventQueue: Send + Sync {
         settings: &ConsumerConfig,
     ) -> Result<Box<dyn EventSource>, QueueError>;
 
+    /// Tells every listening api replica that these changes are stored. Not durable and queued for
+    /// nobody who is not listening: the storage is the record.
+    async fn announce(&self, changes: &[MessageChange]) -> Result<(), QueueError>;
+
+    /// Hears every announcement from now on (see [`Announcements`]).
+    async fn listen(&self) -> Result<Announcements, QueueError>;
+
     /// Events waiting in the queue named `queue` (a consumer's queue or its dead-letter queue).
     async fn depth(&self, queue: &str) -> Result<u64, QueueError>;
 
@@ -99,6 +107,10 @@ pub trait EventQueue: Send + Sync {
     /// an event that fails again is dead-lettered again instead of looping.
     async fn replay_dead_letters(&self, consumer: Consumer) -> Result<u64, QueueError>;
 }
+
+/// The announcements one listener hears, batch by batch; it ends when the listener lost its
+/// connection (or fell behind), and whoever relied on it reads the storage for what it missed.
+pub type Announcements = futures_util::stream::BoxStream<'static, Vec<MessageChange>>;
 
 /// One event as a consumer receives it. `tag` identifies it for acknowledging and dead-lettering.
 #[derive(Debug)]

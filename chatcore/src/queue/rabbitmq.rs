@@ -3,7 +3,11 @@
 //! Topology (all durable): a topic exchange for events; one queue per consumer bound to the routing
 //! keys it receives; each queue dead-letters into `<queue>.dead` through a direct exchange.
 //!
-//! Publishing, depth and replay share one publisher-confirmed channel that is opened on first use
+//! Stored changes are announced to a fanout exchange, not durable; each listening api replica
+//! consumes them from a queue of its own (server-named, exclusive, bounded, deleted with its
+//! connection).
+//!
+//! Publishing, announcing, depth and replay share one publisher-confirmed channel that is opened on first use
 //! and again after the connection is lost; each consumer gets a connection of its own.
 
 use std::io;
@@ -27,7 +31,8 @@ use lapin::{
 use tokio::sync::RwLock;
 use tokio_util::sync::CancellationToken;
 
-use super::{Delivery, EventQueue, EventSource, QueueError};
+use super::{Announcements, Delivery, EventQueue, EventSource, QueueError};
+use crate::changes::{self, MessageChange};
 use crate::config::{ConsumerConfig, QueueType, SecretUrl, Topology};
 use crate::events::{
     Consumer, Event, SCHEMA_VERSION, SCHEMA_VERSION_HEADER, TRACEPARENT_HEADER, TraceContext,
@@ -35,6 +40,11 @@ use crate::events::{
 
 /// AMQP delivery mode of messages written to disk.
 const PERSISTENT: u8 = 2;
+/// AMQP delivery mode of messages kept in memory only.
+const TRANSIENT: u8 = 1;
+/// Announcements a listener's queue holds at most; beyond it the oldest are dropped (a replica
+/// that stopped reading must not grow the broker's memory).
+const ANNOUNCEMENTS_QUEUED: u32 = 10_000;
 
 pub struct RabbitMqQueue {
     url: SecretUrl,
@@ -206,6 +216,87 @@ impl EventQueue for RabbitMqQueue {
             channel,
             deliveries,
         }))
+    }
+
+    async fn announce(&self, changes: &[MessageChange]) -> Result<(), QueueError> {
+        let (channel, _) = self.channel(None).await?;
+        let confirm = channel
+            .basic_publish(
+                self.topology.changes_exchange.as_str().into(),
+                "".into(),
+                BasicPublishOptions::default(),
+                &changes::encode(changes),
+                BasicProperties::default()
+                    .with_delivery_mode(TRANSIENT)
+                    .with_content_type(ShortString::from("application/json")),
+            )
+            .await?;
+        match tokio::time::timeout(self.confirm_timeout, confirm)
+            .await
+            .map_err(|_| QueueError::ConfirmTimeout(self.confirm_timeout))??
+        {
+            Confirmation::Ack(_) => Ok(()),
+            Confirmation::Nack(_) | Confirmation::NotRequested => Err(QueueError::Nacked),
+        }
+    }
+
+    async fn listen(&self) -> Result<Announcements, QueueError> {
+        let connection = self
+            .connect(&format!("{} listener", self.topology.changes_exchange))
+            .await?;
+        let channel = connection.create_channel().await?;
+        declare_topology(&channel, &self.topology).await?;
+        let mut arguments = FieldTable::default();
+        arguments.insert(
+            "x-max-length".into(),
+            AMQPValue::LongUInt(ANNOUNCEMENTS_QUEUED),
+        );
+        let queue = channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..QueueDeclareOptions::default()
+                },
+                arguments,
+            )
+            .await?;
+        channel
+            .queue_bind(
+                queue.name().clone(),
+                self.topology.changes_exchange.as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let deliveries = channel
+            .basic_consume(
+                queue.name().clone(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        // The connection lives as long as the stream; the stream ends with the connection.
+        Ok(Box::pin(futures_util::stream::unfold(
+            (connection, deliveries),
+            |(connection, mut deliveries)| async move {
+                loop {
+                    let delivery = deliveries.next().await?.ok()?;
+                    match changes::decode(&delivery.data) {
+                        Ok(changes) => return Some((changes, (connection, deliveries))),
+                        Err(error) => {
+                            tracing::warn!(%error, "skipping an announcement that is not valid")
+                        }
+                    }
+                }
+            },
+        )))
     }
 
     /// Messages ready in a queue, through a passive declare (which fails if the queue is missing).
@@ -381,6 +472,14 @@ async fn declare_topology(channel: &Channel, topology: &Topology) -> Result<(), 
         .exchange_declare(
             topology.dead_letter_exchange.as_str().into(),
             ExchangeKind::Direct,
+            durable_exchange,
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .exchange_declare(
+            topology.changes_exchange.as_str().into(),
+            ExchangeKind::Fanout,
             durable_exchange,
             FieldTable::default(),
         )

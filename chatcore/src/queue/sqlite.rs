@@ -8,6 +8,9 @@
 //! Consuming reads the oldest rows of a queue in id order; acknowledging deletes them; a dead
 //! letter moves to queue `<queue>.dead`. A consumer is woken by the publisher, and polls as a
 //! fallback.
+//!
+//! Announcements of stored changes go through an in-process broadcast channel: the api and the
+//! consumers are one process.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -16,10 +19,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::{QueryBuilder, Sqlite, SqlitePool};
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{Notify, broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::{Delivery, EventQueue, EventSource, QueueError};
+use super::{Announcements, Delivery, EventQueue, EventSource, QueueError};
+use crate::changes::MessageChange;
 use crate::config::{ConsumerConfig, Topology};
 use crate::events::{Consumer, Event, TraceContext};
 
@@ -29,6 +33,8 @@ const PENDING_PUBLISHES: usize = 4096;
 const GROUP_COMMIT_MAX: usize = 512;
 /// A consumer looks for events this often even when nobody woke it.
 const POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// Announcements a listener may fall behind by before its stream ends.
+const ANNOUNCEMENTS_BUFFERED: usize = 1024;
 
 struct QueuedRow {
     queue: String,
@@ -49,6 +55,7 @@ pub struct SqliteQueue {
     arrivals: Arc<HashMap<String, Notify>>,
     publishes: mpsc::Sender<PendingPublish>,
     confirm_timeout: Duration,
+    announcements: broadcast::Sender<Arc<Vec<MessageChange>>>,
 }
 
 impl SqliteQueue {
@@ -77,6 +84,7 @@ impl SqliteQueue {
             arrivals,
             publishes,
             confirm_timeout,
+            announcements: broadcast::channel(ANNOUNCEMENTS_BUFFERED).0,
         })
     }
 }
@@ -187,6 +195,25 @@ impl EventQueue for SqliteQueue {
             queue: self.clone(),
             name: self.topology.queue(consumer).to_owned(),
         }))
+    }
+
+    async fn announce(&self, changes: &[MessageChange]) -> Result<(), QueueError> {
+        // Nobody listening is fine: nothing is queued for absent listeners.
+        let _ = self.announcements.send(Arc::new(changes.to_vec()));
+        Ok(())
+    }
+
+    async fn listen(&self) -> Result<Announcements, QueueError> {
+        let receiver = self.announcements.subscribe();
+        // A listener that fell behind ends (its streams read the storage again), like a lost
+        // connection of the distributed stack.
+        Ok(Box::pin(futures_util::stream::unfold(
+            receiver,
+            |mut receiver| async move {
+                let changes = receiver.recv().await.ok()?;
+                Some((changes.as_ref().clone(), receiver))
+            },
+        )))
     }
 
     async fn depth(&self, queue: &str) -> Result<u64, QueueError> {

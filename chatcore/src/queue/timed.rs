@@ -11,7 +11,8 @@ use tracing::Instrument as _;
 
 use tokio_util::sync::CancellationToken;
 
-use super::{Delivery, EventQueue, EventSource, QueueError};
+use super::{Announcements, Delivery, EventQueue, EventSource, QueueError};
+use crate::changes::MessageChange;
 use crate::config::ConsumerConfig;
 use crate::events::{Consumer, Event, TraceContext};
 use crate::metrics::{Metrics, OutcomeLabels};
@@ -116,6 +117,20 @@ impl EventQueue for TimedQueue {
             kind: self.kind(),
             metrics: Arc::clone(&self.metrics),
         }))
+    }
+
+    async fn announce(&self, changes: &[MessageChange]) -> Result<(), QueueError> {
+        let call = self.inner.announce(changes);
+        self.metrics
+            .time_within(self.kind(), "announce", self.limit, call)
+            .await
+    }
+
+    async fn listen(&self) -> Result<Announcements, QueueError> {
+        let call = self.inner.listen();
+        self.metrics
+            .time_within(self.kind(), "listen", self.limit, call)
+            .await
     }
 
     async fn depth(&self, queue: &str) -> Result<u64, QueueError> {

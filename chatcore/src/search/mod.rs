@@ -1,7 +1,9 @@
 //! The message search index: one trait, [`SearchIndex`], with an Elasticsearch adapter (the
 //! distributed stack) and a SQLite FTS5 adapter (embedded). Both find the messages of one chat in
-//! which every query word matches a word, whole (ranked higher) or as a prefix; the query words
-//! are extracted here ([`query_words`]), so no character of a query is ever query syntax.
+//! which every query word matches a word, whole (ranked higher) or as a prefix, and every phrase
+//! in double quotes matches its words in a row; the terms are extracted here ([`query_terms`]),
+//! so no other character of a query is ever query syntax. Both mark where a hit matched the same
+//! way ([`Highlight`]).
 
 mod elasticsearch;
 mod sqlite;
@@ -84,6 +86,9 @@ pub struct MessageHit {
     pub number: Number,
     pub body: String,
     pub created_at: DateTime<Utc>,
+    /// Where the body matched.
+    #[serde(skip)]
+    pub highlight: Highlight,
     /// The relevance the hits are ranked by (the index's own measure); the next page's cursor.
     #[serde(skip)]
     pub score: f64,
@@ -129,6 +134,96 @@ pub trait SearchIndex: Send + Sync {
     ) -> Result<Vec<MessageHit>, SearchError>;
 }
 
+/// What a query asks for: words that match a word whole or as its prefix, and phrases (in double
+/// quotes) whose words must follow each other, whole. An unmatched quote counts as a space.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueryTerms {
+    pub words: Vec<String>,
+    pub phrases: Vec<Vec<String>>,
+}
+
+impl QueryTerms {
+    pub fn is_empty(&self) -> bool {
+        self.words.is_empty() && self.phrases.is_empty()
+    }
+}
+
+/// The terms of a query, at most [`MAX_QUERY_WORDS`] words in all.
+pub fn query_terms(text: &str) -> QueryTerms {
+    let quoted_parts = text.matches('"').count() / 2 * 2;
+    let mut terms = QueryTerms::default();
+    let mut budget = MAX_QUERY_WORDS;
+    let mut outside_quotes = String::new();
+    // Every second part between quotes is a phrase, up to the last matched quote.
+    for (index, part) in text.splitn(quoted_parts + 1, '"').enumerate() {
+        if index % 2 == 0 {
+            outside_quotes.push(' ');
+            outside_quotes.push_str(&part.replace('"', " "));
+            continue;
+        }
+        let mut phrase = query_words(part);
+        phrase.truncate(budget);
+        budget -= phrase.len();
+        if !phrase.is_empty() {
+            terms.phrases.push(phrase);
+        }
+    }
+    let mut words = query_words(&outside_quotes);
+    words.truncate(budget);
+    terms.words = words;
+    terms
+}
+
+/// Marks the engines put around the matched words: private-use characters, which
+/// [`Highlight::from_marked`] turns into the escaped HTML the API returns.
+pub const MATCH_START: char = '\u{E000}';
+pub const MATCH_END: char = '\u{E001}';
+
+/// A fragment of a hit's body with the matched words in `<mark>`...`</mark>`, HTML-escaped
+/// otherwise (safe to insert into a page as it is); an ellipsis where the body was cut.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Highlight(String);
+
+impl Highlight {
+    /// From an engine's fragment marked with [`MATCH_START`] and [`MATCH_END`]. Stray marks (the
+    /// body may hold those characters itself) are dropped, so every `<mark>` is closed.
+    pub fn from_marked(fragment: &str) -> Self {
+        let mut html = String::with_capacity(fragment.len() + 16);
+        let mut open = false;
+        for c in fragment.chars() {
+            match c {
+                MATCH_START if !open => {
+                    html.push_str("<mark>");
+                    open = true;
+                }
+                MATCH_END if open => {
+                    html.push_str("</mark>");
+                    open = false;
+                }
+                MATCH_START | MATCH_END => {}
+                '&' => html.push_str("&amp;"),
+                '<' => html.push_str("&lt;"),
+                '>' => html.push_str("&gt;"),
+                '"' => html.push_str("&quot;"),
+                '\'' => html.push_str("&#39;"),
+                c => html.push(c),
+            }
+        }
+        if open {
+            html.push_str("</mark>");
+        }
+        Self(html)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn into_string(self) -> String {
+        self.0
+    }
+}
+
 /// Lowercased words as the standard analyzer sees them (letters, digits and `_`, with `'`
 /// inside words and `.`/`,` inside numbers kept), at most [`MAX_QUERY_WORDS`].
 pub fn query_words(text: &str) -> Vec<String> {
@@ -162,6 +257,38 @@ pub fn query_words(text: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quoted_words_are_phrases_and_the_rest_are_words() {
+        let terms = query_terms("hello \"Big  World\" a \"one\" \"unclosed words");
+        assert_eq!(terms.words, vec!["hello", "a", "unclosed", "words"]);
+        assert_eq!(
+            terms.phrases,
+            vec![
+                vec!["big".to_owned(), "world".to_owned()],
+                vec!["one".to_owned()]
+            ]
+        );
+        assert!(query_terms("\"\" \"!!\"").is_empty());
+        let many = (0..40)
+            .map(|i| format!("\"w{i} x{i}\" "))
+            .collect::<String>();
+        let terms = query_terms(&many);
+        assert_eq!(
+            terms.phrases.iter().map(Vec::len).sum::<usize>(),
+            MAX_QUERY_WORDS
+        );
+    }
+
+    #[test]
+    fn highlights_are_escaped_html_with_balanced_marks() {
+        let marked =
+            format!("a {MATCH_START}<b>&{MATCH_END} {MATCH_END}\"x'{MATCH_START}{MATCH_START}y");
+        assert_eq!(
+            Highlight::from_marked(&marked).as_str(),
+            "a <mark>&lt;b&gt;&amp;</mark> &quot;x&#39;<mark>y</mark>"
+        );
+    }
 
     #[test]
     fn query_words_are_lowercased_words_without_syntax() {

@@ -5,6 +5,7 @@
 //! `search_documents` (with their version, so an older event never replaces a newer body) and
 //! triggers keep the FTS5 index in step (see the migration under `migrations/sqlite/search`).
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use async_trait::async_trait;
@@ -12,8 +13,8 @@ use chrono::{DateTime, Utc};
 use sqlx::SqlitePool;
 
 use super::{
-    ItemOutcome, MessageDocument, MessageHit, SearchError, SearchIndex, matches_as_prefix,
-    query_words,
+    Highlight, ItemOutcome, MATCH_END, MATCH_START, MessageDocument, MessageHit, QueryTerms,
+    SearchError, SearchIndex, matches_as_prefix, query_terms,
 };
 use crate::domain::{Number, PagePosition, PageRequest, SearchQuery};
 
@@ -30,18 +31,24 @@ impl SqliteSearchIndex {
     }
 }
 
-/// The FTS5 expression: the chat's token, and for each word the word itself or a word starting
-/// with it (the whole word counts twice in the ranking, like the boost of the Elasticsearch
-/// query). Query words hold only letters, digits, `_`, `'`, `.` and `,`, never a `"`, so quoting
-/// them makes every one a plain phrase.
-fn match_expression(application_id: u64, chat_number: Number, words: &[String]) -> String {
+/// Tokens of the body around the matches in a highlight (FTS5 allows 64 at most).
+const HIGHLIGHT_TOKENS: i64 = 24;
+
+/// The FTS5 expression: the chat's token, for each word the word itself or a word starting with
+/// it (the whole word counts twice in the ranking, like the boost of the Elasticsearch query),
+/// and each phrase. Query words hold only letters, digits, `_`, `'`, `.` and `,`, never a `"`, so
+/// quoting them makes every one a plain phrase (of the tokens FTS5 splits it into).
+fn match_expression(application_id: u64, chat_number: Number, terms: &QueryTerms) -> String {
     let mut expression = format!("chat : \"c{application_id}x{chat_number}\"");
-    for word in words {
+    for word in &terms.words {
         if matches_as_prefix(word) {
             expression.push_str(&format!(" AND body : (\"{word}\" OR \"{word}\" *)"));
         } else {
             expression.push_str(&format!(" AND body : \"{word}\""));
         }
+    }
+    for phrase in &terms.phrases {
+        expression.push_str(&format!(" AND body : \"{}\"", phrase.join(" ")));
     }
     expression
 }
@@ -98,23 +105,24 @@ impl SearchIndex for SqliteSearchIndex {
         query: &SearchQuery,
         page: PageRequest,
     ) -> Result<Vec<MessageHit>, SearchError> {
-        let words = query_words(query.as_str());
-        if words.is_empty() {
+        let terms = query_terms(query.as_str());
+        if terms.is_empty() {
             return Ok(Vec::new());
         }
+        let expression = match_expression(application_id, chat_number, &terms);
         // bm25 is lower for a better match: ascending; a cursor starts after its hit.
         let (after_score, after_number) = match page.position {
             PagePosition::AfterHit(cursor) => (cursor.score(), cursor.number as i64),
             _ => (f64::NEG_INFINITY, 0),
         };
-        let rows: Vec<(i64, String, DateTime<Utc>, f64)> = sqlx::query_as(
+        let rows: Vec<(i64, i64, String, DateTime<Utc>, f64)> = sqlx::query_as(
             "WITH hits AS (SELECT rowid, bm25(search_fts, 0.0, 1.0) AS score FROM search_fts \
              WHERE search_fts MATCH ?) \
-             SELECT d.number, d.body, d.created_at, hits.score FROM hits JOIN search_documents d ON d.id = hits.rowid \
+             SELECT d.id, d.number, d.body, d.created_at, hits.score FROM hits JOIN search_documents d ON d.id = hits.rowid \
              WHERE hits.score > ? OR (hits.score = ? AND d.number > ?) \
              ORDER BY hits.score, d.number LIMIT ? OFFSET ?",
         )
-        .bind(match_expression(application_id, chat_number, &words))
+        .bind(&expression)
         .bind(after_score)
         .bind(after_score)
         .bind(after_number)
@@ -122,16 +130,51 @@ impl SearchIndex for SqliteSearchIndex {
         .bind(page.offset() as i64)
         .fetch_all(&self.pool)
         .await?;
+        let mut highlights = self
+            .highlights(&expression, rows.iter().map(|row| row.0))
+            .await?;
         Ok(rows
             .into_iter()
-            .filter_map(|(number, body, created_at, score)| {
+            .filter_map(|(id, number, body, created_at, score)| {
                 Some(MessageHit {
                     number: Number::new(u64::try_from(number).ok()?)?,
                     body,
                     created_at,
+                    highlight: highlights.remove(&id).unwrap_or_default(),
                     score,
                 })
             })
+            .collect())
+    }
+}
+
+impl SqliteSearchIndex {
+    /// The snippets of the hits of one page, by document id: a second query over those rows
+    /// only, since `snippet()` costs a pass over each body it is computed for.
+    async fn highlights(
+        &self,
+        expression: &str,
+        ids: impl Iterator<Item = i64>,
+    ) -> Result<HashMap<i64, Highlight>, SearchError> {
+        let ids: Vec<String> = ids.map(|id| id.to_string()).collect();
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        // The ids are integers from the index itself: listing them inline is safe.
+        let rows: Vec<(i64, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT rowid, snippet(search_fts, 1, ?, ?, '…', ?) FROM search_fts \
+             WHERE search_fts MATCH ? AND rowid IN ({})",
+            ids.join(", ")
+        )))
+        .bind(MATCH_START.to_string())
+        .bind(MATCH_END.to_string())
+        .bind(HIGHLIGHT_TOKENS)
+        .bind(expression)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, fragment)| (id, Highlight::from_marked(&fragment)))
             .collect())
     }
 }
@@ -143,10 +186,10 @@ mod tests {
     #[test]
     fn match_expression_scopes_to_the_chat_and_quotes_every_word() {
         let chat = Number::new(7).expect("positive");
-        let words = query_words("Hello don't* a");
+        let terms = query_terms("Hello don't* a \"big World\"");
         assert_eq!(
-            match_expression(3, chat, &words),
-            "chat : \"c3x7\" AND body : (\"hello\" OR \"hello\" *) AND body : (\"don't\" OR \"don't\" *) AND body : \"a\""
+            match_expression(3, chat, &terms),
+            "chat : \"c3x7\" AND body : (\"hello\" OR \"hello\" *) AND body : (\"don't\" OR \"don't\" *) AND body : \"a\" AND body : \"big world\""
         );
     }
 }

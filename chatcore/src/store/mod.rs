@@ -137,7 +137,7 @@ macro_rules! storage_impl {
                 sql(async {
                     sqlx::query_as(sqlx::AssertSqlSafe(format!(
                         "SELECT {} FROM messages m JOIN chats c ON c.id = m.chat_id \
-                         WHERE c.application_id = ? AND c.number = ? AND m.number = ?",
+                         WHERE c.application_id = ? AND c.number = ? AND m.number = ? AND m.deleted_at IS NULL",
                         $crate::store::MESSAGE_COLUMNS
                     )))
                     .bind(application_id as i64)
@@ -145,6 +145,28 @@ macro_rules! storage_impl {
                     .bind(number.get() as i64)
                     .fetch_optional(&self.pool)
                     .await
+                })
+                .await
+            }
+
+            async fn message_deleted(
+                &self,
+                application_id: u64,
+                chat_number: Number,
+                number: Number,
+            ) -> Result<bool, StorageError> {
+                sql(async {
+                    sqlx::query_scalar::<_, i64>(
+                        "SELECT 1 FROM messages m JOIN chats c ON c.id = m.chat_id \
+                         WHERE c.application_id = ? AND c.number = ? AND m.number = ? \
+                         AND m.deleted_at IS NOT NULL",
+                    )
+                    .bind(application_id as i64)
+                    .bind(chat_number.get() as i64)
+                    .bind(number.get() as i64)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map(|found| found.is_some())
                 })
                 .await
             }
@@ -159,7 +181,7 @@ macro_rules! storage_impl {
                     sqlx::query_as(sqlx::AssertSqlSafe(format!(
                         "SELECT {} FROM messages m JOIN chats c ON c.id = m.chat_id \
                          WHERE c.application_id = ? AND c.number = ? AND m.number BETWEEN ? AND ? \
-                         ORDER BY m.number {} LIMIT ? OFFSET ?",
+                         AND m.deleted_at IS NULL ORDER BY m.number {} LIMIT ? OFFSET ?",
                         $crate::store::MESSAGE_COLUMNS,
                         $crate::store::direction(page)
                     )))
@@ -410,7 +432,7 @@ impl CountLevel {
             }
             Self::Chats => {
                 "SELECT c.id, c.application_id, c.number, c.messages_count AS stored, \
-                   (SELECT COUNT(*) FROM messages m WHERE m.chat_id = c.id) AS actual, \
+                   (SELECT COUNT(*) FROM messages m WHERE m.chat_id = c.id AND m.deleted_at IS NULL) AS actual, \
                    (SELECT CAST(COALESCE(MAX(number), 0) AS UNSIGNED) FROM messages m WHERE m.chat_id = c.id) AS highest \
                  FROM chats c WHERE c.id > ? ORDER BY c.id LIMIT ?"
             }
@@ -426,7 +448,7 @@ impl CountLevel {
                 "SELECT chats_count FROM applications WHERE id = ?",
             ),
             Self::Chats => (
-                "UPDATE chats SET messages_count = (SELECT COUNT(*) FROM messages WHERE chat_id = ?) WHERE id = ?",
+                "UPDATE chats SET messages_count = (SELECT COUNT(*) FROM messages WHERE chat_id = ? AND deleted_at IS NULL) WHERE id = ?",
                 "SELECT messages_count FROM chats WHERE id = ?",
             ),
         }
@@ -620,6 +642,14 @@ pub trait Storage: Send + Sync {
         number: Number,
     ) -> Result<Option<MessageRow>, StorageError>;
 
+    /// Whether the message was deleted (its tombstone is stored).
+    async fn message_deleted(
+        &self,
+        application_id: u64,
+        chat_number: Number,
+        number: Number,
+    ) -> Result<bool, StorageError>;
+
     /// Messages by number; up to `page.fetch_limit()` rows, descending for a `before` page.
     async fn list_messages(
         &self,
@@ -628,13 +658,23 @@ pub trait Storage: Send + Sync {
         page: PageRequest,
     ) -> Result<Vec<MessageRow>, StorageError>;
 
-    /// Replaces the body and bumps the version; None when the message is not stored.
+    /// Replaces the body and bumps the version; None when the message is not stored (or deleted).
     async fn update_message(
         &self,
         application_id: u64,
         chat_number: Number,
         number: Number,
         body: &MessageBody,
+    ) -> Result<Option<MessageRow>, StorageError>;
+
+    /// Deletes the message: it stays as a tombstone (body cleared, version bumped, `updated_at`
+    /// the moment of deletion) so its number is never reused and a late event of it is skipped;
+    /// its chat's count drops by one. None when it is not stored or already deleted.
+    async fn delete_message(
+        &self,
+        application_id: u64,
+        chat_number: Number,
+        number: Number,
     ) -> Result<Option<MessageRow>, StorageError>;
 
     /// Writes a batch in one transaction (see [`IngestBatch`]).

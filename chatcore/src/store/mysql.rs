@@ -125,7 +125,8 @@ super::storage_impl!(MySqlStorage, "mysql", {
         let mut transaction = self.pool.begin().await?;
         let Some(row) = sqlx::query(
             "SELECT m.id, m.version, m.created_at FROM messages m JOIN chats c ON c.id = m.chat_id \
-             WHERE c.application_id = ? AND c.number = ? AND m.number = ? FOR UPDATE",
+             WHERE c.application_id = ? AND c.number = ? AND m.number = ? AND m.deleted_at IS NULL \
+             FOR UPDATE",
         )
         .bind(application_id)
         .bind(chat_number.get())
@@ -153,6 +154,54 @@ super::storage_impl!(MySqlStorage, "mysql", {
             version,
             created_at,
             updated_at,
+        }))
+    }
+
+    async fn delete_message(
+        &self,
+        application_id: u64,
+        chat_number: Number,
+        number: Number,
+    ) -> Result<Option<MessageRow>, StorageError> {
+        let mut transaction = self.pool.begin().await?;
+        let Some(row) = sqlx::query(
+            "SELECT m.id, m.chat_id, m.version, m.created_at FROM messages m JOIN chats c ON c.id = m.chat_id \
+             WHERE c.application_id = ? AND c.number = ? AND m.number = ? AND m.deleted_at IS NULL \
+             FOR UPDATE",
+        )
+        .bind(application_id)
+        .bind(chat_number.get())
+        .bind(number.get())
+        .fetch_optional(&mut *transaction)
+        .await?
+        else {
+            return Ok(None);
+        };
+        let id: u64 = row.try_get("id")?;
+        let chat_id: u64 = row.try_get("chat_id")?;
+        let version: u64 = row.try_get::<u64, _>("version")? + 1;
+        let created_at: DateTime<Utc> = row.try_get("created_at")?;
+        let deleted_at = now();
+        sqlx::query(
+            "UPDATE messages SET body = '', version = ?, updated_at = ?, deleted_at = ? WHERE id = ?",
+        )
+        .bind(version)
+        .bind(deleted_at)
+        .bind(deleted_at)
+        .bind(id)
+        .execute(&mut *transaction)
+        .await?;
+        sqlx::query("UPDATE chats SET messages_count = messages_count - 1 WHERE id = ? AND messages_count > 0")
+            .bind(chat_id)
+            .execute(&mut *transaction)
+            .await?;
+        transaction.commit().await?;
+        Ok(Some(MessageRow {
+            number: number.get(),
+            body: String::new(),
+            version,
+            created_at,
+            updated_at: deleted_at,
         }))
     }
 

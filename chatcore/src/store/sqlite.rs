@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use chrono::{DateTime, Utc};
 use sqlx::{AssertSqlSafe, Sqlite, SqlitePool, Transaction};
 
 use super::{
@@ -82,7 +83,7 @@ super::storage_impl!(SqliteStorage, "sqlite", {
         Ok(sqlx::query_as(
             "UPDATE messages SET body = ?, version = version + 1, updated_at = ? \
              WHERE chat_id = (SELECT id FROM chats WHERE application_id = ? AND number = ?) \
-             AND number = ? RETURNING number, body, version, created_at, updated_at",
+             AND number = ? AND deleted_at IS NULL RETURNING number, body, version, created_at, updated_at",
         )
         .bind(body.as_str())
         .bind(now())
@@ -91,6 +92,42 @@ super::storage_impl!(SqliteStorage, "sqlite", {
         .bind(number.get() as i64)
         .fetch_optional(&self.pool)
         .await?)
+    }
+
+    async fn delete_message(
+        &self,
+        application_id: u64,
+        chat_number: Number,
+        number: Number,
+    ) -> Result<Option<MessageRow>, StorageError> {
+        let mut transaction = begin_write(&self.pool).await?;
+        type Deleted = (i64, u64, String, u64, DateTime<Utc>, DateTime<Utc>);
+        let deleted = sqlx::query_as::<_, Deleted>(
+            "UPDATE messages SET body = '', version = version + 1, updated_at = ?1, deleted_at = ?1 \
+             WHERE chat_id = (SELECT id FROM chats WHERE application_id = ?2 AND number = ?3) \
+             AND number = ?4 AND deleted_at IS NULL \
+             RETURNING chat_id, number, body, version, created_at, updated_at",
+        )
+        .bind(now())
+        .bind(application_id as i64)
+        .bind(chat_number.get() as i64)
+        .bind(number.get() as i64)
+        .fetch_optional(&mut *transaction)
+        .await?
+        .map(|(chat_id, number, body, version, created_at, updated_at)| {
+            (chat_id, MessageRow { number, body, version, created_at, updated_at })
+        });
+        let Some((chat_id, row)) = deleted else {
+            return Ok(None);
+        };
+        sqlx::query(
+            "UPDATE chats SET messages_count = messages_count - 1 WHERE id = ? AND messages_count > 0",
+        )
+        .bind(chat_id)
+        .execute(&mut *transaction)
+        .await?;
+        transaction.commit().await?;
+        Ok(Some(row))
     }
 
     async fn write_ingest_batch(&self, batch: &IngestBatch<'_>) -> Result<(), StorageError> {

@@ -157,6 +157,34 @@ impl Storage for TimedStorage {
             .await
     }
 
+    async fn message_deleted(
+        &self,
+        application_id: u64,
+        chat_number: Number,
+        number: Number,
+    ) -> Result<bool, StorageError> {
+        let call = self
+            .inner
+            .message_deleted(application_id, chat_number, number);
+        self.metrics
+            .time_within(self.kind(), "message_deleted", self.limit, call)
+            .await
+    }
+
+    async fn delete_message(
+        &self,
+        application_id: u64,
+        chat_number: Number,
+        number: Number,
+    ) -> Result<Option<MessageRow>, StorageError> {
+        let call = self
+            .inner
+            .delete_message(application_id, chat_number, number);
+        self.metrics
+            .time_within(self.kind(), "delete_message", self.limit, call)
+            .await
+    }
+
     /// Not bounded by the dependency timeout: a batch of the largest events legitimately takes
     /// longer, and a bound would retry it forever. The consumer retries its failures.
     async fn write_ingest_batch(&self, batch: &IngestBatch<'_>) -> Result<(), StorageError> {

@@ -1,0 +1,384 @@
+//! Live streams of a chat's messages (Server-Sent Events): every message created, updated or
+//! deleted once it is stored, with `id:` = the message number.
+//!
+//! Each replica listens to the announcements of stored changes ([`chatcore::changes`], through the
+//! queue: RabbitMQ in the distributed stack, an in-process channel embedded) and hands each to the
+//! streams of its chat through a bounded broadcast channel per chat. A stream that resumes
+//! (`Last-Event-ID`) subscribes first, then reads the messages after that number from the storage,
+//! then goes live, skipping what it already sent: no gap, no duplicate.
+//!
+//! Bounded: streams per replica and per application (429 beyond), a reader that falls behind by
+//! more than the buffer is disconnected (it resumes with `Last-Event-ID`), every stream ends at
+//! shutdown, and while the replica cannot hear the announcements it serves no stream (503): one
+//! that was open when the listener was lost ends, so its client resumes from the storage.
+
+use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use chatcore::changes::{ChangeKind, MessageChange};
+use chatcore::config::StreamLimits;
+use chatcore::domain::{Number, PagePosition, PageRequest};
+use chatcore::metrics::{Metrics, StreamEndLabels};
+use chatcore::queue::EventQueue;
+use chatcore::retry::{self, Backoff};
+use chatcore::store::ChatKey;
+use futures_util::{Stream, StreamExt as _};
+use serde::Serialize;
+use tokio::sync::{broadcast, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::ApiError;
+use crate::service::ChatService;
+
+/// Rows read from the storage per query while a resumed stream catches up.
+const CATCH_UP_PAGE: u32 = 100;
+/// How long opening a stream waits for the replica to hear the announcements.
+const LISTENER_WAIT: Duration = Duration::from_secs(3);
+/// Versions of recently sent messages a stream remembers, to skip a change it already sent.
+const SENT_VERSIONS_REMEMBERED: usize = 4096;
+
+/// The streams of this replica and the announcements feeding them.
+pub struct LiveHub {
+    chats: Mutex<HashMap<ChatKey, broadcast::Sender<Arc<MessageChange>>>>,
+    open: Mutex<OpenStreams>,
+    /// Whether the announcements are heard now.
+    listening: watch::Sender<bool>,
+    limits: StreamLimits,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+}
+
+#[derive(Default)]
+struct OpenStreams {
+    total: usize,
+    per_application: HashMap<u64, usize>,
+}
+
+impl LiveHub {
+    /// Starts listening to the announcements on `queue` (again after each loss, with backoff)
+    /// until `shutdown`.
+    pub fn start(
+        queue: Arc<dyn EventQueue>,
+        limits: StreamLimits,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
+        let hub = Arc::new(Self {
+            chats: Mutex::default(),
+            open: Mutex::default(),
+            listening: watch::channel(false).0,
+            limits,
+            metrics,
+            shutdown,
+        });
+        tokio::spawn(Arc::clone(&hub).listen(queue));
+        hub
+    }
+
+    async fn listen(self: Arc<Self>, queue: Arc<dyn EventQueue>) {
+        let backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+        let mut attempt = 0;
+        loop {
+            let listened = tokio::select! {
+                () = self.shutdown.cancelled() => return,
+                listened = queue.listen() => listened,
+            };
+            match listened {
+                Ok(mut announcements) => {
+                    attempt = 0;
+                    self.listening.send_replace(true);
+                    tracing::info!("listening to stored changes for live streams");
+                    loop {
+                        let changes = tokio::select! {
+                            () = self.shutdown.cancelled() => return,
+                            changes = announcements.next() => changes,
+                        };
+                        let Some(changes) = changes else { break };
+                        self.dispatch(changes);
+                    }
+                    tracing::warn!("lost the stored changes; live streams end and resume");
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "cannot listen to stored changes, retrying");
+                }
+            }
+            self.listening.send_replace(false);
+            // Dropping the senders ends every open stream: they may have missed changes.
+            self.lock_chats().clear();
+            attempt += 1;
+            if retry::sleep_or_cancel(backoff.delay(attempt), &self.shutdown).await {
+                return;
+            }
+        }
+    }
+
+    fn dispatch(&self, changes: Vec<MessageChange>) {
+        let mut chats = self.lock_chats();
+        for change in changes {
+            let key = (change.application_id, change.chat_number);
+            if let Some(sender) = chats.get(&key)
+                && sender.send(Arc::new(change)).is_err()
+            {
+                chats.remove(&key);
+            }
+        }
+    }
+
+    fn lock_chats(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<ChatKey, broadcast::Sender<Arc<MessageChange>>>> {
+        self.chats.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Opens a stream of one chat, if the limits allow it and the replica hears the
+    /// announcements (waiting a moment for them after a start or a reconnect).
+    pub async fn open(self: &Arc<Self>, chat: ChatKey) -> Result<Subscription, ApiError> {
+        let mut listening = self.listening.subscribe();
+        let heard = tokio::time::timeout(LISTENER_WAIT, listening.wait_for(|heard| *heard)).await;
+        if !matches!(heard, Ok(Ok(_))) {
+            return Err(ApiError::Unavailable(
+                "not listening to stored changes".into(),
+            ));
+        }
+        {
+            let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+            if open.total >= self.limits.per_replica {
+                return Err(ApiError::TooManyStreams("on this replica"));
+            }
+            let of_application = open.per_application.entry(chat.0).or_default();
+            if *of_application >= self.limits.per_application {
+                return Err(ApiError::TooManyStreams("for this application"));
+            }
+            *of_application += 1;
+            open.total += 1;
+        }
+        self.metrics.live_streams.inc();
+        let changes = self
+            .lock_chats()
+            .entry(chat)
+            .or_insert_with(|| broadcast::channel(self.limits.buffered_changes).0)
+            .subscribe();
+        Ok(Subscription {
+            changes,
+            slot: Slot {
+                hub: Arc::clone(self),
+                chat,
+            },
+        })
+    }
+
+    /// Serves one stream: from the storage after `last_event_id` when the client resumes, then
+    /// live, until the client leaves, falls behind, the replica loses the announcements or shuts
+    /// down.
+    pub fn serve(
+        &self,
+        subscription: Subscription,
+        service: Arc<ChatService>,
+        last_event_id: Option<u64>,
+    ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>> + use<>> {
+        let stream = ChatStream {
+            changes: subscription.changes,
+            catch_up_after: last_event_id,
+            pending: VecDeque::new(),
+            sent: quick_cache::unsync::Cache::new(SENT_VERSIONS_REMEMBERED),
+            service,
+            shutdown: self.shutdown.clone(),
+            slot: subscription.slot,
+            ended: "client",
+        };
+        let events = futures_util::stream::unfold(stream, |mut stream| async move {
+            let event = stream.next_event().await?;
+            Some((Ok(event), stream))
+        });
+        Sse::new(events).keep_alive(KeepAlive::new().interval(self.limits.heartbeat))
+    }
+}
+
+/// A stream's place in the hub: given back when the stream is dropped.
+struct Slot {
+    hub: Arc<LiveHub>,
+    chat: ChatKey,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let hub = &self.hub;
+        {
+            let mut open = hub.open.lock().unwrap_or_else(PoisonError::into_inner);
+            open.total -= 1;
+            if let Some(of_application) = open.per_application.get_mut(&self.chat.0) {
+                *of_application -= 1;
+                if *of_application == 0 {
+                    open.per_application.remove(&self.chat.0);
+                }
+            }
+        }
+        hub.metrics.live_streams.dec();
+        // The stream's receiver is gone by now (it is dropped first): a chat nobody watches any
+        // more needs no channel.
+        let mut chats = hub.lock_chats();
+        if chats
+            .get(&self.chat)
+            .is_some_and(|sender| sender.receiver_count() == 0)
+        {
+            chats.remove(&self.chat);
+        }
+    }
+}
+
+/// An opened stream, before it is served.
+pub struct Subscription {
+    changes: broadcast::Receiver<Arc<MessageChange>>,
+    slot: Slot,
+}
+
+/// The state of one stream. Fields drop in order: the receiver before the slot.
+struct ChatStream {
+    changes: broadcast::Receiver<Arc<MessageChange>>,
+    /// While catching up from the storage: the last number read.
+    catch_up_after: Option<u64>,
+    pending: VecDeque<SseEvent>,
+    /// number -> version of what was sent lately.
+    sent: quick_cache::unsync::Cache<u64, u64>,
+    service: Arc<ChatService>,
+    shutdown: CancellationToken,
+    /// Why the stream ended, for the metric (counted when it is dropped).
+    ended: &'static str,
+    slot: Slot,
+}
+
+impl Drop for ChatStream {
+    fn drop(&mut self) {
+        self.slot
+            .hub
+            .metrics
+            .live_streams_ended
+            .get_or_create(&StreamEndLabels { reason: self.ended })
+            .inc();
+    }
+}
+
+impl ChatStream {
+    async fn next_event(&mut self) -> Option<SseEvent> {
+        loop {
+            if let Some(event) = self.pending.pop_front() {
+                return Some(event);
+            }
+            if let Some(after) = self.catch_up_after {
+                if let Err(reason) = self.catch_up(after).await {
+                    self.ended = reason;
+                    return None;
+                }
+                continue;
+            }
+            let received = tokio::select! {
+                () = self.shutdown.cancelled() => {
+                    self.ended = "shutdown";
+                    return None;
+                }
+                received = self.changes.recv() => received,
+            };
+            match received {
+                Ok(change) => {
+                    if let Some(event) = self.event_of(&change) {
+                        return Some(event);
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    self.ended = "slow_reader";
+                    return None;
+                }
+                Err(broadcast::error::RecvError::Closed) => {
+                    self.ended = "feed_lost";
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Reads the next page of stored messages after `after` into `pending`.
+    async fn catch_up(&mut self, after: u64) -> Result<(), &'static str> {
+        let (application_id, chat_number) = self.slot.chat;
+        let page = PageRequest {
+            per_page: CATCH_UP_PAGE,
+            position: PagePosition::After(after),
+        };
+        let rows = tokio::select! {
+            () = self.shutdown.cancelled() => return Err("shutdown"),
+            rows = self.service.stored_messages(application_id, chat_number, page) => rows,
+        };
+        let Ok(mut rows) = rows else {
+            return Err("storage_error");
+        };
+        let more = rows.len() > CATCH_UP_PAGE as usize;
+        rows.truncate(CATCH_UP_PAGE as usize);
+        self.catch_up_after = rows.last().map(|row| row.number).filter(|_| more);
+        for row in rows {
+            let Some(number) = Number::new(row.number) else {
+                continue;
+            };
+            let change = MessageChange::of_row(
+                ChangeKind::Created,
+                application_id,
+                chat_number,
+                number,
+                &row,
+            );
+            if let Some(event) = self.event_of(&change) {
+                self.pending.push_back(event);
+            }
+        }
+        Ok(())
+    }
+
+    /// The event of a change, unless this stream sent the same or a newer version already.
+    fn event_of(&mut self, change: &MessageChange) -> Option<SseEvent> {
+        let number = change.number.get();
+        if self
+            .sent
+            .get(&number)
+            .is_some_and(|&sent| sent >= change.version)
+        {
+            return None;
+        }
+        self.sent.insert(number, change.version);
+        let data = StreamedMessage::from(change);
+        Some(
+            SseEvent::default()
+                .id(number.to_string())
+                .event(change.kind.as_str())
+                .json_data(&data)
+                .expect("a message serializes"),
+        )
+    }
+}
+
+/// The `data:` of a stream event (JSON).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct StreamedMessage {
+    number: u64,
+    /// Empty for a deleted message.
+    body: String,
+    /// 1 when created, one more with each update and the deletion.
+    version: u64,
+    #[serde(serialize_with = "chatcore::domain::serialize_timestamp")]
+    created_at: chrono::DateTime<chrono::Utc>,
+    /// When it was last updated, or deleted.
+    #[serde(serialize_with = "chatcore::domain::serialize_timestamp")]
+    updated_at: chrono::DateTime<chrono::Utc>,
+}
+
+impl From<&MessageChange> for StreamedMessage {
+    fn from(change: &MessageChange) -> Self {
+        Self {
+            number: change.number.get(),
+            body: change.body.clone(),
+            version: change.version,
+            created_at: change.created_at,
+            updated_at: change.updated_at,
+        }
+    }
+}

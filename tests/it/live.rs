@@ -1,0 +1,411 @@
+//! Live streams of a chat (Server-Sent Events): what is stored arrives, a resumed stream misses
+//! nothing and repeats nothing, any replica serves any chat, and streams are bounded.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use system_tests::{
+    Client, EventStream, Next, ServerSentEvent, StatusCode, TestEnv, both_stacks, eventually,
+};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+async fn open(
+    client: &Client,
+    token: &str,
+    chat: u64,
+    last: Option<u64>,
+) -> anyhow::Result<EventStream> {
+    client
+        .stream(token, chat, last)
+        .await?
+        .map_err(|reply| anyhow::anyhow!("the stream was refused: {reply:?}"))
+}
+
+fn summary(event: &ServerSentEvent) -> anyhow::Result<(String, u64, String, u64)> {
+    Ok((
+        event.event.clone(),
+        event.number()?,
+        event.data["body"].as_str().unwrap_or_default().to_owned(),
+        event.data["version"].as_u64().unwrap_or_default(),
+    ))
+}
+
+fn entry(kind: &str, number: u64, body: &str, version: u64) -> (String, u64, String, u64) {
+    (kind.to_owned(), number, body.to_owned(), version)
+}
+
+both_stacks!(a_stream_delivers_every_stored_change_and_resumes_without_a_gap);
+
+async fn a_stream_delivers_every_stored_change_and_resumes_without_a_gap(
+    env: TestEnv,
+) -> anyhow::Result<()> {
+    let api = env.spawn_api().await?;
+    let workers = env.spawn_workers();
+    let client = &api.client;
+    let token = client.create_application("app").await?;
+    let chat = client.create_chat(&token).await?;
+    let other_chat = client.create_chat(&token).await?;
+    // The replica that accepted the chat knows it before its row is written.
+    let mut stream = open(client, &token, chat, None).await?;
+
+    for body in ["one", "two", "three"] {
+        client.create_message(&token, chat, body).await?;
+    }
+    client
+        .create_message(&token, other_chat, "elsewhere")
+        .await?;
+    let mut received = Vec::new();
+    for _ in 0..3 {
+        received.push(summary(&stream.expect_event(WAIT).await?)?);
+    }
+    assert_eq!(
+        received,
+        [
+            entry("created", 1, "one", 1),
+            entry("created", 2, "two", 1),
+            entry("created", 3, "three", 1)
+        ]
+    );
+    let message = |number: u64| format!("/applications/{token}/chats/{chat}/messages/{number}");
+    assert_eq!(
+        client
+            .put(&message(2), json!({"body": "two, edited"}))
+            .await?
+            .status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        client.delete(&message(3)).await?.status,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        summary(&stream.expect_event(WAIT).await?)?,
+        entry("updated", 2, "two, edited", 2)
+    );
+    let deleted = stream.expect_event(WAIT).await?;
+    assert_eq!(summary(&deleted)?, entry("deleted", 3, "", 2));
+    assert!(deleted.data["updated_at"].is_string());
+    drop(stream);
+
+    // Posted while nobody listens; the client resumes after the last id it saw.
+    for body in ["four", "five"] {
+        client.create_message(&token, chat, body).await?;
+    }
+    eventually("four and five are stored", WAIT, || async {
+        Ok(client.get(&message(5)).await?.status == StatusCode::OK)
+    })
+    .await?;
+    let mut resumed = open(client, &token, chat, Some(3)).await?;
+    client.create_message(&token, chat, "six").await?;
+    let mut received = Vec::new();
+    for _ in 0..3 {
+        received.push(summary(&resumed.expect_event(WAIT).await?)?);
+    }
+    assert_eq!(
+        received,
+        [
+            entry("created", 4, "four", 1),
+            entry("created", 5, "five", 1),
+            entry("created", 6, "six", 1)
+        ]
+    );
+    assert!(
+        matches!(resumed.next(Duration::from_millis(500)).await?, Next::Quiet),
+        "nothing else: no duplicate"
+    );
+
+    // From the start: every message as it is now, the deleted one left out.
+    let mut from_start = open(client, &token, chat, Some(0)).await?;
+    let mut received = Vec::new();
+    for _ in 0..5 {
+        received.push(summary(&from_start.expect_event(WAIT).await?)?);
+    }
+    assert_eq!(
+        received,
+        [
+            entry("created", 1, "one", 1),
+            entry("created", 2, "two, edited", 2),
+            entry("created", 4, "four", 1),
+            entry("created", 5, "five", 1),
+            entry("created", 6, "six", 1),
+        ]
+    );
+    let bad = client
+        .send_raw(
+            client
+                .request(
+                    reqwest::Method::GET,
+                    &format!("/applications/{token}/chats/{chat}/messages/stream"),
+                )
+                .header("last-event-id", "yesterday"),
+        )
+        .await?;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST, "{bad:?}");
+    let unknown_chat = client.stream(&token, 99, None).await?;
+    assert!(
+        matches!(&unknown_chat, Err(reply) if reply.status == StatusCode::NOT_FOUND),
+        "an unknown chat is 404"
+    );
+    drop((resumed, from_start));
+    workers.stop().await?;
+    api.stop().await
+}
+
+both_stacks!(a_stream_resumed_while_messages_pour_in_has_each_exactly_once);
+
+/// Resuming from the storage while messages are being stored: the catch-up and the live changes
+/// overlap, and the stream still has every message once.
+async fn a_stream_resumed_while_messages_pour_in_has_each_exactly_once(
+    env: TestEnv,
+) -> anyhow::Result<()> {
+    let api = env.spawn_api().await?;
+    let workers = env.spawn_workers();
+    let client = &api.client;
+    let token = client.create_application("app").await?;
+    let chat = client.create_chat(&token).await?;
+    const MESSAGES: u64 = 300;
+    let posting = {
+        let (client, token) = (client.clone(), token.clone());
+        tokio::spawn(async move {
+            for index in 0..MESSAGES {
+                client
+                    .create_message(&token, chat, &format!("message {index}"))
+                    .await?;
+            }
+            anyhow::Ok(())
+        })
+    };
+    // Some are stored, most are not yet.
+    eventually("the first messages are stored", WAIT, || async {
+        Ok(client
+            .get(&format!("/applications/{token}/chats/{chat}/messages/20"))
+            .await?
+            .status
+            == StatusCode::OK)
+    })
+    .await?;
+    let mut stream = open(client, &token, chat, Some(0)).await?;
+    let mut seen = Vec::new();
+    while (seen.len() as u64) < MESSAGES {
+        seen.push(stream.expect_event(WAIT).await?.number()?);
+    }
+    posting.await??;
+    let distinct: BTreeSet<u64> = seen.iter().copied().collect();
+    assert_eq!(distinct.len(), seen.len(), "a message came twice: {seen:?}");
+    assert_eq!(distinct, (1..=MESSAGES).collect::<BTreeSet<u64>>());
+    assert!(
+        matches!(stream.next(Duration::from_millis(500)).await?, Next::Quiet),
+        "nothing after the last"
+    );
+    drop(stream);
+    workers.stop().await?;
+    api.stop().await
+}
+
+/// Two api replicas, one a separate process: a stream on one receives what was posted on the
+/// other, through RabbitMQ, and resuming on the other misses nothing.
+#[tokio::test]
+async fn any_replica_serves_any_chat_stream() -> anyhow::Result<()> {
+    let mut env = TestEnv::new().await?;
+    let in_process = env.spawn_api().await?;
+    let workers = env.spawn_workers();
+    let port = free_port()?;
+    env.set("CHAT_HTTP_ADDR", &format!("127.0.0.1:{port}"));
+    env.set("CHAT_HEALTH_ADDR", &format!("127.0.0.1:{}", free_port()?));
+    let mut process = env.spawn_process("api")?;
+    let other = Client::new(&format!("http://127.0.0.1:{port}/api/v1"));
+    eventually("the api process answers", WAIT, || async {
+        Ok(other.get("/applications/x/chats").await.is_ok())
+    })
+    .await?;
+    let client = &in_process.client;
+    let token = client.create_application("app").await?;
+    let chat = client.create_chat(&token).await?;
+    eventually("the chat is stored", WAIT, || async {
+        Ok(other
+            .get(&format!("/applications/{token}/chats/{chat}"))
+            .await?
+            .status
+            == StatusCode::OK)
+    })
+    .await?;
+
+    let mut on_process = open(&other, &token, chat, None).await?;
+    let first = client
+        .create_message(&token, chat, "posted on the other")
+        .await?;
+    let event = on_process.expect_event(WAIT).await?;
+    assert_eq!((event.event.as_str(), event.number()?), ("created", first));
+    assert_eq!(event.data["body"], "posted on the other");
+    let path = format!("/applications/{token}/chats/{chat}/messages/{first}");
+    assert_eq!(
+        client
+            .put(&path, json!({"body": "edited on the other"}))
+            .await?
+            .status,
+        StatusCode::OK
+    );
+    let event = on_process.expect_event(WAIT).await?;
+    assert_eq!(
+        (event.event.as_str(), event.data["version"].as_u64()),
+        ("updated", Some(2))
+    );
+    drop(on_process);
+
+    let second = other.create_message(&token, chat, "while away").await?;
+    eventually("it is stored", WAIT, || async {
+        Ok(client
+            .get(&format!(
+                "/applications/{token}/chats/{chat}/messages/{second}"
+            ))
+            .await?
+            .status
+            == StatusCode::OK)
+    })
+    .await?;
+    let mut on_in_process = open(client, &token, chat, Some(first)).await?;
+    let third = other.create_message(&token, chat, "live again").await?;
+    let numbers = [
+        on_in_process.expect_event(WAIT).await?.number()?,
+        on_in_process.expect_event(WAIT).await?.number()?,
+    ];
+    assert_eq!(numbers, [second, third]);
+    drop(on_in_process);
+    system_tests::kill_hard(&mut process).await?;
+    workers.stop().await?;
+    in_process.stop().await
+}
+
+both_stacks!(streams_are_bounded_heartbeated_and_closed_at_shutdown);
+
+async fn streams_are_bounded_heartbeated_and_closed_at_shutdown(
+    mut env: TestEnv,
+) -> anyhow::Result<()> {
+    env.set("CHAT_STREAMS_PER_APPLICATION", "2");
+    env.set("CHAT_STREAMS_PER_REPLICA", "3");
+    env.set("CHAT_STREAM_HEARTBEAT_MS", "100");
+    let api = env.spawn_api().await?;
+    let client = &api.client;
+    let token = client.create_application("app").await?;
+    let chat = client.create_chat(&token).await?;
+    let other_token = client.create_application("other").await?;
+    let other_chat = client.create_chat(&other_token).await?;
+
+    let mut first = open(client, &token, chat, None).await?;
+    let second = open(client, &token, chat, None).await?;
+    let refused = client
+        .stream(&token, chat, None)
+        .await?
+        .err()
+        .expect("over the limit");
+    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(refused.body["error"]["code"], "too_many_streams");
+    let third = open(client, &other_token, other_chat, None).await?;
+    let refused = client
+        .stream(&other_token, other_chat, None)
+        .await?
+        .err()
+        .expect("over the replica's limit");
+    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+    let metrics = reqwest::get(api.metrics_url()).await?.text().await?;
+    assert!(metrics.contains("chat_live_streams 3"), "{metrics}");
+
+    // Heartbeats keep a quiet stream talking.
+    assert!(matches!(
+        first.next(Duration::from_millis(450)).await?,
+        Next::Quiet
+    ));
+    assert!(first.comments >= 2, "heartbeats: {}", first.comments);
+
+    drop(second);
+    eventually("a closed stream frees its place", WAIT, || async {
+        Ok(match client.stream(&token, chat, None).await? {
+            Ok(stream) => {
+                drop(stream);
+                true
+            }
+            Err(_) => false,
+        })
+    })
+    .await?;
+
+    // Shutdown ends the open streams instead of waiting for them.
+    let stopping = Instant::now();
+    let stopped = tokio::spawn(api.stop());
+    assert!(matches!(first.next(WAIT).await?, Next::Ended));
+    stopped.await??;
+    assert!(
+        stopping.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        stopping.elapsed()
+    );
+    drop(third);
+    Ok(())
+}
+
+both_stacks!(a_reader_that_falls_behind_is_disconnected);
+
+/// A client that does not read while its chat gets busy is disconnected once it is more than the
+/// buffer behind, instead of being buffered for without end; it resumes with `Last-Event-ID`.
+async fn a_reader_that_falls_behind_is_disconnected(mut env: TestEnv) -> anyhow::Result<()> {
+    env.set("CHAT_STREAM_BUFFERED_CHANGES", "4");
+    let api = env.spawn_api().await?;
+    let workers = env.spawn_workers();
+    let client = &api.client;
+    let token = client.create_application("app").await?;
+    let chat = client.create_chat(&token).await?;
+    let mut stream = open(client, &token, chat, None).await?;
+    // Big messages fill the socket buffers quickly, so the server cannot write them all.
+    let body = "x".repeat(60_000);
+    const MESSAGES: u64 = 200;
+    for _ in 0..MESSAGES {
+        client.create_message(&token, chat, &body).await?;
+    }
+    eventually("all are stored", Duration::from_secs(60), || async {
+        Ok(client
+            .get(&format!(
+                "/applications/{token}/chats/{chat}/messages/{MESSAGES}"
+            ))
+            .await?
+            .status
+            == StatusCode::OK)
+    })
+    .await?;
+    let (mut received, mut last) = (0, 0);
+    loop {
+        match stream.next(WAIT).await? {
+            Next::Event(event) => {
+                received += 1;
+                last = event.number()?;
+                assert_eq!(last, received, "in order, without a gap");
+            }
+            Next::Ended => break,
+            Next::Quiet => anyhow::bail!("the slow stream was neither ended nor complete"),
+        }
+    }
+    assert!(
+        received < MESSAGES,
+        "received all {received}: nothing fell behind"
+    );
+    let metrics = reqwest::get(api.metrics_url()).await?.text().await?;
+    assert!(
+        metrics.contains("chat_live_streams_ended_total{reason=\"slow_reader\"} 1"),
+        "{metrics}"
+    );
+    // Where it resumes, nothing is missing.
+    let mut resumed = open(client, &token, chat, Some(last)).await?;
+    for expected in last + 1..=MESSAGES {
+        assert_eq!(resumed.expect_event(WAIT).await?.number()?, expected);
+    }
+    drop(resumed);
+    workers.stop().await?;
+    api.stop().await
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
