@@ -74,7 +74,10 @@ impl LiveHub {
             metrics,
             shutdown,
         });
-        tokio::spawn(Arc::clone(&hub).listen(queue));
+        // With streaming turned off the replica does not listen at all.
+        if limits.per_replica > 0 {
+            tokio::spawn(Arc::clone(&hub).listen(queue));
+        }
         hub
     }
 
@@ -136,6 +139,9 @@ impl LiveHub {
     /// Opens a stream of one chat, if the limits allow it and the replica hears the
     /// announcements (waiting a moment for them after a start or a reconnect).
     pub async fn open(self: &Arc<Self>, chat: ChatKey) -> Result<Subscription, ApiError> {
+        if self.limits.per_replica == 0 {
+            return Err(ApiError::TooManyStreams("on this replica"));
+        }
         let mut listening = self.listening.subscribe();
         let heard = tokio::time::timeout(LISTENER_WAIT, listening.wait_for(|heard| *heard)).await;
         if !matches!(heard, Ok(Ok(_))) {

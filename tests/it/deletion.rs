@@ -7,22 +7,7 @@ use chatcore::domain::Number;
 use chatcore::events::{Event, EventPayload, TraceContext};
 use chatcore::metrics::Metrics;
 use serde_json::json;
-use system_tests::{Client, StatusCode, TestEnv, both_stacks, eventually};
-
-async fn search(client: &Client, token: &str, chat: u64, query: &str) -> anyhow::Result<Vec<u64>> {
-    let reply = client
-        .get(&format!(
-            "/applications/{token}/chats/{chat}/messages/search?query={query}"
-        ))
-        .await?;
-    anyhow::ensure!(reply.status == StatusCode::OK, "search: {reply:?}");
-    Ok(reply.body["messages"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|hit| hit["number"].as_u64())
-        .collect())
-}
+use system_tests::{Client, StatusCode, TestEnv, both_stacks, eventually, search};
 
 async fn listed(client: &Client, token: &str, chat: u64) -> anyhow::Result<Vec<u64>> {
     let reply = client

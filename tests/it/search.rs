@@ -3,32 +3,7 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use system_tests::{Client, StatusCode, TestEnv, eventually};
-
-async fn search(client: &Client, token: &str, chat: u64, query: &str) -> anyhow::Result<Vec<u64>> {
-    let reply = client
-        .send_raw(
-            client
-                .request(
-                    reqwest::Method::GET,
-                    &format!("/applications/{token}/chats/{chat}/messages/search"),
-                )
-                .query(&[("query", query)]),
-        )
-        .await?;
-    anyhow::ensure!(
-        reply.status == StatusCode::OK,
-        "search {query:?}: {reply:?}"
-    );
-    Ok(reply.body["messages"]
-        .as_array()
-        .map(|hits| {
-            hits.iter()
-                .filter_map(|hit| hit["number"].as_u64())
-                .collect()
-        })
-        .unwrap_or_default())
-}
+use system_tests::{Client, StatusCode, TestEnv, eventually, search};
 
 /// Runs a search test on every index: Elasticsearch 8 and 7.17 (both supported) and the
 /// embedded SQLite FTS5 index.

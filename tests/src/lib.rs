@@ -864,6 +864,37 @@ impl EventStream {
     }
 }
 
+/// The numbers of the hits of a search (its first page), best match first.
+pub async fn search(
+    client: &Client,
+    token: &str,
+    chat: u64,
+    query: &str,
+) -> anyhow::Result<Vec<u64>> {
+    let reply = client
+        .send_raw(
+            client
+                .request(
+                    reqwest::Method::GET,
+                    &format!("/applications/{token}/chats/{chat}/messages/search"),
+                )
+                .query(&[("query", query)]),
+        )
+        .await?;
+    anyhow::ensure!(
+        reply.status == StatusCode::OK,
+        "search {query:?}: {reply:?}"
+    );
+    Ok(reply.body["messages"]
+        .as_array()
+        .map(|hits| {
+            hits.iter()
+                .filter_map(|hit| hit["number"].as_u64())
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
 /// Polls `check` until it returns true, failing after `timeout`.
 pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<()>
 where

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
-use sqlx::{MySql, MySqlPool, QueryBuilder, Row as _, Transaction};
+use sqlx::{MySql, MySqlPool, QueryBuilder, Transaction};
 
 use super::{
     ApplicationRow, ChatKey, ChatRow, CountFigures, CountLevel, IngestBatch, MessageRow,
@@ -123,28 +123,17 @@ super::storage_impl!(MySqlStorage, "mysql", {
         body: &MessageBody,
     ) -> Result<Option<MessageRow>, StorageError> {
         let mut transaction = self.pool.begin().await?;
-        let Some(row) = sqlx::query(
-            "SELECT m.id, m.version, m.created_at FROM messages m JOIN chats c ON c.id = m.chat_id \
-             WHERE c.application_id = ? AND c.number = ? AND m.number = ? AND m.deleted_at IS NULL \
-             FOR UPDATE",
-        )
-        .bind(application_id)
-        .bind(chat_number.get())
-        .bind(number.get())
-        .fetch_optional(&mut *transaction)
-        .await?
+        let Some(locked) =
+            lock_message(&mut transaction, application_id, chat_number, number).await?
         else {
             return Ok(None);
         };
-        let id: u64 = row.try_get("id")?;
-        let version: u64 = row.try_get::<u64, _>("version")? + 1;
-        let created_at: DateTime<Utc> = row.try_get("created_at")?;
-        let updated_at = now();
+        let (version, updated_at) = (locked.version + 1, now());
         sqlx::query("UPDATE messages SET body = ?, version = ?, updated_at = ? WHERE id = ?")
             .bind(body.as_str())
             .bind(version)
             .bind(updated_at)
-            .bind(id)
+            .bind(locked.id)
             .execute(&mut *transaction)
             .await?;
         transaction.commit().await?;
@@ -152,7 +141,7 @@ super::storage_impl!(MySqlStorage, "mysql", {
             number: number.get(),
             body: body.as_str().to_owned(),
             version,
-            created_at,
+            created_at: locked.created_at,
             updated_at,
         }))
     }
@@ -164,43 +153,33 @@ super::storage_impl!(MySqlStorage, "mysql", {
         number: Number,
     ) -> Result<Option<MessageRow>, StorageError> {
         let mut transaction = self.pool.begin().await?;
-        let Some(row) = sqlx::query(
-            "SELECT m.id, m.chat_id, m.version, m.created_at FROM messages m JOIN chats c ON c.id = m.chat_id \
-             WHERE c.application_id = ? AND c.number = ? AND m.number = ? AND m.deleted_at IS NULL \
-             FOR UPDATE",
-        )
-        .bind(application_id)
-        .bind(chat_number.get())
-        .bind(number.get())
-        .fetch_optional(&mut *transaction)
-        .await?
+        let Some(locked) =
+            lock_message(&mut transaction, application_id, chat_number, number).await?
         else {
             return Ok(None);
         };
-        let id: u64 = row.try_get("id")?;
-        let chat_id: u64 = row.try_get("chat_id")?;
-        let version: u64 = row.try_get::<u64, _>("version")? + 1;
-        let created_at: DateTime<Utc> = row.try_get("created_at")?;
-        let deleted_at = now();
+        let (version, deleted_at) = (locked.version + 1, now());
         sqlx::query(
             "UPDATE messages SET body = '', version = ?, updated_at = ?, deleted_at = ? WHERE id = ?",
         )
         .bind(version)
         .bind(deleted_at)
         .bind(deleted_at)
-        .bind(id)
+        .bind(locked.id)
         .execute(&mut *transaction)
         .await?;
-        sqlx::query("UPDATE chats SET messages_count = messages_count - 1 WHERE id = ? AND messages_count > 0")
-            .bind(chat_id)
-            .execute(&mut *transaction)
-            .await?;
+        sqlx::query(
+            "UPDATE chats SET messages_count = messages_count - 1 WHERE id = ? AND messages_count > 0",
+        )
+        .bind(locked.chat_id)
+        .execute(&mut *transaction)
+        .await?;
         transaction.commit().await?;
         Ok(Some(MessageRow {
             number: number.get(),
             body: String::new(),
             version,
-            created_at,
+            created_at: locked.created_at,
             updated_at: deleted_at,
         }))
     }
@@ -324,6 +303,33 @@ super::storage_impl!(MySqlStorage, "mysql", {
         Ok(behind.into_iter().map(|(scope, _)| scope.clone()).collect())
     }
 });
+
+/// A stored, not deleted message, locked for the rest of the transaction.
+#[derive(sqlx::FromRow)]
+struct LockedMessage {
+    id: u64,
+    chat_id: u64,
+    version: u64,
+    created_at: DateTime<Utc>,
+}
+
+async fn lock_message(
+    transaction: &mut Transaction<'_, MySql>,
+    application_id: u64,
+    chat_number: Number,
+    number: Number,
+) -> Result<Option<LockedMessage>, StorageError> {
+    Ok(sqlx::query_as(
+        "SELECT m.id, m.chat_id, m.version, m.created_at FROM messages m JOIN chats c ON c.id = m.chat_id \
+         WHERE c.application_id = ? AND c.number = ? AND m.number = ? AND m.deleted_at IS NULL \
+         FOR UPDATE",
+    )
+    .bind(application_id)
+    .bind(chat_number.get())
+    .bind(number.get())
+    .fetch_optional(&mut **transaction)
+    .await?)
+}
 
 async fn lock_reservation(
     transaction: &mut Transaction<'_, MySql>,
