@@ -40,14 +40,40 @@ impl BatchHandler for IngestWriter {
             .await
             .map_err(HandleError::of)?;
         let created = created_messages(&ingest);
-        if created.is_empty() {
-            return Ok(());
+        for announcement in announcements(&created) {
+            self.queue
+                .announce(announcement)
+                .await
+                .map_err(|error| HandleError::Transient(error.into()))?;
         }
-        self.queue
-            .announce(&created)
-            .await
-            .map_err(|error| HandleError::Transient(error.into()))
+        Ok(())
     }
+}
+
+/// Bodies of one announcement at most (a batch of the largest messages is announced in parts).
+const ANNOUNCEMENT_BODY_BYTES: usize = 1024 * 1024;
+
+/// The changes in announcements of at most [`ANNOUNCEMENT_BODY_BYTES`] of bodies (one change
+/// each at least).
+fn announcements(changes: &[MessageChange]) -> impl Iterator<Item = &[MessageChange]> {
+    let mut rest = changes;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut bytes = 0;
+        let length = rest
+            .iter()
+            .take_while(|change| {
+                bytes += change.body.len();
+                bytes <= ANNOUNCEMENT_BODY_BYTES
+            })
+            .count()
+            .max(1);
+        let (announcement, remaining) = rest.split_at(length);
+        rest = remaining;
+        Some(announcement)
+    })
 }
 
 /// The messages of a written batch as changes, by chat and number. A redelivered batch announces
@@ -132,4 +158,40 @@ fn first_conflict_in_batch(
         number: message.number,
         event_id: message.event_id,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::Utc;
+
+    use super::*;
+    use crate::domain::Number;
+
+    fn change(body_bytes: usize) -> MessageChange {
+        MessageChange {
+            kind: ChangeKind::Created,
+            application_id: 1,
+            chat_number: Number::new(1).expect("positive"),
+            number: Number::new(1).expect("positive"),
+            body: "x".repeat(body_bytes),
+            version: 1,
+            created_at: Utc::now(),
+            updated_at: Utc::now(),
+        }
+    }
+
+    #[test]
+    fn announcements_are_bounded_by_their_bodies() {
+        let half = ANNOUNCEMENT_BODY_BYTES / 2;
+        let changes = vec![
+            change(half),
+            change(half),
+            change(half),
+            change(3 * half),
+            change(1),
+        ];
+        let sizes: Vec<usize> = announcements(&changes).map(<[_]>::len).collect();
+        assert_eq!(sizes, [2, 1, 1, 1], "an oversized change goes alone");
+        assert_eq!(announcements(&[]).count(), 0);
+    }
 }
