@@ -223,6 +223,10 @@ CHAT_HEADER_READ_TIMEOUT_MS: {{ .Values.api.headerReadTimeoutMs | int64 | quote 
 CHAT_BODY_TIMEOUT_MS: {{ .Values.api.bodyTimeoutMs | int64 | quote }}
 CHAT_REQUEST_TIMEOUT_MS: {{ .Values.api.requestTimeoutMs | int64 | quote }}
 CHAT_SEARCH_TIMEOUT_MS: {{ .Values.api.searchTimeoutMs | int64 | quote }}
+CHAT_STREAMS_PER_REPLICA: {{ .Values.api.streams.perReplica | int64 | quote }}
+CHAT_STREAMS_PER_APPLICATION: {{ .Values.api.streams.perApplication | int64 | quote }}
+CHAT_STREAM_HEARTBEAT_MS: {{ .Values.api.streams.heartbeatMs | int64 | quote }}
+CHAT_STREAM_BUFFERED_CHANGES: {{ .Values.api.streams.bufferedChanges | int64 | quote }}
 {{- if include "chat.tlsCaEnabled" . }}
 CHAT_TLS_CA_FILE: {{ printf "%s/ca.crt" (include "chat.tlsCaDir" .) | quote }}
 {{- end }}
