@@ -45,6 +45,8 @@ pub struct AppState {
     admin_token: Arc<AdminToken>,
     rate_limiters: Arc<RateLimiters>,
     live: Arc<LiveHub>,
+    /// Cancelled at the shutdown signal: `/readyz` answers 503 from then on.
+    draining: CancellationToken,
 }
 
 impl AppState {
@@ -53,6 +55,7 @@ impl AppState {
         adapters: &Adapters,
         metrics: Arc<Metrics>,
         admin_token: AdminToken,
+        draining: CancellationToken,
         shutdown: &CancellationToken,
     ) -> Self {
         Self {
@@ -70,6 +73,7 @@ impl AppState {
                 config.api.rate_limits,
                 config.api.trusted_proxy_hops,
             )),
+            draining,
         }
     }
 
@@ -120,13 +124,15 @@ pub fn openapi_json() -> String {
         .expect("the document serializes")
 }
 
-/// Serves the API on `listener` until `shutdown` is cancelled, then drains in-flight requests.
-/// With the embedded queue it also runs the ingest and index consumers until then.
+/// Serves the API on `listener` until `signal` is cancelled and `CHAT_SHUTDOWN_DELAY_MS` has
+/// passed (not ready meanwhile), then drains in-flight requests. With the embedded queue it also
+/// runs the ingest and index consumers until then.
 pub async fn serve(
     config: Config,
     listeners: Listeners,
-    shutdown: CancellationToken,
+    signal: CancellationToken,
 ) -> anyhow::Result<()> {
+    let shutdown = stop_after_delay(&signal, config.api.shutdown_delay);
     let admin_token = admin::load_or_create(&config)?;
     let metrics = Metrics::new();
     let adapters = Adapters::connect(&config, &metrics).await?;
@@ -145,7 +151,7 @@ pub async fn serve(
         search = adapters.search.kind(),
         "api listening"
     );
-    let state = AppState::new(&config, &adapters, metrics, admin_token, &shutdown);
+    let state = AppState::new(&config, &adapters, metrics, admin_token, signal, &shutdown);
     state.rate_limiters.forget_quiet_clients(&shutdown);
     let internal = tokio::spawn(
         axum::serve(listeners.internal, routes::internal_router(state.clone()))
@@ -168,6 +174,29 @@ pub async fn serve(
         .await
         .context("internal port task")?
         .context("serving the internal port")
+}
+
+/// A token cancelled `delay` after `signal`: while a cluster removes a terminating replica from
+/// its endpoints (asynchronously), requests still routed to it are served rather than refused.
+fn stop_after_delay(signal: &CancellationToken, delay: std::time::Duration) -> CancellationToken {
+    if delay.is_zero() {
+        return signal.clone();
+    }
+    let stop = CancellationToken::new();
+    let (signal, cancel) = (signal.clone(), stop.clone());
+    tokio::spawn(async move {
+        tokio::select! {
+            () = signal.cancelled() => {}
+            () = cancel.cancelled() => return,
+        }
+        tracing::info!(
+            delay_ms = delay.as_millis() as u64,
+            "draining: not ready, serving until the delay ends"
+        );
+        tokio::time::sleep(delay).await;
+        cancel.cancel();
+    });
+    stop
 }
 
 /// Moves the dead letters of the ingest and index queues back into their queues (after the cause

@@ -190,6 +190,9 @@ pub struct ApiConfig {
     pub default_page_size: u32,
     pub max_page_size: u32,
     pub streams: StreamLimits,
+    /// How long the api keeps serving after SIGTERM with `/readyz` answering 503, before it
+    /// drains: the time the cluster takes to stop routing to it (0: drain at once).
+    pub shutdown_delay: Duration,
 }
 
 /// The bounds of the live message streams (`GET .../messages/stream`) of one replica.
@@ -385,6 +388,7 @@ impl Config {
                     heartbeat: settings.millis("CHAT_STREAM_HEARTBEAT_MS", 15_000)?,
                     buffered_changes: settings.parse("CHAT_STREAM_BUFFERED_CHANGES", 256)?,
                 },
+                shutdown_delay: settings.millis("CHAT_SHUTDOWN_DELAY_MS", 0)?,
             },
             consumer: ConsumerConfig {
                 prefetch: settings.parse("CHAT_CONSUMER_PREFETCH", 1000)?,

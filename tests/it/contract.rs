@@ -602,6 +602,35 @@ async fn health_endpoints(env: TestEnv) -> anyhow::Result<()> {
     api.stop().await
 }
 
+/// A terminating replica keeps serving for `CHAT_SHUTDOWN_DELAY_MS` with `/readyz` answering 503,
+/// so requests routed to it before the cluster removes it from its endpoints are not refused.
+#[tokio::test]
+async fn the_api_serves_through_its_shutdown_delay_while_not_ready() -> anyhow::Result<()> {
+    let mut env = TestEnv::embedded().await?;
+    env.set("CHAT_SHUTDOWN_DELAY_MS", "1500");
+    let api = env.spawn_api().await?;
+    let readyz = format!("{}/readyz", api.internal_url);
+    assert_eq!(reqwest::get(&readyz).await?.status(), StatusCode::OK);
+
+    let signalled = std::time::Instant::now();
+    api.signal_shutdown();
+    let answer = reqwest::get(&readyz).await?;
+    assert_eq!(answer.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(answer.json::<Value>().await?["status"], "draining");
+    let token = api.client.create_application("during the delay").await?;
+    let chat = api.client.create_chat(&token).await?;
+    assert_eq!(chat, 1, "requests are still served while draining");
+    assert!(signalled.elapsed() < Duration::from_millis(1500));
+
+    api.stop().await?;
+    assert!(
+        signalled.elapsed() >= Duration::from_millis(1500),
+        "stopped {:?} after the signal, before the delay ended",
+        signalled.elapsed()
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn worker_health_follows_the_consumer() -> anyhow::Result<()> {
     let readiness = chatcore::health::Readiness::default();

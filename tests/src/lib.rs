@@ -569,6 +569,11 @@ impl ApiHandle {
         format!("{}/metrics", self.internal_url)
     }
 
+    /// Sends the shutdown signal (SIGTERM's) without waiting for the api to stop.
+    pub fn signal_shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
     pub async fn stop(self) -> anyhow::Result<()> {
         self.shutdown.cancel();
         self.task.await?

@@ -1,5 +1,6 @@
 //! `/livez`: the process is up. `/readyz`: every dependency the api needs to serve answers (503
-//! otherwise); the search index is reported but not required (only search needs it).
+//! otherwise, and from the shutdown signal on); the search index is reported but not required
+//! (only search needs it).
 //! `/metrics`: Prometheus metrics of this process, on the internal port only.
 
 use axum::extract::State;
@@ -33,6 +34,12 @@ async fn metrics(State(state): State<AppState>) -> impl axum::response::IntoResp
 }
 
 async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
+    if state.draining.is_cancelled() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "draining"})),
+        );
+    }
     let checks = state.service().readiness().await;
     let ready = checks.iter().all(|check| check.up || !check.required);
     let status = if ready {
