@@ -42,15 +42,16 @@ app.kubernetes.io/instance: {{ .root.Release.Name }}
 app.kubernetes.io/component: {{ .component }}
 {{- end }}
 
-{{/* Image reference of a component: [registry/]repository:tag, the component's tag winning over
-image.tag, which wins over the appVersion. */}}
+{{/* Image reference of a component: [registry/]repository, then @digest when the component has one,
+else :tag (the component's tag winning over image.tag, which wins over the appVersion). The
+registry is global.imageRegistry (set once by an umbrella chart), else image.registry. */}}
 {{- define "chat.image" -}}
-{{- $registry := .root.Values.image.registry }}
-{{- $tag := .values.image.tag | default .root.Values.image.tag | default .root.Chart.AppVersion }}
-{{- if $registry }}
-{{- printf "%s/%s:%s" $registry .values.image.repository $tag }}
+{{- $registry := dig "imageRegistry" "" (.root.Values.global | default dict) | default .root.Values.image.registry }}
+{{- $repository := ternary (printf "%s/%s" $registry .values.image.repository) .values.image.repository (not (empty $registry)) }}
+{{- if .values.image.digest }}
+{{- printf "%s@%s" $repository .values.image.digest }}
 {{- else }}
-{{- printf "%s:%s" .values.image.repository $tag }}
+{{- printf "%s:%s" $repository (.values.image.tag | default .root.Values.image.tag | default .root.Chart.AppVersion) }}
 {{- end }}
 {{- end }}
 
@@ -93,9 +94,36 @@ image.tag, which wins over the appVersion. */}}
 {{- end }}
 {{- end }}
 
-{{/* Environment of every long-running container: connection URLs from the release's Secret. */}}
+{{/* Environment of every container of a component (context: root, values): the connection URLs
+from the release's Secret (none in embedded mode), then the component's extraEnv. */}}
 {{- define "chat.env" -}}
-{{- include "chat.connectionEnv" (include "chat.connectionSecretName" .) }}
+{{- if not .root.Values.embedded.enabled }}
+{{- include "chat.connectionEnv" (include "chat.connectionSecretName" .root) }}
+{{- end }}
+{{- with .values.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Checksums of what a component's pods read at start, so that they roll when it changes: the
+settings, and the connection URLs and admin token the chart itself stores in Secrets (a Secret of
+your own is yours to roll after; a generated admin token is kept across upgrades). */}}
+{{- define "chat.checksums" -}}
+checksum/config: {{ include "chat.configData" . | sha256sum }}
+{{- if not (or .Values.connections.existingSecret .Values.embedded.enabled) }}
+checksum/connections: {{ include "chat.connectionData" . | sha256sum }}
+{{- end }}
+{{- with .Values.auth.adminToken }}
+checksum/admin-token: {{ . | sha256sum }}
+{{- end }}
+{{- end }}
+
+{{/* Labels of a component's pods: the component's labels, then its podLabels. */}}
+{{- define "chat.podLabels" -}}
+{{ include "chat.labels" . }}
+{{- with .values.podLabels }}
+{{ toYaml . }}
+{{- end }}
 {{- end }}
 
 {{/* Secret holding the admin token (CHAT_ADMIN_TOKEN): auth.existingSecret or the chart's own. */}}
@@ -165,19 +193,29 @@ without cluster access such as `helm template`). */}}
 {{- end }}
 {{- end }}
 
+{{/* envFrom of a component's containers (context: root, values): the settings, then extraEnvFrom. */}}
 {{- define "chat.envFrom" -}}
 - configMapRef:
-    name: {{ include "chat.configMapName" . }}
+    name: {{ include "chat.configMapName" .root }}
+{{- with .values.extraEnvFrom }}
+{{ toYaml . }}
+{{- end }}
 {{- end }}
 
-{{/* Pod-level settings shared by every workload. */}}
+{{/* Pod-level settings shared by every workload (context: root, values, and optionally volumes:
+the component's own volumes): pull secrets (global and the chart's), security context,
+scheduling, and the volumes (the CA bundle, the component's own, then its extraVolumes). */}}
 {{- define "chat.podSpecCommon" -}}
-{{- with .root.Values.imagePullSecrets }}
+{{- $pullSecrets := concat (dig "imagePullSecrets" list (.root.Values.global | default dict)) .root.Values.imagePullSecrets | uniq }}
+{{- with $pullSecrets }}
 imagePullSecrets:
   {{- toYaml . | nindent 2 }}
 {{- end }}
 securityContext:
   {{- toYaml .root.Values.podSecurityContext | nindent 2 }}
+{{- with .values.priorityClassName }}
+priorityClassName: {{ . | quote }}
+{{- end }}
 {{- with .values.nodeSelector }}
 nodeSelector:
   {{- toYaml . | nindent 2 }}
@@ -188,6 +226,25 @@ tolerations:
 {{- end }}
 {{- with .values.affinity }}
 affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .values.topologySpreadConstraints }}
+topologySpreadConstraints:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- $volumes := concat (include "chat.tlsCaVolumes" .root | fromYamlArray) (.volumes | default list) (.values.extraVolumes | default list) }}
+{{- with $volumes }}
+volumes:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* volumeMounts of a component's container (context: root, values, and optionally mounts): the CA
+bundle, the component's own mounts, then its extraVolumeMounts; nothing without any. */}}
+{{- define "chat.volumeMounts" -}}
+{{- $mounts := concat (include "chat.tlsCaVolumeMounts" .root | fromYamlArray) (.mounts | default list) (.values.extraVolumeMounts | default list) }}
+{{- with $mounts }}
+volumeMounts:
   {{- toYaml . | nindent 2 }}
 {{- end }}
 {{- end }}
@@ -241,15 +298,40 @@ CHAT_PUSHGATEWAY_URL: {{ . | quote }}
 {{/* The four connection URLs as Secret stringData. The chart ships no credentials: the URLs that
 carry them must be given, unless the URLs come from connections.existingSecret. */}}
 {{- define "chat.connectionData" -}}
-{{- $hint := "or set connections.existingSecret to a Secret with DATABASE_URL, REDIS_URL, AMQP_URL and ELASTICSEARCH_URL" }}
+{{- $hint := "or set connections.existingSecret to a Secret with DATABASE_URL, REDIS_URL, AMQP_URL and ELASTICSEARCH_URL; to try the chart without any of these services, set embedded.enabled=true (one replica, data in the pod)" -}}
 DATABASE_URL: {{ required (printf "connections.databaseUrl is required (e.g. mysql://chat:PASSWORD@mysql:3306/chat), %s" $hint) .Values.connections.databaseUrl | quote }}
-REDIS_URL: {{ required (printf "connections.redisUrl is required, %s" $hint) .Values.connections.redisUrl | quote }}
-AMQP_URL: {{ required (printf "connections.amqpUrl is required (e.g. amqp://chat:PASSWORD@rabbitmq:5672/%%2f), %s" $hint) .Values.connections.amqpUrl | quote }}
-ELASTICSEARCH_URL: {{ required (printf "connections.elasticsearchUrl is required, %s" $hint) .Values.connections.elasticsearchUrl | quote }}
+REDIS_URL: {{ required (printf "connections.redisUrl is required (e.g. redis://redis:6379/0), %s" $hint) .Values.connections.redisUrl | quote }}
+AMQP_URL: {{ required (printf "connections.amqpUrl is required (e.g. amqp://chat:PASSWORD@rabbitmq:5672/%%2f; RabbitMQ refuses its guest user from anywhere but its own host), %s" $hint) .Values.connections.amqpUrl | quote }}
+ELASTICSEARCH_URL: {{ required (printf "connections.elasticsearchUrl is required (e.g. http://elasticsearch:9200), %s" $hint) .Values.connections.elasticsearchUrl | quote }}
 {{- end }}
 
-{{/* The two worker components, for templates that render both alike. */}}
+{{/* The two worker components, for templates that render both alike; none in embedded mode (the
+api process consumes its own events). */}}
 {{- define "chat.workers" -}}
+{{- if not .Values.embedded.enabled }}
 ingest-worker: ingestWorker
 indexer: indexer
+{{- end }}
+{{- end }}
+
+{{/* Probes of a long-running container on its health port (context: values, and the readiness
+period and failure threshold): a startup probe (while it connects to its services) when
+startupProbe.enabled, liveness on /livez, readiness on /readyz. */}}
+{{- define "chat.probes" -}}
+{{- with .values.startupProbe }}
+{{- if .enabled }}
+startupProbe:
+  httpGet: {path: /livez, port: health}
+  periodSeconds: {{ .periodSeconds }}
+  failureThreshold: {{ .failureThreshold }}
+{{- end }}
+{{- end }}
+livenessProbe:
+  httpGet: {path: /livez, port: health}
+  periodSeconds: 10
+  failureThreshold: 3
+readinessProbe:
+  httpGet: {path: /readyz, port: health}
+  periodSeconds: {{ .readinessPeriodSeconds }}
+  failureThreshold: {{ .readinessFailureThreshold }}
 {{- end }}
