@@ -12,7 +12,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::core::v1::{
-    ConfigMap, Container, Pod, PodSpec, Secret, Service, ServiceAccount,
+    ConfigMap, Container, PersistentVolumeClaim, Pod, PodSpec, Secret, Service, ServiceAccount,
 };
 use k8s_openapi::api::networking::v1::{Ingress, NetworkPolicy};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -22,8 +22,8 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-const KUBE_VERSION: &str = "1.33.0";
-const RELEASE: &str = "chat";
+pub(crate) const KUBE_VERSION: &str = "1.33.0";
+pub(crate) const RELEASE: &str = "chat";
 const REQUIRED_LABELS: [&str; 5] = [
     "app.kubernetes.io/name",
     "app.kubernetes.io/instance",
@@ -32,14 +32,14 @@ const REQUIRED_LABELS: [&str; 5] = [
     "app.kubernetes.io/managed-by",
 ];
 
-fn repo_root() -> PathBuf {
+pub(crate) fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("tests/ has a parent")
         .to_path_buf()
 }
 
-fn helm() -> anyhow::Result<PathBuf> {
+pub(crate) fn helm() -> anyhow::Result<PathBuf> {
     let path = match std::env::var_os("HELM") {
         Some(path) => PathBuf::from(path),
         None => repo_root().join(".services/bin/helm-v3.22.0-k1.33"),
@@ -52,7 +52,7 @@ fn helm() -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-fn chart() -> PathBuf {
+pub(crate) fn chart() -> PathBuf {
     repo_root().join("charts/chat")
 }
 
@@ -78,17 +78,26 @@ const MONITORING_APIS: [&str; 2] = [
     "monitoring.coreos.com/v1/PrometheusRule",
 ];
 
-fn run_helm(args: &[&str], values: Option<&Path>) -> anyhow::Result<String> {
+pub(crate) fn run_helm(args: &[&str], values: Option<&Path>) -> anyhow::Result<String> {
     run_helm_with(args, values.as_slice())
 }
 
 /// helm with several values files, later ones winning.
-fn run_helm_with(args: &[&str], values: &[&Path]) -> anyhow::Result<String> {
+pub(crate) fn run_helm_with(args: &[&str], values: &[&Path]) -> anyhow::Result<String> {
+    run_helm_for(KUBE_VERSION, args, values)
+}
+
+/// helm as on a cluster of `kube_version`.
+pub(crate) fn run_helm_for(
+    kube_version: &str,
+    args: &[&str],
+    values: &[&Path],
+) -> anyhow::Result<String> {
     let mut command = Command::new(helm()?);
     command
         .args(args)
         .arg(chart())
-        .args(["--kube-version", KUBE_VERSION]);
+        .args(["--kube-version", kube_version]);
     if args.first() == Some(&"template") {
         // `helm lint` takes no API versions.
         command.args(
@@ -111,10 +120,10 @@ fn run_helm_with(args: &[&str], values: &[&Path]) -> anyhow::Result<String> {
 }
 
 /// A values file in the temporary directory, deleted when dropped (names are unique per test).
-struct ScratchValues(PathBuf);
+pub(crate) struct ScratchValues(pub(crate) PathBuf);
 
 impl ScratchValues {
-    fn new(name: &str, yaml: &str) -> anyhow::Result<Self> {
+    pub(crate) fn new(name: &str, yaml: &str) -> anyhow::Result<Self> {
         let path =
             std::env::temp_dir().join(format!("chat-values-{name}-{}.yaml", std::process::id()));
         std::fs::write(&path, yaml)?;
@@ -129,7 +138,7 @@ impl Drop for ScratchValues {
 }
 
 /// `helm template` of `ci/minimal-values.yaml` (the smallest values that render) plus `extra`.
-fn render_minimal_with(name: &str, extra: &str) -> anyhow::Result<Rendered> {
+pub(crate) fn render_minimal_with(name: &str, extra: &str) -> anyhow::Result<Rendered> {
     let minimal = chart().join("ci/minimal-values.yaml");
     let extra = ScratchValues::new(name, extra)?;
     let yaml = run_helm_with(
@@ -139,7 +148,7 @@ fn render_minimal_with(name: &str, extra: &str) -> anyhow::Result<Rendered> {
     Rendered::parse(&parse_documents(&yaml)?)
 }
 
-fn parse_documents(yaml: &str) -> anyhow::Result<Vec<Value>> {
+pub(crate) fn parse_documents(yaml: &str) -> anyhow::Result<Vec<Value>> {
     let mut documents = Vec::new();
     for document in serde_yaml::Deserializer::from_str(yaml) {
         let value = Value::deserialize(document)?;
@@ -186,27 +195,27 @@ fn round_trip<T: DeserializeOwned + serde::Serialize>(document: &Value) -> anyho
 
 /// Every object of a render, parsed into its type.
 #[derive(Default)]
-struct Rendered {
-    names: BTreeMap<String, BTreeSet<String>>,
-    deployments: Vec<Deployment>,
-    services: Vec<Service>,
-    cron_jobs: Vec<CronJob>,
-    jobs: Vec<Job>,
-    pods: Vec<Pod>,
-    hpas: Vec<HorizontalPodAutoscaler>,
-    pdbs: Vec<PodDisruptionBudget>,
-    ingresses: Vec<Ingress>,
-    network_policies: Vec<NetworkPolicy>,
-    role_bindings: Vec<RoleBinding>,
-    config_maps: Vec<ConfigMap>,
-    secrets: Vec<Secret>,
-    service_monitors: Vec<monitoring::ServiceMonitor>,
-    prometheus_rules: Vec<monitoring::PrometheusRule>,
-    labels: Vec<(String, BTreeMap<String, String>)>,
+pub(crate) struct Rendered {
+    pub(crate) names: BTreeMap<String, BTreeSet<String>>,
+    pub(crate) deployments: Vec<Deployment>,
+    pub(crate) services: Vec<Service>,
+    pub(crate) cron_jobs: Vec<CronJob>,
+    pub(crate) jobs: Vec<Job>,
+    pub(crate) pods: Vec<Pod>,
+    pub(crate) hpas: Vec<HorizontalPodAutoscaler>,
+    pub(crate) pdbs: Vec<PodDisruptionBudget>,
+    pub(crate) ingresses: Vec<Ingress>,
+    pub(crate) network_policies: Vec<NetworkPolicy>,
+    pub(crate) role_bindings: Vec<RoleBinding>,
+    pub(crate) config_maps: Vec<ConfigMap>,
+    pub(crate) secrets: Vec<Secret>,
+    pub(crate) service_monitors: Vec<monitoring::ServiceMonitor>,
+    pub(crate) prometheus_rules: Vec<monitoring::PrometheusRule>,
+    pub(crate) labels: Vec<(String, BTreeMap<String, String>)>,
 }
 
 impl Rendered {
-    fn parse(documents: &[Value]) -> anyhow::Result<Self> {
+    pub(crate) fn parse(documents: &[Value]) -> anyhow::Result<Self> {
         let mut rendered = Self::default();
         for document in documents {
             let kind = document["kind"].as_str().context("kind")?.to_owned();
@@ -237,6 +246,7 @@ impl Rendered {
                 "ConfigMap" => round_trip(document).map(|c| rendered.config_maps.push(c)),
                 "Secret" => round_trip(document).map(|s| rendered.secrets.push(s)),
                 "ServiceAccount" => round_trip::<ServiceAccount>(document).map(drop),
+                "PersistentVolumeClaim" => round_trip::<PersistentVolumeClaim>(document).map(drop),
                 "ServiceMonitor" => round_trip(document).map(|m| rendered.service_monitors.push(m)),
                 "PrometheusRule" => round_trip(document).map(|r| rendered.prometheus_rules.push(r)),
                 other => bail!("{other}/{name}: a kind this check does not know; add it"),
@@ -246,14 +256,14 @@ impl Rendered {
         Ok(rendered)
     }
 
-    fn exists(&self, kind: &str, name: &str) -> bool {
+    pub(crate) fn exists(&self, kind: &str, name: &str) -> bool {
         self.names
             .get(kind)
             .is_some_and(|names| names.contains(name))
     }
 
     /// Pod templates of every workload, with their owner's name and whether it runs to completion.
-    fn pod_specs(&self) -> Vec<(String, &PodSpec, BTreeMap<String, String>, bool)> {
+    pub(crate) fn pod_specs(&self) -> Vec<(String, &PodSpec, BTreeMap<String, String>, bool)> {
         let mut specs = Vec::new();
         for deployment in &self.deployments {
             let spec = deployment.spec.as_ref().expect("deployment spec");
@@ -473,6 +483,13 @@ fn check_chart_invariants(rendered: &Rendered, existing: &Existing) -> anyhow::R
                     config_map.name
                 );
             }
+            if let Some(claim) = &volume.persistent_volume_claim {
+                ensure!(
+                    rendered.exists("PersistentVolumeClaim", &claim.claim_name),
+                    "{owner}: volume claim {} is not rendered",
+                    claim.claim_name
+                );
+            }
         }
         for container in &pod.containers {
             let owner = format!("{owner}/{}", container.name);
@@ -646,7 +663,12 @@ fn check_chart_invariants(rendered: &Rendered, existing: &Existing) -> anyhow::R
             );
         }
     }
-    ensure!(rendered.cron_jobs.len() == 1, "one counter-sync CronJob");
+    // counter-sync, and the two suspended operator templates (none in embedded mode).
+    ensure!(
+        [0, 1, 3].contains(&rendered.cron_jobs.len()),
+        "counter-sync and the operator CronJobs: {:?}",
+        rendered.names.get("CronJob")
+    );
     for cron_job in &rendered.cron_jobs {
         ensure!(
             cron_job
@@ -709,9 +731,11 @@ fn the_chart_lints_renders_and_keeps_its_invariants_in_every_scenario() -> anyho
                 "{label}: no Secret may be rendered with both existingSecrets"
             );
         }
+        let embedded = values["embedded"]["enabled"].as_bool() == Some(true);
+        let deployments = if embedded { 1 } else { 3 };
         ensure!(
-            rendered.names["Deployment"].len() == 3,
-            "{label}: api, ingest-worker and indexer"
+            rendered.names["Deployment"].len() == deployments,
+            "{label}: api, ingest-worker and indexer; the api alone in embedded mode"
         );
     }
     Ok(())
@@ -738,6 +762,12 @@ fn invalid_values_are_refused_by_the_schema() -> anyhow::Result<()> {
         "api: {maxConnections: 0}",
         "api: {requestTimeoutMs: 30000}",
         "config: {connectTimeoutMs: 0}",
+        "api: {shutdownDelaySeconds: -1}",
+        "api: {image: {repository: chat-api, digest: 'latest'}}",
+        "embedded: {enabled: true, persistence: {enabled: true, size: lots}}",
+        "api: {extraEnv: [{value: x}]}",
+        "operations: {enabled: 'yes'}",
+        "global: 1",
     ]
     .into_iter()
     .enumerate()
@@ -762,8 +792,9 @@ fn without_connection_urls_the_chart_refuses_to_render() -> anyhow::Result<()> {
         .to_string();
     ensure!(
         error.contains("connections.databaseUrl is required")
-            && error.contains("connections.existingSecret"),
-        "the failure names the value and existingSecret: {error}"
+            && error.contains("connections.existingSecret")
+            && error.contains("embedded.enabled=true"),
+        "the failure names the value, existingSecret and the embedded mode: {error}"
     );
     let only_database = ScratchValues::new(
         "only-database",
@@ -771,12 +802,24 @@ fn without_connection_urls_the_chart_refuses_to_render() -> anyhow::Result<()> {
     )?;
     let error = run_helm(&["template", RELEASE], Some(&only_database.0))
         .err()
+        .context("redisUrl is required too")?
+        .to_string();
+    ensure!(
+        error.contains("connections.redisUrl is required")
+            && error.contains("connections.existingSecret"),
+        "{error}"
+    );
+    let without_broker = ScratchValues::new(
+        "without-broker",
+        "connections: {databaseUrl: 'mysql://chat:x@mysql:3306/chat', redisUrl: 'redis://redis:6379/0', elasticsearchUrl: 'http://elasticsearch:9200'}",
+    )?;
+    let error = run_helm(&["template", RELEASE], Some(&without_broker.0))
+        .err()
         .context("amqpUrl is required too")?
         .to_string();
     ensure!(
-        error.contains("connections.amqpUrl is required")
-            && error.contains("connections.existingSecret"),
-        "{error}"
+        error.contains("connections.amqpUrl is required") && error.contains("guest"),
+        "the failure warns about RabbitMQ's guest user: {error}"
     );
     // An existing Secret replaces every URL value.
     let existing = ScratchValues::new(
@@ -794,7 +837,7 @@ fn without_connection_urls_the_chart_refuses_to_render() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn api_container(rendered: &Rendered) -> anyhow::Result<&Container> {
+pub(crate) fn api_container(rendered: &Rendered) -> anyhow::Result<&Container> {
     rendered
         .deployments
         .iter()
@@ -805,7 +848,7 @@ fn api_container(rendered: &Rendered) -> anyhow::Result<&Container> {
         .context("the api container")
 }
 
-fn config_data(rendered: &Rendered) -> anyhow::Result<BTreeMap<String, String>> {
+pub(crate) fn config_data(rendered: &Rendered) -> anyhow::Result<BTreeMap<String, String>> {
     rendered
         .config_maps
         .iter()
@@ -814,7 +857,7 @@ fn config_data(rendered: &Rendered) -> anyhow::Result<BTreeMap<String, String>> 
         .context("ConfigMap chat-config")
 }
 
-fn env_value<'a>(container: &'a Container, name: &str) -> Option<&'a str> {
+pub(crate) fn env_value<'a>(container: &'a Container, name: &str) -> Option<&'a str> {
     container
         .env
         .iter()
@@ -1177,6 +1220,8 @@ fn the_tls_ca_is_mounted_into_every_pod() -> anyhow::Result<()> {
                     "Deployment/chat-ingest-worker".to_owned(),
                     "Deployment/chat-indexer".to_owned(),
                     "CronJob/chat-counter-sync".to_owned(),
+                    "CronJob/chat-replay-dead-letters".to_owned(),
+                    "CronJob/chat-reindex".to_owned(),
                     "Job/chat-migrate".to_owned(),
                 ]),
             "{owners:?}"

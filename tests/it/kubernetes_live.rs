@@ -101,12 +101,42 @@ impl Drop for Namespace {
     }
 }
 
+/// The file names of every scenario of `charts/chat/ci/`.
+fn scenario_files() -> anyhow::Result<Vec<String>> {
+    let mut files: Vec<String> = std::fs::read_dir(repo_root().join("charts/chat/ci"))?
+        .map(|entry| Ok(entry?.file_name().to_string_lossy().into_owned()))
+        .collect::<anyhow::Result<_>>()?;
+    files.sort();
+    ensure!(files.len() >= 4, "the ci scenarios: {files:?}");
+    Ok(files)
+}
+
 /// The Secrets and ConfigMap that a scenario names (in a real installation the platform team
 /// creates them): the connection URLs and the CA of `production-values.yaml`, and for
 /// `existing-secret-values.yaml` also the admin token (the others let the chart generate it).
 fn create_prerequisites(namespace: &str, scenario: &str) -> anyhow::Result<()> {
     if scenario == "minimal-values.yaml" {
         // Its URLs are values: the chart makes the Secret.
+        return Ok(());
+    }
+    if scenario == "embedded-values.yaml" {
+        // No provisioner here: a volume bound in advance to the claim the chart creates.
+        let volume = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "PersistentVolume",
+            "metadata": {"name": embedded_volume(namespace)},
+            "spec": {
+                "capacity": {"storage": "2Gi"},
+                "accessModes": ["ReadWriteOnce"],
+                "persistentVolumeReclaimPolicy": "Retain",
+                "hostPath": {"path": format!("/tmp/{namespace}-data")},
+                "claimRef": {"namespace": namespace, "name": "chat-data"},
+            }
+        });
+        let manifest = std::env::temp_dir().join(format!("{namespace}-volume.json"));
+        std::fs::write(&manifest, volume.to_string())?;
+        kubectl(&["apply", "-f", &manifest.to_string_lossy()])?;
+        std::fs::remove_file(manifest)?;
         return Ok(());
     }
     let urls = [
@@ -147,6 +177,10 @@ fn create_prerequisites(namespace: &str, scenario: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn embedded_volume(namespace: &str) -> String {
+    format!("{namespace}-embedded-data")
+}
+
 fn deployment_replicas(namespace: &str, name: &str) -> anyhow::Result<String> {
     kubectl(&[
         "-n",
@@ -163,11 +197,9 @@ fn deployment_replicas(namespace: &str, name: &str) -> anyhow::Result<String> {
 /// back and uninstalled on the API server, as an operator would.
 #[test]
 fn the_chart_installs_upgrades_rolls_back_and_uninstalls_in_every_scenario() -> anyhow::Result<()> {
-    for file in [
-        "minimal-values.yaml",
-        "existing-secret-values.yaml",
-        "production-values.yaml",
-    ] {
+    for file in scenario_files()? {
+        let file = file.as_str();
+        let embedded = file == "embedded-values.yaml";
         let namespace = Namespace::create("live")?;
         let ns = namespace.0.as_str();
         create_prerequisites(ns, file)?;
@@ -190,16 +222,56 @@ fn the_chart_installs_upgrades_rolls_back_and_uninstalls_in_every_scenario() -> 
         let installed = deployment_replicas(ns, &api)?;
         let (wanted, ready) = installed.split_once('/').context("replicas")?;
         ensure!(wanted == ready, "{file}: api {installed} after --wait");
-        for object in [
-            "deployment/chat-ingest-worker",
-            "deployment/chat-indexer",
-            "cronjob/chat-counter-sync",
-            "serviceaccount/chat-counter-sync",
-            "role/chat-counter-sync",
-            "service/chat-api",
-        ] {
+        let objects: &[&str] = if embedded {
+            // The whole system in the api; its claim bound (--wait waits for that too).
+            &["service/chat-api", "persistentvolumeclaim/chat-data"]
+        } else {
+            &[
+                "deployment/chat-ingest-worker",
+                "deployment/chat-indexer",
+                "cronjob/chat-counter-sync",
+                "cronjob/chat-replay-dead-letters",
+                "cronjob/chat-reindex",
+                "serviceaccount/chat-counter-sync",
+                "role/chat-counter-sync",
+                "service/chat-api",
+            ]
+        };
+        for object in objects {
             kubectl(&["-n", ns, "get", object]).with_context(|| format!("{file}: {object}"))?;
         }
+        if !embedded {
+            // An operator command is one `kubectl create job --from`, with the release's settings.
+            kubectl(&[
+                "-n",
+                ns,
+                "create",
+                "job",
+                "--from=cronjob/chat-reindex",
+                "reindex-now",
+            ])?;
+            let job = kubectl(&[
+                "-n",
+                ns,
+                "get",
+                "job",
+                "reindex-now",
+                "-o",
+                "jsonpath={.spec.template.spec.containers[0].args[0]} {.spec.template.spec.containers[0].envFrom[0].configMapRef.name}",
+            ])?;
+            assert_eq!(job.trim(), "reindex chat-config", "{file}: the reindex Job");
+        }
+        let notes = helm(&["get", "notes", RELEASE, "-n", ns])?;
+        if file == "production-values.yaml" {
+            ensure!(
+                notes.contains("\n  https://chat.acme.example/api/v1\n"),
+                "{file}: one line per ingress host in NOTES:\n{notes}"
+            );
+        }
+        ensure!(
+            notes.contains("EMBEDDED MODE") == embedded,
+            "{file}: NOTES say whether it is the embedded mode"
+        );
         let status = helm(&["status", RELEASE, "-n", ns, "-o", "json"])?;
         let status: serde_json::Value = serde_json::from_str(&status)?;
         assert_eq!(status["info"]["status"], "deployed", "{file}");
@@ -221,7 +293,66 @@ fn the_chart_installs_upgrades_rolls_back_and_uninstalls_in_every_scenario() -> 
             "3m",
         ])
         .with_context(|| format!("upgrade {file}"))?;
-        assert_eq!(deployment_replicas(ns, &api)?, "3/3", "{file}: upgraded");
+        let upgraded = if embedded { "1/1" } else { "3/3" };
+        assert_eq!(deployment_replicas(ns, &api)?, upgraded, "{file}: upgraded");
+        if file == "minimal-values.yaml" {
+            // A new password in the chart's Secret alone rolls the pods that read it.
+            let template = |name: &str| {
+                kubectl(&[
+                    "-n",
+                    ns,
+                    "get",
+                    "deployment",
+                    name,
+                    "-o",
+                    "jsonpath={.spec.template.metadata.annotations.checksum/connections}",
+                ])
+            };
+            let before = [template(&api)?, template("chat-indexer")?];
+            let rotated = [
+                "upgrade",
+                RELEASE,
+                &chart(),
+                "-n",
+                ns,
+                "-f",
+                &values,
+                "--reuse-values",
+                "--set",
+                "connections.databaseUrl=mysql://chat:rotated@mysql:3306/chat",
+                "--wait",
+                "--timeout",
+                "3m",
+            ];
+            helm(&rotated).context("upgrade with a rotated password")?;
+            let after = [template(&api)?, template("chat-indexer")?];
+            ensure!(
+                before
+                    .iter()
+                    .zip(&after)
+                    .all(|(b, a)| !b.is_empty() && b != a),
+                "the pod templates changed with the Secret: {before:?} -> {after:?}"
+            );
+            let revisions = kubectl(&["-n", ns, "get", "replicasets", "-o", "name"])?;
+            ensure!(
+                revisions
+                    .lines()
+                    .filter(|r| r.contains("chat-api-"))
+                    .count()
+                    >= 2,
+                "a new api ReplicaSet rolled out: {revisions}"
+            );
+            helm(&[
+                "rollback",
+                RELEASE,
+                "2",
+                "-n",
+                ns,
+                "--wait",
+                "--timeout",
+                "3m",
+            ])?;
+        }
         helm(&[
             "rollback",
             RELEASE,
@@ -240,7 +371,13 @@ fn the_chart_installs_upgrades_rolls_back_and_uninstalls_in_every_scenario() -> 
         );
         let history = helm(&["history", RELEASE, "-n", ns, "-o", "json"])?;
         let history: Vec<serde_json::Value> = serde_json::from_str(&history)?;
-        assert_eq!(history.len(), 3, "{file}: install, upgrade, rollback");
+        // minimal-values.yaml also rotated a password and rolled that back.
+        let revisions = if file == "minimal-values.yaml" { 5 } else { 3 };
+        assert_eq!(
+            history.len(),
+            revisions,
+            "{file}: install, upgrade(s), rollback(s)"
+        );
 
         helm(&["uninstall", RELEASE, "-n", ns, "--wait", "--timeout", "2m"])?;
         let left = kubectl(&[
@@ -252,6 +389,16 @@ fn the_chart_installs_upgrades_rolls_back_and_uninstalls_in_every_scenario() -> 
             "name",
         ])?;
         assert_eq!(left.trim(), "", "{file}: left behind {left}");
+        if embedded {
+            // The data outlives an uninstall (helm.sh/resource-policy: keep).
+            kubectl(&["-n", ns, "get", "persistentvolumeclaim", "chat-data"])?;
+            kubectl(&[
+                "delete",
+                "persistentvolume",
+                &embedded_volume(ns),
+                "--wait=false",
+            ])?;
+        }
     }
     Ok(())
 }
@@ -262,11 +409,7 @@ fn the_chart_installs_upgrades_rolls_back_and_uninstalls_in_every_scenario() -> 
 fn the_rendered_chart_and_the_dev_manifests_pass_the_servers_strict_validation()
 -> anyhow::Result<()> {
     let namespace = Namespace::create("dry-run")?;
-    for file in [
-        "minimal-values.yaml",
-        "existing-secret-values.yaml",
-        "production-values.yaml",
-    ] {
+    for file in scenario_files()? {
         let rendered = helm(&[
             "template",
             RELEASE,
@@ -274,7 +417,7 @@ fn the_rendered_chart_and_the_dev_manifests_pass_the_servers_strict_validation()
             "-n",
             &namespace.0,
             "-f",
-            &scenario(file),
+            &scenario(&file),
         ])?;
         let path = std::env::temp_dir().join(format!("{}-{file}", namespace.0));
         std::fs::write(&path, rendered)?;

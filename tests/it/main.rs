@@ -2,6 +2,7 @@
 //! embedded single process (`scripts/test`).
 
 mod architecture;
+mod chart_platform;
 mod contract;
 mod deletion;
 mod embedded;
