@@ -54,6 +54,10 @@ pub async fn serve(
                 }
             },
         };
+        // Answers go out at once, not held back by Nagle's algorithm for the next write.
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(%error, %peer, "setting TCP_NODELAY failed");
+        }
         let service = router
             .clone()
             .map_request(move |mut request: Request<Incoming>| {

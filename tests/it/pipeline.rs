@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use chatcore::domain::Number;
 use chatcore::events::{Consumer, Event, EventPayload};
+use chatcore::queue::EventQueue as _;
 use futures_util::future::join_all;
 use lapin::options::{BasicGetOptions, BasicPublishOptions};
 use lapin::types::FieldTable;
@@ -493,4 +494,90 @@ async fn counter_sync_repairs_drifted_counts_and_counters_behind() -> anyhow::Re
     assert!(counter_sync::run(&env.config()).await?.repairs.is_empty());
     workers.stop().await?;
     api.stop().await
+}
+
+/// Each publish is answered by its own confirm: publishes from many tasks on every runtime thread,
+/// half of them to a routing key no queue binds (refused as unroutable), each get the outcome of
+/// their own event. A confirm paired with another publish would answer a routable event
+/// "unroutable" or the reverse (a 202 for an event the broker never took).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_publish_gets_the_confirm_of_its_own_event() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    let config = env.config();
+    let queue = chatcore::queue::RabbitMqQueue::new(
+        config.require_amqp_url()?.clone(),
+        config.topology.clone(),
+        Duration::from_secs(10),
+        Duration::from_secs(3),
+        None,
+    );
+    queue.ensure_topology().await?;
+    // message.updated reaches no queue from now on.
+    let connection = env.amqp_connection().await?;
+    let channel = connection.create_channel().await?;
+    channel
+        .queue_unbind(
+            config.topology.index_queue.as_str().into(),
+            config.topology.exchange.as_str().into(),
+            chatcore::events::routing::MESSAGE_UPDATED.into(),
+            FieldTable::default(),
+        )
+        .await?;
+    let queue = std::sync::Arc::new(queue);
+    let publishers = (0..64u64).map(|publisher| {
+        let queue = std::sync::Arc::clone(&queue);
+        tokio::spawn(async move {
+            let mut mismatches = Vec::new();
+            for round in 0..40u64 {
+                let number = Number::new(publisher * 1000 + round + 1).expect("positive");
+                let routable = (publisher + round) % 2 == 0;
+                let now = chrono::Utc::now();
+                let payload = if routable {
+                    EventPayload::MessageCreated {
+                        application_id: 1,
+                        chat_number: number,
+                        message_number: number,
+                        body: "routable".into(),
+                        created_at: now,
+                    }
+                } else {
+                    EventPayload::MessageUpdated {
+                        application_id: 1,
+                        chat_number: number,
+                        message_number: number,
+                        body: "unroutable".into(),
+                        version: 2,
+                        created_at: now,
+                        updated_at: now,
+                    }
+                };
+                let outcome = queue
+                    .publish(
+                        &Event::new(payload),
+                        &chatcore::events::TraceContext::child_of(None),
+                    )
+                    .await;
+                let as_expected = match &outcome {
+                    Ok(()) => routable,
+                    Err(chatcore::queue::QueueError::Unroutable(_)) => !routable,
+                    Err(_) => false,
+                };
+                if !as_expected {
+                    mismatches.push(format!("routable={routable}: {outcome:?}"));
+                }
+            }
+            mismatches
+        })
+    });
+    let mut mismatches = Vec::new();
+    for publisher in join_all(publishers).await {
+        mismatches.extend(publisher?);
+    }
+    assert!(
+        mismatches.is_empty(),
+        "{} of 2,560 publishes got another publish's confirm, e.g. {:?}",
+        mismatches.len(),
+        mismatches.iter().take(3).collect::<Vec<_>>()
+    );
+    Ok(())
 }

@@ -7,6 +7,7 @@
 //! delivers them again; an event that can never be processed moves to the queue's dead-letter
 //! queue, from which [`EventQueue::replay_dead_letters`] moves it back.
 
+mod publisher;
 mod rabbitmq;
 mod sqlite;
 mod timed;
@@ -39,6 +40,8 @@ pub enum QueueError {
     ConfirmTimeout(Duration),
     #[error("the broker cancelled the consumer")]
     ConsumerCancelled,
+    #[error("the rabbitmq publisher stopped with its channel")]
+    PublisherStopped,
     #[error("sqlite queue: {0}")]
     Database(#[from] sqlx::Error),
     #[error("the embedded queue could not store the event: {0}")]
@@ -56,6 +59,7 @@ impl Transient for QueueError {
             | Self::Nacked
             | Self::ConfirmTimeout(_)
             | Self::ConsumerCancelled
+            | Self::PublisherStopped
             | Self::Embedded(_) => true,
         }
     }

@@ -7,8 +7,10 @@
 //! consumes them from a queue of its own (server-named, exclusive, bounded, deleted with its
 //! connection).
 //!
-//! Publishing, announcing, depth and replay share one publisher-confirmed channel that is opened on first use
-//! and again after the connection is lost; each consumer gets a connection of its own.
+//! Publishing, announcing, depth and replay share one publisher-confirmed channel that is opened on
+//! first use and again after the connection is lost; every publish on it goes through its
+//! [`Publisher`] (one task publishing, one settling the confirms, in order); each consumer gets a
+//! connection of its own.
 
 use std::io;
 use std::net::Shutdown;
@@ -18,19 +20,18 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures_util::StreamExt as _;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
-    BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
-    QueueBindOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicQosOptions,
+    BasicRejectOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
 };
 use lapin::tcp::{AsyncTcpStream, OwnedTLSConfig};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::uri::{AMQPScheme, AMQPUri};
-use lapin::{
-    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
-};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use tokio::sync::RwLock;
 use tokio_util::sync::CancellationToken;
 
+use super::publisher::{Outcome, Publication, Publisher};
 use super::{Announcements, Delivery, EventQueue, EventSource, QueueError};
 use crate::changes::{self, MessageChange};
 use crate::config::{ConsumerConfig, QueueType, SecretUrl, Topology};
@@ -56,12 +57,31 @@ pub struct RabbitMqQueue {
     link: RwLock<Option<Link>>,
 }
 
-/// The publisher-confirmed channel and the connection it lives on.
+/// The publisher-confirmed channel, its publisher and the connection it lives on.
 struct Link {
     // Kept so the connection lives as long as its channel.
     _connection: Connection,
     channel: Channel,
+    publisher: Publisher,
     generation: u64,
+}
+
+/// What a publish needs of the link: the channel (for declares and gets) and its publisher.
+#[derive(Clone)]
+struct Linked {
+    channel: Channel,
+    publisher: Publisher,
+    generation: u64,
+}
+
+impl Link {
+    fn linked(&self) -> Linked {
+        Linked {
+            channel: self.channel.clone(),
+            publisher: self.publisher.clone(),
+            generation: self.generation,
+        }
+    }
 }
 
 impl RabbitMqQueue {
@@ -85,14 +105,14 @@ impl RabbitMqQueue {
     }
 
     /// The open channel, connecting when there is none or `broken_generation` is the current one.
-    async fn channel(&self, broken_generation: Option<u64>) -> Result<(Channel, u64), QueueError> {
+    async fn channel(&self, broken_generation: Option<u64>) -> Result<Linked, QueueError> {
         {
             let link = self.link.read().await;
             if let Some(link) = link.as_ref()
                 && Some(link.generation) != broken_generation
                 && link.channel.status().connected()
             {
-                return Ok((link.channel.clone(), link.generation));
+                return Ok(link.linked());
             }
         }
         let mut link = self.link.write().await;
@@ -100,7 +120,7 @@ impl RabbitMqQueue {
             && Some(current.generation) != broken_generation
             && current.channel.status().connected()
         {
-            return Ok((current.channel.clone(), current.generation));
+            return Ok(current.linked());
         }
         let generation = link.as_ref().map_or(0, |link| link.generation + 1);
         let connection_name = format!("{} publisher", self.topology.exchange);
@@ -110,40 +130,49 @@ impl RabbitMqQueue {
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
         declare_topology(&channel, &self.topology).await?;
-        *link = Some(Link {
+        let opened = Link {
             _connection: connection,
-            channel: channel.clone(),
+            publisher: Publisher::start(channel.clone()),
+            channel,
             generation,
-        });
-        Ok((channel, generation))
+        };
+        let linked = opened.linked();
+        *link = Some(opened);
+        Ok(linked)
+    }
+
+    /// Publishes through the link's publisher; the broker's answer to this publish, within the
+    /// confirm timeout.
+    async fn publish_through(
+        &self,
+        linked: &Linked,
+        publication: Publication,
+    ) -> Result<Outcome, QueueError> {
+        tokio::time::timeout(self.confirm_timeout, linked.publisher.publish(publication))
+            .await
+            .map_err(|_| QueueError::ConfirmTimeout(self.confirm_timeout))?
+            .map_err(|_| QueueError::PublisherStopped)?
+            .map_err(QueueError::Broker)
     }
 
     async fn publish_on(
         &self,
-        channel: &Channel,
+        linked: &Linked,
         event: &Event,
         trace: &TraceContext,
     ) -> Result<(), QueueError> {
         let routing_key = event.routing_key();
-        let confirm = channel
-            .basic_publish(
-                self.topology.exchange.as_str().into(),
-                routing_key.into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
-                &event.encode(),
-                event_properties(event, trace),
-            )
-            .await?;
-        let confirmation = tokio::time::timeout(self.confirm_timeout, confirm)
-            .await
-            .map_err(|_| QueueError::ConfirmTimeout(self.confirm_timeout))??;
-        match confirmation {
-            Confirmation::Ack(None) => Ok(()),
-            Confirmation::Ack(Some(_returned)) => Err(QueueError::Unroutable(routing_key)),
-            Confirmation::Nack(_) | Confirmation::NotRequested => Err(QueueError::Nacked),
+        let publication = Publication {
+            exchange: self.topology.exchange.clone(),
+            routing_key: routing_key.to_owned(),
+            payload: event.encode(),
+            properties: event_properties(event, trace),
+            mandatory: true,
+        };
+        match self.publish_through(linked, publication).await? {
+            Outcome::Stored => Ok(()),
+            Outcome::Returned => Err(QueueError::Unroutable(routing_key)),
+            Outcome::Refused => Err(QueueError::Nacked),
         }
     }
 }
@@ -164,18 +193,18 @@ impl EventQueue for RabbitMqQueue {
 
     async fn ensure_topology(&self) -> Result<(), QueueError> {
         // Opening the channel declares the topology.
-        self.channel(None).await.map(|_| ())
+        self.channel(None).await.map(drop)
     }
 
     /// Waits for the broker's confirm. Retries once on a fresh connection when the current one
     /// is broken (events are idempotent, so a duplicate is harmless).
     async fn publish(&self, event: &Event, trace: &TraceContext) -> Result<(), QueueError> {
-        let (channel, generation) = self.channel(None).await?;
-        match self.publish_on(&channel, event, trace).await {
-            Err(QueueError::Broker(error)) => {
+        let linked = self.channel(None).await?;
+        match self.publish_on(&linked, event, trace).await {
+            Err(error @ (QueueError::Broker(_) | QueueError::PublisherStopped)) => {
                 tracing::warn!(%error, "publish failed, reconnecting to rabbitmq");
-                let (channel, _) = self.channel(Some(generation)).await?;
-                self.publish_on(&channel, event, trace).await
+                let linked = self.channel(Some(linked.generation)).await?;
+                self.publish_on(&linked, event, trace).await
             }
             outcome => outcome,
         }
@@ -219,24 +248,19 @@ impl EventQueue for RabbitMqQueue {
     }
 
     async fn announce(&self, changes: &[MessageChange]) -> Result<(), QueueError> {
-        let (channel, _) = self.channel(None).await?;
-        let confirm = channel
-            .basic_publish(
-                self.topology.changes_exchange.as_str().into(),
-                "".into(),
-                BasicPublishOptions::default(),
-                &changes::encode(changes),
-                BasicProperties::default()
-                    .with_delivery_mode(TRANSIENT)
-                    .with_content_type(ShortString::from("application/json")),
-            )
-            .await?;
-        match tokio::time::timeout(self.confirm_timeout, confirm)
-            .await
-            .map_err(|_| QueueError::ConfirmTimeout(self.confirm_timeout))??
-        {
-            Confirmation::Ack(_) => Ok(()),
-            Confirmation::Nack(_) | Confirmation::NotRequested => Err(QueueError::Nacked),
+        let linked = self.channel(None).await?;
+        let publication = Publication {
+            exchange: self.topology.changes_exchange.clone(),
+            routing_key: String::new(),
+            payload: changes::encode(changes),
+            properties: BasicProperties::default()
+                .with_delivery_mode(TRANSIENT)
+                .with_content_type(ShortString::from("application/json")),
+            mandatory: false,
+        };
+        match self.publish_through(&linked, publication).await? {
+            Outcome::Stored | Outcome::Returned => Ok(()),
+            Outcome::Refused => Err(QueueError::Nacked),
         }
     }
 
@@ -301,7 +325,7 @@ impl EventQueue for RabbitMqQueue {
 
     /// Messages ready in a queue, through a passive declare (which fails if the queue is missing).
     async fn depth(&self, queue: &str) -> Result<u64, QueueError> {
-        let (channel, _) = self.channel(None).await?;
+        let channel = self.channel(None).await?.channel;
         let passive = QueueDeclareOptions {
             passive: true,
             ..QueueDeclareOptions::default()
@@ -316,7 +340,8 @@ impl EventQueue for RabbitMqQueue {
         let queue = self.topology.queue(consumer);
         let dead_letter_queue = Topology::dead_letter_queue(queue);
         let waiting = self.depth(&dead_letter_queue).await?;
-        let (channel, _) = self.channel(None).await?;
+        let linked = self.channel(None).await?;
+        let channel = &linked.channel;
         let mut moved = 0;
         while moved < waiting {
             let Some(message) = channel
@@ -329,20 +354,14 @@ impl EventQueue for RabbitMqQueue {
                 break;
             };
             let delivery = message.delivery;
-            let confirmation = channel
-                .basic_publish(
-                    "".into(),
-                    queue.into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..BasicPublishOptions::default()
-                    },
-                    &delivery.data,
-                    delivery.properties.clone(),
-                )
-                .await?
-                .await?;
-            if !matches!(confirmation, Confirmation::Ack(None)) {
+            let publication = Publication {
+                exchange: String::new(),
+                routing_key: queue.to_owned(),
+                payload: delivery.data.clone(),
+                properties: delivery.properties.clone(),
+                mandatory: true,
+            };
+            if self.publish_through(&linked, publication).await? != Outcome::Stored {
                 return Err(QueueError::Nacked);
             }
             channel

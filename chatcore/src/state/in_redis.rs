@@ -28,7 +28,11 @@ pub async fn connect_redis_with(
     connect_timeout: Duration,
     tls_ca: Option<&[u8]>,
 ) -> Result<ConnectionManager, redis::RedisError> {
-    let mut client = redis::Client::open(url.expose())?;
+    // Commands of concurrent requests share the multiplexed connection: Nagle's algorithm would
+    // hold a command back while an earlier one is unanswered.
+    let info = redis::IntoConnectionInfo::into_connection_info(url.expose())?
+        .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
+    let mut client = redis::Client::open(info)?;
     if let Some(pem) = tls_ca
         && matches!(
             client.get_connection_info().addr(),

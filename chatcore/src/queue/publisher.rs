@@ -1,0 +1,243 @@
+//! The publishing side of one RabbitMQ channel in publisher-confirm mode: every publish of the
+//! process goes through one task, and every confirm is settled by one other task, both in the
+//! order the broker numbers them. Two reasons, both found under concurrent load:
+//!
+//! - lapin numbers a publish for its confirm (the delivery tag) and queues its frames in two
+//!   steps; publishes started at once on two runtime threads can be numbered in one order and
+//!   sent in the other, each then answered by the other's confirm.
+//! - lapin hands a returned (unroutable, `mandatory`) message to whichever pending confirm it
+//!   completes next, and completes the confirms of a multiple-ack in no particular order: the
+//!   "returned" can reach another publish's confirm. So a publish's own confirm does not say
+//!   whether *it* was returned; the settling task collects every returned message (by message
+//!   id) before it answers a publish, which it can because the broker always sends a message's
+//!   return before its ack.
+//!
+//! A request waits for its own [`Outcome`] only: publishes of concurrent requests go out together
+//! and their confirms (often one multiple-ack) answer all of them.
+
+use std::collections::{HashSet, VecDeque};
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+
+use lapin::options::BasicPublishOptions;
+use lapin::types::ShortString;
+use lapin::{BasicProperties, Channel, Confirmation, PublisherConfirm};
+use tokio::sync::{mpsc, oneshot};
+
+/// Publishes waiting for the publisher task; callers wait (back-pressure) beyond it.
+const PUBLICATIONS_QUEUED: usize = 4096;
+/// Publishes started together before their frames are awaited.
+const STARTED_TOGETHER: usize = 256;
+
+/// How the broker answered one publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Confirmed: routed to every queue bound to its key and, if persistent, on disk there.
+    Stored,
+    /// A `mandatory` publish that no queue is bound for (confirmed, but stored nowhere).
+    Returned,
+    /// Refused by the broker (nack).
+    Refused,
+}
+
+/// One publish handed to the publisher task.
+pub struct Publication {
+    pub exchange: String,
+    pub routing_key: String,
+    pub payload: Vec<u8>,
+    pub properties: BasicProperties,
+    pub mandatory: bool,
+}
+
+type Reply = oneshot::Sender<Result<Outcome, lapin::Error>>;
+
+/// The handle of a channel's publisher: cheap to clone, shared by every request.
+#[derive(Clone)]
+pub struct Publisher {
+    publications: mpsc::Sender<(Publication, Reply)>,
+}
+
+/// The publisher task stopped (its channel or connection is gone).
+#[derive(Debug, thiserror::Error)]
+#[error("the publisher of this rabbitmq channel stopped")]
+pub struct PublisherStopped;
+
+impl Publisher {
+    /// Starts the two tasks of `channel` (which must be in confirm mode). They end when every
+    /// handle is dropped and the publishes in flight are settled.
+    pub fn start(channel: Channel) -> Self {
+        let (publications, incoming) = mpsc::channel(PUBLICATIONS_QUEUED);
+        let (in_flight, to_settle) = mpsc::unbounded_channel();
+        tokio::spawn(publish_in_order(channel, incoming, in_flight));
+        tokio::spawn(settle_in_order(to_settle));
+        Self { publications }
+    }
+
+    /// Publishes and waits for the broker's answer to this publish.
+    pub async fn publish(
+        &self,
+        publication: Publication,
+    ) -> Result<Result<Outcome, lapin::Error>, PublisherStopped> {
+        let (reply, answer) = oneshot::channel();
+        self.publications
+            .send((publication, reply))
+            .await
+            .map_err(|_| PublisherStopped)?;
+        answer.await.map_err(|_| PublisherStopped)
+    }
+}
+
+/// A publish sent to the broker, waiting for its confirm.
+struct InFlight {
+    message_id: Option<ShortString>,
+    mandatory: bool,
+    confirm: Settling,
+    reply: Reply,
+}
+
+enum Settling {
+    Waiting(PublisherConfirm),
+    /// Acknowledged (true) or refused by the broker.
+    Confirmed(Result<bool, lapin::Error>),
+}
+
+/// Takes the publishes in arrival order, starts each (numbered and queued) before the next, then
+/// waits for their frames to be written and hands them to the settling task in the same order.
+async fn publish_in_order(
+    channel: Channel,
+    mut incoming: mpsc::Receiver<(Publication, Reply)>,
+    in_flight: mpsc::UnboundedSender<InFlight>,
+) {
+    let mut batch = Vec::with_capacity(STARTED_TOGETHER);
+    while incoming.recv_many(&mut batch, STARTED_TOGETHER).await > 0 {
+        let mut started = Vec::with_capacity(batch.len());
+        for (publication, reply) in batch.drain(..) {
+            let message_id = publication.properties.message_id().clone();
+            let mandatory = publication.mandatory;
+            let mut sending = Box::pin(send(channel.clone(), publication));
+            // The first poll numbers the publish and queues its frames; done here, one publish
+            // after the other, so the numbers follow the order on the wire.
+            let first = sending
+                .as_mut()
+                .poll(&mut Context::from_waker(Waker::noop()));
+            started.push((message_id, mandatory, first, sending, reply));
+        }
+        for (message_id, mandatory, first, sending, reply) in started {
+            let sent = match first {
+                Poll::Ready(sent) => sent,
+                Poll::Pending => sending.await,
+            };
+            match sent {
+                Ok(confirm) => {
+                    let entry = InFlight {
+                        message_id,
+                        mandatory,
+                        confirm: Settling::Waiting(confirm),
+                        reply,
+                    };
+                    // Only fails when the settling task is gone; the dropped reply then tells
+                    // the caller that the publisher stopped.
+                    let _ = in_flight.send(entry);
+                }
+                Err(error) => {
+                    let _ = reply.send(Err(error));
+                }
+            }
+        }
+    }
+}
+
+async fn send(
+    channel: Channel,
+    publication: Publication,
+) -> Result<PublisherConfirm, lapin::Error> {
+    channel
+        .basic_publish(
+            publication.exchange.as_str().into(),
+            publication.routing_key.as_str().into(),
+            BasicPublishOptions {
+                mandatory: publication.mandatory,
+                ..BasicPublishOptions::default()
+            },
+            &publication.payload,
+            publication.properties,
+        )
+        .await
+}
+
+/// Answers the publishes in the order they were sent. A publish is answered only once every
+/// confirm resolved no later than its own has been looked at, so a returned message attached to
+/// another publish's confirm is known by then.
+async fn settle_in_order(mut to_settle: mpsc::UnboundedReceiver<InFlight>) {
+    let mut in_flight: VecDeque<InFlight> = VecDeque::new();
+    let mut returned: HashSet<ShortString> = HashSet::new();
+    let mut open = true;
+    poll_fn(|cx| {
+        while open {
+            match to_settle.poll_recv(cx) {
+                Poll::Ready(Some(entry)) => in_flight.push_back(entry),
+                Poll::Ready(None) => open = false,
+                Poll::Pending => break,
+            }
+        }
+        // Confirmed in the first pass: their returned message, wherever lapin put it, was on a
+        // confirm resolved no later than theirs, which the second pass sees for sure.
+        let settleable = look_at_confirms(&mut in_flight, &mut returned, cx);
+        look_at_confirms(&mut in_flight, &mut returned, cx);
+        for _ in 0..settleable {
+            let entry = in_flight.pop_front().expect("counted above");
+            answer(entry, &mut returned);
+        }
+        if !open && in_flight.is_empty() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
+}
+
+/// Polls every confirm still waiting, records the returned messages they carry, and returns how
+/// many publishes at the front of `in_flight` are confirmed.
+fn look_at_confirms(
+    in_flight: &mut VecDeque<InFlight>,
+    returned: &mut HashSet<ShortString>,
+    cx: &mut Context<'_>,
+) -> usize {
+    for entry in in_flight.iter_mut() {
+        if let Settling::Waiting(confirm) = &mut entry.confirm
+            && let Poll::Ready(confirmation) = Pin::new(confirm).poll(cx)
+        {
+            if let Ok(Confirmation::Ack(Some(message)) | Confirmation::Nack(Some(message))) =
+                &confirmation
+                && let Some(id) = message.properties.message_id()
+            {
+                returned.insert(id.clone());
+            }
+            entry.confirm = Settling::Confirmed(
+                confirmation.map(|confirmation| matches!(confirmation, Confirmation::Ack(_))),
+            );
+        }
+    }
+    in_flight
+        .iter()
+        .take_while(|entry| matches!(entry.confirm, Settling::Confirmed(_)))
+        .count()
+}
+
+fn answer(entry: InFlight, returned: &mut HashSet<ShortString>) {
+    let Settling::Confirmed(confirmation) = entry.confirm else {
+        unreachable!("only confirmed publishes are answered");
+    };
+    let was_returned = entry
+        .message_id
+        .as_ref()
+        .is_some_and(|id| returned.remove(id));
+    let outcome = confirmation.map(|acknowledged| match acknowledged {
+        true if entry.mandatory && was_returned => Outcome::Returned,
+        true => Outcome::Stored,
+        false => Outcome::Refused,
+    });
+    let _ = entry.reply.send(outcome);
+}
