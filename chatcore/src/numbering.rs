@@ -149,7 +149,16 @@ impl NumberAllocator {
         let mut seeded = false;
         loop {
             match self.counters.increment(key).await? {
-                Some(Counter { next, ceiling, .. }) if next <= ceiling => return number(next),
+                Some(Counter {
+                    next,
+                    ceiling,
+                    epoch,
+                }) if next <= ceiling => {
+                    if ceiling - next == self.block_size / 2 {
+                        self.reserve_ahead(scope, key, ceiling, epoch);
+                    }
+                    return number(next);
+                }
                 Some(Counter { next, epoch, .. }) => {
                     return if self.extend_once(scope, key, next, epoch).await? {
                         number(next)
@@ -164,6 +173,22 @@ impl NumberAllocator {
                 None => return Err(AllocationError::Contended),
             }
         }
+    }
+
+    /// Reserves the block after `ceiling` in the background, half a block before the counter
+    /// reaches it, so that no request waits for a reservation while the scope is busy. Exactly
+    /// one request sees each half-way number (the counter hands every number out once). If the
+    /// reservation is slow or fails, a request past the ceiling makes it as before.
+    fn reserve_ahead(&self, scope: &Scope, key: &str, ceiling: u64, epoch: u64) {
+        let (allocator, scope, key) = (self.clone(), *scope, key.to_owned());
+        tokio::spawn(async move {
+            if let Err(error) = allocator
+                .extend_once(&scope, &key, ceiling + 1, epoch)
+                .await
+            {
+                tracing::debug!(%error, scope = %scope.id(), "reserving numbers ahead failed");
+            }
+        });
     }
 
     /// The stripe lock of a scope: reservations of one scope run one at a time in this process,

@@ -581,3 +581,39 @@ async fn every_publish_gets_the_confirm_of_its_own_event() -> anyhow::Result<()>
     );
     Ok(())
 }
+
+/// Half a block before a busy scope reaches its reserved ceiling, the next block is reserved in
+/// the background: the request that crosses the ceiling finds it reserved and waits for nothing.
+#[tokio::test]
+async fn the_next_block_of_numbers_is_reserved_before_it_is_needed() -> anyhow::Result<()> {
+    let env = TestEnv::with_settings(&[("CHAT_NUMBER_BLOCK_SIZE", "50")]).await?;
+    let api = env.spawn_api().await?;
+    let client = &api.client;
+    let token = client.create_application("steady").await?;
+    let chat = client.create_chat(&token).await?;
+    let application_id = env.application_id(&token).await?;
+    let scope = format!("messages:{application_id}:{chat}");
+    let reserved_until = || async {
+        let until: Option<u64> =
+            sqlx::query_scalar("SELECT reserved_until FROM number_reservations WHERE scope = ?")
+                .bind(&scope)
+                .fetch_optional(env.mysql())
+                .await?;
+        anyhow::Ok(until)
+    };
+    for _ in 0..24 {
+        client
+            .create_message(&token, chat, "before half-way")
+            .await?;
+    }
+    assert_eq!(reserved_until().await?, Some(50), "the first block only");
+    // The 25th number leaves half a block (25) below the ceiling of 50.
+    client.create_message(&token, chat, "half-way").await?;
+    eventually(
+        "the next block is reserved ahead",
+        Duration::from_secs(10),
+        || async { Ok(reserved_until().await? == Some(100)) },
+    )
+    .await?;
+    api.stop().await
+}
