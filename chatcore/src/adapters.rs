@@ -206,6 +206,7 @@ pub async fn queue(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Ar
             confirm_timeout,
             config.connect_timeout,
             tls_ca(config)?.as_deref(),
+            config.largest_event_bytes(),
         )),
         None => Arc::new(
             SqliteQueue::open(

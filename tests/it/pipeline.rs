@@ -510,6 +510,7 @@ async fn every_publish_gets_the_confirm_of_its_own_event() -> anyhow::Result<()>
         Duration::from_secs(10),
         Duration::from_secs(3),
         None,
+        config.largest_event_bytes(),
     );
     queue.ensure_topology().await?;
     // message.updated reaches no queue from now on.
@@ -615,5 +616,108 @@ async fn the_next_block_of_numbers_is_reserved_before_it_is_needed() -> anyhow::
         || async { Ok(reserved_until().await? == Some(100)) },
     )
     .await?;
+    api.stop().await
+}
+
+/// Events published together share one message (an envelope); downstream each is still handled
+/// alone: a poison event in an envelope is dead-lettered by itself, the good one beside it is
+/// written, and the envelope leaves the queue.
+#[tokio::test]
+async fn a_poison_event_in_an_envelope_is_dead_lettered_alone() -> anyhow::Result<()> {
+    let env = TestEnv::with_settings(&[("CHAT_MAX_ATTEMPTS", "2")]).await?;
+    let api = env.spawn_api().await?;
+    let workers = env.spawn_workers();
+    let client = &api.client;
+    let token = client.create_application("app").await?;
+    let chat = client.create_chat(&token).await?;
+    // The chat row must exist before an event writes a message into it.
+    client.create_message(&token, chat, "first").await?;
+    eventually("the chat is stored", LONG, || async {
+        Ok(env.stored_message_numbers(&token, chat).await? == [1])
+    })
+    .await?;
+    let config = env.config();
+    let chat_number = Number::new(chat).expect("positive");
+    let good = Event::new(EventPayload::MessageCreated {
+        application_id: env.application_id(&token).await?,
+        chat_number,
+        message_number: Number::new(500).expect("positive"),
+        body: "enveloped".into(),
+        created_at: chrono_now(),
+    });
+    let orphan = Event::new(EventPayload::MessageCreated {
+        application_id: 987_655,
+        chat_number,
+        message_number: Number::new(1).expect("positive"),
+        body: "orphan".into(),
+        created_at: chrono_now(),
+    });
+    let trace = chatcore::events::TraceContext::child_of(None);
+    let mut body = Vec::new();
+    for data in [good.encode(), orphan.encode(), b"{not json".to_vec()] {
+        chatcore::queue::envelope::push(&mut body, Some(trace.as_str()), &data);
+    }
+    let connection = env.amqp_connection().await?;
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await?;
+    let confirmation = channel
+        .basic_publish(
+            config.topology.exchange.as_str().into(),
+            "message.created".into(),
+            BasicPublishOptions::default(),
+            &body,
+            chatcore::queue::event_properties(&good, &trace)
+                .with_content_type(chatcore::queue::envelope::CONTENT_TYPE.into()),
+        )
+        .await?
+        .await?;
+    assert!(confirmation.is_ack());
+
+    eventually(
+        "the good event of the envelope is written",
+        LONG,
+        || async { Ok(env.stored_message_numbers(&token, chat).await? == [1, 500]) },
+    )
+    .await?;
+    let ingest_dead = chatcore::config::Topology::dead_letter_queue(&config.topology.ingest_queue);
+    let index_dead = chatcore::config::Topology::dead_letter_queue(&config.topology.index_queue);
+    eventually(
+        "orphan and garbage are dead-lettered, each alone",
+        LONG,
+        || async {
+            Ok(env.queue_depth(&ingest_dead).await? == 2
+                && env.queue_depth(&index_dead).await? == 1)
+        },
+    )
+    .await?;
+    let mut dead_letters = Vec::new();
+    while let Some(dead) = channel
+        .basic_get(
+            ingest_dead.as_str().into(),
+            BasicGetOptions { no_ack: true },
+        )
+        .await?
+    {
+        assert_eq!(
+            dead.delivery
+                .properties
+                .content_type()
+                .as_ref()
+                .map(|c| c.as_str()),
+            Some("application/json"),
+            "a dead letter is one event"
+        );
+        dead_letters.push(dead.delivery.data);
+    }
+    assert!(dead_letters.contains(&orphan.encode()));
+    assert!(dead_letters.contains(&b"{not json".to_vec()));
+    eventually("the envelope left both queues", LONG, || async {
+        Ok(env.queue_depth(&config.topology.ingest_queue).await? == 0
+            && env.queue_depth(&config.topology.index_queue).await? == 0)
+    })
+    .await?;
+    workers.stop().await?;
     api.stop().await
 }

@@ -7,6 +7,7 @@
 //! delivers them again; an event that can never be processed moves to the queue's dead-letter
 //! queue, from which [`EventQueue::replay_dead_letters`] moves it back.
 
+pub mod envelope;
 mod publisher;
 mod rabbitmq;
 mod sqlite;

@@ -12,8 +12,10 @@
 //!   id) before it answers a publish, which it can because the broker always sends a message's
 //!   return before its ack.
 //!
-//! A request waits for its own [`Outcome`] only: publishes of concurrent requests go out together
-//! and their confirms (often one multiple-ack) answer all of them.
+//! A request waits for its own [`Outcome`] only. Events published at the same time (what the
+//! publisher task finds waiting when it is free) with the same exchange and routing key go out as
+//! one message (an [`envelope`](super::envelope), up to the size of the largest single event), so
+//! one stored message and one confirm answer all of them.
 
 use std::collections::{HashSet, VecDeque};
 use std::future::poll_fn;
@@ -24,6 +26,8 @@ use lapin::options::BasicPublishOptions;
 use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel, Confirmation, PublisherConfirm};
 use tokio::sync::{mpsc, oneshot};
+
+use super::envelope;
 
 /// Publishes waiting for the publisher task; callers wait (back-pressure) beyond it.
 const PUBLICATIONS_QUEUED: usize = 4096;
@@ -48,9 +52,18 @@ pub struct Publication {
     pub payload: Vec<u8>,
     pub properties: BasicProperties,
     pub mandatory: bool,
+    /// For an event: its trace context. Events may share one message (their trace contexts
+    /// travel inside it); other publications always go alone.
+    pub event_trace: Option<String>,
 }
 
 type Reply = oneshot::Sender<Result<Outcome, lapin::Error>>;
+
+/// Publications that go out as one message, and whom to answer.
+struct Outgoing {
+    publication: Publication,
+    replies: Vec<Reply>,
+}
 
 /// The handle of a channel's publisher: cheap to clone, shared by every request.
 #[derive(Clone)]
@@ -64,12 +77,18 @@ pub struct Publisher {
 pub struct PublisherStopped;
 
 impl Publisher {
-    /// Starts the two tasks of `channel` (which must be in confirm mode). They end when every
-    /// handle is dropped and the publishes in flight are settled.
-    pub fn start(channel: Channel) -> Self {
+    /// Starts the two tasks of `channel` (which must be in confirm mode); events sharing a
+    /// message make it at most `max_message_bytes`. They end when every handle is dropped and
+    /// the publishes in flight are settled.
+    pub fn start(channel: Channel, max_message_bytes: usize) -> Self {
         let (publications, incoming) = mpsc::channel(PUBLICATIONS_QUEUED);
         let (in_flight, to_settle) = mpsc::unbounded_channel();
-        tokio::spawn(publish_in_order(channel, incoming, in_flight));
+        tokio::spawn(publish_in_order(
+            channel,
+            incoming,
+            in_flight,
+            max_message_bytes,
+        ));
         tokio::spawn(settle_in_order(to_settle));
         Self { publications }
     }
@@ -93,7 +112,7 @@ struct InFlight {
     message_id: Option<ShortString>,
     mandatory: bool,
     confirm: Settling,
-    reply: Reply,
+    replies: Vec<Reply>,
 }
 
 enum Settling {
@@ -102,17 +121,23 @@ enum Settling {
     Confirmed(Result<bool, lapin::Error>),
 }
 
-/// Takes the publishes in arrival order, starts each (numbered and queued) before the next, then
-/// waits for their frames to be written and hands them to the settling task in the same order.
+/// Takes the publishes in arrival order, starts each message (numbered and queued) before the
+/// next, then waits for their frames to be written and hands them to the settling task in the
+/// same order.
 async fn publish_in_order(
     channel: Channel,
     mut incoming: mpsc::Receiver<(Publication, Reply)>,
     in_flight: mpsc::UnboundedSender<InFlight>,
+    max_message_bytes: usize,
 ) {
-    let mut batch = Vec::with_capacity(STARTED_TOGETHER);
-    while incoming.recv_many(&mut batch, STARTED_TOGETHER).await > 0 {
-        let mut started = Vec::with_capacity(batch.len());
-        for (publication, reply) in batch.drain(..) {
+    let mut waiting = Vec::with_capacity(STARTED_TOGETHER);
+    while incoming.recv_many(&mut waiting, STARTED_TOGETHER).await > 0 {
+        let mut started = Vec::new();
+        for outgoing in together(waiting.drain(..), max_message_bytes) {
+            let Outgoing {
+                publication,
+                replies,
+            } = outgoing;
             let message_id = publication.properties.message_id().clone();
             let mandatory = publication.mandatory;
             let mut sending = Box::pin(send(channel.clone(), publication));
@@ -121,9 +146,9 @@ async fn publish_in_order(
             let first = sending
                 .as_mut()
                 .poll(&mut Context::from_waker(Waker::noop()));
-            started.push((message_id, mandatory, first, sending, reply));
+            started.push((message_id, mandatory, first, sending, replies));
         }
-        for (message_id, mandatory, first, sending, reply) in started {
+        for (message_id, mandatory, first, sending, replies) in started {
             let sent = match first {
                 Poll::Ready(sent) => sent,
                 Poll::Pending => sending.await,
@@ -134,17 +159,88 @@ async fn publish_in_order(
                         message_id,
                         mandatory,
                         confirm: Settling::Waiting(confirm),
-                        reply,
+                        replies,
                     };
-                    // Only fails when the settling task is gone; the dropped reply then tells
-                    // the caller that the publisher stopped.
+                    // Only fails when the settling task is gone; the dropped replies then tell
+                    // the callers that the publisher stopped.
                     let _ = in_flight.send(entry);
                 }
                 Err(error) => {
-                    let _ = reply.send(Err(error));
+                    for reply in replies {
+                        let _ = reply.send(Err(error.clone()));
+                    }
                 }
             }
         }
+    }
+}
+
+/// Groups the waiting publications into messages: events with the same exchange, routing key and
+/// `mandatory` share one envelope (in arrival order, up to `max_message_bytes`); everything else,
+/// and an event alone, goes as it is.
+fn together(
+    waiting: impl Iterator<Item = (Publication, Reply)>,
+    max_message_bytes: usize,
+) -> Vec<Outgoing> {
+    let mut groups: Vec<(Vec<(Publication, Reply)>, usize)> = Vec::new();
+    for (publication, reply) in waiting {
+        let size = envelope::framed_size(publication.event_trace.as_deref(), &publication.payload);
+        let joins = publication.event_trace.as_ref().and_then(|_| {
+            groups.iter().rposition(|(group, bytes)| {
+                let first = &group[0].0;
+                first.event_trace.is_some()
+                    && first.exchange == publication.exchange
+                    && first.routing_key == publication.routing_key
+                    && first.mandatory == publication.mandatory
+                    && bytes + size <= max_message_bytes
+            })
+        });
+        match joins {
+            Some(index) => {
+                groups[index].0.push((publication, reply));
+                groups[index].1 += size;
+            }
+            None => groups.push((vec![(publication, reply)], size)),
+        }
+    }
+    groups
+        .into_iter()
+        .map(|(group, _)| into_outgoing(group))
+        .collect()
+}
+
+/// One message for a group: the publication itself when it is alone, else an envelope of all.
+fn into_outgoing(group: Vec<(Publication, Reply)>) -> Outgoing {
+    let mut members = group.into_iter();
+    let (first, first_reply) = members.next().expect("a group has a first member");
+    let mut rest = members.peekable();
+    if rest.peek().is_none() {
+        return Outgoing {
+            publication: first,
+            replies: vec![first_reply],
+        };
+    }
+    let mut body = Vec::new();
+    envelope::push(&mut body, first.event_trace.as_deref(), &first.payload);
+    let mut replies = vec![first_reply];
+    for (publication, reply) in rest {
+        envelope::push(
+            &mut body,
+            publication.event_trace.as_deref(),
+            &publication.payload,
+        );
+        replies.push(reply);
+    }
+    Outgoing {
+        publication: Publication {
+            payload: body,
+            // The first event's id names the envelope (for its return, if any).
+            properties: first
+                .properties
+                .with_content_type(ShortString::from(envelope::CONTENT_TYPE)),
+            ..first
+        },
+        replies,
     }
 }
 
@@ -239,5 +335,7 @@ fn answer(entry: InFlight, returned: &mut HashSet<ShortString>) {
         true => Outcome::Stored,
         false => Outcome::Refused,
     });
-    let _ = entry.reply.send(outcome);
+    for reply in entry.replies {
+        let _ = reply.send(outcome.clone());
+    }
 }
