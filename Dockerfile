@@ -1,5 +1,7 @@
 # syntax=docker/dockerfile:1
 # One multi-stage build for the four images; pick one with --target api|ingest-worker|indexer|counter-sync.
+# --target tour is the README's tour (scripts/tour) in a small curl image: `skaffold verify` runs it
+# against the deployed api.
 # Dependencies are compiled in their own layer (cargo-chef), so editing the code rebuilds only the
 # workspace crates. The runtime images are distroless (glibc, CA certificates, no shell) and run as
 # the non-root user 65532.
@@ -48,3 +50,12 @@ ENTRYPOINT ["/usr/local/bin/indexer"]
 FROM runtime AS counter-sync
 COPY --from=builder /build/target/release/counter-sync /usr/local/bin/counter-sync
 ENTRYPOINT ["/usr/local/bin/counter-sync"]
+
+# The README's tour against CHAT_URL (http://chat-api in the cluster): POSIX sh and curl only. Needs no
+# Rust build. Pinned by tag; runs as the same non-root user as the runtime images.
+FROM curlimages/curl:8.15.0 AS tour
+COPY scripts/tour /tour
+USER 65532:65532
+ENV CHAT_URL=http://chat-api
+ENTRYPOINT ["sh", "/tour"]
+CMD []

@@ -1507,6 +1507,8 @@ mod skaffold {
         #[serde(default)]
         pub port_forward: Vec<PortForward>,
         #[serde(default)]
+        pub verify: Vec<VerifyTestCase>,
+        #[serde(default)]
         pub profiles: Vec<Profile>,
     }
 
@@ -1543,10 +1545,10 @@ mod skaffold {
         pub target: String,
     }
 
+    /// No `push`: skaffold decides (no push to a local cluster, a push to a remote one).
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields, rename_all = "camelCase")]
     pub struct Local {
-        pub push: bool,
         pub use_buildkit: Option<bool>,
     }
 
@@ -1590,17 +1592,50 @@ mod skaffold {
     }
 
     #[derive(Deserialize)]
-    #[serde(deny_unknown_fields)]
-    pub struct Profile {
+    #[serde(deny_unknown_fields, rename_all = "camelCase")]
+    pub struct VerifyTestCase {
         pub name: String,
-        pub activation: Vec<Activation>,
-        pub patches: Vec<Patch>,
+        /// Seconds.
+        pub timeout: Option<u64>,
+        pub container: VerifyContainer,
+        pub execution_mode: ExecutionMode,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct VerifyContainer {
+        pub name: String,
+        pub image: String,
+        #[serde(default)]
+        pub env: Vec<EnvVar>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct EnvVar {
+        pub name: String,
+        pub value: String,
     }
 
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields, rename_all = "camelCase")]
-    pub struct Activation {
-        pub kube_context: String,
+    pub struct ExecutionMode {
+        pub kubernetes_cluster: Option<KubernetesCluster>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct KubernetesCluster {
+        /// JSON merged into the Job skaffold generates.
+        pub overrides: Option<String>,
+    }
+
+    /// Only named profiles (`-p`): none activates itself.
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Profile {
+        pub name: String,
+        pub patches: Vec<Patch>,
     }
 
     #[derive(Deserialize)]
@@ -1608,74 +1643,126 @@ mod skaffold {
     pub struct Patch {
         pub op: String,
         pub path: String,
-        pub value: serde_json::Value,
+        pub value: Option<serde_json::Value>,
     }
 }
 
-#[test]
-fn skaffold_builds_every_image_and_deploys_through_the_chart() -> anyhow::Result<()> {
-    let root = repo_root();
-    let text = std::fs::read_to_string(root.join("skaffold.yaml"))?;
-    let configs: Vec<skaffold::Config> = serde_yaml::Deserializer::from_str(&text)
-        .map(skaffold::Config::deserialize)
-        .collect::<Result<_, _>>()?;
-    let dockerfile = std::fs::read_to_string(root.join("Dockerfile"))?;
+/// Applies JSON patches (`add`, `replace` and `remove` of map members, as skaffold's profiles do) to
+/// one config document.
+fn apply_patches(document: &mut Value, patches: &[skaffold::Patch]) -> anyhow::Result<()> {
+    for patch in patches {
+        let (parent, key) = patch
+            .path
+            .rsplit_once('/')
+            .with_context(|| format!("{}: not a JSON pointer", patch.path))?;
+        let key = key.replace("~1", "/").replace("~0", "~");
+        let members = document
+            .pointer_mut(parent)
+            .and_then(Value::as_object_mut)
+            .with_context(|| format!("{}: no map at {parent}", patch.path))?;
+        let value = || {
+            patch
+                .value
+                .clone()
+                .with_context(|| format!("{}: {} without a value", patch.path, patch.op))
+        };
+        match patch.op.as_str() {
+            "remove" => ensure!(
+                members.remove(&key).is_some(),
+                "{}: nothing to remove",
+                patch.path
+            ),
+            "replace" => {
+                ensure!(
+                    members.contains_key(&key),
+                    "{}: nothing to replace",
+                    patch.path
+                );
+                members.insert(key, value()?);
+            }
+            "add" => {
+                members.insert(key, value()?);
+            }
+            op => bail!("{}: operation {op} is not used here", patch.path),
+        }
+    }
+    Ok(())
+}
+
+/// The configs of `skaffold.yaml` (`dev-services`, then `chat`), with `profile`'s patches applied
+/// to each config that has it, as `skaffold -p <profile>` sees them.
+fn skaffold_configs(profile: Option<&str>) -> anyhow::Result<Vec<skaffold::Config>> {
+    let text = std::fs::read_to_string(repo_root().join("skaffold.yaml"))?;
+    let mut configs = Vec::new();
+    for mut document in parse_documents(&text)? {
+        if let Some(profile) = profile {
+            let profiles: Vec<skaffold::Profile> = match &document["profiles"] {
+                Value::Null => Vec::new(),
+                profiles => serde_json::from_value(profiles.clone())?,
+            };
+            if let Some(found) = profiles.iter().find(|p| p.name == profile) {
+                apply_patches(&mut document, &found.patches)?;
+            }
+        }
+        configs.push(skaffold::Config::deserialize(document)?);
+    }
     let names: Vec<&str> = configs.iter().map(|c| c.metadata.name.as_str()).collect();
     ensure!(names == ["dev-services", "chat"], "configs: {names:?}");
-    for config in &configs {
-        ensure!(
-            config.api_version == skaffold::API_VERSION && config.kind == "Config",
-            "pinned schema version"
-        );
-        for required in config.requires.iter().flat_map(|r| &r.configs) {
-            ensure!(
-                names.contains(&required.as_str()),
-                "requires unknown config {required}"
-            );
-        }
-        for raw in config.manifests.iter().flat_map(|m| &m.raw_yaml) {
-            ensure!(root.join(raw).exists(), "manifest {raw} is missing");
-        }
-    }
-    let chat = &configs[1];
-    let build = chat.build.as_ref().context("build")?;
-    let images: Vec<&str> = build.artifacts.iter().map(|a| a.image.as_str()).collect();
-    ensure!(
-        images
-            == [
-                "chat-api",
-                "chat-ingest-worker",
-                "chat-indexer",
-                "chat-counter-sync"
-            ],
-        "{images:?}"
-    );
-    for artifact in &build.artifacts {
-        ensure!(
-            root.join(&artifact.docker.dockerfile).exists(),
-            "Dockerfile missing"
-        );
-        ensure!(
-            dockerfile.contains(&format!(" AS {}\n", artifact.docker.target)),
-            "Dockerfile has no target {}",
-            artifact.docker.target
-        );
-    }
-    let release = &chat
+    Ok(configs)
+}
+
+fn chat_release(chat: &skaffold::Config) -> anyhow::Result<&skaffold::Release> {
+    let releases = &chat
         .deploy
         .as_ref()
         .and_then(|d| d.helm.as_ref())
         .context("helm deploy")?
-        .releases[0];
-    ensure!(
-        root.join(&release.chart_path).join("Chart.yaml").exists(),
-        "chart path"
-    );
-    // Every image is injected into the chart under its component's image values.
-    for (image, component) in images
-        .iter()
-        .zip(["api", "ingestWorker", "indexer", "counterSync"])
-    {
+        .releases;
+    ensure!(releases.len() == 1, "one helm release");
+    Ok(&releases[0])
+}
+
+/// `helm template` of the release with the values skaffold sets, its templates filled in as
+/// skaffold would, with stand-ins (`{{.IMAGE_TAG_chat_api}}` becomes `image-tag-chat-api`).
+fn render_release(release: &skaffold::Release) -> anyhow::Result<Rendered> {
+    let mut args = vec!["template".to_owned(), release.name.clone()];
+    for (key, value) in &release.set_values {
+        args.push("--set".into());
+        args.push(format!(
+            "{key}={}",
+            value.as_str().map_or(value.to_string(), str::to_owned)
+        ));
+    }
+    for (key, template) in &release.set_value_templates {
+        let mut value = template.clone();
+        while let Some(start) = value.find("{{.") {
+            let end = value[start..]
+                .find("}}")
+                .map(|end| start + end + 2)
+                .with_context(|| format!("{key}: unclosed template"))?;
+            let name = value[start + 3..end - 2]
+                .to_ascii_lowercase()
+                .replace('_', "-");
+            value.replace_range(start..end, &name);
+        }
+        args.push("--set".into());
+        args.push(format!("{key}={value}"));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Rendered::parse(&parse_documents(&run_helm(&args, None)?)?)
+}
+
+/// The component whose image values each built image goes to (the tour image is not deployed: it
+/// is `verify`'s).
+const INJECTED_IMAGES: [(&str, &str); 4] = [
+    ("chat-api", "api"),
+    ("chat-ingest-worker", "ingestWorker"),
+    ("chat-indexer", "indexer"),
+    ("chat-counter-sync", "counterSync"),
+];
+
+fn ensure_images_injected(release: &skaffold::Release) -> anyhow::Result<()> {
+    for (image, component) in INJECTED_IMAGES {
         let template_name = image.replace('-', "_");
         ensure!(
             release
@@ -1692,6 +1779,84 @@ fn skaffold_builds_every_image_and_deploys_through_the_chart() -> anyhow::Result
             "{component} tag is not injected"
         );
     }
+    Ok(())
+}
+
+#[test]
+fn skaffold_builds_every_image_and_deploys_through_the_chart() -> anyhow::Result<()> {
+    let root = repo_root();
+    let text = std::fs::read_to_string(root.join("skaffold.yaml"))?;
+    // skaffold decides about pushing: images built for a local cluster (minikube, kind, k3d,
+    // Docker Desktop) are not pushed anywhere; a forced push broke every local cluster but kind.
+    for line in text.lines() {
+        ensure!(
+            !line.trim_start().starts_with("push:") && !line.contains("/push"),
+            "skaffold.yaml forces pushing: {line}"
+        );
+    }
+    let configs = skaffold_configs(None)?;
+    let names: Vec<&str> = configs.iter().map(|c| c.metadata.name.as_str()).collect();
+    let dockerfile = std::fs::read_to_string(root.join("Dockerfile"))?;
+    for config in &configs {
+        ensure!(
+            config.api_version == skaffold::API_VERSION && config.kind == "Config",
+            "pinned schema version"
+        );
+        for required in config.requires.iter().flat_map(|r| &r.configs) {
+            ensure!(
+                names.contains(&required.as_str()),
+                "requires unknown config {required}"
+            );
+        }
+        for raw in config.manifests.iter().flat_map(|m| &m.raw_yaml) {
+            ensure!(root.join(raw).exists(), "manifest {raw} is missing");
+        }
+        // One profile, named on the command line (`-p embedded`); none for a kind of cluster.
+        let profiles: Vec<&str> = config.profiles.iter().map(|p| p.name.as_str()).collect();
+        ensure!(
+            profiles == ["embedded"],
+            "{}: profiles {profiles:?}",
+            config.metadata.name
+        );
+    }
+    let chat = &configs[1];
+    ensure!(
+        chat.requires.iter().any(|r| r.configs == ["dev-services"]),
+        "the chart needs the development services by default"
+    );
+    let build = chat.build.as_ref().context("build")?;
+    let images: Vec<&str> = build.artifacts.iter().map(|a| a.image.as_str()).collect();
+    ensure!(
+        images
+            == [
+                "chat-api",
+                "chat-ingest-worker",
+                "chat-indexer",
+                "chat-counter-sync",
+                "chat-tour"
+            ],
+        "{images:?}"
+    );
+    for artifact in &build.artifacts {
+        ensure!(
+            root.join(&artifact.docker.dockerfile).exists(),
+            "Dockerfile missing"
+        );
+        ensure!(
+            dockerfile.contains(&format!(" AS {}\n", artifact.docker.target)),
+            "Dockerfile has no target {}",
+            artifact.docker.target
+        );
+    }
+    let local = build.local.as_ref().context("build.local")?;
+    ensure!(local.use_buildkit == Some(true), "BuildKit images");
+    let release = chat_release(chat)?;
+    ensure!(
+        root.join(&release.chart_path).join("Chart.yaml").exists(),
+        "chart path"
+    );
+    // Every deployed image is injected into the chart under its component's image values.
+    ensure_images_injected(release)?;
     // No credentials are written in skaffold.yaml: the URLs that carry them take the password of
     // the developer's Secret from the environment (k8s/dev/README.md).
     for (key, value) in &release.set_values {
@@ -1715,52 +1880,14 @@ fn skaffold_builds_every_image_and_deploys_through_the_chart() -> anyhow::Result
         release.set_values.get("api.docs.enabled") == Some(&Value::Bool(true)),
         "skaffold serves the docs"
     );
-    // The values skaffold sets render (templates filled in as skaffold would, with stand-ins), and
-    // the port-forward names the rendered api Service.
-    let mut args = vec!["template".to_owned(), release.name.clone()];
-    for (key, value) in release.set_values.iter() {
-        args.push("--set".into());
-        args.push(format!(
-            "{key}={}",
-            value.as_str().map_or(value.to_string(), str::to_owned)
-        ));
-    }
-    for (key, template) in &release.set_value_templates {
-        let mut value = template.clone();
-        while let Some(start) = value.find("{{.") {
-            let end = value[start..]
-                .find("}}")
-                .map(|end| start + end + 2)
-                .with_context(|| format!("{key}: unclosed template"))?;
-            let name = value[start + 3..end - 2]
-                .to_ascii_lowercase()
-                .replace('_', "-");
-            value.replace_range(start..end, &name);
-        }
-        args.push("--set".into());
-        args.push(format!("{key}={value}"));
-    }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let rendered = Rendered::parse(&parse_documents(&run_helm(&args, None)?)?)?;
+    // The values skaffold sets render.
+    let rendered = render_release(release)?;
     ensure!(
         config_data(&rendered)?
             .get("CHAT_DOCS_ENABLED")
             .map(String::as_str)
             == Some("true"),
         "skaffold renders docs on"
-    );
-    for forward in &chat.port_forward {
-        ensure!(
-            forward.resource_type == "service"
-                && rendered.exists("Service", &forward.resource_name),
-            "port-forward target {}",
-            forward.resource_name
-        );
-    }
-    let local = build.local.as_ref().context("build.local")?;
-    ensure!(
-        local.push && local.use_buildkit == Some(true),
-        "remote clusters get pushed BuildKit images"
     );
     let dev_services = &configs[0];
     ensure!(
@@ -1770,28 +1897,278 @@ fn skaffold_builds_every_image_and_deploys_through_the_chart() -> anyhow::Result
             .is_some_and(|d| d.kubectl.is_some()),
         "dev services are applied with kubectl"
     );
-    ensure!(
-        chat.port_forward
+    Ok(())
+}
+
+/// The ports a developer looks at are forwarded to 127.0.0.1, each to a port that exists: the API
+/// (the api Service), the api's internal port of /metrics, /livez and /readyz (not in the Service,
+/// so from the Deployment), RabbitMQ's management UI and Elasticsearch (Services of `k8s/dev`).
+#[test]
+fn skaffold_forwards_what_a_developer_looks_at() -> anyhow::Result<()> {
+    let configs = skaffold_configs(None)?;
+    let forwards = |config: &skaffold::Config| -> Vec<(String, String, u16, u16)> {
+        config
+            .port_forward
             .iter()
-            .any(|f| f.local_port == 3000 && f.port == 80),
-        "the API is forwarded to 127.0.0.1:3000"
+            .map(|f| {
+                (
+                    f.resource_type.clone(),
+                    f.resource_name.clone(),
+                    f.port,
+                    f.local_port,
+                )
+            })
+            .collect()
+    };
+    let owned = |forwards: &[(&str, &str, u16, u16)]| -> Vec<(String, String, u16, u16)> {
+        forwards
+            .iter()
+            .map(|(kind, name, port, local)| ((*kind).into(), (*name).into(), *port, *local))
+            .collect()
+    };
+    let (dev_services, chat) = (&configs[0], &configs[1]);
+    ensure!(
+        forwards(chat)
+            == owned(&[
+                ("service", "chat-api", 80, 3000),
+                ("deployment", "chat-api", 9090, 9090),
+            ]),
+        "chat forwards: {:?}",
+        forwards(chat)
     );
-    let kind = chat
-        .profiles
+    ensure!(
+        forwards(dev_services)
+            == owned(&[
+                ("service", "rabbitmq", 15672, 15672),
+                ("service", "elasticsearch", 9200, 9200),
+            ]),
+        "dev-services forwards: {:?}",
+        forwards(dev_services)
+    );
+    let mut local_ports: Vec<u16> = configs
         .iter()
-        .find(|p| p.name == "kind")
-        .context("kind profile")?;
-    ensure!(
-        kind.activation
+        .flat_map(|c| &c.port_forward)
+        .map(|f| f.local_port)
+        .collect();
+    local_ports.sort_unstable();
+    local_ports.dedup();
+    ensure!(local_ports.len() == 4, "one local port each");
+
+    // The chart's api Service has the public port, the api's pods also the internal one.
+    let rendered = render_release(chat_release(chat)?)?;
+    let service_ports = |services: &[Service], name: &str| -> Vec<i32> {
+        services
             .iter()
-            .any(|a| a.kube_context.starts_with("kind-")),
-        "kind profile activation"
+            .filter(|s| s.metadata.name.as_deref() == Some(name))
+            .flat_map(|s| s.spec.iter().flat_map(|spec| spec.ports.iter().flatten()))
+            .map(|p| p.port)
+            .collect()
+    };
+    ensure!(
+        service_ports(&rendered.services, "chat-api") == [80],
+        "the api Service exposes the public port only"
+    );
+    let api = rendered
+        .deployments
+        .iter()
+        .find(|d| d.metadata.name.as_deref() == Some("chat-api"))
+        .context("Deployment chat-api")?;
+    let container_ports: Vec<i32> = api
+        .spec
+        .iter()
+        .flat_map(|spec| spec.template.spec.iter())
+        .flat_map(|pod| &pod.containers)
+        .flat_map(|c| c.ports.iter().flatten())
+        .map(|p| p.container_port)
+        .collect();
+    ensure!(
+        container_ports.contains(&9090),
+        "the api's pods listen on the health port: {container_ports:?}"
+    );
+
+    // The development services expose what is forwarded.
+    let mut dev = Vec::new();
+    for raw in dev_services.manifests.iter().flat_map(|m| &m.raw_yaml) {
+        let text = std::fs::read_to_string(repo_root().join(raw))?;
+        dev.extend(Rendered::parse(&parse_documents(&text)?)?.services);
+    }
+    for (_, name, port, _) in forwards(dev_services) {
+        ensure!(
+            service_ports(&dev, &name).contains(&i32::from(port)),
+            "k8s/dev: the Service {name} has no port {port}"
+        );
+    }
+    Ok(())
+}
+
+/// `skaffold verify` runs the README's tour: the `chat-tour` artifact (the Dockerfile's `tour`
+/// stage: scripts/tour in a pinned curl image, non-root) as a Job in the cluster, against the
+/// chart's api Service.
+#[test]
+fn skaffold_verify_runs_the_tour_against_the_api_service() -> anyhow::Result<()> {
+    let root = repo_root();
+    let configs = skaffold_configs(None)?;
+    let chat = &configs[1];
+    ensure!(
+        configs[0].verify.is_empty() && chat.verify.len() == 1,
+        "one verify test"
+    );
+    let tour = &chat.verify[0];
+    ensure!(
+        tour.name == "tour" && tour.container.name == "tour",
+        "named tour"
     );
     ensure!(
-        kind.patches
-            .iter()
-            .any(|p| p.op == "replace" && p.path == "/build/local/push" && p.value == false),
-        "kind loads images instead of pushing"
+        tour.container.image == "chat-tour",
+        "verify runs {}",
+        tour.container.image
+    );
+    let artifact = chat
+        .build
+        .iter()
+        .flat_map(|b| &b.artifacts)
+        .find(|a| a.image == tour.container.image)
+        .context("verify's image is built by skaffold")?;
+    ensure!(
+        artifact.docker.target == "tour",
+        "{}",
+        artifact.docker.target
+    );
+    // Its waits are 30 s each: the Job gets time for all of them.
+    ensure!(
+        tour.timeout.is_some_and(|seconds| seconds >= 120),
+        "verify timeout {:?}",
+        tour.timeout
+    );
+    // In the cluster (a Job): no Docker needed on the developer's machine, and the Service's DNS
+    // name resolves. The Job fails at once and runs as non-root.
+    let cluster = tour
+        .execution_mode
+        .kubernetes_cluster
+        .as_ref()
+        .context("executionMode kubernetesCluster")?;
+    let overrides: Value = serde_json::from_str(
+        cluster
+            .overrides
+            .as_deref()
+            .context("overrides of the Job")?,
+    )
+    .context("the Job's overrides are JSON")?;
+    ensure!(
+        overrides["spec"]["backoffLimit"] == 0
+            && overrides["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] == true,
+        "{overrides}"
+    );
+    let env: BTreeMap<&str, &str> = tour
+        .container
+        .env
+        .iter()
+        .map(|e| (e.name.as_str(), e.value.as_str()))
+        .collect();
+    let rendered = render_release(chat_release(chat)?)?;
+    ensure!(
+        rendered.exists("Service", "chat-api"),
+        "the chart's api Service"
+    );
+    ensure!(
+        env == BTreeMap::from([("CHAT_URL", "http://chat-api")]),
+        "the tour runs against the api Service on its port 80: {env:?}"
+    );
+
+    // The Dockerfile's stage: a small curl image pinned by tag, the script, non-root.
+    let dockerfile = std::fs::read_to_string(root.join("Dockerfile"))?;
+    let stage: Vec<&str> = dockerfile
+        .lines()
+        .skip_while(|line| !(line.starts_with("FROM ") && line.ends_with(" AS tour")))
+        .take_while(|line| !line.is_empty())
+        .collect();
+    let from = stage.first().context("the Dockerfile has a tour stage")?;
+    let image = from
+        .trim_start_matches("FROM ")
+        .trim_end_matches(" AS tour");
+    let (name, tag) = image.split_once(':').context("the tour image is pinned")?;
+    ensure!(
+        name == "curlimages/curl"
+            && tag.split('.').count() == 3
+            && tag.split('.').all(|part| part.parse::<u32>().is_ok()),
+        "a pinned curl image: {image}"
+    );
+    for line in [
+        "COPY scripts/tour /tour",
+        "USER 65532:65532",
+        r#"ENTRYPOINT ["sh", "/tour"]"#,
+    ] {
+        ensure!(stage.contains(&line), "tour stage: {line} missing");
+    }
+    // The build context keeps scripts/ out, except the tour.
+    let ignore = std::fs::read_to_string(root.join(".dockerignore"))?;
+    let lines: Vec<&str> = ignore.lines().collect();
+    let excluded = lines.iter().position(|l| *l == "scripts/");
+    let included = lines.iter().position(|l| *l == "!scripts/tour");
+    ensure!(
+        matches!((excluded, included), (Some(e), Some(i)) if i > e),
+        ".dockerignore must let scripts/tour into the build context"
+    );
+    Ok(())
+}
+
+/// `-p embedded`: the chart alone, as the single process (chart value `embedded.enabled`), one
+/// replica, no connection URL, and none of the development services (`dev-services` is emptied
+/// by its own `embedded` profile, and `chat` no longer requires it).
+#[test]
+fn skaffold_embedded_profile_deploys_the_chart_alone() -> anyhow::Result<()> {
+    let configs = skaffold_configs(Some("embedded"))?;
+    let (dev_services, chat) = (&configs[0], &configs[1]);
+    ensure!(
+        dev_services.manifests.is_none()
+            && dev_services.deploy.is_none()
+            && dev_services.port_forward.is_empty(),
+        "embedded deploys and forwards no development service"
+    );
+    ensure!(
+        chat.requires.is_empty(),
+        "embedded requires no dev services"
+    );
+    let release = chat_release(chat)?;
+    ensure!(
+        release.set_values.get("embedded.enabled") == Some(&Value::Bool(true)),
+        "embedded.enabled: {:?}",
+        release.set_values
+    );
+    ensure!(
+        release.set_values.get("api.replicaCount") == Some(&Value::from(1)),
+        "one api replica: the data directory belongs to one process"
+    );
+    for key in release
+        .set_values
+        .keys()
+        .chain(release.set_value_templates.keys())
+    {
+        ensure!(
+            !key.starts_with("connections.") && key != "config.elasticsearchReplicas",
+            "{key}: a backing service's setting in the embedded profile"
+        );
+    }
+    ensure!(
+        release
+            .set_value_templates
+            .values()
+            .all(|template| !template.contains("CHAT_DEV_PASSWORD")),
+        "embedded needs no development password"
+    );
+    ensure_images_injected(release)?;
+    // The chat config keeps its forwards and its verify stage.
+    ensure!(chat.port_forward.len() == 2 && chat.verify.len() == 1);
+    // The chart renders these values (needs the chart's `embedded` values).
+    let rendered = render_release(release)?;
+    let api = rendered
+        .deployments
+        .iter()
+        .find(|d| d.metadata.name.as_deref() == Some("chat-api"))
+        .context("Deployment chat-api")?;
+    ensure!(
+        api.spec.as_ref().and_then(|s| s.replicas) == Some(1),
+        "one api replica"
     );
     Ok(())
 }

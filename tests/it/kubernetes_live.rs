@@ -16,6 +16,7 @@ use k8s_openapi::api::core::v1::Event;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ListParams, PostParams};
 use kube::{Api, Client};
+use serde::Deserialize as _;
 
 const RELEASE: &str = "chat";
 
@@ -723,9 +724,100 @@ async fn the_lease_works_live_under_the_charts_own_role() -> anyhow::Result<()> 
     Ok(())
 }
 
+/// skaffold as a developer runs it, from the repository's root: the cluster's kubeconfig, helm and
+/// kubectl on PATH, and a HOME of its own for its settings (removed when dropped). With
+/// `dev_password`, CHAT_DEV_PASSWORD is set as the README says; without, it is unset.
+struct Skaffold {
+    binary: PathBuf,
+    scratch: PathBuf,
+    path: String,
+    dev_password: Option<&'static str>,
+}
+
+impl Skaffold {
+    fn new(namespace: &str, dev_password: Option<&'static str>) -> anyhow::Result<Self> {
+        let scratch = std::env::temp_dir().join(format!("skaffold-{namespace}"));
+        let bin = scratch.join("bin");
+        std::fs::create_dir_all(&bin)?;
+        std::os::unix::fs::symlink(
+            tool("HELM", ".services/bin/helm-v3.22.0-k1.33")?,
+            bin.join("helm"),
+        )?;
+        std::os::unix::fs::symlink(
+            tool("KUBECTL", ".services/bin/kube-v1.37.2/kubectl")?,
+            bin.join("kubectl"),
+        )?;
+        let skaffold = Self {
+            binary: tool("SKAFFOLD", ".services/bin/skaffold-v2.16.1")?,
+            path: format!(
+                "{}:{}",
+                bin.display(),
+                std::env::var("PATH").unwrap_or_default()
+            ),
+            scratch,
+            dev_password,
+        };
+        skaffold.run(&["config", "set", "--global", "collect-metrics", "false"])?;
+        Ok(skaffold)
+    }
+
+    fn command(&self, args: &[&str]) -> anyhow::Result<Command> {
+        let mut command = Command::new(&self.binary);
+        command
+            .args(args)
+            .current_dir(repo_root())
+            .env("KUBECONFIG", kubeconfig()?)
+            .env("PATH", &self.path)
+            .env("HOME", &self.scratch)
+            .env("SKAFFOLD_UPDATE_CHECK", "false");
+        match self.dev_password {
+            Some(password) => command.env("CHAT_DEV_PASSWORD", password),
+            None => command.env_remove("CHAT_DEV_PASSWORD"),
+        };
+        Ok(command)
+    }
+
+    /// Its stdout, or the failure with all it printed.
+    fn run(&self, args: &[&str]) -> anyhow::Result<String> {
+        let output = self.command(args)?.output()?;
+        ensure!(
+            output.status.success(),
+            "skaffold {args:?} failed:\n{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Ok(String::from_utf8(output.stdout)?)
+    }
+}
+
+impl Drop for Skaffold {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.scratch);
+    }
+}
+
+/// The development services' objects in a render: `k8s/dev` labels every object so.
+fn dev_only_objects(rendered: &str) -> anyhow::Result<Vec<String>> {
+    let mut found = Vec::new();
+    for document in serde_yaml::Deserializer::from_str(rendered) {
+        let object = serde_json::Value::deserialize(document)?;
+        let labels = &object["metadata"]["labels"];
+        if labels["environment"] == "dev-only" || labels["app.kubernetes.io/part-of"] == "chat-dev"
+        {
+            found.push(format!(
+                "{}/{}",
+                object["kind"].as_str().unwrap_or_default(),
+                object["metadata"]["name"].as_str().unwrap_or_default()
+            ));
+        }
+    }
+    Ok(found)
+}
+
 /// `skaffold render` and `skaffold deploy` of `skaffold.yaml` (the development services of
 /// `k8s/dev`, then the chart) against the live API server, with prebuilt image tags: what
-/// `skaffold dev` does after its build, without a Docker engine.
+/// `skaffold dev` does after its build, without a Docker engine. skaffold's own parser accepts
+/// the file (`diagnose --yaml-only` fails on an unknown field), with and without the profile.
 #[test]
 fn skaffold_renders_and_deploys_the_development_setup() -> anyhow::Result<()> {
     let namespace = Namespace::create("skaffold")?;
@@ -739,44 +831,35 @@ fn skaffold_renders_and_deploys_the_development_setup() -> anyhow::Result<()> {
         "chat-dev-credentials",
         "--from-literal=password=a-dev-password",
     ])?;
-    // skaffold finds helm and kubectl on PATH, and keeps its settings in HOME: both of this test.
-    let scratch = std::env::temp_dir().join(format!("skaffold-{ns}"));
-    let bin = scratch.join("bin");
-    std::fs::create_dir_all(&bin)?;
-    std::os::unix::fs::symlink(
-        tool("HELM", ".services/bin/helm-v3.22.0-k1.33")?,
-        bin.join("helm"),
-    )?;
-    std::os::unix::fs::symlink(
-        tool("KUBECTL", ".services/bin/kube-v1.37.2/kubectl")?,
-        bin.join("kubectl"),
-    )?;
-    let skaffold = tool("SKAFFOLD", ".services/bin/skaffold-v2.16.1")?;
-    let path = format!(
-        "{}:{}",
-        bin.display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
-    let run_skaffold = |args: &[&str]| -> anyhow::Result<String> {
-        let output = Command::new(&skaffold)
-            .args(args)
-            .current_dir(repo_root())
-            .env("KUBECONFIG", kubeconfig()?)
-            .env("PATH", &path)
-            .env("HOME", &scratch)
-            .env("SKAFFOLD_UPDATE_CHECK", "false")
-            .env("CHAT_DEV_PASSWORD", "a-dev-password")
-            .output()?;
+    let skaffold = Skaffold::new(ns, Some("a-dev-password"))?;
+    let effective = skaffold.run(&["diagnose", "--yaml-only"])?;
+    for expected in [
+        "k8s/dev/rabbitmq.yaml",
+        "image: chat-tour",
+        "kubernetesCluster",
+    ] {
         ensure!(
-            output.status.success(),
-            "skaffold {args:?} failed:\n{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
+            effective.contains(expected),
+            "{expected} in the effective configuration:\n{effective}"
         );
-        Ok(String::from_utf8(output.stdout)?)
-    };
-    run_skaffold(&["config", "set", "--global", "collect-metrics", "false"])?;
-    let rendered = run_skaffold(&[
+    }
+    let embedded = skaffold.run(&["diagnose", "--yaml-only", "-p", "embedded"])?;
+    ensure!(
+        !embedded.contains("k8s/dev") && embedded.contains("embedded.enabled"),
+        "the embedded profile's effective configuration:\n{embedded}"
+    );
+    let modes: serde_json::Value = serde_json::from_str(&skaffold.run(&[
+        "inspect",
+        "executionModes",
+        "list",
+        "--format",
+        "json",
+    ])?)?;
+    ensure!(
+        modes["verifyExecutionModes"]["tour"] == "kubernetesCluster",
+        "{modes}"
+    );
+    let rendered = skaffold.run(&[
         "render",
         "--offline=true",
         "--digest-source=tag",
@@ -791,15 +874,132 @@ fn skaffold_renders_and_deploys_the_development_setup() -> anyhow::Result<()> {
     ] {
         assert!(rendered.contains(image), "{image} in the render");
     }
-    run_skaffold(&["deploy", "-t", "test", "-n", ns, "--status-check=true"])?;
+    ensure!(
+        dev_only_objects(&rendered)?.len() >= 8,
+        "k8s/dev's Services and Deployments in the render"
+    );
+    skaffold.run(&["deploy", "-t", "test", "-n", ns, "--status-check=true"])?;
     let deployments = kubectl(&["-n", ns, "get", "deployments", "-o", "name"])?;
     for name in [
         "deployment.apps/chat-api",
         "deployment.apps/chat-ingest-worker",
         "deployment.apps/chat-indexer",
+        "deployment.apps/rabbitmq",
     ] {
         assert!(deployments.contains(name), "{name} deployed: {deployments}");
     }
-    std::fs::remove_dir_all(&scratch)?;
+    Ok(())
+}
+
+/// `skaffold render -p embedded` and `skaffold deploy -p embedded`: the chart alone, no `k8s/dev`
+/// object, and neither the Secret chat-dev-credentials nor CHAT_DEV_PASSWORD needed.
+#[test]
+fn skaffold_embedded_profile_renders_and_deploys_the_chart_alone() -> anyhow::Result<()> {
+    let namespace = Namespace::create("skaffold-embedded")?;
+    let ns = namespace.0.as_str();
+    let skaffold = Skaffold::new(ns, None)?;
+    let rendered = skaffold.run(&[
+        "render",
+        "--offline=true",
+        "--digest-source=tag",
+        "-t",
+        "test",
+        "-p",
+        "embedded",
+    ])?;
+    ensure!(rendered.contains("chat-api:test"), "the api in the render");
+    let dev_only = dev_only_objects(&rendered)?;
+    ensure!(
+        dev_only.is_empty(),
+        "k8s/dev objects under -p embedded: {dev_only:?}"
+    );
+    skaffold.run(&[
+        "deploy",
+        "-t",
+        "test",
+        "-n",
+        ns,
+        "--status-check=true",
+        "-p",
+        "embedded",
+    ])?;
+    let deployments = kubectl(&["-n", ns, "get", "deployments", "-o", "name"])?;
+    ensure!(
+        deployments.contains("deployment.apps/chat-api"),
+        "the api deployed: {deployments}"
+    );
+    for name in ["mysql", "redis", "rabbitmq", "elasticsearch"] {
+        ensure!(
+            !deployments.contains(&format!("deployment.apps/{name}\n")),
+            "{name} deployed under -p embedded: {deployments}"
+        );
+    }
+    Ok(())
+}
+
+/// A child process killed (and reaped) when dropped.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `skaffold verify` starts the README's tour as a Job in the cluster: the built tour image,
+/// CHAT_URL of the api Service and nothing else from the developer's environment, no retry, non-root.
+/// kwok marks the Job's pod Succeeded without running it (and skaffold then waits for logs that
+/// never come), so this proves the Job skaffold makes, not the tour's run: the tour itself runs
+/// in tests/it/tour.rs.
+#[test]
+fn skaffold_verify_starts_the_tour_as_a_job_in_the_cluster() -> anyhow::Result<()> {
+    let namespace = Namespace::create("skaffold-verify")?;
+    let ns = namespace.0.as_str();
+    let skaffold = Skaffold::new(ns, Some("a-dev-password"))?;
+    // What `skaffold build --file-output` writes.
+    let builds = skaffold.scratch.join("build.json");
+    std::fs::write(
+        &builds,
+        r#"{"builds": [{"imageName": "chat-tour", "tag": "chat-tour:test"}]}"#,
+    )?;
+    let builds = builds.display().to_string();
+    let _verify = KillOnDrop(
+        skaffold
+            .command(&["verify", "-a", &builds, "-n", ns])?
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?,
+    );
+    let mut job = None;
+    for _ in 0..120 {
+        if let Ok(json) = kubectl(&["-n", ns, "get", "job", "tour", "-o", "json"]) {
+            job = Some(serde_json::from_str::<serde_json::Value>(&json)?);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let job = job.context("skaffold verify created no Job tour within 60 s")?;
+    let spec = &job["spec"];
+    let pod = &spec["template"]["spec"];
+    let containers = pod["containers"].as_array().context("containers")?;
+    ensure!(containers.len() == 1, "{pod}");
+    ensure!(
+        containers[0]["image"] == "chat-tour:test",
+        "{}",
+        containers[0]
+    );
+    ensure!(
+        containers[0]["env"]
+            == serde_json::json!([{"name": "CHAT_URL", "value": "http://chat-api"}]),
+        "the Job's environment: {}",
+        containers[0]["env"]
+    );
+    ensure!(
+        spec["backoffLimit"] == 0
+            && pod["restartPolicy"] == "Never"
+            && pod["securityContext"]["runAsNonRoot"] == true,
+        "{spec}"
+    );
     Ok(())
 }

@@ -15,5 +15,6 @@ mod observability;
 mod pipeline;
 mod search;
 mod tls;
+mod tour;
 mod tracing;
 mod trust;
