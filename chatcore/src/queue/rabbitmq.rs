@@ -430,6 +430,9 @@ impl RabbitMqQueue {
                         .await
                         .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
                 if let AsyncTcpStream::Plain(socket) = &stream {
+                    // Publishes, acks and confirms are small frames sent while others are
+                    // unanswered: Nagle's algorithm would hold them back.
+                    socket.get_ref().set_nodelay(true)?;
                     let mut dialing = handles.lock().unwrap_or_else(PoisonError::into_inner);
                     match &mut *dialing {
                         Dialing::Abandoned => {
