@@ -651,7 +651,8 @@ enum Part {
     /// One event of an envelope, kept for publishing it again alone.
     OfEnvelope {
         delivery_tag: u64,
-        properties: BasicProperties,
+        /// The envelope's, shared by its events.
+        properties: Arc<BasicProperties>,
         event: envelope::Enveloped,
     },
 }
@@ -685,9 +686,11 @@ impl RabbitMqSource {
             return;
         };
         self.unsettled_events.insert(delivery_tag, events.len());
-        let properties = delivery
-            .properties
-            .with_content_type(ShortString::from("application/json"));
+        let properties = Arc::new(
+            delivery
+                .properties
+                .with_content_type(ShortString::from("application/json")),
+        );
         for event in events {
             self.next_tag += 1;
             batch.push(Delivery {
@@ -699,7 +702,7 @@ impl RabbitMqSource {
                 self.next_tag,
                 Part::OfEnvelope {
                     delivery_tag,
-                    properties: properties.clone(),
+                    properties: Arc::clone(&properties),
                     event,
                 },
             );
@@ -737,7 +740,7 @@ impl RabbitMqSource {
             exchange: exchange.to_owned(),
             routing_key: routing_key.to_owned(),
             payload: event.data.clone(),
-            properties: properties.clone().with_headers(headers),
+            properties: BasicProperties::clone(properties).with_headers(headers),
             mandatory: true,
             event_trace: None,
         };
