@@ -313,6 +313,12 @@ impl Bench {
             );
             return Ok(None);
         };
+        if self.settings.stopped_phase > Duration::from_secs(MAX_STOPPED_SECONDS) {
+            self.report.note(format!(
+                "BENCH_STOPPED_SECONDS above {MAX_STOPPED_SECONDS}: the stopped workers may miss \
+                 RabbitMQ heartbeats and reconnect, which the legs then include"
+            ));
+        }
         let chat = self.stored_chat(&target.token).await?;
 
         eprintln!(
@@ -360,6 +366,20 @@ impl Bench {
             cpu: self.processes.cpu_between(&resumed, &persisted.indexed.cpu),
         };
 
+        self.legs_against_raw(storage, chat, ingest, index).await?;
+        Ok(Some((chat, count)))
+    }
+
+    /// The raw ingest and index legs with the messages of the backlog, and the rows of both legs
+    /// against them.
+    async fn legs_against_raw(
+        &mut self,
+        storage: &ServiceStorage,
+        chat: u64,
+        ingest: Measured,
+        index: Measured,
+    ) -> anyhow::Result<()> {
+        let count = ingest.count;
         let chat_ref = storage.chat(chat);
         let chat_id: u64 =
             sqlx::query_scalar("SELECT id FROM chats WHERE application_id = ? AND number = ?")
@@ -413,7 +433,7 @@ impl Bench {
         self.report.cpu("raw ingest", &raw_ingest);
         self.report.cpu("index leg", &index);
         self.report.cpu("raw bulk", &raw_bulk);
-        Ok(Some((chat, count)))
+        Ok(())
     }
 
     /// `POST` with the workers running, then the end-to-end rates until everything is stored and
@@ -520,6 +540,14 @@ impl Bench {
             target.token
         ));
 
+        let one_label = format!(
+            "GET one message, {} connections (chat of {stored})",
+            load.clients
+        );
+        let page_label = format!(
+            "GET a page of {LIST_PER_PAGE} messages (after=), {} connections",
+            load.clients
+        );
         let bounds = format!("{} connections, {:?}", load.clients, load.max_duration);
         eprintln!("bench: GET one message ({bounds})");
         let (api, url) = (self.api.clone(), messages_url.clone());
@@ -546,19 +574,11 @@ impl Bench {
         let page = measured(&page, self.processes.cpu_since(&before));
 
         let Some(storage) = &target.services else {
-            self.report.row(
-                format!("GET one message, {} connections", load.clients),
-                format!("{:.0} req/s", one.rate()),
-                "n/a (raw SELECT: services only)",
-            );
-            self.report.row(
-                format!(
-                    "GET a page of {LIST_PER_PAGE} messages, {} connections",
-                    load.clients
-                ),
-                format!("{:.0} req/s", page.rate()),
-                "n/a (raw SELECT: services only)",
-            );
+            let no_raw = "n/a (raw SELECT: services only)";
+            self.report
+                .row(one_label, format!("{:.0} req/s", one.rate()), no_raw);
+            self.report
+                .row(page_label, format!("{:.0} req/s", page.rate()), no_raw);
             self.report.cpu("GET message", &one);
             self.report.cpu("list page", &page);
             return Ok(());
@@ -583,10 +603,7 @@ impl Bench {
             "1",
         );
         self.report.row(
-            format!(
-                "GET one message, {} connections (chat of {stored})",
-                load.clients
-            ),
+            one_label,
             format!("{:.0} req/s", one.rate()),
             ratio(one.rate(), raw_one.rate(), "raw SELECT"),
         );
@@ -599,10 +616,7 @@ impl Bench {
             "1",
         );
         self.report.row(
-            format!(
-                "GET a page of {LIST_PER_PAGE} messages (after=), {} connections",
-                load.clients
-            ),
+            page_label,
             format!("{:.0} req/s", page.rate()),
             ratio(page.rate(), raw_page.rate(), "raw page SELECT"),
         );
