@@ -1,43 +1,85 @@
 //! Bounded benchmark of a running stack, with the raw limits it depends on measured in the same
 //! run, so the figures can be read as ratios on a shared, noisy machine. Two stacks:
 //! - the real services (`scripts/stack up`): raw limits are Redis INCR and RabbitMQ confirmed
-//!   publish;
+//!   publish; then `POST` with the workers stopped (SIGSTOP), the drain of that backlog by each
+//!   downstream leg against its own raw limit (a lapin + sqlx consumer, a raw `_bulk`), `POST`
+//!   with the workers running and end to end, and the reads against their raw SELECTs;
 //! - the embedded process (`BENCH_STACK=embedded`, started by `scripts/bench`): the raw limit is the
-//!   rate of durable (`synchronous = FULL`) one-row SQLite commits on the same disk.
+//!   rate of durable (`synchronous = FULL`) one-row SQLite commits on the same disk; what needs
+//!   the services or separate workers is skipped.
+//!
+//! Every phase also reports the CPU each process spent per message (see [`processes`]).
 //!
 //! Settings (environment): BENCH_STACK (services), BENCH_API_URL (http://127.0.0.1:3000/api/v1),
 //! BENCH_CONNECTIONS (64), BENCH_MESSAGES (100000), BENCH_MAX_SECONDS (180, bound of each phase),
-//! BENCH_SEARCHES (2000), and the configuration of the README (service URLs, CHAT_DATA_DIR).
+//! BENCH_STOPPED_SECONDS (45 at most, bound of the phase with the workers stopped),
+//! BENCH_READ_SECONDS (5, each read phase), BENCH_SEARCHES (2000), BENCH_DEEP_PAGES (1; 0 skips
+//! the chat of 1,000,000 messages), BENCH_THREADS (1, worker threads of the load generator),
+//! BENCH_PROCESSES and BENCH_CLK_TCK (set by `scripts/bench`), and the configuration of the README
+//! (service URLs, CHAT_DATA_DIR, CHAT_CONSUMER_PREFETCH, CHAT_BATCH_MAX_SIZE, CHAT_ES_INDEX...).
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+mod api;
+mod deep;
+mod load;
+mod persisted;
+mod processes;
+mod raw;
+mod report;
+
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
 use chatcore::Config;
-use futures_util::future::join_all;
-use lapin::BasicProperties;
-use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
-};
-use lapin::types::FieldTable;
-use serde_json::{Value, json};
-use sqlx::Connection as _;
+use serde_json::json;
+use sqlx::MySqlPool;
 
-/// AMQP delivery mode of messages written to disk, as the api publishes them.
-const PERSISTENT: u8 = 2;
+use crate::api::Api;
+use crate::load::{Load, Outcome, scatter};
+use crate::persisted::{IndexCount, wait_until_persisted};
+use crate::processes::{CpuUse, PausedWorkers, Processes};
+use crate::raw::ChatRef;
+use crate::report::{Measured, Report, ratio};
 
-const RAW_PHASE: Duration = Duration::from_secs(5);
-const REDIS_CLIENTS: usize = 50;
-const PUBLISHERS: usize = 64;
-const VOCABULARY: usize = 2000;
+/// The workers held still while the api accepts a backlog.
+const WORKERS: [&str; 2] = ["ingest-worker", "indexer"];
+/// Under RabbitMQ's 60 s heartbeat: a stopped worker must not lose its connection.
+const MAX_STOPPED_SECONDS: u64 = 45;
+/// Messages per page of the list phase (the api's largest page).
+const LIST_PER_PAGE: u32 = 100;
+/// Concurrent clients of the search phase.
+const SEARCH_CLIENTS: usize = 8;
+/// The window of the flatness check: the accept rate of the first and of the last this many.
+const FLATNESS_WINDOW: usize = 100_000;
 
 struct Settings {
+    embedded: bool,
     api_url: String,
     connections: usize,
     messages: u64,
     max_phase: Duration,
-    searches: usize,
+    stopped_phase: Duration,
+    read_phase: Duration,
+    searches: u64,
+    deep_pages: bool,
+}
+
+impl Settings {
+    fn from_env() -> Self {
+        let max_phase = setting("BENCH_MAX_SECONDS", 180);
+        Self {
+            embedded: setting("BENCH_STACK", "services".to_owned()) == "embedded",
+            api_url: setting("BENCH_API_URL", "http://127.0.0.1:3000/api/v1".to_owned()),
+            connections: setting("BENCH_CONNECTIONS", 64),
+            messages: setting("BENCH_MESSAGES", 100_000),
+            max_phase: Duration::from_secs(max_phase),
+            stopped_phase: Duration::from_secs(setting(
+                "BENCH_STOPPED_SECONDS",
+                max_phase.min(MAX_STOPPED_SECONDS),
+            )),
+            read_phase: Duration::from_secs(setting("BENCH_READ_SECONDS", 5)),
+            searches: setting("BENCH_SEARCHES", 2000),
+            deep_pages: setting("BENCH_DEEP_PAGES", 1) != 0,
+        }
+    }
 }
 
 fn setting<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -47,624 +89,644 @@ fn setting<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
-/// Latencies of one phase.
-struct Latencies(Vec<Duration>);
-
-impl Latencies {
-    fn percentile(&self, fraction: f64) -> Duration {
-        let mut sorted = self.0.clone();
-        sorted.sort_unstable();
-        let index = ((sorted.len() as f64 * fraction).ceil() as usize).saturating_sub(1);
-        sorted.get(index).copied().unwrap_or_default()
-    }
-}
-
-fn ms(duration: Duration) -> String {
-    format!("{:.2} ms", duration.as_secs_f64() * 1000.0)
-}
-
-/// A deterministic pseudo-random word list, so message bodies and queries share words.
-fn word(index: usize) -> String {
-    const SYLLABLES: [&str; 16] = [
-        "ka", "lo", "mi", "ne", "ru", "ta", "shi", "po", "ve", "da", "zu", "ri", "mo", "xa", "te",
-        "qui",
-    ];
-    let mut value = index.wrapping_mul(2_654_435_761) % 65_536;
-    let mut out = String::new();
-    for _ in 0..3 {
-        out.push_str(SYLLABLES[value % SYLLABLES.len()]);
-        value /= SYLLABLES.len();
-    }
-    out.push_str(&index.to_string());
-    out
-}
-
-fn body(seed: u64) -> String {
-    (0..10)
-        .map(|i| word((seed as usize).wrapping_mul(31).wrapping_add(i * 7919) % VOCABULARY))
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let config = Config::from_env()?;
-    let settings = Settings {
-        api_url: setting("BENCH_API_URL", "http://127.0.0.1:3000/api/v1".to_owned()),
-        connections: setting("BENCH_CONNECTIONS", 64),
-        messages: setting("BENCH_MESSAGES", 100_000),
-        max_phase: Duration::from_secs(setting("BENCH_MAX_SECONDS", 180)),
-        searches: setting("BENCH_SEARCHES", 2000),
-    };
-    let embedded = setting("BENCH_STACK", "services".to_owned()) == "embedded";
-    let raw_limits = if embedded {
-        eprintln!(
-            "bench: measuring raw durable sqlite commit rate ({PUBLISHERS} concurrent writers)"
-        );
-        vec![RawLimit {
-            name: format!("sqlite durable one-row commit ({PUBLISHERS} concurrent)"),
-            short_name: "durable commit",
-            rate: sqlite_commit_rate(&config).await?,
-        }]
-    } else {
-        eprintln!("bench: measuring raw redis INCR rate ({REDIS_CLIENTS} concurrent clients)");
-        let redis_rate = redis_incr_rate(&config).await?;
-        eprintln!(
-            "bench: measuring raw rabbitmq confirmed-publish rate ({PUBLISHERS} concurrent publishers)"
-        );
-        vec![
-            RawLimit {
-                name: format!("rabbitmq confirmed publish ({PUBLISHERS} concurrent, persistent)"),
-                short_name: "confirmed publish",
-                rate: confirmed_publish_rate(&config).await?,
-            },
-            RawLimit {
-                name: format!("redis INCR ({REDIS_CLIENTS} concurrent)"),
-                short_name: "INCR",
-                rate: redis_rate,
-            },
-        ]
-    };
-    let ratios = |rate: f64| {
-        raw_limits
-            .iter()
-            .map(|raw| format!("{:.2} of {}", rate / raw.rate, raw.short_name))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(settings.connections)
-        .build()?;
-    let token = create_application(&http, &settings.api_url).await?;
-    let chat = post_json(
-        &http,
-        &format!("{}/applications/{token}/chats", settings.api_url),
-        None,
-    )
-    .await?["number"]
-        .as_u64()
-        .context("chat number")?;
-    eprintln!(
-        "bench: posting {} messages with {} connections (at most {:?})",
-        settings.messages, settings.connections, settings.max_phase
-    );
-    let started = Instant::now();
-    let (posted, post_elapsed, post_latencies) =
-        post_messages(&http, &settings, &token, chat).await?;
-    let post_rate = posted as f64 / post_elapsed.as_secs_f64();
-    eprintln!(
-        "bench: {posted} posted at {post_rate:.0} req/s, p50 {} p99 {}",
-        ms(post_latencies.percentile(0.50)),
-        ms(post_latencies.percentile(0.99))
-    );
-
-    eprintln!("bench: waiting until all {posted} messages are stored and in the index");
-    let index = if embedded {
-        IndexCount::Embedded(config.data_dir.join("search.db"))
-    } else {
-        IndexCount::Elasticsearch {
-            url: config.require_elasticsearch_url()?.expose().to_owned(),
-            index: config.elasticsearch_index.clone(),
-            application_id: application_id(&config, &token).await?,
-        }
-    };
-    let (mysql_done, index_done) =
-        wait_until_persisted(&http, &settings, &index, &token, chat, posted).await?;
-    let mysql_rate = posted as f64 / mysql_done.duration_since(started).as_secs_f64();
-    let index_rate = posted as f64 / index_done.duration_since(started).as_secs_f64();
-
-    eprintln!(
-        "bench: {} searches on the chat of {posted} messages",
-        settings.searches
-    );
-    let search_latencies = search(&http, &settings, &token, chat).await?;
-
-    eprintln!("bench: seeding a chat of {DEEP_CHAT_MESSAGES} messages for the pagination phase");
-    let deep_chat = post_json(
-        &http,
-        &format!("{}/applications/{token}/chats", settings.api_url),
-        None,
-    )
-    .await?["number"]
-        .as_u64()
-        .context("chat number")?;
-    seed_deep_chat(&http, &settings, &config, embedded, &token, deep_chat).await?;
-    let (first_page, last_page) = page_latencies(&http, &settings, &token, deep_chat).await?;
-
-    println!();
-    println!("| measure | figure | ratio to raw limit |");
-    println!("| --- | --- | --- |");
-    for raw in &raw_limits {
-        println!("| raw: {} | {:.0} /s | 1 |", raw.name, raw.rate);
-    }
-    println!(
-        "| POST message, {} connections | {post_rate:.0} req/s | {} |",
-        settings.connections,
-        ratios(post_rate)
-    );
-    println!(
-        "| POST message p50 / p99 | {} / {} | |",
-        ms(post_latencies.percentile(0.50)),
-        ms(post_latencies.percentile(0.99))
-    );
-    println!(
-        "| end-to-end into the storage ({posted} messages) | {mysql_rate:.0} msg/s | {} |",
-        ratios(mysql_rate)
-    );
-    println!(
-        "| end-to-end into the index | {index_rate:.0} msg/s | {} |",
-        ratios(index_rate)
-    );
-    println!(
-        "| search p50 / p99 ({} queries, chat of {posted}) | {} / {} | |",
-        settings.searches,
-        ms(search_latencies.percentile(0.50)),
-        ms(search_latencies.percentile(0.99))
-    );
-    println!(
-        "| list messages, page 1 p50 / p99 (chat of {DEEP_CHAT_MESSAGES}) | {} / {} | |",
-        ms(first_page.percentile(0.50)),
-        ms(first_page.percentile(0.99))
-    );
-    println!(
-        "| list messages, last page (after={}) p50 / p99 | {} / {} | {:.2} of page 1 (p50) |",
-        DEEP_CHAT_MESSAGES - 25,
-        ms(last_page.percentile(0.50)),
-        ms(last_page.percentile(0.99)),
-        last_page.percentile(0.50).as_secs_f64() / first_page.percentile(0.50).as_secs_f64()
-    );
-    Ok(())
-}
-
-/// The messages of the chat whose first and last page are timed.
-const DEEP_CHAT_MESSAGES: u64 = 1_000_000;
-/// Requests per page in the pagination phase.
-const PAGE_REQUESTS: usize = 400;
-
-/// Writes [`DEEP_CHAT_MESSAGES`] messages straight into the storage (the api would take minutes
-/// to accept them, and only their reading is measured here).
-async fn seed_deep_chat(
-    http: &reqwest::Client,
-    settings: &Settings,
-    config: &Config,
-    embedded: bool,
-    token: &str,
-    chat: u64,
-) -> anyhow::Result<()> {
-    let chat_url = format!("{}/applications/{token}/chats/{chat}", settings.api_url);
-    let deadline = Instant::now() + settings.max_phase;
-    while !http.get(&chat_url).send().await?.status().is_success() {
-        if Instant::now() > deadline {
-            bail!("chat {chat} was not stored within {:?}", settings.max_phase);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let chat_id = "SELECT c.id FROM chats c JOIN applications a ON a.id = c.application_id \
-                   WHERE a.token = ? AND c.number = ?";
-    if embedded {
-        let options = sqlx::sqlite::SqliteConnectOptions::new()
-            .filename(config.data_dir.join("chat.db"))
-            .busy_timeout(Duration::from_secs(30));
-        let mut connection = sqlx::SqliteConnection::connect_with(&options).await?;
-        let id: i64 = sqlx::query_scalar(chat_id)
-            .bind(token)
-            .bind(chat as i64)
-            .fetch_one(&mut connection)
-            .await?;
-        sqlx::query(
-            "WITH RECURSIVE seq(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM seq WHERE n < ?) \
-             INSERT INTO messages (chat_id, number, body, created_at, updated_at) \
-             SELECT c.id, n, 'seeded message ' || n, c.created_at, c.created_at FROM chats c, seq WHERE c.id = ?",
-        )
-        .bind(DEEP_CHAT_MESSAGES as i64)
-        .bind(id)
-        .execute(&mut connection)
-        .await?;
-        connection.close().await?;
-    } else {
-        let pool = chatcore::store::mysql::connect(config.require_database_url()?, 1).await?;
-        let id: u64 = sqlx::query_scalar(chat_id)
-            .bind(token)
-            .bind(chat as i64)
-            .fetch_one(&pool)
-            .await?;
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "INSERT INTO messages (chat_id, number, body, created_at, updated_at) \
-             SELECT c.id, s.seq, CONCAT('seeded message ', s.seq), c.created_at, c.created_at \
-             FROM chats c JOIN seq_1_to_{DEEP_CHAT_MESSAGES} s WHERE c.id = ?"
-        )))
-        .bind(id)
-        .execute(&pool)
-        .await?;
-        pool.close().await;
-    }
-    Ok(())
-}
-
-/// Latencies of the first page and of the last page (`after`) of the deep chat, alternating, one
-/// request at a time.
-async fn page_latencies(
-    http: &reqwest::Client,
-    settings: &Settings,
-    token: &str,
-    chat: u64,
-) -> anyhow::Result<(Latencies, Latencies)> {
-    let list = format!(
-        "{}/applications/{token}/chats/{chat}/messages?per_page=25",
-        settings.api_url
-    );
-    let last = format!("{list}&after={}", DEEP_CHAT_MESSAGES - 25);
-    let (mut first_page, mut last_page) = (Vec::new(), Vec::new());
-    for _ in 0..PAGE_REQUESTS {
-        for (url, latencies, expected_first) in [
-            (&list, &mut first_page, 1),
-            (&last, &mut last_page, DEEP_CHAT_MESSAGES - 24),
-        ] {
-            let sent = Instant::now();
-            let page: Value = http.get(url).send().await?.json().await?;
-            latencies.push(sent.elapsed());
-            if page["messages"][0]["number"].as_u64() != Some(expected_first) {
-                bail!("unexpected page {url}: {page}");
-            }
-        }
-    }
-    Ok((Latencies(first_page), Latencies(last_page)))
-}
-
-/// A raw limit measured in the same run.
+/// A raw limit measured in the same run, which every rate of the accept path is compared with.
 struct RawLimit {
-    name: String,
     short_name: &'static str,
     rate: f64,
 }
 
-/// One-row transactions, each committed to disk, from concurrent writers for [`RAW_PHASE`]: what
-/// the embedded queue would manage if every request committed on its own (it groups them).
-async fn sqlite_commit_rate(config: &Config) -> anyhow::Result<f64> {
-    let path = config.data_dir.join("bench-raw.db");
-    let pool = chatcore::sqlite::open(&path, &chatcore::sqlite::QUEUE_MIGRATOR, 4).await?;
-    let payload = vec![b'x'; 200];
-    let deadline = Instant::now() + RAW_PHASE;
-    let started = Instant::now();
-    let counts = join_all((0..PUBLISHERS).map(|_| {
-        let (pool, payload) = (pool.clone(), &payload);
-        async move {
-            let mut count = 0u64;
-            while Instant::now() < deadline {
-                sqlx::query("INSERT INTO queued_events (queue, body) VALUES ('raw', ?)")
-                    .bind(payload.as_slice())
-                    .execute(&pool)
-                    .await?;
-                count += 1;
-            }
-            anyhow::Ok(count)
+/// The raw limits of the accept path.
+#[derive(Debug, Clone, Copy)]
+enum RawProbe {
+    SqliteCommit,
+    RedisIncr,
+    ConfirmedPublish,
+}
+
+impl RawProbe {
+    fn name(self) -> String {
+        match self {
+            Self::SqliteCommit => format!(
+                "sqlite durable one-row commit ({} concurrent)",
+                raw::PUBLISHERS
+            ),
+            Self::RedisIncr => format!("redis INCR ({} concurrent)", raw::REDIS_CLIENTS),
+            Self::ConfirmedPublish => format!(
+                "rabbitmq confirmed publish ({} concurrent, persistent)",
+                raw::PUBLISHERS
+            ),
         }
-    }))
-    .await;
-    let elapsed = started.elapsed();
-    let total: u64 = counts.into_iter().sum::<anyhow::Result<u64>>()?;
-    pool.close().await;
-    for suffix in ["", "-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
     }
-    Ok(total as f64 / elapsed.as_secs_f64())
-}
 
-async fn redis_incr_rate(config: &Config) -> anyhow::Result<f64> {
-    let connection = chatcore::state::connect_redis(config.require_redis_url()?).await?;
-    let key = format!("{}:bench:incr", config.redis_key_prefix);
-    let deadline = Instant::now() + RAW_PHASE;
-    let started = Instant::now();
-    let counts = join_all((0..REDIS_CLIENTS).map(|_| {
-        let mut connection = connection.clone();
-        let key = key.clone();
-        async move {
-            let mut count = 0u64;
-            while Instant::now() < deadline {
-                let _: u64 = redis::cmd("INCR")
-                    .arg(&key)
-                    .query_async(&mut connection)
-                    .await?;
-                count += 1;
-            }
-            anyhow::Ok(count)
+    /// How the ratios name it.
+    fn short_name(self) -> &'static str {
+        match self {
+            Self::SqliteCommit => "durable commit",
+            Self::RedisIncr => "INCR",
+            Self::ConfirmedPublish => "confirmed publish",
         }
-    }))
-    .await;
-    let elapsed = started.elapsed();
-    let total: u64 = counts.into_iter().sum::<anyhow::Result<u64>>()?;
-    let _: () = redis::cmd("DEL")
-        .arg(&key)
-        .query_async(&mut connection.clone())
-        .await?;
-    Ok(total as f64 / elapsed.as_secs_f64())
+    }
+
+    /// Its column of the CPU table.
+    fn column(self) -> &'static str {
+        match self {
+            Self::SqliteCommit => "raw commit",
+            Self::RedisIncr => "raw INCR",
+            Self::ConfirmedPublish => "raw publish",
+        }
+    }
+
+    async fn run(self, config: &Config) -> anyhow::Result<Outcome> {
+        match self {
+            Self::SqliteCommit => raw::sqlite_commits(config).await,
+            Self::RedisIncr => raw::redis_incr(config).await,
+            Self::ConfirmedPublish => raw::confirmed_publish(config).await,
+        }
+    }
 }
 
-async fn confirmed_publish_rate(config: &Config) -> anyhow::Result<f64> {
-    let connection = lapin::Connection::connect(
-        config.require_amqp_url()?.expose(),
-        lapin::ConnectionProperties::default(),
-    )
-    .await?;
-    let channel = connection.create_channel().await?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
+/// What the phases share.
+struct Bench {
+    config: Config,
+    settings: Settings,
+    processes: Processes,
+    api: Api,
+    raw_limits: Vec<RawLimit>,
+    report: Report,
+}
+
+/// The bench's application and where its messages are counted.
+struct Target {
+    token: String,
+    index: IndexCount,
+    /// None: the embedded stack.
+    services: Option<ServiceStorage>,
+}
+
+/// The MySQL of the services' stack, and the bench's application in it.
+struct ServiceStorage {
+    pool: MySqlPool,
+    application_id: u64,
+}
+
+impl ServiceStorage {
+    fn chat(&self, number: u64) -> ChatRef {
+        ChatRef {
+            application_id: self.application_id,
+            number,
+        }
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    // A small runtime: the load generator must not take the cores of the stack it measures.
+    let threads = setting("BENCH_THREADS", 1usize).max(1);
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()?
+        .block_on(Box::pin(run()))
+}
+
+async fn run() -> anyhow::Result<()> {
+    let config = Config::from_env()?;
+    let settings = Settings::from_env();
+    let processes = Processes::from_env(settings.embedded);
+    let api = Api::new(&settings.api_url, settings.connections)?;
+    let mut bench = Bench {
+        config,
+        settings,
+        processes,
+        api,
+        raw_limits: Vec::new(),
+        report: Report::default(),
+    };
+    bench.measure_raw_limits().await?;
+
+    let token = bench.api.create_application().await?;
+    let target = bench.target(token).await?;
+    let backlog_chat = bench.backlog_phases(&target).await?;
+    let (running_chat, running_posted) = bench.running_phase(&target).await?;
+    let (read_chat, stored) = backlog_chat.unwrap_or((running_chat, running_posted));
+    bench.reads(&target, read_chat, stored).await?;
+    bench
+        .search(&target.token, running_chat, running_posted)
         .await?;
-    let queue = format!("{}.bench-raw", config.redis_key_prefix);
-    channel
-        .queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
+    bench.deep_pages(&target.token).await?;
+    bench.report.print(&bench.processes);
+    Ok(())
+}
+
+impl Bench {
+    fn general_ratios(&self, rate: f64) -> String {
+        self.raw_limits
+            .iter()
+            .map(|raw| ratio(rate, raw.rate, raw.short_name))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    async fn measure_raw_limits(&mut self) -> anyhow::Result<()> {
+        let probes: &[RawProbe] = if self.settings.embedded {
+            &[RawProbe::SqliteCommit]
+        } else {
+            &[RawProbe::RedisIncr, RawProbe::ConfirmedPublish]
+        };
+        for &probe in probes {
+            let name = probe.name();
+            eprintln!("bench: measuring raw {name}");
+            let before = self.processes.sample();
+            let outcome = probe.run(&self.config).await?;
+            let measured = measured(&outcome, self.processes.cpu_since(&before));
+            self.report.row(
+                format!("raw: {name}"),
+                format!("{:.0} /s", outcome.rate()),
+                "1",
+            );
+            self.report.cpu(probe.column(), &measured);
+            self.raw_limits.push(RawLimit {
+                short_name: probe.short_name(),
+                rate: outcome.rate(),
+            });
+        }
+        Ok(())
+    }
+
+    async fn target(&self, token: String) -> anyhow::Result<Target> {
+        if self.settings.embedded {
+            return Ok(Target {
+                token,
+                index: IndexCount::Embedded(self.config.data_dir.join("search.db")),
+                services: None,
+            });
+        }
+        let pool = chatcore::store::mysql::connect(
+            self.config.require_database_url()?,
+            self.config.database_max_connections,
         )
         .await?;
-    let payload = vec![b'x'; 200];
-    let deadline = Instant::now() + RAW_PHASE;
-    let started = Instant::now();
-    let counts = join_all((0..PUBLISHERS).map(|_| {
-        let channel = channel.clone();
-        let queue = queue.clone();
-        let payload = &payload;
-        async move {
-            let mut count = 0u64;
-            while Instant::now() < deadline {
-                let confirmation = channel
-                    .basic_publish(
-                        "".into(),
-                        queue.as_str().into(),
-                        BasicPublishOptions::default(),
-                        payload,
-                        BasicProperties::default().with_delivery_mode(PERSISTENT),
-                    )
-                    .await?
-                    .await?;
-                if !confirmation.is_ack() {
-                    bail!("raw publish was not confirmed");
-                }
-                count += 1;
-            }
-            anyhow::Ok(count)
-        }
-    }))
-    .await;
-    let elapsed = started.elapsed();
-    let total: u64 = counts.into_iter().sum::<anyhow::Result<u64>>()?;
-    channel
-        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-        .await?;
-    connection.close(200, "done".into()).await?;
-    Ok(total as f64 / elapsed.as_secs_f64())
-}
-
-async fn post_json(
-    http: &reqwest::Client,
-    url: &str,
-    body: Option<Value>,
-) -> anyhow::Result<Value> {
-    let request = http.post(url);
-    let request = match body {
-        Some(body) => request.json(&body),
-        None => request,
-    };
-    let response = request.send().await?;
-    let status = response.status();
-    let value: Value = response.json().await?;
-    if !status.is_success() {
-        bail!("{url} answered {status}: {value}");
-    }
-    Ok(value)
-}
-
-async fn create_application(http: &reqwest::Client, api_url: &str) -> anyhow::Result<String> {
-    let created = post_json(
-        http,
-        &format!("{api_url}/applications"),
-        Some(json!({"name": "bench"})),
-    )
-    .await?;
-    Ok(created["token"].as_str().context("token")?.to_owned())
-}
-
-async fn post_messages(
-    http: &reqwest::Client,
-    settings: &Settings,
-    token: &str,
-    chat: u64,
-) -> anyhow::Result<(u64, Duration, Latencies)> {
-    let url = format!(
-        "{}/applications/{token}/chats/{chat}/messages",
-        settings.api_url
-    );
-    let issued = Arc::new(AtomicU64::new(0));
-    let started = Instant::now();
-    let deadline = started + settings.max_phase;
-    let results = join_all((0..settings.connections).map(|_| {
-        let issued = Arc::clone(&issued);
-        let url = url.clone();
-        async move {
-            let mut latencies = Vec::new();
-            loop {
-                let seed = issued.fetch_add(1, Ordering::Relaxed);
-                if seed >= settings.messages || Instant::now() >= deadline {
-                    break;
-                }
-                let sent = Instant::now();
-                post_json(http, &url, Some(json!({"body": body(seed)}))).await?;
-                latencies.push(sent.elapsed());
-            }
-            anyhow::Ok(latencies)
-        }
-    }))
-    .await;
-    let elapsed = started.elapsed();
-    let mut latencies = Vec::new();
-    for result in results {
-        latencies.extend(result?);
-    }
-    Ok((latencies.len() as u64, elapsed, Latencies(latencies)))
-}
-
-async fn application_id(config: &Config, token: &str) -> anyhow::Result<u64> {
-    let pool = chatcore::store::mysql::connect(config.require_database_url()?, 1).await?;
-    Ok(
-        sqlx::query_scalar("SELECT id FROM applications WHERE token = ?")
-            .bind(token)
+        let application_id = sqlx::query_scalar("SELECT id FROM applications WHERE token = ?")
+            .bind(&token)
             .fetch_one(&pool)
-            .await?,
-    )
-}
-
-/// Where the bench counts the indexed messages of its chat.
-enum IndexCount {
-    Elasticsearch {
-        url: String,
-        index: String,
-        application_id: u64,
-    },
-    /// The embedded FTS5 file (the bench's chat is the only one with messages).
-    Embedded(std::path::PathBuf),
-}
-
-impl IndexCount {
-    async fn count(&self, http: &reqwest::Client, chat: u64) -> anyhow::Result<u64> {
-        match self {
-            Self::Elasticsearch {
-                url,
-                index,
+            .await?;
+        Ok(Target {
+            token,
+            index: IndexCount::Elasticsearch {
+                url: self.config.require_elasticsearch_url()?.expose().to_owned(),
+                index: self.config.elasticsearch_index.clone(),
                 application_id,
-            } => {
-                let count: Value = http
-                    .post(format!(
-                        "{url}/{index}/_count?routing={application_id}:{chat}"
-                    ))
-                    .json(&json!({"query": {"term": {"chat": format!("{application_id}:{chat}")}}}))
-                    .send()
-                    .await?
-                    .json()
-                    .await?;
-                count["count"].as_u64().context("count")
-            }
-            Self::Embedded(path) => {
-                let options = sqlx::sqlite::SqliteConnectOptions::new()
-                    .filename(path)
-                    .read_only(true);
-                let mut connection = sqlx::SqliteConnection::connect_with(&options).await?;
-                let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM search_documents")
-                    .fetch_one(&mut connection)
-                    .await?;
-                connection.close().await?;
-                Ok(u64::try_from(count)?)
-            }
-        }
+            },
+            services: Some(ServiceStorage {
+                pool,
+                application_id,
+            }),
+        })
     }
-}
 
-async fn wait_until_persisted(
-    http: &reqwest::Client,
-    settings: &Settings,
-    index: &IndexCount,
-    token: &str,
-    chat: u64,
-    posted: u64,
-) -> anyhow::Result<(Instant, Instant)> {
-    let deadline = Instant::now() + settings.max_phase;
-    let chat_url = format!("{}/applications/{token}/chats/{chat}", settings.api_url);
-    let (mut stored_done, mut index_done) = (None, None);
-    while stored_done.is_none() || index_done.is_none() {
-        if Instant::now() > deadline {
-            bail!(
-                "not everything was persisted within {:?}",
-                settings.max_phase
+    /// A new chat of the bench's application, once it is stored.
+    async fn stored_chat(&self, token: &str) -> anyhow::Result<u64> {
+        let chat = self.api.create_chat(token).await?;
+        self.api
+            .wait_until_chat_stored(token, chat, self.settings.max_phase)
+            .await?;
+        Ok(chat)
+    }
+
+    /// `POST` with the workers stopped, the drain of that backlog by each leg, and the raw legs
+    /// with as many messages. Returns the chat and its message count, or None when skipped.
+    async fn backlog_phases(&mut self, target: &Target) -> anyhow::Result<Option<(u64, u64)>> {
+        let Some(storage) = &target.services else {
+            self.report.note(
+                "embedded stack: POST with the workers stopped, the downstream legs and their raw \
+                 limits skipped (the workers run inside the api process)",
             );
+            return Ok(None);
+        };
+        let worker_pids: Option<Vec<u32>> = WORKERS
+            .iter()
+            .map(|name| self.processes.pid(name))
+            .collect();
+        let Some(worker_pids) = worker_pids else {
+            self.report.note(
+                "no pid of ingest-worker or indexer in BENCH_PROCESSES: POST with the workers \
+                 stopped, the downstream legs and their raw limits skipped",
+            );
+            return Ok(None);
+        };
+        if self.settings.stopped_phase > Duration::from_secs(MAX_STOPPED_SECONDS) {
+            self.report.note(format!(
+                "BENCH_STOPPED_SECONDS above {MAX_STOPPED_SECONDS}: the stopped workers may miss \
+                 RabbitMQ heartbeats and reconnect, which the legs then include"
+            ));
         }
-        if stored_done.is_none() {
-            let chat: Value = http.get(&chat_url).send().await?.json().await?;
-            if chat["messages_count"].as_u64() == Some(posted) {
-                stored_done = Some(Instant::now());
-            }
-        }
-        if index_done.is_none() && index.count(http, chat).await? == posted {
-            index_done = Some(Instant::now());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        let chat = self.stored_chat(&target.token).await?;
+
+        eprintln!(
+            "bench: workers stopped, posting {} messages with {} connections (at most {:?})",
+            self.settings.messages, self.settings.connections, self.settings.stopped_phase
+        );
+        let paused = PausedWorkers::stop(&worker_pids)?;
+        let before = self.processes.sample();
+        let posted = post_messages(
+            &self.api,
+            &target.token,
+            chat,
+            Load {
+                clients: self.settings.connections,
+                max_operations: self.settings.messages,
+                max_duration: self.settings.stopped_phase,
+            },
+        )
+        .await?;
+        let cpu = self.processes.cpu_since(&before);
+        self.report_post("workers stopped", &posted, cpu);
+
+        let count = posted.completed();
+        eprintln!("bench: workers resumed, draining the backlog of {count} messages");
+        let resumed = self.processes.sample();
+        let resumed_at = Instant::now();
+        paused.resume()?;
+        let persisted = wait_until_persisted(
+            &self.api,
+            &target.index,
+            &self.processes,
+            (&target.token, chat),
+            count,
+            self.settings.max_phase,
+        )
+        .await?;
+        let ingest = Measured {
+            count,
+            elapsed: persisted.stored.at - resumed_at,
+            cpu: self.processes.cpu_between(&resumed, &persisted.stored.cpu),
+        };
+        let index = Measured {
+            count,
+            elapsed: persisted.indexed.at - resumed_at,
+            cpu: self.processes.cpu_between(&resumed, &persisted.indexed.cpu),
+        };
+
+        self.legs_against_raw(storage, chat, ingest, index).await?;
+        Ok(Some((chat, count)))
     }
-    Ok((
-        stored_done.context("storage")?,
-        index_done.context("index")?,
-    ))
+
+    /// The raw ingest and index legs with the messages of the backlog, and the rows of both legs
+    /// against them.
+    async fn legs_against_raw(
+        &mut self,
+        storage: &ServiceStorage,
+        chat: u64,
+        ingest: Measured,
+        index: Measured,
+    ) -> anyhow::Result<()> {
+        let count = ingest.count;
+        let chat_ref = storage.chat(chat);
+        let chat_id: u64 =
+            sqlx::query_scalar("SELECT id FROM chats WHERE application_id = ? AND number = ?")
+                .bind(storage.application_id)
+                .bind(chat)
+                .fetch_one(&storage.pool)
+                .await?;
+        eprintln!("bench: raw ingest leg ({count} events, lapin + sqlx)");
+        let raw_ingest =
+            raw::ingest_leg(&self.config, &self.processes, chat_ref, chat_id, count).await?;
+        eprintln!("bench: raw index leg ({count} documents, _bulk)");
+        let raw_bulk = raw::bulk_leg(
+            &self.config,
+            self.api.http(),
+            &self.processes,
+            chat_ref,
+            count,
+        )
+        .await?;
+
+        let consumer = &self.config.consumer;
+        let batches = format!(
+            "batches of {} (CHAT_BATCH_MAX_SIZE {}, prefetch {})",
+            raw::batch_size(&self.config),
+            consumer.batch_max_size,
+            consumer.prefetch
+        );
+        self.report.row(
+            format!("raw: ingest, lapin + sqlx multi-row INSERT IGNORE, {batches}"),
+            format!("{:.0} msg/s", raw_ingest.rate()),
+            "1",
+        );
+        self.report.row(
+            format!("ingest leg: backlog of {count} into the storage, after SIGCONT"),
+            format!("{:.0} msg/s", ingest.rate()),
+            ratio(ingest.rate(), raw_ingest.rate(), "raw ingest"),
+        );
+        self.report.row(
+            format!(
+                "raw: `_bulk` into an index of the same mapping, one at a time, {batches}, until searchable"
+            ),
+            format!("{:.0} docs/s", raw_bulk.rate()),
+            "1",
+        );
+        self.report.row(
+            format!("index leg: backlog of {count} into the index, after SIGCONT"),
+            format!("{:.0} msg/s", index.rate()),
+            ratio(index.rate(), raw_bulk.rate(), "raw bulk"),
+        );
+        self.report.cpu("ingest leg", &ingest);
+        self.report.cpu("raw ingest", &raw_ingest);
+        self.report.cpu("index leg", &index);
+        self.report.cpu("raw bulk", &raw_bulk);
+        Ok(())
+    }
+
+    /// `POST` with the workers running, then the end-to-end rates until everything is stored and
+    /// indexed. Returns the chat and its message count.
+    async fn running_phase(&mut self, target: &Target) -> anyhow::Result<(u64, u64)> {
+        let chat = self.stored_chat(&target.token).await?;
+        eprintln!(
+            "bench: workers running, posting {} messages with {} connections (at most {:?})",
+            self.settings.messages, self.settings.connections, self.settings.max_phase
+        );
+        let before = self.processes.sample();
+        let started = Instant::now();
+        let posted = post_messages(
+            &self.api,
+            &target.token,
+            chat,
+            Load {
+                clients: self.settings.connections,
+                max_operations: self.settings.messages,
+                max_duration: self.settings.max_phase,
+            },
+        )
+        .await?;
+        let cpu = self.processes.cpu_since(&before);
+        self.report_post("workers running", &posted, cpu);
+
+        let count = posted.completed();
+        eprintln!("bench: waiting until all {count} messages are stored and in the index");
+        let persisted = wait_until_persisted(
+            &self.api,
+            &target.index,
+            &self.processes,
+            (&target.token, chat),
+            count,
+            self.settings.max_phase,
+        )
+        .await?;
+        let stored_rate = count as f64 / (persisted.stored.at - started).as_secs_f64();
+        let end_to_end = Measured {
+            count,
+            elapsed: persisted.indexed.at - started,
+            cpu: self.processes.cpu_between(&before, &persisted.indexed.cpu),
+        };
+        self.report.row(
+            format!("end-to-end into the storage ({count} messages)"),
+            format!("{stored_rate:.0} msg/s"),
+            self.general_ratios(stored_rate),
+        );
+        self.report.row(
+            "end-to-end into the index",
+            format!("{:.0} msg/s", end_to_end.rate()),
+            self.general_ratios(end_to_end.rate()),
+        );
+        self.report.cpu("end-to-end", &end_to_end);
+        Ok((chat, count))
+    }
+
+    /// The rows of one `POST` phase: rate, latencies and, for long phases, flatness.
+    fn report_post(&mut self, workers: &str, posted: &Outcome, cpu: CpuUse) {
+        let rate = posted.rate();
+        eprintln!(
+            "bench: {} posted at {rate:.0} req/s, p50 / p99 {}",
+            posted.completed(),
+            posted.latencies.p50_p99()
+        );
+        let ratios = self.general_ratios(rate);
+        self.report.row(
+            format!(
+                "POST message, {workers}, {} connections ({} messages)",
+                self.settings.connections,
+                posted.completed()
+            ),
+            format!("{rate:.0} req/s"),
+            ratios,
+        );
+        self.report.row(
+            format!("POST message, {workers}: p50 / p99"),
+            posted.latencies.p50_p99(),
+            "",
+        );
+        match posted.first_and_last_rates(FLATNESS_WINDOW) {
+            Some((first, last)) => self.report.row(
+                format!("POST message, {workers}: first / last {FLATNESS_WINDOW} accepted"),
+                format!("{first:.0} / {last:.0} req/s"),
+                format!("{:.2} last / first", last / first),
+            ),
+            None => self.report.note(format!(
+                "POST message, {workers}: {} messages, fewer than {} for the flatness check \
+                 (first / last {FLATNESS_WINDOW}; BENCH_MESSAGES=1000000)",
+                posted.completed(),
+                2 * FLATNESS_WINDOW
+            )),
+        }
+        self.report
+            .cpu(&format!("POST, {workers}"), &measured(posted, cpu));
+    }
+
+    /// GET one message and a list page through the api, each against the raw rate of its SELECT,
+    /// at the same concurrency.
+    async fn reads(&mut self, target: &Target, chat: u64, stored: u64) -> anyhow::Result<()> {
+        let load = Load::timed(self.settings.connections, self.settings.read_phase);
+        let messages_url = self.api.url(&format!(
+            "/applications/{}/chats/{chat}/messages",
+            target.token
+        ));
+
+        let one_label = format!(
+            "GET one message, {} connections (chat of {stored})",
+            load.clients
+        );
+        let page_label = format!(
+            "GET a page of {LIST_PER_PAGE} messages (after=), {} connections",
+            load.clients
+        );
+        let bounds = format!("{} connections, {:?}", load.clients, load.max_duration);
+        eprintln!("bench: GET one message ({bounds})");
+        let (api, url) = (self.api.clone(), messages_url.clone());
+        let before = self.processes.sample();
+        let one = load::run(load, move |sequence| {
+            let (api, url) = (api.clone(), format!("{url}/{}", scatter(sequence, stored)));
+            async move { api.get(&url).await.map(drop) }
+        })
+        .await?;
+        let one = measured(&one, self.processes.cpu_since(&before));
+
+        eprintln!("bench: GET a page of {LIST_PER_PAGE} messages ({bounds})");
+        let (api, url) = (self.api.clone(), messages_url);
+        let before = self.processes.sample();
+        let page = load::run(load, move |sequence| {
+            let after = raw::page_after(sequence, stored, LIST_PER_PAGE);
+            let (api, url) = (
+                api.clone(),
+                format!("{url}?per_page={LIST_PER_PAGE}&after={after}"),
+            );
+            async move { api.get(&url).await.map(drop) }
+        })
+        .await?;
+        let page = measured(&page, self.processes.cpu_since(&before));
+
+        let Some(storage) = &target.services else {
+            let no_raw = "n/a (raw SELECT: services only)";
+            self.report
+                .row(one_label, format!("{:.0} req/s", one.rate()), no_raw);
+            self.report
+                .row(page_label, format!("{:.0} req/s", page.rate()), no_raw);
+            self.report.cpu("GET message", &one);
+            self.report.cpu("list page", &page);
+            return Ok(());
+        };
+        let (pool, chat_ref) = (&storage.pool, storage.chat(chat));
+        eprintln!("bench: raw SELECT of one message ({bounds})");
+        let before = self.processes.sample();
+        let raw_one = raw::message_lookups(pool, chat_ref, stored, load).await?;
+        let raw_one = measured(&raw_one, self.processes.cpu_since(&before));
+        eprintln!("bench: raw SELECT of a page ({bounds})");
+        let before = self.processes.sample();
+        let raw_page = raw::page_lookups(pool, chat_ref, (stored, LIST_PER_PAGE), load).await?;
+        let raw_page = measured(&raw_page, self.processes.cpu_since(&before));
+
+        let pool_size = self.config.database_max_connections;
+        self.report.row(
+            format!(
+                "raw: SELECT one message by key, sqlx ({} concurrent, pool of {pool_size})",
+                load.clients
+            ),
+            format!("{:.0} /s", raw_one.rate()),
+            "1",
+        );
+        self.report.row(
+            one_label,
+            format!("{:.0} req/s", one.rate()),
+            ratio(one.rate(), raw_one.rate(), "raw SELECT"),
+        );
+        self.report.row(
+            format!(
+                "raw: SELECT a page of {LIST_PER_PAGE} after a key, sqlx ({} concurrent, pool of {pool_size})",
+                load.clients
+            ),
+            format!("{:.0} /s", raw_page.rate()),
+            "1",
+        );
+        self.report.row(
+            page_label,
+            format!("{:.0} req/s", page.rate()),
+            ratio(page.rate(), raw_page.rate(), "raw page SELECT"),
+        );
+        self.report.cpu("GET message", &one);
+        self.report.cpu("raw GET", &raw_one);
+        self.report.cpu("list page", &page);
+        self.report.cpu("raw list", &raw_page);
+        Ok(())
+    }
+
+    async fn search(&mut self, token: &str, chat: u64, messages: u64) -> anyhow::Result<()> {
+        let searches = self.settings.searches;
+        eprintln!("bench: {searches} searches on the chat of {messages} messages");
+        let (api, url) = (
+            self.api.clone(),
+            self.api.url(&format!(
+                "/applications/{token}/chats/{chat}/messages/search"
+            )),
+        );
+        let before = self.processes.sample();
+        let searched = load::run(
+            Load {
+                clients: SEARCH_CLIENTS,
+                max_operations: searches,
+                max_duration: self.settings.max_phase,
+            },
+            move |sequence| {
+                let (api, url) = (api.clone(), url.clone());
+                async move {
+                    let response = api
+                        .http()
+                        .get(&url)
+                        .query(&[("query", api::query(sequence as usize))])
+                        .send()
+                        .await?;
+                    anyhow::ensure!(
+                        response.status().is_success(),
+                        "search answered {}",
+                        response.status()
+                    );
+                    let _: serde_json::Value = response.json().await?;
+                    Ok(())
+                }
+            },
+        )
+        .await?;
+        let cost = measured(&searched, self.processes.cpu_since(&before));
+        self.report.row(
+            format!(
+                "search p50 / p99 ({} queries, {SEARCH_CLIENTS} concurrent, chat of {messages})",
+                searched.completed()
+            ),
+            searched.latencies.p50_p99(),
+            "",
+        );
+        self.report.cpu("search", &cost);
+        Ok(())
+    }
+
+    async fn deep_pages(&mut self, token: &str) -> anyhow::Result<()> {
+        if !self.settings.deep_pages {
+            self.report
+                .note("BENCH_DEEP_PAGES=0: the chat of 1,000,000 messages skipped");
+            return Ok(());
+        }
+        let messages = deep::DEEP_CHAT_MESSAGES;
+        eprintln!("bench: seeding a chat of {messages} messages for the pagination phase");
+        let chat = self.stored_chat(token).await?;
+        deep::seed_deep_chat(&self.config, self.settings.embedded, token, chat).await?;
+        let (first_page, last_page) = deep::page_latencies(&self.api, token, chat).await?;
+        self.report.row(
+            format!("list messages, page 1 p50 / p99 (chat of {messages})"),
+            first_page.p50_p99(),
+            "",
+        );
+        self.report.row(
+            format!(
+                "list messages, last page (after={}) p50 / p99",
+                messages - 25
+            ),
+            last_page.p50_p99(),
+            format!(
+                "{:.2} of page 1 (p50)",
+                last_page.percentile(0.50).as_secs_f64()
+                    / first_page.percentile(0.50).as_secs_f64()
+            ),
+        );
+        Ok(())
+    }
 }
 
-async fn search(
-    http: &reqwest::Client,
-    settings: &Settings,
-    token: &str,
-    chat: u64,
-) -> anyhow::Result<Latencies> {
-    let url = format!(
-        "{}/applications/{token}/chats/{chat}/messages/search",
-        settings.api_url
-    );
-    let issued = Arc::new(AtomicU64::new(0));
-    let results = join_all((0..8).map(|_| {
-        let issued = Arc::clone(&issued);
-        let url = url.clone();
-        async move {
-            let mut latencies = Vec::new();
-            loop {
-                let index = issued.fetch_add(1, Ordering::Relaxed) as usize;
-                if index >= settings.searches {
-                    break;
-                }
-                let full = word(index * 13 % VOCABULARY);
-                // Half whole words, half prefixes.
-                let query = if index.is_multiple_of(2) {
-                    full
-                } else {
-                    full[..4.min(full.len())].to_owned()
-                };
-                let sent = Instant::now();
-                let response = http
-                    .get(&url)
-                    .query(&[("query", query.as_str())])
-                    .send()
-                    .await?;
-                if !response.status().is_success() {
-                    bail!("search answered {}", response.status());
-                }
-                let _: Value = response.json().await?;
-                latencies.push(sent.elapsed());
-            }
-            anyhow::Ok(latencies)
-        }
-    }))
-    .await;
-    let mut latencies = Vec::new();
-    for result in results {
-        latencies.extend(result?);
+fn measured(outcome: &Outcome, cpu: CpuUse) -> Measured {
+    Measured {
+        count: outcome.completed(),
+        elapsed: outcome.elapsed,
+        cpu,
     }
-    Ok(Latencies(latencies))
+}
+
+/// `POST` message into the chat, one body per sequence number.
+async fn post_messages(api: &Api, token: &str, chat: u64, load: Load) -> anyhow::Result<Outcome> {
+    let url = api.url(&format!("/applications/{token}/chats/{chat}/messages"));
+    let api = api.clone();
+    load::run(load, move |sequence| {
+        let (api, url) = (api.clone(), url.clone());
+        async move {
+            api.post(&url, Some(json!({"body": api::body(sequence)})))
+                .await
+                .map(drop)
+        }
+    })
+    .await
 }

@@ -1,0 +1,94 @@
+//! Pagination at depth: a chat of [`DEEP_CHAT_MESSAGES`] messages written straight into the
+//! storage, and the latencies of its first and its last page.
+
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use chatcore::Config;
+use sqlx::Connection as _;
+
+use crate::api::Api;
+use crate::load::Latencies;
+
+/// The messages of the chat whose first and last page are timed.
+pub const DEEP_CHAT_MESSAGES: u64 = 1_000_000;
+/// Requests per page.
+const PAGE_REQUESTS: usize = 400;
+
+/// Writes [`DEEP_CHAT_MESSAGES`] messages straight into the storage (the api would take minutes
+/// to accept them, and only their reading is measured here).
+pub async fn seed_deep_chat(
+    config: &Config,
+    embedded: bool,
+    token: &str,
+    chat: u64,
+) -> anyhow::Result<()> {
+    let chat_id = "SELECT c.id FROM chats c JOIN applications a ON a.id = c.application_id \
+                   WHERE a.token = ? AND c.number = ?";
+    if embedded {
+        let options = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(config.data_dir.join("chat.db"))
+            .busy_timeout(Duration::from_secs(30));
+        let mut connection = sqlx::SqliteConnection::connect_with(&options).await?;
+        let id: i64 = sqlx::query_scalar(chat_id)
+            .bind(token)
+            .bind(chat as i64)
+            .fetch_one(&mut connection)
+            .await?;
+        sqlx::query(
+            "WITH RECURSIVE seq(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM seq WHERE n < ?) \
+             INSERT INTO messages (chat_id, number, body, created_at, updated_at) \
+             SELECT c.id, n, 'seeded message ' || n, c.created_at, c.created_at FROM chats c, seq WHERE c.id = ?",
+        )
+        .bind(DEEP_CHAT_MESSAGES as i64)
+        .bind(id)
+        .execute(&mut connection)
+        .await?;
+        connection.close().await?;
+        return Ok(());
+    }
+    let pool = chatcore::store::mysql::connect(config.require_database_url()?, 1).await?;
+    let id: u64 = sqlx::query_scalar(chat_id)
+        .bind(token)
+        .bind(chat as i64)
+        .fetch_one(&pool)
+        .await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO messages (chat_id, number, body, created_at, updated_at) \
+         SELECT c.id, s.seq, CONCAT('seeded message ', s.seq), c.created_at, c.created_at \
+         FROM chats c JOIN seq_1_to_{DEEP_CHAT_MESSAGES} s WHERE c.id = ?"
+    )))
+    .bind(id)
+    .execute(&pool)
+    .await?;
+    pool.close().await;
+    Ok(())
+}
+
+/// Latencies of the first page and of the last page (`after`) of the deep chat, alternating, one
+/// request at a time.
+pub async fn page_latencies(
+    api: &Api,
+    token: &str,
+    chat: u64,
+) -> anyhow::Result<(Latencies, Latencies)> {
+    let list = api.url(&format!(
+        "/applications/{token}/chats/{chat}/messages?per_page=25"
+    ));
+    let last = format!("{list}&after={}", DEEP_CHAT_MESSAGES - 25);
+    let (mut first_page, mut last_page) = (Vec::new(), Vec::new());
+    for _ in 0..PAGE_REQUESTS {
+        for (url, latencies, expected_first) in [
+            (&list, &mut first_page, 1),
+            (&last, &mut last_page, DEEP_CHAT_MESSAGES - 24),
+        ] {
+            let sent = Instant::now();
+            let page = api.get(url).await?;
+            latencies.push(sent.elapsed());
+            if page["messages"][0]["number"].as_u64() != Some(expected_first) {
+                bail!("unexpected page {url}: {page}");
+            }
+        }
+    }
+    Ok((Latencies::new(first_page), Latencies::new(last_page)))
+}

@@ -1,0 +1,578 @@
+//! Raw limits measured in the same run: what the services manage when driven straight, without
+//! the api or the workers, doing the work the stack does. Each is what one figure of the stack is
+//! compared with:
+//! - Redis INCR and RabbitMQ confirmed publish (the accept path of `POST`);
+//! - durable one-row SQLite commits (the embedded stack);
+//! - the ingest leg: a lapin consumer doing the ingest-worker's multi-row `INSERT IGNORE` with sqlx;
+//! - the index leg: `_bulk` of the indexer's documents into an index with the same definition;
+//! - the reads: the storage's SELECT of one message and of one page, with sqlx.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail, ensure};
+use chatcore::Config;
+use chatcore::domain::{Number, PagePosition, PageRequest};
+use chatcore::events::{Event, EventPayload, TraceContext};
+use chatcore::search::{ElasticsearchIndex, SearchIndex as _};
+use chatcore::store::MessageRow;
+use futures_util::StreamExt as _;
+use futures_util::future::join_all;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel};
+use serde_json::{Value, json};
+use sqlx::{MySql, MySqlPool, QueryBuilder};
+
+use crate::api::body;
+use crate::load::{self, Load, Outcome, scatter};
+use crate::processes::Processes;
+use crate::report::Measured;
+
+/// AMQP delivery mode of messages written to disk, as the api publishes them.
+const PERSISTENT: u8 = 2;
+pub const RAW_PHASE: Duration = Duration::from_secs(5);
+pub const REDIS_CLIENTS: usize = 50;
+pub const PUBLISHERS: usize = 64;
+/// Publishes awaited together while the raw ingest leg's queue is filled.
+const PUBLISH_WINDOW: usize = 1000;
+/// The scratch copy of the messages table that the raw ingest leg writes.
+const RAW_MESSAGES_TABLE: &str = "bench_raw_messages";
+/// How long written documents may take to become searchable (a refresh is due every second).
+const VISIBILITY_BOUND: Duration = Duration::from_secs(60);
+
+/// The chat whose messages a raw leg or raw read stands in for.
+#[derive(Debug, Clone, Copy)]
+pub struct ChatRef {
+    pub application_id: u64,
+    pub number: u64,
+}
+
+impl ChatRef {
+    /// The routing key and `chat` field of its documents, as the indexer writes them.
+    fn search_key(self) -> String {
+        format!("{}:{}", self.application_id, self.number)
+    }
+}
+
+/// One-row transactions, each committed to disk, from concurrent writers for [`RAW_PHASE`]: what
+/// the embedded queue would manage if every request committed on its own (it groups them).
+pub async fn sqlite_commits(config: &Config) -> anyhow::Result<Outcome> {
+    let path = config.data_dir.join("bench-raw.db");
+    let pool = chatcore::sqlite::open(&path, &chatcore::sqlite::QUEUE_MIGRATOR, 4).await?;
+    let payload = vec![b'x'; 200];
+    let writer = pool.clone();
+    let outcome = load::run(Load::timed(PUBLISHERS, RAW_PHASE), move |_| {
+        let (pool, payload) = (writer.clone(), payload.clone());
+        async move {
+            sqlx::query("INSERT INTO queued_events (queue, body) VALUES ('raw', ?)")
+                .bind(payload)
+                .execute(&pool)
+                .await?;
+            Ok(())
+        }
+    })
+    .await;
+    pool.close().await;
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+    }
+    outcome
+}
+
+pub async fn redis_incr(config: &Config) -> anyhow::Result<Outcome> {
+    let connection = chatcore::state::connect_redis(config.require_redis_url()?).await?;
+    let key = format!("{}:bench:incr", config.redis_key_prefix);
+    let (client, client_key) = (connection.clone(), key.clone());
+    let outcome = load::run(Load::timed(REDIS_CLIENTS, RAW_PHASE), move |_| {
+        let (mut connection, key) = (client.clone(), client_key.clone());
+        async move {
+            let _: u64 = redis::cmd("INCR")
+                .arg(&key)
+                .query_async(&mut connection)
+                .await?;
+            Ok(())
+        }
+    })
+    .await?;
+    let _: () = redis::cmd("DEL")
+        .arg(&key)
+        .query_async(&mut connection.clone())
+        .await?;
+    Ok(outcome)
+}
+
+/// Persistent 200-byte messages, each published and confirmed on its own, from concurrent
+/// publishers on one channel.
+pub async fn confirmed_publish(config: &Config) -> anyhow::Result<Outcome> {
+    let connection = amqp_connect(config).await?;
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let queue = format!("{}.bench-raw-publish", config.topology.ingest_queue);
+    declare_durable(&channel, &queue).await?;
+    let payload = vec![b'x'; 200];
+    let (publisher, target) = (channel.clone(), queue.clone());
+    let outcome = load::run(Load::timed(PUBLISHERS, RAW_PHASE), move |_| {
+        let (channel, queue, payload) = (publisher.clone(), target.clone(), payload.clone());
+        async move {
+            let confirmation = channel
+                .basic_publish(
+                    "".into(),
+                    queue.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &payload,
+                    BasicProperties::default().with_delivery_mode(PERSISTENT),
+                )
+                .await?
+                .await?;
+            ensure!(confirmation.is_ack(), "raw publish was not confirmed");
+            Ok(())
+        }
+    })
+    .await;
+    channel
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await?;
+    connection.close(200, "done".into()).await?;
+    outcome
+}
+
+/// The raw ingest leg: `count` message.created events (as the api encodes them) are published
+/// into a scratch durable queue (not timed), then a lapin consumer with the ingest-worker's
+/// prefetch and batch size writes them with one multi-row `INSERT IGNORE` per batch (the
+/// statement of `chatcore::store::mysql`), in a transaction, into a scratch copy of the messages
+/// table (`CREATE TABLE ... LIKE`: the same indexes), and acks each batch with one multiple-ack.
+pub async fn ingest_leg(
+    config: &Config,
+    processes: &Processes,
+    chat: ChatRef,
+    chat_id: u64,
+    count: u64,
+) -> anyhow::Result<Measured> {
+    let pool = chatcore::store::mysql::connect(config.require_database_url()?, 2).await?;
+    let connection = amqp_connect(config).await?;
+    let queue = format!("{}.bench-raw-ingest", config.topology.ingest_queue);
+    let measured = ingest_into_scratch(
+        config,
+        processes,
+        (&pool, &connection, &queue),
+        chat,
+        chat_id,
+        count,
+    )
+    .await;
+    // Cleanup whatever happened.
+    let channel = connection.create_channel().await?;
+    channel
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await?;
+    connection.close(200, "done".into()).await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP TABLE IF EXISTS {RAW_MESSAGES_TABLE}"
+    )))
+    .execute(&pool)
+    .await?;
+    pool.close().await;
+    measured
+}
+
+async fn ingest_into_scratch(
+    config: &Config,
+    processes: &Processes,
+    (pool, connection, queue): (&MySqlPool, &lapin::Connection, &str),
+    chat: ChatRef,
+    chat_id: u64,
+    count: u64,
+) -> anyhow::Result<Measured> {
+    for statement in [
+        format!("DROP TABLE IF EXISTS {RAW_MESSAGES_TABLE}"),
+        format!("CREATE TABLE {RAW_MESSAGES_TABLE} LIKE messages"),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(statement))
+            .execute(pool)
+            .await?;
+    }
+    let publisher = connection.create_channel().await?;
+    publisher
+        .queue_delete(queue.into(), QueueDeleteOptions::default())
+        .await?;
+    declare_durable(&publisher, queue).await?;
+    publish_events(&publisher, queue, chat, count).await?;
+
+    let consumer = connection.create_channel().await?;
+    let settings = &config.consumer;
+    consumer
+        .basic_qos(settings.prefetch, BasicQosOptions::default())
+        .await?;
+    let mut deliveries = consumer
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let batch_limit = batch_size(config);
+    let before = processes.sample();
+    let started = Instant::now();
+    let mut written = 0u64;
+    while written < count {
+        let first = deliveries
+            .next()
+            .await
+            .context("the raw ingest consumer was cancelled")??;
+        let mut batch = vec![first];
+        let deadline = tokio::time::Instant::now() + settings.batch_max_wait;
+        while batch.len() < batch_limit {
+            match tokio::time::timeout_at(deadline, deliveries.next()).await {
+                Ok(Some(delivery)) => batch.push(delivery?),
+                Ok(None) => bail!("the raw ingest consumer was cancelled"),
+                Err(_elapsed) => break,
+            }
+        }
+        let events = batch
+            .iter()
+            .map(|delivery| Event::decode(&delivery.data))
+            .collect::<Result<Vec<_>, _>>()?;
+        insert_messages(pool, chat_id, &events).await?;
+        let last = batch.last().context("a batch has a delivery")?;
+        consumer
+            .basic_ack(last.delivery_tag, BasicAckOptions { multiple: true })
+            .await?;
+        written += batch.len() as u64;
+    }
+    let elapsed = started.elapsed();
+    let cpu = processes.cpu_since(&before);
+    consumer.close(200, "done".into()).await?;
+    Ok(Measured {
+        count: written,
+        elapsed,
+        cpu,
+    })
+}
+
+async fn publish_events(
+    channel: &Channel,
+    queue: &str,
+    chat: ChatRef,
+    count: u64,
+) -> anyhow::Result<()> {
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let chat_number = Number::new(chat.number).context("chat number")?;
+    let sequences: Vec<u64> = (0..count).collect();
+    for window in sequences.chunks(PUBLISH_WINDOW) {
+        let mut confirms = Vec::with_capacity(window.len());
+        for &sequence in window {
+            let event = Event::new(EventPayload::MessageCreated {
+                application_id: chat.application_id,
+                chat_number,
+                message_number: Number::new(sequence + 1).context("message number")?,
+                body: body(sequence),
+                created_at: chatcore::store::now(),
+            });
+            let properties =
+                chatcore::queue::event_properties(&event, &TraceContext::child_of(None));
+            confirms.push(
+                channel
+                    .basic_publish(
+                        "".into(),
+                        queue.into(),
+                        BasicPublishOptions::default(),
+                        &event.encode(),
+                        properties,
+                    )
+                    .await?,
+            );
+        }
+        for confirmation in join_all(confirms).await {
+            ensure!(confirmation?.is_ack(), "an event was not confirmed");
+        }
+    }
+    Ok(())
+}
+
+/// The ingest-worker's statement for the messages of one chat (`insert_messages` of
+/// `chatcore::store::mysql`), in one transaction.
+async fn insert_messages(pool: &MySqlPool, chat_id: u64, events: &[Event]) -> anyhow::Result<()> {
+    let now = chatcore::store::now();
+    let mut insert = QueryBuilder::<MySql>::new(format!(
+        "INSERT IGNORE INTO {RAW_MESSAGES_TABLE} \
+         (chat_id, number, body, version, created_at, updated_at, event_id) "
+    ));
+    let mut rows = Vec::with_capacity(events.len());
+    for event in events {
+        let EventPayload::MessageCreated {
+            message_number,
+            body,
+            created_at,
+            ..
+        } = &event.payload
+        else {
+            bail!("the raw ingest queue holds a {} event", event.routing_key());
+        };
+        rows.push((event.event_id, *message_number, body.as_str(), *created_at));
+    }
+    insert.push_values(rows, |mut row, (event_id, number, body, created_at)| {
+        row.push_bind(chat_id)
+            .push_bind(number.get())
+            .push_bind(body)
+            .push_bind(1u64)
+            .push_bind(created_at)
+            .push_bind(now)
+            .push_bind(event_id.as_bytes().to_vec());
+    });
+    let mut transaction = pool.begin().await?;
+    insert.build().execute(&mut *transaction).await?;
+    transaction.commit().await?;
+    Ok(())
+}
+
+/// The raw index leg: the documents the indexer writes for `count` created messages (the same
+/// `_id`, routing, external version 1 and source), sent with `_bulk` in bulks of the indexer's
+/// batch size, one at a time, without refresh, into a scratch index created by chatcore's own
+/// `ensure_index` (the same settings and mapping), timed until they are searchable, as the index
+/// leg is. The request bodies are built before the clock starts.
+pub async fn bulk_leg(
+    config: &Config,
+    http: &reqwest::Client,
+    processes: &Processes,
+    chat: ChatRef,
+    count: u64,
+) -> anyhow::Result<Measured> {
+    let url = config.require_elasticsearch_url()?.expose().to_owned();
+    let index = format!("{}-bench-raw", config.elasticsearch_index);
+    delete_index(http, &url, &index).await?;
+    ElasticsearchIndex::connect(
+        config.require_elasticsearch_url()?,
+        &index,
+        config.elasticsearch_replicas,
+        None,
+    )?
+    .ensure_index()
+    .await?;
+    let measured = bulk_into_scratch(config, http, processes, (&url, &index), chat, count).await;
+    delete_index(http, &url, &index).await?;
+    measured
+}
+
+async fn bulk_into_scratch(
+    config: &Config,
+    http: &reqwest::Client,
+    processes: &Processes,
+    (url, index): (&str, &str),
+    chat: ChatRef,
+    count: u64,
+) -> anyhow::Result<Measured> {
+    let routing = chat.search_key();
+    let created_at = chatcore::store::now();
+    let sequences: Vec<u64> = (0..count).collect();
+    let bulks: Vec<String> = sequences
+        .chunks(batch_size(config))
+        .map(|bulk| {
+            let mut lines = String::new();
+            for &sequence in bulk {
+                let number = sequence + 1;
+                let action = json!({"index": {
+                    "_id": format!("{routing}:{number}"),
+                    "routing": routing,
+                    "version": 1,
+                    "version_type": "external",
+                }});
+                let source = json!({
+                    "application_id": chat.application_id,
+                    "chat_number": chat.number,
+                    "chat": routing,
+                    "number": number,
+                    "body": body(sequence),
+                    "created_at": created_at,
+                });
+                lines.push_str(&format!("{action}\n{source}\n"));
+            }
+            lines
+        })
+        .collect();
+    let bulk_url = format!("{url}/{index}/_bulk");
+    let before = processes.sample();
+    let started = Instant::now();
+    for lines in bulks {
+        let response = http
+            .post(&bulk_url)
+            .header("content-type", "application/x-ndjson")
+            .body(lines)
+            .send()
+            .await?;
+        let status = response.status();
+        let answer: Value = response.json().await?;
+        if !status.is_success() || answer["errors"] != json!(false) {
+            bail!("raw _bulk answered {status}: {answer}");
+        }
+    }
+    // The index leg is timed until its documents are searchable: so is this one.
+    wait_until_searchable(http, url, index, count).await?;
+    let elapsed = started.elapsed();
+    Ok(Measured {
+        count,
+        elapsed,
+        cpu: processes.cpu_since(&before),
+    })
+}
+
+/// Polls as the index leg is polled, until `count` documents are visible to search.
+async fn wait_until_searchable(
+    http: &reqwest::Client,
+    url: &str,
+    index: &str,
+    count: u64,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + VISIBILITY_BOUND;
+    loop {
+        let answer: Value = http
+            .get(format!("{url}/{index}/_count"))
+            .send()
+            .await?
+            .json()
+            .await?;
+        if answer["count"].as_u64() == Some(count) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the scratch index showed {answer} instead of {count} documents after {VISIBILITY_BOUND:?}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn delete_index(http: &reqwest::Client, url: &str, index: &str) -> anyhow::Result<()> {
+    let status = http.delete(format!("{url}/{index}")).send().await?.status();
+    ensure!(
+        status.is_success() || status == reqwest::StatusCode::NOT_FOUND,
+        "deleting the scratch index {index} answered {status}"
+    );
+    Ok(())
+}
+
+/// The storage's SELECT of one message (`find_message` of `chatcore::store`), over the first
+/// `stored` messages of the chat, scattered.
+pub async fn message_lookups(
+    pool: &MySqlPool,
+    chat: ChatRef,
+    stored: u64,
+    load: Load,
+) -> anyhow::Result<Outcome> {
+    let pool = pool.clone();
+    load::run(load, move |sequence| {
+        let pool = pool.clone();
+        async move {
+            let found: Option<MessageRow> = sqlx::query_as(
+                "SELECT m.number, m.body, m.version, m.created_at, m.updated_at \
+                 FROM messages m JOIN chats c ON c.id = m.chat_id \
+                 WHERE c.application_id = ? AND c.number = ? AND m.number = ? AND m.deleted_at IS NULL",
+            )
+            .bind(chat.application_id as i64)
+            .bind(chat.number as i64)
+            .bind(scatter(sequence, stored) as i64)
+            .fetch_optional(&pool)
+            .await?;
+            ensure!(found.is_some(), "a stored message was not found");
+            Ok(())
+        }
+    })
+    .await
+}
+
+/// The storage's SELECT of one page (`list_messages` of `chatcore::store`) of `per_page`
+/// messages after a scattered number ([`page_after`]).
+pub async fn page_lookups(
+    pool: &MySqlPool,
+    chat: ChatRef,
+    (stored, per_page): (u64, u32),
+    load: Load,
+) -> anyhow::Result<Outcome> {
+    let pool = pool.clone();
+    load::run(load, move |sequence| {
+        let pool = pool.clone();
+        let page = PageRequest {
+            per_page,
+            position: PagePosition::After(page_after(sequence, stored, per_page)),
+        };
+        async move {
+            let (from, to) = page.key_bounds();
+            let rows: Vec<MessageRow> = sqlx::query_as(
+                "SELECT m.number, m.body, m.version, m.created_at, m.updated_at \
+                 FROM messages m JOIN chats c ON c.id = m.chat_id \
+                 WHERE c.application_id = ? AND c.number = ? AND m.number BETWEEN ? AND ? \
+                 AND m.deleted_at IS NULL ORDER BY m.number ASC LIMIT ? OFFSET ?",
+            )
+            .bind(chat.application_id as i64)
+            .bind(chat.number as i64)
+            .bind(from as i64)
+            .bind(to as i64)
+            .bind(page.fetch_limit() as i64)
+            .bind(page.offset() as i64)
+            .fetch_all(&pool)
+            .await?;
+            ensure!(!rows.is_empty(), "a page of stored messages was empty");
+            Ok(())
+        }
+    })
+    .await
+}
+
+/// The `after` of the `sequence`-th page read: scattered so that a full page follows it.
+pub fn page_after(sequence: u64, stored: u64, per_page: u32) -> u64 {
+    scatter(sequence, stored.saturating_sub(u64::from(per_page)) + 1) - 1
+}
+
+/// The size of the workers' batches: at most `CHAT_BATCH_MAX_SIZE`, and at most the prefetch
+/// (nothing more arrives before a batch is acknowledged).
+pub fn batch_size(config: &Config) -> usize {
+    let consumer = &config.consumer;
+    consumer
+        .batch_max_size
+        .min(usize::from(consumer.prefetch))
+        .max(1)
+}
+
+async fn amqp_connect(config: &Config) -> anyhow::Result<lapin::Connection> {
+    Ok(lapin::Connection::connect(
+        config.require_amqp_url()?.expose(),
+        lapin::ConnectionProperties::default(),
+    )
+    .await?)
+}
+
+async fn declare_durable(channel: &Channel, queue: &str) -> anyhow::Result<()> {
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_page_follows_every_scattered_after() {
+        for sequence in 0..500 {
+            let after = page_after(sequence, 1000, 100);
+            assert!(after <= 900, "{after}");
+        }
+        assert_eq!(page_after(7, 50, 100), 0, "fewer messages than a page");
+    }
+}

@@ -1,0 +1,121 @@
+//! The printed result: one markdown table of figures and their ratios to the raw limits, then
+//! the CPU each process spent per message in each phase and its peak memory.
+
+use std::time::Duration;
+
+use crate::processes::{CpuUse, Processes};
+
+/// A timed phase: how many messages (or requests) in how long, and what each process spent.
+pub struct Measured {
+    pub count: u64,
+    pub elapsed: Duration,
+    pub cpu: CpuUse,
+}
+
+impl Measured {
+    pub fn rate(&self) -> f64 {
+        self.count as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+struct CpuColumn {
+    phase: String,
+    count: u64,
+    cpu: CpuUse,
+}
+
+#[derive(Default)]
+pub struct Report {
+    rows: Vec<[String; 3]>,
+    cpu_columns: Vec<CpuColumn>,
+    notes: Vec<String>,
+}
+
+impl Report {
+    pub fn row(
+        &mut self,
+        measure: impl Into<String>,
+        figure: impl Into<String>,
+        ratio: impl Into<String>,
+    ) {
+        self.rows
+            .push([measure.into(), figure.into(), ratio.into()]);
+    }
+
+    /// A column of the CPU table: the CPU of each process per message of `measured`.
+    pub fn cpu(&mut self, phase: &str, measured: &Measured) {
+        self.cpu_columns.push(CpuColumn {
+            phase: phase.to_owned(),
+            count: measured.count,
+            cpu: measured.cpu.clone(),
+        });
+    }
+
+    pub fn note(&mut self, note: impl Into<String>) {
+        let note = note.into();
+        eprintln!("bench: {note}");
+        self.notes.push(note);
+    }
+
+    pub fn print(&self, processes: &Processes) {
+        println!();
+        println!("| measure | figure | ratio to raw limit |");
+        println!("| --- | --- | --- |");
+        for [measure, figure, ratio] in &self.rows {
+            println!("| {measure} | {figure} | {ratio} |");
+        }
+        println!();
+        println!(
+            "CPU µs per message of each phase (per request for reads, per operation for raw limits), \
+             and peak RSS (VmHWM, since the process started):"
+        );
+        println!();
+        let phases: Vec<&str> = self
+            .cpu_columns
+            .iter()
+            .map(|column| column.phase.as_str())
+            .collect();
+        println!("| process | {} | peak RSS |", phases.join(" | "));
+        println!("|{}", " --- |".repeat(phases.len() + 2));
+        let peaks = processes.peak_rss_kib();
+        for (row, (label, peak)) in processes.labels().into_iter().zip(peaks).enumerate() {
+            let cells: Vec<String> = self
+                .cpu_columns
+                .iter()
+                .map(|column| micros_per(column.cpu.per_process()[row], column.count))
+                .collect();
+            let peak = peak.map_or_else(
+                || "n/a".to_owned(),
+                |kib| format!("{:.1} MiB", kib as f64 / 1024.0),
+            );
+            println!("| {label} | {} | {peak} |", cells.join(" | "));
+        }
+        let missing = processes.missing();
+        if !missing.is_empty() || !self.notes.is_empty() {
+            println!();
+        }
+        for (name, reason) in missing {
+            println!("- {name}: n/a, {reason}");
+        }
+        for note in &self.notes {
+            println!("- {note}");
+        }
+    }
+}
+
+fn micros_per(cpu: Option<Duration>, count: u64) -> String {
+    let Some(cpu) = cpu.filter(|_| count > 0) else {
+        return "n/a".to_owned();
+    };
+    let micros = cpu.as_secs_f64() * 1_000_000.0 / count as f64;
+    if micros >= 100.0 {
+        format!("{micros:.0}")
+    } else {
+        format!("{micros:.1}")
+    }
+}
+
+/// "0.85 of raw ingest".
+pub fn ratio(rate: f64, raw_rate: f64, raw_name: &str) -> String {
+    format!("{:.2} of {raw_name}", rate / raw_rate)
+}
