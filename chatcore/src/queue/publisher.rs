@@ -33,6 +33,8 @@ use super::envelope;
 const PUBLICATIONS_QUEUED: usize = 4096;
 /// Publishes started together before their frames are awaited.
 const STARTED_TOGETHER: usize = 256;
+/// Scheduler turns the publisher task waits for more publishes before it sends what it has.
+const LINGER_TURNS: usize = 4;
 
 /// How the broker answered one publish.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,6 +134,19 @@ async fn publish_in_order(
 ) {
     let mut waiting = Vec::with_capacity(STARTED_TOGETHER);
     while incoming.recv_many(&mut waiting, STARTED_TOGETHER).await > 0 {
+        // A few turns of the scheduler (microseconds, no timer) let requests that are about to
+        // publish join the same message.
+        for _ in 0..LINGER_TURNS {
+            if waiting.len() >= STARTED_TOGETHER {
+                break;
+            }
+            tokio::task::yield_now().await;
+            while waiting.len() < STARTED_TOGETHER
+                && let Ok(next) = incoming.try_recv()
+            {
+                waiting.push(next);
+            }
+        }
         let mut started = Vec::new();
         for outgoing in together(waiting.drain(..), max_message_bytes) {
             let Outgoing {
