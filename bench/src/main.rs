@@ -342,6 +342,16 @@ impl Bench {
         self.report_post("workers stopped", &posted, cpu);
 
         let count = posted.completed();
+        // The api's envelopes: how many events an AMQP message of the ingest queue carries (the
+        // raw ingest leg gets its events packed alike).
+        let ingest_queue = &self.config.topology.ingest_queue;
+        let queued = raw::queue_depth(&self.config, ingest_queue).await?;
+        let events_per_message = (count as f64 / queued.max(1) as f64).round().max(1.0);
+        self.report.row(
+            "events per AMQP message of the ingest queue (the api's envelopes)",
+            format!("{events_per_message:.0} ({count} events in {queued} messages)"),
+            "",
+        );
         eprintln!("bench: workers resumed, draining the backlog of {count} messages");
         let resumed = self.processes.sample();
         let resumed_at = Instant::now();
@@ -366,7 +376,8 @@ impl Bench {
             cpu: self.processes.cpu_between(&resumed, &persisted.indexed.cpu),
         };
 
-        self.legs_against_raw(storage, chat, ingest, index).await?;
+        self.legs_against_raw(storage, chat, (ingest, index), events_per_message as usize)
+            .await?;
         Ok(Some((chat, count)))
     }
 
@@ -376,8 +387,8 @@ impl Bench {
         &mut self,
         storage: &ServiceStorage,
         chat: u64,
-        ingest: Measured,
-        index: Measured,
+        (ingest, index): (Measured, Measured),
+        events_per_message: usize,
     ) -> anyhow::Result<()> {
         let count = ingest.count;
         let chat_ref = storage.chat(chat);
@@ -388,8 +399,14 @@ impl Bench {
                 .fetch_one(&storage.pool)
                 .await?;
         eprintln!("bench: raw ingest leg ({count} events, lapin + sqlx)");
-        let raw_ingest =
-            raw::ingest_leg(&self.config, &self.processes, chat_ref, chat_id, count).await?;
+        let raw_ingest = raw::ingest_leg(
+            &self.config,
+            &self.processes,
+            (chat_ref, chat_id),
+            count,
+            events_per_message,
+        )
+        .await?;
         eprintln!("bench: raw index leg ({count} documents, _bulk)");
         let raw_bulk = raw::bulk_leg(
             &self.config,
@@ -408,7 +425,11 @@ impl Bench {
             consumer.prefetch
         );
         self.report.row(
-            format!("raw: ingest, lapin + sqlx multi-row INSERT IGNORE, {batches}"),
+            format!(
+                "raw: ingest, lapin + sqlx multi-row INSERT IGNORE, {events_per_message} events an \
+                 AMQP message, batches of at most {} events and {} messages",
+                consumer.batch_max_size, consumer.prefetch
+            ),
             format!("{:.0} msg/s", raw_ingest.rate()),
             "1",
         );

@@ -13,6 +13,7 @@ use anyhow::{Context as _, bail, ensure};
 use chatcore::Config;
 use chatcore::domain::{Number, PagePosition, PageRequest};
 use chatcore::events::{Event, EventPayload, TraceContext};
+use chatcore::queue::envelope;
 use chatcore::search::{ElasticsearchIndex, SearchIndex as _};
 use chatcore::store::MessageRow;
 use futures_util::StreamExt as _;
@@ -142,16 +143,17 @@ pub async fn confirmed_publish(config: &Config) -> anyhow::Result<Outcome> {
 }
 
 /// The raw ingest leg: `count` message.created events (as the api encodes them) are published
-/// into a scratch durable queue (not timed), then a lapin consumer with the ingest-worker's
-/// prefetch and batch size writes them with one multi-row `INSERT IGNORE` per batch (the
-/// statement of `chatcore::store::mysql`), in a transaction, into a scratch copy of the messages
-/// table (`CREATE TABLE ... LIKE`: the same indexes), and acks each batch with one multiple-ack.
+/// into a scratch durable queue (not timed), `events_per_message` to an AMQP message as the api's
+/// envelopes carried them in the same run, then a lapin consumer with the ingest-worker's prefetch
+/// and batch bounds writes them with one multi-row `INSERT IGNORE` per batch (the statement of
+/// `chatcore::store::mysql`), in a transaction, into a scratch copy of the messages table
+/// (`CREATE TABLE ... LIKE`: the same indexes), and acks each batch with one multiple-ack.
 pub async fn ingest_leg(
     config: &Config,
     processes: &Processes,
-    chat: ChatRef,
-    chat_id: u64,
+    (chat, chat_id): (ChatRef, u64),
     count: u64,
+    events_per_message: usize,
 ) -> anyhow::Result<Measured> {
     let pool = chatcore::store::mysql::connect(config.require_database_url()?, 2).await?;
     let connection = amqp_connect(config).await?;
@@ -160,9 +162,8 @@ pub async fn ingest_leg(
         config,
         processes,
         (&pool, &connection, &queue),
-        chat,
-        chat_id,
-        count,
+        (chat, chat_id),
+        (count, events_per_message),
     )
     .await;
     // Cleanup whatever happened.
@@ -184,9 +185,8 @@ async fn ingest_into_scratch(
     config: &Config,
     processes: &Processes,
     (pool, connection, queue): (&MySqlPool, &lapin::Connection, &str),
-    chat: ChatRef,
-    chat_id: u64,
-    count: u64,
+    (chat, chat_id): (ChatRef, u64),
+    (count, events_per_message): (u64, usize),
 ) -> anyhow::Result<Measured> {
     for statement in [
         format!("DROP TABLE IF EXISTS {RAW_MESSAGES_TABLE}"),
@@ -201,7 +201,7 @@ async fn ingest_into_scratch(
         .queue_delete(queue.into(), QueueDeleteOptions::default())
         .await?;
     declare_durable(&publisher, queue).await?;
-    publish_events(&publisher, queue, chat, count).await?;
+    publish_events(&publisher, queue, chat, count, events_per_message).await?;
 
     let consumer = connection.create_channel().await?;
     let settings = &config.consumer;
@@ -216,7 +216,6 @@ async fn ingest_into_scratch(
             FieldTable::default(),
         )
         .await?;
-    let batch_limit = batch_size(config);
     let before = processes.sample();
     let started = Instant::now();
     let mut written = 0u64;
@@ -225,25 +224,30 @@ async fn ingest_into_scratch(
             .next()
             .await
             .context("the raw ingest consumer was cancelled")??;
-        let mut batch = vec![first];
+        let mut events = unpack_events(&first.data)?;
+        let mut last_tag = first.delivery_tag;
+        let mut batch_deliveries = 1;
         let deadline = tokio::time::Instant::now() + settings.batch_max_wait;
-        while batch.len() < batch_limit {
+        // The worker's bounds: events per batch, and no more deliveries than the prefetch.
+        while events.len() < settings.batch_max_size
+            && batch_deliveries < usize::from(settings.prefetch)
+        {
             match tokio::time::timeout_at(deadline, deliveries.next()).await {
-                Ok(Some(delivery)) => batch.push(delivery?),
+                Ok(Some(delivery)) => {
+                    let delivery = delivery?;
+                    events.extend(unpack_events(&delivery.data)?);
+                    last_tag = delivery.delivery_tag;
+                    batch_deliveries += 1;
+                }
                 Ok(None) => bail!("the raw ingest consumer was cancelled"),
                 Err(_elapsed) => break,
             }
         }
-        let events = batch
-            .iter()
-            .map(|delivery| Event::decode(&delivery.data))
-            .collect::<Result<Vec<_>, _>>()?;
         insert_messages(pool, chat_id, &events).await?;
-        let last = batch.last().context("a batch has a delivery")?;
         consumer
-            .basic_ack(last.delivery_tag, BasicAckOptions { multiple: true })
+            .basic_ack(last_tag, BasicAckOptions { multiple: true })
             .await?;
-        written += batch.len() as u64;
+        written += events.len() as u64;
     }
     let elapsed = started.elapsed();
     let cpu = processes.cpu_since(&before);
@@ -255,37 +259,56 @@ async fn ingest_into_scratch(
     })
 }
 
+/// The events of one AMQP message of the scratch queue (an envelope, as the api publishes them).
+fn unpack_events(body: &[u8]) -> anyhow::Result<Vec<Event>> {
+    envelope::unpack(body)?
+        .iter()
+        .map(|enveloped| Ok(Event::decode(&enveloped.data)?))
+        .collect()
+}
+
+/// Publishes `count` created events, `events_per_message` to an envelope (the api's framing and
+/// properties), with confirms.
 async fn publish_events(
     channel: &Channel,
     queue: &str,
     chat: ChatRef,
     count: u64,
+    events_per_message: usize,
 ) -> anyhow::Result<()> {
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
     let chat_number = Number::new(chat.number).context("chat number")?;
     let sequences: Vec<u64> = (0..count).collect();
-    for window in sequences.chunks(PUBLISH_WINDOW) {
-        let mut confirms = Vec::with_capacity(window.len());
-        for &sequence in window {
-            let event = Event::new(EventPayload::MessageCreated {
-                application_id: chat.application_id,
-                chat_number,
-                message_number: Number::new(sequence + 1).context("message number")?,
-                body: body(sequence),
-                created_at: chatcore::store::now(),
-            });
-            let properties =
-                chatcore::queue::event_properties(&event, &TraceContext::child_of(None));
+    for window in sequences.chunks(PUBLISH_WINDOW * events_per_message) {
+        let mut confirms = Vec::with_capacity(PUBLISH_WINDOW);
+        for envelope_sequences in window.chunks(events_per_message) {
+            let mut envelope_body = Vec::new();
+            let mut properties = None;
+            for &sequence in envelope_sequences {
+                let event = Event::new(EventPayload::MessageCreated {
+                    application_id: chat.application_id,
+                    chat_number,
+                    message_number: Number::new(sequence + 1).context("message number")?,
+                    body: body(sequence),
+                    created_at: chatcore::store::now(),
+                });
+                let trace = TraceContext::child_of(None);
+                envelope::push(&mut envelope_body, Some(trace.as_str()), &event.encode());
+                properties.get_or_insert_with(|| {
+                    chatcore::queue::event_properties(&event, &trace)
+                        .with_content_type(envelope::CONTENT_TYPE.into())
+                });
+            }
             confirms.push(
                 channel
                     .basic_publish(
                         "".into(),
                         queue.into(),
                         BasicPublishOptions::default(),
-                        &event.encode(),
-                        properties,
+                        &envelope_body,
+                        properties.context("an envelope holds an event")?,
                     )
                     .await?,
             );
@@ -539,6 +562,24 @@ pub fn batch_size(config: &Config) -> usize {
         .batch_max_size
         .min(usize::from(consumer.prefetch))
         .max(1)
+}
+
+/// Messages ready in a durable queue (a passive declare).
+pub async fn queue_depth(config: &Config, queue: &str) -> anyhow::Result<u64> {
+    let connection = amqp_connect(config).await?;
+    let channel = connection.create_channel().await?;
+    let declared = channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    connection.close(200, "done".into()).await?;
+    Ok(u64::from(declared.message_count()))
 }
 
 async fn amqp_connect(config: &Config) -> anyhow::Result<lapin::Connection> {

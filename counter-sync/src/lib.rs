@@ -76,7 +76,7 @@ pub struct Report {
     pub applications_checked: u64,
     pub chats_checked: u64,
     pub repairs: Vec<Repair>,
-    /// Messages updated within `CHAT_REINDEX_LOOKBACK_SECONDS`, written to the index again.
+    /// Messages edited within `CHAT_REINDEX_LOOKBACK_SECONDS`, written to the index again.
     pub reindexed: u64,
 }
 
@@ -214,15 +214,15 @@ pub async fn run(config: &Config) -> anyhow::Result<Report> {
     for level in [CountLevel::Applications, CountLevel::Chats] {
         sync_level(storage.as_ref(), &allocator, &mut report, level).await?;
     }
-    // A PUT whose event never reached the index (the api answered 503 after the row changed) is
-    // repaired here: the updates of the last while are written again, and the index keeps
-    // whichever version is newer.
+    // A PUT or DELETE whose event never reached the index (the api answered 503 after the row
+    // changed) is repaired here: the edits of the last while are written again, and the index
+    // keeps whichever version is newer.
     let search = chatcore::adapters::search(config, &metrics).await?;
     let since = chatcore::store::now() - config.counter_sync.reindex_lookback;
     let reindexed = chatcore::pipeline::reindex(
         storage.as_ref(),
         search.as_ref(),
-        ReindexScope::UpdatedSince(since),
+        ReindexScope::EditedSince(since),
         ReindexCursor::default(),
         &CancellationToken::new(),
         |_| {},

@@ -28,7 +28,7 @@ async fn main() -> anyhow::Result<()> {
         counter_sync::push_metrics(gateway, &report).await?;
     }
     println!(
-        "checked {} applications and {} chats, made {} repairs, re-indexed {} recently updated messages",
+        "checked {} applications and {} chats, made {} repairs, re-indexed {} recently edited messages",
         report.applications_checked,
         report.chats_checked,
         report.repairs.len(),

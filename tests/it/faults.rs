@@ -430,9 +430,11 @@ async fn workers_behind_a_thousand_of_the_largest_events_stay_within_their_memor
     // The workers start with all of them waiting, under the chart's defaults.
     let mut ingest = env.spawn_process("ingest-worker")?;
     let mut indexer = env.spawn_process("indexer")?;
+    // Bounded generously: a quarter of a gigabyte goes through MySQL and the index, on a machine
+    // that the other tests load too; what this test measures is memory, not speed.
     eventually(
         "the thousand messages are stored and indexed",
-        LONG,
+        Duration::from_secs(240),
         || async {
             Ok(
                 env.stored_message_numbers(&token, chat).await?.len() == 1000

@@ -695,15 +695,47 @@ impl Client {
         body: &str,
         idempotency_key: &str,
     ) -> anyhow::Result<u64> {
-        let path = format!("/applications/{token}/chats/{chat}/messages");
+        self.post_carefully(
+            &format!("/applications/{token}/chats/{chat}/messages"),
+            Some(serde_json::json!({ "body": body })),
+            idempotency_key,
+        )
+        .await
+        .context("create message")
+    }
+
+    /// Creates a chat as a careful client does (see [`Self::create_message_carefully`]).
+    pub async fn create_chat_carefully(
+        &self,
+        token: &str,
+        idempotency_key: &str,
+    ) -> anyhow::Result<u64> {
+        self.post_carefully(
+            &format!("/applications/{token}/chats"),
+            None,
+            idempotency_key,
+        )
+        .await
+        .context("create chat")
+    }
+
+    /// POSTs until a 202, retrying 5xx, 409 and dropped connections with the same
+    /// `Idempotency-Key` for up to a minute; returns the number.
+    async fn post_carefully(
+        &self,
+        path: &str,
+        body: Option<Value>,
+        idempotency_key: &str,
+    ) -> anyhow::Result<u64> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
-            let request = self
-                .request(reqwest::Method::POST, &path)
-                .header("idempotency-key", idempotency_key)
-                .json(&serde_json::json!({ "body": body }));
-            let reply = self.send(request).await;
-            match reply {
+            let mut request = self
+                .request(reqwest::Method::POST, path)
+                .header("idempotency-key", idempotency_key);
+            if let Some(body) = &body {
+                request = request.json(body);
+            }
+            match self.send(request).await {
                 Ok(reply) if reply.status == StatusCode::ACCEPTED => {
                     return reply.body["number"].as_u64().context("number");
                 }
@@ -711,13 +743,13 @@ impl Client {
                     if !(reply.status.is_server_error()
                         || reply.status == StatusCode::CONFLICT) =>
                 {
-                    bail!("create message: {reply:?}")
+                    bail!("refused: {reply:?}")
                 }
                 // A 5xx, a 409 or a dropped connection: the same request again.
                 _ if tokio::time::Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-                other => bail!("create message kept failing: {other:?}"),
+                other => bail!("kept failing: {other:?}"),
             }
         }
     }

@@ -461,9 +461,12 @@ pub enum ReindexScope {
     All,
     Application(u64),
     Chat(u64, Number),
-    /// Messages updated at or after this moment (the reconciliation of counter-sync: a `PUT` whose
-    /// event never reached the index is repaired by the next pass).
-    UpdatedSince(DateTime<Utc>),
+    /// Messages edited (updated or deleted) at or after this moment: the reconciliation of
+    /// counter-sync, where a `PUT` or `DELETE` whose event never reached the index is repaired by
+    /// the next pass. Not the messages only created then (version 1): their events are durable in
+    /// the queue, and rewriting every new message made each run after a large burst of writes
+    /// re-read and re-index all of it.
+    EditedSince(DateTime<Utc>),
 }
 
 enum ScopeBind {
@@ -481,7 +484,10 @@ impl ReindexScope {
                 "c.application_id = ? AND c.number = ?",
                 vec![ScopeBind::Id(id), ScopeBind::Id(number.get())],
             ),
-            Self::UpdatedSince(at) => ("m.updated_at >= ?", vec![ScopeBind::Time(at)]),
+            Self::EditedSince(at) => (
+                "m.updated_at >= ? AND m.version > 1",
+                vec![ScopeBind::Time(at)],
+            ),
         }
     }
 }
