@@ -17,6 +17,7 @@ use chatcore::search::{MessageHit, SearchIndex};
 use chatcore::state::SharedState;
 use chatcore::store::{ApplicationRow, ChatKey, ChatRow, MessageRow, Storage};
 use quick_cache::sync::Cache;
+use tracing::Instrument as _;
 
 use crate::error::ApiError;
 use crate::idempotency::{IdempotencyKey, Recorded, fingerprint};
@@ -24,6 +25,12 @@ use crate::idempotency::{IdempotencyKey, Recorded, fingerprint};
 /// Entries of the token -> application id cache. Applications are never deleted, so an entry
 /// never goes stale.
 const APPLICATION_CACHE_ENTRIES: usize = 100_000;
+/// Writes of the record of an accepted event before the request fails (see `allocate_and_publish`),
+/// with a growing pause between them.
+const ACCEPTED_RECORD_ATTEMPTS: u32 = 3;
+const ACCEPTED_RECORD_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
+/// The share of the idempotency lease the work of a claimed request may take.
+const LEASE_SHARE: f64 = 0.9;
 /// Entries of the cache of chats known to exist (chats are never deleted either).
 const CHAT_CACHE_ENTRIES: usize = 500_000;
 
@@ -123,14 +130,14 @@ impl ChatService {
     /// Accepts a chat: its number once the event is durable. Messages may be posted to it at
     /// once, before its row is written.
     pub async fn accept_chat(
-        &self,
+        self: Arc<Self>,
         token: &str,
         idempotency_key: IdempotencyKey,
         trace: &TraceContext,
     ) -> Result<Number, ApiError> {
         let application_id = self.application_id(token).await?;
         let scope = Scope::ChatsOf { application_id };
-        self.accept(idempotency_key, &scope, b"", trace, |chat_number| {
+        self.accept(idempotency_key, &scope, b"", trace, move |chat_number| {
             EventPayload::ChatCreated {
                 application_id,
                 chat_number,
@@ -160,7 +167,7 @@ impl ChatService {
     /// Accepts a message: its number once the event is durable; written and indexed a moment
     /// later.
     pub async fn accept_message(
-        &self,
+        self: Arc<Self>,
         token: &str,
         chat_number: Number,
         body: MessageBody,
@@ -179,7 +186,7 @@ impl ChatService {
             &scope,
             &fingerprint,
             trace,
-            |message_number| EventPayload::MessageCreated {
+            move |message_number| EventPayload::MessageCreated {
                 application_id,
                 chat_number,
                 message_number,
@@ -355,12 +362,12 @@ impl ChatService {
     /// Hands out the next number of the scope and publishes the event that carries it, once per
     /// idempotency key (see [`crate::idempotency`]).
     async fn accept(
-        &self,
+        self: Arc<Self>,
         idempotency_key: IdempotencyKey,
         scope: &Scope,
         body: &[u8],
         trace: &TraceContext,
-        payload: impl FnOnce(Number) -> EventPayload,
+        payload: impl FnOnce(Number) -> EventPayload + Send + 'static,
     ) -> Result<Number, ApiError> {
         let Some(key) = idempotency_key.0 else {
             let number = self.allocator.allocate(scope).await?;
@@ -398,11 +405,41 @@ impl ChatService {
                 Some(Recorded::Claimed { .. }) | None => Err(ApiError::IdempotencyKeyInUse),
             };
         }
+        // The claim is ours: the rest runs to its end in a task of its own, even when the request
+        // is cancelled meanwhile (its timeout, a dropped connection). Cut off between the
+        // allocation and the record of the event, the number would be lost, and the client's
+        // retry with the same key would get the next one: a number skipped.
+        let (service, scope, trace) = (Arc::clone(&self), *scope, trace.clone());
+        let completion = async move {
+            service
+                .allocate_and_publish(&record_key, fingerprint, &scope, &trace, payload)
+                .await
+        };
+        // Bounded by the claim's lease: past it, a retry may claim the key anew and must not
+        // race with this one.
+        let lease = self.settings.idempotency_lease;
+        let completion = tokio::time::timeout(lease.mul_f64(LEASE_SHARE), completion);
+        tokio::spawn(completion.in_current_span())
+            .await
+            .map_err(|error| ApiError::Internal(error.into()))?
+            .map_err(|_elapsed| ApiError::TimedOut(lease.as_millis()))?
+    }
+
+    /// For a claimed idempotency key: allocates the number, records the event under the key, then
+    /// publishes it (see [`Self::publish_recorded`]).
+    async fn allocate_and_publish(
+        &self,
+        record_key: &str,
+        fingerprint: String,
+        scope: &Scope,
+        trace: &TraceContext,
+        payload: impl FnOnce(Number) -> EventPayload,
+    ) -> Result<Number, ApiError> {
         let number = match self.allocator.allocate(scope).await {
             Ok(number) => number,
             Err(error) => {
                 // Nothing was handed out: the client may retry with the same key at once.
-                if let Err(release) = self.state.delete(&record_key).await {
+                if let Err(release) = self.state.delete(record_key).await {
                     tracing::warn!(error = %release, "could not release an idempotency key");
                 }
                 return Err(error.into());
@@ -412,15 +449,24 @@ impl ChatService {
         let accepted = Recorded::Accepted {
             fingerprint: fingerprint.clone(),
             event: event.clone(),
-        };
-        self.state
-            .set(
-                &record_key,
-                &accepted.encode(),
-                self.settings.idempotency_ttl,
-            )
-            .await?;
-        self.publish_recorded(&record_key, fingerprint, &event, trace)
+        }
+        .encode();
+        // The number is handed out: without its record the client's retry would get another one,
+        // so a failed write (a timeout of an overloaded Redis) is tried again.
+        let mut attempt = 1;
+        while let Err(error) = self
+            .state
+            .set(record_key, &accepted, self.settings.idempotency_ttl)
+            .await
+        {
+            if attempt == ACCEPTED_RECORD_ATTEMPTS {
+                return Err(error.into());
+            }
+            tracing::warn!(%error, attempt, "could not record an accepted event, retrying");
+            tokio::time::sleep(ACCEPTED_RECORD_RETRY_PAUSE * attempt).await;
+            attempt += 1;
+        }
+        self.publish_recorded(record_key, fingerprint, &event, trace)
             .await
     }
 

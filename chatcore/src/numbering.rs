@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::domain::Number;
 use crate::retry::{self, Backoff, Stopped, Transient};
@@ -59,6 +60,8 @@ pub enum AllocationError {
     Contended,
     #[error("the numbers of this scope are exhausted")]
     Exhausted,
+    #[error("a reservation stopped before its end: {0}")]
+    ReservationFailed(String),
 }
 
 impl Transient for AllocationError {
@@ -67,7 +70,7 @@ impl Transient for AllocationError {
             Self::State(error) => error.is_transient(),
             Self::Storage(error) => error.is_transient(),
             Self::Contended => true,
-            Self::Exhausted => false,
+            Self::Exhausted | Self::ReservationFailed(_) => false,
         }
     }
 }
@@ -160,14 +163,20 @@ impl NumberAllocator {
                     return number(next);
                 }
                 Some(Counter { next, epoch, .. }) => {
-                    return if self.extend_once(scope, key, next, epoch).await? {
+                    let (allocator, scope, key) = (self.clone(), *scope, key.to_owned());
+                    let extended =
+                        detached(
+                            async move { allocator.extend_once(&scope, &key, next, epoch).await },
+                        );
+                    return if extended.await? {
                         number(next)
                     } else {
                         Err(AllocationError::Contended)
                     };
                 }
                 None if !seeded => {
-                    self.seed_once(scope, key).await?;
+                    let (allocator, scope, key) = (self.clone(), *scope, key.to_owned());
+                    detached(async move { allocator.seed_once(&scope, &key).await }).await?;
                     seeded = true;
                 }
                 None => return Err(AllocationError::Contended),
@@ -304,4 +313,16 @@ impl NumberAllocator {
         self.counters.raise_ceiling(key, ceiling, epoch).await?;
         Ok(true)
     }
+}
+
+/// Runs a reservation (the storage's record, then the counter's seed or ceiling) in a task of its
+/// own, so that it finishes even when the request waiting for it is cancelled (its timeout):
+/// cut off between the two writes, it would leave the block reserved and the counter behind it,
+/// and the next allocation would skip the whole block.
+async fn detached<T: Send + 'static>(
+    reservation: impl Future<Output = Result<T, AllocationError>> + Send + 'static,
+) -> Result<T, AllocationError> {
+    tokio::spawn(reservation.in_current_span())
+        .await
+        .unwrap_or_else(|error| Err(AllocationError::ReservationFailed(error.to_string())))
 }

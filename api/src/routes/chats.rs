@@ -60,7 +60,7 @@ async fn create(
     idempotency_key: IdempotencyKey,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
     let number = state
-        .service()
+        .service_handle()
         .accept_chat(&token, idempotency_key, &trace)
         .await?;
     Ok((StatusCode::ACCEPTED, Json(Accepted { number })))

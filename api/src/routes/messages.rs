@@ -149,7 +149,7 @@ async fn create(
     let chat_number = parse_number("chat_number", &chat_number)?;
     let body = input.body()?;
     let number = state
-        .service()
+        .service_handle()
         .accept_message(&token, chat_number, body, idempotency_key, &trace)
         .await?;
     Ok((StatusCode::ACCEPTED, Json(Accepted { number })))
