@@ -564,22 +564,10 @@ pub fn batch_size(config: &Config) -> usize {
         .max(1)
 }
 
-/// Messages ready in a durable queue (a passive declare).
+/// Messages ready in a queue, as the stack's own queue adapter counts them.
 pub async fn queue_depth(config: &Config, queue: &str) -> anyhow::Result<u64> {
-    let connection = amqp_connect(config).await?;
-    let channel = connection.create_channel().await?;
-    let declared = channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    connection.close(200, "done".into()).await?;
-    Ok(u64::from(declared.message_count()))
+    let events = chatcore::adapters::queue(config, &chatcore::metrics::Metrics::new()).await?;
+    Ok(events.depth(queue).await?)
 }
 
 async fn amqp_connect(config: &Config) -> anyhow::Result<lapin::Connection> {
