@@ -2,8 +2,9 @@
 //! run, so the figures can be read as ratios on a shared, noisy machine. Two stacks:
 //! - the real services (`scripts/stack up`): raw limits are Redis INCR and RabbitMQ confirmed
 //!   publish; then `POST` with the workers stopped (SIGSTOP), the drain of that backlog by each
-//!   downstream leg against its own raw limit (a lapin + sqlx consumer, a raw `_bulk`), `POST`
-//!   with the workers running and end to end, and the reads against their raw SELECTs;
+//!   downstream leg alone (one worker resumed at a time) against its own raw limit (a lapin +
+//!   sqlx consumer, a raw `_bulk`), `POST` with the workers running and end to end, and the reads
+//!   against their raw SELECTs;
 //! - the embedded process (`BENCH_STACK=embedded`, started by `scripts/bench`): the raw limit is the
 //!   rate of durable (`synchronous = FULL`) one-row SQLite commits on the same disk; what needs
 //!   the services or separate workers is skipped.
@@ -34,7 +35,7 @@ use sqlx::MySqlPool;
 
 use crate::api::Api;
 use crate::load::{Load, Outcome, scatter};
-use crate::persisted::{IndexCount, wait_until_persisted};
+use crate::persisted::{IndexCount, Leg, wait_until_persisted};
 use crate::processes::{CpuUse, PausedWorkers, Processes};
 use crate::raw::ChatRef;
 use crate::report::{Measured, Report, ratio};
@@ -325,7 +326,7 @@ impl Bench {
             "bench: workers stopped, posting {} messages with {} connections (at most {:?})",
             self.settings.messages, self.settings.connections, self.settings.stopped_phase
         );
-        let paused = PausedWorkers::stop(&worker_pids)?;
+        let mut paused = PausedWorkers::stop(&worker_pids)?;
         let before = self.processes.sample();
         let posted = post_messages(
             &self.api,
@@ -352,33 +353,51 @@ impl Bench {
             format!("{events_per_message:.0} ({count} events in {queued} messages)"),
             "",
         );
-        eprintln!("bench: workers resumed, draining the backlog of {count} messages");
-        let resumed = self.processes.sample();
-        let resumed_at = Instant::now();
-        paused.resume()?;
-        let persisted = wait_until_persisted(
-            &self.api,
-            &target.index,
-            &self.processes,
-            (&target.token, chat),
-            count,
-            self.settings.max_phase,
-        )
-        .await?;
-        let ingest = Measured {
-            count,
-            elapsed: persisted.stored.at - resumed_at,
-            cpu: self.processes.cpu_between(&resumed, &persisted.stored.cpu),
-        };
-        let index = Measured {
-            count,
-            elapsed: persisted.indexed.at - resumed_at,
-            cpu: self.processes.cpu_between(&resumed, &persisted.indexed.cpu),
-        };
+        // One leg at a time, as their raw limits are measured: the ingest-worker first, the
+        // indexer once the storage holds the whole backlog (both at once would share the cores,
+        // and each would measure the other's cost).
+        let [ingest_pid, indexer_pid] = [worker_pids[0], worker_pids[1]];
+        let ingest = self
+            .drain_leg(&mut paused, ingest_pid, Leg::Storage, target, (chat, count))
+            .await?;
+        let index = self
+            .drain_leg(&mut paused, indexer_pid, Leg::Index, target, (chat, count))
+            .await?;
 
         self.legs_against_raw(storage, chat, (ingest, index), events_per_message as usize)
             .await?;
         Ok(Some((chat, count)))
+    }
+
+    /// Resumes the worker of `leg` and measures it until the chat's backlog of `count` messages
+    /// has gone through it.
+    async fn drain_leg(
+        &self,
+        paused: &mut PausedWorkers,
+        worker_pid: u32,
+        leg: Leg,
+        target: &Target,
+        (chat, count): (u64, u64),
+    ) -> anyhow::Result<Measured> {
+        eprintln!("bench: {leg:?} leg resumed, draining the backlog of {count} messages");
+        let resumed = self.processes.sample();
+        let resumed_at = Instant::now();
+        paused.resume(worker_pid)?;
+        let done = leg
+            .wait_until_done(
+                &self.api,
+                &target.index,
+                &self.processes,
+                (&target.token, chat),
+                count,
+                self.settings.max_phase,
+            )
+            .await?;
+        Ok(Measured {
+            count,
+            elapsed: done.at - resumed_at,
+            cpu: self.processes.cpu_between(&resumed, &done.cpu),
+        })
     }
 
     /// The raw ingest and index legs with the messages of the backlog, and the rows of both legs
@@ -434,7 +453,7 @@ impl Bench {
             "1",
         );
         self.report.row(
-            format!("ingest leg: backlog of {count} into the storage, after SIGCONT"),
+            format!("ingest leg: backlog of {count} into the storage, alone after SIGCONT"),
             format!("{:.0} msg/s", ingest.rate()),
             ratio(ingest.rate(), raw_ingest.rate(), "raw ingest"),
         );
@@ -446,7 +465,7 @@ impl Bench {
             "1",
         );
         self.report.row(
-            format!("index leg: backlog of {count} into the index, after SIGCONT"),
+            format!("index leg: backlog of {count} into the index, alone after SIGCONT"),
             format!("{:.0} msg/s", index.rate()),
             ratio(index.rate(), raw_bulk.rate(), "raw bulk"),
         );

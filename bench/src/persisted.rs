@@ -80,10 +80,10 @@ pub async fn wait_until_persisted(
         if Instant::now() > deadline {
             bail!("the {expected} messages of chat {chat} were not persisted within {within:?}");
         }
-        if stored.is_none() && api.stored_messages(token, chat).await? == expected {
+        if stored.is_none() && Leg::Storage.count(api, index, (token, chat)).await? == expected {
             stored = Some(reached(processes));
         }
-        if indexed.is_none() && index.count(api.http(), chat).await? == expected {
+        if indexed.is_none() && Leg::Index.count(api, index, (token, chat)).await? == expected {
             indexed = Some(reached(processes));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -92,6 +92,47 @@ pub async fn wait_until_persisted(
         stored: stored.context("storage")?,
         indexed: indexed.context("index")?,
     })
+}
+
+/// A downstream leg: where accepted messages end up.
+#[derive(Clone, Copy, Debug)]
+pub enum Leg {
+    Storage,
+    Index,
+}
+
+impl Leg {
+    async fn count(
+        self,
+        api: &Api,
+        index: &IndexCount,
+        (token, chat): (&str, u64),
+    ) -> anyhow::Result<u64> {
+        match self {
+            Self::Storage => api.stored_messages(token, chat).await,
+            Self::Index => index.count(api.http(), chat).await,
+        }
+    }
+
+    /// Polls until the chat holds `expected` messages at the end of this leg.
+    pub async fn wait_until_done(
+        self,
+        api: &Api,
+        index: &IndexCount,
+        processes: &Processes,
+        (token, chat): (&str, u64),
+        expected: u64,
+        within: Duration,
+    ) -> anyhow::Result<Reached> {
+        let deadline = Instant::now() + within;
+        while self.count(api, index, (token, chat)).await? != expected {
+            if Instant::now() > deadline {
+                bail!("{self:?}: {expected} messages of chat {chat} not there within {within:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(reached(processes))
+    }
 }
 
 fn reached(processes: &Processes) -> Reached {

@@ -237,11 +237,10 @@ impl PausedWorkers {
         Ok(paused)
     }
 
-    pub fn resume(mut self) -> anyhow::Result<()> {
-        for pid in std::mem::take(&mut self.pids) {
-            signal(pid, "CONT")?;
-        }
-        Ok(())
+    /// Resumes one of the stopped processes (the others stay stopped until resumed or dropped).
+    pub fn resume(&mut self, pid: u32) -> anyhow::Result<()> {
+        self.pids.retain(|&stopped| stopped != pid);
+        signal(pid, "CONT")
     }
 }
 
