@@ -4,6 +4,12 @@ use chatcore::Config;
 use chatcore::store::ReindexCursor;
 use clap::{Parser, Subcommand};
 
+// glibc's malloc (its arenas and consolidation) took a fifth of the api's CPU samples under load,
+// mimalloc 6% (perf, same load). Not for the workers: their allocation costs little, and
+// mimalloc's caches doubled their resident memory.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "api", version, about = "HTTP API of the chat platform")]
 struct Cli {

@@ -19,6 +19,10 @@ impl Api {
     pub fn new(base_url: &str, connections: usize) -> anyhow::Result<Self> {
         let http = reqwest::Client::builder()
             .pool_max_idle_per_host(connections)
+            // The api closes a kept-alive connection that sends no request within
+            // CHAT_HEADER_READ_TIMEOUT_MS (5 s): a connection idle for longer may be closed just
+            // as it is reused ("connection closed before message completed").
+            .pool_idle_timeout(Duration::from_secs(2))
             .build()?;
         Ok(Self {
             http,

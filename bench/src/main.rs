@@ -3,8 +3,10 @@
 //! - the real services (`scripts/stack up`): raw limits are Redis INCR and RabbitMQ confirmed
 //!   publish; then `POST` with the workers stopped (SIGSTOP), the drain of that backlog by each
 //!   downstream leg alone (one worker resumed at a time) against its own raw limit (a lapin +
-//!   sqlx consumer, a raw `_bulk`), `POST` with the workers running and end to end, and the reads
-//!   against their raw SELECTs;
+//!   sqlx consumer, a raw `_bulk`), `POST` with the workers running and end to end, the reads
+//!   against their raw SELECTs, and search latency (one client, then eight) on the chat of the
+//!   running phase, on a chat of 1,000,000 messages and on an application of 1,000 chats (their
+//!   documents written straight into the index);
 //! - the embedded process (`BENCH_STACK=embedded`, started by `scripts/bench`): the raw limit is the
 //!   rate of durable (`synchronous = FULL`) one-row SQLite commits on the same disk; what needs
 //!   the services or separate workers is skipped.
@@ -48,6 +50,9 @@ const MAX_STOPPED_SECONDS: u64 = 45;
 const LIST_PER_PAGE: u32 = 100;
 /// Concurrent clients of the search phase.
 const SEARCH_CLIENTS: usize = 8;
+/// The application of many chats whose search is measured: its chats, and the messages of each.
+const MANY_CHATS: usize = 1_000;
+const MANY_CHATS_MESSAGES: u64 = 100;
 /// The window of the flatness check: the accept rate of the first and of the last this many.
 const FLATNESS_WINDOW: usize = 100_000;
 
@@ -211,9 +216,14 @@ async fn run() -> anyhow::Result<()> {
     let (read_chat, stored) = backlog_chat.unwrap_or((running_chat, running_posted));
     bench.reads(&target, read_chat, stored).await?;
     bench
-        .search(&target.token, running_chat, running_posted)
+        .search(
+            &target.token,
+            &[running_chat],
+            &format!("chat of {running_posted}"),
+        )
         .await?;
-    bench.deep_pages(&target.token).await?;
+    let deep_chat = bench.deep_pages(&target.token).await?;
+    bench.search_at_scale(&target, deep_chat).await?;
     bench.report.print(&bench.processes);
     Ok(())
 }
@@ -459,7 +469,7 @@ impl Bench {
         );
         self.report.row(
             format!(
-                "raw: `_bulk` into an index of the same mapping, one at a time, {batches}, until searchable"
+                "raw: `_bulk` into the same index (a chat of its own), one at a time, {batches}, until searchable"
             ),
             format!("{:.0} docs/s", raw_bulk.rate()),
             "1",
@@ -667,60 +677,144 @@ impl Bench {
         Ok(())
     }
 
-    async fn search(&mut self, token: &str, chat: u64, messages: u64) -> anyhow::Result<()> {
-        let searches = self.settings.searches;
-        eprintln!("bench: {searches} searches on the chat of {messages} messages");
-        let (api, url) = (
-            self.api.clone(),
-            self.api.url(&format!(
-                "/applications/{token}/chats/{chat}/messages/search"
-            )),
-        );
-        let before = self.processes.sample();
-        let searched = load::run(
-            Load {
-                clients: SEARCH_CLIENTS,
-                max_operations: searches,
-                max_duration: self.settings.max_phase,
-            },
-            move |sequence| {
-                let (api, url) = (api.clone(), url.clone());
-                async move {
-                    let response = api
-                        .http()
-                        .get(&url)
-                        .query(&[("query", api::query(sequence as usize))])
-                        .send()
-                        .await?;
-                    anyhow::ensure!(
-                        response.status().is_success(),
-                        "search answered {}",
-                        response.status()
-                    );
-                    let _: serde_json::Value = response.json().await?;
-                    Ok(())
-                }
-            },
-        )
-        .await?;
-        let cost = measured(&searched, self.processes.cpu_since(&before));
-        self.report.row(
-            format!(
-                "search p50 / p99 ({} queries, {SEARCH_CLIENTS} concurrent, chat of {messages})",
-                searched.completed()
-            ),
-            searched.latencies.p50_p99(),
-            "",
-        );
-        self.report.cpu("search", &cost);
+    /// Search latency over `chats` (a query goes to one of them), one client at a time (the
+    /// service time) and with [`SEARCH_CLIENTS`] concurrent (two cores shared with everything).
+    async fn search(&mut self, token: &str, chats: &[u64], what: &str) -> anyhow::Result<()> {
+        for clients in [1, SEARCH_CLIENTS] {
+            // One client measures latency, not throughput: a quarter of the queries suffice.
+            let searches = if clients == 1 {
+                (self.settings.searches / 4).max(1)
+            } else {
+                self.settings.searches
+            };
+            eprintln!("bench: {searches} searches, {clients} concurrent, on {what}");
+            let urls: Vec<String> = chats
+                .iter()
+                .map(|chat| {
+                    self.api.url(&format!(
+                        "/applications/{token}/chats/{chat}/messages/search"
+                    ))
+                })
+                .collect();
+            let api = self.api.clone();
+            let before = self.processes.sample();
+            let searched = load::run(
+                Load {
+                    clients,
+                    max_operations: searches,
+                    max_duration: self.settings.max_phase,
+                },
+                move |sequence| {
+                    let api = api.clone();
+                    let url = urls[scatter(sequence, urls.len() as u64) as usize - 1].clone();
+                    async move {
+                        let response = api
+                            .http()
+                            .get(&url)
+                            .query(&[("query", api::query(sequence as usize))])
+                            .send()
+                            .await?;
+                        anyhow::ensure!(
+                            response.status().is_success(),
+                            "search answered {}",
+                            response.status()
+                        );
+                        let _: serde_json::Value = response.json().await?;
+                        Ok(())
+                    }
+                },
+            )
+            .await?;
+            let cost = measured(&searched, self.processes.cpu_since(&before));
+            self.report.row(
+                format!(
+                    "search p50 / p99 ({} queries, {clients} concurrent, {what})",
+                    searched.completed()
+                ),
+                searched.latencies.p50_p99(),
+                "",
+            );
+            if clients > 1 {
+                self.report.cpu(&format!("search, {what}"), &cost);
+            }
+        }
         Ok(())
     }
 
-    async fn deep_pages(&mut self, token: &str) -> anyhow::Result<()> {
+    /// Search on the chat of 1,000,000 messages of the pagination phase and on an application of
+    /// 1,000 chats, their documents written straight into the index (bodies as the bench posts
+    /// them).
+    async fn search_at_scale(
+        &mut self,
+        target: &Target,
+        deep_chat: Option<u64>,
+    ) -> anyhow::Result<()> {
+        let Some(storage) = &target.services else {
+            self.report.note(
+                "embedded stack: search on a chat of 1,000,000 messages and on an application of \
+                 1,000 chats skipped (measured on Elasticsearch)",
+            );
+            return Ok(());
+        };
+        if let Some(chat) = deep_chat {
+            let messages = deep::DEEP_CHAT_MESSAGES;
+            eprintln!(
+                "bench: indexing the {messages} messages of the chat of the pagination phase"
+            );
+            raw::seed_index(
+                &self.config,
+                self.api.http(),
+                &[storage.chat(chat)],
+                messages,
+            )
+            .await?;
+            self.search(&target.token, &[chat], &format!("chat of {messages}"))
+                .await?;
+        }
+        let token = self.api.create_application().await?;
+        let application_id: u64 = sqlx::query_scalar("SELECT id FROM applications WHERE token = ?")
+            .bind(&token)
+            .fetch_one(&storage.pool)
+            .await?;
+        eprintln!("bench: an application of {MANY_CHATS} chats of {MANY_CHATS_MESSAGES} messages");
+        let mut chats = Vec::with_capacity(MANY_CHATS);
+        for _ in 0..MANY_CHATS {
+            chats.push(self.api.create_chat(&token).await?);
+        }
+        for &chat in &chats {
+            self.api
+                .wait_until_chat_stored(&token, chat, self.settings.max_phase)
+                .await?;
+        }
+        let chat_refs: Vec<ChatRef> = chats
+            .iter()
+            .map(|&number| ChatRef {
+                application_id,
+                number,
+            })
+            .collect();
+        raw::seed_index(
+            &self.config,
+            self.api.http(),
+            &chat_refs,
+            MANY_CHATS_MESSAGES,
+        )
+        .await?;
+        self.search(
+            &token,
+            &chats,
+            &format!("a chat of an application of {MANY_CHATS} chats of {MANY_CHATS_MESSAGES}"),
+        )
+        .await
+    }
+
+    /// The chat of 1,000,000 messages and its first and last page; returns the chat, or None
+    /// when skipped.
+    async fn deep_pages(&mut self, token: &str) -> anyhow::Result<Option<u64>> {
         if !self.settings.deep_pages {
             self.report
                 .note("BENCH_DEEP_PAGES=0: the chat of 1,000,000 messages skipped");
-            return Ok(());
+            return Ok(None);
         }
         let messages = deep::DEEP_CHAT_MESSAGES;
         eprintln!("bench: seeding a chat of {messages} messages for the pagination phase");
@@ -744,7 +838,7 @@ impl Bench {
                     / first_page.percentile(0.50).as_secs_f64()
             ),
         );
-        Ok(())
+        Ok(Some(chat))
     }
 }
 

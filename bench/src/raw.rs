@@ -4,7 +4,7 @@
 //! - Redis INCR and RabbitMQ confirmed publish (the accept path of `POST`);
 //! - durable one-row SQLite commits (the embedded stack);
 //! - the ingest leg: a lapin consumer doing the ingest-worker's multi-row `INSERT IGNORE` with sqlx;
-//! - the index leg: `_bulk` of the indexer's documents into an index with the same definition;
+//! - the index leg: `_bulk` of the indexer's documents into the same index, under a chat of its own;
 //! - the reads: the storage's SELECT of one message and of one page, with sqlx.
 
 use std::time::{Duration, Instant};
@@ -14,7 +14,6 @@ use chatcore::Config;
 use chatcore::domain::{Number, PagePosition, PageRequest};
 use chatcore::events::{Event, EventPayload, TraceContext};
 use chatcore::queue::envelope;
-use chatcore::search::{ElasticsearchIndex, SearchIndex as _};
 use chatcore::store::MessageRow;
 use futures_util::StreamExt as _;
 use futures_util::future::join_all;
@@ -43,6 +42,10 @@ const PUBLISH_WINDOW: usize = 1000;
 const RAW_MESSAGES_TABLE: &str = "bench_raw_messages";
 /// How long written documents may take to become searchable (a refresh is due every second).
 const VISIBILITY_BOUND: Duration = Duration::from_secs(60);
+/// The chat number of the raw index leg's documents: no chat is ever numbered this high.
+const RAW_BULK_CHAT: u64 = i64::MAX as u64;
+/// Documents a `_bulk` of the seeding carries.
+const SEEDING_BULK: usize = 5_000;
 
 /// The chat whose messages a raw leg or raw read stands in for.
 #[derive(Debug, Clone, Copy)]
@@ -357,10 +360,13 @@ async fn insert_messages(pool: &MySqlPool, chat_id: u64, events: &[Event]) -> an
 }
 
 /// The raw index leg: the documents the indexer writes for `count` created messages (the same
-/// `_id`, routing, external version 1 and source), sent with `_bulk` in bulks of the indexer's
-/// batch size, one at a time, without refresh, into a scratch index created by chatcore's own
-/// `ensure_index` (the same settings and mapping), timed until they are searchable, as the index
-/// leg is. The request bodies are built before the clock starts.
+/// `_id` scheme, routing, external version 1 and source), sent with `_bulk` in bulks of the
+/// indexer's batch size, one at a time, without refresh, timed until they are searchable, as the
+/// index leg is. They go into the stack's own index, under a chat number no chat has
+/// ([`RAW_BULK_CHAT`]) of the run's new application, and are deleted afterwards: the same index is the same cost per document
+/// (the lookups of external versions and the merges grow with the index; an empty scratch index
+/// made the raw leg about twice as cheap for Elasticsearch). The request bodies are built before
+/// the clock starts.
 pub async fn bulk_leg(
     config: &Config,
     http: &reqwest::Client,
@@ -369,22 +375,17 @@ pub async fn bulk_leg(
     count: u64,
 ) -> anyhow::Result<Measured> {
     let url = config.require_elasticsearch_url()?.expose().to_owned();
-    let index = format!("{}-bench-raw", config.elasticsearch_index);
-    delete_index(http, &url, &index).await?;
-    ElasticsearchIndex::connect(
-        config.require_elasticsearch_url()?,
-        &index,
-        config.elasticsearch_replicas,
-        None,
-    )?
-    .ensure_index()
-    .await?;
-    let measured = bulk_into_scratch(config, http, processes, (&url, &index), chat, count).await;
-    delete_index(http, &url, &index).await?;
+    let index = &config.elasticsearch_index;
+    let raw_chat = ChatRef {
+        number: RAW_BULK_CHAT,
+        ..chat
+    };
+    let measured = bulk_into(config, http, processes, (&url, index), raw_chat, count).await;
+    delete_chat_documents(http, (&url, index), raw_chat, count).await?;
     measured
 }
 
-async fn bulk_into_scratch(
+async fn bulk_into(
     config: &Config,
     http: &reqwest::Client,
     processes: &Processes,
@@ -392,52 +393,20 @@ async fn bulk_into_scratch(
     chat: ChatRef,
     count: u64,
 ) -> anyhow::Result<Measured> {
-    let routing = chat.search_key();
-    let created_at = chatcore::store::now();
-    let sequences: Vec<u64> = (0..count).collect();
-    let bulks: Vec<String> = sequences
+    let created_at = json!(chatcore::store::now());
+    let numbers: Vec<u64> = (1..=count).collect();
+    let bulks: Vec<String> = numbers
         .chunks(batch_size(config))
-        .map(|bulk| {
-            let mut lines = String::new();
-            for &sequence in bulk {
-                let number = sequence + 1;
-                let action = json!({"index": {
-                    "_id": format!("{routing}:{number}"),
-                    "routing": routing,
-                    "version": 1,
-                    "version_type": "external",
-                }});
-                let source = json!({
-                    "application_id": chat.application_id,
-                    "chat_number": chat.number,
-                    "chat": routing,
-                    "number": number,
-                    "body": body(sequence),
-                    "created_at": created_at,
-                });
-                lines.push_str(&format!("{action}\n{source}\n"));
-            }
-            lines
-        })
+        .map(|bulk| bulk_lines(chat, bulk, &created_at))
         .collect();
     let bulk_url = format!("{url}/{index}/_bulk");
     let before = processes.sample();
     let started = Instant::now();
     for lines in bulks {
-        let response = http
-            .post(&bulk_url)
-            .header("content-type", "application/x-ndjson")
-            .body(lines)
-            .send()
-            .await?;
-        let status = response.status();
-        let answer: Value = response.json().await?;
-        if !status.is_success() || answer["errors"] != json!(false) {
-            bail!("raw _bulk answered {status}: {answer}");
-        }
+        send_bulk(http, &bulk_url, lines).await?;
     }
     // The index leg is timed until its documents are searchable: so is this one.
-    wait_until_searchable(http, url, index, count).await?;
+    wait_until_searchable(http, (url, index), chat, count).await?;
     let elapsed = started.elapsed();
     Ok(Measured {
         count,
@@ -446,17 +415,88 @@ async fn bulk_into_scratch(
     })
 }
 
-/// Polls as the index leg is polled, until `count` documents are visible to search.
+/// The `_bulk` lines of the documents the indexer writes for the created messages `numbers` of
+/// `chat` (the same `_id`, routing, external version 1 and source; the body the bench posts for
+/// the message).
+fn bulk_lines(chat: ChatRef, numbers: &[u64], created_at: &Value) -> String {
+    let routing = chat.search_key();
+    let mut lines = String::new();
+    for &number in numbers {
+        let action = json!({"index": {
+            "_id": format!("{routing}:{number}"),
+            "routing": routing,
+            "version": 1,
+            "version_type": "external",
+        }});
+        let source = json!({
+            "application_id": chat.application_id,
+            "chat_number": chat.number,
+            "chat": routing,
+            "number": number,
+            "body": body(number - 1),
+            "created_at": created_at,
+        });
+        lines.push_str(&format!("{action}\n{source}\n"));
+    }
+    lines
+}
+
+async fn send_bulk(http: &reqwest::Client, bulk_url: &str, lines: String) -> anyhow::Result<()> {
+    let response = http
+        .post(bulk_url)
+        .header("content-type", "application/x-ndjson")
+        .body(lines)
+        .send()
+        .await?;
+    let status = response.status();
+    let answer: Value = response.json().await?;
+    if !status.is_success() || answer["errors"] != json!(false) {
+        bail!("_bulk answered {status}: {answer}");
+    }
+    Ok(())
+}
+
+/// Documents of `messages` created messages in each of `chats`, written straight into the
+/// stack's index (the api would take minutes to accept them; only searching them is measured),
+/// in bulks of [`SEEDING_BULK`] documents, and refreshed.
+pub async fn seed_index(
+    config: &Config,
+    http: &reqwest::Client,
+    chats: &[ChatRef],
+    messages: u64,
+) -> anyhow::Result<()> {
+    let url = config.require_elasticsearch_url()?.expose().to_owned();
+    let index = &config.elasticsearch_index;
+    let bulk_url = format!("{url}/{index}/_bulk");
+    let created_at = json!(chatcore::store::now());
+    let numbers: Vec<u64> = (1..=messages).collect();
+    for &chat in chats {
+        for bulk in numbers.chunks(SEEDING_BULK) {
+            send_bulk(http, &bulk_url, bulk_lines(chat, bulk, &created_at)).await?;
+        }
+    }
+    let status = http
+        .post(format!("{url}/{index}/_refresh"))
+        .send()
+        .await?
+        .status();
+    ensure!(status.is_success(), "refreshing {index} answered {status}");
+    Ok(())
+}
+
+/// Polls as the index leg is polled, until `count` documents of `chat` are visible to search.
 async fn wait_until_searchable(
     http: &reqwest::Client,
-    url: &str,
-    index: &str,
+    (url, index): (&str, &str),
+    chat: ChatRef,
     count: u64,
 ) -> anyhow::Result<()> {
+    let routing = chat.search_key();
     let deadline = Instant::now() + VISIBILITY_BOUND;
     loop {
         let answer: Value = http
-            .get(format!("{url}/{index}/_count"))
+            .post(format!("{url}/{index}/_count?routing={routing}"))
+            .json(&json!({"query": {"term": {"chat": routing}}}))
             .send()
             .await?
             .json()
@@ -466,19 +506,33 @@ async fn wait_until_searchable(
         }
         if Instant::now() > deadline {
             bail!(
-                "the scratch index showed {answer} instead of {count} documents after {VISIBILITY_BOUND:?}"
+                "the raw chat showed {answer} instead of {count} documents after {VISIBILITY_BOUND:?}"
             );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
-async fn delete_index(http: &reqwest::Client, url: &str, index: &str) -> anyhow::Result<()> {
-    let status = http.delete(format!("{url}/{index}")).send().await?.status();
-    ensure!(
-        status.is_success() || status == reqwest::StatusCode::NOT_FOUND,
-        "deleting the scratch index {index} answered {status}"
-    );
+/// Deletes the `count` documents of the raw index leg's `chat` (by `_id`: `_delete_by_query` is
+/// a module the bare Elasticsearch distribution lacks).
+async fn delete_chat_documents(
+    http: &reqwest::Client,
+    (url, index): (&str, &str),
+    chat: ChatRef,
+    count: u64,
+) -> anyhow::Result<()> {
+    let routing = chat.search_key();
+    let bulk_url = format!("{url}/{index}/_bulk");
+    let numbers: Vec<u64> = (1..=count).collect();
+    for bulk in numbers.chunks(SEEDING_BULK) {
+        let mut lines = String::new();
+        for number in bulk {
+            let action =
+                json!({"delete": {"_id": format!("{routing}:{number}"), "routing": routing}});
+            lines.push_str(&format!("{action}\n"));
+        }
+        send_bulk(http, &bulk_url, lines).await?;
+    }
     Ok(())
 }
 

@@ -614,6 +614,9 @@ impl Client {
         Self {
             http: reqwest::Client::builder()
                 .pool_max_idle_per_host(256)
+                // Below the api's CHAT_HEADER_READ_TIMEOUT_MS (5 s), after which it closes a
+                // kept-alive connection: reusing one just then fails the request.
+                .pool_idle_timeout(Duration::from_secs(2))
                 .build()
                 .expect("client builds"),
             base_url: base_url.to_owned(),
