@@ -374,8 +374,16 @@ impl Bench {
             .drain_leg(&mut paused, indexer_pid, Leg::Index, target, (chat, count))
             .await?;
 
-        self.legs_against_raw(storage, chat, (ingest, index), events_per_message as usize)
-            .await?;
+        // The raw ingest leg writes into `messages` under a chat of its own (empty, as the backlog's
+        // chat was before the backlog).
+        let raw_ingest_chat = self.stored_chat(&target.token).await?;
+        self.legs_against_raw(
+            storage,
+            (chat, raw_ingest_chat),
+            (ingest, index),
+            events_per_message as usize,
+        )
+        .await?;
         Ok(Some((chat, count)))
     }
 
@@ -415,23 +423,23 @@ impl Bench {
     async fn legs_against_raw(
         &mut self,
         storage: &ServiceStorage,
-        chat: u64,
+        (chat, raw_ingest_chat): (u64, u64),
         (ingest, index): (Measured, Measured),
         events_per_message: usize,
     ) -> anyhow::Result<()> {
         let count = ingest.count;
         let chat_ref = storage.chat(chat);
-        let chat_id: u64 =
+        let raw_ingest_chat_id: u64 =
             sqlx::query_scalar("SELECT id FROM chats WHERE application_id = ? AND number = ?")
                 .bind(storage.application_id)
-                .bind(chat)
+                .bind(raw_ingest_chat)
                 .fetch_one(&storage.pool)
                 .await?;
         eprintln!("bench: raw ingest leg ({count} events, lapin + sqlx)");
         let raw_ingest = raw::ingest_leg(
             &self.config,
             &self.processes,
-            (chat_ref, chat_id),
+            (storage.chat(raw_ingest_chat), raw_ingest_chat_id),
             count,
             events_per_message,
         )
@@ -455,8 +463,8 @@ impl Bench {
         );
         self.report.row(
             format!(
-                "raw: ingest, lapin + sqlx multi-row INSERT IGNORE, {events_per_message} events an \
-                 AMQP message, batches of at most {} events and {} messages",
+                "raw: ingest, lapin + sqlx multi-row INSERT IGNORE into the same table (a chat of \
+                 its own), {events_per_message} events an AMQP message, batches of at most {} events and {} messages",
                 consumer.batch_max_size, consumer.prefetch
             ),
             format!("{:.0} msg/s", raw_ingest.rate()),
