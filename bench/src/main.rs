@@ -37,7 +37,7 @@ use sqlx::MySqlPool;
 
 use crate::api::Api;
 use crate::load::{Load, Outcome, scatter};
-use crate::persisted::{IndexCount, Leg, wait_until_persisted};
+use crate::persisted::{ChatWatch, IndexCount, Leg};
 use crate::processes::{CpuUse, PausedWorkers, Processes};
 use crate::raw::ChatRef;
 use crate::report::{Measured, Report, ratio};
@@ -294,6 +294,17 @@ impl Bench {
         })
     }
 
+    /// The chat of `target` whose messages the bench waits for.
+    fn watch<'a>(&'a self, target: &'a Target, chat: u64) -> ChatWatch<'a> {
+        ChatWatch {
+            api: &self.api,
+            index: &target.index,
+            processes: &self.processes,
+            token: &target.token,
+            chat,
+        }
+    }
+
     /// A new chat of the bench's application, once it is stored.
     async fn stored_chat(&self, token: &str) -> anyhow::Result<u64> {
         let chat = self.api.create_chat(token).await?;
@@ -401,15 +412,9 @@ impl Bench {
         let resumed = self.processes.sample();
         let resumed_at = Instant::now();
         paused.resume(worker_pid)?;
-        let done = leg
-            .wait_until_done(
-                &self.api,
-                &target.index,
-                &self.processes,
-                (&target.token, chat),
-                count,
-                self.settings.max_phase,
-            )
+        let done = self
+            .watch(target, chat)
+            .wait_until_leg_done(leg, count, self.settings.max_phase)
             .await?;
         Ok(Measured {
             count,
@@ -520,15 +525,10 @@ impl Bench {
 
         let count = posted.completed();
         eprintln!("bench: waiting until all {count} messages are stored and in the index");
-        let persisted = wait_until_persisted(
-            &self.api,
-            &target.index,
-            &self.processes,
-            (&target.token, chat),
-            count,
-            self.settings.max_phase,
-        )
-        .await?;
+        let persisted = self
+            .watch(target, chat)
+            .wait_until_persisted(count, self.settings.max_phase)
+            .await?;
         let stored_rate = count as f64 / (persisted.stored.at - started).as_secs_f64();
         let end_to_end = Measured {
             count,

@@ -22,7 +22,8 @@ pub enum IndexCount {
 }
 
 impl IndexCount {
-    async fn count(&self, http: &reqwest::Client, chat: u64) -> anyhow::Result<u64> {
+    /// The documents of `chat` visible to search.
+    pub async fn count(&self, http: &reqwest::Client, chat: u64) -> anyhow::Result<u64> {
         match self {
             Self::Elasticsearch {
                 url,
@@ -65,33 +66,79 @@ pub struct Persisted {
     pub indexed: Reached,
 }
 
-/// Polls until the chat holds `expected` messages in the storage and in the index.
-pub async fn wait_until_persisted(
-    api: &Api,
-    index: &IndexCount,
-    processes: &Processes,
-    (token, chat): (&str, u64),
-    expected: u64,
-    within: Duration,
-) -> anyhow::Result<Persisted> {
-    let deadline = Instant::now() + within;
-    let (mut stored, mut indexed) = (None, None);
-    while stored.is_none() || indexed.is_none() {
-        if Instant::now() > deadline {
-            bail!("the {expected} messages of chat {chat} were not persisted within {within:?}");
+/// A chat whose messages the bench waits for: where it asks (the api for the storage, the index
+/// directly) and whose CPU it samples when they are there.
+pub struct ChatWatch<'a> {
+    pub api: &'a Api,
+    pub index: &'a IndexCount,
+    pub processes: &'a Processes,
+    pub token: &'a str,
+    pub chat: u64,
+}
+
+impl ChatWatch<'_> {
+    /// Polls until the chat holds `expected` messages in the storage and in the index.
+    pub async fn wait_until_persisted(
+        &self,
+        expected: u64,
+        within: Duration,
+    ) -> anyhow::Result<Persisted> {
+        let deadline = Instant::now() + within;
+        let (mut stored, mut indexed) = (None, None);
+        while stored.is_none() || indexed.is_none() {
+            if Instant::now() > deadline {
+                bail!(
+                    "the {expected} messages of chat {} were not persisted within {within:?}",
+                    self.chat
+                );
+            }
+            if stored.is_none() && self.count(Leg::Storage).await? == expected {
+                stored = Some(self.reached());
+            }
+            if indexed.is_none() && self.count(Leg::Index).await? == expected {
+                indexed = Some(self.reached());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        if stored.is_none() && Leg::Storage.count(api, index, (token, chat)).await? == expected {
-            stored = Some(reached(processes));
-        }
-        if indexed.is_none() && Leg::Index.count(api, index, (token, chat)).await? == expected {
-            indexed = Some(reached(processes));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        Ok(Persisted {
+            stored: stored.context("storage")?,
+            indexed: indexed.context("index")?,
+        })
     }
-    Ok(Persisted {
-        stored: stored.context("storage")?,
-        indexed: indexed.context("index")?,
-    })
+
+    /// Polls until the chat holds `expected` messages at the end of `leg`.
+    pub async fn wait_until_leg_done(
+        &self,
+        leg: Leg,
+        expected: u64,
+        within: Duration,
+    ) -> anyhow::Result<Reached> {
+        let deadline = Instant::now() + within;
+        while self.count(leg).await? != expected {
+            if Instant::now() > deadline {
+                bail!(
+                    "{leg:?}: {expected} messages of chat {} not there within {within:?}",
+                    self.chat
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(self.reached())
+    }
+
+    async fn count(&self, leg: Leg) -> anyhow::Result<u64> {
+        match leg {
+            Leg::Storage => self.api.stored_messages(self.token, self.chat).await,
+            Leg::Index => self.index.count(self.api.http(), self.chat).await,
+        }
+    }
+
+    fn reached(&self) -> Reached {
+        Reached {
+            at: Instant::now(),
+            cpu: self.processes.sample(),
+        }
+    }
 }
 
 /// A downstream leg: where accepted messages end up.
@@ -99,45 +146,4 @@ pub async fn wait_until_persisted(
 pub enum Leg {
     Storage,
     Index,
-}
-
-impl Leg {
-    async fn count(
-        self,
-        api: &Api,
-        index: &IndexCount,
-        (token, chat): (&str, u64),
-    ) -> anyhow::Result<u64> {
-        match self {
-            Self::Storage => api.stored_messages(token, chat).await,
-            Self::Index => index.count(api.http(), chat).await,
-        }
-    }
-
-    /// Polls until the chat holds `expected` messages at the end of this leg.
-    pub async fn wait_until_done(
-        self,
-        api: &Api,
-        index: &IndexCount,
-        processes: &Processes,
-        (token, chat): (&str, u64),
-        expected: u64,
-        within: Duration,
-    ) -> anyhow::Result<Reached> {
-        let deadline = Instant::now() + within;
-        while self.count(api, index, (token, chat)).await? != expected {
-            if Instant::now() > deadline {
-                bail!("{self:?}: {expected} messages of chat {chat} not there within {within:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Ok(reached(processes))
-    }
-}
-
-fn reached(processes: &Processes) -> Reached {
-    Reached {
-        at: Instant::now(),
-        cpu: processes.sample(),
-    }
 }

@@ -28,6 +28,7 @@ use sqlx::{MySql, MySqlPool, QueryBuilder};
 
 use crate::api::body;
 use crate::load::{self, Load, Outcome, scatter};
+use crate::persisted::IndexCount;
 use crate::processes::Processes;
 use crate::report::Measured;
 
@@ -481,23 +482,19 @@ async fn wait_until_searchable(
     chat: ChatRef,
     count: u64,
 ) -> anyhow::Result<()> {
-    let routing = chat.search_key();
+    let documents = IndexCount::Elasticsearch {
+        url: url.to_owned(),
+        index: index.to_owned(),
+        application_id: chat.application_id,
+    };
     let deadline = Instant::now() + VISIBILITY_BOUND;
     loop {
-        let answer: Value = http
-            .post(format!("{url}/{index}/_count?routing={routing}"))
-            .json(&json!({"query": {"term": {"chat": routing}}}))
-            .send()
-            .await?
-            .json()
-            .await?;
-        if answer["count"].as_u64() == Some(count) {
+        let visible = documents.count(http, chat.number).await?;
+        if visible == count {
             return Ok(());
         }
         if Instant::now() > deadline {
-            bail!(
-                "the raw chat showed {answer} instead of {count} documents after {VISIBILITY_BOUND:?}"
-            );
+            bail!("the raw chat showed {visible} of {count} documents after {VISIBILITY_BOUND:?}");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
