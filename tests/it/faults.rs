@@ -427,22 +427,47 @@ async fn workers_behind_a_thousand_of_the_largest_events_stay_within_their_memor
             published?;
         }
     }
-    // The workers start with all of them waiting, under the chart's defaults.
-    let mut ingest = env.spawn_process("ingest-worker")?;
-    let mut indexer = env.spawn_process("indexer")?;
+    // The workers start with all of them waiting, under the chart's defaults. Their log lines go
+    // to files, shown if they do not get through (it happened once on a loaded machine).
+    let log_path = |name: &str| {
+        std::env::temp_dir().join(format!(
+            "{name}-{}-{application_id}.log",
+            std::process::id()
+        ))
+    };
+    let logs = [log_path("ingest-worker"), log_path("indexer")];
+    let mut ingest =
+        env.spawn_process_logging_to("ingest-worker", std::fs::File::create(&logs[0])?)?;
+    let mut indexer = env.spawn_process_logging_to("indexer", std::fs::File::create(&logs[1])?)?;
     // Bounded generously: a quarter of a gigabyte goes through MySQL and the index, on a machine
-    // that the other tests load too; what this test measures is memory, not speed.
-    eventually(
+    // that the other tests load too; what this test measures is memory, not speed (alone: 18 s).
+    let through = eventually(
         "the thousand messages are stored and indexed",
         Duration::from_secs(240),
         || async {
-            Ok(
-                env.stored_message_numbers(&token, chat).await?.len() == 1000
-                    && env.indexed_message_numbers(&token, chat).await?.len() == 1000,
-            )
+            let stored = env.stored_message_numbers(&token, chat).await?.len();
+            let indexed = env.indexed_message_numbers(&token, chat).await?.len();
+            if stored == 1000 && indexed == 1000 {
+                return Ok(true);
+            }
+            anyhow::bail!("{stored} of 1000 stored, {indexed} indexed")
         },
     )
-    .await?;
+    .await;
+    if let Err(error) = through {
+        for log in &logs {
+            let lines = std::fs::read_to_string(log).unwrap_or_default();
+            let last: Vec<&str> = lines.lines().rev().take(20).collect();
+            eprintln!("last log lines of {}:", log.display());
+            for line in last.iter().rev() {
+                eprintln!("  {line}");
+            }
+        }
+        return Err(error);
+    }
+    for log in &logs {
+        std::fs::remove_file(log)?;
+    }
     for (name, worker) in [("ingest-worker", &mut ingest), ("indexer", &mut indexer)] {
         let peak = peak_memory(worker.id().expect("running"))?;
         worker.kill().await?;
