@@ -29,6 +29,13 @@ const MIN_INDEXED_PREFIX_CHARS: usize = super::MIN_PREFIX_CHARS;
 const MAX_INDEXED_PREFIX_CHARS: usize = 8;
 /// The server-side time limit of a search unless set otherwise (the api's default).
 const DEFAULT_SEARCH_TIMEOUT: Duration = Duration::from_secs(2);
+/// The most a `_bulk` request carries (estimated, see [`bulk_requests`]). Elasticsearch rejects a
+/// request above its indexing pressure limit (10% of the heap: 51 MiB of a 512 MiB heap) with 429
+/// every time, so a batch of the largest events (255 of 258 KB) sent whole was retried forever;
+/// Elasticsearch advises bulks of a few megabytes.
+const MAX_BULK_REQUEST_BYTES: usize = 8 * 1024 * 1024;
+/// What a document's `_bulk` lines take beside its body (action, ids, numbers, date).
+const BULK_DOCUMENT_OVERHEAD_BYTES: usize = 512;
 /// Words of the highlighted fragment of a hit, as many as the tokens of SQLite's snippet.
 const HIGHLIGHT_WORDS: usize = 24;
 /// Words of the fragment before its first match.
@@ -96,6 +103,59 @@ impl ElasticsearchIndex {
         self
     }
 
+    /// One `_bulk` request of `documents`; an outcome per document, in order.
+    async fn bulk_request(
+        &self,
+        documents: &[MessageDocument],
+    ) -> Result<Vec<ItemOutcome>, SearchError> {
+        if documents.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut lines: Vec<elasticsearch::http::request::JsonBody<Value>> =
+            Vec::with_capacity(documents.len() * 2);
+        for document in documents {
+            let routing = chat_key(document.application_id, document.chat_number);
+            lines.push(
+                json!({"index": {
+                    "_id": format!("{routing}:{}", document.number),
+                    "routing": routing,
+                    "version": document.version,
+                    "version_type": "external",
+                }})
+                .into(),
+            );
+            lines.push(
+                json!({
+                    "application_id": document.application_id,
+                    "chat_number": document.chat_number,
+                    "chat": routing,
+                    "number": document.number,
+                    "body": document.body,
+                    "created_at": document.created_at,
+                })
+                .into(),
+            );
+        }
+        let response = self
+            .client
+            .bulk(BulkParts::Index(&self.index))
+            .body(lines)
+            .send()
+            .await?;
+        let response = success_or_error(response).await?;
+        let body: BulkResponse = response.json().await?;
+        if body.items.len() != documents.len() {
+            return Err(SearchError::Rejected {
+                body: format!(
+                    "bulk answered {} items for {} documents",
+                    body.items.len(),
+                    documents.len()
+                ),
+            });
+        }
+        Ok(body.items.into_iter().map(BulkItem::outcome).collect())
+    }
+
     pub fn index_name(&self) -> &str {
         &self.index
     }
@@ -152,56 +212,16 @@ impl SearchIndex for ElasticsearchIndex {
         })
     }
 
+    /// One `_bulk` request per [`bulk_requests`] chunk, one after the other.
     async fn bulk_index(
         &self,
         documents: &[MessageDocument],
     ) -> Result<Vec<ItemOutcome>, SearchError> {
-        if documents.is_empty() {
-            return Ok(Vec::new());
+        let mut outcomes = Vec::with_capacity(documents.len());
+        for chunk in bulk_requests(documents) {
+            outcomes.extend(self.bulk_request(chunk).await?);
         }
-        let mut lines: Vec<elasticsearch::http::request::JsonBody<Value>> =
-            Vec::with_capacity(documents.len() * 2);
-        for document in documents {
-            let routing = chat_key(document.application_id, document.chat_number);
-            lines.push(
-                json!({"index": {
-                    "_id": format!("{routing}:{}", document.number),
-                    "routing": routing,
-                    "version": document.version,
-                    "version_type": "external",
-                }})
-                .into(),
-            );
-            lines.push(
-                json!({
-                    "application_id": document.application_id,
-                    "chat_number": document.chat_number,
-                    "chat": routing,
-                    "number": document.number,
-                    "body": document.body,
-                    "created_at": document.created_at,
-                })
-                .into(),
-            );
-        }
-        let response = self
-            .client
-            .bulk(BulkParts::Index(&self.index))
-            .body(lines)
-            .send()
-            .await?;
-        let response = success_or_error(response).await?;
-        let body: BulkResponse = response.json().await?;
-        if body.items.len() != documents.len() {
-            return Err(SearchError::Rejected {
-                body: format!(
-                    "bulk answered {} items for {} documents",
-                    body.items.len(),
-                    documents.len()
-                ),
-            });
-        }
-        Ok(body.items.into_iter().map(BulkItem::outcome).collect())
+        Ok(outcomes)
     }
 
     async fn search(
@@ -268,6 +288,29 @@ impl SearchIndex for ElasticsearchIndex {
             .await?;
         success_or_error(response).await.map(|_| ())
     }
+}
+
+/// `documents` cut into consecutive chunks of at most [`MAX_BULK_REQUEST_BYTES`] each (at least one
+/// document each), estimating a body at its worst JSON escaping (6 bytes a character).
+fn bulk_requests(documents: &[MessageDocument]) -> impl Iterator<Item = &[MessageDocument]> {
+    let mut rest = documents;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut bytes = 0;
+        let fitting = rest
+            .iter()
+            .take_while(|document| {
+                bytes += document.body.len() * 6 + BULK_DOCUMENT_OVERHEAD_BYTES;
+                bytes <= MAX_BULK_REQUEST_BYTES
+            })
+            .count()
+            .max(1);
+        let (chunk, after) = rest.split_at(fitting);
+        rest = after;
+        Some(chunk)
+    })
 }
 
 async fn success_or_error(response: Response) -> Result<Response, SearchError> {
@@ -488,6 +531,48 @@ struct HighlightedFields {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn documents(count: u64, body_chars: usize) -> Vec<MessageDocument> {
+        (1..=count)
+            .map(|number| MessageDocument {
+                application_id: 1,
+                chat_number: Number::new(1).expect("positive"),
+                number: Number::new(number).expect("positive"),
+                body: "\u{1}".repeat(body_chars),
+                created_at: crate::store::now(),
+                version: 1,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_batch_of_the_largest_events_goes_in_bulks_under_the_limit_in_order() {
+        // 255 events of 43,000 control characters (258 KB of JSON each): 66 MB in one request.
+        let batch = documents(255, 43_000);
+        let chunks: Vec<&[MessageDocument]> = bulk_requests(&batch).collect();
+        assert!(chunks.len() > 1, "{} chunk(s)", chunks.len());
+        for chunk in &chunks {
+            let bytes: usize = chunk
+                .iter()
+                .map(|document| document.body.len() * 6 + BULK_DOCUMENT_OVERHEAD_BYTES)
+                .sum();
+            assert!(bytes <= MAX_BULK_REQUEST_BYTES, "{bytes} bytes");
+        }
+        let numbers: Vec<u64> = chunks
+            .iter()
+            .flat_map(|chunk| chunk.iter().map(|document| document.number.get()))
+            .collect();
+        assert_eq!(numbers, (1..=255).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn small_documents_go_in_one_bulk_and_an_oversized_one_alone() {
+        assert_eq!(bulk_requests(&documents(500, 200)).count(), 1);
+        let oversized = documents(2, MAX_BULK_REQUEST_BYTES);
+        let chunks: Vec<usize> = bulk_requests(&oversized).map(<[_]>::len).collect();
+        assert_eq!(chunks, [1, 1]);
+        assert_eq!(bulk_requests(&[]).count(), 0);
+    }
 
     #[test]
     fn a_query_without_words_matches_nothing() {
