@@ -194,6 +194,23 @@ fn deployment_replicas(namespace: &str, name: &str) -> anyhow::Result<String> {
     ])
 }
 
+/// Waits until every wanted replica of the deployment is ready; returns `wanted/ready`.
+fn deployment_fully_ready(namespace: &str, name: &str, within: Duration) -> anyhow::Result<String> {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let replicas = deployment_replicas(namespace, name)?;
+        let (wanted, ready) = replicas.split_once('/').context("replicas")?;
+        if wanted == ready {
+            return Ok(replicas);
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "{name}: {replicas} ready after {within:?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
 /// Every scenario of `charts/chat/ci/` is installed (the migration hook included), upgraded, rolled
 /// back and uninstalled on the API server, as an operator would.
 #[test]
@@ -220,9 +237,10 @@ fn the_chart_installs_upgrades_rolls_back_and_uninstalls_in_every_scenario() -> 
         ];
         helm(&install).with_context(|| format!("install {file}"))?;
         let api = format!("{RELEASE}-api");
-        let installed = deployment_replicas(ns, &api)?;
-        let (wanted, ready) = installed.split_once('/').context("replicas")?;
-        ensure!(wanted == ready, "{file}: api {installed} after --wait");
+        // With autoscaling the chart leaves the replicas to the HPA, which raises them to its
+        // minimum after --wait saw the first one ready: those must become ready too.
+        let installed = deployment_fully_ready(ns, &api, Duration::from_secs(120))
+            .with_context(|| format!("{file}: api after --wait"))?;
         let objects: &[&str] = if embedded {
             // The whole system in the api; its claim bound (--wait waits for that too).
             &["service/chat-api", "persistentvolumeclaim/chat-data"]
@@ -366,7 +384,7 @@ fn the_chart_installs_upgrades_rolls_back_and_uninstalls_in_every_scenario() -> 
         ])
         .with_context(|| format!("rollback {file}"))?;
         assert_eq!(
-            deployment_replicas(ns, &api)?,
+            deployment_fully_ready(ns, &api, Duration::from_secs(120))?,
             installed,
             "{file}: rolled back"
         );
