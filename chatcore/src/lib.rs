@@ -9,6 +9,7 @@
 
 pub mod adapters;
 pub mod changes;
+mod chunks;
 pub mod config;
 pub mod domain;
 pub mod events;

@@ -56,24 +56,7 @@ const ANNOUNCEMENT_BODY_BYTES: usize = 1024 * 1024;
 /// The changes in announcements of at most [`ANNOUNCEMENT_BODY_BYTES`] of bodies (one change
 /// each at least).
 fn announcements(changes: &[MessageChange]) -> impl Iterator<Item = &[MessageChange]> {
-    let mut rest = changes;
-    std::iter::from_fn(move || {
-        if rest.is_empty() {
-            return None;
-        }
-        let mut bytes = 0;
-        let length = rest
-            .iter()
-            .take_while(|change| {
-                bytes += change.body.len();
-                bytes <= ANNOUNCEMENT_BODY_BYTES
-            })
-            .count()
-            .max(1);
-        let (announcement, remaining) = rest.split_at(length);
-        rest = remaining;
-        Some(announcement)
-    })
+    crate::chunks::bounded_by_bytes(changes, ANNOUNCEMENT_BODY_BYTES, |change| change.body.len())
 }
 
 /// The messages of a written batch as changes, by chat and number. A redelivered batch announces

@@ -293,23 +293,8 @@ impl SearchIndex for ElasticsearchIndex {
 /// `documents` cut into consecutive chunks of at most [`MAX_BULK_REQUEST_BYTES`] each (at least one
 /// document each), estimating a body at its worst JSON escaping (6 bytes a character).
 fn bulk_requests(documents: &[MessageDocument]) -> impl Iterator<Item = &[MessageDocument]> {
-    let mut rest = documents;
-    std::iter::from_fn(move || {
-        if rest.is_empty() {
-            return None;
-        }
-        let mut bytes = 0;
-        let fitting = rest
-            .iter()
-            .take_while(|document| {
-                bytes += document.body.len() * 6 + BULK_DOCUMENT_OVERHEAD_BYTES;
-                bytes <= MAX_BULK_REQUEST_BYTES
-            })
-            .count()
-            .max(1);
-        let (chunk, after) = rest.split_at(fitting);
-        rest = after;
-        Some(chunk)
+    crate::chunks::bounded_by_bytes(documents, MAX_BULK_REQUEST_BYTES, |document| {
+        document.body.len() * 6 + BULK_DOCUMENT_OVERHEAD_BYTES
     })
 }
 
