@@ -425,20 +425,24 @@ fn extension_points_reach_every_workload() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The rendered `helm test` script (the first pod's first container's args).
+fn helm_test_script(name: &str, values: &str) -> anyhow::Result<String> {
+    let rendered = render_minimal_with(name, values)?;
+    let pod = rendered.pods.first().context("the helm test pod")?;
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.containers[0].args.as_ref())
+        .map(|args| args.join(" "))
+        .context("test script")
+}
+
 #[test]
-fn helm_test_only_reads() -> anyhow::Result<()> {
+fn helm_test_only_reads_without_post_message() -> anyhow::Result<()> {
     for (docs, expected) in [(false, "HTTP/1.1 404"), (true, "/api/v1/openapi.json")] {
-        let rendered = render_minimal_with(
+        let script = helm_test_script(
             &format!("helm-test-{docs}"),
-            &format!("api: {{docs: {{enabled: {docs}}}}}"),
+            &format!("api: {{docs: {{enabled: {docs}}}}}\ntests: {{postMessage: false}}"),
         )?;
-        let pod = rendered.pods.first().context("the helm test pod")?;
-        let script = pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.containers[0].args.as_ref())
-            .map(|args| args.join(" "))
-            .context("test script")?;
         ensure!(script.contains("/readyz") && script.contains(expected));
         for write in ["--post-data", "--method", "-X ", "PUT", "DELETE"] {
             ensure!(
@@ -446,6 +450,23 @@ fn helm_test_only_reads() -> anyhow::Result<()> {
                 "the test writes ({write}): {script}"
             );
         }
+    }
+    Ok(())
+}
+
+#[test]
+fn helm_test_posts_a_message_and_finds_it_by_search_by_default() -> anyhow::Result<()> {
+    let script = helm_test_script("helm-test-post", "tests: {searchTimeoutSeconds: 17}")?;
+    for step in [
+        "/readyz",
+        "--post-data",
+        "/api/v1/applications",
+        "/chats",
+        "/messages",
+        "/search?query=$word",
+        "-lt 17",
+    ] {
+        ensure!(script.contains(step), "no {step} in: {script}");
     }
     Ok(())
 }

@@ -5,8 +5,6 @@
 //!
 //! Each test works in namespaces of its own; the cluster is shared.
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
@@ -17,58 +15,10 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{ListParams, PostParams};
 use kube::{Api, Client};
 use serde::Deserialize as _;
+use system_tests::kube::{KillOnDrop, Namespace, Skaffold, helm, kubeconfig, kubectl};
+use system_tests::repo_root;
 
 const RELEASE: &str = "chat";
-
-fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ has a parent")
-        .to_path_buf()
-}
-
-/// A tool path from the environment `scripts/test` sets, or its cached default.
-fn tool(variable: &str, default: &str) -> anyhow::Result<PathBuf> {
-    let path = std::env::var_os(variable).map_or_else(|| repo_root().join(default), PathBuf::from);
-    ensure!(
-        path.exists(),
-        "{variable}: {} not found (scripts/test starts the cluster with scripts/kube up)",
-        path.display()
-    );
-    Ok(path)
-}
-
-fn kubeconfig() -> anyhow::Result<PathBuf> {
-    tool("KUBECONFIG", ".services/kube/kubeconfig")
-}
-
-/// Runs a command with the cluster's kubeconfig; its stdout, or the failure with its output.
-fn run(program: &PathBuf, args: &[&str]) -> anyhow::Result<String> {
-    let output = Command::new(program)
-        .args(args)
-        .env("KUBECONFIG", kubeconfig()?)
-        .output()
-        .with_context(|| format!("running {}", program.display()))?;
-    ensure!(
-        output.status.success(),
-        "{} {args:?} failed:\n{}{}",
-        program.display(),
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(String::from_utf8(output.stdout)?)
-}
-
-fn kubectl(args: &[&str]) -> anyhow::Result<String> {
-    run(
-        &tool("KUBECTL", ".services/bin/kube-v1.37.2/kubectl")?,
-        args,
-    )
-}
-
-fn helm(args: &[&str]) -> anyhow::Result<String> {
-    run(&tool("HELM", ".services/bin/helm-v3.22.0-k1.33")?, args)
-}
 
 fn chart() -> String {
     repo_root().join("charts/chat").display().to_string()
@@ -80,26 +30,6 @@ fn scenario(name: &str) -> String {
         .join(name)
         .display()
         .to_string()
-}
-
-/// A namespace of this test, deleted (without waiting) when dropped.
-struct Namespace(String);
-
-impl Namespace {
-    fn create(prefix: &str) -> anyhow::Result<Self> {
-        let name = format!(
-            "{prefix}-{}",
-            &uuid::Uuid::new_v4().simple().to_string()[..8]
-        );
-        kubectl(&["create", "namespace", &name])?;
-        Ok(Self(name))
-    }
-}
-
-impl Drop for Namespace {
-    fn drop(&mut self) {
-        let _ = kubectl(&["delete", "namespace", &self.0, "--wait=false"]);
-    }
 }
 
 /// The file names of every scenario of `charts/chat/ci/`.
@@ -742,78 +672,6 @@ async fn the_lease_works_live_under_the_charts_own_role() -> anyhow::Result<()> 
     Ok(())
 }
 
-/// skaffold as a developer runs it, from the repository's root: the cluster's kubeconfig, helm and
-/// kubectl on PATH, and a HOME of its own for its settings (removed when dropped). With
-/// `dev_password`, CHAT_DEV_PASSWORD is set as the README says; without, it is unset.
-struct Skaffold {
-    binary: PathBuf,
-    scratch: PathBuf,
-    path: String,
-    dev_password: Option<&'static str>,
-}
-
-impl Skaffold {
-    fn new(namespace: &str, dev_password: Option<&'static str>) -> anyhow::Result<Self> {
-        let scratch = std::env::temp_dir().join(format!("skaffold-{namespace}"));
-        let bin = scratch.join("bin");
-        std::fs::create_dir_all(&bin)?;
-        std::os::unix::fs::symlink(
-            tool("HELM", ".services/bin/helm-v3.22.0-k1.33")?,
-            bin.join("helm"),
-        )?;
-        std::os::unix::fs::symlink(
-            tool("KUBECTL", ".services/bin/kube-v1.37.2/kubectl")?,
-            bin.join("kubectl"),
-        )?;
-        let skaffold = Self {
-            binary: tool("SKAFFOLD", ".services/bin/skaffold-v2.16.1")?,
-            path: format!(
-                "{}:{}",
-                bin.display(),
-                std::env::var("PATH").unwrap_or_default()
-            ),
-            scratch,
-            dev_password,
-        };
-        skaffold.run(&["config", "set", "--global", "collect-metrics", "false"])?;
-        Ok(skaffold)
-    }
-
-    fn command(&self, args: &[&str]) -> anyhow::Result<Command> {
-        let mut command = Command::new(&self.binary);
-        command
-            .args(args)
-            .current_dir(repo_root())
-            .env("KUBECONFIG", kubeconfig()?)
-            .env("PATH", &self.path)
-            .env("HOME", &self.scratch)
-            .env("SKAFFOLD_UPDATE_CHECK", "false");
-        match self.dev_password {
-            Some(password) => command.env("CHAT_DEV_PASSWORD", password),
-            None => command.env_remove("CHAT_DEV_PASSWORD"),
-        };
-        Ok(command)
-    }
-
-    /// Its stdout, or the failure with all it printed.
-    fn run(&self, args: &[&str]) -> anyhow::Result<String> {
-        let output = self.command(args)?.output()?;
-        ensure!(
-            output.status.success(),
-            "skaffold {args:?} failed:\n{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        Ok(String::from_utf8(output.stdout)?)
-    }
-}
-
-impl Drop for Skaffold {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.scratch);
-    }
-}
-
 /// The development services' objects in a render: `k8s/dev` labels every object so.
 fn dev_only_objects(rendered: &str) -> anyhow::Result<Vec<String>> {
     let mut found = Vec::new();
@@ -953,16 +811,6 @@ fn skaffold_embedded_profile_renders_and_deploys_the_chart_alone() -> anyhow::Re
         );
     }
     Ok(())
-}
-
-/// A child process killed (and reaped) when dropped.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// `skaffold verify` starts the README's tour as a Job in the cluster: the built tour image,

@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use reqwest::StatusCode;
 
+pub mod kube;
 pub mod own_redis;
 
 fn env_or(name: &str, default: &str) -> String {
