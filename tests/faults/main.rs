@@ -8,7 +8,7 @@
 //! clients retried).
 //!
 //! It restarts the shared MariaDB, RabbitMQ and Elasticsearch, so it runs alone and serially:
-//! `cargo test -p system-tests --test faults -- --test-threads=1` (scripts/test does, after the
+//! `cargo test --workspace --test faults -- --test-threads=1` (scripts/test does, after the
 //! main suite). Redis scenarios use a Redis of their own.
 
 use std::collections::BTreeSet;

@@ -7,7 +7,7 @@
 //! `helm install --wait`, `helm test` (a message posted and found by search), counter-sync's CronJob
 //! repairing a drift, the api's readiness following RabbitMQ's pod out and back, a rolling upgrade
 //! under load losing nothing, and `skaffold deploy` of the same. Run alone by scripts/test, after
-//! `scripts/kube down` and `scripts/kube up --real-node` (`cargo test -p system-tests --test
+//! `scripts/kube down` and `scripts/kube up --real-node` (`cargo test --workspace --test
 //! real_node`).
 
 use std::collections::BTreeSet;
