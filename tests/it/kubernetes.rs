@@ -21,6 +21,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
+use system_tests::kube::stdout_of;
 
 pub(crate) const KUBE_VERSION: &str = "1.33.0";
 pub(crate) const RELEASE: &str = "chat";
@@ -109,14 +110,7 @@ pub(crate) fn run_helm_for(
     for values in values {
         command.arg("--values").arg(values);
     }
-    let output = command.output()?;
-    ensure!(
-        output.status.success(),
-        "helm {args:?} {values:?} failed:\n{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(String::from_utf8(output.stdout)?)
+    stdout_of(command, &format!("helm {args:?} {values:?}"))
 }
 
 /// A values file in the temporary directory, deleted when dropped (names are unique per test).

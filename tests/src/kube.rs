@@ -24,21 +24,25 @@ pub fn kubeconfig() -> anyhow::Result<PathBuf> {
     tool("KUBECONFIG", ".services/kube/kubeconfig")
 }
 
-/// Runs a command with the cluster's kubeconfig; its stdout, or the failure with its output.
-pub fn run(program: &PathBuf, args: &[&str]) -> anyhow::Result<String> {
-    let output = Command::new(program)
-        .args(args)
-        .env("KUBECONFIG", kubeconfig()?)
+/// Runs `command`: its stdout, or a failure naming `what` with all it printed.
+pub fn stdout_of(mut command: Command, what: &str) -> anyhow::Result<String> {
+    let output = command
         .output()
-        .with_context(|| format!("running {}", program.display()))?;
+        .with_context(|| format!("running {what}"))?;
     ensure!(
         output.status.success(),
-        "{} {args:?} failed:\n{}{}",
-        program.display(),
+        "{what} failed:\n{}{}",
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
     Ok(String::from_utf8(output.stdout)?)
+}
+
+/// Runs a command with the cluster's kubeconfig; its stdout, or the failure with its output.
+pub fn run(program: &PathBuf, args: &[&str]) -> anyhow::Result<String> {
+    let mut command = Command::new(program);
+    command.args(args).env("KUBECONFIG", kubeconfig()?);
+    stdout_of(command, &format!("{} {args:?}", program.display()))
 }
 
 pub fn kubectl(args: &[&str]) -> anyhow::Result<String> {
@@ -128,14 +132,7 @@ impl Skaffold {
 
     /// Its stdout, or the failure with all it printed.
     pub fn run(&self, args: &[&str]) -> anyhow::Result<String> {
-        let output = self.command(args)?.output()?;
-        ensure!(
-            output.status.success(),
-            "skaffold {args:?} failed:\n{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        Ok(String::from_utf8(output.stdout)?)
+        stdout_of(self.command(args)?, &format!("skaffold {args:?}"))
     }
 }
 
