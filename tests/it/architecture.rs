@@ -4,16 +4,10 @@
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
+use system_tests::repo_root;
 
 const SERVICES: [&str; 4] = ["api", "ingest-worker", "indexer", "counter-sync"];
 const SHARED: &str = "chatcore";
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the tests crate sits in the workspace")
-        .to_path_buf()
-}
 
 /// `(package, its normal dependencies)` of every workspace member.
 fn workspace_dependencies() -> anyhow::Result<Vec<(String, Vec<String>)>> {

@@ -13,19 +13,11 @@ use tokio::process::Command;
 
 /// The bin folder of the virtualenv with openapi-spec-validator and openapi-python-client.
 fn openapi_tools() -> anyhow::Result<PathBuf> {
-    tool_path(
-        "OPENAPI_TOOLS",
-        ".services/bin/openapi-tools-0.9.0-0.29.1/bin",
-        "scripts/tools openapi-tools",
-    )
+    tool_path("OPENAPI_TOOLS", "openapi-tools")
 }
 
 fn redocly() -> anyhow::Result<PathBuf> {
-    tool_path(
-        "REDOCLY",
-        ".services/bin/redocly-cli-2.77.0/node_modules/.bin/redocly",
-        "scripts/tools redocly",
-    )
+    tool_path("REDOCLY", "redocly")
 }
 
 fn document() -> PathBuf {

@@ -22,6 +22,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use system_tests::kube::stdout_of;
+use system_tests::{repo_root, tool_path};
 
 pub(crate) const KUBE_VERSION: &str = "1.33.0";
 pub(crate) const RELEASE: &str = "chat";
@@ -33,24 +34,8 @@ const REQUIRED_LABELS: [&str; 5] = [
     "app.kubernetes.io/managed-by",
 ];
 
-pub(crate) fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ has a parent")
-        .to_path_buf()
-}
-
 pub(crate) fn helm() -> anyhow::Result<PathBuf> {
-    let path = match std::env::var_os("HELM") {
-        Some(path) => PathBuf::from(path),
-        None => repo_root().join(".services/bin/helm-v3.22.0-k1.33"),
-    };
-    ensure!(
-        path.exists(),
-        "helm not found at {} (scripts/test builds it with scripts/tools helm)",
-        path.display()
-    );
-    Ok(path)
+    tool_path("HELM", "helm")
 }
 
 pub(crate) fn chart() -> PathBuf {
@@ -2201,17 +2186,7 @@ fn monitoring_objects_need_their_crds() -> anyhow::Result<()> {
 /// (PyPI, `scripts/tools kubernetes-validate`), offline.
 #[test]
 fn every_rendered_object_passes_the_strict_kubernetes_schemas() -> anyhow::Result<()> {
-    let validator = match std::env::var_os("KUBERNETES_VALIDATE") {
-        Some(path) => PathBuf::from(path),
-        None => {
-            repo_root().join(".services/bin/kubernetes-validate-1.37.0/bin/kubernetes-validate")
-        }
-    };
-    ensure!(
-        validator.exists(),
-        "kubernetes-validate not found at {} (scripts/test installs it with scripts/tools kubernetes-validate)",
-        validator.display()
-    );
+    let validator = tool_path("KUBERNETES_VALIDATE", "kubernetes-validate")?;
     let scratch = std::env::temp_dir().join(format!("chart-schemas-{}", std::process::id()));
     std::fs::create_dir_all(&scratch)?;
     let mut files = Vec::new();
@@ -2251,15 +2226,7 @@ fn every_rendered_object_passes_the_strict_kubernetes_schemas() -> anyhow::Resul
 /// assertions on the rendered YAML).
 #[test]
 fn the_helm_unittest_suites_pass() -> anyhow::Result<()> {
-    let unittest = match std::env::var_os("HELM_UNITTEST") {
-        Some(path) => PathBuf::from(path),
-        None => repo_root().join(".services/bin/helm-unittest-v1.1.2"),
-    };
-    ensure!(
-        unittest.exists(),
-        "helm-unittest not found at {} (scripts/test builds it with scripts/tools helm-unittest)",
-        unittest.display()
-    );
+    let unittest = tool_path("HELM_UNITTEST", "helm-unittest")?;
     let output = Command::new(&unittest)
         .args(["--file", "unittests/*_test.yaml"])
         .arg(chart())

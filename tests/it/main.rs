@@ -15,6 +15,7 @@ mod observability;
 mod pipeline;
 mod search;
 mod tls;
+mod tool_cache;
 mod tour;
 mod tracing;
 mod trust;

@@ -7,21 +7,20 @@ use std::process::Command;
 
 use anyhow::{Context as _, ensure};
 
-use crate::repo_root;
+use crate::{repo_root, tool_path};
 
-/// A tool path from the environment `scripts/test` sets, or its cached default.
-pub fn tool(variable: &str, default: &str) -> anyhow::Result<PathBuf> {
-    let path = std::env::var_os(variable).map_or_else(|| repo_root().join(default), PathBuf::from);
+/// The cluster's kubeconfig: `KUBECONFIG` (scripts/test exports it) or `scripts/kube up`'s.
+pub fn kubeconfig() -> anyhow::Result<PathBuf> {
+    let path = std::env::var_os("KUBECONFIG").map_or_else(
+        || repo_root().join(".services/kube/kubeconfig"),
+        PathBuf::from,
+    );
     ensure!(
         path.exists(),
-        "{variable}: {} not found (scripts/test starts the cluster with scripts/kube up)",
+        "KUBECONFIG: {} not found (scripts/test starts the cluster with scripts/kube up)",
         path.display()
     );
     Ok(path)
-}
-
-pub fn kubeconfig() -> anyhow::Result<PathBuf> {
-    tool("KUBECONFIG", ".services/kube/kubeconfig")
 }
 
 /// Runs `command`: its stdout, or a failure naming `what` with all it printed.
@@ -46,14 +45,11 @@ pub fn run(program: &PathBuf, args: &[&str]) -> anyhow::Result<String> {
 }
 
 pub fn kubectl(args: &[&str]) -> anyhow::Result<String> {
-    run(
-        &tool("KUBECTL", ".services/bin/kube-v1.37.2/kubectl")?,
-        args,
-    )
+    run(&tool_path("KUBECTL", "kubectl")?, args)
 }
 
 pub fn helm(args: &[&str]) -> anyhow::Result<String> {
-    run(&tool("HELM", ".services/bin/helm-v3.22.0-k1.33")?, args)
+    run(&tool_path("HELM", "helm")?, args)
 }
 
 /// A namespace of this test, deleted (without waiting) when dropped.
@@ -92,16 +88,10 @@ impl Skaffold {
         let scratch = std::env::temp_dir().join(format!("skaffold-{namespace}"));
         let bin = scratch.join("bin");
         std::fs::create_dir_all(&bin)?;
-        std::os::unix::fs::symlink(
-            tool("HELM", ".services/bin/helm-v3.22.0-k1.33")?,
-            bin.join("helm"),
-        )?;
-        std::os::unix::fs::symlink(
-            tool("KUBECTL", ".services/bin/kube-v1.37.2/kubectl")?,
-            bin.join("kubectl"),
-        )?;
+        std::os::unix::fs::symlink(tool_path("HELM", "helm")?, bin.join("helm"))?;
+        std::os::unix::fs::symlink(tool_path("KUBECTL", "kubectl")?, bin.join("kubectl"))?;
         let skaffold = Self {
-            binary: tool("SKAFFOLD", ".services/bin/skaffold-v2.16.1")?,
+            binary: tool_path("SKAFFOLD", "skaffold")?,
             path: format!(
                 "{}:{}",
                 bin.display(),

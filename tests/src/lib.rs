@@ -525,18 +525,27 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// A pinned tool's path: from `variable` (`scripts/test` exports it), or its cached default under
-/// the repository. A missing tool is an error, never a skipped test.
-pub fn tool_path(variable: &str, default: &str, installed_by: &str) -> anyhow::Result<PathBuf> {
-    let path = std::env::var_os(variable)
-        .filter(|path| !path.is_empty())
-        .map_or_else(|| repo_root().join(default), PathBuf::from);
+/// A pinned tool's path: from `variable` (`scripts/test` exports it), or what `scripts/tools <tool>`
+/// prints (it installs the tool into the machine's tool cache first when the cache lacks it). A
+/// missing tool is an error, never a skipped test.
+pub fn tool_path(variable: &str, tool: &str) -> anyhow::Result<PathBuf> {
+    if let Some(path) = std::env::var_os(variable).filter(|path| !path.is_empty()) {
+        let path = PathBuf::from(path);
+        anyhow::ensure!(path.exists(), "{variable}: {} not found", path.display());
+        return Ok(path);
+    }
+    let output = std::process::Command::new("bash")
+        .arg(repo_root().join("scripts/tools"))
+        .arg(tool)
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("running scripts/tools {tool}"))?;
     anyhow::ensure!(
-        path.exists(),
-        "{variable}: {} not found (scripts/test installs it with `{installed_by}`)",
-        path.display()
+        output.status.success(),
+        "scripts/tools {tool} failed: {}",
+        output.status
     );
-    Ok(path)
+    Ok(PathBuf::from(String::from_utf8(output.stdout)?.trim()))
 }
 
 fn binary_path(binary: &str) -> anyhow::Result<PathBuf> {
