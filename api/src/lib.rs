@@ -67,12 +67,13 @@ impl AppState {
             ),
             service: Arc::new(ChatService::new(config, adapters)),
             settings: Arc::new(config.api.clone()),
-            metrics,
-            admin_token: Arc::new(admin_token),
             rate_limiters: Arc::new(RateLimiters::new(
                 config.api.rate_limits,
                 config.api.trusted_proxy_hops,
+                &metrics,
             )),
+            metrics,
+            admin_token: Arc::new(admin_token),
             draining,
         }
     }

@@ -1,57 +1,98 @@
-//! Rate limits per client address and per application token (token buckets, per replica).
+//! Rate limits per client address and per application (token buckets, per replica).
 //!
 //! An answer over a limit is `429` with `Retry-After`; every answer of a limited request carries
 //! `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset` of the tighter of its limits
 //! (draft-ietf-httpapi-ratelimit-headers).
+//!
+//! What an anonymous client can make a replica remember is bounded: the address limit runs first
+//! and a refusal stops there; the application limit keys only well-formed tokens (percent-decoded,
+//! so every spelling of one token is one bucket), never raw input; IPv6 clients are keyed by their
+//! /64 (one host holds a whole /64); each limiter keeps at most [`MAX_KEYS`] buckets, the quietest
+//! evicted first, and its size is the `chat_rate_limiter_keys` metric.
 
 use std::hash::Hash;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use axum::middleware::Next;
 use axum::response::{IntoResponse as _, Response};
 use chatcore::config::{RateLimit, RateLimits};
+use chatcore::domain::ApplicationToken;
+use chatcore::metrics::{LimiterLabels, Metrics};
 use governor::clock::{Clock as _, DefaultClock};
 use governor::middleware::{StateInformationMiddleware, StateSnapshot};
-use governor::state::keyed::DefaultKeyedStateStore;
+use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
+use prometheus_client::metrics::gauge::Gauge;
 use tokio_util::sync::CancellationToken;
 
 use crate::AppState;
 use crate::error::ApiError;
 
-/// How often the buckets of clients that went quiet are dropped, so the maps stay bounded.
+/// How often the buckets of clients that went quiet are dropped.
 const FORGET_QUIET_CLIENTS_EVERY: Duration = Duration::from_secs(60);
+/// Buckets a limiter keeps at most (about 200 bytes each): past it the quietest are evicted.
+pub const MAX_KEYS: usize = 50_000;
 
-type KeyedLimiter<K> =
-    RateLimiter<K, DefaultKeyedStateStore<K>, DefaultClock, StateInformationMiddleware>;
+type DirectLimiter = RateLimiter<NotKeyed, InMemoryState, DefaultClock, StateInformationMiddleware>;
 
-/// One limit: a token bucket per key.
+/// One client's bucket and when it was last used (milliseconds since the limiter started).
+struct Bucket {
+    limiter: DirectLimiter,
+    last_used_ms: AtomicU64,
+}
+
+/// One limit: a token bucket per key, at most [`MAX_KEYS`] of them.
 struct Limiter<K: Hash + Eq + Clone> {
-    buckets: KeyedLimiter<K>,
+    buckets: quick_cache::sync::Cache<K, Arc<Bucket>>,
+    quota: Quota,
     limit: RateLimit,
+    started: Instant,
+    size: Gauge,
 }
 
 impl<K: Hash + Eq + Clone> Limiter<K> {
-    fn new(limit: RateLimit) -> Option<Self> {
+    fn new(limit: RateLimit, size: Gauge) -> Option<Self> {
         let per_second = NonZeroU32::new(limit.per_second)?;
         let burst = NonZeroU32::new(limit.burst).unwrap_or(per_second);
-        let quota = Quota::per_second(per_second).allow_burst(burst);
         Some(Self {
-            buckets: RateLimiter::keyed(quota).with_middleware::<StateInformationMiddleware>(),
+            buckets: quick_cache::sync::Cache::new(MAX_KEYS),
+            quota: Quota::per_second(per_second).allow_burst(burst),
             limit: RateLimit {
                 per_second: per_second.get(),
                 burst: burst.get(),
             },
+            started: Instant::now(),
+            size,
         })
     }
 
+    fn elapsed_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
     fn check(&self, key: &K) -> Verdict {
-        match self.buckets.check_key(key) {
+        let bucket = self
+            .buckets
+            .get_or_insert_with(key, || {
+                Ok::<_, std::convert::Infallible>(Arc::new(Bucket {
+                    limiter: RateLimiter::direct(self.quota)
+                        .with_middleware::<StateInformationMiddleware>(),
+                    last_used_ms: AtomicU64::new(0),
+                }))
+            })
+            .unwrap_or_else(|never| match never {});
+        self.size
+            .set(i64::try_from(self.buckets.len()).unwrap_or(i64::MAX));
+        bucket
+            .last_used_ms
+            .store(self.elapsed_ms(), Ordering::Relaxed);
+        match bucket.limiter.check() {
             Ok(snapshot) => Verdict::Allowed(self.remaining(&snapshot)),
             Err(not_until) => {
                 let wait = not_until.wait_time_from(DefaultClock::default().now());
@@ -74,9 +115,18 @@ impl<K: Hash + Eq + Clone> Limiter<K> {
         }
     }
 
+    /// Drops the buckets unused for longer than a full refill takes: they would be full again, as
+    /// a new one is.
     fn forget_quiet_clients(&self) {
-        self.buckets.retain_recent();
-        self.buckets.shrink_to_fit();
+        let refill =
+            Duration::from_secs_f64(f64::from(self.limit.burst) / f64::from(self.limit.per_second));
+        let quiet_before = self
+            .elapsed_ms()
+            .saturating_sub(u64::try_from(refill.as_millis()).unwrap_or(u64::MAX));
+        self.buckets
+            .retain(|_, bucket| bucket.last_used_ms.load(Ordering::Relaxed) >= quiet_before);
+        self.size
+            .set(i64::try_from(self.buckets.len()).unwrap_or(i64::MAX));
     }
 }
 
@@ -95,18 +145,36 @@ enum Verdict {
     },
 }
 
+impl Verdict {
+    fn allowed(self) -> Result<Remaining, ApiError> {
+        match self {
+            Self::Allowed(remaining) => Ok(remaining),
+            Self::Limited { limit, retry_after } => Err(ApiError::RateLimited {
+                limit: limit.burst,
+                retry_after,
+            }),
+        }
+    }
+}
+
 /// The limits of one api process.
 pub struct RateLimiters {
     per_address: Option<Limiter<IpAddr>>,
-    per_token: Option<Limiter<String>>,
+    per_application: Option<Limiter<ApplicationToken>>,
     trusted_proxy_hops: usize,
 }
 
 impl RateLimiters {
-    pub fn new(limits: RateLimits, trusted_proxy_hops: usize) -> Self {
+    pub fn new(limits: RateLimits, trusted_proxy_hops: usize, metrics: &Metrics) -> Self {
+        let size = |limiter| {
+            metrics
+                .rate_limiter_keys
+                .get_or_create(&LimiterLabels { limiter })
+                .clone()
+        };
         Self {
-            per_address: Limiter::new(limits.per_address),
-            per_token: Limiter::new(limits.per_token),
+            per_address: Limiter::new(limits.per_address, size("address")),
+            per_application: Limiter::new(limits.per_token, size("application")),
             trusted_proxy_hops,
         }
     }
@@ -124,7 +192,7 @@ impl RateLimiters {
                         if let Some(limiter) = &limiters.per_address {
                             limiter.forget_quiet_clients();
                         }
-                        if let Some(limiter) = &limiters.per_token {
+                        if let Some(limiter) = &limiters.per_application {
                             limiter.forget_quiet_clients();
                         }
                     }
@@ -155,44 +223,70 @@ impl RateLimiters {
             .unwrap_or(peer)
     }
 
-    fn check(&self, address: IpAddr, token: Option<&str>) -> Result<Option<Remaining>, ApiError> {
-        let verdicts = [
-            self.per_address
-                .as_ref()
-                .map(|limiter| limiter.check(&address)),
-            self.per_token
-                .as_ref()
-                .zip(token)
-                .map(|(limiter, token)| limiter.check(&token.to_owned())),
-        ];
-        let mut tightest: Option<Remaining> = None;
-        for verdict in verdicts.into_iter().flatten() {
-            match verdict {
-                Verdict::Limited { limit, retry_after } => {
-                    return Err(ApiError::RateLimited {
-                        limit: limit.burst,
-                        retry_after,
-                    });
-                }
-                Verdict::Allowed(remaining) => {
-                    if tightest.is_none_or(|tight| remaining.remaining < tight.remaining) {
-                        tightest = Some(remaining);
-                    }
-                }
-            }
-        }
-        Ok(tightest)
+    /// The address first: a client it refuses is refused without a look at its token.
+    fn check(
+        &self,
+        address: IpAddr,
+        token: Option<&ApplicationToken>,
+    ) -> Result<Option<Remaining>, ApiError> {
+        let by_address = match &self.per_address {
+            Some(limiter) => Some(limiter.check(&address_key(address)).allowed()?),
+            None => None,
+        };
+        let by_application = match (&self.per_application, token) {
+            (Some(limiter), Some(token)) => Some(limiter.check(token).allowed()?),
+            _ => None,
+        };
+        // The tighter of the two is what the headers report.
+        Ok([by_address, by_application]
+            .into_iter()
+            .flatten()
+            .min_by_key(|remaining| remaining.remaining))
     }
 }
 
-/// The application token a path names (`/api/v1/applications/{token}/...`).
-fn application_token(path: &str) -> Option<&str> {
-    let rest = path.strip_prefix("/api/v1/applications/")?;
-    let token = rest.split('/').next()?;
-    (!token.is_empty()).then_some(token)
+/// The key of an address: an IPv4 address itself (an IPv4-mapped IPv6 one too), an IPv6 address
+/// by its /64 (a host is given a whole /64 and may use any address in it).
+fn address_key(address: IpAddr) -> IpAddr {
+    match address {
+        IpAddr::V4(_) => address,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(v6.to_bits() & !u128::from(u64::MAX))),
+        },
+    }
 }
 
-/// Middleware: counts the request against its address and token; 429 over either limit.
+/// The application token a path names (`/api/v1/applications/{token}/...`), percent-decoded as
+/// the router decodes it; `None` unless it is a well-formed token.
+fn application_token(path: &str) -> Option<ApplicationToken> {
+    let rest = path.strip_prefix("/api/v1/applications/")?;
+    let segment = rest.split('/').next()?;
+    ApplicationToken::parse(&percent_decoded(segment)?).ok()
+}
+
+/// `%XX` sequences decoded; `None` for a malformed one or a result that is not UTF-8.
+fn percent_decoded(segment: &str) -> Option<String> {
+    if !segment.contains('%') {
+        return Some(segment.to_owned());
+    }
+    let bytes = segment.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut index = 0;
+    while index < bytes.len() {
+        if bytes[index] == b'%' {
+            let hex = segment.get(index + 1..index + 3)?;
+            decoded.push(u8::from_str_radix(hex, 16).ok()?);
+            index += 3;
+        } else {
+            decoded.push(bytes[index]);
+            index += 1;
+        }
+    }
+    String::from_utf8(decoded).ok()
+}
+
+/// Middleware: counts the request against its address and application; 429 over either limit.
 pub async fn limit_rate(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let limiters = &state.rate_limiters;
     let peer = request
@@ -201,7 +295,7 @@ pub async fn limit_rate(State(state): State<AppState>, request: Request, next: N
         .map_or(IpAddr::from([127, 0, 0, 1]), |info| info.0.ip());
     let address = limiters.client_address(peer, request.headers());
     let token = application_token(request.uri().path());
-    match limiters.check(address, token) {
+    match limiters.check(address, token.as_ref()) {
         Err(limited) => limited.into_response(),
         Ok(None) => next.run(request).await,
         Ok(Some(remaining)) => {
@@ -238,6 +332,10 @@ mod tests {
     use super::*;
 
     fn limiters(hops: usize) -> RateLimiters {
+        limits(hops, 0)
+    }
+
+    fn limits(hops: usize, per_address: u32) -> RateLimiters {
         RateLimiters::new(
             RateLimits {
                 per_token: RateLimit {
@@ -245,39 +343,88 @@ mod tests {
                     burst: 2,
                 },
                 per_address: RateLimit {
-                    per_second: 0,
-                    burst: 0,
+                    per_second: per_address,
+                    burst: per_address,
                 },
             },
             hops,
+            &Metrics::new(),
         )
     }
 
+    fn token(letter: char) -> ApplicationToken {
+        ApplicationToken::parse(&letter.to_string().repeat(ApplicationToken::LENGTH))
+            .expect("well-formed")
+    }
+
     #[test]
-    fn the_token_is_read_from_the_path() {
+    fn the_token_is_read_from_the_path_decoded_and_only_when_well_formed() {
+        let a = token('a');
+        let path = format!("/api/v1/applications/{}/chats/1", a.as_str());
+        assert_eq!(application_token(&path), Some(a.clone()));
+        let encoded = format!("/api/v1/applications/%61{}", &a.as_str()[1..]);
         assert_eq!(
-            application_token("/api/v1/applications/abc/chats/1"),
-            Some("abc")
+            application_token(&encoded),
+            Some(a),
+            "one token, any spelling"
         );
-        assert_eq!(application_token("/api/v1/applications/abc"), Some("abc"));
+        assert_eq!(application_token("/api/v1/applications/abc"), None, "junk");
+        assert_eq!(application_token("/api/v1/applications/%zz"), None);
         assert_eq!(application_token("/api/v1/applications"), None);
         assert_eq!(application_token("/livez"), None);
+    }
+
+    #[test]
+    fn an_address_refused_leaves_no_trace_in_the_application_limiter() {
+        let limiters = limits(0, 1);
+        let address = IpAddr::from([127, 0, 0, 1]);
+        limiters.check(address, None).expect("the first is allowed");
+        for letter in 'a'..='z' {
+            assert!(limiters.check(address, Some(&token(letter))).is_err());
+        }
+        let application = limiters.per_application.as_ref().expect("on");
+        assert_eq!(application.buckets.len(), 0);
+    }
+
+    #[test]
+    fn ipv6_clients_share_a_bucket_per_64_and_a_limiter_stays_bounded() {
+        let limiters = limits(0, 1);
+        let host: IpAddr = "2001:db8:1:2::1".parse().expect("address");
+        let same_64: IpAddr = "2001:db8:1:2:ffff::9".parse().expect("address");
+        let other_64: IpAddr = "2001:db8:1:3::1".parse().expect("address");
+        limiters.check(host, None).expect("allowed");
+        assert!(limiters.check(same_64, None).is_err(), "the same /64");
+        limiters.check(other_64, None).expect("another /64");
+        let mapped: IpAddr = "::ffff:192.0.2.1".parse().expect("address");
+        limiters.check(mapped, None).expect("allowed");
+        assert!(limiters.check(IpAddr::from([192, 0, 2, 1]), None).is_err());
+
+        let address = limiters.per_address.as_ref().expect("on");
+        for n in 0..(MAX_KEYS as u32 * 2) {
+            address.check(&IpAddr::from(n.to_be_bytes()));
+        }
+        assert!(
+            address.buckets.len() <= MAX_KEYS + MAX_KEYS / 10,
+            "{}",
+            address.buckets.len()
+        );
     }
 
     #[test]
     fn a_token_over_its_burst_is_limited_and_others_are_not() {
         let limiters = limiters(0);
         let address = IpAddr::from([127, 0, 0, 1]);
-        let first = limiters.check(address, Some("a")).expect("allowed");
+        let (a, b) = (token('a'), token('b'));
+        let first = limiters.check(address, Some(&a)).expect("allowed");
         assert_eq!(first.map(|r| r.remaining), Some(1));
-        limiters.check(address, Some("a")).expect("allowed");
-        let Err(ApiError::RateLimited { limit, retry_after }) = limiters.check(address, Some("a"))
+        limiters.check(address, Some(&a)).expect("allowed");
+        let Err(ApiError::RateLimited { limit, retry_after }) = limiters.check(address, Some(&a))
         else {
             panic!("the third request within a second is limited");
         };
         assert_eq!(limit, 2);
         assert!(retry_after <= Duration::from_secs(1));
-        assert!(limiters.check(address, Some("b")).is_ok());
+        assert!(limiters.check(address, Some(&b)).is_ok());
         assert!(
             limiters.check(address, None).expect("allowed").is_none(),
             "no limit applies"

@@ -350,7 +350,7 @@ impl Config {
             api: ApiConfig {
                 listen_addr: settings
                     .parse("CHAT_HTTP_ADDR", SocketAddr::from(([127, 0, 0, 1], 3000)))?,
-                admin_token: settings.optional("CHAT_ADMIN_TOKEN")?,
+                admin_token: settings.optional_secret("CHAT_ADMIN_TOKEN")?,
                 docs_enabled: settings.parse("CHAT_DOCS_ENABLED", true)?,
                 rate_limits: RateLimits {
                     per_token: RateLimit {
@@ -641,6 +641,19 @@ impl<F: Fn(&str) -> Option<String>> Settings<'_, F> {
             })
     }
 
+    /// As [`Self::optional`], for a secret: a refused value is not repeated in the error (start-up
+    /// errors end up in logs).
+    fn optional_secret<T>(&self, name: &'static str) -> Result<Option<T>, ConfigError>
+    where
+        T: FromStr,
+        T::Err: fmt::Display,
+    {
+        self.optional(name).map_err(|error| ConfigError {
+            value: "(a secret, not shown)".to_owned(),
+            ..error
+        })
+    }
+
     fn millis(&self, name: &'static str, default: u64) -> Result<Duration, ConfigError> {
         self.parse(name, default).map(Duration::from_millis)
     }
@@ -649,6 +662,19 @@ impl<F: Fn(&str) -> Option<String>> Settings<'_, F> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_admin_token_is_not_repeated_in_the_error() {
+        let refused = "short-secret";
+        let error = Config::from_map(&HashMap::from([(
+            "CHAT_ADMIN_TOKEN".to_owned(),
+            refused.to_owned(),
+        )]))
+        .expect_err("too short");
+        let shown = format!("{error} {error:?}");
+        assert!(shown.contains("CHAT_ADMIN_TOKEN"), "{shown}");
+        assert!(!shown.contains(refused), "{shown}");
+    }
 
     #[test]
     fn secret_url_redacts_password() {

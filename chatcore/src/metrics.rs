@@ -41,6 +41,12 @@ pub struct QueueLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimiterLabels {
+    /// `address` (per client address, IPv6 per /64) or `application`.
+    pub limiter: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StreamEndLabels {
     /// `client` (it went away), `slow_reader`, `feed_lost`, `storage_error` or `shutdown`.
     pub reason: &'static str,
@@ -76,6 +82,7 @@ pub struct Metrics {
     pub counter_sync_repairs: Family<RepairLabels, Counter>,
     pub live_streams: Gauge,
     pub live_streams_ended: Family<StreamEndLabels, Counter>,
+    pub rate_limiter_keys: Family<LimiterLabels, Gauge>,
 }
 
 impl Metrics {
@@ -166,6 +173,12 @@ impl Metrics {
             "Live message streams ended, by reason",
             live_streams_ended.clone(),
         );
+        let rate_limiter_keys = Family::<LimiterLabels, Gauge>::default();
+        registry.register(
+            "rate_limiter_keys",
+            "Clients a rate limiter of this replica keeps a bucket for (bounded)",
+            rate_limiter_keys.clone(),
+        );
         Arc::new(Self {
             registry,
             http_requests,
@@ -181,6 +194,7 @@ impl Metrics {
             counter_sync_repairs,
             live_streams,
             live_streams_ended,
+            rate_limiter_keys,
         })
     }
 

@@ -588,7 +588,13 @@ async fn health_endpoints(env: TestEnv) -> anyhow::Result<()> {
     let root = api.base_url.replace("/api/v1", "");
     let live = reqwest::get(format!("{root}/livez")).await?;
     assert_eq!(live.status(), StatusCode::OK);
-    let ready: Value = reqwest::get(format!("{root}/readyz")).await?.json().await?;
+    // The public port says ready or not, and nothing of what sits behind the api.
+    let public: Value = reqwest::get(format!("{root}/readyz")).await?.json().await?;
+    assert_eq!(public, json!({"status": "ready"}));
+    let ready: Value = reqwest::get(format!("{}/readyz", api.internal_url))
+        .await?
+        .json()
+        .await?;
     assert_eq!(ready["status"], "ready");
     let expected = match env.stack() {
         Stack::Services => {

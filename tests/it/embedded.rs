@@ -5,17 +5,10 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use sqlx::Connection as _;
-use system_tests::{Client, StatusCode, TestEnv, eventually, kill_hard};
+use system_tests::{Client, StatusCode, TestEnv, eventually, free_port, kill_hard};
 use tokio::process::Child;
 
 const LONG: Duration = Duration::from_secs(60);
-
-/// A port that was free a moment ago (the process must know it before it starts).
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
 
 async fn start_api(env: &TestEnv) -> anyhow::Result<Child> {
     let child = env.spawn_process("api")?;
@@ -247,7 +240,7 @@ async fn each_part_switches_on_its_own_url() -> anyhow::Result<()> {
     env.set("CHAT_DATA_DIR", &data_dir.to_string_lossy());
     let api = env.spawn_api().await?;
     let client = &api.client;
-    let ready: serde_json::Value = reqwest::get(api.base_url.replace("/api/v1", "/readyz"))
+    let ready: serde_json::Value = reqwest::get(format!("{}/readyz", api.internal_url))
         .await?
         .json()
         .await?;

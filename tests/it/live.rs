@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use system_tests::{
     Client, EventStream, Next, ServerSentEvent, StatusCode, TestEnv, both_stacks, eventually,
+    free_port,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -409,10 +410,4 @@ async fn a_reader_that_falls_behind_is_disconnected(mut env: TestEnv) -> anyhow:
     drop(resumed);
     workers.stop().await?;
     api.stop().await
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }

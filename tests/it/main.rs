@@ -1,6 +1,7 @@
 //! End-to-end tests against real MariaDB, Redis, RabbitMQ and Elasticsearch, and against the
 //! embedded single process (`scripts/test`).
 
+mod advisories;
 mod architecture;
 mod chart_platform;
 mod contract;

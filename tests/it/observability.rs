@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use system_tests::{StatusCode, TestEnv, eventually};
+use system_tests::{StatusCode, TestEnv, eventually, free_port};
 
 /// Value of the first sample of `name` carrying every label of `labels`.
 fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
@@ -28,12 +28,6 @@ async fn scrape(url: &str) -> anyhow::Result<String> {
         response.status()
     );
     Ok(response.text().await?)
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 #[tokio::test]

@@ -13,7 +13,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use serde_json::json;
-use system_tests::{Client, StatusCode, TestEnv, eventually};
+use system_tests::{Client, StatusCode, TestEnv, eventually, free_port};
 
 #[derive(Clone, Debug)]
 struct Received {
@@ -54,12 +54,6 @@ impl TraceService for Collector {
         }
         Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
     }
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 fn hex(bytes: &[u8]) -> String {

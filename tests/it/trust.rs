@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use system_tests::own_redis::TcpProxy;
-use system_tests::{Reply, StatusCode, TEST_ADMIN_TOKEN, TestEnv, both_stacks};
+use system_tests::{Reply, StatusCode, TEST_ADMIN_TOKEN, TestEnv, both_stacks, free_port};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
@@ -87,6 +87,131 @@ async fn listing_applications_needs_the_admin_token(env: TestEnv) -> anyhow::Res
     api.stop().await
 }
 
+both_stacks!(no_answer_of_the_api_may_be_stored_by_a_cache);
+
+/// Answers carry tokens (the created application's, the listing's) or are addressed by a URL with
+/// one: `Cache-Control: no-store` on each, errors included.
+async fn no_answer_of_the_api_may_be_stored_by_a_cache(env: TestEnv) -> anyhow::Result<()> {
+    let api = env.spawn_api().await?;
+    let http = reqwest::Client::new();
+    let base = &api.base_url;
+    let created = http
+        .post(format!("{base}/applications"))
+        .json(&serde_json::json!({"name": "cached?"}))
+        .send()
+        .await?;
+    let headers = created.headers().clone();
+    let token = created.json::<serde_json::Value>().await?["token"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let mut answers = vec![("POST /applications", headers)];
+    for (what, request) in [
+        (
+            "GET /applications/{token}",
+            http.get(format!("{base}/applications/{token}")),
+        ),
+        (
+            "GET /applications (admin)",
+            http.get(format!("{base}/applications"))
+                .bearer_auth(TEST_ADMIN_TOKEN),
+        ),
+        (
+            "GET of an unknown chat",
+            http.get(format!("{base}/applications/{token}/chats/99")),
+        ),
+    ] {
+        answers.push((what, request.send().await?.headers().clone()));
+    }
+    for (what, headers) in answers {
+        assert_eq!(
+            headers
+                .get("cache-control")
+                .and_then(|value| value.to_str().ok()),
+            Some("no-store"),
+            "{what}"
+        );
+    }
+    api.stop().await
+}
+
+/// Resident memory of a process now (`VmRSS`), in bytes.
+fn resident_memory(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kilobytes = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| {
+            value
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .ok_or_else(|| anyhow::anyhow!("no VmRSS in /proc/{pid}/status"))?;
+    Ok(kilobytes * 1024)
+}
+
+/// 10,000 requests naming distinct long junk "tokens" leave nothing behind in the rate limiters:
+/// the api process (embedded) grows by less than 16 MiB.
+#[tokio::test]
+async fn junk_tokens_do_not_grow_the_apis_memory() -> anyhow::Result<()> {
+    let mut env = TestEnv::embedded().await?;
+    let address = format!("127.0.0.1:{}", free_port()?);
+    env.set("CHAT_HTTP_ADDR", &address);
+    env.set("CHAT_HEALTH_ADDR", &format!("127.0.0.1:{}", free_port()?));
+    env.set("CHAT_RATE_LIMIT_PER_ADDRESS", "0");
+    let mut api = env.spawn_process("api")?;
+    let pid = api
+        .id()
+        .ok_or_else(|| anyhow::anyhow!("the api has no pid"))?;
+    let base = format!("http://{address}/api/v1");
+    let http = reqwest::Client::new();
+    system_tests::eventually("the api answers", Duration::from_secs(60), || async {
+        Ok(http
+            .get(format!("{base}/applications/x"))
+            .send()
+            .await
+            .is_ok())
+    })
+    .await?;
+    let junk = |n: usize| format!("{n:08}{}", "j".repeat(8 * 1024 - 8));
+    // Warmed up first (connections, buffers), so that what follows measures the junk alone.
+    send_all(&http, &base, (0..500).map(junk)).await?;
+    let before = resident_memory(pid)?;
+    send_all(&http, &base, (500..10_500).map(junk)).await?;
+    let after = resident_memory(pid)?;
+    api.kill().await?;
+    let grown = after.saturating_sub(before);
+    assert!(
+        grown < 16 * 1024 * 1024,
+        "the api grew by {} KiB ({before} -> {after} bytes)",
+        grown / 1024
+    );
+    Ok(())
+}
+
+/// GETs of `/applications/{segment}` for each segment, 16 at a time; each must be answered.
+async fn send_all(
+    http: &reqwest::Client,
+    base: &str,
+    segments: impl Iterator<Item = String>,
+) -> anyhow::Result<()> {
+    use futures_util::StreamExt as _;
+    let answers: Vec<reqwest::Result<reqwest::Response>> = futures_util::stream::iter(
+        segments.map(|segment| http.get(format!("{base}/applications/{segment}")).send()),
+    )
+    .buffer_unordered(16)
+    .collect()
+    .await;
+    for answer in answers {
+        let status = answer?.status();
+        anyhow::ensure!(status.is_client_error(), "a junk token answered {status}");
+    }
+    Ok(())
+}
+
 both_stacks!(over_the_rate_limit_answers_429_with_the_headers);
 
 async fn over_the_rate_limit_answers_429_with_the_headers(mut env: TestEnv) -> anyhow::Result<()> {
@@ -157,6 +282,12 @@ async fn over_the_rate_limit_answers_429_with_the_headers(mut env: TestEnv) -> a
         .send()
         .await?;
     assert_eq!(same_token.status(), StatusCode::TOO_MANY_REQUESTS);
+    // Another spelling of the same token (its first character percent-encoded) is the same bucket.
+    let respelled = format!("%{:02X}{}", token.as_bytes()[0], &token[1..]);
+    let same_bucket = other(reqwest::Method::GET, format!("/applications/{respelled}"))
+        .send()
+        .await?;
+    assert_eq!(same_bucket.status(), StatusCode::TOO_MANY_REQUESTS);
     let allowed = other(reqwest::Method::GET, "/applications/unknown".into())
         .send()
         .await?;

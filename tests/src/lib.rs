@@ -517,6 +517,13 @@ impl TestEnv {
     }
 }
 
+/// A port that was free a moment ago (for a process that must know its port before it starts).
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
 /// The repository's root folder.
 pub fn repo_root() -> PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -1,6 +1,7 @@
 //! `/livez`: the process is up. `/readyz`: every dependency the api needs to serve answers (503
 //! otherwise, and from the shutdown signal on); the search index is reported but not required
-//! (only search needs it).
+//! (only search needs it). The public port's `/readyz` says only ready or not (which services sit
+//! behind the api is nobody's business outside the cluster); the internal port's names each check.
 //! `/metrics`: Prometheus metrics of this process, on the internal port only.
 
 use axum::extract::State;
@@ -11,16 +12,31 @@ use serde_json::{Value, json};
 
 use crate::AppState;
 
-/// `/livez` and `/readyz`, served on both ports (load balancers probe the public one).
+/// `/livez` and `/readyz` without its checks, on the public port (load balancers probe it).
 pub fn public_router() -> Router<AppState> {
     Router::new()
-        .route("/livez", get(|| async { Json(json!({"status": "ok"})) }))
-        .route("/readyz", get(readyz))
+        .route("/livez", get(livez))
+        .route("/readyz", get(public_readyz))
 }
 
-/// The probes and `/metrics`.
+/// The probes with each check, and `/metrics`.
 pub fn internal_router() -> Router<AppState> {
-    public_router().route("/metrics", get(metrics))
+    Router::new()
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+}
+
+async fn livez() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+async fn public_readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
+    let (status, Json(mut body)) = readyz(State(state)).await;
+    if let Some(body) = body.as_object_mut() {
+        body.remove("checks");
+    }
+    (status, Json(body))
 }
 
 async fn metrics(State(state): State<AppState>) -> impl axum::response::IntoResponse {

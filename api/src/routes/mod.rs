@@ -72,9 +72,20 @@ fn api_routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
     let (router, mut document) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .nest("/api/v1", api)
         .split_for_parts();
+    let router = router.layer(middleware::map_response(forbid_storing));
     // On the merged document: `ApiDoc`'s own modifiers run before the routes' paths are in it.
     document::ResponseConventions.modify(&mut document);
     (router, document)
+}
+
+/// `Cache-Control: no-store` on every API answer: an answer may carry an application's token (in
+/// its body, or in the URL a shared cache would key it by), which no browser or proxy may keep.
+async fn forbid_storing(mut response: Response) -> Response {
+    response.headers_mut().insert(
+        axum::http::header::CACHE_CONTROL,
+        axum::http::HeaderValue::from_static("no-store"),
+    );
+    response
 }
 
 /// The OpenAPI 3.1 document of the API.
@@ -84,8 +95,8 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 
 /// The public port: the API, `/livez` and `/readyz`, and the docs unless `CHAT_DOCS_ENABLED=false`.
 ///
-/// Layers, outermost first: the body is read whole (size and time limits), the rate limits, then
-/// per matched route the span, metrics and request timeout.
+/// Layers, outermost first: the rate limits (a refused client's body is never read), the body is
+/// read whole (size and time limits), then per matched route the span, metrics and request timeout.
 pub fn router(state: AppState) -> Router {
     let max_request_bytes = state.settings().max_request_bytes;
     let (api, document) = api_routes();
@@ -104,11 +115,11 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(max_request_bytes))
         .layer(middleware::from_fn_with_state(
             state.clone(),
-            crate::rate_limit::limit_rate,
+            crate::request_body::read_body,
         ))
         .layer(middleware::from_fn_with_state(
             state.clone(),
-            crate::request_body::read_body,
+            crate::rate_limit::limit_rate,
         ))
         .with_state(state)
 }
