@@ -44,6 +44,23 @@ impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for PathPar
     }
 }
 
+/// The client's address as the rate limits key it (behind trusted proxies the one they saw; an
+/// IPv6 client by its /64), set by [`crate::rate_limit::limit_rate`].
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddress(pub std::net::IpAddr);
+
+impl<S: Send + Sync> FromRequestParts<S> for ClientAddress {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        parts
+            .extensions
+            .get::<Self>()
+            .copied()
+            .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("no client address on the request")))
+    }
+}
+
 /// The trace context for the events of this request when tracing is off: the caller's
 /// `traceparent` continued, or a new trace (set by the request middleware).
 pub struct RequestTrace(pub TraceContext);

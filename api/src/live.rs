@@ -7,13 +7,15 @@
 //! (`Last-Event-ID`) subscribes first, then reads the messages after that number from the storage,
 //! then goes live, skipping what it already sent: no gap, no duplicate.
 //!
-//! Bounded: streams per replica and per application (429 beyond), a reader that falls behind by
-//! more than the buffer is disconnected (it resumes with `Last-Event-ID`), every stream ends at
-//! shutdown, and while the replica cannot hear the announcements it serves no stream (503): one
-//! that was open when the listener was lost ends, so its client resumes from the storage.
+//! Bounded: streams per replica, per application and per client address (429 beyond), a reader
+//! that falls behind by more than the buffer is disconnected (it resumes with `Last-Event-ID`), a
+//! stream ends after its maximum lifetime (its client resumes the same way) and at shutdown, and
+//! while the replica cannot hear the announcements it serves no stream (503): one that was open
+//! when the listener was lost ends, so its client resumes from the storage.
 
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -55,6 +57,17 @@ pub struct LiveHub {
 struct OpenStreams {
     total: usize,
     per_application: HashMap<u64, usize>,
+    per_address: HashMap<IpAddr, usize>,
+}
+
+/// One less stream in `counts` under `key`; the entry goes with its last stream.
+fn release<K: std::hash::Hash + Eq>(counts: &mut HashMap<K, usize>, key: &K) {
+    if let Some(count) = counts.get_mut(key) {
+        *count -= 1;
+        if *count == 0 {
+            counts.remove(key);
+        }
+    }
 }
 
 impl LiveHub {
@@ -136,9 +149,14 @@ impl LiveHub {
         self.chats.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Opens a stream of one chat, if the limits allow it and the replica hears the
-    /// announcements (waiting a moment for them after a start or a reconnect).
-    pub async fn open(self: &Arc<Self>, chat: ChatKey) -> Result<Subscription, ApiError> {
+    /// Opens a stream of one chat for a client (its address keyed as the rate limits key it), if
+    /// the limits allow it and the replica hears the announcements (waiting a moment for them
+    /// after a start or a reconnect).
+    pub async fn open(
+        self: &Arc<Self>,
+        chat: ChatKey,
+        client: IpAddr,
+    ) -> Result<Subscription, ApiError> {
         if self.limits.per_replica == 0 {
             return Err(ApiError::TooManyStreams("on this replica"));
         }
@@ -154,11 +172,16 @@ impl LiveHub {
             if open.total >= self.limits.per_replica {
                 return Err(ApiError::TooManyStreams("on this replica"));
             }
-            let of_application = open.per_application.entry(chat.0).or_default();
-            if *of_application >= self.limits.per_application {
+            if open.per_address.get(&client).copied().unwrap_or(0) >= self.limits.per_address {
+                return Err(ApiError::TooManyStreams("for this client address"));
+            }
+            if open.per_application.get(&chat.0).copied().unwrap_or(0)
+                >= self.limits.per_application
+            {
                 return Err(ApiError::TooManyStreams("for this application"));
             }
-            *of_application += 1;
+            *open.per_address.entry(client).or_default() += 1;
+            *open.per_application.entry(chat.0).or_default() += 1;
             open.total += 1;
         }
         self.metrics.live_streams.inc();
@@ -172,6 +195,7 @@ impl LiveHub {
             slot: Slot {
                 hub: Arc::clone(self),
                 chat,
+                client,
             },
         })
     }
@@ -192,6 +216,7 @@ impl LiveHub {
             sent: quick_cache::unsync::Cache::new(SENT_VERSIONS_REMEMBERED),
             service,
             shutdown: self.shutdown.clone(),
+            ends_at: tokio::time::Instant::now() + self.limits.max_lifetime,
             slot: subscription.slot,
             ended: "client",
         };
@@ -207,6 +232,7 @@ impl LiveHub {
 struct Slot {
     hub: Arc<LiveHub>,
     chat: ChatKey,
+    client: IpAddr,
 }
 
 impl Drop for Slot {
@@ -215,12 +241,8 @@ impl Drop for Slot {
         {
             let mut open = hub.open.lock().unwrap_or_else(PoisonError::into_inner);
             open.total -= 1;
-            if let Some(of_application) = open.per_application.get_mut(&self.chat.0) {
-                *of_application -= 1;
-                if *of_application == 0 {
-                    open.per_application.remove(&self.chat.0);
-                }
-            }
+            release(&mut open.per_application, &self.chat.0);
+            release(&mut open.per_address, &self.client);
         }
         hub.metrics.live_streams.dec();
         // The stream's receiver is gone by now (it is dropped first): a chat nobody watches any
@@ -251,6 +273,8 @@ struct ChatStream {
     sent: quick_cache::unsync::Cache<u64, u64>,
     service: Arc<ChatService>,
     shutdown: CancellationToken,
+    /// The end of the stream's lifetime.
+    ends_at: tokio::time::Instant,
     /// Why the stream ended, for the metric (counted when it is dropped).
     ended: &'static str,
     slot: Slot,
@@ -283,6 +307,10 @@ impl ChatStream {
             let received = tokio::select! {
                 () = self.shutdown.cancelled() => {
                     self.ended = "shutdown";
+                    return None;
+                }
+                () = tokio::time::sleep_until(self.ends_at) => {
+                    self.ended = "lifetime";
                     return None;
                 }
                 received = self.changes.recv() => received,

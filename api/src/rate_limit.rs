@@ -33,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::AppState;
 use crate::error::ApiError;
+use crate::extract::ClientAddress;
 
 /// How often the buckets of clients that went quiet are dropped.
 const FORGET_QUIET_CLIENTS_EVERY: Duration = Duration::from_secs(60);
@@ -247,7 +248,7 @@ impl RateLimiters {
 
 /// The key of an address: an IPv4 address itself (an IPv4-mapped IPv6 one too), an IPv6 address
 /// by its /64 (a host is given a whole /64 and may use any address in it).
-fn address_key(address: IpAddr) -> IpAddr {
+pub fn address_key(address: IpAddr) -> IpAddr {
     match address {
         IpAddr::V4(_) => address,
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
@@ -294,6 +295,10 @@ pub async fn limit_rate(State(state): State<AppState>, request: Request, next: N
         .get::<ConnectInfo<SocketAddr>>()
         .map_or(IpAddr::from([127, 0, 0, 1]), |info| info.0.ip());
     let address = limiters.client_address(peer, request.headers());
+    let mut request = request;
+    request
+        .extensions_mut()
+        .insert(ClientAddress(address_key(address)));
     let token = application_token(request.uri().path());
     match limiters.check(address, token.as_ref()) {
         Err(limited) => limited.into_response(),

@@ -170,6 +170,9 @@ pub struct ApiConfig {
     pub trusted_proxy_hops: usize,
     /// Connections served at once; further clients wait in the listen backlog.
     pub max_connections: usize,
+    /// Connections served at once per client address (an IPv6 client per /64) when clients
+    /// connect directly (`trusted_proxy_hops` 0); one more is closed at once.
+    pub max_connections_per_address: usize,
     /// How long a client may take to send the request line and headers.
     pub header_read_timeout: Duration,
     /// How long a client may take to send a request body.
@@ -202,6 +205,12 @@ pub struct StreamLimits {
     pub per_replica: usize,
     /// Streams open at once per application on this replica.
     pub per_application: usize,
+    /// Streams open at once per client address (an IPv6 client per /64) on this replica, over
+    /// every application: one client cannot take the streams other tenants need.
+    pub per_address: usize,
+    /// How long a stream lasts at most; its client resumes with `Last-Event-ID` (what an
+    /// EventSource does by itself), so no stream holds a connection slot for ever.
+    pub max_lifetime: Duration,
     /// A comment line this often keeps proxies from closing a quiet stream.
     pub heartbeat: Duration,
     /// Changes a stream may fall behind by; a reader slower than that is disconnected (it
@@ -314,6 +323,8 @@ impl Config {
         let amqp_prefix = settings.string("CHAT_AMQP_PREFIX", "chat");
         let max_bytes_in_flight: usize =
             settings.parse("CHAT_CONSUMER_MAX_BYTES_IN_FLIGHT", 64 * 1024 * 1024)?;
+        // The defaults of the bounds below follow the connections a replica serves.
+        let max_connections: usize = settings.parse("CHAT_MAX_CONNECTIONS", 1024)?;
         Ok(Self {
             database_url: settings.url("DATABASE_URL"),
             database_max_connections: settings.parse("CHAT_DATABASE_MAX_CONNECTIONS", 16)?,
@@ -363,7 +374,11 @@ impl Config {
                     },
                 },
                 trusted_proxy_hops: settings.parse("CHAT_TRUSTED_PROXY_HOPS", 0)?,
-                max_connections: settings.parse("CHAT_MAX_CONNECTIONS", 1024)?,
+                max_connections,
+                max_connections_per_address: settings.parse(
+                    "CHAT_MAX_CONNECTIONS_PER_ADDRESS",
+                    (max_connections / 4).max(1),
+                )?,
                 header_read_timeout: settings.millis("CHAT_HEADER_READ_TIMEOUT_MS", 5_000)?,
                 body_timeout: settings.millis("CHAT_BODY_TIMEOUT_MS", 5_000)?,
                 search_timeout: settings.millis("CHAT_SEARCH_TIMEOUT_MS", 2_000)?,
@@ -383,8 +398,12 @@ impl Config {
                 default_page_size: settings.parse("CHAT_DEFAULT_PAGE_SIZE", 25)?,
                 max_page_size: settings.parse("CHAT_MAX_PAGE_SIZE", 100)?,
                 streams: StreamLimits {
-                    per_replica: settings.parse("CHAT_STREAMS_PER_REPLICA", 1000)?,
+                    per_replica: settings.parse("CHAT_STREAMS_PER_REPLICA", max_connections / 2)?,
                     per_application: settings.parse("CHAT_STREAMS_PER_APPLICATION", 100)?,
+                    per_address: settings.parse("CHAT_STREAMS_PER_ADDRESS", 20)?,
+                    max_lifetime: Duration::from_secs(
+                        settings.parse("CHAT_STREAM_MAX_LIFETIME_SECONDS", 3600)?,
+                    ),
                     heartbeat: settings.millis("CHAT_STREAM_HEARTBEAT_MS", 15_000)?,
                     buffered_changes: settings.parse("CHAT_STREAM_BUFFERED_CHANGES", 256)?,
                 },
@@ -536,6 +555,31 @@ impl Config {
         if self.api.max_connections == 0 {
             return Err(invalid(
                 "CHAT_MAX_CONNECTIONS",
+                "0".into(),
+                "must be at least 1",
+            ));
+        }
+        // Streams hold their connections: those of every stream together must leave the replica
+        // room to answer plain requests.
+        if self.api.streams.per_replica > self.api.max_connections / 2 {
+            return Err(invalid(
+                "CHAT_STREAMS_PER_REPLICA",
+                self.api.streams.per_replica.to_string(),
+                "must be at most half of CHAT_MAX_CONNECTIONS",
+            ));
+        }
+        if self.api.max_connections_per_address == 0
+            || self.api.max_connections_per_address > self.api.max_connections
+        {
+            return Err(invalid(
+                "CHAT_MAX_CONNECTIONS_PER_ADDRESS",
+                self.api.max_connections_per_address.to_string(),
+                "must be between 1 and CHAT_MAX_CONNECTIONS",
+            ));
+        }
+        if self.api.streams.max_lifetime.is_zero() {
+            return Err(invalid(
+                "CHAT_STREAM_MAX_LIFETIME_SECONDS",
                 "0".into(),
                 "must be at least 1",
             ));

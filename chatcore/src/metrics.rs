@@ -48,7 +48,8 @@ pub struct LimiterLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StreamEndLabels {
-    /// `client` (it went away), `slow_reader`, `feed_lost`, `storage_error` or `shutdown`.
+    /// `client` (it went away), `slow_reader`, `feed_lost`, `storage_error`, `lifetime` or
+    /// `shutdown`.
     pub reason: &'static str,
 }
 

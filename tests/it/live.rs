@@ -286,6 +286,95 @@ async fn any_replica_serves_any_chat_stream() -> anyhow::Result<()> {
     in_process.stop().await
 }
 
+both_stacks!(one_client_at_its_stream_bound_leaves_room_for_every_other);
+
+/// One client address holding all the streams it may (over several applications) is refused one
+/// more, and another tenant's client still opens a stream and gets plain answers at once.
+async fn one_client_at_its_stream_bound_leaves_room_for_every_other(
+    mut env: TestEnv,
+) -> anyhow::Result<()> {
+    env.set("CHAT_TRUSTED_PROXY_HOPS", "1");
+    env.set("CHAT_STREAMS_PER_ADDRESS", "3");
+    let api = env.spawn_api().await?;
+    let greedy = Client::forwarded_for(&api.base_url, "198.51.100.7")?;
+    let tenant = Client::forwarded_for(&api.base_url, "198.51.100.8")?;
+    let mut held = Vec::new();
+    for n in 0..3 {
+        let token = greedy.create_application(&format!("greedy {n}")).await?;
+        let chat = greedy.create_chat(&token).await?;
+        held.push(open(&greedy, &token, chat, None).await?);
+    }
+    let token = greedy.create_application("greedy 3").await?;
+    let chat = greedy.create_chat(&token).await?;
+    let refused = greedy
+        .stream(&token, chat, None)
+        .await?
+        .err()
+        .expect("over the address' bound");
+    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(refused.body["error"]["code"], "too_many_streams");
+
+    let token = tenant.create_application("another tenant").await?;
+    let chat = tenant.create_chat(&token).await?;
+    let _stream = open(&tenant, &token, chat, None).await?;
+    let asked = Instant::now();
+    let shown = tenant.get(&format!("/applications/{token}")).await?;
+    assert_eq!(shown.status, StatusCode::OK);
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "answered after {:?}",
+        asked.elapsed()
+    );
+    drop(held);
+    api.stop().await
+}
+
+both_stacks!(a_stream_ends_at_its_lifetime_and_resumes_where_it_was);
+
+/// A stream ends after `CHAT_STREAM_MAX_LIFETIME_SECONDS`; its client resumes with
+/// `Last-Event-ID` and gets every message exactly once over the two streams.
+async fn a_stream_ends_at_its_lifetime_and_resumes_where_it_was(
+    mut env: TestEnv,
+) -> anyhow::Result<()> {
+    env.set("CHAT_STREAM_MAX_LIFETIME_SECONDS", "3");
+    let api = env.spawn_api().await?;
+    let workers = env.spawn_workers();
+    let client = &api.client;
+    let token = client.create_application("app").await?;
+    let chat = client.create_chat(&token).await?;
+    let opened = Instant::now();
+    let mut stream = open(client, &token, chat, Some(0)).await?;
+    client.create_message(&token, chat, "before").await?;
+    let mut seen = Vec::new();
+    loop {
+        match stream.next(WAIT).await? {
+            Next::Event(event) => seen.push(event.number()?),
+            Next::Ended => break,
+            Next::Quiet => anyhow::bail!("the stream outlived its lifetime"),
+        }
+    }
+    assert!(
+        opened.elapsed() >= Duration::from_secs(3),
+        "ended after {:?}",
+        opened.elapsed()
+    );
+    client.create_message(&token, chat, "after").await?;
+    let mut resumed = open(
+        client,
+        &token,
+        chat,
+        Some(seen.last().copied().unwrap_or(0)),
+    )
+    .await?;
+    while seen.len() < 2 {
+        seen.push(resumed.expect_event(WAIT).await?.number()?);
+    }
+    assert_eq!(seen, [1, 2], "each message once, in order");
+    drop(resumed);
+    workers.stop().await?;
+    api.stop().await
+}
+
 both_stacks!(streams_are_bounded_heartbeated_and_closed_at_shutdown);
 
 async fn streams_are_bounded_heartbeated_and_closed_at_shutdown(

@@ -5,7 +5,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use system_tests::own_redis::TcpProxy;
-use system_tests::{Reply, StatusCode, TEST_ADMIN_TOKEN, TestEnv, both_stacks, free_port};
+use system_tests::{
+    Reply, StatusCode, TEST_ADMIN_TOKEN, TestEnv, both_stacks, eventually, free_port,
+};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
@@ -168,7 +170,7 @@ async fn junk_tokens_do_not_grow_the_apis_memory() -> anyhow::Result<()> {
         .ok_or_else(|| anyhow::anyhow!("the api has no pid"))?;
     let base = format!("http://{address}/api/v1");
     let http = reqwest::Client::new();
-    system_tests::eventually("the api answers", Duration::from_secs(60), || async {
+    eventually("the api answers", Duration::from_secs(60), || async {
         Ok(http
             .get(format!("{base}/applications/x"))
             .send()
@@ -424,6 +426,8 @@ both_stacks!(connections_beyond_the_bound_wait_for_a_free_slot);
 
 async fn connections_beyond_the_bound_wait_for_a_free_slot(mut env: TestEnv) -> anyhow::Result<()> {
     env.set("CHAT_MAX_CONNECTIONS", "2");
+    env.set("CHAT_MAX_CONNECTIONS_PER_ADDRESS", "2");
+    env.set("CHAT_STREAMS_PER_REPLICA", "1");
     let api = env.spawn_api().await?;
     let host = host_of(&api.base_url);
     let url = format!("{}/applications/x", api.base_url);
@@ -443,6 +447,60 @@ async fn connections_beyond_the_bound_wait_for_a_free_slot(mut env: TestEnv) -> 
     drop(first);
     let served = fresh()?.get(&url).send().await?;
     assert_eq!(served.status(), StatusCode::NOT_FOUND);
+    api.stop().await
+}
+
+both_stacks!(a_client_address_gets_its_share_of_the_connections_and_no_more);
+
+/// A connection to `host` from the loopback address `from` (all of 127/8 is this machine).
+async fn connect_from(from: [u8; 4], host: &str) -> anyhow::Result<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(std::net::SocketAddr::from((from, 0)))?;
+    Ok(socket.connect(host.parse()?).await?)
+}
+
+/// One address holding `CHAT_MAX_CONNECTIONS_PER_ADDRESS` connections: one more is closed at
+/// once (instead of taking a slot others need) while another address is served; a freed
+/// connection is usable again.
+async fn a_client_address_gets_its_share_of_the_connections_and_no_more(
+    mut env: TestEnv,
+) -> anyhow::Result<()> {
+    env.set("CHAT_MAX_CONNECTIONS", "8");
+    env.set("CHAT_MAX_CONNECTIONS_PER_ADDRESS", "2");
+    env.set("CHAT_STREAMS_PER_REPLICA", "4");
+    let api = env.spawn_api().await?;
+    let host = host_of(&api.base_url);
+    let greedy = [127, 0, 0, 2];
+    let first = connect_from(greedy, &host).await?;
+    let _second = connect_from(greedy, &host).await?;
+    let mut third = connect_from(greedy, &host).await?;
+    let (read, after) = read_until_closed(&mut third, Duration::from_secs(10)).await;
+    assert!(
+        read.is_empty() && after < Duration::from_secs(3),
+        "closed at once: {after:?}"
+    );
+
+    let request = b"GET /api/v1/applications/x HTTP/1.1\r\nhost: api\r\nconnection: close\r\n\r\n";
+    let mut other = connect_from([127, 0, 0, 3], &host).await?;
+    other.write_all(request).await?;
+    let (answer, _) = read_until_closed(&mut other, Duration::from_secs(10)).await;
+    assert!(
+        answer.starts_with(b"HTTP/1.1 404"),
+        "another address is served"
+    );
+
+    drop(first);
+    eventually(
+        "a freed connection is served again",
+        Duration::from_secs(10),
+        || async {
+            let mut again = connect_from(greedy, &host).await?;
+            again.write_all(request).await?;
+            let (answer, _) = read_until_closed(&mut again, Duration::from_secs(5)).await;
+            Ok(answer.starts_with(b"HTTP/1.1 404"))
+        },
+    )
+    .await?;
     api.stop().await
 }
 

@@ -121,12 +121,14 @@ pub const TEST_ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";
 
 /// Settings of every test: ephemeral ports, short batch waits and retry delays, quiet logs, a
 /// known admin token, and no rate limits (the tests of the limits turn them on).
-const TEST_SETTINGS: [(&str, &str); 10] = [
+const TEST_SETTINGS: [(&str, &str); 11] = [
     ("CHAT_HTTP_ADDR", "127.0.0.1:0"),
     ("CHAT_HEALTH_ADDR", "127.0.0.1:0"),
     ("CHAT_ADMIN_TOKEN", TEST_ADMIN_TOKEN),
+    // Every test's client is 127.0.0.1: no per-client bound but where a test sets one.
     ("CHAT_RATE_LIMIT_PER_TOKEN", "0"),
     ("CHAT_RATE_LIMIT_PER_ADDRESS", "0"),
+    ("CHAT_MAX_CONNECTIONS_PER_ADDRESS", "1024"),
     ("CHAT_BATCH_MAX_WAIT_MS", "10"),
     ("CHAT_RETRY_BASE_DELAY_MS", "20"),
     ("CHAT_RETRY_MAX_DELAY_MS", "500"),
@@ -628,8 +630,21 @@ pub struct Reply {
 
 impl Client {
     pub fn new(base_url: &str) -> Self {
+        Self::with_headers(base_url, reqwest::header::HeaderMap::new())
+    }
+
+    /// A client at another address, as an api behind one trusted proxy
+    /// (`CHAT_TRUSTED_PROXY_HOPS=1`) sees it: every request carries `X-Forwarded-For: address`.
+    pub fn forwarded_for(base_url: &str, address: &str) -> anyhow::Result<Self> {
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert("x-forwarded-for", address.parse()?);
+        Ok(Self::with_headers(base_url, headers))
+    }
+
+    fn with_headers(base_url: &str, headers: reqwest::header::HeaderMap) -> Self {
         Self {
             http: reqwest::Client::builder()
+                .default_headers(headers)
                 .pool_max_idle_per_host(256)
                 // Below the api's CHAT_HEADER_READ_TIMEOUT_MS (5 s), after which it closes a
                 // kept-alive connection: reusing one just then fails the request.

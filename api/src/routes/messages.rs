@@ -24,7 +24,7 @@ use utoipa_axum::routes;
 use super::{Accepted, PageParams, Pagination, paginate, parse_number};
 use crate::AppState;
 use crate::error::{ApiError, ErrorBody};
-use crate::extract::{JsonBody, PathParams, QueryParams, RequestTrace};
+use crate::extract::{ClientAddress, JsonBody, PathParams, QueryParams, RequestTrace};
 use crate::idempotency::IdempotencyKey;
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -312,6 +312,7 @@ const LAST_EVENT_ID: &str = "last-event-id";
 async fn stream(
     State(state): State<AppState>,
     PathParams((token, chat_number)): PathParams<(String, String)>,
+    client: ClientAddress,
     headers: HeaderMap,
 ) -> Result<impl IntoResponse, ApiError> {
     let chat_number = parse_number("chat_number", &chat_number)?;
@@ -329,7 +330,7 @@ async fn stream(
         ),
     };
     let chat = state.service().stream_target(&token, chat_number).await?;
-    let subscription = state.live.open(chat).await?;
+    let subscription = state.live.open(chat, client.0).await?;
     Ok(state
         .live
         .serve(subscription, state.service_handle(), last_event_id))

@@ -276,12 +276,21 @@ CHAT_RATE_LIMIT_PER_ADDRESS: {{ .Values.api.rateLimits.perAddress | int64 | quot
 CHAT_RATE_LIMIT_PER_ADDRESS_BURST: {{ .Values.api.rateLimits.perAddressBurst | int64 | quote }}
 CHAT_TRUSTED_PROXY_HOPS: {{ .Values.api.trustedProxyHops | int64 | quote }}
 CHAT_MAX_CONNECTIONS: {{ .Values.api.maxConnections | int64 | quote }}
+{{- if gt (int .Values.api.maxConnectionsPerAddress) (int .Values.api.maxConnections) }}
+{{- fail "api.maxConnectionsPerAddress must be at most api.maxConnections" }}
+{{- end }}
+CHAT_MAX_CONNECTIONS_PER_ADDRESS: {{ .Values.api.maxConnectionsPerAddress | int64 | quote }}
 CHAT_HEADER_READ_TIMEOUT_MS: {{ .Values.api.headerReadTimeoutMs | int64 | quote }}
 CHAT_BODY_TIMEOUT_MS: {{ .Values.api.bodyTimeoutMs | int64 | quote }}
 CHAT_REQUEST_TIMEOUT_MS: {{ .Values.api.requestTimeoutMs | int64 | quote }}
 CHAT_SEARCH_TIMEOUT_MS: {{ .Values.api.searchTimeoutMs | int64 | quote }}
+{{- if gt (int .Values.api.streams.perReplica) (div (int .Values.api.maxConnections) 2) }}
+{{- fail "api.streams.perReplica must be at most half of api.maxConnections (streams hold their connections)" }}
+{{- end }}
 CHAT_STREAMS_PER_REPLICA: {{ .Values.api.streams.perReplica | int64 | quote }}
 CHAT_STREAMS_PER_APPLICATION: {{ .Values.api.streams.perApplication | int64 | quote }}
+CHAT_STREAMS_PER_ADDRESS: {{ .Values.api.streams.perAddress | int64 | quote }}
+CHAT_STREAM_MAX_LIFETIME_SECONDS: {{ .Values.api.streams.maxLifetimeSeconds | int64 | quote }}
 CHAT_STREAM_HEARTBEAT_MS: {{ .Values.api.streams.heartbeatMs | int64 | quote }}
 CHAT_STREAM_BUFFERED_CHANGES: {{ .Values.api.streams.bufferedChanges | int64 | quote }}
 {{- if include "chat.tlsCaEnabled" . }}
