@@ -274,6 +274,9 @@ CHAT_RATE_LIMIT_PER_TOKEN: {{ .Values.api.rateLimits.perToken | int64 | quote }}
 CHAT_RATE_LIMIT_PER_TOKEN_BURST: {{ .Values.api.rateLimits.perTokenBurst | int64 | quote }}
 CHAT_RATE_LIMIT_PER_ADDRESS: {{ .Values.api.rateLimits.perAddress | int64 | quote }}
 CHAT_RATE_LIMIT_PER_ADDRESS_BURST: {{ .Values.api.rateLimits.perAddressBurst | int64 | quote }}
+{{- if and (gt (int .Values.api.trustedProxyHops) 0) (not (and .Values.networkPolicy.enabled .Values.networkPolicy.apiIngressFrom)) }}
+{{- fail "api.trustedProxyHops > 0 trusts X-Forwarded-For, which any pod could forge: restrict who reaches the api (networkPolicy.enabled with networkPolicy.apiIngressFrom: your ingress controller)" }}
+{{- end }}
 CHAT_TRUSTED_PROXY_HOPS: {{ .Values.api.trustedProxyHops | int64 | quote }}
 CHAT_MAX_CONNECTIONS: {{ .Values.api.maxConnections | int64 | quote }}
 {{- if gt (int .Values.api.maxConnectionsPerAddress) (int .Values.api.maxConnections) }}
