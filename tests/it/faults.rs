@@ -15,7 +15,7 @@ use chatcore::pipeline::consumer::run;
 use chatcore::pipeline::{BatchHandler, HandleError, Observers, Received};
 use futures_util::future::join_all;
 use sqlx::Connection as _;
-use system_tests::{Client, Stack, StatusCode, TestEnv, both_stacks, eventually};
+use system_tests::{Client, Stack, StatusCode, TestEnv, both_stacks, eventually, memory_of};
 use tokio_util::sync::CancellationToken;
 
 const LONG: Duration = Duration::from_secs(60);
@@ -380,24 +380,6 @@ async fn an_event_of_a_newer_schema_waits_for_an_upgraded_consumer(
 /// The memory limit of a worker in the chart.
 const CHART_WORKER_MEMORY_LIMIT: u64 = 256 * 1024 * 1024;
 
-/// Peak resident memory of a process (`VmHWM`), in bytes.
-fn peak_memory(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kilobytes = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
-        .and_then(|value| {
-            value
-                .trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse::<u64>()
-                .ok()
-        })
-        .ok_or_else(|| anyhow::anyhow!("no VmHWM in /proc/{pid}/status"))?;
-    Ok(kilobytes * 1024)
-}
-
 #[tokio::test]
 async fn workers_behind_a_thousand_of_the_largest_events_stay_within_their_memory_limit()
 -> anyhow::Result<()> {
@@ -469,7 +451,7 @@ async fn workers_behind_a_thousand_of_the_largest_events_stay_within_their_memor
         std::fs::remove_file(log)?;
     }
     for (name, worker) in [("ingest-worker", &mut ingest), ("indexer", &mut indexer)] {
-        let peak = peak_memory(worker.id().expect("running"))?;
+        let peak = memory_of(worker.id().expect("running"), "VmHWM")?;
         worker.kill().await?;
         println!("{name} peak memory: {} MiB", peak / 1024 / 1024);
         assert!(

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use system_tests::own_redis::TcpProxy;
 use system_tests::{
-    Reply, StatusCode, TEST_ADMIN_TOKEN, TestEnv, both_stacks, eventually, free_port,
+    Reply, StatusCode, TEST_ADMIN_TOKEN, TestEnv, both_stacks, eventually, free_port, memory_of,
 };
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
@@ -137,24 +137,6 @@ async fn no_answer_of_the_api_may_be_stored_by_a_cache(env: TestEnv) -> anyhow::
     api.stop().await
 }
 
-/// Resident memory of a process now (`VmRSS`), in bytes.
-fn resident_memory(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kilobytes = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|value| {
-            value
-                .trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse::<u64>()
-                .ok()
-        })
-        .ok_or_else(|| anyhow::anyhow!("no VmRSS in /proc/{pid}/status"))?;
-    Ok(kilobytes * 1024)
-}
-
 /// 10,000 requests naming distinct long junk "tokens" leave nothing behind in the rate limiters:
 /// the api process (embedded) grows by less than 16 MiB.
 #[tokio::test]
@@ -181,9 +163,9 @@ async fn junk_tokens_do_not_grow_the_apis_memory() -> anyhow::Result<()> {
     let junk = |n: usize| format!("{n:08}{}", "j".repeat(8 * 1024 - 8));
     // Warmed up first (connections, buffers), so that what follows measures the junk alone.
     send_all(&http, &base, (0..500).map(junk)).await?;
-    let before = resident_memory(pid)?;
+    let before = memory_of(pid, "VmRSS")?;
     send_all(&http, &base, (500..10_500).map(junk)).await?;
-    let after = resident_memory(pid)?;
+    let after = memory_of(pid, "VmRSS")?;
     api.kill().await?;
     let grown = after.saturating_sub(before);
     assert!(

@@ -519,6 +519,25 @@ impl TestEnv {
     }
 }
 
+/// A memory figure of a process from `/proc/<pid>/status` (`VmRSS`: resident now, `VmHWM`: its
+/// peak), in bytes.
+pub fn memory_of(pid: u32, field: &str) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kilobytes = status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|value| {
+            value
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))?;
+    Ok(kilobytes * 1024)
+}
+
 /// A port that was free a moment ago (for a process that must know its port before it starts).
 pub fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
@@ -698,27 +717,33 @@ impl Client {
     }
 
     /// Creates an application and returns its token.
+    /// Creates an application (201) and returns its token. A 503 of a loaded machine is retried
+    /// (for up to a minute): at worst an application too many, which no test counts.
     pub async fn create_application(&self, name: &str) -> anyhow::Result<String> {
-        let reply = self
-            .post("/applications", serde_json::json!({ "name": name }))
-            .await?;
-        anyhow::ensure!(
-            reply.status == StatusCode::CREATED,
-            "create application: {reply:?}"
-        );
-        Ok(reply.body["token"].as_str().context("token")?.to_owned())
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let reply = self
+                .post("/applications", serde_json::json!({ "name": name }))
+                .await?;
+            if reply.status == StatusCode::SERVICE_UNAVAILABLE
+                && tokio::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            anyhow::ensure!(
+                reply.status == StatusCode::CREATED,
+                "create application: {reply:?}"
+            );
+            return Ok(reply.body["token"].as_str().context("token")?.to_owned());
+        }
     }
 
-    /// Creates a chat (202) and returns its number.
+    /// Creates a chat (202) and returns its number, as the README tells clients to: with an
+    /// `Idempotency-Key` of its own, a 503 of a loaded machine retried with it.
     pub async fn create_chat(&self, token: &str) -> anyhow::Result<u64> {
-        let reply = self
-            .post_empty(&format!("/applications/{token}/chats"))
-            .await?;
-        anyhow::ensure!(
-            reply.status == StatusCode::ACCEPTED,
-            "create chat: {reply:?}"
-        );
-        reply.body["number"].as_u64().context("number")
+        self.create_chat_carefully(token, &uuid::Uuid::new_v4().to_string())
+            .await
     }
 
     /// Posts a message as a careful client does: with an `Idempotency-Key`, retrying on 5xx and
@@ -824,19 +849,11 @@ impl Client {
         self.send(self.http.delete(self.url(path))).await
     }
 
-    /// Posts a message (202) and returns its number.
+    /// Posts a message (202) and returns its number, as the README tells clients to: with an
+    /// `Idempotency-Key` of its own, a 503 of a loaded machine retried with it.
     pub async fn create_message(&self, token: &str, chat: u64, body: &str) -> anyhow::Result<u64> {
-        let reply = self
-            .post(
-                &format!("/applications/{token}/chats/{chat}/messages"),
-                serde_json::json!({ "body": body }),
-            )
-            .await?;
-        anyhow::ensure!(
-            reply.status == StatusCode::ACCEPTED,
-            "create message: {reply:?}"
-        );
-        reply.body["number"].as_u64().context("number")
+        self.create_message_carefully(token, chat, body, &uuid::Uuid::new_v4().to_string())
+            .await
     }
 }
 
