@@ -628,7 +628,7 @@ async fn counter_sync_reindexes_the_edited_messages_not_the_merely_created() -> 
 
 /// Each publish is answered by its own confirm: publishes from many tasks on every runtime thread,
 /// half of them to a routing key no queue binds (refused as unroutable), each get the outcome of
-/// their own event. A confirm paired with another publish would answer a routable event
+/// their own event (a publish whose confirm timed out is published again until it has one). A confirm paired with another publish would answer a routable event
 /// "unroutable" or the reverse (a 202 for an event the broker never took).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_publish_gets_the_confirm_of_its_own_event() -> anyhow::Result<()> {
@@ -682,12 +682,19 @@ async fn every_publish_gets_the_confirm_of_its_own_event() -> anyhow::Result<()>
                         updated_at: now,
                     }
                 };
-                let outcome = queue
-                    .publish(
-                        &Event::new(payload),
-                        &chatcore::events::TraceContext::child_of(None),
-                    )
-                    .await;
+                // A confirm that did not come in time (a broker slowed down by a loaded machine)
+                // pairs the publish with nothing: the event is published again, as the api's
+                // client retries its 503, until it gets an outcome of its own.
+                let event = Event::new(payload);
+                let mut outcome = Err(chatcore::queue::QueueError::ConfirmTimeout(Duration::ZERO));
+                for _ in 0..5 {
+                    outcome = queue
+                        .publish(&event, &chatcore::events::TraceContext::child_of(None))
+                        .await;
+                    if !matches!(outcome, Err(chatcore::queue::QueueError::ConfirmTimeout(_))) {
+                        break;
+                    }
+                }
                 let as_expected = match &outcome {
                     Ok(()) => routable,
                     Err(chatcore::queue::QueueError::Unroutable(_)) => !routable,

@@ -262,13 +262,18 @@ async fn an_update_is_what_search_finds(env: TestEnv) -> anyhow::Result<()> {
     )
     .await?;
     for body in ["first revision", "second revision", "final revision"] {
-        let reply = client
-            .put(
-                &format!("/applications/{token}/chats/{chat}/messages/{number}"),
-                json!({ "body": body }),
-            )
-            .await?;
-        assert_eq!(reply.status, StatusCode::OK);
+        // Searchable is not stored yet (the index and the storage are written apart): a message
+        // not written yet answers `409 not_persisted_yet`, which the README says to retry.
+        let path = format!("/applications/{token}/chats/{chat}/messages/{number}");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let reply = loop {
+            let reply = client.put(&path, json!({ "body": body })).await?;
+            if reply.status != StatusCode::CONFLICT || tokio::time::Instant::now() > deadline {
+                break reply;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
     }
     eventually(
         "the final body is searchable",
