@@ -461,27 +461,31 @@ fn the_system_runs_on_a_real_node() -> anyhow::Result<()> {
         "counter-sync's log names the repair: {job_log}"
     );
 
-    // The api's readiness follows RabbitMQ: not ready while its pod is replaced, ready again after.
+    // The api's readiness follows RabbitMQ: not ready while it is away, ready again after. Away
+    // until the api has noticed (scaled to 0, then back): a replaced pod may come back faster than
+    // the readiness probe's two failures (5 s apart) on a quiet machine.
     ensure!(
         !api_readiness(ns)?.contains("False"),
         "every api pod is ready before"
     );
     let started = Instant::now();
-    kubectl(&[
-        "-n",
-        ns,
-        "delete",
-        "pod",
-        "-l",
-        "app.kubernetes.io/name=rabbitmq",
-        "--wait=false",
-    ])?;
+    let scale_rabbitmq = |replicas: &str| {
+        kubectl(&[
+            "-n",
+            ns,
+            "scale",
+            "deployment/rabbitmq",
+            &format!("--replicas={replicas}"),
+        ])
+    };
+    scale_rabbitmq("0")?;
     wait_for(
         "an api pod not ready while RabbitMQ is away",
         Duration::from_secs(120),
         || Ok(api_readiness(ns)?.contains("False")),
     )?;
     let not_ready_after = started.elapsed();
+    scale_rabbitmq("1")?;
     wait_for(
         "every api pod ready again with the new RabbitMQ",
         Duration::from_secs(240),
@@ -491,7 +495,7 @@ fn the_system_runs_on_a_real_node() -> anyhow::Result<()> {
         },
     )?;
     eprintln!(
-        "real node: RabbitMQ's pod deleted: an api pod not ready after {:.1} s, all ready again after {:.1} s",
+        "real node: RabbitMQ scaled to 0: an api pod not ready after {:.1} s; back to 1: all ready again after {:.1} s",
         not_ready_after.as_secs_f64(),
         started.elapsed().as_secs_f64()
     );
