@@ -88,8 +88,6 @@ impl<K: Hash + Eq + Clone> Limiter<K> {
                 }))
             })
             .unwrap_or_else(|never| match never {});
-        self.size
-            .set(i64::try_from(self.buckets.len()).unwrap_or(i64::MAX));
         bucket
             .last_used_ms
             .store(self.elapsed_ms(), Ordering::Relaxed);
@@ -116,8 +114,8 @@ impl<K: Hash + Eq + Clone> Limiter<K> {
         }
     }
 
-    /// Drops the buckets unused for longer than a full refill takes: they would be full again, as
-    /// a new one is.
+    /// Drops the buckets unused for longer than a full refill takes (they would be full again, as
+    /// a new one is), and sets the size metric (here, not per request: counting reads every shard).
     fn forget_quiet_clients(&self) {
         let refill =
             Duration::from_secs_f64(f64::from(self.limit.burst) / f64::from(self.limit.per_second));
