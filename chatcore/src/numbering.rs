@@ -91,6 +91,10 @@ pub struct NumberAllocator {
     never_cancelled: CancellationToken,
 }
 
+/// How long a replica that died while seeding a counter keeps the others from seeding it.
+const SEEDING_LEASE: Duration = Duration::from_secs(5);
+const SEEDING_POLL: Duration = Duration::from_millis(10);
+
 /// Stripes of the per-scope reservation lock.
 const RESERVATION_LOCK_STRIPES: usize = 256;
 
@@ -211,11 +215,38 @@ impl NumberAllocator {
 
     async fn seed_once(&self, scope: &Scope, key: &str) -> Result<(), AllocationError> {
         let _serialized = self.reservation_lock(scope).lock().await;
-        if self.counters.counter(key).await?.is_some() {
-            // Seeded by a request that held the lock before us.
-            return Ok(());
+        // Replicas seeding one scope at once would each reserve a fresh block, and the newest
+        // epoch's counter would replace the one whose first numbers were already handed out: a
+        // whole block skipped. One replica seeds under a lease; the others wait for its counter.
+        let seeding = format!("{key}:seeding");
+        let deadline = tokio::time::Instant::now() + SEEDING_LEASE;
+        loop {
+            if self.counters.counter(key).await?.is_some() {
+                // Seeded by a request that held a lock before us.
+                return Ok(());
+            }
+            if self
+                .counters
+                .set_if_absent(&seeding, "1", SEEDING_LEASE)
+                .await?
+            {
+                // Seeded by a replica whose lease ended after our first look: the lease is
+                // released only once the counter is there.
+                let seeded = match self.counters.counter(key).await {
+                    Ok(Some(_)) => Ok(()),
+                    Ok(None) => self.seed(scope, key).await,
+                    Err(error) => Err(error.into()),
+                };
+                if let Err(error) = self.counters.delete(&seeding).await {
+                    tracing::debug!(%error, scope = %scope.id(), "seeding lease left to expire");
+                }
+                return seeded;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(AllocationError::Contended);
+            }
+            tokio::time::sleep(SEEDING_POLL).await;
         }
-        self.seed(scope, key).await
     }
 
     /// Returns true when `number` is now covered by a reservation of `epoch`.

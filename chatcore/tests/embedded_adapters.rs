@@ -69,6 +69,30 @@ async fn numbers_are_unique_and_continue_above_everything_after_a_restart() -> a
     Ok(())
 }
 
+/// Replicas (allocators of their own over one counter store and one database) meeting a fresh
+/// scope at once seed it once: no replica's counter replaces another's whose first numbers were
+/// handed out already, which skipped a whole block.
+#[tokio::test]
+async fn replicas_seeding_one_scope_at_once_skip_no_block() -> anyhow::Result<()> {
+    let data_dir = DataDir::new();
+    let storage = Arc::new(SqliteStorage::open(&data_dir.0.join("chat.db")).await?);
+    let state = Arc::new(InProcessState::open(&data_dir.0.join("state.db")).await?);
+    let replicas: Vec<NumberAllocator> = (0..4)
+        .map(|_| NumberAllocator::new(state.clone(), storage.clone(), "test", 1000))
+        .collect();
+    let scope = Scope::ChatsOf { application_id: 9 };
+    let numbers = futures_util::future::join_all(
+        (0..40).map(|i| replicas[i % replicas.len()].allocate(&scope)),
+    )
+    .await;
+    let numbers: BTreeSet<u64> = numbers
+        .into_iter()
+        .map(|number| number.map(Number::get))
+        .collect::<Result<_, _>>()?;
+    assert_eq!(numbers, (1..=40).collect(), "four replicas share 1..40");
+    Ok(())
+}
+
 fn message_event(number: u64) -> Event {
     Event::new(EventPayload::MessageCreated {
         application_id: 1,
