@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use axum::extract::FromRequestParts;
-use axum::http::header;
+use axum::http::HeaderMap;
 use axum::http::request::Parts;
 use chatcore::Config;
 use chatcore::config::AdminToken;
@@ -74,24 +74,23 @@ fn absolute(path: &Path) -> PathBuf {
 /// Proof that the request carries the admin token: 401 without a bearer token, 403 with a wrong one.
 pub struct AdminAccess;
 
-impl FromRequestParts<AppState> for AdminAccess {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let presented = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.split_once(' '))
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .map(|(_, token)| token.trim())
-            .ok_or(ApiError::Unauthorized)?;
+impl AdminAccess {
+    pub fn verify(headers: &HeaderMap, state: &AppState) -> Result<Self, ApiError> {
+        let presented = crate::tenant::bearer(headers).ok_or(ApiError::Unauthorized)?;
         let expected = state.admin_token.expose().as_bytes();
         // Constant time: the answer must not tell how much of a guess was right.
         if bool::from(presented.as_bytes().ct_eq(expected)) {
             return Ok(Self);
         }
         Err(ApiError::Forbidden)
+    }
+}
+
+impl FromRequestParts<AppState> for AdminAccess {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        Self::verify(&parts.headers, state)
     }
 }
 

@@ -41,6 +41,15 @@ pub enum ApiError {
     /// 401: the admin routes need `Authorization: Bearer <admin token>`.
     #[error("this needs the admin token: Authorization: Bearer <token>")]
     Unauthorized,
+    /// 401: the application routes without a token in the path need the application's token in
+    /// `Authorization: Bearer`; it is missing, unknown, expired or revoked.
+    #[error(
+        "this needs the application's token: Authorization: Bearer <token> (missing, unknown, expired or revoked)"
+    )]
+    ApplicationKeyRequired,
+    /// 403: the application has as many chats as `CHAT_MAX_CHATS_PER_APPLICATION` allows.
+    #[error("the application has reached its quota of {0} chats")]
+    ChatQuotaExceeded(u64),
     /// 403: the bearer token is not the admin token.
     #[error("the bearer token is not the admin token")]
     Forbidden,
@@ -85,8 +94,8 @@ impl ApiError {
             Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
             Self::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
-            Self::Unauthorized => StatusCode::UNAUTHORIZED,
-            Self::Forbidden => StatusCode::FORBIDDEN,
+            Self::Unauthorized | Self::ApplicationKeyRequired => StatusCode::UNAUTHORIZED,
+            Self::Forbidden | Self::ChatQuotaExceeded(_) => StatusCode::FORBIDDEN,
             Self::RateLimited { .. } | Self::TooManyStreams(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::BodyTimedOut(_) => StatusCode::REQUEST_TIMEOUT,
             Self::NotPersistedYet(_) | Self::IdempotencyKeyInUse => StatusCode::CONFLICT,
@@ -105,7 +114,9 @@ impl ApiError {
             Self::Invalid(_) => "validation_failed",
             Self::NotFound(_) => "not_found",
             Self::Unauthorized => "unauthorized",
+            Self::ApplicationKeyRequired => "application_key_required",
             Self::Forbidden => "forbidden",
+            Self::ChatQuotaExceeded(_) => "quota_exceeded",
             Self::RateLimited { .. } => "rate_limited",
             Self::TooManyStreams(_) => "too_many_streams",
             Self::BodyTimedOut(_) => "body_timed_out",
@@ -192,6 +203,12 @@ impl IntoResponse for ApiError {
                 headers.insert(
                     header::WWW_AUTHENTICATE,
                     HeaderValue::from_static("Bearer realm=\"chat admin\""),
+                );
+            }
+            Self::ApplicationKeyRequired => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"chat application\""),
                 );
             }
             _ => {}

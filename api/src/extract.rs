@@ -3,6 +3,7 @@
 use axum::Json;
 use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
 use axum::http::request::Parts;
+use chatcore::domain::ApplicationToken;
 use chatcore::events::{TRACEPARENT_HEADER, TraceContext};
 use serde::de::DeserializeOwned;
 
@@ -58,6 +59,27 @@ impl<S: Send + Sync> FromRequestParts<S> for ClientAddress {
             .get::<Self>()
             .copied()
             .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("no client address on the request")))
+    }
+}
+
+/// The application a request acts for, resolved from its token (in `Authorization: Bearer`, or
+/// in the path of the legacy form) by [`crate::rate_limit::limit_rate`] before the body is read.
+#[derive(Debug, Clone)]
+pub struct Tenant {
+    pub application_id: u64,
+    /// The token the request presented: shown back to whoever presents it.
+    pub token: ApplicationToken,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Tenant {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        parts
+            .extensions
+            .get::<Self>()
+            .cloned()
+            .ok_or(ApiError::ApplicationKeyRequired)
     }
 }
 

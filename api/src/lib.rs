@@ -17,6 +17,7 @@ mod request_body;
 mod routes;
 mod server;
 mod service;
+mod tenant;
 
 use std::sync::Arc;
 
@@ -226,9 +227,14 @@ pub async fn reindex(
     let scope = match application {
         None => ReindexScope::All,
         Some(token) => {
-            let unknown = || anyhow::anyhow!("no application with the token {token:?}");
+            // The token is a secret: not repeated in the error.
+            let unknown = || anyhow::anyhow!("no application has this token (or it expired)");
             let token = ApplicationToken::parse(token).map_err(|_| unknown())?;
-            let id = storage.application_id(&token).await?.ok_or_else(unknown)?;
+            let id = storage
+                .resolve_token(&token.digest())
+                .await?
+                .ok_or_else(unknown)?
+                .application_id;
             match chat {
                 None => ReindexScope::Application(id),
                 Some(number) => ReindexScope::Chat(

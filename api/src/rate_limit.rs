@@ -5,10 +5,11 @@
 //! (draft-ietf-httpapi-ratelimit-headers).
 //!
 //! What an anonymous client can make a replica remember is bounded: the address limit runs first
-//! and a refusal stops there; the application limit keys only well-formed tokens (percent-decoded,
-//! so every spelling of one token is one bucket), never raw input; IPv6 clients are keyed by their
-//! /64 (one host holds a whole /64); each limiter keeps at most [`MAX_KEYS`] buckets, the quietest
-//! evicted first, and its size is the `chat_rate_limiter_keys` metric.
+//! and a refusal stops there (its token is not even looked up); the application limit is keyed by
+//! the application the token resolved to, never by raw input (so every spelling of a token, and
+//! every token of one application, share one bucket); IPv6 clients are keyed by their /64 (one
+//! host holds a whole /64); each limiter keeps at most [`MAX_KEYS`] buckets, the quietest evicted
+//! first, and its size is the `chat_rate_limiter_keys` metric.
 
 use std::hash::Hash;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
@@ -22,7 +23,6 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use axum::middleware::Next;
 use axum::response::{IntoResponse as _, Response};
 use chatcore::config::{RateLimit, RateLimits};
-use chatcore::domain::ApplicationToken;
 use chatcore::metrics::{LimiterLabels, Metrics};
 use governor::clock::{Clock as _, DefaultClock};
 use governor::middleware::{StateInformationMiddleware, StateSnapshot};
@@ -159,7 +159,7 @@ impl Verdict {
 /// The limits of one api process.
 pub struct RateLimiters {
     per_address: Option<Limiter<IpAddr>>,
-    per_application: Option<Limiter<ApplicationToken>>,
+    per_application: Option<Limiter<u64>>,
     trusted_proxy_hops: usize,
 }
 
@@ -222,25 +222,18 @@ impl RateLimiters {
             .unwrap_or(peer)
     }
 
-    /// The address first: a client it refuses is refused without a look at its token.
-    fn check(
-        &self,
-        address: IpAddr,
-        token: Option<&ApplicationToken>,
-    ) -> Result<Option<Remaining>, ApiError> {
-        let by_address = match &self.per_address {
-            Some(limiter) => Some(limiter.check(&address_key(address)).allowed()?),
-            None => None,
-        };
-        let by_application = match (&self.per_application, token) {
-            (Some(limiter), Some(token)) => Some(limiter.check(token).allowed()?),
-            _ => None,
-        };
-        // The tighter of the two is what the headers report.
-        Ok([by_address, by_application]
-            .into_iter()
-            .flatten()
-            .min_by_key(|remaining| remaining.remaining))
+    fn check_address(&self, address: IpAddr) -> Result<Option<Remaining>, ApiError> {
+        self.per_address
+            .as_ref()
+            .map(|limiter| limiter.check(&address_key(address)).allowed())
+            .transpose()
+    }
+
+    fn check_application(&self, application_id: u64) -> Result<Option<Remaining>, ApiError> {
+        self.per_application
+            .as_ref()
+            .map(|limiter| limiter.check(&application_id).allowed())
+            .transpose()
     }
 }
 
@@ -256,36 +249,9 @@ pub fn address_key(address: IpAddr) -> IpAddr {
     }
 }
 
-/// The application token a path names (`/api/v1/applications/{token}/...`), percent-decoded as
-/// the router decodes it; `None` unless it is a well-formed token.
-fn application_token(path: &str) -> Option<ApplicationToken> {
-    let rest = path.strip_prefix("/api/v1/applications/")?;
-    let segment = rest.split('/').next()?;
-    ApplicationToken::parse(&percent_decoded(segment)?).ok()
-}
-
-/// `%XX` sequences decoded; `None` for a malformed one or a result that is not UTF-8.
-fn percent_decoded(segment: &str) -> Option<String> {
-    if !segment.contains('%') {
-        return Some(segment.to_owned());
-    }
-    let bytes = segment.as_bytes();
-    let mut decoded = Vec::with_capacity(bytes.len());
-    let mut index = 0;
-    while index < bytes.len() {
-        if bytes[index] == b'%' {
-            let hex = segment.get(index + 1..index + 3)?;
-            decoded.push(u8::from_str_radix(hex, 16).ok()?);
-            index += 3;
-        } else {
-            decoded.push(bytes[index]);
-            index += 1;
-        }
-    }
-    String::from_utf8(decoded).ok()
-}
-
-/// Middleware: counts the request against its address and application; 429 over either limit.
+/// Middleware: counts the request against its address, then resolves its application token
+/// ([`Tenant`]) and counts it against the application; 429 over either limit. Runs before the
+/// body is read.
 pub async fn limit_rate(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let limiters = &state.rate_limiters;
     let peer = request
@@ -297,21 +263,47 @@ pub async fn limit_rate(State(state): State<AppState>, request: Request, next: N
     request
         .extensions_mut()
         .insert(ClientAddress(address_key(address)));
-    let token = application_token(request.uri().path());
-    match limiters.check(address, token.as_ref()) {
-        Err(limited) => limited.into_response(),
-        Ok(None) => next.run(request).await,
-        Ok(Some(remaining)) => {
-            let mut response = next.run(request).await;
-            set_headers(
-                response.headers_mut(),
-                remaining.limit.burst,
-                remaining.remaining,
-                remaining.reset,
-            );
-            response
+    let by_address = match limiters.check_address(address) {
+        Ok(remaining) => remaining,
+        Err(limited) => return limited.into_response(),
+    };
+    let mut by_application = None;
+    let response = 'answered: {
+        if let Some(presented) = crate::tenant::presented(&request) {
+            let tenant = match crate::tenant::resolve(&state, presented).await {
+                Ok(tenant) => tenant,
+                Err(refused) => break 'answered refused.into_response(),
+            };
+            by_application = match limiters.check_application(tenant.application_id) {
+                Ok(remaining) => remaining,
+                Err(limited) => return limited.into_response(),
+            };
+            request.extensions_mut().insert(tenant);
         }
+        next.run(request).await
+    };
+    with_headers(response, by_address, by_application)
+}
+
+/// The headers of the tighter of the two limits (the one with fewer requests left).
+fn with_headers(
+    mut response: Response,
+    by_address: Option<Remaining>,
+    by_application: Option<Remaining>,
+) -> Response {
+    let tighter = [by_address, by_application]
+        .into_iter()
+        .flatten()
+        .min_by_key(|remaining| remaining.remaining);
+    if let Some(remaining) = tighter {
+        set_headers(
+            response.headers_mut(),
+            remaining.limit.burst,
+            remaining.remaining,
+            remaining.reset,
+        );
     }
+    response
 }
 
 /// Whole seconds, rounded up (a client waiting the rounded-down figure would be refused again).
@@ -355,52 +347,22 @@ mod tests {
         )
     }
 
-    fn token(letter: char) -> ApplicationToken {
-        ApplicationToken::parse(&letter.to_string().repeat(ApplicationToken::LENGTH))
-            .expect("well-formed")
-    }
-
-    #[test]
-    fn the_token_is_read_from_the_path_decoded_and_only_when_well_formed() {
-        let a = token('a');
-        let path = format!("/api/v1/applications/{}/chats/1", a.as_str());
-        assert_eq!(application_token(&path), Some(a.clone()));
-        let encoded = format!("/api/v1/applications/%61{}", &a.as_str()[1..]);
-        assert_eq!(
-            application_token(&encoded),
-            Some(a),
-            "one token, any spelling"
-        );
-        assert_eq!(application_token("/api/v1/applications/abc"), None, "junk");
-        assert_eq!(application_token("/api/v1/applications/%zz"), None);
-        assert_eq!(application_token("/api/v1/applications"), None);
-        assert_eq!(application_token("/livez"), None);
-    }
-
-    #[test]
-    fn an_address_refused_leaves_no_trace_in_the_application_limiter() {
-        let limiters = limits(0, 1);
-        let address = IpAddr::from([127, 0, 0, 1]);
-        limiters.check(address, None).expect("the first is allowed");
-        for letter in 'a'..='z' {
-            assert!(limiters.check(address, Some(&token(letter))).is_err());
-        }
-        let application = limiters.per_application.as_ref().expect("on");
-        assert_eq!(application.buckets.len(), 0);
-    }
-
     #[test]
     fn ipv6_clients_share_a_bucket_per_64_and_a_limiter_stays_bounded() {
         let limiters = limits(0, 1);
         let host: IpAddr = "2001:db8:1:2::1".parse().expect("address");
         let same_64: IpAddr = "2001:db8:1:2:ffff::9".parse().expect("address");
         let other_64: IpAddr = "2001:db8:1:3::1".parse().expect("address");
-        limiters.check(host, None).expect("allowed");
-        assert!(limiters.check(same_64, None).is_err(), "the same /64");
-        limiters.check(other_64, None).expect("another /64");
+        limiters.check_address(host).expect("allowed");
+        assert!(limiters.check_address(same_64).is_err(), "the same /64");
+        limiters.check_address(other_64).expect("another /64");
         let mapped: IpAddr = "::ffff:192.0.2.1".parse().expect("address");
-        limiters.check(mapped, None).expect("allowed");
-        assert!(limiters.check(IpAddr::from([192, 0, 2, 1]), None).is_err());
+        limiters.check_address(mapped).expect("allowed");
+        assert!(
+            limiters
+                .check_address(IpAddr::from([192, 0, 2, 1]))
+                .is_err()
+        );
 
         let address = limiters.per_address.as_ref().expect("on");
         for n in 0..(MAX_KEYS as u32 * 2) {
@@ -414,23 +376,22 @@ mod tests {
     }
 
     #[test]
-    fn a_token_over_its_burst_is_limited_and_others_are_not() {
+    fn an_application_over_its_burst_is_limited_and_others_are_not() {
         let limiters = limiters(0);
-        let address = IpAddr::from([127, 0, 0, 1]);
-        let (a, b) = (token('a'), token('b'));
-        let first = limiters.check(address, Some(&a)).expect("allowed");
+        let first = limiters.check_application(1).expect("allowed");
         assert_eq!(first.map(|r| r.remaining), Some(1));
-        limiters.check(address, Some(&a)).expect("allowed");
-        let Err(ApiError::RateLimited { limit, retry_after }) = limiters.check(address, Some(&a))
+        limiters.check_application(1).expect("allowed");
+        let Err(ApiError::RateLimited { limit, retry_after }) = limiters.check_application(1)
         else {
             panic!("the third request within a second is limited");
         };
         assert_eq!(limit, 2);
         assert!(retry_after <= Duration::from_secs(1));
-        assert!(limiters.check(address, Some(&b)).is_ok());
+        assert!(limiters.check_application(2).is_ok());
+        let address = IpAddr::from([127, 0, 0, 1]);
         assert!(
-            limiters.check(address, None).expect("allowed").is_none(),
-            "no limit applies"
+            limiters.check_address(address).expect("allowed").is_none(),
+            "no address limit is set"
         );
     }
 

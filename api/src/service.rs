@@ -3,12 +3,13 @@
 //! publishes events and reads the storage and the index, in domain terms only.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use chatcore::adapters::Adapters;
 use chatcore::changes::{ChangeKind, MessageChange};
 use chatcore::config::{ApiConfig, Config};
 use chatcore::domain::{
-    ApplicationName, ApplicationToken, MessageBody, Number, PageRequest, SearchQuery,
+    ApplicationName, ApplicationToken, MessageBody, Number, PageRequest, SearchQuery, TokenDigest,
 };
 use chatcore::events::{Event, EventPayload, TraceContext};
 use chatcore::numbering::{NumberAllocator, Scope};
@@ -16,15 +17,18 @@ use chatcore::queue::EventQueue;
 use chatcore::search::{MessageHit, SearchIndex};
 use chatcore::state::SharedState;
 use chatcore::store::{ApplicationRow, ChatKey, ChatRow, MessageRow, Storage};
+use chrono::{DateTime, Utc};
 use quick_cache::sync::Cache;
 use tracing::Instrument as _;
 
 use crate::error::ApiError;
 use crate::idempotency::{IdempotencyKey, Recorded, fingerprint};
 
-/// Entries of the token -> application id cache. Applications are never deleted, so an entry
-/// never goes stale.
-const APPLICATION_CACHE_ENTRIES: usize = 100_000;
+/// Entries of the token -> application cache.
+const TOKEN_CACHE_ENTRIES: usize = 100_000;
+/// How long a replica trusts what it read of a token: a token revoked (or rotated out) on another
+/// replica stops working here within this time.
+pub const TOKEN_CACHE_TTL: std::time::Duration = std::time::Duration::from_millis(500);
 /// Writes of the record of an accepted event before the request fails (see `allocate_and_publish`),
 /// with a growing pause between them.
 const ACCEPTED_RECORD_ATTEMPTS: u32 = 3;
@@ -42,6 +46,14 @@ pub struct DependencyCheck {
     pub required: bool,
 }
 
+/// What a replica read of a token, and when.
+#[derive(Clone)]
+struct CachedGrant {
+    application_id: u64,
+    expires_at: Option<DateTime<Utc>>,
+    fetched: Instant,
+}
+
 pub struct ChatService {
     settings: ApiConfig,
     key_prefix: String,
@@ -50,7 +62,7 @@ pub struct ChatService {
     queue: Arc<dyn EventQueue>,
     search: Arc<dyn SearchIndex>,
     allocator: NumberAllocator,
-    application_ids: Cache<String, u64>,
+    token_grants: Cache<TokenDigest, CachedGrant>,
     known_chats: Cache<(u64, Number), ()>,
 }
 
@@ -64,7 +76,7 @@ impl ChatService {
             queue: Arc::clone(&adapters.queue),
             search: Arc::clone(&adapters.search),
             allocator: adapters.allocator.clone(),
-            application_ids: Cache::new(APPLICATION_CACHE_ENTRIES),
+            token_grants: Cache::new(TOKEN_CACHE_ENTRIES),
             known_chats: Cache::new(CHAT_CACHE_ENTRIES),
         }
     }
@@ -92,32 +104,76 @@ impl ChatService {
         ]
     }
 
+    /// Creates an application and its first token (shown once: the database keeps its digest).
     pub async fn create_application(
         &self,
         name: &ApplicationName,
-    ) -> Result<ApplicationRow, ApiError> {
-        Ok(self.storage.create_application(name).await?)
+    ) -> Result<(ApplicationRow, ApplicationToken), ApiError> {
+        let token = ApplicationToken::generate();
+        let row = self.storage.create_application(name, &token).await?;
+        Ok((row, token))
     }
 
     pub async fn rename_application(
         &self,
-        token: &ApplicationToken,
+        application_id: u64,
         name: &ApplicationName,
     ) -> Result<ApplicationRow, ApiError> {
         self.storage
-            .rename_application(token, name)
+            .rename_application(application_id, name)
             .await?
             .ok_or(ApiError::NotFound("application"))
     }
 
-    pub async fn find_application(
-        &self,
-        token: &ApplicationToken,
-    ) -> Result<ApplicationRow, ApiError> {
+    pub async fn find_application(&self, application_id: u64) -> Result<ApplicationRow, ApiError> {
         self.storage
-            .find_application(token)
+            .find_application(application_id)
             .await?
             .ok_or(ApiError::NotFound("application"))
+    }
+
+    /// Gives the application a new token; its other tokens stay valid for the overlap
+    /// (`CHAT_TOKEN_ROTATION_OVERLAP_SECONDS`). Returns the new token and when the others end.
+    pub async fn rotate_token(
+        &self,
+        application_id: u64,
+    ) -> Result<(ApplicationRow, ApplicationToken, DateTime<Utc>), ApiError> {
+        let others_valid_until = chatcore::store::now()
+            + chrono::Duration::from_std(self.settings.token_rotation_overlap)
+                .unwrap_or(chrono::Duration::MAX);
+        let (row, token) = self
+            .replace_tokens(application_id, Some(others_valid_until))
+            .await?;
+        Ok((row, token, others_valid_until))
+    }
+
+    /// The operator's revocation: every token of the application that `token` opens ends now
+    /// (on every replica within [`TOKEN_CACHE_TTL`]); the answer carries the one replacing them.
+    pub async fn revoke_tokens(
+        &self,
+        token: &ApplicationToken,
+    ) -> Result<(ApplicationRow, ApplicationToken), ApiError> {
+        let application_id = self
+            .resolve_token(token)
+            .await?
+            .ok_or(ApiError::NotFound("application"))?;
+        self.replace_tokens(application_id, None).await
+    }
+
+    async fn replace_tokens(
+        &self,
+        application_id: u64,
+        others_valid_until: Option<DateTime<Utc>>,
+    ) -> Result<(ApplicationRow, ApplicationToken), ApiError> {
+        let token = ApplicationToken::generate();
+        let replaced = self
+            .storage
+            .replace_tokens(application_id, &token, others_valid_until)
+            .await?;
+        if !replaced {
+            return Err(ApiError::NotFound("application"));
+        }
+        Ok((self.find_application(application_id).await?, token))
     }
 
     pub async fn list_applications(
@@ -131,12 +187,17 @@ impl ChatService {
     /// once, before its row is written.
     pub async fn accept_chat(
         self: Arc<Self>,
-        token: &str,
+        application_id: u64,
         idempotency_key: IdempotencyKey,
         trace: &TraceContext,
     ) -> Result<Number, ApiError> {
-        let application_id = self.application_id(token).await?;
         let scope = Scope::ChatsOf { application_id };
+        let quota = self.settings.max_chats_per_application;
+        // Counted by the numbers handed out (an upper bound of the chats): requests racing at the
+        // edge may pass it by as many as run at once.
+        if quota > 0 && self.allocator.handed_out_up_to(&scope).await? >= quota {
+            return Err(ApiError::ChatQuotaExceeded(quota));
+        }
         self.accept(idempotency_key, &scope, b"", trace, move |chat_number| {
             EventPayload::ChatCreated {
                 application_id,
@@ -149,15 +210,17 @@ impl ChatService {
 
     pub async fn list_chats(
         &self,
-        token: &str,
+        application_id: u64,
         page: PageRequest,
     ) -> Result<Vec<ChatRow>, ApiError> {
-        let application_id = self.application_id(token).await?;
         Ok(self.storage.list_chats(application_id, page).await?)
     }
 
-    pub async fn find_chat(&self, token: &str, number: Number) -> Result<ChatRow, ApiError> {
-        let application_id = self.application_id(token).await?;
+    pub async fn find_chat(
+        &self,
+        application_id: u64,
+        number: Number,
+    ) -> Result<ChatRow, ApiError> {
         self.storage
             .find_chat(application_id, number)
             .await?
@@ -168,13 +231,12 @@ impl ChatService {
     /// later.
     pub async fn accept_message(
         self: Arc<Self>,
-        token: &str,
+        application_id: u64,
         chat_number: Number,
         body: MessageBody,
         idempotency_key: IdempotencyKey,
         trace: &TraceContext,
     ) -> Result<Number, ApiError> {
-        let application_id = self.application_id(token).await?;
         self.require_chat(application_id, chat_number).await?;
         let scope = Scope::MessagesOf {
             application_id,
@@ -199,11 +261,10 @@ impl ChatService {
 
     pub async fn list_messages(
         &self,
-        token: &str,
+        application_id: u64,
         chat_number: Number,
         page: PageRequest,
     ) -> Result<Vec<MessageRow>, ApiError> {
-        let application_id = self.application_id(token).await?;
         self.require_chat(application_id, chat_number).await?;
         Ok(self
             .storage
@@ -213,11 +274,10 @@ impl ChatService {
 
     pub async fn find_message(
         &self,
-        token: &str,
+        application_id: u64,
         chat_number: Number,
         number: Number,
     ) -> Result<MessageRow, ApiError> {
-        let application_id = self.application_id(token).await?;
         self.storage
             .find_message(application_id, chat_number, number)
             .await?
@@ -230,13 +290,12 @@ impl ChatService {
     /// [`ApiError::NotPersistedYet`], so the client retries instead of losing its edit.
     pub async fn update_message(
         &self,
-        token: &str,
+        application_id: u64,
         chat_number: Number,
         number: Number,
         body: &MessageBody,
         trace: &TraceContext,
     ) -> Result<MessageRow, ApiError> {
-        let application_id = self.application_id(token).await?;
         let Some(row) = self
             .storage
             .update_message(application_id, chat_number, number, body)
@@ -273,12 +332,11 @@ impl ChatService {
     /// re-indexes it (the messages updated lately include the deleted ones).
     pub async fn delete_message(
         &self,
-        token: &str,
+        application_id: u64,
         chat_number: Number,
         number: Number,
         trace: &TraceContext,
     ) -> Result<(), ApiError> {
-        let application_id = self.application_id(token).await?;
         let Some(row) = self
             .storage
             .delete_message(application_id, chat_number, number)
@@ -322,10 +380,9 @@ impl ChatService {
     /// The chat a live stream follows: its application resolved, the chat known.
     pub async fn stream_target(
         &self,
-        token: &str,
+        application_id: u64,
         chat_number: Number,
     ) -> Result<ChatKey, ApiError> {
-        let application_id = self.application_id(token).await?;
         self.require_chat(application_id, chat_number).await?;
         Ok((application_id, chat_number))
     }
@@ -346,12 +403,11 @@ impl ChatService {
     /// Messages of one chat in which every word of the query matches a word or a word prefix.
     pub async fn search(
         &self,
-        token: &str,
+        application_id: u64,
         chat_number: Number,
         query: &SearchQuery,
         page: PageRequest,
     ) -> Result<Vec<MessageHit>, ApiError> {
-        let application_id = self.application_id(token).await?;
         self.require_chat(application_id, chat_number).await?;
         Ok(self
             .search
@@ -520,21 +576,32 @@ impl ChatService {
         Ok(event.number())
     }
 
-    /// Resolves a token to the internal application id (cached), or 404.
-    async fn application_id(&self, raw_token: &str) -> Result<u64, ApiError> {
-        let Ok(token) = ApplicationToken::parse(raw_token) else {
-            return Err(ApiError::NotFound("application"));
-        };
-        if let Some(id) = self.application_ids.get(token.as_str()) {
-            return Ok(id);
+    /// The application a token opens, None for an unknown, expired or revoked one. Answers are
+    /// kept [`TOKEN_CACHE_TTL`] at most (and never past the token's end), so a revocation made on
+    /// another replica takes effect here within that time.
+    pub async fn resolve_token(&self, token: &ApplicationToken) -> Result<Option<u64>, ApiError> {
+        let digest = token.digest();
+        if let Some(cached) = self.token_grants.get(&digest)
+            && cached.fetched.elapsed() < TOKEN_CACHE_TTL
+            && cached
+                .expires_at
+                .is_none_or(|expires_at| expires_at > Utc::now())
+        {
+            return Ok(Some(cached.application_id));
         }
-        let id = self
-            .storage
-            .application_id(&token)
-            .await?
-            .ok_or(ApiError::NotFound("application"))?;
-        self.application_ids.insert(token.to_string(), id);
-        Ok(id)
+        let Some(grant) = self.storage.resolve_token(&digest).await? else {
+            self.token_grants.remove(&digest);
+            return Ok(None);
+        };
+        self.token_grants.insert(
+            digest,
+            CachedGrant {
+                application_id: grant.application_id,
+                expires_at: grant.expires_at,
+                fetched: Instant::now(),
+            },
+        );
+        Ok(Some(grant.application_id))
     }
 
     fn pending_chat_key(&self, application_id: u64, chat_number: Number) -> String {

@@ -276,10 +276,11 @@ impl Bench {
             self.config.database_max_connections,
         )
         .await?;
-        let application_id = sqlx::query_scalar("SELECT id FROM applications WHERE token = ?")
-            .bind(&token)
-            .fetch_one(&pool)
-            .await?;
+        let application_id =
+            sqlx::query_scalar("SELECT application_id FROM application_tokens WHERE digest = ?")
+                .bind(application_digest(&token)?)
+                .fetch_one(&pool)
+                .await?;
         Ok(Target {
             token,
             index: IndexCount::Elasticsearch {
@@ -780,10 +781,11 @@ impl Bench {
                 .await?;
         }
         let token = self.api.create_application().await?;
-        let application_id: u64 = sqlx::query_scalar("SELECT id FROM applications WHERE token = ?")
-            .bind(&token)
-            .fetch_one(&storage.pool)
-            .await?;
+        let application_id: u64 =
+            sqlx::query_scalar("SELECT application_id FROM application_tokens WHERE digest = ?")
+                .bind(application_digest(&token)?)
+                .fetch_one(&storage.pool)
+                .await?;
         eprintln!("bench: an application of {MANY_CHATS} chats of {MANY_CHATS_MESSAGES} messages");
         let mut chats = Vec::with_capacity(MANY_CHATS);
         for _ in 0..MANY_CHATS {
@@ -871,4 +873,12 @@ async fn post_messages(api: &Api, token: &str, chat: u64, load: Load) -> anyhow:
         }
     })
     .await
+}
+
+/// What the database holds of an application token (its SHA-256), to find its application.
+fn application_digest(token: &str) -> anyhow::Result<Vec<u8>> {
+    Ok(chatcore::domain::ApplicationToken::parse(token)?
+        .digest()
+        .as_bytes()
+        .to_vec())
 }

@@ -196,6 +196,32 @@ pub struct ApiConfig {
     /// How long the api keeps serving after SIGTERM with `/readyz` answering 503, before it
     /// drains: the time the cluster takes to stop routing to it (0: drain at once).
     pub shutdown_delay: Duration,
+    /// How long an application's older tokens keep working after it rotates its token.
+    pub token_rotation_overlap: Duration,
+    /// Who may create applications.
+    pub application_creation: ApplicationCreation,
+    /// Chats an application may have at most (its chat numbers); 0: no limit.
+    pub max_chats_per_application: u64,
+}
+
+/// `CHAT_APPLICATION_CREATION`: `open` (anyone, as the reference contract; fine on a laptop) or
+/// `admin` (only with the admin token: what a public deployment wants).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApplicationCreation {
+    Open,
+    Admin,
+}
+
+impl FromStr for ApplicationCreation {
+    type Err = String;
+
+    fn from_str(raw: &str) -> Result<Self, Self::Err> {
+        match raw {
+            "open" => Ok(Self::Open),
+            "admin" => Ok(Self::Admin),
+            other => Err(format!("{other:?} is neither open nor admin")),
+        }
+    }
 }
 
 /// The bounds of the live message streams (`GET .../messages/stream`) of one replica.
@@ -408,6 +434,12 @@ impl Config {
                     buffered_changes: settings.parse("CHAT_STREAM_BUFFERED_CHANGES", 256)?,
                 },
                 shutdown_delay: settings.millis("CHAT_SHUTDOWN_DELAY_MS", 0)?,
+                token_rotation_overlap: Duration::from_secs(
+                    settings.parse("CHAT_TOKEN_ROTATION_OVERLAP_SECONDS", 86_400)?,
+                ),
+                application_creation: settings
+                    .parse("CHAT_APPLICATION_CREATION", ApplicationCreation::Open)?,
+                max_chats_per_application: settings.parse("CHAT_MAX_CHATS_PER_APPLICATION", 0)?,
             },
             consumer: ConsumerConfig {
                 prefetch: settings.parse("CHAT_CONSUMER_PREFETCH", 1000)?,

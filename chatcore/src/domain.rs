@@ -5,7 +5,7 @@ use std::fmt;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, SecondsFormat, Utc};
-use rand::RngCore as _;
+use rand::Rng as _;
 use serde::{Deserialize, Serialize, Serializer};
 
 /// Why a value was refused; `field` names the JSON field or parameter that was wrong.
@@ -25,31 +25,62 @@ impl InvalidInput {
     }
 }
 
-/// 24 random bytes (192 bits) encoded as 32 URL-safe base64 characters.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+/// An application's key. New tokens are `chat_`, 30 random base62 characters (178 bits) and 6 of
+/// the CRC32 of those, so that secret scanners recognise them by the prefix and confirm them by the
+/// checksum without asking us; tokens made before that format (32 URL-safe base64 characters,
+/// 192 random bits) keep working. The database holds only [`TokenDigest`]s.
+#[derive(Clone, PartialEq, Eq, Hash, Serialize)]
 #[serde(transparent)]
 pub struct ApplicationToken(String);
 
+const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+
 impl ApplicationToken {
-    pub const RANDOM_BYTES: usize = 24;
-    pub const LENGTH: usize = 32;
+    pub const PREFIX: &str = "chat_";
+    const RANDOM_CHARS: usize = 30;
+    const CHECKSUM_CHARS: usize = 6;
+    pub const LENGTH: usize = Self::PREFIX.len() + Self::RANDOM_CHARS + Self::CHECKSUM_CHARS;
+    /// The length of a token of the first format.
+    const LEGACY_LENGTH: usize = 32;
 
     pub fn generate() -> Self {
-        let mut bytes = [0u8; Self::RANDOM_BYTES];
-        rand::rng().fill_bytes(&mut bytes);
-        Self(URL_SAFE_NO_PAD.encode(bytes))
+        let mut rng = rand::rng();
+        let random: String = (0..Self::RANDOM_CHARS)
+            .map(|_| char::from(BASE62[rng.random_range(0..BASE62.len())]))
+            .collect();
+        let checksum = Self::checksum(&random);
+        Self(format!("{}{random}{checksum}", Self::PREFIX))
+    }
+
+    /// The CRC32 of the random part, as 6 base62 digits.
+    fn checksum(random: &str) -> String {
+        let mut value = u64::from(crc32fast::hash(random.as_bytes()));
+        let mut digits = [b'0'; Self::CHECKSUM_CHARS];
+        for digit in digits.iter_mut().rev() {
+            *digit = BASE62[(value % 62) as usize];
+            value /= 62;
+        }
+        digits.iter().copied().map(char::from).collect()
     }
 
     pub fn parse(raw: &str) -> Result<Self, InvalidInput> {
-        let well_formed = raw.len() == Self::LENGTH
+        let invalid = || InvalidInput::new("token", "is not an application token");
+        if let Some(rest) = raw.strip_prefix(Self::PREFIX) {
+            if raw.len() != Self::LENGTH || !rest.bytes().all(|byte| byte.is_ascii_alphanumeric()) {
+                return Err(invalid());
+            }
+            let (random, checksum) = rest.split_at(Self::RANDOM_CHARS);
+            if Self::checksum(random) != checksum {
+                return Err(invalid());
+            }
+            return Ok(Self(raw.to_owned()));
+        }
+        let legacy = raw.len() == Self::LEGACY_LENGTH
             && raw
                 .bytes()
                 .all(|byte| byte.is_ascii_alphanumeric() || byte == b'-' || byte == b'_');
-        if !well_formed {
-            return Err(InvalidInput::new(
-                "token",
-                format!("must be {} URL-safe base64 characters", Self::LENGTH),
-            ));
+        if !legacy {
+            return Err(invalid());
         }
         Ok(Self(raw.to_owned()))
     }
@@ -57,11 +88,44 @@ impl ApplicationToken {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// What the database keeps of the token.
+    pub fn digest(&self) -> TokenDigest {
+        TokenDigest(<sha2::Sha256 as sha2::Digest>::digest(self.0.as_bytes()).into())
+    }
+
+    /// What an operator is shown of the token: its prefix and last 4 characters.
+    pub fn hint(&self) -> String {
+        let prefix = if self.0.starts_with(Self::PREFIX) {
+            Self::PREFIX
+        } else {
+            ""
+        };
+        format!("{prefix}...{}", &self.0[self.0.len() - 4..])
+    }
+}
+
+/// Never printed whole: a token in a log line or an error is a leaked key.
+impl fmt::Debug for ApplicationToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ApplicationToken({})", self.hint())
+    }
 }
 
 impl fmt::Display for ApplicationToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
+    }
+}
+
+/// The SHA-256 of an application token: what the database stores and is searched by. The token
+/// has 178 random bits or more, so a plain hash cannot be reversed by guessing (no salt needed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TokenDigest(pub [u8; 32]);
+
+impl TokenDigest {
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
     }
 }
 

@@ -16,6 +16,7 @@ mod observability;
 mod pipeline;
 mod search;
 mod tls;
+mod tokens;
 mod tool_cache;
 mod tour;
 mod tracing;

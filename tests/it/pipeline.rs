@@ -423,7 +423,10 @@ async fn poison_events_are_dead_lettered_and_the_consumers_go_on() -> anyhow::Re
 
     // The operator fixes the cause (the application appears) and replays the dead letters: the
     // orphan is written now; nothing else is left behind.
-    sqlx::query("INSERT INTO applications (id, token, name, chats_count, created_at, updated_at) VALUES (987654, ?, 'restored', 0, NOW(3), NOW(3))")
+    sqlx::query("INSERT INTO applications (id, token_hint, name, chats_count, created_at, updated_at) VALUES (987654, '...RRRR', 'restored', 0, NOW(3), NOW(3))")
+        .execute(env.mysql())
+        .await?;
+    sqlx::query("INSERT INTO application_tokens (digest, application_id, created_at) VALUES (UNHEX(SHA2(?, 256)), 987654, NOW(3))")
         .bind("R".repeat(32))
         .execute(env.mysql())
         .await?;

@@ -82,7 +82,7 @@ async fn listing_applications_needs_the_admin_token(env: TestEnv) -> anyhow::Res
 
     let listed = client.get_as_admin("/applications").await?;
     assert_eq!(listed.status, StatusCode::OK);
-    assert_eq!(listed.body["applications"][0]["token"], token.as_str());
+    assert_eq!(listed.body["applications"][0]["name"], "tenant");
     // The rest of the contract needs no admin token: the application token is the credential.
     let shown = client.get(&format!("/applications/{token}")).await?;
     assert_eq!(shown.status, StatusCode::OK);
@@ -512,9 +512,9 @@ async fn internals_stay_internal(mut env: TestEnv) -> anyhow::Result<()> {
         StatusCode::OK
     );
 
-    // A path parameter that is not UTF-8 gets the documented JSON error.
+    // A token that is not UTF-8 names no application: the documented JSON error.
     let undecodable = api.client.get("/applications/%FF%FE/chats").await?;
-    assert_error(&undecodable, StatusCode::BAD_REQUEST, "bad_request");
+    assert_error(&undecodable, StatusCode::NOT_FOUND, "not_found");
     api.stop().await?;
 
     env.set("CHAT_DOCS_ENABLED", "false");

@@ -365,10 +365,29 @@ impl TestEnv {
             .context("the count answered no row")
     }
 
+    /// A count of rows, with text binds.
+    pub async fn count_where(&self, sql: &'static str, binds: &[&str]) -> anyhow::Result<i64> {
+        self.integers(sql, binds)
+            .await?
+            .first()
+            .copied()
+            .context("the count answered no row")
+    }
+
     /// Internal id of an application, for assertions on the tables.
     pub async fn application_id(&self, token: &str) -> anyhow::Result<u64> {
+        // The tables hold the token's digest, never the token.
+        let digest: String = chatcore::domain::ApplicationToken::parse(token)?
+            .digest()
+            .as_bytes()
+            .iter()
+            .map(|byte| format!("{byte:02X}"))
+            .collect();
         let ids = self
-            .integers("SELECT id FROM applications WHERE token = ?", &[token])
+            .integers(
+                "SELECT application_id FROM application_tokens WHERE HEX(digest) = ?",
+                &[&digest],
+            )
             .await?;
         Ok(u64::try_from(*ids.first().context("no such application")?)?)
     }
@@ -379,12 +398,12 @@ impl TestEnv {
         token: &str,
         chat_number: u64,
     ) -> anyhow::Result<Vec<u64>> {
+        let application_id = self.application_id(token).await?;
         let numbers = self
             .integers(
                 "SELECT m.number FROM messages m JOIN chats c ON c.id = m.chat_id \
-                 JOIN applications a ON a.id = c.application_id WHERE a.token = ? AND c.number = ? \
-                 ORDER BY m.number",
-                &[token, &chat_number.to_string()],
+                 WHERE c.application_id = ? AND c.number = ? ORDER BY m.number",
+                &[&application_id.to_string(), &chat_number.to_string()],
             )
             .await?;
         Ok(numbers.into_iter().map(|n| n as u64).collect())

@@ -14,7 +14,7 @@ use utoipa_axum::routes;
 use super::{Accepted, PageParams, Pagination, paginate, parse_number};
 use crate::AppState;
 use crate::error::{ApiError, ErrorBody};
-use crate::extract::{PathParams, QueryParams, RequestTrace};
+use crate::extract::{PathParams, QueryParams, RequestTrace, Tenant};
 use crate::idempotency::IdempotencyKey;
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -48,34 +48,39 @@ struct ChatList {
 }
 
 /// Accepts a chat: 202 with its number once the event is durable; written a moment later.
-#[utoipa::path(post, path = "/applications/{token}/chats", tag = "chats", operation_id = "create_chat",
-    params(("token" = String, Path, description = "application token"), IdempotencyKey),
+#[utoipa::path(post, path = "/chats", tag = "chats", operation_id = "create_chat",
+    security(("application_token" = [])),
+    params(IdempotencyKey),
     responses((status = 202, description = "accepted", body = Accepted), (status = 400, body = ErrorBody),
         (status = 409, description = "`idempotency_key_in_use`: a request with this `Idempotency-Key` is still running; retry after `Retry-After` seconds", body = ErrorBody),
-        (status = 422, description = "`idempotency_key_reused`: the `Idempotency-Key` was used with another request", body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
+        (status = 422, description = "`idempotency_key_reused`: the `Idempotency-Key` was used with another request", body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn create(
     State(state): State<AppState>,
-    PathParams(token): PathParams<String>,
+    tenant: Tenant,
     RequestTrace(trace): RequestTrace,
     idempotency_key: IdempotencyKey,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
     let number = state
         .service_handle()
-        .accept_chat(&token, idempotency_key, &trace)
+        .accept_chat(tenant.application_id, idempotency_key, &trace)
         .await?;
     Ok((StatusCode::ACCEPTED, Json(Accepted { number })))
 }
 
 /// Lists the chats of an application by number.
-#[utoipa::path(get, path = "/applications/{token}/chats", tag = "chats", operation_id = "list_chats", params(("token" = String, Path, description = "application token"), PageParams),
-    responses((status = 200, body = ChatList), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
+#[utoipa::path(get, path = "/chats", tag = "chats", operation_id = "list_chats",
+    security(("application_token" = [])), params(PageParams),
+    responses((status = 200, body = ChatList), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn list(
     State(state): State<AppState>,
-    PathParams(token): PathParams<String>,
+    tenant: Tenant,
     QueryParams(params): QueryParams<PageParams>,
 ) -> Result<Json<ChatList>, ApiError> {
     let page = params.parse(&state)?;
-    let rows = state.service().list_chats(&token, page).await?;
+    let rows = state
+        .service()
+        .list_chats(tenant.application_id, page)
+        .await?;
     let (rows, pagination) = paginate(rows, page, |row| row.number);
     Ok(Json(ChatList {
         chats: rows.into_iter().map(ChatView::from).collect(),
@@ -84,13 +89,18 @@ async fn list(
 }
 
 /// Shows one chat.
-#[utoipa::path(get, path = "/applications/{token}/chats/{number}", tag = "chats", operation_id = "show_chat", params(("token" = String, Path, description = "application token"), ("number" = u64, Path, minimum = 1, description = "number within the parent")),
-    responses((status = 200, body = ChatView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
+#[utoipa::path(get, path = "/chats/{number}", tag = "chats", operation_id = "show_chat",
+    security(("application_token" = [])), params(("number" = u64, Path, minimum = 1, description = "number within the parent")),
+    responses((status = 200, body = ChatView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn show(
     State(state): State<AppState>,
-    PathParams((token, number)): PathParams<(String, String)>,
+    tenant: Tenant,
+    PathParams(number): PathParams<String>,
 ) -> Result<Json<ChatView>, ApiError> {
     let number = parse_number("number", &number)?;
-    let row = state.service().find_chat(&token, number).await?;
+    let row = state
+        .service()
+        .find_chat(tenant.application_id, number)
+        .await?;
     Ok(Json(row.into()))
 }

@@ -1,14 +1,16 @@
 //! What the handlers' `#[utoipa::path]` annotations leave to the whole document: a description for
 //! every response (OpenAPI requires one; a future endpoint cannot forget it), the headers that
 //! middleware and the error type send (`Retry-After`, `RateLimit-*`, `WWW-Authenticate`) as
-//! reusable components, and the `429` every operation may answer.
+//! reusable components, and the `429` every operation may answer; and the legacy forms of the
+//! application routes, with the token in the path ([`LegacyTokenPaths`]).
 
 use axum::http::StatusCode;
-use utoipa::openapi::path::Operation;
+use utoipa::openapi::path::{Operation, ParameterBuilder, ParameterIn, PathItem};
 use utoipa::openapi::schema::{ObjectBuilder, Type};
 use utoipa::openapi::security::SecurityRequirement;
 use utoipa::openapi::{
-    ContentBuilder, HeaderBuilder, OpenApi, Ref, RefOr, Response, ResponseBuilder,
+    ContentBuilder, Deprecated, HeaderBuilder, OpenApi, Ref, RefOr, Required, Response,
+    ResponseBuilder,
 };
 
 const RETRY_AFTER: &str = "Retry-After";
@@ -18,6 +20,81 @@ const RATE_LIMITED_RESPONSE: &str = "RateLimited";
 
 /// The statuses answered with `Retry-After` (see `ApiError::into_response`).
 const RETRY_AFTER_STATUSES: [&str; 3] = ["409", "429", "503"];
+
+/// The reference contract's form of every application route, `/api/v1/applications/{token}/...`,
+/// documented from the bearer form it is served as (see `crate::tenant`): the token a path
+/// parameter instead of a credential, deprecated, the operation id suffixed `_by_path_token`.
+pub struct LegacyTokenPaths;
+
+impl utoipa::Modify for LegacyTokenPaths {
+    fn modify(&self, openapi: &mut OpenApi) {
+        let legacy: Vec<(String, PathItem)> = openapi
+            .paths
+            .paths
+            .iter()
+            .filter_map(|(path, item)| Some((legacy_path(path)?, legacy_item(item.clone()))))
+            .collect();
+        openapi.paths.paths.extend(legacy);
+    }
+}
+
+/// The legacy path of a bearer-form path, None for the other routes.
+fn legacy_path(path: &str) -> Option<String> {
+    if let Some(rest) = path.strip_prefix("/api/v1/application") {
+        return (rest.is_empty() || rest.starts_with('/'))
+            .then(|| format!("/api/v1/applications/{{token}}{rest}"));
+    }
+    let rest = path.strip_prefix("/api/v1/chats")?;
+    (rest.is_empty() || rest.starts_with('/'))
+        .then(|| format!("/api/v1/applications/{{token}}/chats{rest}"))
+}
+
+fn legacy_item(mut item: PathItem) -> PathItem {
+    for operation in [
+        &mut item.get,
+        &mut item.put,
+        &mut item.post,
+        &mut item.delete,
+        &mut item.patch,
+    ]
+    .into_iter()
+    .flatten()
+    {
+        operation.operation_id = operation
+            .operation_id
+            .take()
+            .map(|id| format!("{id}_by_path_token"));
+        operation.deprecated = Some(Deprecated::True);
+        operation.security = None;
+        let note = "Legacy form (the reference contract's): the token travels in the URL, which \
+                    access logs, proxies and browser history record. Prefer the form with \
+                    `Authorization: Bearer`.";
+        operation.description = Some(match operation.description.take() {
+            Some(description) => format!("{description}\n\n{note}"),
+            None => note.to_owned(),
+        });
+        if let Some(RefOr::T(unauthorized)) = operation.responses.responses.remove("401") {
+            drop(unauthorized);
+        }
+        operation
+            .responses
+            .responses
+            .entry("404".to_owned())
+            .or_insert_with(|| RefOr::T(error_response(&default_description("404"))));
+        let token = ParameterBuilder::new()
+            .name("token")
+            .parameter_in(ParameterIn::Path)
+            .required(Required::True)
+            .description(Some("application token"))
+            .schema(Some(ObjectBuilder::new().schema_type(Type::String)))
+            .build();
+        operation
+            .parameters
+            .get_or_insert_with(Vec::new)
+            .insert(0, RefOr::T(token));
+    }
+    item
+}
 
 /// Fills in what the annotations cannot say; see the module doc.
 pub struct ResponseConventions;
@@ -61,7 +138,10 @@ impl utoipa::Modify for ResponseConventions {
                                 .schema_type(Type::String)
                                 .examples(["Bearer realm=\"chat admin\""]),
                         ))
-                        .description(Some("The admin token's scheme: `Bearer`."))
+                        .description(Some(
+                            "The scheme of the credential wanted: `Bearer` (realm `chat \
+                             application` or `chat admin`).",
+                        ))
                         .build(),
                 ),
             ),
@@ -171,7 +251,11 @@ fn default_description(status: &str) -> String {
             "`bad_request`: malformed JSON, a wrong JSON type, or a bad path, query or header \
              parameter (`field` names it)"
         }
-        "401" => "`unauthorized`: no `Authorization: Bearer <admin token>`",
+        "401" => {
+            "`application_key_required`: no valid application token in `Authorization: Bearer` \
+             (missing, unknown, expired or revoked); on the admin routes `unauthorized`: no \
+             `Authorization: Bearer <admin token>`"
+        }
         "403" => "`forbidden`: the bearer token is not the admin token",
         "404" => "`not_found`: unknown application (also a malformed token), chat or message",
         "409" => {

@@ -24,7 +24,7 @@ use utoipa_axum::routes;
 use super::{Accepted, PageParams, Pagination, paginate, parse_number};
 use crate::AppState;
 use crate::error::{ApiError, ErrorBody};
-use crate::extract::{ClientAddress, JsonBody, PathParams, QueryParams, RequestTrace};
+use crate::extract::{ClientAddress, JsonBody, PathParams, QueryParams, RequestTrace, Tenant};
 use crate::idempotency::IdempotencyKey;
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -133,15 +133,17 @@ struct SearchParams {
 }
 
 /// Accepts a message: 202 with its number once the event is durable; written and indexed a moment later.
-#[utoipa::path(post, path = "/applications/{token}/chats/{chat_number}/messages", tag = "messages", operation_id = "create_message",
-    params(("token" = String, Path, description = "application token"), ("chat_number" = u64, Path, minimum = 1, description = "chat number within the application"), IdempotencyKey),
+#[utoipa::path(post, path = "/chats/{chat_number}/messages", tag = "messages", operation_id = "create_message",
+    security(("application_token" = [])),
+    params(("chat_number" = u64, Path, minimum = 1, description = "chat number within the application"), IdempotencyKey),
     request_body = MessageInput,
     responses((status = 202, description = "accepted", body = Accepted), (status = 400, body = ErrorBody),
         (status = 409, description = "`idempotency_key_in_use`: a request with this `Idempotency-Key` is still running; retry after `Retry-After` seconds", body = ErrorBody), (status = 413, body = ErrorBody), (status = 415, body = ErrorBody),
-        (status = 422, description = "`validation_failed`: `body` breaks a rule; or `idempotency_key_reused`: the `Idempotency-Key` was used with another body", body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
+        (status = 422, description = "`validation_failed`: `body` breaks a rule; or `idempotency_key_reused`: the `Idempotency-Key` was used with another body", body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn create(
     State(state): State<AppState>,
-    PathParams((token, chat_number)): PathParams<(String, String)>,
+    tenant: Tenant,
+    PathParams(chat_number): PathParams<String>,
     RequestTrace(trace): RequestTrace,
     idempotency_key: IdempotencyKey,
     JsonBody(input): JsonBody<MessageInput>,
@@ -150,25 +152,33 @@ async fn create(
     let body = input.body()?;
     let number = state
         .service_handle()
-        .accept_message(&token, chat_number, body, idempotency_key, &trace)
+        .accept_message(
+            tenant.application_id,
+            chat_number,
+            body,
+            idempotency_key,
+            &trace,
+        )
         .await?;
     Ok((StatusCode::ACCEPTED, Json(Accepted { number })))
 }
 
 /// Lists the messages of a chat by number.
-#[utoipa::path(get, path = "/applications/{token}/chats/{chat_number}/messages", tag = "messages", operation_id = "list_messages",
-    params(("token" = String, Path, description = "application token"), ("chat_number" = u64, Path, minimum = 1, description = "chat number within the application"), PageParams),
-    responses((status = 200, body = MessageList), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
+#[utoipa::path(get, path = "/chats/{chat_number}/messages", tag = "messages", operation_id = "list_messages",
+    security(("application_token" = [])),
+    params(("chat_number" = u64, Path, minimum = 1, description = "chat number within the application"), PageParams),
+    responses((status = 200, body = MessageList), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn list(
     State(state): State<AppState>,
-    PathParams((token, chat_number)): PathParams<(String, String)>,
+    tenant: Tenant,
+    PathParams(chat_number): PathParams<String>,
     QueryParams(params): QueryParams<PageParams>,
 ) -> Result<Json<MessageList>, ApiError> {
     let chat_number = parse_number("chat_number", &chat_number)?;
     let page = params.parse(&state)?;
     let rows = state
         .service()
-        .list_messages(&token, chat_number, page)
+        .list_messages(tenant.application_id, chat_number, page)
         .await?;
     let (rows, pagination) = paginate(rows, page, |row| row.number);
     Ok(Json(MessageList {
@@ -178,32 +188,36 @@ async fn list(
 }
 
 /// Shows one message.
-#[utoipa::path(get, path = "/applications/{token}/chats/{chat_number}/messages/{number}", tag = "messages", operation_id = "show_message",
-    params(("token" = String, Path, description = "application token"), ("chat_number" = u64, Path, minimum = 1, description = "chat number within the application"), ("number" = u64, Path, minimum = 1, description = "number within the parent")),
-    responses((status = 200, body = MessageView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
+#[utoipa::path(get, path = "/chats/{chat_number}/messages/{number}", tag = "messages", operation_id = "show_message",
+    security(("application_token" = [])),
+    params(("chat_number" = u64, Path, minimum = 1, description = "chat number within the application"), ("number" = u64, Path, minimum = 1, description = "number within the parent")),
+    responses((status = 200, body = MessageView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn show(
     State(state): State<AppState>,
-    PathParams((token, chat_number, number)): PathParams<(String, String, String)>,
+    tenant: Tenant,
+    PathParams((chat_number, number)): PathParams<(String, String)>,
 ) -> Result<Json<MessageView>, ApiError> {
     let chat_number = parse_number("chat_number", &chat_number)?;
     let number = parse_number("number", &number)?;
     let row = state
         .service()
-        .find_message(&token, chat_number, number)
+        .find_message(tenant.application_id, chat_number, number)
         .await?;
     Ok(Json(row.into()))
 }
 
 /// Synchronous update. A number that was handed out but whose message is not stored yet gets
 /// 409 `not_persisted_yet` (with Retry-After), so the client retries instead of losing its edit.
-#[utoipa::path(put, path = "/applications/{token}/chats/{chat_number}/messages/{number}", tag = "messages", operation_id = "update_message",
-    params(("token" = String, Path, description = "application token"), ("chat_number" = u64, Path, minimum = 1, description = "chat number within the application"), ("number" = u64, Path, minimum = 1, description = "number within the parent")), request_body = MessageInput,
+#[utoipa::path(put, path = "/chats/{chat_number}/messages/{number}", tag = "messages", operation_id = "update_message",
+    security(("application_token" = [])),
+    params(("chat_number" = u64, Path, minimum = 1, description = "chat number within the application"), ("number" = u64, Path, minimum = 1, description = "number within the parent")), request_body = MessageInput,
     responses((status = 200, body = UpdatedMessageView),
         (status = 409, description = "`not_persisted_yet`: the number was accepted but the message is not written yet; retry after `Retry-After` seconds", body = ErrorBody),
-        (status = 400, body = ErrorBody), (status = 422, body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
+        (status = 400, body = ErrorBody), (status = 422, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn update(
     State(state): State<AppState>,
-    PathParams((token, chat_number, number)): PathParams<(String, String, String)>,
+    tenant: Tenant,
+    PathParams((chat_number, number)): PathParams<(String, String)>,
     RequestTrace(trace): RequestTrace,
     JsonBody(input): JsonBody<MessageInput>,
 ) -> Result<Json<UpdatedMessageView>, ApiError> {
@@ -212,7 +226,7 @@ async fn update(
     let body = input.body()?;
     let row = state
         .service()
-        .update_message(&token, chat_number, number, &body, &trace)
+        .update_message(tenant.application_id, chat_number, number, &body, &trace)
         .await?;
     Ok(Json(UpdatedMessageView {
         number: row.number,
@@ -223,12 +237,14 @@ async fn update(
 
 /// Searches the messages of one chat: every word must match a word or a word prefix, and every
 /// phrase in double quotes its words in a row. Each hit carries a highlighted fragment.
-#[utoipa::path(get, path = "/applications/{token}/chats/{chat_number}/messages/search", tag = "messages", operation_id = "search_messages",
-    params(("token" = String, Path, description = "application token"), ("chat_number" = u64, Path, minimum = 1, description = "chat number within the application"), SearchParams),
-    responses((status = 200, body = SearchResults), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
+#[utoipa::path(get, path = "/chats/{chat_number}/messages/search", tag = "messages", operation_id = "search_messages",
+    security(("application_token" = [])),
+    params(("chat_number" = u64, Path, minimum = 1, description = "chat number within the application"), SearchParams),
+    responses((status = 200, body = SearchResults), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn search(
     State(state): State<AppState>,
-    PathParams((token, chat_number)): PathParams<(String, String)>,
+    tenant: Tenant,
+    PathParams(chat_number): PathParams<String>,
     QueryParams(params): QueryParams<SearchParams>,
 ) -> Result<Json<SearchResults>, ApiError> {
     let chat_number = parse_number("chat_number", &chat_number)?;
@@ -258,7 +274,7 @@ async fn search(
     }
     let hits = state
         .service()
-        .search(&token, chat_number, &query, page)
+        .search(tenant.application_id, chat_number, &query, page)
         .await?;
     let last_hit = hits
         .get(page.per_page as usize - 1)
@@ -274,21 +290,23 @@ async fn search(
 /// Deletes a message: 204. It leaves GET, lists, search and counts, its number is never reused,
 /// and live streams get a `deleted` event. Deleting it again is 404; a message accepted but not
 /// stored yet is 409 `not_persisted_yet` (retry).
-#[utoipa::path(delete, path = "/applications/{token}/chats/{chat_number}/messages/{number}", tag = "messages", operation_id = "delete_message",
-    params(("token" = String, Path, description = "application token"), ("chat_number" = u64, Path, minimum = 1, description = "chat number within the application"), ("number" = u64, Path, minimum = 1, description = "number within the parent")),
+#[utoipa::path(delete, path = "/chats/{chat_number}/messages/{number}", tag = "messages", operation_id = "delete_message",
+    security(("application_token" = [])),
+    params(("chat_number" = u64, Path, minimum = 1, description = "chat number within the application"), ("number" = u64, Path, minimum = 1, description = "number within the parent")),
     responses((status = 204, description = "deleted"),
         (status = 409, description = "accepted but not persisted yet; retry", body = ErrorBody),
-        (status = 400, body = ErrorBody), (status = 404, description = "unknown application, chat or message, or a message deleted already", body = ErrorBody), (status = 503, body = ErrorBody)))]
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, description = "unknown application, chat or message, or a message deleted already", body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn delete(
     State(state): State<AppState>,
-    PathParams((token, chat_number, number)): PathParams<(String, String, String)>,
+    tenant: Tenant,
+    PathParams((chat_number, number)): PathParams<(String, String)>,
     RequestTrace(trace): RequestTrace,
 ) -> Result<StatusCode, ApiError> {
     let chat_number = parse_number("chat_number", &chat_number)?;
     let number = parse_number("number", &number)?;
     state
         .service()
-        .delete_message(&token, chat_number, number, &trace)
+        .delete_message(tenant.application_id, chat_number, number, &trace)
         .await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -303,15 +321,17 @@ const LAST_EVENT_ID: &str = "last-event-id";
 /// EventSource sends when it reconnects; 0 for the whole chat) the messages after that number
 /// are sent first, from the storage, each as it is now, then the stream goes live without a gap
 /// or a duplicate. A reader that falls behind is disconnected and resumes the same way.
-#[utoipa::path(get, path = "/applications/{token}/chats/{chat_number}/messages/stream", tag = "messages", operation_id = "stream_messages",
-    params(("token" = String, Path, description = "application token"), ("chat_number" = u64, Path, minimum = 1, description = "chat number within the application"),
+#[utoipa::path(get, path = "/chats/{chat_number}/messages/stream", tag = "messages", operation_id = "stream_messages",
+    security(("application_token" = [])),
+    params(("chat_number" = u64, Path, minimum = 1, description = "chat number within the application"),
         ("Last-Event-ID" = Option<u64>, Header, description = "resume after this message number (0: from the first message)")),
     responses((status = 200, description = "a stream of Server-Sent Events; each `data:` is a StreamedMessage", content_type = "text/event-stream", body = crate::live::StreamedMessage),
-        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 503, description = "a dependency did not answer, or this replica does not hear stored changes right now; retry", body = ErrorBody)))]
 async fn stream(
     State(state): State<AppState>,
-    PathParams((token, chat_number)): PathParams<(String, String)>,
+    tenant: Tenant,
+    PathParams(chat_number): PathParams<String>,
     client: ClientAddress,
     headers: HeaderMap,
 ) -> Result<impl IntoResponse, ApiError> {
@@ -329,7 +349,10 @@ async fn stream(
                 })?,
         ),
     };
-    let chat = state.service().stream_target(&token, chat_number).await?;
+    let chat = state
+        .service()
+        .stream_target(tenant.application_id, chat_number)
+        .await?;
     let subscription = state.live.open(chat, client.0).await?;
     Ok(state
         .live

@@ -16,6 +16,7 @@ use chatcore::domain::{Number, PageInput, PagePosition, PageRequest, SearchCurso
 use chatcore::events::{TRACEPARENT_HEADER, TraceContext};
 use chatcore::metrics::HttpLabels;
 use serde::{Deserialize, Serialize};
+use tower::ServiceExt as _;
 use tracing::Instrument as _;
 use utoipa::{IntoParams, Modify as _, OpenApi, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
@@ -37,7 +38,7 @@ pub const OPENAPI_PATH: &str = "/api/v1/openapi.json";
     servers((url = "/", description = "the origin that serves this document")),
     modifiers(&AccessControl),
     tags(
-        (name = "applications", description = "created and renamed synchronously; listing them needs the admin token"),
+        (name = "applications", description = "created and renamed synchronously; the routes without a token in the path take it in `Authorization: Bearer` (recommended: a URL is recorded by access logs, proxies and browsers); the `/applications/{token}/...` forms are the reference contract's, kept as legacy; listing applications and revoking tokens need the admin token"),
         (name = "chats", description = "created asynchronously (202)"),
         (name = "messages", description = "created asynchronously (202), updated synchronously, searchable")
     )
@@ -56,11 +57,20 @@ impl utoipa::Modify for AccessControl {
             ADMIN_SECURITY_SCHEME,
             SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
         );
+        let mut application = Http::new(HttpAuthScheme::Bearer);
+        application.description =
+            Some("The application's token (`chat_...`), from its creation or rotation.".to_owned());
+        components.add_security_scheme(
+            APPLICATION_SECURITY_SCHEME,
+            SecurityScheme::Http(application),
+        );
     }
 }
 
 /// The name of the admin token's security scheme in the OpenAPI document (the handlers spell it out: utoipa wants a literal).
 pub const ADMIN_SECURITY_SCHEME: &str = "admin_token";
+/// The name of the application token's security scheme (spelled out in the handlers too).
+pub const APPLICATION_SECURITY_SCHEME: &str = "application_token";
 
 /// The API routes and the OpenAPI document generated from the same handlers, so the two cannot
 /// drift apart.
@@ -74,6 +84,7 @@ fn api_routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .split_for_parts();
     let router = router.layer(middleware::map_response(forbid_storing));
     // On the merged document: `ApiDoc`'s own modifiers run before the routes' paths are in it.
+    document::LegacyTokenPaths.modify(&mut document);
     document::ResponseConventions.modify(&mut document);
     (router, document)
 }
@@ -105,7 +116,7 @@ pub fn router(state: AppState) -> Router {
         // The docs page ships its assets in the binary (works offline).
         router = router.merge(SwaggerUi::new("/docs").url(OPENAPI_PATH, document));
     }
-    router
+    let router = router
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             observe_request,
@@ -121,7 +132,9 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             crate::rate_limit::limit_rate,
         ))
-        .with_state(state)
+        .with_state(state);
+    // Before routing: the legacy form's path is rewritten to the bearer form's.
+    Router::new().fallback_service(router.map_request(crate::tenant::route_legacy_form))
 }
 
 /// The internal port: `/metrics`, `/livez` and `/readyz`, for the cluster only.

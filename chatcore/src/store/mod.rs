@@ -15,14 +15,17 @@ use std::future::Future;
 use async_trait::async_trait;
 use chrono::{DateTime, SubsecRound as _, Utc};
 
-use crate::domain::{ApplicationName, ApplicationToken, MessageBody, Number, PageRequest};
+use crate::domain::{
+    ApplicationName, ApplicationToken, MessageBody, Number, PageRequest, TokenDigest,
+};
 use crate::retry::Transient;
 
 pub use mysql::MySqlStorage;
 pub use sqlite::SqliteStorage;
 pub use timed::TimedStorage;
 
-pub(crate) const APPLICATION_COLUMNS: &str = "id, token, name, chats_count, created_at, updated_at";
+pub(crate) const APPLICATION_COLUMNS: &str =
+    "id, token_hint, name, chats_count, created_at, updated_at";
 pub(crate) const MESSAGE_COLUMNS: &str = "m.number, m.body, m.version, m.created_at, m.updated_at";
 
 /// Implements [`Storage`] for an adapter with a `pool` field: the reads are the same SQL in MySQL
@@ -30,7 +33,34 @@ pub(crate) const MESSAGE_COLUMNS: &str = "m.number, m.body, m.version, m.created
 /// readiness check) and the methods whose SQL differs. Integers are bound as i64, which both
 /// drivers encode.
 macro_rules! storage_impl {
-    ($adapter:ty, $kind:literal, { $($dialect_methods:tt)* }) => {
+    ($adapter:ty, $database:ty, $kind:literal, { $($dialect_methods:tt)* }) => {
+        impl $adapter {
+            /// Records `token` (its digest) as a key of the application, its hint as the newest.
+            async fn insert_token(
+                transaction: &mut sqlx::Transaction<'static, $database>,
+                application_id: u64,
+                token: &ApplicationToken,
+                now: DateTime<Utc>,
+            ) -> Result<(), sqlx::Error> {
+                sqlx::query(
+                    "INSERT INTO application_tokens (digest, application_id, created_at) \
+                     VALUES (?, ?, ?)",
+                )
+                .bind(token.digest().as_bytes())
+                .bind(application_id as i64)
+                .bind(now)
+                .execute(&mut **transaction)
+                .await?;
+                sqlx::query("UPDATE applications SET token_hint = ?, updated_at = ? WHERE id = ?")
+                    .bind(token.hint())
+                    .bind(now)
+                    .bind(application_id as i64)
+                    .execute(&mut **transaction)
+                    .await?;
+                Ok(())
+            }
+        }
+
         #[async_trait::async_trait]
         impl $crate::store::Storage for $adapter {
             fn kind(&self) -> &'static str {
@@ -44,14 +74,14 @@ macro_rules! storage_impl {
 
             async fn find_application(
                 &self,
-                token: &ApplicationToken,
+                application_id: u64,
             ) -> Result<Option<ApplicationRow>, StorageError> {
                 sql(async {
                     sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                        "SELECT {} FROM applications WHERE token = ?",
+                        "SELECT {} FROM applications WHERE id = ?",
                         $crate::store::APPLICATION_COLUMNS
                     )))
-                    .bind(token.as_str())
+                    .bind(application_id as i64)
                     .fetch_optional(&self.pool)
                     .await
                 })
@@ -78,12 +108,67 @@ macro_rules! storage_impl {
                 .await
             }
 
-            async fn application_id(&self, token: &ApplicationToken) -> Result<Option<u64>, StorageError> {
+            async fn resolve_token(
+                &self,
+                digest: &TokenDigest,
+            ) -> Result<Option<TokenGrant>, StorageError> {
                 sql(async {
-                    sqlx::query_scalar("SELECT id FROM applications WHERE token = ?")
-                        .bind(token.as_str())
-                        .fetch_optional(&self.pool)
-                        .await
+                    sqlx::query_as(
+                        "SELECT application_id, expires_at FROM application_tokens \
+                         WHERE digest = ? AND (expires_at IS NULL OR expires_at > ?)",
+                    )
+                    .bind(digest.as_bytes())
+                    .bind($crate::store::now())
+                    .fetch_optional(&self.pool)
+                    .await
+                })
+                .await
+            }
+
+            async fn replace_tokens(
+                &self,
+                application_id: u64,
+                token: &ApplicationToken,
+                others_valid_until: Option<DateTime<Utc>>,
+            ) -> Result<bool, StorageError> {
+                sql(async {
+                    let now = $crate::store::now();
+                    let mut transaction = self.begin_write().await?;
+                    let known: i64 =
+                        sqlx::query_scalar("SELECT COUNT(*) FROM applications WHERE id = ?")
+                            .bind(application_id as i64)
+                            .fetch_one(&mut *transaction)
+                            .await?;
+                    if known == 0 {
+                        return Ok(false);
+                    }
+                    match others_valid_until {
+                        // Only shortened: a token already due earlier keeps its end.
+                        Some(until) => sqlx::query(
+                            "UPDATE application_tokens SET expires_at = ? \
+                             WHERE application_id = ? AND (expires_at IS NULL OR expires_at > ?)",
+                        )
+                        .bind(until)
+                        .bind(application_id as i64)
+                        .bind(until),
+                        None => sqlx::query(
+                            "UPDATE application_tokens SET expires_at = ? WHERE application_id = ?",
+                        )
+                        .bind(now)
+                        .bind(application_id as i64),
+                    }
+                    .execute(&mut *transaction)
+                    .await?;
+                    sqlx::query(
+                        "DELETE FROM application_tokens WHERE application_id = ? AND expires_at <= ?",
+                    )
+                    .bind(application_id as i64)
+                    .bind(now)
+                    .execute(&mut *transaction)
+                    .await?;
+                    Self::insert_token(&mut transaction, application_id, token, now).await?;
+                    transaction.commit().await?;
+                    Ok::<_, sqlx::Error>(true)
                 })
                 .await
             }
@@ -367,11 +452,19 @@ pub(crate) fn is_transient(error: &sqlx::Error) -> bool {
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct ApplicationRow {
     pub id: u64,
-    pub token: String,
+    /// The prefix and last 4 characters of the newest token: all the database knows of it.
+    pub token_hint: String,
     pub name: String,
     pub chats_count: u64,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+}
+
+/// What a valid token grants: its application, until when (None: until it is rotated).
+#[derive(Debug, Clone, Copy, sqlx::FromRow)]
+pub struct TokenGrant {
+    pub application_id: u64,
+    pub expires_at: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -602,21 +695,23 @@ pub trait Storage: Send + Sync {
     /// Applies the schema migrations that are missing (once per deploy, not by every replica).
     async fn migrate(&self) -> Result<(), StorageError>;
 
+    /// Creates an application whose key is `token` (only its digest is stored).
     async fn create_application(
         &self,
         name: &ApplicationName,
+        token: &ApplicationToken,
     ) -> Result<ApplicationRow, StorageError>;
 
     /// None when there is no such application.
     async fn rename_application(
         &self,
-        token: &ApplicationToken,
+        application_id: u64,
         name: &ApplicationName,
     ) -> Result<Option<ApplicationRow>, StorageError>;
 
     async fn find_application(
         &self,
-        token: &ApplicationToken,
+        application_id: u64,
     ) -> Result<Option<ApplicationRow>, StorageError>;
 
     /// Applications in creation order (keyed by id); up to `page.fetch_limit()` rows, descending
@@ -626,7 +721,18 @@ pub trait Storage: Send + Sync {
         page: PageRequest,
     ) -> Result<Vec<ApplicationRow>, StorageError>;
 
-    async fn application_id(&self, token: &ApplicationToken) -> Result<Option<u64>, StorageError>;
+    /// The application a token of this digest opens, unless the token expired or is unknown.
+    async fn resolve_token(&self, digest: &TokenDigest)
+    -> Result<Option<TokenGrant>, StorageError>;
+
+    /// Adds `token` to the application; its other tokens stay valid until `others_valid_until`
+    /// (a rotation's overlap), or end now when None (a revocation). False for no such application.
+    async fn replace_tokens(
+        &self,
+        application_id: u64,
+        token: &ApplicationToken,
+        others_valid_until: Option<DateTime<Utc>>,
+    ) -> Result<bool, StorageError>;
 
     async fn find_chat(
         &self,

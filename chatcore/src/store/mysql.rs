@@ -11,10 +11,12 @@ use sqlx::{MySql, MySqlPool, QueryBuilder, Transaction};
 use super::{
     ApplicationRow, ChatKey, ChatRow, CountFigures, CountLevel, IngestBatch, MessageRow,
     MessageToIndex, NewMessage, ReindexCursor, ReindexScope, Reservation, ScopeBind, StorageError,
-    first_conflict, now, sql,
+    TokenGrant, first_conflict, now, sql,
 };
 use crate::config::SecretUrl;
-use crate::domain::{ApplicationName, ApplicationToken, MessageBody, Number, PageRequest};
+use crate::domain::{
+    ApplicationName, ApplicationToken, MessageBody, Number, PageRequest, TokenDigest,
+};
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/mysql");
 
@@ -69,9 +71,13 @@ impl MySqlStorage {
     pub fn new(pool: MySqlPool) -> Self {
         Self { pool }
     }
+
+    async fn begin_write(&self) -> Result<Transaction<'static, MySql>, sqlx::Error> {
+        self.pool.begin().await
+    }
 }
 
-super::storage_impl!(MySqlStorage, "mysql", {
+super::storage_impl!(MySqlStorage, MySql, "mysql", {
     async fn migrate(&self) -> Result<(), StorageError> {
         Ok(MIGRATOR.run(&self.pool).await?)
     }
@@ -79,20 +85,23 @@ super::storage_impl!(MySqlStorage, "mysql", {
     async fn create_application(
         &self,
         name: &ApplicationName,
+        token: &ApplicationToken,
     ) -> Result<ApplicationRow, StorageError> {
-        let token = ApplicationToken::generate();
         let created_at = now();
-        let id = sqlx::query("INSERT INTO applications (token, name, chats_count, created_at, updated_at) VALUES (?, ?, 0, ?, ?)")
-            .bind(token.as_str())
+        let mut transaction = self.pool.begin().await?;
+        let id = sqlx::query("INSERT INTO applications (token_hint, name, chats_count, created_at, updated_at) VALUES (?, ?, 0, ?, ?)")
+            .bind(token.hint())
             .bind(name.as_str())
             .bind(created_at)
             .bind(created_at)
-            .execute(&self.pool)
+            .execute(&mut *transaction)
             .await?
             .last_insert_id();
+        Self::insert_token(&mut transaction, id, token, created_at).await?;
+        transaction.commit().await?;
         Ok(ApplicationRow {
             id,
-            token: token.to_string(),
+            token_hint: token.hint(),
             name: name.as_str().to_owned(),
             chats_count: 0,
             created_at,
@@ -102,17 +111,17 @@ super::storage_impl!(MySqlStorage, "mysql", {
 
     async fn rename_application(
         &self,
-        token: &ApplicationToken,
+        application_id: u64,
         name: &ApplicationName,
     ) -> Result<Option<ApplicationRow>, StorageError> {
-        sqlx::query("UPDATE applications SET name = ?, updated_at = ? WHERE token = ?")
+        sqlx::query("UPDATE applications SET name = ?, updated_at = ? WHERE id = ?")
             .bind(name.as_str())
             .bind(now())
-            .bind(token.as_str())
+            .bind(application_id)
             .execute(&self.pool)
             .await?;
-        // Zero affected rows means either no such token or an unchanged name: the read decides.
-        self.find_application(token).await
+        // Zero affected rows means either no such application or an unchanged name: the read decides.
+        self.find_application(application_id).await
     }
 
     async fn update_message(

@@ -14,9 +14,11 @@ use sqlx::{AssertSqlSafe, Sqlite, SqlitePool, Transaction};
 use super::{
     APPLICATION_COLUMNS, ApplicationRow, ChatRow, CountFigures, CountLevel, IngestBatch,
     MessageRow, MessageToIndex, ReindexCursor, ReindexScope, Reservation, ScopeBind, StorageError,
-    first_conflict, now, sql,
+    TokenGrant, first_conflict, now, sql,
 };
-use crate::domain::{ApplicationName, ApplicationToken, MessageBody, Number, PageRequest};
+use crate::domain::{
+    ApplicationName, ApplicationToken, MessageBody, Number, PageRequest, TokenDigest,
+};
 use crate::sqlite::begin_write;
 
 #[derive(Clone)]
@@ -28,11 +30,72 @@ impl SqliteStorage {
     /// Opens (creating and migrating) the database file.
     pub async fn open(path: &Path) -> anyhow::Result<Self> {
         let pool = crate::sqlite::open(path, &crate::sqlite::DATA_MIGRATOR, 8).await?;
+        digest_plaintext_tokens(&pool).await?;
         Ok(Self { pool })
+    }
+
+    async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>, sqlx::Error> {
+        begin_write(&self.pool).await
     }
 }
 
-super::storage_impl!(SqliteStorage, "sqlite", {
+/// Replaces the tokens a database of before digests holds in plaintext by their digests and
+/// rebuilds `applications` without the column (SQLite has no SHA-256 for a migration to do it in
+/// SQL, and cannot drop a UNIQUE column: the rebuild is its documented way, foreign keys off).
+async fn digest_plaintext_tokens(pool: &SqlitePool) -> anyhow::Result<()> {
+    let plaintext: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM pragma_table_info('applications') WHERE name = 'token'",
+    )
+    .fetch_one(pool)
+    .await?;
+    if plaintext == 0 {
+        return Ok(());
+    }
+    let mut connection = pool.acquire().await?;
+    sqlx::query("PRAGMA foreign_keys = OFF")
+        .execute(&mut *connection)
+        .await?;
+    let mut transaction = sqlx::Connection::begin(&mut *connection).await?;
+    let rows: Vec<(i64, String, DateTime<Utc>)> =
+        sqlx::query_as("SELECT id, token, created_at FROM applications")
+            .fetch_all(&mut *transaction)
+            .await?;
+    for (id, raw, created_at) in rows {
+        let token = ApplicationToken::parse(&raw)
+            .map_err(|error| anyhow::anyhow!("application {id}: stored token {error}"))?;
+        sqlx::query(
+            "INSERT INTO application_tokens (digest, application_id, created_at) VALUES (?, ?, ?)",
+        )
+        .bind(token.digest().as_bytes())
+        .bind(id)
+        .bind(created_at)
+        .execute(&mut *transaction)
+        .await?;
+        sqlx::query("UPDATE applications SET token_hint = ? WHERE id = ?")
+            .bind(token.hint())
+            .bind(id)
+            .execute(&mut *transaction)
+            .await?;
+    }
+    for statement in [
+        "CREATE TABLE applications_rebuilt (id INTEGER PRIMARY KEY, token_hint TEXT NOT NULL, \
+         name TEXT NOT NULL, chats_count INTEGER NOT NULL DEFAULT 0, created_at TEXT NOT NULL, \
+         updated_at TEXT NOT NULL)",
+        "INSERT INTO applications_rebuilt SELECT id, token_hint, name, chats_count, created_at, \
+         updated_at FROM applications",
+        "DROP TABLE applications",
+        "ALTER TABLE applications_rebuilt RENAME TO applications",
+    ] {
+        sqlx::query(statement).execute(&mut *transaction).await?;
+    }
+    transaction.commit().await?;
+    sqlx::query("PRAGMA foreign_keys = ON")
+        .execute(&mut *connection)
+        .await?;
+    Ok(())
+}
+
+super::storage_impl!(SqliteStorage, Sqlite, "sqlite", {
     async fn migrate(&self) -> Result<(), StorageError> {
         // Applied when the file is opened.
         Ok(())
@@ -41,33 +104,44 @@ super::storage_impl!(SqliteStorage, "sqlite", {
     async fn create_application(
         &self,
         name: &ApplicationName,
+        token: &ApplicationToken,
     ) -> Result<ApplicationRow, StorageError> {
-        let token = ApplicationToken::generate();
         let created_at = now();
-        Ok(sqlx::query_as(AssertSqlSafe(format!(
-            "INSERT INTO applications (token, name, chats_count, created_at, updated_at) \
-             VALUES (?, ?, 0, ?, ?) RETURNING {APPLICATION_COLUMNS}"
-        )))
-        .bind(token.as_str())
+        let mut transaction = begin_write(&self.pool).await?;
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO applications (token_hint, name, chats_count, created_at, updated_at) \
+             VALUES (?, ?, 0, ?, ?) RETURNING id",
+        )
+        .bind(token.hint())
         .bind(name.as_str())
         .bind(created_at)
         .bind(created_at)
-        .fetch_one(&self.pool)
-        .await?)
+        .fetch_one(&mut *transaction)
+        .await?;
+        Self::insert_token(&mut transaction, id as u64, token, created_at).await?;
+        transaction.commit().await?;
+        Ok(ApplicationRow {
+            id: id as u64,
+            token_hint: token.hint(),
+            name: name.as_str().to_owned(),
+            chats_count: 0,
+            created_at,
+            updated_at: created_at,
+        })
     }
 
     async fn rename_application(
         &self,
-        token: &ApplicationToken,
+        application_id: u64,
         name: &ApplicationName,
     ) -> Result<Option<ApplicationRow>, StorageError> {
         Ok(sqlx::query_as(AssertSqlSafe(format!(
-            "UPDATE applications SET name = ?, updated_at = ? WHERE token = ? \
+            "UPDATE applications SET name = ?, updated_at = ? WHERE id = ? \
              RETURNING {APPLICATION_COLUMNS}"
         )))
         .bind(name.as_str())
         .bind(now())
-        .bind(token.as_str())
+        .bind(application_id as i64)
         .fetch_optional(&self.pool)
         .await?)
     }

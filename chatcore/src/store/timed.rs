@@ -5,12 +5,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 
 use super::{
     ApplicationRow, ChatRow, CountFigures, CountLevel, IngestBatch, MessageRow, MessageToIndex,
-    ReindexCursor, ReindexScope, Reservation, Storage, StorageError,
+    ReindexCursor, ReindexScope, Reservation, Storage, StorageError, TokenGrant,
 };
-use crate::domain::{ApplicationName, ApplicationToken, MessageBody, Number, PageRequest};
+use crate::domain::{
+    ApplicationName, ApplicationToken, MessageBody, Number, PageRequest, TokenDigest,
+};
 use crate::metrics::Metrics;
 
 pub struct TimedStorage {
@@ -51,8 +54,9 @@ impl Storage for TimedStorage {
     async fn create_application(
         &self,
         name: &ApplicationName,
+        token: &ApplicationToken,
     ) -> Result<ApplicationRow, StorageError> {
-        let call = self.inner.create_application(name);
+        let call = self.inner.create_application(name, token);
         self.metrics
             .time_within(self.kind(), "create_application", self.limit, call)
             .await
@@ -60,10 +64,10 @@ impl Storage for TimedStorage {
 
     async fn rename_application(
         &self,
-        token: &ApplicationToken,
+        application_id: u64,
         name: &ApplicationName,
     ) -> Result<Option<ApplicationRow>, StorageError> {
-        let call = self.inner.rename_application(token, name);
+        let call = self.inner.rename_application(application_id, name);
         self.metrics
             .time_within(self.kind(), "rename_application", self.limit, call)
             .await
@@ -71,9 +75,9 @@ impl Storage for TimedStorage {
 
     async fn find_application(
         &self,
-        token: &ApplicationToken,
+        application_id: u64,
     ) -> Result<Option<ApplicationRow>, StorageError> {
-        let call = self.inner.find_application(token);
+        let call = self.inner.find_application(application_id);
         self.metrics
             .time_within(self.kind(), "find_application", self.limit, call)
             .await
@@ -89,10 +93,27 @@ impl Storage for TimedStorage {
             .await
     }
 
-    async fn application_id(&self, token: &ApplicationToken) -> Result<Option<u64>, StorageError> {
-        let call = self.inner.application_id(token);
+    async fn resolve_token(
+        &self,
+        digest: &TokenDigest,
+    ) -> Result<Option<TokenGrant>, StorageError> {
+        let call = self.inner.resolve_token(digest);
         self.metrics
-            .time_within(self.kind(), "application_id", self.limit, call)
+            .time_within(self.kind(), "resolve_token", self.limit, call)
+            .await
+    }
+
+    async fn replace_tokens(
+        &self,
+        application_id: u64,
+        token: &ApplicationToken,
+        others_valid_until: Option<DateTime<Utc>>,
+    ) -> Result<bool, StorageError> {
+        let call = self
+            .inner
+            .replace_tokens(application_id, token, others_valid_until);
+        self.metrics
+            .time_within(self.kind(), "replace_tokens", self.limit, call)
             .await
     }
 
