@@ -7,13 +7,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chatcore::config::{ConsumerConfig, Topology};
-use chatcore::domain::Number;
+use chatcore::domain::{ApplicationToken, Number};
 use chatcore::events::{Consumer, Event, EventPayload, TraceContext};
 use chatcore::numbering::{NumberAllocator, Scope};
 use chatcore::queue::{EventQueue as _, SqliteQueue};
 use chatcore::retry::Backoff;
 use chatcore::state::{InProcessState, SharedState as _};
-use chatcore::store::SqliteStorage;
+use chatcore::store::{SqliteStorage, Storage as _};
 use tokio_util::sync::CancellationToken;
 
 /// A data directory of its own, removed at the end.
@@ -90,6 +90,65 @@ async fn replicas_seeding_one_scope_at_once_skip_no_block() -> anyhow::Result<()
         .map(|number| number.map(Number::get))
         .collect::<Result<_, _>>()?;
     assert_eq!(numbers, (1..=40).collect(), "four replicas share 1..40");
+    Ok(())
+}
+
+/// A database of before token digests (tokens in plaintext) opened by this version: each token
+/// still opens its application, and no token is left in the file.
+#[tokio::test]
+async fn plaintext_tokens_of_an_older_database_become_digests() -> anyhow::Result<()> {
+    let data_dir = DataDir::new();
+    let path = data_dir.0.join("chat.db");
+    let before_digests = sqlx::migrate::Migrator {
+        migrations: chatcore::sqlite::DATA_MIGRATOR
+            .migrations
+            .iter()
+            .filter(|migration| migration.version < 20261205000000)
+            .cloned()
+            .collect(),
+        ..sqlx::migrate::Migrator::DEFAULT
+    };
+    let legacy = "L".repeat(32);
+    {
+        let pool = chatcore::sqlite::open(&path, &before_digests, 1).await?;
+        sqlx::query(
+            "INSERT INTO applications (id, token, name, chats_count, created_at, updated_at) \
+             VALUES (5, ?, 'old', 0, '2026-01-01T00:00:00Z', '2026-01-01T00:00:00Z')",
+        )
+        .bind(&legacy)
+        .execute(&pool)
+        .await?;
+        sqlx::query(
+            "INSERT INTO chats (application_id, number, messages_count, created_at, updated_at) \
+             VALUES (5, 1, 0, '2026-01-01T00:00:00Z', '2026-01-01T00:00:00Z')",
+        )
+        .execute(&pool)
+        .await?;
+        pool.close().await;
+    }
+    let storage = SqliteStorage::open(&path).await?;
+    let token = ApplicationToken::parse(&legacy)?;
+    let grant = storage.resolve_token(&token.digest()).await?;
+    assert_eq!(grant.map(|grant| grant.application_id), Some(5));
+    let application = storage.find_application(5).await?.expect("kept");
+    assert_eq!(application.token_hint, "...LLLL");
+    assert!(
+        storage
+            .find_chat(5, Number::new(1).expect("positive"))
+            .await?
+            .is_some()
+    );
+    drop(storage);
+    let file = std::fs::read(&path)?;
+    let wal = std::fs::read(data_dir.0.join("chat.db-wal")).unwrap_or_default();
+    for bytes in [file, wal] {
+        assert!(
+            !bytes
+                .windows(legacy.len())
+                .any(|window| window == legacy.as_bytes()),
+            "the plaintext token is gone from the file"
+        );
+    }
     Ok(())
 }
 

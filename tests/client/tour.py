@@ -11,7 +11,7 @@ import sys
 import time
 import uuid
 
-from chat_client import Client
+from chat_client import AuthenticatedClient, Client
 from chat_client.api.applications import create_application, show_application, update_application
 from chat_client.api.chats import create_chat, show_chat
 from chat_client.api.messages import (
@@ -70,12 +70,12 @@ def check_rate_limit_headers(response):
         check(response.headers.get(name, "").isdigit(), f"{name} header in {dict(response.headers)}")
 
 
-def walk_messages(client, token, chat, per_page):
+def walk_messages(client, chat, per_page):
     """Every message of a chat, following `next_after` from page to page."""
     numbers, after, pages = [], UNSET, 0
     while True:
         page = expect(
-            list_messages.sync_detailed(token, chat, client=client, per_page=per_page, after=after),
+            list_messages.sync_detailed(chat, client=client, per_page=per_page, after=after),
             200,
         )
         check(page.pagination.per_page == per_page, f"per_page {page.pagination.per_page}")
@@ -87,13 +87,13 @@ def walk_messages(client, token, chat, per_page):
         after = page.pagination.next_after
 
 
-def search_all(client, token, chat, query):
+def search_all(client, chat, query):
     """Every hit of a search, one per page, following `next_cursor`."""
     numbers, cursor = [], UNSET
     while True:
         page = expect(
             search_messages.sync_detailed(
-                token, chat, client=client, query=query, per_page=1, cursor=cursor
+                chat, client=client, query=query, per_page=1, cursor=cursor
             ),
             200,
         )
@@ -111,16 +111,19 @@ def tour(base_url):
     application = expect(response, 201)
     check_rate_limit_headers(response)
     token = application.token
-    check(len(token) == 32 and application.name == "My Chat App", f"{application!r}")
+    check(token.startswith("chat_") and len(token) == 41, f"a chat_ token: {application!r}")
+    check(application.name == "My Chat App", f"{application!r}")
+    # The application's token is its credential, in Authorization: Bearer (never in a URL).
+    tenant = AuthenticatedClient(base_url=base_url, token=token, raise_on_unexpected_status=True)
     check(application.chats_count == 0, "a new application has no chats")
-    check(expect(show_application.sync_detailed(token, client=client), 200) == application, "show = create")
+    check(expect(show_application.sync_detailed(client=tenant), 200) == application, "show = create")
     renamed = expect(
-        update_application.sync_detailed(token, client=client, body=ApplicationInput(name="Renamed")), 200
+        update_application.sync_detailed(client=tenant, body=ApplicationInput(name="Renamed")), 200
     )
     check(renamed.name == "Renamed" and renamed.token == token, f"{renamed!r}")
 
     # A chat: accepted (202) with its number, written a moment later.
-    chat = expect(create_chat.sync_detailed(token, client=client, idempotency_key=str(uuid.uuid4())), 202).number
+    chat = expect(create_chat.sync_detailed(client=tenant, idempotency_key=str(uuid.uuid4())), 202).number
     check(chat == 1, f"the first chat is number 1, not {chat}")
 
     # Messages, each with an Idempotency-Key: a retry with the same key and body keeps its number.
@@ -135,7 +138,7 @@ def tour(base_url):
     numbers = [
         expect(
             create_message.sync_detailed(
-                token, chat, client=client, body=MessageInput(body=body), idempotency_key=key
+                chat, client=tenant, body=MessageInput(body=body), idempotency_key=key
             ),
             202,
         ).number
@@ -143,12 +146,12 @@ def tour(base_url):
     ]
     check(numbers == [1, 2, 3, 4, 5], f"numbered in order: {numbers}")
     retried = create_message.sync_detailed(
-        token, chat, client=client, body=MessageInput(body=bodies[0]), idempotency_key=keys[0]
+        chat, client=tenant, body=MessageInput(body=bodies[0]), idempotency_key=keys[0]
     )
     check(expect(retried, 202).number == 1, "a retry with the same key gets the first number")
     expect_error(
         create_message.sync_detailed(
-            token, chat, client=client, body=MessageInput(body="another body"), idempotency_key=keys[0]
+            chat, client=tenant, body=MessageInput(body="another body"), idempotency_key=keys[0]
         ),
         422,
         "idempotency_key_reused",
@@ -156,27 +159,27 @@ def tour(base_url):
 
     # Listing, two per page, following next_after once all five are persisted.
     def pages_once_all_are_listed():
-        walked, pages = walk_messages(client, token, chat, 2)
+        walked, pages = walk_messages(tenant, chat, 2)
         return pages if walked == numbers else None
 
     pages = eventually("the five messages are listed, each once", pages_once_all_are_listed)
     check(pages == 3, f"five messages in pages of two are three pages, not {pages}")
-    second = expect(list_messages.sync_detailed(token, chat, client=client, per_page=2, after=2), 200)
+    second = expect(list_messages.sync_detailed(chat, client=tenant, per_page=2, after=2), 200)
     check([m.number for m in second.messages] == [3, 4], "the page after 2")
     previous = expect(
         list_messages.sync_detailed(
-            token, chat, client=client, per_page=2, before=second.pagination.previous_before
+            chat, client=tenant, per_page=2, before=second.pagination.previous_before
         ),
         200,
     )
     check([m.number for m in previous.messages] == [1, 2], "previous_before leads back to page one")
-    first = expect(show_message.sync_detailed(token, chat, 1, client=client), 200)
+    first = expect(show_message.sync_detailed(chat, 1, client=tenant), 200)
     check(first.body == bodies[0], f"{first!r}")
 
     # An update is synchronous; the search index follows.
     updated = expect(
         update_message.sync_detailed(
-            token, chat, 1, client=client, body=MessageInput(body="Updated internationalization notes")
+            chat, 1, client=tenant, body=MessageInput(body="Updated internationalization notes")
         ),
         200,
     )
@@ -186,37 +189,38 @@ def tour(base_url):
     # Search: word prefixes, one hit per page through next_cursor; the update is found once indexed.
     eventually(
         "the prefix search finds messages 1, 2 and 3",
-        lambda: search_all(client, token, chat, "internation") == [1, 2, 3],
+        lambda: search_all(tenant, chat, "internation") == [1, 2, 3],
     )
     eventually(
         "the old body of message 1 is no longer found",
-        lambda: search_all(client, token, chat, "world") == [],
+        lambda: search_all(tenant, chat, "world") == [],
     )
-    check(search_all(client, token, chat, "hello") == [2, 5], "whole words, case-insensitive")
-    check(search_all(client, token, chat, '"hello again"') == [5], "a phrase in double quotes")
-    hit = expect(search_messages.sync_detailed(token, chat, client=client, query="again"), 200).messages[0]
+    check(search_all(tenant, chat, "hello") == [2, 5], "whole words, case-insensitive")
+    check(search_all(tenant, chat, '"hello again"') == [5], "a phrase in double quotes")
+    hit = expect(search_messages.sync_detailed(chat, client=tenant, query="again"), 200).messages[0]
     check(hit.highlight == "hello <mark>again</mark>", f"the hit shows where it matched: {hit!r}")
 
     # Deleting: 204, then gone from reads and search; a second delete is 404.
-    expect(delete_message.sync_detailed(token, chat, 4, client=client), 204)
-    expect_error(show_message.sync_detailed(token, chat, 4, client=client), 404, "not_found")
-    expect_error(delete_message.sync_detailed(token, chat, 4, client=client), 404, "not_found")
-    walked, _ = walk_messages(client, token, chat, 2)
+    expect(delete_message.sync_detailed(chat, 4, client=tenant), 204)
+    expect_error(show_message.sync_detailed(chat, 4, client=tenant), 404, "not_found")
+    expect_error(delete_message.sync_detailed(chat, 4, client=tenant), 404, "not_found")
+    walked, _ = walk_messages(tenant, chat, 2)
     check(walked == [1, 2, 3, 5], f"the list leaves it out: {walked}")
 
     # Counts follow the asynchronous writes.
     eventually(
         "the chat counts its messages, the deleted one not",
-        lambda: expect(show_chat.sync_detailed(token, chat, client=client), 200).messages_count == 4,
+        lambda: expect(show_chat.sync_detailed(chat, client=tenant), 200).messages_count == 4,
     )
     eventually(
         "the application counts its chat",
-        lambda: expect(show_application.sync_detailed(token, client=client), 200).chats_count == 1,
+        lambda: expect(show_application.sync_detailed(client=tenant), 200).chats_count == 1,
     )
 
     # Errors: every one the same body, with a stable code.
-    expect_error(show_application.sync_detailed("A" * 32, client=client), 404, "not_found")
-    expect_error(show_chat.sync_detailed(token, 99, client=client), 404, "not_found")
+    stranger = AuthenticatedClient(base_url=base_url, token="A" * 32)
+    expect_error(show_application.sync_detailed(client=stranger), 401, "application_key_required")
+    expect_error(show_chat.sync_detailed(99, client=tenant), 404, "not_found")
     expect_error(
         create_application.sync_detailed(client=client, body=ApplicationInput(name="   ")),
         422,
@@ -224,13 +228,13 @@ def tour(base_url):
         field="name",
     )
     expect_error(
-        update_message.sync_detailed(token, chat, 1, client=client, body=MessageInput(body="")),
+        update_message.sync_detailed(chat, 1, client=tenant, body=MessageInput(body="")),
         422,
         "validation_failed",
         field="body",
     )
     expect_error(
-        list_messages.sync_detailed(token, chat, client=client, per_page=1000),
+        list_messages.sync_detailed(chat, client=tenant, per_page=1000),
         400,
         "bad_request",
         field="per_page",

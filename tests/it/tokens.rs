@@ -317,3 +317,58 @@ async fn the_chat_quota_answers_its_code(mut env: TestEnv) -> anyhow::Result<()>
     assert_error(&over, StatusCode::FORBIDDEN, "quota_exceeded");
     api.stop().await
 }
+
+/// A MySQL database of before token digests (tokens in plaintext) migrated by this version: each
+/// token still opens its application, and no column holds a token any more.
+#[tokio::test]
+async fn plaintext_tokens_of_an_older_mysql_database_become_digests() -> anyhow::Result<()> {
+    use chatcore::store::Storage as _;
+    use sqlx::Connection as _;
+
+    let env = TestEnv::new().await?;
+    let database = format!("chat_{}_before_digests", env.id);
+    let admin_url = &env.services.mysql_admin_url;
+    let mut admin = sqlx::MySqlConnection::connect(admin_url).await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {database}")))
+        .execute(&mut admin)
+        .await?;
+    let pool = sqlx::MySqlPool::connect(&format!("{admin_url}/{database}")).await?;
+    let before_digests = sqlx::migrate::Migrator {
+        migrations: chatcore::store::mysql::MIGRATOR
+            .migrations
+            .iter()
+            .filter(|migration| migration.version < 20261205000000)
+            .cloned()
+            .collect(),
+        ..sqlx::migrate::Migrator::DEFAULT
+    };
+    before_digests.run(&pool).await?;
+    let legacy = "M".repeat(32);
+    sqlx::query(
+        "INSERT INTO applications (id, token, name, chats_count, created_at, updated_at) \
+         VALUES (7, ?, 'old', 0, NOW(3), NOW(3))",
+    )
+    .bind(&legacy)
+    .execute(&pool)
+    .await?;
+    chatcore::store::mysql::MIGRATOR.run(&pool).await?;
+
+    let storage = chatcore::store::MySqlStorage::new(pool.clone());
+    let token = chatcore::domain::ApplicationToken::parse(&legacy)?;
+    let grant = storage.resolve_token(&token.digest()).await?;
+    assert_eq!(grant.map(|grant| grant.application_id), Some(7));
+    let application = storage.find_application(7).await?.expect("kept");
+    assert_eq!(application.token_hint, "...MMMM");
+    let token_columns: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM information_schema.columns \
+         WHERE table_schema = DATABASE() AND column_name = 'token'",
+    )
+    .fetch_one(&pool)
+    .await?;
+    assert_eq!(token_columns, 0);
+    pool.close().await;
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE {database}")))
+        .execute(&mut admin)
+        .await?;
+    Ok(())
+}

@@ -134,7 +134,7 @@ fn assert_one_trace(spans: &[Received], consumers: [(&str, &str); 2]) {
             .map(|r| r.span.clone())
             .unwrap_or_else(|| panic!("no {name} span from the api: {spans:#?}"))
     };
-    let http = find("POST /api/v1/applications/{token}/chats/{chat_number}/messages");
+    let http = find("POST /api/v1/chats/{chat_number}/messages");
     assert_eq!(
         hex(&http.parent_span_id),
         CALLER_SPAN,

@@ -52,9 +52,10 @@ async fn digest_plaintext_tokens(pool: &SqlitePool) -> anyhow::Result<()> {
         return Ok(());
     }
     let mut connection = pool.acquire().await?;
-    sqlx::query("PRAGMA foreign_keys = OFF")
-        .execute(&mut *connection)
-        .await?;
+    // secure_delete: the pages the old table leaves are zeroed, not left with the tokens in them.
+    for pragma in ["PRAGMA foreign_keys = OFF", "PRAGMA secure_delete = ON"] {
+        sqlx::query(pragma).execute(&mut *connection).await?;
+    }
     let mut transaction = sqlx::Connection::begin(&mut *connection).await?;
     let rows: Vec<(i64, String, DateTime<Utc>)> =
         sqlx::query_as("SELECT id, token, created_at FROM applications")
@@ -89,9 +90,14 @@ async fn digest_plaintext_tokens(pool: &SqlitePool) -> anyhow::Result<()> {
         sqlx::query(statement).execute(&mut *transaction).await?;
     }
     transaction.commit().await?;
-    sqlx::query("PRAGMA foreign_keys = ON")
-        .execute(&mut *connection)
-        .await?;
+    // The zeroed pages into the file itself, and the log that still held the old ones emptied.
+    for pragma in [
+        "PRAGMA wal_checkpoint(TRUNCATE)",
+        "PRAGMA foreign_keys = ON",
+        "PRAGMA secure_delete = OFF",
+    ] {
+        sqlx::query(pragma).execute(&mut *connection).await?;
+    }
     Ok(())
 }
 
