@@ -298,6 +298,9 @@ CHAT_STREAMS_PER_ADDRESS: {{ .Values.api.streams.perAddress | int64 | quote }}
 CHAT_STREAM_MAX_LIFETIME_SECONDS: {{ .Values.api.streams.maxLifetimeSeconds | int64 | quote }}
 CHAT_STREAM_HEARTBEAT_MS: {{ .Values.api.streams.heartbeatMs | int64 | quote }}
 CHAT_STREAM_BUFFERED_CHANGES: {{ .Values.api.streams.bufferedChanges | int64 | quote }}
+CHAT_APPLICATION_CREATION: {{ .Values.api.applicationCreation | quote }}
+CHAT_TOKEN_ROTATION_OVERLAP_SECONDS: {{ .Values.api.tokenRotationOverlapSeconds | int64 | quote }}
+CHAT_MAX_CHATS_PER_APPLICATION: {{ .Values.api.maxChatsPerApplication | int64 | quote }}
 {{- if include "chat.tlsCaEnabled" . }}
 CHAT_TLS_CA_FILE: {{ printf "%s/ca.crt" (include "chat.tlsCaDir" .) | quote }}
 {{- end }}
