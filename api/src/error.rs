@@ -50,6 +50,15 @@ pub enum ApiError {
     /// 403: the application has as many chats as `CHAT_MAX_CHATS_PER_APPLICATION` allows.
     #[error("the application has reached its quota of {0} chats")]
     ChatQuotaExceeded(u64),
+    /// 429: the application posted as many messages this minute as
+    /// `CHAT_MAX_MESSAGES_PER_MINUTE_PER_APPLICATION` allows.
+    #[error(
+        "the application has posted its quota of {quota} messages this minute; retry after the Retry-After seconds"
+    )]
+    MessageQuotaExceeded {
+        quota: u64,
+        retry_after: std::time::Duration,
+    },
     /// 403: the bearer token is not the admin token.
     #[error("the bearer token is not the admin token")]
     Forbidden,
@@ -96,7 +105,9 @@ impl ApiError {
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Unauthorized | Self::ApplicationKeyRequired => StatusCode::UNAUTHORIZED,
             Self::Forbidden | Self::ChatQuotaExceeded(_) => StatusCode::FORBIDDEN,
-            Self::RateLimited { .. } | Self::TooManyStreams(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::RateLimited { .. }
+            | Self::TooManyStreams(_)
+            | Self::MessageQuotaExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::BodyTimedOut(_) => StatusCode::REQUEST_TIMEOUT,
             Self::NotPersistedYet(_) | Self::IdempotencyKeyInUse => StatusCode::CONFLICT,
             Self::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
@@ -116,7 +127,7 @@ impl ApiError {
             Self::Unauthorized => "unauthorized",
             Self::ApplicationKeyRequired => "application_key_required",
             Self::Forbidden => "forbidden",
-            Self::ChatQuotaExceeded(_) => "quota_exceeded",
+            Self::ChatQuotaExceeded(_) | Self::MessageQuotaExceeded { .. } => "quota_exceeded",
             Self::RateLimited { .. } => "rate_limited",
             Self::TooManyStreams(_) => "too_many_streams",
             Self::BodyTimedOut(_) => "body_timed_out",
@@ -198,6 +209,10 @@ impl IntoResponse for ApiError {
             }
             Self::TooManyStreams(_) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            }
+            Self::MessageQuotaExceeded { retry_after, .. } => {
+                let seconds = crate::rate_limit::seconds_rounded_up(retry_after);
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
             }
             Self::Unauthorized => {
                 headers.insert(

@@ -202,6 +202,9 @@ pub struct ApiConfig {
     pub application_creation: ApplicationCreation,
     /// Chats an application may have at most (its chat numbers); 0: no limit.
     pub max_chats_per_application: u64,
+    /// Messages an application may post per minute (a fixed window shared by every replica);
+    /// 0: no limit.
+    pub max_messages_per_minute_per_application: u64,
 }
 
 /// `CHAT_APPLICATION_CREATION`: `open` (anyone, as the reference contract; fine on a laptop) or
@@ -440,6 +443,8 @@ impl Config {
                 application_creation: settings
                     .parse("CHAT_APPLICATION_CREATION", ApplicationCreation::Open)?,
                 max_chats_per_application: settings.parse("CHAT_MAX_CHATS_PER_APPLICATION", 0)?,
+                max_messages_per_minute_per_application: settings
+                    .parse("CHAT_MAX_MESSAGES_PER_MINUTE_PER_APPLICATION", 0)?,
             },
             consumer: ConsumerConfig {
                 prefetch: settings.parse("CHAT_CONSUMER_PREFETCH", 1000)?,

@@ -1104,6 +1104,7 @@ fn docs_are_off_and_the_limits_are_set_by_default() -> anyhow::Result<()> {
         ("CHAT_APPLICATION_CREATION", "open"),
         ("CHAT_TOKEN_ROTATION_OVERLAP_SECONDS", "86400"),
         ("CHAT_MAX_CHATS_PER_APPLICATION", "0"),
+        ("CHAT_MAX_MESSAGES_PER_MINUTE_PER_APPLICATION", "0"),
         ("CHAT_HEADER_READ_TIMEOUT_MS", "5000"),
         ("CHAT_BODY_TIMEOUT_MS", "5000"),
         ("CHAT_REQUEST_TIMEOUT_MS", "10000"),

@@ -372,3 +372,49 @@ async fn plaintext_tokens_of_an_older_mysql_database_become_digests() -> anyhow:
         .await?;
     Ok(())
 }
+
+both_stacks!(the_message_quota_answers_its_code);
+
+async fn the_message_quota_answers_its_code(mut env: TestEnv) -> anyhow::Result<()> {
+    env.set("CHAT_MAX_MESSAGES_PER_MINUTE_PER_APPLICATION", "3");
+    let api = env.spawn_api().await?;
+    let client = &api.client;
+    let token = client.create_application("chatty").await?;
+    let chat = client.create_chat(&token).await?;
+    // The quota is a wall-clock minute: start well inside one.
+    let second_of_minute = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs()
+        % 60;
+    if second_of_minute > 45 {
+        tokio::time::sleep(Duration::from_secs(61 - second_of_minute)).await;
+    }
+    let path = format!("/chats/{chat}/messages");
+    for number in 1..=3 {
+        let posted = as_tenant(
+            client,
+            &token,
+            Method::POST,
+            &path,
+            Some(json!({"body": format!("message {number}")})),
+        )
+        .await?;
+        assert_eq!(posted.status, StatusCode::ACCEPTED, "{posted:?}");
+    }
+    let request = client
+        .request(Method::POST, &path)
+        .bearer_auth(&token)
+        .json(&json!({"body": "one too many"}));
+    let over = request.send().await?;
+    assert_eq!(over.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry_after: u64 = over.headers()["retry-after"].to_str()?.parse()?;
+    assert!((1..=60).contains(&retry_after), "{retry_after}");
+    let body: Value = over.json().await?;
+    assert_eq!(body["error"]["code"], "quota_exceeded");
+    // Another application has a quota of its own.
+    let other = client.create_application("quiet").await?;
+    let other_chat = client.create_chat(&other).await?;
+    let posted = client.create_message(&other, other_chat, "mine").await?;
+    assert_eq!(posted, 1);
+    api.stop().await
+}

@@ -53,7 +53,7 @@ struct ChatList {
     params(IdempotencyKey),
     responses((status = 202, description = "accepted", body = Accepted), (status = 400, body = ErrorBody),
         (status = 409, description = "`idempotency_key_in_use`: a request with this `Idempotency-Key` is still running; retry after `Retry-After` seconds", body = ErrorBody),
-        (status = 422, description = "`idempotency_key_reused`: the `Idempotency-Key` was used with another request", body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
+        (status = 422, description = "`idempotency_key_reused`: the `Idempotency-Key` was used with another request", body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn create(
     State(state): State<AppState>,
     tenant: Tenant,

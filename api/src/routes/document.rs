@@ -151,7 +151,9 @@ impl utoipa::Modify for ResponseConventions {
             RefOr::T(error_response(
                 "`rate_limited`: over the rate limit of the client address or of the application \
                  token; or `too_many_streams` (live streams only): as many streams are open as \
-                 the replica allows, for the application or in all. Retry after `Retry-After` \
+                 the replica allows, for the application or in all; or `quota_exceeded` \
+                 (creating a message): the application posted its messages of this minute \
+                 (`CHAT_MAX_MESSAGES_PER_MINUTE_PER_APPLICATION`). Retry after `Retry-After` \
                  seconds.",
             )),
         );
@@ -256,7 +258,10 @@ fn default_description(status: &str) -> String {
              (missing, unknown, expired or revoked); on the admin routes `unauthorized`: no \
              `Authorization: Bearer <admin token>`"
         }
-        "403" => "`forbidden`: the bearer token is not the admin token",
+        "403" => {
+            "`forbidden`: the bearer token is not the admin token; `quota_exceeded` (creating a \
+             chat): the application has as many chats as `CHAT_MAX_CHATS_PER_APPLICATION` allows"
+        }
         "404" => "`not_found`: unknown application (also a malformed token), chat or message",
         "409" => {
             "`idempotency_key_in_use` or `not_persisted_yet`; retry after `Retry-After` seconds"

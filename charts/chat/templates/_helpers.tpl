@@ -301,6 +301,7 @@ CHAT_STREAM_BUFFERED_CHANGES: {{ .Values.api.streams.bufferedChanges | int64 | q
 CHAT_APPLICATION_CREATION: {{ .Values.api.applicationCreation | quote }}
 CHAT_TOKEN_ROTATION_OVERLAP_SECONDS: {{ .Values.api.tokenRotationOverlapSeconds | int64 | quote }}
 CHAT_MAX_CHATS_PER_APPLICATION: {{ .Values.api.maxChatsPerApplication | int64 | quote }}
+CHAT_MAX_MESSAGES_PER_MINUTE_PER_APPLICATION: {{ .Values.api.maxMessagesPerMinutePerApplication | int64 | quote }}
 {{- if include "chat.tlsCaEnabled" . }}
 CHAT_TLS_CA_FILE: {{ printf "%s/ca.crt" (include "chat.tlsCaDir" .) | quote }}
 {{- end }}

@@ -122,6 +122,24 @@ impl SharedState for InProcessState {
         }))
     }
 
+    async fn count_in_window(&self, key: &str, ttl: Duration) -> Result<u64, StateError> {
+        // An expired count starts again at 1, with a new end.
+        let count: i64 = sqlx::query_scalar(
+            "INSERT INTO expiring_keys (key, value, expires_at_ms) VALUES (?1, '1', ?2) \
+             ON CONFLICT (key) DO UPDATE SET \
+             value = CASE WHEN expires_at_ms <= ?3 THEN '1' \
+                     ELSE CAST(CAST(value AS INTEGER) + 1 AS TEXT) END, \
+             expires_at_ms = CASE WHEN expires_at_ms <= ?3 THEN ?2 ELSE expires_at_ms END \
+             RETURNING CAST(value AS INTEGER)",
+        )
+        .bind(key)
+        .bind(expiry(ttl))
+        .bind(unix_millis(SystemTime::now()))
+        .fetch_one(&self.keys)
+        .await?;
+        Ok(u64::try_from(count).unwrap_or(0))
+    }
+
     async fn set_if_absent(
         &self,
         key: &str,

@@ -153,6 +153,13 @@ return 1
 "
 );
 
+/// Adds one to the count; a new one expires ARGV[1] milliseconds later.
+const COUNT_IN_WINDOW: &str = r"
+local count = redis.call('INCR', KEYS[1])
+if count == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+return count
+";
+
 /// Raises `next` to at least ARGV[1]; leaves `ceil` alone, so the next allocation extends the
 /// reservation under the epoch check.
 const RAISE_NEXT: &str = concat!(
@@ -174,6 +181,7 @@ pub struct RedisState {
     seed: Script,
     raise_ceiling: Script,
     raise_next: Script,
+    count_in_window: Script,
 }
 
 impl RedisState {
@@ -185,6 +193,7 @@ impl RedisState {
             seed: Script::new(SEED),
             raise_ceiling: Script::new(RAISE_CEILING),
             raise_next: Script::new(RAISE_NEXT),
+            count_in_window: Script::new(COUNT_IN_WINDOW),
         }
     }
 
@@ -279,6 +288,15 @@ impl SharedState for RedisState {
         }
         let raised: Vec<i64> = pipeline.query_async(&mut self.connection()).await?;
         Ok(raised.into_iter().map(|raised| raised == 1).collect())
+    }
+
+    async fn count_in_window(&self, key: &str, ttl: Duration) -> Result<u64, StateError> {
+        Ok(self
+            .count_in_window
+            .key(key)
+            .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1))
+            .invoke_async(&mut self.connection())
+            .await?)
     }
 
     async fn set_if_absent(

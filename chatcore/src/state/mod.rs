@@ -74,6 +74,10 @@ pub trait SharedState: Send + Sync {
     /// Raises `next` of each existing counter to at least its number; true for those raised.
     async fn raise_next(&self, targets: &[(String, u64)]) -> Result<Vec<bool>, StateError>;
 
+    /// Adds one to the count kept under `key` and returns it; a new count (or one past its `ttl`)
+    /// starts at 1 and ends `ttl` later. Fixed windows of a rate, shared by every replica.
+    async fn count_in_window(&self, key: &str, ttl: Duration) -> Result<u64, StateError>;
+
     /// Sets the key unless it exists; true when set.
     async fn set_if_absent(
         &self,

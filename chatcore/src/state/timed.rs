@@ -66,6 +66,13 @@ impl SharedState for TimedState {
             .await
     }
 
+    async fn count_in_window(&self, key: &str, ttl: Duration) -> Result<u64, StateError> {
+        let call = self.inner.count_in_window(key, ttl);
+        self.metrics
+            .time_within(self.kind(), "count_in_window", self.limit, call)
+            .await
+    }
+
     async fn raise_next(&self, targets: &[(String, u64)]) -> Result<Vec<bool>, StateError> {
         let call = self.inner.raise_next(targets);
         self.metrics
