@@ -325,6 +325,20 @@ ELASTICSEARCH_URL: {{ required (printf "connections.elasticsearchUrl is required
 
 {{/* The two worker components, for templates that render both alike; none in embedded mode (the
 api process consumes its own events). */}}
+{{/* The egress rules of a component (context: root, the services it talks to, the DNS rule): DNS,
+networkPolicy.egressTo of each of its services, and networkPolicy.egress. */}}
+{{- define "chat.egressTo" -}}
+- {{- toYaml .dns | nindent 2 }}
+{{- range .services }}
+{{- with index $.root.Values.networkPolicy.egressTo . }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+{{- with .root.Values.networkPolicy.egress }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
 {{- define "chat.workers" -}}
 {{- if not .Values.embedded.enabled }}
 ingest-worker: ingestWorker
