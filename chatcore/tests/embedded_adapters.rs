@@ -99,15 +99,8 @@ async fn replicas_seeding_one_scope_at_once_skip_no_block() -> anyhow::Result<()
 async fn plaintext_tokens_of_an_older_database_become_digests() -> anyhow::Result<()> {
     let data_dir = DataDir::new();
     let path = data_dir.0.join("chat.db");
-    let before_digests = sqlx::migrate::Migrator {
-        migrations: chatcore::sqlite::DATA_MIGRATOR
-            .migrations
-            .iter()
-            .filter(|migration| migration.version < 20261205000000)
-            .cloned()
-            .collect(),
-        ..sqlx::migrate::Migrator::DEFAULT
-    };
+    let before_digests =
+        chatcore::store::migrations_before(&chatcore::sqlite::DATA_MIGRATOR, 20261205000000);
     let legacy = "L".repeat(32);
     {
         let pool = chatcore::sqlite::open(&path, &before_digests, 1).await?;

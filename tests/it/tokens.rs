@@ -333,15 +333,8 @@ async fn plaintext_tokens_of_an_older_mysql_database_become_digests() -> anyhow:
         .execute(&mut admin)
         .await?;
     let pool = sqlx::MySqlPool::connect(&format!("{admin_url}/{database}")).await?;
-    let before_digests = sqlx::migrate::Migrator {
-        migrations: chatcore::store::mysql::MIGRATOR
-            .migrations
-            .iter()
-            .filter(|migration| migration.version < 20261205000000)
-            .cloned()
-            .collect(),
-        ..sqlx::migrate::Migrator::DEFAULT
-    };
+    let before_digests =
+        chatcore::store::migrations_before(&chatcore::store::mysql::MIGRATOR, 20261205000000);
     before_digests.run(&pool).await?;
     let legacy = "M".repeat(32);
     sqlx::query(

@@ -50,16 +50,7 @@ fn legacy_path(path: &str) -> Option<String> {
 }
 
 fn legacy_item(mut item: PathItem) -> PathItem {
-    for operation in [
-        &mut item.get,
-        &mut item.put,
-        &mut item.post,
-        &mut item.delete,
-        &mut item.patch,
-    ]
-    .into_iter()
-    .flatten()
-    {
+    for operation in operations_mut(&mut item) {
         operation.operation_id = operation
             .operation_id
             .take()
@@ -158,18 +149,7 @@ impl utoipa::Modify for ResponseConventions {
             )),
         );
         for item in openapi.paths.paths.values_mut() {
-            for operation in [
-                &mut item.get,
-                &mut item.put,
-                &mut item.post,
-                &mut item.delete,
-                &mut item.patch,
-            ]
-            .into_iter()
-            .flatten()
-            {
-                describe_operation(operation);
-            }
+            operations_mut(item).for_each(describe_operation);
         }
         if let Some(RefOr::T(rate_limited)) = openapi
             .components
@@ -179,6 +159,19 @@ impl utoipa::Modify for ResponseConventions {
             add_headers(rate_limited, "429");
         }
     }
+}
+
+/// Every operation of a path.
+fn operations_mut(item: &mut PathItem) -> impl Iterator<Item = &mut Operation> {
+    [
+        &mut item.get,
+        &mut item.put,
+        &mut item.post,
+        &mut item.delete,
+        &mut item.patch,
+    ]
+    .into_iter()
+    .flatten()
 }
 
 fn describe_operation(operation: &mut Operation) {

@@ -355,6 +355,23 @@ pub fn now() -> DateTime<Utc> {
     Utc::now().trunc_subsecs(3)
 }
 
+/// The migrations of `migrator` older than `version`: a database as an earlier release left it,
+/// to test what a newer migration does to its rows.
+pub fn migrations_before(
+    migrator: &sqlx::migrate::Migrator,
+    version: i64,
+) -> sqlx::migrate::Migrator {
+    sqlx::migrate::Migrator {
+        migrations: migrator
+            .migrations
+            .iter()
+            .filter(|migration| migration.version < version)
+            .cloned()
+            .collect(),
+        ..sqlx::migrate::Migrator::DEFAULT
+    }
+}
+
 /// Runs a block of statements; the driver's errors become [`StorageError`]s.
 async fn sql<T, E: Into<StorageError>>(
     block: impl Future<Output = Result<T, E>>,
