@@ -1,9 +1,11 @@
 //! The one error type of the API. Every failure maps to a status and the documented JSON body
 //! `{"error": {"code": "...", "message": "...", "field": "..."}}` (`field` only when one input is to blame).
 
+use std::time::Duration;
+
 use axum::Json;
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chatcore::domain::InvalidInput;
 use chatcore::numbering::AllocationError;
@@ -55,19 +57,13 @@ pub enum ApiError {
     #[error(
         "the application has posted its quota of {quota} messages this minute; retry after the Retry-After seconds"
     )]
-    MessageQuotaExceeded {
-        quota: u64,
-        retry_after: std::time::Duration,
-    },
+    MessageQuotaExceeded { quota: u64, retry_after: Duration },
     /// 403: the bearer token is not the admin token.
     #[error("the bearer token is not the admin token")]
     Forbidden,
     /// 429: over the rate limit of the client address or the application token.
     #[error("too many requests; retry after the Retry-After seconds")]
-    RateLimited {
-        limit: u32,
-        retry_after: std::time::Duration,
-    },
+    RateLimited { limit: u32, retry_after: Duration },
     /// 429: this replica serves as many live streams as it may (of the application, or in all).
     #[error("too many live streams open ({0}); retry later or close one")]
     TooManyStreams(&'static str),
@@ -203,15 +199,15 @@ impl IntoResponse for ApiError {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             Self::RateLimited { limit, retry_after } => {
-                let seconds = crate::rate_limit::seconds_rounded_up(retry_after);
+                let seconds = seconds_rounded_up(retry_after);
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
-                crate::rate_limit::set_headers(headers, limit, 0, retry_after);
+                set_rate_limit_headers(headers, limit, 0, retry_after);
             }
             Self::TooManyStreams(_) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
             }
             Self::MessageQuotaExceeded { retry_after, .. } => {
-                let seconds = crate::rate_limit::seconds_rounded_up(retry_after);
+                let seconds = seconds_rounded_up(retry_after);
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
             }
             Self::Unauthorized => {
@@ -308,5 +304,26 @@ impl From<PathRejection> for ApiError {
             message: format!("invalid path parameter: {}", rejection.body_text()),
             field: None,
         }
+    }
+}
+
+/// Whole seconds, rounded up (a client waiting the rounded-down figure would be refused again).
+pub fn seconds_rounded_up(duration: Duration) -> u64 {
+    duration.as_secs() + u64::from(duration.subsec_nanos() > 0)
+}
+
+/// `RateLimit-Limit`, `RateLimit-Remaining`, `RateLimit-Reset`.
+pub fn set_rate_limit_headers(
+    headers: &mut HeaderMap,
+    limit: u32,
+    remaining: u32,
+    reset: Duration,
+) {
+    for (name, value) in [
+        ("ratelimit-limit", u64::from(limit)),
+        ("ratelimit-remaining", u64::from(remaining)),
+        ("ratelimit-reset", seconds_rounded_up(reset)),
+    ] {
+        headers.insert(HeaderName::from_static(name), HeaderValue::from(value));
     }
 }

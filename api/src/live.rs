@@ -342,7 +342,7 @@ impl ChatStream {
         };
         let rows = tokio::select! {
             () = self.shutdown.cancelled() => return Err("shutdown"),
-            rows = self.service.stored_messages(application_id, chat_number, page) => rows,
+            rows = self.service.messages_to_catch_up(application_id, chat_number, page) => rows,
         };
         let Ok(mut rows) = rows else {
             return Err("storage_error");

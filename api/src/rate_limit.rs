@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{HeaderMap, HeaderName, HeaderValue};
+use axum::http::HeaderMap;
 use axum::middleware::Next;
 use axum::response::{IntoResponse as _, Response};
 use chatcore::config::{RateLimit, RateLimits};
@@ -32,7 +32,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio_util::sync::CancellationToken;
 
 use crate::AppState;
-use crate::error::ApiError;
+use crate::error::{ApiError, set_rate_limit_headers};
 use crate::extract::ClientAddress;
 
 /// How often the buckets of clients that went quiet are dropped.
@@ -296,7 +296,7 @@ fn with_headers(
         .flatten()
         .min_by_key(|remaining| remaining.remaining);
     if let Some(remaining) = tighter {
-        set_headers(
+        set_rate_limit_headers(
             response.headers_mut(),
             remaining.limit.burst,
             remaining.remaining,
@@ -306,24 +306,10 @@ fn with_headers(
     response
 }
 
-/// Whole seconds, rounded up (a client waiting the rounded-down figure would be refused again).
-pub fn seconds_rounded_up(duration: Duration) -> u64 {
-    duration.as_secs() + u64::from(duration.subsec_nanos() > 0)
-}
-
-/// `RateLimit-Limit`, `RateLimit-Remaining`, `RateLimit-Reset`.
-pub fn set_headers(headers: &mut HeaderMap, limit: u32, remaining: u32, reset: Duration) {
-    for (name, value) in [
-        ("ratelimit-limit", u64::from(limit)),
-        ("ratelimit-remaining", u64::from(remaining)),
-        ("ratelimit-reset", seconds_rounded_up(reset)),
-    ] {
-        headers.insert(HeaderName::from_static(name), HeaderValue::from(value));
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use axum::http::HeaderValue;
+
     use super::*;
 
     fn limiters(hops: usize) -> RateLimiters {

@@ -198,7 +198,7 @@ impl ChatService {
         if quota > 0 && self.allocator.handed_out_up_to(&scope).await? >= quota {
             return Err(ApiError::ChatQuotaExceeded(quota));
         }
-        self.accept(idempotency_key, &scope, b"", trace, move |chat_number| {
+        self.accept_once_per_key(idempotency_key, &scope, b"", trace, move |chat_number| {
             EventPayload::ChatCreated {
                 application_id,
                 chat_number,
@@ -244,7 +244,7 @@ impl ChatService {
             chat_number,
         };
         let fingerprint = body.as_str().as_bytes().to_vec();
-        self.accept(
+        self.accept_once_per_key(
             idempotency_key,
             &scope,
             &fingerprint,
@@ -303,7 +303,7 @@ impl ChatService {
             .await?
         else {
             return Err(self
-                .missing_message(application_id, chat_number, number)
+                .why_message_is_missing(application_id, chat_number, number)
                 .await);
         };
         let event = Event::new(EventPayload::MessageUpdated {
@@ -344,7 +344,7 @@ impl ChatService {
             .await?
         else {
             return Err(self
-                .missing_message(application_id, chat_number, number)
+                .why_message_is_missing(application_id, chat_number, number)
                 .await);
         };
         let event = Event::new(EventPayload::MessageDeleted {
@@ -389,7 +389,7 @@ impl ChatService {
     }
 
     /// Stored messages of a chat by its internal key (a live stream catching up).
-    pub async fn stored_messages(
+    pub async fn messages_to_catch_up(
         &self,
         application_id: u64,
         chat_number: Number,
@@ -418,7 +418,7 @@ impl ChatService {
 
     /// Hands out the next number of the scope and publishes the event that carries it, once per
     /// idempotency key (see [`crate::idempotency`]).
-    async fn accept(
+    async fn accept_once_per_key(
         self: Arc<Self>,
         idempotency_key: IdempotencyKey,
         scope: &Scope,
@@ -669,7 +669,7 @@ impl ChatService {
 
     /// Why a message to change is not in the storage: unknown chat, deleted (404), handed out
     /// but not stored yet (409, retry) or never handed out (404).
-    async fn missing_message(
+    async fn why_message_is_missing(
         &self,
         application_id: u64,
         chat_number: Number,

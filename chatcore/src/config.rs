@@ -473,7 +473,7 @@ impl Config {
             },
         })
         .and_then(Self::checked)
-        .map(|config| config.bounded_in_memory(max_bytes_in_flight))
+        .map(|config| config.with_prefetch_fitting_memory(max_bytes_in_flight))
     }
 
     /// The largest event a request can make, and so the largest message the api publishes (events
@@ -485,7 +485,7 @@ impl Config {
     /// Lowers the prefetch so that `max_bytes_in_flight` holds that many of
     /// the largest events: a request body of `CHAT_MAX_REQUEST_BYTES` makes an event of about the
     /// same size (JSON in, JSON out).
-    fn bounded_in_memory(mut self, max_bytes_in_flight: usize) -> Self {
+    fn with_prefetch_fitting_memory(mut self, max_bytes_in_flight: usize) -> Self {
         let largest_event = self.largest_event_bytes();
         let fitting = (max_bytes_in_flight / largest_event).clamp(1, usize::from(u16::MAX));
         self.consumer.prefetch = self.consumer.prefetch.min(fitting as u16);

@@ -134,7 +134,7 @@ impl NumberAllocator {
         let allocated = retry::retry(
             ROUND_BACKOFF,
             &self.never_cancelled,
-            || self.allocate_once(scope, &key),
+            || self.allocate_round(scope, &key),
             |error, round, _| {
                 let again = round < MAX_ROUNDS && error.is_transient();
                 if again {
@@ -152,7 +152,7 @@ impl NumberAllocator {
 
     /// One round: increments the counter, extending the reservation or seeding the counter when
     /// due. `Contended` when another reservation got in the way.
-    async fn allocate_once(&self, scope: &Scope, key: &str) -> Result<Number, AllocationError> {
+    async fn allocate_round(&self, scope: &Scope, key: &str) -> Result<Number, AllocationError> {
         let mut seeded = false;
         loop {
             match self.counters.increment(key).await? {
@@ -168,10 +168,9 @@ impl NumberAllocator {
                 }
                 Some(Counter { next, epoch, .. }) => {
                     let (allocator, scope, key) = (self.clone(), *scope, key.to_owned());
-                    let extended =
-                        detached(
-                            async move { allocator.extend_once(&scope, &key, next, epoch).await },
-                        );
+                    let extended = detached(async move {
+                        allocator.extend_serialized(&scope, &key, next, epoch).await
+                    });
                     return if extended.await? {
                         number(next)
                     } else {
@@ -180,7 +179,7 @@ impl NumberAllocator {
                 }
                 None if !seeded => {
                     let (allocator, scope, key) = (self.clone(), *scope, key.to_owned());
-                    detached(async move { allocator.seed_once(&scope, &key).await }).await?;
+                    detached(async move { allocator.seed_serialized(&scope, &key).await }).await?;
                     seeded = true;
                 }
                 None => return Err(AllocationError::Contended),
@@ -196,7 +195,7 @@ impl NumberAllocator {
         let (allocator, scope, key) = (self.clone(), *scope, key.to_owned());
         tokio::spawn(async move {
             if let Err(error) = allocator
-                .extend_once(&scope, &key, ceiling + 1, epoch)
+                .extend_serialized(&scope, &key, ceiling + 1, epoch)
                 .await
             {
                 tracing::debug!(%error, scope = %scope.id(), "reserving numbers ahead failed");
@@ -213,7 +212,7 @@ impl NumberAllocator {
         &self.reservation_locks[stripe]
     }
 
-    async fn seed_once(&self, scope: &Scope, key: &str) -> Result<(), AllocationError> {
+    async fn seed_serialized(&self, scope: &Scope, key: &str) -> Result<(), AllocationError> {
         let _serialized = self.reservation_lock(scope).lock().await;
         // Replicas seeding one scope at once would each reserve a fresh block, and the newest
         // epoch's counter would replace the one whose first numbers were already handed out: a
@@ -250,7 +249,7 @@ impl NumberAllocator {
     }
 
     /// Returns true when `number` is now covered by a reservation of `epoch`.
-    async fn extend_once(
+    async fn extend_serialized(
         &self,
         scope: &Scope,
         key: &str,

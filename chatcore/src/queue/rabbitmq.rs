@@ -659,7 +659,7 @@ enum Part {
 
 impl RabbitMqSource {
     /// The events of one AMQP delivery, each under a tag of this source.
-    fn hand_out(&mut self, delivery: lapin::message::Delivery, batch: &mut Vec<Delivery>) {
+    fn unpack_delivery(&mut self, delivery: lapin::message::Delivery, batch: &mut Vec<Delivery>) {
         let delivery_tag = delivery.delivery_tag;
         self.outstanding.insert(delivery_tag);
         let is_envelope = delivery
@@ -838,13 +838,13 @@ impl EventSource for RabbitMqSource {
         };
         let mut batch = Vec::new();
         let mut deliveries = 1;
-        self.hand_out(first?, &mut batch);
+        self.unpack_delivery(first?, &mut batch);
         let deadline = tokio::time::Instant::now() + settings.batch_max_wait;
         // Beyond the prefetch nothing more arrives before the batch is acknowledged.
         while batch.len() < settings.batch_max_size && deliveries < usize::from(settings.prefetch) {
             match tokio::time::timeout_at(deadline, self.deliveries.next()).await {
                 Ok(Some(delivery)) => {
-                    self.hand_out(delivery?, &mut batch);
+                    self.unpack_delivery(delivery?, &mut batch);
                     deliveries += 1;
                 }
                 Ok(None) => return Err(QueueError::ConsumerCancelled),

@@ -76,7 +76,7 @@ macro_rules! storage_impl {
                 &self,
                 application_id: u64,
             ) -> Result<Option<ApplicationRow>, StorageError> {
-                sql(async {
+                with_storage_errors(async {
                     sqlx::query_as(sqlx::AssertSqlSafe(format!(
                         "SELECT {} FROM applications WHERE id = ?",
                         $crate::store::APPLICATION_COLUMNS
@@ -92,7 +92,7 @@ macro_rules! storage_impl {
                 &self,
                 page: PageRequest,
             ) -> Result<Vec<ApplicationRow>, StorageError> {
-                sql(async {
+                with_storage_errors(async {
                     sqlx::query_as(sqlx::AssertSqlSafe(format!(
                         "SELECT {} FROM applications WHERE id BETWEEN ? AND ? ORDER BY id {} LIMIT ? OFFSET ?",
                         $crate::store::APPLICATION_COLUMNS,
@@ -112,7 +112,7 @@ macro_rules! storage_impl {
                 &self,
                 digest: &TokenDigest,
             ) -> Result<Option<TokenGrant>, StorageError> {
-                sql(async {
+                with_storage_errors(async {
                     sqlx::query_as(
                         "SELECT application_id, expires_at FROM application_tokens \
                          WHERE digest = ? AND (expires_at IS NULL OR expires_at > ?)",
@@ -131,7 +131,7 @@ macro_rules! storage_impl {
                 token: &ApplicationToken,
                 others_valid_until: Option<DateTime<Utc>>,
             ) -> Result<bool, StorageError> {
-                sql(async {
+                with_storage_errors(async {
                     let now = $crate::store::now();
                     let mut transaction = self.begin_write().await?;
                     let known: i64 =
@@ -178,7 +178,7 @@ macro_rules! storage_impl {
                 application_id: u64,
                 number: Number,
             ) -> Result<Option<ChatRow>, StorageError> {
-                sql(async {
+                with_storage_errors(async {
                     sqlx::query_as(
                         "SELECT number, messages_count, created_at FROM chats \
                          WHERE application_id = ? AND number = ?",
@@ -196,7 +196,7 @@ macro_rules! storage_impl {
                 application_id: u64,
                 page: PageRequest,
             ) -> Result<Vec<ChatRow>, StorageError> {
-                sql(async {
+                with_storage_errors(async {
                     sqlx::query_as(sqlx::AssertSqlSafe(format!(
                         "SELECT number, messages_count, created_at FROM chats WHERE application_id = ? \
                          AND number BETWEEN ? AND ? ORDER BY number {} LIMIT ? OFFSET ?",
@@ -219,7 +219,7 @@ macro_rules! storage_impl {
                 chat_number: Number,
                 number: Number,
             ) -> Result<Option<MessageRow>, StorageError> {
-                sql(async {
+                with_storage_errors(async {
                     sqlx::query_as(sqlx::AssertSqlSafe(format!(
                         "SELECT {} FROM messages m JOIN chats c ON c.id = m.chat_id \
                          WHERE c.application_id = ? AND c.number = ? AND m.number = ? AND m.deleted_at IS NULL",
@@ -240,7 +240,7 @@ macro_rules! storage_impl {
                 chat_number: Number,
                 number: Number,
             ) -> Result<bool, StorageError> {
-                sql(async {
+                with_storage_errors(async {
                     sqlx::query_scalar::<_, i64>(
                         "SELECT 1 FROM messages m JOIN chats c ON c.id = m.chat_id \
                          WHERE c.application_id = ? AND c.number = ? AND m.number = ? \
@@ -262,7 +262,7 @@ macro_rules! storage_impl {
                 chat_number: Number,
                 page: PageRequest,
             ) -> Result<Vec<MessageRow>, StorageError> {
-                sql(async {
+                with_storage_errors(async {
                     sqlx::query_as(sqlx::AssertSqlSafe(format!(
                         "SELECT {} FROM messages m JOIN chats c ON c.id = m.chat_id \
                          WHERE c.application_id = ? AND c.number = ? AND m.number BETWEEN ? AND ? \
@@ -283,7 +283,7 @@ macro_rules! storage_impl {
             }
 
             async fn reserved_until(&self, scope: &str) -> Result<Option<u64>, StorageError> {
-                sql(sqlx::query_scalar("SELECT reserved_until FROM number_reservations WHERE scope = ?")
+                with_storage_errors(sqlx::query_scalar("SELECT reserved_until FROM number_reservations WHERE scope = ?")
                     .bind(scope)
                     .fetch_optional(&self.pool))
                 .await
@@ -295,7 +295,7 @@ macro_rules! storage_impl {
                 after_id: u64,
                 limit: u32,
             ) -> Result<Vec<CountFigures>, StorageError> {
-                sql(sqlx::query_as(level.figures_query())
+                with_storage_errors(sqlx::query_as(level.figures_query())
                     .bind(after_id as i64)
                     .bind(i64::from(limit))
                     .fetch_all(&self.pool))
@@ -325,7 +325,7 @@ macro_rules! storage_impl {
                         ScopeBind::Time(at) => rows.bind(at),
                     };
                 }
-                sql(rows.bind(i64::from(limit)).fetch_all(&self.pool)).await
+                with_storage_errors(rows.bind(i64::from(limit)).fetch_all(&self.pool)).await
             }
 
             async fn recount(&self, level: CountLevel, id: u64) -> Result<u64, StorageError> {
@@ -373,7 +373,7 @@ pub fn migrations_before(
 }
 
 /// Runs a block of statements; the driver's errors become [`StorageError`]s.
-async fn sql<T, E: Into<StorageError>>(
+async fn with_storage_errors<T, E: Into<StorageError>>(
     block: impl Future<Output = Result<T, E>>,
 ) -> Result<T, StorageError> {
     block.await.map_err(Into::into)

@@ -11,7 +11,7 @@ use sqlx::{MySql, MySqlPool, QueryBuilder, Transaction};
 use super::{
     ApplicationRow, ChatKey, ChatRow, CountFigures, CountLevel, IngestBatch, MessageRow,
     MessageToIndex, NewMessage, ReindexCursor, ReindexScope, Reservation, ScopeBind, StorageError,
-    TokenGrant, first_conflict, now, sql,
+    TokenGrant, first_conflict, now, with_storage_errors,
 };
 use crate::config::SecretUrl;
 use crate::domain::{

@@ -14,7 +14,7 @@ use sqlx::{AssertSqlSafe, Sqlite, SqlitePool, Transaction};
 use super::{
     APPLICATION_COLUMNS, ApplicationRow, ChatRow, CountFigures, CountLevel, IngestBatch,
     MessageRow, MessageToIndex, ReindexCursor, ReindexScope, Reservation, ScopeBind, StorageError,
-    TokenGrant, first_conflict, now, sql,
+    TokenGrant, first_conflict, now, with_storage_errors,
 };
 use crate::domain::{
     ApplicationName, ApplicationToken, MessageBody, Number, PageRequest, TokenDigest,
