@@ -3,7 +3,6 @@
 //! publishes events and reads the storage and the index, in domain terms only.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use chatcore::adapters::Adapters;
 use chatcore::changes::{ChangeKind, MessageChange};
@@ -17,18 +16,17 @@ use chatcore::queue::EventQueue;
 use chatcore::search::{MessageHit, SearchIndex};
 use chatcore::state::SharedState;
 use chatcore::store::{ApplicationRow, ChatKey, ChatRow, MessageRow, Storage};
-use chrono::{DateTime, Utc};
 use quick_cache::sync::Cache;
 use tracing::Instrument as _;
 
 use crate::error::ApiError;
 use crate::idempotency::{IdempotencyKey, Recorded, fingerprint};
 
-/// Entries of the token -> application cache.
-const TOKEN_CACHE_ENTRIES: usize = 100_000;
-/// How long a replica trusts what it read of a token: a token revoked (or rotated out) on another
-/// replica stops working here within this time.
-pub const TOKEN_CACHE_TTL: std::time::Duration = std::time::Duration::from_millis(500);
+mod quotas;
+mod tokens;
+
+use tokens::{CachedGrant, TOKEN_CACHE_ENTRIES};
+
 /// Writes of the record of an accepted event before the request fails (see `allocate_and_publish`),
 /// with a growing pause between them.
 const ACCEPTED_RECORD_ATTEMPTS: u32 = 3;
@@ -44,14 +42,6 @@ pub struct DependencyCheck {
     pub up: bool,
     /// Whether the api can serve without it (no: not ready).
     pub required: bool,
-}
-
-/// What a replica read of a token, and when.
-#[derive(Clone)]
-struct CachedGrant {
-    application_id: u64,
-    expires_at: Option<DateTime<Utc>>,
-    fetched: Instant,
 }
 
 pub struct ChatService {
@@ -130,50 +120,6 @@ impl ChatService {
             .find_application(application_id)
             .await?
             .ok_or(ApiError::NotFound("application"))
-    }
-
-    /// Gives the application a new token; its other tokens stay valid for the overlap
-    /// (`CHAT_TOKEN_ROTATION_OVERLAP_SECONDS`). Returns the new token and when the others end.
-    pub async fn rotate_token(
-        &self,
-        application_id: u64,
-    ) -> Result<(ApplicationRow, ApplicationToken, DateTime<Utc>), ApiError> {
-        let others_valid_until = chatcore::store::now()
-            + chrono::Duration::from_std(self.settings.token_rotation_overlap)
-                .unwrap_or(chrono::Duration::MAX);
-        let (row, token) = self
-            .replace_tokens(application_id, Some(others_valid_until))
-            .await?;
-        Ok((row, token, others_valid_until))
-    }
-
-    /// The operator's revocation: every token of the application that `token` opens ends now
-    /// (on every replica within [`TOKEN_CACHE_TTL`]); the answer carries the one replacing them.
-    pub async fn revoke_tokens(
-        &self,
-        token: &ApplicationToken,
-    ) -> Result<(ApplicationRow, ApplicationToken), ApiError> {
-        let application_id = self
-            .resolve_token(token)
-            .await?
-            .ok_or(ApiError::NotFound("application"))?;
-        self.replace_tokens(application_id, None).await
-    }
-
-    async fn replace_tokens(
-        &self,
-        application_id: u64,
-        others_valid_until: Option<DateTime<Utc>>,
-    ) -> Result<(ApplicationRow, ApplicationToken), ApiError> {
-        let token = ApplicationToken::generate();
-        let replaced = self
-            .storage
-            .replace_tokens(application_id, &token, others_valid_until)
-            .await?;
-        if !replaced {
-            return Err(ApiError::NotFound("application"));
-        }
-        Ok((self.find_application(application_id).await?, token))
     }
 
     pub async fn list_applications(
@@ -575,64 +521,6 @@ impl ChatService {
             }
         }
         Ok(event.number())
-    }
-
-    /// The application a token opens, None for an unknown, expired or revoked one. Answers are
-    /// kept [`TOKEN_CACHE_TTL`] at most (and never past the token's end), so a revocation made on
-    /// another replica takes effect here within that time.
-    pub async fn resolve_token(&self, token: &ApplicationToken) -> Result<Option<u64>, ApiError> {
-        let digest = token.digest();
-        if let Some(cached) = self.token_grants.get(&digest)
-            && cached.fetched.elapsed() < TOKEN_CACHE_TTL
-            && cached
-                .expires_at
-                .is_none_or(|expires_at| expires_at > Utc::now())
-        {
-            return Ok(Some(cached.application_id));
-        }
-        let Some(grant) = self.storage.resolve_token(&digest).await? else {
-            self.token_grants.remove(&digest);
-            return Ok(None);
-        };
-        self.token_grants.insert(
-            digest,
-            CachedGrant {
-                application_id: grant.application_id,
-                expires_at: grant.expires_at,
-                fetched: Instant::now(),
-            },
-        );
-        Ok(Some(grant.application_id))
-    }
-
-    /// Counts a message against `CHAT_MAX_MESSAGES_PER_MINUTE_PER_APPLICATION` (when set): one
-    /// count per application and wall-clock minute, shared by every replica in the counter store.
-    async fn count_message_against_quota(&self, application_id: u64) -> Result<(), ApiError> {
-        let quota = self.settings.max_messages_per_minute_per_application;
-        if quota == 0 {
-            return Ok(());
-        }
-        let since_epoch = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        let minute = since_epoch.as_secs() / 60;
-        let key = format!(
-            "{}:quota:messages:{application_id}:{minute}",
-            self.key_prefix
-        );
-        // Kept past its minute, so a replica whose clock is a little behind counts on it.
-        let counted = self
-            .state
-            .count_in_window(&key, std::time::Duration::from_secs(120))
-            .await?;
-        if counted <= quota {
-            return Ok(());
-        }
-        let next_minute = std::time::Duration::from_secs((minute + 1) * 60);
-        Err(ApiError::MessageQuotaExceeded {
-            quota,
-            retry_after: next_minute.saturating_sub(since_epoch),
-        })
     }
 
     fn pending_chat_key(&self, application_id: u64, chat_number: Number) -> String {
