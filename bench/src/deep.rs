@@ -23,15 +23,17 @@ pub async fn seed_deep_chat(
     token: &str,
     chat: u64,
 ) -> anyhow::Result<()> {
-    let chat_id = "SELECT c.id FROM chats c JOIN applications a ON a.id = c.application_id \
-                   WHERE a.token = ? AND c.number = ?";
+    // The tables hold the token's digest only.
+    let chat_id = "SELECT c.id FROM chats c JOIN application_tokens t \
+                   ON t.application_id = c.application_id WHERE t.digest = ? AND c.number = ?";
+    let digest = crate::application_digest(token)?;
     if embedded {
         let options = sqlx::sqlite::SqliteConnectOptions::new()
             .filename(config.data_dir.join("chat.db"))
             .busy_timeout(Duration::from_secs(30));
         let mut connection = sqlx::SqliteConnection::connect_with(&options).await?;
         let id: i64 = sqlx::query_scalar(chat_id)
-            .bind(token)
+            .bind(&digest)
             .bind(chat as i64)
             .fetch_one(&mut connection)
             .await?;
@@ -49,7 +51,7 @@ pub async fn seed_deep_chat(
     }
     let pool = chatcore::store::mysql::connect(config.require_database_url()?, 1).await?;
     let id: u64 = sqlx::query_scalar(chat_id)
-        .bind(token)
+        .bind(&digest)
         .bind(chat as i64)
         .fetch_one(&pool)
         .await?;

@@ -392,7 +392,12 @@ fn the_system_runs_on_a_real_node() -> anyhow::Result<()> {
         || helm_with(&chart, &[]),
     )?;
     let (test_output, _) = timed("helm test (a message posted and found by search)", || {
-        helm(&["test", RELEASE, "-n", ns, "--timeout=5m"])
+        // A failed test pod stays (hook-succeeded deletes only a passed one): its output says
+        // which step failed.
+        helm(&["test", RELEASE, "-n", ns, "--timeout=5m"]).map_err(|error| {
+            let said = kubectl(&["-n", ns, "logs", "chat-test"]).unwrap_or_default();
+            error.context(format!("the test pod said:\n{said}"))
+        })
     })?;
     // (Its pod is deleted once it succeeded: hook-delete-policy hook-succeeded.)
     ensure!(
@@ -413,8 +418,8 @@ fn the_system_runs_on_a_real_node() -> anyhow::Result<()> {
         ensure!(status == 202, "post: {status} {body}");
     }
     let count_sql = format!(
-        "SELECT c.messages_count FROM chats c JOIN applications a ON a.id = c.application_id \
-         WHERE a.token = '{token}' AND c.number = {chat}"
+        "SELECT c.messages_count FROM chats c JOIN application_tokens t ON t.application_id = \
+         c.application_id WHERE t.digest = UNHEX(SHA2('{token}', 256)) AND c.number = {chat}"
     );
     wait_for(
         "the three messages stored and counted",
@@ -425,8 +430,9 @@ fn the_system_runs_on_a_real_node() -> anyhow::Result<()> {
         ns,
         &password,
         &format!(
-            "UPDATE chats c JOIN applications a ON a.id = c.application_id \
-             SET c.messages_count = 45 WHERE a.token = '{token}' AND c.number = {chat}"
+            "UPDATE chats c JOIN application_tokens t ON t.application_id = c.application_id \
+             SET c.messages_count = 45 WHERE t.digest = UNHEX(SHA2('{token}', 256)) \
+             AND c.number = {chat}"
         ),
     )?;
     timed(
