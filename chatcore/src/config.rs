@@ -207,6 +207,9 @@ pub struct ApiConfig {
     pub max_messages_per_minute_per_application: u64,
 }
 
+/// The longest overlap of a token rotation: a year keeps every expiry a date the databases store.
+const MAX_TOKEN_ROTATION_OVERLAP: Duration = Duration::from_secs(365 * 86_400);
+
 /// `CHAT_APPLICATION_CREATION`: `open` (anyone, as the reference contract; fine on a laptop) or
 /// `admin` (only with the admin token: what a public deployment wants).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -505,6 +508,13 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        if self.api.token_rotation_overlap > MAX_TOKEN_ROTATION_OVERLAP {
+            return Err(invalid(
+                "CHAT_TOKEN_ROTATION_OVERLAP_SECONDS",
+                self.api.token_rotation_overlap.as_secs().to_string(),
+                "must be at most 31536000 (a year)",
+            ));
+        }
         if self.consumer.retry.base.is_zero() || self.consumer.retry.max < self.consumer.retry.base
         {
             return Err(invalid(
@@ -755,6 +765,28 @@ mod tests {
         let shown = format!("{error} {error:?}");
         assert!(shown.contains("CHAT_ADMIN_TOKEN"), "{shown}");
         assert!(!shown.contains(refused), "{shown}");
+    }
+
+    #[test]
+    fn the_token_settings_parse_and_are_bounded() {
+        let config = Config::from_map(&HashMap::from([(
+            "CHAT_APPLICATION_CREATION".to_owned(),
+            "admin".to_owned(),
+        )]))
+        .expect("valid");
+        assert_eq!(config.api.application_creation, ApplicationCreation::Admin);
+        assert_eq!(
+            config.api.token_rotation_overlap,
+            Duration::from_secs(86_400)
+        );
+        for (name, value) in [
+            ("CHAT_APPLICATION_CREATION", "anyone"),
+            ("CHAT_TOKEN_ROTATION_OVERLAP_SECONDS", "31536001"),
+        ] {
+            let error = Config::from_map(&HashMap::from([(name.to_owned(), value.to_owned())]))
+                .expect_err("refused");
+            assert!(error.to_string().contains(name), "{error}");
+        }
     }
 
     #[test]

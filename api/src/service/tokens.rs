@@ -1,7 +1,7 @@
 //! The application tokens: resolving one (cached briefly, so a revocation reaches every replica),
 //! rotating an application's token and the operator's revocation.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use chatcore::domain::ApplicationToken;
 use chatcore::store::ApplicationRow;
@@ -14,7 +14,7 @@ use crate::error::ApiError;
 pub(super) const TOKEN_CACHE_ENTRIES: usize = 100_000;
 /// How long a replica trusts what it read of a token: a token revoked (or rotated out) on another
 /// replica stops working here within this time.
-const TOKEN_CACHE_TTL: std::time::Duration = std::time::Duration::from_millis(500);
+const TOKEN_CACHE_TTL: Duration = Duration::from_millis(500);
 /// What a replica read of a token, and when.
 #[derive(Clone)]
 pub(super) struct CachedGrant {
@@ -30,9 +30,10 @@ impl ChatService {
         &self,
         application_id: u64,
     ) -> Result<(ApplicationRow, ApplicationToken, DateTime<Utc>), ApiError> {
-        let others_valid_until = chatcore::store::now()
-            + chrono::Duration::from_std(self.settings.token_rotation_overlap)
-                .unwrap_or(chrono::Duration::MAX);
+        // At most a year (checked at start), so the sum cannot overflow.
+        let overlap = chrono::Duration::from_std(self.settings.token_rotation_overlap)
+            .map_err(|error| ApiError::Internal(error.into()))?;
+        let others_valid_until = chatcore::store::now() + overlap;
         let (row, token) = self
             .replace_tokens(application_id, Some(others_valid_until))
             .await?;
