@@ -218,12 +218,21 @@ impl Api {
         Ok((status, response.json().await.unwrap_or(Value::Null)))
     }
 
+    /// A GET; sent again (it changes nothing) when the connection it went out on was closed
+    /// under it: after a rolling upgrade a pooled connection may lead to a pod that is gone.
     async fn get(&self, path: &str) -> anyhow::Result<(u16, Value)> {
-        let response = self
-            .http
-            .get(format!("{}{path}", self.base_url))
-            .send()
-            .await?;
+        let url = format!("{}{path}", self.base_url);
+        let mut attempts = 0;
+        let response = loop {
+            attempts += 1;
+            match self.http.get(&url).send().await {
+                Ok(response) => break response,
+                Err(error) if attempts < 3 && (error.is_request() || error.is_connect()) => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(error) => return Err(error.into()),
+            }
+        };
         let status = response.status().as_u16();
         Ok((status, response.json().await.unwrap_or(Value::Null)))
     }
