@@ -213,10 +213,8 @@ impl ChatService {
         page: PageRequest,
     ) -> Result<Vec<MessageRow>, ApiError> {
         self.require_chat(application_id, chat_number).await?;
-        Ok(self
-            .storage
-            .list_messages(application_id, chat_number, page)
-            .await?)
+        self.messages_to_catch_up(application_id, chat_number, page)
+            .await
     }
 
     pub async fn find_message(
