@@ -61,6 +61,12 @@ pub enum EventPayload {
         created_at: DateTime<Utc>,
         deleted_at: DateTime<Utc>,
     },
+    /// An application deletion already committed to the storage (a tombstone, its tokens gone):
+    /// its chats, messages and search documents are to be purged.
+    ApplicationDeleted {
+        application_id: u64,
+        deleted_at: DateTime<Utc>,
+    },
 }
 
 /// Routing keys; queues bind to the ones they consume.
@@ -69,16 +75,18 @@ pub mod routing {
     pub const MESSAGE_CREATED: &str = "message.created";
     pub const MESSAGE_UPDATED: &str = "message.updated";
     pub const MESSAGE_DELETED: &str = "message.deleted";
+    pub const APPLICATION_DELETED: &str = "application.deleted";
 }
 
 /// The consumers of events, each with a queue of its own (named by
 /// [`crate::config::Topology::queue`]) that receives the routing keys it needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Consumer {
-    /// Writes chats and messages to the storage. Updates and deletions are written by the api
-    /// itself.
+    /// Writes chats and messages to the storage (updates and deletions are written by the api
+    /// itself); purges the rows of deleted applications.
     Ingest,
-    /// Writes messages, created, updated or deleted, to the search index.
+    /// Writes messages, created, updated or deleted, to the search index; purges the documents of
+    /// deleted applications.
     Index,
 }
 
@@ -87,11 +95,16 @@ impl Consumer {
 
     pub fn routing_keys(self) -> &'static [&'static str] {
         match self {
-            Self::Ingest => &[routing::CHAT_CREATED, routing::MESSAGE_CREATED],
+            Self::Ingest => &[
+                routing::CHAT_CREATED,
+                routing::MESSAGE_CREATED,
+                routing::APPLICATION_DELETED,
+            ],
             Self::Index => &[
                 routing::MESSAGE_CREATED,
                 routing::MESSAGE_UPDATED,
                 routing::MESSAGE_DELETED,
+                routing::APPLICATION_DELETED,
             ],
         }
     }
@@ -142,16 +155,18 @@ impl Event {
             EventPayload::MessageCreated { .. } => routing::MESSAGE_CREATED,
             EventPayload::MessageUpdated { .. } => routing::MESSAGE_UPDATED,
             EventPayload::MessageDeleted { .. } => routing::MESSAGE_DELETED,
+            EventPayload::ApplicationDeleted { .. } => routing::APPLICATION_DELETED,
         }
     }
 
-    /// The number of the chat or message the event is about.
-    pub fn number(&self) -> Number {
+    /// The number of the chat or message the event is about; None for an application's.
+    pub fn number(&self) -> Option<Number> {
         match self.payload {
-            EventPayload::ChatCreated { chat_number, .. } => chat_number,
+            EventPayload::ChatCreated { chat_number, .. } => Some(chat_number),
             EventPayload::MessageCreated { message_number, .. }
             | EventPayload::MessageUpdated { message_number, .. }
-            | EventPayload::MessageDeleted { message_number, .. } => message_number,
+            | EventPayload::MessageDeleted { message_number, .. } => Some(message_number),
+            EventPayload::ApplicationDeleted { .. } => None,
         }
     }
 

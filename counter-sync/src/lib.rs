@@ -2,7 +2,9 @@
 //! - `chats_count` and `messages_count` are recomputed from the rows and repaired where they drifted;
 //! - no number counter (Redis) or reservation (MySQL) may be behind the highest number persisted;
 //! - the messages updated lately are written to the search index again, which repairs an update
-//!   whose event never reached it.
+//!   whose event never reached it;
+//! - the applications deleted lately (up to a page of them) are purged again, rows and search
+//!   documents, which repairs a deletion whose event never reached the consumers.
 //!
 //! Walks applications and chats in pages by id, with one query per page for the figures, so its
 //! cost grows linearly and it never holds long locks.
@@ -40,6 +42,13 @@ pub enum Repair {
         scope: String,
         raised_to: u64,
     },
+    /// Rows or documents of a deleted application that its event's purge left (the event lost
+    /// after the deletion's commit, or a write of it that came late).
+    Purge {
+        application_id: u64,
+        rows: u64,
+        documents: u64,
+    },
 }
 
 impl fmt::Display for Repair {
@@ -67,6 +76,14 @@ impl fmt::Display for Repair {
             Self::Counter { scope, raised_to } => {
                 write!(f, "counter {scope}: raised to at least {raised_to}")
             }
+            Self::Purge {
+                application_id,
+                rows,
+                documents,
+            } => write!(
+                f,
+                "deleted application {application_id}: purged {rows} rows and {documents} search documents"
+            ),
         }
     }
 }
@@ -166,6 +183,7 @@ impl Repair {
             Self::ChatsCount { .. } => "chats_count",
             Self::MessagesCount { .. } => "messages_count",
             Self::Counter { .. } => "counter",
+            Self::Purge { .. } => "purge",
         }
     }
 }
@@ -174,7 +192,7 @@ impl Repair {
 /// briefly to be scraped. `url` is the gateway's base URL, e.g. http://pushgateway:9091.
 pub async fn push_metrics(url: &str, report: &Report) -> anyhow::Result<()> {
     let metrics = Metrics::new();
-    for kind in ["chats_count", "messages_count", "counter"] {
+    for kind in ["chats_count", "messages_count", "counter", "purge"] {
         let repairs = report
             .repairs
             .iter()
@@ -230,6 +248,19 @@ pub async fn run(config: &Config) -> anyhow::Result<Report> {
     .await
     .context("re-indexing the recent updates")?;
     report.reindexed = reindexed.indexed;
+    // Likewise an application deleted lately is purged once more: its event lost after the
+    // deletion's commit, or a chat or message of it written (or indexed) after its purge.
+    for application_id in storage.applications_deleted_since(since, PAGE_SIZE).await? {
+        let rows = storage.purge_application(application_id).await?;
+        let documents = search.purge_application(application_id).await?;
+        if rows + documents > 0 {
+            report.repairs.push(Repair::Purge {
+                application_id,
+                rows,
+                documents,
+            });
+        }
+    }
     Ok(report)
 }
 

@@ -2,6 +2,7 @@
 //! embedded single process (`scripts/test`).
 
 mod advisories;
+mod application_deletion;
 mod architecture;
 mod chart_platform;
 mod contract;

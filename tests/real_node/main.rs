@@ -413,6 +413,17 @@ fn the_system_runs_on_a_real_node() -> anyhow::Result<()> {
         test_output.contains("Phase:          Succeeded"),
         "helm test: {test_output}"
     );
+    // helm test leaves no tenant behind: its application (the only one yet) is deleted and its
+    // chat and message are purged.
+    wait_for(
+        "helm test's application deleted and purged",
+        Duration::from_secs(60),
+        || {
+            let left = "SELECT (SELECT COUNT(*) FROM applications WHERE deleted_at IS NULL) \
+                        + (SELECT COUNT(*) FROM chats) + (SELECT COUNT(*) FROM messages)";
+            Ok(mysql(ns, &password, left)?.trim() == "0")
+        },
+    )?;
 
     let forward = ApiForward::start(ns)?;
     let api = Api::new(&forward.base_url)?;

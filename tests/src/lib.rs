@@ -409,6 +409,37 @@ impl TestEnv {
         Ok(numbers.into_iter().map(|n| n as u64).collect())
     }
 
+    /// Documents of one application in the search index (after a refresh).
+    pub async fn indexed_documents_of(&self, application_id: u64) -> anyhow::Result<u64> {
+        if self.stack() == Stack::Embedded {
+            let count = self
+                .count(
+                    "SELECT COUNT(*) FROM search_documents WHERE application_id = ?",
+                    &[application_id],
+                )
+                .await?;
+            return Ok(u64::try_from(count)?);
+        }
+        let http = reqwest::Client::new();
+        let index = format!(
+            "{}/{}-messages",
+            self.settings["ELASTICSEARCH_URL"], self.id
+        );
+        http.post(format!("{index}/_refresh"))
+            .send()
+            .await?
+            .error_for_status()?;
+        let response: Value = http
+            .post(format!("{index}/_count"))
+            .json(&serde_json::json!({"query": {"term": {"application_id": application_id}}}))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        response["count"].as_u64().context("count")
+    }
+
     /// Message numbers of one chat in the search index, ascending (after a refresh).
     pub async fn indexed_message_numbers(
         &self,

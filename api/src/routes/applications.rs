@@ -1,6 +1,6 @@
-//! Applications: created and renamed synchronously; addressed by their token (`Authorization:
-//! Bearer`, or in the path of the legacy form); their tokens rotated by the tenant and revoked by
-//! the operator.
+//! Applications: created, renamed and deleted synchronously (a deletion's purge runs in the
+//! background); addressed by their token (`Authorization: Bearer`, or in the path of the legacy
+//! form); their tokens rotated by the tenant and revoked by the operator.
 
 use axum::Json;
 use axum::extract::State;
@@ -18,12 +18,12 @@ use super::{PageParams, Pagination, paginate};
 use crate::AppState;
 use crate::admin::AdminAccess;
 use crate::error::{ApiError, ErrorBody};
-use crate::extract::{JsonBody, QueryParams, Tenant};
+use crate::extract::{JsonBody, QueryParams, RequestTrace, Tenant};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(list, create))
-        .routes(routes!(show, update))
+        .routes(routes!(show, update, delete))
         .routes(routes!(rotate_token))
         .routes(routes!(revoke_tokens))
 }
@@ -180,6 +180,25 @@ async fn update(
         .rename_application(tenant.application_id, &name)
         .await?;
     Ok(Json(ApplicationView::new(row, &tenant.token)))
+}
+
+/// Deletes the application of the token: its tokens stop working at once and it leaves the
+/// operator's listing; its chats, messages and search documents are purged in the background.
+/// Its id is never given to another application.
+#[utoipa::path(delete, path = "/application", tag = "applications", operation_id = "delete_application",
+    security(("application_token" = [])),
+    responses((status = 202, description = "deleted; the purge of its chats, messages and search documents runs in the background"),
+        (status = 401, body = ErrorBody), (status = 503, body = ErrorBody)))]
+async fn delete(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    RequestTrace(trace): RequestTrace,
+) -> Result<StatusCode, ApiError> {
+    state
+        .service()
+        .delete_application(tenant.application_id, &tenant.token, &trace)
+        .await?;
+    Ok(StatusCode::ACCEPTED)
 }
 
 /// Gives the application a new token (shown this once); the older tokens keep working for the

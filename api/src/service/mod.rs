@@ -7,21 +7,20 @@ use std::sync::Arc;
 use chatcore::adapters::Adapters;
 use chatcore::changes::{ChangeKind, MessageChange};
 use chatcore::config::{ApiConfig, Config};
-use chatcore::domain::{
-    ApplicationName, ApplicationToken, MessageBody, Number, PageRequest, SearchQuery, TokenDigest,
-};
+use chatcore::domain::{MessageBody, Number, PageRequest, SearchQuery, TokenDigest};
 use chatcore::events::{Event, EventPayload, TraceContext};
 use chatcore::numbering::{NumberAllocator, Scope};
 use chatcore::queue::EventQueue;
 use chatcore::search::{MessageHit, SearchIndex};
 use chatcore::state::SharedState;
-use chatcore::store::{ApplicationRow, ChatKey, ChatRow, MessageRow, Storage};
+use chatcore::store::{ChatKey, ChatRow, MessageRow, Storage};
 use quick_cache::sync::Cache;
 use tracing::Instrument as _;
 
 use crate::error::ApiError;
 use crate::idempotency::{IdempotencyKey, Recorded, fingerprint};
 
+mod applications;
 mod quotas;
 mod tokens;
 
@@ -33,7 +32,8 @@ const ACCEPTED_RECORD_ATTEMPTS: u32 = 3;
 const ACCEPTED_RECORD_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
 /// The share of the idempotency lease the work of a claimed request may take.
 const LEASE_SHARE: f64 = 0.9;
-/// Entries of the cache of chats known to exist (chats are never deleted either).
+/// Entries of the cache of chats known to exist (a chat goes only with its application, whose
+/// tokens go first: nobody asks for it after that).
 const CHAT_CACHE_ENTRIES: usize = 500_000;
 
 /// One dependency as `/readyz` reports it.
@@ -92,41 +92,6 @@ impl ChatService {
             check(self.queue.kind(), queue, true),
             check(self.search.kind(), search.is_ok(), false),
         ]
-    }
-
-    /// Creates an application and its first token (shown once: the database keeps its digest).
-    pub async fn create_application(
-        &self,
-        name: &ApplicationName,
-    ) -> Result<(ApplicationRow, ApplicationToken), ApiError> {
-        let token = ApplicationToken::generate();
-        let row = self.storage.create_application(name, &token).await?;
-        Ok((row, token))
-    }
-
-    pub async fn rename_application(
-        &self,
-        application_id: u64,
-        name: &ApplicationName,
-    ) -> Result<ApplicationRow, ApiError> {
-        self.storage
-            .rename_application(application_id, name)
-            .await?
-            .ok_or(ApiError::NotFound("application"))
-    }
-
-    pub async fn find_application(&self, application_id: u64) -> Result<ApplicationRow, ApiError> {
-        self.storage
-            .find_application(application_id)
-            .await?
-            .ok_or(ApiError::NotFound("application"))
-    }
-
-    pub async fn list_applications(
-        &self,
-        page: PageRequest,
-    ) -> Result<Vec<ApplicationRow>, ApiError> {
-        Ok(self.storage.list_applications(page).await?)
     }
 
     /// Accepts a chat: its number once the event is durable. Messages may be posted to it at
@@ -518,7 +483,9 @@ impl ChatService {
                 tracing::warn!(%error, application_id, %chat_number, "could not mark the accepted chat as pending");
             }
         }
-        Ok(event.number())
+        event
+            .number()
+            .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("an accepted event has no number")))
     }
 
     fn pending_chat_key(&self, application_id: u64, chat_number: Number) -> String {

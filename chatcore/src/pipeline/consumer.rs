@@ -57,6 +57,18 @@ pub struct Received {
     pub trace: Option<TraceContext>,
 }
 
+/// The applications a batch announces deleted: their rows or documents are to be purged.
+pub(crate) fn deleted_applications(batch: &[Received]) -> impl Iterator<Item = u64> + '_ {
+    batch
+        .iter()
+        .filter_map(|received| match received.event.payload {
+            crate::events::EventPayload::ApplicationDeleted { application_id, .. } => {
+                Some(application_id)
+            }
+            _ => None,
+        })
+}
+
 /// Processes a batch of events; must be idempotent, since any batch may be delivered again.
 pub trait BatchHandler: Send + Sync {
     /// Name of the span of one batch, e.g. "ingest batch write".

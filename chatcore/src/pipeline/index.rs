@@ -1,5 +1,6 @@
-//! The index consumer: bulk-indexes messages (a deleted one as an empty tombstone) into the search index (Elasticsearch in indexer,
-//! SQLite FTS5 in the embedded process). Every write carries a
+//! The index consumer: bulk-indexes messages (a deleted one as an empty tombstone) into the search
+//! index (Elasticsearch in indexer, SQLite FTS5 in the embedded process), and purges the documents
+//! of deleted applications. Every write carries a
 //! version (1 when created, the stored version after each update), so a redelivered or late event
 //! never replaces a newer body: the index skips it and the event counts as done.
 
@@ -7,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::anyhow;
 
-use super::consumer::{BatchHandler, HandleError, Received};
+use super::consumer::{BatchHandler, HandleError, Received, deleted_applications};
 use crate::events::EventPayload;
 use crate::search::{ItemOutcome, MessageDocument, SearchIndex};
 
@@ -71,7 +72,7 @@ fn document_of(payload: &EventPayload) -> Option<MessageDocument> {
             created_at,
             *version,
         ),
-        EventPayload::ChatCreated { .. } => return None,
+        EventPayload::ChatCreated { .. } | EventPayload::ApplicationDeleted { .. } => return None,
     };
     Some(MessageDocument {
         application_id: *application_id,
@@ -112,6 +113,19 @@ impl BatchHandler for Indexer {
             return Err(HandleError::Permanent(anyhow!(
                 "document rejected: {reason}"
             )));
+        }
+        // After this batch's documents: a late one of a deleted application goes too.
+        for application_id in deleted_applications(batch) {
+            let purged = self
+                .index
+                .purge_application(application_id)
+                .await
+                .map_err(HandleError::of)?;
+            tracing::info!(
+                application_id,
+                purged,
+                "purged the documents of a deleted application"
+            );
         }
         Ok(())
     }

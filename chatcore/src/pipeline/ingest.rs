@@ -8,10 +8,13 @@
 //! After the commit the batch's messages are announced to the api replicas' live streams
 //! ([`crate::changes`]); a failed announcement fails the batch, which is retried (the write is a
 //! no-op the second time), so a live stream does not silently miss a message.
+//!
+//! The chats and messages of a deleted application are left out of a batch; its
+//! `application_deleted` event purges the rows it has.
 
 use std::sync::Arc;
 
-use super::consumer::{BatchHandler, HandleError, Received};
+use super::consumer::{BatchHandler, HandleError, Received, deleted_applications};
 use crate::changes::{ChangeKind, MessageChange};
 use crate::events::EventPayload;
 use crate::queue::EventQueue;
@@ -45,6 +48,19 @@ impl BatchHandler for IngestWriter {
                 .announce(announcement)
                 .await
                 .map_err(|error| HandleError::Transient(error.into()))?;
+        }
+        // After this batch's rows (which left out the deleted applications' own).
+        for application_id in deleted_applications(batch) {
+            let purged = self
+                .storage
+                .purge_application(application_id)
+                .await
+                .map_err(HandleError::of)?;
+            tracing::info!(
+                application_id,
+                purged,
+                "purged the rows of a deleted application"
+            );
         }
         Ok(())
     }
@@ -121,7 +137,9 @@ fn ingest_batch(batch: &[Received]) -> Result<IngestBatch<'_>, StorageError> {
                 }
                 chat_messages.insert(*message_number, message);
             }
-            EventPayload::MessageUpdated { .. } | EventPayload::MessageDeleted { .. } => {}
+            EventPayload::MessageUpdated { .. }
+            | EventPayload::MessageDeleted { .. }
+            | EventPayload::ApplicationDeleted { .. } => {}
         }
     }
     Ok(ingest)

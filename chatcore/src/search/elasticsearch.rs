@@ -36,6 +36,8 @@ const DEFAULT_SEARCH_TIMEOUT: Duration = Duration::from_secs(2);
 const MAX_BULK_REQUEST_BYTES: usize = 8 * 1024 * 1024;
 /// What a document's `_bulk` lines take beside its body (action, ids, numbers, date).
 const BULK_DOCUMENT_OVERHEAD_BYTES: usize = 512;
+/// Documents one page of a purge finds and deletes (one search, one bulk request).
+const PURGE_PAGE_DOCUMENTS: u32 = 1_000;
 /// Words of the highlighted fragment of a hit, as many as the tokens of SQLite's snippet.
 const HIGHLIGHT_WORDS: usize = 24;
 /// Words of the fragment before its first match.
@@ -162,15 +164,20 @@ impl ElasticsearchIndex {
 
     /// Makes every write so far visible to search (for tests and benchmarks).
     pub async fn refresh(&self) -> Result<(), SearchError> {
-        let response = self
+        success_or_error(self.refresh_request().await?)
+            .await
+            .map(|_| ())
+    }
+
+    async fn refresh_request(&self) -> Result<Response, SearchError> {
+        Ok(self
             .client
             .indices()
             .refresh(elasticsearch::indices::IndicesRefreshParts::Index(&[
                 &self.index
             ]))
             .send()
-            .await?;
-        success_or_error(response).await.map(|_| ())
+            .await?)
     }
 }
 
@@ -222,6 +229,59 @@ impl SearchIndex for ElasticsearchIndex {
             outcomes.extend(self.bulk_request(chunk).await?);
         }
         Ok(outcomes)
+    }
+
+    /// Pages of the application's documents found on every shard (documents are routed by
+    /// chat), each deleted by one `_bulk` request, until none is left. (Not `_delete_by_query`:
+    /// that comes with the reindex module, which not every distribution has.) A document written
+    /// meanwhile may be missed; counter-sync purges again.
+    async fn purge_application(&self, application_id: u64) -> Result<u64, SearchError> {
+        let mut purged = 0;
+        loop {
+            let refreshed = self.refresh_request().await?;
+            if refreshed.status_code() == StatusCode::NOT_FOUND {
+                // No message was ever indexed.
+                return Ok(purged);
+            }
+            success_or_error(refreshed).await?;
+            let response = self
+                .client
+                .search(SearchParts::Index(&[&self.index]))
+                .body(json!({
+                    "size": PURGE_PAGE_DOCUMENTS,
+                    "_source": false,
+                    "query": {"term": {"application_id": application_id}},
+                }))
+                .send()
+                .await?;
+            let found: DocumentIds = success_or_error(response).await?.json().await?;
+            if found.hits.hits.is_empty() {
+                return Ok(purged);
+            }
+            let lines: Vec<elasticsearch::http::request::JsonBody<Value>> = found
+                .hits
+                .hits
+                .iter()
+                .map(|hit| json!({"delete": {"_id": hit.id, "routing": hit.routing}}).into())
+                .collect();
+            let response = self
+                .client
+                .bulk(BulkParts::Index(&self.index))
+                .body(lines)
+                .send()
+                .await?;
+            let body: BulkResponse = success_or_error(response).await?.json().await?;
+            for outcome in body.items.into_iter().map(BulkItem::outcome) {
+                match outcome {
+                    ItemOutcome::Done => purged += 1,
+                    ItemOutcome::Transient(reason) | ItemOutcome::Permanent(reason) => {
+                        return Err(SearchError::Rejected {
+                            body: format!("document not deleted: {reason}"),
+                        });
+                    }
+                }
+            }
+        }
     }
 
     async fn search(
@@ -455,6 +515,7 @@ struct BulkResponse {
 
 #[derive(Deserialize)]
 struct BulkItem {
+    #[serde(alias = "delete")]
     index: BulkItemResult,
 }
 
@@ -479,12 +540,33 @@ impl BulkItem {
             .is_some_and(|error| error["type"] == "cluster_block_exception");
         match status {
             200..=299 | 409 => ItemOutcome::Done,
+            // A delete of a document gone already.
+            404 if error.is_none() => ItemOutcome::Done,
             429 | 500.. => ItemOutcome::Transient(describe()),
             // A read-only block (disk flood stage, maintenance) is lifted, not fixed by the event.
             403 if blocked => ItemOutcome::Transient(describe()),
             _ => ItemOutcome::Permanent(describe()),
         }
     }
+}
+
+/// The ids (and routings) of a search's hits.
+#[derive(Deserialize)]
+struct DocumentIds {
+    hits: DocumentIdHits,
+}
+
+#[derive(Deserialize)]
+struct DocumentIdHits {
+    hits: Vec<DocumentId>,
+}
+
+#[derive(Deserialize)]
+struct DocumentId {
+    #[serde(rename = "_id")]
+    id: String,
+    #[serde(rename = "_routing")]
+    routing: Option<String>,
 }
 
 #[derive(Deserialize)]

@@ -122,6 +122,9 @@ pub trait SearchIndex: Send + Sync {
         documents: &[MessageDocument],
     ) -> Result<Vec<ItemOutcome>, SearchError>;
 
+    /// Removes every document of a deleted application; returns how many went.
+    async fn purge_application(&self, application_id: u64) -> Result<u64, SearchError>;
+
     /// Messages of one chat matching every word of the query as a word or a word prefix, best
     /// match first, then by number. Returns up to `page.fetch_limit()` hits, from the start of
     /// the page: its offset, or after the hit of its cursor.

@@ -3,7 +3,9 @@
 //! FTS5 comes with the SQLite that sqlx bundles, so the embedded mode needs no further
 //! dependency, builds in seconds and keeps its index in one file beside the data. Documents live in
 //! `search_documents` (with their version, so an older event never replaces a newer body) and
-//! triggers keep the FTS5 index in step (see the migration under `migrations/sqlite/search`).
+//! triggers keep the FTS5 index in step (see the migration under `migrations/sqlite/search`). The
+//! applications purged are remembered, so a late document of one is never written again (in the
+//! distributed stack counter-sync purges such a document instead).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -78,9 +80,11 @@ impl SearchIndex for SqliteSearchIndex {
         }
         let mut transaction = crate::sqlite::begin_write(&self.pool).await?;
         for document in documents {
+            // A document of a purged application is not written again (a late event of it).
             sqlx::query(
                 "INSERT INTO search_documents (application_id, chat_number, number, body, created_at, version) \
-                 VALUES (?, ?, ?, ?, ?, ?) \
+                 SELECT ?1, ?2, ?3, ?4, ?5, ?6 \
+                 WHERE NOT EXISTS (SELECT 1 FROM purged_applications WHERE application_id = ?1) \
                  ON CONFLICT (application_id, chat_number, number) DO UPDATE SET \
                  body = excluded.body, created_at = excluded.created_at, version = excluded.version \
                  WHERE excluded.version > version",
@@ -96,6 +100,21 @@ impl SearchIndex for SqliteSearchIndex {
         }
         transaction.commit().await?;
         Ok(vec![ItemOutcome::Done; documents.len()])
+    }
+
+    async fn purge_application(&self, application_id: u64) -> Result<u64, SearchError> {
+        let mut transaction = crate::sqlite::begin_write(&self.pool).await?;
+        sqlx::query("INSERT OR IGNORE INTO purged_applications (application_id) VALUES (?)")
+            .bind(application_id as i64)
+            .execute(&mut *transaction)
+            .await?;
+        let purged = sqlx::query("DELETE FROM search_documents WHERE application_id = ?")
+            .bind(application_id as i64)
+            .execute(&mut *transaction)
+            .await?
+            .rows_affected();
+        transaction.commit().await?;
+        Ok(purged)
     }
 
     async fn search(

@@ -53,6 +53,14 @@ impl SearchIndex for TimedSearchIndex {
         self.metrics.time(self.kind(), "bulk_index", call).await
     }
 
+    async fn purge_application(&self, application_id: u64) -> Result<u64, SearchError> {
+        // Not bounded either: an application's documents take as long as they take.
+        let call = self.inner.purge_application(application_id);
+        self.metrics
+            .time(self.kind(), "purge_application", call)
+            .await
+    }
+
     async fn search(
         &self,
         application_id: u64,

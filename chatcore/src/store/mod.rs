@@ -78,7 +78,7 @@ macro_rules! storage_impl {
             ) -> Result<Option<ApplicationRow>, StorageError> {
                 with_storage_errors(async {
                     sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                        "SELECT {} FROM applications WHERE id = ?",
+                        "SELECT {} FROM applications WHERE id = ? AND deleted_at IS NULL",
                         $crate::store::APPLICATION_COLUMNS
                     )))
                     .bind(application_id as i64)
@@ -94,7 +94,8 @@ macro_rules! storage_impl {
             ) -> Result<Vec<ApplicationRow>, StorageError> {
                 with_storage_errors(async {
                     sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                        "SELECT {} FROM applications WHERE id BETWEEN ? AND ? ORDER BY id {} LIMIT ? OFFSET ?",
+                        "SELECT {} FROM applications WHERE id BETWEEN ? AND ? AND deleted_at IS NULL \
+                         ORDER BY id {} LIMIT ? OFFSET ?",
                         $crate::store::APPLICATION_COLUMNS,
                         $crate::store::direction(page)
                     )))
@@ -135,7 +136,9 @@ macro_rules! storage_impl {
                     let now = $crate::store::now();
                     let mut transaction = self.begin_write().await?;
                     let known: i64 =
-                        sqlx::query_scalar("SELECT COUNT(*) FROM applications WHERE id = ?")
+                        sqlx::query_scalar(
+                            "SELECT COUNT(*) FROM applications WHERE id = ? AND deleted_at IS NULL",
+                        )
                             .bind(application_id as i64)
                             .fetch_one(&mut *transaction)
                             .await?;
@@ -169,6 +172,86 @@ macro_rules! storage_impl {
                     Self::insert_token(&mut transaction, application_id, token, now).await?;
                     transaction.commit().await?;
                     Ok::<_, sqlx::Error>(true)
+                })
+                .await
+            }
+
+            async fn delete_application(&self, application_id: u64) -> Result<bool, StorageError> {
+                with_storage_errors(async {
+                    let now = $crate::store::now();
+                    let mut transaction = self.begin_write().await?;
+                    let deleted = sqlx::query(
+                        "UPDATE applications SET name = '', token_hint = '', deleted_at = ?, updated_at = ? \
+                         WHERE id = ? AND deleted_at IS NULL",
+                    )
+                    .bind(now)
+                    .bind(now)
+                    .bind(application_id as i64)
+                    .execute(&mut *transaction)
+                    .await?
+                    .rows_affected()
+                        > 0;
+                    sqlx::query("DELETE FROM application_tokens WHERE application_id = ?")
+                        .bind(application_id as i64)
+                        .execute(&mut *transaction)
+                        .await?;
+                    transaction.commit().await?;
+                    Ok::<_, sqlx::Error>(deleted)
+                })
+                .await
+            }
+
+            async fn purge_application(&self, application_id: u64) -> Result<u64, StorageError> {
+                with_storage_errors(async {
+                    let deleted: Option<i64> = sqlx::query_scalar(
+                        "SELECT 1 FROM applications WHERE id = ? AND deleted_at IS NOT NULL",
+                    )
+                    .bind(application_id as i64)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                    if deleted.is_none() {
+                        return Ok(0);
+                    }
+                    let mut purged = 0;
+                    // Bounded statements, each its own transaction: no lock is held for long.
+                    for statement in [Self::PURGE_MESSAGES, Self::PURGE_CHATS] {
+                        loop {
+                            let rows = sqlx::query(statement)
+                                .bind(application_id as i64)
+                                .bind(i64::from($crate::store::PURGE_ROWS_PER_STATEMENT))
+                                .execute(&self.pool)
+                                .await?
+                                .rows_affected();
+                            purged += rows;
+                            if rows < u64::from($crate::store::PURGE_ROWS_PER_STATEMENT) {
+                                break;
+                            }
+                        }
+                    }
+                    sqlx::query("DELETE FROM number_reservations WHERE scope = ? OR scope LIKE ?")
+                        .bind(format!("chats:{application_id}"))
+                        .bind(format!("messages:{application_id}:%"))
+                        .execute(&self.pool)
+                        .await?;
+                    Ok::<_, sqlx::Error>(purged)
+                })
+                .await
+            }
+
+            async fn applications_deleted_since(
+                &self,
+                since: DateTime<Utc>,
+                limit: u32,
+            ) -> Result<Vec<u64>, StorageError> {
+                with_storage_errors(async {
+                    let ids: Vec<u64> = sqlx::query_scalar(
+                        "SELECT id FROM applications WHERE deleted_at >= ? ORDER BY deleted_at LIMIT ?",
+                    )
+                    .bind(since)
+                    .bind(i64::from(limit))
+                    .fetch_all(&self.pool)
+                    .await?;
+                    Ok::<_, sqlx::Error>(ids)
                 })
                 .await
             }
@@ -351,6 +434,9 @@ macro_rules! storage_impl {
 use storage_impl;
 
 /// Timestamps are stored with millisecond precision, as the API shows them.
+/// Rows one statement of a purge removes at most: a bounded lock and undo log per statement.
+pub const PURGE_ROWS_PER_STATEMENT: u32 = 5_000;
+
 pub fn now() -> DateTime<Utc> {
     Utc::now().trunc_subsecs(3)
 }
@@ -806,7 +892,26 @@ pub trait Storage: Send + Sync {
         number: Number,
     ) -> Result<Option<MessageRow>, StorageError>;
 
-    /// Writes a batch in one transaction (see [`IngestBatch`]).
+    /// Deletes the application: it stays as a tombstone (name cleared, `deleted_at` set), so its
+    /// id is never handed out again and a late event of it is dropped; its tokens end now. Its
+    /// chats and messages stay until [`Storage::purge_application`]. False when there is no such
+    /// application, or it is deleted already.
+    async fn delete_application(&self, application_id: u64) -> Result<bool, StorageError>;
+
+    /// Removes the chats, messages and number reservations of a deleted application, in
+    /// statements of [`PURGE_ROWS_PER_STATEMENT`] rows; returns how many chats and messages went.
+    /// Nothing for an application that is not deleted.
+    async fn purge_application(&self, application_id: u64) -> Result<u64, StorageError>;
+
+    /// Up to `limit` applications deleted at or after `since`, oldest deletion first.
+    async fn applications_deleted_since(
+        &self,
+        since: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<u64>, StorageError>;
+
+    /// Writes a batch in one transaction (see [`IngestBatch`]); the chats and messages of
+    /// deleted applications are left out.
     async fn write_ingest_batch(&self, batch: &IngestBatch<'_>) -> Result<(), StorageError>;
 
     /// Up to `limit` applications or chats with an id above `after_id`, by id.

@@ -75,6 +75,9 @@ impl MySqlStorage {
     async fn begin_write(&self) -> Result<Transaction<'static, MySql>, sqlx::Error> {
         self.pool.begin().await
     }
+
+    const PURGE_MESSAGES: &'static str = "DELETE FROM messages WHERE chat_id IN (SELECT id FROM chats WHERE application_id = ?) LIMIT ?";
+    const PURGE_CHATS: &'static str = "DELETE FROM chats WHERE application_id = ? LIMIT ?";
 }
 
 super::storage_impl!(MySqlStorage, MySql, "mysql", {
@@ -114,12 +117,14 @@ super::storage_impl!(MySqlStorage, MySql, "mysql", {
         application_id: u64,
         name: &ApplicationName,
     ) -> Result<Option<ApplicationRow>, StorageError> {
-        sqlx::query("UPDATE applications SET name = ?, updated_at = ? WHERE id = ?")
-            .bind(name.as_str())
-            .bind(now())
-            .bind(application_id)
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "UPDATE applications SET name = ?, updated_at = ? WHERE id = ? AND deleted_at IS NULL",
+        )
+        .bind(name.as_str())
+        .bind(now())
+        .bind(application_id)
+        .execute(&self.pool)
+        .await?;
         // Zero affected rows means either no such application or an unchanged name: the read decides.
         self.find_application(application_id).await
     }
@@ -198,10 +203,17 @@ super::storage_impl!(MySqlStorage, MySql, "mysql", {
             return Ok(());
         }
         let mut transaction = self.pool.begin().await?;
-        insert_chats(&mut transaction, &batch.chats).await?;
-        let chat_ids = chat_ids(&mut transaction, batch.chats.keys()).await?;
+        let deleted_applications = insert_chats(&mut transaction, &batch.chats).await?;
+        let live_chats = batch
+            .chats
+            .keys()
+            .filter(|(application_id, _)| !deleted_applications.contains(application_id));
+        let chat_ids = chat_ids(&mut transaction, live_chats).await?;
         let mut new_messages_per_chat = Vec::new();
         for (key, chat_messages) in &batch.messages {
+            if deleted_applications.contains(&key.0) {
+                continue;
+            }
             let chat_id = *chat_ids
                 .get(key)
                 .ok_or(StorageError::ChatMissing(key.0, key.1))?;
@@ -356,29 +368,36 @@ async fn lock_reservation(
     })
 }
 
-/// Inserts the chats that do not exist yet and grows `chats_count` by the new ones.
+/// Inserts the chats that do not exist yet and grows `chats_count` by the new ones; the chats of
+/// deleted applications are left out. Returns those applications.
 async fn insert_chats(
     transaction: &mut Transaction<'_, MySql>,
     chats: &BTreeMap<ChatKey, DateTime<Utc>>,
-) -> Result<(), StorageError> {
+) -> Result<BTreeSet<u64>, StorageError> {
     let application_ids: BTreeSet<u64> = chats
         .keys()
         .map(|(application_id, _)| *application_id)
         .collect();
-    let mut known = QueryBuilder::<MySql>::new("SELECT id FROM applications WHERE id IN ");
+    let mut known = QueryBuilder::<MySql>::new(
+        "SELECT id, deleted_at IS NOT NULL FROM applications WHERE id IN ",
+    );
     push_in_list(&mut known, application_ids.iter().copied());
-    let known: BTreeSet<u64> = known
-        .build_query_scalar()
+    let known: BTreeMap<u64, i64> = known
+        .build_query_as()
         .fetch_all(&mut **transaction)
         .await?
         .into_iter()
         .collect();
-    if let Some(unknown) = application_ids.difference(&known).next() {
+    if let Some(unknown) = application_ids.iter().find(|id| !known.contains_key(id)) {
         return Err(StorageError::UnknownApplication(*unknown));
     }
+    let deleted: BTreeSet<u64> = known
+        .into_iter()
+        .filter_map(|(id, deleted)| (deleted != 0).then_some(id))
+        .collect();
     let now = now();
     let mut new_chats_per_application = Vec::new();
-    for application_id in application_ids {
+    for application_id in application_ids.difference(&deleted).copied() {
         let rows: Vec<_> = chats
             .range((application_id, Number::new(1).expect("1 is positive"))..)
             .take_while(|((id, _), _)| *id == application_id)
@@ -409,7 +428,7 @@ async fn insert_chats(
         &new_chats_per_application,
     )
     .await?;
-    Ok(())
+    Ok(deleted)
 }
 
 /// Internal ids of the given chats, looked up per application with the unique key.

@@ -5,7 +5,7 @@
 //! MySQL adapter needs to save round trips. Write transactions take the write lock up front
 //! ([`crate::sqlite::begin_write`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use chrono::{DateTime, Utc};
@@ -37,6 +37,12 @@ impl SqliteStorage {
     async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>, sqlx::Error> {
         begin_write(&self.pool).await
     }
+
+    // SQLite has no LIMIT on DELETE (unless built with it): the rows are chosen by a subquery.
+    const PURGE_MESSAGES: &'static str = "DELETE FROM messages WHERE id IN (SELECT m.id FROM messages m \
+         JOIN chats c ON c.id = m.chat_id WHERE c.application_id = ? LIMIT ?)";
+    const PURGE_CHATS: &'static str =
+        "DELETE FROM chats WHERE id IN (SELECT id FROM chats WHERE application_id = ? LIMIT ?)";
 }
 
 /// Replaces the tokens a database of before digests holds in plaintext by their digests and
@@ -81,11 +87,12 @@ async fn digest_plaintext_tokens(pool: &SqlitePool) -> anyhow::Result<()> {
     for statement in [
         "CREATE TABLE applications_rebuilt (id INTEGER PRIMARY KEY, token_hint TEXT NOT NULL, \
          name TEXT NOT NULL, chats_count INTEGER NOT NULL DEFAULT 0, created_at TEXT NOT NULL, \
-         updated_at TEXT NOT NULL)",
+         updated_at TEXT NOT NULL, deleted_at TEXT)",
         "INSERT INTO applications_rebuilt SELECT id, token_hint, name, chats_count, created_at, \
-         updated_at FROM applications",
+         updated_at, deleted_at FROM applications",
         "DROP TABLE applications",
         "ALTER TABLE applications_rebuilt RENAME TO applications",
+        "CREATE INDEX applications_deleted_at ON applications (deleted_at)",
     ] {
         sqlx::query(statement).execute(&mut *transaction).await?;
     }
@@ -142,7 +149,7 @@ super::storage_impl!(SqliteStorage, Sqlite, "sqlite", {
         name: &ApplicationName,
     ) -> Result<Option<ApplicationRow>, StorageError> {
         Ok(sqlx::query_as(AssertSqlSafe(format!(
-            "UPDATE applications SET name = ?, updated_at = ? WHERE id = ? \
+            "UPDATE applications SET name = ?, updated_at = ? WHERE id = ? AND deleted_at IS NULL \
              RETURNING {APPLICATION_COLUMNS}"
         )))
         .bind(name.as_str())
@@ -217,15 +224,25 @@ super::storage_impl!(SqliteStorage, Sqlite, "sqlite", {
         let mut transaction = begin_write(&self.pool).await?;
         let now = now();
         let mut new_chats_per_application: BTreeMap<u64, i64> = BTreeMap::new();
+        let mut deleted_applications = BTreeSet::new();
         for (&(application_id, chat_number), created_at) in &batch.chats {
+            if deleted_applications.contains(&application_id) {
+                continue;
+            }
             if !new_chats_per_application.contains_key(&application_id) {
-                let known: Option<i64> =
-                    sqlx::query_scalar("SELECT 1 FROM applications WHERE id = ?")
-                        .bind(application_id as i64)
-                        .fetch_optional(&mut *transaction)
-                        .await?;
-                if known.is_none() {
-                    return Err(StorageError::UnknownApplication(application_id));
+                let deleted: Option<i64> = sqlx::query_scalar(
+                    "SELECT deleted_at IS NOT NULL FROM applications WHERE id = ?",
+                )
+                .bind(application_id as i64)
+                .fetch_optional(&mut *transaction)
+                .await?;
+                match deleted {
+                    None => return Err(StorageError::UnknownApplication(application_id)),
+                    Some(0) => {}
+                    Some(_) => {
+                        deleted_applications.insert(application_id);
+                        continue;
+                    }
                 }
             }
             let inserted = sqlx::query(
@@ -252,6 +269,9 @@ super::storage_impl!(SqliteStorage, Sqlite, "sqlite", {
             .await?;
         }
         for (&(application_id, chat_number), messages) in &batch.messages {
+            if deleted_applications.contains(&application_id) {
+                continue;
+            }
             let chat_id: i64 =
                 sqlx::query_scalar("SELECT id FROM chats WHERE application_id = ? AND number = ?")
                     .bind(application_id as i64)

@@ -206,6 +206,33 @@ impl Storage for TimedStorage {
             .await
     }
 
+    async fn delete_application(&self, application_id: u64) -> Result<bool, StorageError> {
+        let call = self.inner.delete_application(application_id);
+        self.metrics
+            .time_within(self.kind(), "delete_application", self.limit, call)
+            .await
+    }
+
+    /// Not bounded by the dependency timeout, like a batch write: an application's rows take as
+    /// long as they take, in bounded statements.
+    async fn purge_application(&self, application_id: u64) -> Result<u64, StorageError> {
+        let call = self.inner.purge_application(application_id);
+        self.metrics
+            .time(self.kind(), "purge_application", call)
+            .await
+    }
+
+    async fn applications_deleted_since(
+        &self,
+        since: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<u64>, StorageError> {
+        let call = self.inner.applications_deleted_since(since, limit);
+        self.metrics
+            .time_within(self.kind(), "applications_deleted_since", self.limit, call)
+            .await
+    }
+
     /// Not bounded by the dependency timeout: a batch of the largest events legitimately takes
     /// longer, and a bound would retry it forever. The consumer retries its failures.
     async fn write_ingest_batch(&self, batch: &IngestBatch<'_>) -> Result<(), StorageError> {
