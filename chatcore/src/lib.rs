@@ -21,6 +21,7 @@ pub mod queue;
 pub mod retry;
 pub mod search;
 pub mod shutdown;
+mod sql_errors;
 pub mod sqlite;
 pub mod state;
 pub mod store;

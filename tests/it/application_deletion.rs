@@ -41,6 +41,23 @@ async fn rows_of(env: &TestEnv, application_id: u64) -> anyhow::Result<i64> {
     Ok(chats + messages)
 }
 
+/// Runs counter-sync; it reports the purge of what the application had left.
+async fn purged_by_counter_sync(
+    env: &TestEnv,
+    application_id: u64,
+    rows: u64,
+    documents: u64,
+) -> anyhow::Result<()> {
+    let report = counter_sync::run(&env.config()).await?;
+    let purge = counter_sync::Repair::Purge {
+        application_id,
+        rows,
+        documents,
+    };
+    anyhow::ensure!(report.repairs.contains(&purge), "{report:?}");
+    Ok(())
+}
+
 /// An application with two chats and three messages holding `word`, stored and searchable.
 async fn populated_application(
     env: &TestEnv,
@@ -216,15 +233,7 @@ async fn late_events_of_a_deleted_application_leave_nothing_behind(
         assert_eq!(env.indexed_documents_of(application_id).await?, 0);
     } else {
         assert_eq!(env.indexed_documents_of(application_id).await?, 1);
-        let report = counter_sync::run(&env.config()).await?;
-        assert!(
-            report.repairs.contains(&counter_sync::Repair::Purge {
-                application_id,
-                rows: 0,
-                documents: 1,
-            }),
-            "{report:?}"
-        );
+        purged_by_counter_sync(&env, application_id, 0, 1).await?;
         assert_eq!(env.indexed_documents_of(application_id).await?, 0);
     }
     workers.stop().await?;
@@ -242,15 +251,7 @@ async fn counter_sync_purges_a_deletion_whose_event_was_lost() -> anyhow::Result
     let storage = chatcore::adapters::storage(&env.config(), &Metrics::new()).await?;
     assert!(storage.delete_application(application_id).await?);
 
-    let report = counter_sync::run(&env.config()).await?;
-    assert!(
-        report.repairs.contains(&counter_sync::Repair::Purge {
-            application_id,
-            rows: 5,
-            documents: 3,
-        }),
-        "{report:?}"
-    );
+    purged_by_counter_sync(&env, application_id, 5, 3).await?;
     assert_eq!(rows_of(&env, application_id).await?, 0);
     assert_eq!(env.indexed_documents_of(application_id).await?, 0);
     let second = counter_sync::run(&env.config()).await?;

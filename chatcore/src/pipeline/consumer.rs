@@ -57,16 +57,27 @@ pub struct Received {
     pub trace: Option<TraceContext>,
 }
 
-/// The applications a batch announces deleted: their rows or documents are to be purged.
-pub(crate) fn deleted_applications(batch: &[Received]) -> impl Iterator<Item = u64> + '_ {
-    batch
-        .iter()
-        .filter_map(|received| match received.event.payload {
-            crate::events::EventPayload::ApplicationDeleted { application_id, .. } => {
-                Some(application_id)
-            }
-            _ => None,
-        })
+/// Purges what a consumer keeps of each application the batch announces deleted (`purge` returns
+/// how many rows or documents went), after the batch's own writes.
+pub(crate) async fn purge_deleted_applications<Purge, Purged, E>(
+    batch: &[Received],
+    what: &str,
+    purge: Purge,
+) -> Result<(), HandleError>
+where
+    Purge: Fn(u64) -> Purged,
+    Purged: Future<Output = Result<u64, E>>,
+    E: Transient + std::error::Error + Send + Sync + 'static,
+{
+    for received in batch {
+        if let crate::events::EventPayload::ApplicationDeleted { application_id, .. } =
+            received.event.payload
+        {
+            let purged = purge(application_id).await.map_err(HandleError::of)?;
+            tracing::info!(application_id, purged, what, "purged a deleted application");
+        }
+    }
+    Ok(())
 }
 
 /// Processes a batch of events; must be idempotent, since any batch may be delivered again.

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::anyhow;
 
-use super::consumer::{BatchHandler, HandleError, Received, deleted_applications};
+use super::consumer::{BatchHandler, HandleError, Received, purge_deleted_applications};
 use crate::events::EventPayload;
 use crate::search::{ItemOutcome, MessageDocument, SearchIndex};
 
@@ -115,18 +115,9 @@ impl BatchHandler for Indexer {
             )));
         }
         // After this batch's documents: a late one of a deleted application goes too.
-        for application_id in deleted_applications(batch) {
-            let purged = self
-                .index
-                .purge_application(application_id)
-                .await
-                .map_err(HandleError::of)?;
-            tracing::info!(
-                application_id,
-                purged,
-                "purged the documents of a deleted application"
-            );
-        }
-        Ok(())
+        purge_deleted_applications(batch, "documents", |application_id| {
+            self.index.purge_application(application_id)
+        })
+        .await
     }
 }

@@ -14,7 +14,7 @@
 
 use std::sync::Arc;
 
-use super::consumer::{BatchHandler, HandleError, Received, deleted_applications};
+use super::consumer::{BatchHandler, HandleError, Received, purge_deleted_applications};
 use crate::changes::{ChangeKind, MessageChange};
 use crate::events::EventPayload;
 use crate::queue::EventQueue;
@@ -50,19 +50,10 @@ impl BatchHandler for IngestWriter {
                 .map_err(|error| HandleError::Transient(error.into()))?;
         }
         // After this batch's rows (which left out the deleted applications' own).
-        for application_id in deleted_applications(batch) {
-            let purged = self
-                .storage
-                .purge_application(application_id)
-                .await
-                .map_err(HandleError::of)?;
-            tracing::info!(
-                application_id,
-                purged,
-                "purged the rows of a deleted application"
-            );
-        }
-        Ok(())
+        purge_deleted_applications(batch, "rows", |application_id| {
+            self.storage.purge_application(application_id)
+        })
+        .await
     }
 }
 

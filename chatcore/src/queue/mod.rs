@@ -7,8 +7,6 @@
 //! delivers them again; an event that can never be processed moves to the queue's dead-letter
 //! queue, from which [`EventQueue::replay_dead_letters`] moves it back.
 
-pub mod envelope;
-mod publisher;
 mod rabbitmq;
 mod sqlite;
 mod timed;
@@ -23,7 +21,7 @@ use crate::config::ConsumerConfig;
 use crate::events::{Consumer, Event, TraceContext};
 use crate::retry::Transient;
 
-pub use rabbitmq::{RabbitMqQueue, event_properties};
+pub use rabbitmq::{RabbitMqQueue, envelope, event_properties};
 pub use sqlite::SqliteQueue;
 pub use timed::TimedQueue;
 
@@ -53,7 +51,7 @@ impl Transient for QueueError {
     fn is_transient(&self) -> bool {
         match self {
             Self::TimedOut(_) => true,
-            Self::Database(error) => crate::store::is_transient(error),
+            Self::Database(error) => crate::sql_errors::is_transient(error),
             // A topology that lacks a binding does not fix itself.
             Self::Unroutable(_) => false,
             Self::Broker(_)

@@ -138,6 +138,16 @@ impl ElasticsearchIndex {
                 .into(),
             );
         }
+        self.bulk(lines, documents.len()).await
+    }
+
+    /// One `_bulk` request of `lines` for `operations` operations; an outcome per operation, in
+    /// order.
+    async fn bulk(
+        &self,
+        lines: Vec<elasticsearch::http::request::JsonBody<Value>>,
+        operations: usize,
+    ) -> Result<Vec<ItemOutcome>, SearchError> {
         let response = self
             .client
             .bulk(BulkParts::Index(&self.index))
@@ -146,12 +156,11 @@ impl ElasticsearchIndex {
             .await?;
         let response = success_or_error(response).await?;
         let body: BulkResponse = response.json().await?;
-        if body.items.len() != documents.len() {
+        if body.items.len() != operations {
             return Err(SearchError::Rejected {
                 body: format!(
-                    "bulk answered {} items for {} documents",
+                    "bulk answered {} items for {operations} operations",
                     body.items.len(),
-                    documents.len()
                 ),
             });
         }
@@ -264,14 +273,7 @@ impl SearchIndex for ElasticsearchIndex {
                 .iter()
                 .map(|hit| json!({"delete": {"_id": hit.id, "routing": hit.routing}}).into())
                 .collect();
-            let response = self
-                .client
-                .bulk(BulkParts::Index(&self.index))
-                .body(lines)
-                .send()
-                .await?;
-            let body: BulkResponse = success_or_error(response).await?.json().await?;
-            for outcome in body.items.into_iter().map(BulkItem::outcome) {
+            for outcome in self.bulk(lines, found.hits.hits.len()).await? {
                 match outcome {
                     ItemOutcome::Done => purged += 1,
                     ItemOutcome::Transient(reason) | ItemOutcome::Permanent(reason) => {

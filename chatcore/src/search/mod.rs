@@ -63,7 +63,7 @@ impl Transient for SearchError {
                     || (*status == 403 && body.contains("cluster_block_exception"))
             }
             Self::Rejected { .. } | Self::InvalidUrl(_) => false,
-            Self::Database(error) => crate::store::is_transient(error),
+            Self::Database(error) => crate::sql_errors::is_transient(error),
         }
     }
 }

@@ -46,7 +46,7 @@ impl Transient for StateError {
         match self {
             Self::TimedOut(_) => true,
             Self::Redis(error) => error.is_connection_dropped() || error.is_io_error(),
-            Self::Database(error) => crate::store::is_transient(error),
+            Self::Database(error) => crate::sql_errors::is_transient(error),
         }
     }
 }

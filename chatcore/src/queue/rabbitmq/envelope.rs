@@ -7,7 +7,15 @@
 //! encoded JSON (u32 big-endian length, then the bytes). The content type tells it apart from a
 //! message of one event.
 
-use crate::events::TraceContext;
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+
+use crate::events::{
+    Event, SCHEMA_VERSION, SCHEMA_VERSION_HEADER, TRACEPARENT_HEADER, TraceContext,
+};
+
+/// AMQP delivery mode of messages written to disk.
+const PERSISTENT: u8 = 2;
 
 /// Content type of a message carrying several events.
 pub const CONTENT_TYPE: &str = "application/vnd.chat.events";
@@ -73,6 +81,35 @@ fn take<'a>(body: &'a [u8], at: &mut usize, length: usize) -> Result<&'a [u8], T
     let taken = &body[*at..end];
     *at = end;
     Ok(taken)
+}
+
+/// AMQP properties of an event: persistent, JSON, with schema version and trace context headers.
+pub fn event_properties(event: &Event, trace: &TraceContext) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    headers.insert(
+        TRACEPARENT_HEADER.into(),
+        AMQPValue::LongString(trace.as_str().into()),
+    );
+    headers.insert(
+        SCHEMA_VERSION_HEADER.into(),
+        AMQPValue::LongUInt(SCHEMA_VERSION),
+    );
+    BasicProperties::default()
+        .with_delivery_mode(PERSISTENT)
+        .with_content_type(ShortString::from("application/json"))
+        .with_message_id(ShortString::from(event.event_id.to_string()))
+        .with_headers(headers)
+}
+
+/// Reads the trace context of a delivery, if it carries a valid one.
+pub(super) fn trace_context_of(properties: &BasicProperties) -> Option<TraceContext> {
+    let headers = properties.headers().as_ref()?;
+    match headers.inner().get(TRACEPARENT_HEADER)? {
+        AMQPValue::LongString(value) => {
+            TraceContext::parse(std::str::from_utf8(value.as_bytes()).ok()?)
+        }
+        _ => None,
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,367 @@
+//! RabbitMQ: the [`EventQueue`] adapter of the distributed stack.
+//!
+//! Topology (all durable): a topic exchange for events; one queue per consumer bound to the routing
+//! keys it receives; each queue dead-letters into `<queue>.dead` through a direct exchange.
+//!
+//! Stored changes are announced to a fanout exchange, not durable; each listening api replica
+//! consumes them from a queue of its own (server-named, exclusive, bounded, deleted with its
+//! connection).
+//!
+//! Publishing, announcing, depth and replay share one publisher-confirmed channel that is opened on
+//! first use and again after the connection is lost; every publish on it goes through its
+//! [`Publisher`] (one task publishing, one settling the confirms, in order); each consumer gets a
+//! connection of its own.
+//!
+//! Here: the queue and its link; `connect` (a bounded connection), `topology` (the declares),
+//! `publisher` (the confirmed publishing task), `envelope` (what a message carries) and `source`
+//! (the consuming side).
+
+mod connect;
+pub mod envelope;
+mod publisher;
+mod source;
+mod topology;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_util::StreamExt as _;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, ConfirmSelectOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection};
+use tokio::sync::RwLock;
+
+pub use self::envelope::event_properties;
+use self::publisher::{Outcome, Publication, Publisher};
+use self::source::RabbitMqSource;
+use self::topology::declare_topology;
+use super::{Announcements, EventQueue, EventSource, QueueError};
+use crate::changes::{self, MessageChange};
+use crate::config::{ConsumerConfig, SecretUrl, Topology};
+use crate::events::{Consumer, Event, TraceContext};
+
+/// AMQP delivery mode of messages kept in memory only.
+const TRANSIENT: u8 = 1;
+/// Announcements a listener's queue holds at most; beyond it the oldest are dropped (a replica
+/// that stopped reading must not grow the broker's memory).
+const ANNOUNCEMENTS_QUEUED: u32 = 10_000;
+
+pub struct RabbitMqQueue {
+    url: SecretUrl,
+    topology: Topology,
+    confirm_timeout: Duration,
+    connect_timeout: Duration,
+    /// PEM of the CA an `amqps://` connection trusts beside the public roots (`CHAT_TLS_CA_FILE`).
+    tls_ca: Option<String>,
+    /// The largest message the api publishes: one event of the largest request, or several
+    /// smaller ones sharing an envelope (so the consumers' memory bound holds either way).
+    max_message_bytes: usize,
+    link: RwLock<Option<Link>>,
+}
+
+/// The publisher-confirmed channel, its publisher and the connection it lives on.
+struct Link {
+    // Kept so the connection lives as long as its channel.
+    _connection: Connection,
+    channel: Channel,
+    publisher: Publisher,
+    generation: u64,
+}
+
+/// What a publish needs of the link: the channel (for declares and gets) and its publisher.
+#[derive(Clone)]
+struct Linked {
+    channel: Channel,
+    publisher: Publisher,
+    generation: u64,
+}
+
+impl Link {
+    fn linked(&self) -> Linked {
+        Linked {
+            channel: self.channel.clone(),
+            publisher: self.publisher.clone(),
+            generation: self.generation,
+        }
+    }
+}
+
+impl RabbitMqQueue {
+    /// Connects on first use, not here. A connection (TCP, TLS for `amqps://`, the AMQP
+    /// handshake) takes at most `connect_timeout`; `tls_ca` is PEM. Events published together
+    /// share a message of at most `max_message_bytes`.
+    pub fn new(
+        url: SecretUrl,
+        topology: Topology,
+        confirm_timeout: Duration,
+        connect_timeout: Duration,
+        tls_ca: Option<&[u8]>,
+        max_message_bytes: usize,
+    ) -> Self {
+        Self {
+            url,
+            topology,
+            confirm_timeout,
+            connect_timeout,
+            tls_ca: tls_ca.map(|pem| String::from_utf8_lossy(pem).into_owned()),
+            max_message_bytes,
+            link: RwLock::new(None),
+        }
+    }
+
+    /// The open channel, connecting when there is none or `broken_generation` is the current one.
+    async fn channel(&self, broken_generation: Option<u64>) -> Result<Linked, QueueError> {
+        {
+            let link = self.link.read().await;
+            if let Some(link) = link.as_ref()
+                && Some(link.generation) != broken_generation
+                && link.channel.status().connected()
+            {
+                return Ok(link.linked());
+            }
+        }
+        let mut link = self.link.write().await;
+        if let Some(current) = link.as_ref()
+            && Some(current.generation) != broken_generation
+            && current.channel.status().connected()
+        {
+            return Ok(current.linked());
+        }
+        let generation = link.as_ref().map_or(0, |link| link.generation + 1);
+        let connection_name = format!("{} publisher", self.topology.exchange);
+        let connection = self.connect(&connection_name).await?;
+        let channel = connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        declare_topology(&channel, &self.topology).await?;
+        let opened = Link {
+            _connection: connection,
+            publisher: Publisher::start(channel.clone(), self.max_message_bytes),
+            channel,
+            generation,
+        };
+        let linked = opened.linked();
+        *link = Some(opened);
+        Ok(linked)
+    }
+
+    /// Publishes through the link's publisher; the broker's answer to this publish, within the
+    /// confirm timeout.
+    async fn publish_through(
+        &self,
+        linked: &Linked,
+        publication: Publication,
+    ) -> Result<Outcome, QueueError> {
+        tokio::time::timeout(self.confirm_timeout, linked.publisher.publish(publication))
+            .await
+            .map_err(|_| QueueError::ConfirmTimeout(self.confirm_timeout))?
+            .map_err(|_| QueueError::PublisherStopped)?
+            .map_err(QueueError::Broker)
+    }
+
+    async fn publish_on(
+        &self,
+        linked: &Linked,
+        event: &Event,
+        trace: &TraceContext,
+    ) -> Result<(), QueueError> {
+        let routing_key = event.routing_key();
+        let publication = Publication {
+            exchange: self.topology.exchange.clone(),
+            routing_key: routing_key.to_owned(),
+            payload: event.encode(),
+            properties: event_properties(event, trace),
+            mandatory: true,
+            event_trace: Some(trace.as_str().to_owned()),
+        };
+        match self.publish_through(linked, publication).await? {
+            Outcome::Stored => Ok(()),
+            Outcome::Returned => Err(QueueError::Unroutable(routing_key)),
+            Outcome::Refused => Err(QueueError::Nacked),
+        }
+    }
+}
+
+#[async_trait]
+impl EventQueue for RabbitMqQueue {
+    fn kind(&self) -> &'static str {
+        "rabbitmq"
+    }
+
+    fn queue_name(&self, consumer: Consumer) -> &str {
+        self.topology.queue(consumer)
+    }
+
+    fn system(&self) -> &'static str {
+        "rabbitmq"
+    }
+
+    async fn ensure_topology(&self) -> Result<(), QueueError> {
+        // Opening the channel declares the topology.
+        self.channel(None).await.map(drop)
+    }
+
+    /// Waits for the broker's confirm. Retries once on a fresh connection when the current one
+    /// is broken (events are idempotent, so a duplicate is harmless).
+    async fn publish(&self, event: &Event, trace: &TraceContext) -> Result<(), QueueError> {
+        let linked = self.channel(None).await?;
+        match self.publish_on(&linked, event, trace).await {
+            Err(error @ (QueueError::Broker(_) | QueueError::PublisherStopped)) => {
+                tracing::warn!(%error, "publish failed, reconnecting to rabbitmq");
+                let linked = self.channel(Some(linked.generation)).await?;
+                self.publish_on(&linked, event, trace).await
+            }
+            outcome => outcome,
+        }
+    }
+
+    /// True when the channel is open.
+    async fn is_ready(&self) -> bool {
+        self.link
+            .read()
+            .await
+            .as_ref()
+            .is_some_and(|link| link.channel.status().connected())
+    }
+
+    async fn open_source(
+        &self,
+        consumer: Consumer,
+        settings: &ConsumerConfig,
+    ) -> Result<Box<dyn EventSource>, QueueError> {
+        Ok(Box::new(
+            RabbitMqSource::open(self, consumer, settings).await?,
+        ))
+    }
+
+    async fn announce(&self, changes: &[MessageChange]) -> Result<(), QueueError> {
+        let linked = self.channel(None).await?;
+        let publication = Publication {
+            exchange: self.topology.changes_exchange.clone(),
+            routing_key: String::new(),
+            payload: changes::encode(changes),
+            properties: BasicProperties::default()
+                .with_delivery_mode(TRANSIENT)
+                .with_content_type(ShortString::from("application/json")),
+            mandatory: false,
+            event_trace: None,
+        };
+        match self.publish_through(&linked, publication).await? {
+            Outcome::Stored | Outcome::Returned => Ok(()),
+            Outcome::Refused => Err(QueueError::Nacked),
+        }
+    }
+
+    async fn listen(&self) -> Result<Announcements, QueueError> {
+        let connection = self
+            .connect(&format!("{} listener", self.topology.changes_exchange))
+            .await?;
+        let channel = connection.create_channel().await?;
+        declare_topology(&channel, &self.topology).await?;
+        let mut arguments = FieldTable::default();
+        arguments.insert(
+            "x-max-length".into(),
+            AMQPValue::LongUInt(ANNOUNCEMENTS_QUEUED),
+        );
+        let queue = channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..QueueDeclareOptions::default()
+                },
+                arguments,
+            )
+            .await?;
+        channel
+            .queue_bind(
+                queue.name().clone(),
+                self.topology.changes_exchange.as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let deliveries = channel
+            .basic_consume(
+                queue.name().clone(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        // The connection lives as long as the stream; the stream ends with the connection.
+        Ok(Box::pin(futures_util::stream::unfold(
+            (connection, deliveries),
+            |(connection, mut deliveries)| async move {
+                loop {
+                    let delivery = deliveries.next().await?.ok()?;
+                    match changes::decode(&delivery.data) {
+                        Ok(changes) => return Some((changes, (connection, deliveries))),
+                        Err(error) => {
+                            tracing::warn!(%error, "skipping an announcement that is not valid")
+                        }
+                    }
+                }
+            },
+        )))
+    }
+
+    /// Messages ready in a queue, through a passive declare (which fails if the queue is missing).
+    async fn depth(&self, queue: &str) -> Result<u64, QueueError> {
+        let channel = self.channel(None).await?.channel;
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let declared = channel
+            .queue_declare(queue.into(), passive, FieldTable::default())
+            .await?;
+        Ok(u64::from(declared.message_count()))
+    }
+
+    async fn replay_dead_letters(&self, consumer: Consumer) -> Result<u64, QueueError> {
+        let queue = self.topology.queue(consumer);
+        let dead_letter_queue = Topology::dead_letter_queue(queue);
+        let waiting = self.depth(&dead_letter_queue).await?;
+        let linked = self.channel(None).await?;
+        let channel = &linked.channel;
+        let mut moved = 0;
+        while moved < waiting {
+            let Some(message) = channel
+                .basic_get(
+                    dead_letter_queue.as_str().into(),
+                    BasicGetOptions::default(),
+                )
+                .await?
+            else {
+                break;
+            };
+            let delivery = message.delivery;
+            let publication = Publication {
+                exchange: String::new(),
+                routing_key: queue.to_owned(),
+                payload: delivery.data.clone(),
+                properties: delivery.properties.clone(),
+                mandatory: true,
+                event_trace: None,
+            };
+            if self.publish_through(&linked, publication).await? != Outcome::Stored {
+                return Err(QueueError::Nacked);
+            }
+            channel
+                .basic_ack(delivery.delivery_tag, BasicAckOptions::default())
+                .await?;
+            moved += 1;
+        }
+        Ok(moved)
+    }
+}
