@@ -4,20 +4,14 @@
 //! queue is embedded (no `AMQP_URL`), the same process also runs the ingest and index consumers
 //! ([`chatcore::pipeline`]): that is the single-process embedded mode.
 //!
-//! Layers: `routes` (one module per resource: parse, call, render) -> [`service::ChatService`]
-//! (the use cases) -> the adapters' traits, built by [`chatcore::adapters`].
+//! Layers: `http` (the server, middleware, extractors, one module of handlers per resource: parse,
+//! call, render; the one mapping of failures to answers) -> `app` ([`app::ChatService`], the use
+//! cases, in domain terms, failing with `AppError`) -> the adapters' traits, built by
+//! [`chatcore::adapters`].
 
-mod admin;
-mod error;
-mod extract;
-mod idempotency;
-mod live;
-mod rate_limit;
-mod request_body;
-mod routes;
-mod server;
-mod service;
-mod tenant;
+mod app;
+mod http;
+mod operator;
 
 use std::sync::Arc;
 
@@ -25,17 +19,15 @@ use anyhow::Context as _;
 use chatcore::Config;
 use chatcore::adapters::Adapters;
 use chatcore::config::{AdminToken, ApiConfig};
-use chatcore::domain::{ApplicationToken, Number};
 use chatcore::metrics::Metrics;
-use chatcore::pipeline::ReindexProgress;
-use chatcore::store::{ReindexCursor, ReindexScope};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-pub use error::ApiError;
-use live::LiveHub;
-use rate_limit::RateLimiters;
-use service::ChatService;
+use app::ChatService;
+pub use http::error::ApiError;
+use http::live::LiveHub;
+use http::middleware::rate_limit::RateLimiters;
+pub use operator::{openapi_json, reindex, replay_dead_letters};
 
 /// Cheap-to-clone state shared by every handler.
 #[derive(Clone)]
@@ -119,13 +111,6 @@ impl Listeners {
 const DEFAULT_HEALTH_ADDR: std::net::SocketAddr =
     std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9090);
 
-/// The OpenAPI 3.1 document, pretty-printed (what `/api/v1/openapi.json` serves).
-pub fn openapi_json() -> String {
-    routes::openapi()
-        .to_pretty_json()
-        .expect("the document serializes")
-}
-
 /// Serves the API on `listener` until `signal` is cancelled and `CHAT_SHUTDOWN_DELAY_MS` has
 /// passed (not ready meanwhile), then drains in-flight requests. With the embedded queue it also
 /// runs the ingest and index consumers until then.
@@ -135,7 +120,7 @@ pub async fn serve(
     signal: CancellationToken,
 ) -> anyhow::Result<()> {
     let shutdown = stop_after_delay(&signal, config.api.shutdown_delay);
-    let admin_token = admin::load_or_create(&config)?;
+    let admin_token = http::admin::load_or_create(&config)?;
     let metrics = Metrics::new();
     let adapters = Adapters::connect(&config, &metrics).await?;
     adapters.keep_connected(&shutdown);
@@ -156,13 +141,13 @@ pub async fn serve(
     let state = AppState::new(&config, &adapters, metrics, admin_token, signal, &shutdown);
     state.rate_limiters.forget_quiet_clients(&shutdown);
     let internal = tokio::spawn(
-        axum::serve(listeners.internal, routes::internal_router(state.clone()))
+        axum::serve(listeners.internal, http::internal_router(state.clone()))
             .with_graceful_shutdown(shutdown.clone().cancelled_owned())
             .into_future(),
     );
-    server::serve(
+    http::server::serve(
         listeners.public,
-        routes::router(state),
+        http::router(state),
         &config.api,
         shutdown.clone(),
     )
@@ -199,64 +184,4 @@ fn stop_after_delay(signal: &CancellationToken, delay: std::time::Duration) -> C
         cancel.cancel();
     });
     stop
-}
-
-/// Moves the dead letters of the ingest and index queues back into their queues (after the cause
-/// was fixed); returns how many per queue. An event that fails again is dead-lettered again.
-pub async fn replay_dead_letters(config: &Config) -> anyhow::Result<Vec<(String, u64)>> {
-    let queue = chatcore::adapters::queue(config, &Metrics::new()).await?;
-    chatcore::pipeline::replay_dead_letters(queue.as_ref(), &chatcore::events::Consumer::ALL).await
-}
-
-/// Rebuilds the search index from the storage: every message, or those of one application (its
-/// token) or one of its chats, after `after`; prints the progress and where to resume.
-pub async fn reindex(
-    config: &Config,
-    application: Option<&str>,
-    chat: Option<u64>,
-    after: ReindexCursor,
-    shutdown: CancellationToken,
-) -> anyhow::Result<ReindexProgress> {
-    let metrics = Metrics::new();
-    let storage = chatcore::adapters::storage(config, &metrics).await?;
-    let search = chatcore::adapters::search(config, &metrics).await?;
-    search
-        .ensure_index()
-        .await
-        .context("creating the search index")?;
-    let scope = match application {
-        None => ReindexScope::All,
-        Some(token) => {
-            // The token is a secret: not repeated in the error.
-            let unknown = || anyhow::anyhow!("no application has this token (or it expired)");
-            let token = ApplicationToken::parse(token).map_err(|_| unknown())?;
-            let id = storage
-                .resolve_token(&token.digest())
-                .await?
-                .ok_or_else(unknown)?
-                .application_id;
-            match chat {
-                None => ReindexScope::Application(id),
-                Some(number) => ReindexScope::Chat(
-                    id,
-                    Number::new(number).context("a chat number is at least 1")?,
-                ),
-            }
-        }
-    };
-    let done = chatcore::pipeline::reindex(
-        storage.as_ref(),
-        search.as_ref(),
-        scope,
-        after,
-        &shutdown,
-        |progress| {
-            println!(
-                "reindexed {} messages; resume with --after {}",
-                progress.indexed, progress.cursor
-            );
-        },
-    )
-    .await?;
-    Ok(done)
 }

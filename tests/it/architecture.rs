@@ -1,5 +1,6 @@
 //! The rules of ARCHITECTURE.md that keep the structure so, checked on the code itself: which
-//! crate may depend on which, and that the code above the adapters' traits names no technology.
+//! crate may depend on which, that the code above the adapters' traits names no technology, and
+//! that the api's use cases name no HTTP.
 
 use std::path::{Path, PathBuf};
 
@@ -96,9 +97,29 @@ fn rust_files(path: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
+/// The code lines (comments left out) under `paths` that contain one of `names`, as
+/// `file:line: name`.
+fn lines_naming(paths: &[&str], names: &[&str]) -> Vec<String> {
+    let root = repo_root();
+    let mut found = Vec::new();
+    for path in paths {
+        let files = rust_files(&root.join(path));
+        assert!(!files.is_empty(), "{path} has Rust files");
+        for file in files {
+            let text = std::fs::read_to_string(&file).expect("readable source");
+            for (index, line) in text.lines().enumerate() {
+                let code = line.split("//").next().unwrap_or_default();
+                if let Some(name) = names.iter().find(|name| code.contains(*name)) {
+                    found.push(format!("{}:{}: {name}", file.display(), index + 1));
+                }
+            }
+        }
+    }
+    found
+}
+
 #[test]
 fn code_above_the_adapters_names_no_technology() {
-    let root = repo_root();
     let above_the_traits = [
         "api/src",
         "ingest-worker/src",
@@ -107,22 +128,27 @@ fn code_above_the_adapters_names_no_technology() {
         "chatcore/src/pipeline",
         "chatcore/src/numbering.rs",
     ];
-    let mut found = Vec::new();
-    for path in above_the_traits {
-        let files = rust_files(&root.join(path));
-        assert!(!files.is_empty(), "{path} has Rust files");
-        for file in files {
-            let text = std::fs::read_to_string(&file).expect("readable source");
-            for (index, line) in text.lines().enumerate() {
-                let code = line.split("//").next().unwrap_or_default();
-                if let Some(name) = TECHNOLOGY_NAMES.iter().find(|name| code.contains(*name)) {
-                    found.push(format!("{}:{}: {name}", file.display(), index + 1));
-                }
-            }
-        }
-    }
+    let found = lines_naming(&above_the_traits, &TECHNOLOGY_NAMES);
     assert!(
         found.is_empty(),
         "only chatcore::adapters picks technologies: {found:#?}"
     );
+}
+
+/// The api's use cases (`api/src/app`) know nothing of HTTP: the `http` layer parses, calls them
+/// and maps their `AppError` to an answer in one place.
+#[test]
+fn the_use_cases_name_no_http() {
+    let found = lines_naming(
+        &["api/src/app"],
+        &[
+            "axum",
+            "hyper",
+            "http::",
+            "StatusCode",
+            "ApiError",
+            "HeaderMap",
+        ],
+    );
+    assert!(found.is_empty(), "HTTP in the use cases: {found:#?}");
 }

@@ -32,8 +32,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio_util::sync::CancellationToken;
 
 use crate::AppState;
-use crate::error::{ApiError, set_rate_limit_headers};
-use crate::extract::ClientAddress;
+use crate::http::error::{ApiError, set_rate_limit_headers};
+use crate::http::extract::ClientAddress;
 
 /// How often the buckets of clients that went quiet are dropped.
 const FORGET_QUIET_CLIENTS_EVERY: Duration = Duration::from_secs(60);
@@ -269,8 +269,8 @@ pub async fn limit_rate(State(state): State<AppState>, request: Request, next: N
     };
     let mut by_application = None;
     let response = 'answered: {
-        if let Some(presented) = crate::tenant::presented(&request) {
-            let tenant = match crate::tenant::resolve(&state, presented).await {
+        if let Some(presented) = crate::http::tenant::presented(&request) {
+            let tenant = match crate::http::tenant::resolve(&state, presented).await {
                 Ok(tenant) => tenant,
                 Err(refused) => break 'answered refused.into_response(),
             };

@@ -7,7 +7,7 @@ use chatcore::domain::ApplicationToken;
 use chatcore::events::{TRACEPARENT_HEADER, TraceContext};
 use serde::de::DeserializeOwned;
 
-use crate::error::ApiError;
+use crate::http::error::ApiError;
 
 /// A JSON request body.
 pub struct JsonBody<T>(pub T);
@@ -46,7 +46,7 @@ impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for PathPar
 }
 
 /// The client's address as the rate limits key it (behind trusted proxies the one they saw; an
-/// IPv6 client by its /64), set by [`crate::rate_limit::limit_rate`].
+/// IPv6 client by its /64), set by [`crate::http::middleware::rate_limit::limit_rate`].
 #[derive(Debug, Clone, Copy)]
 pub struct ClientAddress(pub std::net::IpAddr);
 
@@ -63,7 +63,7 @@ impl<S: Send + Sync> FromRequestParts<S> for ClientAddress {
 }
 
 /// The application a request acts for, resolved from its token (in `Authorization: Bearer`, or
-/// in the path of the legacy form) by [`crate::rate_limit::limit_rate`] before the body is read.
+/// in the path of the legacy form) by [`crate::http::middleware::rate_limit::limit_rate`] before the body is read.
 #[derive(Debug, Clone)]
 pub struct Tenant {
     pub application_id: u64,

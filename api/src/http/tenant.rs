@@ -12,8 +12,8 @@ use axum::http::{HeaderMap, Uri, header};
 use chatcore::domain::ApplicationToken;
 
 use crate::AppState;
-use crate::error::ApiError;
-use crate::extract::Tenant;
+use crate::http::error::ApiError;
+use crate::http::extract::Tenant;
 
 /// Where the legacy form's token segment starts.
 const LEGACY_PREFIX: &str = "/api/v1/applications/";

@@ -13,6 +13,53 @@ use utoipa::openapi::{
     ResponseBuilder,
 };
 
+/// Where the OpenAPI document is served; the docs page at `/docs` reads it.
+pub const OPENAPI_PATH: &str = "/api/v1/openapi.json";
+
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "Chat platform API",
+        description = "Applications, chats and messages with per-parent sequential numbers; writes are accepted (202) and persisted asynchronously; messages are searchable. Every error has the body `{\"error\": {\"code\", \"message\", \"field\"}}`."
+    ),
+    // Relative: the paths carry `/api/v1`, so the origin that serves this document serves them.
+    servers((url = "/", description = "the origin that serves this document")),
+    modifiers(&AccessControl),
+    tags(
+        (name = "applications", description = "created and renamed synchronously; the routes without a token in the path take it in `Authorization: Bearer` (recommended: a URL is recorded by access logs, proxies and browsers); the `/applications/{token}/...` forms are the reference contract's, kept as legacy; listing applications and revoking tokens need the admin token"),
+        (name = "chats", description = "created asynchronously (202)"),
+        (name = "messages", description = "created asynchronously (202), updated synchronously, searchable")
+    )
+)]
+pub(super) struct ApiDoc;
+
+/// The admin token's security scheme.
+struct AccessControl;
+
+impl utoipa::Modify for AccessControl {
+    fn modify(&self, openapi: &mut OpenApi) {
+        use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            ADMIN_SECURITY_SCHEME,
+            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        );
+        let mut application = Http::new(HttpAuthScheme::Bearer);
+        application.description =
+            Some("The application's token (`chat_...`), from its creation or rotation.".to_owned());
+        components.add_security_scheme(
+            APPLICATION_SECURITY_SCHEME,
+            SecurityScheme::Http(application),
+        );
+    }
+}
+
+/// The name of the admin token's security scheme in the OpenAPI document (the handlers spell it out: utoipa wants a literal).
+pub const ADMIN_SECURITY_SCHEME: &str = "admin_token";
+/// The name of the application token's security scheme (spelled out in the handlers too).
+pub const APPLICATION_SECURITY_SCHEME: &str = "application_token";
+
 const RETRY_AFTER: &str = "Retry-After";
 const RATE_LIMIT_HEADERS: [&str; 3] = ["RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset"];
 const WWW_AUTHENTICATE: &str = "WWW-Authenticate";

@@ -21,11 +21,14 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::{Accepted, PageParams, Pagination, paginate, parse_number};
+use super::{Accepted, parse_number};
 use crate::AppState;
-use crate::error::{ApiError, ErrorBody};
-use crate::extract::{ClientAddress, JsonBody, PathParams, QueryParams, RequestTrace, Tenant};
-use crate::idempotency::IdempotencyKey;
+use crate::http::error::{ApiError, ErrorBody};
+use crate::http::extract::{
+    ClientAddress, JsonBody, PathParams, QueryParams, RequestTrace, Tenant,
+};
+use crate::http::idempotency_key::IdempotencyKey;
+use crate::http::pagination::{PageParams, Pagination, paginate};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -145,7 +148,7 @@ async fn create(
     tenant: Tenant,
     PathParams(chat_number): PathParams<String>,
     RequestTrace(trace): RequestTrace,
-    idempotency_key: IdempotencyKey,
+    IdempotencyKey(idempotency_key): IdempotencyKey,
     JsonBody(input): JsonBody<MessageInput>,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
     let chat_number = parse_number("chat_number", &chat_number)?;
@@ -325,7 +328,7 @@ const LAST_EVENT_ID: &str = "last-event-id";
     security(("application_token" = [])),
     params(("chat_number" = u64, Path, minimum = 1, description = "chat number within the application"),
         ("Last-Event-ID" = Option<u64>, Header, description = "resume after this message number (0: from the first message)")),
-    responses((status = 200, description = "a stream of Server-Sent Events; each `data:` is a StreamedMessage", content_type = "text/event-stream", body = crate::live::StreamedMessage),
+    responses((status = 200, description = "a stream of Server-Sent Events; each `data:` is a StreamedMessage", content_type = "text/event-stream", body = crate::http::live::StreamedMessage),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 503, description = "a dependency did not answer, or this replica does not hear stored changes right now; retry", body = ErrorBody)))]
 async fn stream(

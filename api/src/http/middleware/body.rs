@@ -13,7 +13,7 @@ use http_body_util::BodyExt as _;
 use tokio::time::Instant;
 
 use crate::AppState;
-use crate::error::ApiError;
+use crate::http::error::ApiError;
 
 /// How much of an oversized body is read (and dropped) so its client can read the 413; a larger
 /// upload is cut off.

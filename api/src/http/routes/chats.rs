@@ -11,11 +11,12 @@ use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::{Accepted, PageParams, Pagination, paginate, parse_number};
+use super::{Accepted, parse_number};
 use crate::AppState;
-use crate::error::{ApiError, ErrorBody};
-use crate::extract::{PathParams, QueryParams, RequestTrace, Tenant};
-use crate::idempotency::IdempotencyKey;
+use crate::http::error::{ApiError, ErrorBody};
+use crate::http::extract::{PathParams, QueryParams, RequestTrace, Tenant};
+use crate::http::idempotency_key::IdempotencyKey;
+use crate::http::pagination::{PageParams, Pagination, paginate};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -58,7 +59,7 @@ async fn create(
     State(state): State<AppState>,
     tenant: Tenant,
     RequestTrace(trace): RequestTrace,
-    idempotency_key: IdempotencyKey,
+    IdempotencyKey(idempotency_key): IdempotencyKey,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
     let number = state
         .service_handle()

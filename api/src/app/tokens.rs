@@ -7,8 +7,7 @@ use chatcore::domain::ApplicationToken;
 use chatcore::store::ApplicationRow;
 use chrono::{DateTime, Utc};
 
-use super::ChatService;
-use crate::error::ApiError;
+use super::{AppError, ChatService};
 
 /// Entries of the token -> application cache.
 pub(super) const TOKEN_CACHE_ENTRIES: usize = 100_000;
@@ -29,10 +28,10 @@ impl ChatService {
     pub async fn rotate_token(
         &self,
         application_id: u64,
-    ) -> Result<(ApplicationRow, ApplicationToken, DateTime<Utc>), ApiError> {
+    ) -> Result<(ApplicationRow, ApplicationToken, DateTime<Utc>), AppError> {
         // At most a year (checked at start), so the sum cannot overflow.
         let overlap = chrono::Duration::from_std(self.settings.token_rotation_overlap)
-            .map_err(|error| ApiError::Internal(error.into()))?;
+            .map_err(|error| AppError::Internal(error.into()))?;
         let others_valid_until = chatcore::store::now() + overlap;
         let (row, token) = self
             .replace_tokens(application_id, Some(others_valid_until))
@@ -45,11 +44,11 @@ impl ChatService {
     pub async fn revoke_tokens(
         &self,
         token: &ApplicationToken,
-    ) -> Result<(ApplicationRow, ApplicationToken), ApiError> {
+    ) -> Result<(ApplicationRow, ApplicationToken), AppError> {
         let application_id = self
             .resolve_token(token)
             .await?
-            .ok_or(ApiError::NotFound("application"))?;
+            .ok_or(AppError::NotFound("application"))?;
         self.replace_tokens(application_id, None).await
     }
 
@@ -57,14 +56,14 @@ impl ChatService {
         &self,
         application_id: u64,
         others_valid_until: Option<DateTime<Utc>>,
-    ) -> Result<(ApplicationRow, ApplicationToken), ApiError> {
+    ) -> Result<(ApplicationRow, ApplicationToken), AppError> {
         let token = ApplicationToken::generate();
         let replaced = self
             .storage
             .replace_tokens(application_id, &token, others_valid_until)
             .await?;
         if !replaced {
-            return Err(ApiError::NotFound("application"));
+            return Err(AppError::NotFound("application"));
         }
         Ok((self.find_application(application_id).await?, token))
     }
@@ -72,7 +71,7 @@ impl ChatService {
     /// The application a token opens, None for an unknown, expired or revoked one. Answers are
     /// kept [`TOKEN_CACHE_TTL`] at most (and never past the token's end), so a revocation made on
     /// another replica takes effect here within that time.
-    pub async fn resolve_token(&self, token: &ApplicationToken) -> Result<Option<u64>, ApiError> {
+    pub async fn resolve_token(&self, token: &ApplicationToken) -> Result<Option<u64>, AppError> {
         let digest = token.digest();
         if let Some(cached) = self.token_grants.get(&digest)
             && cached.fetched.elapsed() < TOKEN_CACHE_TTL

@@ -104,7 +104,10 @@ pub async fn serve(
         };
         let address_slot = match &per_address {
             Some((counts, max)) => {
-                match counts.take(crate::rate_limit::address_key(peer.ip()), *max) {
+                match counts.take(
+                    crate::http::middleware::rate_limit::address_key(peer.ip()),
+                    *max,
+                ) {
                     Some(slot) => Some(slot),
                     None => {
                         tracing::debug!(%peer, "closing a connection over the per-address bound");

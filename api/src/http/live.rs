@@ -32,8 +32,8 @@ use serde::Serialize;
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::error::ApiError;
-use crate::service::ChatService;
+use crate::app::ChatService;
+use crate::http::error::ApiError;
 
 /// Rows read from the storage per query while a resumed stream catches up.
 const CATCH_UP_PAGE: u32 = 100;

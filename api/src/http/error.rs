@@ -17,6 +17,8 @@ use chatcore::store::StorageError;
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use crate::app::AppError;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     /// 400: the request is not well-formed (bad JSON, bad query string or path parameter).
@@ -231,6 +233,29 @@ impl IntoResponse for ApiError {
 impl From<InvalidInput> for ApiError {
     fn from(invalid: InvalidInput) -> Self {
         Self::Invalid(invalid)
+    }
+}
+
+/// Every failure of a use case, as its answer.
+impl From<AppError> for ApiError {
+    fn from(error: AppError) -> Self {
+        match error {
+            AppError::NotFound(what) => Self::NotFound(what),
+            AppError::NotPersistedYet(number) => Self::NotPersistedYet(number),
+            AppError::IdempotencyKeyInUse => Self::IdempotencyKeyInUse,
+            AppError::IdempotencyKeyReused => Self::IdempotencyKeyReused,
+            AppError::ChatQuotaExceeded(quota) => Self::ChatQuotaExceeded(quota),
+            AppError::MessageQuotaExceeded { quota, retry_after } => {
+                Self::MessageQuotaExceeded { quota, retry_after }
+            }
+            AppError::TimedOut(milliseconds) => Self::TimedOut(milliseconds),
+            AppError::Storage(error) => error.into(),
+            AppError::Allocation(error) => error.into(),
+            AppError::Queue(error) => error.into(),
+            AppError::State(error) => error.into(),
+            AppError::Search(error) => error.into(),
+            AppError::Internal(error) => Self::Internal(error),
+        }
     }
 }
 

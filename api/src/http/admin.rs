@@ -17,7 +17,7 @@ use rand::distr::Alphanumeric;
 use subtle::ConstantTimeEq as _;
 
 use crate::AppState;
-use crate::error::ApiError;
+use crate::http::error::ApiError;
 
 const TOKEN_FILE: &str = "admin-token";
 const GENERATED_TOKEN_LENGTH: usize = 40;
@@ -76,7 +76,7 @@ pub struct AdminAccess;
 
 impl AdminAccess {
     pub fn verify(headers: &HeaderMap, state: &AppState) -> Result<Self, ApiError> {
-        let presented = crate::tenant::bearer(headers).ok_or(ApiError::Unauthorized)?;
+        let presented = crate::http::tenant::bearer(headers).ok_or(ApiError::Unauthorized)?;
         let expected = state.admin_token.expose().as_bytes();
         // Constant time: the answer must not tell how much of a guess was right.
         if bool::from(presented.as_bytes().ct_eq(expected)) {

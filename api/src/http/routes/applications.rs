@@ -14,11 +14,11 @@ use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::{PageParams, Pagination, paginate};
 use crate::AppState;
-use crate::admin::AdminAccess;
-use crate::error::{ApiError, ErrorBody};
-use crate::extract::{JsonBody, QueryParams, RequestTrace, Tenant};
+use crate::http::admin::AdminAccess;
+use crate::http::error::{ApiError, ErrorBody};
+use crate::http::extract::{JsonBody, QueryParams, RequestTrace, Tenant};
+use crate::http::pagination::{PageParams, Pagination, paginate};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()

@@ -1,7 +1,6 @@
 //! The per-application quotas that need a count shared by every replica.
 
-use super::ChatService;
-use crate::error::ApiError;
+use super::{AppError, ChatService};
 
 impl ChatService {
     /// Counts a message against `CHAT_MAX_MESSAGES_PER_MINUTE_PER_APPLICATION` (when set): one
@@ -9,7 +8,7 @@ impl ChatService {
     pub(super) async fn count_message_against_quota(
         &self,
         application_id: u64,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), AppError> {
         let quota = self.settings.max_messages_per_minute_per_application;
         if quota == 0 {
             return Ok(());
@@ -31,7 +30,7 @@ impl ChatService {
             return Ok(());
         }
         let next_minute = std::time::Duration::from_secs((minute + 1) * 60);
-        Err(ApiError::MessageQuotaExceeded {
+        Err(AppError::MessageQuotaExceeded {
             quota,
             retry_after: next_minute.saturating_sub(since_epoch),
         })

@@ -5,15 +5,14 @@ use chatcore::domain::{ApplicationName, ApplicationToken, PageRequest};
 use chatcore::events::{Event, EventPayload, TraceContext};
 use chatcore::store::ApplicationRow;
 
-use super::ChatService;
-use crate::error::ApiError;
+use super::{AppError, ChatService};
 
 impl ChatService {
     /// Creates an application and its first token (shown once: the database keeps its digest).
     pub async fn create_application(
         &self,
         name: &ApplicationName,
-    ) -> Result<(ApplicationRow, ApplicationToken), ApiError> {
+    ) -> Result<(ApplicationRow, ApplicationToken), AppError> {
         let token = ApplicationToken::generate();
         let row = self.storage.create_application(name, &token).await?;
         Ok((row, token))
@@ -23,24 +22,24 @@ impl ChatService {
         &self,
         application_id: u64,
         name: &ApplicationName,
-    ) -> Result<ApplicationRow, ApiError> {
+    ) -> Result<ApplicationRow, AppError> {
         self.storage
             .rename_application(application_id, name)
             .await?
-            .ok_or(ApiError::NotFound("application"))
+            .ok_or(AppError::NotFound("application"))
     }
 
-    pub async fn find_application(&self, application_id: u64) -> Result<ApplicationRow, ApiError> {
+    pub async fn find_application(&self, application_id: u64) -> Result<ApplicationRow, AppError> {
         self.storage
             .find_application(application_id)
             .await?
-            .ok_or(ApiError::NotFound("application"))
+            .ok_or(AppError::NotFound("application"))
     }
 
     pub async fn list_applications(
         &self,
         page: PageRequest,
-    ) -> Result<Vec<ApplicationRow>, ApiError> {
+    ) -> Result<Vec<ApplicationRow>, AppError> {
         Ok(self.storage.list_applications(page).await?)
     }
 
@@ -53,9 +52,9 @@ impl ChatService {
         application_id: u64,
         token: &ApplicationToken,
         trace: &TraceContext,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), AppError> {
         if !self.storage.delete_application(application_id).await? {
-            return Err(ApiError::NotFound("application"));
+            return Err(AppError::NotFound("application"));
         }
         self.token_grants.remove(&token.digest());
         let event = Event::new(EventPayload::ApplicationDeleted {
