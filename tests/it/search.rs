@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use system_tests::{Client, StatusCode, TestEnv, eventually, search};
+use system_tests::{Client, StatusCode, TestEnv, eventually, search, search_hits};
 
 /// Runs a search test on every index: Elasticsearch 8 and 7.17 (both supported) and the
 /// embedded SQLite FTS5 index.
@@ -35,21 +35,9 @@ async fn highlights(
     chat: u64,
     query: &str,
 ) -> anyhow::Result<Vec<(u64, String)>> {
-    let reply = client
-        .send_raw(
-            client
-                .request(
-                    reqwest::Method::GET,
-                    &format!("/applications/{token}/chats/{chat}/messages/search"),
-                )
-                .query(&[("query", query)]),
-        )
-        .await?;
-    anyhow::ensure!(reply.status == StatusCode::OK, "{reply:?}");
-    let mut by_number: Vec<(u64, String)> = reply.body["messages"]
-        .as_array()
-        .into_iter()
-        .flatten()
+    let mut by_number: Vec<(u64, String)> = search_hits(client, token, chat, query)
+        .await?
+        .iter()
         .map(|hit| {
             (
                 hit["number"].as_u64().unwrap_or_default(),

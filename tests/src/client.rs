@@ -231,13 +231,13 @@ impl Client {
     }
 }
 
-/// The numbers of the hits of a search (its first page), best match first.
-pub async fn search(
+/// The hits of a search (its first page), best match first, as the API answers them.
+pub async fn search_hits(
     client: &Client,
     token: &str,
     chat: u64,
     query: &str,
-) -> anyhow::Result<Vec<u64>> {
+) -> anyhow::Result<Vec<Value>> {
     let reply = client
         .send_raw(
             client
@@ -254,10 +254,20 @@ pub async fn search(
     );
     Ok(reply.body["messages"]
         .as_array()
-        .map(|hits| {
-            hits.iter()
-                .filter_map(|hit| hit["number"].as_u64())
-                .collect()
-        })
+        .cloned()
         .unwrap_or_default())
+}
+
+/// The numbers of the hits of a search (its first page), best match first.
+pub async fn search(
+    client: &Client,
+    token: &str,
+    chat: u64,
+    query: &str,
+) -> anyhow::Result<Vec<u64>> {
+    Ok(search_hits(client, token, chat, query)
+        .await?
+        .iter()
+        .filter_map(|hit| hit["number"].as_u64())
+        .collect())
 }

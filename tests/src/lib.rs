@@ -25,7 +25,7 @@ pub mod processes;
 pub mod sse;
 pub mod tools;
 
-pub use client::{Client, Reply, search};
+pub use client::{Client, Reply, search, search_hits};
 pub use env::{Services, Stack, TEST_ADMIN_TOKEN, TestEnv};
 pub use processes::{ApiHandle, WorkerHandles, free_port, kill_hard, memory_of};
 pub use sse::{EventStream, Next, ServerSentEvent};
