@@ -51,12 +51,19 @@ impl Tools {
         })
     }
 
-    /// The same cache, through a copy of `scripts/tools` with `from` replaced by `to`.
+    /// The same cache, through a copy of `scripts/tools` with `from` replaced by `to` (in a
+    /// `scripts/` folder of its own, beside the `lib/common` it sources).
     fn edited(&self, from: &str, to: &str) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(&self.script)?;
         ensure!(text.contains(from), "scripts/tools has no {from:?}");
         let scratch = Scratch::new("tools-copy")?;
-        let script = scratch.0.join("tools");
+        let scripts = scratch.0.join("scripts");
+        std::fs::create_dir_all(scripts.join("lib"))?;
+        std::fs::copy(
+            repo_root().join("scripts/lib/common"),
+            scripts.join("lib/common"),
+        )?;
+        let script = scripts.join("tools");
         std::fs::write(&script, text.replacen(from, to, 1))?;
         Ok(Self {
             script,
