@@ -433,10 +433,10 @@ macro_rules! storage_impl {
 }
 use storage_impl;
 
-/// Timestamps are stored with millisecond precision, as the API shows them.
 /// Rows one statement of a purge removes at most: a bounded lock and undo log per statement.
 pub const PURGE_ROWS_PER_STATEMENT: u32 = 5_000;
 
+/// Timestamps are stored with millisecond precision, as the API shows them.
 pub fn now() -> DateTime<Utc> {
     Utc::now().trunc_subsecs(3)
 }
