@@ -18,6 +18,7 @@ use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{EnvFilter, Layer as _};
 
+use crate::config::settings::LOG_FILTER;
 use crate::events::TraceContext;
 
 /// Flushes buffered spans when dropped; keep it alive for the life of `main`.
@@ -39,7 +40,9 @@ impl Drop for TelemetryGuard {
 /// Installs logging, and tracing when `otlp_endpoint` is set ([`crate::Config::otlp_endpoint`]),
 /// once; later calls are no-ops.
 pub fn init(service_name: &'static str, otlp_endpoint: Option<&str>) -> TelemetryGuard {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let default_filter = LOG_FILTER.default_value().unwrap_or_default();
+    let filter =
+        EnvFilter::try_from_env(LOG_FILTER.name).unwrap_or_else(|_| EnvFilter::new(default_filter));
     let logs = tracing_subscriber::fmt::layer()
         .json()
         .with_current_span(true)
@@ -57,7 +60,7 @@ pub fn init(service_name: &'static str, otlp_endpoint: Option<&str>) -> Telemetr
     let traces = provider.as_ref().map(|provider| {
         tracing_opentelemetry::layer()
             .with_tracer(provider.tracer(service_name))
-            .with_filter(EnvFilter::new("info"))
+            .with_filter(EnvFilter::new(default_filter))
     });
     let installed = tracing_subscriber::registry()
         .with(logs)

@@ -5,6 +5,7 @@ mod advisories;
 mod application_deletion;
 mod architecture;
 mod chart_platform;
+mod configuration;
 mod contract;
 mod deletion;
 mod embedded;

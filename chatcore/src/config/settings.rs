@@ -1,0 +1,539 @@
+//! Every setting, declared once: its environment variable, its default, its bounds and what it
+//! means. [`super::Config`] reads through these declarations, the README's configuration table is
+//! rendered from them (a test keeps the two equal) and the chart's defaults are checked against
+//! them (`tests/it/configuration.rs`).
+
+/// One environment variable.
+#[derive(Debug)]
+pub struct Setting {
+    pub name: &'static str,
+    pub when_unset: WhenUnset,
+    /// Values below or above are refused at start (numbers only).
+    pub bounds: Bounds,
+    pub meaning: &'static str,
+}
+
+impl Setting {
+    /// The value that applies while the variable is unset, if the declaration has one.
+    pub fn default_value(&self) -> Option<&'static str> {
+        match self.when_unset {
+            Value(value) => Some(value),
+            Nothing(_) | Derived(_) => None,
+        }
+    }
+}
+
+/// What applies while a variable is unset or empty.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhenUnset {
+    /// This value, parsed as if it were set.
+    Value(&'static str),
+    /// Nothing; the words say what that selects.
+    Nothing(&'static str),
+    /// A value computed from other settings, as the words say.
+    Derived(&'static str),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounds {
+    pub min: u64,
+    pub max: u64,
+}
+
+/// Any number of the setting's type.
+const ANY: Bounds = Bounds {
+    min: 0,
+    max: u64::MAX,
+};
+/// At least 1: a zero would stall or divide.
+const POSITIVE: Bounds = Bounds {
+    min: 1,
+    max: u64::MAX,
+};
+
+const fn setting(name: &'static str, when_unset: WhenUnset, meaning: &'static str) -> Setting {
+    Setting {
+        name,
+        when_unset,
+        bounds: ANY,
+        meaning,
+    }
+}
+
+const fn positive(name: &'static str, default: &'static str, meaning: &'static str) -> Setting {
+    Setting {
+        name,
+        when_unset: Value(default),
+        bounds: POSITIVE,
+        meaning,
+    }
+}
+
+use WhenUnset::{Derived, Nothing, Value};
+
+pub const DATABASE_URL: Setting = setting(
+    "DATABASE_URL",
+    Nothing("embedded SQLite"),
+    "MySQL / MariaDB 10.11+, e.g. `mysql://chat:chat@127.0.0.1:3306/chat`",
+);
+pub const REDIS_URL: Setting = setting(
+    "REDIS_URL",
+    Nothing("in-process counters"),
+    "Redis, e.g. `redis://127.0.0.1:6379/0`",
+);
+pub const AMQP_URL: Setting = setting(
+    "AMQP_URL",
+    Nothing("embedded queue, consumed in the api"),
+    "RabbitMQ, e.g. `amqp://guest:guest@127.0.0.1:5672/%2f`; needs `DATABASE_URL` and \
+     `ELASTICSEARCH_URL`",
+);
+pub const ELASTICSEARCH_URL: Setting = setting(
+    "ELASTICSEARCH_URL",
+    Nothing("embedded FTS5"),
+    "Elasticsearch, e.g. `http://127.0.0.1:9200` (user and password in the URL become basic auth)",
+);
+pub const DATA_DIR: Setting = setting(
+    "CHAT_DATA_DIR",
+    Value("data"),
+    "where the embedded parts keep their SQLite files (relative to the working directory)",
+);
+pub const HTTP_ADDR: Setting = setting(
+    "CHAT_HTTP_ADDR",
+    Value("127.0.0.1:3000"),
+    "api listen address",
+);
+pub const DATABASE_MAX_CONNECTIONS: Setting = positive(
+    "CHAT_DATABASE_MAX_CONNECTIONS",
+    "16",
+    "MySQL pool size per process",
+);
+pub const REDIS_PREFIX: Setting = setting(
+    "CHAT_REDIS_PREFIX",
+    Value("chat"),
+    "prefix of every Redis key",
+);
+pub const AMQP_PREFIX: Setting = setting(
+    "CHAT_AMQP_PREFIX",
+    Value("chat"),
+    "prefix of the exchanges and queues (`chat.events`, `chat.ingest`, `chat.index`, `*.dead`, \
+     `chat.changes`)",
+);
+pub const ES_INDEX: Setting = setting("CHAT_ES_INDEX", Value("chat-messages"), "index name");
+pub const ES_REPLICAS: Setting = setting(
+    "CHAT_ES_REPLICAS",
+    Value("0"),
+    "replicas of the index when it is created",
+);
+pub const NUMBER_BLOCK_SIZE: Setting = positive(
+    "CHAT_NUMBER_BLOCK_SIZE",
+    "1000",
+    "numbers reserved in the database at a time (see \"Numbering\")",
+);
+pub const PUBLISH_CONFIRM_TIMEOUT_MS: Setting = positive(
+    "CHAT_PUBLISH_CONFIRM_TIMEOUT_MS",
+    "5000",
+    "wait for a RabbitMQ confirm (or the embedded queue's commit) before answering 503",
+);
+pub const MAX_REQUEST_BYTES: Setting =
+    positive("CHAT_MAX_REQUEST_BYTES", "262144", "request body limit");
+pub const REQUEST_TIMEOUT_MS: Setting = positive(
+    "CHAT_REQUEST_TIMEOUT_MS",
+    "10000",
+    "longest an API request may take before it is answered `503 timed_out`",
+);
+pub const PENDING_CHAT_TTL_SECONDS: Setting = positive(
+    "CHAT_PENDING_CHAT_TTL_SECONDS",
+    "86400",
+    "how long an accepted chat is remembered in Redis before its row exists, so that messages can \
+     be posted to it at once",
+);
+pub const IDEMPOTENCY_TTL_SECONDS: Setting = positive(
+    "CHAT_IDEMPOTENCY_TTL_SECONDS",
+    "86400",
+    "how long an `Idempotency-Key` is remembered",
+);
+pub const IDEMPOTENCY_LEASE_SECONDS: Setting = positive(
+    "CHAT_IDEMPOTENCY_LEASE_SECONDS",
+    "30",
+    "how long a claimed key waits for its request to take a number: a request that died blocks \
+     its key no longer (longer than `CHAT_REQUEST_TIMEOUT_MS`, at most \
+     `CHAT_IDEMPOTENCY_TTL_SECONDS`)",
+);
+pub const DEFAULT_PAGE_SIZE: Setting = positive(
+    "CHAT_DEFAULT_PAGE_SIZE",
+    "25",
+    "page size of a list without `per_page` (at most `CHAT_MAX_PAGE_SIZE`)",
+);
+pub const MAX_PAGE_SIZE: Setting = positive(
+    "CHAT_MAX_PAGE_SIZE",
+    "100",
+    "the largest `per_page` accepted",
+);
+pub const HEALTH_ADDR: Setting = setting(
+    "CHAT_HEALTH_ADDR",
+    Derived("`127.0.0.1:9090` (api), `127.0.0.1:9091` (ingest-worker), `127.0.0.1:9092` (indexer)"),
+    "the internal port: `/livez`, `/readyz` (a worker's is `503` while not consuming) and \
+     `/metrics`",
+);
+pub const ADMIN_TOKEN: Setting = setting(
+    "CHAT_ADMIN_TOKEN",
+    Nothing("generated into `CHAT_DATA_DIR/admin-token` (mode 600) on first start"),
+    "the operator's secret (at least 22 printable characters) that lists all applications",
+);
+pub const DOCS_ENABLED: Setting = setting(
+    "CHAT_DOCS_ENABLED",
+    Value("true"),
+    "serve `/docs` and `/api/v1/openapi.json` on the public port",
+);
+pub const RATE_LIMIT_PER_TOKEN: Setting = setting(
+    "CHAT_RATE_LIMIT_PER_TOKEN",
+    Value("500"),
+    "requests per second per application token, per api process; 0 turns it off",
+);
+pub const RATE_LIMIT_PER_TOKEN_BURST: Setting = setting(
+    "CHAT_RATE_LIMIT_PER_TOKEN_BURST",
+    Value("1000"),
+    "burst of `CHAT_RATE_LIMIT_PER_TOKEN` (at least 1 while the limit is on)",
+);
+pub const RATE_LIMIT_PER_ADDRESS: Setting = setting(
+    "CHAT_RATE_LIMIT_PER_ADDRESS",
+    Value("200"),
+    "requests per second per client address, per api process; 0 turns it off",
+);
+pub const RATE_LIMIT_PER_ADDRESS_BURST: Setting = setting(
+    "CHAT_RATE_LIMIT_PER_ADDRESS_BURST",
+    Value("400"),
+    "burst of `CHAT_RATE_LIMIT_PER_ADDRESS` (at least 1 while the limit is on)",
+);
+pub const TRUSTED_PROXY_HOPS: Setting = setting(
+    "CHAT_TRUSTED_PROXY_HOPS",
+    Value("0"),
+    "proxies in front of the api that append to `X-Forwarded-For`; the client address is that \
+     many entries from the right (0: the peer address)",
+);
+pub const MAX_CONNECTIONS: Setting = positive(
+    "CHAT_MAX_CONNECTIONS",
+    "1024",
+    "connections one api process serves at once; more wait in the listen backlog",
+);
+pub const MAX_CONNECTIONS_PER_ADDRESS: Setting = Setting {
+    name: "CHAT_MAX_CONNECTIONS_PER_ADDRESS",
+    when_unset: Derived("a quarter of `CHAT_MAX_CONNECTIONS`"),
+    bounds: POSITIVE,
+    meaning: "connections of one client address (an IPv6 client per /64) served at once while \
+              `CHAT_TRUSTED_PROXY_HOPS` is 0; one more is closed at once; at most \
+              `CHAT_MAX_CONNECTIONS`",
+};
+pub const HEADER_READ_TIMEOUT_MS: Setting = positive(
+    "CHAT_HEADER_READ_TIMEOUT_MS",
+    "5000",
+    "a client must send its request line and headers (also of the next request on a kept-alive \
+     connection) within this, or is disconnected",
+);
+pub const BODY_TIMEOUT_MS: Setting = positive(
+    "CHAT_BODY_TIMEOUT_MS",
+    "5000",
+    "a client must send its request body within this, or gets `408`",
+);
+pub const CONNECT_TIMEOUT_MS: Setting = positive(
+    "CHAT_CONNECT_TIMEOUT_MS",
+    "3000",
+    "longest connect (TCP, TLS, handshake) to a backing service: a black-holed address fails \
+     after this instead of the OS timeout",
+);
+pub const DEPENDENCY_TIMEOUT_MS: Setting = positive(
+    "CHAT_DEPENDENCY_TIMEOUT_MS",
+    "5000",
+    "longest call to a backing service on the request path (query, counter, publish with its \
+     confirm, search); past it the call fails as transient. The workers' batch writes are not \
+     bounded by it (a batch of the largest events legitimately takes longer; the consumer \
+     retries failures)",
+);
+pub const SEARCH_TIMEOUT_MS: Setting = positive(
+    "CHAT_SEARCH_TIMEOUT_MS",
+    "2000",
+    "server-side time limit of a search in Elasticsearch",
+);
+pub const STREAMS_PER_REPLICA: Setting = setting(
+    "CHAT_STREAMS_PER_REPLICA",
+    Derived("half of `CHAT_MAX_CONNECTIONS`"),
+    "live message streams one api process serves at once (at most half of \
+     `CHAT_MAX_CONNECTIONS`: streams hold their connections; 0 turns streaming off)",
+);
+pub const STREAMS_PER_APPLICATION: Setting = setting(
+    "CHAT_STREAMS_PER_APPLICATION",
+    Value("100"),
+    "live message streams of one application one api process serves at once",
+);
+pub const STREAMS_PER_ADDRESS: Setting = setting(
+    "CHAT_STREAMS_PER_ADDRESS",
+    Value("20"),
+    "live message streams of one client address (over every application) one api process \
+     serves at once",
+);
+pub const STREAM_MAX_LIFETIME_SECONDS: Setting = positive(
+    "CHAT_STREAM_MAX_LIFETIME_SECONDS",
+    "3600",
+    "a stream ends after this long; its client resumes with `Last-Event-ID`",
+);
+pub const STREAM_HEARTBEAT_MS: Setting = positive(
+    "CHAT_STREAM_HEARTBEAT_MS",
+    "15000",
+    "a comment line this often keeps a quiet stream (and the proxies on its way) open",
+);
+pub const STREAM_BUFFERED_CHANGES: Setting = positive(
+    "CHAT_STREAM_BUFFERED_CHANGES",
+    "256",
+    "changes a stream's reader may fall behind by before it is disconnected (it resumes with \
+     `Last-Event-ID`)",
+);
+pub const APPLICATION_CREATION: Setting = setting(
+    "CHAT_APPLICATION_CREATION",
+    Value("open"),
+    "who may create applications: `open` (anyone, the reference contract) or `admin` (only with \
+     `Authorization: Bearer <admin token>`; what a public deployment wants, and the chart's \
+     production values)",
+);
+pub const TOKEN_ROTATION_OVERLAP_SECONDS: Setting = Setting {
+    name: "CHAT_TOKEN_ROTATION_OVERLAP_SECONDS",
+    when_unset: Value("86400"),
+    // A year keeps every expiry a date the databases store.
+    bounds: Bounds {
+        min: 0,
+        max: 365 * 86_400,
+    },
+    meaning: "after `POST .../token/rotate`, how long the application's older tokens keep working",
+};
+pub const MAX_CHATS_PER_APPLICATION: Setting = setting(
+    "CHAT_MAX_CHATS_PER_APPLICATION",
+    Value("0"),
+    "chats an application may have (counted by chat numbers handed out; requests racing at the \
+     edge may pass it by as many as run at once); past it `403 quota_exceeded`; 0: no limit",
+);
+pub const MAX_MESSAGES_PER_MINUTE_PER_APPLICATION: Setting = setting(
+    "CHAT_MAX_MESSAGES_PER_MINUTE_PER_APPLICATION",
+    Value("0"),
+    "messages an application may post per wall-clock minute, counted in Redis over every replica \
+     (one more round trip per message while set); past it `429 quota_exceeded` with \
+     `Retry-After` until the next minute; 0: no limit",
+);
+pub const SHUTDOWN_DELAY_MS: Setting = setting(
+    "CHAT_SHUTDOWN_DELAY_MS",
+    Value("0"),
+    "after SIGTERM the api keeps serving this long with `/readyz` answering 503 `draining`, then \
+     drains: the time a cluster takes to stop routing to it (the chart sets it where the cluster \
+     has no native `preStop` sleep)",
+);
+pub const TLS_CA_FILE: Setting = setting(
+    "CHAT_TLS_CA_FILE",
+    Nothing("the system's roots only"),
+    "a PEM CA trusted (besides the system's) for TLS to every backing service; TLS itself is \
+     chosen by the URL (see \"Security\")",
+);
+pub const CONSUMER_PREFETCH: Setting = Setting {
+    name: "CHAT_CONSUMER_PREFETCH",
+    when_unset: Value("1000"),
+    // RabbitMQ's prefetch count is 16 bits.
+    bounds: Bounds {
+        min: 1,
+        max: u16::MAX as u64,
+    },
+    meaning: "deliveries in flight per consumer, lowered so that this many of the largest events \
+              fit in `CHAT_CONSUMER_MAX_BYTES_IN_FLIGHT` (255 with the defaults)",
+};
+pub const CONSUMER_MAX_BYTES_IN_FLIGHT: Setting = positive(
+    "CHAT_CONSUMER_MAX_BYTES_IN_FLIGHT",
+    "67108864",
+    "bytes of deliveries a consumer may hold (64 MiB); the largest event is about \
+     `CHAT_MAX_REQUEST_BYTES`, so a worker behind 1,000 of them stays at about 150 MiB (tested)",
+);
+pub const AMQP_QUEUE_TYPE: Setting = setting(
+    "CHAT_AMQP_QUEUE_TYPE",
+    Value("classic"),
+    "`classic` (one node, fastest: the laptop) or `quorum` (replicated over a RabbitMQ cluster, \
+     survives the loss of a minority of nodes: production); the type of an existing queue cannot \
+     change, so switching means a new `CHAT_AMQP_PREFIX` or draining and deleting the queues",
+);
+pub const AMQP_DELIVERY_LIMIT: Setting = positive(
+    "CHAT_AMQP_DELIVERY_LIMIT",
+    "20",
+    "quorum queues: deliveries of one event (a worker that keeps crashing on it) before RabbitMQ \
+     dead-letters it",
+);
+pub const BATCH_MAX_SIZE: Setting = positive(
+    "CHAT_BATCH_MAX_SIZE",
+    "500",
+    "a batch closes at this size (the indexer sends a batch in `_bulk` requests of at most 8 MiB \
+     each: Elasticsearch rejects a request above its indexing pressure limit, 10% of its heap, \
+     every time)",
+);
+pub const BATCH_MAX_WAIT_MS: Setting = setting(
+    "CHAT_BATCH_MAX_WAIT_MS",
+    Value("50"),
+    "a batch closes after this wait",
+);
+pub const MAX_ATTEMPTS: Setting = positive(
+    "CHAT_MAX_ATTEMPTS",
+    "3",
+    "attempts of an event that fails on its own before it is dead-lettered",
+);
+pub const RETRY_BASE_DELAY_MS: Setting = positive(
+    "CHAT_RETRY_BASE_DELAY_MS",
+    "100",
+    "first delay of the retries of a failed batch and of reconnects (at most \
+     `CHAT_RETRY_MAX_DELAY_MS`)",
+);
+pub const RETRY_MAX_DELAY_MS: Setting = positive(
+    "CHAT_RETRY_MAX_DELAY_MS",
+    "10000",
+    "longest delay between retries (the delays double up to it)",
+);
+pub const LOG_FILTER: Setting = setting(
+    "RUST_LOG",
+    Value("info"),
+    "log filter (`tracing-subscriber`'s syntax); logs are JSON lines on stdout",
+);
+pub const OTLP_ENDPOINT: Setting = setting(
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    Nothing("tracing off"),
+    "OTLP/gRPC endpoint of a collector; see \"Following one message\"",
+);
+pub const PUSHGATEWAY_URL: Setting = setting(
+    "CHAT_PUSHGATEWAY_URL",
+    Nothing("no push"),
+    "counter-sync pushes the metrics of each run there (a CronJob's pod lives too briefly to be \
+     scraped)",
+);
+pub const LEASE_NAME: Setting = setting(
+    "CHAT_LEASE_NAME",
+    Value("chat-counter-sync"),
+    "the Lease counter-sync holds while it runs in a cluster",
+);
+pub const LEASE_DURATION_SECONDS: Setting = positive(
+    "CHAT_LEASE_DURATION_SECONDS",
+    "60",
+    "how long the Lease lasts without renewal",
+);
+pub const POD_NAMESPACE: Setting = setting(
+    "POD_NAMESPACE",
+    Value("default"),
+    "where the Lease lives (the chart sets it from the pod)",
+);
+pub const POD_NAME: Setting = setting(
+    "POD_NAME",
+    Value("counter-sync"),
+    "who holds the Lease (the chart sets it from the pod)",
+);
+pub const JOB_NAME: Setting = setting(
+    "JOB_NAME",
+    Nothing("no Job"),
+    "counter-sync's Job (the chart sets it from the pod's job-name label): a Lease held by an \
+     earlier pod of the same Job is a dead predecessor's, and the run fails so that the Job \
+     retries once it expired",
+);
+pub const MIGRATE_WAIT_SECONDS: Setting = setting(
+    "CHAT_MIGRATE_WAIT_SECONDS",
+    Value("0"),
+    "`api migrate` retries this long while a dependency is unreachable",
+);
+pub const REINDEX_LOOKBACK_SECONDS: Setting = setting(
+    "CHAT_REINDEX_LOOKBACK_SECONDS",
+    Value("3600"),
+    "counter-sync writes the messages edited (`PUT`, `DELETE`) this far back to the index again, \
+     and purges the applications deleted this far back again (repairs a lost event; longer than \
+     the time between two runs)",
+);
+
+/// Every setting, in the order of the README's table.
+pub const ALL: &[&Setting] = &[
+    &DATABASE_URL,
+    &REDIS_URL,
+    &AMQP_URL,
+    &ELASTICSEARCH_URL,
+    &DATA_DIR,
+    &HTTP_ADDR,
+    &DATABASE_MAX_CONNECTIONS,
+    &REDIS_PREFIX,
+    &AMQP_PREFIX,
+    &ES_INDEX,
+    &ES_REPLICAS,
+    &NUMBER_BLOCK_SIZE,
+    &PUBLISH_CONFIRM_TIMEOUT_MS,
+    &MAX_REQUEST_BYTES,
+    &REQUEST_TIMEOUT_MS,
+    &PENDING_CHAT_TTL_SECONDS,
+    &IDEMPOTENCY_TTL_SECONDS,
+    &IDEMPOTENCY_LEASE_SECONDS,
+    &DEFAULT_PAGE_SIZE,
+    &MAX_PAGE_SIZE,
+    &HEALTH_ADDR,
+    &ADMIN_TOKEN,
+    &DOCS_ENABLED,
+    &RATE_LIMIT_PER_TOKEN,
+    &RATE_LIMIT_PER_TOKEN_BURST,
+    &RATE_LIMIT_PER_ADDRESS,
+    &RATE_LIMIT_PER_ADDRESS_BURST,
+    &TRUSTED_PROXY_HOPS,
+    &MAX_CONNECTIONS,
+    &MAX_CONNECTIONS_PER_ADDRESS,
+    &HEADER_READ_TIMEOUT_MS,
+    &BODY_TIMEOUT_MS,
+    &CONNECT_TIMEOUT_MS,
+    &DEPENDENCY_TIMEOUT_MS,
+    &SEARCH_TIMEOUT_MS,
+    &STREAMS_PER_REPLICA,
+    &STREAMS_PER_APPLICATION,
+    &STREAMS_PER_ADDRESS,
+    &STREAM_MAX_LIFETIME_SECONDS,
+    &STREAM_HEARTBEAT_MS,
+    &STREAM_BUFFERED_CHANGES,
+    &APPLICATION_CREATION,
+    &TOKEN_ROTATION_OVERLAP_SECONDS,
+    &MAX_CHATS_PER_APPLICATION,
+    &MAX_MESSAGES_PER_MINUTE_PER_APPLICATION,
+    &SHUTDOWN_DELAY_MS,
+    &TLS_CA_FILE,
+    &CONSUMER_PREFETCH,
+    &CONSUMER_MAX_BYTES_IN_FLIGHT,
+    &AMQP_QUEUE_TYPE,
+    &AMQP_DELIVERY_LIMIT,
+    &BATCH_MAX_SIZE,
+    &BATCH_MAX_WAIT_MS,
+    &MAX_ATTEMPTS,
+    &RETRY_BASE_DELAY_MS,
+    &RETRY_MAX_DELAY_MS,
+    &LOG_FILTER,
+    &OTLP_ENDPOINT,
+    &PUSHGATEWAY_URL,
+    &LEASE_NAME,
+    &LEASE_DURATION_SECONDS,
+    &POD_NAMESPACE,
+    &POD_NAME,
+    &JOB_NAME,
+    &MIGRATE_WAIT_SECONDS,
+    &REINDEX_LOOKBACK_SECONDS,
+];
+
+/// The README's configuration table.
+#[cfg(test)]
+pub(super) fn markdown_table() -> String {
+    let mut table = String::from("| variable | default | meaning |\n| --- | --- | --- |\n");
+    for setting in ALL {
+        let default = match setting.when_unset {
+            Value(value) => format!("`{value}`"),
+            Nothing(meaning) => format!("unset: {meaning}"),
+            Derived(meaning) => meaning.to_owned(),
+        };
+        let bounds = match setting.bounds {
+            ANY => String::new(),
+            POSITIVE => "; at least 1".to_owned(),
+            Bounds { min: 0, max } => format!("; at most {max}"),
+            Bounds { min, max } => format!("; {min} to {max}"),
+        };
+        table.push_str(&format!(
+            "| `{}` | {default} | {}{bounds} |\n",
+            setting.name, setting.meaning
+        ));
+    }
+    table
+}

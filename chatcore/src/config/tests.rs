@@ -1,0 +1,197 @@
+use super::*;
+
+#[test]
+fn a_refused_admin_token_is_not_repeated_in_the_error() {
+    let refused = "short-secret";
+    let error = Config::from_map(&HashMap::from([(
+        "CHAT_ADMIN_TOKEN".to_owned(),
+        refused.to_owned(),
+    )]))
+    .expect_err("too short");
+    let shown = format!("{error} {error:?}");
+    assert!(shown.contains("CHAT_ADMIN_TOKEN"), "{shown}");
+    assert!(!shown.contains(refused), "{shown}");
+}
+
+#[test]
+fn the_token_settings_parse_and_are_bounded() {
+    let config = Config::from_map(&HashMap::from([(
+        "CHAT_APPLICATION_CREATION".to_owned(),
+        "admin".to_owned(),
+    )]))
+    .expect("valid");
+    assert_eq!(config.api.application_creation, ApplicationCreation::Admin);
+    assert_eq!(
+        config.api.token_rotation_overlap,
+        Duration::from_secs(86_400)
+    );
+    for (name, value) in [
+        ("CHAT_APPLICATION_CREATION", "anyone"),
+        ("CHAT_TOKEN_ROTATION_OVERLAP_SECONDS", "31536001"),
+    ] {
+        let error = Config::from_map(&HashMap::from([(name.to_owned(), value.to_owned())]))
+            .expect_err("refused");
+        assert!(error.to_string().contains(name), "{error}");
+    }
+}
+
+#[test]
+fn secret_url_redacts_password() {
+    let url = SecretUrl::new("mysql://chat:hunter2@db:3306/chat");
+    assert_eq!(url.to_string(), "mysql://chat:***@db:3306/chat");
+    assert!(!format!("{url:?}").contains("hunter2"));
+    assert_eq!(url.expose(), "mysql://chat:hunter2@db:3306/chat");
+}
+
+#[test]
+fn defaults_apply_and_overrides_parse() {
+    let mut values = HashMap::new();
+    values.insert("CHAT_BATCH_MAX_SIZE".to_owned(), "42".to_owned());
+    values.insert("CHAT_AMQP_PREFIX".to_owned(), "t1".to_owned());
+    let config = Config::from_map(&values).expect("valid config");
+    assert_eq!(config.consumer.batch_max_size, 42);
+    assert_eq!(config.topology.ingest_queue, "t1.ingest");
+    assert_eq!(config.api.max_page_size, 100);
+    assert!(config.is_fully_embedded());
+    assert_eq!(config.data_dir, PathBuf::from("data"));
+}
+
+#[test]
+fn separate_workers_need_the_real_database_and_index() {
+    let mut values = HashMap::new();
+    values.insert("AMQP_URL".to_owned(), "amqp://127.0.0.1".to_owned());
+    let error = Config::from_map(&values).expect_err("must fail");
+    assert!(error.to_string().contains("DATABASE_URL"));
+    values.insert(
+        "DATABASE_URL".to_owned(),
+        "mysql://127.0.0.1/chat".to_owned(),
+    );
+    values.insert(
+        "ELASTICSEARCH_URL".to_owned(),
+        "http://127.0.0.1:9200".to_owned(),
+    );
+    let config = Config::from_map(&values).expect("valid config");
+    assert!(!config.is_fully_embedded());
+    assert!(config.require_redis_url().is_err());
+}
+
+#[test]
+fn invalid_number_names_the_variable() {
+    for name in [
+        "CHAT_CONSUMER_PREFETCH",
+        "CHAT_MIGRATE_WAIT_SECONDS",
+        "CHAT_LEASE_DURATION_SECONDS",
+        "CHAT_REQUEST_TIMEOUT_MS",
+    ] {
+        let values = HashMap::from([(name.to_owned(), "lots".to_owned())]);
+        let error = Config::from_map(&values).expect_err("must fail");
+        assert!(error.to_string().contains(name), "{error}");
+    }
+}
+
+#[test]
+fn deliveries_in_flight_fit_in_the_memory_bound() {
+    let config = Config::from_map(&HashMap::new()).expect("valid config");
+    // 64 MiB of 257 KiB events.
+    assert_eq!(config.consumer.prefetch, 255);
+    let values = HashMap::from([
+        (
+            "CHAT_CONSUMER_MAX_BYTES_IN_FLIGHT".to_owned(),
+            "1".to_owned(),
+        ),
+        ("CHAT_BATCH_MAX_SIZE".to_owned(), "20".to_owned()),
+    ]);
+    let config = Config::from_map(&values).expect("valid config");
+    assert_eq!(config.consumer.prefetch, 1, "at least one");
+    let roomy = HashMap::from([(
+        "CHAT_CONSUMER_MAX_BYTES_IN_FLIGHT".to_owned(),
+        (1u64 << 40).to_string(),
+    )]);
+    assert_eq!(
+        Config::from_map(&roomy).expect("valid").consumer.prefetch,
+        1000
+    );
+}
+
+#[test]
+fn every_setting_of_the_other_binaries_is_read_here() {
+    let values: HashMap<String, String> = [
+        ("CHAT_MIGRATE_WAIT_SECONDS", "30"),
+        ("CHAT_PUSHGATEWAY_URL", "http://pushgateway:9091"),
+        ("POD_NAMESPACE", "chat"),
+        ("POD_NAME", "counter-sync-1"),
+        ("CHAT_LEASE_NAME", "lease"),
+        ("CHAT_LEASE_DURATION_SECONDS", "15"),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4317"),
+    ]
+    .into_iter()
+    .map(|(name, value)| (name.to_owned(), value.to_owned()))
+    .collect();
+    let config = Config::from_map(&values).expect("valid config");
+    assert_eq!(config.migrate_wait, Duration::from_secs(30));
+    assert_eq!(
+        config.counter_sync.pushgateway_url.as_deref(),
+        Some("http://pushgateway:9091")
+    );
+    assert_eq!(
+        config.counter_sync.lease,
+        LeaseConfig {
+            namespace: "chat".into(),
+            name: "lease".into(),
+            holder: "counter-sync-1".into(),
+            job: None,
+            duration: Duration::from_secs(15),
+        }
+    );
+    assert_eq!(
+        config.otlp_endpoint.as_deref(),
+        Some("http://collector:4317")
+    );
+    let zero_lease = HashMap::from([("CHAT_LEASE_DURATION_SECONDS".to_owned(), "0".to_owned())]);
+    assert!(Config::from_map(&zero_lease).is_err());
+}
+
+#[test]
+fn every_number_outside_its_declared_bounds_is_refused_by_name() {
+    let bounded = ALL
+        .iter()
+        .filter(|setting| setting.bounds.min > 0 || setting.bounds.max < u64::MAX);
+    for setting in bounded {
+        let outside = if setting.bounds.min > 0 {
+            setting.bounds.min - 1
+        } else {
+            setting.bounds.max + 1
+        };
+        // Quorum queues, so that their delivery limit is read too.
+        let values = HashMap::from([
+            (setting.name.to_owned(), outside.to_string()),
+            ("CHAT_AMQP_QUEUE_TYPE".to_owned(), "quorum".to_owned()),
+        ]);
+        let error = Config::from_map(&values).expect_err(setting.name);
+        assert!(error.to_string().contains(setting.name), "{error}");
+    }
+}
+
+/// The README's table is rendered from the declarations; `CHAT_UPDATE_README=1 cargo test -p
+/// chatcore readme` writes it after a declaration changed.
+#[test]
+fn the_readme_configuration_table_is_rendered_from_the_declarations() {
+    const BEGIN: &str = "<!-- settings table: rendered from chatcore/src/config/settings.rs -->\n";
+    const END: &str = "<!-- end of settings table -->";
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md");
+    let readme = std::fs::read_to_string(&path).expect("README.md");
+    let start = readme.find(BEGIN).expect("the table's opening marker") + BEGIN.len();
+    let end = readme.find(END).expect("the table's closing marker");
+    let rendered = markdown_table();
+    if std::env::var_os("CHAT_UPDATE_README").is_some() {
+        let updated = format!("{}{rendered}{}", &readme[..start], &readme[end..]);
+        std::fs::write(&path, updated).expect("README.md written");
+        return;
+    }
+    assert_eq!(
+        readme[start..end],
+        rendered,
+        "README.md's configuration table differs from the declarations: run \
+         CHAT_UPDATE_README=1 cargo test -p chatcore readme"
+    );
+}
