@@ -80,7 +80,7 @@ impl MySqlStorage {
     const PURGE_CHATS: &'static str = "DELETE FROM chats WHERE application_id = ? LIMIT ?";
 }
 
-super::storage_impl!(MySqlStorage, MySql, "mysql", {
+super::shared_sql::storage_impl!(MySqlStorage, MySql, "mysql", {
     async fn migrate(&self) -> Result<(), StorageError> {
         Ok(MIGRATOR.run(&self.pool).await?)
     }

@@ -108,7 +108,7 @@ async fn digest_plaintext_tokens(pool: &SqlitePool) -> anyhow::Result<()> {
     Ok(())
 }
 
-super::storage_impl!(SqliteStorage, Sqlite, "sqlite", {
+super::shared_sql::storage_impl!(SqliteStorage, Sqlite, "sqlite", {
     async fn migrate(&self) -> Result<(), StorageError> {
         // Applied when the file is opened.
         Ok(())

@@ -1,0 +1,195 @@
+//! The request documents of the Elasticsearch adapter (index definition, query, highlight) and
+//! the fragment cut out of a highlighted body.
+
+use serde_json::{Value, json};
+
+use crate::search::{MATCH_END, MATCH_START, MIN_PREFIX_CHARS, QueryTerms, matches_as_prefix};
+
+/// Word prefixes of these lengths are indexed as their own terms; shorter and longer prefixes
+/// still match (by expanding terms), a little slower. Fewer indexed prefixes make indexing cheaper.
+const MIN_INDEXED_PREFIX_CHARS: usize = MIN_PREFIX_CHARS;
+const MAX_INDEXED_PREFIX_CHARS: usize = 8;
+/// Words of the highlighted fragment of a hit, as many as the tokens of SQLite's snippet.
+const HIGHLIGHT_WORDS: usize = 24;
+/// Words of the fragment before its first match.
+const WORDS_BEFORE_MATCH: usize = 4;
+
+/// The index uses only what every Elasticsearch node has (no analysis plugins): the standard
+/// analyzer (lowercases, splits on word boundaries) and `index_prefixes`, which indexes word
+/// prefixes so that prefix queries are single term lookups.
+pub(super) fn index_definition(replicas: u32) -> Value {
+    json!({
+        "settings": {"number_of_shards": 1, "number_of_replicas": replicas},
+        "mappings": {
+            "dynamic": "strict",
+            "_routing": {"required": true},
+            "properties": {
+                "application_id": {"type": "long"},
+                "chat_number": {"type": "long"},
+                "chat": {"type": "keyword"},
+                "number": {"type": "long"},
+                "body": {
+                    "type": "text",
+                    "analyzer": "standard",
+                    "index_prefixes": {"min_chars": MIN_INDEXED_PREFIX_CHARS, "max_chars": MAX_INDEXED_PREFIX_CHARS},
+                },
+                "created_at": {"type": "date"},
+            },
+        },
+    })
+}
+
+/// Every word of the query must match a word of the body, whole (scored higher) or as a prefix,
+/// and every phrase its words in a row. Terms are extracted by [`query_terms`], so no character
+/// of the query is ever parsed as query syntax.
+pub(super) fn query_definition(routing: &str, terms: &QueryTerms) -> Value {
+    let words = terms.words.iter().map(|word| {
+        let whole = json!({"term": {"body": {"value": word, "boost": 2.0}}});
+        if !matches_as_prefix(word) {
+            return whole;
+        }
+        json!({"bool": {"should": [
+            whole,
+            // An explicit rewrite: Elasticsearch 7.17 fails on a prefix shorter than
+            // index_prefixes.min_chars without one.
+            {"prefix": {"body": {"value": word, "rewrite": "constant_score"}}},
+        ]}})
+    });
+    let must: Vec<Value> = words
+        .chain(terms.phrases.iter().map(|phrase| phrase_query(phrase)))
+        .collect();
+    json!({"bool": {
+        "filter": [{"term": {"chat": routing}}],
+        "must": if must.is_empty() { vec![json!({"match_none": {}})] } else { must },
+    }})
+}
+
+fn phrase_query(phrase: &[String]) -> Value {
+    json!({"match_phrase": {"body": {"query": phrase.join(" ")}}})
+}
+
+/// The whole body with the matches marked with [`MATCH_START`]/[`MATCH_END`]; the fragment is cut
+/// here ([`fragment_around_first_match`]): the highlighter's own fragments end where a sentence
+/// ends, often right after the match. Prefixes are highlighted through a `regexp` of the same
+/// prefix: the `prefix` query of the search is answered from the indexed prefixes, which the
+/// highlighter does not see.
+pub(super) fn highlight_definition(terms: &QueryTerms) -> Value {
+    let words = terms.words.iter().map(|word| {
+        if matches_as_prefix(word) {
+            json!({"regexp": {"body": {"value": format!("{}.*", regexp_literal(word))}}})
+        } else {
+            json!({"term": {"body": word}})
+        }
+    });
+    let should: Vec<Value> = words
+        .chain(terms.phrases.iter().map(|phrase| phrase_query(phrase)))
+        .collect();
+    json!({
+        "pre_tags": [MATCH_START.to_string()],
+        "post_tags": [MATCH_END.to_string()],
+        "fields": {"body": {
+            "type": "unified",
+            "number_of_fragments": 0,
+            "highlight_query": {"bool": {"should": should}},
+        }},
+    })
+}
+
+/// `word` as a Lucene regular expression that matches it literally.
+fn regexp_literal(word: &str) -> String {
+    let mut literal = String::with_capacity(word.len() * 2);
+    for c in word.chars() {
+        if !c.is_alphanumeric() {
+            literal.push('\\');
+        }
+        literal.push(c);
+    }
+    literal
+}
+
+/// [`HIGHLIGHT_WORDS`] words of a marked body, starting a few words before the first match (or
+/// at the start), with an ellipsis where the body was cut, as SQLite's `snippet()` has.
+pub(super) fn fragment_around_first_match(marked: &str) -> String {
+    let words: Vec<(usize, usize)> = word_spans(marked);
+    let first_match = words
+        .iter()
+        .position(|&(start, end)| marked[start..end].contains(MATCH_START))
+        .unwrap_or(0);
+    let end = (first_match.saturating_sub(WORDS_BEFORE_MATCH) + HIGHLIGHT_WORDS).min(words.len());
+    let start = end.saturating_sub(HIGHLIGHT_WORDS);
+    let (Some(&(from, _)), Some(&(_, to))) = (words.get(start), words.get(end.wrapping_sub(1)))
+    else {
+        return marked.to_owned();
+    };
+    let mut fragment = String::with_capacity(to - from + 6);
+    if start > 0 {
+        fragment.push('…');
+    }
+    fragment.push_str(&marked[from..to]);
+    if end < words.len() {
+        fragment.push('…');
+    }
+    fragment
+}
+
+/// Byte ranges of the whitespace-separated words of `text`.
+fn word_spans(text: &str) -> Vec<(usize, usize)> {
+    let mut spans = Vec::new();
+    let mut start = None;
+    for (index, c) in text.char_indices() {
+        match (c.is_whitespace(), start) {
+            (true, Some(from)) => {
+                spans.push((from, index));
+                start = None;
+            }
+            (false, None) => start = Some(index),
+            _ => {}
+        }
+    }
+    if let Some(from) = start {
+        spans.push((from, text.len()));
+    }
+    spans
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::SearchQuery;
+    use crate::search::query_terms;
+
+    #[test]
+    fn a_query_without_words_matches_nothing() {
+        let query = SearchQuery::parse("!!!").expect("non-blank");
+        let definition = query_definition("1:1", &query_terms(query.as_str()));
+        assert_eq!(definition["bool"]["must"][0], json!({"match_none": {}}));
+    }
+
+    #[test]
+    fn prefixes_are_highlighted_by_a_literal_regexp() {
+        assert_eq!(regexp_literal("3.14"), "3\\.14");
+        assert_eq!(regexp_literal("don't"), "don\\'t");
+    }
+
+    #[test]
+    fn the_fragment_starts_a_few_words_before_the_first_match() {
+        let words: Vec<String> = (0..60).map(|i| format!("w{i}")).collect();
+        let mut marked_words = words.clone();
+        marked_words[30] = format!("{MATCH_START}w30{MATCH_END}");
+        let fragment = fragment_around_first_match(&marked_words.join(" "));
+        let expected = marked_words[26..50].join(" ");
+        assert_eq!(fragment, format!("…{expected}…"));
+        let short = format!("a {MATCH_START}b{MATCH_END} c");
+        assert_eq!(fragment_around_first_match(&short), short);
+        let near_the_end = {
+            let mut marked = words.clone();
+            marked[58] = format!("{MATCH_START}w58{MATCH_END}");
+            marked
+        };
+        assert_eq!(
+            fragment_around_first_match(&near_the_end.join(" ")),
+            format!("…{}", near_the_end[36..].join(" "))
+        );
+        assert_eq!(fragment_around_first_match(""), "");
+    }
+}

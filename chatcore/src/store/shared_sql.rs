@@ -1,0 +1,414 @@
+//! The SQL the MySQL and SQLite adapters share, written once ([`storage_impl!`]).
+
+/// Implements [`Storage`] for an adapter with a `pool` field: the reads are the same SQL in MySQL
+/// and SQLite and are written here once; the adapter passes its kind (the label of its metrics and
+/// readiness check) and the methods whose SQL differs. Integers are bound as i64, which both
+/// drivers encode.
+///
+/// Why a macro and not generics over `sqlx::Database`: the generic form needs a higher-ranked
+/// where-clause naming every type bound or decoded (`for<'c> &'c mut DB::Connection: Executor`,
+/// `IntoArguments`, `Encode + Type` of i64, bytes, text and timestamps, `FromRow` of each row
+/// type) on every generic item, since Rust does not carry such bounds through a trait alias; and
+/// the adapters would each repeat one delegating method per shared query to fill the trait. The
+/// macro keeps one copy of each query and of each method signature, checked against both drivers
+/// on every build.
+macro_rules! storage_impl {
+    ($adapter:ty, $database:ty, $kind:literal, { $($dialect_methods:tt)* }) => {
+        impl $adapter {
+            /// Records `token` (its digest) as a key of the application, its hint as the newest.
+            async fn insert_token(
+                transaction: &mut sqlx::Transaction<'static, $database>,
+                application_id: u64,
+                token: &ApplicationToken,
+                now: DateTime<Utc>,
+            ) -> Result<(), sqlx::Error> {
+                sqlx::query(
+                    "INSERT INTO application_tokens (digest, application_id, created_at) \
+                     VALUES (?, ?, ?)",
+                )
+                .bind(token.digest().as_bytes())
+                .bind(application_id as i64)
+                .bind(now)
+                .execute(&mut **transaction)
+                .await?;
+                sqlx::query("UPDATE applications SET token_hint = ?, updated_at = ? WHERE id = ?")
+                    .bind(token.hint())
+                    .bind(now)
+                    .bind(application_id as i64)
+                    .execute(&mut **transaction)
+                    .await?;
+                Ok(())
+            }
+        }
+
+        #[async_trait::async_trait]
+        impl $crate::store::Storage for $adapter {
+            fn kind(&self) -> &'static str {
+                $kind
+            }
+
+            async fn ping(&self) -> Result<(), StorageError> {
+                sqlx::query("SELECT 1").execute(&self.pool).await?;
+                Ok(())
+            }
+
+            async fn find_application(
+                &self,
+                application_id: u64,
+            ) -> Result<Option<ApplicationRow>, StorageError> {
+                with_storage_errors(async {
+                    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                        "SELECT {} FROM applications WHERE id = ? AND deleted_at IS NULL",
+                        $crate::store::APPLICATION_COLUMNS
+                    )))
+                    .bind(application_id as i64)
+                    .fetch_optional(&self.pool)
+                    .await
+                })
+                .await
+            }
+
+            async fn list_applications(
+                &self,
+                page: PageRequest,
+            ) -> Result<Vec<ApplicationRow>, StorageError> {
+                with_storage_errors(async {
+                    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                        "SELECT {} FROM applications WHERE id BETWEEN ? AND ? AND deleted_at IS NULL \
+                         ORDER BY id {} LIMIT ? OFFSET ?",
+                        $crate::store::APPLICATION_COLUMNS,
+                        $crate::store::direction(page)
+                    )))
+                    .bind(page.key_bounds().0 as i64)
+                    .bind(page.key_bounds().1 as i64)
+                    .bind(page.fetch_limit() as i64)
+                    .bind(page.offset() as i64)
+                    .fetch_all(&self.pool)
+                    .await
+                })
+                .await
+            }
+
+            async fn resolve_token(
+                &self,
+                digest: &TokenDigest,
+            ) -> Result<Option<TokenGrant>, StorageError> {
+                with_storage_errors(async {
+                    sqlx::query_as(
+                        "SELECT application_id, expires_at FROM application_tokens \
+                         WHERE digest = ? AND (expires_at IS NULL OR expires_at > ?)",
+                    )
+                    .bind(digest.as_bytes())
+                    .bind($crate::store::now())
+                    .fetch_optional(&self.pool)
+                    .await
+                })
+                .await
+            }
+
+            async fn replace_tokens(
+                &self,
+                application_id: u64,
+                token: &ApplicationToken,
+                others_valid_until: Option<DateTime<Utc>>,
+            ) -> Result<bool, StorageError> {
+                with_storage_errors(async {
+                    let now = $crate::store::now();
+                    let mut transaction = self.begin_write().await?;
+                    let known: i64 =
+                        sqlx::query_scalar(
+                            "SELECT COUNT(*) FROM applications WHERE id = ? AND deleted_at IS NULL",
+                        )
+                            .bind(application_id as i64)
+                            .fetch_one(&mut *transaction)
+                            .await?;
+                    if known == 0 {
+                        return Ok(false);
+                    }
+                    match others_valid_until {
+                        // Only shortened: a token already due earlier keeps its end.
+                        Some(until) => sqlx::query(
+                            "UPDATE application_tokens SET expires_at = ? \
+                             WHERE application_id = ? AND (expires_at IS NULL OR expires_at > ?)",
+                        )
+                        .bind(until)
+                        .bind(application_id as i64)
+                        .bind(until),
+                        None => sqlx::query(
+                            "UPDATE application_tokens SET expires_at = ? WHERE application_id = ?",
+                        )
+                        .bind(now)
+                        .bind(application_id as i64),
+                    }
+                    .execute(&mut *transaction)
+                    .await?;
+                    sqlx::query(
+                        "DELETE FROM application_tokens WHERE application_id = ? AND expires_at <= ?",
+                    )
+                    .bind(application_id as i64)
+                    .bind(now)
+                    .execute(&mut *transaction)
+                    .await?;
+                    Self::insert_token(&mut transaction, application_id, token, now).await?;
+                    transaction.commit().await?;
+                    Ok::<_, sqlx::Error>(true)
+                })
+                .await
+            }
+
+            async fn delete_application(&self, application_id: u64) -> Result<bool, StorageError> {
+                with_storage_errors(async {
+                    let now = $crate::store::now();
+                    let mut transaction = self.begin_write().await?;
+                    let deleted = sqlx::query(
+                        "UPDATE applications SET name = '', token_hint = '', deleted_at = ?, updated_at = ? \
+                         WHERE id = ? AND deleted_at IS NULL",
+                    )
+                    .bind(now)
+                    .bind(now)
+                    .bind(application_id as i64)
+                    .execute(&mut *transaction)
+                    .await?
+                    .rows_affected()
+                        > 0;
+                    sqlx::query("DELETE FROM application_tokens WHERE application_id = ?")
+                        .bind(application_id as i64)
+                        .execute(&mut *transaction)
+                        .await?;
+                    transaction.commit().await?;
+                    Ok::<_, sqlx::Error>(deleted)
+                })
+                .await
+            }
+
+            async fn purge_application(&self, application_id: u64) -> Result<u64, StorageError> {
+                with_storage_errors(async {
+                    let deleted: Option<i64> = sqlx::query_scalar(
+                        "SELECT 1 FROM applications WHERE id = ? AND deleted_at IS NOT NULL",
+                    )
+                    .bind(application_id as i64)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                    if deleted.is_none() {
+                        return Ok(0);
+                    }
+                    let mut purged = 0;
+                    // Bounded statements, each its own transaction: no lock is held for long.
+                    for statement in [Self::PURGE_MESSAGES, Self::PURGE_CHATS] {
+                        loop {
+                            let rows = sqlx::query(statement)
+                                .bind(application_id as i64)
+                                .bind(i64::from($crate::store::PURGE_ROWS_PER_STATEMENT))
+                                .execute(&self.pool)
+                                .await?
+                                .rows_affected();
+                            purged += rows;
+                            if rows < u64::from($crate::store::PURGE_ROWS_PER_STATEMENT) {
+                                break;
+                            }
+                        }
+                    }
+                    sqlx::query("DELETE FROM number_reservations WHERE scope = ? OR scope LIKE ?")
+                        .bind(format!("chats:{application_id}"))
+                        .bind(format!("messages:{application_id}:%"))
+                        .execute(&self.pool)
+                        .await?;
+                    Ok::<_, sqlx::Error>(purged)
+                })
+                .await
+            }
+
+            async fn applications_deleted_since(
+                &self,
+                since: DateTime<Utc>,
+                limit: u32,
+            ) -> Result<Vec<u64>, StorageError> {
+                with_storage_errors(async {
+                    let ids: Vec<u64> = sqlx::query_scalar(
+                        "SELECT id FROM applications WHERE deleted_at >= ? ORDER BY deleted_at LIMIT ?",
+                    )
+                    .bind(since)
+                    .bind(i64::from(limit))
+                    .fetch_all(&self.pool)
+                    .await?;
+                    Ok::<_, sqlx::Error>(ids)
+                })
+                .await
+            }
+
+            async fn find_chat(
+                &self,
+                application_id: u64,
+                number: Number,
+            ) -> Result<Option<ChatRow>, StorageError> {
+                with_storage_errors(async {
+                    sqlx::query_as(
+                        "SELECT number, messages_count, created_at FROM chats \
+                         WHERE application_id = ? AND number = ?",
+                    )
+                    .bind(application_id as i64)
+                    .bind(number.get() as i64)
+                    .fetch_optional(&self.pool)
+                    .await
+                })
+                .await
+            }
+
+            async fn list_chats(
+                &self,
+                application_id: u64,
+                page: PageRequest,
+            ) -> Result<Vec<ChatRow>, StorageError> {
+                with_storage_errors(async {
+                    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                        "SELECT number, messages_count, created_at FROM chats WHERE application_id = ? \
+                         AND number BETWEEN ? AND ? ORDER BY number {} LIMIT ? OFFSET ?",
+                        $crate::store::direction(page)
+                    )))
+                    .bind(application_id as i64)
+                    .bind(page.key_bounds().0 as i64)
+                    .bind(page.key_bounds().1 as i64)
+                    .bind(page.fetch_limit() as i64)
+                    .bind(page.offset() as i64)
+                    .fetch_all(&self.pool)
+                    .await
+                })
+                .await
+            }
+
+            async fn find_message(
+                &self,
+                application_id: u64,
+                chat_number: Number,
+                number: Number,
+            ) -> Result<Option<MessageRow>, StorageError> {
+                with_storage_errors(async {
+                    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                        "SELECT {} FROM messages m JOIN chats c ON c.id = m.chat_id \
+                         WHERE c.application_id = ? AND c.number = ? AND m.number = ? AND m.deleted_at IS NULL",
+                        $crate::store::MESSAGE_COLUMNS
+                    )))
+                    .bind(application_id as i64)
+                    .bind(chat_number.get() as i64)
+                    .bind(number.get() as i64)
+                    .fetch_optional(&self.pool)
+                    .await
+                })
+                .await
+            }
+
+            async fn message_deleted(
+                &self,
+                application_id: u64,
+                chat_number: Number,
+                number: Number,
+            ) -> Result<bool, StorageError> {
+                with_storage_errors(async {
+                    sqlx::query_scalar::<_, i64>(
+                        "SELECT 1 FROM messages m JOIN chats c ON c.id = m.chat_id \
+                         WHERE c.application_id = ? AND c.number = ? AND m.number = ? \
+                         AND m.deleted_at IS NOT NULL",
+                    )
+                    .bind(application_id as i64)
+                    .bind(chat_number.get() as i64)
+                    .bind(number.get() as i64)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map(|found| found.is_some())
+                })
+                .await
+            }
+
+            async fn list_messages(
+                &self,
+                application_id: u64,
+                chat_number: Number,
+                page: PageRequest,
+            ) -> Result<Vec<MessageRow>, StorageError> {
+                with_storage_errors(async {
+                    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                        "SELECT {} FROM messages m JOIN chats c ON c.id = m.chat_id \
+                         WHERE c.application_id = ? AND c.number = ? AND m.number BETWEEN ? AND ? \
+                         AND m.deleted_at IS NULL ORDER BY m.number {} LIMIT ? OFFSET ?",
+                        $crate::store::MESSAGE_COLUMNS,
+                        $crate::store::direction(page)
+                    )))
+                    .bind(application_id as i64)
+                    .bind(chat_number.get() as i64)
+                    .bind(page.key_bounds().0 as i64)
+                    .bind(page.key_bounds().1 as i64)
+                    .bind(page.fetch_limit() as i64)
+                    .bind(page.offset() as i64)
+                    .fetch_all(&self.pool)
+                    .await
+                })
+                .await
+            }
+
+            async fn reserved_until(&self, scope: &str) -> Result<Option<u64>, StorageError> {
+                with_storage_errors(sqlx::query_scalar("SELECT reserved_until FROM number_reservations WHERE scope = ?")
+                    .bind(scope)
+                    .fetch_optional(&self.pool))
+                .await
+            }
+
+            async fn count_figures(
+                &self,
+                level: CountLevel,
+                after_id: u64,
+                limit: u32,
+            ) -> Result<Vec<CountFigures>, StorageError> {
+                with_storage_errors(sqlx::query_as(level.figures_query())
+                    .bind(after_id as i64)
+                    .bind(i64::from(limit))
+                    .fetch_all(&self.pool))
+                .await
+            }
+
+            async fn messages_to_index(
+                &self,
+                scope: ReindexScope,
+                after: ReindexCursor,
+                limit: u32,
+            ) -> Result<Vec<MessageToIndex>, StorageError> {
+                let (filter, scope_binds) = scope.filter();
+                let query = format!(
+                    "SELECT m.chat_id, c.application_id, c.number AS chat_number, m.number, m.body, \
+                     m.version, m.created_at FROM messages m JOIN chats c ON c.id = m.chat_id \
+                     WHERE (m.chat_id > ? OR (m.chat_id = ? AND m.number > ?)) AND {filter} \
+                     ORDER BY m.chat_id, m.number LIMIT ?"
+                );
+                let mut rows = sqlx::query_as(sqlx::AssertSqlSafe(query))
+                    .bind(after.chat_id as i64)
+                    .bind(after.chat_id as i64)
+                    .bind(after.number as i64);
+                for bind in scope_binds {
+                    rows = match bind {
+                        ScopeBind::Id(id) => rows.bind(id as i64),
+                        ScopeBind::Time(at) => rows.bind(at),
+                    };
+                }
+                with_storage_errors(rows.bind(i64::from(limit)).fetch_all(&self.pool)).await
+            }
+
+            async fn recount(&self, level: CountLevel, id: u64) -> Result<u64, StorageError> {
+                let (update, select) = level.recount_queries();
+                let mut transaction = self.pool.begin().await?;
+                sqlx::query(update)
+                    .bind(id as i64)
+                    .bind(id as i64)
+                    .execute(&mut *transaction)
+                    .await?;
+                let count: u64 = sqlx::query_scalar(select)
+                    .bind(id as i64)
+                    .fetch_one(&mut *transaction)
+                    .await?;
+                transaction.commit().await?;
+                Ok(count)
+            }
+
+            $($dialect_methods)*
+        }
+    };
+}
+pub(super) use storage_impl;
