@@ -13,77 +13,16 @@ mod app;
 mod http;
 mod operator;
 
-use std::sync::Arc;
-
 use anyhow::Context as _;
 use chatcore::Config;
 use chatcore::adapters::Adapters;
-use chatcore::config::{AdminToken, ApiConfig};
 use chatcore::metrics::Metrics;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use app::ChatService;
 pub use http::error::ApiError;
-use http::live::LiveHub;
-use http::middleware::rate_limit::RateLimiters;
+use http::state::AppState;
 pub use operator::{openapi_json, reindex, replay_dead_letters};
-
-/// Cheap-to-clone state shared by every handler.
-#[derive(Clone)]
-pub struct AppState {
-    service: Arc<ChatService>,
-    settings: Arc<ApiConfig>,
-    metrics: Arc<Metrics>,
-    admin_token: Arc<AdminToken>,
-    rate_limiters: Arc<RateLimiters>,
-    live: Arc<LiveHub>,
-    /// Cancelled at the shutdown signal: `/readyz` answers 503 from then on.
-    draining: CancellationToken,
-}
-
-impl AppState {
-    fn new(
-        config: &Config,
-        adapters: &Adapters,
-        metrics: Arc<Metrics>,
-        admin_token: AdminToken,
-        draining: CancellationToken,
-        shutdown: &CancellationToken,
-    ) -> Self {
-        Self {
-            live: LiveHub::start(
-                Arc::clone(&adapters.queue),
-                config.api.streams,
-                Arc::clone(&metrics),
-                shutdown.clone(),
-            ),
-            service: Arc::new(ChatService::new(config, adapters)),
-            settings: Arc::new(config.api.clone()),
-            rate_limiters: Arc::new(RateLimiters::new(
-                config.api.rate_limits,
-                config.api.trusted_proxy_hops,
-                &metrics,
-            )),
-            metrics,
-            admin_token: Arc::new(admin_token),
-            draining,
-        }
-    }
-
-    fn service(&self) -> &ChatService {
-        &self.service
-    }
-
-    /// The service, for work that outlives the request (a live stream).
-    fn service_handle(&self) -> Arc<ChatService> {
-        Arc::clone(&self.service)
-    }
-
-    fn settings(&self) -> &ApiConfig {
-        &self.settings
-    }
-}
 
 /// Where the api listens: the public API, and the internal port of `/metrics`, `/livez` and
 /// `/readyz` for the cluster (`CHAT_HEALTH_ADDR`).
@@ -139,7 +78,6 @@ pub async fn serve(
         "api listening"
     );
     let state = AppState::new(&config, &adapters, metrics, admin_token, signal, &shutdown);
-    state.rate_limiters.forget_quiet_clients(&shutdown);
     let internal = tokio::spawn(
         axum::serve(listeners.internal, http::internal_router(state.clone()))
             .with_graceful_shutdown(shutdown.clone().cancelled_owned())

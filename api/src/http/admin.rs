@@ -16,8 +16,8 @@ use rand::Rng as _;
 use rand::distr::Alphanumeric;
 use subtle::ConstantTimeEq as _;
 
-use crate::AppState;
 use crate::http::error::ApiError;
+use crate::http::state::AppState;
 
 const TOKEN_FILE: &str = "admin-token";
 const GENERATED_TOKEN_LENGTH: usize = 40;

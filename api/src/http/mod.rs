@@ -12,6 +12,7 @@ mod openapi;
 pub mod pagination;
 mod routes;
 pub mod server;
+pub mod state;
 pub mod tenant;
 
 use axum::Router;
@@ -26,7 +27,7 @@ use utoipa_swagger_ui::SwaggerUi;
 use self::error::ApiError;
 use self::openapi::{ApiDoc, OPENAPI_PATH};
 use self::routes::{applications, chats, health, messages};
-use crate::AppState;
+use crate::http::state::AppState;
 
 /// The API routes and the OpenAPI document generated from the same handlers, so the two cannot
 /// drift apart.

@@ -4,8 +4,8 @@ use chatcore::domain::{PageInput, PagePosition, PageRequest, SearchCursor};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use crate::AppState;
 use crate::http::error::ApiError;
+use crate::http::state::AppState;
 
 /// `?page=&per_page=&after=&before=` of every list.
 #[derive(Debug, Deserialize, IntoParams)]

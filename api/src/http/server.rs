@@ -105,7 +105,7 @@ pub async fn serve(
         let address_slot = match &per_address {
             Some((counts, max)) => {
                 match counts.take(
-                    crate::http::middleware::rate_limit::address_key(peer.ip()),
+                    crate::http::middleware::rate_limit::buckets::address_key(peer.ip()),
                     *max,
                 ) {
                     Some(slot) => Some(slot),

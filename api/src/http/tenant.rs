@@ -11,9 +11,9 @@ use axum::extract::Request;
 use axum::http::{HeaderMap, Uri, header};
 use chatcore::domain::ApplicationToken;
 
-use crate::AppState;
 use crate::http::error::ApiError;
 use crate::http::extract::Tenant;
+use crate::http::state::AppState;
 
 /// Where the legacy form's token segment starts.
 const LEGACY_PREFIX: &str = "/api/v1/applications/";

@@ -12,8 +12,8 @@ use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt as _;
 use tokio::time::Instant;
 
-use crate::AppState;
 use crate::http::error::ApiError;
+use crate::http::state::AppState;
 
 /// How much of an oversized body is read (and dropped) so its client can read the 413; a larger
 /// upload is cut off.

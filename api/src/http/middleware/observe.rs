@@ -9,8 +9,8 @@ use chatcore::events::{TRACEPARENT_HEADER, TraceContext};
 use chatcore::metrics::HttpLabels;
 use tracing::Instrument as _;
 
-use crate::AppState;
 use crate::http::error::ApiError;
+use crate::http::state::AppState;
 
 /// Runs every routed request inside a server span (continuing the caller's `traceparent`), within
 /// `CHAT_REQUEST_TIMEOUT_MS`, and counts it and its latency by route template (never the raw path,

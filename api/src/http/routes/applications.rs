@@ -14,11 +14,11 @@ use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::AppState;
 use crate::http::admin::AdminAccess;
 use crate::http::error::{ApiError, ErrorBody};
 use crate::http::extract::{JsonBody, QueryParams, RequestTrace, Tenant};
 use crate::http::pagination::{PageParams, Pagination, paginate};
+use crate::http::state::AppState;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()

@@ -12,11 +12,11 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::{Accepted, parse_number};
-use crate::AppState;
 use crate::http::error::{ApiError, ErrorBody};
 use crate::http::extract::{PathParams, QueryParams, RequestTrace, Tenant};
 use crate::http::idempotency_key::IdempotencyKey;
 use crate::http::pagination::{PageParams, Pagination, paginate};
+use crate::http::state::AppState;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()

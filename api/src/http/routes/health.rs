@@ -10,7 +10,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{Value, json};
 
-use crate::AppState;
+use crate::http::state::AppState;
 
 /// `/livez` and `/readyz` without its checks, on the public port (load balancers probe it).
 pub fn public_router() -> Router<AppState> {

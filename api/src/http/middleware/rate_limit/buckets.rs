@@ -1,27 +1,14 @@
-//! Rate limits per client address and per application (token buckets, per replica).
-//!
-//! An answer over a limit is `429` with `Retry-After`; every answer of a limited request carries
-//! `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset` of the tighter of its limits
-//! (draft-ietf-httpapi-ratelimit-headers).
-//!
-//! What an anonymous client can make a replica remember is bounded: the address limit runs first
-//! and a refusal stops there (its token is not even looked up); the application limit is keyed by
-//! the application the token resolved to, never by raw input (so every spelling of a token, and
-//! every token of one application, share one bucket); IPv6 clients are keyed by their /64 (one
-//! host holds a whole /64); each limiter keeps at most [`MAX_KEYS`] buckets, the quietest evicted
-//! first, and its size is the `chat_rate_limiter_keys` metric.
+//! The token buckets of the rate limits: per client address and per application, each limiter
+//! bounded in keys.
 
 use std::hash::Hash;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr};
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use axum::extract::{ConnectInfo, Request, State};
 use axum::http::HeaderMap;
-use axum::middleware::Next;
-use axum::response::{IntoResponse as _, Response};
 use chatcore::config::{RateLimit, RateLimits};
 use chatcore::metrics::{LimiterLabels, Metrics};
 use governor::clock::{Clock as _, DefaultClock};
@@ -31,9 +18,7 @@ use governor::{Quota, RateLimiter};
 use prometheus_client::metrics::gauge::Gauge;
 use tokio_util::sync::CancellationToken;
 
-use crate::AppState;
-use crate::http::error::{ApiError, set_rate_limit_headers};
-use crate::http::extract::ClientAddress;
+use crate::http::error::ApiError;
 
 /// How often the buckets of clients that went quiet are dropped.
 const FORGET_QUIET_CLIENTS_EVERY: Duration = Duration::from_secs(60);
@@ -130,13 +115,13 @@ impl<K: Hash + Eq + Clone> Limiter<K> {
 }
 
 #[derive(Debug, Clone, Copy)]
-struct Remaining {
-    limit: RateLimit,
-    remaining: u32,
-    reset: Duration,
+pub(super) struct Remaining {
+    pub(super) limit: RateLimit,
+    pub(super) remaining: u32,
+    pub(super) reset: Duration,
 }
 
-enum Verdict {
+pub(super) enum Verdict {
     Allowed(Remaining),
     Limited {
         limit: RateLimit,
@@ -145,7 +130,7 @@ enum Verdict {
 }
 
 impl Verdict {
-    fn allowed(self) -> Result<Remaining, ApiError> {
+    pub(super) fn allowed(self) -> Result<Remaining, ApiError> {
         match self {
             Self::Allowed(remaining) => Ok(remaining),
             Self::Limited { limit, retry_after } => Err(ApiError::RateLimited {
@@ -203,7 +188,7 @@ impl RateLimiters {
     /// The client's address: the peer, or the entry `trusted_proxy_hops` from the right of
     /// `X-Forwarded-For` (the one the outermost trusted proxy saw; entries left of it are
     /// written by the client and prove nothing).
-    fn client_address(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+    pub(super) fn client_address(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
         if self.trusted_proxy_hops == 0 {
             return peer;
         }
@@ -222,14 +207,17 @@ impl RateLimiters {
             .unwrap_or(peer)
     }
 
-    fn check_address(&self, address: IpAddr) -> Result<Option<Remaining>, ApiError> {
+    pub(super) fn check_address(&self, address: IpAddr) -> Result<Option<Remaining>, ApiError> {
         self.per_address
             .as_ref()
             .map(|limiter| limiter.check(&address_key(address)).allowed())
             .transpose()
     }
 
-    fn check_application(&self, application_id: u64) -> Result<Option<Remaining>, ApiError> {
+    pub(super) fn check_application(
+        &self,
+        application_id: u64,
+    ) -> Result<Option<Remaining>, ApiError> {
         self.per_application
             .as_ref()
             .map(|limiter| limiter.check(&application_id).allowed())
@@ -247,63 +235,6 @@ pub fn address_key(address: IpAddr) -> IpAddr {
             None => IpAddr::V6(Ipv6Addr::from(v6.to_bits() & !u128::from(u64::MAX))),
         },
     }
-}
-
-/// Middleware: counts the request against its address, then resolves its application token
-/// ([`Tenant`]) and counts it against the application; 429 over either limit. Runs before the
-/// body is read.
-pub async fn limit_rate(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let limiters = &state.rate_limiters;
-    let peer = request
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map_or(IpAddr::from([127, 0, 0, 1]), |info| info.0.ip());
-    let address = limiters.client_address(peer, request.headers());
-    let mut request = request;
-    request
-        .extensions_mut()
-        .insert(ClientAddress(address_key(address)));
-    let by_address = match limiters.check_address(address) {
-        Ok(remaining) => remaining,
-        Err(limited) => return limited.into_response(),
-    };
-    let mut by_application = None;
-    let response = 'answered: {
-        if let Some(presented) = crate::http::tenant::presented(&request) {
-            let tenant = match crate::http::tenant::resolve(&state, presented).await {
-                Ok(tenant) => tenant,
-                Err(refused) => break 'answered refused.into_response(),
-            };
-            by_application = match limiters.check_application(tenant.application_id) {
-                Ok(remaining) => remaining,
-                Err(limited) => return limited.into_response(),
-            };
-            request.extensions_mut().insert(tenant);
-        }
-        next.run(request).await
-    };
-    with_headers(response, by_address, by_application)
-}
-
-/// The headers of the tighter of the two limits (the one with fewer requests left).
-fn with_headers(
-    mut response: Response,
-    by_address: Option<Remaining>,
-    by_application: Option<Remaining>,
-) -> Response {
-    let tighter = [by_address, by_application]
-        .into_iter()
-        .flatten()
-        .min_by_key(|remaining| remaining.remaining);
-    if let Some(remaining) = tighter {
-        set_rate_limit_headers(
-            response.headers_mut(),
-            remaining.limit.burst,
-            remaining.remaining,
-            remaining.reset,
-        );
-    }
-    response
 }
 
 #[cfg(test)]

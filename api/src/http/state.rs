@@ -1,0 +1,72 @@
+//! The state every handler and middleware shares: the use cases, the settings, the metrics, the
+//! limits and the live streams' hub.
+
+use std::sync::Arc;
+
+use chatcore::Config;
+use chatcore::adapters::Adapters;
+use chatcore::config::{AdminToken, ApiConfig};
+use chatcore::metrics::Metrics;
+use tokio_util::sync::CancellationToken;
+
+use super::live::LiveHub;
+use super::middleware::rate_limit::buckets::RateLimiters;
+use crate::app::ChatService;
+
+/// Cheap-to-clone state shared by every handler.
+#[derive(Clone)]
+pub(crate) struct AppState {
+    service: Arc<ChatService>,
+    settings: Arc<ApiConfig>,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) admin_token: Arc<AdminToken>,
+    pub(super) rate_limiters: Arc<RateLimiters>,
+    pub(super) live: Arc<LiveHub>,
+    /// Cancelled at the shutdown signal: `/readyz` answers 503 from then on.
+    pub(super) draining: CancellationToken,
+}
+
+impl AppState {
+    pub(crate) fn new(
+        config: &Config,
+        adapters: &Adapters,
+        metrics: Arc<Metrics>,
+        admin_token: AdminToken,
+        draining: CancellationToken,
+        shutdown: &CancellationToken,
+    ) -> Self {
+        let rate_limiters = Arc::new(RateLimiters::new(
+            config.api.rate_limits,
+            config.api.trusted_proxy_hops,
+            &metrics,
+        ));
+        rate_limiters.forget_quiet_clients(shutdown);
+        Self {
+            live: LiveHub::start(
+                Arc::clone(&adapters.queue),
+                config.api.streams,
+                Arc::clone(&metrics),
+                shutdown.clone(),
+            ),
+            service: Arc::new(ChatService::new(config, adapters)),
+            settings: Arc::new(config.api.clone()),
+            rate_limiters,
+            metrics,
+            admin_token: Arc::new(admin_token),
+            draining,
+        }
+    }
+
+    pub(crate) fn service(&self) -> &ChatService {
+        &self.service
+    }
+
+    /// The service, for work that outlives the request (a live stream).
+    pub(crate) fn service_handle(&self) -> Arc<ChatService> {
+        Arc::clone(&self.service)
+    }
+
+    pub(crate) fn settings(&self) -> &ApiConfig {
+        &self.settings
+    }
+}
