@@ -1,5 +1,6 @@
 //! Changes to stored messages, as the live streams of the api deliver them: a message created
-//! (once the ingest consumer committed it), updated or deleted (once the api committed it).
+//! (once the ingest consumer committed it), updated or deleted (once the api committed it), each
+//! with its place in the chat's change log (`sequence`).
 //!
 //! They are announced to every api replica through the queue ([`crate::queue::EventQueue::announce`])
 //! and are not durable: the storage is the record, and a stream that missed some reads them from
@@ -9,29 +10,14 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::domain::Number;
-use crate::store::MessageRow;
+pub use crate::store::ChangeKind;
+use crate::store::ChangeRow;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ChangeKind {
-    Created,
-    Updated,
-    Deleted,
-}
-
-impl ChangeKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Created => "created",
-            Self::Updated => "updated",
-            Self::Deleted => "deleted",
-        }
-    }
-}
-
-/// One stored change; `version` orders the changes of one message (1 when created).
+/// One stored change; `sequence` orders the changes of one chat (its change log), `version` those
+/// of one message (1 when created).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MessageChange {
+    pub sequence: u64,
     pub kind: ChangeKind,
     pub application_id: u64,
     pub chat_number: Number,
@@ -44,23 +30,24 @@ pub struct MessageChange {
 }
 
 impl MessageChange {
-    /// The change an update or a deletion committed, from the row the storage returned.
-    pub fn of_row(
-        kind: ChangeKind,
+    /// A change of the chat's log of message `number`, as the storage returned it.
+    pub fn logged(
         application_id: u64,
         chat_number: Number,
         number: Number,
-        row: &MessageRow,
+        change: &ChangeRow,
     ) -> Self {
+        let message = &change.message;
         Self {
-            kind,
+            sequence: change.sequence,
+            kind: change.kind,
             application_id,
             chat_number,
             number,
-            body: row.body.clone(),
-            version: row.version,
-            created_at: row.created_at,
-            updated_at: row.updated_at,
+            body: message.body.clone(),
+            version: message.version,
+            created_at: message.created_at,
+            updated_at: message.updated_at,
         }
     }
 }

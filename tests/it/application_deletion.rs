@@ -24,6 +24,7 @@ async fn delete_as_tenant(client: &Client, token: &str) -> anyhow::Result<Reply>
         .await
 }
 
+/// The chats, messages and logged changes an application has left.
 async fn rows_of(env: &TestEnv, application_id: u64) -> anyhow::Result<i64> {
     let chats = env
         .count(
@@ -38,7 +39,14 @@ async fn rows_of(env: &TestEnv, application_id: u64) -> anyhow::Result<i64> {
             &[application_id],
         )
         .await?;
-    Ok(chats + messages)
+    let changes = env
+        .count(
+            "SELECT COUNT(*) FROM message_changes mc JOIN chats c ON c.id = mc.chat_id \
+             WHERE c.application_id = ?",
+            &[application_id],
+        )
+        .await?;
+    Ok(chats + messages + changes)
 }
 
 /// Runs counter-sync; it reports the purge of what the application had left.
@@ -168,7 +176,11 @@ async fn a_deleted_application_ends_its_tokens_at_once_and_is_purged(
         .await?;
     assert!(newer > application_id, "ids are never reused");
     // The other tenant keeps everything.
-    assert_eq!(rows_of(&env, kept_id).await?, 5);
+    assert_eq!(
+        rows_of(&env, kept_id).await?,
+        8,
+        "2 chats, 3 messages, their 3 changes"
+    );
     assert_eq!(env.indexed_documents_of(kept_id).await?, 3);
     assert_eq!(search(client, &kept, 1, "zebra").await?.len(), 2);
     workers.stop().await?;

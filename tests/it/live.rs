@@ -88,6 +88,7 @@ async fn a_stream_delivers_every_stored_change_and_resumes_without_a_gap(
     let deleted = stream.expect_event(WAIT).await?;
     assert_eq!(summary(&deleted)?, entry("deleted", 3, "", 2));
     assert!(deleted.data["updated_at"].is_string());
+    assert_eq!(deleted.sequence()?, 5, "the fifth change of the chat");
     drop(stream);
 
     // Posted while nobody listens; the client resumes after the last id it saw.
@@ -98,7 +99,7 @@ async fn a_stream_delivers_every_stored_change_and_resumes_without_a_gap(
         Ok(client.get(&message(5)).await?.status == StatusCode::OK)
     })
     .await?;
-    let mut resumed = open(client, &token, chat, Some(3)).await?;
+    let mut resumed = open(client, &token, chat, Some(deleted.sequence()?)).await?;
     client.create_message(&token, chat, "six").await?;
     let mut received = Vec::new();
     for _ in 0..3 {
@@ -255,9 +256,9 @@ async fn any_replica_serves_any_chat_stream() -> anyhow::Result<()> {
             .status,
         StatusCode::OK
     );
-    let event = on_process.expect_event(WAIT).await?;
+    let edited = on_process.expect_event(WAIT).await?;
     assert_eq!(
-        (event.event.as_str(), event.data["version"].as_u64()),
+        (edited.event.as_str(), edited.data["version"].as_u64()),
         ("updated", Some(2))
     );
     drop(on_process);
@@ -273,18 +274,15 @@ async fn any_replica_serves_any_chat_stream() -> anyhow::Result<()> {
             == StatusCode::OK)
     })
     .await?;
-    let mut on_in_process = open(client, &token, chat, Some(first)).await?;
+    // Resumed on the other replica after the last change seen (the edit): what came after it,
+    // once each, in order.
+    let mut on_in_process = open(client, &token, chat, Some(edited.sequence()?)).await?;
     let third = other.create_message(&token, chat, "live again").await?;
-    // The edit of the first message may reach this replica only now (its announcement came late
-    // on a loaded machine): a change of a message before the resume point, passed on as every
-    // live change is. What was created after it comes once each, in order.
     let mut created = Vec::new();
     while created.len() < 2 {
         let event = on_in_process.expect_event(WAIT).await?;
-        match (event.event.as_str(), event.number()?) {
-            ("updated", number) if number == first => {}
-            (_, number) => created.push(number),
-        }
+        assert_eq!(event.event, "created", "{event:?}");
+        created.push(event.number()?);
     }
     assert_eq!(created, [second, third]);
     drop(on_in_process);
@@ -355,7 +353,7 @@ async fn a_stream_ends_at_its_lifetime_and_resumes_where_it_was(
     let mut seen = Vec::new();
     loop {
         match stream.next(WAIT).await? {
-            Next::Event(event) => seen.push(event.number()?),
+            Next::Event(event) => seen.push(event.sequence()?),
             Next::Ended => break,
             Next::Quiet => anyhow::bail!("the stream outlived its lifetime"),
         }
@@ -374,9 +372,9 @@ async fn a_stream_ends_at_its_lifetime_and_resumes_where_it_was(
     )
     .await?;
     while seen.len() < 2 {
-        seen.push(resumed.expect_event(WAIT).await?.number()?);
+        seen.push(resumed.expect_event(WAIT).await?.sequence()?);
     }
-    assert_eq!(seen, [1, 2], "each message once, in order");
+    assert_eq!(seen, [1, 2], "each change once, in order");
     drop(resumed);
     workers.stop().await?;
     api.stop().await
@@ -482,8 +480,13 @@ async fn a_reader_that_falls_behind_is_disconnected(mut env: TestEnv) -> anyhow:
         match stream.next(WAIT).await? {
             Next::Event(event) => {
                 received += 1;
-                last = event.number()?;
+                last = event.sequence()?;
                 assert_eq!(last, received, "in order, without a gap");
+                assert_eq!(
+                    event.number()?,
+                    received,
+                    "messages posted one after another"
+                );
             }
             Next::Ended => break,
             Next::Quiet => anyhow::bail!("the slow stream was neither ended nor complete"),
@@ -501,7 +504,7 @@ async fn a_reader_that_falls_behind_is_disconnected(mut env: TestEnv) -> anyhow:
     // Where it resumes, nothing is missing.
     let mut resumed = open(client, &token, chat, Some(last)).await?;
     for expected in last + 1..=MESSAGES {
-        assert_eq!(resumed.expect_event(WAIT).await?.number()?, expected);
+        assert_eq!(resumed.expect_event(WAIT).await?.sequence()?, expected);
     }
     drop(resumed);
     workers.stop().await?;

@@ -4,6 +4,7 @@
 mod advisories;
 mod application_deletion;
 mod architecture;
+mod changes;
 mod chart_platform;
 mod configuration;
 mod contract;

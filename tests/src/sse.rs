@@ -14,13 +14,20 @@ pub struct ServerSentEvent {
 }
 
 impl ServerSentEvent {
-    /// The message number of the event (its `id:`).
-    pub fn number(&self) -> anyhow::Result<u64> {
+    /// The sequence of the event's change in the chat's change log (its `id:`).
+    pub fn sequence(&self) -> anyhow::Result<u64> {
         self.id
             .as_deref()
             .context("an event without id")?
             .parse()
             .context("a numeric id")
+    }
+
+    /// The number of the event's message.
+    pub fn number(&self) -> anyhow::Result<u64> {
+        self.data["number"]
+            .as_u64()
+            .with_context(|| format!("a message number in {}", self.data))
     }
 }
 

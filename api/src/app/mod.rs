@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use chatcore::adapters::Adapters;
-use chatcore::changes::{ChangeKind, MessageChange};
+use chatcore::changes::MessageChange;
 use chatcore::config::{ApiConfig, Config};
 use chatcore::domain::{MessageBody, Number, PageRequest, SearchQuery, TokenDigest};
 use chatcore::events::{Event, EventPayload, TraceContext};
@@ -13,7 +13,7 @@ use chatcore::numbering::{NumberAllocator, Scope};
 use chatcore::queue::EventQueue;
 use chatcore::search::{MessageHit, SearchIndex};
 use chatcore::state::SharedState;
-use chatcore::store::{ChatKey, ChatRow, MessageRow, Storage};
+use chatcore::store::{ChangeRow, ChangeSelection, ChatKey, ChatRow, MessageRow, Storage};
 use quick_cache::sync::Cache;
 
 mod applications;
@@ -172,8 +172,29 @@ impl ChatService {
         page: PageRequest,
     ) -> Result<Vec<MessageRow>, AppError> {
         self.require_chat(application_id, chat_number).await?;
-        self.messages_to_catch_up(application_id, chat_number, page)
-            .await
+        Ok(self
+            .storage
+            .list_messages(application_id, chat_number, page)
+            .await?)
+    }
+
+    /// Up to `limit` changes of a chat's log after the sequence `after`, in sequence order.
+    pub async fn list_changes(
+        &self,
+        application_id: u64,
+        chat_number: Number,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<ChangeRow>, AppError> {
+        self.require_chat(application_id, chat_number).await?;
+        self.changes_to_catch_up(
+            application_id,
+            chat_number,
+            ChangeSelection::Every,
+            after,
+            limit,
+        )
+        .await
     }
 
     pub async fn find_message(
@@ -200,7 +221,7 @@ impl ChatService {
         body: &MessageBody,
         trace: &TraceContext,
     ) -> Result<MessageRow, AppError> {
-        let Some(row) = self
+        let Some(change) = self
             .storage
             .update_message(application_id, chat_number, number, body)
             .await?
@@ -209,6 +230,7 @@ impl ChatService {
                 .why_message_is_missing(application_id, chat_number, number)
                 .await);
         };
+        let row = &change.message;
         let event = Event::new(EventPayload::MessageUpdated {
             application_id,
             chat_number,
@@ -218,15 +240,9 @@ impl ChatService {
             created_at: row.created_at,
             updated_at: row.updated_at,
         });
-        let change = MessageChange::of_row(
-            ChangeKind::Updated,
-            application_id,
-            chat_number,
-            number,
-            &row,
-        );
-        self.publish_change(&event, change, trace).await?;
-        Ok(row)
+        let announced = MessageChange::logged(application_id, chat_number, number, &change);
+        self.publish_change(&event, announced, trace).await?;
+        Ok(change.message)
     }
 
     /// Deletes a message: a tombstone in the storage (its number is never reused), then the
@@ -241,7 +257,7 @@ impl ChatService {
         number: Number,
         trace: &TraceContext,
     ) -> Result<(), AppError> {
-        let Some(row) = self
+        let Some(change) = self
             .storage
             .delete_message(application_id, chat_number, number)
             .await?
@@ -250,6 +266,7 @@ impl ChatService {
                 .why_message_is_missing(application_id, chat_number, number)
                 .await);
         };
+        let row = &change.message;
         let event = Event::new(EventPayload::MessageDeleted {
             application_id,
             chat_number,
@@ -258,14 +275,8 @@ impl ChatService {
             created_at: row.created_at,
             deleted_at: row.updated_at,
         });
-        let change = MessageChange::of_row(
-            ChangeKind::Deleted,
-            application_id,
-            chat_number,
-            number,
-            &row,
-        );
-        self.publish_change(&event, change, trace).await
+        let announced = MessageChange::logged(application_id, chat_number, number, &change);
+        self.publish_change(&event, announced, trace).await
     }
 
     /// Publishes the event of a change the api committed (for the index), then announces it to
@@ -291,16 +302,31 @@ impl ChatService {
         Ok((application_id, chat_number))
     }
 
-    /// Stored messages of a chat by its internal key (a live stream catching up).
-    pub async fn messages_to_catch_up(
+    /// The sequence of a chat's latest logged change (0 for a chat not stored yet).
+    pub async fn last_change_sequence(
         &self,
         application_id: u64,
         chat_number: Number,
-        page: PageRequest,
-    ) -> Result<Vec<MessageRow>, AppError> {
+    ) -> Result<u64, AppError> {
         Ok(self
             .storage
-            .list_messages(application_id, chat_number, page)
+            .find_chat(application_id, chat_number)
+            .await?
+            .map_or(0, |chat| chat.last_change_sequence))
+    }
+
+    /// Changes of a chat's log after `after`, for a live stream catching up (its chat known).
+    pub async fn changes_to_catch_up(
+        &self,
+        application_id: u64,
+        chat_number: Number,
+        selection: ChangeSelection,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<ChangeRow>, AppError> {
+        Ok(self
+            .storage
+            .list_changes(application_id, chat_number, selection, after, limit)
             .await?)
     }
 

@@ -1,11 +1,14 @@
 //! Live streams of a chat's messages (Server-Sent Events): every message created, updated or
-//! deleted once it is stored, with `id:` = the message number.
+//! deleted once it is stored, with `id:` = the change's sequence in the chat's change log.
 //!
 //! Each replica listens to the announcements of stored changes ([`chatcore::changes`], through the
 //! queue: RabbitMQ in the distributed stack, an in-process channel embedded) and hands each to the
 //! streams of its chat through a bounded broadcast channel per chat. A stream that resumes
-//! (`Last-Event-ID`) subscribes first, then reads the messages after that number from the storage,
-//! then goes live, skipping what it already sent: no gap, no duplicate.
+//! (`Last-Event-ID: <sequence>`) subscribes first, then reads the changes after that sequence from
+//! the change log, then goes live; `Last-Event-ID: 0` reads the chat's messages as they are now
+//! (the latest change of each), in sequence order, first. Live, a change is sent when it is the
+//! next sequence; one further ahead (another change was announced later than it was stored)
+//! sends the stream back to the log for what lies between: no gap, no duplicate.
 //!
 //! Bounded: streams per replica, per application and per client address (429 beyond), a reader
 //! that falls behind by more than the buffer is disconnected (it resumes with `Last-Event-ID`), a
@@ -22,11 +25,11 @@ use std::time::Duration;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use chatcore::changes::{ChangeKind, MessageChange};
 use chatcore::config::StreamLimits;
-use chatcore::domain::{Number, PagePosition, PageRequest};
+use chatcore::domain::Number;
 use chatcore::metrics::{Metrics, StreamEndLabels};
 use chatcore::queue::EventQueue;
 use chatcore::retry::{self, Backoff};
-use chatcore::store::ChatKey;
+use chatcore::store::{ChangeSelection, ChatKey};
 use futures_util::{Stream, StreamExt as _};
 use serde::Serialize;
 use tokio::sync::{broadcast, watch};
@@ -39,8 +42,6 @@ use crate::http::error::ApiError;
 const CATCH_UP_PAGE: u32 = 100;
 /// How long opening a stream waits for the replica to hear the announcements.
 const LISTENER_WAIT: Duration = Duration::from_secs(3);
-/// Versions of recently sent messages a stream remembers, to skip a change it already sent.
-const SENT_VERSIONS_REMEMBERED: usize = 4096;
 
 /// The streams of this replica and the announcements feeding them.
 pub struct LiveHub {
@@ -211,9 +212,15 @@ impl LiveHub {
     ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>> + use<>> {
         let stream = ChatStream {
             changes: subscription.changes,
-            catch_up_after: last_event_id,
+            catch_up: last_event_id.map(|after| match after {
+                0 => CatchUp::StateNow,
+                after => CatchUp::Log {
+                    selection: ChangeSelection::Every,
+                    after,
+                },
+            }),
+            last_sent: last_event_id,
             pending: VecDeque::new(),
-            sent: quick_cache::unsync::Cache::new(SENT_VERSIONS_REMEMBERED),
             service,
             shutdown: self.shutdown.clone(),
             ends_at: tokio::time::Instant::now() + self.limits.max_lifetime,
@@ -263,14 +270,27 @@ pub struct Subscription {
     slot: Slot,
 }
 
+/// What a stream reads from the change log before it goes live.
+#[derive(Debug, Clone, Copy)]
+enum CatchUp {
+    /// The chat as it is now (`Last-Event-ID: 0`): its latest sequence is read first.
+    StateNow,
+    /// The page of `selection` after the sequence `after`.
+    Log {
+        selection: ChangeSelection,
+        after: u64,
+    },
+}
+
 /// The state of one stream. Fields drop in order: the receiver before the slot.
 struct ChatStream {
     changes: broadcast::Receiver<Arc<MessageChange>>,
-    /// While catching up from the storage: the last number read.
-    catch_up_after: Option<u64>,
+    /// While catching up from the change log: where the next page starts.
+    catch_up: Option<CatchUp>,
+    /// The sequence of the last change sent (or the one the client resumed after); None for a
+    /// stream that sent nothing and resumed nothing.
+    last_sent: Option<u64>,
     pending: VecDeque<SseEvent>,
-    /// number -> version of what was sent lately.
-    sent: quick_cache::unsync::Cache<u64, u64>,
     service: Arc<ChatService>,
     shutdown: CancellationToken,
     /// The end of the stream's lifetime.
@@ -297,8 +317,8 @@ impl ChatStream {
             if let Some(event) = self.pending.pop_front() {
                 return Some(event);
             }
-            if let Some(after) = self.catch_up_after {
-                if let Err(reason) = self.catch_up(after).await {
+            if let Some(catch_up) = self.catch_up {
+                if let Err(reason) = self.catch_up(catch_up).await {
                     self.ended = reason;
                     return None;
                 }
@@ -316,11 +336,17 @@ impl ChatStream {
                 received = self.changes.recv() => received,
             };
             match received {
-                Ok(change) => {
-                    if let Some(event) = self.event_of(&change) {
-                        return Some(event);
+                Ok(change) => match self.last_sent {
+                    Some(last) if change.sequence <= last => {}
+                    Some(last) if change.sequence > last + 1 => {
+                        // Announced before one stored earlier: the log has both, in order.
+                        self.catch_up = Some(CatchUp::Log {
+                            selection: ChangeSelection::Every,
+                            after: last,
+                        });
                     }
-                }
+                    _ => return Some(self.event_of(&change)),
+                },
                 Err(broadcast::error::RecvError::Lagged(_)) => {
                     self.ended = "slow_reader";
                     return None;
@@ -333,60 +359,64 @@ impl ChatStream {
         }
     }
 
-    /// Reads the next page of stored messages after `after` into `pending`.
-    async fn catch_up(&mut self, after: u64) -> Result<(), &'static str> {
+    /// Reads the next page of the change log into `pending`.
+    async fn catch_up(&mut self, catch_up: CatchUp) -> Result<(), &'static str> {
         let (application_id, chat_number) = self.slot.chat;
-        let page = PageRequest {
-            per_page: CATCH_UP_PAGE,
-            position: PagePosition::After(after),
+        let (selection, after) = match catch_up {
+            CatchUp::StateNow => {
+                let latest = tokio::select! {
+                    () = self.shutdown.cancelled() => return Err("shutdown"),
+                    latest = self.service.last_change_sequence(application_id, chat_number) => latest,
+                };
+                let latest = latest.map_err(|_| "storage_error")?;
+                (ChangeSelection::StateAt(latest), 0)
+            }
+            CatchUp::Log { selection, after } => (selection, after),
         };
         let rows = tokio::select! {
             () = self.shutdown.cancelled() => return Err("shutdown"),
-            rows = self.service.messages_to_catch_up(application_id, chat_number, page) => rows,
-        };
-        let Ok(mut rows) = rows else {
-            return Err("storage_error");
-        };
-        let more = rows.len() > CATCH_UP_PAGE as usize;
-        rows.truncate(CATCH_UP_PAGE as usize);
-        self.catch_up_after = rows.last().map(|row| row.number).filter(|_| more);
-        for row in rows {
-            let Some(number) = Number::new(row.number) else {
-                continue;
-            };
-            let change = MessageChange::of_row(
-                ChangeKind::Created,
+            rows = self.service.changes_to_catch_up(
                 application_id,
                 chat_number,
-                number,
-                &row,
-            );
-            if let Some(event) = self.event_of(&change) {
-                self.pending.push_back(event);
+                selection,
+                after,
+                CATCH_UP_PAGE + 1,
+            ) => rows,
+        };
+        let mut rows = rows.map_err(|_| "storage_error")?;
+        let more = rows.len() > CATCH_UP_PAGE as usize;
+        rows.truncate(CATCH_UP_PAGE as usize);
+        self.catch_up = rows.last().filter(|_| more).map(|last| CatchUp::Log {
+            selection,
+            after: last.sequence,
+        });
+        for row in rows {
+            let Some(number) = Number::new(row.message.number) else {
+                continue;
+            };
+            let mut change = MessageChange::logged(application_id, chat_number, number, &row);
+            if let ChangeSelection::StateAt(_) = selection {
+                // The chat as it is: each message once, as the creation of what it holds now.
+                change.kind = ChangeKind::Created;
             }
+            let event = self.event_of(&change);
+            self.pending.push_back(event);
+        }
+        if let (None, ChangeSelection::StateAt(as_of)) = (self.catch_up, selection) {
+            // The state at `as_of` is sent: what follows is every change after it.
+            self.last_sent = Some(as_of);
         }
         Ok(())
     }
 
-    /// The event of a change, unless this stream sent the same or a newer version already.
-    fn event_of(&mut self, change: &MessageChange) -> Option<SseEvent> {
-        let number = change.number.get();
-        if self
-            .sent
-            .get(&number)
-            .is_some_and(|&sent| sent >= change.version)
-        {
-            return None;
-        }
-        self.sent.insert(number, change.version);
-        let data = StreamedMessage::from(change);
-        Some(
-            SseEvent::default()
-                .id(number.to_string())
-                .event(change.kind.as_str())
-                .json_data(&data)
-                .expect("a message serializes"),
-        )
+    /// The event of a change; it is the last one sent from now on.
+    fn event_of(&mut self, change: &MessageChange) -> SseEvent {
+        self.last_sent = Some(change.sequence);
+        SseEvent::default()
+            .id(change.sequence.to_string())
+            .event(change.kind.as_str())
+            .json_data(StreamedMessage::from(change))
+            .expect("a message serializes")
     }
 }
 

@@ -18,7 +18,7 @@ use super::consumer::{BatchHandler, HandleError, Received, purge_deleted_applica
 use crate::changes::{ChangeKind, MessageChange};
 use crate::events::EventPayload;
 use crate::queue::EventQueue;
-use crate::store::{ChatKey, IngestBatch, NewMessage, Storage, StorageError};
+use crate::store::{ChatKey, CreatedSequences, IngestBatch, NewMessage, Storage, StorageError};
 
 /// Writes batches of accepted chats and messages to the storage (MySQL, or SQLite embedded),
 /// then announces the messages on `queue`.
@@ -38,11 +38,12 @@ impl BatchHandler for IngestWriter {
 
     async fn handle(&self, batch: &[Received]) -> Result<(), HandleError> {
         let ingest = ingest_batch(batch).map_err(HandleError::of)?;
-        self.storage
+        let sequences = self
+            .storage
             .write_ingest_batch(&ingest)
             .await
             .map_err(HandleError::of)?;
-        let created = created_messages(&ingest);
+        let created = created_messages(&ingest, &sequences);
         for announcement in announcements(&created) {
             self.queue
                 .announce(announcement)
@@ -66,14 +67,18 @@ fn announcements(changes: &[MessageChange]) -> impl Iterator<Item = &[MessageCha
     crate::chunks::bounded_by_bytes(changes, ANNOUNCEMENT_BODY_BYTES, |change| change.body.len())
 }
 
-/// The messages of a written batch as changes, by chat and number. A redelivered batch announces
-/// them again; streams skip a version they already sent.
-fn created_messages(ingest: &IngestBatch<'_>) -> Vec<MessageChange> {
+/// The stored messages of a written batch as changes, by chat and number, each with the sequence
+/// of its created change. A redelivered batch announces them again, under the sequences they were
+/// logged with first; streams skip a sequence they already sent.
+fn created_messages(ingest: &IngestBatch<'_>, sequences: &CreatedSequences) -> Vec<MessageChange> {
     ingest
         .messages
         .iter()
-        .flat_map(|(&(application_id, chat_number), messages)| {
-            messages.values().map(move |message| MessageChange {
+        .flat_map(|(&chat, messages)| messages.values().map(move |message| (chat, message)))
+        .filter_map(|((application_id, chat_number), message)| {
+            let sequence = *sequences.get(&((application_id, chat_number), message.number))?;
+            Some(MessageChange {
+                sequence,
                 kind: ChangeKind::Created,
                 application_id,
                 chat_number,
@@ -161,6 +166,7 @@ mod tests {
 
     fn change(body_bytes: usize) -> MessageChange {
         MessageChange {
+            sequence: 1,
             kind: ChangeKind::Created,
             application_id: 1,
             chat_number: Number::new(1).expect("positive"),

@@ -129,6 +129,8 @@ pub struct ChatRow {
     pub number: u64,
     pub messages_count: u64,
     pub created_at: DateTime<Utc>,
+    /// The sequence of the chat's latest logged change (0 before its first).
+    pub last_change_sequence: u64,
 }
 
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -139,6 +141,63 @@ pub struct MessageRow {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
+
+/// What a logged change did to its message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChangeKind {
+    Created,
+    Updated,
+    Deleted,
+}
+
+impl ChangeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Created => "created",
+            Self::Updated => "updated",
+            Self::Deleted => "deleted",
+        }
+    }
+}
+
+impl TryFrom<String> for ChangeKind {
+    type Error = String;
+
+    fn try_from(stored: String) -> Result<Self, Self::Error> {
+        match stored.as_str() {
+            "created" => Ok(Self::Created),
+            "updated" => Ok(Self::Updated),
+            "deleted" => Ok(Self::Deleted),
+            other => Err(format!("unknown change kind {other:?}")),
+        }
+    }
+}
+
+/// One change of a chat's change log: its sequence (the chat's order of changes), what it did,
+/// and the message as it left it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ChangeRow {
+    pub sequence: u64,
+    #[sqlx(try_from = "String")]
+    pub kind: ChangeKind,
+    #[sqlx(flatten)]
+    pub message: MessageRow,
+}
+
+/// Which changes of a chat's log a read returns, in sequence order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeSelection {
+    /// Every change.
+    Every,
+    /// The chat as it was at the sequence given: of each message not deleted by then, its latest
+    /// change up to that sequence.
+    StateAt(u64),
+}
+
+/// The sequence of the created change of every message of a written batch (the one logged when
+/// the message was first stored, for a redelivered message).
+pub type CreatedSequences = BTreeMap<(ChatKey, Number), u64>;
 
 /// A chat by its application's internal id and its number.
 pub type ChatKey = (u64, Number);
@@ -434,7 +493,7 @@ pub trait Storage: Send + Sync {
         chat_number: Number,
         number: Number,
         body: &MessageBody,
-    ) -> Result<Option<MessageRow>, StorageError>;
+    ) -> Result<Option<ChangeRow>, StorageError>;
 
     /// Deletes the message: it stays as a tombstone (body cleared, version bumped, `updated_at`
     /// the moment of deletion) so its number is never reused and a late event of it is skipped;
@@ -444,7 +503,17 @@ pub trait Storage: Send + Sync {
         application_id: u64,
         chat_number: Number,
         number: Number,
-    ) -> Result<Option<MessageRow>, StorageError>;
+    ) -> Result<Option<ChangeRow>, StorageError>;
+
+    /// Up to `limit` changes of a chat's log after the sequence `after`, in sequence order.
+    async fn list_changes(
+        &self,
+        application_id: u64,
+        chat_number: Number,
+        selection: ChangeSelection,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<ChangeRow>, StorageError>;
 
     /// Deletes the application: it stays as a tombstone (name cleared, `deleted_at` set), so its
     /// id is never handed out again and a late event of it is dropped; its tokens end now. Its
@@ -464,9 +533,13 @@ pub trait Storage: Send + Sync {
         limit: u32,
     ) -> Result<Vec<u64>, StorageError>;
 
-    /// Writes a batch in one transaction (see [`IngestBatch`]); the chats and messages of
-    /// deleted applications are left out.
-    async fn write_ingest_batch(&self, batch: &IngestBatch<'_>) -> Result<(), StorageError>;
+    /// Writes a batch in one transaction (see [`IngestBatch`]), logging each new message's
+    /// created change with its chat's next sequence; the chats and messages of deleted
+    /// applications are left out.
+    async fn write_ingest_batch(
+        &self,
+        batch: &IngestBatch<'_>,
+    ) -> Result<CreatedSequences, StorageError>;
 
     /// Up to `limit` applications or chats with an id above `after_id`, by id.
     async fn count_figures(

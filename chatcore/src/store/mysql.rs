@@ -9,9 +9,10 @@ use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
 use sqlx::{MySql, MySqlPool, QueryBuilder, Transaction};
 
 use super::{
-    ApplicationRow, ChatKey, ChatRow, CountFigures, CountLevel, IngestBatch, MessageRow,
-    MessageToIndex, NewMessage, ReindexCursor, ReindexScope, Reservation, ScopeBind, StorageError,
-    TokenGrant, first_conflict, now, with_storage_errors,
+    ApplicationRow, ChangeKind, ChangeRow, ChatKey, ChatRow, CountFigures, CountLevel,
+    CreatedSequences, IngestBatch, MessageRow, MessageToIndex, NewMessage, ReindexCursor,
+    ReindexScope, Reservation, ScopeBind, StorageError, TokenGrant, first_conflict, now,
+    with_storage_errors,
 };
 use crate::config::SecretUrl;
 use crate::domain::{
@@ -76,6 +77,7 @@ impl MySqlStorage {
         self.pool.begin().await
     }
 
+    const PURGE_CHANGES: &'static str = "DELETE FROM message_changes WHERE chat_id IN (SELECT id FROM chats WHERE application_id = ?) LIMIT ?";
     const PURGE_MESSAGES: &'static str = "DELETE FROM messages WHERE chat_id IN (SELECT id FROM chats WHERE application_id = ?) LIMIT ?";
     const PURGE_CHATS: &'static str = "DELETE FROM chats WHERE application_id = ? LIMIT ?";
 }
@@ -135,7 +137,7 @@ super::shared_sql::storage_impl!(MySqlStorage, MySql, "mysql", {
         chat_number: Number,
         number: Number,
         body: &MessageBody,
-    ) -> Result<Option<MessageRow>, StorageError> {
+    ) -> Result<Option<ChangeRow>, StorageError> {
         let mut transaction = self.pool.begin().await?;
         let Some(locked) =
             lock_message(&mut transaction, application_id, chat_number, number).await?
@@ -150,14 +152,22 @@ super::shared_sql::storage_impl!(MySqlStorage, MySql, "mysql", {
             .bind(locked.id)
             .execute(&mut *transaction)
             .await?;
-        transaction.commit().await?;
-        Ok(Some(MessageRow {
+        let message = MessageRow {
             number: number.get(),
             body: body.as_str().to_owned(),
             version,
             created_at: locked.created_at,
             updated_at,
-        }))
+        };
+        let change = Self::log_change(
+            &mut transaction,
+            locked.chat_id,
+            ChangeKind::Updated,
+            message,
+        )
+        .await?;
+        transaction.commit().await?;
+        Ok(Some(change))
     }
 
     async fn delete_message(
@@ -165,7 +175,7 @@ super::shared_sql::storage_impl!(MySqlStorage, MySql, "mysql", {
         application_id: u64,
         chat_number: Number,
         number: Number,
-    ) -> Result<Option<MessageRow>, StorageError> {
+    ) -> Result<Option<ChangeRow>, StorageError> {
         let mut transaction = self.pool.begin().await?;
         let Some(locked) =
             lock_message(&mut transaction, application_id, chat_number, number).await?
@@ -188,19 +198,31 @@ super::shared_sql::storage_impl!(MySqlStorage, MySql, "mysql", {
         .bind(locked.chat_id)
         .execute(&mut *transaction)
         .await?;
-        transaction.commit().await?;
-        Ok(Some(MessageRow {
+        let message = MessageRow {
             number: number.get(),
             body: String::new(),
             version,
             created_at: locked.created_at,
             updated_at: deleted_at,
-        }))
+        };
+        let change = Self::log_change(
+            &mut transaction,
+            locked.chat_id,
+            ChangeKind::Deleted,
+            message,
+        )
+        .await?;
+        transaction.commit().await?;
+        Ok(Some(change))
     }
 
-    async fn write_ingest_batch(&self, batch: &IngestBatch<'_>) -> Result<(), StorageError> {
+    async fn write_ingest_batch(
+        &self,
+        batch: &IngestBatch<'_>,
+    ) -> Result<CreatedSequences, StorageError> {
+        let mut created = CreatedSequences::new();
         if batch.chats.is_empty() {
-            return Ok(());
+            return Ok(created);
         }
         let mut transaction = self.pool.begin().await?;
         let deleted_applications = insert_chats(&mut transaction, &batch.chats).await?;
@@ -210,6 +232,7 @@ super::shared_sql::storage_impl!(MySqlStorage, MySql, "mysql", {
             .filter(|(application_id, _)| !deleted_applications.contains(application_id));
         let chat_ids = chat_ids(&mut transaction, live_chats).await?;
         let mut new_messages_per_chat = Vec::new();
+        let mut new_messages = Vec::new();
         for (key, chat_messages) in &batch.messages {
             if deleted_applications.contains(&key.0) {
                 continue;
@@ -217,27 +240,54 @@ super::shared_sql::storage_impl!(MySqlStorage, MySql, "mysql", {
             let chat_id = *chat_ids
                 .get(key)
                 .ok_or(StorageError::ChatMissing(key.0, key.1))?;
-            let inserted =
-                insert_messages(&mut transaction, chat_id, chat_messages.values()).await?;
-            if inserted < chat_messages.len() as u64 {
+            let messages: Vec<&NewMessage<'_>> = chat_messages.values().collect();
+            let inserted = insert_messages(&mut transaction, chat_id, &messages).await?;
+            let mut new: Vec<&NewMessage<'_>> = messages;
+            if inserted < new.len() as u64 {
                 // Some were there already: redeliveries, or numbers handed out twice.
                 let stored =
                     stored_event_ids(&mut transaction, chat_id, chat_messages.keys()).await?;
                 first_conflict(*key, chat_messages.values(), &stored)?;
+                let logged =
+                    created_sequences(&mut transaction, chat_id, chat_messages.keys()).await?;
+                for (&number, &sequence) in &logged {
+                    created.insert((*key, number), sequence);
+                }
+                new.retain(|message| !logged.contains_key(&message.number));
             }
-            if inserted > 0 {
-                new_messages_per_chat.push((chat_id, inserted));
+            if !new.is_empty() {
+                new_messages_per_chat.push((chat_id, new.len() as u64));
+                new_messages.push((chat_id, *key, new));
             }
         }
+        // The new messages count in their chats and take the chats' next change sequences.
         add_counts(
             &mut transaction,
             "chats",
-            "messages_count",
+            &["messages_count", "last_change_sequence"],
             &new_messages_per_chat,
         )
         .await?;
+        let last_sequences = last_change_sequences(
+            &mut transaction,
+            new_messages_per_chat.iter().map(|(chat_id, _)| *chat_id),
+        )
+        .await?;
+        let mut changes = Vec::new();
+        for (chat_id, key, messages) in new_messages {
+            let last = last_sequences
+                .get(&chat_id)
+                .copied()
+                .ok_or(StorageError::ChatMissing(key.0, key.1))?;
+            let first = last + 1 - messages.len() as u64;
+            for (sequence, message) in (first..).zip(messages) {
+                created.insert((key, message.number), sequence);
+                changes.push((chat_id, sequence, message));
+            }
+        }
+        insert_created_changes(&mut transaction, &changes).await?;
         transaction.commit().await?;
-        Ok(())
+        Ok(created)
     }
 
     async fn reserve_fresh_block(
@@ -424,7 +474,7 @@ async fn insert_chats(
     add_counts(
         transaction,
         "applications",
-        "chats_count",
+        &["chats_count"],
         &new_chats_per_application,
     )
     .await?;
@@ -459,28 +509,28 @@ async fn chat_ids(
     Ok(ids)
 }
 
+/// Slices of `items` whose bodies add up to at most [`MAX_STATEMENT_BODY_BYTES`]: one multi-row
+/// INSERT each.
+fn statement_chunks<T>(
+    items: &[T],
+    body_bytes: impl Fn(&T) -> usize,
+) -> impl Iterator<Item = &[T]> {
+    crate::chunks::bounded_by_bytes(items, MAX_STATEMENT_BODY_BYTES, body_bytes)
+}
+
 /// Inserts the messages of one chat that are not there yet; returns how many were new.
-async fn insert_messages<'a>(
+async fn insert_messages(
     transaction: &mut Transaction<'_, MySql>,
     chat_id: u64,
-    messages: impl Iterator<Item = &'a NewMessage<'a>>,
+    messages: &[&NewMessage<'_>],
 ) -> Result<u64, sqlx::Error> {
     let now = now();
     let mut inserted = 0;
-    let mut chunk: Vec<&NewMessage<'_>> = Vec::new();
-    let mut chunk_bytes = 0;
-    let mut messages = messages.peekable();
-    while let Some(message) = messages.next() {
-        chunk_bytes += message.body.len();
-        chunk.push(message);
-        let full = chunk_bytes >= MAX_STATEMENT_BODY_BYTES;
-        if !full && messages.peek().is_some() {
-            continue;
-        }
+    for chunk in statement_chunks(messages, |message| message.body.len()) {
         let mut insert = QueryBuilder::<MySql>::new(
             "INSERT IGNORE INTO messages (chat_id, number, body, version, created_at, updated_at, event_id) ",
         );
-        insert.push_values(chunk.drain(..), |mut row, message| {
+        insert.push_values(chunk, |mut row, message| {
             row.push_bind(chat_id)
                 .push_bind(message.number.get())
                 .push_bind(message.body)
@@ -494,9 +544,69 @@ async fn insert_messages<'a>(
             .execute(&mut **transaction)
             .await?
             .rows_affected();
-        chunk_bytes = 0;
     }
     Ok(inserted)
+}
+
+/// Logs the created change of each new message: `(chat id, sequence, message)`.
+async fn insert_created_changes(
+    transaction: &mut Transaction<'_, MySql>,
+    changes: &[(u64, u64, &NewMessage<'_>)],
+) -> Result<(), sqlx::Error> {
+    let now = now();
+    for chunk in statement_chunks(changes, |(_, _, message)| message.body.len()) {
+        let mut insert = QueryBuilder::<MySql>::new(
+            "INSERT INTO message_changes \
+             (chat_id, sequence, number, version, kind, body, message_created_at, occurred_at) ",
+        );
+        insert.push_values(chunk, |mut row, (chat_id, sequence, message)| {
+            row.push_bind(*chat_id)
+                .push_bind(*sequence)
+                .push_bind(message.number.get())
+                .push_bind(1u64)
+                .push_bind(ChangeKind::Created.as_str())
+                .push_bind(message.body)
+                .push_bind(message.created_at)
+                .push_bind(now);
+        });
+        insert.build().execute(&mut **transaction).await?;
+    }
+    Ok(())
+}
+
+/// The sequence of the created change of the messages of one chat among `numbers` that have one
+/// (were stored before).
+async fn created_sequences(
+    transaction: &mut Transaction<'_, MySql>,
+    chat_id: u64,
+    numbers: impl Iterator<Item = &Number>,
+) -> Result<BTreeMap<Number, u64>, sqlx::Error> {
+    let mut query = QueryBuilder::<MySql>::new(
+        "SELECT number, MIN(sequence) FROM message_changes WHERE chat_id = ",
+    );
+    query.push_bind(chat_id).push(" AND number IN ");
+    push_in_list(&mut query, numbers.map(|number| number.get()));
+    query.push(" GROUP BY number");
+    let rows: Vec<(u64, u64)> = query.build_query_as().fetch_all(&mut **transaction).await?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(number, sequence)| Some((Number::new(number)?, sequence)))
+        .collect())
+}
+
+/// The last change sequence of each chat.
+async fn last_change_sequences(
+    transaction: &mut Transaction<'_, MySql>,
+    chat_ids: impl ExactSizeIterator<Item = u64>,
+) -> Result<BTreeMap<u64, u64>, sqlx::Error> {
+    if chat_ids.len() == 0 {
+        return Ok(BTreeMap::new());
+    }
+    let mut query =
+        QueryBuilder::<MySql>::new("SELECT id, last_change_sequence FROM chats WHERE id IN ");
+    push_in_list(&mut query, chat_ids);
+    let rows: Vec<(u64, u64)> = query.build_query_as().fetch_all(&mut **transaction).await?;
+    Ok(rows.into_iter().collect())
 }
 
 /// Number and event id of the stored messages of one chat among `numbers`.
@@ -512,26 +622,33 @@ async fn stored_event_ids(
     query.build_query_as().fetch_all(&mut **transaction).await
 }
 
-/// `UPDATE <table> SET <column> = <column> + CASE id ... END` for all rows in one statement.
+/// `UPDATE <table> SET <column> = <column> + CASE id ... END, ...` for all rows and columns in one
+/// statement (each column grows by the row's increment).
 async fn add_counts(
     transaction: &mut Transaction<'_, MySql>,
     table: &'static str,
-    column: &'static str,
+    columns: &[&'static str],
     increments: &[(u64, u64)],
 ) -> Result<(), sqlx::Error> {
     if increments.is_empty() {
         return Ok(());
     }
-    let mut update =
-        QueryBuilder::<MySql>::new(format!("UPDATE {table} SET {column} = {column} + CASE id"));
-    for (id, increment) in increments {
-        update
-            .push(" WHEN ")
-            .push_bind(*id)
-            .push(" THEN ")
-            .push_bind(*increment);
+    let mut update = QueryBuilder::<MySql>::new(format!("UPDATE {table} SET "));
+    for (index, column) in columns.iter().enumerate() {
+        if index > 0 {
+            update.push(", ");
+        }
+        update.push(format!("{column} = {column} + CASE id"));
+        for (id, increment) in increments {
+            update
+                .push(" WHEN ")
+                .push_bind(*id)
+                .push(" THEN ")
+                .push_bind(*increment);
+        }
+        update.push(" ELSE 0 END");
     }
-    update.push(" ELSE 0 END WHERE id IN ");
+    update.push(" WHERE id IN ");
     push_in_list(&mut update, increments.iter().map(|(id, _)| *id));
     update.build().execute(&mut **transaction).await?;
     Ok(())

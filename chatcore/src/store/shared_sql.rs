@@ -39,6 +39,53 @@ macro_rules! storage_impl {
                     .await?;
                 Ok(())
             }
+
+            /// Takes the next `count` sequences of a chat's change log; returns the first. The
+            /// chat's row stays locked until the transaction ends, so the changes of one chat are
+            /// logged one transaction after another, in sequence order.
+            async fn take_change_sequences(
+                transaction: &mut sqlx::Transaction<'static, $database>,
+                chat_id: u64,
+                count: u64,
+            ) -> Result<u64, sqlx::Error> {
+                sqlx::query("UPDATE chats SET last_change_sequence = last_change_sequence + ? WHERE id = ?")
+                    .bind(count as i64)
+                    .bind(chat_id as i64)
+                    .execute(&mut **transaction)
+                    .await?;
+                let last: u64 = sqlx::query_scalar("SELECT last_change_sequence FROM chats WHERE id = ?")
+                    .bind(chat_id as i64)
+                    .fetch_one(&mut **transaction)
+                    .await?;
+                Ok(last + 1 - count)
+            }
+
+            /// Logs one change of a message (as it left the message) under the next sequence of
+            /// its chat.
+            async fn log_change(
+                transaction: &mut sqlx::Transaction<'static, $database>,
+                chat_id: u64,
+                kind: $crate::store::ChangeKind,
+                message: MessageRow,
+            ) -> Result<$crate::store::ChangeRow, sqlx::Error> {
+                let sequence = Self::take_change_sequences(transaction, chat_id, 1).await?;
+                sqlx::query(
+                    "INSERT INTO message_changes \
+                     (chat_id, sequence, number, version, kind, body, message_created_at, occurred_at) \
+                     VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                )
+                .bind(chat_id as i64)
+                .bind(sequence as i64)
+                .bind(message.number as i64)
+                .bind(message.version as i64)
+                .bind(kind.as_str())
+                .bind(&message.body)
+                .bind(message.created_at)
+                .bind(message.updated_at)
+                .execute(&mut **transaction)
+                .await?;
+                Ok($crate::store::ChangeRow { sequence, kind, message })
+            }
         }
 
         #[async_trait::async_trait]
@@ -194,7 +241,13 @@ macro_rules! storage_impl {
                     }
                     let mut purged = 0;
                     // Bounded statements, each its own transaction: no lock is held for long.
-                    for statement in [Self::PURGE_MESSAGES, Self::PURGE_CHATS] {
+                    // The change log first (it refers to the chats); its rows are not counted.
+                    let statements = [
+                        (Self::PURGE_CHANGES, false),
+                        (Self::PURGE_MESSAGES, true),
+                        (Self::PURGE_CHATS, true),
+                    ];
+                    for (statement, counted) in statements {
                         loop {
                             let rows = sqlx::query(statement)
                                 .bind(application_id as i64)
@@ -202,7 +255,9 @@ macro_rules! storage_impl {
                                 .execute(&self.pool)
                                 .await?
                                 .rows_affected();
-                            purged += rows;
+                            if counted {
+                                purged += rows;
+                            }
                             if rows < u64::from($crate::store::PURGE_ROWS_PER_STATEMENT) {
                                 break;
                             }
@@ -243,7 +298,7 @@ macro_rules! storage_impl {
             ) -> Result<Option<ChatRow>, StorageError> {
                 with_storage_errors(async {
                     sqlx::query_as(
-                        "SELECT number, messages_count, created_at FROM chats \
+                        "SELECT number, messages_count, created_at, last_change_sequence FROM chats \
                          WHERE application_id = ? AND number = ?",
                     )
                     .bind(application_id as i64)
@@ -261,7 +316,7 @@ macro_rules! storage_impl {
             ) -> Result<Vec<ChatRow>, StorageError> {
                 with_storage_errors(async {
                     sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                        "SELECT number, messages_count, created_at FROM chats WHERE application_id = ? \
+                        "SELECT number, messages_count, created_at, last_change_sequence FROM chats WHERE application_id = ? \
                          AND number BETWEEN ? AND ? ORDER BY number {} LIMIT ? OFFSET ?",
                         $crate::store::direction(page)
                     )))
@@ -343,6 +398,43 @@ macro_rules! storage_impl {
                     .await
                 })
                 .await
+            }
+
+            async fn list_changes(
+                &self,
+                application_id: u64,
+                chat_number: Number,
+                selection: $crate::store::ChangeSelection,
+                after: u64,
+                limit: u32,
+            ) -> Result<Vec<$crate::store::ChangeRow>, StorageError> {
+                // The state at a sequence: a change no later change of its message up to that
+                // sequence replaced, unless it deleted the message.
+                let (up_to, state_only) = match selection {
+                    $crate::store::ChangeSelection::Every => (i64::MAX, ""),
+                    $crate::store::ChangeSelection::StateAt(as_of) => (
+                        as_of as i64,
+                        "AND mc.kind <> 'deleted' AND NOT EXISTS (SELECT 1 FROM message_changes later \
+                         WHERE later.chat_id = mc.chat_id AND later.number = mc.number \
+                         AND later.sequence > mc.sequence AND later.sequence <= ?)",
+                    ),
+                };
+                let query = format!(
+                    "SELECT mc.sequence, mc.kind, mc.number, mc.body, mc.version, \
+                     mc.message_created_at AS created_at, mc.occurred_at AS updated_at \
+                     FROM message_changes mc JOIN chats c ON c.id = mc.chat_id \
+                     WHERE c.application_id = ? AND c.number = ? AND mc.sequence > ? \
+                     AND mc.sequence <= ? {state_only} ORDER BY mc.sequence LIMIT ?"
+                );
+                let mut rows = sqlx::query_as(sqlx::AssertSqlSafe(query))
+                    .bind(application_id as i64)
+                    .bind(chat_number.get() as i64)
+                    .bind(after as i64)
+                    .bind(up_to);
+                if !state_only.is_empty() {
+                    rows = rows.bind(up_to);
+                }
+                with_storage_errors(rows.bind(i64::from(limit)).fetch_all(&self.pool)).await
             }
 
             async fn reserved_until(&self, scope: &str) -> Result<Option<u64>, StorageError> {

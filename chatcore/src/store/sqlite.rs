@@ -12,9 +12,10 @@ use chrono::{DateTime, Utc};
 use sqlx::{AssertSqlSafe, Sqlite, SqlitePool, Transaction};
 
 use super::{
-    APPLICATION_COLUMNS, ApplicationRow, ChatRow, CountFigures, CountLevel, IngestBatch,
-    MessageRow, MessageToIndex, ReindexCursor, ReindexScope, Reservation, ScopeBind, StorageError,
-    TokenGrant, first_conflict, now, with_storage_errors,
+    APPLICATION_COLUMNS, ApplicationRow, ChangeKind, ChangeRow, ChatRow, CountFigures, CountLevel,
+    CreatedSequences, IngestBatch, MessageRow, MessageToIndex, NewMessage, ReindexCursor,
+    ReindexScope, Reservation, ScopeBind, StorageError, TokenGrant, first_conflict, now,
+    with_storage_errors,
 };
 use crate::domain::{
     ApplicationName, ApplicationToken, MessageBody, Number, PageRequest, TokenDigest,
@@ -39,6 +40,9 @@ impl SqliteStorage {
     }
 
     // SQLite has no LIMIT on DELETE (unless built with it): the rows are chosen by a subquery.
+    const PURGE_CHANGES: &'static str = "DELETE FROM message_changes WHERE (chat_id, sequence) IN \
+         (SELECT mc.chat_id, mc.sequence FROM message_changes mc JOIN chats c ON c.id = mc.chat_id \
+         WHERE c.application_id = ? LIMIT ?)";
     const PURGE_MESSAGES: &'static str = "DELETE FROM messages WHERE id IN (SELECT m.id FROM messages m \
          JOIN chats c ON c.id = m.chat_id WHERE c.application_id = ? LIMIT ?)";
     const PURGE_CHATS: &'static str =
@@ -165,20 +169,34 @@ super::shared_sql::storage_impl!(SqliteStorage, Sqlite, "sqlite", {
         chat_number: Number,
         number: Number,
         body: &MessageBody,
-    ) -> Result<Option<MessageRow>, StorageError> {
+    ) -> Result<Option<ChangeRow>, StorageError> {
+        let mut transaction = begin_write(&self.pool).await?;
         // One statement: the write lock makes the version bump atomic.
-        Ok(sqlx::query_as(
-            "UPDATE messages SET body = ?, version = version + 1, updated_at = ? \
-             WHERE chat_id = (SELECT id FROM chats WHERE application_id = ? AND number = ?) \
-             AND number = ? AND deleted_at IS NULL RETURNING number, body, version, created_at, updated_at",
+        let updated = sqlx::query_as::<_, ChangedMessage>(
+            "UPDATE messages SET body = ?1, version = version + 1, updated_at = ?2 \
+             WHERE chat_id = (SELECT id FROM chats WHERE application_id = ?3 AND number = ?4) \
+             AND number = ?5 AND deleted_at IS NULL \
+             RETURNING chat_id, number, body, version, created_at, updated_at",
         )
         .bind(body.as_str())
         .bind(now())
         .bind(application_id as i64)
         .bind(chat_number.get() as i64)
         .bind(number.get() as i64)
-        .fetch_optional(&self.pool)
-        .await?)
+        .fetch_optional(&mut *transaction)
+        .await?;
+        let Some(updated) = updated else {
+            return Ok(None);
+        };
+        let change = Self::log_change(
+            &mut transaction,
+            updated.chat_id,
+            ChangeKind::Updated,
+            updated.message,
+        )
+        .await?;
+        transaction.commit().await?;
+        Ok(Some(change))
     }
 
     async fn delete_message(
@@ -186,10 +204,9 @@ super::shared_sql::storage_impl!(SqliteStorage, Sqlite, "sqlite", {
         application_id: u64,
         chat_number: Number,
         number: Number,
-    ) -> Result<Option<MessageRow>, StorageError> {
+    ) -> Result<Option<ChangeRow>, StorageError> {
         let mut transaction = begin_write(&self.pool).await?;
-        type Deleted = (i64, u64, String, u64, DateTime<Utc>, DateTime<Utc>);
-        let deleted = sqlx::query_as::<_, Deleted>(
+        let deleted = sqlx::query_as::<_, ChangedMessage>(
             "UPDATE messages SET body = '', version = version + 1, updated_at = ?1, deleted_at = ?1 \
              WHERE chat_id = (SELECT id FROM chats WHERE application_id = ?2 AND number = ?3) \
              AND number = ?4 AND deleted_at IS NULL \
@@ -200,26 +217,34 @@ super::shared_sql::storage_impl!(SqliteStorage, Sqlite, "sqlite", {
         .bind(chat_number.get() as i64)
         .bind(number.get() as i64)
         .fetch_optional(&mut *transaction)
-        .await?
-        .map(|(chat_id, number, body, version, created_at, updated_at)| {
-            (chat_id, MessageRow { number, body, version, created_at, updated_at })
-        });
-        let Some((chat_id, row)) = deleted else {
+        .await?;
+        let Some(deleted) = deleted else {
             return Ok(None);
         };
         sqlx::query(
             "UPDATE chats SET messages_count = messages_count - 1 WHERE id = ? AND messages_count > 0",
         )
-        .bind(chat_id)
+        .bind(deleted.chat_id as i64)
         .execute(&mut *transaction)
         .await?;
+        let change = Self::log_change(
+            &mut transaction,
+            deleted.chat_id,
+            ChangeKind::Deleted,
+            deleted.message,
+        )
+        .await?;
         transaction.commit().await?;
-        Ok(Some(row))
+        Ok(Some(change))
     }
 
-    async fn write_ingest_batch(&self, batch: &IngestBatch<'_>) -> Result<(), StorageError> {
+    async fn write_ingest_batch(
+        &self,
+        batch: &IngestBatch<'_>,
+    ) -> Result<CreatedSequences, StorageError> {
+        let mut created = CreatedSequences::new();
         if batch.chats.is_empty() {
-            return Ok(());
+            return Ok(created);
         }
         let mut transaction = begin_write(&self.pool).await?;
         let now = now();
@@ -279,7 +304,7 @@ super::shared_sql::storage_impl!(SqliteStorage, Sqlite, "sqlite", {
                     .fetch_optional(&mut *transaction)
                     .await?
                     .ok_or(StorageError::ChatMissing(application_id, chat_number))?;
-            let mut new_messages = 0;
+            let mut new_messages: Vec<&NewMessage<'_>> = Vec::new();
             for message in messages.values() {
                 let inserted = sqlx::query(
                     "INSERT INTO messages (chat_id, number, body, version, created_at, updated_at, event_id) \
@@ -293,35 +318,75 @@ super::shared_sql::storage_impl!(SqliteStorage, Sqlite, "sqlite", {
                 .bind(message.event_id.as_bytes().as_slice())
                 .execute(&mut *transaction)
                 .await?
-                .rows_affected() as i64;
-                if inserted == 0 {
-                    // There already: a redelivery, or a number handed out twice.
-                    let stored: Option<Vec<u8>> = sqlx::query_scalar(
-                        "SELECT event_id FROM messages WHERE chat_id = ? AND number = ?",
-                    )
-                    .bind(chat_id)
-                    .bind(message.number.get() as i64)
-                    .fetch_one(&mut *transaction)
-                    .await?;
-                    first_conflict(
-                        (application_id, chat_number),
-                        [message],
-                        &[(message.number.get(), stored)],
-                    )?;
+                .rows_affected();
+                if inserted > 0 {
+                    new_messages.push(message);
+                    continue;
                 }
-                new_messages += inserted;
+                // There already: a redelivery, or a number handed out twice.
+                let stored: Option<Vec<u8>> = sqlx::query_scalar(
+                    "SELECT event_id FROM messages WHERE chat_id = ? AND number = ?",
+                )
+                .bind(chat_id)
+                .bind(message.number.get() as i64)
+                .fetch_one(&mut *transaction)
+                .await?;
+                first_conflict(
+                    (application_id, chat_number),
+                    [message],
+                    &[(message.number.get(), stored)],
+                )?;
+                let logged: Option<i64> = sqlx::query_scalar(
+                    "SELECT MIN(sequence) FROM message_changes WHERE chat_id = ? AND number = ?",
+                )
+                .bind(chat_id)
+                .bind(message.number.get() as i64)
+                .fetch_one(&mut *transaction)
+                .await?;
+                if let Some(sequence) = logged {
+                    created.insert(
+                        ((application_id, chat_number), message.number),
+                        sequence as u64,
+                    );
+                }
             }
-            add_count(
-                &mut transaction,
-                "chats",
-                "messages_count",
-                chat_id as u64,
-                new_messages,
+            if new_messages.is_empty() {
+                continue;
+            }
+            // The new messages count in their chat and take its next change sequences.
+            let count = new_messages.len() as i64;
+            let last: i64 = sqlx::query_scalar(
+                "UPDATE chats SET messages_count = messages_count + ?1, \
+                 last_change_sequence = last_change_sequence + ?1 WHERE id = ?2 \
+                 RETURNING last_change_sequence",
             )
+            .bind(count)
+            .bind(chat_id)
+            .fetch_one(&mut *transaction)
             .await?;
+            for (sequence, message) in (last + 1 - count..).zip(new_messages) {
+                sqlx::query(
+                    "INSERT INTO message_changes \
+                     (chat_id, sequence, number, version, kind, body, message_created_at, occurred_at) \
+                     VALUES (?, ?, ?, 1, ?, ?, ?, ?)",
+                )
+                .bind(chat_id)
+                .bind(sequence)
+                .bind(message.number.get() as i64)
+                .bind(ChangeKind::Created.as_str())
+                .bind(message.body)
+                .bind(message.created_at)
+                .bind(now)
+                .execute(&mut *transaction)
+                .await?;
+                created.insert(
+                    ((application_id, chat_number), message.number),
+                    sequence as u64,
+                );
+            }
         }
         transaction.commit().await?;
-        Ok(())
+        Ok(created)
     }
 
     async fn reserve_fresh_block(
@@ -388,6 +453,14 @@ super::shared_sql::storage_impl!(SqliteStorage, Sqlite, "sqlite", {
         Ok(behind)
     }
 });
+
+/// A message an update or a deletion left, and its chat.
+#[derive(sqlx::FromRow)]
+struct ChangedMessage {
+    chat_id: u64,
+    #[sqlx(flatten)]
+    message: MessageRow,
+}
 
 async fn add_count(
     transaction: &mut Transaction<'_, Sqlite>,

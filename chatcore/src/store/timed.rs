@@ -8,8 +8,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use super::{
-    ApplicationRow, ChatRow, CountFigures, CountLevel, IngestBatch, MessageRow, MessageToIndex,
-    ReindexCursor, ReindexScope, Reservation, Storage, StorageError, TokenGrant,
+    ApplicationRow, ChangeRow, ChangeSelection, ChatRow, CountFigures, CountLevel,
+    CreatedSequences, IngestBatch, MessageRow, MessageToIndex, ReindexCursor, ReindexScope,
+    Reservation, Storage, StorageError, TokenGrant,
 };
 use crate::domain::{
     ApplicationName, ApplicationToken, MessageBody, Number, PageRequest, TokenDigest,
@@ -169,7 +170,7 @@ impl Storage for TimedStorage {
         chat_number: Number,
         number: Number,
         body: &MessageBody,
-    ) -> Result<Option<MessageRow>, StorageError> {
+    ) -> Result<Option<ChangeRow>, StorageError> {
         let call = self
             .inner
             .update_message(application_id, chat_number, number, body);
@@ -197,12 +198,28 @@ impl Storage for TimedStorage {
         application_id: u64,
         chat_number: Number,
         number: Number,
-    ) -> Result<Option<MessageRow>, StorageError> {
+    ) -> Result<Option<ChangeRow>, StorageError> {
         let call = self
             .inner
             .delete_message(application_id, chat_number, number);
         self.metrics
             .time_within(self.kind(), "delete_message", self.limit, call)
+            .await
+    }
+
+    async fn list_changes(
+        &self,
+        application_id: u64,
+        chat_number: Number,
+        selection: ChangeSelection,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<ChangeRow>, StorageError> {
+        let call = self
+            .inner
+            .list_changes(application_id, chat_number, selection, after, limit);
+        self.metrics
+            .time_within(self.kind(), "list_changes", self.limit, call)
             .await
     }
 
@@ -235,7 +252,10 @@ impl Storage for TimedStorage {
 
     /// Not bounded by the dependency timeout: a batch of the largest events legitimately takes
     /// longer, and a bound would retry it forever. The consumer retries its failures.
-    async fn write_ingest_batch(&self, batch: &IngestBatch<'_>) -> Result<(), StorageError> {
+    async fn write_ingest_batch(
+        &self,
+        batch: &IngestBatch<'_>,
+    ) -> Result<CreatedSequences, StorageError> {
         let call = self.inner.write_ingest_batch(batch);
         self.metrics
             .time(self.kind(), "write_ingest_batch", call)

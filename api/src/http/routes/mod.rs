@@ -2,6 +2,7 @@
 //! what their handlers share.
 
 pub(super) mod applications;
+pub(super) mod changes;
 pub(super) mod chats;
 pub(super) mod health;
 pub(super) mod messages;

@@ -1,0 +1,320 @@
+//! The change log of a chat, as the live stream and the replay API read it: every stored change
+//! of a message once, in the order of its sequence, from any point.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use system_tests::{Next, StatusCode, TestEnv, both_stacks};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+both_stacks!(a_stream_resumed_after_an_edit_gets_exactly_the_changes_it_missed);
+
+/// The resume probe: a client that saw three messages comes back after an edit of the first and
+/// the deletion of the second, made while it was away: it gets those two changes and what follows,
+/// once each, in the order they were stored, and nothing it had seen.
+async fn a_stream_resumed_after_an_edit_gets_exactly_the_changes_it_missed(
+    env: TestEnv,
+) -> anyhow::Result<()> {
+    let api = env.spawn_api().await?;
+    let workers = env.spawn_workers();
+    let client = &api.client;
+    let token = client.create_application("app").await?;
+    let chat = client.create_chat(&token).await?;
+    let mut stream = client
+        .stream(&token, chat, None)
+        .await?
+        .map_err(|reply| anyhow::anyhow!("refused: {reply:?}"))?;
+    for body in ["one", "two", "three"] {
+        client.create_message(&token, chat, body).await?;
+    }
+    let mut last_seen = 0;
+    for expected in 1..=3 {
+        let event = stream.expect_event(WAIT).await?;
+        assert_eq!((event.number()?, event.sequence()?), (expected, expected));
+        last_seen = event.sequence()?;
+    }
+    drop(stream);
+
+    let message = |number: u64| format!("/applications/{token}/chats/{chat}/messages/{number}");
+    let edited = client
+        .put(&message(1), json!({"body": "one, edited"}))
+        .await?;
+    assert_eq!(edited.status, StatusCode::OK, "{edited:?}");
+    assert_eq!(
+        client.delete(&message(2)).await?.status,
+        StatusCode::NO_CONTENT
+    );
+    let mut resumed = client
+        .stream(&token, chat, Some(last_seen))
+        .await?
+        .map_err(|reply| anyhow::anyhow!("refused: {reply:?}"))?;
+    client.create_message(&token, chat, "four").await?;
+    let mut received = Vec::new();
+    for _ in 0..3 {
+        let event = resumed.expect_event(WAIT).await?;
+        received.push((
+            event.sequence()?,
+            event.event.clone(),
+            event.number()?,
+            event.data["body"].as_str().unwrap_or_default().to_owned(),
+        ));
+    }
+    assert_eq!(
+        received,
+        [
+            (4, "updated".to_owned(), 1, "one, edited".to_owned()),
+            (5, "deleted".to_owned(), 2, String::new()),
+            (6, "created".to_owned(), 4, "four".to_owned()),
+        ]
+    );
+    assert!(
+        matches!(resumed.next(Duration::from_millis(500)).await?, Next::Quiet),
+        "nothing seen before comes again"
+    );
+    drop(resumed);
+    workers.stop().await?;
+    api.stop().await
+}
+
+both_stacks!(the_change_log_walks_every_change_exactly_once_while_changes_pour_in);
+
+/// A backend follows a chat through `GET .../changes?after=` while messages are posted, edited and
+/// deleted: it reads every change exactly once, in sequence order without a gap, and what it
+/// rebuilt from them is what the chat holds.
+async fn the_change_log_walks_every_change_exactly_once_while_changes_pour_in(
+    env: TestEnv,
+) -> anyhow::Result<()> {
+    const MESSAGES: u64 = 120;
+    const EDITED: u64 = 20;
+    const DELETED: u64 = 10;
+    let api = env.spawn_api().await?;
+    let workers = env.spawn_workers();
+    let client = &api.client;
+    let token = client.create_application("app").await?;
+    let chat = client.create_chat(&token).await?;
+    let changing = {
+        let (client, token) = (client.clone(), token.clone());
+        tokio::spawn(async move {
+            for index in 0..MESSAGES {
+                let body = format!("message {index}");
+                let key = format!("log-{index}");
+                client
+                    .create_message_carefully(&token, chat, &body, &key)
+                    .await?;
+            }
+            // Edits and deletions of older messages, retried while a message is not stored yet.
+            for number in 1..=EDITED + DELETED {
+                let path = format!("/applications/{token}/chats/{chat}/messages/{number}");
+                system_tests::eventually("the change is stored", WAIT, || async {
+                    let reply = if number <= EDITED {
+                        client
+                            .put(&path, json!({"body": format!("edited {number}")}))
+                            .await?
+                    } else {
+                        client.delete(&path).await?
+                    };
+                    Ok(reply.status.is_success())
+                })
+                .await?;
+            }
+            anyhow::Ok(())
+        })
+    };
+    let expected = MESSAGES + EDITED + DELETED;
+    let mut changes: Vec<Value> = Vec::new();
+    let mut after = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while (changes.len() as u64) < expected {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "only {} of {expected} changes after 120 s",
+            changes.len()
+        );
+        let page = client
+            .get(&format!(
+                "/applications/{token}/chats/{chat}/changes?after={after}&per_page=7"
+            ))
+            .await?;
+        assert_eq!(page.status, StatusCode::OK, "{page:?}");
+        let read = page.body["changes"].as_array().cloned().unwrap_or_default();
+        if read.is_empty() {
+            assert!(page.body["pagination"]["next_after"].is_null(), "{page:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        }
+        after = read
+            .last()
+            .and_then(|change| change["sequence"].as_u64())
+            .unwrap_or(after);
+        changes.extend(read);
+    }
+    changing.await??;
+
+    let sequences: Vec<u64> = changes
+        .iter()
+        .filter_map(|c| c["sequence"].as_u64())
+        .collect();
+    assert_eq!(
+        sequences,
+        (1..=expected).collect::<Vec<_>>(),
+        "in order, no gap, none twice"
+    );
+    let mut state: BTreeMap<u64, (String, u64)> = BTreeMap::new();
+    let mut kinds = BTreeMap::<String, u64>::new();
+    for change in &changes {
+        let kind = change["type"].as_str().unwrap_or_default().to_owned();
+        let number = change["message"]["number"].as_u64().unwrap_or_default();
+        let version = change["message"]["version"].as_u64().unwrap_or_default();
+        let body = change["message"]["body"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        *kinds.entry(kind.clone()).or_default() += 1;
+        let previous = state.get(&number).map_or(0, |(_, version)| *version);
+        assert_eq!(
+            version,
+            previous + 1,
+            "versions of message {number} in order: {change}"
+        );
+        if kind == "message.deleted" {
+            assert!(body.is_empty());
+            state.remove(&number);
+        } else {
+            state.insert(number, (body, version));
+        }
+        assert!(change["occurred_at"].is_string(), "{change}");
+    }
+    assert_eq!(
+        kinds,
+        BTreeMap::from([
+            ("message.created".to_owned(), MESSAGES),
+            ("message.updated".to_owned(), EDITED),
+            ("message.deleted".to_owned(), DELETED),
+        ])
+    );
+    // What the log rebuilt is what the chat holds.
+    let stored = client
+        .get(&format!(
+            "/applications/{token}/chats/{chat}/messages?per_page=100&after=0"
+        ))
+        .await?;
+    let first_page: BTreeSet<u64> = stored.body["messages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|message| message["number"].as_u64())
+        .collect();
+    let rebuilt: BTreeSet<u64> = state.keys().copied().take(100).collect();
+    assert_eq!(first_page, rebuilt);
+    for number in [1, EDITED] {
+        let message = client
+            .get(&format!(
+                "/applications/{token}/chats/{chat}/messages/{number}"
+            ))
+            .await?;
+        assert_eq!(message.body["body"], state[&number].0.as_str());
+    }
+
+    // Bad input is refused; an unknown chat is 404.
+    for query in ["after=-1", "after=x", "per_page=0", "per_page=101"] {
+        let reply = client
+            .get(&format!(
+                "/applications/{token}/chats/{chat}/changes?{query}"
+            ))
+            .await?;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{query}: {reply:?}");
+    }
+    let unknown = client
+        .get(&format!("/applications/{token}/chats/999/changes"))
+        .await?;
+    assert_eq!(unknown.status, StatusCode::NOT_FOUND);
+    workers.stop().await?;
+    api.stop().await
+}
+
+/// A MySQL database of before the change log, migrated by this version: each stored message is
+/// logged once, as it is now, in number order, and each chat's last sequence follows its log.
+#[tokio::test]
+async fn messages_stored_before_the_change_log_are_logged_once_by_the_migration()
+-> anyhow::Result<()> {
+    use chatcore::store::{ChangeKind, ChangeSelection, Storage as _};
+    use sqlx::Connection as _;
+
+    let env = TestEnv::new().await?;
+    let database = format!("chat_{}_before_changes", env.id);
+    let admin_url = &env.services.mysql_admin_url;
+    let mut admin = sqlx::MySqlConnection::connect(admin_url).await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {database}")))
+        .execute(&mut admin)
+        .await?;
+    let pool = sqlx::MySqlPool::connect(&format!("{admin_url}/{database}")).await?;
+    chatcore::store::migrations_before(&chatcore::store::mysql::MIGRATOR, 20261207000001)
+        .run(&pool)
+        .await?;
+    for statement in [
+        "INSERT INTO applications (id, token_hint, name, chats_count, created_at, updated_at) \
+         VALUES (1, '...abcd', 'old', 2, NOW(3), NOW(3))",
+        "INSERT INTO chats (id, application_id, number, messages_count, created_at, updated_at) \
+         VALUES (10, 1, 1, 2, NOW(3), NOW(3)), (11, 1, 2, 0, NOW(3), NOW(3))",
+        "INSERT INTO messages (chat_id, number, body, version, created_at, updated_at, deleted_at) \
+         VALUES (10, 2, 'edited', 3, NOW(3), NOW(3), NULL), (10, 1, 'first', 1, NOW(3), NOW(3), NULL), \
+         (10, 3, '', 2, NOW(3), NOW(3), NOW(3))",
+    ] {
+        sqlx::query(statement).execute(&pool).await?;
+    }
+    chatcore::store::mysql::MIGRATOR.run(&pool).await?;
+
+    let storage = chatcore::store::MySqlStorage::new(pool.clone());
+    let chat = chatcore::domain::Number::new(1).expect("positive");
+    let logged = storage
+        .list_changes(1, chat, ChangeSelection::Every, 0, 10)
+        .await?;
+    let summary: Vec<(u64, ChangeKind, u64, u64)> = logged
+        .iter()
+        .map(|change| {
+            (
+                change.sequence,
+                change.kind,
+                change.message.number,
+                change.message.version,
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (1, ChangeKind::Created, 1, 1),
+            (2, ChangeKind::Updated, 2, 3),
+            (3, ChangeKind::Deleted, 3, 2),
+        ]
+    );
+    let found = storage.find_chat(1, chat).await?.expect("the chat");
+    assert_eq!(found.last_change_sequence, 3);
+    let empty = chatcore::domain::Number::new(2).expect("positive");
+    assert_eq!(
+        storage
+            .find_chat(1, empty)
+            .await?
+            .expect("the chat")
+            .last_change_sequence,
+        0
+    );
+    // The next change follows the log.
+    let body = chatcore::domain::MessageBody::parse("again".to_owned())?;
+    let change = storage
+        .update_message(
+            1,
+            chat,
+            chatcore::domain::Number::new(1).expect("positive"),
+            &body,
+        )
+        .await?;
+    assert_eq!(change.map(|change| change.sequence), Some(4));
+    pool.close().await;
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE {database}")))
+        .execute(&mut admin)
+        .await?;
+    Ok(())
+}
