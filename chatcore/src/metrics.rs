@@ -83,6 +83,7 @@ pub struct Metrics {
     pub counter_sync_repairs: Family<RepairLabels, Counter>,
     pub live_streams: Gauge,
     pub live_streams_ended: Family<StreamEndLabels, Counter>,
+    pub live_changes_received: Counter,
     pub rate_limiter_keys: Family<LimiterLabels, Gauge>,
 }
 
@@ -174,6 +175,12 @@ impl Metrics {
             "Live message streams ended, by reason",
             live_streams_ended.clone(),
         );
+        let live_changes_received = Counter::default();
+        registry.register(
+            "live_changes_received",
+            "Stored changes this replica received for its live streams (only of the chats it streams)",
+            live_changes_received.clone(),
+        );
         let rate_limiter_keys = Family::<LimiterLabels, Gauge>::default();
         registry.register(
             "rate_limiter_keys",
@@ -195,6 +202,7 @@ impl Metrics {
             counter_sync_repairs,
             live_streams,
             live_streams_ended,
+            live_changes_received,
             rate_limiter_keys,
         })
     }

@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use anyhow::Context as _;
 use serde_json::{Value, json};
 use system_tests::{Next, StatusCode, TestEnv, both_stacks};
 
@@ -317,4 +318,70 @@ async fn messages_stored_before_the_change_log_are_logged_once_by_the_migration(
         .execute(&mut admin)
         .await?;
     Ok(())
+}
+
+both_stacks!(a_replica_hears_the_changes_of_the_chats_it_streams_only);
+
+/// Changes are routed by chat: a replica hears the changes of a chat while it streams that chat,
+/// and none of a chat nobody streams from it (counted by `chat_live_changes_received_total`).
+async fn a_replica_hears_the_changes_of_the_chats_it_streams_only(
+    env: TestEnv,
+) -> anyhow::Result<()> {
+    let api = env.spawn_api().await?;
+    let workers = env.spawn_workers();
+    let client = &api.client;
+    let token = client.create_application("app").await?;
+    let streamed = client.create_chat(&token).await?;
+    let quiet = client.create_chat(&token).await?;
+    let received = || async {
+        let metrics = reqwest::get(api.metrics_url()).await?.text().await?;
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix("chat_live_changes_received_total "))
+            .context("chat_live_changes_received_total on /metrics")?
+            .trim()
+            .parse::<u64>()
+            .context("a count")
+    };
+    let before = received().await?;
+    let mut stream = client
+        .stream(&token, streamed, None)
+        .await?
+        .map_err(|reply| anyhow::anyhow!("refused: {reply:?}"))?;
+    for index in 0..20 {
+        client
+            .create_message(&token, quiet, &format!("unheard {index}"))
+            .await?;
+    }
+    // Announced after the quiet chat's twenty (one ingest consumer announces in order).
+    client.create_message(&token, streamed, "heard").await?;
+    let event = stream.expect_event(WAIT).await?;
+    assert_eq!(event.data["body"], "heard");
+    assert_eq!(
+        received().await? - before,
+        1,
+        "only the streamed chat's change"
+    );
+
+    // Its last stream gone, the chat is not heard any more.
+    drop(stream);
+    let mut other = client
+        .stream(&token, quiet, None)
+        .await?
+        .map_err(|reply| anyhow::anyhow!("refused: {reply:?}"))?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    client
+        .create_message(&token, streamed, "unheard now")
+        .await?;
+    client.create_message(&token, quiet, "heard now").await?;
+    let event = other.expect_event(WAIT).await?;
+    assert_eq!(event.data["body"], "heard now");
+    assert_eq!(
+        received().await? - before,
+        2,
+        "the chat nobody streams is not heard"
+    );
+    drop(other);
+    workers.stop().await?;
+    api.stop().await
 }

@@ -27,7 +27,7 @@ use chatcore::changes::{ChangeKind, MessageChange};
 use chatcore::config::StreamLimits;
 use chatcore::domain::Number;
 use chatcore::metrics::{Metrics, StreamEndLabels};
-use chatcore::queue::EventQueue;
+use chatcore::queue::{EventQueue, FollowedChats, Listener};
 use chatcore::retry::{self, Backoff};
 use chatcore::store::{ChangeSelection, ChatKey};
 use futures_util::{Stream, StreamExt as _};
@@ -46,6 +46,10 @@ const LISTENER_WAIT: Duration = Duration::from_secs(3);
 /// The streams of this replica and the announcements feeding them.
 pub struct LiveHub {
     chats: Mutex<HashMap<ChatKey, broadcast::Sender<Arc<MessageChange>>>>,
+    /// The chats the current listener follows (None while not listening): the listener hears the
+    /// changes of the chats streamed here only. Held across a follow or unfollow, so that one
+    /// chat's first stream and its last stream's end take turns.
+    followed: tokio::sync::Mutex<Option<Box<dyn FollowedChats>>>,
     open: Mutex<OpenStreams>,
     /// Whether the announcements are heard now.
     listening: watch::Sender<bool>,
@@ -82,6 +86,7 @@ impl LiveHub {
     ) -> Arc<Self> {
         let hub = Arc::new(Self {
             chats: Mutex::default(),
+            followed: tokio::sync::Mutex::default(),
             open: Mutex::default(),
             listening: watch::channel(false).0,
             limits,
@@ -104,8 +109,12 @@ impl LiveHub {
                 listened = queue.listen() => listened,
             };
             match listened {
-                Ok(mut announcements) => {
+                Ok(Listener {
+                    mut announcements,
+                    chats,
+                }) => {
                     attempt = 0;
+                    *self.followed.lock().await = Some(chats);
                     self.listening.send_replace(true);
                     tracing::info!("listening to stored changes for live streams");
                     loop {
@@ -123,6 +132,8 @@ impl LiveHub {
                 }
             }
             self.listening.send_replace(false);
+            // The lost listener's chats went with it.
+            *self.followed.lock().await = None;
             // Dropping the senders ends every open stream: they may have missed changes.
             self.lock_chats().clear();
             attempt += 1;
@@ -133,6 +144,9 @@ impl LiveHub {
     }
 
     fn dispatch(&self, changes: Vec<MessageChange>) {
+        self.metrics
+            .live_changes_received
+            .inc_by(changes.len() as u64);
         let mut chats = self.lock_chats();
         for change in changes {
             let key = (change.application_id, change.chat_number);
@@ -162,8 +176,11 @@ impl LiveHub {
             return Err(ApiError::TooManyStreams("on this replica"));
         }
         let mut listening = self.listening.subscribe();
-        let heard = tokio::time::timeout(LISTENER_WAIT, listening.wait_for(|heard| *heard)).await;
-        if !matches!(heard, Ok(Ok(_))) {
+        let heard = matches!(
+            tokio::time::timeout(LISTENER_WAIT, listening.wait_for(|heard| *heard)).await,
+            Ok(Ok(_))
+        );
+        if !heard {
             return Err(ApiError::Unavailable(
                 "not listening to stored changes".into(),
             ));
@@ -186,19 +203,50 @@ impl LiveHub {
             open.total += 1;
         }
         self.metrics.live_streams.inc();
-        let changes = self
-            .lock_chats()
-            .entry(chat)
-            .or_insert_with(|| broadcast::channel(self.limits.buffered_changes).0)
-            .subscribe();
-        Ok(Subscription {
-            changes,
-            slot: Slot {
-                hub: Arc::clone(self),
-                chat,
-                client,
-            },
-        })
+        let slot = Slot {
+            hub: Arc::clone(self),
+            chat,
+            client,
+        };
+        let changes = self.subscribe(chat).await?;
+        Ok(Subscription { changes, slot })
+    }
+
+    /// A receiver of the chat's changes; the first stream of a chat has the listener follow it
+    /// first.
+    async fn subscribe(
+        &self,
+        chat: ChatKey,
+    ) -> Result<broadcast::Receiver<Arc<MessageChange>>, ApiError> {
+        let followed = self.followed.lock().await;
+        if let Some(sender) = self.lock_chats().get(&chat) {
+            return Ok(sender.subscribe());
+        }
+        let Some(chats) = followed.as_ref() else {
+            return Err(ApiError::Unavailable(
+                "not listening to stored changes".into(),
+            ));
+        };
+        chats.follow(chat).await.map_err(|error| {
+            tracing::warn!(%error, "cannot follow a chat's stored changes");
+            ApiError::Unavailable("cannot follow the chat's stored changes".into())
+        })?;
+        let (sender, receiver) = broadcast::channel(self.limits.buffered_changes);
+        self.lock_chats().insert(chat, sender);
+        Ok(receiver)
+    }
+
+    /// Has the listener stop following a chat whose last stream ended, unless one opened since.
+    async fn unfollow_if_unwatched(&self, chat: ChatKey) {
+        let followed = self.followed.lock().await;
+        if self.lock_chats().contains_key(&chat) {
+            return;
+        }
+        if let Some(chats) = followed.as_ref()
+            && let Err(error) = chats.unfollow(chat).await
+        {
+            tracing::warn!(%error, "cannot unfollow a chat's stored changes");
+        }
     }
 
     /// Serves one stream: from the storage after `last_event_id` when the client resumes, then
@@ -253,13 +301,20 @@ impl Drop for Slot {
         }
         hub.metrics.live_streams.dec();
         // The stream's receiver is gone by now (it is dropped first): a chat nobody watches any
-        // more needs no channel.
-        let mut chats = hub.lock_chats();
-        if chats
-            .get(&self.chat)
-            .is_some_and(|sender| sender.receiver_count() == 0)
-        {
-            chats.remove(&self.chat);
+        // more needs no channel, and the listener need not follow it.
+        let unwatched = {
+            let mut chats = hub.lock_chats();
+            let unwatched = chats
+                .get(&self.chat)
+                .is_some_and(|sender| sender.receiver_count() == 0);
+            if unwatched {
+                chats.remove(&self.chat);
+            }
+            unwatched
+        };
+        if unwatched && let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let (hub, chat) = (Arc::clone(hub), self.chat);
+            runtime.spawn(async move { hub.unfollow_if_unwatched(chat).await });
         }
     }
 }

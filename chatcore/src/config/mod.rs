@@ -91,7 +91,8 @@ impl Topology {
             dead_letter_exchange: format!("{prefix}.dead-letter"),
             ingest_queue: format!("{prefix}.ingest"),
             index_queue: format!("{prefix}.index"),
-            changes_exchange: format!("{prefix}.changes"),
+            // Not `.changes`: that name was a fanout exchange, whose type cannot change.
+            changes_exchange: format!("{prefix}.chat-changes"),
             queue_type: QueueType::Classic,
         }
     }

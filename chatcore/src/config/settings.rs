@@ -116,7 +116,7 @@ pub const AMQP_PREFIX: Setting = setting(
     "CHAT_AMQP_PREFIX",
     Value("chat"),
     "prefix of the exchanges and queues (`chat.events`, `chat.ingest`, `chat.index`, `*.dead`, \
-     `chat.changes`)",
+     `chat.chat-changes`)",
 );
 pub const ES_INDEX: Setting = setting("CHAT_ES_INDEX", Value("chat-messages"), "index name");
 pub const ES_REPLICAS: Setting = setting(

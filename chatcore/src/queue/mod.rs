@@ -20,6 +20,7 @@ use crate::changes::MessageChange;
 use crate::config::ConsumerConfig;
 use crate::events::{Consumer, Event, TraceContext};
 use crate::retry::Transient;
+use crate::store::ChatKey;
 
 pub use rabbitmq::{RabbitMqQueue, envelope, event_properties};
 pub use sqlite::SqliteQueue;
@@ -95,12 +96,13 @@ pub trait EventQueue: Send + Sync {
         settings: &ConsumerConfig,
     ) -> Result<Box<dyn EventSource>, QueueError>;
 
-    /// Tells every listening api replica that these changes are stored. Not durable and queued for
-    /// nobody who is not listening: the storage is the record.
+    /// Tells the api replicas that follow these changes' chats that they are stored. Not durable
+    /// and queued for nobody who is not listening: the storage is the record.
     async fn announce(&self, changes: &[MessageChange]) -> Result<(), QueueError>;
 
-    /// Hears every announcement from now on (see [`Announcements`]).
-    async fn listen(&self) -> Result<Announcements, QueueError>;
+    /// Hears, from now on, the announcements of the chats the listener follows (none at first:
+    /// see [`Listener`]).
+    async fn listen(&self) -> Result<Listener, QueueError>;
 
     /// Events waiting in the queue named `queue` (a consumer's queue or its dead-letter queue).
     async fn depth(&self, queue: &str) -> Result<u64, QueueError>;
@@ -114,6 +116,23 @@ pub trait EventQueue: Send + Sync {
 /// The announcements one listener hears, batch by batch; it ends when the listener lost its
 /// connection (or fell behind), and whoever relied on it reads the storage for what it missed.
 pub type Announcements = futures_util::stream::BoxStream<'static, Vec<MessageChange>>;
+
+/// What one api replica hears of the announcements: those of the chats it follows, so that a
+/// replica receives no change of a chat nobody streams from it.
+pub struct Listener {
+    pub announcements: Announcements,
+    pub chats: Box<dyn FollowedChats>,
+}
+
+/// The chats a [`Listener`] follows.
+#[async_trait]
+pub trait FollowedChats: Send + Sync {
+    /// The chat's announcements are heard from when this returns.
+    async fn follow(&self, chat: ChatKey) -> Result<(), QueueError>;
+
+    /// The chat's announcements are heard no more (those on their way may still arrive).
+    async fn unfollow(&self, chat: ChatKey) -> Result<(), QueueError>;
+}
 
 /// One event as a consumer receives it. `tag` identifies it for acknowledging and dead-lettering.
 #[derive(Debug)]

@@ -12,9 +12,9 @@
 //! Announcements of stored changes go through an in-process broadcast channel: the api and the
 //! consumers are one process.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -22,10 +22,11 @@ use sqlx::{QueryBuilder, Sqlite, SqlitePool};
 use tokio::sync::{Notify, broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::{Announcements, Delivery, EventQueue, EventSource, QueueError};
+use super::{Delivery, EventQueue, EventSource, FollowedChats, Listener, QueueError};
 use crate::changes::MessageChange;
 use crate::config::{ConsumerConfig, Topology};
 use crate::events::{Consumer, Event, TraceContext};
+use crate::store::ChatKey;
 
 /// Publishes waiting for the writer; beyond this, publishers wait for room (back-pressure).
 const PENDING_PUBLISHES: usize = 4096;
@@ -203,17 +204,36 @@ impl EventQueue for SqliteQueue {
         Ok(())
     }
 
-    async fn listen(&self) -> Result<Announcements, QueueError> {
+    async fn listen(&self) -> Result<Listener, QueueError> {
         let receiver = self.announcements.subscribe();
+        let followed = Arc::new(Mutex::new(HashSet::new()));
         // A listener that fell behind ends (its streams read the storage again), like a lost
         // connection of the distributed stack.
-        Ok(Box::pin(futures_util::stream::unfold(
-            receiver,
-            |mut receiver| async move {
-                let changes = receiver.recv().await.ok()?;
-                Some((changes.as_ref().clone(), receiver))
+        let announcements = futures_util::stream::unfold(
+            (receiver, Arc::clone(&followed)),
+            |(mut receiver, followed)| async move {
+                loop {
+                    let changes = receiver.recv().await.ok()?;
+                    let heard: Vec<MessageChange> = {
+                        let followed = followed.lock().unwrap_or_else(PoisonError::into_inner);
+                        changes
+                            .iter()
+                            .filter(|change| {
+                                followed.contains(&(change.application_id, change.chat_number))
+                            })
+                            .cloned()
+                            .collect()
+                    };
+                    if !heard.is_empty() {
+                        return Some((heard, (receiver, followed)));
+                    }
+                }
             },
-        )))
+        );
+        Ok(Listener {
+            announcements: Box::pin(announcements),
+            chats: Box::new(InProcessFollowedChats(followed)),
+        })
     }
 
     async fn depth(&self, queue: &str) -> Result<u64, QueueError> {
@@ -312,5 +332,27 @@ impl EventSource for SqliteQueueSource {
 
     async fn close(self: Box<Self>) {
         // Unacknowledged rows simply stay in the table.
+    }
+}
+
+/// The chats an in-process listener follows: its announcements are filtered by them.
+struct InProcessFollowedChats(Arc<Mutex<HashSet<ChatKey>>>);
+
+#[async_trait]
+impl FollowedChats for InProcessFollowedChats {
+    async fn follow(&self, chat: ChatKey) -> Result<(), QueueError> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(chat);
+        Ok(())
+    }
+
+    async fn unfollow(&self, chat: ChatKey) -> Result<(), QueueError> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&chat);
+        Ok(())
     }
 }

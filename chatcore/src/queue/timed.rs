@@ -11,7 +11,7 @@ use tracing::Instrument as _;
 
 use tokio_util::sync::CancellationToken;
 
-use super::{Announcements, Delivery, EventQueue, EventSource, QueueError};
+use super::{Delivery, EventQueue, EventSource, Listener, QueueError};
 use crate::changes::MessageChange;
 use crate::config::ConsumerConfig;
 use crate::events::{Consumer, Event, TraceContext};
@@ -126,7 +126,7 @@ impl EventQueue for TimedQueue {
             .await
     }
 
-    async fn listen(&self) -> Result<Announcements, QueueError> {
+    async fn listen(&self) -> Result<Listener, QueueError> {
         let call = self.inner.listen();
         self.metrics
             .time_within(self.kind(), "listen", self.limit, call)

@@ -3,19 +3,20 @@
 //! Topology (all durable): a topic exchange for events; one queue per consumer bound to the routing
 //! keys it receives; each queue dead-letters into `<queue>.dead` through a direct exchange.
 //!
-//! Stored changes are announced to a fanout exchange, not durable; each listening api replica
-//! consumes them from a queue of its own (server-named, exclusive, bounded, deleted with its
-//! connection).
+//! Stored changes are announced to a topic exchange, not durable, by chat; each listening api
+//! replica consumes the changes of the chats it streams from a queue of its own (`announcements`).
 //!
 //! Publishing, announcing, depth and replay share one publisher-confirmed channel that is opened on
 //! first use and again after the connection is lost; every publish on it goes through its
 //! [`Publisher`] (one task publishing, one settling the confirms, in order); each consumer gets a
 //! connection of its own.
 //!
-//! Here: the queue and its link; `connect` (a bounded connection), `topology` (the declares),
+//! Here: the queue and its link; `announcements` (announcing and listening), `connect` (a bounded
+//! connection), `topology` (the declares),
 //! `publisher` (the confirmed publishing task), `envelope` (what a message carries) and `source`
 //! (the consuming side).
 
+mod announcements;
 mod connect;
 pub mod envelope;
 mod publisher;
@@ -25,29 +26,22 @@ mod topology;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures_util::StreamExt as _;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, ConfirmSelectOptions, QueueBindOptions,
-    QueueDeclareOptions,
-};
-use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Connection};
+use lapin::options::{BasicAckOptions, BasicGetOptions, ConfirmSelectOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection};
 use tokio::sync::RwLock;
 
 pub use self::envelope::event_properties;
 use self::publisher::{Outcome, Publication, Publisher};
 use self::source::RabbitMqSource;
 use self::topology::declare_topology;
-use super::{Announcements, EventQueue, EventSource, QueueError};
-use crate::changes::{self, MessageChange};
+use super::{EventQueue, EventSource, Listener, QueueError};
+use crate::changes::MessageChange;
 use crate::config::{ConsumerConfig, SecretUrl, Topology};
 use crate::events::{Consumer, Event, TraceContext};
 
 /// AMQP delivery mode of messages kept in memory only.
 const TRANSIENT: u8 = 1;
-/// Announcements a listener's queue holds at most; beyond it the oldest are dropped (a replica
-/// that stopped reading must not grow the broker's memory).
-const ANNOUNCEMENTS_QUEUED: u32 = 10_000;
 
 pub struct RabbitMqQueue {
     url: SecretUrl,
@@ -239,80 +233,11 @@ impl EventQueue for RabbitMqQueue {
     }
 
     async fn announce(&self, changes: &[MessageChange]) -> Result<(), QueueError> {
-        let linked = self.channel(None).await?;
-        let publication = Publication {
-            exchange: self.topology.changes_exchange.clone(),
-            routing_key: String::new(),
-            payload: changes::encode(changes),
-            properties: BasicProperties::default()
-                .with_delivery_mode(TRANSIENT)
-                .with_content_type(ShortString::from("application/json")),
-            mandatory: false,
-            event_trace: None,
-        };
-        match self.publish_through(&linked, publication).await? {
-            Outcome::Stored | Outcome::Returned => Ok(()),
-            Outcome::Refused => Err(QueueError::Nacked),
-        }
+        self.announce_by_chat(changes).await
     }
 
-    async fn listen(&self) -> Result<Announcements, QueueError> {
-        let connection = self
-            .connect(&format!("{} listener", self.topology.changes_exchange))
-            .await?;
-        let channel = connection.create_channel().await?;
-        declare_topology(&channel, &self.topology).await?;
-        let mut arguments = FieldTable::default();
-        arguments.insert(
-            "x-max-length".into(),
-            AMQPValue::LongUInt(ANNOUNCEMENTS_QUEUED),
-        );
-        let queue = channel
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..QueueDeclareOptions::default()
-                },
-                arguments,
-            )
-            .await?;
-        channel
-            .queue_bind(
-                queue.name().clone(),
-                self.topology.changes_exchange.as_str().into(),
-                "".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        let deliveries = channel
-            .basic_consume(
-                queue.name().clone(),
-                "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..BasicConsumeOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        // The connection lives as long as the stream; the stream ends with the connection.
-        Ok(Box::pin(futures_util::stream::unfold(
-            (connection, deliveries),
-            |(connection, mut deliveries)| async move {
-                loop {
-                    let delivery = deliveries.next().await?.ok()?;
-                    match changes::decode(&delivery.data) {
-                        Ok(changes) => return Some((changes, (connection, deliveries))),
-                        Err(error) => {
-                            tracing::warn!(%error, "skipping an announcement that is not valid")
-                        }
-                    }
-                }
-            },
-        )))
+    async fn listen(&self) -> Result<Listener, QueueError> {
+        self.listen_by_chat().await
     }
 
     /// Messages ready in a queue, through a passive declare (which fails if the queue is missing).

@@ -36,7 +36,7 @@ pub(super) async fn declare_topology(
     channel
         .exchange_declare(
             topology.changes_exchange.as_str().into(),
-            ExchangeKind::Fanout,
+            ExchangeKind::Topic,
             durable_exchange,
             FieldTable::default(),
         )
