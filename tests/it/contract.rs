@@ -261,11 +261,8 @@ async fn pagination_is_bounded_and_ordered(env: TestEnv) -> anyhow::Result<()> {
 both_stacks!(keyset_pages_return_every_message_exactly_once);
 
 async fn keyset_pages_return_every_message_exactly_once(env: TestEnv) -> anyhow::Result<()> {
-    let api = env.spawn_api().await?;
-    let workers = env.spawn_workers();
+    let (api, workers, token, chat) = env.with_chat("keyset").await?;
     let client = &api.client;
-    let token = client.create_application("keyset").await?;
-    let chat = client.create_chat(&token).await?;
     for index in 0..30 {
         client
             .create_message(&token, chat, &format!("message {index}"))

@@ -36,11 +36,8 @@ both_stacks!(a_deleted_message_leaves_reads_search_and_counts_and_its_number_is_
 async fn a_deleted_message_leaves_reads_search_and_counts_and_its_number_is_not_reused(
     env: TestEnv,
 ) -> anyhow::Result<()> {
-    let api = env.spawn_api().await?;
-    let workers = env.spawn_workers();
+    let (api, workers, token, chat) = env.with_chat("app").await?;
     let client = &api.client;
-    let token = client.create_application("app").await?;
-    let chat = client.create_chat(&token).await?;
     for body in ["keep this one", "delete this zebra", "keep that one"] {
         client.create_message(&token, chat, body).await?;
     }
@@ -124,11 +121,8 @@ async fn deleting_a_message_not_stored_yet_asks_for_a_retry() -> anyhow::Result<
 #[tokio::test]
 async fn late_events_never_bring_a_deleted_message_back() -> anyhow::Result<()> {
     let env = TestEnv::new().await?;
-    let api = env.spawn_api().await?;
-    let workers = env.spawn_workers();
+    let (api, workers, token, chat) = env.with_chat("app").await?;
     let client = &api.client;
-    let token = client.create_application("app").await?;
-    let chat = client.create_chat(&token).await?;
     let number = client.create_message(&token, chat, "first words").await?;
     let path = format!("/applications/{token}/chats/{chat}/messages/{number}");
     eventually("the message is stored", Duration::from_secs(60), || async {

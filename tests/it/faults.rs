@@ -128,11 +128,8 @@ async fn readiness_recovers_without_traffic_after_the_broker_drops_the_api() -> 
 #[tokio::test]
 async fn a_read_only_index_is_waited_for_not_dead_lettered() -> anyhow::Result<()> {
     let env = TestEnv::new().await?;
-    let api = env.spawn_api().await?;
-    let workers = env.spawn_workers();
+    let (api, workers, token, chat) = env.with_chat("flood stage").await?;
     let client = &api.client;
-    let token = client.create_application("flood stage").await?;
-    let chat = client.create_chat(&token).await?;
     let first = client
         .create_message(&token, chat, "before the block")
         .await?;
@@ -304,11 +301,8 @@ both_stacks!(a_number_handed_out_twice_is_dead_lettered_not_dropped);
 async fn a_number_handed_out_twice_is_dead_lettered_not_dropped(
     env: TestEnv,
 ) -> anyhow::Result<()> {
-    let api = env.spawn_api().await?;
-    let workers = env.spawn_workers();
+    let (api, workers, token, chat) = env.with_chat("twice").await?;
     let client = &api.client;
-    let token = client.create_application("twice").await?;
-    let chat = client.create_chat(&token).await?;
     let application_id = env.application_id(&token).await?;
     let taken = |body: &str| {
         Event::new(EventPayload::MessageCreated {
@@ -346,11 +340,8 @@ both_stacks!(an_event_of_a_newer_schema_waits_for_an_upgraded_consumer);
 async fn an_event_of_a_newer_schema_waits_for_an_upgraded_consumer(
     env: TestEnv,
 ) -> anyhow::Result<()> {
-    let api = env.spawn_api().await?;
-    let workers = env.spawn_workers();
+    let (api, workers, token, chat) = env.with_chat("rolling upgrade").await?;
     let client = &api.client;
-    let token = client.create_application("rolling upgrade").await?;
-    let chat = client.create_chat(&token).await?;
     let config = env.config();
     let queue = chatcore::adapters::queue(&config, &Metrics::new()).await?;
     let mut newer = message_event(7);
@@ -469,11 +460,8 @@ async fn quorum_queues_carry_the_pipeline_and_its_dead_letters() -> anyhow::Resu
         ("CHAT_MAX_ATTEMPTS", "1"),
     ])
     .await?;
-    let api = env.spawn_api().await?;
-    let workers = env.spawn_workers();
+    let (api, workers, token, chat) = env.with_chat("replicated").await?;
     let client = &api.client;
-    let token = client.create_application("replicated").await?;
-    let chat = client.create_chat(&token).await?;
     let accepted = careful_wave(client, &token, chat, 0).await?;
     let config = env.config();
     for queue in [&config.topology.ingest_queue, &config.topology.index_queue] {
@@ -540,11 +528,8 @@ async fn search_numbers(
 #[tokio::test]
 async fn an_update_whose_event_was_lost_is_repaired_by_counter_sync() -> anyhow::Result<()> {
     let env = TestEnv::new().await?;
-    let api = env.spawn_api().await?;
-    let workers = env.spawn_workers();
+    let (api, workers, token, chat) = env.with_chat("edited").await?;
     let client = &api.client;
-    let token = client.create_application("edited").await?;
-    let chat = client.create_chat(&token).await?;
     let number = client
         .create_message(&token, chat, "original words")
         .await?;
@@ -554,17 +539,7 @@ async fn an_update_whose_event_was_lost_is_repaired_by_counter_sync() -> anyhow:
     .await?;
 
     // The update's event cannot be routed: the row changes, the index does not, the client gets 503.
-    let config = env.config();
-    let connection = env.amqp_connection().await?;
-    let channel = connection.create_channel().await?;
-    channel
-        .queue_unbind(
-            config.topology.index_queue.as_str().into(),
-            config.topology.exchange.as_str().into(),
-            "message.updated".into(),
-            lapin::types::FieldTable::default(),
-        )
-        .await?;
+    env.unroute(Consumer::Index, "message.updated").await?;
     let path = format!("/applications/{token}/chats/{chat}/messages/{number}");
     let reply = client
         .put(&path, serde_json::json!({ "body": "edited words" }))
@@ -579,13 +554,12 @@ async fn an_update_whose_event_was_lost_is_repaired_by_counter_sync() -> anyhow:
     );
 
     // Nobody retries; the next counter-sync run repairs it.
-    let report = counter_sync::run(&config).await?;
+    let report = counter_sync::run(&env.config()).await?;
     assert!(report.reindexed >= 1, "{report:?}");
     eventually("the update is searchable", LONG, || async {
         Ok(search_numbers(client, &token, chat, "edited").await? == [number])
     })
     .await?;
-    connection.close(200, "done".into()).await?;
     workers.stop().await?;
     api.stop().await
 }
@@ -593,11 +567,8 @@ async fn an_update_whose_event_was_lost_is_repaired_by_counter_sync() -> anyhow:
 both_stacks!(reindex_rebuilds_a_lost_index_from_the_storage);
 
 async fn reindex_rebuilds_a_lost_index_from_the_storage(env: TestEnv) -> anyhow::Result<()> {
-    let api = env.spawn_api().await?;
-    let workers = env.spawn_workers();
+    let (api, workers, token, chat) = env.with_chat("reindexed").await?;
     let client = &api.client;
-    let token = client.create_application("reindexed").await?;
-    let chat = client.create_chat(&token).await?;
     let other_chat = client.create_chat(&token).await?;
     let accepted = careful_wave(client, &token, chat, 0).await?;
     careful_wave(client, &token, other_chat, 1).await?;

@@ -110,11 +110,7 @@ async fn the_readme_tour_runs_through_a_generated_python_client(
     let client = generated_client(&tools).await?;
     let api = env.spawn_api().await?;
     let workers = env.spawn_workers();
-    let origin = api
-        .base_url
-        .strip_suffix("/api/v1")
-        .context("the base URL ends in /api/v1")?
-        .to_owned();
+    let origin = api.origin().to_owned();
     let output = run(Command::new(tools.join("python"))
         .arg(repo_root().join("tests/client/tour.py"))
         .arg(&origin)

@@ -6,23 +6,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use system_tests::{
-    Client, EventStream, Next, ServerSentEvent, StatusCode, TestEnv, both_stacks, eventually,
-    free_port,
+    Client, Next, ServerSentEvent, StatusCode, TestEnv, both_stacks, eventually, free_port,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
-
-async fn open(
-    client: &Client,
-    token: &str,
-    chat: u64,
-    last: Option<u64>,
-) -> anyhow::Result<EventStream> {
-    client
-        .stream(token, chat, last)
-        .await?
-        .map_err(|reply| anyhow::anyhow!("the stream was refused: {reply:?}"))
-}
 
 fn summary(event: &ServerSentEvent) -> anyhow::Result<(String, u64, String, u64)> {
     Ok((
@@ -42,14 +29,11 @@ both_stacks!(a_stream_delivers_every_stored_change_and_resumes_without_a_gap);
 async fn a_stream_delivers_every_stored_change_and_resumes_without_a_gap(
     env: TestEnv,
 ) -> anyhow::Result<()> {
-    let api = env.spawn_api().await?;
-    let workers = env.spawn_workers();
+    let (api, workers, token, chat) = env.with_chat("app").await?;
     let client = &api.client;
-    let token = client.create_application("app").await?;
-    let chat = client.create_chat(&token).await?;
     let other_chat = client.create_chat(&token).await?;
     // The replica that accepted the chat knows it before its row is written.
-    let mut stream = open(client, &token, chat, None).await?;
+    let mut stream = client.open_stream(&token, chat, None).await?;
 
     for body in ["one", "two", "three"] {
         client.create_message(&token, chat, body).await?;
@@ -99,7 +83,9 @@ async fn a_stream_delivers_every_stored_change_and_resumes_without_a_gap(
         Ok(client.get(&message(5)).await?.status == StatusCode::OK)
     })
     .await?;
-    let mut resumed = open(client, &token, chat, Some(deleted.sequence()?)).await?;
+    let mut resumed = client
+        .open_stream(&token, chat, Some(deleted.sequence()?))
+        .await?;
     client.create_message(&token, chat, "six").await?;
     let mut received = Vec::new();
     for _ in 0..3 {
@@ -119,7 +105,7 @@ async fn a_stream_delivers_every_stored_change_and_resumes_without_a_gap(
     );
 
     // From the start: every message as it is now, the deleted one left out.
-    let mut from_start = open(client, &token, chat, Some(0)).await?;
+    let mut from_start = client.open_stream(&token, chat, Some(0)).await?;
     let mut received = Vec::new();
     for _ in 0..5 {
         received.push(summary(&from_start.expect_event(WAIT).await?)?);
@@ -162,11 +148,8 @@ both_stacks!(a_stream_resumed_while_messages_pour_in_has_each_exactly_once);
 async fn a_stream_resumed_while_messages_pour_in_has_each_exactly_once(
     env: TestEnv,
 ) -> anyhow::Result<()> {
-    let api = env.spawn_api().await?;
-    let workers = env.spawn_workers();
+    let (api, workers, token, chat) = env.with_chat("app").await?;
     let client = &api.client;
-    let token = client.create_application("app").await?;
-    let chat = client.create_chat(&token).await?;
     const MESSAGES: u64 = 300;
     let posting = {
         let (client, token) = (client.clone(), token.clone());
@@ -195,7 +178,7 @@ async fn a_stream_resumed_while_messages_pour_in_has_each_exactly_once(
             == StatusCode::OK)
     })
     .await?;
-    let mut stream = open(client, &token, chat, Some(0)).await?;
+    let mut stream = client.open_stream(&token, chat, Some(0)).await?;
     let mut seen = Vec::new();
     while (seen.len() as u64) < MESSAGES {
         seen.push(stream.expect_event(WAIT).await?.number()?);
@@ -241,7 +224,7 @@ async fn any_replica_serves_any_chat_stream() -> anyhow::Result<()> {
     })
     .await?;
 
-    let mut on_process = open(&other, &token, chat, None).await?;
+    let mut on_process = other.open_stream(&token, chat, None).await?;
     let first = client
         .create_message(&token, chat, "posted on the other")
         .await?;
@@ -276,7 +259,9 @@ async fn any_replica_serves_any_chat_stream() -> anyhow::Result<()> {
     .await?;
     // Resumed on the other replica after the last change seen (the edit): what came after it,
     // once each, in order.
-    let mut on_in_process = open(client, &token, chat, Some(edited.sequence()?)).await?;
+    let mut on_in_process = client
+        .open_stream(&token, chat, Some(edited.sequence()?))
+        .await?;
     let third = other.create_message(&token, chat, "live again").await?;
     let mut created = Vec::new();
     while created.len() < 2 {
@@ -307,7 +292,7 @@ async fn one_client_at_its_stream_bound_leaves_room_for_every_other(
     for n in 0..3 {
         let token = greedy.create_application(&format!("greedy {n}")).await?;
         let chat = greedy.create_chat(&token).await?;
-        held.push(open(&greedy, &token, chat, None).await?);
+        held.push(greedy.open_stream(&token, chat, None).await?);
     }
     let token = greedy.create_application("greedy 3").await?;
     let chat = greedy.create_chat(&token).await?;
@@ -321,7 +306,7 @@ async fn one_client_at_its_stream_bound_leaves_room_for_every_other(
 
     let token = tenant.create_application("another tenant").await?;
     let chat = tenant.create_chat(&token).await?;
-    let _stream = open(&tenant, &token, chat, None).await?;
+    let _stream = tenant.open_stream(&token, chat, None).await?;
     let asked = Instant::now();
     let shown = tenant.get(&format!("/applications/{token}")).await?;
     assert_eq!(shown.status, StatusCode::OK);
@@ -342,13 +327,10 @@ async fn a_stream_ends_at_its_lifetime_and_resumes_where_it_was(
     mut env: TestEnv,
 ) -> anyhow::Result<()> {
     env.set("CHAT_STREAM_MAX_LIFETIME_SECONDS", "3");
-    let api = env.spawn_api().await?;
-    let workers = env.spawn_workers();
+    let (api, workers, token, chat) = env.with_chat("app").await?;
     let client = &api.client;
-    let token = client.create_application("app").await?;
-    let chat = client.create_chat(&token).await?;
     let opened = Instant::now();
-    let mut stream = open(client, &token, chat, Some(0)).await?;
+    let mut stream = client.open_stream(&token, chat, Some(0)).await?;
     client.create_message(&token, chat, "before").await?;
     let mut seen = Vec::new();
     loop {
@@ -364,13 +346,9 @@ async fn a_stream_ends_at_its_lifetime_and_resumes_where_it_was(
         opened.elapsed()
     );
     client.create_message(&token, chat, "after").await?;
-    let mut resumed = open(
-        client,
-        &token,
-        chat,
-        Some(seen.last().copied().unwrap_or(0)),
-    )
-    .await?;
+    let mut resumed = client
+        .open_stream(&token, chat, Some(seen.last().copied().unwrap_or(0)))
+        .await?;
     while seen.len() < 2 {
         seen.push(resumed.expect_event(WAIT).await?.sequence()?);
     }
@@ -395,8 +373,8 @@ async fn streams_are_bounded_heartbeated_and_closed_at_shutdown(
     let other_token = client.create_application("other").await?;
     let other_chat = client.create_chat(&other_token).await?;
 
-    let mut first = open(client, &token, chat, None).await?;
-    let second = open(client, &token, chat, None).await?;
+    let mut first = client.open_stream(&token, chat, None).await?;
+    let second = client.open_stream(&token, chat, None).await?;
     let refused = client
         .stream(&token, chat, None)
         .await?
@@ -404,7 +382,7 @@ async fn streams_are_bounded_heartbeated_and_closed_at_shutdown(
         .expect("over the limit");
     assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(refused.body["error"]["code"], "too_many_streams");
-    let third = open(client, &other_token, other_chat, None).await?;
+    let third = client.open_stream(&other_token, other_chat, None).await?;
     let refused = client
         .stream(&other_token, other_chat, None)
         .await?
@@ -453,12 +431,9 @@ both_stacks!(a_reader_that_falls_behind_is_disconnected);
 /// buffer behind, instead of being buffered for without end; it resumes with `Last-Event-ID`.
 async fn a_reader_that_falls_behind_is_disconnected(mut env: TestEnv) -> anyhow::Result<()> {
     env.set("CHAT_STREAM_BUFFERED_CHANGES", "4");
-    let api = env.spawn_api().await?;
-    let workers = env.spawn_workers();
+    let (api, workers, token, chat) = env.with_chat("app").await?;
     let client = &api.client;
-    let token = client.create_application("app").await?;
-    let chat = client.create_chat(&token).await?;
-    let mut stream = open(client, &token, chat, None).await?;
+    let mut stream = client.open_stream(&token, chat, None).await?;
     // Big messages fill the socket buffers quickly, so the server cannot write them all.
     let body = "x".repeat(60_000);
     const MESSAGES: u64 = 200;
@@ -502,7 +477,7 @@ async fn a_reader_that_falls_behind_is_disconnected(mut env: TestEnv) -> anyhow:
         "{metrics}"
     );
     // Where it resumes, nothing is missing.
-    let mut resumed = open(client, &token, chat, Some(last)).await?;
+    let mut resumed = client.open_stream(&token, chat, Some(last)).await?;
     for expected in last + 1..=MESSAGES {
         assert_eq!(resumed.expect_event(WAIT).await?.sequence()?, expected);
     }

@@ -9,7 +9,6 @@ use chatcore::events::{Consumer, Event, EventPayload};
 use chatcore::queue::EventQueue as _;
 use futures_util::future::join_all;
 use lapin::options::{BasicGetOptions, BasicPublishOptions};
-use lapin::types::FieldTable;
 use serde_json::json;
 use system_tests::own_redis::OwnRedis;
 use system_tests::{StatusCode, TestEnv, both_stacks, eventually, kill_hard};
@@ -355,11 +354,8 @@ async fn numbers_are_never_reused_when_redis_loses_its_data() -> anyhow::Result<
 #[tokio::test]
 async fn poison_events_are_dead_lettered_and_the_consumers_go_on() -> anyhow::Result<()> {
     let env = TestEnv::with_settings(&[("CHAT_MAX_ATTEMPTS", "2")]).await?;
-    let api = env.spawn_api().await?;
-    let workers = env.spawn_workers();
+    let (api, workers, token, chat) = env.with_chat("app").await?;
     let client = &api.client;
-    let token = client.create_application("app").await?;
-    let chat = client.create_chat(&token).await?;
     let config = env.config();
 
     let connection = env.amqp_connection().await?;
@@ -468,17 +464,7 @@ async fn an_event_the_broker_cannot_route_is_a_503_and_nothing_is_written() -> a
             == 1)
     })
     .await?;
-    let config = env.config();
-    let connection = env.amqp_connection().await?;
-    let channel = connection.create_channel().await?;
-    channel
-        .queue_unbind(
-            config.topology.ingest_queue.as_str().into(),
-            config.topology.exchange.as_str().into(),
-            "chat.created".into(),
-            FieldTable::default(),
-        )
-        .await?;
+    env.unroute(Consumer::Ingest, "chat.created").await?;
     let refused = client
         .post_empty(&format!("/applications/{token}/chats"))
         .await?;
@@ -506,7 +492,6 @@ async fn an_event_the_broker_cannot_route_is_a_503_and_nothing_is_written() -> a
         )
         .await?;
     assert_eq!(orphan.status, StatusCode::NOT_FOUND);
-    connection.close(200, "done".into()).await?;
     workers.stop().await?;
     api.stop().await
 }
@@ -514,11 +499,8 @@ async fn an_event_the_broker_cannot_route_is_a_503_and_nothing_is_written() -> a
 #[tokio::test]
 async fn counter_sync_repairs_drifted_counts_and_counters_behind() -> anyhow::Result<()> {
     let env = TestEnv::new().await?;
-    let api = env.spawn_api().await?;
-    let workers = env.spawn_workers();
+    let (api, workers, token, chat) = env.with_chat("app").await?;
     let client = &api.client;
-    let token = client.create_application("app").await?;
-    let chat = client.create_chat(&token).await?;
     for _ in 0..3 {
         client.create_message(&token, chat, "hello").await?;
     }
@@ -596,11 +578,8 @@ async fn counter_sync_repairs_drifted_counts_and_counters_behind() -> anyhow::Re
 #[tokio::test]
 async fn counter_sync_reindexes_the_edited_messages_not_the_merely_created() -> anyhow::Result<()> {
     let env = TestEnv::new().await?;
-    let api = env.spawn_api().await?;
-    let workers = env.spawn_workers();
+    let (api, workers, token, chat) = env.with_chat("edited-or-new").await?;
     let client = &api.client;
-    let token = client.create_application("edited-or-new").await?;
-    let chat = client.create_chat(&token).await?;
     for body in ["first", "second", "third", "fourth"] {
         client.create_message(&token, chat, body).await?;
     }
@@ -647,15 +626,7 @@ async fn every_publish_gets_the_confirm_of_its_own_event() -> anyhow::Result<()>
     );
     queue.ensure_topology().await?;
     // message.updated reaches no queue from now on.
-    let connection = env.amqp_connection().await?;
-    let channel = connection.create_channel().await?;
-    channel
-        .queue_unbind(
-            config.topology.index_queue.as_str().into(),
-            config.topology.exchange.as_str().into(),
-            chatcore::events::routing::MESSAGE_UPDATED.into(),
-            FieldTable::default(),
-        )
+    env.unroute(Consumer::Index, chatcore::events::routing::MESSAGE_UPDATED)
         .await?;
     let queue = std::sync::Arc::new(queue);
     let publishers = (0..64u64).map(|publisher| {
@@ -765,11 +736,8 @@ async fn the_next_block_of_numbers_is_reserved_before_it_is_needed() -> anyhow::
 #[tokio::test]
 async fn a_poison_event_in_an_envelope_is_dead_lettered_alone() -> anyhow::Result<()> {
     let env = TestEnv::with_settings(&[("CHAT_MAX_ATTEMPTS", "2")]).await?;
-    let api = env.spawn_api().await?;
-    let workers = env.spawn_workers();
+    let (api, workers, token, chat) = env.with_chat("app").await?;
     let client = &api.client;
-    let token = client.create_application("app").await?;
-    let chat = client.create_chat(&token).await?;
     // The chat row must exist before an event writes a message into it.
     client.create_message(&token, chat, "first").await?;
     eventually("the chat is stored", LONG, || async {

@@ -57,11 +57,8 @@ fn sorted(mut numbers: Vec<u64>) -> Vec<u64> {
 on_every_index!(search_finds_words_and_prefixes_in_one_chat);
 
 async fn search_finds_words_and_prefixes_in_one_chat(env: TestEnv) -> anyhow::Result<()> {
-    let api = env.spawn_api().await?;
-    let workers = env.spawn_workers();
+    let (api, workers, token, chat) = env.with_chat("app").await?;
     let client = &api.client;
-    let token = client.create_application("app").await?;
-    let chat = client.create_chat(&token).await?;
     let other_chat = client.create_chat(&token).await?;
     let bodies = [
         "Internationalization is hard",
@@ -155,11 +152,8 @@ on_every_index!(phrases_match_words_in_a_row_and_hits_show_where_they_matched);
 async fn phrases_match_words_in_a_row_and_hits_show_where_they_matched(
     env: TestEnv,
 ) -> anyhow::Result<()> {
-    let api = env.spawn_api().await?;
-    let workers = env.spawn_workers();
+    let (api, workers, token, chat) = env.with_chat("app").await?;
     let client = &api.client;
-    let token = client.create_application("app").await?;
-    let chat = client.create_chat(&token).await?;
     let filler = |word: &str| vec![word; 40].join(" ");
     let long = format!("{} the needle sits here {}", filler("hay"), filler("straw"));
     let bodies = [
@@ -235,11 +229,8 @@ async fn phrases_match_words_in_a_row_and_hits_show_where_they_matched(
 on_every_index!(an_update_is_what_search_finds);
 
 async fn an_update_is_what_search_finds(env: TestEnv) -> anyhow::Result<()> {
-    let api = env.spawn_api().await?;
-    let workers = env.spawn_workers();
+    let (api, workers, token, chat) = env.with_chat("app").await?;
     let client = &api.client;
-    let token = client.create_application("app").await?;
-    let chat = client.create_chat(&token).await?;
     let number = client
         .create_message(&token, chat, "original wording")
         .await?;
@@ -284,11 +275,8 @@ async fn an_update_is_what_search_finds(env: TestEnv) -> anyhow::Result<()> {
 on_every_index!(hostile_queries_never_fail);
 
 async fn hostile_queries_never_fail(env: TestEnv) -> anyhow::Result<()> {
-    let api = env.spawn_api().await?;
-    let workers = env.spawn_workers();
+    let (api, workers, token, chat) = env.with_chat("app").await?;
     let client = &api.client;
-    let token = client.create_application("app").await?;
-    let chat = client.create_chat(&token).await?;
     let number = client
         .create_message(&token, chat, "price is 3.14 dollars, isn't it? (yes) a+b")
         .await?;
@@ -363,11 +351,8 @@ on_every_index!(one_letter_words_match_whole_words_only);
 /// A one-letter prefix would expand to every word of the index starting with that letter: such
 /// words match whole words only, so a query of many of them stays a handful of term lookups.
 async fn one_letter_words_match_whole_words_only(env: TestEnv) -> anyhow::Result<()> {
-    let api = env.spawn_api().await?;
-    let workers = env.spawn_workers();
+    let (api, workers, token, chat) = env.with_chat("letters").await?;
     let client = &api.client;
-    let token = client.create_application("letters").await?;
-    let chat = client.create_chat(&token).await?;
     for body in ["a plan", "apple pie", "x marks the spot"] {
         client.create_message(&token, chat, body).await?;
     }
@@ -400,11 +385,8 @@ on_every_index!(search_cursors_walk_every_hit_exactly_once);
 
 /// `next_cursor` pages through the hits in rank order, each hit once, at any depth.
 async fn search_cursors_walk_every_hit_exactly_once(env: TestEnv) -> anyhow::Result<()> {
-    let api = env.spawn_api().await?;
-    let workers = env.spawn_workers();
+    let (api, workers, token, chat) = env.with_chat("cursor").await?;
     let client = &api.client;
-    let token = client.create_application("cursor").await?;
-    let chat = client.create_chat(&token).await?;
     for index in 0..23 {
         // Ranks differ: some bodies repeat the word.
         let body = format!("needle {} {index}", "needle ".repeat(index % 3));

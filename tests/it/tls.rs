@@ -58,11 +58,8 @@ async fn tls_env(with_ca: bool) -> anyhow::Result<TestEnv> {
 #[tokio::test]
 async fn the_api_works_over_tls_to_mariadb_and_redis() -> anyhow::Result<()> {
     let env = tls_env(true).await?;
-    let api = env.spawn_api().await?;
-    let workers = env.spawn_workers();
+    let (api, workers, token, chat) = env.with_chat("over tls").await?;
     let client = &api.client;
-    let token = client.create_application("over tls").await?;
-    let chat = client.create_chat(&token).await?;
     let number = client.create_message(&token, chat, "sealed").await?;
     assert_eq!(number, 1);
     eventually("the message is stored", Duration::from_secs(30), || async {

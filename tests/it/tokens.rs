@@ -323,19 +323,10 @@ async fn the_chat_quota_answers_its_code(mut env: TestEnv) -> anyhow::Result<()>
 #[tokio::test]
 async fn plaintext_tokens_of_an_older_mysql_database_become_digests() -> anyhow::Result<()> {
     use chatcore::store::Storage as _;
-    use sqlx::Connection as _;
 
     let env = TestEnv::new().await?;
-    let database = format!("chat_{}_before_digests", env.id);
-    let admin_url = &env.services.mysql_admin_url;
-    let mut admin = sqlx::MySqlConnection::connect(admin_url).await?;
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {database}")))
-        .execute(&mut admin)
-        .await?;
-    let pool = sqlx::MySqlPool::connect(&format!("{admin_url}/{database}")).await?;
-    let before_digests =
-        chatcore::store::migrations_before(&chatcore::store::mysql::MIGRATOR, 20261205000000);
-    before_digests.run(&pool).await?;
+    let older = env.mysql_database_before(20261205000000).await?;
+    let pool = older.pool.clone();
     let legacy = "M".repeat(32);
     sqlx::query(
         "INSERT INTO applications (id, token, name, chats_count, created_at, updated_at) \
@@ -344,7 +335,7 @@ async fn plaintext_tokens_of_an_older_mysql_database_become_digests() -> anyhow:
     .bind(&legacy)
     .execute(&pool)
     .await?;
-    chatcore::store::mysql::MIGRATOR.run(&pool).await?;
+    older.migrate().await?;
 
     let storage = chatcore::store::MySqlStorage::new(pool.clone());
     let token = chatcore::domain::ApplicationToken::parse(&legacy)?;
@@ -359,10 +350,7 @@ async fn plaintext_tokens_of_an_older_mysql_database_become_digests() -> anyhow:
     .fetch_one(&pool)
     .await?;
     assert_eq!(token_columns, 0);
-    pool.close().await;
-    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE {database}")))
-        .execute(&mut admin)
-        .await?;
+    older.drop_database().await?;
     Ok(())
 }
 

@@ -16,11 +16,7 @@ both_stacks!(the_readme_tour_script_passes_against_the_api);
 async fn the_readme_tour_script_passes_against_the_api(env: TestEnv) -> anyhow::Result<()> {
     let api = env.spawn_api().await?;
     let workers = env.spawn_workers();
-    let origin = api
-        .base_url
-        .strip_suffix("/api/v1")
-        .context("the base URL ends in /api/v1")?
-        .to_owned();
+    let origin = api.origin().to_owned();
     let run = Command::new("/bin/sh")
         .arg(repo_root().join("scripts/tour"))
         .env("CHAT_URL", &origin)

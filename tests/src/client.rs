@@ -219,6 +219,18 @@ impl Client {
         }))
     }
 
+    /// [`Client::stream`], failing when the stream is refused.
+    pub async fn open_stream(
+        &self,
+        token: &str,
+        chat: u64,
+        last_event_id: Option<u64>,
+    ) -> anyhow::Result<EventStream> {
+        self.stream(token, chat, last_event_id)
+            .await?
+            .map_err(|reply| anyhow::anyhow!("the stream was refused: {reply:?}"))
+    }
+
     pub async fn delete(&self, path: &str) -> anyhow::Result<Reply> {
         self.send(self.http.delete(self.url(path))).await
     }

@@ -130,6 +130,29 @@ fn new_test_id() -> String {
     format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
 }
 
+/// A database as an earlier release left it ([`TestEnv::mysql_database_before`]).
+pub struct OlderDatabase {
+    pub pool: MySqlPool,
+    name: String,
+    admin: MySqlConnection,
+}
+
+impl OlderDatabase {
+    /// Applies the migrations of this release.
+    pub async fn migrate(&self) -> anyhow::Result<()> {
+        chatcore::store::mysql::MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    pub async fn drop_database(mut self) -> anyhow::Result<()> {
+        self.pool.close().await;
+        sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE {}", self.name)))
+            .execute(&mut self.admin)
+            .await?;
+        Ok(())
+    }
+}
+
 impl TestEnv {
     /// The embedded stack: no service URL, a fresh data directory.
     pub async fn embedded() -> anyhow::Result<Self> {
@@ -230,6 +253,36 @@ impl TestEnv {
 
     pub fn set(&mut self, name: &str, value: &str) {
         self.settings.insert(name.to_owned(), value.to_owned());
+    }
+
+    /// A MySQL database of its own with the migrations older than `version` applied: what an
+    /// earlier release left, to test what the newer migrations do to its rows.
+    pub async fn mysql_database_before(&self, version: i64) -> anyhow::Result<OlderDatabase> {
+        let name = format!("chat_{}_before_{version}", self.id);
+        let admin_url = &self.services.mysql_admin_url;
+        let mut admin = MySqlConnection::connect(admin_url).await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut admin)
+            .await?;
+        let pool = MySqlPool::connect(&format!("{admin_url}/{name}")).await?;
+        chatcore::store::migrations_before(&chatcore::store::mysql::MIGRATOR, version)
+            .run(&pool)
+            .await?;
+        Ok(OlderDatabase { pool, name, admin })
+    }
+
+    /// The start of most tests: the api and the workers running, one application (named
+    /// `application`) with one chat. Returns `(api, workers, token, chat number)`; a test stops
+    /// the workers, then the api, at its end.
+    pub async fn with_chat(
+        &self,
+        application: &str,
+    ) -> anyhow::Result<(ApiHandle, WorkerHandles, String, u64)> {
+        let api = self.spawn_api().await?;
+        let workers = self.spawn_workers();
+        let token = api.client.create_application(application).await?;
+        let chat = api.client.create_chat(&token).await?;
+        Ok((api, workers, token, chat))
     }
 
     /// Starts the api in this process on an ephemeral port.

@@ -2,6 +2,7 @@
 //! index, its RabbitMQ queues and connections.
 
 use anyhow::Context as _;
+use chatcore::events::Consumer;
 use chatcore::metrics::Metrics;
 use serde_json::Value;
 use sqlx::{Connection as _, Row as _};
@@ -199,6 +200,24 @@ impl TestEnv {
             lapin::Connection::connect(url.expose(), lapin::ConnectionProperties::default())
                 .await?,
         )
+    }
+
+    /// Unbinds `routing_key` from the queue of `consumer`: its events reach that queue no more
+    /// (they are returned to the publisher), as a mistaken topology change would do.
+    pub async fn unroute(&self, consumer: Consumer, routing_key: &str) -> anyhow::Result<()> {
+        let config = self.config();
+        let connection = self.amqp_connection().await?;
+        let channel = connection.create_channel().await?;
+        channel
+            .queue_unbind(
+                config.topology.queue(consumer).into(),
+                config.topology.exchange.as_str().into(),
+                routing_key.into(),
+                lapin::types::FieldTable::default(),
+            )
+            .await?;
+        connection.close(200, "unrouted".into()).await?;
+        Ok(())
     }
 
     /// Closes, from the broker's side, the RabbitMQ connections whose name starts with `prefix`

@@ -63,6 +63,13 @@ pub struct ApiHandle {
 }
 
 impl ApiHandle {
+    /// Where the api answers, without the `/api/v1` of the API's routes.
+    pub fn origin(&self) -> &str {
+        self.base_url
+            .strip_suffix("/api/v1")
+            .expect("the base URL ends in /api/v1")
+    }
+
     pub fn metrics_url(&self) -> String {
         format!("{}/metrics", self.internal_url)
     }
