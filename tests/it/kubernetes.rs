@@ -2,6 +2,11 @@
 //! for every scenario of `charts/chat/ci/`, every object is parsed into its `k8s-openapi` type and
 //! compared back (a field the type does not know fails), and the invariants a cluster would
 //! otherwise reveal late are asserted. `k8s/dev` and `skaffold.yaml` are checked the same way.
+//!
+//! What one template renders for given values (a value to a field, a refused render, a schema
+//! refusal) is asserted by the helm-unittest suites of `charts/chat/unittests/`
+//! (`the_helm_unittest_suites_pass`); here stays what spans objects: references that resolve,
+//! selectors that match, hardening on every container, alerted metrics that exist, strict schemas.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -668,8 +673,8 @@ fn the_chart_lints_renders_and_keeps_its_invariants_in_every_scenario() -> anyho
             .as_deref()
             .map_or("defaults".to_owned(), |p| p.display().to_string());
         run_helm(&["lint", "--strict"], scenario.as_deref()).with_context(|| label.clone())?;
-        // The defaults carry no connection URLs, so they only lint (see
-        // `without_connection_urls_the_chart_refuses_to_render`).
+        // The defaults carry no connection URLs, so they only lint (their refusal:
+        // `unittests/connections_test.yaml`).
         let Some(path) = scenario.as_deref() else {
             continue;
         };
@@ -678,38 +683,8 @@ fn the_chart_lints_renders_and_keeps_its_invariants_in_every_scenario() -> anyho
         let values: Value = serde_yaml::from_str(&std::fs::read_to_string(path)?)?;
         let existing = Existing::from_values(&values);
         check_chart_invariants(&rendered, &existing).with_context(|| label.clone())?;
-        // What each scenario promises is really there.
-        if label.contains("production") {
-            for kind in [
-                "HorizontalPodAutoscaler",
-                "PodDisruptionBudget",
-                "Ingress",
-                "NetworkPolicy",
-                "ServiceMonitor",
-            ] {
-                ensure!(rendered.names.contains_key(kind), "{label}: no {kind}");
-            }
-        }
-        let connections_secret = values["connections"]["existingSecret"].as_str();
-        let admin_secret = values["auth"]["existingSecret"].as_str();
-        if connections_secret.is_some() {
-            for name in ["chat-connections", "chat-migrate"] {
-                ensure!(
-                    !rendered.exists("Secret", name) || connections_secret == Some(name),
-                    "{label}: Secret {name} may not be rendered with connections.existingSecret"
-                );
-            }
-        }
-        ensure!(
-            rendered.exists("Secret", "chat-admin-token") == admin_secret.is_none(),
-            "{label}: the chart's admin token Secret exists exactly without auth.existingSecret"
-        );
-        if connections_secret.is_some() && admin_secret.is_some() {
-            ensure!(
-                !rendered.names.contains_key("Secret"),
-                "{label}: no Secret may be rendered with both existingSecrets"
-            );
-        }
+        // Deployments come from two templates, so their count is checked here (what else each
+        // scenario promises: `unittests/scenarios_test.yaml`).
         let embedded = values["embedded"]["enabled"].as_bool() == Some(true);
         let deployments = if embedded { 1 } else { 3 };
         ensure!(
@@ -720,92 +695,10 @@ fn the_chart_lints_renders_and_keeps_its_invariants_in_every_scenario() -> anyho
     Ok(())
 }
 
+/// The defaults ship no credentials (that they do not render without the URLs that carry them:
+/// `unittests/connections_test.yaml`; the values the schema refuses: `unittests/schema_test.yaml`).
 #[test]
-fn invalid_values_are_refused_by_the_schema() -> anyhow::Result<()> {
-    // On top of values that render, so that only the schema can refuse them.
-    let minimal = chart().join("ci/minimal-values.yaml");
-    run_helm(&["template", RELEASE], Some(&minimal))?;
-    for (index, bad) in [
-        "api: {replicaCount: -1}",
-        "image: {pullPolicy: Sometimes}",
-        "connections: {databaseUrl: 'postgres://x'}",
-        "unknownKey: 1",
-        "auth: {adminToken: too-short}",
-        "auth: {adminToken: 'has a space in the middle of it'}",
-        "connections: {tls: {caSecret: ca, caConfigMap: ca}}",
-        "api: {healthPort: 0}",
-        "api: {docs: {enabled: 'yes'}}",
-        "api: {rateLimits: {perToken: -1}}",
-        "api: {rateLimits: {perTokenBurst: 0}}",
-        "api: {trustedProxyHops: -1}",
-        "api: {maxConnections: 0}",
-        "api: {requestTimeoutMs: 30000}",
-        "config: {connectTimeoutMs: 0}",
-        "api: {shutdownDelaySeconds: -1}",
-        "api: {image: {repository: chat-api, digest: 'latest'}}",
-        "embedded: {enabled: true, persistence: {enabled: true, size: lots}}",
-        "api: {extraEnv: [{value: x}]}",
-        "operations: {enabled: 'yes'}",
-        "global: 1",
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let scratch = ScratchValues::new(&format!("bad-{index}"), bad)?;
-        let refused = run_helm_with(&["template", RELEASE], &[&minimal, &scratch.0]);
-        let error = refused.err().map(|e| e.to_string()).unwrap_or_default();
-        ensure!(
-            error.contains("schema"),
-            "values {bad:?} should be refused by the schema, got {error:?}"
-        );
-    }
-    Ok(())
-}
-
-#[test]
-fn without_connection_urls_the_chart_refuses_to_render() -> anyhow::Result<()> {
-    // The defaults ship no credentials: the URLs that carry them must be given.
-    let error = run_helm(&["template", RELEASE], None)
-        .err()
-        .context("the defaults must not render")?
-        .to_string();
-    ensure!(
-        error.contains("connections.databaseUrl is required")
-            && error.contains("connections.existingSecret")
-            && error.contains("embedded.enabled=true"),
-        "the failure names the value, existingSecret and the embedded mode: {error}"
-    );
-    let only_database = ScratchValues::new(
-        "only-database",
-        "connections: {databaseUrl: 'mysql://chat:x@mysql:3306/chat'}",
-    )?;
-    let error = run_helm(&["template", RELEASE], Some(&only_database.0))
-        .err()
-        .context("redisUrl is required too")?
-        .to_string();
-    ensure!(
-        error.contains("connections.redisUrl is required")
-            && error.contains("connections.existingSecret"),
-        "{error}"
-    );
-    let without_broker = ScratchValues::new(
-        "without-broker",
-        "connections: {databaseUrl: 'mysql://chat:x@mysql:3306/chat', redisUrl: 'redis://redis:6379/0', elasticsearchUrl: 'http://elasticsearch:9200'}",
-    )?;
-    let error = run_helm(&["template", RELEASE], Some(&without_broker.0))
-        .err()
-        .context("amqpUrl is required too")?
-        .to_string();
-    ensure!(
-        error.contains("connections.amqpUrl is required") && error.contains("guest"),
-        "the failure warns about RabbitMQ's guest user: {error}"
-    );
-    // An existing Secret replaces every URL value.
-    let existing = ScratchValues::new(
-        "existing-connections",
-        "connections: {existingSecret: chat-connections}",
-    )?;
-    run_helm(&["template", RELEASE], Some(&existing.0))?;
+fn the_default_values_ship_no_credentials() -> anyhow::Result<()> {
     let values = std::fs::read_to_string(chart().join("values.yaml"))?;
     for credentials in ["chat:chat@", "guest:guest@"] {
         ensure!(
@@ -845,25 +738,25 @@ pub(crate) fn env_value<'a>(container: &'a Container, name: &str) -> Option<&'a 
         .and_then(|e| e.value.as_deref())
 }
 
+/// The generated admin token stays in its Secret: no ConfigMap holds it, and of every workload's
+/// containers only the api's reads it, from that Secret (the token, a given one, an existing
+/// Secret and the api's env: `unittests/security_test.yaml`).
 #[test]
-fn the_admin_token_is_generated_into_a_secret_and_never_into_a_config_map() -> anyhow::Result<()> {
+fn the_admin_token_reaches_only_the_api_and_no_config_map() -> anyhow::Result<()> {
     let rendered = render_minimal_with("admin-generated", "{}")?;
     let secret = rendered
         .secrets
         .iter()
         .find(|s| s.metadata.name.as_deref() == Some("chat-admin-token"))
         .context("the generated admin token Secret")?;
-    let token = secret
+    let data = secret
         .data
         .as_ref()
-        .and_then(|d| d.get("CHAT_ADMIN_TOKEN"))
+        .context("the admin token Secret's data")?;
+    let token = data
+        .get("CHAT_ADMIN_TOKEN")
         .context("key CHAT_ADMIN_TOKEN")?;
     let token = String::from_utf8(token.0.clone())?;
-    ensure!(
-        token.len() == 40 && token.chars().all(|c| c.is_ascii_alphanumeric()),
-        "a generated token is 40 random alphanumerics, got {} characters",
-        token.len()
-    );
     for config_map in &rendered.config_maps {
         for (key, value) in config_map.data.iter().flatten() {
             ensure!(
@@ -873,7 +766,6 @@ fn the_admin_token_is_generated_into_a_secret_and_never_into_a_config_map() -> a
             );
         }
     }
-    // Only the api receives it, from that Secret.
     for (owner, pod, _, _) in rendered.pod_specs() {
         for container in &pod.containers {
             let source = container
@@ -887,12 +779,9 @@ fn the_admin_token_is_generated_into_a_secret_and_never_into_a_config_map() -> a
                     .and_then(|v| v.secret_key_ref.as_ref())
                     .context("the api reads CHAT_ADMIN_TOKEN from a Secret")?;
                 ensure!(
-                    reference.name == "chat-admin-token" && reference.key == "CHAT_ADMIN_TOKEN",
-                    "{owner}: {reference:?}"
-                );
-                ensure!(
-                    env_value(container, "CHAT_ADMIN_TOKEN").is_none(),
-                    "{owner}: a literal token"
+                    secret.metadata.name.as_deref() == Some(reference.name.as_str())
+                        && data.contains_key(&reference.key),
+                    "{owner}: {reference:?} is not the Secret that holds the token"
                 );
             } else {
                 ensure!(
@@ -903,84 +792,24 @@ fn the_admin_token_is_generated_into_a_secret_and_never_into_a_config_map() -> a
             }
         }
     }
-    // A given token is used as it is; an existing Secret replaces the chart's.
-    let given = "an-operator-chosen-token-0123456789";
-    let rendered = render_minimal_with("admin-given", &format!("auth: {{adminToken: {given}}}"))?;
-    let secret = rendered
-        .secrets
-        .iter()
-        .find(|s| s.metadata.name.as_deref() == Some("chat-admin-token"))
-        .context("admin token Secret")?;
-    ensure!(
-        secret
-            .data
-            .as_ref()
-            .and_then(|d| d.get("CHAT_ADMIN_TOKEN"))
-            .map(|b| b.0.as_slice())
-            == Some(given.as_bytes()),
-        "auth.adminToken is stored as given"
-    );
-    let rendered = render_minimal_with("admin-existing", "auth: {existingSecret: ops-admin}")?;
-    ensure!(
-        !rendered.exists("Secret", "chat-admin-token"),
-        "no admin Secret with auth.existingSecret"
-    );
-    let reference = api_container(&rendered)?
-        .env
-        .iter()
-        .flatten()
-        .find(|e| e.name == "CHAT_ADMIN_TOKEN")
-        .and_then(|e| e.value_from.as_ref())
-        .and_then(|v| v.secret_key_ref.as_ref())
-        .context("CHAT_ADMIN_TOKEN from the existing Secret")?;
-    ensure!(reference.name == "ops-admin", "{reference:?}");
     Ok(())
 }
 
+/// The ServiceMonitor scrapes each component's metrics Service and no other, each on the health
+/// port only (the api's ports and probes, the public Service, the endpoint and the NetworkPolicy:
+/// `unittests/health-port_test.yaml`).
 #[test]
-fn the_api_metrics_are_scraped_on_the_health_port_only() -> anyhow::Result<()> {
+fn the_service_monitor_scrapes_each_component_on_its_health_port_only() -> anyhow::Result<()> {
     let production = chart().join("ci/production-values.yaml");
     let yaml = run_helm(
         &["template", RELEASE, "--namespace", "chat"],
         Some(&production),
     )?;
     let rendered = Rendered::parse(&parse_documents(&yaml)?)?;
-    let api = api_container(&rendered)?;
-    let health = api
-        .ports
-        .iter()
-        .flatten()
-        .find(|p| p.name.as_deref() == Some("health"))
-        .context("the api's health port")?;
-    ensure!(health.container_port == 9090, "api.healthPort");
-    ensure!(
-        env_value(api, "CHAT_HEALTH_ADDR") == Some("0.0.0.0:9090"),
-        "CHAT_HEALTH_ADDR"
-    );
-    for (kind, probe) in [
-        ("liveness", api.liveness_probe.as_ref()),
-        ("readiness", api.readiness_probe.as_ref()),
-    ] {
-        let port = probe
-            .and_then(|p| p.http_get.as_ref())
-            .map(|h| h.port.clone())
-            .context("http probe")?;
-        ensure!(
-            port == IntOrString::String("health".into()),
-            "{kind} probe on {port:?}"
-        );
-    }
     let monitor = rendered
         .service_monitors
         .first()
         .context("the ServiceMonitor")?;
-    let endpoints: Vec<(&str, &str)> = monitor
-        .spec
-        .endpoints
-        .iter()
-        .map(|e| (e.port.as_str(), e.path.as_str()))
-        .collect();
-    ensure!(endpoints == [("metrics", "/metrics")], "{endpoints:?}");
     let selector = monitor
         .spec
         .selector
@@ -1016,120 +845,6 @@ fn the_api_metrics_are_scraped_on_the_health_port_only() -> anyhow::Result<()> {
             );
         }
     }
-    // The public Service exposes only the public port.
-    let public = rendered
-        .services
-        .iter()
-        .find(|s| s.metadata.name.as_deref() == Some("chat-api"))
-        .and_then(|s| s.spec.as_ref())
-        .context("Service chat-api")?;
-    let ports: Vec<Option<&str>> = public
-        .ports
-        .iter()
-        .flatten()
-        .map(|p| p.name.as_deref())
-        .collect();
-    ensure!(
-        ports == [Some("http")],
-        "public api Service ports: {ports:?}"
-    );
-    // The health port is reachable from the namespace and metricsFrom, not from apiIngressFrom.
-    let policy = rendered
-        .network_policies
-        .iter()
-        .find(|p| p.metadata.name.as_deref() == Some("chat-api"))
-        .and_then(|p| p.spec.as_ref())
-        .context("NetworkPolicy chat-api")?;
-    let rules = policy.ingress.clone().unwrap_or_default();
-    let health_rules: Vec<_> = rules
-        .iter()
-        .filter(|r| {
-            r.ports
-                .iter()
-                .flatten()
-                .any(|p| p.port == Some(IntOrString::Int(9090)))
-        })
-        .collect();
-    ensure!(health_rules.len() == 1, "one rule for the health port");
-    let peers = health_rules[0].from.clone().unwrap_or_default();
-    ensure!(
-        peers.iter().any(|p| p
-            .pod_selector
-            .as_ref()
-            .is_some_and(|s| { s.match_labels.is_none() && s.match_expressions.is_none() })
-            && p.namespace_selector.is_none()),
-        "the namespace's pods may reach the health port"
-    );
-    ensure!(
-        peers
-            .iter()
-            .any(|p| p.namespace_selector.as_ref().is_some_and(|s| {
-                s.match_labels
-                    .as_ref()
-                    .and_then(|l| l.get("kubernetes.io/metadata.name"))
-                    == Some(&"monitoring".to_owned())
-            })),
-        "metricsFrom may reach the health port"
-    );
-    ensure!(
-        !peers
-            .iter()
-            .any(|p| p.namespace_selector.as_ref().is_some_and(|s| {
-                s.match_labels
-                    .as_ref()
-                    .and_then(|l| l.get("kubernetes.io/metadata.name"))
-                    == Some(&"ingress-nginx".to_owned())
-            })),
-        "the ingress controller may not reach the health port"
-    );
-    Ok(())
-}
-
-#[test]
-fn docs_are_off_and_the_limits_are_set_by_default() -> anyhow::Result<()> {
-    let rendered = render_minimal_with("defaults-config", "{}")?;
-    let data = config_data(&rendered)?;
-    for (name, expected) in [
-        ("CHAT_DOCS_ENABLED", "false"),
-        ("CHAT_RATE_LIMIT_PER_TOKEN", "500"),
-        ("CHAT_RATE_LIMIT_PER_TOKEN_BURST", "1000"),
-        ("CHAT_RATE_LIMIT_PER_ADDRESS", "200"),
-        ("CHAT_RATE_LIMIT_PER_ADDRESS_BURST", "400"),
-        ("CHAT_TRUSTED_PROXY_HOPS", "0"),
-        ("CHAT_MAX_CONNECTIONS", "1024"),
-        ("CHAT_MAX_CONNECTIONS_PER_ADDRESS", "256"),
-        ("CHAT_STREAMS_PER_REPLICA", "512"),
-        ("CHAT_STREAMS_PER_ADDRESS", "20"),
-        ("CHAT_STREAM_MAX_LIFETIME_SECONDS", "3600"),
-        ("CHAT_APPLICATION_CREATION", "open"),
-        ("CHAT_TOKEN_ROTATION_OVERLAP_SECONDS", "86400"),
-        ("CHAT_MAX_CHATS_PER_APPLICATION", "0"),
-        ("CHAT_MAX_MESSAGES_PER_MINUTE_PER_APPLICATION", "0"),
-        ("CHAT_HEADER_READ_TIMEOUT_MS", "5000"),
-        ("CHAT_BODY_TIMEOUT_MS", "5000"),
-        ("CHAT_REQUEST_TIMEOUT_MS", "10000"),
-        ("CHAT_SEARCH_TIMEOUT_MS", "2000"),
-        ("CHAT_CONNECT_TIMEOUT_MS", "3000"),
-        ("CHAT_DEPENDENCY_TIMEOUT_MS", "5000"),
-    ] {
-        ensure!(
-            data.get(name).map(String::as_str) == Some(expected),
-            "{name}: {:?}, expected {expected}",
-            data.get(name)
-        );
-    }
-    ensure!(
-        !data.contains_key("CHAT_TLS_CA_FILE"),
-        "no CA file without connections.tls"
-    );
-    let docs = render_minimal_with("docs-on", "api: {docs: {enabled: true}}")?;
-    ensure!(
-        config_data(&docs)?
-            .get("CHAT_DOCS_ENABLED")
-            .map(String::as_str)
-            == Some("true"),
-        "api.docs.enabled"
-    );
     Ok(())
 }
 
@@ -1442,17 +1157,8 @@ fn alerts_and_dashboard_only_use_metrics_the_services_expose() -> anyhow::Result
         .flat_map(|rule| &rule.spec.groups)
         .flat_map(|group| &group.rules)
         .collect();
-    let alerts: Vec<&str> = rules.iter().map(|rule| rule.alert.as_str()).collect();
-    ensure!(
-        alerts
-            == [
-                "ChatConsumerLagHigh",
-                "ChatDeadLetterQueueNotEmpty",
-                "ChatApiErrorRateHigh",
-                "ChatPublishFailures"
-            ],
-        "{alerts:?}"
-    );
+    // Which alerts there are: `unittests/monitoring_test.yaml`.
+    ensure!(!rules.is_empty(), "production renders no alert");
     let dashboard = std::fs::read_to_string(chart().join("files/dashboard.json"))?;
     let _: Value = serde_json::from_str(&dashboard)?;
     for (source, text) in rules
@@ -2157,35 +1863,6 @@ fn skaffold_embedded_profile_deploys_the_chart_alone() -> anyhow::Result<()> {
         api.spec.as_ref().and_then(|s| s.replicas) == Some(1),
         "one api replica"
     );
-    Ok(())
-}
-
-/// Without the Prometheus operator's CRDs the monitoring objects are left out (the install would
-/// fail on their kinds), and the rest of the chart is the same.
-#[test]
-fn monitoring_objects_need_their_crds() -> anyhow::Result<()> {
-    let production = chart().join("ci/production-values.yaml");
-    let with_crds = run_helm(
-        &["template", RELEASE, "--namespace", "chat"],
-        Some(&production),
-    )?;
-    assert!(with_crds.contains("kind: ServiceMonitor"));
-    assert!(with_crds.contains("kind: PrometheusRule"));
-    let output = Command::new(helm()?)
-        .args(["template", RELEASE, "--namespace", "chat"])
-        .arg(chart())
-        .args(["--kube-version", KUBE_VERSION, "--values"])
-        .arg(&production)
-        .output()?;
-    ensure!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let without_crds = String::from_utf8(output.stdout)?;
-    assert!(!without_crds.contains("kind: ServiceMonitor"));
-    assert!(!without_crds.contains("kind: PrometheusRule"));
-    assert!(without_crds.contains("kind: Deployment"));
     Ok(())
 }
 
