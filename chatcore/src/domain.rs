@@ -310,6 +310,31 @@ impl SearchCursor {
     }
 }
 
+/// A place in an application's feed of changes, handed to the client as an opaque string (the
+/// feed's order is the service's own business).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FeedCursor(pub u64);
+
+impl FeedCursor {
+    const PREFIX: &'static str = "feed:";
+
+    pub fn encode(self) -> String {
+        URL_SAFE_NO_PAD.encode(format!("{}{}", Self::PREFIX, self.0))
+    }
+
+    pub fn parse(raw: &str) -> Result<Self, InvalidInput> {
+        let invalid = || InvalidInput::new("cursor", "is not a cursor this api handed out");
+        let decoded = URL_SAFE_NO_PAD.decode(raw).map_err(|_| invalid())?;
+        let text = String::from_utf8(decoded).map_err(|_| invalid())?;
+        let position = text.strip_prefix(Self::PREFIX).ok_or_else(invalid)?;
+        let position: u64 = position.parse().map_err(|_| invalid())?;
+        if position >= i64::MAX as u64 {
+            return Err(invalid());
+        }
+        Ok(Self(position))
+    }
+}
+
 /// One page of a list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PageRequest {

@@ -278,6 +278,19 @@ async fn messages_stored_before_the_change_log_are_logged_once_by_the_migration(
             (3, ChangeKind::Deleted, 3, 2),
         ]
     );
+    let feed: Vec<(u64, u64, u64)> = storage
+        .list_application_changes(1, 0, 10)
+        .await?
+        .iter()
+        .map(|row| {
+            (
+                row.application_sequence,
+                row.chat_number,
+                row.change.sequence,
+            )
+        })
+        .collect();
+    assert_eq!(feed, [(1, 1, 1), (2, 1, 2), (3, 1, 3)]);
     let found = storage.find_chat(1, chat).await?.expect("the chat");
     assert_eq!(found.last_change_sequence, 3);
     let empty = chatcore::domain::Number::new(2).expect("positive");
@@ -360,6 +373,77 @@ async fn a_replica_hears_the_changes_of_the_chats_it_streams_only(
         "the chat nobody streams is not heard"
     );
     drop(other);
+    workers.stop().await?;
+    api.stop().await
+}
+
+both_stacks!(the_application_feed_has_every_chats_changes_once_each_in_its_order);
+
+/// A backend follows every chat of its application through `GET /application/changes?cursor=`
+/// while two chats get messages, edits and deletions: each change comes once, each chat's in its
+/// sequence order, each with its chat.
+async fn the_application_feed_has_every_chats_changes_once_each_in_its_order(
+    env: TestEnv,
+) -> anyhow::Result<()> {
+    let (api, workers, token, first) = env.with_chat("feed").await?;
+    let client = &api.client;
+    let second = client.create_chat(&token).await?;
+    for index in 0..15 {
+        for chat in [first, second] {
+            client
+                .create_message(&token, chat, &format!("message {index}"))
+                .await?;
+        }
+    }
+    for chat in [first, second] {
+        let path = format!("/applications/{token}/chats/{chat}/messages/1");
+        system_tests::eventually("the first message is stored", WAIT, || async {
+            Ok(client
+                .put(&path, json!({"body": "edited"}))
+                .await?
+                .status
+                .is_success())
+        })
+        .await?;
+        let path = format!("/applications/{token}/chats/{chat}/messages/2");
+        assert_eq!(client.delete(&path).await?.status, StatusCode::NO_CONTENT);
+    }
+    let mut seen: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+    let mut cursor: Option<String> = None;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while seen.values().map(Vec::len).sum::<usize>() < 2 * 17 {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "only {seen:?}");
+        let query = cursor
+            .as_ref()
+            .map_or(String::new(), |cursor| format!("&cursor={cursor}"));
+        let page = client
+            .get(&format!("/applications/{token}/changes?per_page=5{query}"))
+            .await?;
+        assert_eq!(page.status, StatusCode::OK, "{page:?}");
+        let changes = page.body["changes"].as_array().cloned().unwrap_or_default();
+        let Some(last) = changes.last() else {
+            assert!(page.body["pagination"]["next_cursor"].is_null(), "{page:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        cursor = last["cursor"].as_str().map(str::to_owned);
+        for change in &changes {
+            let chat = change["chat_number"].as_u64().context("chat_number")?;
+            let sequence = change["sequence"].as_u64().context("sequence")?;
+            seen.entry(chat).or_default().push(sequence);
+        }
+    }
+    for chat in [first, second] {
+        assert_eq!(
+            seen[&chat],
+            (1..=17).collect::<Vec<_>>(),
+            "chat {chat}: {seen:?}"
+        );
+    }
+    let bad = client
+        .get(&format!("/applications/{token}/changes?cursor=not-ours"))
+        .await?;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST, "{bad:?}");
     workers.stop().await?;
     api.stop().await
 }

@@ -767,8 +767,8 @@ async fn the_openapi_document_and_docs_page_are_served(env: TestEnv) -> anyhow::
     assert_eq!(document.status, StatusCode::OK);
     assert_eq!(document.body["openapi"], "3.1.0");
     let paths = document.body["paths"].as_object().expect("paths");
-    // 2 of applications, 1 of revocations, 9 of the bearer form and their 9 legacy twins.
-    assert_eq!(paths.len(), 20, "{:?}", paths.keys().collect::<Vec<_>>());
+    // 2 of applications, 1 of revocations, 10 of the bearer form and their 10 legacy twins.
+    assert_eq!(paths.len(), 22, "{:?}", paths.keys().collect::<Vec<_>>());
     for (path, operations) in paths {
         for operation in operations.as_object().expect("operations").values() {
             assert!(

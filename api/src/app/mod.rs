@@ -13,7 +13,9 @@ use chatcore::numbering::{NumberAllocator, Scope};
 use chatcore::queue::EventQueue;
 use chatcore::search::{MessageHit, SearchIndex};
 use chatcore::state::SharedState;
-use chatcore::store::{ChangeRow, ChangeSelection, ChatKey, ChatRow, MessageRow, Storage};
+use chatcore::store::{
+    ApplicationChangeRow, ChangeRow, ChangeSelection, ChatKey, ChatRow, MessageRow, Storage,
+};
 use quick_cache::sync::Cache;
 
 mod applications;
@@ -300,6 +302,19 @@ impl ChatService {
     ) -> Result<ChatKey, AppError> {
         self.require_chat(application_id, chat_number).await?;
         Ok((application_id, chat_number))
+    }
+
+    /// Up to `limit` changes of the application's feed (every chat's) after the place `after`.
+    pub async fn list_application_changes(
+        &self,
+        application_id: u64,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<ApplicationChangeRow>, AppError> {
+        Ok(self
+            .storage
+            .list_application_changes(application_id, after, limit)
+            .await?)
     }
 
     /// The sequence of a chat's latest logged change (0 for a chat not stored yet).

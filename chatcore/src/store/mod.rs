@@ -185,6 +185,15 @@ pub struct ChangeRow {
     pub message: MessageRow,
 }
 
+/// One change of an application's feed: its place in the feed, its chat, and the change.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ApplicationChangeRow {
+    pub application_sequence: u64,
+    pub chat_number: u64,
+    #[sqlx(flatten)]
+    pub change: ChangeRow,
+}
+
 /// Which changes of a chat's log a read returns, in sequence order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChangeSelection {
@@ -514,6 +523,15 @@ pub trait Storage: Send + Sync {
         after: u64,
         limit: u32,
     ) -> Result<Vec<ChangeRow>, StorageError>;
+
+    /// Up to `limit` changes of an application's feed (every chat's changes, each with its chat)
+    /// after the application sequence `after`, in that sequence's order.
+    async fn list_application_changes(
+        &self,
+        application_id: u64,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<ApplicationChangeRow>, StorageError>;
 
     /// Deletes the application: it stays as a tombstone (name cleared, `deleted_at` set), so its
     /// id is never handed out again and a late event of it is dropped; its tokens end now. Its

@@ -161,7 +161,7 @@ super::shared_sql::storage_impl!(MySqlStorage, MySql, "mysql", {
         };
         let change = Self::log_change(
             &mut transaction,
-            locked.chat_id,
+            (application_id, locked.chat_id),
             ChangeKind::Updated,
             message,
         )
@@ -207,7 +207,7 @@ super::shared_sql::storage_impl!(MySqlStorage, MySql, "mysql", {
         };
         let change = Self::log_change(
             &mut transaction,
-            locked.chat_id,
+            (application_id, locked.chat_id),
             ChangeKind::Deleted,
             message,
         )
@@ -225,7 +225,8 @@ super::shared_sql::storage_impl!(MySqlStorage, MySql, "mysql", {
             return Ok(created);
         }
         let mut transaction = self.pool.begin().await?;
-        let deleted_applications = insert_chats(&mut transaction, &batch.chats).await?;
+        let (deleted_applications, new_chats_per_application) =
+            insert_chats(&mut transaction, &batch.chats).await?;
         let live_chats = batch
             .chats
             .keys()
@@ -260,7 +261,8 @@ super::shared_sql::storage_impl!(MySqlStorage, MySql, "mysql", {
                 new_messages.push((chat_id, *key, new));
             }
         }
-        // The new messages count in their chats and take the chats' next change sequences.
+        // The new messages count in their chats, and take their chats' and their applications'
+        // next change sequences: the chats' rows locked before the applications', as a `PUT` does.
         add_counts(
             &mut transaction,
             "chats",
@@ -268,21 +270,62 @@ super::shared_sql::storage_impl!(MySqlStorage, MySql, "mysql", {
             &new_messages_per_chat,
         )
         .await?;
-        let last_sequences = last_change_sequences(
+        let mut new_messages_per_application: BTreeMap<u64, u64> = BTreeMap::new();
+        for (_, (application_id, _), messages) in &new_messages {
+            *new_messages_per_application
+                .entry(*application_id)
+                .or_default() += messages.len() as u64;
+        }
+        let new_messages_per_application: Vec<(u64, u64)> =
+            new_messages_per_application.into_iter().collect();
+        add_counts(
             &mut transaction,
+            "applications",
+            &["chats_count"],
+            &new_chats_per_application,
+        )
+        .await?;
+        add_counts(
+            &mut transaction,
+            "applications",
+            &["last_change_sequence"],
+            &new_messages_per_application,
+        )
+        .await?;
+        let last_of_chats = last_change_sequences(
+            &mut transaction,
+            "chats",
             new_messages_per_chat.iter().map(|(chat_id, _)| *chat_id),
         )
         .await?;
+        let mut next_of_applications = last_change_sequences(
+            &mut transaction,
+            "applications",
+            new_messages_per_application.iter().map(|(id, _)| *id),
+        )
+        .await?;
+        for (application_id, count) in &new_messages_per_application {
+            if let Some(last) = next_of_applications.get_mut(application_id) {
+                *last = *last + 1 - count;
+            }
+        }
         let mut changes = Vec::new();
         for (chat_id, key, messages) in new_messages {
-            let last = last_sequences
-                .get(&chat_id)
-                .copied()
-                .ok_or(StorageError::ChatMissing(key.0, key.1))?;
+            let missing = || StorageError::ChatMissing(key.0, key.1);
+            let last = last_of_chats.get(&chat_id).copied().ok_or_else(missing)?;
             let first = last + 1 - messages.len() as u64;
             for (sequence, message) in (first..).zip(messages) {
+                let application_sequence =
+                    next_of_applications.get_mut(&key.0).ok_or_else(missing)?;
                 created.insert((key, message.number), sequence);
-                changes.push((chat_id, sequence, message));
+                changes.push(CreatedChange {
+                    chat_id,
+                    sequence,
+                    application_id: key.0,
+                    application_sequence: *application_sequence,
+                    message,
+                });
+                *application_sequence += 1;
             }
         }
         insert_created_changes(&mut transaction, &changes).await?;
@@ -418,12 +461,13 @@ async fn lock_reservation(
     })
 }
 
-/// Inserts the chats that do not exist yet and grows `chats_count` by the new ones; the chats of
-/// deleted applications are left out. Returns those applications.
+/// Inserts the chats that do not exist yet; the chats of deleted applications are left out.
+/// Returns those applications, and how many new chats each other application got (its
+/// `chats_count` grows by them at the end of the batch, when the applications' rows are locked).
 async fn insert_chats(
     transaction: &mut Transaction<'_, MySql>,
     chats: &BTreeMap<ChatKey, DateTime<Utc>>,
-) -> Result<BTreeSet<u64>, StorageError> {
+) -> Result<(BTreeSet<u64>, Vec<(u64, u64)>), StorageError> {
     let application_ids: BTreeSet<u64> = chats
         .keys()
         .map(|(application_id, _)| *application_id)
@@ -471,14 +515,7 @@ async fn insert_chats(
             new_chats_per_application.push((application_id, inserted));
         }
     }
-    add_counts(
-        transaction,
-        "applications",
-        &["chats_count"],
-        &new_chats_per_application,
-    )
-    .await?;
-    Ok(deleted)
+    Ok((deleted, new_chats_per_application))
 }
 
 /// Internal ids of the given chats, looked up per application with the unique key.
@@ -548,25 +585,38 @@ async fn insert_messages(
     Ok(inserted)
 }
 
-/// Logs the created change of each new message: `(chat id, sequence, message)`.
+/// The created change of a new message, with its places in its chat's log and its application's
+/// feed.
+struct CreatedChange<'a> {
+    chat_id: u64,
+    sequence: u64,
+    application_id: u64,
+    application_sequence: u64,
+    message: &'a NewMessage<'a>,
+}
+
+/// Logs the created change of each new message.
 async fn insert_created_changes(
     transaction: &mut Transaction<'_, MySql>,
-    changes: &[(u64, u64, &NewMessage<'_>)],
+    changes: &[CreatedChange<'_>],
 ) -> Result<(), sqlx::Error> {
     let now = now();
-    for chunk in statement_chunks(changes, |(_, _, message)| message.body.len()) {
+    for chunk in statement_chunks(changes, |change| change.message.body.len()) {
         let mut insert = QueryBuilder::<MySql>::new(
             "INSERT INTO message_changes \
-             (chat_id, sequence, number, version, kind, body, message_created_at, occurred_at) ",
+             (chat_id, sequence, application_id, application_sequence, number, version, kind, \
+             body, message_created_at, occurred_at) ",
         );
-        insert.push_values(chunk, |mut row, (chat_id, sequence, message)| {
-            row.push_bind(*chat_id)
-                .push_bind(*sequence)
-                .push_bind(message.number.get())
+        insert.push_values(chunk, |mut row, change| {
+            row.push_bind(change.chat_id)
+                .push_bind(change.sequence)
+                .push_bind(change.application_id)
+                .push_bind(change.application_sequence)
+                .push_bind(change.message.number.get())
                 .push_bind(1u64)
                 .push_bind(ChangeKind::Created.as_str())
-                .push_bind(message.body)
-                .push_bind(message.created_at)
+                .push_bind(change.message.body)
+                .push_bind(change.message.created_at)
                 .push_bind(now);
         });
         insert.build().execute(&mut **transaction).await?;
@@ -594,17 +644,19 @@ async fn created_sequences(
         .collect())
 }
 
-/// The last change sequence of each chat.
+/// The last change sequence of each of `ids` in `table` (`chats` or `applications`).
 async fn last_change_sequences(
     transaction: &mut Transaction<'_, MySql>,
-    chat_ids: impl ExactSizeIterator<Item = u64>,
+    table: &'static str,
+    ids: impl ExactSizeIterator<Item = u64>,
 ) -> Result<BTreeMap<u64, u64>, sqlx::Error> {
-    if chat_ids.len() == 0 {
+    if ids.len() == 0 {
         return Ok(BTreeMap::new());
     }
-    let mut query =
-        QueryBuilder::<MySql>::new("SELECT id, last_change_sequence FROM chats WHERE id IN ");
-    push_in_list(&mut query, chat_ids);
+    let mut query = QueryBuilder::<MySql>::new(format!(
+        "SELECT id, last_change_sequence FROM {table} WHERE id IN "
+    ));
+    push_in_list(&mut query, ids);
     let rows: Vec<(u64, u64)> = query.build_query_as().fetch_all(&mut **transaction).await?;
     Ok(rows.into_iter().collect())
 }

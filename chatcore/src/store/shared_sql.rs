@@ -40,42 +40,53 @@ macro_rules! storage_impl {
                 Ok(())
             }
 
-            /// Takes the next `count` sequences of a chat's change log; returns the first. The
-            /// chat's row stays locked until the transaction ends, so the changes of one chat are
-            /// logged one transaction after another, in sequence order.
+            /// Takes the next `count` change sequences of a chat or an application (`table`: `chats`
+            /// or `applications`); returns the first. The row stays locked until the transaction
+            /// ends, so the changes of one chat (one application) are logged one transaction after
+            /// another, in sequence order.
             async fn take_change_sequences(
                 transaction: &mut sqlx::Transaction<'static, $database>,
-                chat_id: u64,
+                table: &'static str,
+                id: u64,
                 count: u64,
             ) -> Result<u64, sqlx::Error> {
-                sqlx::query("UPDATE chats SET last_change_sequence = last_change_sequence + ? WHERE id = ?")
-                    .bind(count as i64)
-                    .bind(chat_id as i64)
-                    .execute(&mut **transaction)
-                    .await?;
-                let last: u64 = sqlx::query_scalar("SELECT last_change_sequence FROM chats WHERE id = ?")
-                    .bind(chat_id as i64)
-                    .fetch_one(&mut **transaction)
-                    .await?;
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "UPDATE {table} SET last_change_sequence = last_change_sequence + ? WHERE id = ?"
+                )))
+                .bind(count as i64)
+                .bind(id as i64)
+                .execute(&mut **transaction)
+                .await?;
+                let last: u64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                    "SELECT last_change_sequence FROM {table} WHERE id = ?"
+                )))
+                .bind(id as i64)
+                .fetch_one(&mut **transaction)
+                .await?;
                 Ok(last + 1 - count)
             }
 
-            /// Logs one change of a message (as it left the message) under the next sequence of
-            /// its chat.
+            /// Logs one change of a message (as it left the message) under the next sequences of
+            /// its chat and of its application (locked in that order, as a batch write does).
             async fn log_change(
                 transaction: &mut sqlx::Transaction<'static, $database>,
-                chat_id: u64,
+                (application_id, chat_id): (u64, u64),
                 kind: $crate::store::ChangeKind,
                 message: MessageRow,
             ) -> Result<$crate::store::ChangeRow, sqlx::Error> {
-                let sequence = Self::take_change_sequences(transaction, chat_id, 1).await?;
+                let sequence = Self::take_change_sequences(transaction, "chats", chat_id, 1).await?;
+                let application_sequence =
+                    Self::take_change_sequences(transaction, "applications", application_id, 1).await?;
                 sqlx::query(
                     "INSERT INTO message_changes \
-                     (chat_id, sequence, number, version, kind, body, message_created_at, occurred_at) \
-                     VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                     (chat_id, sequence, application_id, application_sequence, number, version, \
+                     kind, body, message_created_at, occurred_at) \
+                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 )
                 .bind(chat_id as i64)
                 .bind(sequence as i64)
+                .bind(application_id as i64)
+                .bind(application_sequence as i64)
                 .bind(message.number as i64)
                 .bind(message.version as i64)
                 .bind(kind.as_str())
@@ -435,6 +446,29 @@ macro_rules! storage_impl {
                     rows = rows.bind(up_to);
                 }
                 with_storage_errors(rows.bind(i64::from(limit)).fetch_all(&self.pool)).await
+            }
+
+            async fn list_application_changes(
+                &self,
+                application_id: u64,
+                after: u64,
+                limit: u32,
+            ) -> Result<Vec<$crate::store::ApplicationChangeRow>, StorageError> {
+                with_storage_errors(
+                    sqlx::query_as(
+                        "SELECT mc.application_sequence, c.number AS chat_number, mc.sequence, \
+                         mc.kind, mc.number, mc.body, mc.version, \
+                         mc.message_created_at AS created_at, mc.occurred_at AS updated_at \
+                         FROM message_changes mc JOIN chats c ON c.id = mc.chat_id \
+                         WHERE mc.application_id = ? AND mc.application_sequence > ? \
+                         ORDER BY mc.application_sequence LIMIT ?",
+                    )
+                    .bind(application_id as i64)
+                    .bind(after as i64)
+                    .bind(i64::from(limit))
+                    .fetch_all(&self.pool),
+                )
+                .await
             }
 
             async fn reserved_until(&self, scope: &str) -> Result<Option<u64>, StorageError> {

@@ -91,9 +91,10 @@ async fn digest_plaintext_tokens(pool: &SqlitePool) -> anyhow::Result<()> {
     for statement in [
         "CREATE TABLE applications_rebuilt (id INTEGER PRIMARY KEY, token_hint TEXT NOT NULL, \
          name TEXT NOT NULL, chats_count INTEGER NOT NULL DEFAULT 0, created_at TEXT NOT NULL, \
-         updated_at TEXT NOT NULL, deleted_at TEXT)",
+         updated_at TEXT NOT NULL, deleted_at TEXT, \
+         last_change_sequence INTEGER NOT NULL DEFAULT 0)",
         "INSERT INTO applications_rebuilt SELECT id, token_hint, name, chats_count, created_at, \
-         updated_at, deleted_at FROM applications",
+         updated_at, deleted_at, last_change_sequence FROM applications",
         "DROP TABLE applications",
         "ALTER TABLE applications_rebuilt RENAME TO applications",
         "CREATE INDEX applications_deleted_at ON applications (deleted_at)",
@@ -190,7 +191,7 @@ super::shared_sql::storage_impl!(SqliteStorage, Sqlite, "sqlite", {
         };
         let change = Self::log_change(
             &mut transaction,
-            updated.chat_id,
+            (application_id, updated.chat_id),
             ChangeKind::Updated,
             updated.message,
         )
@@ -229,7 +230,7 @@ super::shared_sql::storage_impl!(SqliteStorage, Sqlite, "sqlite", {
         .await?;
         let change = Self::log_change(
             &mut transaction,
-            deleted.chat_id,
+            (application_id, deleted.chat_id),
             ChangeKind::Deleted,
             deleted.message,
         )
@@ -353,7 +354,8 @@ super::shared_sql::storage_impl!(SqliteStorage, Sqlite, "sqlite", {
             if new_messages.is_empty() {
                 continue;
             }
-            // The new messages count in their chat and take its next change sequences.
+            // The new messages count in their chat, and take its and its application's next
+            // change sequences.
             let count = new_messages.len() as i64;
             let last: i64 = sqlx::query_scalar(
                 "UPDATE chats SET messages_count = messages_count + ?1, \
@@ -364,14 +366,26 @@ super::shared_sql::storage_impl!(SqliteStorage, Sqlite, "sqlite", {
             .bind(chat_id)
             .fetch_one(&mut *transaction)
             .await?;
-            for (sequence, message) in (last + 1 - count..).zip(new_messages) {
+            let last_of_application: i64 = sqlx::query_scalar(
+                "UPDATE applications SET last_change_sequence = last_change_sequence + ?1 \
+                 WHERE id = ?2 RETURNING last_change_sequence",
+            )
+            .bind(count)
+            .bind(application_id as i64)
+            .fetch_one(&mut *transaction)
+            .await?;
+            let sequences = (last + 1 - count..).zip(last_of_application + 1 - count..);
+            for ((sequence, application_sequence), message) in sequences.zip(new_messages) {
                 sqlx::query(
                     "INSERT INTO message_changes \
-                     (chat_id, sequence, number, version, kind, body, message_created_at, occurred_at) \
-                     VALUES (?, ?, ?, 1, ?, ?, ?, ?)",
+                     (chat_id, sequence, application_id, application_sequence, number, version, \
+                     kind, body, message_created_at, occurred_at) \
+                     VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?, ?)",
                 )
                 .bind(chat_id)
                 .bind(sequence)
+                .bind(application_id as i64)
+                .bind(application_sequence)
                 .bind(message.number.get() as i64)
                 .bind(ChangeKind::Created.as_str())
                 .bind(message.body)

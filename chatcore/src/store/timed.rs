@@ -8,9 +8,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use super::{
-    ApplicationRow, ChangeRow, ChangeSelection, ChatRow, CountFigures, CountLevel,
-    CreatedSequences, IngestBatch, MessageRow, MessageToIndex, ReindexCursor, ReindexScope,
-    Reservation, Storage, StorageError, TokenGrant,
+    ApplicationChangeRow, ApplicationRow, ChangeRow, ChangeSelection, ChatRow, CountFigures,
+    CountLevel, CreatedSequences, IngestBatch, MessageRow, MessageToIndex, ReindexCursor,
+    ReindexScope, Reservation, Storage, StorageError, TokenGrant,
 };
 use crate::domain::{
     ApplicationName, ApplicationToken, MessageBody, Number, PageRequest, TokenDigest,
@@ -220,6 +220,20 @@ impl Storage for TimedStorage {
             .list_changes(application_id, chat_number, selection, after, limit);
         self.metrics
             .time_within(self.kind(), "list_changes", self.limit, call)
+            .await
+    }
+
+    async fn list_application_changes(
+        &self,
+        application_id: u64,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<ApplicationChangeRow>, StorageError> {
+        let call = self
+            .inner
+            .list_application_changes(application_id, after, limit);
+        self.metrics
+            .time_within(self.kind(), "list_application_changes", self.limit, call)
             .await
     }
 

@@ -1,6 +1,7 @@
-//! A chat's change log: every stored change of its messages (created, updated, deleted), in the
-//! order of its sequence, from any point; what a backend reads to follow a chat without missing
-//! or repeating a change.
+//! The change logs: a chat's (every stored change of its messages, created, updated, deleted, in
+//! the order of the chat's sequence) and the application's feed (every chat's changes, each
+//! chat's in its order), from any point; what a backend reads to follow a chat, or every chat,
+//! without missing or repeating a change.
 #![allow(
     unused_qualifications,
     reason = "utoipa::path expands IntoParams after tuple params with a qualified path"
@@ -8,8 +9,8 @@
 
 use axum::Json;
 use axum::extract::State;
-use chatcore::domain::{PageInput, PagePosition, PageRequest, serialize_timestamp};
-use chatcore::store::ChangeRow;
+use chatcore::domain::{FeedCursor, PageInput, PagePosition, PageRequest, serialize_timestamp};
+use chatcore::store::{ApplicationChangeRow, ChangeKind, ChangeRow};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -22,7 +23,9 @@ use crate::http::extract::{PathParams, QueryParams, Tenant};
 use crate::http::state::AppState;
 
 pub fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(list))
+    OpenApiRouter::new()
+        .routes(routes!(list))
+        .routes(routes!(feed))
 }
 
 /// `?after=&per_page=` of the change log.
@@ -68,9 +71,9 @@ struct ChangedMessageView {
 impl From<ChangeRow> for ChangeView {
     fn from(change: ChangeRow) -> Self {
         let kind = match change.kind {
-            chatcore::store::ChangeKind::Created => "message.created",
-            chatcore::store::ChangeKind::Updated => "message.updated",
-            chatcore::store::ChangeKind::Deleted => "message.deleted",
+            ChangeKind::Created => "message.created",
+            ChangeKind::Updated => "message.updated",
+            ChangeKind::Deleted => "message.deleted",
         };
         Self {
             sequence: change.sequence,
@@ -114,12 +117,35 @@ async fn list(
     QueryParams(params): QueryParams<ChangeParams>,
 ) -> Result<Json<ChangeList>, ApiError> {
     let chat_number = parse_number("chat_number", &chat_number)?;
+    let (after, per_page) =
+        keyed_page(&state, params.after.as_deref(), params.per_page.as_deref())?;
+    let mut rows = state
+        .service()
+        .list_changes(tenant.application_id, chat_number, after, per_page + 1)
+        .await?;
+    let more = cut_to_page(&mut rows, per_page);
+    let next_after = rows.last().map(|row| row.sequence).filter(|_| more);
+    Ok(Json(ChangeList {
+        changes: rows.into_iter().map(ChangeView::from).collect(),
+        pagination: ChangePagination {
+            per_page,
+            next_after,
+        },
+    }))
+}
+
+/// The page after a key (default 0: from the start) and its size, checked as every list's.
+fn keyed_page(
+    state: &AppState,
+    after: Option<&str>,
+    per_page: Option<&str>,
+) -> Result<(u64, u32), ApiError> {
     let settings = state.settings();
     let page = PageRequest::parse(
         PageInput {
             page: None,
-            per_page: params.per_page.as_deref(),
-            after: Some(params.after.as_deref().unwrap_or("0")),
+            per_page,
+            after: Some(after.unwrap_or("0")),
             before: None,
             cursor: None,
         },
@@ -127,21 +153,97 @@ async fn list(
         settings.max_page_size,
     )
     .map_err(ApiError::bad_parameter)?;
-    let PagePosition::After(after) = page.position else {
-        unreachable!("an after page");
+    let after = match page.position {
+        PagePosition::After(after) => after,
+        PagePosition::Page(_) | PagePosition::Before(_) | PagePosition::AfterHit(_) => 0,
     };
+    Ok((after, page.per_page))
+}
+
+/// Cuts the one extra row fetched to learn whether more follow; true when more do.
+fn cut_to_page<T>(rows: &mut Vec<T>, per_page: u32) -> bool {
+    let more = rows.len() > per_page as usize;
+    rows.truncate(per_page as usize);
+    more
+}
+
+/// `?cursor=&per_page=` of the application's feed.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct FeedParams {
+    /// The changes after this place: the `cursor` of the last change you processed (opaque);
+    /// without it, from the first change.
+    cursor: Option<String>,
+    /// Page size (default 25, at most 100).
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 100)]
+    per_page: Option<String>,
+}
+
+/// One change of the application's feed: its chat, the change, and where the feed goes on after it.
+#[derive(Debug, Serialize, ToSchema)]
+struct FeedChangeView {
+    /// Pass as `cursor` to read the changes after this one.
+    cursor: String,
+    chat_number: u64,
+    #[serde(flatten)]
+    change: ChangeView,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+struct FeedPagination {
+    per_page: u32,
+    /// `cursor` of the next page; null when this page reached the end of the feed (ask again later
+    /// with the `cursor` of the last change).
+    next_cursor: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+struct FeedList {
+    changes: Vec<FeedChangeView>,
+    pagination: FeedPagination,
+}
+
+impl From<ApplicationChangeRow> for FeedChangeView {
+    fn from(row: ApplicationChangeRow) -> Self {
+        Self {
+            cursor: FeedCursor(row.application_sequence).encode(),
+            chat_number: row.chat_number,
+            change: row.change.into(),
+        }
+    }
+}
+
+/// The application's feed: every stored change of every chat's messages exactly once, each chat's
+/// in the order they were stored (the order of its `sequence`), for a backend that follows every
+/// chat.
+#[utoipa::path(get, path = "/application/changes", tag = "messages", operation_id = "list_application_changes",
+    security(("application_token" = [])),
+    params(FeedParams),
+    responses((status = 200, body = FeedList), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 503, body = ErrorBody)))]
+async fn feed(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    QueryParams(params): QueryParams<FeedParams>,
+) -> Result<Json<FeedList>, ApiError> {
+    let after = match params.cursor.as_deref() {
+        Some(raw) => FeedCursor::parse(raw).map_err(ApiError::bad_parameter)?.0,
+        None => 0,
+    };
+    let (_, per_page) = keyed_page(&state, None, params.per_page.as_deref())?;
     let mut rows = state
         .service()
-        .list_changes(tenant.application_id, chat_number, after, page.per_page + 1)
+        .list_application_changes(tenant.application_id, after, per_page + 1)
         .await?;
-    let more = rows.len() > page.per_page as usize;
-    rows.truncate(page.per_page as usize);
-    let next_after = rows.last().map(|row| row.sequence).filter(|_| more);
-    Ok(Json(ChangeList {
-        changes: rows.into_iter().map(ChangeView::from).collect(),
-        pagination: ChangePagination {
-            per_page: page.per_page,
-            next_after,
+    let more = cut_to_page(&mut rows, per_page);
+    let next_cursor = rows
+        .last()
+        .filter(|_| more)
+        .map(|row| FeedCursor(row.application_sequence).encode());
+    Ok(Json(FeedList {
+        changes: rows.into_iter().map(FeedChangeView::from).collect(),
+        pagination: FeedPagination {
+            per_page,
+            next_cursor,
         },
     }))
 }
