@@ -21,8 +21,6 @@ const STACK_PROCESSES: [&str; 7] = [
     "redis",
 ];
 const LOAD_GENERATOR: &str = "load generator";
-/// Clock ticks per second of `/proc/<pid>/stat` when `BENCH_CLK_TCK` is not set (Linux's USER_HZ).
-const DEFAULT_CLOCK_TICKS: u64 = 100;
 
 /// Where the figures of one process come from.
 enum Source {
@@ -67,22 +65,9 @@ impl CpuUse {
 }
 
 impl Processes {
-    /// The processes of `BENCH_PROCESSES` (ticks: `BENCH_CLK_TCK`); `embedded`: the stack is one
-    /// process (the api).
-    pub fn from_env(embedded: bool) -> Self {
-        let ticks_per_second = std::env::var("BENCH_CLK_TCK")
-            .ok()
-            .and_then(|ticks| ticks.parse().ok())
-            .unwrap_or(DEFAULT_CLOCK_TICKS);
-        Self::new(
-            &std::env::var("BENCH_PROCESSES").unwrap_or_default(),
-            embedded,
-            ticks_per_second,
-        )
-    }
-
-    /// `listed`: `name=pid,...`; a name without a running pid gets no figures.
-    fn new(listed: &str, embedded: bool, ticks_per_second: u64) -> Self {
+    /// `listed`: `name=pid,...` (`BENCH_PROCESSES`); a name without a running pid gets no figures.
+    /// `embedded`: the stack is one process; `ticks_per_second`: `BENCH_CLK_TCK`.
+    pub fn new(listed: &str, embedded: bool, ticks_per_second: u64) -> Self {
         let pids: Vec<(&str, &str)> = listed
             .split(',')
             .filter_map(|pair| pair.split_once('='))

@@ -16,6 +16,37 @@ impl Measured {
     pub fn rate(&self) -> f64 {
         self.count as f64 / self.elapsed.as_secs_f64()
     }
+
+    /// How the report shows it: a row `label` with its rate in `unit`, and a CPU column `column`.
+    pub fn figure(&self, label: String, unit: &'static str, column: &'static str) -> Figure<'_> {
+        Figure {
+            label,
+            unit,
+            column,
+            measured: self,
+        }
+    }
+}
+
+/// A measured figure as the report shows it: a row (its label, and the unit of its rate) and a
+/// column of the CPU table.
+pub struct Figure<'a> {
+    label: String,
+    unit: &'static str,
+    column: &'static str,
+    measured: &'a Measured,
+}
+
+impl Figure<'_> {
+    /// Its column of the CPU table.
+    pub fn column(&self) -> &'static str {
+        self.column
+    }
+
+    /// "1234 req/s".
+    fn rate(&self) -> String {
+        format!("{:.0} {}", self.measured.rate(), self.unit)
+    }
 }
 
 struct CpuColumn {
@@ -49,6 +80,23 @@ impl Report {
             count: measured.count,
             cpu: measured.cpu.clone(),
         });
+    }
+
+    /// The row of `figure` with `ratio`, and its CPU column.
+    pub fn figure(&mut self, figure: Figure<'_>, ratio: impl Into<String>) {
+        let rate = figure.rate();
+        self.row(figure.label, rate, ratio);
+        self.cpu(figure.column, figure.measured);
+    }
+
+    /// A figure of the stack beside the raw limit it is read against (`raw_name` in the ratio):
+    /// the raw limit's row, then the figure's; the figure's CPU column, then the raw limit's.
+    pub fn against_raw(&mut self, figure: Figure<'_>, raw: Figure<'_>, raw_name: &str) {
+        let ratio = ratio(figure.measured.rate(), raw.measured.rate(), raw_name);
+        let raw_rate = raw.rate();
+        self.row(raw.label, raw_rate, "1");
+        self.figure(figure, ratio);
+        self.cpu(raw.column, raw.measured);
     }
 
     pub fn note(&mut self, note: impl Into<String>) {

@@ -1,5 +1,5 @@
 //! Pagination at depth: a chat of [`DEEP_CHAT_MESSAGES`] messages written straight into the
-//! storage, and the latencies of its first and its last page.
+//! storage, and the latencies of its first and its last page, one request at a time.
 
 use std::time::{Duration, Instant};
 
@@ -9,15 +9,51 @@ use sqlx::Connection as _;
 
 use crate::api::Api;
 use crate::load::Latencies;
+use crate::{Bench, application_digest};
 
 /// The messages of the chat whose first and last page are timed.
 pub const DEEP_CHAT_MESSAGES: u64 = 1_000_000;
 /// Requests per page.
 const PAGE_REQUESTS: usize = 400;
 
-/// Writes [`DEEP_CHAT_MESSAGES`] messages straight into the storage (the api would take minutes
-/// to accept them, and only their reading is measured here).
-pub async fn seed_deep_chat(
+impl Bench {
+    /// The chat of 1,000,000 messages and its first and last page; returns the chat, or None
+    /// when skipped.
+    pub async fn deep_pages(&mut self, token: &str) -> anyhow::Result<Option<u64>> {
+        if !self.settings.deep_pages() {
+            self.report
+                .note("BENCH_DEEP_PAGES=0: the chat of 1,000,000 messages skipped");
+            return Ok(None);
+        }
+        let messages = DEEP_CHAT_MESSAGES;
+        eprintln!("bench: seeding a chat of {messages} messages for the pagination phase");
+        let chat = self.stored_chat(token).await?;
+        seed_deep_chat(&self.config, self.settings.embedded(), token, chat).await?;
+        let (first_page, last_page) = page_latencies(&self.api, token, chat).await?;
+        self.report.row(
+            format!("list messages, page 1 p50 / p99 (chat of {messages})"),
+            first_page.p50_p99(),
+            "",
+        );
+        self.report.row(
+            format!(
+                "list messages, last page (after={}) p50 / p99",
+                messages - 25
+            ),
+            last_page.p50_p99(),
+            format!(
+                "{:.2} of page 1 (p50)",
+                last_page.percentile(0.50).as_secs_f64()
+                    / first_page.percentile(0.50).as_secs_f64()
+            ),
+        );
+        Ok(Some(chat))
+    }
+}
+
+/// Writes [`DEEP_CHAT_MESSAGES`] messages straight into the storage (posting them through the api
+/// would be most of the run, and only their reading is measured here).
+async fn seed_deep_chat(
     config: &Config,
     embedded: bool,
     token: &str,
@@ -26,7 +62,7 @@ pub async fn seed_deep_chat(
     // The tables hold the token's digest only.
     let chat_id = "SELECT c.id FROM chats c JOIN application_tokens t \
                    ON t.application_id = c.application_id WHERE t.digest = ? AND c.number = ?";
-    let digest = crate::application_digest(token)?;
+    let digest = application_digest(token)?;
     if embedded {
         let options = sqlx::sqlite::SqliteConnectOptions::new()
             .filename(config.data_dir.join("chat.db"))
@@ -69,7 +105,7 @@ pub async fn seed_deep_chat(
 
 /// Latencies of the first page and of the last page (`after`) of the deep chat, alternating, one
 /// request at a time.
-pub async fn page_latencies(
+async fn page_latencies(
     api: &Api,
     token: &str,
     chat: u64,

@@ -1,0 +1,20 @@
+//! The phases of the bench, in the order they run, each an `impl Bench` of its own:
+//! - [`raw_limits`]: the raw limits of the accept path (Redis INCR and a confirmed RabbitMQ
+//!   publish, or durable SQLite commits embedded), every rate of the accept path is read against;
+//! - [`stopped_workers`]: `POST` with the workers stopped, the drain of that backlog by each
+//!   downstream leg alone, and each leg against its own raw limit (services only);
+//! - [`running_workers`]: `POST` with the workers running, and end to end into the storage and the
+//!   index;
+//! - [`reads`]: `GET` one message and a page of messages, against their raw SELECTs;
+//! - [`search`]: search latency on one chat, one client then several, and at scale;
+//! - [`deep_pages`]: the first and the last page of a chat of 1,000,000 messages.
+//!
+//! [`posting`] is the `POST` load of the two phases with the workers stopped and running.
+
+pub mod deep_pages;
+pub mod posting;
+pub mod raw_limits;
+pub mod reads;
+pub mod running_workers;
+pub mod search;
+pub mod stopped_workers;
