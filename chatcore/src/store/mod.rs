@@ -5,6 +5,7 @@
 //! ingest-worker ([`IngestBatch`]), how numbers are handed out by [`crate::numbering`]. An adapter
 //! only turns those decisions into its SQL.
 
+mod change_log;
 pub mod mysql;
 mod shared_sql;
 mod sqlite;
@@ -21,6 +22,9 @@ use crate::domain::{
 };
 use crate::retry::Transient;
 
+pub use change_log::{
+    ApplicationChangeRow, ChangeKind, ChangeRow, ChangeSelection, CreatedSequences,
+};
 pub use mysql::MySqlStorage;
 pub use sqlite::SqliteStorage;
 pub use timed::TimedStorage;
@@ -141,72 +145,6 @@ pub struct MessageRow {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
-
-/// What a logged change did to its message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ChangeKind {
-    Created,
-    Updated,
-    Deleted,
-}
-
-impl ChangeKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Created => "created",
-            Self::Updated => "updated",
-            Self::Deleted => "deleted",
-        }
-    }
-}
-
-impl TryFrom<String> for ChangeKind {
-    type Error = String;
-
-    fn try_from(stored: String) -> Result<Self, Self::Error> {
-        match stored.as_str() {
-            "created" => Ok(Self::Created),
-            "updated" => Ok(Self::Updated),
-            "deleted" => Ok(Self::Deleted),
-            other => Err(format!("unknown change kind {other:?}")),
-        }
-    }
-}
-
-/// One change of a chat's change log: its sequence (the chat's order of changes), what it did,
-/// and the message as it left it.
-#[derive(Debug, Clone, sqlx::FromRow)]
-pub struct ChangeRow {
-    pub sequence: u64,
-    #[sqlx(try_from = "String")]
-    pub kind: ChangeKind,
-    #[sqlx(flatten)]
-    pub message: MessageRow,
-}
-
-/// One change of an application's feed: its place in the feed, its chat, and the change.
-#[derive(Debug, Clone, sqlx::FromRow)]
-pub struct ApplicationChangeRow {
-    pub application_sequence: u64,
-    pub chat_number: u64,
-    #[sqlx(flatten)]
-    pub change: ChangeRow,
-}
-
-/// Which changes of a chat's log a read returns, in sequence order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ChangeSelection {
-    /// Every change.
-    Every,
-    /// The chat as it was at the sequence given: of each message not deleted by then, its latest
-    /// change up to that sequence.
-    StateAt(u64),
-}
-
-/// The sequence of the created change of every message of a written batch (the one logged when
-/// the message was first stored, for a redelivered message).
-pub type CreatedSequences = BTreeMap<(ChatKey, Number), u64>;
 
 /// A chat by its application's internal id and its number.
 pub type ChatKey = (u64, Number);
