@@ -129,9 +129,9 @@ pub const NUMBER_BLOCK_SIZE: Setting = positive(
     "1000",
     "numbers reserved in the database at a time (see \"Numbering\")",
 );
-pub const PUBLISH_CONFIRM_TIMEOUT_MS: Setting = positive(
+pub const PUBLISH_CONFIRM_TIMEOUT_MS: Setting = setting(
     "CHAT_PUBLISH_CONFIRM_TIMEOUT_MS",
-    "5000",
+    Value("5000"),
     "wait for a RabbitMQ confirm (or the embedded queue's commit) before answering 503",
 );
 pub const MAX_REQUEST_BYTES: Setting =
@@ -341,9 +341,9 @@ pub const CONSUMER_PREFETCH: Setting = Setting {
     meaning: "deliveries in flight per consumer, lowered so that this many of the largest events \
               fit in `CHAT_CONSUMER_MAX_BYTES_IN_FLIGHT` (255 with the defaults)",
 };
-pub const CONSUMER_MAX_BYTES_IN_FLIGHT: Setting = positive(
+pub const CONSUMER_MAX_BYTES_IN_FLIGHT: Setting = setting(
     "CHAT_CONSUMER_MAX_BYTES_IN_FLIGHT",
-    "67108864",
+    Value("67108864"),
     "bytes of deliveries a consumer may hold (64 MiB); the largest event is about \
      `CHAT_MAX_REQUEST_BYTES`, so a worker behind 1,000 of them stays at about 150 MiB (tested)",
 );
@@ -354,9 +354,9 @@ pub const AMQP_QUEUE_TYPE: Setting = setting(
      survives the loss of a minority of nodes: production); the type of an existing queue cannot \
      change, so switching means a new `CHAT_AMQP_PREFIX` or draining and deleting the queues",
 );
-pub const AMQP_DELIVERY_LIMIT: Setting = positive(
+pub const AMQP_DELIVERY_LIMIT: Setting = setting(
     "CHAT_AMQP_DELIVERY_LIMIT",
-    "20",
+    Value("20"),
     "quorum queues: deliveries of one event (a worker that keeps crashing on it) before RabbitMQ \
      dead-letters it",
 );
