@@ -26,27 +26,17 @@ async fn delete_as_tenant(client: &Client, token: &str) -> anyhow::Result<Reply>
 
 /// The chats, messages and logged changes an application has left.
 async fn rows_of(env: &TestEnv, application_id: u64) -> anyhow::Result<i64> {
-    let chats = env
-        .count(
-            "SELECT COUNT(*) FROM chats WHERE application_id = ?",
-            &[application_id],
-        )
-        .await?;
-    let messages = env
-        .count(
-            "SELECT COUNT(*) FROM messages m JOIN chats c ON c.id = m.chat_id \
-             WHERE c.application_id = ?",
-            &[application_id],
-        )
-        .await?;
-    let changes = env
-        .count(
-            "SELECT COUNT(*) FROM message_changes mc JOIN chats c ON c.id = mc.chat_id \
-             WHERE c.application_id = ?",
-            &[application_id],
-        )
-        .await?;
-    Ok(chats + messages + changes)
+    let mut rows = 0;
+    for count in [
+        "SELECT COUNT(*) FROM chats WHERE application_id = ?",
+        "SELECT COUNT(*) FROM messages m JOIN chats c ON c.id = m.chat_id \
+         WHERE c.application_id = ?",
+        "SELECT COUNT(*) FROM message_changes mc JOIN chats c ON c.id = mc.chat_id \
+         WHERE c.application_id = ?",
+    ] {
+        rows += env.count(count, &[application_id]).await?;
+    }
+    Ok(rows)
 }
 
 /// Runs counter-sync; it reports the purge of what the application had left.
