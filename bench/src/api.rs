@@ -73,7 +73,7 @@ impl Api {
     }
 
     /// The messages the storage holds for the chat (its `messages_count`).
-    pub async fn stored_messages(&self, token: &str, chat: u64) -> anyhow::Result<u64> {
+    pub async fn stored_message_count(&self, token: &str, chat: u64) -> anyhow::Result<u64> {
         let chat = self
             .get(&self.url(&format!("/applications/{token}/chats/{chat}")))
             .await?;

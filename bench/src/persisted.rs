@@ -128,7 +128,7 @@ impl ChatWatch<'_> {
 
     async fn count(&self, leg: Leg) -> anyhow::Result<u64> {
         match leg {
-            Leg::Storage => self.api.stored_messages(self.token, self.chat).await,
+            Leg::Storage => self.api.stored_message_count(self.token, self.chat).await,
             Leg::Index => self.index.count(self.api.http(), self.chat).await,
         }
     }
