@@ -67,7 +67,8 @@ macro_rules! storage_impl {
             }
 
             /// Logs one change of a message (as it left the message) under the next sequences of
-            /// its chat and of its application (locked in that order, as a batch write does).
+            /// its chat and of its application. In MySQL the caller has locked the application's
+            /// row first, as a batch write does, so the two rows taken here cannot deadlock.
             async fn log_change(
                 transaction: &mut sqlx::Transaction<'static, $database>,
                 (application_id, chat_id): (u64, u64),

@@ -11,7 +11,12 @@ use crate::store::{ChangeKind, ChatKey, NewMessage, StorageError, now};
 
 /// Inserts the chats that do not exist yet; the chats of deleted applications are left out.
 /// Returns those applications, and how many new chats each other application got (its
-/// `chats_count` grows by them at the end of the batch, when the applications' rows are locked).
+/// `chats_count` grows by them at the end of the batch).
+///
+/// The applications' rows are locked first, in id order: every write that logs a change locks its
+/// application before its chat (see [`super::lock_application`]), so two batches of one
+/// application, or a batch and a `PUT`, wait for each other instead of deadlocking (the chats'
+/// foreign key would otherwise take a shared lock on the application that both then upgrade).
 pub(super) async fn insert_chats(
     transaction: &mut Transaction<'_, MySql>,
     chats: &BTreeMap<ChatKey, DateTime<Utc>>,
@@ -24,6 +29,7 @@ pub(super) async fn insert_chats(
         "SELECT id, deleted_at IS NOT NULL FROM applications WHERE id IN ",
     );
     push_in_list(&mut known, application_ids.iter().copied());
+    known.push(" ORDER BY id FOR UPDATE");
     let known: BTreeMap<u64, i64> = known
         .build_query_as()
         .fetch_all(&mut **transaction)

@@ -144,6 +144,7 @@ super::shared_sql::storage_impl!(MySqlStorage, MySql, "mysql", {
         body: &MessageBody,
     ) -> Result<Option<ChangeRow>, StorageError> {
         let mut transaction = self.pool.begin().await?;
+        lock_application(&mut transaction, application_id).await?;
         let Some(locked) =
             lock_message(&mut transaction, application_id, chat_number, number).await?
         else {
@@ -182,6 +183,7 @@ super::shared_sql::storage_impl!(MySqlStorage, MySql, "mysql", {
         number: Number,
     ) -> Result<Option<ChangeRow>, StorageError> {
         let mut transaction = self.pool.begin().await?;
+        lock_application(&mut transaction, application_id).await?;
         let Some(locked) =
             lock_message(&mut transaction, application_id, chat_number, number).await?
         else {
@@ -267,7 +269,7 @@ super::shared_sql::storage_impl!(MySqlStorage, MySql, "mysql", {
             }
         }
         // The new messages count in their chats, and take their chats' and their applications'
-        // next change sequences: the chats' rows locked before the applications', as a `PUT` does.
+        // next change sequences (the applications' rows are locked since the batch began).
         add_counts(
             &mut transaction,
             "chats",
@@ -430,6 +432,20 @@ struct LockedMessage {
     chat_id: u64,
     version: u64,
     created_at: DateTime<Utc>,
+}
+
+/// Locks the application's row: the first lock of every write that logs a change, so that such
+/// writes of one application take their locks in one order (application, chat, message) and wait
+/// for each other rather than deadlock.
+async fn lock_application(
+    transaction: &mut Transaction<'_, MySql>,
+    application_id: u64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT id FROM applications WHERE id = ? FOR UPDATE")
+        .bind(application_id)
+        .fetch_optional(&mut **transaction)
+        .await?;
+    Ok(())
 }
 
 async fn lock_message(
