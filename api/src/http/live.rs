@@ -5,7 +5,8 @@
 //! queue: RabbitMQ in the distributed stack, an in-process channel embedded) and hands each to the
 //! streams of its chat through a bounded broadcast channel per chat. A stream that resumes
 //! (`Last-Event-ID: <sequence>`) subscribes first, then reads the changes after that sequence from
-//! the change log, then goes live; `Last-Event-ID: 0` reads the chat's messages as they are now
+//! the change log, then goes live; one without `Last-Event-ID` reads the chat's latest sequence
+//! once subscribed and sends every change after it; `Last-Event-ID: 0` reads the chat's messages as they are now
 //! (the latest change of each), in sequence order, first. Live, a change is sent when it is the
 //! next sequence; one further ahead (another change was announced later than it was stored)
 //! sends the stream back to the log for what lies between: no gap, no duplicate.
@@ -260,9 +261,10 @@ impl LiveHub {
     ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>> + use<>> {
         let stream = ChatStream {
             changes: subscription.changes,
-            catch_up: last_event_id.map(|after| match after {
-                0 => CatchUp::StateNow,
-                after => CatchUp::Log {
+            catch_up: Some(match last_event_id {
+                None => CatchUp::FromNow,
+                Some(0) => CatchUp::StateNow,
+                Some(after) => CatchUp::Log {
                     selection: ChangeSelection::Every,
                     after,
                 },
@@ -328,6 +330,9 @@ pub struct Subscription {
 /// What a stream reads from the change log before it goes live.
 #[derive(Debug, Clone, Copy)]
 enum CatchUp {
+    /// Nothing of the past (no `Last-Event-ID`): the chat's latest sequence is read once the
+    /// stream is subscribed, and every change after it is sent, whenever it was announced.
+    FromNow,
     /// The chat as it is now (`Last-Event-ID: 0`): its latest sequence is read first.
     StateNow,
     /// The page of `selection` after the sequence `after`.
@@ -342,8 +347,8 @@ struct ChatStream {
     changes: broadcast::Receiver<Arc<MessageChange>>,
     /// While catching up from the change log: where the next page starts.
     catch_up: Option<CatchUp>,
-    /// The sequence of the last change sent (or the one the client resumed after); None for a
-    /// stream that sent nothing and resumed nothing.
+    /// The sequence of the last change sent (or the one the stream started after); None until
+    /// the catch-up has set it.
     last_sent: Option<u64>,
     pending: VecDeque<SseEvent>,
     service: Arc<ChatService>,
@@ -418,14 +423,12 @@ impl ChatStream {
     async fn catch_up(&mut self, catch_up: CatchUp) -> Result<(), &'static str> {
         let (application_id, chat_number) = self.slot.chat;
         let (selection, after) = match catch_up {
-            CatchUp::StateNow => {
-                let latest = tokio::select! {
-                    () = self.shutdown.cancelled() => return Err("shutdown"),
-                    latest = self.service.last_change_sequence(application_id, chat_number) => latest,
-                };
-                let latest = latest.map_err(|_| "storage_error")?;
-                (ChangeSelection::StateAt(latest), 0)
+            CatchUp::FromNow => {
+                self.last_sent = Some(self.latest_sequence().await?);
+                self.catch_up = None;
+                return Ok(());
             }
+            CatchUp::StateNow => (ChangeSelection::StateAt(self.latest_sequence().await?), 0),
             CatchUp::Log { selection, after } => (selection, after),
         };
         let rows = tokio::select! {
@@ -462,6 +465,16 @@ impl ChatStream {
             self.last_sent = Some(as_of);
         }
         Ok(())
+    }
+
+    /// The chat's latest change sequence, as stored.
+    async fn latest_sequence(&self) -> Result<u64, &'static str> {
+        let (application_id, chat_number) = self.slot.chat;
+        let latest = tokio::select! {
+            () = self.shutdown.cancelled() => return Err("shutdown"),
+            latest = self.service.last_change_sequence(application_id, chat_number) => latest,
+        };
+        latest.map_err(|_| "storage_error")
     }
 
     /// The event of a change; it is the last one sent from now on.

@@ -314,20 +314,25 @@ async fn delete(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// The header a reconnecting Server-Sent Events client sends: the id (message number) of the
+/// The header a reconnecting Server-Sent Events client sends: the id (change sequence) of the
 /// last event it received.
 const LAST_EVENT_ID: &str = "last-event-id";
 
 /// Follows a chat live (Server-Sent Events): an event for every message created, updated or
-/// deleted once it is stored (`event:` created, updated or deleted; `id:` the message number;
-/// `data:` the message as JSON), and a comment line as heartbeat. With `Last-Event-ID` (what an
-/// EventSource sends when it reconnects; 0 for the whole chat) the messages after that number
-/// are sent first, from the storage, each as it is now, then the stream goes live without a gap
-/// or a duplicate. A reader that falls behind is disconnected and resumes the same way.
+/// deleted once it is stored (`event:` created, updated or deleted; `id:` the change's sequence
+/// in the chat's change log, see `/chats/{chat_number}/changes`; `data:` the message as JSON),
+/// and a comment line as heartbeat. Without `Last-Event-ID` the stream sends the changes after
+/// the chat's latest one. With `Last-Event-ID` (what an EventSource sends when it reconnects)
+/// every change after that sequence is sent first, from the change log, in sequence order (edits
+/// and deletions of older messages included), then the stream goes live without a gap or a
+/// duplicate; `Last-Event-ID: 0` sends the chat as it is now (each message that is not deleted,
+/// as `created`, with the sequence of its latest change) first. A reader that falls behind is
+/// disconnected and resumes the same way. Clients that stored a message number as the last id
+/// (before change sequences) resume with 0 once.
 #[utoipa::path(get, path = "/chats/{chat_number}/messages/stream", tag = "messages", operation_id = "stream_messages",
     security(("application_token" = [])),
     params(("chat_number" = u64, Path, minimum = 1, description = "chat number within the application"),
-        ("Last-Event-ID" = Option<u64>, Header, description = "resume after this message number (0: from the first message)")),
+        ("Last-Event-ID" = Option<u64>, Header, description = "resume after this change sequence (0: the chat as it is now, then live)")),
     responses((status = 200, description = "a stream of Server-Sent Events; each `data:` is a StreamedMessage", content_type = "text/event-stream", body = crate::http::live::StreamedMessage),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 503, description = "a dependency did not answer, or this replica does not hear stored changes right now; retry", body = ErrorBody)))]
@@ -347,7 +352,7 @@ async fn stream(
                 .ok()
                 .and_then(|raw| raw.trim().parse::<u64>().ok())
                 .ok_or_else(|| ApiError::BadRequest {
-                    message: "Last-Event-ID must be a message number (0 or more)".into(),
+                    message: "Last-Event-ID must be a change sequence (0 or more)".into(),
                     field: Some("Last-Event-ID"),
                 })?,
         ),
