@@ -261,11 +261,11 @@ async fn pagination_is_bounded_and_ordered(env: TestEnv) -> anyhow::Result<()> {
 both_stacks!(keyset_pages_return_every_message_exactly_once);
 
 async fn keyset_pages_return_every_message_exactly_once(env: TestEnv) -> anyhow::Result<()> {
-    let (api, workers, token, chat) = env.with_chat("keyset").await?;
-    let client = &api.client;
+    let running = env.running_chat("keyset").await?;
+    let (client, token, chat) = (&running.api.client, &running.token, running.chat);
     for index in 0..30 {
         client
-            .create_message(&token, chat, &format!("message {index}"))
+            .create_message(token, chat, &format!("message {index}"))
             .await?;
     }
     let list = format!("/applications/{token}/chats/{chat}/messages?per_page=7");
@@ -322,8 +322,7 @@ async fn keyset_pages_return_every_message_exactly_once(env: TestEnv) -> anyhow:
         .await?;
     assert_eq!(chats.body["chats"][0]["number"], chat);
     assert_eq!(chats.body["pagination"]["next_after"], Value::Null);
-    workers.stop().await?;
-    api.stop().await
+    running.stop().await
 }
 
 both_stacks!(chats_and_messages_lifecycle);

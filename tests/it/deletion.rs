@@ -36,17 +36,17 @@ both_stacks!(a_deleted_message_leaves_reads_search_and_counts_and_its_number_is_
 async fn a_deleted_message_leaves_reads_search_and_counts_and_its_number_is_not_reused(
     env: TestEnv,
 ) -> anyhow::Result<()> {
-    let (api, workers, token, chat) = env.with_chat("app").await?;
-    let client = &api.client;
+    let running = env.running_chat("app").await?;
+    let (client, token, chat) = (&running.api.client, &running.token, running.chat);
     for body in ["keep this one", "delete this zebra", "keep that one"] {
-        client.create_message(&token, chat, body).await?;
+        client.create_message(token, chat, body).await?;
     }
     eventually(
         "all three are searchable",
         Duration::from_secs(60),
         || async {
-            Ok(search(client, &token, chat, "zebra").await? == [2]
-                && messages_count(client, &token, chat).await? == 3)
+            Ok(search(client, token, chat, "zebra").await? == [2]
+                && messages_count(client, token, chat).await? == 3)
         },
     )
     .await?;
@@ -56,14 +56,14 @@ async fn a_deleted_message_leaves_reads_search_and_counts_and_its_number_is_not_
     assert_eq!(deleted.status, StatusCode::NO_CONTENT, "{deleted:?}");
 
     assert_eq!(client.get(&path).await?.status, StatusCode::NOT_FOUND);
-    assert_eq!(listed(client, &token, chat).await?, [1, 3]);
-    assert_eq!(messages_count(client, &token, chat).await?, 2);
+    assert_eq!(listed(client, token, chat).await?, [1, 3]);
+    assert_eq!(messages_count(client, token, chat).await?, 2);
     eventually("search forgets it", Duration::from_secs(60), || async {
-        Ok(search(client, &token, chat, "zebra").await?.is_empty())
+        Ok(search(client, token, chat, "zebra").await?.is_empty())
     })
     .await?;
     assert_eq!(
-        search(client, &token, chat, "keep").await?.len(),
+        search(client, token, chat, "keep").await?.len(),
         2,
         "the others stay searchable"
     );
@@ -82,18 +82,17 @@ async fn a_deleted_message_leaves_reads_search_and_counts_and_its_number_is_not_
     assert_eq!(bad_number.status, StatusCode::BAD_REQUEST);
 
     let next = client
-        .create_message(&token, chat, "after the deletion")
+        .create_message(token, chat, "after the deletion")
         .await?;
     assert_eq!(next, 4, "a deleted number is never handed out again");
     eventually(
         "the next one is counted",
         Duration::from_secs(60),
-        || async { Ok(messages_count(client, &token, chat).await? == 3) },
+        || async { Ok(messages_count(client, token, chat).await? == 3) },
     )
     .await?;
-    assert_eq!(listed(client, &token, chat).await?, [1, 3, 4]);
-    workers.stop().await?;
-    api.stop().await
+    assert_eq!(listed(client, token, chat).await?, [1, 3, 4]);
+    running.stop().await
 }
 
 /// A message accepted but not written yet cannot be deleted: 409 `not_persisted_yet`, and the
@@ -121,9 +120,9 @@ async fn deleting_a_message_not_stored_yet_asks_for_a_retry() -> anyhow::Result<
 #[tokio::test]
 async fn late_events_never_bring_a_deleted_message_back() -> anyhow::Result<()> {
     let env = TestEnv::new().await?;
-    let (api, workers, token, chat) = env.with_chat("app").await?;
-    let client = &api.client;
-    let number = client.create_message(&token, chat, "first words").await?;
+    let running = env.running_chat("app").await?;
+    let (client, token, chat) = (&running.api.client, &running.token, running.chat);
+    let number = client.create_message(token, chat, "first words").await?;
     let path = format!("/applications/{token}/chats/{chat}/messages/{number}");
     eventually("the message is stored", Duration::from_secs(60), || async {
         Ok(client.get(&path).await?.status == StatusCode::OK)
@@ -142,7 +141,7 @@ async fn late_events_never_bring_a_deleted_message_back() -> anyhow::Result<()> 
     .bind(number)
     .fetch_one(env.mysql())
     .await?;
-    let application_id = env.application_id(&token).await?;
+    let application_id = env.application_id(token).await?;
     let chat_number = Number::new(chat).expect("positive");
     let message_number = Number::new(number).expect("positive");
     let mut redelivered = Event::new(EventPayload::MessageCreated {
@@ -168,23 +167,18 @@ async fn late_events_never_bring_a_deleted_message_back() -> anyhow::Result<()> 
     queue.publish(&stale_update, &trace).await?;
     // Each queue is consumed in order: once a later message is stored and searchable, the late
     // events were handled.
-    let marker = client.create_message(&token, chat, "marker").await?;
+    let marker = client.create_message(token, chat, "marker").await?;
     eventually(
         "the marker is searchable",
         Duration::from_secs(60),
-        || async { Ok(search(client, &token, chat, "marker").await? == [marker]) },
+        || async { Ok(search(client, token, chat, "marker").await? == [marker]) },
     )
     .await?;
 
     assert_eq!(client.get(&path).await?.status, StatusCode::NOT_FOUND);
-    assert!(
-        search(client, &token, chat, "resurrected")
-            .await?
-            .is_empty()
-    );
-    assert!(search(client, &token, chat, "words").await?.is_empty());
-    assert_eq!(listed(client, &token, chat).await?, [marker]);
-    assert_eq!(messages_count(client, &token, chat).await?, 1);
-    workers.stop().await?;
-    api.stop().await
+    assert!(search(client, token, chat, "resurrected").await?.is_empty());
+    assert!(search(client, token, chat, "words").await?.is_empty());
+    assert_eq!(listed(client, token, chat).await?, [marker]);
+    assert_eq!(messages_count(client, token, chat).await?, 1);
+    running.stop().await
 }

@@ -176,10 +176,8 @@ async fn embedded_queue_depth(env: &TestEnv, queue: &str) -> anyhow::Result<i64>
 #[tokio::test]
 async fn a_poison_event_is_dead_lettered_and_can_be_replayed() -> anyhow::Result<()> {
     let env = TestEnv::embedded().await?;
-    let api = env.spawn_api().await?;
-    let client = &api.client;
-    let token = client.create_application("poison").await?;
-    let chat = client.create_chat(&token).await?;
+    let running = env.running_chat("poison").await?;
+    let (client, token, chat) = (&running.api.client, &running.token, running.chat);
 
     let options = sqlx::sqlite::SqliteConnectOptions::new()
         .filename(std::path::Path::new(&env.settings["CHAT_DATA_DIR"]).join("queue.db"));
@@ -194,10 +192,10 @@ async fn a_poison_event_is_dead_lettered_and_can_be_replayed() -> anyhow::Result
     .await?;
     // The consumer goes on.
     let number = client
-        .create_message(&token, chat, "after the poison")
+        .create_message(token, chat, "after the poison")
         .await?;
     eventually("the next message is stored", LONG, || async {
-        Ok(env.stored_message_numbers(&token, chat).await? == [number])
+        Ok(env.stored_message_numbers(token, chat).await? == [number])
     })
     .await?;
 
@@ -213,7 +211,7 @@ async fn a_poison_event_is_dead_lettered_and_can_be_replayed() -> anyhow::Result
         "{printed}"
     );
     // It fails again and goes back to the dead-letter queue; nothing else is touched.
-    let metrics_url = api.metrics_url();
+    let metrics_url = running.api.metrics_url();
     eventually(
         "the replayed event is dead-lettered again",
         LONG,
@@ -226,8 +224,8 @@ async fn a_poison_event_is_dead_lettered_and_can_be_replayed() -> anyhow::Result
         },
     )
     .await?;
-    assert_eq!(env.stored_message_numbers(&token, chat).await?, [number]);
-    api.stop().await
+    assert_eq!(env.stored_message_numbers(token, chat).await?, [number]);
+    running.stop().await
 }
 
 #[tokio::test]

@@ -15,7 +15,9 @@ use chatcore::pipeline::consumer::run;
 use chatcore::pipeline::{BatchHandler, HandleError, Observers, Received};
 use futures_util::future::join_all;
 use sqlx::Connection as _;
-use system_tests::{Client, Stack, StatusCode, TestEnv, both_stacks, eventually, memory_of};
+use system_tests::{
+    Client, RunningChat, Stack, StatusCode, TestEnv, both_stacks, eventually, memory_of,
+};
 use tokio_util::sync::CancellationToken;
 
 const LONG: Duration = Duration::from_secs(60);
@@ -128,13 +130,13 @@ async fn readiness_recovers_without_traffic_after_the_broker_drops_the_api() -> 
 #[tokio::test]
 async fn a_read_only_index_is_waited_for_not_dead_lettered() -> anyhow::Result<()> {
     let env = TestEnv::new().await?;
-    let (api, workers, token, chat) = env.with_chat("flood stage").await?;
-    let client = &api.client;
+    let running = env.running_chat("flood stage").await?;
+    let (client, token, chat) = (&running.api.client, &running.token, running.chat);
     let first = client
-        .create_message(&token, chat, "before the block")
+        .create_message(token, chat, "before the block")
         .await?;
     eventually("the first message is indexed", LONG, || async {
-        Ok(env.indexed_message_numbers(&token, chat).await? == [first])
+        Ok(env.indexed_message_numbers(token, chat).await? == [first])
     })
     .await?;
 
@@ -158,10 +160,10 @@ async fn a_read_only_index_is_waited_for_not_dead_lettered() -> anyhow::Result<(
     };
     block(serde_json::json!(true)).await?;
     let second = client
-        .create_message(&token, chat, "during the block")
+        .create_message(token, chat, "during the block")
         .await?;
     eventually("the second message is stored", LONG, || async {
-        Ok(env.stored_message_numbers(&token, chat).await? == [first, second])
+        Ok(env.stored_message_numbers(token, chat).await? == [first, second])
     })
     .await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -176,12 +178,11 @@ async fn a_read_only_index_is_waited_for_not_dead_lettered() -> anyhow::Result<(
     eventually(
         "the second message is indexed once the block is lifted",
         LONG,
-        || async { Ok(env.indexed_message_numbers(&token, chat).await? == [first, second]) },
+        || async { Ok(env.indexed_message_numbers(token, chat).await? == [first, second]) },
     )
     .await?;
     assert_eq!(env.queue_depth(&index_dead).await?, 0);
-    workers.stop().await?;
-    api.stop().await
+    running.stop().await
 }
 
 /// Fails permanently on one event, records the others.
@@ -301,9 +302,9 @@ both_stacks!(a_number_handed_out_twice_is_dead_lettered_not_dropped);
 async fn a_number_handed_out_twice_is_dead_lettered_not_dropped(
     env: TestEnv,
 ) -> anyhow::Result<()> {
-    let (api, workers, token, chat) = env.with_chat("twice").await?;
-    let client = &api.client;
-    let application_id = env.application_id(&token).await?;
+    let running = env.running_chat("twice").await?;
+    let (client, token, chat) = (&running.api.client, &running.token, running.chat);
+    let application_id = env.application_id(token).await?;
     let taken = |body: &str| {
         Event::new(EventPayload::MessageCreated {
             application_id,
@@ -328,9 +329,8 @@ async fn a_number_handed_out_twice_is_dead_lettered_not_dropped(
         .get(&format!("/applications/{token}/chats/{chat}/messages/1000"))
         .await?;
     assert_eq!(stored.body["body"], "first", "{stored:?}");
-    assert_eq!(env.stored_message_numbers(&token, chat).await?, [1000]);
-    workers.stop().await?;
-    api.stop().await
+    assert_eq!(env.stored_message_numbers(token, chat).await?, [1000]);
+    running.stop().await
 }
 
 both_stacks!(an_event_of_a_newer_schema_waits_for_an_upgraded_consumer);
@@ -340,22 +340,21 @@ both_stacks!(an_event_of_a_newer_schema_waits_for_an_upgraded_consumer);
 async fn an_event_of_a_newer_schema_waits_for_an_upgraded_consumer(
     env: TestEnv,
 ) -> anyhow::Result<()> {
-    let (api, workers, token, chat) = env.with_chat("rolling upgrade").await?;
-    let client = &api.client;
+    let running = env.running_chat("rolling upgrade").await?;
+    let (client, token, chat) = (&running.api.client, &running.token, running.chat);
     let config = env.config();
     let queue = chatcore::adapters::queue(&config, &Metrics::new()).await?;
     let mut newer = message_event(7);
     newer.schema_version = chatcore::events::SCHEMA_VERSION + 1;
     queue.publish(&newer, &TraceContext::child_of(None)).await?;
-    let number = client.create_message(&token, chat, "after it").await?;
+    let number = client.create_message(token, chat, "after it").await?;
     eventually("the consumer goes on", LONG, || async {
-        Ok(env.stored_message_numbers(&token, chat).await? == [number])
+        Ok(env.stored_message_numbers(token, chat).await? == [number])
     })
     .await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     // Stopped, the consumers hand back what they hold: the event is still in its queue.
-    workers.stop().await?;
-    api.stop().await?;
+    running.stop().await?;
     let ingest = &config.topology.ingest_queue;
     assert_eq!(
         queue.depth(&Topology::dead_letter_queue(ingest)).await?,
@@ -460,9 +459,9 @@ async fn quorum_queues_carry_the_pipeline_and_its_dead_letters() -> anyhow::Resu
         ("CHAT_MAX_ATTEMPTS", "1"),
     ])
     .await?;
-    let (api, workers, token, chat) = env.with_chat("replicated").await?;
-    let client = &api.client;
-    let accepted = careful_wave(client, &token, chat, 0).await?;
+    let running = env.running_chat("replicated").await?;
+    let (client, token, chat) = (&running.api.client, &running.token, running.chat);
+    let accepted = careful_wave(client, token, chat, 0).await?;
     let config = env.config();
     for queue in [&config.topology.ingest_queue, &config.topology.index_queue] {
         assert_eq!(env.queue_type(queue).await?, "quorum");
@@ -474,8 +473,8 @@ async fn quorum_queues_carry_the_pipeline_and_its_dead_letters() -> anyhow::Resu
     let mut expected = accepted.clone();
     expected.sort_unstable();
     eventually("every message is stored and indexed", LONG, || async {
-        Ok(env.stored_message_numbers(&token, chat).await? == expected
-            && env.indexed_message_numbers(&token, chat).await? == expected)
+        Ok(env.stored_message_numbers(token, chat).await? == expected
+            && env.indexed_message_numbers(token, chat).await? == expected)
     })
     .await?;
     let queue = chatcore::adapters::queue(&config, &Metrics::new()).await?;
@@ -497,8 +496,7 @@ async fn quorum_queues_carry_the_pipeline_and_its_dead_letters() -> anyhow::Resu
     })
     .await?;
     connection.close(200, "done".into()).await?;
-    workers.stop().await?;
-    api.stop().await
+    running.stop().await
 }
 
 /// Hits of a search in one chat, by number.
@@ -528,13 +526,11 @@ async fn search_numbers(
 #[tokio::test]
 async fn an_update_whose_event_was_lost_is_repaired_by_counter_sync() -> anyhow::Result<()> {
     let env = TestEnv::new().await?;
-    let (api, workers, token, chat) = env.with_chat("edited").await?;
-    let client = &api.client;
-    let number = client
-        .create_message(&token, chat, "original words")
-        .await?;
+    let running = env.running_chat("edited").await?;
+    let (client, token, chat) = (&running.api.client, &running.token, running.chat);
+    let number = client.create_message(token, chat, "original words").await?;
     eventually("the message is searchable", LONG, || async {
-        Ok(search_numbers(client, &token, chat, "original").await? == [number])
+        Ok(search_numbers(client, token, chat, "original").await? == [number])
     })
     .await?;
 
@@ -547,7 +543,7 @@ async fn an_update_whose_event_was_lost_is_repaired_by_counter_sync() -> anyhow:
     assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "{reply:?}");
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(
-        search_numbers(client, &token, chat, "edited")
+        search_numbers(client, token, chat, "edited")
             .await?
             .is_empty(),
         "the index missed the update"
@@ -557,17 +553,22 @@ async fn an_update_whose_event_was_lost_is_repaired_by_counter_sync() -> anyhow:
     let report = counter_sync::run(&env.config()).await?;
     assert!(report.reindexed >= 1, "{report:?}");
     eventually("the update is searchable", LONG, || async {
-        Ok(search_numbers(client, &token, chat, "edited").await? == [number])
+        Ok(search_numbers(client, token, chat, "edited").await? == [number])
     })
     .await?;
-    workers.stop().await?;
-    api.stop().await
+    running.stop().await
 }
 
 both_stacks!(reindex_rebuilds_a_lost_index_from_the_storage);
 
 async fn reindex_rebuilds_a_lost_index_from_the_storage(env: TestEnv) -> anyhow::Result<()> {
-    let (api, workers, token, chat) = env.with_chat("reindexed").await?;
+    // The workers stop before the index is lost, the api runs on: each is stopped on its own.
+    let RunningChat {
+        api,
+        workers,
+        token,
+        chat,
+    } = env.running_chat("reindexed").await?;
     let client = &api.client;
     let other_chat = client.create_chat(&token).await?;
     let accepted = careful_wave(client, &token, chat, 0).await?;

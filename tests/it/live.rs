@@ -29,17 +29,17 @@ both_stacks!(a_stream_delivers_every_stored_change_and_resumes_without_a_gap);
 async fn a_stream_delivers_every_stored_change_and_resumes_without_a_gap(
     env: TestEnv,
 ) -> anyhow::Result<()> {
-    let (api, workers, token, chat) = env.with_chat("app").await?;
-    let client = &api.client;
-    let other_chat = client.create_chat(&token).await?;
+    let running = env.running_chat("app").await?;
+    let (client, token, chat) = (&running.api.client, &running.token, running.chat);
+    let other_chat = client.create_chat(token).await?;
     // The replica that accepted the chat knows it before its row is written.
-    let mut stream = client.open_stream(&token, chat, None).await?;
+    let mut stream = client.open_stream(token, chat, None).await?;
 
     for body in ["one", "two", "three"] {
-        client.create_message(&token, chat, body).await?;
+        client.create_message(token, chat, body).await?;
     }
     client
-        .create_message(&token, other_chat, "elsewhere")
+        .create_message(token, other_chat, "elsewhere")
         .await?;
     let mut received = Vec::new();
     for _ in 0..3 {
@@ -77,16 +77,16 @@ async fn a_stream_delivers_every_stored_change_and_resumes_without_a_gap(
 
     // Posted while nobody listens; the client resumes after the last id it saw.
     for body in ["four", "five"] {
-        client.create_message(&token, chat, body).await?;
+        client.create_message(token, chat, body).await?;
     }
     eventually("four and five are stored", WAIT, || async {
         Ok(client.get(&message(5)).await?.status == StatusCode::OK)
     })
     .await?;
     let mut resumed = client
-        .open_stream(&token, chat, Some(deleted.sequence()?))
+        .open_stream(token, chat, Some(deleted.sequence()?))
         .await?;
-    client.create_message(&token, chat, "six").await?;
+    client.create_message(token, chat, "six").await?;
     let mut received = Vec::new();
     for _ in 0..3 {
         received.push(summary(&resumed.expect_event(WAIT).await?)?);
@@ -105,7 +105,7 @@ async fn a_stream_delivers_every_stored_change_and_resumes_without_a_gap(
     );
 
     // From the start: every message as it is now, the deleted one left out.
-    let mut from_start = client.open_stream(&token, chat, Some(0)).await?;
+    let mut from_start = client.open_stream(token, chat, Some(0)).await?;
     let mut received = Vec::new();
     for _ in 0..5 {
         received.push(summary(&from_start.expect_event(WAIT).await?)?);
@@ -131,14 +131,13 @@ async fn a_stream_delivers_every_stored_change_and_resumes_without_a_gap(
         )
         .await?;
     assert_eq!(bad.status, StatusCode::BAD_REQUEST, "{bad:?}");
-    let unknown_chat = client.stream(&token, 99, None).await?;
+    let unknown_chat = client.stream(token, 99, None).await?;
     assert!(
         matches!(&unknown_chat, Err(reply) if reply.status == StatusCode::NOT_FOUND),
         "an unknown chat is 404"
     );
     drop((resumed, from_start));
-    workers.stop().await?;
-    api.stop().await
+    running.stop().await
 }
 
 both_stacks!(a_stream_resumed_while_messages_pour_in_has_each_exactly_once);
@@ -148,8 +147,8 @@ both_stacks!(a_stream_resumed_while_messages_pour_in_has_each_exactly_once);
 async fn a_stream_resumed_while_messages_pour_in_has_each_exactly_once(
     env: TestEnv,
 ) -> anyhow::Result<()> {
-    let (api, workers, token, chat) = env.with_chat("app").await?;
-    let client = &api.client;
+    let running = env.running_chat("app").await?;
+    let (client, token, chat) = (&running.api.client, &running.token, running.chat);
     const MESSAGES: u64 = 300;
     let posting = {
         let (client, token) = (client.clone(), token.clone());
@@ -178,7 +177,7 @@ async fn a_stream_resumed_while_messages_pour_in_has_each_exactly_once(
             == StatusCode::OK)
     })
     .await?;
-    let mut stream = client.open_stream(&token, chat, Some(0)).await?;
+    let mut stream = client.open_stream(token, chat, Some(0)).await?;
     let mut seen = Vec::new();
     while (seen.len() as u64) < MESSAGES {
         seen.push(stream.expect_event(WAIT).await?.number()?);
@@ -192,8 +191,7 @@ async fn a_stream_resumed_while_messages_pour_in_has_each_exactly_once(
         "nothing after the last"
     );
     drop(stream);
-    workers.stop().await?;
-    api.stop().await
+    running.stop().await
 }
 
 /// Two api replicas, one a separate process: a stream on one receives what was posted on the
@@ -201,8 +199,7 @@ async fn a_stream_resumed_while_messages_pour_in_has_each_exactly_once(
 #[tokio::test]
 async fn any_replica_serves_any_chat_stream() -> anyhow::Result<()> {
     let mut env = TestEnv::new().await?;
-    let in_process = env.spawn_api().await?;
-    let workers = env.spawn_workers();
+    let running = env.running_chat("app").await?;
     let port = free_port()?;
     env.set("CHAT_HTTP_ADDR", &format!("127.0.0.1:{port}"));
     env.set("CHAT_HEALTH_ADDR", &format!("127.0.0.1:{}", free_port()?));
@@ -212,9 +209,7 @@ async fn any_replica_serves_any_chat_stream() -> anyhow::Result<()> {
         Ok(other.get("/applications/x/chats").await.is_ok())
     })
     .await?;
-    let client = &in_process.client;
-    let token = client.create_application("app").await?;
-    let chat = client.create_chat(&token).await?;
+    let (client, token, chat) = (&running.api.client, &running.token, running.chat);
     eventually("the chat is stored", WAIT, || async {
         Ok(other
             .get(&format!("/applications/{token}/chats/{chat}"))
@@ -224,9 +219,9 @@ async fn any_replica_serves_any_chat_stream() -> anyhow::Result<()> {
     })
     .await?;
 
-    let mut on_process = other.open_stream(&token, chat, None).await?;
+    let mut on_process = other.open_stream(token, chat, None).await?;
     let first = client
-        .create_message(&token, chat, "posted on the other")
+        .create_message(token, chat, "posted on the other")
         .await?;
     let event = on_process.expect_event(WAIT).await?;
     assert_eq!((event.event.as_str(), event.number()?), ("created", first));
@@ -246,7 +241,7 @@ async fn any_replica_serves_any_chat_stream() -> anyhow::Result<()> {
     );
     drop(on_process);
 
-    let second = other.create_message(&token, chat, "while away").await?;
+    let second = other.create_message(token, chat, "while away").await?;
     eventually("it is stored", WAIT, || async {
         Ok(client
             .get(&format!(
@@ -260,9 +255,9 @@ async fn any_replica_serves_any_chat_stream() -> anyhow::Result<()> {
     // Resumed on the other replica after the last change seen (the edit): what came after it,
     // once each, in order.
     let mut on_in_process = client
-        .open_stream(&token, chat, Some(edited.sequence()?))
+        .open_stream(token, chat, Some(edited.sequence()?))
         .await?;
-    let third = other.create_message(&token, chat, "live again").await?;
+    let third = other.create_message(token, chat, "live again").await?;
     let mut created = Vec::new();
     while created.len() < 2 {
         let event = on_in_process.expect_event(WAIT).await?;
@@ -272,8 +267,7 @@ async fn any_replica_serves_any_chat_stream() -> anyhow::Result<()> {
     assert_eq!(created, [second, third]);
     drop(on_in_process);
     system_tests::kill_hard(&mut process).await?;
-    workers.stop().await?;
-    in_process.stop().await
+    running.stop().await
 }
 
 both_stacks!(one_client_at_its_stream_bound_leaves_room_for_every_other);
@@ -327,11 +321,11 @@ async fn a_stream_ends_at_its_lifetime_and_resumes_where_it_was(
     mut env: TestEnv,
 ) -> anyhow::Result<()> {
     env.set("CHAT_STREAM_MAX_LIFETIME_SECONDS", "3");
-    let (api, workers, token, chat) = env.with_chat("app").await?;
-    let client = &api.client;
+    let running = env.running_chat("app").await?;
+    let (client, token, chat) = (&running.api.client, &running.token, running.chat);
     let opened = Instant::now();
-    let mut stream = client.open_stream(&token, chat, Some(0)).await?;
-    client.create_message(&token, chat, "before").await?;
+    let mut stream = client.open_stream(token, chat, Some(0)).await?;
+    client.create_message(token, chat, "before").await?;
     let mut seen = Vec::new();
     loop {
         match stream.next(WAIT).await? {
@@ -345,17 +339,16 @@ async fn a_stream_ends_at_its_lifetime_and_resumes_where_it_was(
         "ended after {:?}",
         opened.elapsed()
     );
-    client.create_message(&token, chat, "after").await?;
+    client.create_message(token, chat, "after").await?;
     let mut resumed = client
-        .open_stream(&token, chat, Some(seen.last().copied().unwrap_or(0)))
+        .open_stream(token, chat, Some(seen.last().copied().unwrap_or(0)))
         .await?;
     while seen.len() < 2 {
         seen.push(resumed.expect_event(WAIT).await?.sequence()?);
     }
     assert_eq!(seen, [1, 2], "each change once, in order");
     drop(resumed);
-    workers.stop().await?;
-    api.stop().await
+    running.stop().await
 }
 
 both_stacks!(streams_are_bounded_heartbeated_and_closed_at_shutdown);
@@ -431,14 +424,14 @@ both_stacks!(a_reader_that_falls_behind_is_disconnected);
 /// buffer behind, instead of being buffered for without end; it resumes with `Last-Event-ID`.
 async fn a_reader_that_falls_behind_is_disconnected(mut env: TestEnv) -> anyhow::Result<()> {
     env.set("CHAT_STREAM_BUFFERED_CHANGES", "4");
-    let (api, workers, token, chat) = env.with_chat("app").await?;
-    let client = &api.client;
-    let mut stream = client.open_stream(&token, chat, None).await?;
+    let running = env.running_chat("app").await?;
+    let (client, token, chat) = (&running.api.client, &running.token, running.chat);
+    let mut stream = client.open_stream(token, chat, None).await?;
     // Big messages fill the socket buffers quickly, so the server cannot write them all.
     let body = "x".repeat(60_000);
     const MESSAGES: u64 = 200;
     for _ in 0..MESSAGES {
-        client.create_message(&token, chat, &body).await?;
+        client.create_message(token, chat, &body).await?;
     }
     eventually("all are stored", Duration::from_secs(60), || async {
         Ok(client
@@ -471,17 +464,19 @@ async fn a_reader_that_falls_behind_is_disconnected(mut env: TestEnv) -> anyhow:
         received < MESSAGES,
         "received all {received}: nothing fell behind"
     );
-    let metrics = reqwest::get(api.metrics_url()).await?.text().await?;
+    let metrics = reqwest::get(running.api.metrics_url())
+        .await?
+        .text()
+        .await?;
     assert!(
         metrics.contains("chat_live_streams_ended_total{reason=\"slow_reader\"} 1"),
         "{metrics}"
     );
     // Where it resumes, nothing is missing.
-    let mut resumed = client.open_stream(&token, chat, Some(last)).await?;
+    let mut resumed = client.open_stream(token, chat, Some(last)).await?;
     for expected in last + 1..=MESSAGES {
         assert_eq!(resumed.expect_event(WAIT).await?.sequence()?, expected);
     }
     drop(resumed);
-    workers.stop().await?;
-    api.stop().await
+    running.stop().await
 }

@@ -294,11 +294,8 @@ async fn numbers_are_never_reused_when_redis_loses_its_data() -> anyhow::Result<
         ("CHAT_NUMBER_BLOCK_SIZE", "50"),
     ])
     .await?;
-    let api = env.spawn_api().await?;
-    let workers = env.spawn_workers();
-    let client = api.client.clone();
-    let token = client.create_application("forgetful").await?;
-    let first_chat = client.create_chat(&token).await?;
+    let running = env.running_chat("forgetful").await?;
+    let (client, token, first_chat) = (&running.api.client, &running.token, running.chat);
 
     // Flush twice in the middle of the load, each time while a wave of requests is in flight.
     let mut accepted = Vec::new();
@@ -311,12 +308,11 @@ async fn numbers_are_never_reused_when_redis_loses_its_data() -> anyhow::Result<
                     .await?;
                 anyhow::Ok(())
             };
-            let (posted, flushed) =
-                tokio::join!(post_wave(&client, &token, first_chat, wave), flush);
+            let (posted, flushed) = tokio::join!(post_wave(client, token, first_chat, wave), flush);
             flushed?;
             accepted.extend(posted?);
         } else {
-            accepted.extend(post_wave(&client, &token, first_chat, wave).await?);
+            accepted.extend(post_wave(client, token, first_chat, wave).await?);
         }
     }
     let highest = accepted.iter().copied().max().unwrap_or_default();
@@ -327,12 +323,12 @@ async fn numbers_are_never_reused_when_redis_loses_its_data() -> anyhow::Result<
 
     // A restart without persistence loses the counters too; the chat counter must not restart at 1.
     redis.restart_empty().await?;
-    let second_chat = client.create_chat(&token).await?;
+    let second_chat = client.create_chat(token).await?;
     assert!(second_chat > first_chat, "chat number {second_chat} reused");
     for _ in 0..20 {
         accepted.push(
             client
-                .create_message(&token, first_chat, "after restart")
+                .create_message(token, first_chat, "after restart")
                 .await?,
         );
     }
@@ -343,19 +339,18 @@ async fn numbers_are_never_reused_when_redis_loses_its_data() -> anyhow::Result<
         "a message number was handed out twice"
     );
     eventually("every accepted message is persisted once", LONG, || async {
-        Ok(env.stored_message_numbers(&token, first_chat).await?
+        Ok(env.stored_message_numbers(token, first_chat).await?
             == unique.iter().copied().collect::<Vec<_>>())
     })
     .await?;
-    workers.stop().await?;
-    api.stop().await
+    running.stop().await
 }
 
 #[tokio::test]
 async fn poison_events_are_dead_lettered_and_the_consumers_go_on() -> anyhow::Result<()> {
     let env = TestEnv::with_settings(&[("CHAT_MAX_ATTEMPTS", "2")]).await?;
-    let (api, workers, token, chat) = env.with_chat("app").await?;
-    let client = &api.client;
+    let running = env.running_chat("app").await?;
+    let (client, token, chat) = (&running.api.client, &running.token, running.chat);
     let config = env.config();
 
     let connection = env.amqp_connection().await?;
@@ -391,9 +386,9 @@ async fn poison_events_are_dead_lettered_and_the_consumers_go_on() -> anyhow::Re
         .await?
         .await?;
     // A good message after the poison still goes through.
-    let number = client.create_message(&token, chat, "still flowing").await?;
+    let number = client.create_message(token, chat, "still flowing").await?;
     eventually("the good message is persisted", LONG, || async {
-        Ok(env.stored_message_numbers(&token, chat).await? == [number])
+        Ok(env.stored_message_numbers(token, chat).await? == [number])
     })
     .await?;
     let ingest_dead = chatcore::config::Topology::dead_letter_queue(&config.topology.ingest_queue);
@@ -436,8 +431,7 @@ async fn poison_events_are_dead_lettered_and_the_consumers_go_on() -> anyhow::Re
     .await?;
     assert_eq!(env.queue_depth(&ingest_dead).await?, 0);
     connection.close(200, "done".into()).await?;
-    workers.stop().await?;
-    api.stop().await
+    running.stop().await
 }
 
 fn chrono_now() -> chrono::DateTime<chrono::Utc> {
@@ -447,13 +441,10 @@ fn chrono_now() -> chrono::DateTime<chrono::Utc> {
 #[tokio::test]
 async fn an_event_the_broker_cannot_route_is_a_503_and_nothing_is_written() -> anyhow::Result<()> {
     let env = TestEnv::new().await?;
-    let api = env.spawn_api().await?;
-    let workers = env.spawn_workers();
-    let client = &api.client;
-    let token = client.create_application("app").await?;
+    let running = env.running_chat("app").await?;
+    let (client, token, first_chat) = (&running.api.client, &running.token, running.chat);
     // Once a chat is persisted the workers have declared their topology: it is not re-bound later.
-    let first_chat = client.create_chat(&token).await?;
-    let application_id = env.application_id(&token).await?;
+    let application_id = env.application_id(token).await?;
     eventually("the first chat is persisted", LONG, || async {
         Ok(env
             .count(
@@ -492,20 +483,19 @@ async fn an_event_the_broker_cannot_route_is_a_503_and_nothing_is_written() -> a
         )
         .await?;
     assert_eq!(orphan.status, StatusCode::NOT_FOUND);
-    workers.stop().await?;
-    api.stop().await
+    running.stop().await
 }
 
 #[tokio::test]
 async fn counter_sync_repairs_drifted_counts_and_counters_behind() -> anyhow::Result<()> {
     let env = TestEnv::new().await?;
-    let (api, workers, token, chat) = env.with_chat("app").await?;
-    let client = &api.client;
+    let running = env.running_chat("app").await?;
+    let (client, token, chat) = (&running.api.client, &running.token, running.chat);
     for _ in 0..3 {
-        client.create_message(&token, chat, "hello").await?;
+        client.create_message(token, chat, "hello").await?;
     }
     eventually("messages are persisted", LONG, || async {
-        Ok(env.stored_message_numbers(&token, chat).await?.len() == 3)
+        Ok(env.stored_message_numbers(token, chat).await?.len() == 3)
     })
     .await?;
     // Outside a cluster there is no service account: the run goes ahead without a Lease.
@@ -519,7 +509,7 @@ async fn counter_sync_repairs_drifted_counts_and_counters_behind() -> anyhow::Re
     );
     assert_eq!((clean.applications_checked, clean.chats_checked), (1, 1));
 
-    let application_id = env.application_id(&token).await?;
+    let application_id = env.application_id(token).await?;
     sqlx::query("UPDATE applications SET chats_count = 42 WHERE id = ?")
         .bind(application_id)
         .execute(env.mysql())
@@ -566,10 +556,9 @@ async fn counter_sync_repairs_drifted_counts_and_counters_behind() -> anyhow::Re
         3
     );
     // The counter was behind: the next number continues above everything persisted.
-    assert_eq!(client.create_message(&token, chat, "next").await?, 4);
+    assert_eq!(client.create_message(token, chat, "next").await?, 4);
     assert!(counter_sync::run(&env.config()).await?.repairs.is_empty());
-    workers.stop().await?;
-    api.stop().await
+    running.stop().await
 }
 
 /// counter-sync writes the messages edited within its look-back window to the index again (an edit
@@ -578,13 +567,13 @@ async fn counter_sync_repairs_drifted_counts_and_counters_behind() -> anyhow::Re
 #[tokio::test]
 async fn counter_sync_reindexes_the_edited_messages_not_the_merely_created() -> anyhow::Result<()> {
     let env = TestEnv::new().await?;
-    let (api, workers, token, chat) = env.with_chat("edited-or-new").await?;
-    let client = &api.client;
+    let running = env.running_chat("edited-or-new").await?;
+    let (client, token, chat) = (&running.api.client, &running.token, running.chat);
     for body in ["first", "second", "third", "fourth"] {
-        client.create_message(&token, chat, body).await?;
+        client.create_message(token, chat, body).await?;
     }
     eventually("the messages are stored", LONG, || async {
-        Ok(env.stored_message_numbers(&token, chat).await? == [1, 2, 3, 4])
+        Ok(env.stored_message_numbers(token, chat).await? == [1, 2, 3, 4])
     })
     .await?;
     let edited = client
@@ -604,8 +593,7 @@ async fn counter_sync_reindexes_the_edited_messages_not_the_merely_created() -> 
         report.reindexed, 2,
         "the update and the deletion: {report:?}"
     );
-    workers.stop().await?;
-    api.stop().await
+    running.stop().await
 }
 
 /// Each publish is answered by its own confirm: publishes from many tasks on every runtime thread,
@@ -736,18 +724,18 @@ async fn the_next_block_of_numbers_is_reserved_before_it_is_needed() -> anyhow::
 #[tokio::test]
 async fn a_poison_event_in_an_envelope_is_dead_lettered_alone() -> anyhow::Result<()> {
     let env = TestEnv::with_settings(&[("CHAT_MAX_ATTEMPTS", "2")]).await?;
-    let (api, workers, token, chat) = env.with_chat("app").await?;
-    let client = &api.client;
+    let running = env.running_chat("app").await?;
+    let (client, token, chat) = (&running.api.client, &running.token, running.chat);
     // The chat row must exist before an event writes a message into it.
-    client.create_message(&token, chat, "first").await?;
+    client.create_message(token, chat, "first").await?;
     eventually("the chat is stored", LONG, || async {
-        Ok(env.stored_message_numbers(&token, chat).await? == [1])
+        Ok(env.stored_message_numbers(token, chat).await? == [1])
     })
     .await?;
     let config = env.config();
     let chat_number = Number::new(chat).expect("positive");
     let good = Event::new(EventPayload::MessageCreated {
-        application_id: env.application_id(&token).await?,
+        application_id: env.application_id(token).await?,
         chat_number,
         message_number: Number::new(500).expect("positive"),
         body: "enveloped".into(),
@@ -786,7 +774,7 @@ async fn a_poison_event_in_an_envelope_is_dead_lettered_alone() -> anyhow::Resul
     eventually(
         "the good event of the envelope is written",
         LONG,
-        || async { Ok(env.stored_message_numbers(&token, chat).await? == [1, 500]) },
+        || async { Ok(env.stored_message_numbers(token, chat).await? == [1, 500]) },
     )
     .await?;
     let ingest_dead = chatcore::config::Topology::dead_letter_queue(&config.topology.ingest_queue);
@@ -826,6 +814,5 @@ async fn a_poison_event_in_an_envelope_is_dead_lettered_alone() -> anyhow::Resul
             && env.queue_depth(&config.topology.index_queue).await? == 0)
     })
     .await?;
-    workers.stop().await?;
-    api.stop().await
+    running.stop().await
 }

@@ -57,9 +57,9 @@ fn sorted(mut numbers: Vec<u64>) -> Vec<u64> {
 on_every_index!(search_finds_words_and_prefixes_in_one_chat);
 
 async fn search_finds_words_and_prefixes_in_one_chat(env: TestEnv) -> anyhow::Result<()> {
-    let (api, workers, token, chat) = env.with_chat("app").await?;
-    let client = &api.client;
-    let other_chat = client.create_chat(&token).await?;
+    let running = env.running_chat("app").await?;
+    let (client, token, chat) = (&running.api.client, &running.token, running.chat);
+    let other_chat = client.create_chat(token).await?;
     let bodies = [
         "Internationalization is hard",
         "hello world",
@@ -68,10 +68,10 @@ async fn search_finds_words_and_prefixes_in_one_chat(env: TestEnv) -> anyhow::Re
         "nothing relevant here",
     ];
     for body in bodies {
-        client.create_message(&token, chat, body).await?;
+        client.create_message(token, chat, body).await?;
     }
     client
-        .create_message(&token, other_chat, "hello from another chat")
+        .create_message(token, other_chat, "hello from another chat")
         .await?;
     let other_token = client.create_application("other").await?;
     let foreign_chat = client.create_chat(&other_token).await?;
@@ -85,8 +85,8 @@ async fn search_finds_words_and_prefixes_in_one_chat(env: TestEnv) -> anyhow::Re
         "messages are searchable",
         Duration::from_secs(60),
         || async {
-            Ok(search(client, &token, chat, "hello").await?.len() == 3
-                && search(client, &token, other_chat, "hello").await?.len() == 1
+            Ok(search(client, token, chat, "hello").await?.len() == 3
+                && search(client, token, other_chat, "hello").await?.len() == 1
                 && search(client, &other_token, foreign_chat, "hello")
                     .await?
                     .len()
@@ -95,37 +95,37 @@ async fn search_finds_words_and_prefixes_in_one_chat(env: TestEnv) -> anyhow::Re
     )
     .await?;
     assert_eq!(
-        sorted(search(client, &token, chat, "hello").await?),
+        sorted(search(client, token, chat, "hello").await?),
         [2, 3, 4]
     );
     assert_eq!(
-        sorted(search(client, &token, chat, "HeLLo").await?),
+        sorted(search(client, token, chat, "HeLLo").await?),
         [2, 3, 4]
     );
-    assert_eq!(search(client, &token, chat, "internation").await?, [1]);
+    assert_eq!(search(client, token, chat, "internation").await?, [1]);
     assert_eq!(
-        search(client, &token, chat, "INTERNATIONALIZATION").await?,
+        search(client, token, chat, "INTERNATIONALIZATION").await?,
         [1]
     );
     assert_eq!(
-        sorted(search(client, &token, chat, "hel wor").await?),
+        sorted(search(client, token, chat, "hel wor").await?),
         [2, 3, 4]
     );
-    assert_eq!(search(client, &token, chat, "again world").await?, [3]);
+    assert_eq!(search(client, token, chat, "again world").await?, [3]);
     assert!(
-        search(client, &token, chat, "nationalization")
+        search(client, token, chat, "nationalization")
             .await?
             .is_empty(),
         "infixes do not match"
     );
-    assert!(search(client, &token, chat, "absent").await?.is_empty());
-    assert_eq!(search(client, &token, other_chat, "hello").await?, [1]);
+    assert!(search(client, token, chat, "absent").await?.is_empty());
+    assert_eq!(search(client, token, other_chat, "hello").await?, [1]);
     assert_eq!(
         search(client, &other_token, foreign_chat, "hello").await?,
         [1]
     );
     assert_eq!(
-        sorted(search(client, &token, chat, "world").await?),
+        sorted(search(client, token, chat, "world").await?),
         [2, 3, 4]
     );
 
@@ -141,8 +141,7 @@ async fn search_finds_words_and_prefixes_in_one_chat(env: TestEnv) -> anyhow::Re
     let mut keys: Vec<&String> = hit.as_object().expect("object").keys().collect();
     keys.sort();
     assert_eq!(keys, ["body", "created_at", "highlight", "number"]);
-    workers.stop().await?;
-    api.stop().await
+    running.stop().await
 }
 
 on_every_index!(phrases_match_words_in_a_row_and_hits_show_where_they_matched);
@@ -152,8 +151,8 @@ on_every_index!(phrases_match_words_in_a_row_and_hits_show_where_they_matched);
 async fn phrases_match_words_in_a_row_and_hits_show_where_they_matched(
     env: TestEnv,
 ) -> anyhow::Result<()> {
-    let (api, workers, token, chat) = env.with_chat("app").await?;
-    let client = &api.client;
+    let running = env.running_chat("app").await?;
+    let (client, token, chat) = (&running.api.client, &running.token, running.chat);
     let filler = |word: &str| vec![word; 40].join(" ");
     let long = format!("{} the needle sits here {}", filler("hay"), filler("straw"));
     let bodies = [
@@ -163,36 +162,33 @@ async fn phrases_match_words_in_a_row_and_hits_show_where_they_matched(
         long.as_str(),
     ];
     for body in bodies {
-        client.create_message(&token, chat, body).await?;
+        client.create_message(token, chat, body).await?;
     }
     eventually("all are searchable", Duration::from_secs(60), || async {
-        Ok(search(client, &token, chat, "needle").await? == [4]
-            && search(client, &token, chat, "quick").await?.len() == 3)
+        Ok(search(client, token, chat, "needle").await? == [4]
+            && search(client, token, chat, "quick").await?.len() == 3)
     })
     .await?;
 
-    assert_eq!(search(client, &token, chat, "\"quick brown\"").await?, [1]);
+    assert_eq!(search(client, token, chat, "\"quick brown\"").await?, [1]);
     assert_eq!(
-        search(client, &token, chat, "\"brown quick\"").await?,
+        search(client, token, chat, "\"brown quick\"").await?,
         Vec::<u64>::new()
     );
+    assert_eq!(search(client, token, chat, "fox \"brown and\"").await?, [2]);
     assert_eq!(
-        search(client, &token, chat, "fox \"brown and\"").await?,
-        [2]
-    );
-    assert_eq!(
-        search(client, &token, chat, "\"qui\"").await?,
+        search(client, token, chat, "\"qui\"").await?,
         Vec::<u64>::new(),
         "a quoted word matches whole words only"
     );
     assert_eq!(
-        sorted(search(client, &token, chat, "\"quick brown fox").await?),
+        sorted(search(client, token, chat, "\"quick brown fox").await?),
         [1, 2],
         "an unmatched quote is a space"
     );
 
     assert_eq!(
-        highlights(client, &token, chat, "qui").await?,
+        highlights(client, token, chat, "qui").await?,
         [
             (1, "the <mark>quick</mark> brown fox jumps".to_owned()),
             (2, "brown and <mark>quick</mark>, the fox".to_owned()),
@@ -202,7 +198,7 @@ async fn phrases_match_words_in_a_row_and_hits_show_where_they_matched(
             ),
         ]
     );
-    let [(1, phrase)] = &highlights(client, &token, chat, "\"quick brown\"").await?[..] else {
+    let [(1, phrase)] = &highlights(client, token, chat, "\"quick brown\"").await?[..] else {
         anyhow::bail!("one hit expected");
     };
     assert!(
@@ -210,7 +206,7 @@ async fn phrases_match_words_in_a_row_and_hits_show_where_they_matched(
             || phrase.contains("<mark>quick brown</mark>"),
         "{phrase}"
     );
-    let [(4, cut)] = &highlights(client, &token, chat, "needle").await?[..] else {
+    let [(4, cut)] = &highlights(client, token, chat, "needle").await?[..] else {
         anyhow::bail!("one hit expected");
     };
     assert!(cut.contains("the <mark>needle</mark> sits here"), "{cut}");
@@ -222,22 +218,21 @@ async fn phrases_match_words_in_a_row_and_hits_show_where_they_matched(
         cut.chars().count() < long.len() / 2,
         "a fragment, not the body: {cut}"
     );
-    workers.stop().await?;
-    api.stop().await
+    running.stop().await
 }
 
 on_every_index!(an_update_is_what_search_finds);
 
 async fn an_update_is_what_search_finds(env: TestEnv) -> anyhow::Result<()> {
-    let (api, workers, token, chat) = env.with_chat("app").await?;
-    let client = &api.client;
+    let running = env.running_chat("app").await?;
+    let (client, token, chat) = (&running.api.client, &running.token, running.chat);
     let number = client
-        .create_message(&token, chat, "original wording")
+        .create_message(token, chat, "original wording")
         .await?;
     eventually(
         "the original is searchable",
         Duration::from_secs(60),
-        || async { Ok(search(client, &token, chat, "original").await? == [number]) },
+        || async { Ok(search(client, token, chat, "original").await? == [number]) },
     )
     .await?;
     for body in ["first revision", "second revision", "final revision"] {
@@ -257,33 +252,32 @@ async fn an_update_is_what_search_finds(env: TestEnv) -> anyhow::Result<()> {
     eventually(
         "the final body is searchable",
         Duration::from_secs(60),
-        || async { Ok(search(client, &token, chat, "final").await? == [number]) },
+        || async { Ok(search(client, token, chat, "final").await? == [number]) },
     )
     .await?;
-    assert!(search(client, &token, chat, "original").await?.is_empty());
-    assert!(search(client, &token, chat, "second").await?.is_empty());
+    assert!(search(client, token, chat, "original").await?.is_empty());
+    assert!(search(client, token, chat, "second").await?.is_empty());
     let hit = client
         .get(&format!(
             "/applications/{token}/chats/{chat}/messages/search?query=revision"
         ))
         .await?;
     assert_eq!(hit.body["messages"][0]["body"], "final revision");
-    workers.stop().await?;
-    api.stop().await
+    running.stop().await
 }
 
 on_every_index!(hostile_queries_never_fail);
 
 async fn hostile_queries_never_fail(env: TestEnv) -> anyhow::Result<()> {
-    let (api, workers, token, chat) = env.with_chat("app").await?;
-    let client = &api.client;
+    let running = env.running_chat("app").await?;
+    let (client, token, chat) = (&running.api.client, &running.token, running.chat);
     let number = client
-        .create_message(&token, chat, "price is 3.14 dollars, isn't it? (yes) a+b")
+        .create_message(token, chat, "price is 3.14 dollars, isn't it? (yes) a+b")
         .await?;
     eventually(
         "the message is searchable",
         Duration::from_secs(60),
-        || async { Ok(search(client, &token, chat, "price").await? == [number]) },
+        || async { Ok(search(client, token, chat, "price").await? == [number]) },
     )
     .await?;
     let hostile = [
@@ -327,23 +321,22 @@ async fn hostile_queries_never_fail(env: TestEnv) -> anyhow::Result<()> {
     ];
     for query in hostile {
         // `search` fails the test on anything but a 200.
-        search(client, &token, chat, query).await?;
+        search(client, token, chat, query).await?;
     }
-    assert_eq!(search(client, &token, chat, "\"price\"").await?, [number]);
+    assert_eq!(search(client, token, chat, "\"price\"").await?, [number]);
     assert_eq!(
-        search(client, &token, chat, "body:price").await?,
+        search(client, token, chat, "body:price").await?,
         Vec::<u64>::new(),
         "no field syntax: 'body' is a word"
     );
     assert_eq!(
-        search(client, &token, chat, "pri*").await?,
+        search(client, token, chat, "pri*").await?,
         [number],
         "* is not syntax, pri is a prefix"
     );
-    assert_eq!(search(client, &token, chat, "3.14").await?, [number]);
-    assert_eq!(search(client, &token, chat, "isn't").await?, [number]);
-    workers.stop().await?;
-    api.stop().await
+    assert_eq!(search(client, token, chat, "3.14").await?, [number]);
+    assert_eq!(search(client, token, chat, "isn't").await?, [number]);
+    running.stop().await
 }
 
 on_every_index!(one_letter_words_match_whole_words_only);
@@ -351,46 +344,45 @@ on_every_index!(one_letter_words_match_whole_words_only);
 /// A one-letter prefix would expand to every word of the index starting with that letter: such
 /// words match whole words only, so a query of many of them stays a handful of term lookups.
 async fn one_letter_words_match_whole_words_only(env: TestEnv) -> anyhow::Result<()> {
-    let (api, workers, token, chat) = env.with_chat("letters").await?;
-    let client = &api.client;
+    let running = env.running_chat("letters").await?;
+    let (client, token, chat) = (&running.api.client, &running.token, running.chat);
     for body in ["a plan", "apple pie", "x marks the spot"] {
-        client.create_message(&token, chat, body).await?;
+        client.create_message(token, chat, body).await?;
     }
     eventually(
         "messages are searchable",
         Duration::from_secs(60),
-        || async { Ok(search(client, &token, chat, "spot").await? == [3]) },
+        || async { Ok(search(client, token, chat, "spot").await? == [3]) },
     )
     .await?;
-    assert_eq!(search(client, &token, chat, "a").await?, [1], "not apple");
+    assert_eq!(search(client, token, chat, "a").await?, [1], "not apple");
     assert_eq!(
-        search(client, &token, chat, "ap").await?,
+        search(client, token, chat, "ap").await?,
         [2],
         "a prefix of two letters"
     );
-    assert_eq!(search(client, &token, chat, "x").await?, [3]);
+    assert_eq!(search(client, token, chat, "x").await?, [3]);
     let started = std::time::Instant::now();
-    let many = search(client, &token, chat, "a b c d e f g h i j k l m n o p").await?;
+    let many = search(client, token, chat, "a b c d e f g h i j k l m n o p").await?;
     assert!(many.is_empty());
     assert!(
         started.elapsed() < Duration::from_secs(2),
         "sixteen one-letter words took {:?}",
         started.elapsed()
     );
-    workers.stop().await?;
-    api.stop().await
+    running.stop().await
 }
 
 on_every_index!(search_cursors_walk_every_hit_exactly_once);
 
 /// `next_cursor` pages through the hits in rank order, each hit once, at any depth.
 async fn search_cursors_walk_every_hit_exactly_once(env: TestEnv) -> anyhow::Result<()> {
-    let (api, workers, token, chat) = env.with_chat("cursor").await?;
-    let client = &api.client;
+    let running = env.running_chat("cursor").await?;
+    let (client, token, chat) = (&running.api.client, &running.token, running.chat);
     for index in 0..23 {
         // Ranks differ: some bodies repeat the word.
         let body = format!("needle {} {index}", "needle ".repeat(index % 3));
-        client.create_message(&token, chat, &body).await?;
+        client.create_message(token, chat, &body).await?;
     }
     eventually(
         "messages are searchable",
@@ -447,6 +439,5 @@ async fn search_cursors_walk_every_hit_exactly_once(env: TestEnv) -> anyhow::Res
         ))
         .await?;
     assert_eq!(forged.status, StatusCode::BAD_REQUEST);
-    workers.stop().await?;
-    api.stop().await
+    running.stop().await
 }

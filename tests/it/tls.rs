@@ -58,16 +58,15 @@ async fn tls_env(with_ca: bool) -> anyhow::Result<TestEnv> {
 #[tokio::test]
 async fn the_api_works_over_tls_to_mariadb_and_redis() -> anyhow::Result<()> {
     let env = tls_env(true).await?;
-    let (api, workers, token, chat) = env.with_chat("over tls").await?;
-    let client = &api.client;
-    let number = client.create_message(&token, chat, "sealed").await?;
+    let running = env.running_chat("over tls").await?;
+    let (client, token, chat) = (&running.api.client, &running.token, running.chat);
+    let number = client.create_message(token, chat, "sealed").await?;
     assert_eq!(number, 1);
     eventually("the message is stored", Duration::from_secs(30), || async {
-        Ok(env.stored_message_numbers(&token, chat).await? == vec![number])
+        Ok(env.stored_message_numbers(token, chat).await? == vec![number])
     })
     .await?;
-    workers.stop().await?;
-    api.stop().await?;
+    running.stop().await?;
 
     // The server's side: a connection made as the api makes its own is encrypted.
     let config = env.config();

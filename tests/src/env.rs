@@ -15,7 +15,7 @@ use sqlx::{Connection as _, MySqlConnection, MySqlPool};
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
-use crate::processes::{ApiHandle, WorkerHandles, binary_path};
+use crate::processes::{ApiHandle, RunningChat, WorkerHandles, binary_path};
 use crate::{Client, eventually};
 
 fn env_or(name: &str, default: &str) -> String {
@@ -272,17 +272,18 @@ impl TestEnv {
     }
 
     /// The start of most tests: the api and the workers running, one application (named
-    /// `application`) with one chat. Returns `(api, workers, token, chat number)`; a test stops
-    /// the workers, then the api, at its end.
-    pub async fn with_chat(
-        &self,
-        application: &str,
-    ) -> anyhow::Result<(ApiHandle, WorkerHandles, String, u64)> {
+    /// `application`) with one chat; [`RunningChat::stop`] stops them at the test's end.
+    pub async fn running_chat(&self, application: &str) -> anyhow::Result<RunningChat> {
         let api = self.spawn_api().await?;
         let workers = self.spawn_workers();
         let token = api.client.create_application(application).await?;
         let chat = api.client.create_chat(&token).await?;
-        Ok((api, workers, token, chat))
+        Ok(RunningChat {
+            api,
+            workers,
+            token,
+            chat,
+        })
     }
 
     /// Starts the api in this process on an ephemeral port.

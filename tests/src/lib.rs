@@ -27,7 +27,7 @@ pub mod tools;
 
 pub use client::{Client, Reply, search, search_hits};
 pub use env::{OlderDatabase, Services, Stack, TEST_ADMIN_TOKEN, TestEnv};
-pub use processes::{ApiHandle, WorkerHandles, free_port, kill_hard, memory_of};
+pub use processes::{ApiHandle, RunningChat, WorkerHandles, free_port, kill_hard, memory_of};
 pub use sse::{EventStream, Next, ServerSentEvent};
 pub use tools::{repo_root, tool_path};
 

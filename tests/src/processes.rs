@@ -100,6 +100,24 @@ impl WorkerHandles {
     }
 }
 
+/// What [`TestEnv::running_chat`](crate::TestEnv::running_chat) starts and creates: the api, the
+/// workers, an application's token and the number of its chat. A test that stops the api or the
+/// workers in its middle takes them out of it.
+pub struct RunningChat {
+    pub api: ApiHandle,
+    pub workers: WorkerHandles,
+    pub token: String,
+    pub chat: u64,
+}
+
+impl RunningChat {
+    /// Stops the workers, then the api; the first error ends it.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.workers.stop().await?;
+        self.api.stop().await
+    }
+}
+
 /// Sends SIGKILL and reaps the child.
 pub async fn kill_hard(child: &mut Child) -> anyhow::Result<()> {
     child.kill().await?;
