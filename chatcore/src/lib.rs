@@ -26,5 +26,6 @@ pub mod sqlite;
 pub mod state;
 pub mod store;
 pub mod telemetry;
+pub mod webhooks;
 
 pub use config::Config;

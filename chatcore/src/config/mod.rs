@@ -141,6 +141,7 @@ pub struct Config {
     pub api: ApiConfig,
     pub consumer: ConsumerConfig,
     pub counter_sync: CounterSyncConfig,
+    pub webhooks: WebhookConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -278,6 +279,22 @@ pub struct CounterSyncConfig {
     pub lease: LeaseConfig,
 }
 
+/// The webhook-dispatcher's bounds and schedule, and the endpoints' limits.
+#[derive(Debug, Clone)]
+pub struct WebhookConfig {
+    pub allowed: crate::webhooks::AllowedDestinations,
+    pub poll_interval: Duration,
+    pub connect_timeout: Duration,
+    pub timeout: Duration,
+    pub max_response_bytes: usize,
+    pub max_in_flight: usize,
+    pub retry_first: Duration,
+    pub retry_max: Duration,
+    pub disable_after: Duration,
+    pub max_endpoints_per_application: u64,
+    pub attempts_retention: Duration,
+}
+
 /// The Kubernetes Lease that keeps two counter-sync runs from overlapping.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LeaseConfig {
@@ -407,6 +424,22 @@ impl Config {
                     job: settings.optional(&JOB_NAME)?,
                     duration: settings.seconds(&LEASE_DURATION_SECONDS)?,
                 },
+            },
+            webhooks: WebhookConfig {
+                allowed: settings
+                    .optional(&WEBHOOK_ALLOWED_HOSTS)?
+                    .unwrap_or_default(),
+                poll_interval: settings.millis(&WEBHOOK_POLL_MS)?,
+                connect_timeout: settings.millis(&WEBHOOK_CONNECT_TIMEOUT_MS)?,
+                timeout: settings.millis(&WEBHOOK_TIMEOUT_MS)?,
+                max_response_bytes: settings.number(&WEBHOOK_MAX_RESPONSE_BYTES)?,
+                max_in_flight: settings.number(&WEBHOOK_MAX_IN_FLIGHT)?,
+                retry_first: settings.millis(&WEBHOOK_RETRY_FIRST_MS)?,
+                retry_max: settings.millis(&WEBHOOK_RETRY_MAX_MS)?,
+                disable_after: settings.seconds(&WEBHOOK_DISABLE_AFTER_SECONDS)?,
+                max_endpoints_per_application: settings
+                    .number(&WEBHOOK_MAX_ENDPOINTS_PER_APPLICATION)?,
+                attempts_retention: settings.seconds(&WEBHOOK_ATTEMPTS_RETENTION_HOURS)? * 3600,
             },
         })
         .and_then(Self::checked)

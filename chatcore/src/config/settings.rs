@@ -444,6 +444,68 @@ pub const REINDEX_LOOKBACK_SECONDS: Setting = setting(
      the time between two runs)",
 );
 
+pub const WEBHOOK_ALLOWED_HOSTS: Setting = setting(
+    "CHAT_WEBHOOK_ALLOWED_HOSTS",
+    Nothing("none"),
+    "webhook destinations allowed although they are loopback, private, link-local, unique-local or \
+     a metadata address (refused otherwise, at registration and at connect time): host names, \
+     addresses or CIDRs, comma-separated (e.g. `127.0.0.1,hooks.internal,10.20.0.0/16`)",
+);
+pub const WEBHOOK_POLL_MS: Setting = positive(
+    "CHAT_WEBHOOK_POLL_MS",
+    "200",
+    "how often the webhook-dispatcher looks for endpoints with changes to deliver",
+);
+pub const WEBHOOK_CONNECT_TIMEOUT_MS: Setting = positive(
+    "CHAT_WEBHOOK_CONNECT_TIMEOUT_MS",
+    "3000",
+    "a webhook delivery's connect timeout",
+);
+pub const WEBHOOK_TIMEOUT_MS: Setting = positive(
+    "CHAT_WEBHOOK_TIMEOUT_MS",
+    "10000",
+    "a webhook delivery's whole time (connect, send, answer); longer counts as a failed attempt",
+);
+pub const WEBHOOK_MAX_RESPONSE_BYTES: Setting = setting(
+    "CHAT_WEBHOOK_MAX_RESPONSE_BYTES",
+    Value("4096"),
+    "bytes of an endpoint's answer read (the start is kept with the attempt); the rest is not \
+     read",
+);
+pub const WEBHOOK_MAX_IN_FLIGHT: Setting = positive(
+    "CHAT_WEBHOOK_MAX_IN_FLIGHT",
+    "64",
+    "endpoints a webhook-dispatcher delivers to at once (each endpoint gets one delivery at a \
+     time: its changes arrive in order)",
+);
+pub const WEBHOOK_RETRY_FIRST_MS: Setting = positive(
+    "CHAT_WEBHOOK_RETRY_FIRST_MS",
+    "5000",
+    "the first retry of a failed webhook delivery; each next one waits twice as long (plus or \
+     minus a fifth, at random), up to `CHAT_WEBHOOK_RETRY_MAX_MS`",
+);
+pub const WEBHOOK_RETRY_MAX_MS: Setting = positive(
+    "CHAT_WEBHOOK_RETRY_MAX_MS",
+    "3600000",
+    "the longest wait between two attempts of a webhook delivery",
+);
+pub const WEBHOOK_DISABLE_AFTER_SECONDS: Setting = positive(
+    "CHAT_WEBHOOK_DISABLE_AFTER_SECONDS",
+    "86400",
+    "an endpoint whose delivery has failed for this long is disabled (a `webhook.disabled` \
+     attempt says so; `PATCH` with `\"disabled\": false` resumes where it stopped)",
+);
+pub const WEBHOOK_MAX_ENDPOINTS_PER_APPLICATION: Setting = positive(
+    "CHAT_WEBHOOK_MAX_ENDPOINTS_PER_APPLICATION",
+    "20",
+    "webhook endpoints one application may register",
+);
+pub const WEBHOOK_ATTEMPTS_RETENTION_HOURS: Setting = positive(
+    "CHAT_WEBHOOK_ATTEMPTS_RETENTION_HOURS",
+    "72",
+    "how long the webhook-dispatcher keeps the record of an attempt",
+);
+
 /// Every setting, in the order of the README's table.
 pub const ALL: &[&Setting] = &[
     &DATABASE_URL,
@@ -512,6 +574,17 @@ pub const ALL: &[&Setting] = &[
     &JOB_NAME,
     &MIGRATE_WAIT_SECONDS,
     &REINDEX_LOOKBACK_SECONDS,
+    &WEBHOOK_ALLOWED_HOSTS,
+    &WEBHOOK_POLL_MS,
+    &WEBHOOK_CONNECT_TIMEOUT_MS,
+    &WEBHOOK_TIMEOUT_MS,
+    &WEBHOOK_MAX_RESPONSE_BYTES,
+    &WEBHOOK_MAX_IN_FLIGHT,
+    &WEBHOOK_RETRY_FIRST_MS,
+    &WEBHOOK_RETRY_MAX_MS,
+    &WEBHOOK_DISABLE_AFTER_SECONDS,
+    &WEBHOOK_MAX_ENDPOINTS_PER_APPLICATION,
+    &WEBHOOK_ATTEMPTS_RETENTION_HOURS,
 ];
 
 /// The README's configuration table.
