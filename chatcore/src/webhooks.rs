@@ -150,7 +150,7 @@ impl AllowedDestinations {
     /// Whether a URL's host (a name as written, lower case) is allowed by name.
     pub fn allows_host(&self, host: &str) -> bool {
         let host = host.trim_end_matches('.').to_ascii_lowercase();
-        self.hosts.iter().any(|allowed| *allowed == host)
+        self.hosts.contains(&host)
     }
 
     /// Whether an address lies in an allowed network (an address is a network of one).
