@@ -2,7 +2,8 @@
 //!
 //! [`serve`] takes a configuration and a bound listener, so tests can run it on port 0. When the
 //! queue is embedded (no `AMQP_URL`), the same process also runs the ingest and index consumers
-//! ([`chatcore::pipeline`]): that is the single-process embedded mode.
+//! and the webhook-dispatcher
+//! ([`chatcore::pipeline`], [`webhook_dispatcher`]): that is the single-process embedded mode.
 //!
 //! Layers: `http` (the server, middleware, extractors, one module of handlers per resource: parse,
 //! call, render; the one mapping of failures to answers) -> `app` ([`app::ChatService`], the use
@@ -52,7 +53,7 @@ const DEFAULT_HEALTH_ADDR: std::net::SocketAddr =
 
 /// Serves the API on `listener` until `signal` is cancelled and `CHAT_SHUTDOWN_DELAY_MS` has
 /// passed (not ready meanwhile), then drains in-flight requests. With the embedded queue it also
-/// runs the ingest and index consumers until then.
+/// runs the ingest and index consumers and the webhook-dispatcher until then.
 pub async fn serve(
     config: Config,
     listeners: Listeners,
@@ -63,11 +64,16 @@ pub async fn serve(
     let metrics = Metrics::new();
     let adapters = Adapters::connect(&config, &metrics).await?;
     adapters.keep_connected(&shutdown);
-    let consumers = if adapters.consumes_in_process {
-        chatcore::pipeline::spawn_consumers(&config, &adapters, &metrics, &shutdown)
-    } else {
-        Vec::new()
-    };
+    let mut consumers = Vec::new();
+    if adapters.consumes_in_process {
+        consumers = chatcore::pipeline::spawn_consumers(&config, &adapters, &metrics, &shutdown);
+        consumers.push(webhook_dispatcher::spawn_embedded(
+            &config,
+            std::sync::Arc::clone(&adapters.storage),
+            &metrics,
+            &shutdown,
+        )?);
+    }
     tracing::info!(
         address = %listeners.public.local_addr()?,
         internal_address = %listeners.internal.local_addr()?,

@@ -13,6 +13,7 @@ mod chunks;
 pub mod config;
 pub mod domain;
 pub mod events;
+pub mod feed;
 pub mod health;
 pub mod metrics;
 pub mod numbering;

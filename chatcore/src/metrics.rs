@@ -84,6 +84,8 @@ pub struct Metrics {
     pub live_streams: Gauge,
     pub live_streams_ended: Family<StreamEndLabels, Counter>,
     pub live_changes_received: Counter,
+    pub webhook_attempts: Family<OutcomeLabels, Counter>,
+    pub webhook_delivery_lag: Histogram,
     pub rate_limiter_keys: Family<LimiterLabels, Gauge>,
 }
 
@@ -181,6 +183,20 @@ impl Metrics {
             "Stored changes this replica received for its live streams (only of the chats it streams)",
             live_changes_received.clone(),
         );
+        let webhook_attempts = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "webhook_attempts",
+            "Webhook delivery attempts by outcome (delivered: a 2xx; failed; disabled: an endpoint \
+             disabled after failing too long)",
+            webhook_attempts.clone(),
+        );
+        let webhook_delivery_lag = latency_histogram();
+        registry.register_with_unit(
+            "webhook_delivery_lag",
+            "Time from a change being stored until its webhook was answered 2xx",
+            Unit::Seconds,
+            webhook_delivery_lag.clone(),
+        );
         let rate_limiter_keys = Family::<LimiterLabels, Gauge>::default();
         registry.register(
             "rate_limiter_keys",
@@ -203,6 +219,8 @@ impl Metrics {
             live_streams,
             live_streams_ended,
             live_changes_received,
+            webhook_attempts,
+            webhook_delivery_lag,
             rate_limiter_keys,
         })
     }

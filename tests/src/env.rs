@@ -111,7 +111,7 @@ pub const TEST_ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";
 
 /// Settings of every test: ephemeral ports, short batch waits and retry delays, quiet logs, a
 /// known admin token, and no rate limits (the tests of the limits turn them on).
-const TEST_SETTINGS: [(&str, &str); 11] = [
+const TEST_SETTINGS: [(&str, &str); 16] = [
     ("CHAT_HTTP_ADDR", "127.0.0.1:0"),
     ("CHAT_HEALTH_ADDR", "127.0.0.1:0"),
     ("CHAT_ADMIN_TOKEN", TEST_ADMIN_TOKEN),
@@ -124,6 +124,13 @@ const TEST_SETTINGS: [(&str, &str); 11] = [
     ("CHAT_RETRY_MAX_DELAY_MS", "500"),
     ("CHAT_DATABASE_MAX_CONNECTIONS", "8"),
     ("RUST_LOG", "warn"),
+    // Webhooks go to the tests' receivers on 127.0.0.1 (every other private address stays
+    // refused), promptly, and are retried within the tests' patience.
+    ("CHAT_WEBHOOK_ALLOWED_HOSTS", "127.0.0.1"),
+    ("CHAT_WEBHOOK_POLL_MS", "50"),
+    ("CHAT_WEBHOOK_RETRY_FIRST_MS", "200"),
+    ("CHAT_WEBHOOK_RETRY_MAX_MS", "1000"),
+    ("CHAT_WEBHOOK_TIMEOUT_MS", "3000"),
 ];
 
 fn new_test_id() -> String {
@@ -313,8 +320,8 @@ impl TestEnv {
         Ok(handle)
     }
 
-    /// Starts ingest-worker and indexer in this process (on the embedded stack the api runs
-    /// its consumers itself, and this starts nothing).
+    /// Starts ingest-worker, indexer and webhook-dispatcher in this process (on the embedded
+    /// stack the api runs them itself, and this starts nothing).
     pub fn spawn_workers(&self) -> WorkerHandles {
         let shutdown = CancellationToken::new();
         let tasks = match self.stack() {
@@ -325,6 +332,10 @@ impl TestEnv {
                     shutdown.clone(),
                 )),
                 tokio::spawn(run_worker(self.config(), Consumer::Index, shutdown.clone())),
+                tokio::spawn(webhook_dispatcher::run_process(
+                    self.config(),
+                    shutdown.clone(),
+                )),
             ],
             Stack::Embedded => Vec::new(),
         };

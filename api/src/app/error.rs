@@ -31,6 +31,14 @@ pub enum AppError {
     /// The work of a claimed idempotency key outlived its share of the lease (milliseconds).
     #[error("the request did not finish within {0} ms")]
     TimedOut(u128),
+    /// The application has as many webhook endpoints as
+    /// `CHAT_WEBHOOK_MAX_ENDPOINTS_PER_APPLICATION` allows.
+    #[error("the application has reached its quota of {0} webhook endpoints")]
+    WebhookQuotaExceeded(u64),
+    /// A value the request gave breaks a rule found only by looking further (a webhook URL that
+    /// resolves to a private address).
+    #[error(transparent)]
+    Invalid(chatcore::domain::InvalidInput),
     #[error(transparent)]
     Storage(#[from] StorageError),
     #[error(transparent)]

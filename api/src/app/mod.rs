@@ -23,6 +23,7 @@ mod error;
 mod idempotency;
 mod quotas;
 mod tokens;
+pub mod webhooks;
 
 pub use error::AppError;
 

@@ -54,6 +54,10 @@ pub enum ApiError {
     /// 403: the application has as many chats as `CHAT_MAX_CHATS_PER_APPLICATION` allows.
     #[error("the application has reached its quota of {0} chats")]
     ChatQuotaExceeded(u64),
+    /// 403: the application has as many webhook endpoints as
+    /// `CHAT_WEBHOOK_MAX_ENDPOINTS_PER_APPLICATION` allows.
+    #[error("the application has reached its quota of {0} webhook endpoints")]
+    WebhookQuotaExceeded(u64),
     /// 429: the application posted as many messages this minute as
     /// `CHAT_MAX_MESSAGES_PER_MINUTE_PER_APPLICATION` allows.
     #[error(
@@ -102,7 +106,9 @@ impl ApiError {
             Self::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Unauthorized | Self::ApplicationKeyRequired => StatusCode::UNAUTHORIZED,
-            Self::Forbidden | Self::ChatQuotaExceeded(_) => StatusCode::FORBIDDEN,
+            Self::Forbidden | Self::ChatQuotaExceeded(_) | Self::WebhookQuotaExceeded(_) => {
+                StatusCode::FORBIDDEN
+            }
             Self::RateLimited { .. }
             | Self::TooManyStreams(_)
             | Self::MessageQuotaExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -125,7 +131,9 @@ impl ApiError {
             Self::Unauthorized => "unauthorized",
             Self::ApplicationKeyRequired => "application_key_required",
             Self::Forbidden => "forbidden",
-            Self::ChatQuotaExceeded(_) | Self::MessageQuotaExceeded { .. } => "quota_exceeded",
+            Self::ChatQuotaExceeded(_)
+            | Self::WebhookQuotaExceeded(_)
+            | Self::MessageQuotaExceeded { .. } => "quota_exceeded",
             Self::RateLimited { .. } => "rate_limited",
             Self::TooManyStreams(_) => "too_many_streams",
             Self::BodyTimedOut(_) => "body_timed_out",
@@ -245,6 +253,8 @@ impl From<AppError> for ApiError {
             AppError::IdempotencyKeyInUse => Self::IdempotencyKeyInUse,
             AppError::IdempotencyKeyReused => Self::IdempotencyKeyReused,
             AppError::ChatQuotaExceeded(quota) => Self::ChatQuotaExceeded(quota),
+            AppError::WebhookQuotaExceeded(quota) => Self::WebhookQuotaExceeded(quota),
+            AppError::Invalid(invalid) => Self::Invalid(invalid),
             AppError::MessageQuotaExceeded { quota, retry_after } => {
                 Self::MessageQuotaExceeded { quota, retry_after }
             }

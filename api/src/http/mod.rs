@@ -26,7 +26,7 @@ use utoipa_swagger_ui::SwaggerUi;
 
 use self::error::ApiError;
 use self::openapi::{ApiDoc, OPENAPI_PATH};
-use self::routes::{applications, changes, chats, health, messages};
+use self::routes::{applications, changes, chats, health, messages, webhooks};
 use crate::http::state::AppState;
 
 /// The API routes and the OpenAPI document generated from the same handlers, so the two cannot
@@ -36,7 +36,8 @@ fn api_routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .merge(applications::router())
         .merge(chats::router())
         .merge(messages::router())
-        .merge(changes::router());
+        .merge(changes::router())
+        .merge(webhooks::router());
     let (router, mut document) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .nest("/api/v1", api)
         .split_for_parts();

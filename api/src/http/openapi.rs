@@ -28,7 +28,8 @@ pub const OPENAPI_PATH: &str = "/api/v1/openapi.json";
     tags(
         (name = "applications", description = "created and renamed synchronously; the routes without a token in the path take it in `Authorization: Bearer` (recommended: a URL is recorded by access logs, proxies and browsers); the `/applications/{token}/...` forms are the reference contract's, kept as legacy; listing applications and revoking tokens need the admin token"),
         (name = "chats", description = "created asynchronously (202)"),
-        (name = "messages", description = "created asynchronously (202), updated synchronously, searchable")
+        (name = "messages", description = "created asynchronously (202), updated synchronously, searchable"),
+        (name = "webhooks", description = "endpoints that receive every change of the application (Standard Webhooks signatures), at least once, in order per endpoint")
     )
 )]
 pub(super) struct ApiDoc;

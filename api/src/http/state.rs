@@ -12,11 +12,13 @@ use tokio_util::sync::CancellationToken;
 use super::live::LiveHub;
 use super::middleware::rate_limit::buckets::RateLimiters;
 use crate::app::ChatService;
+use crate::app::webhooks::WebhookService;
 
 /// Cheap-to-clone state shared by every handler.
 #[derive(Clone)]
 pub(crate) struct AppState {
     service: Arc<ChatService>,
+    webhooks: Arc<WebhookService>,
     settings: Arc<ApiConfig>,
     pub(super) metrics: Arc<Metrics>,
     pub(super) admin_token: Arc<AdminToken>,
@@ -49,6 +51,10 @@ impl AppState {
                 shutdown.clone(),
             ),
             service: Arc::new(ChatService::new(config, adapters)),
+            webhooks: Arc::new(WebhookService::new(
+                Arc::clone(&adapters.storage),
+                config.webhooks.clone(),
+            )),
             settings: Arc::new(config.api.clone()),
             rate_limiters,
             metrics,
@@ -64,6 +70,10 @@ impl AppState {
     /// The service, for work that outlives the request (a live stream).
     pub(crate) fn service_handle(&self) -> Arc<ChatService> {
         Arc::clone(&self.service)
+    }
+
+    pub(crate) fn webhooks(&self) -> &WebhookService {
+        &self.webhooks
     }
 
     pub(crate) fn settings(&self) -> &ApiConfig {

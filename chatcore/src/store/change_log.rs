@@ -6,13 +6,16 @@ use std::collections::BTreeMap;
 use super::{ChatKey, MessageRow};
 use crate::domain::Number;
 
-/// What a logged change did to its message.
+/// What a logged change did: to its message, or, in the application's feed only, to its chat.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ChangeKind {
     Created,
     Updated,
     Deleted,
+    /// The chat was stored (its row has sequence 0 in the chat's log, message number 0: only
+    /// the application's feed reads it).
+    ChatCreated,
 }
 
 impl ChangeKind {
@@ -21,6 +24,7 @@ impl ChangeKind {
             Self::Created => "created",
             Self::Updated => "updated",
             Self::Deleted => "deleted",
+            Self::ChatCreated => "chat_created",
         }
     }
 }
@@ -33,6 +37,7 @@ impl TryFrom<String> for ChangeKind {
             "created" => Ok(Self::Created),
             "updated" => Ok(Self::Updated),
             "deleted" => Ok(Self::Deleted),
+            "chat_created" => Ok(Self::ChatCreated),
             other => Err(format!("unknown change kind {other:?}")),
         }
     }

@@ -10,6 +10,7 @@ pub mod mysql;
 mod shared_sql;
 mod sqlite;
 mod timed;
+mod webhooks;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -28,6 +29,10 @@ pub use change_log::{
 pub use mysql::MySqlStorage;
 pub use sqlite::SqliteStorage;
 pub use timed::TimedStorage;
+pub use webhooks::{
+    AttemptRow, DeliveryProgress, EndpointChanges, EndpointRow, NewAttempt, NewEndpoint,
+    WebhookStore,
+};
 
 pub(crate) const APPLICATION_COLUMNS: &str =
     "id, token_hint, name, chats_count, created_at, updated_at";
@@ -352,6 +357,9 @@ pub struct Reservation {
 pub trait Storage: Send + Sync {
     /// "mysql" or "sqlite": the dependency label of metrics and readiness.
     fn kind(&self) -> &'static str;
+
+    /// The webhook endpoints and attempts, in the same database.
+    fn webhooks(&self) -> &dyn WebhookStore;
 
     async fn ping(&self) -> Result<(), StorageError>;
 

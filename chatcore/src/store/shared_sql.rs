@@ -66,6 +66,32 @@ macro_rules! storage_impl {
                 Ok(last + 1 - count)
             }
 
+            /// Logs the creation of a chat in its application's feed (the chat's own log holds
+            /// its messages' changes: the creation takes sequence 0 there, before every one).
+            async fn log_chat_created(
+                transaction: &mut sqlx::Transaction<'static, $database>,
+                (application_id, chat_id): (u64, u64),
+                created_at: DateTime<Utc>,
+            ) -> Result<(), sqlx::Error> {
+                let application_sequence =
+                    Self::take_change_sequences(transaction, "applications", application_id, 1).await?;
+                sqlx::query(
+                    "INSERT INTO message_changes \
+                     (chat_id, sequence, application_id, application_sequence, number, version, \
+                     kind, body, message_created_at, occurred_at) \
+                     VALUES (?, 0, ?, ?, 0, 0, ?, '', ?, ?)",
+                )
+                .bind(chat_id as i64)
+                .bind(application_id as i64)
+                .bind(application_sequence as i64)
+                .bind($crate::store::ChangeKind::ChatCreated.as_str())
+                .bind(created_at)
+                .bind($crate::store::now())
+                .execute(&mut **transaction)
+                .await?;
+                Ok(())
+            }
+
             /// Logs one change of a message (as it left the message) under the next sequences of
             /// its chat and of its application. In MySQL the caller has locked the application's
             /// row first, as a batch write does, so the two rows taken here cannot deadlock.
@@ -104,6 +130,10 @@ macro_rules! storage_impl {
         impl $crate::store::Storage for $adapter {
             fn kind(&self) -> &'static str {
                 $kind
+            }
+
+            fn webhooks(&self) -> &dyn $crate::store::WebhookStore {
+                self
             }
 
             async fn ping(&self) -> Result<(), StorageError> {
@@ -231,6 +261,18 @@ macro_rules! storage_impl {
                     .rows_affected()
                         > 0;
                     sqlx::query("DELETE FROM application_tokens WHERE application_id = ?")
+                        .bind(application_id as i64)
+                        .execute(&mut *transaction)
+                        .await?;
+                    // A deleted application's webhooks stop at once.
+                    sqlx::query(
+                        "DELETE FROM webhook_attempts WHERE endpoint_id IN \
+                         (SELECT id FROM webhook_endpoints WHERE application_id = ?)",
+                    )
+                    .bind(application_id as i64)
+                    .execute(&mut *transaction)
+                    .await?;
+                    sqlx::query("DELETE FROM webhook_endpoints WHERE application_id = ?")
                         .bind(application_id as i64)
                         .execute(&mut *transaction)
                         .await?;

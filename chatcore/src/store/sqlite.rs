@@ -113,6 +113,8 @@ async fn digest_plaintext_tokens(pool: &SqlitePool) -> anyhow::Result<()> {
     Ok(())
 }
 
+super::webhooks::webhook_store_impl!(SqliteStorage, Sqlite);
+
 super::shared_sql::storage_impl!(SqliteStorage, Sqlite, "sqlite", {
     async fn migrate(&self) -> Result<(), StorageError> {
         // Applied when the file is opened.
@@ -271,18 +273,26 @@ super::shared_sql::storage_impl!(SqliteStorage, Sqlite, "sqlite", {
                     }
                 }
             }
-            let inserted = sqlx::query(
+            let inserted: Option<i64> = sqlx::query_scalar(
                 "INSERT INTO chats (application_id, number, messages_count, created_at, updated_at) \
-                 VALUES (?, ?, 0, ?, ?) ON CONFLICT DO NOTHING",
+                 VALUES (?, ?, 0, ?, ?) ON CONFLICT DO NOTHING RETURNING id",
             )
             .bind(application_id as i64)
             .bind(chat_number.get() as i64)
             .bind(created_at)
             .bind(now)
-            .execute(&mut *transaction)
-            .await?
-            .rows_affected();
-            *new_chats_per_application.entry(application_id).or_default() += inserted as i64;
+            .fetch_optional(&mut *transaction)
+            .await?;
+            let new_chats = new_chats_per_application.entry(application_id).or_default();
+            if let Some(chat_id) = inserted {
+                *new_chats += 1;
+                Self::log_chat_created(
+                    &mut transaction,
+                    (application_id, chat_id as u64),
+                    *created_at,
+                )
+                .await?;
+            }
         }
         for (application_id, new_chats) in new_chats_per_application {
             add_count(

@@ -40,6 +40,10 @@ impl Storage for TimedStorage {
         self.inner.kind()
     }
 
+    fn webhooks(&self) -> &dyn super::WebhookStore {
+        self.inner.webhooks()
+    }
+
     async fn ping(&self) -> Result<(), StorageError> {
         self.metrics
             .time_within(self.kind(), "ping", self.limit, self.inner.ping())

@@ -9,9 +9,8 @@
 
 use axum::Json;
 use axum::extract::State;
-use chatcore::domain::{FeedCursor, PageInput, PagePosition, PageRequest, serialize_timestamp};
-use chatcore::store::{ApplicationChangeRow, ChangeKind, ChangeRow};
-use chrono::{DateTime, Utc};
+use chatcore::domain::{FeedCursor, PageInput, PagePosition, PageRequest};
+use chatcore::feed::{ChangeView, FeedChangeView};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
@@ -39,54 +38,6 @@ struct ChangeParams {
     /// Page size (default 25, at most 100).
     #[param(value_type = Option<u32>, minimum = 1, maximum = 100)]
     per_page: Option<String>,
-}
-
-/// One change of a message, as it left the message.
-#[derive(Debug, Serialize, ToSchema)]
-struct ChangeView {
-    /// The change's place in the chat's change log: 1, 2, 3, ... (the order the changes were
-    /// stored in; the live stream's event id).
-    sequence: u64,
-    #[serde(rename = "type")]
-    #[schema(rename = "type", value_type = String, pattern = "^message\\.(created|updated|deleted)$")]
-    kind: &'static str,
-    message: ChangedMessageView,
-    /// When the change was stored.
-    #[serde(serialize_with = "serialize_timestamp")]
-    occurred_at: DateTime<Utc>,
-}
-
-/// The message as a change left it.
-#[derive(Debug, Serialize, ToSchema)]
-struct ChangedMessageView {
-    number: u64,
-    /// Empty once deleted.
-    body: String,
-    /// 1 when created, one more with each update and the deletion.
-    version: u64,
-    #[serde(serialize_with = "serialize_timestamp")]
-    created_at: DateTime<Utc>,
-}
-
-impl From<ChangeRow> for ChangeView {
-    fn from(change: ChangeRow) -> Self {
-        let kind = match change.kind {
-            ChangeKind::Created => "message.created",
-            ChangeKind::Updated => "message.updated",
-            ChangeKind::Deleted => "message.deleted",
-        };
-        Self {
-            sequence: change.sequence,
-            kind,
-            occurred_at: change.message.updated_at,
-            message: ChangedMessageView {
-                number: change.message.number,
-                body: change.message.body,
-                version: change.message.version,
-                created_at: change.message.created_at,
-            },
-        }
-    }
 }
 
 /// Where the next page starts.
@@ -179,16 +130,6 @@ struct FeedParams {
     per_page: Option<String>,
 }
 
-/// One change of the application's feed: its chat, the change, and where the feed goes on after it.
-#[derive(Debug, Serialize, ToSchema)]
-struct FeedChangeView {
-    /// Pass as `cursor` to read the changes after this one.
-    cursor: String,
-    chat_number: u64,
-    #[serde(flatten)]
-    change: ChangeView,
-}
-
 #[derive(Debug, Serialize, ToSchema)]
 struct FeedPagination {
     per_page: u32,
@@ -201,16 +142,6 @@ struct FeedPagination {
 struct FeedList {
     changes: Vec<FeedChangeView>,
     pagination: FeedPagination,
-}
-
-impl From<ApplicationChangeRow> for FeedChangeView {
-    fn from(row: ApplicationChangeRow) -> Self {
-        Self {
-            cursor: FeedCursor(row.application_sequence).encode(),
-            chat_number: row.chat_number,
-            change: row.change.into(),
-        }
-    }
 }
 
 /// The application's feed: every stored change of every chat's messages exactly once, each chat's

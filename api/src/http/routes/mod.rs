@@ -6,6 +6,7 @@ pub(super) mod changes;
 pub(super) mod chats;
 pub(super) mod health;
 pub(super) mod messages;
+pub(super) mod webhooks;
 
 use chatcore::domain::Number;
 use serde::Serialize;

@@ -10,8 +10,7 @@ use crate::domain::Number;
 use crate::store::{ChangeKind, ChatKey, NewMessage, StorageError, now};
 
 /// Inserts the chats that do not exist yet; the chats of deleted applications are left out.
-/// Returns those applications, and how many new chats each other application got (its
-/// `chats_count` grows by them at the end of the batch).
+/// Returns those applications, and the chats inserted (with their creation time).
 ///
 /// The applications' rows are locked first, in id order: every write that logs a change locks its
 /// application before its chat (see [`super::lock_application`]), so two batches of one
@@ -20,7 +19,7 @@ use crate::store::{ChangeKind, ChatKey, NewMessage, StorageError, now};
 pub(super) async fn insert_chats(
     transaction: &mut Transaction<'_, MySql>,
     chats: &BTreeMap<ChatKey, DateTime<Utc>>,
-) -> Result<(BTreeSet<u64>, Vec<(u64, u64)>), StorageError> {
+) -> Result<(BTreeSet<u64>, Vec<(ChatKey, DateTime<Utc>)>), StorageError> {
     let application_ids: BTreeSet<u64> = chats
         .keys()
         .map(|(application_id, _)| *application_id)
@@ -44,12 +43,34 @@ pub(super) async fn insert_chats(
         .filter_map(|(id, deleted)| (deleted != 0).then_some(id))
         .collect();
     let now = now();
-    let mut new_chats_per_application = Vec::new();
+    let mut new_chats = Vec::new();
     for application_id in application_ids.difference(&deleted).copied() {
-        let rows: Vec<_> = chats
+        let requested: Vec<_> = chats
             .range((application_id, Number::new(1).expect("1 is positive"))..)
             .take_while(|((id, _), _)| *id == application_id)
             .collect();
+        // Which are new: exact, since no other write inserts chats of a locked application.
+        let mut stored =
+            QueryBuilder::<MySql>::new("SELECT number FROM chats WHERE application_id = ");
+        stored.push_bind(application_id).push(" AND number IN ");
+        push_in_list(
+            &mut stored,
+            requested.iter().map(|((_, number), _)| number.get()),
+        );
+        let stored: BTreeSet<u64> = stored
+            .build_query_scalar()
+            .fetch_all(&mut **transaction)
+            .await?
+            .into_iter()
+            .collect();
+        let rows: Vec<_> = requested
+            .into_iter()
+            .filter(|((_, number), _)| !stored.contains(&number.get()))
+            .collect();
+        if rows.is_empty() {
+            continue;
+        }
+        new_chats.extend(rows.iter().map(|(key, created_at)| (**key, **created_at)));
         let mut insert = QueryBuilder::<MySql>::new(
             "INSERT IGNORE INTO chats (application_id, number, messages_count, created_at, updated_at) ",
         );
@@ -60,16 +81,9 @@ pub(super) async fn insert_chats(
                 .push_bind(*created_at)
                 .push_bind(now);
         });
-        let inserted = insert
-            .build()
-            .execute(&mut **transaction)
-            .await?
-            .rows_affected();
-        if inserted > 0 {
-            new_chats_per_application.push((application_id, inserted));
-        }
+        insert.build().execute(&mut **transaction).await?;
     }
-    Ok((deleted, new_chats_per_application))
+    Ok((deleted, new_chats))
 }
 
 /// Internal ids of the given chats, looked up per application with the unique key.

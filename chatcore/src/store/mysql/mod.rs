@@ -87,6 +87,8 @@ impl MySqlStorage {
     const PURGE_CHATS: &'static str = "DELETE FROM chats WHERE application_id = ? LIMIT ?";
 }
 
+super::webhooks::webhook_store_impl!(MySqlStorage, MySql);
+
 super::shared_sql::storage_impl!(MySqlStorage, MySql, "mysql", {
     async fn migrate(&self) -> Result<(), StorageError> {
         Ok(MIGRATOR.run(&self.pool).await?)
@@ -232,13 +234,24 @@ super::shared_sql::storage_impl!(MySqlStorage, MySql, "mysql", {
             return Ok(created);
         }
         let mut transaction = self.pool.begin().await?;
-        let (deleted_applications, new_chats_per_application) =
+        let (deleted_applications, new_chats) =
             insert_chats(&mut transaction, &batch.chats).await?;
         let live_chats = batch
             .chats
             .keys()
             .filter(|(application_id, _)| !deleted_applications.contains(application_id));
         let chat_ids = chat_ids(&mut transaction, live_chats).await?;
+        // A new chat's creation comes first in its application's feed, before its messages.
+        let mut new_chats_per_application: BTreeMap<u64, u64> = BTreeMap::new();
+        for (key, created_at) in &new_chats {
+            let chat_id = *chat_ids
+                .get(key)
+                .ok_or(StorageError::ChatMissing(key.0, key.1))?;
+            Self::log_chat_created(&mut transaction, (key.0, chat_id), *created_at).await?;
+            *new_chats_per_application.entry(key.0).or_default() += 1;
+        }
+        let new_chats_per_application: Vec<(u64, u64)> =
+            new_chats_per_application.into_iter().collect();
         let mut new_messages_per_chat = Vec::new();
         let mut new_messages = Vec::new();
         for (key, chat_messages) in &batch.messages {

@@ -1,0 +1,125 @@
+//! The JSON of logged changes, written once for everyone who hands them out: a chat's change
+//! log and the application's feed (the api's replay routes) and the webhooks' `data` (the
+//! webhook-dispatcher).
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::domain::{FeedCursor, serialize_timestamp};
+use crate::store::{ApplicationChangeRow, ChangeKind, ChangeRow};
+
+impl ChangeKind {
+    /// The name of the event a change is: its `type` in the feeds and the webhooks.
+    pub fn event_type(self) -> &'static str {
+        crate::webhooks::EventType::from(self).as_str()
+    }
+}
+
+/// One change of a message, as it left the message.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ChangeView {
+    /// The change's place in the chat's change log: 1, 2, 3, ... (the order the changes were
+    /// stored in; the live stream's event id).
+    pub sequence: u64,
+    #[serde(rename = "type")]
+    #[schema(rename = "type", value_type = String, pattern = "^message\\.(created|updated|deleted)$")]
+    pub kind: &'static str,
+    pub message: ChangedMessageView,
+    /// When the change was stored.
+    #[serde(serialize_with = "serialize_timestamp")]
+    pub occurred_at: DateTime<Utc>,
+}
+
+/// The message as a change left it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ChangedMessageView {
+    pub number: u64,
+    /// Empty once deleted.
+    pub body: String,
+    /// 1 when created, one more with each update and the deletion.
+    pub version: u64,
+    #[serde(serialize_with = "serialize_timestamp")]
+    pub created_at: DateTime<Utc>,
+}
+
+impl From<ChangeRow> for ChangeView {
+    fn from(change: ChangeRow) -> Self {
+        Self {
+            sequence: change.sequence,
+            kind: change.kind.event_type(),
+            occurred_at: change.message.updated_at,
+            message: ChangedMessageView {
+                number: change.message.number,
+                body: change.message.body,
+                version: change.message.version,
+                created_at: change.message.created_at,
+            },
+        }
+    }
+}
+
+/// One change of the application's feed: a message's change (with its `sequence` in its chat's
+/// log and the `message`) or a chat's creation (`chat.created`, with the `chat`), and where the
+/// feed goes on after it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FeedChangeView {
+    /// Pass as `cursor` to read the changes after this one (or as a webhook replay's `after`).
+    pub cursor: String,
+    pub chat_number: u64,
+    #[serde(rename = "type")]
+    #[schema(rename = "type", value_type = String, pattern = "^(message\\.(created|updated|deleted)|chat\\.created)$")]
+    pub kind: &'static str,
+    /// The change's place in its chat's change log (message changes only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sequence: Option<u64>,
+    /// The message as the change left it (message changes only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<ChangedMessageView>,
+    /// The chat created (`chat.created` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chat: Option<CreatedChatView>,
+    /// When the change was stored.
+    #[serde(serialize_with = "serialize_timestamp")]
+    pub occurred_at: DateTime<Utc>,
+}
+
+/// A chat as it was created.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CreatedChatView {
+    pub number: u64,
+    #[serde(serialize_with = "serialize_timestamp")]
+    pub created_at: DateTime<Utc>,
+}
+
+impl From<ApplicationChangeRow> for FeedChangeView {
+    fn from(row: ApplicationChangeRow) -> Self {
+        let cursor = FeedCursor(row.application_sequence).encode();
+        let change = row.change;
+        let kind = change.kind.event_type();
+        if change.kind == ChangeKind::ChatCreated {
+            return Self {
+                cursor,
+                chat_number: row.chat_number,
+                kind,
+                sequence: None,
+                message: None,
+                chat: Some(CreatedChatView {
+                    number: row.chat_number,
+                    created_at: change.message.created_at,
+                }),
+                occurred_at: change.message.updated_at,
+            };
+        }
+        let view = ChangeView::from(change);
+        Self {
+            cursor,
+            chat_number: row.chat_number,
+            kind,
+            sequence: Some(view.sequence),
+            message: Some(view.message),
+            chat: None,
+            occurred_at: view.occurred_at,
+        }
+    }
+}
