@@ -3,7 +3,7 @@
 //! [`serve`] takes a configuration and a bound listener, so tests can run it on port 0. When the
 //! queue is embedded (no `AMQP_URL`), the same process also runs the ingest and index consumers
 //! and the webhook-dispatcher
-//! ([`chatcore::pipeline`], [`webhook_dispatcher`]): that is the single-process embedded mode.
+//! ([`chatcore::pipeline`], [`chatcore::webhooks`]): that is the single-process embedded mode.
 //!
 //! Layers: `http` (the server, middleware, extractors, one module of handlers per resource: parse,
 //! call, render; the one mapping of failures to answers) -> `app` ([`app::ChatService`], the use
@@ -67,7 +67,7 @@ pub async fn serve(
     let mut consumers = Vec::new();
     if adapters.consumes_in_process {
         consumers = chatcore::pipeline::spawn_consumers(&config, &adapters, &metrics, &shutdown);
-        consumers.push(webhook_dispatcher::spawn_embedded(
+        consumers.push(chatcore::webhooks::spawn_embedded(
             &config,
             std::sync::Arc::clone(&adapters.storage),
             &metrics,

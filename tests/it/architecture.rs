@@ -8,7 +8,13 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 use system_tests::repo_root;
 
-const SERVICES: [&str; 4] = ["api", "ingest-worker", "indexer", "counter-sync"];
+const SERVICES: [&str; 5] = [
+    "api",
+    "ingest-worker",
+    "indexer",
+    "webhook-dispatcher",
+    "counter-sync",
+];
 const SHARED: &str = "chatcore";
 
 /// `(package, its normal dependencies)` of every workspace member.
@@ -127,6 +133,7 @@ fn code_above_the_adapters_names_no_technology() {
         "indexer/src",
         "counter-sync/src/lib.rs",
         "chatcore/src/pipeline",
+        "chatcore/src/webhooks",
         "chatcore/src/numbering.rs",
     ];
     let found = lines_naming(&above_the_traits, &TECHNOLOGY_NAMES);

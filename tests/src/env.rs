@@ -332,7 +332,7 @@ impl TestEnv {
                     shutdown.clone(),
                 )),
                 tokio::spawn(run_worker(self.config(), Consumer::Index, shutdown.clone())),
-                tokio::spawn(webhook_dispatcher::run_process(
+                tokio::spawn(chatcore::webhooks::run_process(
                     self.config(),
                     shutdown.clone(),
                 )),

@@ -1,7 +1,7 @@
 //! `webhook-dispatcher`: delivers every change of an application to its webhook endpoints
-//! (`webhook-dispatcher --help`; the dispatcher itself is the library, [`webhook_dispatcher`]).
+//! (`webhook-dispatcher --help`; the dispatcher itself is [`chatcore::webhooks`]).
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    webhook_dispatcher::main_entry().await
+    chatcore::webhooks::main_entry().await
 }

@@ -8,8 +8,8 @@ use std::time::Duration;
 use chatcore::config::WebhookConfig;
 use chatcore::domain::InvalidInput;
 use chatcore::store::{AttemptRow, EndpointChanges, EndpointRow, NewEndpoint, Storage};
+use chatcore::webhooks::destination;
 use chatcore::webhooks::{EventTypes, WebhookSecret};
-use webhook_dispatcher::destination;
 
 use super::error::AppError;
 

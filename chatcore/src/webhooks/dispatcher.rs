@@ -7,15 +7,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use chatcore::config::WebhookConfig;
-use chatcore::feed::FeedChangeView;
-use chatcore::health::Readiness;
-use chatcore::metrics::{Metrics, OutcomeLabels};
-use chatcore::store::{
+use super::{EventType, EventTypes};
+use crate::config::WebhookConfig;
+use crate::feed::FeedChangeView;
+use crate::health::Readiness;
+use crate::metrics::{Metrics, OutcomeLabels};
+use crate::store::{
     ApplicationChangeRow, DeliveryProgress, EndpointRow, NewAttempt, Storage, StorageError,
 };
-use chatcore::webhooks::{EventType, EventTypes};
+use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use rand::Rng as _;
 use sha2::{Digest as _, Sha256};
@@ -23,7 +23,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::delivery::{Attempted, Deliverer};
+use super::delivery::{Attempted, Deliverer};
 
 /// Changes read from the feed at once for one endpoint.
 const FEED_PAGE: u32 = 100;
@@ -327,7 +327,7 @@ mod tests {
 
     #[test]
     fn retries_double_from_the_first_delay_up_to_the_longest() {
-        let mut config = chatcore::config::Config::from_map(&Default::default())
+        let mut config = crate::config::Config::from_map(&Default::default())
             .expect("defaults")
             .webhooks;
         config.retry_first = Duration::from_secs(5);

@@ -3,25 +3,33 @@
 //! Standard Webhooks specification says, at least once and in order per endpoint, until each is
 //! answered 2xx. It reads the durable feed in the database, not the live streams' announcements.
 //!
-//! A process of its own in a cluster (`webhook-dispatcher run`; several may run, they lease the
-//! endpoints), or a task of the api process on a laptop ([`spawn_embedded`]).
+//! A process of its own in a cluster (the `webhook-dispatcher` binary: [`main_entry`]; several may
+//! run, they lease the endpoints), or a task of the api process on a laptop ([`spawn_embedded`]),
+//! as the ingest and index consumers are ([`crate::pipeline`]). The api registers the endpoints
+//! and checks their destinations with the same rules ([`destination`]).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
-use chatcore::config::Config;
-use chatcore::health::Readiness;
-use chatcore::metrics::Metrics;
-use chatcore::store::Storage;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::health::Readiness;
+use crate::metrics::Metrics;
+use crate::store::Storage;
 
 mod delivery;
 pub mod destination;
 mod dispatcher;
+mod events;
+mod secret;
 mod signing;
 
+pub use destination::{AllowedDestinations, non_public_reason};
 pub use dispatcher::Dispatcher;
+pub use events::{EventType, EventTypes};
+pub use secret::WebhookSecret;
 
 const NAME: &str = "webhook-dispatcher";
 /// The health and metrics server's address unless `CHAT_HEALTH_ADDR` says otherwise.
@@ -45,9 +53,9 @@ pub async fn main_entry() -> anyhow::Result<()> {
     use clap::Parser as _;
     let Cli { command } = Cli::parse();
     let config = Config::from_env()?;
-    let _telemetry = chatcore::telemetry::init(NAME, config.otlp_endpoint.as_deref());
+    let _telemetry = crate::telemetry::init(NAME, config.otlp_endpoint.as_deref());
     match command.unwrap_or(Command::Run) {
-        Command::Run => run_process(config, chatcore::shutdown::on_signal()).await,
+        Command::Run => run_process(config, crate::shutdown::on_signal()).await,
     }
 }
 
@@ -57,8 +65,8 @@ pub async fn run_process(config: Config, shutdown: CancellationToken) -> anyhow:
     config.require_database_url()?;
     let metrics = Metrics::new();
     let readiness = Readiness::default();
-    let storage = chatcore::adapters::storage(&config, &metrics).await?;
-    chatcore::health::serve(
+    let storage = crate::adapters::storage(&config, &metrics).await?;
+    crate::health::serve(
         config.health_addr.unwrap_or(DEFAULT_HEALTH_ADDR),
         readiness.clone(),
         Arc::clone(&metrics),

@@ -4,13 +4,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::WebhookSecret;
+use crate::config::WebhookConfig;
 use bytes::Bytes;
-use chatcore::config::WebhookConfig;
-use chatcore::webhooks::WebhookSecret;
 use reqwest::Url;
 
-use crate::destination::{GuardedResolver, check_address, literal_address};
-use crate::signing::signature_header;
+use super::destination::{GuardedResolver, check_address, literal_address};
+use super::signing::signature_header;
 
 /// How much of an answer or an error is kept with the attempt.
 const KEPT_CHARS: usize = 500;
@@ -35,7 +35,7 @@ impl Attempted {
 /// The HTTP client of the deliveries (pooled connections, one per endpoint host in use).
 pub struct Deliverer {
     client: reqwest::Client,
-    allowed: Arc<chatcore::webhooks::AllowedDestinations>,
+    allowed: Arc<super::AllowedDestinations>,
     max_response_bytes: usize,
 }
 

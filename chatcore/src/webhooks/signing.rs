@@ -2,9 +2,9 @@
 //! "{webhook-id}.{webhook-timestamp}.{body}")>`, one per secret that signs (space-separated while
 //! a rotated secret overlaps), so a receiver verifies with either.
 
+use super::WebhookSecret;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
-use chatcore::webhooks::WebhookSecret;
 use hmac::{Hmac, Mac as _};
 use sha2::Sha256;
 

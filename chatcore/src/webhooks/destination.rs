@@ -1,153 +1,120 @@
-//! What the api and the webhook-dispatcher share about webhooks: the event types an endpoint
-//! subscribes to, its signing secret, and the destinations the operator allows although they are
-//! not public.
+//! Where a webhook may go: public addresses only, unless the operator allows a host, an address or
+//! a network (`CHAT_WEBHOOK_ALLOWED_HOSTS`). Checked when an endpoint is registered or changed
+//! (the api answers 422) and again for every connection, on the addresses the name resolves to
+//! then ([`GuardedResolver`]), so a name that later resolves to a private address (DNS rebinding)
+//! is refused too.
 
-use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
 
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD;
-use rand::RngCore as _;
+use reqwest::Url;
 
-use crate::domain::InvalidInput;
+/// The longest URL an endpoint may have.
+pub const MAX_URL_BYTES: usize = 2048;
+/// How long a registration waits for the name to resolve.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The kinds of event an endpoint can subscribe to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum EventType {
-    MessageCreated,
-    MessageUpdated,
-    MessageDeleted,
-    ChatCreated,
+/// Why a destination is refused (said to the client as is).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Refused(pub String);
+
+/// Parses an endpoint's URL and checks where it goes; the registration's check.
+pub async fn check_url(raw: &str, allowed: &AllowedDestinations) -> Result<Url, Refused> {
+    let url = parse_url(raw)?;
+    let host = url
+        .host_str()
+        .ok_or_else(|| Refused("must name a host".into()))?
+        .to_owned();
+    if allowed.allows_host(&host) {
+        return Ok(url);
+    }
+    if let Some(address) = literal_address(&url) {
+        check_address(address, allowed)?;
+        return Ok(url);
+    }
+    let port = url.port_or_known_default().unwrap_or(443);
+    let resolved = tokio::time::timeout(
+        RESOLVE_TIMEOUT,
+        tokio::net::lookup_host((host.as_str(), port)),
+    )
+    .await
+    .map_err(|_| Refused(format!("host {host} did not resolve in time")))?
+    .map_err(|_| Refused(format!("host {host} does not resolve")))?;
+    let mut any = false;
+    for address in resolved {
+        any = true;
+        check_address(address.ip(), allowed)?;
+    }
+    if !any {
+        return Err(Refused(format!("host {host} does not resolve")));
+    }
+    Ok(url)
 }
 
-impl EventType {
-    pub const ALL: [Self; 4] = [
-        Self::MessageCreated,
-        Self::MessageUpdated,
-        Self::MessageDeleted,
-        Self::ChatCreated,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::MessageCreated => "message.created",
-            Self::MessageUpdated => "message.updated",
-            Self::MessageDeleted => "message.deleted",
-            Self::ChatCreated => "chat.created",
-        }
+/// The URL's form: absolute, `http` or `https`, no credentials, not too long.
+fn parse_url(raw: &str) -> Result<Url, Refused> {
+    if raw.len() > MAX_URL_BYTES {
+        return Err(Refused(format!("must be at most {MAX_URL_BYTES} bytes")));
     }
+    let url = Url::parse(raw).map_err(|error| Refused(format!("is not a URL ({error})")))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(Refused("must be http or https".into()));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(Refused("must not carry credentials".into()));
+    }
+    Ok(url)
 }
 
-impl From<crate::store::ChangeKind> for EventType {
-    fn from(kind: crate::store::ChangeKind) -> Self {
-        use crate::store::ChangeKind;
-        match kind {
-            ChangeKind::Created => Self::MessageCreated,
-            ChangeKind::Updated => Self::MessageUpdated,
-            ChangeKind::Deleted => Self::MessageDeleted,
-            ChangeKind::ChatCreated => Self::ChatCreated,
-        }
-    }
-}
-
-impl FromStr for EventType {
-    type Err = InvalidInput;
-
-    fn from_str(raw: &str) -> Result<Self, Self::Err> {
-        Self::ALL
-            .into_iter()
-            .find(|kind| kind.as_str() == raw)
-            .ok_or_else(|| {
-                InvalidInput::new(
-                    "events",
-                    "lists an unknown event type (message.created, message.updated, \
-                     message.deleted, chat.created)",
-                )
-            })
-    }
-}
-
-/// The event types an endpoint subscribes to: at least one, each once, stored as a
-/// comma-separated list.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EventTypes(Vec<EventType>);
-
-impl EventTypes {
-    pub fn all() -> Self {
-        Self(EventType::ALL.to_vec())
-    }
-
-    pub fn parse<'a>(raw: impl IntoIterator<Item = &'a str>) -> Result<Self, InvalidInput> {
-        let mut kinds = raw
-            .into_iter()
-            .map(str::parse)
-            .collect::<Result<Vec<EventType>, _>>()?;
-        kinds.sort_unstable();
-        kinds.dedup();
-        if kinds.is_empty() {
-            return Err(InvalidInput::new(
-                "events",
-                "must list at least one event type",
-            ));
-        }
-        Ok(Self(kinds))
-    }
-
-    /// The stored form, as [`Self::to_stored`] wrote it.
-    pub fn from_stored(stored: &str) -> Result<Self, InvalidInput> {
-        Self::parse(stored.split(',').filter(|kind| !kind.is_empty()))
-    }
-
-    pub fn to_stored(&self) -> String {
-        self.names().collect::<Vec<_>>().join(",")
-    }
-
-    pub fn contains(&self, kind: EventType) -> bool {
-        self.0.contains(&kind)
-    }
-
-    pub fn names(&self) -> impl Iterator<Item = &'static str> + '_ {
-        self.0.iter().map(|kind| kind.as_str())
+/// The address a URL names literally (`http://127.0.0.1/`, `http://[::1]/`), if it does.
+pub fn literal_address(url: &Url) -> Option<IpAddr> {
+    match url.host()? {
+        url::Host::Ipv4(v4) => Some(IpAddr::V4(v4)),
+        url::Host::Ipv6(v6) => Some(IpAddr::V6(v6)),
+        url::Host::Domain(_) => None,
     }
 }
 
-/// An endpoint's signing secret, `whsec_` and the base64 of 24 random bytes (the Standard
-/// Webhooks form: the key is the decoded bytes).
-#[derive(Clone, PartialEq, Eq)]
-pub struct WebhookSecret(String);
-
-impl WebhookSecret {
-    const PREFIX: &'static str = "whsec_";
-    const KEY_BYTES: usize = 24;
-
-    pub fn generate() -> Self {
-        let mut key = [0u8; Self::KEY_BYTES];
-        rand::rng().fill_bytes(&mut key);
-        Self(format!("{}{}", Self::PREFIX, STANDARD.encode(key)))
-    }
-
-    /// A secret as stored (written by [`Self::generate`]).
-    pub fn from_stored(stored: String) -> Self {
-        Self(stored)
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-
-    /// The HMAC key: the decoded bytes after the prefix.
-    pub fn key(&self) -> Vec<u8> {
-        let encoded = self.0.strip_prefix(Self::PREFIX).unwrap_or(&self.0);
-        STANDARD
-            .decode(encoded)
-            .unwrap_or_else(|_| encoded.as_bytes().to_vec())
+/// A public address, or one the operator allows.
+pub fn check_address(address: IpAddr, allowed: &AllowedDestinations) -> Result<(), Refused> {
+    match non_public_reason(address) {
+        Some(reason) if !allowed.allows_address(address) => Err(Refused(format!(
+            "resolves to {address}, a {reason} address (not allowed for webhooks)"
+        ))),
+        _ => Ok(()),
     }
 }
 
-impl fmt::Debug for WebhookSecret {
-    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
-        formatter.write_str("WebhookSecret(..)")
+/// The delivery client's resolver: the system's, keeping only the addresses a webhook may reach.
+#[derive(Debug, Clone)]
+pub struct GuardedResolver {
+    pub allowed: Arc<AllowedDestinations>,
+}
+
+impl reqwest::dns::Resolve for GuardedResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let allowed = Arc::clone(&self.allowed);
+        Box::pin(async move {
+            let host = name.as_str().to_owned();
+            let resolved = tokio::net::lookup_host((host.as_str(), 0)).await?;
+            if allowed.allows_host(&host) {
+                let addresses: Vec<SocketAddr> = resolved.collect();
+                return Ok(Box::new(addresses.into_iter()) as reqwest::dns::Addrs);
+            }
+            let addresses: Vec<SocketAddr> = resolved
+                .filter(|address| check_address(address.ip(), &allowed).is_ok())
+                .collect();
+            if addresses.is_empty() {
+                return Err(Box::new(Refused(format!(
+                    "host {host} resolves to no address allowed for webhooks"
+                )))
+                    as Box<dyn std::error::Error + Send + Sync>);
+            }
+            Ok(Box::new(addresses.into_iter()) as reqwest::dns::Addrs)
+        })
     }
 }
 
@@ -331,21 +298,51 @@ mod tests {
         assert!("10.0.0.0/33".parse::<AllowedDestinations>().is_err());
     }
 
-    #[test]
-    fn event_types_parse_sorted_once_and_refuse_unknown_or_none() {
-        let kinds =
-            EventTypes::parse(["chat.created", "message.created", "chat.created"]).expect("valid");
-        assert_eq!(kinds.to_stored(), "message.created,chat.created");
-        assert_eq!(EventTypes::from_stored(&kinds.to_stored()), Ok(kinds));
-        assert!(EventTypes::parse(["message.exploded"]).is_err());
-        assert!(EventTypes::parse([]).is_err());
+    fn allowing(raw: &str) -> AllowedDestinations {
+        raw.parse().expect("valid")
     }
 
-    #[test]
-    fn a_secret_signs_with_its_decoded_key() {
-        let secret = WebhookSecret::generate();
-        assert!(secret.expose().starts_with("whsec_"));
-        assert_eq!(secret.key().len(), 24);
-        assert_eq!(format!("{secret:?}"), "WebhookSecret(..)");
+    #[tokio::test]
+    async fn private_loopback_and_metadata_urls_are_refused_unless_allowed() {
+        let none = AllowedDestinations::default();
+        for refused in [
+            "http://10.1.2.3/hook",
+            "http://192.168.0.10:8080/",
+            "http://169.254.169.254/latest/meta-data",
+            "http://127.0.0.1:9/",
+            "http://[::1]/",
+            "http://[fd00:ec2::254]/",
+            "http://localhost:9/",
+        ] {
+            assert!(
+                check_url(refused, &none).await.is_err(),
+                "{refused} is refused"
+            );
+        }
+        let loopback = allowing("127.0.0.1");
+        assert!(
+            check_url("http://127.0.0.1:9/hook", &loopback)
+                .await
+                .is_ok()
+        );
+        assert!(check_url("http://10.1.2.3/hook", &loopback).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn only_absolute_http_urls_without_credentials_are_taken() {
+        let allowed = allowing("127.0.0.1");
+        for refused in [
+            "ftp://127.0.0.1/",
+            "/relative",
+            "http://user:pass@127.0.0.1/",
+            "not a url",
+        ] {
+            assert!(
+                check_url(refused, &allowed).await.is_err(),
+                "{refused} is refused"
+            );
+        }
+        let long = format!("http://127.0.0.1/{}", "a".repeat(MAX_URL_BYTES));
+        assert!(check_url(&long, &allowed).await.is_err());
     }
 }
