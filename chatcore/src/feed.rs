@@ -1,6 +1,6 @@
 //! The JSON of logged changes, written once for everyone who hands them out: a chat's change
 //! log and the application's feed (the api's replay routes) and the webhooks' `data` (the
-//! webhook-dispatcher).
+//! webhook-dispatcher), and the event type each change is.
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -8,11 +8,23 @@ use utoipa::ToSchema;
 
 use crate::domain::{FeedCursor, serialize_timestamp};
 use crate::store::{ApplicationChangeRow, ChangeKind, ChangeRow};
+use crate::webhooks::events::EventType;
+
+impl From<ChangeKind> for EventType {
+    fn from(kind: ChangeKind) -> Self {
+        match kind {
+            ChangeKind::Created => Self::MessageCreated,
+            ChangeKind::Updated => Self::MessageUpdated,
+            ChangeKind::Deleted => Self::MessageDeleted,
+            ChangeKind::ChatCreated => Self::ChatCreated,
+        }
+    }
+}
 
 impl ChangeKind {
     /// The name of the event a change is: its `type` in the feeds and the webhooks.
     pub fn event_type(self) -> &'static str {
-        crate::webhooks::EventType::from(self).as_str()
+        EventType::from(self).as_str()
     }
 }
 

@@ -12,9 +12,11 @@ use std::time::Duration;
 use crate::events::Consumer;
 use crate::retry::Backoff;
 
+pub mod destinations;
 mod reader;
 pub mod settings;
 
+pub use destinations::AllowedDestinations;
 pub use reader::ConfigError;
 use reader::Reader;
 use settings::*;
@@ -282,7 +284,7 @@ pub struct CounterSyncConfig {
 /// The webhook-dispatcher's bounds and schedule, and the endpoints' limits.
 #[derive(Debug, Clone)]
 pub struct WebhookConfig {
-    pub allowed: crate::webhooks::AllowedDestinations,
+    pub allowed: AllowedDestinations,
     pub poll_interval: Duration,
     pub connect_timeout: Duration,
     pub timeout: Duration,

@@ -8,7 +8,8 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use super::StorageError;
-use crate::webhooks::{EventTypes, WebhookSecret};
+use crate::webhooks::events::EventTypes;
+use crate::webhooks::secret::WebhookSecret;
 
 /// One registered endpoint, as stored.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -382,7 +383,7 @@ macro_rules! webhook_store_impl {
                 &self,
                 application_id: u64,
                 id: u64,
-                secret: &$crate::webhooks::WebhookSecret,
+                secret: &$crate::webhooks::secret::WebhookSecret,
                 previous_until: DateTime<Utc>,
             ) -> Result<Option<$crate::store::EndpointRow>, $crate::store::StorageError> {
                 let now = $crate::store::now();

@@ -31,18 +31,6 @@ impl EventType {
     }
 }
 
-impl From<crate::store::ChangeKind> for EventType {
-    fn from(kind: crate::store::ChangeKind) -> Self {
-        use crate::store::ChangeKind;
-        match kind {
-            ChangeKind::Created => Self::MessageCreated,
-            ChangeKind::Updated => Self::MessageUpdated,
-            ChangeKind::Deleted => Self::MessageDeleted,
-            ChangeKind::ChatCreated => Self::ChatCreated,
-        }
-    }
-}
-
 impl FromStr for EventType {
     type Err = InvalidInput;
 

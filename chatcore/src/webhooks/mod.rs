@@ -22,11 +22,12 @@ use crate::store::Storage;
 mod delivery;
 pub mod destination;
 mod dispatcher;
-mod events;
-mod secret;
+pub mod events;
+pub mod secret;
 mod signing;
 
-pub use destination::{AllowedDestinations, non_public_reason};
+pub use crate::config::AllowedDestinations;
+pub use destination::non_public_reason;
 pub use dispatcher::Dispatcher;
 pub use events::{EventType, EventTypes};
 pub use secret::WebhookSecret;
