@@ -1,5 +1,6 @@
 # syntax=docker/dockerfile:1
-# One multi-stage build for the four images; pick one with --target api|ingest-worker|indexer|counter-sync.
+# One multi-stage build for the five images; pick one with --target
+# api|ingest-worker|indexer|webhook-dispatcher|counter-sync.
 # --target tour is the README's tour (scripts/tour) in a small curl image: `skaffold verify` runs it
 # against the deployed api.
 # Dependencies are compiled in their own layer (cargo-chef), so editing the code rebuilds only the
@@ -21,9 +22,9 @@ FROM chef AS builder
 ENV SQLX_OFFLINE=true
 COPY --from=planner /build/recipe.json recipe.json
 RUN cargo chef cook --release --locked --recipe-path recipe.json \
-    -p api -p ingest-worker -p indexer -p counter-sync
+    -p api -p ingest-worker -p indexer -p webhook-dispatcher -p counter-sync
 COPY . .
-RUN cargo build --release --locked --bins -p api -p ingest-worker -p indexer -p counter-sync
+RUN cargo build --release --locked --bins -p api -p ingest-worker -p indexer -p webhook-dispatcher -p counter-sync
 
 FROM gcr.io/distroless/cc-debian12:nonroot AS runtime
 USER 65532:65532
@@ -46,6 +47,12 @@ COPY --from=builder /build/target/release/indexer /usr/local/bin/indexer
 ENV CHAT_HEALTH_ADDR=0.0.0.0:9090
 EXPOSE 9090
 ENTRYPOINT ["/usr/local/bin/indexer"]
+
+FROM runtime AS webhook-dispatcher
+COPY --from=builder /build/target/release/webhook-dispatcher /usr/local/bin/webhook-dispatcher
+ENV CHAT_HEALTH_ADDR=0.0.0.0:9090
+EXPOSE 9090
+ENTRYPOINT ["/usr/local/bin/webhook-dispatcher"]
 
 FROM runtime AS counter-sync
 COPY --from=builder /build/target/release/counter-sync /usr/local/bin/counter-sync

@@ -380,6 +380,7 @@ fn extension_points_reach_every_workload() -> anyhow::Result<()> {
         "api",
         "ingestWorker",
         "indexer",
+        "webhookDispatcher",
         "counterSync",
         "operations",
     ]
@@ -441,8 +442,8 @@ fn extension_points_reach_every_workload() -> anyhow::Result<()> {
         }
     }
     ensure!(
-        checked == 6,
-        "api, 2 workers, counter-sync and 2 operator CronJobs: {checked}"
+        checked == 7,
+        "api, 2 workers, the webhook-dispatcher, counter-sync and 2 operator CronJobs: {checked}"
     );
     Ok(())
 }

@@ -686,10 +686,10 @@ fn the_chart_lints_renders_and_keeps_its_invariants_in_every_scenario() -> anyho
         // Deployments come from two templates, so their count is checked here (what else each
         // scenario promises: `unittests/scenarios_test.yaml`).
         let embedded = values["embedded"]["enabled"].as_bool() == Some(true);
-        let deployments = if embedded { 1 } else { 3 };
+        let deployments = if embedded { 1 } else { 4 };
         ensure!(
             rendered.names["Deployment"].len() == deployments,
-            "{label}: api, ingest-worker and indexer; the api alone in embedded mode"
+            "{label}: api, ingest-worker, indexer and webhook-dispatcher; the api alone in embedded mode"
         );
     }
     Ok(())
@@ -830,7 +830,8 @@ fn the_service_monitor_scrapes_each_component_on_its_health_port_only() -> anyho
             == BTreeSet::from([
                 "chat-api-metrics",
                 "chat-ingest-worker-metrics",
-                "chat-indexer-metrics"
+                "chat-indexer-metrics",
+                "chat-webhook-dispatcher-metrics"
             ]),
         "scraped Services: {names:?}"
     );
@@ -921,6 +922,7 @@ fn the_tls_ca_is_mounted_into_every_pod() -> anyhow::Result<()> {
                     "Deployment/chat-api".to_owned(),
                     "Deployment/chat-ingest-worker".to_owned(),
                     "Deployment/chat-indexer".to_owned(),
+                    "Deployment/chat-webhook-dispatcher".to_owned(),
                     "CronJob/chat-counter-sync".to_owned(),
                     "CronJob/chat-replay-dead-letters".to_owned(),
                     "CronJob/chat-reindex".to_owned(),
@@ -1447,10 +1449,11 @@ fn render_release(release: &skaffold::Release) -> anyhow::Result<Rendered> {
 
 /// The component whose image values each built image goes to (the tour image is not deployed: it
 /// is `verify`'s).
-const INJECTED_IMAGES: [(&str, &str); 4] = [
+const INJECTED_IMAGES: [(&str, &str); 5] = [
     ("chat-api", "api"),
     ("chat-ingest-worker", "ingestWorker"),
     ("chat-indexer", "indexer"),
+    ("chat-webhook-dispatcher", "webhookDispatcher"),
     ("chat-counter-sync", "counterSync"),
 ];
 
@@ -1525,6 +1528,7 @@ fn skaffold_builds_every_image_and_deploys_through_the_chart() -> anyhow::Result
                 "chat-api",
                 "chat-ingest-worker",
                 "chat-indexer",
+                "chat-webhook-dispatcher",
                 "chat-counter-sync",
                 "chat-tour"
             ],

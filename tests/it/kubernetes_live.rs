@@ -178,6 +178,7 @@ fn the_chart_installs_upgrades_rolls_back_and_uninstalls_in_every_scenario() -> 
             &[
                 "deployment/chat-ingest-worker",
                 "deployment/chat-indexer",
+                "deployment/chat-webhook-dispatcher",
                 "cronjob/chat-counter-sync",
                 "cronjob/chat-replay-dead-letters",
                 "cronjob/chat-reindex",
@@ -746,6 +747,7 @@ fn skaffold_renders_and_deploys_the_development_setup() -> anyhow::Result<()> {
         "chat-api:test",
         "chat-ingest-worker:test",
         "chat-indexer:test",
+        "chat-webhook-dispatcher:test",
         "chat-counter-sync:test",
     ] {
         assert!(rendered.contains(image), "{image} in the render");
@@ -760,6 +762,7 @@ fn skaffold_renders_and_deploys_the_development_setup() -> anyhow::Result<()> {
         "deployment.apps/chat-api",
         "deployment.apps/chat-ingest-worker",
         "deployment.apps/chat-indexer",
+        "deployment.apps/chat-webhook-dispatcher",
         "deployment.apps/rabbitmq",
     ] {
         assert!(deployments.contains(name), "{name} deployed: {deployments}");

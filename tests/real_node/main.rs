@@ -606,11 +606,18 @@ fn the_system_runs_on_a_real_node() -> anyhow::Result<()> {
         &format!("--from-literal=password={skaffold_password}"),
     ])?;
     let version = app_version()?;
-    let images = ["api", "ingest-worker", "indexer", "counter-sync", "tour"]
-        .iter()
-        .map(|name| format!("chat-{name}=localhost/chat-{name}:{version}"))
-        .collect::<Vec<_>>()
-        .join(",");
+    let images = [
+        "api",
+        "ingest-worker",
+        "indexer",
+        "webhook-dispatcher",
+        "counter-sync",
+        "tour",
+    ]
+    .iter()
+    .map(|name| format!("chat-{name}=localhost/chat-{name}:{version}"))
+    .collect::<Vec<_>>()
+    .join(",");
     let skaffold = Skaffold::new(skaffold_ns, Some(&skaffold_password))?;
     timed(
         "skaffold deploy (its status check: every Deployment Ready)",

@@ -311,6 +311,13 @@ OTEL_EXPORTER_OTLP_ENDPOINT: {{ . | quote }}
 {{- with .Values.config.pushgatewayUrl }}
 CHAT_PUSHGATEWAY_URL: {{ . | quote }}
 {{- end }}
+{{- with .Values.webhookDispatcher.allowedHosts }}
+CHAT_WEBHOOK_ALLOWED_HOSTS: {{ . | quote }}
+{{- end }}
+CHAT_WEBHOOK_MAX_ENDPOINTS_PER_APPLICATION: {{ .Values.webhookDispatcher.maxEndpointsPerApplication | int64 | quote }}
+CHAT_WEBHOOK_TIMEOUT_MS: {{ .Values.webhookDispatcher.timeoutMs | int64 | quote }}
+CHAT_WEBHOOK_MAX_IN_FLIGHT: {{ .Values.webhookDispatcher.maxInFlight | int64 | quote }}
+CHAT_WEBHOOK_DISABLE_AFTER_SECONDS: {{ .Values.webhookDispatcher.disableAfterSeconds | int64 | quote }}
 {{- end }}
 
 {{/* The four connection URLs as Secret stringData. The chart ships no credentials: the URLs that
@@ -343,6 +350,9 @@ networkPolicy.egressTo of each of its services, and networkPolicy.egress. */}}
 {{- if not .Values.embedded.enabled }}
 ingest-worker: ingestWorker
 indexer: indexer
+{{- if .Values.webhookDispatcher.enabled }}
+webhook-dispatcher: webhookDispatcher
+{{- end }}
 {{- end }}
 {{- end }}
 
