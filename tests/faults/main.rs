@@ -1,11 +1,14 @@
 //! The fault suite: each scenario runs the four-service stack as processes (api, ingest-worker,
-//! indexer) under a steady load of careful clients (an `Idempotency-Key` per message, retried on
+//! indexer, webhook-dispatcher) under a steady load of careful clients (an `Idempotency-Key` per message, retried on
 //! 5xx, 409 and dropped connections with the same key), breaks one thing in the middle, and then
 //! checks that every accepted message is stored once and indexed once, and that no number was
 //! handed out twice. One line per scenario: accepted, stored, indexed, duplicates (a number given
 //! to two clients), lost (accepted, but not stored or not indexed), extra (stored, but no client
 //! was answered with that number: only when Redis loses idempotency records), 5xx (answers the
-//! clients retried).
+//! clients retried). Every scenario also follows the chat with a webhook endpoint at a local
+//! receiver: each accepted message must arrive there (`hooked`), in order without a gap, a
+//! redelivery with its first `webhook-id`, every signature verified by the Standard Webhooks
+//! reference library (`redelivered` counts the repeats).
 //!
 //! It restarts the shared MariaDB, RabbitMQ and Elasticsearch, so it runs alone and serially:
 //! `cargo test --workspace --test faults -- --test-threads=1` (scripts/test does, after the
@@ -19,6 +22,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use system_tests::own_redis::{OwnRedis, TcpProxy};
+use system_tests::webhook_receiver::{Mode, WebhookReceiver};
 use system_tests::{Client, StatusCode, TestEnv, eventually};
 use tokio::process::Child;
 use tokio_util::sync::CancellationToken;
@@ -29,13 +33,16 @@ const DRAIN: Duration = Duration::from_secs(120);
 const CLIENTS: usize = 8;
 const PAUSE_BETWEEN_POSTS: Duration = Duration::from_millis(25);
 
-/// The api, ingest-worker and indexer of one scenario, as processes that can be killed.
+/// The api, ingest-worker, indexer and webhook-dispatcher of one scenario, as processes that can
+/// be killed, and the receiver of the webhooks.
 struct Stack {
     env: TestEnv,
     api_port: u16,
     api: Child,
     ingest: Child,
     indexer: Child,
+    dispatcher: Child,
+    receiver: WebhookReceiver,
 }
 
 impl Stack {
@@ -56,6 +63,8 @@ impl Stack {
             api: env.spawn_process("api")?,
             ingest: env.spawn_process("ingest-worker")?,
             indexer: env.spawn_process("indexer")?,
+            dispatcher: env.spawn_process("webhook-dispatcher")?,
+            receiver: WebhookReceiver::start().await?,
             env,
             api_port,
         };
@@ -82,6 +91,7 @@ impl Stack {
             "api" => &mut self.api,
             "ingest-worker" => &mut self.ingest,
             "indexer" => &mut self.indexer,
+            "webhook-dispatcher" => &mut self.dispatcher,
             other => anyhow::bail!("no process {other}"),
         };
         process.kill().await?;
@@ -186,6 +196,21 @@ async fn scenario(name: &str, overrides: &[(&str, &str)], fault: Fault<'_>) -> a
     let mut stack = Stack::start(overrides).await?;
     let client = stack.client();
     let token = client.create_application(name).await?;
+    let endpoint = client
+        .post(
+            &format!("/applications/{token}/webhooks"),
+            serde_json::json!({"url": stack.receiver.url("chat"), "events": ["message.created"]}),
+        )
+        .await?;
+    anyhow::ensure!(endpoint.status == StatusCode::CREATED, "{endpoint:?}");
+    let secret = endpoint.body["secret"]
+        .as_str()
+        .context("secret")?
+        .to_owned();
+    stack
+        .receiver
+        .configure("chat", &[&secret], Mode::Ok)
+        .await?;
     let chat = client.create_chat(&token).await?;
     let load = Load::start(&client, &token, chat, 0);
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -213,6 +238,16 @@ async fn scenario(name: &str, overrides: &[(&str, &str)], fault: Fault<'_>) -> a
         },
     )
     .await;
+    let hooked = eventually(
+        "every accepted message reached the webhook",
+        DRAIN,
+        || async {
+            let delivered = WebhookCheck::of(&stack.receiver, "chat").await?.numbers;
+            Ok(unique.iter().all(|number| delivered.contains(number)))
+        },
+    )
+    .await;
+    let webhooks = WebhookCheck::of(&stack.receiver, "chat").await?;
     let stored = env.stored_message_numbers(&token, chat).await?;
     let indexed = env.indexed_message_numbers(&token, chat).await?;
     let lost = unique
@@ -227,21 +262,97 @@ async fn scenario(name: &str, overrides: &[(&str, &str)], fault: Fault<'_>) -> a
         .filter(|number| !unique.contains(number))
         .count();
     println!(
-        "fault {name:<34} accepted {:>5}  stored {:>5}  indexed {:>5}  duplicates {duplicates}  lost {lost}  extra {extra}  5xx {server_errors}",
+        "fault {name:<34} accepted {:>5}  stored {:>5}  indexed {:>5}  hooked {:>5}  duplicates {duplicates}  lost {lost}  extra {extra}  5xx {server_errors}  redelivered {}",
         accepted.len(),
         stored.len(),
         indexed.len(),
+        webhooks.delivered,
+        webhooks.redelivered,
     );
     assert_eq!(duplicates, 0, "{name}: a number was handed out twice");
     settled.with_context(|| format!("{name}: lost {lost}"))?;
+    hooked.with_context(|| format!("{name}: a webhook was lost"))?;
+    webhooks
+        .problems
+        .is_empty()
+        .then_some(())
+        .with_context(|| {
+            format!(
+                "{name}: the webhooks broke a promise: {:?}",
+                webhooks.problems
+            )
+        })?;
     assert!(
         extra == 0 || loses_redis_data,
         "{name}: {extra} messages stored that no client was answered for"
     );
-    for process in [&mut stack.api, &mut stack.ingest, &mut stack.indexer] {
+    for process in [
+        &mut stack.api,
+        &mut stack.ingest,
+        &mut stack.indexer,
+        &mut stack.dispatcher,
+    ] {
         process.kill().await?;
     }
     Ok(())
+}
+
+/// What the webhook receiver got for one endpoint, and which promises the deliveries broke.
+struct WebhookCheck {
+    /// The message numbers delivered (answered 2xx).
+    numbers: BTreeSet<u64>,
+    delivered: usize,
+    /// Deliveries of a change delivered before.
+    redelivered: usize,
+    problems: Vec<String>,
+}
+
+impl WebhookCheck {
+    /// Reads the deliveries in arrival order: each must verify, carry the next change sequence of
+    /// the chat or repeat an earlier one (a redelivery) with that one's `webhook-id`.
+    async fn of(receiver: &WebhookReceiver, name: &str) -> anyhow::Result<Self> {
+        let mut check = Self {
+            numbers: BTreeSet::new(),
+            delivered: 0,
+            redelivered: 0,
+            problems: Vec::new(),
+        };
+        let mut ids: std::collections::HashMap<u64, String> = std::collections::HashMap::new();
+        let mut highest = 0;
+        for delivery in receiver.deliveries(Some(name)).await? {
+            if !delivery.answered.is_some_and(|status| status < 300) {
+                continue;
+            }
+            check.delivered += 1;
+            let data = &delivery.body["data"];
+            let sequence = data["sequence"].as_u64().unwrap_or_default();
+            if !delivery.verified {
+                check
+                    .problems
+                    .push(format!("{} did not verify", delivery.webhook_id));
+            }
+            let first_id = ids
+                .entry(sequence)
+                .or_insert_with(|| delivery.webhook_id.clone());
+            if *first_id != delivery.webhook_id {
+                check
+                    .problems
+                    .push(format!("sequence {sequence} came with two ids"));
+            }
+            if sequence <= highest {
+                check.redelivered += 1;
+            } else if sequence == highest + 1 {
+                highest = sequence;
+            } else {
+                check
+                    .problems
+                    .push(format!("sequence {sequence} came after {highest}"));
+                highest = sequence;
+            }
+            check.numbers.extend(data["message"]["number"].as_u64());
+        }
+        Ok(check)
+    }
 }
 
 /// `scripts/services <action> <service>`, with the ports of the environment.
@@ -266,6 +377,8 @@ const BLOCKED_ANSWER_BOUND: Duration = Duration::from_secs(4);
 /// What a scenario breaks in the middle of the load.
 enum Fault<'a> {
     Kill9(&'static str),
+    /// The webhook receiver stops answering (connections refused) for a minute.
+    WebhookReceiverDownFor60Seconds,
     Restart(&'static str),
     StopFor30Seconds(&'static str),
     /// A memory alarm: RabbitMQ blocks every publishing connection (`connection.blocked`).
@@ -298,6 +411,11 @@ impl Fault<'_> {
     async fn strike(self, stack: &mut Stack) -> anyhow::Result<()> {
         match self {
             Self::Kill9(binary) => stack.kill_and_restart(binary).await,
+            Self::WebhookReceiverDownFor60Seconds => {
+                stack.receiver.stop().await?;
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                stack.receiver.restart().await
+            }
             Self::Restart(service) => {
                 services("restart", service).await?;
                 // Readiness comes back by itself, well before any client would give up.
@@ -392,6 +510,18 @@ async fn kill_9_of_the_ingest_worker() -> anyhow::Result<()> {
 #[tokio::test]
 async fn kill_9_of_the_indexer() -> anyhow::Result<()> {
     scenario("kill -9 indexer", &[], Fault::Kill9("indexer")).await
+}
+
+#[tokio::test]
+async fn kill_9_of_the_webhook_dispatcher() -> anyhow::Result<()> {
+    let fault = Fault::Kill9("webhook-dispatcher");
+    scenario("kill -9 webhook-dispatcher", &[], fault).await
+}
+
+#[tokio::test]
+async fn webhook_receiver_down_for_60_seconds() -> anyhow::Result<()> {
+    let fault = Fault::WebhookReceiverDownFor60Seconds;
+    scenario("webhook receiver down 60 s", &[], fault).await
 }
 
 #[tokio::test]

@@ -380,7 +380,7 @@ both_stacks!(the_application_feed_has_every_chats_changes_once_each_in_its_order
 
 /// A backend follows every chat of its application through `GET /application/changes?cursor=`
 /// while two chats get messages, edits and deletions: each change comes once, each chat's in its
-/// sequence order, each with its chat.
+/// sequence order after its creation, each with its chat.
 async fn the_application_feed_has_every_chats_changes_once_each_in_its_order(
     env: TestEnv,
 ) -> anyhow::Result<()> {
@@ -410,7 +410,7 @@ async fn the_application_feed_has_every_chats_changes_once_each_in_its_order(
     let mut seen: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
     let mut cursor: Option<String> = None;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while seen.values().map(Vec::len).sum::<usize>() < 2 * 17 {
+    while seen.values().map(Vec::len).sum::<usize>() < 2 * 18 {
         anyhow::ensure!(tokio::time::Instant::now() < deadline, "only {seen:?}");
         let query = cursor
             .as_ref()
@@ -428,14 +428,21 @@ async fn the_application_feed_has_every_chats_changes_once_each_in_its_order(
         cursor = last["cursor"].as_str().map(str::to_owned);
         for change in &changes {
             let chat = change["chat_number"].as_u64().context("chat_number")?;
-            let sequence = change["sequence"].as_u64().context("sequence")?;
+            // A chat's creation comes first, as 0; then its messages' changes by sequence.
+            let sequence = match change["type"].as_str() {
+                Some("chat.created") => {
+                    assert_eq!(change["chat"]["number"], chat, "{change}");
+                    0
+                }
+                _ => change["sequence"].as_u64().context("sequence")?,
+            };
             seen.entry(chat).or_default().push(sequence);
         }
     }
     for chat in [first, second] {
         assert_eq!(
             seen[&chat],
-            (1..=17).collect::<Vec<_>>(),
+            (0..=17).collect::<Vec<_>>(),
             "chat {chat}: {seen:?}"
         );
     }
@@ -538,11 +545,16 @@ async fn concurrent_batches_and_edits_of_one_application_do_not_deadlock() -> an
         written??;
     }
     let changed = editor.await??;
-    let logged: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM message_changes")
+    let logged: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM message_changes WHERE number > 0")
         .fetch_one(&database.pool)
         .await?;
     let created = 2 * WRITERS * BATCHES * PER_CHAT;
     assert_eq!(logged as u64, created + changed, "every change logged once");
+    let chats_created: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM message_changes WHERE kind = 'chat_created'")
+            .fetch_one(&database.pool)
+            .await?;
+    assert_eq!(chats_created, 2, "each chat's creation logged once");
     database.drop_database().await?;
     Ok(())
 }

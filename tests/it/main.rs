@@ -24,3 +24,4 @@ mod tool_cache;
 mod tour;
 mod tracing;
 mod trust;
+mod webhooks;

@@ -24,6 +24,7 @@ pub mod own_redis;
 pub mod processes;
 pub mod sse;
 pub mod tools;
+pub mod webhook_receiver;
 
 pub use client::{Client, Reply, search, search_hits};
 pub use env::{OlderDatabase, Services, Stack, TEST_ADMIN_TOKEN, TestEnv};
