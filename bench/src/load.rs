@@ -1,7 +1,8 @@
-//! The closed-loop load of every timed phase: a number of concurrent clients, each a task of its
-//! own, issue one operation after the other until a count or a deadline is reached. The same
-//! runner drives the HTTP requests and the raw operations they are compared with, so both see the
-//! same concurrency.
+//! The load of every timed phase: a number of concurrent clients, each a task of its own, issue
+//! one operation after the other until a count or a deadline is reached, as fast as they can
+//! (closed loop) or each operation at its time on a fixed pace (open loop, [`Load::paced`]). The
+//! same runner drives the HTTP requests and the raw operations they are compared with, so both
+//! see the same concurrency.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -15,6 +16,9 @@ pub struct Load {
     /// Operations in all (u64::MAX: as many as fit in `max_duration`).
     pub max_operations: u64,
     pub max_duration: Duration,
+    /// Operations started per second over all clients (open loop: the n-th starts at n / rate
+    /// from the start, however long the earlier ones take); None: each client as fast as it can.
+    pub per_second: Option<u64>,
 }
 
 impl Load {
@@ -24,7 +28,26 @@ impl Load {
             clients,
             max_operations: u64::MAX,
             max_duration: duration,
+            per_second: None,
         }
+    }
+
+    /// `per_second` operations a second for `duration`, started on schedule by `clients`.
+    pub fn paced(clients: usize, per_second: u64, duration: Duration) -> Self {
+        Self {
+            clients,
+            max_operations: per_second.saturating_mul(duration.as_secs().max(1)),
+            max_duration: duration,
+            per_second: Some(per_second.max(1)),
+        }
+    }
+
+    /// When the operation `sequence` is due: now, or on the pace's schedule (even when the
+    /// clients run late: the operations due before the deadline are all issued).
+    fn due(&self, started: Instant, sequence: u64) -> Instant {
+        self.per_second.map_or_else(Instant::now, |per_second| {
+            started + Duration::from_secs_f64(sequence as f64 / per_second as f64)
+        })
     }
 }
 
@@ -113,12 +136,14 @@ where
                 let mut timings = Vec::new();
                 loop {
                     let sequence = issued.fetch_add(1, Ordering::Relaxed);
+                    let due = load.due(started, sequence);
                     let stop = sequence >= load.max_operations
                         || failed.load(Ordering::Relaxed)
-                        || Instant::now() >= deadline;
+                        || due >= deadline;
                     if stop {
                         return Ok(timings);
                     }
+                    tokio::time::sleep_until(due.into()).await;
                     let sent = Instant::now();
                     if let Err(error) = operation(sequence).await {
                         failed.store(true, Ordering::Relaxed);
@@ -206,6 +231,7 @@ mod tests {
                 clients: 4,
                 max_operations: 10,
                 max_duration: Duration::from_secs(10),
+                per_second: None,
             },
             |_| async { Ok(()) },
         )
@@ -221,5 +247,22 @@ mod tests {
         )
         .await;
         assert!(failed.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_paced_run_starts_each_operation_on_schedule() {
+        let paced = run(Load::paced(4, 100, Duration::from_millis(200)), |_| async {
+            Ok(())
+        })
+        .await
+        .expect("no failure");
+        // 100 a second for 200 ms (counted in whole seconds, at least one): operations 0..=19
+        // start before the deadline, the last at 190 ms.
+        assert_eq!(paced.completed(), 20);
+        assert!(
+            paced.elapsed >= Duration::from_millis(190),
+            "{:?}",
+            paced.elapsed
+        );
     }
 }

@@ -6,7 +6,9 @@
 //!   sqlx consumer, a raw `_bulk`), `POST` with the workers running and end to end, the reads
 //!   against their raw SELECTs, and search latency (one client, then eight) on the chat of the
 //!   running phase, on a chat of 1,000,000 messages and on an application of 1,000 chats (their
-//!   documents written straight into the index);
+//!   documents written straight into the index); and the webhooks: the latency of a delivery
+//!   to a receiver in the bench, the delivery of a backlog against the ingest leg, and the api's
+//!   CPU per message with live streams open on other chats;
 //! - the embedded process (`BENCH_STACK=embedded`, started by `scripts/bench`): the raw limit is the
 //!   rate of durable (`synchronous = FULL`) one-row SQLite commits on the same disk; what needs
 //!   the services or separate workers is skipped.
@@ -100,9 +102,14 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
 
     let token = bench.api.create_application().await?;
     let target = bench.target(token).await?;
-    let backlog_chat = bench.stopped_workers(&target).await?;
+    let backlog = bench.stopped_workers(&target).await?;
     let (running_chat, running_posted) = bench.running_workers(&target).await?;
-    let (read_chat, stored) = backlog_chat.unwrap_or((running_chat, running_posted));
+    bench
+        .webhooks(backlog.as_ref().map(|backlog| backlog.ingest_rate))
+        .await?;
+    let (read_chat, stored) = backlog.map_or((running_chat, running_posted), |backlog| {
+        (backlog.chat, backlog.count)
+    });
     bench.reads(&target, read_chat, stored).await?;
     bench
         .search(

@@ -11,10 +11,11 @@ use std::time::Duration;
 use anyhow::{Context as _, ensure};
 
 /// The processes of the table, in its order (the load generator is added last).
-const STACK_PROCESSES: [&str; 7] = [
+const STACK_PROCESSES: [&str; 8] = [
     "api",
     "ingest-worker",
     "indexer",
+    "webhook-dispatcher",
     "rabbitmq",
     "mariadb",
     "elasticsearch",
@@ -104,6 +105,15 @@ impl Processes {
                 Source::Pid(pid) => Some(pid),
                 Source::OwnProcess | Source::Missing(_) => None,
             })
+    }
+
+    /// The CPU the process `name` spent in `used` (None: not measured).
+    pub fn cpu_of(&self, name: &str, used: &CpuUse) -> Option<Duration> {
+        let row = self
+            .tracked
+            .iter()
+            .position(|tracked| tracked.name == name)?;
+        used.0.get(row).copied().flatten()
     }
 
     /// Row labels: the name, with the pid when there is one.

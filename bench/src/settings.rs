@@ -96,6 +96,31 @@ pub struct Settings {
         default_value_t = 1
     )]
     pub deep_pages: i32,
+    /// Seconds of each paced `POST` load of the webhook phase (latency, stream fanout).
+    #[arg(
+        long,
+        env = "BENCH_WEBHOOK_SECONDS",
+        value_name = "BENCH_WEBHOOK_SECONDS",
+        default_value_t = 10
+    )]
+    pub webhook_seconds: u64,
+    /// Messages per second of the paced `POST` loads of the webhook phase.
+    #[arg(
+        long,
+        env = "BENCH_WEBHOOK_RATE",
+        value_name = "BENCH_WEBHOOK_RATE",
+        default_value_t = 500
+    )]
+    pub webhook_rate: u64,
+    /// Messages posted, then delivered again from the start of the feed (replay), in the
+    /// webhook phase's backlog.
+    #[arg(
+        long,
+        env = "BENCH_WEBHOOK_BACKLOG",
+        value_name = "BENCH_WEBHOOK_BACKLOG",
+        default_value_t = 20_000
+    )]
+    pub webhook_backlog: u64,
     /// Worker threads of the load generator (at least 1).
     #[arg(
         long,
@@ -140,6 +165,10 @@ impl Settings {
 
     pub fn read_phase(&self) -> Duration {
         Duration::from_secs(self.read_seconds)
+    }
+
+    pub fn webhook_phase(&self) -> Duration {
+        Duration::from_secs(self.webhook_seconds)
     }
 
     pub fn deep_pages(&self) -> bool {

@@ -5,6 +5,8 @@
 //!   downstream leg alone, and each leg against its own raw limit (services only);
 //! - [`running_workers`]: `POST` with the workers running, and end to end into the storage and the
 //!   index;
+//! - [`webhooks`]: the latency of webhook deliveries, the delivery of a backlog against the
+//!   ingest leg, and the api's CPU per message with live streams open on other chats;
 //! - [`reads`]: `GET` one message and a page of messages, against their raw SELECTs;
 //! - [`search`]: search latency on one chat, one client then several, and at scale;
 //! - [`deep_pages`]: the first and the last page of a chat of 1,000,000 messages.
@@ -18,3 +20,4 @@ pub mod reads;
 pub mod running_workers;
 pub mod search;
 pub mod stopped_workers;
+pub mod webhooks;

@@ -47,6 +47,7 @@ impl Bench {
             clients: self.settings.connections,
             max_operations: self.settings.messages,
             max_duration,
+            per_second: None,
         };
         let what = format!(
             "{workers}, posting {} messages with {} connections (at most {max_duration:?})",
@@ -100,7 +101,12 @@ impl Bench {
 }
 
 /// `POST` message into the chat, one body per sequence number.
-async fn post_messages(api: &Api, token: &str, chat: u64, load: Load) -> anyhow::Result<Outcome> {
+pub async fn post_messages(
+    api: &Api,
+    token: &str,
+    chat: u64,
+    load: Load,
+) -> anyhow::Result<Outcome> {
     let url = api.url(&format!("/applications/{token}/chats/{chat}/messages"));
     let api = api.clone();
     load::run(load, move |sequence| {

@@ -37,6 +37,7 @@ impl Bench {
                     clients,
                     max_operations: queries,
                     max_duration: self.settings.max_phase(),
+                    per_second: None,
                 },
                 move |sequence| {
                     let api = api.clone();

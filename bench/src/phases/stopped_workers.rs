@@ -15,10 +15,18 @@ use crate::{Bench, ServiceStorage, Target};
 /// The workers held still while the api accepts a backlog.
 const WORKERS: [&str; 2] = ["ingest-worker", "indexer"];
 
+/// The backlog the api accepted with the workers stopped.
+pub struct Backlog {
+    pub chat: u64,
+    pub count: u64,
+    /// The ingest leg's drain of it, in messages per second.
+    pub ingest_rate: f64,
+}
+
 impl Bench {
     /// `POST` with the workers stopped, the drain of that backlog by each leg, and the raw legs
-    /// with as many messages. Returns the chat and its message count, or None when skipped.
-    pub async fn stopped_workers(&mut self, target: &Target) -> anyhow::Result<Option<(u64, u64)>> {
+    /// with as many messages. Returns the backlog, or None when skipped.
+    pub async fn stopped_workers(&mut self, target: &Target) -> anyhow::Result<Option<Backlog>> {
         let Some(storage) = &target.services else {
             self.report.note(
                 "embedded stack: POST with the workers stopped, the downstream legs and their raw \
@@ -75,6 +83,7 @@ impl Bench {
         // The raw ingest leg writes into `messages` under a chat of its own (empty, as the backlog's
         // chat was before the backlog).
         let raw_ingest_chat = self.stored_chat(&target.token).await?;
+        let ingest_rate = ingest.rate();
         self.legs_against_raw(
             storage,
             (chat, raw_ingest_chat),
@@ -82,7 +91,11 @@ impl Bench {
             events_per_message as usize,
         )
         .await?;
-        Ok(Some((chat, count)))
+        Ok(Some(Backlog {
+            chat,
+            count,
+            ingest_rate,
+        }))
     }
 
     /// Resumes the worker of `leg` and measures it until the chat's backlog of `count` messages
