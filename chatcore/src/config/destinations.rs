@@ -102,8 +102,4 @@ mod tests {
         assert!(!allowed.allows_host("other.internal"));
         assert!("10.0.0.0/33".parse::<AllowedDestinations>().is_err());
     }
-
-    fn allowing(raw: &str) -> AllowedDestinations {
-        raw.parse().expect("valid")
-    }
 }

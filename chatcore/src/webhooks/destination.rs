@@ -176,6 +176,10 @@ pub fn non_public_reason(address: IpAddr) -> Option<&'static str> {
 mod tests {
     use super::*;
 
+    fn allowing(raw: &str) -> AllowedDestinations {
+        raw.parse().expect("valid")
+    }
+
     #[test]
     fn non_public_addresses_are_named() {
         for refused in [
