@@ -168,8 +168,8 @@ async fn a_deleted_application_ends_its_tokens_at_once_and_is_purged(
     // The other tenant keeps everything.
     assert_eq!(
         rows_of(&env, kept_id).await?,
-        8,
-        "2 chats, 3 messages, their 3 changes"
+        10,
+        "2 chats, their 2 creations in the feed, 3 messages, their 3 changes"
     );
     assert_eq!(env.indexed_documents_of(kept_id).await?, 3);
     assert_eq!(search(client, &kept, 1, "zebra").await?.len(), 2);

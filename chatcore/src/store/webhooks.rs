@@ -131,6 +131,8 @@ pub trait WebhookStore: Send + Sync {
 
     /// None when there is no such endpoint. Every change hands the endpoint back to the next
     /// dispatcher that claims it (its lease ends), so a delivery in flight is not recorded over it.
+    /// (A rotation does not: the previous secret keeps signing, and the dispatcher takes the new
+    /// one at its next claim.)
     async fn change_endpoint(
         &self,
         application_id: u64,
@@ -390,8 +392,8 @@ macro_rules! webhook_store_impl {
                 let mut transaction = self.begin_write().await?;
                 let rotated = sqlx::query(
                     "UPDATE webhook_endpoints SET previous_secret = secret, \
-                     previous_secret_until = ?, secret = ?, lease_owner = NULL, lease_until = NULL, \
-                     updated_at = ? WHERE application_id = ? AND id = ?",
+                     previous_secret_until = ?, secret = ?, updated_at = ? \
+                     WHERE application_id = ? AND id = ?",
                 )
                 .bind(previous_until)
                 .bind(secret.expose())
