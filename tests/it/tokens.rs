@@ -67,9 +67,11 @@ async fn the_bearer_form_serves_every_application_route(env: TestEnv) -> anyhow:
     )
     .await?;
     assert_eq!(message.status, StatusCode::ACCEPTED, "{message:?}");
-    eventually("the message is searchable", LONG, || async {
+    // Stored and indexed: the two consumers finish in either order.
+    eventually("the message is searchable and stored", LONG, || async {
         let found = tenant(Method::GET, "/chats/1/messages/search?query=bearer", None).await?;
-        Ok(found.body["messages"][0]["number"] == 1)
+        let stored = tenant(Method::GET, "/chats/1/messages/1", None).await?;
+        Ok(found.body["messages"][0]["number"] == 1 && stored.status == StatusCode::OK)
     })
     .await?;
     let shown = tenant(Method::GET, "/chats/1/messages/1", None).await?;
