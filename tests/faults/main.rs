@@ -320,7 +320,7 @@ impl WebhookCheck {
         let mut ids: std::collections::HashMap<u64, String> = std::collections::HashMap::new();
         let mut highest = 0;
         for delivery in receiver.deliveries(Some(name)).await? {
-            if !delivery.answered.is_some_and(|status| status < 300) {
+            if delivery.answered.is_none_or(|status| status >= 300) {
                 continue;
             }
             check.delivered += 1;
