@@ -209,6 +209,23 @@ pub(super) const ENDPOINT_COLUMNS: &str = "id, application_id, url, description,
 macro_rules! webhook_store_impl {
     ($adapter:ty, $database:ty) => {
         impl $adapter {
+            /// Runs `update` (of the endpoint `id` of the application) and reads the endpoint as it
+            /// left it, in one transaction; None when it matched no endpoint.
+            async fn updated_endpoint<'q>(
+                &self,
+                update: sqlx::query::Query<'q, $database, <$database as sqlx::Database>::Arguments>,
+                application_id: u64,
+                id: u64,
+            ) -> Result<Option<$crate::store::EndpointRow>, $crate::store::StorageError> {
+                let mut transaction = self.begin_write().await?;
+                if update.execute(&mut *transaction).await?.rows_affected() == 0 {
+                    return Ok(None);
+                }
+                let endpoint = Self::endpoint_in(&mut transaction, application_id, id).await?;
+                transaction.commit().await?;
+                Ok(endpoint)
+            }
+
             async fn endpoint_in(
                 executor: &mut <$database as sqlx::Database>::Connection,
                 application_id: u64,
@@ -310,7 +327,6 @@ macro_rules! webhook_store_impl {
                 changes: &$crate::store::EndpointChanges,
             ) -> Result<Option<$crate::store::EndpointRow>, $crate::store::StorageError> {
                 let now = $crate::store::now();
-                let mut transaction = self.begin_write().await?;
                 // COALESCE keeps what the request leaves out. Enabling clears the failure, so the
                 // delivery due is attempted at once; disabling says who did it.
                 let (disable, enable) = match changes.disabled {
@@ -318,7 +334,7 @@ macro_rules! webhook_store_impl {
                     Some(false) => (0, 1),
                     None => (0, 0),
                 };
-                let changed = sqlx::query(
+                let update = sqlx::query(
                     "UPDATE webhook_endpoints SET \
                      url = COALESCE(?, url), description = COALESCE(?, description), \
                      event_types = COALESCE(?, event_types), \
@@ -344,16 +360,8 @@ macro_rules! webhook_store_impl {
                 .bind(now)
                 .bind(now)
                 .bind(application_id as i64)
-                .bind(id as i64)
-                .execute(&mut *transaction)
-                .await?
-                .rows_affected();
-                if changed == 0 {
-                    return Ok(None);
-                }
-                let endpoint = Self::endpoint_in(&mut transaction, application_id, id).await?;
-                transaction.commit().await?;
-                Ok(endpoint)
+                .bind(id as i64);
+                self.updated_endpoint(update, application_id, id).await
             }
 
             async fn delete_endpoint(
@@ -389,8 +397,7 @@ macro_rules! webhook_store_impl {
                 previous_until: DateTime<Utc>,
             ) -> Result<Option<$crate::store::EndpointRow>, $crate::store::StorageError> {
                 let now = $crate::store::now();
-                let mut transaction = self.begin_write().await?;
-                let rotated = sqlx::query(
+                let update = sqlx::query(
                     "UPDATE webhook_endpoints SET previous_secret = secret, \
                      previous_secret_until = ?, secret = ?, updated_at = ? \
                      WHERE application_id = ? AND id = ?",
@@ -399,16 +406,8 @@ macro_rules! webhook_store_impl {
                 .bind(secret.expose())
                 .bind(now)
                 .bind(application_id as i64)
-                .bind(id as i64)
-                .execute(&mut *transaction)
-                .await?
-                .rows_affected();
-                if rotated == 0 {
-                    return Ok(None);
-                }
-                let endpoint = Self::endpoint_in(&mut transaction, application_id, id).await?;
-                transaction.commit().await?;
-                Ok(endpoint)
+                .bind(id as i64);
+                self.updated_endpoint(update, application_id, id).await
             }
 
             async fn replay_endpoint(
@@ -418,8 +417,7 @@ macro_rules! webhook_store_impl {
                 after: u64,
             ) -> Result<Option<$crate::store::EndpointRow>, $crate::store::StorageError> {
                 let now = $crate::store::now();
-                let mut transaction = self.begin_write().await?;
-                let replayed = sqlx::query(
+                let update = sqlx::query(
                     "UPDATE webhook_endpoints SET delivered_through = ?, failed_attempts = 0, \
                      failing_since = NULL, next_attempt_at = ?, lease_owner = NULL, \
                      lease_until = NULL, updated_at = ? WHERE application_id = ? AND id = ?",
@@ -428,16 +426,8 @@ macro_rules! webhook_store_impl {
                 .bind(now)
                 .bind(now)
                 .bind(application_id as i64)
-                .bind(id as i64)
-                .execute(&mut *transaction)
-                .await?
-                .rows_affected();
-                if replayed == 0 {
-                    return Ok(None);
-                }
-                let endpoint = Self::endpoint_in(&mut transaction, application_id, id).await?;
-                transaction.commit().await?;
-                Ok(endpoint)
+                .bind(id as i64);
+                self.updated_endpoint(update, application_id, id).await
             }
 
             async fn list_attempts(
