@@ -128,7 +128,12 @@ fn pods_roll_when_the_secrets_the_chart_writes_change() -> anyhow::Result<()> {
         "checksum-after",
         "connections: {databaseUrl: 'mysql://chat:rotated@mysql:3306/chat'}",
     )?;
-    for name in ["chat-api", WORKERS[0], WORKERS[1]] {
+    for name in [
+        "chat-api",
+        WORKERS[0],
+        WORKERS[1],
+        "chat-webhook-dispatcher",
+    ] {
         let (old, new) = (
             pod_annotations(&before, name)?,
             pod_annotations(&after, name)?,

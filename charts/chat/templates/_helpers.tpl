@@ -82,10 +82,11 @@ registry is global.imageRegistry (set once by an umbrella chart), else image.reg
 {{- printf "%s-config" (include "chat.fullname" .) }}
 {{- end }}
 
-{{/* Connection URLs as environment, from the Secret whose name is the context. */}}
+{{/* Connection URLs as environment (context: secret, the Secret's name, and optionally keys, the
+URLs a component reads; all four without it). */}}
 {{- define "chat.connectionEnv" -}}
-{{- $secret := . }}
-{{- range $key := list "DATABASE_URL" "REDIS_URL" "AMQP_URL" "ELASTICSEARCH_URL" }}
+{{- $secret := .secret }}
+{{- range $key := .keys | default (list "DATABASE_URL" "REDIS_URL" "AMQP_URL" "ELASTICSEARCH_URL") }}
 - name: {{ $key }}
   valueFrom:
     secretKeyRef:
@@ -94,11 +95,12 @@ registry is global.imageRegistry (set once by an umbrella chart), else image.reg
 {{- end }}
 {{- end }}
 
-{{/* Environment of every container of a component (context: root, values): the connection URLs
-from the release's Secret (none in embedded mode), then the component's extraEnv. */}}
+{{/* Environment of every container of a component (context: root, values, and optionally
+connections: the URLs it reads, all four without it): the connection URLs from the release's
+Secret (none in embedded mode), then the component's extraEnv. */}}
 {{- define "chat.env" -}}
 {{- if not .root.Values.embedded.enabled }}
-{{- include "chat.connectionEnv" (include "chat.connectionSecretName" .root) }}
+{{- include "chat.connectionEnv" (dict "secret" (include "chat.connectionSecretName" .root) "keys" .connections) }}
 {{- end }}
 {{- with .values.extraEnv }}
 {{ toYaml . }}
@@ -330,8 +332,6 @@ AMQP_URL: {{ required (printf "connections.amqpUrl is required (e.g. amqp://chat
 ELASTICSEARCH_URL: {{ required (printf "connections.elasticsearchUrl is required (e.g. http://elasticsearch:9200), %s" $hint) .Values.connections.elasticsearchUrl | quote }}
 {{- end }}
 
-{{/* The two worker components, for templates that render both alike; none in embedded mode (the
-api process consumes its own events). */}}
 {{/* The egress rules of a component (context: root, the services it talks to, the DNS rule): DNS,
 networkPolicy.egressTo of each of its services, and networkPolicy.egress. */}}
 {{- define "chat.egressTo" -}}
@@ -346,6 +346,9 @@ networkPolicy.egressTo of each of its services, and networkPolicy.egress. */}}
 {{- end }}
 {{- end }}
 
+{{/* The worker components (component: values key), for templates that render them alike: the two
+consumers and the webhook-dispatcher when enabled; none in embedded mode (the api process consumes
+its own events and delivers the webhooks itself). */}}
 {{- define "chat.workers" -}}
 {{- if not .Values.embedded.enabled }}
 ingest-worker: ingestWorker
