@@ -1112,6 +1112,13 @@ fn exposed_metric_families() -> BTreeSet<String> {
         .get_or_create(&RepairLabels { kind: "counter" })
         .inc();
     metrics
+        .webhook_attempts
+        .get_or_create(&OutcomeLabels {
+            outcome: "delivered",
+        })
+        .inc();
+    metrics.webhook_delivery_lag.observe(0.1);
+    metrics
         .encode()
         .lines()
         .filter_map(|line| line.strip_prefix("# TYPE "))
