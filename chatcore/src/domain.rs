@@ -195,6 +195,129 @@ impl MessageBody {
     }
 }
 
+/// Who sent a message: an opaque id the integrator chooses, 1..=128 characters of
+/// `[A-Za-z0-9._:@-]` (fits ids like `u42`, `user:42` or an e-mail address; never markup).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Sender(String);
+
+impl Sender {
+    pub const MAX_CHARS: usize = 128;
+
+    pub fn parse(raw: &str) -> Result<Self, InvalidInput> {
+        let allowed = |byte: u8| byte.is_ascii_alphanumeric() || b"._:@-".contains(&byte);
+        if raw.is_empty() || raw.len() > Self::MAX_CHARS || !raw.bytes().all(allowed) {
+            return Err(InvalidInput::new(
+                "sender",
+                format!(
+                    "must be 1 to {} characters of A-Z, a-z, 0-9, '.', '_', ':', '@' and '-'",
+                    Self::MAX_CHARS
+                ),
+            ));
+        }
+        Ok(Self(raw.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Sender {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// An integrator's own data on a chat or message: a JSON object of at most 32 keys and 4 KiB
+/// serialized. Kept as its compact serialization, which is what is stored and sent on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Metadata(String);
+
+impl Metadata {
+    pub const MAX_BYTES: usize = 4_096;
+    pub const MAX_KEYS: usize = 32;
+
+    pub fn parse(value: &serde_json::Value) -> Result<Self, InvalidInput> {
+        let Some(object) = value.as_object() else {
+            return Err(InvalidInput::new("metadata", "must be a JSON object"));
+        };
+        if object.len() > Self::MAX_KEYS {
+            return Err(InvalidInput::new(
+                "metadata",
+                format!("must have at most {} keys", Self::MAX_KEYS),
+            ));
+        }
+        let serialized = value.to_string();
+        if serialized.len() > Self::MAX_BYTES {
+            return Err(InvalidInput::new(
+                "metadata",
+                format!("must be at most {} bytes serialized", Self::MAX_BYTES),
+            ));
+        }
+        Ok(Self(serialized))
+    }
+
+    /// Metadata read back from the storage or an event (written by [`Metadata::parse`]).
+    pub fn from_stored(serialized: String) -> Self {
+        Self(serialized)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn to_value(&self) -> serde_json::Value {
+        serde_json::from_str(&self.0).unwrap_or_default()
+    }
+}
+
+impl Serialize for Metadata {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.to_value().serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for Metadata {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let value = serde_json::Value::deserialize(deserializer)?;
+        Self::parse(&value).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A chat's title: 1..=255 characters after trimming, no control characters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ChatTitle(String);
+
+impl ChatTitle {
+    pub const MAX_CHARS: usize = 255;
+
+    pub fn parse(raw: &str) -> Result<Self, InvalidInput> {
+        let trimmed = raw.trim();
+        if trimmed.is_empty() {
+            return Err(InvalidInput::new("title", "must not be blank"));
+        }
+        if trimmed.chars().count() > Self::MAX_CHARS {
+            return Err(InvalidInput::new(
+                "title",
+                format!("must be at most {} characters", Self::MAX_CHARS),
+            ));
+        }
+        if trimmed.chars().any(char::is_control) {
+            return Err(InvalidInput::new(
+                "title",
+                "must not contain control characters",
+            ));
+        }
+        Ok(Self(trimmed.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
 /// A chat or message number: a positive integer, unique within its parent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -497,6 +620,40 @@ mod tests {
         assert!(MessageBody::parse("a".repeat(MessageBody::MAX_BYTES)).is_ok());
         assert!(MessageBody::parse("a".repeat(MessageBody::MAX_BYTES + 1)).is_err());
         assert!(MessageBody::parse("a\0b".into()).is_err());
+    }
+
+    #[test]
+    fn senders_are_opaque_ids_of_a_safe_alphabet() {
+        for valid in ["u42", "user:42", "a.b_c-d@example.com", &"x".repeat(128)] {
+            assert_eq!(Sender::parse(valid).map(|s| s.0), Ok(valid.to_owned()));
+        }
+        for invalid in ["", "has space", "<b>", "é", &"x".repeat(129)] {
+            assert!(Sender::parse(invalid).is_err(), "{invalid}");
+        }
+    }
+
+    #[test]
+    fn metadata_is_a_bounded_object() {
+        let parsed = Metadata::parse(&serde_json::json!({"a": 1, "b": [true]})).expect("valid");
+        assert_eq!(parsed.as_str(), r#"{"a":1,"b":[true]}"#);
+        assert_eq!(parsed.to_value(), serde_json::json!({"a": 1, "b": [true]}));
+        assert!(Metadata::parse(&serde_json::json!([1])).is_err());
+        assert!(Metadata::parse(&serde_json::json!("text")).is_err());
+        let keys: serde_json::Map<_, _> = (0..33)
+            .map(|key| (key.to_string(), serde_json::Value::Null))
+            .collect();
+        assert!(Metadata::parse(&serde_json::Value::Object(keys)).is_err());
+        let big = serde_json::json!({"k": "x".repeat(Metadata::MAX_BYTES)});
+        assert!(Metadata::parse(&big).is_err());
+        let fits = serde_json::json!({"k": "x".repeat(Metadata::MAX_BYTES - 8)});
+        assert!(Metadata::parse(&fits).is_ok());
+    }
+
+    #[test]
+    fn titles_are_trimmed_and_bounded() {
+        assert_eq!(ChatTitle::parse(" Team ").map(|t| t.0), Ok("Team".to_owned()));
+        assert!(ChatTitle::parse("  ").is_err());
+        assert!(ChatTitle::parse(&"é".repeat(256)).is_err());
     }
 
     #[test]
