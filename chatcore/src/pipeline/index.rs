@@ -32,6 +32,7 @@ fn document_of(payload: &EventPayload) -> Option<MessageDocument> {
             message_number,
             body,
             created_at,
+            ..
         } => (
             application_id,
             chat_number,
