@@ -10,7 +10,7 @@ use anyhow::anyhow;
 
 use super::consumer::{BatchHandler, HandleError, Received, purge_deleted_applications};
 use crate::events::EventPayload;
-use crate::search::{ItemOutcome, MessageDocument, SearchIndex};
+use crate::search::{ItemOutcome, MessageDocument, Replacing, SearchIndex};
 
 /// Writes batches of created and updated messages to the search index.
 pub struct Indexer {
@@ -80,6 +80,9 @@ fn document_of(payload: &EventPayload) -> Option<MessageDocument> {
         number: *number,
         body: body.to_owned(),
         created_at: *created_at,
+        sender: None,
+        metadata: None,
+        edited_at: None,
         version,
     })
 }
@@ -94,7 +97,7 @@ impl BatchHandler for Indexer {
             .collect();
         let outcomes = self
             .index
-            .bulk_index(&documents)
+            .bulk_index(&documents, Replacing::OlderVersions)
             .await
             .map_err(HandleError::of)?;
         // Retrying the whole batch is safe: versions make the writes that succeeded no-ops.
