@@ -568,6 +568,10 @@ pub struct SearchInput<'a> {
 }
 
 impl SearchRequest {
+    /// The deepest hit a page number reaches: Elasticsearch's default `index.max_result_window`
+    /// (a cursor reaches any depth).
+    pub const MAX_RESULT_WINDOW: u64 = 10_000;
+
     pub fn parse(
         input: SearchInput<'_>,
         default_per_page: u32,
@@ -594,7 +598,7 @@ impl SearchRequest {
                 ),
             ));
         }
-        let window = crate::search::MAX_RESULT_WINDOW;
+        let window = Self::MAX_RESULT_WINDOW;
         if page.offset() + page.fetch_limit() > window {
             return Err(InvalidInput::new(
                 "page",

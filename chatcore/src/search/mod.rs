@@ -33,8 +33,6 @@ pub const MIN_PREFIX_CHARS: usize = 2;
 pub fn matches_as_prefix(word: &str) -> bool {
     word.chars().count() >= MIN_PREFIX_CHARS
 }
-/// Elasticsearch's default `index.max_result_window`.
-pub const MAX_RESULT_WINDOW: u64 = 10_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SearchError {
