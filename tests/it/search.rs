@@ -616,8 +616,45 @@ async fn walk_pages(
     unreachable!("the pages end")
 }
 
-fn at(minutes: i64) -> String {
-    (fixture_epoch() + chrono::Duration::minutes(minutes)).to_rfc3339()
+/// A filter of the tests: its parameters, and which fixtures it keeps.
+#[derive(Default)]
+struct Filter {
+    sender: Option<&'static str>,
+    /// Minutes after [`fixture_epoch`].
+    after_minute: Option<i64>,
+    before_minute: Option<i64>,
+}
+
+impl Filter {
+    fn sender(sender: &'static str) -> Self {
+        Self {
+            sender: Some(sender),
+            ..Self::default()
+        }
+    }
+
+    fn parameters(&self) -> Vec<(&'static str, String)> {
+        let at = |minutes: i64| (fixture_epoch() + chrono::Duration::minutes(minutes)).to_rfc3339();
+        let mut parameters = Vec::new();
+        parameters.extend(self.sender.map(|sender| ("sender", sender.to_owned())));
+        parameters.extend(
+            self.after_minute
+                .map(|minutes| ("created_after", at(minutes))),
+        );
+        parameters.extend(
+            self.before_minute
+                .map(|minutes| ("created_before", at(minutes))),
+        );
+        parameters
+    }
+
+    fn keeps(&self, fixture: &FilterFixture) -> bool {
+        let minute = (fixture.created_at - fixture_epoch()).num_minutes();
+        self.sender
+            .is_none_or(|sender| fixture.sender == Some(sender))
+            && self.after_minute.is_none_or(|after| minute >= after)
+            && self.before_minute.is_none_or(|before| minute < before)
+    }
 }
 
 on_every_index!(filters_and_sorts_give_the_same_hits_on_every_index);
@@ -634,47 +671,37 @@ async fn filters_and_sorts_give_the_same_hits_on_every_index(env: TestEnv) -> an
     let all = [("query", "needle"), ("per_page", "100")];
     eventually_hits(client, token, chat, &all, needles(&fixtures)).await?;
 
-    let (from, to) = (at(4), at(11));
-    let filters: Vec<(Vec<(&str, &str)>, Box<dyn Fn(&FilterFixture) -> bool>)> = vec![
-        (vec![], Box::new(|_| true)),
-        (
-            vec![("sender", "alice")],
-            Box::new(|f| f.sender == Some("alice")),
-        ),
-        (
-            vec![("sender", "carol:1@example.com")],
-            Box::new(|f| f.sender == Some("carol:1@example.com")),
-        ),
-        (vec![("sender", "carol")], Box::new(|_| false)),
-        (
-            vec![("created_after", from.as_str())],
-            Box::new(|f| f.created_at >= fixture_epoch() + chrono::Duration::minutes(4)),
-        ),
-        (
-            vec![("created_before", to.as_str())],
-            Box::new(|f| f.created_at < fixture_epoch() + chrono::Duration::minutes(11)),
-        ),
-        (
-            vec![
-                ("sender", "bob"),
-                ("created_after", from.as_str()),
-                ("created_before", to.as_str()),
-            ],
-            Box::new(|f| {
-                f.sender == Some("bob")
-                    && f.created_at >= fixture_epoch() + chrono::Duration::minutes(4)
-                    && f.created_at < fixture_epoch() + chrono::Duration::minutes(11)
-            }),
-        ),
+    let filters = [
+        Filter::default(),
+        Filter::sender("alice"),
+        Filter::sender("carol:1@example.com"),
+        Filter::sender("carol"),
+        Filter {
+            after_minute: Some(4),
+            ..Filter::default()
+        },
+        Filter {
+            before_minute: Some(11),
+            ..Filter::default()
+        },
+        Filter {
+            after_minute: Some(4),
+            before_minute: Some(11),
+            ..Filter::sender("bob")
+        },
     ];
-    for (filter, matches) in &filters {
+    for filter in &filters {
         let expected: Vec<u64> = fixtures
             .iter()
-            .filter(|fixture| fixture.body.contains("needle") && matches(fixture))
+            .filter(|fixture| fixture.body.contains("needle") && filter.keeps(fixture))
             .map(|fixture| fixture.number)
             .collect();
         for sort in ["relevance", "newest", "oldest"] {
-            let mut parameters = filter.clone();
+            let owned = filter.parameters();
+            let mut parameters: Vec<(&str, &str)> = owned
+                .iter()
+                .map(|(name, value)| (*name, value.as_str()))
+                .collect();
             parameters.extend([("query", "needle"), ("sort", sort)]);
             let mut everything = parameters.clone();
             everything.push(("per_page", "100"));

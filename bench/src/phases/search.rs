@@ -10,7 +10,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 
 use crate::load::{self, Load, ms, scatter};
 use crate::phases::deep_pages::DEEP_CHAT_MESSAGES;
-use crate::raw::{self, ChatRef, seeded_created_at, seeded_sender};
+use crate::raw::{self, ChatRef, SEEDED_SENDERS, seeded_created_at, seeded_sender};
 use crate::report::met;
 use crate::{Bench, Target, api, application_id};
 
@@ -164,7 +164,9 @@ impl Bench {
                 .search(
                     &target.token,
                     &[chat],
-                    &format!("{what}, filtered"),
+                    &format!(
+                        "{what}, filtered: 1 sender of {SEEDED_SENDERS}, half the time, newest first"
+                    ),
                     filtered_search(start, messages),
                 )
                 .await?;
@@ -208,7 +210,7 @@ impl Bench {
 }
 
 /// The filter of the filtered search on a seeded chat of `messages` whose seeding started at
-/// `start`: one sender of [`raw::SEEDED_SENDERS`], the middle half of the chat's time, newest first
+/// `start`: one sender of [`SEEDED_SENDERS`], the middle half of the chat's time, newest first
 /// (a twentieth of the chat).
 fn filtered_search(start: DateTime<Utc>, messages: u64) -> SearchParameters {
     let time =
@@ -226,7 +228,6 @@ mod tests {
     use chatcore::domain::{SearchInput, SearchRequest};
 
     use super::*;
-    use crate::raw::SEEDED_SENDERS;
 
     #[test]
     fn the_filtered_search_keeps_a_twentieth_of_the_seeded_chat() {
