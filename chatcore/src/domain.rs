@@ -401,7 +401,8 @@ pub enum PagePosition {
 }
 
 /// The order of search hits: the best match first (then the lowest number), or by number, the
-/// newest (highest) or the oldest (lowest) first. (The schema documents `?sort=`.)
+/// newest (highest) or the oldest (lowest) first.
+// The schema documents the api's `?sort=`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, utoipa::ToSchema)]
 #[schema(rename_all = "lowercase")]
 pub enum SearchSort {

@@ -80,13 +80,14 @@ struct MessageHitView {
     #[serde(serialize_with = "serialize_timestamp")]
     created_at: DateTime<Utc>,
     /// Who sent it (the integrator's id); null when not given.
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = Option<String>, required = true)]
     sender: Option<Sender>,
     /// The integrator's own data on the message, as given; null when none.
-    #[schema(value_type = Option<Object>)]
+    #[schema(value_type = Option<Object>, required = true)]
     metadata: Option<Metadata>,
     /// When the body was last edited; null until the first edit.
     #[serde(serialize_with = "serialize_optional_timestamp")]
+    #[schema(required = true)]
     edited_at: Option<DateTime<Utc>>,
     /// A fragment of the body (about 24 words) with each match in `<mark>`...`</mark>`, `…` where
     /// the body was cut; HTML-escaped otherwise, so it can be put into a page as it is.
@@ -149,7 +150,7 @@ struct SearchParams {
     created_before: Option<String>,
     /// The order of the hits: `relevance` (the default: the best match first, then by number),
     /// `newest` (the highest number first) or `oldest` (the lowest first).
-    #[param(value_type = Option<SearchSort>)]
+    #[param(value_type = Option<SearchSort>, inline)]
     sort: Option<String>,
     /// Page, 1-based (default 1), as deep as result 1,000 (`page * per_page`).
     #[param(value_type = Option<u32>, minimum = 1, maximum = 1000)]
