@@ -116,6 +116,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
             &target.token,
             &[running_chat],
             &format!("chat of {running_posted}"),
+            Vec::new(),
         )
         .await?;
     let deep_chat = bench.deep_pages(&target.token).await?;

@@ -167,3 +167,8 @@ fn micros_per(cpu: Option<Duration>, count: u64) -> String {
 pub fn ratio(rate: f64, raw_rate: f64, raw_name: &str) -> String {
     format!("{:.2} of {raw_name}", rate / raw_rate)
 }
+
+/// How a goal's row says whether the run reached it.
+pub fn met(reached: bool) -> &'static str {
+    if reached { "met" } else { "**not met**" }
+}

@@ -4,7 +4,7 @@ use std::fmt;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, SecondsFormat, SubsecRound as _, Utc};
 use rand::Rng as _;
 use serde::{Deserialize, Serialize, Serializer};
 
@@ -393,17 +393,63 @@ pub enum PagePosition {
     AfterHit(SearchCursor),
 }
 
-/// Where the next page of a search starts: the relevance score and number of the last hit of a
-/// page, handed to the client as an opaque string (each index has its own kind of score).
+/// The order of search hits: the best match first (then the lowest number), or by number, the
+/// newest (highest) or the oldest (lowest) first.
+// The schema documents the api's `?sort=`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, utoipa::ToSchema)]
+#[schema(rename_all = "lowercase")]
+pub enum SearchSort {
+    #[default]
+    Relevance,
+    Newest,
+    Oldest,
+}
+
+impl SearchSort {
+    /// `?sort=`: absent means relevance.
+    pub fn parse(raw: Option<&str>) -> Result<Self, InvalidInput> {
+        match raw {
+            None | Some("relevance") => Ok(Self::Relevance),
+            Some("newest") => Ok(Self::Newest),
+            Some("oldest") => Ok(Self::Oldest),
+            Some(_) => Err(InvalidInput::new(
+                "sort",
+                "must be relevance, newest or oldest",
+            )),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Relevance => "relevance",
+            Self::Newest => "newest",
+            Self::Oldest => "oldest",
+        }
+    }
+}
+
+/// Where the next page of a search starts: the last hit of a page (its relevance score and
+/// number) in the order of its sort, handed to the client as an opaque string (each index has
+/// its own kind of score). The sort is part of it: the same place means another hit in another
+/// order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SearchCursor {
+    pub sort: SearchSort,
     score_bits: u64,
     pub number: u64,
 }
 
 impl SearchCursor {
-    pub fn new(score: f64, number: u64) -> Self {
+    /// After the hit of `score` and `number` in `sort` order (the score counts for relevance
+    /// only).
+    pub fn new(sort: SearchSort, score: f64, number: u64) -> Self {
+        let score = if sort == SearchSort::Relevance {
+            score
+        } else {
+            0.0
+        };
         Self {
+            sort,
             score_bits: score.to_bits(),
             number,
         }
@@ -414,20 +460,151 @@ impl SearchCursor {
     }
 
     pub fn encode(self) -> String {
-        URL_SAFE_NO_PAD.encode(format!("{}:{}", self.score(), self.number))
+        let text = match self.sort {
+            // The format of the cursors handed out before there were sorts, so those stay valid.
+            SearchSort::Relevance => format!("{}:{}", self.score(), self.number),
+            sort => format!("{}:{}", sort.as_str(), self.number),
+        };
+        URL_SAFE_NO_PAD.encode(text)
     }
 
     pub fn parse(raw: &str) -> Result<Self, InvalidInput> {
         let invalid = || InvalidInput::new("cursor", "is not a cursor this api handed out");
         let decoded = URL_SAFE_NO_PAD.decode(raw).map_err(|_| invalid())?;
         let text = String::from_utf8(decoded).map_err(|_| invalid())?;
-        let (score, number) = text.split_once(':').ok_or_else(invalid)?;
-        let score: f64 = score.parse().map_err(|_| invalid())?;
+        let (position, number) = text.split_once(':').ok_or_else(invalid)?;
         let number: u64 = number.parse().map_err(|_| invalid())?;
-        if !score.is_finite() || number > Number::MAX {
+        if number > Number::MAX {
             return Err(invalid());
         }
-        Ok(Self::new(score, number))
+        let (sort, score) = match position {
+            "newest" => (SearchSort::Newest, 0.0),
+            "oldest" => (SearchSort::Oldest, 0.0),
+            // Untagged: a relevance score.
+            score => {
+                let score: f64 = score.parse().map_err(|_| invalid())?;
+                if !score.is_finite() {
+                    return Err(invalid());
+                }
+                (SearchSort::Relevance, score)
+            }
+        };
+        Ok(Self::new(sort, score, number))
+    }
+}
+
+/// When a searched message was created: from `after` (included) to `before` (excluded), each
+/// bound optional. Bounds count to the millisecond, as `created_at` is kept: a finer bound would
+/// compare differently on each index.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CreatedRange {
+    pub after: Option<DateTime<Utc>>,
+    pub before: Option<DateTime<Utc>>,
+}
+
+impl CreatedRange {
+    pub fn parse(after: Option<&str>, before: Option<&str>) -> Result<Self, InvalidInput> {
+        let after = after.map(|raw| instant("created_after", raw)).transpose()?;
+        let before = before
+            .map(|raw| instant("created_before", raw))
+            .transpose()?;
+        if let (Some(after), Some(before)) = (after, before)
+            && before <= after
+        {
+            return Err(InvalidInput::new(
+                "created_before",
+                "must be later than created_after",
+            ));
+        }
+        Ok(Self { after, before })
+    }
+}
+
+/// An RFC 3339 timestamp (any offset), truncated to the millisecond.
+fn instant(field: &'static str, raw: &str) -> Result<DateTime<Utc>, InvalidInput> {
+    DateTime::parse_from_rfc3339(raw)
+        .map(|at| at.with_timezone(&Utc).trunc_subsecs(3))
+        .map_err(|_| {
+            InvalidInput::new(
+                field,
+                "must be an RFC 3339 timestamp, e.g. 2025-11-15T09:30:00Z",
+            )
+        })
+}
+
+/// Which messages of the chat a search considers, beside the words: every condition given must
+/// hold.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SearchFilter {
+    /// Only the messages of this sender (exactly).
+    pub sender: Option<Sender>,
+    pub created: CreatedRange,
+}
+
+/// What a search asks for: the words, which messages, in which order, which page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SearchRequest {
+    pub query: SearchQuery,
+    pub filter: SearchFilter,
+    pub sort: SearchSort,
+    pub page: PageRequest,
+}
+
+/// The raw query parameters of a search.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SearchInput<'a> {
+    pub query: Option<&'a str>,
+    pub sender: Option<&'a str>,
+    pub created_after: Option<&'a str>,
+    pub created_before: Option<&'a str>,
+    pub sort: Option<&'a str>,
+    pub page: PageInput<'a>,
+}
+
+impl SearchRequest {
+    /// The deepest hit a page number reaches: Elasticsearch's default `index.max_result_window`
+    /// (a cursor reaches any depth).
+    pub const MAX_RESULT_WINDOW: u64 = 10_000;
+
+    pub fn parse(
+        input: SearchInput<'_>,
+        default_per_page: u32,
+        max_per_page: u32,
+    ) -> Result<Self, InvalidInput> {
+        let query = input
+            .query
+            .ok_or_else(|| InvalidInput::new("query", "is required"))
+            .and_then(SearchQuery::parse)?;
+        let filter = SearchFilter {
+            sender: input.sender.map(Sender::parse).transpose()?,
+            created: CreatedRange::parse(input.created_after, input.created_before)?,
+        };
+        let sort = SearchSort::parse(input.sort)?;
+        let page = PageRequest::parse(input.page, default_per_page, max_per_page)?;
+        if let PagePosition::AfterHit(cursor) = page.position
+            && cursor.sort != sort
+        {
+            return Err(InvalidInput::new(
+                "cursor",
+                format!(
+                    "was handed out for sort={}; continue with that sort",
+                    cursor.sort.as_str()
+                ),
+            ));
+        }
+        let window = Self::MAX_RESULT_WINDOW;
+        if page.offset() + page.fetch_limit() > window {
+            return Err(InvalidInput::new(
+                "page",
+                format!("search results are available up to result {window}"),
+            ));
+        }
+        Ok(Self {
+            query,
+            filter,
+            sort,
+            page,
+        })
     }
 }
 
@@ -741,10 +918,127 @@ mod tests {
 
     #[test]
     fn search_cursors_round_trip_and_reject_forgeries() {
-        let cursor = SearchCursor::new(-0.123_456_789_012_345_67, 42);
+        let cursor = SearchCursor::new(SearchSort::Relevance, -0.123_456_789_012_345_67, 42);
         assert_eq!(SearchCursor::parse(&cursor.encode()), Ok(cursor));
-        for forged in ["", "!!", "bm90IGEgY3Vyc29y", "TmFOOjE"] {
+        for sort in [SearchSort::Newest, SearchSort::Oldest] {
+            let cursor = SearchCursor::new(sort, 3.5, 7);
+            assert_eq!(SearchCursor::parse(&cursor.encode()), Ok(cursor));
+            assert_eq!((cursor.sort, cursor.score()), (sort, 0.0));
+        }
+        for forged in ["", "!!", "bm90IGEgY3Vyc29y", "TmFOOjE", "bmV3ZXN0Ong"] {
             assert!(SearchCursor::parse(forged).is_err(), "{forged}");
+        }
+    }
+
+    #[test]
+    fn cursors_handed_out_before_sorts_read_as_relevance() {
+        // `1.5:42`, as the api encoded a cursor before there were sorts.
+        let legacy = SearchCursor::parse("MS41OjQy").expect("a valid legacy cursor");
+        assert_eq!(
+            (legacy.sort, legacy.score(), legacy.number),
+            (SearchSort::Relevance, 1.5, 42)
+        );
+    }
+
+    fn search_request(input: SearchInput<'_>) -> Result<SearchRequest, InvalidInput> {
+        SearchRequest::parse(
+            SearchInput {
+                query: input.query.or(Some("hello")),
+                ..input
+            },
+            25,
+            100,
+        )
+    }
+
+    #[test]
+    fn search_requests_parse_filters_and_sorts_at_the_edge() {
+        let request = search_request(SearchInput {
+            sender: Some("user:42"),
+            created_after: Some("2025-11-15T10:00:00.123456+01:00"),
+            created_before: Some("2025-11-16T00:00:00Z"),
+            sort: Some("newest"),
+            ..SearchInput::default()
+        })
+        .expect("valid");
+        assert_eq!(request.sort, SearchSort::Newest);
+        assert_eq!(
+            request.filter.sender.as_ref().map(Sender::as_str),
+            Some("user:42")
+        );
+        let after = request.filter.created.after.expect("after");
+        assert_eq!(
+            after.to_rfc3339_opts(SecondsFormat::AutoSi, true),
+            "2025-11-15T09:00:00.123Z",
+            "in UTC, to the millisecond"
+        );
+        let defaults = search_request(SearchInput::default()).expect("valid");
+        assert_eq!(
+            (defaults.sort, defaults.filter),
+            (SearchSort::Relevance, SearchFilter::default())
+        );
+        let refused = |input: SearchInput<'_>| search_request(input).map(|_| ()).unwrap_err().field;
+        for (input, field) in [
+            (
+                SearchInput {
+                    sender: Some("not valid"),
+                    ..SearchInput::default()
+                },
+                "sender",
+            ),
+            (
+                SearchInput {
+                    created_after: Some("yesterday"),
+                    ..SearchInput::default()
+                },
+                "created_after",
+            ),
+            (
+                SearchInput {
+                    created_before: Some("2025-11-15"),
+                    ..SearchInput::default()
+                },
+                "created_before",
+            ),
+            (
+                SearchInput {
+                    created_after: Some("2025-11-15T00:00:00Z"),
+                    created_before: Some("2025-11-15T00:00:00Z"),
+                    ..SearchInput::default()
+                },
+                "created_before",
+            ),
+            (
+                SearchInput {
+                    sort: Some("random"),
+                    ..SearchInput::default()
+                },
+                "sort",
+            ),
+        ] {
+            assert_eq!(refused(input), field);
+        }
+    }
+
+    #[test]
+    fn a_cursor_continues_only_the_sort_it_was_made_for() {
+        let newest = SearchCursor::new(SearchSort::Newest, 0.0, 9).encode();
+        let with_cursor = |sort| SearchInput {
+            sort,
+            page: PageInput {
+                cursor: Some(&newest),
+                ..PageInput::default()
+            },
+            ..SearchInput::default()
+        };
+        let continued = search_request(with_cursor(Some("newest"))).expect("same sort");
+        assert!(matches!(
+            continued.page.position,
+            PagePosition::AfterHit(SearchCursor { number: 9, .. })
+        ));
+        for other in [None, Some("relevance"), Some("oldest")] {
+            let refused = search_request(with_cursor(other)).expect_err("another sort");
+            assert_eq!(refused.field, "cursor");
         }
     }
 

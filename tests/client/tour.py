@@ -31,6 +31,7 @@ from chat_client.models import (
     MessageEditInputMetadataType0,
     MessageInput,
     MessageInputMetadataType0,
+    SearchMessagesSort,
 )
 from chat_client.types import UNSET
 
@@ -250,6 +251,20 @@ def tour(base_url):
     )
     check(search_all(tenant, chat, "hello") == [2, 5], "whole words, case-insensitive")
     check(search_all(tenant, chat, '"hello again"') == [5], "a phrase in double quotes")
+    # One sender's hits, newest first (the filters and the order hold across pages too).
+    newest = expect(
+        search_messages.sync_detailed(
+            chat,
+            client=tenant,
+            query="internation",
+            sender="u42",
+            sort=SearchMessagesSort.NEWEST,
+            created_after=first.created_at,
+        ),
+        200,
+    )
+    check([m.number for m in newest.messages] == [3, 1], f"u42's hits, newest first: {newest!r}")
+    check(newest.messages[0].sender == "u42", "a hit carries its sender")
     hit = expect(search_messages.sync_detailed(chat, client=tenant, query="again"), 200).messages[0]
     check(hit.highlight == "hello <mark>again</mark>", f"the hit shows where it matched: {hit!r}")
 

@@ -2,8 +2,12 @@
 
 use std::time::Duration;
 
+use chatcore::domain::{InvalidInput, Metadata, Number, SearchInput, SearchRequest, Sender};
+use chatcore::metrics::Metrics;
+use chatcore::search::{ItemOutcome, MessageDocument, Replacing};
+use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
-use system_tests::{Client, StatusCode, TestEnv, eventually, search, search_hits};
+use system_tests::{Client, Reply, Stack, StatusCode, TestEnv, eventually, search, search_hits};
 
 /// Runs a search test on every index: Elasticsearch 8 and 7.17 (both supported) and the
 /// embedded SQLite FTS5 index.
@@ -140,7 +144,23 @@ async fn search_finds_words_and_prefixes_in_one_chat(env: TestEnv) -> anyhow::Re
     let hit: &Value = &page.body["messages"][0];
     let mut keys: Vec<&String> = hit.as_object().expect("object").keys().collect();
     keys.sort();
-    assert_eq!(keys, ["body", "created_at", "highlight", "number"]);
+    assert_eq!(
+        keys,
+        [
+            "body",
+            "created_at",
+            "edited_at",
+            "highlight",
+            "metadata",
+            "number",
+            "sender"
+        ]
+    );
+    assert_eq!(
+        (&hit["sender"], &hit["metadata"], &hit["edited_at"]),
+        (&Value::Null, &Value::Null, &Value::Null),
+        "present, null when absent"
+    );
     running.stop().await
 }
 
@@ -440,4 +460,574 @@ async fn search_cursors_walk_every_hit_exactly_once(env: TestEnv) -> anyhow::Res
         .await?;
     assert_eq!(forged.status, StatusCode::BAD_REQUEST);
     running.stop().await
+}
+
+/// The messages of the filter and sort tests, written straight into the chat's index (so their
+/// senders and creation times are the test's to choose), the same on every index.
+struct FilterFixture {
+    number: u64,
+    sender: Option<&'static str>,
+    created_at: DateTime<Utc>,
+    body: String,
+    metadata: Option<Value>,
+    edited_at: Option<DateTime<Utc>>,
+}
+
+/// The start of the fixture's times.
+fn fixture_epoch() -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339("2025-11-15T08:00:00Z")
+        .expect("valid")
+        .with_timezone(&Utc)
+}
+
+/// 30 messages: three senders in turn (every seventh without one), two messages a minute (so a
+/// time bound falls on two at once), `needle` repeated for different ranks, and every fifth
+/// without it.
+fn filter_fixtures() -> Vec<FilterFixture> {
+    let senders = ["alice", "bob", "carol:1@example.com"];
+    (1..=30u64)
+        .map(|number| FilterFixture {
+            number,
+            sender: (number % 7 != 0).then(|| senders[(number % 3) as usize]),
+            created_at: fixture_epoch() + chrono::Duration::minutes((number / 2) as i64),
+            body: if number % 5 == 0 {
+                format!("only hay {number}")
+            } else {
+                format!(
+                    "{}hay {number}",
+                    "needle ".repeat((number % 4 + 1) as usize)
+                )
+            },
+            metadata: (number % 4 == 0).then(|| json!({"n": number, "tags": ["a", "b"]})),
+            edited_at: (number % 6 == 0).then(|| fixture_epoch() + chrono::Duration::hours(1)),
+        })
+        .collect()
+}
+
+/// Writes the fixtures as the index consumer writes messages.
+async fn index_fixtures(
+    env: &TestEnv,
+    application_id: u64,
+    chat: u64,
+    fixtures: &[FilterFixture],
+) -> anyhow::Result<()> {
+    let index = chatcore::adapters::search(&env.config(), &Metrics::new()).await?;
+    let chat_number = Number::new(chat).expect("positive");
+    let documents: Vec<MessageDocument> = fixtures
+        .iter()
+        .map(|fixture| {
+            Ok(MessageDocument {
+                application_id,
+                chat_number,
+                number: Number::new(fixture.number).expect("positive"),
+                body: fixture.body.clone(),
+                created_at: fixture.created_at,
+                sender: fixture.sender.map(Sender::parse).transpose()?,
+                metadata: fixture.metadata.as_ref().map(Metadata::parse).transpose()?,
+                edited_at: fixture.edited_at,
+                version: 1,
+            })
+        })
+        .collect::<Result<_, InvalidInput>>()?;
+    let outcomes = index
+        .bulk_index(&documents, Replacing::OlderVersions)
+        .await?;
+    anyhow::ensure!(
+        outcomes.iter().all(|outcome| *outcome == ItemOutcome::Done),
+        "{outcomes:?}"
+    );
+    Ok(())
+}
+
+/// One search page as the API answers it.
+async fn search_page(
+    client: &Client,
+    token: &str,
+    chat: u64,
+    parameters: &[(&str, &str)],
+) -> anyhow::Result<Reply> {
+    client
+        .send_raw(
+            client
+                .request(
+                    reqwest::Method::GET,
+                    &format!("/applications/{token}/chats/{chat}/messages/search"),
+                )
+                .query(parameters),
+        )
+        .await
+}
+
+fn hit_numbers(page: &Reply) -> Vec<u64> {
+    page.body["messages"]
+        .as_array()
+        .map(|hits| {
+            hits.iter()
+                .filter_map(|hit| hit["number"].as_u64())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Every hit of a search, walked by `next_cursor` pages of 4.
+async fn walk_cursors(
+    client: &Client,
+    token: &str,
+    chat: u64,
+    parameters: &[(&str, &str)],
+) -> anyhow::Result<Vec<u64>> {
+    let mut walked = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut with_page = parameters.to_vec();
+        with_page.push(("per_page", "4"));
+        if let Some(cursor) = &cursor {
+            with_page.push(("cursor", cursor));
+        }
+        let page = search_page(client, token, chat, &with_page).await?;
+        anyhow::ensure!(page.status == StatusCode::OK, "{parameters:?}: {page:?}");
+        walked.extend(hit_numbers(&page));
+        match page.body["pagination"]["next_cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => return Ok(walked),
+        }
+    }
+}
+
+/// Every hit of a search, walked by page numbers of 4.
+async fn walk_pages(
+    client: &Client,
+    token: &str,
+    chat: u64,
+    parameters: &[(&str, &str)],
+) -> anyhow::Result<Vec<u64>> {
+    let mut walked = Vec::new();
+    for page_number in 1.. {
+        let page_number = page_number.to_string();
+        let mut with_page = parameters.to_vec();
+        with_page.extend([("per_page", "4"), ("page", page_number.as_str())]);
+        let page = search_page(client, token, chat, &with_page).await?;
+        anyhow::ensure!(page.status == StatusCode::OK, "{parameters:?}: {page:?}");
+        walked.extend(hit_numbers(&page));
+        if page.body["pagination"]["next_page"].is_null() {
+            return Ok(walked);
+        }
+    }
+    unreachable!("the pages end")
+}
+
+/// A filter of the tests: its parameters, and which fixtures it keeps.
+#[derive(Default)]
+struct Filter {
+    sender: Option<&'static str>,
+    /// Minutes after [`fixture_epoch`].
+    after_minute: Option<i64>,
+    before_minute: Option<i64>,
+}
+
+impl Filter {
+    fn sender(sender: &'static str) -> Self {
+        Self {
+            sender: Some(sender),
+            ..Self::default()
+        }
+    }
+
+    fn parameters(&self) -> Vec<(&'static str, String)> {
+        let at = |minutes: i64| (fixture_epoch() + chrono::Duration::minutes(minutes)).to_rfc3339();
+        let mut parameters = Vec::new();
+        parameters.extend(self.sender.map(|sender| ("sender", sender.to_owned())));
+        parameters.extend(
+            self.after_minute
+                .map(|minutes| ("created_after", at(minutes))),
+        );
+        parameters.extend(
+            self.before_minute
+                .map(|minutes| ("created_before", at(minutes))),
+        );
+        parameters
+    }
+
+    fn keeps(&self, fixture: &FilterFixture) -> bool {
+        let minute = (fixture.created_at - fixture_epoch()).num_minutes();
+        self.sender
+            .is_none_or(|sender| fixture.sender == Some(sender))
+            && self.after_minute.is_none_or(|after| minute >= after)
+            && self.before_minute.is_none_or(|before| minute < before)
+    }
+}
+
+on_every_index!(filters_and_sorts_give_the_same_hits_on_every_index);
+
+/// Sender and time filters, alone and together, in every sort: the hits are exactly the
+/// fixtures that match, by number in the number sorts (the same order on every index), and a
+/// walk by cursor or by page number returns each hit once, in the order of the whole list.
+async fn filters_and_sorts_give_the_same_hits_on_every_index(env: TestEnv) -> anyhow::Result<()> {
+    let running = env.running_chat("filters").await?;
+    let (client, token, chat) = (&running.api.client, &running.token, running.chat);
+    let fixtures = filter_fixtures();
+    let application_id = env.application_id(token).await?;
+    index_fixtures(&env, application_id, chat, &fixtures).await?;
+    let all = [("query", "needle"), ("per_page", "100")];
+    eventually_hits(client, token, chat, &all, needles(&fixtures)).await?;
+
+    let filters = [
+        Filter::default(),
+        Filter::sender("alice"),
+        Filter::sender("carol:1@example.com"),
+        Filter::sender("carol"),
+        Filter {
+            after_minute: Some(4),
+            ..Filter::default()
+        },
+        Filter {
+            before_minute: Some(11),
+            ..Filter::default()
+        },
+        Filter {
+            after_minute: Some(4),
+            before_minute: Some(11),
+            ..Filter::sender("bob")
+        },
+    ];
+    for filter in &filters {
+        let expected: Vec<u64> = fixtures
+            .iter()
+            .filter(|fixture| fixture.body.contains("needle") && filter.keeps(fixture))
+            .map(|fixture| fixture.number)
+            .collect();
+        for sort in ["relevance", "newest", "oldest"] {
+            let owned = filter.parameters();
+            let mut parameters: Vec<(&str, &str)> = owned
+                .iter()
+                .map(|(name, value)| (*name, value.as_str()))
+                .collect();
+            parameters.extend([("query", "needle"), ("sort", sort)]);
+            let mut everything = parameters.clone();
+            everything.push(("per_page", "100"));
+            let page = search_page(client, token, chat, &everything).await?;
+            assert_eq!(page.status, StatusCode::OK, "{parameters:?}: {page:?}");
+            let hits = hit_numbers(&page);
+            match sort {
+                "newest" => assert_eq!(
+                    hits,
+                    expected.iter().rev().copied().collect::<Vec<_>>(),
+                    "{parameters:?}"
+                ),
+                "oldest" => assert_eq!(hits, expected, "{parameters:?}"),
+                _ => assert_eq!(sorted(hits.clone()), expected, "{parameters:?}"),
+            }
+            assert_eq!(
+                walk_cursors(client, token, chat, &parameters).await?,
+                hits,
+                "cursors through {parameters:?}"
+            );
+            assert_eq!(
+                walk_pages(client, token, chat, &parameters).await?,
+                hits,
+                "pages through {parameters:?}"
+            );
+        }
+    }
+
+    // Every hit shows its sender, metadata and last edit, null when it has none.
+    let page = search_page(
+        client,
+        token,
+        chat,
+        &[("query", "needle"), ("sort", "oldest"), ("per_page", "100")],
+    )
+    .await?;
+    for hit in page.body["messages"].as_array().expect("hits") {
+        let mut keys: Vec<&String> = hit.as_object().expect("object").keys().collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            [
+                "body",
+                "created_at",
+                "edited_at",
+                "highlight",
+                "metadata",
+                "number",
+                "sender"
+            ]
+        );
+        let number = hit["number"].as_u64().expect("number");
+        let fixture = &fixtures[number as usize - 1];
+        assert_eq!(hit["sender"], json!(fixture.sender), "{hit}");
+        assert_eq!(
+            hit["metadata"],
+            fixture.metadata.clone().unwrap_or(Value::Null)
+        );
+        let edited_at = fixture
+            .edited_at
+            .map(|at| at.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string());
+        assert_eq!(hit["edited_at"], json!(edited_at), "{hit}");
+    }
+    running.stop().await
+}
+
+on_every_index!(bad_search_parameters_are_refused_by_name);
+
+/// A bad filter, sort or cursor is a 400 naming the parameter, and the search after it answers
+/// as before. A cursor continues only the sort it was handed out for; a relevance cursor (the
+/// format of the cursors handed out before there were sorts) continues without `sort`.
+async fn bad_search_parameters_are_refused_by_name(env: TestEnv) -> anyhow::Result<()> {
+    let running = env.running_chat("refusals").await?;
+    let (client, token, chat) = (&running.api.client, &running.token, running.chat);
+    let fixtures = filter_fixtures();
+    let application_id = env.application_id(token).await?;
+    index_fixtures(&env, application_id, chat, &fixtures).await?;
+    let all = [("query", "needle"), ("per_page", "100")];
+    let before = eventually_hits(client, token, chat, &all, needles(&fixtures)).await?;
+
+    let cursor_of = |sort: &'static str| async move {
+        let page = search_page(
+            client,
+            token,
+            chat,
+            &[("query", "needle"), ("per_page", "2"), ("sort", sort)],
+        )
+        .await?;
+        page.body["pagination"]["next_cursor"]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| anyhow::anyhow!("no cursor: {page:?}"))
+    };
+    let (newest, relevance) = (cursor_of("newest").await?, cursor_of("relevance").await?);
+    let refused: [(&[(&str, &str)], &str); 10] = [
+        (&[("sender", "not a sender")], "sender"),
+        (&[("sender", "")], "sender"),
+        (&[("created_after", "yesterday")], "created_after"),
+        (&[("created_before", "2025-11-15")], "created_before"),
+        (
+            &[
+                ("created_after", "2025-11-15T10:00:00Z"),
+                ("created_before", "2025-11-15T11:00:00+01:00"),
+            ],
+            "created_before",
+        ),
+        (&[("sort", "random")], "sort"),
+        (&[("sort", "oldest"), ("cursor", &newest)], "cursor"),
+        (&[("cursor", &newest)], "cursor"),
+        (&[("sort", "newest"), ("cursor", &relevance)], "cursor"),
+        (&[("cursor", "forged")], "cursor"),
+    ];
+    for (parameters, field) in refused {
+        let mut with_query = parameters.to_vec();
+        with_query.push(("query", "needle"));
+        let reply = search_page(client, token, chat, &with_query).await?;
+        assert_eq!(
+            reply.status,
+            StatusCode::BAD_REQUEST,
+            "{parameters:?}: {reply:?}"
+        );
+        assert_eq!(
+            reply.body["error"]["field"], field,
+            "{parameters:?}: {reply:?}"
+        );
+    }
+    for (sort, cursor) in [
+        (None, &relevance),
+        (Some("relevance"), &relevance),
+        (Some("newest"), &newest),
+    ] {
+        let mut parameters = vec![("query", "needle"), ("cursor", cursor.as_str())];
+        parameters.extend(sort.map(|sort| ("sort", sort)));
+        let reply = search_page(client, token, chat, &parameters).await?;
+        assert_eq!(reply.status, StatusCode::OK, "{parameters:?}: {reply:?}");
+    }
+    let after = search_page(client, token, chat, &all).await?;
+    assert_eq!(hit_numbers(&after), before, "the refusals changed nothing");
+    running.stop().await
+}
+
+/// How many fixtures a search for `needle` finds.
+fn needles(fixtures: &[FilterFixture]) -> usize {
+    fixtures
+        .iter()
+        .filter(|fixture| fixture.body.contains("needle"))
+        .count()
+}
+
+/// The hits of a search once it finds `count` of them.
+async fn eventually_hits(
+    client: &Client,
+    token: &str,
+    chat: u64,
+    parameters: &[(&str, &str)],
+    count: usize,
+) -> anyhow::Result<Vec<u64>> {
+    eventually(
+        "the fixtures are searchable",
+        Duration::from_secs(60),
+        || async {
+            Ok(hit_numbers(&search_page(client, token, chat, parameters).await?).len() == count)
+        },
+    )
+    .await?;
+    Ok(hit_numbers(
+        &search_page(client, token, chat, parameters).await?,
+    ))
+}
+
+on_every_index!(an_index_of_the_previous_release_gets_the_new_fields);
+
+/// An index created by the release before sender and metadata (Elasticsearch: its mapping;
+/// FTS5: its migrations) keeps its documents searchable and takes the new fields once
+/// `ensure_index` ran (FTS5: once the file is opened), and a sender filter finds the documents
+/// written with one.
+async fn an_index_of_the_previous_release_gets_the_new_fields(env: TestEnv) -> anyhow::Result<()> {
+    let mut env = env;
+    let (application_id, chat) = (7, Number::new(3).expect("positive"));
+    let old_document = json!({
+        "application_id": application_id, "chat_number": 3, "chat": "7:3", "number": 1,
+        "body": "written before senders", "created_at": "2025-11-15T08:00:00.000Z",
+    });
+    let old_index = match env.stack() {
+        Stack::Services => {
+            let name = format!("{}-previous-release", env.id);
+            let url = format!("{}/{name}", env.settings["ELASTICSEARCH_URL"]);
+            let http = reqwest::Client::new();
+            http.put(&url)
+                .json(&previous_release_index())
+                .send()
+                .await?
+                .error_for_status()?;
+            http.put(format!(
+                "{url}/_doc/7:3:1?routing=7:3&version=1&version_type=external&refresh=true"
+            ))
+            .json(&old_document)
+            .send()
+            .await?
+            .error_for_status()?;
+            env.set("CHAT_ES_INDEX", &name);
+            Some((http, url))
+        }
+        Stack::Embedded => {
+            let data_dir = std::path::PathBuf::from(&env.settings["CHAT_DATA_DIR"]);
+            std::fs::create_dir_all(&data_dir)?;
+            let options = sqlx::sqlite::SqliteConnectOptions::new()
+                .filename(data_dir.join("search.db"))
+                .create_if_missing(true);
+            let pool = sqlx::SqlitePool::connect_with(options).await?;
+            chatcore::store::migrations_before(
+                &chatcore::sqlite::SEARCH_MIGRATOR,
+                SENDER_MIGRATION,
+            )
+            .run(&pool)
+            .await?;
+            sqlx::query(
+                "INSERT INTO search_documents (application_id, chat_number, number, body, created_at, version) \
+                 VALUES (7, 3, 1, 'written before senders', '2025-11-15T08:00:00+00:00', 1)",
+            )
+            .execute(&pool)
+            .await?;
+            pool.close().await;
+            None
+        }
+    };
+
+    let index = chatcore::adapters::search(&env.config(), &Metrics::new()).await?;
+    index.ensure_index().await?;
+    if let Some((http, url)) = &old_index {
+        let mapping: Value = http
+            .get(format!("{url}/_mapping"))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let properties = &mapping
+            .as_object()
+            .and_then(|indices| indices.values().next())
+            .expect("the index")["mappings"]["properties"];
+        assert_eq!(properties["sender"]["type"], "keyword", "{mapping}");
+        assert_eq!(properties["metadata"]["enabled"], false, "{mapping}");
+        assert_eq!(properties["edited_at"]["type"], "date", "{mapping}");
+    }
+    let written = MessageDocument {
+        application_id,
+        chat_number: chat,
+        number: Number::new(2).expect("positive"),
+        body: "written with a sender".to_owned(),
+        created_at: fixture_epoch(),
+        sender: Some(Sender::parse("u:2")?),
+        metadata: Some(Metadata::parse(&json!({"k": "v"}))?),
+        edited_at: None,
+        version: 1,
+    };
+    assert_eq!(
+        index
+            .bulk_index(&[written], Replacing::OlderVersions)
+            .await?,
+        [ItemOutcome::Done]
+    );
+    let request = |sender: Option<&str>| {
+        SearchRequest::parse(
+            SearchInput {
+                query: Some("written"),
+                sender,
+                sort: Some("oldest"),
+                ..SearchInput::default()
+            },
+            25,
+            100,
+        )
+    };
+    let found = |request: SearchRequest| {
+        let index = std::sync::Arc::clone(&index);
+        async move {
+            let hits = index.search(application_id, chat, &request).await?;
+            Ok::<_, anyhow::Error>(
+                hits.into_iter()
+                    .map(|hit| (hit.number.get(), hit.sender.map(|s| s.as_str().to_owned())))
+                    .collect::<Vec<_>>(),
+            )
+        }
+    };
+    eventually(
+        "both documents are searchable",
+        Duration::from_secs(60),
+        || async { Ok(found(request(None)?).await?.len() == 2) },
+    )
+    .await?;
+    assert_eq!(
+        found(request(None)?).await?,
+        [(1, None), (2, Some("u:2".to_owned()))]
+    );
+    assert_eq!(
+        found(request(Some("u:2"))?).await?,
+        [(2, Some("u:2".to_owned()))]
+    );
+    if let Some((http, url)) = old_index {
+        http.delete(url).send().await?.error_for_status()?;
+    }
+    Ok(())
+}
+
+/// The FTS5 migration that added the sender, metadata and edited_at.
+const SENDER_MIGRATION: i64 = 20261210000001;
+
+/// The index definition of the release before sender and metadata.
+fn previous_release_index() -> Value {
+    json!({
+        "settings": {"number_of_shards": 1, "number_of_replicas": 0},
+        "mappings": {
+            "dynamic": "strict",
+            "_routing": {"required": true},
+            "properties": {
+                "application_id": {"type": "long"},
+                "chat_number": {"type": "long"},
+                "chat": {"type": "keyword"},
+                "number": {"type": "long"},
+                "body": {
+                    "type": "text",
+                    "analyzer": "standard",
+                    "index_prefixes": {"min_chars": 2, "max_chars": 8},
+                },
+                "created_at": {"type": "date"},
+            },
+        },
+    })
 }

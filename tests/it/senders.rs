@@ -133,6 +133,15 @@ async fn senders_and_metadata_go_everywhere_a_message_goes(env: TestEnv) -> anyh
         (&json!("u42"), &json!({"k": [1, 2]}), &Value::Null),
         "{first:?}"
     );
+    // The indexer takes them from the events: a search by sender finds the message with both.
+    eventually("message 1 is found by its sender", WAIT, || async {
+        let found = client
+            .get(&format!("{messages}/search?query=hello&sender=u42"))
+            .await?;
+        Ok(found.body["messages"][0]["number"] == 1
+            && found.body["messages"][0]["metadata"] == json!({"k": [1, 2]}))
+    })
+    .await?;
     let second = client.get(&format!("{messages}/2")).await?;
     assert_eq!(
         (&second.body["sender"], &second.body["metadata"]),

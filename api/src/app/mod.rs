@@ -8,7 +8,7 @@ use chatcore::adapters::Adapters;
 use chatcore::changes::MessageChange;
 use chatcore::config::{ApiConfig, Config};
 use chatcore::domain::{
-    ChatTitle, MessageBody, Metadata, Number, PageRequest, SearchQuery, Sender, TokenDigest,
+    ChatTitle, MessageBody, Metadata, Number, PageRequest, SearchRequest, Sender, TokenDigest,
 };
 use chatcore::events::{Event, EventPayload, TraceContext};
 use chatcore::numbering::{NumberAllocator, Scope};
@@ -409,18 +409,18 @@ impl ChatService {
             .await?)
     }
 
-    /// Messages of one chat in which every word of the query matches a word or a word prefix.
+    /// Messages of one chat in which every word of the query matches a word or a word prefix,
+    /// kept to the request's filter, in its order.
     pub async fn search(
         &self,
         application_id: u64,
         chat_number: Number,
-        query: &SearchQuery,
-        page: PageRequest,
+        request: &SearchRequest,
     ) -> Result<Vec<MessageHit>, AppError> {
         self.require_chat(application_id, chat_number).await?;
         Ok(self
             .search
-            .search(application_id, chat_number, query, page)
+            .search(application_id, chat_number, request)
             .await?)
     }
 

@@ -1,9 +1,17 @@
 //! Search latency: one client, then several, on one chat; then at scale (a chat of 1,000,000
 //! messages, an application of 1,000 chats), their documents written straight into the index.
+//! On the chat of 1,000,000 a filtered search too (one sender, a time range, newest first), whose
+//! p99 is to stay within [`FILTERED_P99_GOAL`] of the unfiltered one's in the same run.
 
-use crate::load::{self, Load, scatter};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+
+use crate::load::{self, Load, ms, scatter};
 use crate::phases::deep_pages::DEEP_CHAT_MESSAGES;
-use crate::raw::{self, ChatRef};
+use crate::raw::{self, ChatRef, SEEDED_SENDERS, seeded_created_at, seeded_sender};
+use crate::report::met;
 use crate::{Bench, Target, api, application_id};
 
 /// Concurrent clients of the search phase.
@@ -11,11 +19,28 @@ const SEARCH_CLIENTS: usize = 8;
 /// The application of many chats whose search is measured: its chats, and the messages of each.
 const MANY_CHATS: usize = 1_000;
 const MANY_CHATS_MESSAGES: u64 = 100;
+/// The most a filtered search's p99 may be of the unfiltered one's on the same chat.
+const FILTERED_P99_GOAL: f64 = 1.5;
+
+/// The query parameters of a search beside its words.
+type SearchParameters = Vec<(&'static str, String)>;
+
+/// The p99 of a search with each number of concurrent clients.
+type P99s = Vec<(usize, Duration)>;
 
 impl Bench {
-    /// Search latency over `chats` (a query goes to one of them), one client at a time (the
-    /// service time) and with [`SEARCH_CLIENTS`] concurrent (two cores shared with everything).
-    pub async fn search(&mut self, token: &str, chats: &[u64], what: &str) -> anyhow::Result<()> {
+    /// Search latency over `chats` (a query goes to one of them, with `parameters`), one client
+    /// at a time (the service time) and with [`SEARCH_CLIENTS`] concurrent (two cores shared with
+    /// everything); returns the p99 of each.
+    pub async fn search(
+        &mut self,
+        token: &str,
+        chats: &[u64],
+        what: &str,
+        parameters: SearchParameters,
+    ) -> anyhow::Result<P99s> {
+        let parameters = Arc::new(parameters);
+        let mut p99s = Vec::new();
         for clients in [1, SEARCH_CLIENTS] {
             // One client measures latency, not throughput: a quarter of the queries suffice.
             let queries = if clients == 1 {
@@ -32,6 +57,7 @@ impl Bench {
                 })
                 .collect();
             let api = self.api.clone();
+            let parameters = Arc::clone(&parameters);
             let searching = load::run(
                 Load {
                     clients,
@@ -42,11 +68,13 @@ impl Bench {
                 move |sequence| {
                     let api = api.clone();
                     let url = urls[scatter(sequence, urls.len() as u64) as usize - 1].clone();
+                    let parameters = Arc::clone(&parameters);
                     async move {
                         let response = api
                             .http()
                             .get(&url)
                             .query(&[("query", api::query(sequence as usize))])
+                            .query(parameters.as_slice())
                             .send()
                             .await?;
                         anyhow::ensure!(
@@ -76,8 +104,29 @@ impl Bench {
             if clients > 1 {
                 self.report.cpu(&format!("search, {what}"), &cost);
             }
+            p99s.push((clients, searched.latencies.percentile(0.99)));
         }
-        Ok(())
+        Ok(p99s)
+    }
+
+    /// The rows of the filtered search's p99 against the unfiltered one's, with the goal.
+    fn filter_cost(&mut self, what: &str, unfiltered: &P99s, filtered: &P99s) {
+        for ((clients, plain), (_, filtered)) in unfiltered.iter().zip(filtered) {
+            let ratio = filtered.as_secs_f64() / plain.as_secs_f64();
+            eprintln!(
+                "bench: filtered search p99 {} against {} unfiltered ({clients} concurrent)",
+                ms(*filtered),
+                ms(*plain)
+            );
+            self.report.row(
+                format!("filtered / unfiltered search p99 ({clients} concurrent, {what})"),
+                format!("{} / {}", ms(*filtered), ms(*plain)),
+                format!(
+                    "{ratio:.2}; goal ≤ {FILTERED_P99_GOAL}: {}",
+                    met(ratio <= FILTERED_P99_GOAL)
+                ),
+            );
+        }
     }
 
     /// Search on the chat of 1,000,000 messages of the pagination phase and on an application of
@@ -100,15 +149,28 @@ impl Bench {
             eprintln!(
                 "bench: indexing the {messages} messages of the chat of the pagination phase"
             );
-            raw::seed_index(
+            let start = raw::seed_index(
                 &self.config,
                 self.api.http(),
                 &[storage.chat(chat)],
                 messages,
             )
             .await?;
-            self.search(&target.token, &[chat], &format!("chat of {messages}"))
+            let what = format!("chat of {messages}");
+            let unfiltered = self
+                .search(&target.token, &[chat], &what, Vec::new())
                 .await?;
+            let filtered = self
+                .search(
+                    &target.token,
+                    &[chat],
+                    &format!(
+                        "{what}, filtered: 1 sender of {SEEDED_SENDERS}, half the time, newest first"
+                    ),
+                    filtered_search(start, messages),
+                )
+                .await?;
+            self.filter_cost(&what, &unfiltered, &filtered);
         }
         let token = self.api.create_application().await?;
         let application_id = application_id(&storage.pool, &token).await?;
@@ -140,7 +202,66 @@ impl Bench {
             &token,
             &chats,
             &format!("a chat of an application of {MANY_CHATS} chats of {MANY_CHATS_MESSAGES}"),
+            Vec::new(),
         )
-        .await
+        .await?;
+        Ok(())
+    }
+}
+
+/// The filter of the filtered search on a seeded chat of `messages` whose seeding started at
+/// `start`: one sender of [`SEEDED_SENDERS`], the middle half of the chat's time, newest first
+/// (a twentieth of the chat).
+fn filtered_search(start: DateTime<Utc>, messages: u64) -> SearchParameters {
+    let time =
+        |number: u64| seeded_created_at(start, number).to_rfc3339_opts(SecondsFormat::Millis, true);
+    vec![
+        ("sender", seeded_sender(3)),
+        ("created_after", time(messages / 4)),
+        ("created_before", time(messages / 4 * 3)),
+        ("sort", "newest".to_owned()),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use chatcore::domain::{SearchInput, SearchRequest};
+
+    use super::*;
+
+    #[test]
+    fn the_filtered_search_keeps_a_twentieth_of_the_seeded_chat() {
+        let (start, messages) = (chatcore::store::now(), 1_000);
+        let filter = filtered_search(start, messages);
+        let value = |name: &str| {
+            filter
+                .iter()
+                .find(|(parameter, _)| *parameter == name)
+                .map(|(_, value)| value.as_str())
+        };
+        let request = SearchRequest::parse(
+            SearchInput {
+                query: Some("word"),
+                sender: value("sender"),
+                created_after: value("created_after"),
+                created_before: value("created_before"),
+                sort: value("sort"),
+                ..SearchInput::default()
+            },
+            25,
+            100,
+        )
+        .expect("the api takes the filter");
+        let created = request.filter.created;
+        let kept = (1..=messages)
+            .filter(|&number| {
+                let at = seeded_created_at(start, number);
+                Some(seeded_sender(number).as_str())
+                    == request.filter.sender.as_ref().map(|s| s.as_str())
+                    && created.after.is_none_or(|after| at >= after)
+                    && created.before.is_none_or(|before| at < before)
+            })
+            .count();
+        assert_eq!(kept as u64, messages / (2 * SEEDED_SENDERS));
     }
 }

@@ -32,7 +32,7 @@ use crate::api::{self, Api};
 use crate::load::{self, Latencies, Load};
 use crate::persisted::Leg;
 use crate::phases::posting::post_messages;
-use crate::report::{Measured, ratio};
+use crate::report::{Measured, met, ratio};
 use crate::{Bench, Target};
 
 const LATENCY_GOAL: Duration = Duration::from_secs(1);
@@ -443,8 +443,4 @@ async fn open_streams(api: &Api, token: &str, chats: &[u64]) -> anyhow::Result<J
         streams.spawn(async move { while let Ok(Some(_)) = response.chunk().await {} });
     }
     Ok(streams)
-}
-
-fn met(reached: bool) -> &'static str {
-    if reached { "met" } else { "**not met**" }
 }

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure};
 use chatcore::Config;
+use chrono::{DateTime, TimeDelta, Utc};
 use serde_json::{Value, json};
 
 use super::{ChatRef, batch_size};
@@ -19,6 +20,44 @@ const VISIBILITY_BOUND: Duration = Duration::from_secs(60);
 const RAW_BULK_CHAT: u64 = i64::MAX as u64;
 /// Documents a `_bulk` of the seeding carries.
 const SEEDING_BULK: usize = 5_000;
+/// The senders of seeded messages, in turn: one sender has one in this many of a chat.
+pub const SEEDED_SENDERS: u64 = 10;
+
+/// Who sent the documents of a bulk, and when.
+#[derive(Debug, Clone, Copy)]
+enum Origin {
+    /// As the api's messages of the bench: no sender, all at one time.
+    Posted(DateTime<Utc>),
+    /// Seeded: [`SEEDED_SENDERS`] senders in turn, message `n` created `n` seconds after the
+    /// start.
+    Seeded(DateTime<Utc>),
+}
+
+impl Origin {
+    fn sender(self, number: u64) -> Option<String> {
+        match self {
+            Self::Posted(_) => None,
+            Self::Seeded(_) => Some(seeded_sender(number)),
+        }
+    }
+
+    fn created_at(self, number: u64) -> DateTime<Utc> {
+        match self {
+            Self::Posted(at) => at,
+            Self::Seeded(start) => seeded_created_at(start, number),
+        }
+    }
+}
+
+/// The sender of the seeded message `number`.
+pub fn seeded_sender(number: u64) -> String {
+    format!("sender-{}", number % SEEDED_SENDERS)
+}
+
+/// When the seeded message `number` of a seeding that started at `start` was created.
+pub fn seeded_created_at(start: DateTime<Utc>, number: u64) -> DateTime<Utc> {
+    start + TimeDelta::seconds(number as i64)
+}
 
 /// The raw index leg: the documents the indexer writes for `count` created messages (the same
 /// `_id` scheme, routing, external version 1 and source), sent with `_bulk` in bulks of the
@@ -53,11 +92,11 @@ async fn bulk_into(
     chat: ChatRef,
     count: u64,
 ) -> anyhow::Result<Measured> {
-    let created_at = json!(chatcore::store::now());
+    let origin = Origin::Posted(chatcore::store::now());
     let numbers: Vec<u64> = (1..=count).collect();
     let bulks: Vec<String> = numbers
         .chunks(batch_size(config))
-        .map(|bulk| bulk_lines(chat, bulk, &created_at))
+        .map(|bulk| bulk_lines(chat, bulk, origin))
         .collect();
     let before = processes.sample();
     let started = Instant::now();
@@ -76,28 +115,33 @@ async fn bulk_into(
 
 /// Documents of `messages` created messages in each of `chats`, written straight into the
 /// stack's index (posting them through the api would be most of the run; only searching them is
-/// measured), in bulks of [`SEEDING_BULK`] documents, and refreshed.
+/// measured), in bulks of [`SEEDING_BULK`] documents, and refreshed. Their senders take turns and
+/// their creation times are a second apart ([`seeded_sender`], [`seeded_created_at`] from the
+/// start returned), so that filters on them select a known share.
 pub async fn seed_index(
     config: &Config,
     http: &reqwest::Client,
     chats: &[ChatRef],
     messages: u64,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<DateTime<Utc>> {
     let index = SearchIndex::new(config, http)?;
-    let created_at = json!(chatcore::store::now());
+    let start = chatcore::store::now() - TimeDelta::seconds(messages as i64);
     let numbers: Vec<u64> = (1..=messages).collect();
     for &chat in chats {
         for bulk in numbers.chunks(SEEDING_BULK) {
-            index.send_bulk(bulk_lines(chat, bulk, &created_at)).await?;
+            index
+                .send_bulk(bulk_lines(chat, bulk, Origin::Seeded(start)))
+                .await?;
         }
     }
-    index.refresh().await
+    index.refresh().await?;
+    Ok(start)
 }
 
 /// The `_bulk` lines of the documents the indexer writes for the created messages `numbers` of
 /// `chat` (the same `_id`, routing, external version 1 and source; the body the bench posts for
 /// the message).
-fn bulk_lines(chat: ChatRef, numbers: &[u64], created_at: &Value) -> String {
+fn bulk_lines(chat: ChatRef, numbers: &[u64], origin: Origin) -> String {
     let routing = chat.search_key();
     let mut lines = String::new();
     for &number in numbers {
@@ -113,7 +157,10 @@ fn bulk_lines(chat: ChatRef, numbers: &[u64], created_at: &Value) -> String {
             "chat": routing,
             "number": number,
             "body": body(number - 1),
-            "created_at": created_at,
+            "created_at": origin.created_at(number),
+            "sender": origin.sender(number),
+            "metadata": null,
+            "edited_at": null,
         });
         lines.push_str(&format!("{action}\n{source}\n"));
     }

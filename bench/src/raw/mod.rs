@@ -13,7 +13,7 @@ mod ingest;
 mod reads;
 
 pub use accept::{PUBLISHERS, REDIS_CLIENTS, confirmed_publish, redis_incr, sqlite_commits};
-pub use index::{bulk_leg, seed_index};
+pub use index::{SEEDED_SENDERS, bulk_leg, seed_index, seeded_created_at, seeded_sender};
 pub use ingest::{ingest_leg, queue_depth};
 pub use reads::{message_lookups, page_after, page_lookups};
 

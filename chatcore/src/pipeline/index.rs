@@ -9,8 +9,9 @@ use std::sync::Arc;
 use anyhow::anyhow;
 
 use super::consumer::{BatchHandler, HandleError, Received, purge_deleted_applications};
+use crate::domain::Number;
 use crate::events::EventPayload;
-use crate::search::{ItemOutcome, MessageDocument, SearchIndex};
+use crate::search::{ItemOutcome, MessageDocument, Replacing, SearchIndex};
 
 /// Writes batches of created and updated messages to the search index.
 pub struct Indexer {
@@ -24,23 +25,34 @@ impl Indexer {
 }
 
 fn document_of(payload: &EventPayload) -> Option<MessageDocument> {
-    // A created message is version 1; an update carries the version MySQL gave it.
-    let (application_id, chat_number, number, body, created_at, version) = match payload {
+    let document =
+        |application_id: &u64, chat_number: &Number, number: &Number, created_at| MessageDocument {
+            application_id: *application_id,
+            chat_number: *chat_number,
+            number: *number,
+            body: String::new(),
+            created_at,
+            sender: None,
+            metadata: None,
+            edited_at: None,
+            version: 1,
+        };
+    match payload {
         EventPayload::MessageCreated {
             application_id,
             chat_number,
             message_number,
             body,
             created_at,
-            ..
-        } => (
-            application_id,
-            chat_number,
-            message_number,
-            body.as_str(),
-            created_at,
-            1,
-        ),
+            sender,
+            metadata,
+        } => Some(MessageDocument {
+            body: body.clone(),
+            sender: sender.clone(),
+            metadata: metadata.clone(),
+            ..document(application_id, chat_number, message_number, *created_at)
+        }),
+        // An update carries the version the storage gave it.
         EventPayload::MessageUpdated {
             application_id,
             chat_number,
@@ -48,15 +60,18 @@ fn document_of(payload: &EventPayload) -> Option<MessageDocument> {
             body,
             version,
             created_at,
+            sender,
+            metadata,
+            edited_at,
             ..
-        } => (
-            application_id,
-            chat_number,
-            message_number,
-            body.as_str(),
-            created_at,
-            *version,
-        ),
+        } => Some(MessageDocument {
+            body: body.clone(),
+            sender: sender.clone(),
+            metadata: metadata.clone(),
+            edited_at: *edited_at,
+            version: *version,
+            ..document(application_id, chat_number, message_number, *created_at)
+        }),
         // A tombstone: no word matches its empty body, and its version keeps older writes out.
         EventPayload::MessageDeleted {
             application_id,
@@ -65,24 +80,12 @@ fn document_of(payload: &EventPayload) -> Option<MessageDocument> {
             version,
             created_at,
             ..
-        } => (
-            application_id,
-            chat_number,
-            message_number,
-            "",
-            created_at,
-            *version,
-        ),
-        EventPayload::ChatCreated { .. } | EventPayload::ApplicationDeleted { .. } => return None,
-    };
-    Some(MessageDocument {
-        application_id: *application_id,
-        chat_number: *chat_number,
-        number: *number,
-        body: body.to_owned(),
-        created_at: *created_at,
-        version,
-    })
+        } => Some(MessageDocument {
+            version: *version,
+            ..document(application_id, chat_number, message_number, *created_at)
+        }),
+        EventPayload::ChatCreated { .. } | EventPayload::ApplicationDeleted { .. } => None,
+    }
 }
 
 impl BatchHandler for Indexer {
@@ -95,7 +98,7 @@ impl BatchHandler for Indexer {
             .collect();
         let outcomes = self
             .index
-            .bulk_index(&documents)
+            .bulk_index(&documents, Replacing::OlderVersions)
             .await
             .map_err(HandleError::of)?;
         // Retrying the whole batch is safe: versions make the writes that succeeded no-ops.

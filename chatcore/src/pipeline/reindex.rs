@@ -2,13 +2,14 @@
 //! those updated lately (the reconciliation pass of counter-sync, which repairs a `PUT` whose event
 //! never reached the index). Safe while the system runs: every write carries the stored version,
 //! so the index keeps whichever is newer. Pages in (chat, number) order from a cursor, so an
-//! interrupted run resumes where it stopped.
+//! interrupted run resumes where it stopped. A document of the stored version is written again
+//! too, so a rebuild brings every document up to the release's fields (sender, metadata).
 
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::Number;
 use crate::retry::{self, Backoff, Stopped, Transient};
-use crate::search::{ItemOutcome, MessageDocument, SearchIndex};
+use crate::search::{ItemOutcome, MessageDocument, Replacing, SearchIndex};
 use crate::store::{MessageToIndex, ReindexCursor, ReindexScope, Storage};
 
 /// Messages read and written per round trip.
@@ -108,7 +109,11 @@ async fn write_page(search: &dyn SearchIndex, page: &[MessageToIndex]) -> Result
         .iter()
         .filter_map(|message| document_of(message).map(|document| (message, document)))
         .unzip();
-    let outcomes = search.bulk_index(&documents).await?;
+    // The stored row is the truth of its version: a document of the same version is written
+    // again, which fills in fields its indexer did not know (an index older than the release).
+    let outcomes = search
+        .bulk_index(&documents, Replacing::SameOrOlderVersions)
+        .await?;
     for (message, outcome) in messages.into_iter().zip(outcomes) {
         match outcome {
             ItemOutcome::Done => {}
@@ -133,6 +138,9 @@ fn document_of(message: &MessageToIndex) -> Option<MessageDocument> {
         number: Number::new(message.number)?,
         body: message.body.clone(),
         created_at: message.created_at,
+        sender: message.sender.clone(),
+        metadata: message.metadata.clone(),
+        edited_at: message.edited_at,
         version: message.version,
     })
 }

@@ -3,7 +3,9 @@
 //! which every query word matches a word, whole (ranked higher) or as a prefix, and every phrase
 //! in double quotes matches its words in a row; the terms are extracted here ([`query_terms`]),
 //! so no other character of a query is ever query syntax. Both mark where a hit matched the same
-//! way ([`Highlight`]).
+//! way ([`Highlight`]). A search may also keep to one sender and a range of creation times, and
+//! order its hits by relevance or by number ([`SearchRequest`]); both indexes give the same hits
+//! in the same order when ordered by number.
 
 mod elasticsearch;
 mod sqlite;
@@ -13,7 +15,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 
-use crate::domain::{Number, PageRequest, SearchQuery};
+use crate::domain::{Metadata, Number, SearchRequest, Sender};
 use crate::retry::Transient;
 
 pub use self::elasticsearch::ElasticsearchIndex;
@@ -31,8 +33,6 @@ pub const MIN_PREFIX_CHARS: usize = 2;
 pub fn matches_as_prefix(word: &str) -> bool {
     word.chars().count() >= MIN_PREFIX_CHARS
 }
-/// Elasticsearch's default `index.max_result_window`.
-pub const MAX_RESULT_WINDOW: u64 = 10_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SearchError {
@@ -76,8 +76,23 @@ pub struct MessageDocument {
     pub number: Number,
     pub body: String,
     pub created_at: DateTime<Utc>,
+    pub sender: Option<Sender>,
+    /// Kept and returned, never searched.
+    pub metadata: Option<Metadata>,
+    /// When the body was last edited; none until the first edit.
+    pub edited_at: Option<DateTime<Utc>>,
     /// External version: 1 when created, then the MySQL version of each update.
     pub version: u64,
+}
+
+/// Which documents of the same message a write replaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replacing {
+    /// Older versions only: a redelivered or late event never replaces what the index holds.
+    OlderVersions,
+    /// The same version too: a rebuild from the storage, whose row is the truth of its version,
+    /// also fills in the fields an older release did not index (sender, metadata).
+    SameOrOlderVersions,
 }
 
 /// A search hit, as the API returns it.
@@ -86,10 +101,17 @@ pub struct MessageHit {
     pub number: Number,
     pub body: String,
     pub created_at: DateTime<Utc>,
+    #[serde(default)]
+    pub sender: Option<Sender>,
+    #[serde(default)]
+    pub metadata: Option<Metadata>,
+    #[serde(default)]
+    pub edited_at: Option<DateTime<Utc>>,
     /// Where the body matched.
     #[serde(skip)]
     pub highlight: Highlight,
-    /// The relevance the hits are ranked by (the index's own measure); the next page's cursor.
+    /// The relevance the hits are ranked by (the index's own measure; 0 when sorted by number);
+    /// the next page's cursor.
     #[serde(skip)]
     pub score: f64,
 }
@@ -112,28 +134,30 @@ pub trait SearchIndex: Send + Sync {
 
     async fn ping(&self) -> Result<(), SearchError>;
 
-    /// Creates the index when it does not exist yet.
+    /// Creates the index when it does not exist yet, and gives an existing one the fields of
+    /// this release.
     async fn ensure_index(&self) -> Result<(), SearchError>;
 
-    /// Writes documents unless the index holds the same or a newer version of them; one outcome
-    /// per document, in order.
+    /// Writes documents unless the index holds a newer version of them (or the same version,
+    /// as `replacing` says); one outcome per document, in order.
     async fn bulk_index(
         &self,
         documents: &[MessageDocument],
+        replacing: Replacing,
     ) -> Result<Vec<ItemOutcome>, SearchError>;
 
     /// Removes every document of a deleted application; returns how many went.
     async fn purge_application(&self, application_id: u64) -> Result<u64, SearchError>;
 
-    /// Messages of one chat matching every word of the query as a word or a word prefix, best
-    /// match first, then by number. Returns up to `page.fetch_limit()` hits, from the start of
-    /// the page: its offset, or after the hit of its cursor.
+    /// Messages of one chat matching every word of the query as a word or a word prefix and
+    /// the filter, in the order of the sort (relevance: the best match first, then by number).
+    /// Returns up to `page.fetch_limit()` hits, from the start of the page: its offset, or after
+    /// the hit of its cursor.
     async fn search(
         &self,
         application_id: u64,
         chat_number: Number,
-        query: &SearchQuery,
-        page: PageRequest,
+        request: &SearchRequest,
     ) -> Result<Vec<MessageHit>, SearchError>;
 }
 

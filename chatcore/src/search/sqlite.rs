@@ -12,13 +12,15 @@ use std::path::Path;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sqlx::SqlitePool;
+use sqlx::{QueryBuilder, Sqlite, SqlitePool};
 
 use super::{
     Highlight, ItemOutcome, MATCH_END, MATCH_START, MessageDocument, MessageHit, QueryTerms,
-    SearchError, SearchIndex, matches_as_prefix, query_terms,
+    Replacing, SearchError, SearchIndex, matches_as_prefix, query_terms,
 };
-use crate::domain::{Number, PagePosition, PageRequest, SearchQuery};
+use crate::domain::{
+    Metadata, Number, PagePosition, SearchCursor, SearchRequest, SearchSort, Sender,
+};
 
 #[derive(Clone)]
 pub struct SqliteSearchIndex {
@@ -36,12 +38,26 @@ impl SqliteSearchIndex {
 /// Tokens of the body around the matches in a highlight (FTS5 allows 64 at most).
 const HIGHLIGHT_TOKENS: i64 = 24;
 
-/// The FTS5 expression: the chat's token, for each word the word itself or a word starting with
-/// it (the whole word counts twice in the ranking, like the boost of the Elasticsearch query),
-/// and each phrase. Query words hold only letters, digits, `_`, `'`, `.` and `,`, never a `"`, so
-/// quoting them makes every one a plain phrase (of the tokens FTS5 splits it into).
-fn match_expression(application_id: u64, chat_number: Number, terms: &QueryTerms) -> String {
+/// The FTS5 expression: the chat's token, the sender's (its bytes in hex, as the migration
+/// indexes it), for each word the word itself or a word starting with it (the whole word counts
+/// twice in the ranking, like the boost of the Elasticsearch query), and each phrase. Query words
+/// hold only letters, digits, `_`, `'`, `.` and `,`, never a `"`, so quoting them makes every one
+/// a plain phrase (of the tokens FTS5 splits it into).
+fn match_expression(
+    application_id: u64,
+    chat_number: Number,
+    sender: Option<&Sender>,
+    terms: &QueryTerms,
+) -> String {
     let mut expression = format!("chat : \"c{application_id}x{chat_number}\"");
+    if let Some(sender) = sender {
+        let token: String = sender
+            .as_str()
+            .bytes()
+            .map(|byte| format!("{byte:02x}"))
+            .collect();
+        expression.push_str(&format!(" AND sender : \"{token}\""));
+    }
     for word in &terms.words {
         if matches_as_prefix(word) {
             expression.push_str(&format!(" AND body : (\"{word}\" OR \"{word}\" *)"));
@@ -67,13 +83,14 @@ impl SearchIndex for SqliteSearchIndex {
     }
 
     async fn ensure_index(&self) -> Result<(), SearchError> {
-        // Created by the migrations when the file was opened.
+        // Created and migrated when the file was opened.
         Ok(())
     }
 
     async fn bulk_index(
         &self,
         documents: &[MessageDocument],
+        replacing: Replacing,
     ) -> Result<Vec<ItemOutcome>, SearchError> {
         if documents.is_empty() {
             return Ok(Vec::new());
@@ -82,19 +99,25 @@ impl SearchIndex for SqliteSearchIndex {
         for document in documents {
             // A document of a purged application is not written again (a late event of it).
             sqlx::query(
-                "INSERT INTO search_documents (application_id, chat_number, number, body, created_at, version) \
-                 SELECT ?1, ?2, ?3, ?4, ?5, ?6 \
+                "INSERT INTO search_documents \
+                 (application_id, chat_number, number, body, created_at, sender, metadata, edited_at, version) \
+                 SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9 \
                  WHERE NOT EXISTS (SELECT 1 FROM purged_applications WHERE application_id = ?1) \
                  ON CONFLICT (application_id, chat_number, number) DO UPDATE SET \
-                 body = excluded.body, created_at = excluded.created_at, version = excluded.version \
-                 WHERE excluded.version > version",
+                 body = excluded.body, created_at = excluded.created_at, sender = excluded.sender, \
+                 metadata = excluded.metadata, edited_at = excluded.edited_at, version = excluded.version \
+                 WHERE excluded.version > version OR (?10 AND excluded.version = version)",
             )
             .bind(document.application_id as i64)
             .bind(document.chat_number.get() as i64)
             .bind(document.number.get() as i64)
             .bind(&document.body)
             .bind(document.created_at)
+            .bind(document.sender.as_ref().map(Sender::as_str))
+            .bind(document.metadata.as_ref().map(Metadata::as_str))
+            .bind(document.edited_at)
             .bind(document.version as i64)
+            .bind(replacing == Replacing::SameOrOlderVersions)
             .execute(&mut *transaction)
             .await?;
         }
@@ -121,49 +144,112 @@ impl SearchIndex for SqliteSearchIndex {
         &self,
         application_id: u64,
         chat_number: Number,
-        query: &SearchQuery,
-        page: PageRequest,
+        request: &SearchRequest,
     ) -> Result<Vec<MessageHit>, SearchError> {
-        let terms = query_terms(query.as_str());
+        let terms = query_terms(request.query.as_str());
         if terms.is_empty() {
             return Ok(Vec::new());
         }
-        let expression = match_expression(application_id, chat_number, &terms);
-        // bm25 is lower for a better match: ascending; a cursor starts after its hit.
-        let (after_score, after_number) = match page.position {
-            PagePosition::AfterHit(cursor) => (cursor.score(), cursor.number as i64),
-            _ => (f64::NEG_INFINITY, 0),
-        };
-        let rows: Vec<(i64, i64, String, DateTime<Utc>, f64)> = sqlx::query_as(
-            "WITH hits AS (SELECT rowid, bm25(search_fts, 0.0, 1.0) AS score FROM search_fts \
-             WHERE search_fts MATCH ?) \
-             SELECT d.id, d.number, d.body, d.created_at, hits.score FROM hits JOIN search_documents d ON d.id = hits.rowid \
-             WHERE hits.score > ? OR (hits.score = ? AND d.number > ?) \
-             ORDER BY hits.score, d.number LIMIT ? OFFSET ?",
-        )
-        .bind(&expression)
-        .bind(after_score)
-        .bind(after_score)
-        .bind(after_number)
-        .bind(page.fetch_limit() as i64)
-        .bind(page.offset() as i64)
-        .fetch_all(&self.pool)
-        .await?;
+        let expression = match_expression(
+            application_id,
+            chat_number,
+            request.filter.sender.as_ref(),
+            &terms,
+        );
+        let mut query = hits_query(&expression, request);
+        let rows: Vec<HitRow> = query.build_query_as().fetch_all(&self.pool).await?;
         let mut highlights = self
-            .highlights(&expression, rows.iter().map(|row| row.0))
+            .highlights(&expression, rows.iter().map(|row| row.id))
             .await?;
         Ok(rows
             .into_iter()
-            .filter_map(|(id, number, body, created_at, score)| {
+            .filter_map(|row| {
                 Some(MessageHit {
-                    number: Number::new(u64::try_from(number).ok()?)?,
-                    body,
-                    created_at,
-                    highlight: highlights.remove(&id).unwrap_or_default(),
-                    score,
+                    number: Number::new(u64::try_from(row.number).ok()?)?,
+                    body: row.body,
+                    created_at: row.created_at,
+                    sender: row.sender,
+                    metadata: row.metadata,
+                    edited_at: row.edited_at,
+                    highlight: highlights.remove(&row.id).unwrap_or_default(),
+                    score: row.score,
                 })
             })
             .collect())
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct HitRow {
+    id: i64,
+    number: i64,
+    body: String,
+    created_at: DateTime<Utc>,
+    sender: Option<Sender>,
+    metadata: Option<Metadata>,
+    edited_at: Option<DateTime<Utc>>,
+    score: f64,
+}
+
+/// The page of hits of `request` matching `expression`. The creation times are compared as the
+/// documents store them (RFC 3339 text in UTC, to the millisecond), which orders as the times do.
+fn hits_query(expression: &str, request: &SearchRequest) -> QueryBuilder<Sqlite> {
+    // bm25 is lower for a better match: ascending. Sorted by number, nothing is ranked.
+    let score = match request.sort {
+        SearchSort::Relevance => "bm25(search_fts, 0.0, 1.0, 0.0)",
+        SearchSort::Newest | SearchSort::Oldest => "0.0",
+    };
+    let mut query = QueryBuilder::new(format!(
+        "WITH hits AS (SELECT rowid, {score} AS score FROM search_fts WHERE search_fts MATCH "
+    ));
+    query.push_bind(expression).push(
+        ") SELECT d.id, d.number, d.body, d.created_at, d.sender, d.metadata, d.edited_at, hits.score \
+         FROM hits JOIN search_documents d ON d.id = hits.rowid WHERE true",
+    );
+    if let Some(after) = request.filter.created.after {
+        query.push(" AND d.created_at >= ").push_bind(after);
+    }
+    if let Some(before) = request.filter.created.before {
+        query.push(" AND d.created_at < ").push_bind(before);
+    }
+    if let PagePosition::AfterHit(cursor) = request.page.position {
+        push_after(&mut query, cursor);
+    }
+    query.push(match request.sort {
+        SearchSort::Relevance => " ORDER BY hits.score, d.number",
+        SearchSort::Newest => " ORDER BY d.number DESC",
+        SearchSort::Oldest => " ORDER BY d.number",
+    });
+    let page = request.page;
+    query
+        .push(" LIMIT ")
+        .push_bind(page.fetch_limit() as i64)
+        .push(" OFFSET ")
+        .push_bind(page.offset() as i64);
+    query
+}
+
+/// The hits after the cursor's, in the order of its sort.
+fn push_after(query: &mut QueryBuilder<Sqlite>, cursor: SearchCursor) {
+    let number = cursor.number as i64;
+    match cursor.sort {
+        SearchSort::Relevance => {
+            let score = cursor.score();
+            query
+                .push(" AND (hits.score > ")
+                .push_bind(score)
+                .push(" OR (hits.score = ")
+                .push_bind(score)
+                .push(" AND d.number > ")
+                .push_bind(number)
+                .push("))");
+        }
+        SearchSort::Newest => {
+            query.push(" AND d.number < ").push_bind(number);
+        }
+        SearchSort::Oldest => {
+            query.push(" AND d.number > ").push_bind(number);
+        }
     }
 }
 
@@ -207,8 +293,13 @@ mod tests {
         let chat = Number::new(7).expect("positive");
         let terms = query_terms("Hello don't* a \"big World\"");
         assert_eq!(
-            match_expression(3, chat, &terms),
+            match_expression(3, chat, None, &terms),
             "chat : \"c3x7\" AND body : (\"hello\" OR \"hello\" *) AND body : (\"don't\" OR \"don't\" *) AND body : \"a\" AND body : \"big world\""
+        );
+        let sender = Sender::parse("u:1").expect("valid");
+        assert_eq!(
+            match_expression(3, chat, Some(&sender), &query_terms("hi")),
+            "chat : \"c3x7\" AND sender : \"753a31\" AND body : (\"hi\" OR \"hi\" *)"
         );
     }
 }

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use super::{ItemOutcome, MessageDocument, MessageHit, SearchError, SearchIndex};
-use crate::domain::{Number, PageRequest, SearchQuery};
+use super::{ItemOutcome, MessageDocument, MessageHit, Replacing, SearchError, SearchIndex};
+use crate::domain::{Number, SearchRequest};
 use crate::metrics::Metrics;
 
 pub struct TimedSearchIndex {
@@ -47,9 +47,10 @@ impl SearchIndex for TimedSearchIndex {
     async fn bulk_index(
         &self,
         documents: &[MessageDocument],
+        replacing: Replacing,
     ) -> Result<Vec<ItemOutcome>, SearchError> {
         // Not bounded, as the storage's batch write (see `TimedStorage::write_ingest_batch`).
-        let call = self.inner.bulk_index(documents);
+        let call = self.inner.bulk_index(documents, replacing);
         self.metrics.time(self.kind(), "bulk_index", call).await
     }
 
@@ -65,10 +66,9 @@ impl SearchIndex for TimedSearchIndex {
         &self,
         application_id: u64,
         chat_number: Number,
-        query: &SearchQuery,
-        page: PageRequest,
+        request: &SearchRequest,
     ) -> Result<Vec<MessageHit>, SearchError> {
-        let call = self.inner.search(application_id, chat_number, query, page);
+        let call = self.inner.search(application_id, chat_number, request);
         self.metrics
             .time_within(self.kind(), "search", self.limit, call)
             .await

@@ -10,11 +10,11 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use chatcore::domain::{
-    InvalidInput, MessageBody, Metadata, PageInput, PageRequest, SearchCursor, SearchQuery, Sender,
-    serialize_timestamp,
+    InvalidInput, MessageBody, Metadata, PageInput, SearchCursor, SearchInput, SearchRequest,
+    SearchSort, Sender, serialize_timestamp,
 };
 use chatcore::feed::MessageDetails;
-use chatcore::search::{MAX_RESULT_WINDOW, MessageHit};
+use chatcore::search::MessageHit;
 use chatcore::store::{MessageEdit, MessageRow, MetadataEdit};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -160,6 +160,8 @@ struct MessageHitView {
     body: String,
     #[serde(serialize_with = "serialize_timestamp")]
     created_at: DateTime<Utc>,
+    #[serde(flatten)]
+    details: MessageDetails,
     /// A fragment of the body (about 24 words) with each match in `<mark>`...`</mark>`, `…` where
     /// the body was cut; HTML-escaped otherwise, so it can be put into a page as it is.
     highlight: String,
@@ -171,12 +173,17 @@ impl From<MessageHit> for MessageHitView {
             number: hit.number.get(),
             body: hit.body,
             created_at: hit.created_at,
+            details: MessageDetails {
+                sender: hit.sender,
+                metadata: hit.metadata,
+                edited_at: hit.edited_at,
+            },
             highlight: hit.highlight.into_string(),
         }
     }
 }
 
-/// A page of search hits, best match first.
+/// A page of search hits in the order asked for (best match first by default).
 #[derive(Debug, Serialize, ToSchema)]
 struct SearchResults {
     messages: Vec<MessageHitView>,
@@ -199,7 +206,7 @@ struct MessageList {
     pagination: Pagination,
 }
 
-/// `?query=&page=&per_page=` of a search.
+/// `?query=&sender=&created_after=&created_before=&sort=&page=&per_page=&cursor=` of a search.
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 struct SearchParams {
@@ -207,6 +214,21 @@ struct SearchParams {
     /// in double quotes matches those whole words in a row. Other symbols are plain text.
     #[param(value_type = String, required = true, min_length = 1, max_length = 256)]
     query: Option<String>,
+    /// Only the messages of this sender (exactly).
+    #[param(value_type = Option<String>, min_length = 1, max_length = 128, pattern = "^[A-Za-z0-9._:@-]+$")]
+    sender: Option<String>,
+    /// Only the messages created at or after this time (RFC 3339, e.g. `2025-11-15T09:30:00Z`;
+    /// to the millisecond).
+    #[param(value_type = Option<String>, format = DateTime)]
+    created_after: Option<String>,
+    /// Only the messages created before this time (RFC 3339, to the millisecond; later than
+    /// `created_after`).
+    #[param(value_type = Option<String>, format = DateTime)]
+    created_before: Option<String>,
+    /// The order of the hits: `relevance` (the default: the best match first, then by number),
+    /// `newest` (the highest number first) or `oldest` (the lowest first).
+    #[param(value_type = Option<SearchSort>, inline)]
+    sort: Option<String>,
     /// Page, 1-based (default 1), as deep as result 1,000 (`page * per_page`).
     #[param(value_type = Option<u32>, minimum = 1, maximum = 1000)]
     page: Option<String>,
@@ -214,8 +236,33 @@ struct SearchParams {
     #[param(value_type = Option<u32>, minimum = 1, maximum = 100)]
     per_page: Option<String>,
     /// The `next_cursor` of the previous page (opaque): the next page, at a cost that does not
-    /// depend on how deep it is. Cannot be combined with `page`.
+    /// depend on how deep it is. Only with the `sort` it was handed out for; cannot be combined
+    /// with `page`.
     cursor: Option<String>,
+}
+
+impl SearchParams {
+    fn parse(&self, state: &AppState) -> Result<SearchRequest, ApiError> {
+        let settings = state.settings();
+        SearchRequest::parse(
+            SearchInput {
+                query: self.query.as_deref(),
+                sender: self.sender.as_deref(),
+                created_after: self.created_after.as_deref(),
+                created_before: self.created_before.as_deref(),
+                sort: self.sort.as_deref(),
+                page: PageInput {
+                    page: self.page.as_deref(),
+                    per_page: self.per_page.as_deref(),
+                    cursor: self.cursor.as_deref(),
+                    ..PageInput::default()
+                },
+            },
+            settings.default_page_size,
+            settings.max_page_size,
+        )
+        .map_err(ApiError::bad_parameter)
+    }
 }
 
 /// Accepts a message: 202 with its number once the event is durable; written and indexed a moment later.
@@ -330,7 +377,9 @@ async fn update(
 }
 
 /// Searches the messages of one chat: every word must match a word or a word prefix, and every
-/// phrase in double quotes its words in a row. Each hit carries a highlighted fragment.
+/// phrase in double quotes its words in a row; optionally only one sender's messages, or those
+/// created in a time range. Hits come best match first, or newest or oldest first (`sort`). Each
+/// hit carries a highlighted fragment.
 #[utoipa::path(get, path = "/chats/{chat_number}/messages/search", tag = "messages", operation_id = "search_messages",
     security(("application_token" = [])),
     params(("chat_number" = u64, Path, minimum = 1, description = "chat number within the application"), SearchParams),
@@ -342,37 +391,15 @@ async fn search(
     QueryParams(params): QueryParams<SearchParams>,
 ) -> Result<Json<SearchResults>, ApiError> {
     let chat_number = parse_number("chat_number", &chat_number)?;
-    let query = params
-        .query
-        .as_deref()
-        .ok_or_else(|| InvalidInput::new("query", "is required"))
-        .and_then(SearchQuery::parse)
-        .map_err(ApiError::bad_parameter)?;
-    let settings = state.settings();
-    let page = PageRequest::parse(
-        PageInput {
-            page: params.page.as_deref(),
-            per_page: params.per_page.as_deref(),
-            cursor: params.cursor.as_deref(),
-            ..PageInput::default()
-        },
-        settings.default_page_size,
-        settings.max_page_size,
-    )
-    .map_err(ApiError::bad_parameter)?;
-    if page.offset() + page.fetch_limit() > MAX_RESULT_WINDOW {
-        return Err(ApiError::bad_parameter(InvalidInput::new(
-            "page",
-            format!("search results are available up to result {MAX_RESULT_WINDOW}"),
-        )));
-    }
+    let request = params.parse(&state)?;
     let hits = state
         .service()
-        .search(tenant.application_id, chat_number, &query, page)
+        .search(tenant.application_id, chat_number, &request)
         .await?;
+    let (page, sort) = (request.page, request.sort);
     let last_hit = hits
         .get(page.per_page as usize - 1)
-        .map(|hit| SearchCursor::new(hit.score, hit.number.get()));
+        .map(|hit| SearchCursor::new(sort, hit.score, hit.number.get()));
     let (hits, pagination) = paginate(hits, page, |hit| hit.number.get());
     let pagination = pagination.with_next_cursor(last_hit);
     Ok(Json(SearchResults {

@@ -3,6 +3,7 @@
 
 use serde_json::{Value, json};
 
+use crate::domain::{SearchCursor, SearchFilter, SearchSort};
 use crate::search::{MATCH_END, MATCH_START, MIN_PREFIX_CHARS, QueryTerms, matches_as_prefix};
 
 /// Word prefixes of these lengths are indexed as their own terms; shorter and longer prefixes
@@ -23,26 +24,38 @@ pub(super) fn index_definition(replicas: u32) -> Value {
         "mappings": {
             "dynamic": "strict",
             "_routing": {"required": true},
-            "properties": {
-                "application_id": {"type": "long"},
-                "chat_number": {"type": "long"},
-                "chat": {"type": "keyword"},
-                "number": {"type": "long"},
-                "body": {
-                    "type": "text",
-                    "analyzer": "standard",
-                    "index_prefixes": {"min_chars": MIN_INDEXED_PREFIX_CHARS, "max_chars": MAX_INDEXED_PREFIX_CHARS},
-                },
-                "created_at": {"type": "date"},
-            },
+            "properties": mapping_properties(),
         },
+    })
+}
+
+/// The fields of a document. Put onto an existing index as they are ([`ensure_index`]): fields
+/// may be added to a mapping, never changed, so a field once released keeps its definition.
+///
+/// [`ensure_index`]: crate::search::SearchIndex::ensure_index
+pub(super) fn mapping_properties() -> Value {
+    json!({
+        "application_id": {"type": "long"},
+        "chat_number": {"type": "long"},
+        "chat": {"type": "keyword"},
+        "number": {"type": "long"},
+        "body": {
+            "type": "text",
+            "analyzer": "standard",
+            "index_prefixes": {"min_chars": MIN_INDEXED_PREFIX_CHARS, "max_chars": MAX_INDEXED_PREFIX_CHARS},
+        },
+        "created_at": {"type": "date"},
+        "sender": {"type": "keyword"},
+        // Returned with a hit, never searched: any object goes, its keys are not mapped.
+        "metadata": {"type": "object", "enabled": false},
+        "edited_at": {"type": "date"},
     })
 }
 
 /// Every word of the query must match a word of the body, whole (scored higher) or as a prefix,
 /// and every phrase its words in a row. Terms are extracted by [`query_terms`], so no character
 /// of the query is ever parsed as query syntax.
-pub(super) fn query_definition(routing: &str, terms: &QueryTerms) -> Value {
+pub(super) fn query_definition(routing: &str, terms: &QueryTerms, filter: &SearchFilter) -> Value {
     let words = terms.words.iter().map(|word| {
         let whole = json!({"term": {"body": {"value": word, "boost": 2.0}}});
         if !matches_as_prefix(word) {
@@ -59,9 +72,45 @@ pub(super) fn query_definition(routing: &str, terms: &QueryTerms) -> Value {
         .chain(terms.phrases.iter().map(|phrase| phrase_query(phrase)))
         .collect();
     json!({"bool": {
-        "filter": [{"term": {"chat": routing}}],
+        "filter": filter_clauses(routing, filter),
         "must": if must.is_empty() { vec![json!({"match_none": {}})] } else { must },
     }})
+}
+
+/// The chat, and the sender and creation times the search keeps to (not scored).
+fn filter_clauses(routing: &str, filter: &SearchFilter) -> Vec<Value> {
+    let mut clauses = vec![json!({"term": {"chat": routing}})];
+    if let Some(sender) = &filter.sender {
+        clauses.push(json!({"term": {"sender": sender.as_str()}}));
+    }
+    let mut created = serde_json::Map::new();
+    if let Some(after) = filter.created.after {
+        created.insert("gte".to_owned(), json!(after));
+    }
+    if let Some(before) = filter.created.before {
+        created.insert("lt".to_owned(), json!(before));
+    }
+    if !created.is_empty() {
+        clauses.push(json!({"range": {"created_at": created}}));
+    }
+    clauses
+}
+
+/// The sort of the hits; [`search_after`] is the position in it.
+pub(super) fn sort_definition(sort: SearchSort) -> Value {
+    match sort {
+        SearchSort::Relevance => json!([{"_score": "desc"}, {"number": "asc"}]),
+        SearchSort::Newest => json!([{"number": "desc"}]),
+        SearchSort::Oldest => json!([{"number": "asc"}]),
+    }
+}
+
+/// The values of [`sort_definition`] of the hit a cursor points at.
+pub(super) fn search_after(cursor: SearchCursor) -> Value {
+    match cursor.sort {
+        SearchSort::Relevance => json!([cursor.score(), cursor.number]),
+        SearchSort::Newest | SearchSort::Oldest => json!([cursor.number]),
+    }
 }
 
 fn phrase_query(phrase: &[String]) -> Value {
@@ -155,14 +204,39 @@ fn word_spans(text: &str) -> Vec<(usize, usize)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::SearchQuery;
+    use crate::domain::{CreatedRange, SearchQuery, Sender};
     use crate::search::query_terms;
 
     #[test]
     fn a_query_without_words_matches_nothing() {
         let query = SearchQuery::parse("!!!").expect("non-blank");
-        let definition = query_definition("1:1", &query_terms(query.as_str()));
+        let definition = query_definition(
+            "1:1",
+            &query_terms(query.as_str()),
+            &SearchFilter::default(),
+        );
         assert_eq!(definition["bool"]["must"][0], json!({"match_none": {}}));
+        assert_eq!(
+            definition["bool"]["filter"],
+            json!([{"term": {"chat": "1:1"}}])
+        );
+    }
+
+    #[test]
+    fn filters_keep_to_the_sender_and_the_creation_times() {
+        let created = CreatedRange::parse(Some("2025-11-15T00:00:00Z"), None).expect("valid");
+        let filter = SearchFilter {
+            sender: Some(Sender::parse("u1").expect("valid")),
+            created,
+        };
+        assert_eq!(
+            filter_clauses("1:1", &filter),
+            [
+                json!({"term": {"chat": "1:1"}}),
+                json!({"term": {"sender": "u1"}}),
+                json!({"range": {"created_at": {"gte": "2025-11-15T00:00:00Z"}}}),
+            ]
+        );
     }
 
     #[test]

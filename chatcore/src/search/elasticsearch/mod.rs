@@ -11,19 +11,23 @@ use elasticsearch::cert::{Certificate, CertificateValidation};
 use elasticsearch::http::response::Response;
 use elasticsearch::http::transport::{SingleNodeConnectionPool, TransportBuilder};
 use elasticsearch::http::{StatusCode, Url};
-use elasticsearch::indices::{IndicesCreateParts, IndicesExistsParts};
+use elasticsearch::indices::{IndicesCreateParts, IndicesExistsParts, IndicesPutMappingParts};
 use elasticsearch::{BulkParts, Elasticsearch, SearchParts};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{
-    Highlight, ItemOutcome, MessageDocument, MessageHit, SearchError, SearchIndex, query_terms,
+    Highlight, ItemOutcome, MessageDocument, MessageHit, Replacing, SearchError, SearchIndex,
+    query_terms,
 };
 mod dsl;
 
 use crate::config::SecretUrl;
-use crate::domain::{Number, PagePosition, PageRequest, SearchQuery};
-use dsl::{fragment_around_first_match, highlight_definition, index_definition, query_definition};
+use crate::domain::{Number, PagePosition, SearchRequest, SearchSort};
+use dsl::{
+    fragment_around_first_match, highlight_definition, index_definition, mapping_properties,
+    query_definition, search_after, sort_definition,
+};
 
 /// The server-side time limit of a search unless set otherwise (the api's default).
 const DEFAULT_SEARCH_TIMEOUT: Duration = Duration::from_secs(2);
@@ -32,7 +36,8 @@ const DEFAULT_SEARCH_TIMEOUT: Duration = Duration::from_secs(2);
 /// every time, so a batch of the largest events (255 of 258 KB) sent whole was retried forever;
 /// Elasticsearch advises bulks of a few megabytes.
 const MAX_BULK_REQUEST_BYTES: usize = 8 * 1024 * 1024;
-/// What a document's `_bulk` lines take beside its body (action, ids, numbers, date).
+/// What a document's `_bulk` lines take beside its body and metadata (action, ids, numbers,
+/// dates, sender).
 const BULK_DOCUMENT_OVERHEAD_BYTES: usize = 512;
 /// Documents one page of a purge finds and deletes (one search, one bulk request).
 const PURGE_PAGE_DOCUMENTS: u32 = 1_000;
@@ -103,10 +108,15 @@ impl ElasticsearchIndex {
     async fn bulk_request(
         &self,
         documents: &[MessageDocument],
+        replacing: Replacing,
     ) -> Result<Vec<ItemOutcome>, SearchError> {
         if documents.is_empty() {
             return Ok(Vec::new());
         }
+        let version_type = match replacing {
+            Replacing::OlderVersions => "external",
+            Replacing::SameOrOlderVersions => "external_gte",
+        };
         let mut lines: Vec<elasticsearch::http::request::JsonBody<Value>> =
             Vec::with_capacity(documents.len() * 2);
         for document in documents {
@@ -116,7 +126,7 @@ impl ElasticsearchIndex {
                     "_id": format!("{routing}:{}", document.number),
                     "routing": routing,
                     "version": document.version,
-                    "version_type": "external",
+                    "version_type": version_type,
                 }})
                 .into(),
             );
@@ -128,6 +138,9 @@ impl ElasticsearchIndex {
                     "number": document.number,
                     "body": document.body,
                     "created_at": document.created_at,
+                    "sender": document.sender,
+                    "metadata": document.metadata,
+                    "edited_at": document.edited_at,
                 })
                 .into(),
             );
@@ -197,39 +210,51 @@ impl SearchIndex for ElasticsearchIndex {
             .exists(IndicesExistsParts::Index(&[&self.index]))
             .send()
             .await?;
-        if exists.status_code().is_success() {
-            return Ok(());
+        if !exists.status_code().is_success() {
+            let response = self
+                .client
+                .indices()
+                .create(IndicesCreateParts::Index(&self.index))
+                .body(index_definition(self.replicas))
+                .send()
+                .await?;
+            let status = response.status_code();
+            if status.is_success() {
+                tracing::info!(index = %self.index, "created search index");
+                return Ok(());
+            }
+            let body = response.text().await.unwrap_or_default();
+            // Another process created it meanwhile, maybe an older release: mapped below.
+            if !body.contains("resource_already_exists_exception") {
+                return Err(SearchError::Status {
+                    status: status.as_u16(),
+                    body,
+                });
+            }
         }
+        // An index of an earlier release gets the fields added since (a no-op when it has them),
+        // before any document of this release, which has them, is written to it.
         let response = self
             .client
             .indices()
-            .create(IndicesCreateParts::Index(&self.index))
-            .body(index_definition(self.replicas))
+            .put_mapping(IndicesPutMappingParts::Index(&[&self.index]))
+            .body(json!({"properties": mapping_properties()}))
             .send()
             .await?;
-        let status = response.status_code();
-        if status.is_success() {
-            tracing::info!(index = %self.index, "created search index");
-            return Ok(());
-        }
-        let body = response.text().await.unwrap_or_default();
-        if body.contains("resource_already_exists_exception") {
-            return Ok(());
-        }
-        Err(SearchError::Status {
-            status: status.as_u16(),
-            body,
-        })
+        success_or_error(response).await?;
+        tracing::info!(index = %self.index, "search index mapping up to date");
+        Ok(())
     }
 
     /// One `_bulk` request per [`bulk_requests`] chunk, one after the other.
     async fn bulk_index(
         &self,
         documents: &[MessageDocument],
+        replacing: Replacing,
     ) -> Result<Vec<ItemOutcome>, SearchError> {
         let mut outcomes = Vec::with_capacity(documents.len());
         for chunk in bulk_requests(documents) {
-            outcomes.extend(self.bulk_request(chunk).await?);
+            outcomes.extend(self.bulk_request(chunk, replacing).await?);
         }
         Ok(outcomes)
     }
@@ -284,24 +309,25 @@ impl SearchIndex for ElasticsearchIndex {
         &self,
         application_id: u64,
         chat_number: Number,
-        query: &SearchQuery,
-        page: PageRequest,
+        request: &SearchRequest,
     ) -> Result<Vec<MessageHit>, SearchError> {
         let routing = chat_key(application_id, chat_number);
-        let terms = query_terms(query.as_str());
+        let terms = query_terms(request.query.as_str());
+        let page = request.page;
         let mut body = json!({
             "from": page.offset(),
             "size": page.fetch_limit(),
             "track_total_hits": false,
-            "_source": ["number", "body", "created_at"],
-            "query": query_definition(&routing, &terms),
-            "sort": [{"_score": "desc"}, {"number": "asc"}],
+            "_source": ["number", "body", "created_at", "sender", "metadata", "edited_at"],
+            "query": query_definition(&routing, &terms, &request.filter),
+            "sort": sort_definition(request.sort),
             "timeout": format!("{}ms", self.search_timeout.as_millis()),
             "highlight": highlight_definition(&terms),
         });
         if let PagePosition::AfterHit(cursor) = page.position {
-            body["search_after"] = json!([cursor.score(), cursor.number]);
+            body["search_after"] = search_after(cursor);
         }
+        let ranked = request.sort == SearchSort::Relevance;
         let response = self
             .client
             .search(SearchParts::Index(&[&self.index]))
@@ -326,8 +352,10 @@ impl SearchIndex for ElasticsearchIndex {
                     .and_then(|mut fields| fields.body.pop())
                     .unwrap_or_else(|| hit.source.body.clone());
                 let highlight = Highlight::from_marked(&fragment_around_first_match(&marked));
+                // Sorted by number, the hits carry no score.
+                let score = hit.sort.first().copied().filter(|_| ranked);
                 MessageHit {
-                    score: hit.sort.0,
+                    score: score.unwrap_or_default(),
                     highlight,
                     ..hit.source
                 }
@@ -350,7 +378,12 @@ impl SearchIndex for ElasticsearchIndex {
 /// document each), estimating a body at its worst JSON escaping (6 bytes a character).
 fn bulk_requests(documents: &[MessageDocument]) -> impl Iterator<Item = &[MessageDocument]> {
     crate::chunks::bounded_by_bytes(documents, MAX_BULK_REQUEST_BYTES, |document| {
-        document.body.len() * 6 + BULK_DOCUMENT_OVERHEAD_BYTES
+        document.body.len() * 6
+            + document
+                .metadata
+                .as_ref()
+                .map_or(0, |metadata| metadata.as_str().len())
+            + BULK_DOCUMENT_OVERHEAD_BYTES
     })
 }
 
@@ -441,8 +474,8 @@ struct SearchHits {
 struct SearchHit {
     #[serde(rename = "_source")]
     source: MessageHit,
-    /// The score and the number the hits are sorted by.
-    sort: (f64, u64),
+    /// The values the hits are sorted by ([`sort_definition`]): the score first when ranked.
+    sort: Vec<f64>,
     #[serde(default)]
     highlight: Option<HighlightedFields>,
 }
@@ -465,6 +498,9 @@ mod tests {
                 number: Number::new(number).expect("positive"),
                 body: "\u{1}".repeat(body_chars),
                 created_at: crate::store::now(),
+                sender: None,
+                metadata: None,
+                edited_at: None,
                 version: 1,
             })
             .collect()
