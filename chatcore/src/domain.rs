@@ -672,7 +672,10 @@ mod tests {
 
     #[test]
     fn titles_are_trimmed_and_bounded() {
-        assert_eq!(ChatTitle::parse(" Team ").map(|t| t.0), Ok("Team".to_owned()));
+        assert_eq!(
+            ChatTitle::parse(" Team ").map(|t| t.0),
+            Ok("Team".to_owned())
+        );
         assert!(ChatTitle::parse("  ").is_err());
         assert!(ChatTitle::parse(&"é".repeat(256)).is_err());
     }

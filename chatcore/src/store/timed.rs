@@ -9,9 +9,8 @@ use chrono::{DateTime, Utc};
 
 use super::{
     ApplicationChangeRow, ApplicationRow, ChangeRow, ChangeSelection, ChatRow, ClientKeyRow,
-    CountFigures,
-    CountLevel, CreatedSequences, IngestBatch, MessageRow, MessageToIndex, ReindexCursor,
-    ReindexScope, Reservation, Storage, StorageError, TokenGrant,
+    CountFigures, CountLevel, CreatedSequences, IngestBatch, MessageRow, MessageToIndex,
+    ReindexCursor, ReindexScope, Reservation, Storage, StorageError, TokenGrant,
 };
 use crate::domain::{
     ApplicationName, ApplicationToken, ClientKeyId, MessageBody, Number, PageRequest, TokenDigest,

@@ -22,6 +22,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::{Accepted, parse_number};
+use crate::app::client_tokens::Access;
 use crate::http::error::{ApiError, ErrorBody};
 use crate::http::extract::{
     ClientAddress, JsonBody, PathParams, QueryParams, RequestTrace, Tenant,
@@ -156,7 +157,7 @@ async fn create(
     let number = state
         .service_handle()
         .accept_message(
-            tenant.application_id,
+            tenant.authorize(Access::Write, chat_number)?,
             chat_number,
             body,
             idempotency_key,
@@ -181,7 +182,11 @@ async fn list(
     let page = params.parse(&state)?;
     let rows = state
         .service()
-        .list_messages(tenant.application_id, chat_number, page)
+        .list_messages(
+            tenant.authorize(Access::Read, chat_number)?,
+            chat_number,
+            page,
+        )
         .await?;
     let (rows, pagination) = paginate(rows, page, |row| row.number);
     Ok(Json(MessageList {
@@ -204,7 +209,11 @@ async fn show(
     let number = parse_number("number", &number)?;
     let row = state
         .service()
-        .find_message(tenant.application_id, chat_number, number)
+        .find_message(
+            tenant.authorize(Access::Read, chat_number)?,
+            chat_number,
+            number,
+        )
         .await?;
     Ok(Json(row.into()))
 }
@@ -229,7 +238,13 @@ async fn update(
     let body = input.body()?;
     let row = state
         .service()
-        .update_message(tenant.application_id, chat_number, number, &body, &trace)
+        .update_message(
+            tenant.authorize(Access::Write, chat_number)?,
+            chat_number,
+            number,
+            &body,
+            &trace,
+        )
         .await?;
     Ok(Json(UpdatedMessageView {
         number: row.number,
@@ -277,7 +292,12 @@ async fn search(
     }
     let hits = state
         .service()
-        .search(tenant.application_id, chat_number, &query, page)
+        .search(
+            tenant.authorize(Access::Read, chat_number)?,
+            chat_number,
+            &query,
+            page,
+        )
         .await?;
     let last_hit = hits
         .get(page.per_page as usize - 1)
@@ -309,7 +329,12 @@ async fn delete(
     let number = parse_number("number", &number)?;
     state
         .service()
-        .delete_message(tenant.application_id, chat_number, number, &trace)
+        .delete_message(
+            tenant.authorize(Access::Write, chat_number)?,
+            chat_number,
+            number,
+            &trace,
+        )
         .await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -359,7 +384,7 @@ async fn stream(
     };
     let chat = state
         .service()
-        .stream_target(tenant.application_id, chat_number)
+        .stream_target(tenant.authorize(Access::Read, chat_number)?, chat_number)
         .await?;
     let subscription = state.live.open(chat, client.0).await?;
     Ok(state
