@@ -207,6 +207,7 @@ mod tests {
                 sender: sender("u42"),
                 chats,
                 scopes: scopes.iter().copied().collect(),
+                issued_at: chrono::Utc::now(),
                 expires_at: chrono::Utc::now(),
             }),
         )

@@ -27,6 +27,8 @@ pub const OPENAPI_PATH: &str = "/api/v1/openapi.json";
     ),
     // Relative: the paths carry `/api/v1`, so the origin that serves this document serves them.
     servers((url = "/", description = "the origin that serves this document")),
+    // The `data:` of each event of a stream, whose body is text (`text/event-stream`).
+    components(schemas(super::live::StreamedMessage)),
     modifiers(&AccessControl),
     tags(
         (name = "applications", description = "created and renamed synchronously; the routes without a token in the path take it in `Authorization: Bearer` (recommended: a URL is recorded by access logs, proxies and browsers); the `/applications/{token}/...` forms are the reference contract's, kept as legacy; listing applications and revoking tokens need the admin token; client tokens, minted by the application for its end users, open chat routes only"),

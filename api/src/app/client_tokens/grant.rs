@@ -66,6 +66,7 @@ pub struct ClientGrant {
     pub sender: Sender,
     pub chats: ChatSelection,
     pub scopes: BTreeSet<Access>,
+    pub issued_at: DateTime<Utc>,
     pub expires_at: DateTime<Utc>,
 }
 
@@ -191,6 +192,7 @@ mod tests {
             sender: sender(),
             chats: ChatSelection::listed(&[1]).expect("chats"),
             scopes: [Access::Read].into(),
+            issued_at: Utc::now(),
             expires_at: Utc::now(),
         };
         assert!(grant.allows(Access::Read, Some(one)));

@@ -7,7 +7,7 @@
 use std::collections::BTreeSet;
 
 use chatcore::domain::{ClientKeyId, Number, Sender};
-use chrono::{DateTime, Utc};
+use chrono::DateTime;
 use hmac::{Hmac, Mac as _};
 use jsonwebtoken::crypto::{CryptoProvider, JwtSigner, JwtVerifier, KeyUtils};
 use jsonwebtoken::errors::ErrorKind;
@@ -126,12 +126,7 @@ impl TokenSigner {
             .into()
     }
 
-    pub(super) fn sign(
-        &self,
-        grant: &ClientGrant,
-        key_id: &ClientKeyId,
-        issued_at: DateTime<Utc>,
-    ) -> anyhow::Result<String> {
+    pub(super) fn sign(&self, grant: &ClientGrant, key_id: &ClientKeyId) -> anyhow::Result<String> {
         let claims = Claims {
             app: grant.application_id,
             sender: grant.sender.as_str().to_owned(),
@@ -142,7 +137,7 @@ impl TokenSigner {
                 }
             },
             scopes: grant.scopes.clone(),
-            iat: issued_at.timestamp(),
+            iat: grant.issued_at.timestamp(),
             exp: grant.expires_at.timestamp(),
         };
         let header = Header {
@@ -179,6 +174,7 @@ impl TokenSigner {
             sender: Sender::parse(&claims.sender).ok()?,
             chats,
             scopes: claims.scopes,
+            issued_at: DateTime::from_timestamp(claims.iat, 0)?,
             expires_at: DateTime::from_timestamp(claims.exp, 0)?,
         };
         Some((grant, ClientKeyId::from_stored(key_id)))
@@ -189,6 +185,7 @@ impl TokenSigner {
 mod tests {
     use base64::Engine as _;
     use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use chrono::Utc;
 
     use super::*;
 
@@ -198,6 +195,7 @@ mod tests {
             sender: Sender::parse("u42").expect("sender"),
             chats: ChatSelection::Listed([1, 2].into_iter().filter_map(Number::new).collect()),
             scopes: [Access::Read].into(),
+            issued_at: Utc::now(),
             expires_at: Utc::now() + chrono::Duration::seconds(expires_in),
         }
     }
@@ -206,9 +204,7 @@ mod tests {
     fn a_token_carries_its_grant_and_key_id() {
         let signer = TokenSigner::new(b"an operator secret of enough length");
         let key_id = ClientKeyId::generate();
-        let token = signer
-            .sign(&grant(60), &key_id, Utc::now())
-            .expect("signed");
+        let token = signer.sign(&grant(60), &key_id).expect("signed");
         let (verified, verified_key) = signer.verify(&token).expect("valid");
         assert_eq!(verified_key, key_id);
         assert_eq!(verified.application_id, 7);
@@ -228,14 +224,10 @@ mod tests {
     fn expired_tampered_foreign_or_unsigned_tokens_are_refused() {
         let signer = TokenSigner::new(b"an operator secret of enough length");
         let key_id = ClientKeyId::generate();
-        let expired = signer
-            .sign(&grant(-1), &key_id, Utc::now())
-            .expect("signed");
+        let expired = signer.sign(&grant(-1), &key_id).expect("signed");
         assert!(signer.verify(&expired).is_none(), "expired");
 
-        let token = signer
-            .sign(&grant(60), &key_id, Utc::now())
-            .expect("signed");
+        let token = signer.sign(&grant(60), &key_id).expect("signed");
         let mut parts: Vec<String> = token.split('.').map(str::to_owned).collect();
         let mut claims: serde_json::Value =
             serde_json::from_slice(&URL_SAFE_NO_PAD.decode(&parts[1]).expect("b64")).expect("json");

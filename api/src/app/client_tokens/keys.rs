@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use chatcore::store::{ClientKeyRow, Storage, StorageError};
-use chrono::Utc;
+use chrono::{DateTime, SubsecRound as _, Utc};
 use quick_cache::sync::Cache;
 use tokio_util::sync::CancellationToken;
 
@@ -24,7 +24,7 @@ const CHANGE_OVERLAP: Duration = Duration::from_secs(10);
 #[derive(Clone)]
 struct KnownKey {
     key_id: Option<String>,
-    changed_at: Option<chrono::DateTime<Utc>>,
+    changed_at: Option<DateTime<Utc>>,
 }
 
 pub(super) struct KeyRegistry {
@@ -45,24 +45,31 @@ impl KeyRegistry {
         }
     }
 
-    /// Whether the key id is the application's current one.
+    /// Whether the key id is the application's current one. A token of another key id issued
+    /// after the last change this replica knows of may be of a key made since on another
+    /// replica (not read here yet): the database decides; an older one is revoked, at no cost.
     pub(super) async fn is_current(
         &self,
         application_id: u64,
         key_id: &str,
+        issued_at: DateTime<Utc>,
     ) -> Result<bool, StorageError> {
-        let known = match self.known.get(&application_id) {
-            Some(known) if self.is_fresh() => known,
-            _ => {
-                let row = self.storage.client_key(application_id).await?;
-                let known = KnownKey {
-                    key_id: row.as_ref().and_then(|row| row.key_id.clone()),
-                    changed_at: row.and_then(|row| row.rotated_at),
-                };
-                self.known.insert(application_id, known.clone());
-                known
+        if self.is_fresh()
+            && let Some(known) = self.known.get(&application_id)
+        {
+            let maybe_newer = known
+                .changed_at
+                .is_none_or(|changed_at| issued_at >= changed_at.trunc_subsecs(0));
+            if known.key_id.as_deref() == Some(key_id) || !maybe_newer {
+                return Ok(known.key_id.as_deref() == Some(key_id));
             }
+        }
+        let row = self.storage.client_key(application_id).await?;
+        let known = KnownKey {
+            key_id: row.as_ref().and_then(|row| row.key_id.clone()),
+            changed_at: row.and_then(|row| row.rotated_at),
         };
+        self.known.insert(application_id, known.clone());
         Ok(known.key_id.as_deref() == Some(key_id))
     }
 

@@ -91,11 +91,12 @@ impl ClientTokens {
             sender: request.sender,
             chats: request.chats,
             scopes: request.scopes,
+            issued_at,
             expires_at: issued_at + lifetime,
         };
         let token = self
             .signer
-            .sign(&grant, &key_id, issued_at)
+            .sign(&grant, &key_id)
             .map_err(AppError::Internal)?;
         Ok(MintedToken {
             token,
@@ -111,7 +112,7 @@ impl ClientTokens {
         };
         let current = self
             .keys
-            .is_current(grant.application_id, key_id.as_str())
+            .is_current(grant.application_id, key_id.as_str(), grant.issued_at)
             .await?;
         Ok(current.then_some(grant))
     }

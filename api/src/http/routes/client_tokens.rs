@@ -31,10 +31,10 @@ struct ClientTokenInput {
     sender: Option<String>,
     /// `"*"` (every chat, and the chat list; with `write`, creating chats) or up to 100 chat
     /// numbers.
-    #[schema(required = true)]
+    #[schema(value_type = ChatsInput, required = true)]
     chats: Option<ChatsInput>,
     /// `read` (lists, show, search, stream, changes) and/or `write` (post, edit, delete messages).
-    #[schema(required = true, min_items = 1)]
+    #[schema(value_type = Vec<Access>, required = true, min_items = 1)]
     scopes: Option<Vec<Access>>,
     /// Seconds until the token expires: default 3600, at most `CHAT_CLIENT_TOKEN_MAX_LIFETIME_SECONDS`
     /// (86400 by default).
