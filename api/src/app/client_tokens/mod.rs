@@ -15,7 +15,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chatcore::config::ClientTokenConfig;
 use chatcore::domain::ClientKeyId;
 use chatcore::store::Storage;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound as _, Utc};
 use tokio_util::sync::CancellationToken;
 
 pub use grant::{Access, ChatSelection, ClientGrant, ClientTokenRequest, EveryChat};
@@ -83,7 +83,8 @@ impl ClientTokens {
             .key_id
             .map(ClientKeyId::from_stored)
             .ok_or(AppError::NotFound("application"))?;
-        let issued_at = chatcore::store::now();
+        // Whole seconds, as the token's claims hold them: `expires_at` is the token's own end.
+        let issued_at = Utc::now().trunc_subsecs(0);
         let lifetime = chrono::Duration::from_std(request.lifetime)
             .map_err(|error| AppError::Internal(error.into()))?;
         let grant = ClientGrant {
