@@ -27,7 +27,6 @@ pub const OPENAPI_PATH: &str = "/api/v1/openapi.json";
     ),
     // Relative: the paths carry `/api/v1`, so the origin that serves this document serves them.
     servers((url = "/", description = "the origin that serves this document")),
-    // The `data:` of each event of a stream, whose body is text (`text/event-stream`).
     components(schemas(super::live::StreamedMessage)),
     modifiers(&AccessControl),
     tags(
@@ -38,6 +37,25 @@ pub const OPENAPI_PATH: &str = "/api/v1/openapi.json";
     )
 )]
 pub(super) struct ApiDoc;
+
+/// The body of a chat's stream: text (`text/event-stream`, what a generated client reads as
+/// such), each event's `data:` a `StreamedMessage` (its `contentSchema`).
+pub struct EventStreamBody;
+
+impl utoipa::PartialSchema for EventStreamBody {
+    fn schema() -> RefOr<utoipa::openapi::schema::Schema> {
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .content_media_type("text/event-stream")
+            .content_schema(Some(Ref::from_schema_name("StreamedMessage")))
+            .description(Some(
+                "Server-Sent Events; each event's `data:` is a StreamedMessage (JSON).",
+            ))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for EventStreamBody {}
 
 /// The admin token's security scheme.
 struct AccessControl;

@@ -358,7 +358,7 @@ const LAST_EVENT_ID: &str = "last-event-id";
     security(("application_token" = [])),
     params(("chat_number" = u64, Path, minimum = 1, description = "chat number within the application"),
         ("Last-Event-ID" = Option<u64>, Header, description = "resume after this change sequence (0: the chat as it is now, then live)")),
-    responses((status = 200, description = "a stream of Server-Sent Events (it ends after `CHAT_STREAM_MAX_LIFETIME_SECONDS`); each `data:` is a StreamedMessage (see the schemas)", content_type = "text/event-stream", body = String),
+    responses((status = 200, description = "a stream of Server-Sent Events (it ends after `CHAT_STREAM_MAX_LIFETIME_SECONDS`); each `data:` is a StreamedMessage", content_type = "text/event-stream", body = crate::http::openapi::EventStreamBody),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 503, description = "a dependency did not answer, or this replica does not hear stored changes right now; retry", body = ErrorBody)))]
 async fn stream(
