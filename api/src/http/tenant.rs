@@ -106,20 +106,20 @@ struct AccessTokenQuery {
 
 /// Which tokens a route takes from where the request presents one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Accepted {
-    ApplicationToken,
+enum AcceptedTokens {
+    Application,
     /// The chat routes' `Authorization: Bearer`.
-    ApplicationOrClientToken,
+    ApplicationOrClient,
     /// A stream's `?access_token=`: a URL is logged and kept by browsers, so only a short-lived
     /// client token may travel in it.
-    ClientToken,
+    Client,
 }
 
 /// The token a request presents for an application, what the route accepts, and the refusal if
 /// it opens none.
 pub struct Presented {
     token: Option<String>,
-    accepted: Accepted,
+    accepted: AcceptedTokens,
     refusal: ApiError,
 }
 
@@ -130,22 +130,22 @@ pub fn presented(request: &Request) -> Option<Presented> {
         // A legacy path naming no valid token: 404, as the reference contract answers.
         Some(PathToken(raw)) => Some(Presented {
             token: raw.clone(),
-            accepted: Accepted::ApplicationToken,
+            accepted: AcceptedTokens::Application,
             refusal: ApiError::NotFound("application"),
         }),
         None if is_application_route(path) => {
             let bearer = bearer(request.headers()).map(str::to_owned);
             let (token, accepted) = match bearer {
                 Some(token) if is_chat_route(path) => {
-                    (Some(token), Accepted::ApplicationOrClientToken)
+                    (Some(token), AcceptedTokens::ApplicationOrClient)
                 }
                 None if takes_access_token(path) => (
                     Query::<AccessTokenQuery>::try_from_uri(request.uri())
                         .ok()
                         .and_then(|query| query.0.access_token),
-                    Accepted::ClientToken,
+                    AcceptedTokens::Client,
                 ),
-                token => (token, Accepted::ApplicationToken),
+                token => (token, AcceptedTokens::Application),
             };
             Some(Presented {
                 token,
@@ -174,7 +174,7 @@ pub async fn resolve(state: &AppState, presented: Presented) -> Result<(u64, Ten
     let Some(raw) = token else {
         return Err(refusal);
     };
-    if accepted != Accepted::ApplicationToken && is_client_token_shaped(&raw) {
+    if accepted != AcceptedTokens::Application && is_client_token_shaped(&raw) {
         let grant = state
             .client_tokens()
             .verify(&raw)
@@ -186,7 +186,7 @@ pub async fn resolve(state: &AppState, presented: Presented) -> Result<(u64, Ten
             Tenant::new(application_id, Credential::Client(grant)),
         ));
     }
-    if accepted == Accepted::ClientToken {
+    if accepted == AcceptedTokens::Client {
         return Err(refusal);
     }
     let Ok(token) = ApplicationToken::parse(&raw) else {
@@ -270,5 +270,20 @@ mod tests {
         assert!(!is_application_route("/api/v1/applications"));
         assert!(!is_application_route("/api/v1/chatsx"));
         assert!(!is_application_route("/readyz"));
+    }
+
+    #[test]
+    fn client_tokens_go_to_the_chat_routes_and_the_query_to_the_stream_only() {
+        assert!(is_chat_route("/api/v1/chats"));
+        assert!(is_chat_route("/api/v1/chats/{chat_number}/messages"));
+        assert!(!is_chat_route("/api/v1/application/client-tokens"));
+        assert!(!is_chat_route("/api/v1/chatsx"));
+        assert!(takes_access_token("/api/v1/chats/3/messages/stream"));
+        assert!(takes_access_token(
+            "/api/v1/chats/{chat_number}/messages/stream"
+        ));
+        assert!(!takes_access_token("/api/v1/chats/3/messages"));
+        assert!(is_client_token_shaped("a.b.c"));
+        assert!(!is_client_token_shaped("chat_abc"));
     }
 }
