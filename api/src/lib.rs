@@ -83,7 +83,22 @@ pub async fn serve(
         search = adapters.search.kind(),
         "api listening"
     );
-    let state = AppState::new(&config, &adapters, metrics, admin_token, signal, &shutdown);
+    let client_tokens = app::client_tokens::ClientTokens::start(
+        &config.api.client_tokens,
+        std::sync::Arc::clone(&adapters.storage),
+        shutdown.clone(),
+    )
+    .await
+    .context("preparing the client tokens")?;
+    let state = AppState::new(
+        &config,
+        &adapters,
+        metrics,
+        admin_token,
+        client_tokens,
+        signal,
+        &shutdown,
+    );
     let internal = tokio::spawn(
         axum::serve(listeners.internal, http::internal_router(state.clone()))
             .with_graceful_shutdown(shutdown.clone().cancelled_owned())

@@ -129,6 +129,27 @@ impl TokenDigest {
     }
 }
 
+/// The id of an application's client-token key: 128 random bits, URL-safe base64. Only the id is
+/// stored; the key is HMAC-SHA256(operator secret, id), so a database dump cannot sign a token.
+/// A new id (revoke-all) ends every client token signed under the old one.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ClientKeyId(String);
+
+impl ClientKeyId {
+    pub fn generate() -> Self {
+        Self(URL_SAFE_NO_PAD.encode(rand::random::<[u8; 16]>()))
+    }
+
+    /// An id as stored or as a token's header carries it (its signature is what vouches for it).
+    pub fn from_stored(raw: String) -> Self {
+        Self(raw)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
 /// An application name: 1..=255 characters after trimming, no control characters.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(transparent)]

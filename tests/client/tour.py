@@ -12,20 +12,29 @@ import time
 import uuid
 
 from chat_client import AuthenticatedClient, Client
-from chat_client.api.applications import create_application, show_application, update_application
-from chat_client.api.chats import create_chat, show_chat
+from chat_client.api.applications import (
+    create_application,
+    mint_client_token,
+    revoke_client_tokens,
+    show_application,
+    update_application,
+)
+from chat_client.api.chats import create_chat, list_chats, show_chat
 from chat_client.api.messages import (
     create_message,
     delete_message,
     list_messages,
     search_messages,
     show_message,
+    stream_messages,
     update_message,
 )
 from chat_client.models import (
+    Access,
     ApplicationInput,
     ChatInput,
     ChatInputMetadataType0,
+    ClientTokenInput,
     ErrorBody,
     MessageEditInput,
     MessageEditInputMetadataType0,
@@ -313,6 +322,57 @@ def tour(base_url):
         "bad_request",
         field="per_page",
     )
+
+    client_tokens(base_url, client, tenant, chat)
+
+
+def client_tokens(base_url, client, tenant, chat):
+    """A client token: minted by the application for one end user, it posts and streams in its
+    chat only; revoke-all ends it."""
+    minted = expect(
+        mint_client_token.sync_detailed(
+            client=tenant,
+            body=ClientTokenInput(
+                sender="u42", chats=[chat], scopes=[Access.READ, Access.WRITE], expires_in=600
+            ),
+        ),
+        201,
+    )
+    check(minted.token.count(".") == 2 and minted.expires_at is not None, f"a JWT: {minted!r}")
+    browser = AuthenticatedClient(base_url=base_url, token=minted.token, raise_on_unexpected_status=True)
+    posted = expect(
+        create_message.sync_detailed(
+            chat,
+            client=browser,
+            body=MessageInput(body="from the browser"),
+            idempotency_key=str(uuid.uuid4()),
+        ),
+        202,
+    ).number
+    eventually(
+        "the message posted with the client token is stored",
+        lambda: show_message.sync_detailed(chat, posted, client=browser).status_code == 200,
+    )
+    # The stream takes the token in ?access_token=, as a browser's EventSource sends it (it sends
+    # no header: a client without one). Last-Event-ID 0: the chat as it is, then live until the
+    # stream ends (the test runs the api with short-lived streams).
+    streamed = expect(
+        stream_messages.sync_detailed(
+            # The generated client sends a header as it is given: the number as text.
+            chat, client=Client(base_url=base_url), access_token=minted.token, last_event_id="0"
+        ),
+        200,
+    )
+    check('"from the browser"' in streamed, f"the stream holds the message: {streamed!r}")
+
+    # Outside its chat, or the chat list: 403; the application's own routes: 401.
+    expect_error(list_messages.sync_detailed(chat + 1, client=browser), 403, "insufficient_scope")
+    expect_error(list_chats.sync_detailed(client=browser), 403, "insufficient_scope")
+    expect_error(show_application.sync_detailed(client=browser), 401, "application_key_required")
+
+    # Revoke-all: the token stops at once.
+    expect(revoke_client_tokens.sync_detailed(client=tenant), 204)
+    expect_error(show_message.sync_detailed(chat, posted, client=browser), 401, "invalid_token")
 
 
 if __name__ == "__main__":

@@ -807,9 +807,9 @@ async fn the_openapi_document_and_docs_page_are_served(env: TestEnv) -> anyhow::
     assert_eq!(document.status, StatusCode::OK);
     assert_eq!(document.body["openapi"], "3.1.0");
     let paths = document.body["paths"].as_object().expect("paths");
-    // 2 of applications, 1 of revocations, 15 of the bearer form (5 of them the webhooks') and
-    // their 15 legacy twins.
-    assert_eq!(paths.len(), 32, "{:?}", paths.keys().collect::<Vec<_>>());
+    // 2 of applications, 1 of revocations, 17 of the bearer form (5 of them the webhooks', 2 the
+    // client tokens') and their 17 legacy twins.
+    assert_eq!(paths.len(), 36, "{:?}", paths.keys().collect::<Vec<_>>());
     for (path, operations) in paths {
         for operation in operations.as_object().expect("operations").values() {
             assert!(

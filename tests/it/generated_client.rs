@@ -106,6 +106,8 @@ async fn the_readme_tour_runs_through_a_generated_python_client(
     // Rate limits on (high enough for the tour), so the RateLimit-* headers are there to check.
     env.set("CHAT_RATE_LIMIT_PER_ADDRESS", "1000");
     env.set("CHAT_RATE_LIMIT_PER_ADDRESS_BURST", "2000");
+    // The tour reads a stream whole through the generated client: it must end.
+    env.set("CHAT_STREAM_MAX_LIFETIME_SECONDS", "2");
     let tools = openapi_tools()?;
     let client = generated_client(&tools).await?;
     let api = env.spawn_api().await?;

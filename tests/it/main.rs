@@ -6,6 +6,7 @@ mod application_deletion;
 mod architecture;
 mod changes;
 mod chart_platform;
+mod client_tokens;
 mod configuration;
 mod contract;
 mod deletion;

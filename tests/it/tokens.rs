@@ -128,7 +128,10 @@ async fn the_bearer_form_serves_every_application_route(env: TestEnv) -> anyhow:
         "bearer"
     );
     let show_chat = &document["paths"]["/api/v1/chats/{number}"]["get"];
-    assert_eq!(show_chat["security"], json!([{"application_token": []}]));
+    assert_eq!(
+        show_chat["security"],
+        json!([{"application_token": []}, {"client_token": []}])
+    );
     let legacy_show_chat = &document["paths"]["/api/v1/applications/{token}/chats/{number}"]["get"];
     assert_eq!(legacy_show_chat["deprecated"], true);
     assert_eq!(legacy_show_chat["operationId"], "show_chat_by_path_token");

@@ -205,6 +205,15 @@ impl Client {
         if let Some(id) = last_event_id {
             request = request.header("last-event-id", id.to_string());
         }
+        self.stream_of(request).await
+    }
+
+    /// Opens a live stream as `request` asks (a browser's, say); the error reply when it is
+    /// refused.
+    pub async fn stream_of(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> anyhow::Result<Result<EventStream, Reply>> {
         let response = request.send().await?;
         if response.status() != StatusCode::OK {
             let status = response.status();

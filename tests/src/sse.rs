@@ -51,6 +51,11 @@ pub enum Next {
 }
 
 impl EventStream {
+    /// The answer that opened the stream (its headers).
+    pub fn response(&self) -> &reqwest::Response {
+        &self.response
+    }
+
     /// The next event, the end of the stream, or nothing within `wait`.
     pub async fn next(&mut self, wait: Duration) -> anyhow::Result<Next> {
         let deadline = tokio::time::Instant::now() + wait;

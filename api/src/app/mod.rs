@@ -22,6 +22,7 @@ use chatcore::store::{
 use quick_cache::sync::Cache;
 
 mod applications;
+pub mod client_tokens;
 mod error;
 mod idempotency;
 mod quotas;

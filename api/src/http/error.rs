@@ -51,6 +51,13 @@ pub enum ApiError {
         "this needs the application's token: Authorization: Bearer <token> (missing, unknown, expired or revoked)"
     )]
     ApplicationKeyRequired,
+    /// 401: a client token that is malformed, tampered with, expired or revoked (or whose
+    /// application is deleted).
+    #[error("the client token is not valid: malformed, altered, expired or revoked")]
+    ClientTokenRefused,
+    /// 403: the client token does not grant what the request does.
+    #[error("the client token does not allow {0}")]
+    NotGranted(&'static str),
     /// 403: the application has as many chats as `CHAT_MAX_CHATS_PER_APPLICATION` allows.
     #[error("the application has reached its quota of {0} chats")]
     ChatQuotaExceeded(u64),
@@ -105,10 +112,13 @@ impl ApiError {
             Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
             Self::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
-            Self::Unauthorized | Self::ApplicationKeyRequired => StatusCode::UNAUTHORIZED,
-            Self::Forbidden | Self::ChatQuotaExceeded(_) | Self::WebhookQuotaExceeded(_) => {
-                StatusCode::FORBIDDEN
+            Self::Unauthorized | Self::ApplicationKeyRequired | Self::ClientTokenRefused => {
+                StatusCode::UNAUTHORIZED
             }
+            Self::Forbidden
+            | Self::NotGranted(_)
+            | Self::ChatQuotaExceeded(_)
+            | Self::WebhookQuotaExceeded(_) => StatusCode::FORBIDDEN,
             Self::RateLimited { .. }
             | Self::TooManyStreams(_)
             | Self::MessageQuotaExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -130,6 +140,9 @@ impl ApiError {
             Self::NotFound(_) => "not_found",
             Self::Unauthorized => "unauthorized",
             Self::ApplicationKeyRequired => "application_key_required",
+            // RFC 6750's error codes of a bearer token.
+            Self::ClientTokenRefused => "invalid_token",
+            Self::NotGranted(_) => "insufficient_scope",
             Self::Forbidden => "forbidden",
             Self::ChatQuotaExceeded(_)
             | Self::WebhookQuotaExceeded(_)
@@ -230,6 +243,14 @@ impl IntoResponse for ApiError {
                 headers.insert(
                     header::WWW_AUTHENTICATE,
                     HeaderValue::from_static("Bearer realm=\"chat application\""),
+                );
+            }
+            Self::ClientTokenRefused => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static(
+                        "Bearer realm=\"chat application\", error=\"invalid_token\"",
+                    ),
                 );
             }
             _ => {}

@@ -26,7 +26,7 @@ use utoipa_swagger_ui::SwaggerUi;
 
 use self::error::ApiError;
 use self::openapi::{ApiDoc, OPENAPI_PATH};
-use self::routes::{applications, changes, chats, health, messages, webhooks};
+use self::routes::{applications, changes, chats, client_tokens, health, messages, webhooks};
 use crate::http::state::AppState;
 
 /// The API routes and the OpenAPI document generated from the same handlers, so the two cannot
@@ -34,6 +34,7 @@ use crate::http::state::AppState;
 fn api_routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
     let api = OpenApiRouter::new()
         .merge(applications::router())
+        .merge(client_tokens::router())
         .merge(chats::router())
         .merge(messages::router())
         .merge(changes::router())
@@ -44,6 +45,8 @@ fn api_routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
     let router = router.layer(map_response(forbid_storing));
     // On the merged document: `ApiDoc`'s own modifiers run before the routes' paths are in it.
     openapi::LegacyTokenPaths.modify(&mut document);
+    // After the legacy twins are copied: they never take a client token.
+    openapi::ClientTokenRoutes.modify(&mut document);
     openapi::ResponseConventions.modify(&mut document);
     (router, document)
 }
@@ -65,8 +68,9 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 
 /// The public port: the API, `/livez` and `/readyz`, and the docs unless `CHAT_DOCS_ENABLED=false`.
 ///
-/// Layers, outermost first: the rate limits (a refused client's body is never read), the body is
-/// read whole (size and time limits), then per matched route the span, metrics and request timeout.
+/// Layers, outermost first: CORS (a preflight is answered there, before anything asks for a
+/// token), the rate limits (a refused client's body is never read), the body is read whole (size
+/// and time limits), then per matched route the span, metrics and request timeout.
 pub fn router(state: AppState) -> Router {
     let max_request_bytes = state.settings().max_request_bytes;
     let (api, document) = api_routes();
@@ -90,6 +94,10 @@ pub fn router(state: AppState) -> Router {
         .layer(from_fn_with_state(
             state.clone(),
             middleware::rate_limit::limit_rate,
+        ))
+        .layer(from_fn_with_state(
+            state.clone(),
+            middleware::cors::allow_origins,
         ))
         .with_state(state);
     // Before routing: the legacy form's path is rewritten to the bearer form's.

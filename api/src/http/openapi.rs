@@ -1,8 +1,9 @@
 //! What the handlers' `#[utoipa::path]` annotations leave to the whole document: a description for
 //! every response (OpenAPI requires one; a future endpoint cannot forget it), the headers that
 //! middleware and the error type send (`Retry-After`, `RateLimit-*`, `WWW-Authenticate`) as
-//! reusable components, and the `429` every operation may answer; and the legacy forms of the
-//! application routes, with the token in the path ([`LegacyTokenPaths`]).
+//! reusable components, and the `429` every operation may answer; the legacy forms of the
+//! application routes, with the token in the path ([`LegacyTokenPaths`]); and the client token
+//! of the chat routes ([`ClientTokenRoutes`]).
 
 use axum::http::StatusCode;
 use utoipa::openapi::path::{Operation, ParameterBuilder, ParameterIn, PathItem};
@@ -12,6 +13,8 @@ use utoipa::openapi::{
     ContentBuilder, Deprecated, HeaderBuilder, OpenApi, Ref, RefOr, Required, Response,
     ResponseBuilder,
 };
+
+use super::tenant;
 
 /// Where the OpenAPI document is served; the docs page at `/docs` reads it.
 pub const OPENAPI_PATH: &str = "/api/v1/openapi.json";
@@ -24,15 +27,35 @@ pub const OPENAPI_PATH: &str = "/api/v1/openapi.json";
     ),
     // Relative: the paths carry `/api/v1`, so the origin that serves this document serves them.
     servers((url = "/", description = "the origin that serves this document")),
+    components(schemas(super::live::StreamedMessage)),
     modifiers(&AccessControl),
     tags(
-        (name = "applications", description = "created and renamed synchronously; the routes without a token in the path take it in `Authorization: Bearer` (recommended: a URL is recorded by access logs, proxies and browsers); the `/applications/{token}/...` forms are the reference contract's, kept as legacy; listing applications and revoking tokens need the admin token"),
+        (name = "applications", description = "created and renamed synchronously; the routes without a token in the path take it in `Authorization: Bearer` (recommended: a URL is recorded by access logs, proxies and browsers); the `/applications/{token}/...` forms are the reference contract's, kept as legacy; listing applications and revoking tokens need the admin token; client tokens, minted by the application for its end users, open chat routes only"),
         (name = "chats", description = "created asynchronously (202)"),
         (name = "messages", description = "created asynchronously (202), updated synchronously, searchable"),
         (name = "webhooks", description = "endpoints that receive every change of the application (Standard Webhooks signatures), at least once, in order per endpoint")
     )
 )]
 pub(super) struct ApiDoc;
+
+/// The body of a chat's stream: text (`text/event-stream`, what a generated client reads as
+/// such), each event's `data:` a `StreamedMessage` (its `contentSchema`).
+pub struct EventStreamBody;
+
+impl utoipa::PartialSchema for EventStreamBody {
+    fn schema() -> RefOr<Schema> {
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .content_media_type("text/event-stream")
+            .content_schema(Some(Ref::from_schema_name("StreamedMessage")))
+            .description(Some(
+                "Server-Sent Events; each event's `data:` is a StreamedMessage (JSON).",
+            ))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for EventStreamBody {}
 
 /// The admin token's security scheme.
 struct AccessControl;
@@ -53,6 +76,15 @@ impl utoipa::Modify for AccessControl {
             APPLICATION_SECURITY_SCHEME,
             SecurityScheme::Http(application),
         );
+        let mut client = Http::new(HttpAuthScheme::Bearer);
+        client.bearer_format = Some("JWT".to_owned());
+        client.description = Some(
+            "A client token (a JWT, HS256) the application minted for one end user \
+             (`POST /api/v1/application/client-tokens`): the chat routes only, within its chats \
+             and scopes, as its sender."
+                .to_owned(),
+        );
+        components.add_security_scheme(CLIENT_SECURITY_SCHEME, SecurityScheme::Http(client));
     }
 }
 
@@ -60,6 +92,9 @@ impl utoipa::Modify for AccessControl {
 pub const ADMIN_SECURITY_SCHEME: &str = "admin_token";
 /// The name of the application token's security scheme (spelled out in the handlers too).
 pub const APPLICATION_SECURITY_SCHEME: &str = "application_token";
+/// The name of the client token's security scheme: added to every chat route by
+/// [`ClientTokenRoutes`], by the rule the middleware applies (`crate::http::tenant`).
+pub const CLIENT_SECURITY_SCHEME: &str = "client_token";
 
 const RETRY_AFTER: &str = "Retry-After";
 const RATE_LIMIT_HEADERS: [&str; 3] = ["RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset"];
@@ -133,6 +168,53 @@ fn legacy_item(mut item: PathItem) -> PathItem {
             .insert(0, RefOr::T(token));
     }
     item
+}
+
+/// The chat routes of the bearer form take a client token beside the application's (see
+/// `crate::http::tenant`, whose rule this applies): each gets the `client_token` requirement and
+/// the 403 of a grant that does not cover it; a chat's stream also takes it in `?access_token=`.
+pub struct ClientTokenRoutes;
+
+impl utoipa::Modify for ClientTokenRoutes {
+    fn modify(&self, openapi: &mut OpenApi) {
+        for (path, item) in &mut openapi.paths.paths {
+            if !tenant::is_chat_route(path) {
+                continue;
+            }
+            let takes_access_token = tenant::takes_access_token(path);
+            for operation in operations_mut(item) {
+                operation
+                    .security
+                    .get_or_insert_with(Vec::new)
+                    .push(SecurityRequirement::new(
+                        CLIENT_SECURITY_SCHEME,
+                        Vec::<String>::new(),
+                    ));
+                operation
+                    .responses
+                    .responses
+                    .entry("403".to_owned())
+                    .or_insert_with(|| RefOr::T(error_response(&default_description("403"))));
+                if takes_access_token {
+                    let access_token = ParameterBuilder::new()
+                        .name("access_token")
+                        .parameter_in(ParameterIn::Query)
+                        .required(Required::False)
+                        .description(Some(
+                            "A client token, for a client that cannot send `Authorization` (a \
+                             browser's EventSource). Only a client token: an application's \
+                             token is refused here (a URL is logged and kept in history).",
+                        ))
+                        .schema(Some(ObjectBuilder::new().schema_type(Type::String)))
+                        .build();
+                    operation
+                        .parameters
+                        .get_or_insert_with(Vec::new)
+                        .push(RefOr::T(access_token));
+                }
+            }
+        }
+    }
 }
 
 /// Fills in what the annotations cannot say; see the module doc.
@@ -328,12 +410,15 @@ fn default_description(status: &str) -> String {
         }
         "401" => {
             "`application_key_required`: no valid application token in `Authorization: Bearer` \
-             (missing, unknown, expired or revoked); on the admin routes `unauthorized`: no \
+             (missing, unknown, expired or revoked); `invalid_token`: a client token that is \
+             malformed, altered, expired or revoked; on the admin routes `unauthorized`: no \
              `Authorization: Bearer <admin token>`"
         }
         "403" => {
-            "`forbidden`: the bearer token is not the admin token; `quota_exceeded` (creating a \
-             chat): the application has as many chats as `CHAT_MAX_CHATS_PER_APPLICATION` allows"
+            "`insufficient_scope`: the client token does not open this chat, the chat list, or \
+             this scope (or the body names another sender than the token's); `forbidden`: the \
+             bearer token is not the admin token; `quota_exceeded` (creating a chat): the \
+             application has as many chats as `CHAT_MAX_CHATS_PER_APPLICATION` allows"
         }
         "404" => "`not_found`: unknown application (also a malformed token), chat or message",
         "409" => {

@@ -1,5 +1,5 @@
-//! The state every handler and middleware shares: the use cases, the settings, the metrics, the
-//! limits and the live streams' hub.
+//! The state every handler and middleware shares: the use cases (client tokens among them), the
+//! settings, the metrics, the limits and the live streams' hub.
 
 use std::sync::Arc;
 
@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use super::live::LiveHub;
 use super::middleware::rate_limit::buckets::RateLimiters;
 use crate::app::ChatService;
+use crate::app::client_tokens::ClientTokens;
 use crate::app::webhooks::WebhookService;
 
 /// Cheap-to-clone state shared by every handler.
@@ -19,6 +20,7 @@ use crate::app::webhooks::WebhookService;
 pub(crate) struct AppState {
     service: Arc<ChatService>,
     webhooks: Arc<WebhookService>,
+    client_tokens: Arc<ClientTokens>,
     settings: Arc<ApiConfig>,
     pub(super) metrics: Arc<Metrics>,
     pub(super) admin_token: Arc<AdminToken>,
@@ -34,6 +36,7 @@ impl AppState {
         adapters: &Adapters,
         metrics: Arc<Metrics>,
         admin_token: AdminToken,
+        client_tokens: ClientTokens,
         draining: CancellationToken,
         shutdown: &CancellationToken,
     ) -> Self {
@@ -55,6 +58,7 @@ impl AppState {
                 Arc::clone(&adapters.storage),
                 config.webhooks.clone(),
             )),
+            client_tokens: Arc::new(client_tokens),
             settings: Arc::new(config.api.clone()),
             rate_limiters,
             metrics,
@@ -74,6 +78,10 @@ impl AppState {
 
     pub(crate) fn webhooks(&self) -> &WebhookService {
         &self.webhooks
+    }
+
+    pub(crate) fn client_tokens(&self) -> &ClientTokens {
+        &self.client_tokens
     }
 
     pub(crate) fn settings(&self) -> &ApiConfig {

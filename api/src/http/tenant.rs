@@ -7,12 +7,13 @@
 //! before routing with the token kept aside ([`PathToken`]), so both forms run the same handlers,
 //! and metrics and traces only ever see the bearer form's route.
 
-use axum::extract::Request;
+use axum::extract::{Query, Request};
 use axum::http::{HeaderMap, Uri, header};
 use chatcore::domain::ApplicationToken;
+use serde::Deserialize;
 
 use crate::http::error::ApiError;
-use crate::http::extract::Tenant;
+use crate::http::extract::{Credential, Tenant};
 use crate::http::state::AppState;
 
 /// Where the legacy form's token segment starts.
@@ -60,10 +61,31 @@ pub fn route_legacy_form(mut request: Request) -> Request {
 
 /// Whether the path is one of the routes that act for an application.
 fn is_application_route(path: &str) -> bool {
-    ["/api/v1/application", "/api/v1/chats"].iter().any(|root| {
+    ["/api/v1/application", CHAT_ROUTES].iter().any(|root| {
         path.strip_prefix(root)
             .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
     })
+}
+
+/// The root of the chat routes, the ones a client token opens (in the bearer form).
+const CHAT_ROUTES: &str = "/api/v1/chats";
+
+/// Whether the path (or route template) is a chat route of the bearer form's.
+pub fn is_chat_route(path: &str) -> bool {
+    path.strip_prefix(CHAT_ROUTES)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
+/// Whether the path (or route template) is a chat's live stream, which also takes a client token
+/// in `?access_token=`: what a browser's EventSource can send (it sends no header).
+pub fn takes_access_token(path: &str) -> bool {
+    is_chat_route(path) && path.ends_with("/messages/stream")
+}
+
+/// Whether a request (routed, the legacy form rewritten) is for a chat route of the bearer form:
+/// the routes a browser calls with a client token, and the only ones with CORS.
+pub fn is_browser_route(request: &Request) -> bool {
+    request.extensions().get::<PathToken>().is_none() && is_chat_route(request.uri().path())
 }
 
 /// The credential of `Authorization: Bearer <credential>`.
@@ -76,39 +98,105 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
         .map(|(_, credential)| credential.trim())
 }
 
-/// The token a request presents for an application, and the refusal if it opens none.
+/// `?access_token=` of a stream.
+#[derive(Deserialize)]
+struct AccessTokenQuery {
+    access_token: Option<String>,
+}
+
+/// Which tokens a route takes from where the request presents one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AcceptedTokens {
+    Application,
+    /// The chat routes' `Authorization: Bearer`.
+    ApplicationOrClient,
+    /// A stream's `?access_token=`: a URL is logged and kept by browsers, so only a short-lived
+    /// client token may travel in it.
+    Client,
+}
+
+/// The token a request presents for an application, what the route accepts, and the refusal if
+/// it opens none.
 pub struct Presented {
     token: Option<String>,
+    accepted: AcceptedTokens,
     refusal: ApiError,
 }
 
 /// What the request presents: None on routes that act for no application.
 pub fn presented(request: &Request) -> Option<Presented> {
+    let path = request.uri().path();
     match request.extensions().get::<PathToken>() {
         // A legacy path naming no valid token: 404, as the reference contract answers.
         Some(PathToken(raw)) => Some(Presented {
             token: raw.clone(),
+            accepted: AcceptedTokens::Application,
             refusal: ApiError::NotFound("application"),
         }),
-        None if is_application_route(request.uri().path()) => Some(Presented {
-            token: bearer(request.headers()).map(str::to_owned),
-            refusal: ApiError::ApplicationKeyRequired,
-        }),
+        None if is_application_route(path) => {
+            let bearer = bearer(request.headers()).map(str::to_owned);
+            let (token, accepted) = match bearer {
+                Some(token) if is_chat_route(path) => {
+                    (Some(token), AcceptedTokens::ApplicationOrClient)
+                }
+                None if takes_access_token(path) => (
+                    Query::<AccessTokenQuery>::try_from_uri(request.uri())
+                        .ok()
+                        .and_then(|query| query.0.access_token),
+                    AcceptedTokens::Client,
+                ),
+                token => (token, AcceptedTokens::Application),
+            };
+            Some(Presented {
+                token,
+                accepted,
+                refusal: ApiError::ApplicationKeyRequired,
+            })
+        }
         None => None,
     }
 }
 
-/// The application the presented token opens, or its refusal.
-pub async fn resolve(state: &AppState, presented: Presented) -> Result<Tenant, ApiError> {
-    let Presented { token, refusal } = presented;
-    let Some(token) = token.and_then(|raw| ApplicationToken::parse(&raw).ok()) else {
+/// Whether a credential has the shape of a JWT (three dot-separated parts); an application token
+/// never holds a dot.
+fn is_client_token_shaped(credential: &str) -> bool {
+    credential.split('.').count() == 3
+}
+
+/// The application the presented token opens (its internal id, the key of its rate limit) and
+/// with which credential, or its refusal.
+pub async fn resolve(state: &AppState, presented: Presented) -> Result<(u64, Tenant), ApiError> {
+    let Presented {
+        token,
+        accepted,
+        refusal,
+    } = presented;
+    let Some(raw) = token else {
+        return Err(refusal);
+    };
+    if accepted != AcceptedTokens::Application && is_client_token_shaped(&raw) {
+        let grant = state
+            .client_tokens()
+            .verify(&raw)
+            .await?
+            .ok_or(ApiError::ClientTokenRefused)?;
+        let application_id = grant.application_id;
+        return Ok((
+            application_id,
+            Tenant::new(application_id, Credential::Client(grant)),
+        ));
+    }
+    if accepted == AcceptedTokens::Client {
+        return Err(refusal);
+    }
+    let Ok(token) = ApplicationToken::parse(&raw) else {
         return Err(refusal);
     };
     match state.service().resolve_token(&token).await? {
-        Some(application_id) => Ok(Tenant {
+        Some(application_id) => Ok((
             application_id,
-            token,
-        }),
+            Tenant::new(application_id, Credential::Application(token)),
+        )),
         None => Err(refusal),
     }
 }
@@ -182,5 +270,20 @@ mod tests {
         assert!(!is_application_route("/api/v1/applications"));
         assert!(!is_application_route("/api/v1/chatsx"));
         assert!(!is_application_route("/readyz"));
+    }
+
+    #[test]
+    fn client_tokens_go_to_the_chat_routes_and_the_query_to_the_stream_only() {
+        assert!(is_chat_route("/api/v1/chats"));
+        assert!(is_chat_route("/api/v1/chats/{chat_number}/messages"));
+        assert!(!is_chat_route("/api/v1/application/client-tokens"));
+        assert!(!is_chat_route("/api/v1/chatsx"));
+        assert!(takes_access_token("/api/v1/chats/3/messages/stream"));
+        assert!(takes_access_token(
+            "/api/v1/chats/{chat_number}/messages/stream"
+        ));
+        assert!(!takes_access_token("/api/v1/chats/3/messages"));
+        assert!(is_client_token_shaped("a.b.c"));
+        assert!(!is_client_token_shaped("chat_abc"));
     }
 }

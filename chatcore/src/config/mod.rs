@@ -13,10 +13,12 @@ use crate::events::Consumer;
 use crate::retry::Backoff;
 
 pub mod destinations;
+pub mod origins;
 mod reader;
 pub mod settings;
 
 pub use destinations::AllowedDestinations;
+pub use origins::AllowedOrigins;
 pub use reader::ConfigError;
 use reader::Reader;
 use settings::*;
@@ -169,6 +171,8 @@ pub struct ApiConfig {
     pub streams: StreamLimits,
     pub shutdown_delay: Duration,
     pub token_rotation_overlap: Duration,
+    pub client_tokens: ClientTokenConfig,
+    pub cors_allowed_origins: AllowedOrigins,
     pub application_creation: ApplicationCreation,
     pub max_chats_per_application: u64,
     pub max_messages_per_minute_per_application: u64,
@@ -242,6 +246,51 @@ impl FromStr for AdminToken {
 impl fmt::Debug for AdminToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("AdminToken(***)")
+    }
+}
+
+/// The client tokens an application mints for its end users' browsers and apps.
+#[derive(Debug, Clone)]
+pub struct ClientTokenConfig {
+    /// None: a secret generated into the database is used.
+    pub secret: Option<ClientTokenSecret>,
+    pub max_lifetime: Duration,
+    /// How often a replica reads the revocations; past 4 times this without a successful read it
+    /// checks each token in the database.
+    pub revocation_poll: Duration,
+}
+
+/// The operator's secret the client tokens' signing keys derive from.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClientTokenSecret(String);
+
+impl ClientTokenSecret {
+    /// The shortest secret accepted: 32 printable characters hold the 128 bits and more a key wants.
+    pub const MIN_LENGTH: usize = 32;
+
+    pub fn expose(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+impl FromStr for ClientTokenSecret {
+    type Err = String;
+
+    fn from_str(raw: &str) -> Result<Self, Self::Err> {
+        let secret = raw.trim();
+        if secret.len() < Self::MIN_LENGTH || !secret.chars().all(|c| c.is_ascii_graphic()) {
+            return Err(format!(
+                "must be at least {} printable ASCII characters without spaces",
+                Self::MIN_LENGTH
+            ));
+        }
+        Ok(Self(secret.to_owned()))
+    }
+}
+
+impl fmt::Debug for ClientTokenSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ClientTokenSecret(***)")
     }
 }
 
@@ -401,6 +450,14 @@ impl Config {
                 },
                 shutdown_delay: settings.millis(&SHUTDOWN_DELAY_MS)?,
                 token_rotation_overlap: settings.seconds(&TOKEN_ROTATION_OVERLAP_SECONDS)?,
+                client_tokens: ClientTokenConfig {
+                    secret: settings.secret(&CLIENT_TOKEN_SECRET)?,
+                    max_lifetime: settings.seconds(&CLIENT_TOKEN_MAX_LIFETIME_SECONDS)?,
+                    revocation_poll: settings.millis(&CLIENT_TOKEN_REVOCATION_POLL_MS)?,
+                },
+                cors_allowed_origins: settings
+                    .optional(&CORS_ALLOWED_ORIGINS)?
+                    .unwrap_or_default(),
                 application_creation: settings.parse(&APPLICATION_CREATION)?,
                 max_chats_per_application: settings.number(&MAX_CHATS_PER_APPLICATION)?,
                 max_messages_per_minute_per_application: settings

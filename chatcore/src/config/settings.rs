@@ -304,6 +304,40 @@ pub const TOKEN_ROTATION_OVERLAP_SECONDS: Setting = Setting {
     },
     meaning: "after `POST .../token/rotate`, how long the application's older tokens keep working",
 };
+pub const CLIENT_TOKEN_SECRET: Setting = setting(
+    "CHAT_CLIENT_TOKEN_SECRET",
+    Nothing(
+        "generated once into the database (every replica shares it); a dump of the database can \
+         then forge client tokens, so set it in production",
+    ),
+    "the operator's secret (at least 32 printable characters) from which each application's \
+     client-token signing key is derived (HMAC-SHA256 of the application's key id); changing it \
+     ends every client token",
+);
+pub const CLIENT_TOKEN_MAX_LIFETIME_SECONDS: Setting = Setting {
+    name: "CHAT_CLIENT_TOKEN_MAX_LIFETIME_SECONDS",
+    when_unset: Value("86400"),
+    // A year keeps every expiry a date the clients can represent.
+    bounds: Bounds {
+        min: 1,
+        max: 365 * 86_400,
+    },
+    meaning: "the longest `expires_in` a client token may be minted with (a longer one is `422`); \
+              the default `expires_in` is 3600 or this, whichever is shorter",
+};
+pub const CLIENT_TOKEN_REVOCATION_POLL_MS: Setting = positive(
+    "CHAT_CLIENT_TOKEN_REVOCATION_POLL_MS",
+    "250",
+    "how often each api replica reads the client-token revocations (`revoke-all`) of every \
+     replica; while its reads fail for 4 times this long it checks every client token in the \
+     database instead, so a revoked token is refused within that time",
+);
+pub const CORS_ALLOWED_ORIGINS: Setting = setting(
+    "CHAT_CORS_ALLOWED_ORIGINS",
+    Nothing("none (no CORS headers)"),
+    "origins (`scheme://host[:port]`, comma-separated) whose pages may call the chat routes \
+     (`/api/v1/chats/...`, the stream included) from a browser, with a client token",
+);
 pub const MAX_CHATS_PER_APPLICATION: Setting = setting(
     "CHAT_MAX_CHATS_PER_APPLICATION",
     Value("0"),
@@ -551,6 +585,10 @@ pub const ALL: &[&Setting] = &[
     &STREAM_BUFFERED_CHANGES,
     &APPLICATION_CREATION,
     &TOKEN_ROTATION_OVERLAP_SECONDS,
+    &CLIENT_TOKEN_SECRET,
+    &CLIENT_TOKEN_MAX_LIFETIME_SECONDS,
+    &CLIENT_TOKEN_REVOCATION_POLL_MS,
+    &CORS_ALLOWED_ORIGINS,
     &MAX_CHATS_PER_APPLICATION,
     &MAX_MESSAGES_PER_MINUTE_PER_APPLICATION,
     &SHUTDOWN_DELAY_MS,

@@ -36,6 +36,43 @@ fn the_token_settings_parse_and_are_bounded() {
 }
 
 #[test]
+fn the_client_token_settings_parse_and_a_refused_secret_is_not_repeated() {
+    let config = Config::from_map(&HashMap::from([(
+        "CHAT_CORS_ALLOWED_ORIGINS".to_owned(),
+        "https://app.example.com".to_owned(),
+    )]))
+    .expect("valid");
+    let client_tokens = &config.api.client_tokens;
+    assert!(client_tokens.secret.is_none());
+    assert_eq!(client_tokens.max_lifetime, Duration::from_secs(86_400));
+    assert_eq!(client_tokens.revocation_poll, Duration::from_millis(250));
+    assert!(
+        config
+            .api
+            .cors_allowed_origins
+            .allows("https://app.example.com")
+    );
+    let refused = "too-short-a-secret";
+    let error = Config::from_map(&HashMap::from([(
+        "CHAT_CLIENT_TOKEN_SECRET".to_owned(),
+        refused.to_owned(),
+    )]))
+    .expect_err("too short");
+    let shown = format!("{error} {error:?}");
+    assert!(shown.contains("CHAT_CLIENT_TOKEN_SECRET"), "{shown}");
+    assert!(!shown.contains(refused), "{shown}");
+    for (name, value) in [
+        ("CHAT_CLIENT_TOKEN_MAX_LIFETIME_SECONDS", "0"),
+        ("CHAT_CLIENT_TOKEN_REVOCATION_POLL_MS", "0"),
+        ("CHAT_CORS_ALLOWED_ORIGINS", "https://app.example.com/"),
+    ] {
+        let error = Config::from_map(&HashMap::from([(name.to_owned(), value.to_owned())]))
+            .expect_err("refused");
+        assert!(error.to_string().contains(name), "{error}");
+    }
+}
+
+#[test]
 fn secret_url_redacts_password() {
     let url = SecretUrl::new("mysql://chat:hunter2@db:3306/chat");
     assert_eq!(url.to_string(), "mysql://chat:***@db:3306/chat");

@@ -19,8 +19,8 @@ use async_trait::async_trait;
 use chrono::{DateTime, SubsecRound as _, Utc};
 
 use crate::domain::{
-    ApplicationName, ApplicationToken, ChatTitle, MessageBody, Metadata, Number, PageRequest,
-    Sender, TokenDigest,
+    ApplicationName, ApplicationToken, ChatTitle, ClientKeyId, MessageBody, Metadata, Number,
+    PageRequest, Sender, TokenDigest,
 };
 use crate::retry::Transient;
 
@@ -140,6 +140,19 @@ pub struct TokenGrant {
     pub application_id: u64,
     pub expires_at: Option<DateTime<Utc>>,
 }
+
+/// An application's client-token key id, and when it last changed.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct ClientKeyRow {
+    pub application_id: u64,
+    /// None before the application's first client token, and once it is deleted.
+    pub key_id: Option<String>,
+    pub rotated_at: Option<DateTime<Utc>>,
+}
+
+/// The columns of a [`ClientKeyRow`] in `applications`.
+pub(crate) const CLIENT_KEY_COLUMNS: &str = "id AS application_id, client_token_key_id AS key_id, \
+     client_token_key_rotated_at AS rotated_at";
 
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct ChatRow {
@@ -461,6 +474,35 @@ pub trait Storage: Send + Sync {
         token: &ApplicationToken,
         others_valid_until: Option<DateTime<Utc>>,
     ) -> Result<bool, StorageError>;
+
+    /// The application's client-token key id; None for an unknown application.
+    async fn client_key(&self, application_id: u64) -> Result<Option<ClientKeyRow>, StorageError>;
+
+    /// The application's client-token key id, `first` if it had none; None for an unknown or
+    /// deleted application.
+    async fn ensure_client_key(
+        &self,
+        application_id: u64,
+        first: &ClientKeyId,
+    ) -> Result<Option<ClientKeyRow>, StorageError>;
+
+    /// Replaces the application's client-token key id (every token of the old one ends). False
+    /// for an unknown or deleted application.
+    async fn rotate_client_key(
+        &self,
+        application_id: u64,
+        key_id: &ClientKeyId,
+    ) -> Result<bool, StorageError>;
+
+    /// The client-token key ids that changed at or after `since` (a deletion clears one).
+    async fn client_keys_changed_since(
+        &self,
+        since: DateTime<Utc>,
+    ) -> Result<Vec<ClientKeyRow>, StorageError>;
+
+    /// The secret the client-token keys derive from when the operator sets none: `candidate`,
+    /// unless a secret was stored before (by any replica), which is then returned.
+    async fn client_token_secret(&self, candidate: &str) -> Result<String, StorageError>;
 
     async fn find_chat(
         &self,

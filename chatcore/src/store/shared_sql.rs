@@ -252,10 +252,14 @@ macro_rules! storage_impl {
                 with_storage_errors(async {
                     let now = $crate::store::now();
                     let mut transaction = self.begin_write().await?;
+                    // Its client tokens end too: the key id is cleared, as a change every
+                    // replica reads.
                     let deleted = sqlx::query(
-                        "UPDATE applications SET name = '', token_hint = '', deleted_at = ?, updated_at = ? \
+                        "UPDATE applications SET name = '', token_hint = '', deleted_at = ?, updated_at = ?, \
+                         client_token_key_id = NULL, client_token_key_rotated_at = ? \
                          WHERE id = ? AND deleted_at IS NULL",
                     )
+                    .bind(now)
                     .bind(now)
                     .bind(now)
                     .bind(application_id as i64)
@@ -344,6 +348,85 @@ macro_rules! storage_impl {
                     .fetch_all(&self.pool)
                     .await?;
                     Ok::<_, sqlx::Error>(ids)
+                })
+                .await
+            }
+
+            async fn client_key(
+                &self,
+                application_id: u64,
+            ) -> Result<Option<$crate::store::ClientKeyRow>, StorageError> {
+                with_storage_errors(async {
+                    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                        "SELECT {} FROM applications WHERE id = ?",
+                        $crate::store::CLIENT_KEY_COLUMNS
+                    )))
+                    .bind(application_id as i64)
+                    .fetch_optional(&self.pool)
+                    .await
+                })
+                .await
+            }
+
+            async fn ensure_client_key(
+                &self,
+                application_id: u64,
+                first: &$crate::domain::ClientKeyId,
+            ) -> Result<Option<$crate::store::ClientKeyRow>, StorageError> {
+                with_storage_errors(async {
+                    // Set only where none is: replicas minting at once agree on the first one.
+                    sqlx::query(
+                        "UPDATE applications SET client_token_key_id = ?, client_token_key_rotated_at = ? \
+                         WHERE id = ? AND client_token_key_id IS NULL AND deleted_at IS NULL",
+                    )
+                    .bind(first.as_str())
+                    .bind($crate::store::now())
+                    .bind(application_id as i64)
+                    .execute(&self.pool)
+                    .await?;
+                    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                        "SELECT {} FROM applications WHERE id = ? AND deleted_at IS NULL",
+                        $crate::store::CLIENT_KEY_COLUMNS
+                    )))
+                    .bind(application_id as i64)
+                    .fetch_optional(&self.pool)
+                    .await
+                })
+                .await
+            }
+
+            async fn rotate_client_key(
+                &self,
+                application_id: u64,
+                key_id: &$crate::domain::ClientKeyId,
+            ) -> Result<bool, StorageError> {
+                with_storage_errors(async {
+                    let rotated = sqlx::query(
+                        "UPDATE applications SET client_token_key_id = ?, client_token_key_rotated_at = ? \
+                         WHERE id = ? AND deleted_at IS NULL",
+                    )
+                    .bind(key_id.as_str())
+                    .bind($crate::store::now())
+                    .bind(application_id as i64)
+                    .execute(&self.pool)
+                    .await?;
+                    Ok::<_, sqlx::Error>(rotated.rows_affected() > 0)
+                })
+                .await
+            }
+
+            async fn client_keys_changed_since(
+                &self,
+                since: DateTime<Utc>,
+            ) -> Result<Vec<$crate::store::ClientKeyRow>, StorageError> {
+                with_storage_errors(async {
+                    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                        "SELECT {} FROM applications WHERE client_token_key_rotated_at >= ?",
+                        $crate::store::CLIENT_KEY_COLUMNS
+                    )))
+                    .bind(since)
+                    .fetch_all(&self.pool)
+                    .await
                 })
                 .await
             }

@@ -93,12 +93,16 @@ async fn digest_plaintext_tokens(pool: &SqlitePool) -> anyhow::Result<()> {
         "CREATE TABLE applications_rebuilt (id INTEGER PRIMARY KEY, token_hint TEXT NOT NULL, \
          name TEXT NOT NULL, chats_count INTEGER NOT NULL DEFAULT 0, created_at TEXT NOT NULL, \
          updated_at TEXT NOT NULL, deleted_at TEXT, \
-         last_change_sequence INTEGER NOT NULL DEFAULT 0)",
+         last_change_sequence INTEGER NOT NULL DEFAULT 0, client_token_key_id TEXT, \
+         client_token_key_rotated_at TEXT)",
         "INSERT INTO applications_rebuilt SELECT id, token_hint, name, chats_count, created_at, \
-         updated_at, deleted_at, last_change_sequence FROM applications",
+         updated_at, deleted_at, last_change_sequence, client_token_key_id, \
+         client_token_key_rotated_at FROM applications",
         "DROP TABLE applications",
         "ALTER TABLE applications_rebuilt RENAME TO applications",
         "CREATE INDEX applications_deleted_at ON applications (deleted_at)",
+        "CREATE INDEX applications_client_token_key_rotated_at \
+         ON applications (client_token_key_rotated_at)",
     ] {
         sqlx::query(statement).execute(&mut *transaction).await?;
     }
@@ -442,6 +446,23 @@ super::shared_sql::storage_impl!(SqliteStorage, Sqlite, "sqlite", {
         }
         transaction.commit().await?;
         Ok(created)
+    }
+
+    async fn client_token_secret(&self, candidate: &str) -> Result<String, StorageError> {
+        // The first replica's candidate stays; every other one reads it.
+        sqlx::query(
+            "INSERT INTO client_token_secret (id, secret, created_at) VALUES (1, ?, ?) \
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(candidate)
+        .bind(now())
+        .execute(&self.pool)
+        .await?;
+        Ok(
+            sqlx::query_scalar("SELECT secret FROM client_token_secret WHERE id = 1")
+                .fetch_one(&self.pool)
+                .await?,
+        )
     }
 
     async fn reserve_fresh_block(

@@ -8,11 +8,13 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use super::{
-    ApplicationChangeRow, ApplicationRow, ChangeRow, ChangeSelection, ChatRow, CountFigures,
-    CountLevel, CreatedSequences, IngestBatch, MessageEdit, MessageRow, MessageToIndex,
-    ReindexCursor, ReindexScope, Reservation, Storage, StorageError, TokenGrant,
+    ApplicationChangeRow, ApplicationRow, ChangeRow, ChangeSelection, ChatRow, ClientKeyRow,
+    CountFigures, CountLevel, CreatedSequences, IngestBatch, MessageEdit, MessageRow,
+    MessageToIndex, ReindexCursor, ReindexScope, Reservation, Storage, StorageError, TokenGrant,
 };
-use crate::domain::{ApplicationName, ApplicationToken, Number, PageRequest, Sender, TokenDigest};
+use crate::domain::{
+    ApplicationName, ApplicationToken, ClientKeyId, Number, PageRequest, Sender, TokenDigest,
+};
 use crate::metrics::Metrics;
 
 pub struct TimedStorage {
@@ -117,6 +119,52 @@ impl Storage for TimedStorage {
             .replace_tokens(application_id, token, others_valid_until);
         self.metrics
             .time_within(self.kind(), "replace_tokens", self.limit, call)
+            .await
+    }
+
+    async fn client_key(&self, application_id: u64) -> Result<Option<ClientKeyRow>, StorageError> {
+        let call = self.inner.client_key(application_id);
+        self.metrics
+            .time_within(self.kind(), "client_key", self.limit, call)
+            .await
+    }
+
+    async fn ensure_client_key(
+        &self,
+        application_id: u64,
+        first: &ClientKeyId,
+    ) -> Result<Option<ClientKeyRow>, StorageError> {
+        let call = self.inner.ensure_client_key(application_id, first);
+        self.metrics
+            .time_within(self.kind(), "ensure_client_key", self.limit, call)
+            .await
+    }
+
+    async fn rotate_client_key(
+        &self,
+        application_id: u64,
+        key_id: &ClientKeyId,
+    ) -> Result<bool, StorageError> {
+        let call = self.inner.rotate_client_key(application_id, key_id);
+        self.metrics
+            .time_within(self.kind(), "rotate_client_key", self.limit, call)
+            .await
+    }
+
+    async fn client_keys_changed_since(
+        &self,
+        since: DateTime<Utc>,
+    ) -> Result<Vec<ClientKeyRow>, StorageError> {
+        let call = self.inner.client_keys_changed_since(since);
+        self.metrics
+            .time_within(self.kind(), "client_keys_changed_since", self.limit, call)
+            .await
+    }
+
+    async fn client_token_secret(&self, candidate: &str) -> Result<String, StorageError> {
+        let call = self.inner.client_token_secret(candidate);
+        self.metrics
+            .time_within(self.kind(), "client_token_secret", self.limit, call)
             .await
     }
 

@@ -157,11 +157,9 @@ async fn show(
     State(state): State<AppState>,
     tenant: Tenant,
 ) -> Result<Json<ApplicationView>, ApiError> {
-    let row = state
-        .service()
-        .find_application(tenant.application_id)
-        .await?;
-    Ok(Json(ApplicationView::new(row, &tenant.token)))
+    let application = tenant.application()?;
+    let row = state.service().find_application(application.id).await?;
+    Ok(Json(ApplicationView::new(row, application.token)))
 }
 
 /// Renames the application of the token (synchronous).
@@ -174,12 +172,13 @@ async fn update(
     tenant: Tenant,
     JsonBody(input): JsonBody<ApplicationInput>,
 ) -> Result<Json<ApplicationView>, ApiError> {
+    let application = tenant.application()?;
     let name = input.name()?;
     let row = state
         .service()
-        .rename_application(tenant.application_id, &name)
+        .rename_application(application.id, &name)
         .await?;
-    Ok(Json(ApplicationView::new(row, &tenant.token)))
+    Ok(Json(ApplicationView::new(row, application.token)))
 }
 
 /// Deletes the application of the token: its tokens stop working at once and it leaves the
@@ -194,9 +193,10 @@ async fn delete(
     tenant: Tenant,
     RequestTrace(trace): RequestTrace,
 ) -> Result<StatusCode, ApiError> {
+    let application = tenant.application()?;
     state
         .service()
-        .delete_application(tenant.application_id, &tenant.token, &trace)
+        .delete_application(application.id, application.token, &trace)
         .await?;
     Ok(StatusCode::ACCEPTED)
 }
@@ -210,8 +210,10 @@ async fn rotate_token(
     State(state): State<AppState>,
     tenant: Tenant,
 ) -> Result<(StatusCode, Json<RotatedToken>), ApiError> {
-    let (row, token, previous_tokens_expire_at) =
-        state.service().rotate_token(tenant.application_id).await?;
+    let (row, token, previous_tokens_expire_at) = state
+        .service()
+        .rotate_token(tenant.application()?.id)
+        .await?;
     Ok((
         StatusCode::CREATED,
         Json(RotatedToken {

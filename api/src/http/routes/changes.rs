@@ -17,6 +17,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::parse_number;
+use crate::app::client_tokens::Access;
 use crate::http::error::{ApiError, ErrorBody};
 use crate::http::extract::{PathParams, QueryParams, Tenant};
 use crate::http::state::AppState;
@@ -72,7 +73,12 @@ async fn list(
         keyed_page(&state, params.after.as_deref(), params.per_page.as_deref())?;
     let mut rows = state
         .service()
-        .list_changes(tenant.application_id, chat_number, after, per_page + 1)
+        .list_changes(
+            tenant.authorize(Access::Read, chat_number)?,
+            chat_number,
+            after,
+            per_page + 1,
+        )
         .await?;
     let more = cut_to_page(&mut rows, per_page);
     let next_after = rows.last().map(|row| row.sequence).filter(|_| more);
@@ -163,7 +169,7 @@ async fn feed(
     let (_, per_page) = keyed_page(&state, None, params.per_page.as_deref())?;
     let mut rows = state
         .service()
-        .list_application_changes(tenant.application_id, after, per_page + 1)
+        .list_application_changes(tenant.application()?.id, after, per_page + 1)
         .await?;
     let more = cut_to_page(&mut rows, per_page);
     let next_cursor = rows

@@ -14,6 +14,7 @@ use utoipa_axum::routes;
 
 use super::{Accepted, parse_number};
 use crate::app::NewChatDetails;
+use crate::app::client_tokens::Access;
 use crate::http::error::{ApiError, ErrorBody};
 use crate::http::extract::{OptionalJsonBody, PathParams, QueryParams, RequestTrace, Tenant};
 use crate::http::idempotency_key::IdempotencyKey;
@@ -101,7 +102,12 @@ async fn create(
     let details = input.parse()?;
     let number = state
         .service_handle()
-        .accept_chat(tenant.application_id, details, idempotency_key, &trace)
+        .accept_chat(
+            tenant.authorize_every_chat(Access::Write)?,
+            details,
+            idempotency_key,
+            &trace,
+        )
         .await?;
     Ok((StatusCode::ACCEPTED, Json(Accepted { number })))
 }
@@ -118,7 +124,7 @@ async fn list(
     let page = params.parse(&state)?;
     let rows = state
         .service()
-        .list_chats(tenant.application_id, page)
+        .list_chats(tenant.authorize_every_chat(Access::Read)?, page)
         .await?;
     let (rows, pagination) = paginate(rows, page, |row| row.number);
     Ok(Json(ChatList {
@@ -139,7 +145,7 @@ async fn show(
     let number = parse_number("number", &number)?;
     let row = state
         .service()
-        .find_chat(tenant.application_id, number)
+        .find_chat(tenant.authorize(Access::Read, number)?, number)
         .await?;
     Ok(Json(row.into()))
 }

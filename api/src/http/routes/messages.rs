@@ -24,6 +24,7 @@ use utoipa_axum::routes;
 
 use super::{Accepted, parse_number};
 use crate::app::NewMessageInput;
+use crate::app::client_tokens::Access;
 use crate::http::error::{ApiError, ErrorBody};
 use crate::http::extract::{
     ClientAddress, JsonBody, PathParams, QueryParams, RequestTrace, Tenant,
@@ -282,11 +283,13 @@ async fn create(
     JsonBody(input): JsonBody<MessageInput>,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
     let chat_number = parse_number("chat_number", &chat_number)?;
-    let message = input.parse()?;
+    let application_id = tenant.authorize(Access::Write, chat_number)?;
+    let mut message = input.parse()?;
+    message.sender = tenant.sender_for(message.sender)?;
     let number = state
         .service_handle()
         .accept_message(
-            tenant.application_id,
+            application_id,
             chat_number,
             message,
             idempotency_key,
@@ -318,7 +321,12 @@ async fn list(
         .map_err(ApiError::bad_parameter)?;
     let rows = state
         .service()
-        .list_messages(tenant.application_id, chat_number, sender.as_ref(), page)
+        .list_messages(
+            tenant.authorize(Access::Read, chat_number)?,
+            chat_number,
+            sender.as_ref(),
+            page,
+        )
         .await?;
     let (rows, pagination) = paginate(rows, page, |row| row.number);
     Ok(Json(MessageList {
@@ -341,7 +349,11 @@ async fn show(
     let number = parse_number("number", &number)?;
     let row = state
         .service()
-        .find_message(tenant.application_id, chat_number, number)
+        .find_message(
+            tenant.authorize(Access::Read, chat_number)?,
+            chat_number,
+            number,
+        )
         .await?;
     Ok(Json(row.into()))
 }
@@ -366,7 +378,13 @@ async fn update(
     let edit = input.parse()?;
     let row = state
         .service()
-        .update_message(tenant.application_id, chat_number, number, &edit, &trace)
+        .update_message(
+            tenant.authorize(Access::Write, chat_number)?,
+            chat_number,
+            number,
+            &edit,
+            &trace,
+        )
         .await?;
     Ok(Json(UpdatedMessageView {
         details: MessageDetails::of(&row),
@@ -394,7 +412,11 @@ async fn search(
     let request = params.parse(&state)?;
     let hits = state
         .service()
-        .search(tenant.application_id, chat_number, &request)
+        .search(
+            tenant.authorize(Access::Read, chat_number)?,
+            chat_number,
+            &request,
+        )
         .await?;
     let (page, sort) = (request.page, request.sort);
     let last_hit = hits
@@ -427,7 +449,12 @@ async fn delete(
     let number = parse_number("number", &number)?;
     state
         .service()
-        .delete_message(tenant.application_id, chat_number, number, &trace)
+        .delete_message(
+            tenant.authorize(Access::Write, chat_number)?,
+            chat_number,
+            number,
+            &trace,
+        )
         .await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -451,7 +478,7 @@ const LAST_EVENT_ID: &str = "last-event-id";
     security(("application_token" = [])),
     params(("chat_number" = u64, Path, minimum = 1, description = "chat number within the application"),
         ("Last-Event-ID" = Option<u64>, Header, description = "resume after this change sequence (0: the chat as it is now, then live)")),
-    responses((status = 200, description = "a stream of Server-Sent Events; each `data:` is a StreamedMessage", content_type = "text/event-stream", body = crate::http::live::StreamedMessage),
+    responses((status = 200, description = "a stream of Server-Sent Events (it ends after `CHAT_STREAM_MAX_LIFETIME_SECONDS`); each `data:` is a StreamedMessage", content_type = "text/event-stream", body = crate::http::openapi::EventStreamBody),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 503, description = "a dependency did not answer, or this replica does not hear stored changes right now; retry", body = ErrorBody)))]
 async fn stream(
@@ -477,7 +504,7 @@ async fn stream(
     };
     let chat = state
         .service()
-        .stream_target(tenant.application_id, chat_number)
+        .stream_target(tenant.authorize(Access::Read, chat_number)?, chat_number)
         .await?;
     let subscription = state.live.open(chat, client.0).await?;
     Ok(state

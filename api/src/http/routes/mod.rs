@@ -4,6 +4,7 @@
 pub(super) mod applications;
 pub(super) mod changes;
 pub(super) mod chats;
+pub(super) mod client_tokens;
 pub(super) mod health;
 pub(super) mod messages;
 pub(super) mod webhooks;

@@ -260,7 +260,7 @@ async fn create(
     };
     let (endpoint, secret) = state
         .webhooks()
-        .register(tenant.application_id, request)
+        .register(tenant.application()?.id, request)
         .await?;
     Ok((
         StatusCode::CREATED,
@@ -279,7 +279,7 @@ async fn list(
     State(state): State<AppState>,
     tenant: Tenant,
 ) -> Result<Json<EndpointList>, ApiError> {
-    let rows = state.webhooks().list(tenant.application_id).await?;
+    let rows = state.webhooks().list(tenant.application()?.id).await?;
     Ok(Json(EndpointList {
         webhooks: rows.into_iter().map(EndpointView::from).collect(),
     }))
@@ -297,7 +297,7 @@ async fn show(
 ) -> Result<Json<EndpointView>, ApiError> {
     let row = state
         .webhooks()
-        .find(tenant.application_id, parse_id(&id)?)
+        .find(tenant.application()?.id, parse_id(&id)?)
         .await?;
     Ok(Json(row.into()))
 }
@@ -324,7 +324,7 @@ async fn change(
     };
     let row = state
         .webhooks()
-        .change(tenant.application_id, id, changes)
+        .change(tenant.application()?.id, id, changes)
         .await?;
     Ok(Json(row.into()))
 }
@@ -341,7 +341,7 @@ async fn delete(
 ) -> Result<StatusCode, ApiError> {
     state
         .webhooks()
-        .delete(tenant.application_id, parse_id(&id)?)
+        .delete(tenant.application()?.id, parse_id(&id)?)
         .await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -359,7 +359,7 @@ async fn rotate_secret(
 ) -> Result<Json<RotatedSecret>, ApiError> {
     let (endpoint, secret) = state
         .webhooks()
-        .rotate_secret(tenant.application_id, parse_id(&id)?)
+        .rotate_secret(tenant.application()?.id, parse_id(&id)?)
         .await?;
     let previous_secret_valid_until = endpoint
         .previous_secret_until
@@ -404,7 +404,7 @@ async fn attempts(
     let mut rows = state
         .webhooks()
         .attempts(
-            tenant.application_id,
+            tenant.application()?.id,
             parse_id(&id)?,
             before,
             page.per_page + 1,
@@ -441,7 +441,7 @@ async fn replay(
     };
     let row = state
         .webhooks()
-        .replay(tenant.application_id, parse_id(&id)?, after)
+        .replay(tenant.application()?.id, parse_id(&id)?, after)
         .await?;
     Ok((StatusCode::ACCEPTED, Json(row.into())))
 }

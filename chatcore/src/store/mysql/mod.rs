@@ -372,6 +372,22 @@ super::shared_sql::storage_impl!(MySqlStorage, MySql, "mysql", {
         Ok(created)
     }
 
+    async fn client_token_secret(&self, candidate: &str) -> Result<String, StorageError> {
+        // The first replica's candidate stays; every other one reads it.
+        sqlx::query(
+            "INSERT IGNORE INTO client_token_secret (id, secret, created_at) VALUES (1, ?, ?)",
+        )
+        .bind(candidate)
+        .bind(now())
+        .execute(&self.pool)
+        .await?;
+        Ok(
+            sqlx::query_scalar("SELECT secret FROM client_token_secret WHERE id = 1")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
     async fn reserve_fresh_block(
         &self,
         scope: &str,

@@ -45,11 +45,12 @@ pub async fn limit_rate(State(state): State<AppState>, request: Request, next: N
     let mut by_application = None;
     let response = 'answered: {
         if let Some(presented) = crate::http::tenant::presented(&request) {
-            let tenant = match crate::http::tenant::resolve(&state, presented).await {
-                Ok(tenant) => tenant,
-                Err(refused) => break 'answered refused.into_response(),
-            };
-            by_application = match limiters.check_application(tenant.application_id) {
+            let (application_id, tenant) =
+                match crate::http::tenant::resolve(&state, presented).await {
+                    Ok(resolved) => resolved,
+                    Err(refused) => break 'answered refused.into_response(),
+                };
+            by_application = match limiters.check_application(application_id) {
                 Ok(remaining) => remaining,
                 Err(limited) => return limited.into_response(),
             };
