@@ -9,7 +9,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::domain::Number;
+use crate::domain::{Metadata, Number, Sender};
 pub use crate::store::ChangeKind;
 use crate::store::ChangeRow;
 
@@ -27,6 +27,13 @@ pub struct MessageChange {
     pub version: u64,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    // Absent from the announcements of replicas before these fields.
+    #[serde(default)]
+    pub sender: Option<Sender>,
+    #[serde(default)]
+    pub metadata: Option<Metadata>,
+    #[serde(default)]
+    pub edited_at: Option<DateTime<Utc>>,
 }
 
 impl MessageChange {
@@ -48,6 +55,9 @@ impl MessageChange {
             version: message.version,
             created_at: message.created_at,
             updated_at: message.updated_at,
+            sender: message.sender.clone(),
+            metadata: message.metadata.clone(),
+            edited_at: message.edited_at,
         }
     }
 }

@@ -197,8 +197,9 @@ impl MessageBody {
 
 /// Who sent a message: an opaque id the integrator chooses, 1..=128 characters of
 /// `[A-Za-z0-9._:@-]` (fits ids like `u42`, `user:42` or an e-mail address; never markup).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, sqlx::Type)]
 #[serde(transparent)]
+#[sqlx(transparent)]
 pub struct Sender(String);
 
 impl Sender {
@@ -218,11 +219,6 @@ impl Sender {
         Ok(Self(raw.to_owned()))
     }
 
-    /// A sender read back from the storage or an index (written by [`Sender::parse`]).
-    pub fn from_stored(stored: String) -> Self {
-        Self(stored)
-    }
-
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -236,7 +232,8 @@ impl fmt::Display for Sender {
 
 /// An integrator's own data on a chat or message: a JSON object of at most 32 keys and 4 KiB
 /// serialized. Kept as its compact serialization, which is what is stored and sent on.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::Type)]
+#[sqlx(transparent)]
 pub struct Metadata(String);
 
 impl Metadata {
@@ -263,11 +260,6 @@ impl Metadata {
         Ok(Self(serialized))
     }
 
-    /// Metadata read back from the storage or an event (written by [`Metadata::parse`]).
-    pub fn from_stored(serialized: String) -> Self {
-        Self(serialized)
-    }
-
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -291,8 +283,9 @@ impl<'de> Deserialize<'de> for Metadata {
 }
 
 /// A chat's title: 1..=255 characters after trimming, no control characters.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, sqlx::Type)]
 #[serde(transparent)]
+#[sqlx(transparent)]
 pub struct ChatTitle(String);
 
 impl ChatTitle {
@@ -768,7 +761,7 @@ pub fn serialize_timestamp<S: Serializer>(
     serializer.serialize_str(&at.to_rfc3339_opts(SecondsFormat::Millis, true))
 }
 
-/// [`serialize_timestamp`] of a timestamp that may be absent (`null`).
+/// An optional timestamp as [`serialize_timestamp`] writes one, or null.
 pub fn serialize_optional_timestamp<S: Serializer>(
     at: &Option<DateTime<Utc>>,
     serializer: S,

@@ -9,7 +9,7 @@ use rand::RngCore as _;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::domain::Number;
+use crate::domain::{ChatTitle, Metadata, Number, Sender};
 
 pub const SCHEMA_VERSION: u32 = 1;
 pub const SCHEMA_VERSION_HEADER: &str = "x-schema-version";
@@ -31,6 +31,12 @@ pub enum EventPayload {
         application_id: u64,
         chat_number: Number,
         created_at: DateTime<Utc>,
+        // The optional fields are left out when absent: events of releases before them read the
+        // same, and theirs read here as absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        title: Option<ChatTitle>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        metadata: Option<Metadata>,
     },
     MessageCreated {
         application_id: u64,
@@ -38,9 +44,13 @@ pub enum EventPayload {
         message_number: Number,
         body: String,
         created_at: DateTime<Utc>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sender: Option<Sender>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        metadata: Option<Metadata>,
     },
-    /// A body change already committed to MySQL; `version` orders it against other writes of the
-    /// same message in the search index.
+    /// A change of body and metadata already committed to the storage; `version` orders it
+    /// against other writes of the same message in the search index.
     MessageUpdated {
         application_id: u64,
         chat_number: Number,
@@ -49,6 +59,12 @@ pub enum EventPayload {
         version: u64,
         created_at: DateTime<Utc>,
         updated_at: DateTime<Utc>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sender: Option<Sender>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        metadata: Option<Metadata>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        edited_at: Option<DateTime<Utc>>,
     },
     /// A deletion already committed to the storage (the message is a tombstone there);
     /// `version` orders it after every earlier write of the message, so a late create or update
@@ -253,12 +269,30 @@ mod tests {
             message_number: number(9),
             body: "hello".into(),
             created_at: Utc::now(),
+            sender: Some(Sender::parse("u42").expect("valid")),
+            metadata: Some(Metadata::parse(&serde_json::json!({"k": [1]})).expect("valid")),
         });
         let json: serde_json::Value = serde_json::from_slice(&event.encode()).expect("json");
         assert_eq!(json["type"], "message_created");
+        assert_eq!(json["metadata"], serde_json::json!({"k": [1]}));
         assert_eq!(json["schema_version"], SCHEMA_VERSION);
         assert_eq!(Event::decode(&event.encode()).expect("decodes"), event);
         assert_eq!(event.routing_key(), routing::MESSAGE_CREATED);
+    }
+
+    #[test]
+    fn events_of_earlier_releases_read_without_the_optional_fields() {
+        let earlier = r#"{"schema_version":1,"event_id":"6f1c3b8e-3a8c-4d5e-9f00-1b2c3d4e5f60",
+            "occurred_at":"2026-12-01T00:00:00Z","type":"message_created","application_id":1,
+            "chat_number":2,"message_number":3,"body":"hi","created_at":"2026-12-01T00:00:00Z"}"#;
+        let event = Event::decode(earlier.as_bytes()).expect("decodes");
+        let EventPayload::MessageCreated {
+            sender, metadata, ..
+        } = event.payload
+        else {
+            panic!("a message_created event");
+        };
+        assert_eq!((sender, metadata), (None, None));
     }
 
     #[test]
@@ -267,6 +301,8 @@ mod tests {
             application_id: 1,
             chat_number: number(1),
             created_at: Utc::now(),
+            title: None,
+            metadata: None,
         });
         event.schema_version = SCHEMA_VERSION + 1;
         assert!(matches!(

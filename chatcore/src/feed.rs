@@ -6,8 +6,10 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::domain::{FeedCursor, serialize_timestamp};
-use crate::store::{ApplicationChangeRow, ChangeKind, ChangeRow};
+use crate::domain::{
+    ChatTitle, FeedCursor, Metadata, Sender, serialize_optional_timestamp, serialize_timestamp,
+};
+use crate::store::{ApplicationChangeRow, ChangeKind, ChangeRow, MessageRow};
 use crate::webhooks::events::EventType;
 
 impl From<ChangeKind> for EventType {
@@ -53,6 +55,35 @@ pub struct ChangedMessageView {
     pub version: u64,
     #[serde(serialize_with = "serialize_timestamp")]
     pub created_at: DateTime<Utc>,
+    #[serde(flatten)]
+    pub details: MessageDetails,
+}
+
+/// What a message carries besides its body, wherever it is shown: who sent it, the integrator's
+/// data, and whether it was edited.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct MessageDetails {
+    /// Who sent it (the `sender` it was posted with, or its client token's); null when not given.
+    #[schema(value_type = Option<String>, required = true, pattern = "^[A-Za-z0-9._:@-]{1,128}$")]
+    pub sender: Option<Sender>,
+    /// The integrator's own data, a JSON object as posted (null when none; removed with the
+    /// message).
+    #[schema(value_type = Option<Object>, required = true)]
+    pub metadata: Option<Metadata>,
+    /// When the message was first edited; null until then.
+    #[serde(serialize_with = "serialize_optional_timestamp")]
+    #[schema(value_type = Option<String>, required = true, format = DateTime)]
+    pub edited_at: Option<DateTime<Utc>>,
+}
+
+impl MessageDetails {
+    pub fn of(message: &MessageRow) -> Self {
+        Self {
+            sender: message.sender.clone(),
+            metadata: message.metadata.clone(),
+            edited_at: message.edited_at,
+        }
+    }
 }
 
 impl From<ChangeRow> for ChangeView {
@@ -62,6 +93,7 @@ impl From<ChangeRow> for ChangeView {
             kind: change.kind.event_type(),
             occurred_at: change.message.updated_at,
             message: ChangedMessageView {
+                details: MessageDetails::of(&change.message),
                 number: change.message.number,
                 body: change.message.body,
                 version: change.message.version,
@@ -102,6 +134,19 @@ pub struct CreatedChatView {
     pub number: u64,
     #[serde(serialize_with = "serialize_timestamp")]
     pub created_at: DateTime<Utc>,
+    #[serde(flatten)]
+    pub details: ChatDetails,
+}
+
+/// What a chat carries besides its number, wherever it is shown.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ChatDetails {
+    /// The chat's title; null when none was given.
+    #[schema(value_type = Option<String>, required = true, max_length = 255)]
+    pub title: Option<ChatTitle>,
+    /// The integrator's own data, a JSON object as posted (null when none).
+    #[schema(value_type = Option<Object>, required = true)]
+    pub metadata: Option<Metadata>,
 }
 
 impl From<ApplicationChangeRow> for FeedChangeView {
@@ -119,6 +164,10 @@ impl From<ApplicationChangeRow> for FeedChangeView {
                 chat: Some(CreatedChatView {
                     number: row.chat_number,
                     created_at: change.message.created_at,
+                    details: ChatDetails {
+                        title: row.chat_title,
+                        metadata: row.chat_metadata,
+                    },
                 }),
                 occurred_at: change.message.updated_at,
             };

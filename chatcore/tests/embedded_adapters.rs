@@ -152,6 +152,8 @@ fn message_event(number: u64) -> Event {
         message_number: Number::new(number).expect("positive"),
         body: format!("message {number}"),
         created_at: chatcore::store::now(),
+        sender: None,
+        metadata: None,
     })
 }
 

@@ -22,7 +22,16 @@ from chat_client.api.messages import (
     show_message,
     update_message,
 )
-from chat_client.models import ApplicationInput, ErrorBody, MessageInput
+from chat_client.models import (
+    ApplicationInput,
+    ChatInput,
+    ChatInputMetadataType0,
+    ErrorBody,
+    MessageEditInput,
+    MessageEditInputMetadataType0,
+    MessageInput,
+    MessageInputMetadataType0,
+)
 from chat_client.types import UNSET
 
 # Writes are persisted and indexed asynchronously: reads wait for them this long.
@@ -53,6 +62,11 @@ def expect(response, status):
         f"expected {status}, got {response.status_code}: {response.content!r}",
     )
     return response.parsed
+
+
+def if_ok(response):
+    """The parsed body of a 200, None otherwise."""
+    return response.parsed if response.status_code == 200 else None
 
 
 def expect_error(response, status, code, field=UNSET):
@@ -122,9 +136,21 @@ def tour(base_url):
     )
     check(renamed.name == "Renamed" and renamed.token == token, f"{renamed!r}")
 
-    # A chat: accepted (202) with its number, written a moment later.
+    # A chat: accepted (202) with its number, written a moment later; a title and metadata optional.
     chat = expect(create_chat.sync_detailed(client=tenant, idempotency_key=str(uuid.uuid4())), 202).number
     check(chat == 1, f"the first chat is number 1, not {chat}")
+    titled = expect(
+        create_chat.sync_detailed(
+            client=tenant,
+            body=ChatInput(title="Team room", metadata=ChatInputMetadataType0.from_dict({"topic": "launch"})),
+        ),
+        202,
+    ).number
+    shown = eventually(
+        "the titled chat is stored", lambda: if_ok(show_chat.sync_detailed(titled, client=tenant))
+    )
+    check(shown.title == "Team room", f"{shown!r}")
+    check(shown.metadata.to_dict() == {"topic": "launch"}, f"{shown!r}")
 
     # Messages, each with an Idempotency-Key: a retry with the same key and body keeps its number.
     bodies = [
@@ -135,18 +161,32 @@ def tour(base_url):
         "hello again",
     ]
     keys = [str(uuid.uuid4()) for _ in bodies]
+    # Who sent each one (an id of the integrator's choosing), and the integrator's own data.
+    senders = ["u42", "u7", "u42", UNSET, "u7"]
     numbers = [
         expect(
             create_message.sync_detailed(
-                chat, client=tenant, body=MessageInput(body=body), idempotency_key=key
+                chat,
+                client=tenant,
+                body=MessageInput(
+                    body=body,
+                    sender=sender,
+                    metadata=MessageInputMetadataType0.from_dict({"n": index}),
+                ),
+                idempotency_key=key,
             ),
             202,
         ).number
-        for body, key in zip(bodies, keys)
+        for index, (body, key, sender) in enumerate(zip(bodies, keys, senders))
     ]
     check(numbers == [1, 2, 3, 4, 5], f"numbered in order: {numbers}")
     retried = create_message.sync_detailed(
-        chat, client=tenant, body=MessageInput(body=bodies[0]), idempotency_key=keys[0]
+        chat,
+        client=tenant,
+        body=MessageInput(
+            body=bodies[0], sender="u42", metadata=MessageInputMetadataType0.from_dict({"n": 0})
+        ),
+        idempotency_key=keys[0],
     )
     check(expect(retried, 202).number == 1, "a retry with the same key gets the first number")
     expect_error(
@@ -175,16 +215,29 @@ def tour(base_url):
     check([m.number for m in previous.messages] == [1, 2], "previous_before leads back to page one")
     first = expect(show_message.sync_detailed(chat, 1, client=tenant), 200)
     check(first.body == bodies[0], f"{first!r}")
+    check(first.sender == "u42" and first.metadata.to_dict() == {"n": 0}, f"{first!r}")
+    check(first.edited_at is None, "not edited yet")
+    of_u7 = expect(list_messages.sync_detailed(chat, client=tenant, sender="u7"), 200)
+    check([m.number for m in of_u7.messages] == [2, 5], "one sender's messages")
+    check(expect(show_message.sync_detailed(chat, 4, client=tenant), 200).sender is None, "no sender")
 
-    # An update is synchronous; the search index follows.
+    # An update is synchronous (the sender stays; edited_at marks the first edit); the index follows.
     updated = expect(
         update_message.sync_detailed(
-            chat, 1, client=tenant, body=MessageInput(body="Updated internationalization notes")
+            chat,
+            1,
+            client=tenant,
+            body=MessageEditInput(
+                body="Updated internationalization notes",
+                metadata=MessageEditInputMetadataType0.from_dict({"n": 0, "edited": True}),
+            ),
         ),
         200,
     )
     check(updated.number == 1 and updated.body == "Updated internationalization notes", f"{updated!r}")
     check(updated.updated_at is not None, "updated_at is set")
+    check(updated.sender == "u42" and updated.edited_at is not None, f"{updated!r}")
+    check(updated.metadata.to_dict() == {"n": 0, "edited": True}, f"{updated!r}")
 
     # Search: word prefixes, one hit per page through next_cursor; the update is found once indexed.
     eventually(
@@ -213,8 +266,8 @@ def tour(base_url):
         lambda: expect(show_chat.sync_detailed(chat, client=tenant), 200).messages_count == 4,
     )
     eventually(
-        "the application counts its chat",
-        lambda: expect(show_application.sync_detailed(client=tenant), 200).chats_count == 1,
+        "the application counts its chats",
+        lambda: expect(show_application.sync_detailed(client=tenant), 200).chats_count == 2,
     )
 
     # Errors: every one the same body, with a stable code.
@@ -228,10 +281,16 @@ def tour(base_url):
         field="name",
     )
     expect_error(
-        update_message.sync_detailed(chat, 1, client=tenant, body=MessageInput(body="")),
+        update_message.sync_detailed(chat, 1, client=tenant, body=MessageEditInput(body="")),
         422,
         "validation_failed",
         field="body",
+    )
+    expect_error(
+        create_message.sync_detailed(chat, client=tenant, body=MessageInput(body="x", sender="not valid")),
+        422,
+        "validation_failed",
+        field="sender",
     )
     expect_error(
         list_messages.sync_detailed(chat, client=tenant, per_page=1000),

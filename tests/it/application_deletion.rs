@@ -209,6 +209,8 @@ async fn late_events_of_a_deleted_application_leave_nothing_behind(
             application_id,
             chat_number,
             created_at: chrono::Utc::now(),
+            title: None,
+            metadata: None,
         }),
         Event::new(EventPayload::MessageCreated {
             application_id,
@@ -216,6 +218,8 @@ async fn late_events_of_a_deleted_application_leave_nothing_behind(
             message_number: Number::new(1).expect("positive"),
             body: "zebra came late".into(),
             created_at: chrono::Utc::now(),
+            sender: None,
+            metadata: None,
         }),
     ];
     let queue = chatcore::adapters::queue(&env.config(), &Metrics::new()).await?;

@@ -303,13 +303,16 @@ async fn messages_stored_before_the_change_log_are_logged_once_by_the_migration(
         0
     );
     // The next change follows the log.
-    let body = chatcore::domain::MessageBody::parse("again".to_owned())?;
+    let edit = chatcore::store::MessageEdit {
+        body: chatcore::domain::MessageBody::parse("again".to_owned())?,
+        metadata: chatcore::store::MetadataEdit::Keep,
+    };
     let change = storage
         .update_message(
             1,
             chat,
             chatcore::domain::Number::new(1).expect("positive"),
-            &body,
+            &edit,
         )
         .await?;
     assert_eq!(change.map(|change| change.sequence), Some(4));
@@ -462,7 +465,9 @@ async fn concurrent_batches_and_edits_of_one_application_do_not_deadlock() -> an
     use std::sync::Arc;
 
     use chatcore::domain::{ApplicationName, ApplicationToken, MessageBody, Number};
-    use chatcore::store::{IngestBatch, NewMessage, Storage as _};
+    use chatcore::store::{
+        IngestBatch, MessageEdit, MetadataEdit, NewChat, NewMessage, Storage as _,
+    };
 
     const WRITERS: u64 = 4;
     const BATCHES: u64 = 25;
@@ -493,7 +498,14 @@ async fn concurrent_batches_and_edits_of_one_application_do_not_deadlock() -> an
                     messages: BTreeMap::new(),
                 };
                 for chat in [number(1), number(2)] {
-                    batch.chats.insert((application, chat), now);
+                    batch.chats.insert(
+                        (application, chat),
+                        NewChat {
+                            created_at: now,
+                            title: None,
+                            metadata: None,
+                        },
+                    );
                     let messages = (0..PER_CHAT)
                         .map(|i| {
                             let message = NewMessage {
@@ -501,6 +513,8 @@ async fn concurrent_batches_and_edits_of_one_application_do_not_deadlock() -> an
                                 number: number(first + i),
                                 body: &bodies[i as usize],
                                 created_at: now,
+                                sender: None,
+                                metadata: None,
                             };
                             (message.number, message)
                         })
@@ -520,9 +534,12 @@ async fn concurrent_batches_and_edits_of_one_application_do_not_deadlock() -> an
             for round in 0..BATCHES * 2 {
                 for chat in [number(1), number(2)] {
                     let target = number(round % 8 + 1);
-                    let body = MessageBody::parse(format!("edit {round}"))?;
+                    let edit = MessageEdit {
+                        body: MessageBody::parse(format!("edit {round}"))?,
+                        metadata: MetadataEdit::Keep,
+                    };
                     if storage
-                        .update_message(application, chat, target, &body)
+                        .update_message(application, chat, target, &edit)
                         .await?
                         .is_some()
                     {

@@ -371,7 +371,21 @@ async fn chats_and_messages_lifecycle(env: TestEnv) -> anyhow::Result<()> {
         .get(&format!("/applications/{token}/chats/1"))
         .await?;
     assert_eq!(chat.status, StatusCode::OK);
-    assert_eq!(keys(&chat.body), ["created_at", "messages_count", "number"]);
+    // The reference's fields, and the optional ones a request without them leaves null.
+    assert_eq!(
+        keys(&chat.body),
+        [
+            "created_at",
+            "messages_count",
+            "metadata",
+            "number",
+            "title"
+        ]
+    );
+    assert_eq!(
+        (&chat.body["title"], &chat.body["metadata"]),
+        (&json!(null), &json!(null))
+    );
     assert!(
         chat.body["created_at"]
             .as_str()
@@ -391,7 +405,20 @@ async fn chats_and_messages_lifecycle(env: TestEnv) -> anyhow::Result<()> {
         .get(&format!("/applications/{token}/chats/1/messages/1"))
         .await?;
     assert_eq!(message.status, StatusCode::OK);
-    assert_eq!(keys(&message.body), ["body", "created_at", "number"]);
+    assert_eq!(
+        keys(&message.body),
+        [
+            "body",
+            "created_at",
+            "edited_at",
+            "metadata",
+            "number",
+            "sender"
+        ]
+    );
+    for optional in ["edited_at", "metadata", "sender"] {
+        assert_eq!(message.body[optional], json!(null), "{optional}");
+    }
     assert_eq!(message.body["body"], "Hello, world!");
     let messages = client
         .get(&format!(
@@ -414,7 +441,21 @@ async fn chats_and_messages_lifecycle(env: TestEnv) -> anyhow::Result<()> {
         )
         .await?;
     assert_eq!(updated.status, StatusCode::OK);
-    assert_eq!(keys(&updated.body), ["body", "number", "updated_at"]);
+    assert_eq!(
+        keys(&updated.body),
+        [
+            "body",
+            "edited_at",
+            "metadata",
+            "number",
+            "sender",
+            "updated_at"
+        ]
+    );
+    assert_eq!(
+        updated.body["edited_at"], updated.body["updated_at"],
+        "the first edit"
+    );
     assert_eq!(updated.body["body"], "Updated content");
     let reread = client
         .get(&format!("/applications/{token}/chats/1/messages/1"))

@@ -150,6 +150,8 @@ async fn late_events_never_bring_a_deleted_message_back() -> anyhow::Result<()> 
         message_number,
         body: "resurrected words".into(),
         created_at,
+        sender: None,
+        metadata: None,
     });
     redelivered.event_id = uuid::Uuid::from_slice(&event_id)?;
     let stale_update = Event::new(EventPayload::MessageUpdated {
@@ -160,6 +162,9 @@ async fn late_events_never_bring_a_deleted_message_back() -> anyhow::Result<()> 
         version: 2,
         created_at,
         updated_at: created_at,
+        sender: None,
+        metadata: None,
+        edited_at: None,
     });
     let queue = chatcore::adapters::queue(&env.config(), &Metrics::new()).await?;
     let trace = TraceContext::child_of(None);

@@ -214,6 +214,8 @@ fn message_event(number: u64) -> Event {
         message_number: Number::new(number).expect("positive"),
         body: format!("message {number}"),
         created_at: chatcore::store::now(),
+        sender: None,
+        metadata: None,
     })
 }
 
@@ -312,6 +314,8 @@ async fn a_number_handed_out_twice_is_dead_lettered_not_dropped(
             message_number: Number::new(1000).expect("positive"),
             body: body.to_owned(),
             created_at: chatcore::store::now(),
+            sender: None,
+            metadata: None,
         })
     };
     let config = env.config();
@@ -391,6 +395,8 @@ async fn workers_behind_a_thousand_of_the_largest_events_stay_within_their_memor
                 message_number: Number::new(*number).expect("positive"),
                 body: body.clone(),
                 created_at: chatcore::store::now(),
+                sender: None,
+                metadata: None,
             });
             let (queue, trace) = (&queue, &trace);
             async move { queue.publish(&event, trace).await }

@@ -18,6 +18,7 @@ mod live;
 mod observability;
 mod pipeline;
 mod search;
+mod senders;
 mod tls;
 mod tokens;
 mod tool_cache;

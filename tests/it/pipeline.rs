@@ -363,6 +363,8 @@ async fn poison_events_are_dead_lettered_and_the_consumers_go_on() -> anyhow::Re
         message_number: Number::new(1).expect("positive"),
         body: "orphan".into(),
         created_at: chrono_now(),
+        sender: None,
+        metadata: None,
     });
     let malformed_properties = chatcore::queue::event_properties(&unknown_application, &trace);
     channel
@@ -632,6 +634,8 @@ async fn every_publish_gets_the_confirm_of_its_own_event() -> anyhow::Result<()>
                         message_number: number,
                         body: "routable".into(),
                         created_at: now,
+                        sender: None,
+                        metadata: None,
                     }
                 } else {
                     EventPayload::MessageUpdated {
@@ -642,6 +646,9 @@ async fn every_publish_gets_the_confirm_of_its_own_event() -> anyhow::Result<()>
                         version: 2,
                         created_at: now,
                         updated_at: now,
+                        sender: None,
+                        metadata: None,
+                        edited_at: None,
                     }
                 };
                 // A confirm that did not come in time (a broker slowed down by a loaded machine)
@@ -740,6 +747,8 @@ async fn a_poison_event_in_an_envelope_is_dead_lettered_alone() -> anyhow::Resul
         message_number: Number::new(500).expect("positive"),
         body: "enveloped".into(),
         created_at: chrono_now(),
+        sender: None,
+        metadata: None,
     });
     let orphan = Event::new(EventPayload::MessageCreated {
         application_id: 987_655,
@@ -747,6 +756,8 @@ async fn a_poison_event_in_an_envelope_is_dead_lettered_alone() -> anyhow::Resul
         message_number: Number::new(1).expect("positive"),
         body: "orphan".into(),
         created_at: chrono_now(),
+        sender: None,
+        metadata: None,
     });
     let trace = chatcore::events::TraceContext::child_of(None);
     let mut body = Vec::new();

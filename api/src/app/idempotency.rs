@@ -259,6 +259,8 @@ mod tests {
             application_id: 3,
             chat_number: Number::new(9).expect("positive"),
             created_at: chatcore::store::now(),
+            title: None,
+            metadata: None,
         });
         let records = [
             Recorded::Claimed {

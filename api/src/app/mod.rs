@@ -7,14 +7,17 @@ use std::sync::Arc;
 use chatcore::adapters::Adapters;
 use chatcore::changes::MessageChange;
 use chatcore::config::{ApiConfig, Config};
-use chatcore::domain::{MessageBody, Number, PageRequest, SearchRequest, TokenDigest};
+use chatcore::domain::{
+    ChatTitle, MessageBody, Metadata, Number, PageRequest, SearchRequest, Sender, TokenDigest,
+};
 use chatcore::events::{Event, EventPayload, TraceContext};
 use chatcore::numbering::{NumberAllocator, Scope};
 use chatcore::queue::EventQueue;
 use chatcore::search::{MessageHit, SearchIndex};
 use chatcore::state::SharedState;
 use chatcore::store::{
-    ApplicationChangeRow, ChangeRow, ChangeSelection, ChatKey, ChatRow, MessageRow, Storage,
+    ApplicationChangeRow, ChangeRow, ChangeSelection, ChatKey, ChatRow, MessageEdit, MessageRow,
+    Storage,
 };
 use quick_cache::sync::Cache;
 
@@ -32,6 +35,52 @@ use tokens::{CachedGrant, TOKEN_CACHE_ENTRIES};
 /// Entries of the cache of chats known to exist (a chat goes only with its application, whose
 /// tokens go first: nobody asks for it after that).
 const CHAT_CACHE_ENTRIES: usize = 500_000;
+
+/// What a client gives a new chat besides asking for it.
+#[derive(Debug, Default)]
+pub struct NewChatDetails {
+    pub title: Option<ChatTitle>,
+    pub metadata: Option<Metadata>,
+}
+
+impl NewChatDetails {
+    /// What an `Idempotency-Key` is bound to: empty without details, as before they existed, so a
+    /// key first used then still matches its retry.
+    fn fingerprint(&self) -> Vec<u8> {
+        if self.title.is_none() && self.metadata.is_none() {
+            return Vec::new();
+        }
+        let title = self.title.as_ref().map(ChatTitle::as_str);
+        let metadata = self.metadata.as_ref().map(Metadata::as_str);
+        serde_json::to_vec(&(title, metadata)).expect("strings serialize")
+    }
+}
+
+/// A message as a client posts it.
+#[derive(Debug)]
+pub struct NewMessageInput {
+    pub body: MessageBody,
+    pub sender: Option<Sender>,
+    pub metadata: Option<Metadata>,
+}
+
+impl NewMessageInput {
+    /// What an `Idempotency-Key` is bound to: the body alone when there is nothing else, as
+    /// before senders existed (a body never holds NUL, so the parts cannot run together).
+    fn fingerprint(&self) -> Vec<u8> {
+        let mut fingerprint = self.body.as_str().as_bytes().to_vec();
+        if self.sender.is_some() || self.metadata.is_some() {
+            for part in [
+                self.sender.as_ref().map_or("", Sender::as_str),
+                self.metadata.as_ref().map_or("", Metadata::as_str),
+            ] {
+                fingerprint.push(0);
+                fingerprint.extend_from_slice(part.as_bytes());
+            }
+        }
+        fingerprint
+    }
+}
 
 /// One dependency as `/readyz` reports it.
 pub struct DependencyCheck {
@@ -96,6 +145,7 @@ impl ChatService {
     pub async fn accept_chat(
         self: Arc<Self>,
         application_id: u64,
+        details: NewChatDetails,
         idempotency_key: Option<String>,
         trace: &TraceContext,
     ) -> Result<Number, AppError> {
@@ -106,13 +156,20 @@ impl ChatService {
         if quota > 0 && self.allocator.handed_out_up_to(&scope).await? >= quota {
             return Err(AppError::ChatQuotaExceeded(quota));
         }
-        self.accept_once_per_key(idempotency_key, &scope, b"", trace, move |chat_number| {
-            EventPayload::ChatCreated {
+        let fingerprint = details.fingerprint();
+        self.accept_once_per_key(
+            idempotency_key,
+            &scope,
+            &fingerprint,
+            trace,
+            move |chat_number| EventPayload::ChatCreated {
                 application_id,
                 chat_number,
                 created_at: chatcore::store::now(),
-            }
-        })
+                title: details.title,
+                metadata: details.metadata,
+            },
+        )
         .await
     }
 
@@ -141,7 +198,7 @@ impl ChatService {
         self: Arc<Self>,
         application_id: u64,
         chat_number: Number,
-        body: MessageBody,
+        message: NewMessageInput,
         idempotency_key: Option<String>,
         trace: &TraceContext,
     ) -> Result<Number, AppError> {
@@ -151,7 +208,7 @@ impl ChatService {
             application_id,
             chat_number,
         };
-        let fingerprint = body.as_str().as_bytes().to_vec();
+        let fingerprint = message.fingerprint();
         self.accept_once_per_key(
             idempotency_key,
             &scope,
@@ -161,8 +218,10 @@ impl ChatService {
                 application_id,
                 chat_number,
                 message_number,
-                body: body.into_string(),
+                body: message.body.into_string(),
                 created_at: chatcore::store::now(),
+                sender: message.sender,
+                metadata: message.metadata,
             },
         )
         .await
@@ -172,12 +231,13 @@ impl ChatService {
         &self,
         application_id: u64,
         chat_number: Number,
+        sender: Option<&Sender>,
         page: PageRequest,
     ) -> Result<Vec<MessageRow>, AppError> {
         self.require_chat(application_id, chat_number).await?;
         Ok(self
             .storage
-            .list_messages(application_id, chat_number, page)
+            .list_messages(application_id, chat_number, sender, page)
             .await?)
     }
 
@@ -212,7 +272,7 @@ impl ChatService {
             .ok_or(AppError::NotFound("message"))
     }
 
-    /// Replaces the body in the storage, then publishes the update for the index. If the event
+    /// Replaces the body (and the metadata as asked) in the storage, then publishes the update for the index. If the event
     /// cannot be confirmed the index would lag, so the client is told (503) and a retried PUT
     /// brings the index up to date. A number handed out but not stored yet is
     /// [`AppError::NotPersistedYet`], so the client retries instead of losing its edit.
@@ -221,12 +281,12 @@ impl ChatService {
         application_id: u64,
         chat_number: Number,
         number: Number,
-        body: &MessageBody,
+        edit: &MessageEdit,
         trace: &TraceContext,
     ) -> Result<MessageRow, AppError> {
         let Some(change) = self
             .storage
-            .update_message(application_id, chat_number, number, body)
+            .update_message(application_id, chat_number, number, edit)
             .await?
         else {
             return Err(self
@@ -242,6 +302,9 @@ impl ChatService {
             version: row.version,
             created_at: row.created_at,
             updated_at: row.updated_at,
+            sender: row.sender.clone(),
+            metadata: row.metadata.clone(),
+            edited_at: row.edited_at,
         });
         let announced = MessageChange::logged(application_id, chat_number, number, &change);
         self.publish_change(&event, announced, trace).await?;

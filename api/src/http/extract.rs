@@ -21,6 +21,27 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     }
 }
 
+/// A JSON request body that may be left out: an empty body is `T::default()`.
+pub struct OptionalJsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Default> FromRequest<S> for OptionalJsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let (parts, body) = request.into_parts();
+        // The body middleware has read it whole already (within the size limit).
+        let bytes = axum::body::to_bytes(body, usize::MAX)
+            .await
+            .map_err(|error| ApiError::Internal(anyhow::anyhow!("reading the body: {error}")))?;
+        if bytes.is_empty() {
+            return Ok(Self(T::default()));
+        }
+        let request = Request::from_parts(parts, axum::body::Body::from(bytes));
+        let JsonBody(value) = JsonBody::<T>::from_request(request, state).await?;
+        Ok(Self(value))
+    }
+}
+
 /// Query-string parameters.
 pub struct QueryParams<T>(pub T);
 

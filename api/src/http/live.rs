@@ -501,6 +501,8 @@ pub struct StreamedMessage {
     /// When it was last updated, or deleted.
     #[serde(serialize_with = "chatcore::domain::serialize_timestamp")]
     updated_at: chrono::DateTime<chrono::Utc>,
+    #[serde(flatten)]
+    details: chatcore::feed::MessageDetails,
 }
 
 impl From<&MessageChange> for StreamedMessage {
@@ -511,6 +513,11 @@ impl From<&MessageChange> for StreamedMessage {
             version: change.version,
             created_at: change.created_at,
             updated_at: change.updated_at,
+            details: chatcore::feed::MessageDetails {
+                sender: change.sender.clone(),
+                metadata: change.metadata.clone(),
+                edited_at: change.edited_at,
+            },
         }
     }
 }

@@ -6,7 +6,7 @@
 
 use axum::http::StatusCode;
 use utoipa::openapi::path::{Operation, ParameterBuilder, ParameterIn, PathItem};
-use utoipa::openapi::schema::{ObjectBuilder, Type};
+use utoipa::openapi::schema::{ObjectBuilder, Schema, SchemaType, Type};
 use utoipa::openapi::security::SecurityRequirement;
 use utoipa::openapi::{
     ContentBuilder, Deprecated, HeaderBuilder, OpenApi, Ref, RefOr, Required, Response,
@@ -222,7 +222,39 @@ fn operations_mut(item: &mut PathItem) -> impl Iterator<Item = &mut Operation> {
     .flatten()
 }
 
+/// An optional request body (`Option<T>` in a handler's annotation) is documented as `T` with
+/// `required: false`, not as "`T` or `null`": a generated client then sends no body when none is
+/// given, instead of trying to encode a `null` it cannot.
+fn without_null_body(operation: &mut Operation) {
+    let Some(RefOr::T(body)) = &mut operation.request_body else {
+        return;
+    };
+    if body.required == Some(Required::True) {
+        return;
+    }
+    for content in body.content.values_mut() {
+        let RefOr::T(content) = content else {
+            continue;
+        };
+        let Some(RefOr::T(Schema::OneOf(one_of))) = &content.schema else {
+            continue;
+        };
+        let not_null: Vec<&RefOr<Schema>> = one_of
+            .items
+            .iter()
+            .filter(|item| {
+                !matches!(item, RefOr::T(Schema::Object(object))
+                    if object.schema_type == SchemaType::Type(Type::Null))
+            })
+            .collect();
+        if let [only] = not_null.as_slice() {
+            content.schema = Some((*only).clone());
+        }
+    }
+}
+
 fn describe_operation(operation: &mut Operation) {
+    without_null_body(operation);
     for (status, response) in &mut operation.responses.responses {
         if let RefOr::T(response) = response {
             if response.description.is_empty() {

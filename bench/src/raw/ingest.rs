@@ -168,6 +168,8 @@ async fn publish_events(
                     message_number: Number::new(sequence + 1).context("message number")?,
                     body: body(sequence),
                     created_at: chatcore::store::now(),
+                    sender: None,
+                    metadata: None,
                 });
                 let trace = TraceContext::child_of(None);
                 envelope::push(&mut envelope_body, Some(trace.as_str()), &event.encode());

@@ -24,22 +24,27 @@ impl Indexer {
 }
 
 fn document_of(payload: &EventPayload) -> Option<MessageDocument> {
-    // A created message is version 1; an update carries the version MySQL gave it.
-    let (application_id, chat_number, number, body, created_at, version) = match payload {
+    match payload {
         EventPayload::MessageCreated {
             application_id,
             chat_number,
             message_number,
             body,
             created_at,
-        } => (
-            application_id,
-            chat_number,
-            message_number,
-            body.as_str(),
-            created_at,
-            1,
-        ),
+            sender,
+            metadata,
+        } => Some(MessageDocument {
+            application_id: *application_id,
+            chat_number: *chat_number,
+            number: *message_number,
+            body: body.clone(),
+            created_at: *created_at,
+            sender: sender.clone(),
+            metadata: metadata.clone(),
+            edited_at: None,
+            // A created message is version 1.
+            version: 1,
+        }),
         EventPayload::MessageUpdated {
             application_id,
             chat_number,
@@ -47,15 +52,22 @@ fn document_of(payload: &EventPayload) -> Option<MessageDocument> {
             body,
             version,
             created_at,
+            sender,
+            metadata,
+            edited_at,
             ..
-        } => (
-            application_id,
-            chat_number,
-            message_number,
-            body.as_str(),
-            created_at,
-            *version,
-        ),
+        } => Some(MessageDocument {
+            application_id: *application_id,
+            chat_number: *chat_number,
+            number: *message_number,
+            body: body.clone(),
+            created_at: *created_at,
+            sender: sender.clone(),
+            metadata: metadata.clone(),
+            edited_at: *edited_at,
+            // The version the storage gave the update.
+            version: *version,
+        }),
         // A tombstone: no word matches its empty body, and its version keeps older writes out.
         EventPayload::MessageDeleted {
             application_id,
@@ -64,27 +76,19 @@ fn document_of(payload: &EventPayload) -> Option<MessageDocument> {
             version,
             created_at,
             ..
-        } => (
-            application_id,
-            chat_number,
-            message_number,
-            "",
-            created_at,
-            *version,
-        ),
-        EventPayload::ChatCreated { .. } | EventPayload::ApplicationDeleted { .. } => return None,
-    };
-    Some(MessageDocument {
-        application_id: *application_id,
-        chat_number: *chat_number,
-        number: *number,
-        body: body.to_owned(),
-        created_at: *created_at,
-        sender: None,
-        metadata: None,
-        edited_at: None,
-        version,
-    })
+        } => Some(MessageDocument {
+            application_id: *application_id,
+            chat_number: *chat_number,
+            number: *message_number,
+            body: String::new(),
+            created_at: *created_at,
+            sender: None,
+            metadata: None,
+            edited_at: None,
+            version: *version,
+        }),
+        EventPayload::ChatCreated { .. } | EventPayload::ApplicationDeleted { .. } => None,
+    }
 }
 
 impl BatchHandler for Indexer {

@@ -18,7 +18,9 @@ use super::consumer::{BatchHandler, HandleError, Received, purge_deleted_applica
 use crate::changes::{ChangeKind, MessageChange};
 use crate::events::EventPayload;
 use crate::queue::EventQueue;
-use crate::store::{ChatKey, CreatedSequences, IngestBatch, NewMessage, Storage, StorageError};
+use crate::store::{
+    ChatKey, CreatedSequences, IngestBatch, NewChat, NewMessage, Storage, StorageError,
+};
 
 /// Writes batches of accepted chats and messages to the storage (MySQL, or SQLite embedded),
 /// then announces the messages on `queue`.
@@ -87,6 +89,9 @@ fn created_messages(ingest: &IngestBatch<'_>, sequences: &CreatedSequences) -> V
                 version: 1,
                 created_at: message.created_at,
                 updated_at: message.created_at,
+                sender: message.sender.cloned(),
+                metadata: message.metadata.cloned(),
+                edited_at: None,
             })
         })
         .collect()
@@ -103,12 +108,23 @@ fn ingest_batch(batch: &[Received]) -> Result<IngestBatch<'_>, StorageError> {
                 application_id,
                 chat_number,
                 created_at,
+                title,
+                metadata,
             } => {
-                let earliest = ingest
+                let chat = ingest
                     .chats
                     .entry((*application_id, *chat_number))
-                    .or_insert(*created_at);
-                *earliest = (*earliest).min(*created_at);
+                    .or_insert(NewChat {
+                        created_at: *created_at,
+                        title: None,
+                        metadata: None,
+                    });
+                chat.created_at = chat.created_at.min(*created_at);
+                // The chat's own event gives what a message that came first could not.
+                if !chat.has_details() {
+                    chat.title = title.as_ref();
+                    chat.metadata = metadata.as_ref();
+                }
             }
             EventPayload::MessageCreated {
                 application_id,
@@ -116,13 +132,21 @@ fn ingest_batch(batch: &[Received]) -> Result<IngestBatch<'_>, StorageError> {
                 message_number,
                 body,
                 created_at,
+                sender,
+                metadata,
             } => {
                 let key = (*application_id, *chat_number);
-                ingest.chats.entry(key).or_insert(*created_at);
+                ingest.chats.entry(key).or_insert(NewChat {
+                    created_at: *created_at,
+                    title: None,
+                    metadata: None,
+                });
                 let message = NewMessage {
                     event_id: received.event.event_id,
                     number: *message_number,
                     body,
+                    sender: sender.as_ref(),
+                    metadata: metadata.as_ref(),
                     created_at: *created_at,
                 };
                 let chat_messages = ingest.messages.entry(key).or_default();
@@ -175,6 +199,9 @@ mod tests {
             version: 1,
             created_at: Utc::now(),
             updated_at: Utc::now(),
+            sender: None,
+            metadata: None,
+            edited_at: None,
         }
     }
 

@@ -138,9 +138,9 @@ fn document_of(message: &MessageToIndex) -> Option<MessageDocument> {
         number: Number::new(message.number)?,
         body: message.body.clone(),
         created_at: message.created_at,
-        sender: None,
-        metadata: None,
-        edited_at: None,
+        sender: message.sender.clone(),
+        metadata: message.metadata.clone(),
+        edited_at: message.edited_at,
         version: message.version,
     })
 }

@@ -113,8 +113,8 @@ impl SearchIndex for SqliteSearchIndex {
             .bind(document.number.get() as i64)
             .bind(&document.body)
             .bind(document.created_at)
-            .bind(document.sender.as_ref().map(Sender::as_str))
-            .bind(document.metadata.as_ref().map(Metadata::as_str))
+            .bind(&document.sender)
+            .bind(&document.metadata)
             .bind(document.edited_at)
             .bind(document.version as i64)
             .bind(replacing == Replacing::SameOrOlderVersions)
@@ -168,8 +168,8 @@ impl SearchIndex for SqliteSearchIndex {
                     number: Number::new(u64::try_from(row.number).ok()?)?,
                     body: row.body,
                     created_at: row.created_at,
-                    sender: row.sender.map(Sender::from_stored),
-                    metadata: row.metadata.map(Metadata::from_stored),
+                    sender: row.sender,
+                    metadata: row.metadata,
                     edited_at: row.edited_at,
                     highlight: highlights.remove(&row.id).unwrap_or_default(),
                     score: row.score,
@@ -185,8 +185,8 @@ struct HitRow {
     number: i64,
     body: String,
     created_at: DateTime<Utc>,
-    sender: Option<String>,
-    metadata: Option<String>,
+    sender: Option<Sender>,
+    metadata: Option<Metadata>,
     edited_at: Option<DateTime<Utc>>,
     score: f64,
 }

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use super::{ChatKey, MessageRow};
-use crate::domain::Number;
+use crate::domain::{ChatTitle, Metadata, Number};
 
 /// What a logged change did: to its message, or, in the application's feed only, to its chat.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -59,6 +59,9 @@ pub struct ChangeRow {
 pub struct ApplicationChangeRow {
     pub application_sequence: u64,
     pub chat_number: u64,
+    /// The chat's title and metadata now (a `chat_created` change shows them).
+    pub chat_title: Option<ChatTitle>,
+    pub chat_metadata: Option<Metadata>,
     #[sqlx(flatten)]
     pub change: ChangeRow,
 }

@@ -19,7 +19,8 @@ use async_trait::async_trait;
 use chrono::{DateTime, SubsecRound as _, Utc};
 
 use crate::domain::{
-    ApplicationName, ApplicationToken, MessageBody, Number, PageRequest, TokenDigest,
+    ApplicationName, ApplicationToken, ChatTitle, MessageBody, Metadata, Number, PageRequest,
+    Sender, TokenDigest,
 };
 use crate::retry::Transient;
 
@@ -36,7 +37,14 @@ pub use webhooks::{
 
 pub(crate) const APPLICATION_COLUMNS: &str =
     "id, token_hint, name, chats_count, created_at, updated_at";
-pub(crate) const MESSAGE_COLUMNS: &str = "m.number, m.body, m.version, m.created_at, m.updated_at";
+pub(crate) const MESSAGE_COLUMNS: &str =
+    "m.number, m.body, m.version, m.created_at, m.updated_at, m.sender, m.metadata, m.edited_at";
+/// A message as a logged change left it, read from `message_changes mc` as a [`MessageRow`].
+pub(crate) const CHANGED_MESSAGE_COLUMNS: &str = "mc.number, mc.body, mc.version, \
+     mc.message_created_at AS created_at, mc.occurred_at AS updated_at, mc.sender, mc.metadata, \
+     mc.edited_at";
+pub(crate) const CHAT_COLUMNS: &str =
+    "number, messages_count, created_at, last_change_sequence, title, metadata";
 
 /// Rows one statement of a purge removes at most: a bounded lock and undo log per statement.
 pub const PURGE_ROWS_PER_STATEMENT: u32 = 5_000;
@@ -140,6 +148,8 @@ pub struct ChatRow {
     pub created_at: DateTime<Utc>,
     /// The sequence of the chat's latest logged change (0 before its first).
     pub last_change_sequence: u64,
+    pub title: Option<ChatTitle>,
+    pub metadata: Option<Metadata>,
 }
 
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -149,6 +159,10 @@ pub struct MessageRow {
     pub version: u64,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    pub sender: Option<Sender>,
+    pub metadata: Option<Metadata>,
+    /// The moment of the first edit; None until then.
+    pub edited_at: Option<DateTime<Utc>>,
 }
 
 /// A chat by its application's internal id and its number.
@@ -159,7 +173,47 @@ pub struct NewMessage<'a> {
     pub event_id: uuid::Uuid,
     pub number: Number,
     pub body: &'a str,
+    pub sender: Option<&'a Sender>,
+    pub metadata: Option<&'a Metadata>,
     pub created_at: DateTime<Utc>,
+}
+
+impl NewMessage<'_> {
+    /// What the message adds to a statement: its body and metadata.
+    pub fn bytes(&self) -> usize {
+        self.body.len() + self.metadata.map_or(0, |metadata| metadata.as_str().len())
+    }
+}
+
+/// A chat an ingest batch writes: from its own event (with what the client gave it), or from a
+/// message that arrived before it (nothing but a creation time).
+#[derive(Debug, Clone, Copy)]
+pub struct NewChat<'a> {
+    pub created_at: DateTime<Utc>,
+    pub title: Option<&'a ChatTitle>,
+    pub metadata: Option<&'a Metadata>,
+}
+
+impl NewChat<'_> {
+    /// Whether the chat carries anything beyond its creation time: such a chat, stored earlier by
+    /// a message that came first, still gets its title and metadata.
+    pub fn has_details(&self) -> bool {
+        self.title.is_some() || self.metadata.is_some()
+    }
+}
+
+/// A message's edit: a new body, and its metadata replaced, removed or kept.
+#[derive(Debug, Clone)]
+pub struct MessageEdit {
+    pub body: MessageBody,
+    pub metadata: MetadataEdit,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetadataEdit {
+    Keep,
+    Replace(Metadata),
+    Remove,
 }
 
 /// What one batch of accepted events writes: the chats that must exist (each with its earliest
@@ -168,7 +222,7 @@ pub struct NewMessage<'a> {
 /// the rows that were new.
 #[derive(Default)]
 pub struct IngestBatch<'a> {
-    pub chats: BTreeMap<ChatKey, DateTime<Utc>>,
+    pub chats: BTreeMap<ChatKey, NewChat<'a>>,
     pub messages: BTreeMap<ChatKey, BTreeMap<Number, NewMessage<'a>>>,
 }
 
@@ -295,6 +349,9 @@ pub struct MessageToIndex {
     pub body: String,
     pub version: u64,
     pub created_at: DateTime<Utc>,
+    pub sender: Option<Sender>,
+    pub metadata: Option<Metadata>,
+    pub edited_at: Option<DateTime<Utc>>,
 }
 
 impl MessageToIndex {
@@ -433,21 +490,24 @@ pub trait Storage: Send + Sync {
         number: Number,
     ) -> Result<bool, StorageError>;
 
-    /// Messages by number; up to `page.fetch_limit()` rows, descending for a `before` page.
+    /// Messages by number, of one sender when `sender` is given; up to `page.fetch_limit()` rows,
+    /// descending for a `before` page.
     async fn list_messages(
         &self,
         application_id: u64,
         chat_number: Number,
+        sender: Option<&Sender>,
         page: PageRequest,
     ) -> Result<Vec<MessageRow>, StorageError>;
 
-    /// Replaces the body and bumps the version; None when the message is not stored (or deleted).
+    /// Replaces the body (and the metadata as the edit says), bumps the version and sets
+    /// `edited_at` unless an earlier edit did; None when the message is not stored (or deleted).
     async fn update_message(
         &self,
         application_id: u64,
         chat_number: Number,
         number: Number,
-        body: &MessageBody,
+        edit: &MessageEdit,
     ) -> Result<Option<ChangeRow>, StorageError>;
 
     /// Deletes the message: it stays as a tombstone (body cleared, version bumped, `updated_at`

@@ -107,8 +107,8 @@ macro_rules! storage_impl {
                 sqlx::query(
                     "INSERT INTO message_changes \
                      (chat_id, sequence, application_id, application_sequence, number, version, \
-                     kind, body, message_created_at, occurred_at) \
-                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                     kind, body, message_created_at, occurred_at, sender, metadata, edited_at) \
+                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 )
                 .bind(chat_id as i64)
                 .bind(sequence as i64)
@@ -120,6 +120,9 @@ macro_rules! storage_impl {
                 .bind(&message.body)
                 .bind(message.created_at)
                 .bind(message.updated_at)
+                .bind(&message.sender)
+                .bind(&message.metadata)
+                .bind(message.edited_at)
                 .execute(&mut **transaction)
                 .await?;
                 Ok($crate::store::ChangeRow { sequence, kind, message })
@@ -351,10 +354,10 @@ macro_rules! storage_impl {
                 number: Number,
             ) -> Result<Option<ChatRow>, StorageError> {
                 with_storage_errors(async {
-                    sqlx::query_as(
-                        "SELECT number, messages_count, created_at, last_change_sequence FROM chats \
-                         WHERE application_id = ? AND number = ?",
-                    )
+                    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                        "SELECT {} FROM chats WHERE application_id = ? AND number = ?",
+                        $crate::store::CHAT_COLUMNS
+                    )))
                     .bind(application_id as i64)
                     .bind(number.get() as i64)
                     .fetch_optional(&self.pool)
@@ -370,8 +373,9 @@ macro_rules! storage_impl {
             ) -> Result<Vec<ChatRow>, StorageError> {
                 with_storage_errors(async {
                     sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                        "SELECT number, messages_count, created_at, last_change_sequence FROM chats WHERE application_id = ? \
+                        "SELECT {} FROM chats WHERE application_id = ? \
                          AND number BETWEEN ? AND ? ORDER BY number {} LIMIT ? OFFSET ?",
+                        $crate::store::CHAT_COLUMNS,
                         $crate::store::direction(page)
                     )))
                     .bind(application_id as i64)
@@ -432,25 +436,31 @@ macro_rules! storage_impl {
                 &self,
                 application_id: u64,
                 chat_number: Number,
+                sender: Option<&Sender>,
                 page: PageRequest,
             ) -> Result<Vec<MessageRow>, StorageError> {
-                with_storage_errors(async {
-                    sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                        "SELECT {} FROM messages m JOIN chats c ON c.id = m.chat_id \
-                         WHERE c.application_id = ? AND c.number = ? AND m.number BETWEEN ? AND ? \
-                         AND m.deleted_at IS NULL ORDER BY m.number {} LIMIT ? OFFSET ?",
-                        $crate::store::MESSAGE_COLUMNS,
-                        $crate::store::direction(page)
-                    )))
-                    .bind(application_id as i64)
-                    .bind(chat_number.get() as i64)
-                    .bind(page.key_bounds().0 as i64)
-                    .bind(page.key_bounds().1 as i64)
-                    .bind(page.fetch_limit() as i64)
-                    .bind(page.offset() as i64)
-                    .fetch_all(&self.pool)
-                    .await
-                })
+                // A condition only when filtering: the (chat, sender, number) index serves it.
+                let of_sender = if sender.is_some() { "AND m.sender = ?" } else { "" };
+                let mut rows = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT {} FROM messages m JOIN chats c ON c.id = m.chat_id \
+                     WHERE c.application_id = ? AND c.number = ? {of_sender} \
+                     AND m.number BETWEEN ? AND ? \
+                     AND m.deleted_at IS NULL ORDER BY m.number {} LIMIT ? OFFSET ?",
+                    $crate::store::MESSAGE_COLUMNS,
+                    $crate::store::direction(page)
+                )))
+                .bind(application_id as i64)
+                .bind(chat_number.get() as i64);
+                if let Some(sender) = sender {
+                    rows = rows.bind(sender.as_str());
+                }
+                with_storage_errors(
+                    rows.bind(page.key_bounds().0 as i64)
+                        .bind(page.key_bounds().1 as i64)
+                        .bind(page.fetch_limit() as i64)
+                        .bind(page.offset() as i64)
+                        .fetch_all(&self.pool),
+                )
                 .await
             }
 
@@ -474,11 +484,11 @@ macro_rules! storage_impl {
                     ),
                 };
                 let query = format!(
-                    "SELECT mc.sequence, mc.kind, mc.number, mc.body, mc.version, \
-                     mc.message_created_at AS created_at, mc.occurred_at AS updated_at \
+                    "SELECT mc.sequence, mc.kind, {} \
                      FROM message_changes mc JOIN chats c ON c.id = mc.chat_id \
                      WHERE c.application_id = ? AND c.number = ? AND mc.sequence > ? \
-                     AND mc.sequence <= ? {state_only} ORDER BY mc.sequence LIMIT ?"
+                     AND mc.sequence <= ? {state_only} ORDER BY mc.sequence LIMIT ?",
+                    $crate::store::CHANGED_MESSAGE_COLUMNS
                 );
                 let mut rows = sqlx::query_as(sqlx::AssertSqlSafe(query))
                     .bind(application_id as i64)
@@ -498,14 +508,14 @@ macro_rules! storage_impl {
                 limit: u32,
             ) -> Result<Vec<$crate::store::ApplicationChangeRow>, StorageError> {
                 with_storage_errors(
-                    sqlx::query_as(
-                        "SELECT mc.application_sequence, c.number AS chat_number, mc.sequence, \
-                         mc.kind, mc.number, mc.body, mc.version, \
-                         mc.message_created_at AS created_at, mc.occurred_at AS updated_at \
+                    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                        "SELECT mc.application_sequence, c.number AS chat_number, \
+                         c.title AS chat_title, c.metadata AS chat_metadata, mc.sequence, mc.kind, {} \
                          FROM message_changes mc JOIN chats c ON c.id = mc.chat_id \
                          WHERE mc.application_id = ? AND mc.application_sequence > ? \
                          ORDER BY mc.application_sequence LIMIT ?",
-                    )
+                        $crate::store::CHANGED_MESSAGE_COLUMNS
+                    )))
                     .bind(application_id as i64)
                     .bind(after as i64)
                     .bind(i64::from(limit))
@@ -543,7 +553,8 @@ macro_rules! storage_impl {
                 let (filter, scope_binds) = scope.filter();
                 let query = format!(
                     "SELECT m.chat_id, c.application_id, c.number AS chat_number, m.number, m.body, \
-                     m.version, m.created_at FROM messages m JOIN chats c ON c.id = m.chat_id \
+                     m.version, m.created_at, m.sender, m.metadata, m.edited_at \
+                     FROM messages m JOIN chats c ON c.id = m.chat_id \
                      WHERE (m.chat_id > ? OR (m.chat_id = ? AND m.number > ?)) AND {filter} \
                      ORDER BY m.chat_id, m.number LIMIT ?"
                 );

@@ -13,12 +13,13 @@ use sqlx::{AssertSqlSafe, Sqlite, SqlitePool, Transaction};
 
 use super::{
     APPLICATION_COLUMNS, ApplicationRow, ChangeKind, ChangeRow, ChatRow, CountFigures, CountLevel,
-    CreatedSequences, IngestBatch, MessageRow, MessageToIndex, NewMessage, ReindexCursor,
-    ReindexScope, Reservation, ScopeBind, StorageError, TokenGrant, first_conflict, now,
-    with_storage_errors,
+    CreatedSequences, IngestBatch, MessageEdit, MessageRow, MessageToIndex, MetadataEdit,
+    NewMessage, ReindexCursor, ReindexScope, Reservation, ScopeBind, StorageError, TokenGrant,
+    first_conflict, now, with_storage_errors,
 };
 use crate::domain::{
-    ApplicationName, ApplicationToken, MessageBody, Number, PageRequest, TokenDigest,
+    ApplicationName, ApplicationToken, ChatTitle, Metadata, Number, PageRequest, Sender,
+    TokenDigest,
 };
 use crate::sqlite::begin_write;
 
@@ -171,21 +172,30 @@ super::shared_sql::storage_impl!(SqliteStorage, Sqlite, "sqlite", {
         application_id: u64,
         chat_number: Number,
         number: Number,
-        body: &MessageBody,
+        edit: &MessageEdit,
     ) -> Result<Option<ChangeRow>, StorageError> {
         let mut transaction = begin_write(&self.pool).await?;
+        let (keep_metadata, metadata) = match &edit.metadata {
+            MetadataEdit::Keep => (true, None),
+            MetadataEdit::Replace(metadata) => (false, Some(metadata.as_str())),
+            MetadataEdit::Remove => (false, None),
+        };
         // One statement: the write lock makes the version bump atomic.
-        let updated = sqlx::query_as::<_, ChangedMessage>(
-            "UPDATE messages SET body = ?1, version = version + 1, updated_at = ?2 \
+        let updated = sqlx::query_as::<_, ChangedMessage>(AssertSqlSafe(format!(
+            "UPDATE messages SET body = ?1, version = version + 1, updated_at = ?2, \
+             edited_at = COALESCE(edited_at, ?2), \
+             metadata = CASE WHEN ?6 THEN metadata ELSE ?7 END \
              WHERE chat_id = (SELECT id FROM chats WHERE application_id = ?3 AND number = ?4) \
              AND number = ?5 AND deleted_at IS NULL \
-             RETURNING chat_id, number, body, version, created_at, updated_at",
-        )
-        .bind(body.as_str())
+             RETURNING chat_id, {CHANGED_COLUMNS}"
+        )))
+        .bind(edit.body.as_str())
         .bind(now())
         .bind(application_id as i64)
         .bind(chat_number.get() as i64)
         .bind(number.get() as i64)
+        .bind(keep_metadata)
+        .bind(metadata)
         .fetch_optional(&mut *transaction)
         .await?;
         let Some(updated) = updated else {
@@ -209,12 +219,13 @@ super::shared_sql::storage_impl!(SqliteStorage, Sqlite, "sqlite", {
         number: Number,
     ) -> Result<Option<ChangeRow>, StorageError> {
         let mut transaction = begin_write(&self.pool).await?;
-        let deleted = sqlx::query_as::<_, ChangedMessage>(
-            "UPDATE messages SET body = '', version = version + 1, updated_at = ?1, deleted_at = ?1 \
+        let deleted = sqlx::query_as::<_, ChangedMessage>(AssertSqlSafe(format!(
+            "UPDATE messages SET body = '', metadata = NULL, version = version + 1, \
+             updated_at = ?1, deleted_at = ?1 \
              WHERE chat_id = (SELECT id FROM chats WHERE application_id = ?2 AND number = ?3) \
              AND number = ?4 AND deleted_at IS NULL \
-             RETURNING chat_id, number, body, version, created_at, updated_at",
-        )
+             RETURNING chat_id, {CHANGED_COLUMNS}"
+        )))
         .bind(now())
         .bind(application_id as i64)
         .bind(chat_number.get() as i64)
@@ -253,7 +264,7 @@ super::shared_sql::storage_impl!(SqliteStorage, Sqlite, "sqlite", {
         let now = now();
         let mut new_chats_per_application: BTreeMap<u64, i64> = BTreeMap::new();
         let mut deleted_applications = BTreeSet::new();
-        for (&(application_id, chat_number), created_at) in &batch.chats {
+        for (&(application_id, chat_number), chat) in &batch.chats {
             if deleted_applications.contains(&application_id) {
                 continue;
             }
@@ -274,13 +285,16 @@ super::shared_sql::storage_impl!(SqliteStorage, Sqlite, "sqlite", {
                 }
             }
             let inserted: Option<i64> = sqlx::query_scalar(
-                "INSERT INTO chats (application_id, number, messages_count, created_at, updated_at) \
-                 VALUES (?, ?, 0, ?, ?) ON CONFLICT DO NOTHING RETURNING id",
+                "INSERT INTO chats \
+                 (application_id, number, messages_count, created_at, updated_at, title, metadata) \
+                 VALUES (?, ?, 0, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING id",
             )
             .bind(application_id as i64)
             .bind(chat_number.get() as i64)
-            .bind(created_at)
+            .bind(chat.created_at)
             .bind(now)
+            .bind(chat.title.map(ChatTitle::as_str))
+            .bind(chat.metadata.map(Metadata::as_str))
             .fetch_optional(&mut *transaction)
             .await?;
             let new_chats = new_chats_per_application.entry(application_id).or_default();
@@ -289,8 +303,20 @@ super::shared_sql::storage_impl!(SqliteStorage, Sqlite, "sqlite", {
                 Self::log_chat_created(
                     &mut transaction,
                     (application_id, chat_id as u64),
-                    *created_at,
+                    chat.created_at,
                 )
+                .await?;
+            } else if chat.has_details() {
+                // Stored earlier by a message that came first: the chat's own event completes it.
+                sqlx::query(
+                    "UPDATE chats SET title = ?, metadata = ? \
+                     WHERE application_id = ? AND number = ? AND title IS NULL AND metadata IS NULL",
+                )
+                .bind(chat.title.map(ChatTitle::as_str))
+                .bind(chat.metadata.map(Metadata::as_str))
+                .bind(application_id as i64)
+                .bind(chat_number.get() as i64)
+                .execute(&mut *transaction)
                 .await?;
             }
         }
@@ -318,8 +344,9 @@ super::shared_sql::storage_impl!(SqliteStorage, Sqlite, "sqlite", {
             let mut new_messages: Vec<&NewMessage<'_>> = Vec::new();
             for message in messages.values() {
                 let inserted = sqlx::query(
-                    "INSERT INTO messages (chat_id, number, body, version, created_at, updated_at, event_id) \
-                     VALUES (?, ?, ?, 1, ?, ?, ?) ON CONFLICT DO NOTHING",
+                    "INSERT INTO messages \
+                     (chat_id, number, body, version, created_at, updated_at, event_id, sender, metadata) \
+                     VALUES (?, ?, ?, 1, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 )
                 .bind(chat_id)
                 .bind(message.number.get() as i64)
@@ -327,6 +354,8 @@ super::shared_sql::storage_impl!(SqliteStorage, Sqlite, "sqlite", {
                 .bind(message.created_at)
                 .bind(now)
                 .bind(message.event_id.as_bytes().as_slice())
+                .bind(message.sender.map(Sender::as_str))
+                .bind(message.metadata.map(Metadata::as_str))
                 .execute(&mut *transaction)
                 .await?
                 .rows_affected();
@@ -389,8 +418,8 @@ super::shared_sql::storage_impl!(SqliteStorage, Sqlite, "sqlite", {
                 sqlx::query(
                     "INSERT INTO message_changes \
                      (chat_id, sequence, application_id, application_sequence, number, version, \
-                     kind, body, message_created_at, occurred_at) \
-                     VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?, ?)",
+                     kind, body, message_created_at, occurred_at, sender, metadata) \
+                     VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?)",
                 )
                 .bind(chat_id)
                 .bind(sequence)
@@ -401,6 +430,8 @@ super::shared_sql::storage_impl!(SqliteStorage, Sqlite, "sqlite", {
                 .bind(message.body)
                 .bind(message.created_at)
                 .bind(now)
+                .bind(message.sender.map(Sender::as_str))
+                .bind(message.metadata.map(Metadata::as_str))
                 .execute(&mut *transaction)
                 .await?;
                 created.insert(
@@ -477,6 +508,10 @@ super::shared_sql::storage_impl!(SqliteStorage, Sqlite, "sqlite", {
         Ok(behind)
     }
 });
+
+/// The columns of a [`ChangedMessage`] an `UPDATE ... RETURNING` gives back.
+const CHANGED_COLUMNS: &str =
+    "number, body, version, created_at, updated_at, sender, metadata, edited_at";
 
 /// A message an update or a deletion left, and its chat.
 #[derive(sqlx::FromRow)]

@@ -9,12 +9,10 @@ use chrono::{DateTime, Utc};
 
 use super::{
     ApplicationChangeRow, ApplicationRow, ChangeRow, ChangeSelection, ChatRow, CountFigures,
-    CountLevel, CreatedSequences, IngestBatch, MessageRow, MessageToIndex, ReindexCursor,
-    ReindexScope, Reservation, Storage, StorageError, TokenGrant,
+    CountLevel, CreatedSequences, IngestBatch, MessageEdit, MessageRow, MessageToIndex,
+    ReindexCursor, ReindexScope, Reservation, Storage, StorageError, TokenGrant,
 };
-use crate::domain::{
-    ApplicationName, ApplicationToken, MessageBody, Number, PageRequest, TokenDigest,
-};
+use crate::domain::{ApplicationName, ApplicationToken, Number, PageRequest, Sender, TokenDigest};
 use crate::metrics::Metrics;
 
 pub struct TimedStorage {
@@ -160,9 +158,12 @@ impl Storage for TimedStorage {
         &self,
         application_id: u64,
         chat_number: Number,
+        sender: Option<&Sender>,
         page: PageRequest,
     ) -> Result<Vec<MessageRow>, StorageError> {
-        let call = self.inner.list_messages(application_id, chat_number, page);
+        let call = self
+            .inner
+            .list_messages(application_id, chat_number, sender, page);
         self.metrics
             .time_within(self.kind(), "list_messages", self.limit, call)
             .await
@@ -173,11 +174,11 @@ impl Storage for TimedStorage {
         application_id: u64,
         chat_number: Number,
         number: Number,
-        body: &MessageBody,
+        edit: &MessageEdit,
     ) -> Result<Option<ChangeRow>, StorageError> {
         let call = self
             .inner
-            .update_message(application_id, chat_number, number, body);
+            .update_message(application_id, chat_number, number, edit);
         self.metrics
             .time_within(self.kind(), "update_message", self.limit, call)
             .await

@@ -11,10 +11,11 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use chatcore::domain::{
     InvalidInput, MessageBody, Metadata, PageInput, SearchCursor, SearchInput, SearchRequest,
-    SearchSort, Sender, serialize_optional_timestamp, serialize_timestamp,
+    SearchSort, Sender, serialize_timestamp,
 };
+use chatcore::feed::MessageDetails;
 use chatcore::search::MessageHit;
-use chatcore::store::MessageRow;
+use chatcore::store::{MessageEdit, MessageRow, MetadataEdit};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -22,6 +23,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::{Accepted, parse_number};
+use crate::app::NewMessageInput;
 use crate::http::error::{ApiError, ErrorBody};
 use crate::http::extract::{
     ClientAddress, JsonBody, PathParams, QueryParams, RequestTrace, Tenant,
@@ -38,19 +40,86 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(show, update, delete))
 }
 
+/// A new message.
 #[derive(Debug, Deserialize, ToSchema)]
 struct MessageInput {
     /// 1 to 65,536 bytes of UTF-8.
     #[schema(value_type = String, required = true, min_length = 1, max_length = 65536)]
     body: Option<String>,
+    /// Who sends it: an id of your choosing, 1 to 128 characters of `A-Z a-z 0-9 . _ : @ -`.
+    /// With a client token it is the token's sender (a different one is 403).
+    #[schema(value_type = Option<String>, pattern = "^[A-Za-z0-9._:@-]{1,128}$")]
+    sender: Option<String>,
+    /// Your own data: a JSON object of at most 32 keys and 4,096 bytes serialized.
+    #[schema(value_type = Option<Object>)]
+    metadata: Option<serde_json::Value>,
 }
 
 impl MessageInput {
-    fn body(self) -> Result<MessageBody, InvalidInput> {
+    fn parse(self) -> Result<NewMessageInput, InvalidInput> {
         let raw = self
             .body
             .ok_or_else(|| InvalidInput::new("body", "is required"))?;
-        MessageBody::parse(raw)
+        Ok(NewMessageInput {
+            body: MessageBody::parse(raw)?,
+            sender: self.sender.as_deref().map(Sender::parse).transpose()?,
+            metadata: parse_metadata(self.metadata.as_ref())?,
+        })
+    }
+}
+
+/// `metadata` as given: absent and `null` both mean none.
+fn parse_metadata(raw: Option<&serde_json::Value>) -> Result<Option<Metadata>, InvalidInput> {
+    raw.filter(|value| !value.is_null())
+        .map(Metadata::parse)
+        .transpose()
+}
+
+/// An edit of a message: the new body, and its metadata replaced (an object), removed (`null`)
+/// or kept (absent). The sender never changes.
+#[derive(Debug, Deserialize, ToSchema)]
+struct MessageEditInput {
+    /// 1 to 65,536 bytes of UTF-8.
+    #[schema(value_type = String, required = true, min_length = 1, max_length = 65536)]
+    body: Option<String>,
+    /// A JSON object (at most 32 keys, 4,096 bytes) replaces the metadata, `null` removes it,
+    /// leaving it out keeps it.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<Object>)]
+    metadata: Option<serde_json::Value>,
+    /// Not allowed: a message keeps its sender (422).
+    #[schema(value_type = Option<String>)]
+    sender: Option<serde_json::Value>,
+}
+
+/// A field that is present, `null` included (`Some(Value::Null)`), as told apart from an absent
+/// one (`None`, by `#[serde(default)]`).
+fn present<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<serde_json::Value>, D::Error> {
+    serde_json::Value::deserialize(deserializer).map(Some)
+}
+
+impl MessageEditInput {
+    fn parse(self) -> Result<MessageEdit, InvalidInput> {
+        if self.sender.is_some() {
+            return Err(InvalidInput::new(
+                "sender",
+                "cannot be changed: a message keeps its sender",
+            ));
+        }
+        let raw = self
+            .body
+            .ok_or_else(|| InvalidInput::new("body", "is required"))?;
+        let metadata = match self.metadata {
+            None => MetadataEdit::Keep,
+            Some(serde_json::Value::Null) => MetadataEdit::Remove,
+            Some(value) => MetadataEdit::Replace(Metadata::parse(&value)?),
+        };
+        Ok(MessageEdit {
+            body: MessageBody::parse(raw)?,
+            metadata,
+        })
     }
 }
 
@@ -60,16 +129,28 @@ struct MessageView {
     body: String,
     #[serde(serialize_with = "serialize_timestamp")]
     created_at: DateTime<Utc>,
+    #[serde(flatten)]
+    details: MessageDetails,
 }
 
 impl From<MessageRow> for MessageView {
     fn from(row: MessageRow) -> Self {
         Self {
+            details: MessageDetails::of(&row),
             number: row.number,
             body: row.body,
             created_at: row.created_at,
         }
     }
+}
+
+/// `?sender=` of a list of messages.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct MessageFilter {
+    /// Only the messages of this sender.
+    #[param(value_type = Option<String>, pattern = "^[A-Za-z0-9._:@-]{1,128}$")]
+    sender: Option<String>,
 }
 
 /// A search hit: the message, and where it matched.
@@ -79,16 +160,8 @@ struct MessageHitView {
     body: String,
     #[serde(serialize_with = "serialize_timestamp")]
     created_at: DateTime<Utc>,
-    /// Who sent it (the integrator's id); null when not given.
-    #[schema(value_type = Option<String>, required = true)]
-    sender: Option<Sender>,
-    /// The integrator's own data on the message, as given; null when none.
-    #[schema(value_type = Option<Object>, required = true)]
-    metadata: Option<Metadata>,
-    /// When the body was last edited; null until the first edit.
-    #[serde(serialize_with = "serialize_optional_timestamp")]
-    #[schema(required = true)]
-    edited_at: Option<DateTime<Utc>>,
+    #[serde(flatten)]
+    details: MessageDetails,
     /// A fragment of the body (about 24 words) with each match in `<mark>`...`</mark>`, `…` where
     /// the body was cut; HTML-escaped otherwise, so it can be put into a page as it is.
     highlight: String,
@@ -100,9 +173,11 @@ impl From<MessageHit> for MessageHitView {
             number: hit.number.get(),
             body: hit.body,
             created_at: hit.created_at,
-            sender: hit.sender,
-            metadata: hit.metadata,
-            edited_at: hit.edited_at,
+            details: MessageDetails {
+                sender: hit.sender,
+                metadata: hit.metadata,
+                edited_at: hit.edited_at,
+            },
             highlight: hit.highlight.into_string(),
         }
     }
@@ -121,6 +196,8 @@ struct UpdatedMessageView {
     body: String,
     #[serde(serialize_with = "serialize_timestamp")]
     updated_at: DateTime<Utc>,
+    #[serde(flatten)]
+    details: MessageDetails,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -205,13 +282,13 @@ async fn create(
     JsonBody(input): JsonBody<MessageInput>,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
     let chat_number = parse_number("chat_number", &chat_number)?;
-    let body = input.body()?;
+    let message = input.parse()?;
     let number = state
         .service_handle()
         .accept_message(
             tenant.application_id,
             chat_number,
-            body,
+            message,
             idempotency_key,
             &trace,
         )
@@ -219,22 +296,29 @@ async fn create(
     Ok((StatusCode::ACCEPTED, Json(Accepted { number })))
 }
 
-/// Lists the messages of a chat by number.
+/// Lists the messages of a chat by number, of one sender with `?sender=`.
 #[utoipa::path(get, path = "/chats/{chat_number}/messages", tag = "messages", operation_id = "list_messages",
     security(("application_token" = [])),
-    params(("chat_number" = u64, Path, minimum = 1, description = "chat number within the application"), PageParams),
+    params(("chat_number" = u64, Path, minimum = 1, description = "chat number within the application"), PageParams, MessageFilter),
     responses((status = 200, body = MessageList), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn list(
     State(state): State<AppState>,
     tenant: Tenant,
     PathParams(chat_number): PathParams<String>,
     QueryParams(params): QueryParams<PageParams>,
+    QueryParams(filter): QueryParams<MessageFilter>,
 ) -> Result<Json<MessageList>, ApiError> {
     let chat_number = parse_number("chat_number", &chat_number)?;
     let page = params.parse(&state)?;
+    let sender = filter
+        .sender
+        .as_deref()
+        .map(Sender::parse)
+        .transpose()
+        .map_err(ApiError::bad_parameter)?;
     let rows = state
         .service()
-        .list_messages(tenant.application_id, chat_number, page)
+        .list_messages(tenant.application_id, chat_number, sender.as_ref(), page)
         .await?;
     let (rows, pagination) = paginate(rows, page, |row| row.number);
     Ok(Json(MessageList {
@@ -262,11 +346,11 @@ async fn show(
     Ok(Json(row.into()))
 }
 
-/// Synchronous update. A number that was handed out but whose message is not stored yet gets
+/// Synchronous update of the body and the metadata (`edited_at` is set by the first). A number that was handed out but whose message is not stored yet gets
 /// 409 `not_persisted_yet` (with Retry-After), so the client retries instead of losing its edit.
 #[utoipa::path(put, path = "/chats/{chat_number}/messages/{number}", tag = "messages", operation_id = "update_message",
     security(("application_token" = [])),
-    params(("chat_number" = u64, Path, minimum = 1, description = "chat number within the application"), ("number" = u64, Path, minimum = 1, description = "number within the parent")), request_body = MessageInput,
+    params(("chat_number" = u64, Path, minimum = 1, description = "chat number within the application"), ("number" = u64, Path, minimum = 1, description = "number within the parent")), request_body = MessageEditInput,
     responses((status = 200, body = UpdatedMessageView),
         (status = 409, description = "`not_persisted_yet`: the number was accepted but the message is not written yet; retry after `Retry-After` seconds", body = ErrorBody),
         (status = 400, body = ErrorBody), (status = 422, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
@@ -275,16 +359,17 @@ async fn update(
     tenant: Tenant,
     PathParams((chat_number, number)): PathParams<(String, String)>,
     RequestTrace(trace): RequestTrace,
-    JsonBody(input): JsonBody<MessageInput>,
+    JsonBody(input): JsonBody<MessageEditInput>,
 ) -> Result<Json<UpdatedMessageView>, ApiError> {
     let chat_number = parse_number("chat_number", &chat_number)?;
     let number = parse_number("number", &number)?;
-    let body = input.body()?;
+    let edit = input.parse()?;
     let row = state
         .service()
-        .update_message(tenant.application_id, chat_number, number, &body, &trace)
+        .update_message(tenant.application_id, chat_number, number, &edit, &trace)
         .await?;
     Ok(Json(UpdatedMessageView {
+        details: MessageDetails::of(&row),
         number: row.number,
         body: row.body,
         updated_at: row.updated_at,

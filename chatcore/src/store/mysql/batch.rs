@@ -6,8 +6,8 @@ use chrono::{DateTime, Utc};
 use sqlx::{MySql, QueryBuilder, Transaction};
 
 use super::MAX_STATEMENT_BODY_BYTES;
-use crate::domain::Number;
-use crate::store::{ChangeKind, ChatKey, NewMessage, StorageError, now};
+use crate::domain::{ChatTitle, Metadata, Number, Sender};
+use crate::store::{ChangeKind, ChatKey, NewChat, NewMessage, StorageError, now};
 
 /// Inserts the chats that do not exist yet; the chats of deleted applications are left out.
 /// Returns those applications, and the chats inserted (with their creation time).
@@ -18,7 +18,7 @@ use crate::store::{ChangeKind, ChatKey, NewMessage, StorageError, now};
 /// foreign key would otherwise take a shared lock on the application that both then upgrade).
 pub(super) async fn insert_chats(
     transaction: &mut Transaction<'_, MySql>,
-    chats: &BTreeMap<ChatKey, DateTime<Utc>>,
+    chats: &BTreeMap<ChatKey, NewChat<'_>>,
 ) -> Result<(BTreeSet<u64>, Vec<(ChatKey, DateTime<Utc>)>), StorageError> {
     let application_ids: BTreeSet<u64> = chats
         .keys()
@@ -63,27 +63,53 @@ pub(super) async fn insert_chats(
             .await?
             .into_iter()
             .collect();
-        let rows: Vec<_> = requested
+        let (existing, rows): (Vec<_>, Vec<_>) = requested
             .into_iter()
-            .filter(|((_, number), _)| !stored.contains(&number.get()))
-            .collect();
+            .partition(|((_, number), _)| stored.contains(&number.get()));
+        for ((_, number), chat) in existing.into_iter().filter(|(_, chat)| chat.has_details()) {
+            add_chat_details(transaction, application_id, *number, chat).await?;
+        }
         if rows.is_empty() {
             continue;
         }
-        new_chats.extend(rows.iter().map(|(key, created_at)| (**key, **created_at)));
+        new_chats.extend(rows.iter().map(|(key, chat)| (**key, chat.created_at)));
         let mut insert = QueryBuilder::<MySql>::new(
-            "INSERT IGNORE INTO chats (application_id, number, messages_count, created_at, updated_at) ",
+            "INSERT IGNORE INTO chats \
+             (application_id, number, messages_count, created_at, updated_at, title, metadata) ",
         );
-        insert.push_values(rows, |mut row, ((application_id, number), created_at)| {
+        insert.push_values(rows, |mut row, ((application_id, number), chat)| {
             row.push_bind(*application_id)
                 .push_bind(number.get())
                 .push_bind(0u64)
-                .push_bind(*created_at)
-                .push_bind(now);
+                .push_bind(chat.created_at)
+                .push_bind(now)
+                .push_bind(chat.title.map(ChatTitle::as_str))
+                .push_bind(chat.metadata.map(Metadata::as_str));
         });
         insert.build().execute(&mut **transaction).await?;
     }
     Ok((deleted, new_chats))
+}
+
+/// Gives a chat stored earlier (by a message that arrived before its chat) the title and metadata
+/// of its own event, unless it has some already (that event came before).
+async fn add_chat_details(
+    transaction: &mut Transaction<'_, MySql>,
+    application_id: u64,
+    number: Number,
+    chat: &NewChat<'_>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE chats SET title = ?, metadata = ? \
+         WHERE application_id = ? AND number = ? AND title IS NULL AND metadata IS NULL",
+    )
+    .bind(chat.title.map(ChatTitle::as_str))
+    .bind(chat.metadata.map(Metadata::as_str))
+    .bind(application_id)
+    .bind(number.get())
+    .execute(&mut **transaction)
+    .await?;
+    Ok(())
 }
 
 /// Internal ids of the given chats, looked up per application with the unique key.
@@ -131,9 +157,10 @@ pub(super) async fn insert_messages(
 ) -> Result<u64, sqlx::Error> {
     let now = now();
     let mut inserted = 0;
-    for chunk in statement_chunks(messages, |message| message.body.len()) {
+    for chunk in statement_chunks(messages, |message| message.bytes()) {
         let mut insert = QueryBuilder::<MySql>::new(
-            "INSERT IGNORE INTO messages (chat_id, number, body, version, created_at, updated_at, event_id) ",
+            "INSERT IGNORE INTO messages \
+             (chat_id, number, body, version, created_at, updated_at, event_id, sender, metadata) ",
         );
         insert.push_values(chunk, |mut row, message| {
             row.push_bind(chat_id)
@@ -142,7 +169,9 @@ pub(super) async fn insert_messages(
                 .push_bind(1u64)
                 .push_bind(message.created_at)
                 .push_bind(now)
-                .push_bind(message.event_id.as_bytes().as_slice());
+                .push_bind(message.event_id.as_bytes().as_slice())
+                .push_bind(message.sender.map(Sender::as_str))
+                .push_bind(message.metadata.map(Metadata::as_str));
         });
         inserted += insert
             .build()
@@ -169,11 +198,11 @@ pub(super) async fn insert_created_changes(
     changes: &[CreatedChange<'_>],
 ) -> Result<(), sqlx::Error> {
     let now = now();
-    for chunk in statement_chunks(changes, |change| change.message.body.len()) {
+    for chunk in statement_chunks(changes, |change| change.message.bytes()) {
         let mut insert = QueryBuilder::<MySql>::new(
             "INSERT INTO message_changes \
              (chat_id, sequence, application_id, application_sequence, number, version, kind, \
-             body, message_created_at, occurred_at) ",
+             body, message_created_at, occurred_at, sender, metadata) ",
         );
         insert.push_values(chunk, |mut row, change| {
             row.push_bind(change.chat_id)
@@ -185,7 +214,9 @@ pub(super) async fn insert_created_changes(
                 .push_bind(ChangeKind::Created.as_str())
                 .push_bind(change.message.body)
                 .push_bind(change.message.created_at)
-                .push_bind(now);
+                .push_bind(now)
+                .push_bind(change.message.sender.map(Sender::as_str))
+                .push_bind(change.message.metadata.map(Metadata::as_str));
         });
         insert.build().execute(&mut **transaction).await?;
     }

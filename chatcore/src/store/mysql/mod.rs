@@ -16,12 +16,13 @@ use self::batch::{
 };
 use super::{
     ApplicationRow, ChangeKind, ChangeRow, ChatRow, CountFigures, CountLevel, CreatedSequences,
-    IngestBatch, MessageRow, MessageToIndex, NewMessage, ReindexCursor, ReindexScope, Reservation,
-    ScopeBind, StorageError, TokenGrant, first_conflict, now, with_storage_errors,
+    IngestBatch, MessageEdit, MessageRow, MessageToIndex, MetadataEdit, NewMessage, ReindexCursor,
+    ReindexScope, Reservation, ScopeBind, StorageError, TokenGrant, first_conflict, now,
+    with_storage_errors,
 };
 use crate::config::SecretUrl;
 use crate::domain::{
-    ApplicationName, ApplicationToken, MessageBody, Number, PageRequest, TokenDigest,
+    ApplicationName, ApplicationToken, Metadata, Number, PageRequest, Sender, TokenDigest,
 };
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/mysql");
@@ -143,7 +144,7 @@ super::shared_sql::storage_impl!(MySqlStorage, MySql, "mysql", {
         application_id: u64,
         chat_number: Number,
         number: Number,
-        body: &MessageBody,
+        edit: &MessageEdit,
     ) -> Result<Option<ChangeRow>, StorageError> {
         let mut transaction = self.pool.begin().await?;
         lock_application(&mut transaction, application_id).await?;
@@ -153,19 +154,33 @@ super::shared_sql::storage_impl!(MySqlStorage, MySql, "mysql", {
             return Ok(None);
         };
         let (version, updated_at) = (locked.version + 1, now());
-        sqlx::query("UPDATE messages SET body = ?, version = ?, updated_at = ? WHERE id = ?")
-            .bind(body.as_str())
-            .bind(version)
-            .bind(updated_at)
-            .bind(locked.id)
-            .execute(&mut *transaction)
-            .await?;
+        let edited_at = locked.edited_at.unwrap_or(updated_at);
+        let metadata = match &edit.metadata {
+            MetadataEdit::Keep => locked.metadata,
+            MetadataEdit::Replace(metadata) => Some(metadata.clone()),
+            MetadataEdit::Remove => None,
+        };
+        sqlx::query(
+            "UPDATE messages SET body = ?, metadata = ?, version = ?, updated_at = ?, edited_at = ? \
+             WHERE id = ?",
+        )
+        .bind(edit.body.as_str())
+        .bind(&metadata)
+        .bind(version)
+        .bind(updated_at)
+        .bind(edited_at)
+        .bind(locked.id)
+        .execute(&mut *transaction)
+        .await?;
         let message = MessageRow {
             number: number.get(),
-            body: body.as_str().to_owned(),
+            body: edit.body.as_str().to_owned(),
             version,
             created_at: locked.created_at,
             updated_at,
+            sender: locked.sender,
+            metadata,
+            edited_at: Some(edited_at),
         };
         let change = Self::log_change(
             &mut transaction,
@@ -193,7 +208,8 @@ super::shared_sql::storage_impl!(MySqlStorage, MySql, "mysql", {
         };
         let (version, deleted_at) = (locked.version + 1, now());
         sqlx::query(
-            "UPDATE messages SET body = '', version = ?, updated_at = ?, deleted_at = ? WHERE id = ?",
+            "UPDATE messages SET body = '', metadata = NULL, version = ?, updated_at = ?, deleted_at = ? \
+             WHERE id = ?",
         )
         .bind(version)
         .bind(deleted_at)
@@ -213,6 +229,9 @@ super::shared_sql::storage_impl!(MySqlStorage, MySql, "mysql", {
             version,
             created_at: locked.created_at,
             updated_at: deleted_at,
+            sender: locked.sender,
+            metadata: None,
+            edited_at: locked.edited_at,
         };
         let change = Self::log_change(
             &mut transaction,
@@ -445,6 +464,9 @@ struct LockedMessage {
     chat_id: u64,
     version: u64,
     created_at: DateTime<Utc>,
+    sender: Option<Sender>,
+    metadata: Option<Metadata>,
+    edited_at: Option<DateTime<Utc>>,
 }
 
 /// Locks the application's row: the first lock of every write that logs a change, so that such
@@ -468,7 +490,8 @@ async fn lock_message(
     number: Number,
 ) -> Result<Option<LockedMessage>, StorageError> {
     Ok(sqlx::query_as(
-        "SELECT m.id, m.chat_id, m.version, m.created_at FROM messages m JOIN chats c ON c.id = m.chat_id \
+        "SELECT m.id, m.chat_id, m.version, m.created_at, m.sender, m.metadata, m.edited_at \
+         FROM messages m JOIN chats c ON c.id = m.chat_id \
          WHERE c.application_id = ? AND c.number = ? AND m.number = ? AND m.deleted_at IS NULL \
          FOR UPDATE",
     )
