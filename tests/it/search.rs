@@ -5,9 +5,11 @@ use std::time::Duration;
 use chatcore::domain::{InvalidInput, Metadata, Number, SearchInput, SearchRequest, Sender};
 use chatcore::metrics::Metrics;
 use chatcore::search::{ItemOutcome, MessageDocument, Replacing};
+use chatcore::store::{ReindexCursor, ReindexScope};
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use system_tests::{Client, Reply, Stack, StatusCode, TestEnv, eventually, search, search_hits};
+use tokio_util::sync::CancellationToken;
 
 /// Runs a search test on every index: Elasticsearch 8 and 7.17 (both supported) and the
 /// embedded SQLite FTS5 index.
@@ -558,6 +560,19 @@ async fn search_page(
         .await
 }
 
+/// One search page that must be answered `200` (a `503` of a loaded machine is an error, which
+/// `eventually` retries, never an empty page).
+async fn search_ok(
+    client: &Client,
+    token: &str,
+    chat: u64,
+    parameters: &[(&str, &str)],
+) -> anyhow::Result<Reply> {
+    let page = search_page(client, token, chat, parameters).await?;
+    anyhow::ensure!(page.status == StatusCode::OK, "{parameters:?}: {page:?}");
+    Ok(page)
+}
+
 fn hit_numbers(page: &Reply) -> Vec<u64> {
     page.body["messages"]
         .as_array()
@@ -730,8 +745,8 @@ async fn filters_and_sorts_give_the_same_hits_on_every_index(env: TestEnv) -> an
         }
     }
 
-    // Every hit shows its sender, metadata and last edit, null when it has none.
-    let page = search_page(
+    // Every hit shows its sender, metadata and first edit, null when it has none.
+    let page = search_ok(
         client,
         token,
         chat,
@@ -838,7 +853,7 @@ async fn bad_search_parameters_are_refused_by_name(env: TestEnv) -> anyhow::Resu
         let reply = search_page(client, token, chat, &parameters).await?;
         assert_eq!(reply.status, StatusCode::OK, "{parameters:?}: {reply:?}");
     }
-    let after = search_page(client, token, chat, &all).await?;
+    let after = search_ok(client, token, chat, &all).await?;
     assert_eq!(hit_numbers(&after), before, "the refusals changed nothing");
     running.stop().await
 }
@@ -863,12 +878,12 @@ async fn eventually_hits(
         "the fixtures are searchable",
         Duration::from_secs(60),
         || async {
-            Ok(hit_numbers(&search_page(client, token, chat, parameters).await?).len() == count)
+            Ok(hit_numbers(&search_ok(client, token, chat, parameters).await?).len() == count)
         },
     )
     .await?;
     Ok(hit_numbers(
-        &search_page(client, token, chat, parameters).await?,
+        &search_ok(client, token, chat, parameters).await?,
     ))
 }
 
@@ -1030,4 +1045,149 @@ fn previous_release_index() -> Value {
             },
         },
     })
+}
+
+/// Posts a message with `fields` (a body and whatever else) and returns its number.
+async fn post_message(
+    client: &Client,
+    token: &str,
+    chat: u64,
+    fields: Value,
+) -> anyhow::Result<u64> {
+    let reply = client
+        .post(
+            &format!("/applications/{token}/chats/{chat}/messages"),
+            fields,
+        )
+        .await?;
+    anyhow::ensure!(reply.status == StatusCode::ACCEPTED, "{reply:?}");
+    reply.body["number"]
+        .as_u64()
+        .ok_or_else(|| anyhow::anyhow!("no number: {reply:?}"))
+}
+
+on_every_index!(a_message_s_sender_metadata_and_edit_reach_its_hits);
+
+/// What a message is posted and edited with is what its hits show, and what the filters find.
+async fn a_message_s_sender_metadata_and_edit_reach_its_hits(env: TestEnv) -> anyhow::Result<()> {
+    let running = env.running_chat("who said it").await?;
+    let (client, token, chat) = (&running.api.client, &running.token, running.chat);
+    let signed = post_message(
+        client,
+        token,
+        chat,
+        json!({"body": "launch plan", "sender": "u:42", "metadata": {"client": "web"}}),
+    )
+    .await?;
+    let unsigned = post_message(client, token, chat, json!({"body": "launch party"})).await?;
+    let launch = [("query", "launch"), ("sort", "newest")];
+    assert_eq!(
+        eventually_hits(client, token, chat, &launch, 2).await?,
+        [unsigned, signed]
+    );
+    let of_sender = search_ok(
+        client,
+        token,
+        chat,
+        &[("query", "launch"), ("sender", "u:42")],
+    )
+    .await?;
+    assert_eq!(hit_numbers(&of_sender), [signed], "{of_sender:?}");
+    let hit = &of_sender.body["messages"][0];
+    assert_eq!(
+        (&hit["sender"], &hit["metadata"], &hit["edited_at"]),
+        (&json!("u:42"), &json!({"client": "web"}), &Value::Null),
+        "{hit}"
+    );
+
+    let path = format!("/applications/{token}/chats/{chat}/messages/{signed}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let edited = loop {
+        let reply = client
+            .put(&path, json!({"body": "launch plan, revised"}))
+            .await?;
+        if reply.status != StatusCode::CONFLICT || tokio::time::Instant::now() > deadline {
+            break reply;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(edited.status, StatusCode::OK, "{edited:?}");
+    let revised = [("query", "revised"), ("sender", "u:42")];
+    assert_eq!(
+        eventually_hits(client, token, chat, &revised, 1).await?,
+        [signed]
+    );
+    let hit = &search_ok(client, token, chat, &revised).await?.body["messages"][0];
+    assert_eq!(
+        (&hit["sender"], &hit["metadata"], &hit["edited_at"]),
+        (
+            &json!("u:42"),
+            &json!({"client": "web"}),
+            &edited.body["edited_at"]
+        ),
+        "{hit}"
+    );
+    assert!(hit["edited_at"].is_string(), "{edited:?}");
+    running.stop().await
+}
+
+on_every_index!(reindex_fills_in_what_an_older_indexer_left_out);
+
+/// The upgrade path of the README: a document written without its sender and metadata (by an
+/// indexer of the release before) gets them from `api reindex`, at the same version.
+async fn reindex_fills_in_what_an_older_indexer_left_out(env: TestEnv) -> anyhow::Result<()> {
+    let running = env.running_chat("backfill").await?;
+    let (client, token, chat) = (&running.api.client, &running.token, running.chat);
+    let number = post_message(
+        client,
+        token,
+        chat,
+        json!({"body": "backfilled words", "sender": "u:9", "metadata": {"k": 1}}),
+    )
+    .await?;
+    let of_sender = [("query", "backfilled"), ("sender", "u:9")];
+    eventually_hits(client, token, chat, &of_sender, 1).await?;
+
+    let config = env.config();
+    let metrics = Metrics::new();
+    let index = chatcore::adapters::search(&config, &metrics).await?;
+    let application_id = env.application_id(token).await?;
+    let chat_number = Number::new(chat).expect("positive");
+    let as_an_older_indexer_wrote_it = MessageDocument {
+        application_id,
+        chat_number,
+        number: Number::new(number).expect("positive"),
+        body: "backfilled words".to_owned(),
+        created_at: chatcore::store::now(),
+        sender: None,
+        metadata: None,
+        edited_at: None,
+        version: 1,
+    };
+    index
+        .bulk_index(
+            &[as_an_older_indexer_wrote_it],
+            Replacing::SameOrOlderVersions,
+        )
+        .await?;
+    eventually_hits(client, token, chat, &of_sender, 0).await?;
+
+    let storage = chatcore::adapters::storage(&config, &metrics).await?;
+    let progress = chatcore::pipeline::reindex(
+        storage.as_ref(),
+        index.as_ref(),
+        ReindexScope::Chat(application_id, chat_number),
+        ReindexCursor::default(),
+        &CancellationToken::new(),
+        |_| {},
+    )
+    .await?;
+    assert_eq!(progress.indexed, 1);
+    assert_eq!(
+        eventually_hits(client, token, chat, &of_sender, 1).await?,
+        [number]
+    );
+    let hit = &search_ok(client, token, chat, &of_sender).await?.body["messages"][0];
+    assert_eq!(hit["metadata"], json!({"k": 1}), "{hit}");
+    running.stop().await
 }

@@ -9,6 +9,7 @@ use sqlx::Connection as _;
 
 use crate::api::Api;
 use crate::load::Latencies;
+use crate::raw::SEEDED_SENDERS;
 use crate::{Bench, application_digest};
 
 /// The messages of the chat whose first and last page are timed.
@@ -52,7 +53,8 @@ impl Bench {
 }
 
 /// Writes [`DEEP_CHAT_MESSAGES`] messages straight into the storage (posting them through the api
-/// would be most of the run, and only their reading is measured here).
+/// would be most of the run, and only their reading is measured here), their senders in turn as
+/// the index's seeding has them ([`crate::raw::seeded_sender`]).
 async fn seed_deep_chat(
     config: &Config,
     embedded: bool,
@@ -75,10 +77,12 @@ async fn seed_deep_chat(
             .await?;
         sqlx::query(
             "WITH RECURSIVE seq(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM seq WHERE n < ?) \
-             INSERT INTO messages (chat_id, number, body, created_at, updated_at) \
-             SELECT c.id, n, 'seeded message ' || n, c.created_at, c.created_at FROM chats c, seq WHERE c.id = ?",
+             INSERT INTO messages (chat_id, number, body, created_at, updated_at, sender) \
+             SELECT c.id, n, 'seeded message ' || n, c.created_at, c.created_at, 'sender-' || (n % ?) \
+             FROM chats c, seq WHERE c.id = ?",
         )
         .bind(DEEP_CHAT_MESSAGES as i64)
+        .bind(SEEDED_SENDERS as i64)
         .bind(id)
         .execute(&mut connection)
         .await?;
@@ -92,8 +96,9 @@ async fn seed_deep_chat(
         .fetch_one(&pool)
         .await?;
     sqlx::query(sqlx::AssertSqlSafe(format!(
-        "INSERT INTO messages (chat_id, number, body, created_at, updated_at) \
-         SELECT c.id, s.seq, CONCAT('seeded message ', s.seq), c.created_at, c.created_at \
+        "INSERT INTO messages (chat_id, number, body, created_at, updated_at, sender) \
+         SELECT c.id, s.seq, CONCAT('seeded message ', s.seq), c.created_at, c.created_at, \
+         CONCAT('sender-', s.seq % {SEEDED_SENDERS}) \
          FROM chats c JOIN seq_1_to_{DEEP_CHAT_MESSAGES} s WHERE c.id = ?"
     )))
     .bind(id)

@@ -79,7 +79,7 @@ pub struct MessageDocument {
     pub sender: Option<Sender>,
     /// Kept and returned, never searched.
     pub metadata: Option<Metadata>,
-    /// When the body was last edited; none until the first edit.
+    /// When the message was first edited; none until then.
     pub edited_at: Option<DateTime<Utc>>,
     /// External version: 1 when created, then the MySQL version of each update.
     pub version: u64,

@@ -1,5 +1,5 @@
 -- A document's sender (filterable), metadata (kept and returned, never searched) and the time of
--- its last edit. The sender is a column of the FTS5 index, one token of its bytes in hex (the
+-- its first edit. The sender is a column of the FTS5 index, one token of its bytes in hex (the
 -- tokenizer would split an id like `user:42` into words), so a search for one sender intersects
 -- posting lists as the chat's token does. An FTS5 table takes no new column: it is made again and
 -- rebuilt from the documents (a one-time pass over them when a release before this one opens its
