@@ -92,6 +92,25 @@ impl Api {
     pub async fn get(&self, url: &str) -> anyhow::Result<Value> {
         answer(url, self.http.get(url).send().await?).await
     }
+
+    /// A `GET` with `credential` in `Authorization: Bearer`.
+    pub async fn get_as(&self, url: &str, credential: &str) -> anyhow::Result<Value> {
+        answer(
+            url,
+            self.http.get(url).bearer_auth(credential).send().await?,
+        )
+        .await
+    }
+
+    /// A client token of the application `token` that reads `chat`, for an hour.
+    pub async fn mint_client_token(&self, token: &str, chat: u64) -> anyhow::Result<String> {
+        let url = self.url("/application/client-tokens");
+        let grant =
+            json!({"sender": "bench", "chats": [chat], "scopes": ["read"], "expires_in": 3600});
+        let request = self.http.post(&url).bearer_auth(token).json(&grant);
+        let minted = answer(&url, request.send().await?).await?;
+        Ok(minted["token"].as_str().context("client token")?.to_owned())
+    }
 }
 
 async fn answer(url: &str, response: reqwest::Response) -> anyhow::Result<Value> {
