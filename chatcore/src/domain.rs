@@ -150,6 +150,27 @@ impl ClientKeyId {
     }
 }
 
+/// A name or title as people type it: trimmed, 1..=`max_chars` characters, no control characters.
+fn short_text(field: &'static str, raw: &str, max_chars: usize) -> Result<String, InvalidInput> {
+    let trimmed = raw.trim();
+    if trimmed.is_empty() {
+        return Err(InvalidInput::new(field, "must not be blank"));
+    }
+    if trimmed.chars().count() > max_chars {
+        return Err(InvalidInput::new(
+            field,
+            format!("must be at most {max_chars} characters"),
+        ));
+    }
+    if trimmed.chars().any(char::is_control) {
+        return Err(InvalidInput::new(
+            field,
+            "must not contain control characters",
+        ));
+    }
+    Ok(trimmed.to_owned())
+}
+
 /// An application name: 1..=255 characters after trimming, no control characters.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(transparent)]
@@ -159,23 +180,7 @@ impl ApplicationName {
     pub const MAX_CHARS: usize = 255;
 
     pub fn parse(raw: &str) -> Result<Self, InvalidInput> {
-        let trimmed = raw.trim();
-        if trimmed.is_empty() {
-            return Err(InvalidInput::new("name", "must not be blank"));
-        }
-        if trimmed.chars().count() > Self::MAX_CHARS {
-            return Err(InvalidInput::new(
-                "name",
-                format!("must be at most {} characters", Self::MAX_CHARS),
-            ));
-        }
-        if trimmed.chars().any(char::is_control) {
-            return Err(InvalidInput::new(
-                "name",
-                "must not contain control characters",
-            ));
-        }
-        Ok(Self(trimmed.to_owned()))
+        short_text("name", raw, Self::MAX_CHARS).map(Self)
     }
 
     pub fn as_str(&self) -> &str {
@@ -313,23 +318,7 @@ impl ChatTitle {
     pub const MAX_CHARS: usize = 255;
 
     pub fn parse(raw: &str) -> Result<Self, InvalidInput> {
-        let trimmed = raw.trim();
-        if trimmed.is_empty() {
-            return Err(InvalidInput::new("title", "must not be blank"));
-        }
-        if trimmed.chars().count() > Self::MAX_CHARS {
-            return Err(InvalidInput::new(
-                "title",
-                format!("must be at most {} characters", Self::MAX_CHARS),
-            ));
-        }
-        if trimmed.chars().any(char::is_control) {
-            return Err(InvalidInput::new(
-                "title",
-                "must not contain control characters",
-            ));
-        }
-        Ok(Self(trimmed.to_owned()))
+        short_text("title", raw, Self::MAX_CHARS).map(Self)
     }
 
     pub fn as_str(&self) -> &str {

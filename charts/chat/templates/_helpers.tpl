@@ -108,8 +108,8 @@ Secret (none in embedded mode), then the component's extraEnv. */}}
 {{- end }}
 
 {{/* Checksums of what a component's pods read at start, so that they roll when it changes: the
-settings, and the connection URLs and admin token the chart itself stores in Secrets (a Secret of
-your own is yours to roll after; a generated admin token is kept across upgrades). */}}
+settings, and the connection URLs, admin token and client-token secret the chart itself stores in
+Secrets (a Secret of your own is yours to roll after; generated ones are kept across upgrades). */}}
 {{- define "chat.checksums" -}}
 checksum/config: {{ include "chat.configData" . | sha256sum }}
 {{- if not (or .Values.connections.existingSecret .Values.embedded.enabled) }}
@@ -119,6 +119,9 @@ checksum/connections: {{ include "chat.connectionData" . | sha256sum }}
 {{- /* Salted with the release's namespace and name: the bare hash of a token in an annotation
 anyone may read would let a precomputed table find a weak one. */}}
 checksum/admin-token: {{ printf "chat-admin-token:%s:%s:%s" $.Release.Namespace $.Release.Name . | sha256sum }}
+{{- end }}
+{{- with .Values.auth.clientTokenSecret }}
+checksum/client-token-secret: {{ printf "chat-client-token-secret:%s:%s:%s" $.Release.Namespace $.Release.Name . | sha256sum }}
 {{- end }}
 {{- end }}
 
@@ -130,35 +133,58 @@ checksum/admin-token: {{ printf "chat-admin-token:%s:%s:%s" $.Release.Namespace 
 {{- end }}
 {{- end }}
 
-{{/* Secret holding the admin token (CHAT_ADMIN_TOKEN): auth.existingSecret or the chart's own. */}}
+{{/* Secret holding the operator's secrets the api reads, the admin token (CHAT_ADMIN_TOKEN) and the
+client-token secret (CHAT_CLIENT_TOKEN_SECRET): auth.existingSecret or the chart's own. */}}
 {{- define "chat.adminTokenSecretName" -}}
 {{- default (printf "%s-admin-token" (include "chat.fullname" .)) .Values.auth.existingSecret }}
 {{- end }}
 
-{{/* The admin token of the chart's own Secret: auth.adminToken, else the value the Secret already
-holds in the cluster (kept across upgrades), else a new random one (first install, or a render
-without cluster access such as `helm template`). */}}
-{{- define "chat.adminToken" -}}
-{{- if .Values.auth.adminToken }}
-{{- .Values.auth.adminToken }}
+{{/* One key of the chart's own operator Secret (context: root, key, given, length): the given value,
+else the value the Secret already holds under that key in the cluster (kept across upgrades), else
+a new random one of that many alphanumerics (first install, a Secret from before the key existed,
+or a render without cluster access such as `helm template`). */}}
+{{- define "chat.authSecretValue" -}}
+{{- if .given }}
+{{- .given }}
 {{- else }}
-{{- $existing := lookup "v1" "Secret" .Release.Namespace (include "chat.adminTokenSecretName" .) }}
+{{- $existing := lookup "v1" "Secret" .root.Release.Namespace (include "chat.adminTokenSecretName" .root) }}
 {{- $data := dig "data" (dict) $existing }}
-{{- if hasKey $data "CHAT_ADMIN_TOKEN" }}
-{{- index $data "CHAT_ADMIN_TOKEN" | b64dec }}
+{{- if hasKey $data .key }}
+{{- index $data .key | b64dec }}
 {{- else }}
-{{- randAlphaNum 40 }}
+{{- randAlphaNum (int .length) }}
 {{- end }}
 {{- end }}
 {{- end }}
 
-{{/* The api's admin token, from a Secret (never from the ConfigMap). */}}
+{{/* The admin token of the chart's own Secret: auth.adminToken, else kept, else 40 random characters. */}}
+{{- define "chat.adminToken" -}}
+{{- include "chat.authSecretValue" (dict "root" . "key" "CHAT_ADMIN_TOKEN" "given" .Values.auth.adminToken "length" 40) }}
+{{- end }}
+
+{{/* The client-token secret of the chart's own Secret: auth.clientTokenSecret, else kept, else 48
+random characters (about 285 bits). */}}
+{{- define "chat.clientTokenSecret" -}}
+{{- include "chat.authSecretValue" (dict "root" . "key" "CHAT_CLIENT_TOKEN_SECRET" "given" .Values.auth.clientTokenSecret "length" 48) }}
+{{- end }}
+
+{{/* The api's admin token and client-token secret, from a Secret (never from the ConfigMap). An
+auth.existingSecret of before client tokens may lack CHAT_CLIENT_TOKEN_SECRET: the key is optional
+there (the api then keeps a secret in the database and warns), never in the chart's own Secret. */}}
 {{- define "chat.adminTokenEnv" -}}
 - name: CHAT_ADMIN_TOKEN
   valueFrom:
     secretKeyRef:
       name: {{ include "chat.adminTokenSecretName" . }}
       key: CHAT_ADMIN_TOKEN
+- name: CHAT_CLIENT_TOKEN_SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "chat.adminTokenSecretName" . }}
+      key: CHAT_CLIENT_TOKEN_SECRET
+      {{- if .Values.auth.existingSecret }}
+      optional: true
+      {{- end }}
 {{- end }}
 
 {{/* True (non-empty) when a CA bundle for the backing services' TLS is configured. */}}
@@ -302,6 +328,11 @@ CHAT_STREAM_HEARTBEAT_MS: {{ .Values.api.streams.heartbeatMs | int64 | quote }}
 CHAT_STREAM_BUFFERED_CHANGES: {{ .Values.api.streams.bufferedChanges | int64 | quote }}
 CHAT_APPLICATION_CREATION: {{ .Values.api.applicationCreation | quote }}
 CHAT_TOKEN_ROTATION_OVERLAP_SECONDS: {{ .Values.api.tokenRotationOverlapSeconds | int64 | quote }}
+CHAT_CLIENT_TOKEN_MAX_LIFETIME_SECONDS: {{ .Values.api.clientTokens.maxLifetimeSeconds | int64 | quote }}
+CHAT_CLIENT_TOKEN_REVOCATION_POLL_MS: {{ .Values.api.clientTokens.revocationPollMs | int64 | quote }}
+{{- with .Values.api.cors.allowedOrigins }}
+CHAT_CORS_ALLOWED_ORIGINS: {{ join "," . | quote }}
+{{- end }}
 CHAT_MAX_CHATS_PER_APPLICATION: {{ .Values.api.maxChatsPerApplication | int64 | quote }}
 CHAT_MAX_MESSAGES_PER_MINUTE_PER_APPLICATION: {{ .Values.api.maxMessagesPerMinutePerApplication | int64 | quote }}
 {{- if include "chat.tlsCaEnabled" . }}

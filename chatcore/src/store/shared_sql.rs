@@ -607,6 +607,20 @@ macro_rules! storage_impl {
                 .await
             }
 
+            async fn client_token_secret(&self, candidate: &str) -> Result<String, StorageError> {
+                // The first replica's candidate stays; every other one reads it.
+                sqlx::query(Self::INSERT_CLIENT_TOKEN_SECRET)
+                    .bind(candidate)
+                    .bind($crate::store::now())
+                    .execute(&self.pool)
+                    .await?;
+                Ok(
+                    sqlx::query_scalar("SELECT secret FROM client_token_secret WHERE id = 1")
+                        .fetch_one(&self.pool)
+                        .await?,
+                )
+            }
+
             async fn reserved_until(&self, scope: &str) -> Result<Option<u64>, StorageError> {
                 with_storage_errors(sqlx::query_scalar("SELECT reserved_until FROM number_reservations WHERE scope = ?")
                     .bind(scope)

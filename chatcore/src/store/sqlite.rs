@@ -40,6 +40,9 @@ impl SqliteStorage {
         begin_write(&self.pool).await
     }
 
+    /// Keeps the secret there, or this one when there is none.
+    const INSERT_CLIENT_TOKEN_SECRET: &'static str = "INSERT INTO client_token_secret \
+         (id, secret, created_at) VALUES (1, ?, ?) ON CONFLICT (id) DO NOTHING";
     // SQLite has no LIMIT on DELETE (unless built with it): the rows are chosen by a subquery.
     const PURGE_CHANGES: &'static str = "DELETE FROM message_changes WHERE (chat_id, sequence) IN \
          (SELECT mc.chat_id, mc.sequence FROM message_changes mc JOIN chats c ON c.id = mc.chat_id \
@@ -446,23 +449,6 @@ super::shared_sql::storage_impl!(SqliteStorage, Sqlite, "sqlite", {
         }
         transaction.commit().await?;
         Ok(created)
-    }
-
-    async fn client_token_secret(&self, candidate: &str) -> Result<String, StorageError> {
-        // The first replica's candidate stays; every other one reads it.
-        sqlx::query(
-            "INSERT INTO client_token_secret (id, secret, created_at) VALUES (1, ?, ?) \
-             ON CONFLICT (id) DO NOTHING",
-        )
-        .bind(candidate)
-        .bind(now())
-        .execute(&self.pool)
-        .await?;
-        Ok(
-            sqlx::query_scalar("SELECT secret FROM client_token_secret WHERE id = 1")
-                .fetch_one(&self.pool)
-                .await?,
-        )
     }
 
     async fn reserve_fresh_block(

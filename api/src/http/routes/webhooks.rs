@@ -10,7 +10,10 @@
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
-use chatcore::domain::{FeedCursor, InvalidInput, PageInput, PageRequest, serialize_timestamp};
+use chatcore::domain::{
+    FeedCursor, InvalidInput, PageInput, PageRequest, serialize_optional_timestamp,
+    serialize_timestamp,
+};
 use chatcore::store::{AttemptRow, EndpointChanges, EndpointRow};
 use chatcore::webhooks::EventTypes;
 use chrono::{DateTime, Utc};
@@ -204,16 +207,6 @@ struct AttemptParams {
     /// Page size (default 25, at most 100).
     #[param(value_type = Option<u32>, minimum = 1, maximum = 100)]
     per_page: Option<String>,
-}
-
-fn serialize_optional_timestamp<S: serde::Serializer>(
-    at: &Option<DateTime<Utc>>,
-    serializer: S,
-) -> Result<S::Ok, S::Error> {
-    match at {
-        Some(at) => serialize_timestamp(at, serializer),
-        None => serializer.serialize_none(),
-    }
 }
 
 fn parse_id(raw: &str) -> Result<u64, ApiError> {

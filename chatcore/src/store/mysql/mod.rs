@@ -83,6 +83,9 @@ impl MySqlStorage {
         self.pool.begin().await
     }
 
+    /// Keeps the secret there, or this one when there is none.
+    const INSERT_CLIENT_TOKEN_SECRET: &'static str =
+        "INSERT IGNORE INTO client_token_secret (id, secret, created_at) VALUES (1, ?, ?)";
     const PURGE_CHANGES: &'static str = "DELETE FROM message_changes WHERE chat_id IN (SELECT id FROM chats WHERE application_id = ?) LIMIT ?";
     const PURGE_MESSAGES: &'static str = "DELETE FROM messages WHERE chat_id IN (SELECT id FROM chats WHERE application_id = ?) LIMIT ?";
     const PURGE_CHATS: &'static str = "DELETE FROM chats WHERE application_id = ? LIMIT ?";
@@ -370,22 +373,6 @@ super::shared_sql::storage_impl!(MySqlStorage, MySql, "mysql", {
         insert_created_changes(&mut transaction, &changes).await?;
         transaction.commit().await?;
         Ok(created)
-    }
-
-    async fn client_token_secret(&self, candidate: &str) -> Result<String, StorageError> {
-        // The first replica's candidate stays; every other one reads it.
-        sqlx::query(
-            "INSERT IGNORE INTO client_token_secret (id, secret, created_at) VALUES (1, ?, ?)",
-        )
-        .bind(candidate)
-        .bind(now())
-        .execute(&self.pool)
-        .await?;
-        Ok(
-            sqlx::query_scalar("SELECT secret FROM client_token_secret WHERE id = 1")
-                .fetch_one(&self.pool)
-                .await?,
-        )
     }
 
     async fn reserve_fresh_block(
