@@ -171,7 +171,7 @@ random characters (about 285 bits). */}}
 {{/* The api's admin token and client-token secret, from a Secret (never from the ConfigMap). An
 auth.existingSecret of before client tokens may lack CHAT_CLIENT_TOKEN_SECRET: the key is optional
 there (the api then keeps a secret in the database and warns), never in the chart's own Secret. */}}
-{{- define "chat.adminTokenEnv" -}}
+{{- define "chat.authEnv" -}}
 - name: CHAT_ADMIN_TOKEN
   valueFrom:
     secretKeyRef:
