@@ -21,7 +21,7 @@ pub async fn message_lookups(
         let pool = pool.clone();
         async move {
             let found: Option<MessageRow> = sqlx::query_as(
-                "SELECT m.number, m.body, m.version, m.created_at, m.updated_at \
+                "SELECT m.number, m.body, m.version, m.created_at, m.updated_at, m.sender, m.metadata, m.edited_at \
                  FROM messages m JOIN chats c ON c.id = m.chat_id \
                  WHERE c.application_id = ? AND c.number = ? AND m.number = ? AND m.deleted_at IS NULL",
             )
@@ -55,7 +55,7 @@ pub async fn page_lookups(
         async move {
             let (from, to) = page.key_bounds();
             let rows: Vec<MessageRow> = sqlx::query_as(
-                "SELECT m.number, m.body, m.version, m.created_at, m.updated_at \
+                "SELECT m.number, m.body, m.version, m.created_at, m.updated_at, m.sender, m.metadata, m.edited_at \
                  FROM messages m JOIN chats c ON c.id = m.chat_id \
                  WHERE c.application_id = ? AND c.number = ? AND m.number BETWEEN ? AND ? \
                  AND m.deleted_at IS NULL ORDER BY m.number ASC LIMIT ? OFFSET ?",
