@@ -157,12 +157,8 @@ mod tests {
     #[test]
     fn expires_in_is_bounded_by_the_longest_lifetime() {
         let refused = request(Some(86_401), DAY).expect_err("above the maximum");
+        // (Its 422 is the http layer's: tests/it/client_tokens.rs.)
         assert_eq!(refused.field, "expires_in");
-        assert!(
-            crate::ApiError::from(refused.clone()).status()
-                == axum::http::StatusCode::UNPROCESSABLE_ENTITY,
-            "{refused}"
-        );
         assert_eq!(request(Some(0), DAY).expect_err("zero").field, "expires_in");
         assert_eq!(request(Some(86_400), DAY).expect("max").lifetime, DAY);
         assert_eq!(
