@@ -88,13 +88,32 @@ fn tracer_provider(
         .with_tonic()
         .with_endpoint(endpoint)
         .build()?;
-    let resource = opentelemetry_sdk::Resource::builder()
-        .with_service_name(service_name)
-        .build();
+    // The SDK's builder reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES: a name the platform
+    // gives stays, and the binary names itself only when none is given.
+    let mut resource = opentelemetry_sdk::Resource::builder();
+    if !service_named_by_environment() {
+        resource = resource.with_service_name(service_name);
+    }
+    let resource = resource.build();
     Ok(SdkTracerProvider::builder()
         .with_batch_exporter(exporter)
         .with_resource(resource)
         .build())
+}
+
+/// Whether OTEL_SERVICE_NAME, or a `service.name` in OTEL_RESOURCE_ATTRIBUTES, names the service.
+fn service_named_by_environment() -> bool {
+    let set = |name: &str| {
+        std::env::var(name)
+            .ok()
+            .filter(|value| !value.trim().is_empty())
+    };
+    set("OTEL_SERVICE_NAME").is_some()
+        || set("OTEL_RESOURCE_ATTRIBUTES").is_some_and(|attributes| {
+            attributes
+                .split(',')
+                .any(|pair| pair.trim_start().starts_with("service.name="))
+        })
 }
 
 struct HeaderMap<'a>(&'a mut HashMap<String, String>);

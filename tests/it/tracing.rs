@@ -18,6 +18,8 @@ use system_tests::{Client, StatusCode, TestEnv, eventually, free_port};
 #[derive(Clone, Debug)]
 struct Received {
     service: String,
+    /// The resource's attributes that are strings.
+    resource: Vec<(String, String)>,
     span: Span,
 }
 
@@ -32,21 +34,29 @@ impl TraceService for Collector {
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
         let mut received = self.0.lock().expect("collector lock");
         for resource_spans in request.into_inner().resource_spans {
-            let service = resource_spans
+            let resource: Vec<(String, String)> = resource_spans
                 .resource
                 .iter()
                 .flat_map(|resource| &resource.attributes)
-                .find(|attribute| attribute.key == "service.name")
-                .and_then(|attribute| attribute.value.as_ref()?.value.as_ref())
-                .map(|value| match value {
-                    AnyValue::StringValue(name) => name.clone(),
-                    other => format!("{other:?}"),
-                })
+                .filter_map(
+                    |attribute| match attribute.value.as_ref()?.value.as_ref()? {
+                        AnyValue::StringValue(value) => {
+                            Some((attribute.key.clone(), value.clone()))
+                        }
+                        _ => None,
+                    },
+                )
+                .collect();
+            let service = resource
+                .iter()
+                .find(|(key, _)| key == "service.name")
+                .map(|(_, name)| name.clone())
                 .unwrap_or_default();
             for scope_spans in resource_spans.scope_spans {
                 for span in scope_spans.spans {
                     received.push(Received {
                         service: service.clone(),
+                        resource: resource.clone(),
                         span,
                     });
                 }
@@ -260,6 +270,48 @@ async fn one_post_is_one_trace_in_the_embedded_process() -> anyhow::Result<()> {
         &collector.spans_of_trace(TRACE_ID),
         [("api", "ingest batch write"), ("api", "index batch write")],
     );
+    api.kill().await?;
+    Ok(())
+}
+
+/// The service name and resource attributes a platform team's collector expects
+/// (`OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`) are the ones the spans carry; the binary's own
+/// name is only the default.
+#[tokio::test]
+async fn the_platforms_service_name_and_resource_attributes_are_kept() -> anyhow::Result<()> {
+    let (collector, endpoint) = start_collector().await?;
+    let mut env = TestEnv::embedded().await?;
+    env.set("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint);
+    env.set("OTEL_BSP_SCHEDULE_DELAY", "100");
+    env.set("OTEL_SERVICE_NAME", "chat-edge");
+    env.set(
+        "OTEL_RESOURCE_ATTRIBUTES",
+        "deployment.environment.name=ci,team=platform",
+    );
+    let api_port = free_port()?;
+    env.set("CHAT_HTTP_ADDR", &format!("127.0.0.1:{api_port}"));
+    let mut api = env.spawn_process("api")?;
+    let client = Client::new(&format!("http://127.0.0.1:{api_port}/api/v1"));
+    post_traced_message(&client).await?;
+    eventually(
+        "the request's spans arrive",
+        Duration::from_secs(60),
+        || async { Ok(!collector.spans_of_trace(TRACE_ID).is_empty()) },
+    )
+    .await?;
+    for received in collector.spans_of_trace(TRACE_ID) {
+        assert_eq!(received.service, "chat-edge", "{:?}", received.span.name);
+        for attribute in [("deployment.environment.name", "ci"), ("team", "platform")] {
+            assert!(
+                received
+                    .resource
+                    .iter()
+                    .any(|(key, value)| (key.as_str(), value.as_str()) == attribute),
+                "{attribute:?} in {:?}",
+                received.resource
+            );
+        }
+    }
     api.kill().await?;
     Ok(())
 }
