@@ -316,6 +316,110 @@ async fn the_platforms_service_name_and_resource_attributes_are_kept() -> anyhow
     Ok(())
 }
 
+/// A `5xx` answer's server span has status error and `error.type` (the status), a `4xx`'s does
+/// not; both carry `server.address` (semantic conventions). The 503: a search while the search
+/// index cannot be reached.
+#[tokio::test]
+async fn a_5xx_server_span_has_status_error() -> anyhow::Result<()> {
+    let (collector, endpoint) = start_collector().await?;
+    let mut env = TestEnv::new().await?;
+    env.set("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint);
+    env.set("OTEL_BSP_SCHEDULE_DELAY", "100");
+    env.set("RUST_LOG", "warn");
+    env.set(
+        "ELASTICSEARCH_URL",
+        &format!("http://127.0.0.1:{}", free_port()?),
+    );
+    let api_port = free_port()?;
+    env.set("CHAT_HTTP_ADDR", &format!("127.0.0.1:{api_port}"));
+    let mut api = env.spawn_process("api")?;
+    let client = Client::new(&format!("http://127.0.0.1:{api_port}/api/v1"));
+    eventually("the api answers", Duration::from_secs(30), || async {
+        Ok(client
+            .get_as_admin("/applications")
+            .await
+            .is_ok_and(|reply| reply.status == StatusCode::OK))
+    })
+    .await?;
+    let token = client.create_application("traced errors").await?;
+    let chat = client.create_chat(&token).await?;
+    let search = client
+        .send_raw(
+            client
+                .request(
+                    reqwest::Method::GET,
+                    &format!("/chats/{chat}/messages/search?query=hello"),
+                )
+                .bearer_auth(&token)
+                .header("traceparent", format!("00-{TRACE_ID}-{CALLER_SPAN}-01")),
+        )
+        .await?;
+    assert_eq!(search.status, StatusCode::SERVICE_UNAVAILABLE, "{search:?}");
+    let missing = client
+        .send_raw(
+            client
+                .request(reqwest::Method::GET, "/chats/999")
+                .bearer_auth(&token)
+                .header("traceparent", format!("00-{TRACE_ID}-{CALLER_SPAN}-01")),
+        )
+        .await?;
+    assert_eq!(missing.status, StatusCode::NOT_FOUND, "{missing:?}");
+    let server_span = |route: &str| {
+        collector
+            .spans_of_trace(TRACE_ID)
+            .into_iter()
+            .find(|received| received.span.name == format!("GET {route}"))
+    };
+    eventually(
+        "both server spans arrive",
+        Duration::from_secs(60),
+        || async {
+            Ok(
+                server_span("/api/v1/chats/{chat_number}/messages/search").is_some()
+                    && server_span("/api/v1/chats/{number}").is_some(),
+            )
+        },
+    )
+    .await?;
+    let failed = server_span("/api/v1/chats/{chat_number}/messages/search")
+        .expect("arrived")
+        .span;
+    let refused = server_span("/api/v1/chats/{number}").expect("arrived").span;
+    assert_eq!(
+        failed.status.as_ref().map(|status| status.code),
+        Some(2),
+        "status error: {failed:?}"
+    );
+    assert_eq!(attribute(&failed, "error.type").as_deref(), Some("503"));
+    assert_ne!(
+        refused.status.as_ref().map(|status| status.code),
+        Some(2),
+        "a 404 is not the server's error"
+    );
+    for span in [&failed, &refused] {
+        assert_eq!(
+            attribute(span, "server.address").as_deref(),
+            Some("127.0.0.1")
+        );
+    }
+    api.kill().await?;
+    Ok(())
+}
+
+/// A string (or integer) attribute of a span.
+fn attribute(span: &Span, key: &str) -> Option<String> {
+    span.attributes
+        .iter()
+        .find(|attribute| attribute.key == key)
+        .and_then(
+            |attribute| match attribute.value.as_ref()?.value.as_ref()? {
+                AnyValue::StringValue(value) => Some(value.clone()),
+                AnyValue::IntValue(value) => Some(value.to_string()),
+                _ => None,
+            },
+        )
+}
+
 /// A listener as the incoming-connection stream tonic serves.
 fn tokio_stream_of(
     listener: tokio::net::TcpListener,

@@ -29,13 +29,23 @@ pub async fn observe_request(
         .get(TRACEPARENT_HEADER)
         .and_then(|value| value.to_str().ok())
         .map(str::to_owned);
+    // The host the client addressed (semantic conventions: `server.address` of a server span).
+    let server_address = request
+        .headers()
+        .get(axum::http::header::HOST)
+        .and_then(|host| host.to_str().ok())
+        .and_then(|host| host.parse::<axum::http::uri::Authority>().ok())
+        .map(|authority| authority.host().to_owned());
     let span = tracing::info_span!(
         "http request",
         otel.name = %format!("{method} {route}"),
         otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
         http.request.method = %method,
         http.route = %route,
         http.response.status_code = tracing::field::Empty,
+        error.r#type = tracing::field::Empty,
+        server.address = server_address,
         trace_id = tracing::field::Empty,
         span_id = tracing::field::Empty,
     );
@@ -51,6 +61,11 @@ pub async fn observe_request(
         .await
         .unwrap_or_else(|_| ApiError::TimedOut(timeout.as_millis()).into_response());
     span.record("http.response.status_code", response.status().as_u16());
+    // A server's span is an error when it answered 5xx (a 4xx is the client's).
+    if response.status().is_server_error() {
+        span.record("otel.status_code", "ERROR");
+        span.record("error.type", response.status().as_str());
+    }
     let labels = HttpLabels {
         method,
         route,
