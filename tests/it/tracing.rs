@@ -98,16 +98,42 @@ impl Collector {
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CALLER_SPAN: &str = "00f067aa0ba902b7";
 
-/// Creates an application and a chat, waits until the chat is stored, and posts one message with
-/// the caller's traceparent.
-async fn post_traced_message(client: &Client) -> anyhow::Result<()> {
+/// Waits until the api process answers.
+async fn wait_until_answering(client: &Client) -> anyhow::Result<()> {
     eventually("the api answers", Duration::from_secs(30), || async {
         Ok(client
             .get_as_admin("/applications")
             .await
             .is_ok_and(|reply| reply.status == StatusCode::OK))
     })
-    .await?;
+    .await
+}
+
+/// Starts the api as a process of `env` exporting to the collector at `endpoint`, with `settings`
+/// besides; returns it and a client of it.
+fn spawn_traced_api(
+    env: &mut TestEnv,
+    endpoint: &str,
+    settings: &[(&str, &str)],
+) -> anyhow::Result<(tokio::process::Child, Client)> {
+    env.set("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint);
+    env.set("OTEL_BSP_SCHEDULE_DELAY", "100");
+    for (name, value) in settings {
+        env.set(name, value);
+    }
+    let api_port = free_port()?;
+    env.set("CHAT_HTTP_ADDR", &format!("127.0.0.1:{api_port}"));
+    let api = env.spawn_process("api")?;
+    Ok((
+        api,
+        Client::new(&format!("http://127.0.0.1:{api_port}/api/v1")),
+    ))
+}
+
+/// Creates an application and a chat, waits until the chat is stored, and posts one message with
+/// the caller's traceparent.
+async fn post_traced_message(client: &Client) -> anyhow::Result<()> {
+    wait_until_answering(client).await?;
     let token = client.create_application("traced").await?;
     let chat = client.create_chat(&token).await?;
     eventually("the chat is persisted", Duration::from_secs(30), || async {
@@ -248,12 +274,7 @@ async fn one_post_is_one_trace_across_the_three_services() -> anyhow::Result<()>
 async fn one_post_is_one_trace_in_the_embedded_process() -> anyhow::Result<()> {
     let (collector, endpoint) = start_collector().await?;
     let mut env = TestEnv::embedded().await?;
-    env.set("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint);
-    env.set("OTEL_BSP_SCHEDULE_DELAY", "100");
-    let api_port = free_port()?;
-    env.set("CHAT_HTTP_ADDR", &format!("127.0.0.1:{api_port}"));
-    let mut api = env.spawn_process("api")?;
-    let client = Client::new(&format!("http://127.0.0.1:{api_port}/api/v1"));
+    let (mut api, client) = spawn_traced_api(&mut env, &endpoint, &[])?;
     post_traced_message(&client).await?;
     eventually(
         "the spans of both consumers arrive",
@@ -281,17 +302,14 @@ async fn one_post_is_one_trace_in_the_embedded_process() -> anyhow::Result<()> {
 async fn the_platforms_service_name_and_resource_attributes_are_kept() -> anyhow::Result<()> {
     let (collector, endpoint) = start_collector().await?;
     let mut env = TestEnv::embedded().await?;
-    env.set("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint);
-    env.set("OTEL_BSP_SCHEDULE_DELAY", "100");
-    env.set("OTEL_SERVICE_NAME", "chat-edge");
-    env.set(
-        "OTEL_RESOURCE_ATTRIBUTES",
-        "deployment.environment.name=ci,team=platform",
-    );
-    let api_port = free_port()?;
-    env.set("CHAT_HTTP_ADDR", &format!("127.0.0.1:{api_port}"));
-    let mut api = env.spawn_process("api")?;
-    let client = Client::new(&format!("http://127.0.0.1:{api_port}/api/v1"));
+    let platform = [
+        ("OTEL_SERVICE_NAME", "chat-edge"),
+        (
+            "OTEL_RESOURCE_ATTRIBUTES",
+            "deployment.environment.name=ci,team=platform",
+        ),
+    ];
+    let (mut api, client) = spawn_traced_api(&mut env, &endpoint, &platform)?;
     post_traced_message(&client).await?;
     eventually(
         "the request's spans arrive",
@@ -323,24 +341,13 @@ async fn the_platforms_service_name_and_resource_attributes_are_kept() -> anyhow
 async fn a_5xx_server_span_has_status_error() -> anyhow::Result<()> {
     let (collector, endpoint) = start_collector().await?;
     let mut env = TestEnv::new().await?;
-    env.set("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint);
-    env.set("OTEL_BSP_SCHEDULE_DELAY", "100");
-    env.set("RUST_LOG", "warn");
-    env.set(
-        "ELASTICSEARCH_URL",
-        &format!("http://127.0.0.1:{}", free_port()?),
-    );
-    let api_port = free_port()?;
-    env.set("CHAT_HTTP_ADDR", &format!("127.0.0.1:{api_port}"));
-    let mut api = env.spawn_process("api")?;
-    let client = Client::new(&format!("http://127.0.0.1:{api_port}/api/v1"));
-    eventually("the api answers", Duration::from_secs(30), || async {
-        Ok(client
-            .get_as_admin("/applications")
-            .await
-            .is_ok_and(|reply| reply.status == StatusCode::OK))
-    })
-    .await?;
+    let unreachable = format!("http://127.0.0.1:{}", free_port()?);
+    let settings = [
+        ("RUST_LOG", "warn"),
+        ("ELASTICSEARCH_URL", unreachable.as_str()),
+    ];
+    let (mut api, client) = spawn_traced_api(&mut env, &endpoint, &settings)?;
+    wait_until_answering(&client).await?;
     let token = client.create_application("traced errors").await?;
     let chat = client.create_chat(&token).await?;
     let search = client
