@@ -457,7 +457,7 @@ pub const TRACES_SAMPLER: Setting = setting(
 );
 pub const TRACES_SAMPLER_ARG: Setting = setting(
     "OTEL_TRACES_SAMPLER_ARG",
-    Value("1.0"),
+    Value("1"),
     "the share of traces the `traceidratio` samplers record, 0 to 1",
 );
 pub const PUSHGATEWAY_URL: Setting = setting(
