@@ -17,6 +17,7 @@ use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message as _;
 use serde_json::json;
+use system_tests::webhook_receiver::{Mode, WebhookReceiver};
 use system_tests::{Client, StatusCode, TestEnv, eventually, free_port};
 
 #[derive(Clone, Debug)]
@@ -580,6 +581,54 @@ async fn a_5xx_server_span_has_status_error() -> anyhow::Result<()> {
             Some("127.0.0.1")
         );
     }
+    api.kill().await?;
+    Ok(())
+}
+
+/// A webhook delivery attempt is an HTTP client span; one the endpoint answers `500` has status
+/// error with the status as `error.type` (the embedded process runs the dispatcher).
+#[tokio::test]
+async fn a_failed_webhook_attempts_span_has_status_error() -> anyhow::Result<()> {
+    let (collector, endpoint) = start_collector().await?;
+    let receiver = WebhookReceiver::start().await?;
+    let mut env = TestEnv::embedded().await?;
+    let (mut api, client) = spawn_traced_api(&mut env, &endpoint, &[])?;
+    wait_until_answering(&client).await?;
+    let token = client.create_application("traced webhooks").await?;
+    let chat = client.create_chat(&token).await?;
+    let created = client
+        .post(
+            &format!("/applications/{token}/webhooks"),
+            json!({"url": receiver.url("failing")}),
+        )
+        .await?;
+    anyhow::ensure!(created.status == StatusCode::CREATED, "{created:?}");
+    let secret = created.body["secret"].as_str().unwrap_or_default();
+    receiver.configure("failing", &[secret], Mode::Fail).await?;
+    client.create_message(&token, chat, "undeliverable").await?;
+    let failed_attempt = || {
+        collector.all().into_iter().map(|r| r.span).find(|span| {
+            span.name == "POST"
+                && attribute(span, "http.response.status_code").as_deref() == Some("500")
+        })
+    };
+    eventually(
+        "a failed attempt's span arrives",
+        Duration::from_secs(60),
+        || async { Ok(failed_attempt().is_some()) },
+    )
+    .await?;
+    let span = failed_attempt().expect("arrived");
+    assert_eq!(
+        span.status.as_ref().map(|status| status.code),
+        Some(2),
+        "status error: {span:?}"
+    );
+    assert_eq!(attribute(&span, "error.type").as_deref(), Some("500"));
+    assert_eq!(
+        attribute(&span, "server.address").as_deref(),
+        Some("127.0.0.1")
+    );
     api.kill().await?;
     Ok(())
 }
