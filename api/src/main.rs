@@ -89,6 +89,6 @@ async fn main() -> anyhow::Result<()> {
 /// The configuration, and logging (and tracing) set up from it.
 fn start() -> anyhow::Result<(Config, chatcore::telemetry::TelemetryGuard)> {
     let config = Config::from_env()?;
-    let telemetry = chatcore::telemetry::init("api", config.otlp_endpoint.as_deref());
+    let telemetry = chatcore::telemetry::init("api", config.trace_export.as_ref());
     Ok((config, telemetry))
 }

@@ -2,15 +2,16 @@
 //!
 //! - Logs: JSON lines on stdout, level from `RUST_LOG` (default `info`), lowercase messages; the
 //!   spans of a request or a batch carry `trace_id` and `span_id`, so every log line inside them does.
-//! - Traces: exported over OTLP/gRPC when `OTEL_EXPORTER_OTLP_ENDPOINT` is set (off, and free,
-//!   otherwise), with `service.name` set per binary. The W3C trace context travels in AMQP headers
-//!   ([`inject`] / [`extract`]), so one POST is one trace across api, ingest-worker and indexer.
+//! - Traces: exported over OTLP (gRPC or HTTP/protobuf, [`crate::config::TraceExport`]) when an
+//!   endpoint is set (off, and free, otherwise), with `service.name` set per binary unless the
+//!   platform names it. The W3C trace context travels in AMQP headers ([`inject`] /
+//!   [`set_remote_parent`]), so one POST is one trace across api, ingest-worker and indexer.
 
 use std::collections::HashMap;
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator as _};
 use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
-use opentelemetry_otlp::WithExportConfig as _;
+use opentelemetry_otlp::{WithExportConfig as _, WithHttpConfig as _};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
@@ -19,6 +20,7 @@ use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{EnvFilter, Layer as _};
 
 use crate::config::settings::LOG_FILTER;
+use crate::config::{OtlpProtocol, TraceExport};
 use crate::events::TraceContext;
 
 /// Flushes buffered spans when dropped; keep it alive for the life of `main`.
@@ -37,9 +39,9 @@ impl Drop for TelemetryGuard {
     }
 }
 
-/// Installs logging, and tracing when `otlp_endpoint` is set ([`crate::Config::otlp_endpoint`]),
-/// once; later calls are no-ops.
-pub fn init(service_name: &'static str, otlp_endpoint: Option<&str>) -> TelemetryGuard {
+/// Installs logging, and tracing when `export` is set ([`crate::Config::trace_export`]), once;
+/// later calls are no-ops.
+pub fn init(service_name: &'static str, export: Option<&TraceExport>) -> TelemetryGuard {
     let default_filter = LOG_FILTER.default_value().unwrap_or_default();
     let filter =
         EnvFilter::try_from_env(LOG_FILTER.name).unwrap_or_else(|_| EnvFilter::new(default_filter));
@@ -49,14 +51,13 @@ pub fn init(service_name: &'static str, otlp_endpoint: Option<&str>) -> Telemetr
         .with_span_list(true)
         .flatten_event(true)
         .with_filter(filter);
-    let provider =
-        otlp_endpoint.and_then(|endpoint| match tracer_provider(service_name, endpoint) {
-            Ok(provider) => Some(provider),
-            Err(error) => {
-                eprintln!("tracing disabled: {error}");
-                None
-            }
-        });
+    let provider = export.and_then(|export| match tracer_provider(service_name, export) {
+        Ok(provider) => Some(provider),
+        Err(error) => {
+            eprintln!("tracing disabled: {error:#}");
+            None
+        }
+    });
     let traces = provider.as_ref().map(|provider| {
         tracing_opentelemetry::layer()
             .with_tracer(provider.tracer(service_name))
@@ -74,6 +75,7 @@ pub fn init(service_name: &'static str, otlp_endpoint: Option<&str>) -> Telemetr
         service = service_name,
         version = env!("CARGO_PKG_VERSION"),
         tracing = provider.is_some(),
+        otlp_protocol = export.map(|export| export.protocol.to_string()),
         "starting"
     );
     TelemetryGuard { provider }
@@ -81,13 +83,28 @@ pub fn init(service_name: &'static str, otlp_endpoint: Option<&str>) -> Telemetr
 
 fn tracer_provider(
     service_name: &'static str,
-    endpoint: &str,
-) -> Result<SdkTracerProvider, opentelemetry_otlp::ExporterBuildError> {
-    // Headers and timeout come from the standard OTEL_EXPORTER_OTLP_* variables of the exporter.
-    let exporter = opentelemetry_otlp::SpanExporter::builder()
-        .with_tonic()
-        .with_endpoint(endpoint)
-        .build()?;
+    export: &TraceExport,
+) -> anyhow::Result<SdkTracerProvider> {
+    // Headers come from the standard OTEL_EXPORTER_OTLP_(TRACES_)HEADERS variables, read by the
+    // exporter; endpoint, protocol and timeout were resolved by the configuration.
+    let exporter = opentelemetry_otlp::SpanExporter::builder();
+    let exporter = match export.protocol {
+        OtlpProtocol::Grpc => exporter
+            .with_tonic()
+            .with_endpoint(&export.endpoint)
+            .with_timeout(export.timeout)
+            .build()?,
+        OtlpProtocol::HttpProtobuf => exporter
+            .with_http()
+            .with_http_client(OtlpHttpClient {
+                client: reqwest::Client::builder().timeout(export.timeout).build()?,
+                runtime: tokio::runtime::Handle::try_current()?,
+            })
+            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+            .with_endpoint(&export.endpoint)
+            .with_timeout(export.timeout)
+            .build()?,
+    };
     // The SDK's builder reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES: a name the platform
     // gives stays, and the binary names itself only when none is given.
     let mut resource = opentelemetry_sdk::Resource::builder();
@@ -97,8 +114,45 @@ fn tracer_provider(
     let resource = resource.build();
     Ok(SdkTracerProvider::builder()
         .with_batch_exporter(exporter)
+        .with_sampler(export.sampler.clone())
         .with_resource(resource)
         .build())
+}
+
+/// OTLP/HTTP's client: the workspace's reqwest (the exporter's own `reqwest-client` feature
+/// would build a second reqwest major version). The batch processor exports from a thread of its
+/// own, outside the Tokio runtime reqwest's I/O needs, so each request runs on the runtime the
+/// provider was built in (as tonic's channel does for gRPC).
+#[derive(Debug)]
+struct OtlpHttpClient {
+    client: reqwest::Client,
+    runtime: tokio::runtime::Handle,
+}
+
+#[async_trait::async_trait]
+impl opentelemetry_http::HttpClient for OtlpHttpClient {
+    async fn send_bytes(
+        &self,
+        request: opentelemetry_http::Request<opentelemetry_http::Bytes>,
+    ) -> Result<
+        opentelemetry_http::Response<opentelemetry_http::Bytes>,
+        opentelemetry_http::HttpError,
+    > {
+        let request: reqwest::Request = request.try_into()?;
+        let client = self.client.clone();
+        let exported = self.runtime.spawn(async move {
+            let response = client.execute(request).await?;
+            let mut answer = opentelemetry_http::Response::builder().status(response.status());
+            if let Some(headers) = answer.headers_mut() {
+                // Retry-After of a throttling collector is read from here.
+                *headers = response.headers().clone();
+            }
+            let answer: Result<_, opentelemetry_http::HttpError> =
+                Ok(answer.body(response.bytes().await?)?);
+            answer
+        });
+        exported.await?
+    }
 }
 
 /// Whether OTEL_SERVICE_NAME, or a `service.name` in OTEL_RESOURCE_ATTRIBUTES, names the service.
@@ -165,6 +219,14 @@ pub fn add_links<'a>(span: &tracing::Span, contexts: impl IntoIterator<Item = &'
     for context in contexts {
         span.add_link(context.context().span().span_context().clone());
     }
+}
+
+/// Marks `span` failed: OpenTelemetry's status error, with `error_type` (a low-cardinality reason:
+/// a status code, `permanent`, `undecodable`) as `error.type`. The span must declare both fields
+/// (`otel.status_code` and `error.r#type`, empty).
+pub fn record_error(span: &tracing::Span, error_type: &str) {
+    span.record("otel.status_code", "ERROR");
+    span.record("error.type", error_type);
 }
 
 /// Records the OpenTelemetry ids of `span` (or of `fallback` without tracing) as its

@@ -16,7 +16,7 @@ struct Cli {}
 async fn main() -> anyhow::Result<()> {
     Cli::parse();
     let config = Config::from_env()?;
-    let _telemetry = chatcore::telemetry::init("counter-sync", config.otlp_endpoint.as_deref());
+    let _telemetry = chatcore::telemetry::init("counter-sync", config.trace_export.as_ref());
     let Some(report) = counter_sync::run_exclusively(&config).await? else {
         println!("another counter-sync run holds the lease; nothing done");
         return Ok(());

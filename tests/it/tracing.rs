@@ -1,9 +1,12 @@
 //! One POST is one trace across api, ingest-worker and indexer: the three run as processes that
-//! export OTLP/gRPC to a receiver started here, which decodes the real protobuf.
+//! export OTLP (over gRPC, or HTTP with protobuf) to a receiver started here, which decodes the
+//! real protobuf.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use chatcore::domain::Number;
+use chatcore::events::{Event, EventPayload, TraceContext};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -12,7 +15,9 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use opentelemetry_proto::tonic::trace::v1::Span;
+use prost::Message as _;
 use serde_json::json;
+use system_tests::webhook_receiver::{Mode, WebhookReceiver};
 use system_tests::{Client, StatusCode, TestEnv, eventually, free_port};
 
 #[derive(Clone, Debug)]
@@ -32,8 +37,29 @@ impl TraceService for Collector {
         &self,
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        self.collect(request.into_inner());
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+/// OTLP/HTTP's traces path: the protobuf body is the gRPC service's request message.
+async fn export_over_http(
+    axum::extract::State(collector): axum::extract::State<Collector>,
+    body: axum::body::Bytes,
+) -> Result<([(&'static str, &'static str); 1], Vec<u8>), StatusCode> {
+    let request = ExportTraceServiceRequest::decode(body).map_err(|_| StatusCode::BAD_REQUEST)?;
+    collector.collect(request);
+    Ok((
+        [("content-type", "application/x-protobuf")],
+        ExportTraceServiceResponse::default().encode_to_vec(),
+    ))
+}
+
+impl Collector {
+    /// Keeps the spans of one export, whichever transport brought it.
+    fn collect(&self, request: ExportTraceServiceRequest) {
         let mut received = self.0.lock().expect("collector lock");
-        for resource_spans in request.into_inner().resource_spans {
+        for resource_spans in request.resource_spans {
             let resource: Vec<(String, String)> = resource_spans
                 .resource
                 .iter()
@@ -62,7 +88,17 @@ impl TraceService for Collector {
                 }
             }
         }
-        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+
+    fn all(&self) -> Vec<Received> {
+        self.0.lock().expect("collector lock").clone()
+    }
+
+    fn spans_of_trace(&self, trace_id: &str) -> Vec<Received> {
+        self.all()
+            .into_iter()
+            .filter(|received| hex(&received.span.trace_id) == trace_id)
+            .collect()
     }
 }
 
@@ -70,28 +106,48 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
-/// Starts an OTLP/gRPC receiver on a free port; returns what it receives and its endpoint.
-async fn start_collector() -> anyhow::Result<(Collector, String)> {
+/// OTLP's transports, as `OTEL_EXPORTER_OTLP_PROTOCOL` names them.
+#[derive(Clone, Copy, Debug)]
+enum Protocol {
+    Grpc,
+    HttpProtobuf,
+}
+
+impl Protocol {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Grpc => "grpc",
+            Self::HttpProtobuf => "http/protobuf",
+        }
+    }
+}
+
+/// Starts an OTLP receiver of `protocol` on a free port; returns what it receives and its base
+/// endpoint (over HTTP the exporter adds `/v1/traces`, the only path served).
+async fn start_collector_over(protocol: Protocol) -> anyhow::Result<(Collector, String)> {
     let collector = Collector::default();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let receiver = listener.local_addr()?;
-    let server = tonic::transport::Server::builder()
-        .add_service(TraceServiceServer::new(collector.clone()))
-        .serve_with_incoming(tokio_stream_of(listener));
-    tokio::spawn(server);
+    match protocol {
+        Protocol::Grpc => {
+            let server = tonic::transport::Server::builder()
+                .add_service(TraceServiceServer::new(collector.clone()))
+                .serve_with_incoming(tokio_stream_of(listener));
+            tokio::spawn(server);
+        }
+        Protocol::HttpProtobuf => {
+            let app = axum::Router::new()
+                .route("/v1/traces", axum::routing::post(export_over_http))
+                .with_state(collector.clone());
+            tokio::spawn(async move { axum::serve(listener, app).await });
+        }
+    }
     Ok((collector, format!("http://{receiver}")))
 }
 
-impl Collector {
-    fn spans_of_trace(&self, trace_id: &str) -> Vec<Received> {
-        self.0
-            .lock()
-            .expect("collector lock")
-            .iter()
-            .filter(|received| hex(&received.span.trace_id) == trace_id)
-            .cloned()
-            .collect()
-    }
+/// Starts an OTLP/gRPC receiver (the default protocol).
+async fn start_collector() -> anyhow::Result<(Collector, String)> {
+    start_collector_over(Protocol::Grpc).await
 }
 
 /// The caller's trace, continued by the api: its trace id is the one to follow.
@@ -270,11 +326,14 @@ async fn one_post_is_one_trace_across_the_three_services() -> anyhow::Result<()>
     Ok(())
 }
 
-#[tokio::test]
-async fn one_post_is_one_trace_in_the_embedded_process() -> anyhow::Result<()> {
-    let (collector, endpoint) = start_collector().await?;
+/// The embedded process (api with the consumers inside) exporting over `protocol`.
+async fn one_post_is_one_trace_in_the_embedded_process_over(
+    protocol: Protocol,
+) -> anyhow::Result<()> {
+    let (collector, endpoint) = start_collector_over(protocol).await?;
     let mut env = TestEnv::embedded().await?;
-    let (mut api, client) = spawn_traced_api(&mut env, &endpoint, &[])?;
+    let settings = [("OTEL_EXPORTER_OTLP_PROTOCOL", protocol.name())];
+    let (mut api, client) = spawn_traced_api(&mut env, &endpoint, &settings)?;
     post_traced_message(&client).await?;
     eventually(
         "the spans of both consumers arrive",
@@ -292,6 +351,119 @@ async fn one_post_is_one_trace_in_the_embedded_process() -> anyhow::Result<()> {
         [("api", "ingest batch write"), ("api", "index batch write")],
     );
     api.kill().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn one_post_is_one_trace_in_the_embedded_process() -> anyhow::Result<()> {
+    one_post_is_one_trace_in_the_embedded_process_over(Protocol::Grpc).await
+}
+
+/// OTLP/HTTP with protobuf, to the base endpoint's `/v1/traces`: the same trace arrives.
+#[tokio::test]
+async fn one_post_is_one_trace_over_otlp_http() -> anyhow::Result<()> {
+    one_post_is_one_trace_in_the_embedded_process_over(Protocol::HttpProtobuf).await
+}
+
+/// `OTEL_TRACES_SAMPLER`/`_ARG` decide what is recorded, not whether requests are answered: the
+/// api is stopped (SIGTERM, which flushes its spans) before the collector is looked at. Not
+/// parent-based, so the caller's sampled flag does not count.
+#[tokio::test]
+async fn the_sampler_of_the_environment_decides_what_is_exported() -> anyhow::Result<()> {
+    for (sampler, ratio, exported) in [
+        ("always_off", "1", false),
+        ("traceidratio", "0", false),
+        ("traceidratio", "1", true),
+    ] {
+        let (collector, endpoint) = start_collector().await?;
+        let mut env = TestEnv::embedded().await?;
+        let settings = [
+            ("OTEL_TRACES_SAMPLER", sampler),
+            ("OTEL_TRACES_SAMPLER_ARG", ratio),
+        ];
+        let (mut api, client) = spawn_traced_api(&mut env, &endpoint, &settings)?;
+        post_traced_message(&client).await?;
+        let status = super::pipeline::terminate(&mut api).await?;
+        assert!(status.success(), "{sampler} {ratio}: exit {status}");
+        let spans = collector.all();
+        if exported {
+            assert!(
+                spans.iter().any(|r| r.span.name == "queue publish"),
+                "{sampler} {ratio}: the request's spans are exported: {spans:#?}"
+            );
+        } else {
+            assert!(spans.is_empty(), "{sampler} {ratio}: {spans:#?}");
+        }
+    }
+    Ok(())
+}
+
+/// Events the ingest-worker dead-letters have consumer spans with status error: one that does not
+/// decode (`error.type` `undecodable`) and one that keeps failing (an application that does not
+/// exist: `permanent`), each in the trace it was published with.
+#[tokio::test]
+async fn a_dead_lettered_events_consumer_span_has_status_error() -> anyhow::Result<()> {
+    let (collector, endpoint) = start_collector().await?;
+    let mut env = TestEnv::with_settings(&[("CHAT_MAX_ATTEMPTS", "2")]).await?;
+    env.set("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint);
+    env.set("OTEL_BSP_SCHEDULE_DELAY", "100");
+    env.set("RUST_LOG", "warn");
+    env.set("CHAT_HEALTH_ADDR", "127.0.0.1:0");
+    let mut ingest = env.spawn_process("ingest-worker")?;
+    let orphan = Event::new(EventPayload::MessageCreated {
+        application_id: 987_654,
+        chat_number: Number::new(1).expect("positive"),
+        message_number: Number::new(1).expect("positive"),
+        body: "orphan".into(),
+        created_at: chatcore::store::now(),
+        sender: None,
+        metadata: None,
+    });
+    let undecodable = TraceContext::child_of(None);
+    let keeps_failing = TraceContext::child_of(None);
+    let channel = env.amqp_connection().await?.create_channel().await?;
+    let exchange = env.config().topology.exchange;
+    for (data, trace) in [
+        (b"{not json".to_vec(), &undecodable),
+        (orphan.encode(), &keeps_failing),
+    ] {
+        channel
+            .basic_publish(
+                exchange.as_str().into(),
+                "message.created".into(),
+                lapin::options::BasicPublishOptions::default(),
+                &data,
+                chatcore::queue::event_properties(&orphan, trace),
+            )
+            .await?
+            .await?;
+    }
+    let consume_span = |trace: &TraceContext| {
+        collector
+            .spans_of_trace(trace.trace_id())
+            .into_iter()
+            .find(|r| r.service == "ingest-worker" && r.span.name == "consume event")
+            .map(|r| r.span)
+    };
+    eventually(
+        "the consumer spans of both events arrive",
+        Duration::from_secs(60),
+        || async {
+            Ok(consume_span(&undecodable).is_some() && consume_span(&keeps_failing).is_some())
+        },
+    )
+    .await?;
+    for (trace, error_type) in [(&undecodable, "undecodable"), (&keeps_failing, "permanent")] {
+        let span = consume_span(trace).expect("arrived");
+        assert_eq!(
+            span.status.as_ref().map(|status| status.code),
+            Some(2),
+            "status error: {span:?}"
+        );
+        assert_eq!(attribute(&span, "error.type").as_deref(), Some(error_type));
+        assert_eq!(hex(&span.parent_span_id), trace.span_id(), "{error_type}");
+    }
+    ingest.kill().await?;
     Ok(())
 }
 
@@ -409,6 +581,54 @@ async fn a_5xx_server_span_has_status_error() -> anyhow::Result<()> {
             Some("127.0.0.1")
         );
     }
+    api.kill().await?;
+    Ok(())
+}
+
+/// A webhook delivery attempt is an HTTP client span; one the endpoint answers `500` has status
+/// error with the status as `error.type` (the embedded process runs the dispatcher).
+#[tokio::test]
+async fn a_failed_webhook_attempts_span_has_status_error() -> anyhow::Result<()> {
+    let (collector, endpoint) = start_collector().await?;
+    let receiver = WebhookReceiver::start().await?;
+    let mut env = TestEnv::embedded().await?;
+    let (mut api, client) = spawn_traced_api(&mut env, &endpoint, &[])?;
+    wait_until_answering(&client).await?;
+    let token = client.create_application("traced webhooks").await?;
+    let chat = client.create_chat(&token).await?;
+    let created = client
+        .post(
+            &format!("/applications/{token}/webhooks"),
+            json!({"url": receiver.url("failing")}),
+        )
+        .await?;
+    anyhow::ensure!(created.status == StatusCode::CREATED, "{created:?}");
+    let secret = created.body["secret"].as_str().unwrap_or_default();
+    receiver.configure("failing", &[secret], Mode::Fail).await?;
+    client.create_message(&token, chat, "undeliverable").await?;
+    let failed_attempt = || {
+        collector.all().into_iter().map(|r| r.span).find(|span| {
+            span.name == "POST"
+                && attribute(span, "http.response.status_code").as_deref() == Some("500")
+        })
+    };
+    eventually(
+        "a failed attempt's span arrives",
+        Duration::from_secs(60),
+        || async { Ok(failed_attempt().is_some()) },
+    )
+    .await?;
+    let span = failed_attempt().expect("arrived");
+    assert_eq!(
+        span.status.as_ref().map(|status| status.code),
+        Some(2),
+        "status error: {span:?}"
+    );
+    assert_eq!(attribute(&span, "error.type").as_deref(), Some("500"));
+    assert_eq!(
+        attribute(&span, "server.address").as_deref(),
+        Some("127.0.0.1")
+    );
     api.kill().await?;
     Ok(())
 }

@@ -341,6 +341,9 @@ CHAT_TLS_CA_FILE: {{ printf "%s/ca.crt" (include "chat.tlsCaDir" .) | quote }}
 {{- with .Values.config.otlpEndpoint }}
 OTEL_EXPORTER_OTLP_ENDPOINT: {{ . | quote }}
 {{- end }}
+OTEL_EXPORTER_OTLP_PROTOCOL: {{ .Values.config.otlpProtocol | quote }}
+OTEL_TRACES_SAMPLER: {{ .Values.config.tracesSampler | quote }}
+OTEL_TRACES_SAMPLER_ARG: {{ .Values.config.tracesSamplerArg | toString | quote }}
 {{- with .Values.config.pushgatewayUrl }}
 CHAT_PUSHGATEWAY_URL: {{ . | quote }}
 {{- end }}

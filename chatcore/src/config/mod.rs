@@ -16,12 +16,14 @@ pub mod destinations;
 pub mod origins;
 mod reader;
 pub mod settings;
+mod traces;
 
 pub use destinations::AllowedDestinations;
 pub use origins::AllowedOrigins;
 pub use reader::ConfigError;
 use reader::Reader;
 use settings::*;
+pub use traces::{OtlpProtocol, TraceExport};
 
 /// A connection URL whose password is redacted whenever it is displayed or debug-printed.
 #[derive(Clone, PartialEq, Eq)]
@@ -136,7 +138,8 @@ pub struct Config {
     pub elasticsearch_replicas: u32,
     pub number_block_size: u64,
     pub data_dir: PathBuf,
-    pub otlp_endpoint: Option<String>,
+    /// Set when an OTLP endpoint is: traces are exported.
+    pub trace_export: Option<TraceExport>,
     pub migrate_wait: Duration,
     pub health_addr: Option<SocketAddr>,
     pub connect_timeout: Duration,
@@ -402,7 +405,7 @@ impl Config {
             elasticsearch_replicas: settings.number(&ES_REPLICAS)?,
             number_block_size: settings.number(&NUMBER_BLOCK_SIZE)?,
             data_dir: PathBuf::from(settings.text(&DATA_DIR)?),
-            otlp_endpoint: settings.optional(&OTLP_ENDPOINT)?,
+            trace_export: traces::trace_export(&settings)?,
             migrate_wait: settings.seconds(&MIGRATE_WAIT_SECONDS)?,
             health_addr: settings.optional(&HEALTH_ADDR)?,
             connect_timeout: settings.millis(&CONNECT_TIMEOUT_MS)?,

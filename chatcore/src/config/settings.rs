@@ -429,8 +429,36 @@ pub const LOG_FILTER: Setting = setting(
 );
 pub const OTLP_ENDPOINT: Setting = setting(
     "OTEL_EXPORTER_OTLP_ENDPOINT",
-    Nothing("tracing off"),
-    "OTLP/gRPC endpoint of a collector; see \"Following one message\"",
+    Nothing("tracing off (unless `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` is set)"),
+    "base URL of a collector's OTLP receiver: used as is over `grpc`, `/v1/traces` appended over \
+     `http/protobuf`; see \"Following one message\"",
+);
+pub const OTLP_TRACES_ENDPOINT: Setting = setting(
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    Derived("from `OTEL_EXPORTER_OTLP_ENDPOINT`"),
+    "the full URL traces are sent to, used as is (wins over `OTEL_EXPORTER_OTLP_ENDPOINT`)",
+);
+pub const OTLP_PROTOCOL: Setting = setting(
+    "OTEL_EXPORTER_OTLP_PROTOCOL",
+    Value("grpc"),
+    "`grpc` or `http/protobuf` (OTLP's transports); any other value is refused at start",
+);
+pub const OTLP_TIMEOUT_MS: Setting = positive(
+    "OTEL_EXPORTER_OTLP_TIMEOUT",
+    "10000",
+    "milliseconds one export of spans to the collector may take",
+);
+pub const TRACES_SAMPLER: Setting = setting(
+    "OTEL_TRACES_SAMPLER",
+    Value("parentbased_always_on"),
+    "which traces are recorded: `always_on`, `always_off`, `traceidratio`, \
+     `parentbased_always_on`, `parentbased_always_off` or `parentbased_traceidratio` (`parentbased_` \
+     follows the caller's sampled flag); any other value is refused at start",
+);
+pub const TRACES_SAMPLER_ARG: Setting = setting(
+    "OTEL_TRACES_SAMPLER_ARG",
+    Value("1"),
+    "the share of traces the `traceidratio` samplers record, 0 to 1",
 );
 pub const PUSHGATEWAY_URL: Setting = setting(
     "CHAT_PUSHGATEWAY_URL",
@@ -604,6 +632,11 @@ pub const ALL: &[&Setting] = &[
     &RETRY_MAX_DELAY_MS,
     &LOG_FILTER,
     &OTLP_ENDPOINT,
+    &OTLP_TRACES_ENDPOINT,
+    &OTLP_PROTOCOL,
+    &OTLP_TIMEOUT_MS,
+    &TRACES_SAMPLER,
+    &TRACES_SAMPLER_ARG,
     &PUSHGATEWAY_URL,
     &LEASE_NAME,
     &LEASE_DURATION_SECONDS,

@@ -181,7 +181,7 @@ fn every_setting_of_the_other_binaries_is_read_here() {
         }
     );
     assert_eq!(
-        config.otlp_endpoint.as_deref(),
+        config.trace_export.map(|export| export.endpoint).as_deref(),
         Some("http://collector:4317")
     );
     let zero_lease = HashMap::from([("CHAT_LEASE_DURATION_SECONDS".to_owned(), "0".to_owned())]);
@@ -231,4 +231,103 @@ fn the_readme_configuration_table_is_rendered_from_the_declarations() {
         "README.md's configuration table differs from the declarations: run \
          CHAT_UPDATE_README=1 cargo test -p chatcore readme"
     );
+}
+
+fn trace_export(values: &[(&str, &str)]) -> Result<Option<TraceExport>, ConfigError> {
+    let values: HashMap<String, String> = values
+        .iter()
+        .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
+        .collect();
+    Config::from_map(&values).map(|config| config.trace_export)
+}
+
+#[test]
+fn the_traces_endpoint_follows_the_otlp_rules_of_each_protocol() {
+    let endpoint = |values: &[(&str, &str)]| {
+        trace_export(values)
+            .expect("valid config")
+            .map(|export| (export.protocol, export.endpoint))
+    };
+    assert_eq!(endpoint(&[]), None, "tracing is off without an endpoint");
+    let base = ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4317");
+    assert_eq!(
+        endpoint(&[base]),
+        Some((OtlpProtocol::Grpc, "http://collector:4317".to_owned())),
+        "grpc is the default and takes the base as is"
+    );
+    let http = ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf");
+    for base in ["http://collector:4318", "http://collector:4318/"] {
+        assert_eq!(
+            endpoint(&[("OTEL_EXPORTER_OTLP_ENDPOINT", base), http]),
+            Some((
+                OtlpProtocol::HttpProtobuf,
+                "http://collector:4318/v1/traces".to_owned()
+            )),
+            "http/protobuf appends the signal's path to {base}"
+        );
+    }
+    let traces = (
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "https://traces.example/otlp/spans",
+    );
+    for protocol in [("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"), http] {
+        assert_eq!(
+            endpoint(&[base, traces, protocol]).map(|(_, endpoint)| endpoint),
+            Some("https://traces.example/otlp/spans".to_owned()),
+            "the traces endpoint is used as is and wins ({protocol:?})"
+        );
+    }
+}
+
+#[test]
+fn an_unknown_protocol_or_sampler_is_refused_at_start() {
+    for (name, value) in [
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "HTTP"),
+        ("OTEL_TRACES_SAMPLER", "sometimes"),
+        ("OTEL_TRACES_SAMPLER_ARG", "half"),
+    ] {
+        let error = trace_export(&[(name, value)]).expect_err(value).to_string();
+        assert!(error.contains(name), "{error}");
+    }
+    let error = trace_export(&[
+        ("OTEL_TRACES_SAMPLER", "traceidratio"),
+        ("OTEL_TRACES_SAMPLER_ARG", "1.5"),
+    ])
+    .expect_err("a ratio above 1")
+    .to_string();
+    assert!(error.contains("between 0 and 1"), "{error}");
+}
+
+#[test]
+fn every_sampler_of_the_specification_is_offered() {
+    let sampler = |name: &str, arg: &str| {
+        let export = trace_export(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4317"),
+            ("OTEL_TRACES_SAMPLER", name),
+            ("OTEL_TRACES_SAMPLER_ARG", arg),
+        ])
+        .expect("valid config")
+        .expect("an export");
+        format!("{:?}", export.sampler)
+    };
+    let default = trace_export(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4317")])
+        .expect("valid config")
+        .expect("an export");
+    assert_eq!(format!("{:?}", default.sampler), "ParentBased(AlwaysOn)");
+    for (name, arg, expected) in [
+        ("always_on", "", "AlwaysOn"),
+        ("always_off", "", "AlwaysOff"),
+        ("traceidratio", "0.25", "TraceIdRatioBased(0.25)"),
+        ("traceidratio", "", "TraceIdRatioBased(1.0)"),
+        ("parentbased_always_on", "", "ParentBased(AlwaysOn)"),
+        ("parentbased_always_off", "", "ParentBased(AlwaysOff)"),
+        (
+            "parentbased_traceidratio",
+            "0",
+            "ParentBased(TraceIdRatioBased(0.0))",
+        ),
+    ] {
+        assert_eq!(sampler(name, arg), expected, "{name} {arg}");
+    }
 }

@@ -218,6 +218,9 @@ async fn process_batch<H: BatchHandler>(
                 postponed_tags.push(delivery.tag);
             }
             Err(error) => {
+                let span = event_span(system, &observe.labels.queue, delivery.trace.as_ref());
+                crate::telemetry::record_error(&span, "undecodable");
+                let _in_event = span.enter();
                 tracing::error!(delivery_tag = delivery.tag, %error, "dead-lettering an event that does not decode");
                 source.dead_letter(delivery.tag).await?;
                 dead_tags.push(delivery.tag);
@@ -228,13 +231,19 @@ async fn process_batch<H: BatchHandler>(
     // batch, inside the first event's trace and linked to every event it carries.
     let event_spans: Vec<tracing::Span> = decoded
         .iter()
-        .map(|(_, received)| event_span(system, &observe.labels.queue, received))
+        .map(|(_, received)| {
+            let span = event_span(system, &observe.labels.queue, received.trace.as_ref());
+            span.record("event_id", tracing::field::display(received.event.event_id));
+            span
+        })
         .collect();
     let batch_span = tracing::info_span!(
         parent: event_spans.first().and_then(tracing::Span::id),
         "batch",
         otel.name = H::OPERATION,
         messaging.batch.message_count = event_spans.len(),
+        otel.status_code = tracing::field::Empty,
+        error.r#type = tracing::field::Empty,
     );
     crate::telemetry::add_links(&batch_span, &event_spans);
     if !decoded.is_empty() {
@@ -253,8 +262,10 @@ async fn process_batch<H: BatchHandler>(
             }
             Outcome::Interrupted => return Ok(None),
             Outcome::Permanent(error) => {
+                // The batch's write failed; each event's span tells how it ended on its own.
+                crate::telemetry::record_error(&batch_span, "permanent");
                 tracing::warn!(events = events.len(), error = %format!("{error:#}"), "batch failed permanently, retrying its events one by one");
-                for (delivery_tag, received) in &decoded {
+                for ((delivery_tag, received), event_span) in decoded.iter().zip(&event_spans) {
                     let single = std::slice::from_ref(received);
                     match handle_with_retries(
                         handler,
@@ -269,6 +280,7 @@ async fn process_batch<H: BatchHandler>(
                         Outcome::Done => {}
                         Outcome::Interrupted => return Ok(None),
                         Outcome::Permanent(error) => {
+                            crate::telemetry::record_error(event_span, "permanent");
                             tracing::error!(event_id = %received.event.event_id, trace_id = received.trace.as_ref().map(TraceContext::trace_id), error = %format!("{error:#}"), "dead-lettering an event that keeps failing");
                             source.dead_letter(*delivery_tag).await?;
                             dead_tags.push(*delivery_tag);
@@ -299,17 +311,21 @@ async fn process_batch<H: BatchHandler>(
     Ok(Some(postponed_tags.len()))
 }
 
-fn event_span(system: &'static str, queue: &str, received: &Received) -> tracing::Span {
+/// The consumer span of one delivery, continuing the trace it travelled with; status error when
+/// the event is dead-lettered ([`crate::telemetry::record_error`]).
+fn event_span(system: &'static str, queue: &str, trace: Option<&TraceContext>) -> tracing::Span {
     let span = tracing::info_span!(
         "consume event",
         otel.kind = "consumer",
         messaging.system = system,
         messaging.destination.name = queue,
-        event_id = %received.event.event_id,
+        event_id = tracing::field::Empty,
         trace_id = tracing::field::Empty,
         span_id = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+        error.r#type = tracing::field::Empty,
     );
-    if let Some(trace) = &received.trace {
+    if let Some(trace) = trace {
         crate::telemetry::set_remote_parent(&span, trace.as_str());
         crate::telemetry::record_ids(&span, trace);
     }

@@ -65,7 +65,7 @@ pub async fn worker_main(consumer: Consumer) -> anyhow::Result<()> {
         .get_matches();
     let command = WorkerCli::from_arg_matches(&matches)?.command;
     let config = Config::from_env()?;
-    let _telemetry = crate::telemetry::init(consumer.name(), config.otlp_endpoint.as_deref());
+    let _telemetry = crate::telemetry::init(consumer.name(), config.trace_export.as_ref());
     worker_command(config, consumer, command).await
 }
 

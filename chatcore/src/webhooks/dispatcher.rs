@@ -22,6 +22,7 @@ use sha2::{Digest as _, Sha256};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use super::delivery::{Attempted, Deliverer};
 
@@ -254,6 +255,20 @@ impl Dispatcher {
             .expect("a change serializes"),
         );
         let now = Utc::now();
+        // An HTTP client span per attempt (semantic conventions); a failed attempt's is an error
+        // with the answer's status, or `no_response`, as `error.type`.
+        let span = tracing::info_span!(
+            "webhook delivery",
+            otel.name = "POST",
+            otel.kind = "client",
+            http.request.method = "POST",
+            server.address = reqwest::Url::parse(&endpoint.url).ok().and_then(|url| url.host_str().map(str::to_owned)),
+            http.response.status_code = tracing::field::Empty,
+            webhook.endpoint_id = endpoint.id,
+            webhook.id = %webhook_id,
+            otel.status_code = tracing::field::Empty,
+            error.r#type = tracing::field::Empty,
+        );
         let outcome = self
             .deliverer
             .deliver(
@@ -263,7 +278,17 @@ impl Dispatcher {
                 body,
                 &endpoint.signing_secrets(now),
             )
+            .instrument(span.clone())
             .await;
+        if let Some(status) = outcome.status {
+            span.record("http.response.status_code", status);
+        }
+        if !outcome.succeeded() {
+            let error_type = outcome
+                .status
+                .map_or_else(|| "no_response".to_owned(), |status| status.to_string());
+            crate::telemetry::record_error(&span, &error_type);
+        }
         let record = NewAttempt {
             webhook_id,
             event_type: kind.as_str(),

@@ -54,7 +54,7 @@ pub async fn main_entry() -> anyhow::Result<()> {
     use clap::Parser as _;
     let Cli { command } = Cli::parse();
     let config = Config::from_env()?;
-    let _telemetry = crate::telemetry::init(NAME, config.otlp_endpoint.as_deref());
+    let _telemetry = crate::telemetry::init(NAME, config.trace_export.as_ref());
     match command.unwrap_or(Command::Run) {
         Command::Run => run_process(config, crate::shutdown::on_signal()).await,
     }

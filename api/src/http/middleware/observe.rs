@@ -63,8 +63,7 @@ pub async fn observe_request(
     span.record("http.response.status_code", response.status().as_u16());
     // A server's span is an error when it answered 5xx (a 4xx is the client's).
     if response.status().is_server_error() {
-        span.record("otel.status_code", "ERROR");
-        span.record("error.type", response.status().as_str());
+        chatcore::telemetry::record_error(&span, response.status().as_str());
     }
     let labels = HttpLabels {
         method,
