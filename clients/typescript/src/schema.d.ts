@@ -972,7 +972,9 @@ export interface components {
         /** @description What a chat carries besides its number, wherever it is shown. */
         ChatDetails: {
             /** @description The integrator's own data, a JSON object as posted (null when none). */
-            metadata: Record<string, never> | null;
+            metadata: {
+                [key: string]: unknown;
+            } | null;
             /** @description The chat's title; null when none was given. */
             title: string | null;
         };
@@ -982,7 +984,9 @@ export interface components {
          */
         ChatInput: {
             /** @description Your own data: a JSON object of at most 32 keys and 4,096 bytes serialized. */
-            metadata?: Record<string, never> | null;
+            metadata?: {
+                [key: string]: unknown;
+            } | null;
             /** @description 1 to 255 characters (trimmed). */
             title?: string | null;
         };
@@ -1170,7 +1174,9 @@ export interface components {
              * @description The integrator's own data, a JSON object as posted (null when none; removed with the
              *     message).
              */
-            metadata: Record<string, never> | null;
+            metadata: {
+                [key: string]: unknown;
+            } | null;
             /** @description Who sent it (the `sender` it was posted with, or its client token's); null when not given. */
             sender: string | null;
         };
@@ -1185,7 +1191,9 @@ export interface components {
              * @description A JSON object (at most 32 keys, 4,096 bytes) replaces the metadata, `null` removes it,
              *     leaving it out keeps it.
              */
-            metadata?: Record<string, never> | null;
+            metadata?: {
+                [key: string]: unknown;
+            } | null;
             /** @description Not allowed: a message keeps its sender (422). */
             sender?: string | null;
         };
@@ -1207,7 +1215,9 @@ export interface components {
             /** @description 1 to 65,536 bytes of UTF-8. */
             body: string;
             /** @description Your own data: a JSON object of at most 32 keys and 4,096 bytes serialized. */
-            metadata?: Record<string, never> | null;
+            metadata?: {
+                [key: string]: unknown;
+            } | null;
             /**
              * @description Who sends it: an id of your choosing, 1 to 128 characters of `A-Z a-z 0-9 . _ : @ -`.
              *     With a client token it is the token's sender (a different one is 403).
