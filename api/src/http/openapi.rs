@@ -525,7 +525,10 @@ mod tests {
             ("MessageDetails", "metadata"),
         ] {
             let property = &schemas[schema]["properties"][field];
-            assert_eq!(property["additionalProperties"], true, "{schema}.{field}: {property}");
+            assert_eq!(
+                property["additionalProperties"], true,
+                "{schema}.{field}: {property}"
+            );
         }
         // Objects with properties of their own are left as they are.
         assert!(schemas["ChatInput"].get("additionalProperties").is_none());
