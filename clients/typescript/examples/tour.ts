@@ -193,7 +193,10 @@ async function tour(baseUrl: string): Promise<void> {
     });
     return data;
   });
-  check(room.title === "Team room" && canonical(room.metadata) === canonical({ topic: "launch" }), show(room));
+  check(
+    room.title === "Team room" && canonical(room.metadata) === canonical({ topic: "launch" }),
+    show(room),
+  );
   check(isTime(room.created_at) && room.messages_count === 0, show(room));
 
   begin("post messages with an Idempotency-Key");
@@ -236,7 +239,12 @@ async function tour(baseUrl: string): Promise<void> {
     return same(walked.numbers, numbers) ? walked.pages : undefined;
   });
   check(pages === 3, `five messages in pages of two are three pages, not ${pages}`);
-  const listPage = (query: { per_page?: number; after?: number; before?: number; sender?: string }) =>
+  const listPage = (query: {
+    per_page?: number;
+    after?: number;
+    before?: number;
+    sender?: string;
+  }) =>
     expectStatus(
       tenant.GET("/api/v1/chats/{chat_number}/messages", {
         params: { path: { chat_number: chat }, query },
@@ -244,13 +252,31 @@ async function tour(baseUrl: string): Promise<void> {
       200,
     );
   const second = await listPage({ per_page: 2, after: 2 });
-  check(same(second.messages.map((m) => m.number), [3, 4]), `the page after 2: ${show(second)}`);
+  check(
+    same(
+      second.messages.map((m) => m.number),
+      [3, 4],
+    ),
+    `the page after 2: ${show(second)}`,
+  );
   const before = second.pagination.previous_before;
   check(typeof before === "number", `previous_before: ${show(second.pagination)}`);
   const previous = await listPage({ per_page: 2, before });
-  check(same(previous.messages.map((m) => m.number), [1, 2]), "previous_before leads back");
+  check(
+    same(
+      previous.messages.map((m) => m.number),
+      [1, 2],
+    ),
+    "previous_before leads back",
+  );
   const ofU7 = await listPage({ sender: "u7" });
-  check(same(ofU7.messages.map((m) => m.number), [2, 5]), "one sender's messages");
+  check(
+    same(
+      ofU7.messages.map((m) => m.number),
+      [2, 5],
+    ),
+    "one sender's messages",
+  );
   const first = await expectStatus(
     tenant.GET("/api/v1/chats/{chat_number}/messages/{number}", {
       params: { path: { chat_number: chat, number: 1 } },
@@ -270,7 +296,10 @@ async function tour(baseUrl: string): Promise<void> {
     }),
     200,
   );
-  check(updated.number === 1 && updated.body === "Updated internationalization notes", show(updated));
+  check(
+    updated.number === 1 && updated.body === "Updated internationalization notes",
+    show(updated),
+  );
   check(isTime(updated.updated_at) && isTime(updated.edited_at), show(updated));
   check(updated.sender === "u42", show(updated));
   check(canonical(updated.metadata) === canonical({ n: 0, edited: true }), show(updated));
@@ -298,7 +327,13 @@ async function tour(baseUrl: string): Promise<void> {
     }),
     200,
   );
-  check(same(newest.messages.map((m) => m.number), [3, 1]), `u42's, newest first: ${show(newest)}`);
+  check(
+    same(
+      newest.messages.map((m) => m.number),
+      [3, 1],
+    ),
+    `u42's, newest first: ${show(newest)}`,
+  );
   const again = await expectStatus(
     tenant.GET("/api/v1/chats/{chat_number}/messages/search", {
       params: { path: { chat_number: chat }, query: { query: "again" } },
@@ -331,7 +366,11 @@ async function tour(baseUrl: string): Promise<void> {
   });
 
   begin("errors share one body");
-  await expectError(createChatClient(baseUrl, "A".repeat(32)).GET("/api/v1/application"), 401, "application_key_required");
+  await expectError(
+    createChatClient(baseUrl, "A".repeat(32)).GET("/api/v1/application"),
+    401,
+    "application_key_required",
+  );
   await expectError(
     tenant.GET("/api/v1/chats/{number}", { params: { path: { number: 99 } } }),
     404,
@@ -365,7 +404,10 @@ async function clientToken(baseUrl: string, tenant: ChatClient, chat: number): P
     }),
     201,
   );
-  check(minted.token.split(".").length === 3 && isTime(minted.expires_at), `a JWT: ${show(minted)}`);
+  check(
+    minted.token.split(".").length === 3 && isTime(minted.expires_at),
+    `a JWT: ${show(minted)}`,
+  );
   const browser = createChatClient(baseUrl, minted.token);
   await expectError(
     browser.GET("/api/v1/chats/{chat_number}/messages", {
@@ -384,15 +426,18 @@ async function clientToken(baseUrl: string, tenant: ChatClient, chat: number): P
   const stop = new AbortController();
   const bound = setTimeout(() => stop.abort(), EVENTUALLY_MS);
   try {
-    const stream = await createChatClient(baseUrl).GET("/api/v1/chats/{chat_number}/messages/stream", {
-      params: {
-        path: { chat_number: chat },
-        query: { access_token: minted.token },
-        header: { "Last-Event-ID": 0 },
+    const stream = await createChatClient(baseUrl).GET(
+      "/api/v1/chats/{chat_number}/messages/stream",
+      {
+        params: {
+          path: { chat_number: chat },
+          query: { access_token: minted.token },
+          header: { "Last-Event-ID": 0 },
+        },
+        parseAs: "stream",
+        signal: stop.signal,
       },
-      parseAs: "stream",
-      signal: stop.signal,
-    });
+    );
     check(stream.response.status === 200, `the stream: ${stream.response.status}`);
     check(
       stream.response.headers.get("Content-Type")?.startsWith("text/event-stream"),
@@ -419,7 +464,10 @@ async function clientToken(baseUrl: string, tenant: ChatClient, chat: number): P
         }
       }
     } catch (error) {
-      check(!stop.signal.aborted, `no created event of message ${posted} within ${EVENTUALLY_MS} ms`);
+      check(
+        !stop.signal.aborted,
+        `no created event of message ${posted} within ${EVENTUALLY_MS} ms`,
+      );
       throw error;
     }
     check(streamed, `the stream ended before message ${posted} came`);
@@ -433,7 +481,9 @@ async function clientToken(baseUrl: string, tenant: ChatClient, chat: number): P
   begin("revoke the client tokens");
   await expectStatus(tenant.POST("/api/v1/application/client-tokens/revoke-all"), 204);
   await expectError(
-    browser.GET("/api/v1/chats/{chat_number}/messages", { params: { path: { chat_number: chat } } }),
+    browser.GET("/api/v1/chats/{chat_number}/messages", {
+      params: { path: { chat_number: chat } },
+    }),
     401,
     "invalid_token",
   );
