@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
 use reqwest::header;
-use system_tests::{StatusCode, TestEnv, repo_root, tool_path};
+use system_tests::{Scratch, StatusCode, TestEnv, repo_root, run_to_end, tool_path};
 use tokio::process::Command;
 
 /// What one request for `path` answers: status, headers and body.
@@ -79,32 +79,13 @@ async fn the_chat_page_is_served_with_the_docs_with_a_strict_policy() -> anyhow:
     api.stop().await
 }
 
-/// Runs a command to its end; its stdout, or the failure with all it printed.
-async fn run(command: &mut Command) -> anyhow::Result<String> {
-    let output = command
-        .kill_on_drop(true)
-        .output()
-        .await
-        .with_context(|| format!("running {command:?}"))?;
-    ensure!(
-        output.status.success(),
-        "{command:?} failed ({}):\n{}{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(String::from_utf8(output.stdout)?)
-}
-
 #[tokio::test]
 async fn the_checked_in_page_script_is_what_the_pinned_bundler_makes() -> anyhow::Result<()> {
-    let fresh = std::env::temp_dir().join(format!("demo-{}.js", uuid::Uuid::new_v4().simple()));
-    let bundled = run(Command::new(repo_root().join("scripts/demo-bundle")).arg(&fresh)).await;
-    let fresh_bytes = std::fs::read(&fresh);
-    let _ = std::fs::remove_file(&fresh);
-    bundled?;
+    let scratch = Scratch::new("demo-bundle")?;
+    let fresh = scratch.0.join("demo.js");
+    run_to_end(Command::new(repo_root().join("scripts/demo-bundle")).arg(&fresh)).await?;
     ensure!(
-        fresh_bytes? == std::fs::read(repo_root().join("api/demo/demo.js"))?,
+        std::fs::read(&fresh)? == std::fs::read(repo_root().join("api/demo/demo.js"))?,
         "api/demo/demo.js is not what its sources bundle to: run scripts/demo-bundle and commit it"
     );
     Ok(())
@@ -127,14 +108,16 @@ async fn two_browser_sessions_follow_a_chat_live_on_the_page() -> anyhow::Result
     let screenshot = screenshot_path();
     let report = tokio::time::timeout(
         Duration::from_secs(300),
-        run(Command::new("node")
-            .arg(repo_root().join("tests/demo/two_browsers.cjs"))
-            .arg(running.api.origin())
-            .arg(&running.token)
-            .arg(running.chat.to_string())
-            .arg(&screenshot)
-            .env("NODE_PATH", &puppeteer)
-            .env("CHROMIUM", &chromium)),
+        run_to_end(
+            Command::new("node")
+                .arg(repo_root().join("tests/demo/two_browsers.cjs"))
+                .arg(running.api.origin())
+                .arg(&running.token)
+                .arg(running.chat.to_string())
+                .arg(&screenshot)
+                .env("NODE_PATH", &puppeteer)
+                .env("CHROMIUM", &chromium),
+        ),
     )
     .await
     .context("the browser test took over 5 minutes")??;

@@ -1,8 +1,8 @@
 /**
  * A typed client for the chat platform's HTTP API: `paths` and `components` are generated from
- * `docs/openapi.json` by openapi-typescript (src/schema.d.ts, never edited by hand); every call goes
- * through openapi-fetch, so a path, a parameter or a body the document does not describe is a
- * compile error, and each answer's `data`/`error` has the type the document gives its status.
+ * `docs/openapi.json` by openapi-typescript (src/schema.d.ts, never edited by hand); every call
+ * goes through openapi-fetch, so a path, a parameter or a body the document does not describe is
+ * a compile error, and each answer's `data`/`error` has the type the document gives its status.
  */
 import createClient, { type Client, type ClientOptions } from "openapi-fetch";
 import type { components, paths } from "./schema.js";
@@ -12,7 +12,7 @@ export type { components, operations, paths } from "./schema.js";
 /** The document's named shapes: `Schemas["MessageView"]`, `Schemas["ErrorBody"]`, ... */
 export type Schemas = components["schemas"];
 
-/** An openapi-fetch client over the API's paths: `client.GET("/api/v1/chats/{chat_number}", ...)`. */
+/** An openapi-fetch client over the API's paths: `client.GET("/api/v1/chats/{number}", ...)`. */
 export type ChatClient = Client<paths>;
 
 /** What openapi-fetch takes besides the base URL (a `fetch` of your own, more headers, ...). */

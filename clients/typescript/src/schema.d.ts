@@ -428,7 +428,8 @@ export interface paths {
          *     duplicate; `Last-Event-ID: 0` sends the chat as it is now (each message that is not deleted,
          *     as `created`, with the sequence of its latest change) first. A reader that falls behind is
          *     disconnected and resumes the same way. Clients that stored a message number as the last id
-         *     (before change sequences) resume with 0 once.
+         *     (before change sequences) resume with 0 once. `?last_event_id=` means the same as the header,
+         *     for a browser's EventSource (it sends the header only when it reconnects, which then wins).
          * @deprecated
          * @description Legacy form (the reference contract's): the token travels in the URL, which access logs, proxies and browser history record. Prefer the form with `Authorization: Bearer`.
          */
@@ -787,7 +788,8 @@ export interface paths {
          *     duplicate; `Last-Event-ID: 0` sends the chat as it is now (each message that is not deleted,
          *     as `created`, with the sequence of its latest change) first. A reader that falls behind is
          *     disconnected and resumes the same way. Clients that stored a message number as the last id
-         *     (before change sequences) resume with 0 once.
+         *     (before change sequences) resume with 0 once. `?last_event_id=` means the same as the header,
+         *     for a browser's EventSource (it sends the header only when it reconnects, which then wins).
          */
         get: operations["stream_messages"];
         put?: never;
@@ -972,7 +974,9 @@ export interface components {
         /** @description What a chat carries besides its number, wherever it is shown. */
         ChatDetails: {
             /** @description The integrator's own data, a JSON object as posted (null when none). */
-            metadata: Record<string, never> | null;
+            metadata: {
+                [key: string]: unknown;
+            } | null;
             /** @description The chat's title; null when none was given. */
             title: string | null;
         };
@@ -982,7 +986,9 @@ export interface components {
          */
         ChatInput: {
             /** @description Your own data: a JSON object of at most 32 keys and 4,096 bytes serialized. */
-            metadata?: Record<string, never> | null;
+            metadata?: {
+                [key: string]: unknown;
+            } | null;
             /** @description 1 to 255 characters (trimmed). */
             title?: string | null;
         };
@@ -1170,7 +1176,9 @@ export interface components {
              * @description The integrator's own data, a JSON object as posted (null when none; removed with the
              *     message).
              */
-            metadata: Record<string, never> | null;
+            metadata: {
+                [key: string]: unknown;
+            } | null;
             /** @description Who sent it (the `sender` it was posted with, or its client token's); null when not given. */
             sender: string | null;
         };
@@ -1185,7 +1193,9 @@ export interface components {
              * @description A JSON object (at most 32 keys, 4,096 bytes) replaces the metadata, `null` removes it,
              *     leaving it out keeps it.
              */
-            metadata?: Record<string, never> | null;
+            metadata?: {
+                [key: string]: unknown;
+            } | null;
             /** @description Not allowed: a message keeps its sender (422). */
             sender?: string | null;
         };
@@ -1207,7 +1217,9 @@ export interface components {
             /** @description 1 to 65,536 bytes of UTF-8. */
             body: string;
             /** @description Your own data: a JSON object of at most 32 keys and 4,096 bytes serialized. */
-            metadata?: Record<string, never> | null;
+            metadata?: {
+                [key: string]: unknown;
+            } | null;
             /**
              * @description Who sends it: an id of your choosing, 1 to 128 characters of `A-Z a-z 0-9 . _ : @ -`.
              *     With a client token it is the token's sender (a different one is 403).
@@ -3577,9 +3589,16 @@ export interface operations {
     };
     stream_messages_by_path_token: {
         parameters: {
-            query?: never;
+            query?: {
+                /**
+                 * @description `Last-Event-ID` as a query parameter, with the same meaning (0: the chat as it is now, then
+                 *     live); the header wins when both are given, so a reconnecting EventSource resumes where it
+                 *     was.
+                 */
+                last_event_id?: number;
+            };
             header?: {
-                /** @description resume after this change sequence (0: the chat as it is now, then live) */
+                /** @description resume after this change sequence (0: the chat as it is now, then live); wins over `?last_event_id=` */
                 "Last-Event-ID"?: number | null;
             };
             path: {
@@ -5431,11 +5450,17 @@ export interface operations {
     stream_messages: {
         parameters: {
             query?: {
+                /**
+                 * @description `Last-Event-ID` as a query parameter, with the same meaning (0: the chat as it is now, then
+                 *     live); the header wins when both are given, so a reconnecting EventSource resumes where it
+                 *     was.
+                 */
+                last_event_id?: number;
                 /** @description A client token, for a client that cannot send `Authorization` (a browser's EventSource). Only a client token: an application's token is refused here (a URL is logged and kept in history). */
                 access_token?: string;
             };
             header?: {
-                /** @description resume after this change sequence (0: the chat as it is now, then live) */
+                /** @description resume after this change sequence (0: the chat as it is now, then live); wins over `?last_event_id=` */
                 "Last-Event-ID"?: number | null;
             };
             path: {
