@@ -353,13 +353,14 @@ def client_tokens(base_url, client, tenant, chat):
         "the message posted with the client token is stored",
         lambda: show_message.sync_detailed(chat, posted, client=browser).status_code == 200,
     )
-    # The stream takes the token in ?access_token=, as a browser's EventSource sends it (it sends
-    # no header: a client without one). Last-Event-ID 0: the chat as it is, then live until the
-    # stream ends (the test runs the api with short-lived streams).
+    # The stream takes the token in ?access_token= and the last event id in ?last_event_id=, as a
+    # browser's EventSource sends them (it sends no header on its first request: a client without
+    # one). 0: the chat as it is, then live until the stream ends (the test runs the api with
+    # short-lived streams). The generator names the query parameter apart from the header
+    # (`last_event_id_header`).
     streamed = expect(
         stream_messages.sync_detailed(
-            # The generated client sends a header as it is given: the number as text.
-            chat, client=Client(base_url=base_url), access_token=minted.token, last_event_id="0"
+            chat, client=Client(base_url=base_url), access_token=minted.token, last_event_id_query=0
         ),
         200,
     )

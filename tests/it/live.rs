@@ -480,3 +480,73 @@ async fn a_reader_that_falls_behind_is_disconnected(mut env: TestEnv) -> anyhow:
     drop(resumed);
     running.stop().await
 }
+
+both_stacks!(a_stream_takes_its_last_event_id_as_a_query_parameter_too);
+
+/// `?last_event_id=` (what a browser's EventSource can send on its first request) means what the
+/// header means; the header wins when both are given (an EventSource that reconnects sends it).
+async fn a_stream_takes_its_last_event_id_as_a_query_parameter_too(
+    env: TestEnv,
+) -> anyhow::Result<()> {
+    let running = env.running_chat("app").await?;
+    let (client, token, chat) = (&running.api.client, &running.token, running.chat);
+    for body in ["one", "two"] {
+        client.create_message(token, chat, body).await?;
+    }
+    let path = format!("/applications/{token}/chats/{chat}/messages/stream");
+    eventually("one and two are stored", WAIT, || async {
+        Ok(client
+            .get(&format!("/applications/{token}/chats/{chat}/messages/2"))
+            .await?
+            .status
+            == StatusCode::OK)
+    })
+    .await?;
+    let open = |query: &'static str, header: Option<&'static str>| {
+        let mut request = client
+            .request(reqwest::Method::GET, &format!("{path}{query}"))
+            .header("accept", "text/event-stream");
+        if let Some(header) = header {
+            request = request.header("last-event-id", header);
+        }
+        client.stream_of(request)
+    };
+
+    let mut from_start = open("?last_event_id=0", None)
+        .await?
+        .map_err(|reply| anyhow::anyhow!("refused: {reply:?}"))?;
+    let mut received = Vec::new();
+    for _ in 0..2 {
+        received.push(summary(&from_start.expect_event(WAIT).await?)?);
+    }
+    assert_eq!(
+        received,
+        [entry("created", 1, "one", 1), entry("created", 2, "two", 1)]
+    );
+
+    let mut header_wins = open("?last_event_id=0", Some("1"))
+        .await?
+        .map_err(|reply| anyhow::anyhow!("refused: {reply:?}"))?;
+    assert_eq!(
+        summary(&header_wins.expect_event(WAIT).await?)?,
+        entry("created", 2, "two", 1),
+        "after the header's sequence, not the query's"
+    );
+    assert!(
+        matches!(
+            header_wins.next(Duration::from_millis(500)).await?,
+            Next::Quiet
+        ),
+        "nothing before it"
+    );
+
+    let bad = open("?last_event_id=yesterday", None).await?;
+    assert!(
+        matches!(&bad, Err(reply) if reply.status == StatusCode::BAD_REQUEST
+            && reply.body["error"]["field"] == "last_event_id"),
+        "a query value that is no sequence is 400 naming it: {:?}",
+        bad.err()
+    );
+    drop((from_start, header_wins));
+    running.stop().await
+}

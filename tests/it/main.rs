@@ -10,6 +10,7 @@ mod client_tokens;
 mod configuration;
 mod contract;
 mod deletion;
+mod demo_page;
 mod embedded;
 mod faults;
 mod generated_client;

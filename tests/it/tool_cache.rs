@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context as _, ensure};
-use system_tests::repo_root;
+use system_tests::{Scratch, repo_root};
 
 /// A cache folder of the test's own and the `scripts/tools` that fills it (a copy, when the test
 /// changes a pin or a recipe).
@@ -16,28 +16,6 @@ struct Tools {
     cache: PathBuf,
     report: PathBuf,
     _scratch: Scratch,
-}
-
-/// A temporary folder, deleted on drop (the Go module cache in it is read-only).
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> anyhow::Result<Self> {
-        let path = std::env::temp_dir().join(format!("{name}-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&path)?;
-        Ok(Self(path))
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = Command::new("chmod")
-            .arg("-R")
-            .arg("u+w")
-            .arg(&self.0)
-            .status();
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 impl Tools {

@@ -30,7 +30,7 @@ pub use client::{Client, Reply, search, search_hits};
 pub use env::{OlderDatabase, Services, Stack, TEST_ADMIN_TOKEN, TestEnv};
 pub use processes::{ApiHandle, RunningChat, WorkerHandles, free_port, kill_hard, memory_of};
 pub use sse::{EventStream, Next, ServerSentEvent};
-pub use tools::{repo_root, tool_path};
+pub use tools::{Scratch, repo_root, run_to_end, tool_path};
 
 /// Polls `check` until it returns true, failing after `timeout`.
 pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<()>

@@ -35,3 +35,43 @@ pub fn tool_path(variable: &str, tool: &str) -> anyhow::Result<PathBuf> {
     );
     Ok(PathBuf::from(String::from_utf8(output.stdout)?.trim()))
 }
+
+/// A temporary folder, deleted on drop (made writable first: the Go module cache in one is
+/// read-only).
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(name: &str) -> anyhow::Result<Self> {
+        let path = std::env::temp_dir().join(format!("{name}-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&path)?;
+        Ok(Self(path))
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("chmod")
+            .arg("-R")
+            .arg("u+w")
+            .arg(&self.0)
+            .status();
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Runs a command to its end; its stdout, or the failure with all it printed.
+pub async fn run_to_end(command: &mut tokio::process::Command) -> anyhow::Result<String> {
+    let output = command
+        .kill_on_drop(true)
+        .output()
+        .await
+        .with_context(|| format!("running {command:?}"))?;
+    anyhow::ensure!(
+        output.status.success(),
+        "{command:?} failed ({}):\n{}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(String::from_utf8(output.stdout)?)
+}

@@ -3,6 +3,7 @@
 //! OpenAPI document, and the one mapping of every failure to its answer (`error`).
 
 pub mod admin;
+mod demo;
 pub mod error;
 pub mod extract;
 pub mod idempotency_key;
@@ -66,7 +67,8 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     api_routes().1
 }
 
-/// The public port: the API, `/livez` and `/readyz`, and the docs unless `CHAT_DOCS_ENABLED=false`.
+/// The public port: the API, `/livez` and `/readyz`, and the docs (`/docs`, and the chat page
+/// `/demo`) unless `CHAT_DOCS_ENABLED=false`.
 ///
 /// Layers, outermost first: CORS (a preflight is answered there, before anything asks for a
 /// token), the rate limits (a refused client's body is never read), the body is read whole (size
@@ -77,7 +79,9 @@ pub fn router(state: AppState) -> Router {
     let mut router = Router::new().merge(api).merge(health::public_router());
     if state.settings().docs_enabled {
         // The docs page ships its assets in the binary (works offline).
-        router = router.merge(SwaggerUi::new("/docs").url(OPENAPI_PATH, document));
+        router = router
+            .merge(SwaggerUi::new("/docs").url(OPENAPI_PATH, document))
+            .merge(demo::router());
     }
     let router = router
         .route_layer(from_fn_with_state(

@@ -1,13 +1,16 @@
 //! What the handlers' `#[utoipa::path]` annotations leave to the whole document: a description for
 //! every response (OpenAPI requires one; a future endpoint cannot forget it), the headers that
 //! middleware and the error type send (`Retry-After`, `RateLimit-*`, `WWW-Authenticate`) as
-//! reusable components, and the `429` every operation may answer; the legacy forms of the
+//! reusable components, the `429` every operation may answer, and `additionalProperties: true` on
+//! the free-form objects (metadata) that `Object` leaves bare; the legacy forms of the
 //! application routes, with the token in the path ([`LegacyTokenPaths`]); and the client token
 //! of the chat routes ([`ClientTokenRoutes`]).
 
 use axum::http::StatusCode;
 use utoipa::openapi::path::{Operation, ParameterBuilder, ParameterIn, PathItem};
-use utoipa::openapi::schema::{ObjectBuilder, Schema, SchemaType, Type};
+use utoipa::openapi::schema::{
+    AdditionalProperties, ArrayItems, ObjectBuilder, Schema, SchemaType, Type,
+};
 use utoipa::openapi::security::SecurityRequirement;
 use utoipa::openapi::{
     ContentBuilder, Deprecated, HeaderBuilder, OpenApi, Ref, RefOr, Required, Response,
@@ -281,6 +284,13 @@ impl utoipa::Modify for ResponseConventions {
         for item in openapi.paths.paths.values_mut() {
             operations_mut(item).for_each(describe_operation);
         }
+        if let Some(components) = &mut openapi.components {
+            for schema in components.schemas.values_mut() {
+                if let RefOr::T(schema) = schema {
+                    open_free_form_objects(schema);
+                }
+            }
+        }
         if let Some(RefOr::T(rate_limited)) = openapi
             .components
             .as_mut()
@@ -288,6 +298,47 @@ impl utoipa::Modify for ResponseConventions {
         {
             add_headers(rate_limited, "429");
         }
+    }
+}
+
+/// An object without properties (`value_type = Object`: the integrator's metadata) says
+/// `additionalProperties: true`. JSON Schema allows any key without it, but generators read a bare
+/// object as an empty one (openapi-typescript: `Record<string, never>`, to which no metadata could
+/// be assigned).
+fn open_free_form_objects(schema: &mut Schema) {
+    match schema {
+        Schema::Object(object) => {
+            let is_object = match &object.schema_type {
+                SchemaType::Type(kind) => *kind == Type::Object,
+                SchemaType::Array(kinds) => kinds.contains(&Type::Object),
+                SchemaType::AnyValue => false,
+            };
+            if is_object && object.properties.is_empty() && object.additional_properties.is_none() {
+                object.additional_properties = Some(Box::new(AdditionalProperties::FreeForm(true)));
+            }
+            for property in object.properties.values_mut() {
+                if let RefOr::T(property) = property {
+                    open_free_form_objects(property);
+                }
+            }
+        }
+        Schema::Array(array) => {
+            if let ArrayItems::RefOrSchema(items) = &mut array.items
+                && let RefOr::T(items) = items.as_mut()
+            {
+                open_free_form_objects(items);
+            }
+        }
+        Schema::AllOf(all_of) => all_of.items.iter_mut().for_each(open_in_ref_or),
+        Schema::OneOf(one_of) => one_of.items.iter_mut().for_each(open_in_ref_or),
+        Schema::AnyOf(any_of) => any_of.items.iter_mut().for_each(open_in_ref_or),
+        _ => {}
+    }
+}
+
+fn open_in_ref_or(schema: &mut RefOr<Schema>) {
+    if let RefOr::T(schema) = schema {
+        open_free_form_objects(schema);
     }
 }
 
@@ -460,6 +511,27 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn every_free_form_object_allows_additional_properties() {
+        let document = serde_json::to_value(super::super::openapi()).unwrap();
+        let schemas = &document["components"]["schemas"];
+        for (schema, field) in [
+            ("ChatInput", "metadata"),
+            ("ChatDetails", "metadata"),
+            ("MessageInput", "metadata"),
+            ("MessageEditInput", "metadata"),
+            ("MessageDetails", "metadata"),
+        ] {
+            let property = &schemas[schema]["properties"][field];
+            assert_eq!(
+                property["additionalProperties"], true,
+                "{schema}.{field}: {property}"
+            );
+        }
+        // Objects with properties of their own are left as they are.
+        assert!(schemas["ChatInput"].get("additionalProperties").is_none());
     }
 
     #[test]

@@ -463,6 +463,26 @@ async fn delete(
 /// last event it received.
 const LAST_EVENT_ID: &str = "last-event-id";
 
+/// `?last_event_id=` of a stream: what a browser's `EventSource` cannot send as a header on its
+/// first request (it sends `Last-Event-ID` itself only when it reconnects).
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct StreamParams {
+    /// `Last-Event-ID` as a query parameter, with the same meaning (0: the chat as it is now, then
+    /// live); the header wins when both are given, so a reconnecting EventSource resumes where it
+    /// was.
+    #[param(value_type = Option<u64>, minimum = 0)]
+    last_event_id: Option<String>,
+}
+
+/// A change sequence given as `Last-Event-ID` or `?last_event_id=` (`field` names which).
+fn parse_last_event_id(raw: &str, field: &'static str) -> Result<u64, ApiError> {
+    raw.trim().parse::<u64>().map_err(|_| ApiError::BadRequest {
+        message: format!("{field} must be a change sequence (0 or more)"),
+        field: Some(field),
+    })
+}
+
 /// Follows a chat live (Server-Sent Events): an event for every message created, updated or
 /// deleted once it is stored (`event:` created, updated or deleted; `id:` the change's sequence
 /// in the chat's change log, see `/chats/{chat_number}/changes`; `data:` the message as JSON),
@@ -473,11 +493,13 @@ const LAST_EVENT_ID: &str = "last-event-id";
 /// duplicate; `Last-Event-ID: 0` sends the chat as it is now (each message that is not deleted,
 /// as `created`, with the sequence of its latest change) first. A reader that falls behind is
 /// disconnected and resumes the same way. Clients that stored a message number as the last id
-/// (before change sequences) resume with 0 once.
+/// (before change sequences) resume with 0 once. `?last_event_id=` means the same as the header,
+/// for a browser's EventSource (it sends the header only when it reconnects, which then wins).
 #[utoipa::path(get, path = "/chats/{chat_number}/messages/stream", tag = "messages", operation_id = "stream_messages",
     security(("application_token" = [])),
     params(("chat_number" = u64, Path, minimum = 1, description = "chat number within the application"),
-        ("Last-Event-ID" = Option<u64>, Header, description = "resume after this change sequence (0: the chat as it is now, then live)")),
+        ("Last-Event-ID" = Option<u64>, Header, description = "resume after this change sequence (0: the chat as it is now, then live); wins over `?last_event_id=`"),
+        StreamParams),
     responses((status = 200, description = "a stream of Server-Sent Events (it ends after `CHAT_STREAM_MAX_LIFETIME_SECONDS`); each `data:` is a StreamedMessage", content_type = "text/event-stream", body = crate::http::openapi::EventStreamBody),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 503, description = "a dependency did not answer, or this replica does not hear stored changes right now; retry", body = ErrorBody)))]
@@ -486,21 +508,17 @@ async fn stream(
     tenant: Tenant,
     PathParams(chat_number): PathParams<String>,
     client: ClientAddress,
+    QueryParams(params): QueryParams<StreamParams>,
     headers: HeaderMap,
 ) -> Result<impl IntoResponse, ApiError> {
     let chat_number = parse_number("chat_number", &chat_number)?;
-    let last_event_id = match headers.get(LAST_EVENT_ID) {
-        None => None,
-        Some(value) => Some(
-            value
-                .to_str()
-                .ok()
-                .and_then(|raw| raw.trim().parse::<u64>().ok())
-                .ok_or_else(|| ApiError::BadRequest {
-                    message: "Last-Event-ID must be a change sequence (0 or more)".into(),
-                    field: Some("Last-Event-ID"),
-                })?,
-        ),
+    let last_event_id = match (headers.get(LAST_EVENT_ID), params.last_event_id) {
+        (Some(header), _) => Some(parse_last_event_id(
+            header.to_str().unwrap_or_default(),
+            "Last-Event-ID",
+        )?),
+        (None, Some(query)) => Some(parse_last_event_id(&query, "last_event_id")?),
+        (None, None) => None,
     };
     let chat = state
         .service()
