@@ -48,7 +48,8 @@ fn copy_tree(into: &Path) -> anyhow::Result<()> {
             command.arg(path);
         }
     }
-    stdout_of(command.arg(into), "copying the tree")?;
+    command.arg(into);
+    stdout_of(command, "copying the tree")?;
     Ok(())
 }
 
