@@ -195,6 +195,27 @@ pub fn skaffold_dev_follows_a_change() -> anyhow::Result<()> {
         ns,
         "--port-forward=user",
     ])?;
+    // What cargo set for this test (CARGO_MANIFEST_DIR, CARGO_PKG_NAME, ...) would reach the
+    // builder's cargo, whose build scripts (ring's, cc's) rerun when such a variable changed: every
+    // dependency would compile anew.
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if name == "CARGO"
+            || name == "OUT_DIR"
+            || name.starts_with("CARGO_PKG_")
+            || name.starts_with("CARGO_BIN_")
+            || name.starts_with("CARGO_MANIFEST_")
+            || name.starts_with("CARGO_CRATE_")
+            || [
+                "CARGO_PRIMARY_PACKAGE",
+                "CARGO_TARGET_TMPDIR",
+                "CARGO_RUSTC_CURRENT_DIR",
+            ]
+            .contains(&name.as_ref())
+        {
+            command.env_remove(name.as_ref());
+        }
+    }
     // Skaffold's HOME is a scratch one: cargo and rustup need the machine's.
     command
         .current_dir(&tree)
