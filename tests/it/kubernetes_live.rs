@@ -725,6 +725,32 @@ fn skaffold_renders_and_deploys_the_development_setup() -> anyhow::Result<()> {
         !embedded.contains("k8s/dev") && embedded.contains("embedded.enabled"),
         "the embedded profile's effective configuration:\n{embedded}"
     );
+    // -p local (`skaffold dev` on the real node without Docker; run for real by the real_node
+    // test): scripts/images builds the six artifacts and loads them into the node before each
+    // deploy; the manifests stay the default profile's.
+    let local = skaffold.run(&["diagnose", "--yaml-only", "-p", "local"])?;
+    ensure!(
+        local
+            .matches("buildCommand: scripts/images skaffold-build")
+            .count()
+            == 6
+            && local.contains("skaffold-load")
+            && local.contains("k8s/dev/rabbitmq.yaml"),
+        "the local profile's effective configuration:\n{local}"
+    );
+    let rendered_local = skaffold.run(&[
+        "render",
+        "--offline=true",
+        "--digest-source=tag",
+        "-t",
+        "test",
+        "-p",
+        "local",
+    ])?;
+    ensure!(
+        rendered_local.contains("chat-api:test") && dev_only_objects(&rendered_local)?.len() >= 8,
+        "-p local renders the chart and k8s/dev:\n{rendered_local}"
+    );
     let modes: serde_json::Value = serde_json::from_str(&skaffold.run(&[
         "inspect",
         "executionModes",

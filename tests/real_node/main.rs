@@ -6,7 +6,8 @@
 //! One test, in phases that build on each other (each prints how long it took): the dev services,
 //! `helm install --wait`, `helm test` (a message posted and found by search), counter-sync's CronJob
 //! repairing a drift, the api's readiness following RabbitMQ's pod out and back, a rolling upgrade
-//! under load losing nothing, and `skaffold deploy` of the same. Run alone by scripts/test, after
+//! under load losing nothing, `skaffold deploy` of the same, and `skaffold dev -p local` following a
+//! change of a copy of the tree (skaffold_dev.rs). Run alone by scripts/test, after
 //! `scripts/kube down` and `scripts/kube up --real-node` (`cargo test --workspace --test
 //! real_node`).
 
@@ -21,6 +22,8 @@ use anyhow::{Context as _, bail, ensure};
 use serde_json::{Value, json};
 use system_tests::kube::{KillOnDrop, Namespace, Skaffold, helm, kubectl};
 use system_tests::repo_root;
+
+mod skaffold_dev;
 
 const NODE: &str = "chat-node-0";
 const RELEASE: &str = "chat";
@@ -649,5 +652,15 @@ fn the_system_runs_on_a_real_node() -> anyhow::Result<()> {
         skaffold.run(&["verify", "-a", &builds, "-n", skaffold_ns])
     })?;
     ensure!(tour.contains("tour: every step passed"), "the tour: {tour}");
-    Ok(())
+    drop(skaffold);
+    let skaffold_namespace_name = format!("namespace/{skaffold_ns}");
+    drop(skaffold_namespace);
+    kubectl(&[
+        "wait",
+        "--for=delete",
+        &skaffold_namespace_name,
+        "--timeout=300s",
+    ])?;
+
+    skaffold_dev::skaffold_dev_follows_a_change()
 }
