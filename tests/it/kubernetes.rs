@@ -1227,17 +1227,34 @@ mod skaffold {
     }
 
     #[derive(Deserialize)]
-    #[serde(deny_unknown_fields)]
+    #[serde(deny_unknown_fields, rename_all = "camelCase")]
     pub struct Build {
         pub artifacts: Vec<Artifact>,
         pub local: Option<Local>,
+        pub tag_policy: Option<BTreeMap<String, serde_json::Value>>,
     }
 
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
     pub struct Artifact {
         pub image: String,
-        pub docker: Docker,
+        /// The default: the Dockerfile's stage.
+        pub docker: Option<Docker>,
+        /// Profile `local`: this repository's real node, no Docker (scripts/images).
+        pub custom: Option<Custom>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields, rename_all = "camelCase")]
+    pub struct Custom {
+        pub build_command: String,
+        pub dependencies: CustomDependencies,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct CustomDependencies {
+        pub paths: Vec<String>,
     }
 
     #[derive(Deserialize)]
@@ -1247,11 +1264,14 @@ mod skaffold {
         pub target: String,
     }
 
-    /// No `push`: skaffold decides (no push to a local cluster, a push to a remote one).
+    /// No `push` by default: skaffold decides (no push to a local cluster, a push to a remote
+    /// one); profile `local` says `push: false` (the images go into the node's containerd).
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields, rename_all = "camelCase")]
     pub struct Local {
         pub use_buildkit: Option<bool>,
+        pub push: Option<bool>,
+        pub concurrency: Option<u32>,
     }
 
     #[derive(Deserialize)]
@@ -1271,6 +1291,8 @@ mod skaffold {
     #[serde(deny_unknown_fields)]
     pub struct Helm {
         pub releases: Vec<Release>,
+        /// Profile `local`: the built images go into the node's containerd before each deploy.
+        pub hooks: Option<serde_json::Value>,
     }
 
     #[derive(Deserialize)]
@@ -1337,6 +1359,8 @@ mod skaffold {
     #[serde(deny_unknown_fields)]
     pub struct Profile {
         pub name: String,
+        /// Replaces the config's `build` (profile `local`).
+        pub build: Option<serde_json::Value>,
         pub patches: Vec<Patch>,
     }
 
@@ -1403,6 +1427,9 @@ fn skaffold_configs(profile: Option<&str>) -> anyhow::Result<Vec<skaffold::Confi
                 profiles => serde_json::from_value(profiles.clone())?,
             };
             if let Some(found) = profiles.iter().find(|p| p.name == profile) {
+                if let Some(build) = &found.build {
+                    document["build"] = build.clone();
+                }
                 apply_patches(&mut document, &found.patches)?;
             }
         }
@@ -1491,13 +1518,21 @@ fn skaffold_builds_every_image_and_deploys_through_the_chart() -> anyhow::Result
     let text = std::fs::read_to_string(root.join("skaffold.yaml"))?;
     // skaffold decides about pushing: images built for a local cluster (minikube, kind, k3d,
     // Docker Desktop) are not pushed anywhere; a forced push broke every local cluster but kind.
-    for line in text.lines() {
+    // Only profile `local` (this repository's real node) says `push: false`.
+    ensure!(!text.contains("/push"), "a profile's patch forces pushing");
+    let configs = skaffold_configs(None)?;
+    for config in &configs {
+        let push = config
+            .build
+            .as_ref()
+            .and_then(|b| b.local.as_ref())
+            .and_then(|l| l.push);
         ensure!(
-            !line.trim_start().starts_with("push:") && !line.contains("/push"),
-            "skaffold.yaml forces pushing: {line}"
+            push.is_none(),
+            "{}: build.local.push is set",
+            config.metadata.name
         );
     }
-    let configs = skaffold_configs(None)?;
     let names: Vec<&str> = configs.iter().map(|c| c.metadata.name.as_str()).collect();
     let dockerfile = std::fs::read_to_string(root.join("Dockerfile"))?;
     for config in &configs {
@@ -1514,10 +1549,16 @@ fn skaffold_builds_every_image_and_deploys_through_the_chart() -> anyhow::Result
         for raw in config.manifests.iter().flat_map(|m| &m.raw_yaml) {
             ensure!(root.join(raw).exists(), "manifest {raw} is missing");
         }
-        // One profile, named on the command line (`-p embedded`); none for a kind of cluster.
+        // Profiles named on the command line (`-p embedded`, and `-p local` for the chart's
+        // images on this repository's real node); none for a kind of cluster.
         let profiles: Vec<&str> = config.profiles.iter().map(|p| p.name.as_str()).collect();
+        let expected: &[&str] = if config.metadata.name == "chat" {
+            &["embedded", "local"]
+        } else {
+            &["embedded"]
+        };
         ensure!(
-            profiles == ["embedded"],
+            profiles == expected,
             "{}: profiles {profiles:?}",
             config.metadata.name
         );
@@ -1542,16 +1583,60 @@ fn skaffold_builds_every_image_and_deploys_through_the_chart() -> anyhow::Result
         "{images:?}"
     );
     for artifact in &build.artifacts {
+        let docker = artifact
+            .docker
+            .as_ref()
+            .context("a Dockerfile's stage by default")?;
+        ensure!(root.join(&docker.dockerfile).exists(), "Dockerfile missing");
         ensure!(
-            root.join(&artifact.docker.dockerfile).exists(),
-            "Dockerfile missing"
-        );
-        ensure!(
-            dockerfile.contains(&format!(" AS {}\n", artifact.docker.target)),
+            dockerfile.contains(&format!(" AS {}\n", docker.target)),
             "Dockerfile has no target {}",
-            artifact.docker.target
+            docker.target
         );
     }
+    // Profile `local`: the same images, each by scripts/images, from the sources it depends on.
+    let local_configs = skaffold_configs(Some("local"))?;
+    let local_build = local_configs[1]
+        .build
+        .as_ref()
+        .context("-p local's build")?;
+    let local_images: Vec<&str> = local_build
+        .artifacts
+        .iter()
+        .map(|a| a.image.as_str())
+        .collect();
+    ensure!(local_images == images, "-p local builds {local_images:?}");
+    for artifact in &local_build.artifacts {
+        let custom = artifact.custom.as_ref().context("-p local's builder")?;
+        ensure!(
+            custom.build_command == "scripts/images skaffold-build",
+            "{}: {}",
+            artifact.image,
+            custom.build_command
+        );
+        for path in &custom.dependencies.paths {
+            ensure!(
+                root.join(path).exists(),
+                "{}: {path} is missing",
+                artifact.image
+            );
+        }
+    }
+    ensure!(
+        local_build.local.as_ref().and_then(|l| l.push) == Some(false),
+        "-p local never pushes"
+    );
+    let hooks = local_configs[1]
+        .deploy
+        .as_ref()
+        .and_then(|d| d.helm.as_ref())
+        .and_then(|h| h.hooks.as_ref())
+        .context("-p local's deploy hooks")?;
+    ensure!(
+        hooks["before"][0]["host"]["command"]
+            == serde_json::json!(["scripts/images", "skaffold-load"]),
+        "-p local loads the images into the node before each deploy: {hooks}"
+    );
     let local = build.local.as_ref().context("build.local")?;
     ensure!(local.use_buildkit == Some(true), "BuildKit images");
     let release = chat_release(chat)?;
@@ -1733,11 +1818,8 @@ fn skaffold_verify_runs_the_tour_against_the_api_service() -> anyhow::Result<()>
         .flat_map(|b| &b.artifacts)
         .find(|a| a.image == tour.container.image)
         .context("verify's image is built by skaffold")?;
-    ensure!(
-        artifact.docker.target == "tour",
-        "{}",
-        artifact.docker.target
-    );
+    let target = artifact.docker.as_ref().map(|d| d.target.as_str());
+    ensure!(target == Some("tour"), "{target:?}");
     // Its waits are 30 s each: the Job gets time for all of them.
     ensure!(
         tour.timeout.is_some_and(|seconds| seconds >= 120),
