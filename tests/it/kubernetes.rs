@@ -1626,6 +1626,19 @@ fn skaffold_builds_every_image_and_deploys_through_the_chart() -> anyhow::Result
         local_build.local.as_ref().and_then(|l| l.push) == Some(false),
         "-p local never pushes"
     );
+    // One build at a time (the five binaries come from one cargo build), each tagged by a digest
+    // of its sources.
+    ensure!(
+        local_build.local.as_ref().and_then(|l| l.concurrency) == Some(1),
+        "-p local builds one image at a time"
+    );
+    ensure!(
+        local_build
+            .tag_policy
+            .as_ref()
+            .is_some_and(|policy| policy.contains_key("inputDigest")),
+        "-p local tags by the sources' digest"
+    );
     let hooks = local_configs[1]
         .deploy
         .as_ref()
