@@ -15,7 +15,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{ListParams, PostParams};
 use kube::{Api, Client};
 use serde::Deserialize as _;
-use system_tests::kube::{KillOnDrop, Namespace, Skaffold, helm, kubeconfig, kubectl};
+use system_tests::kube::{KillOnDrop, Namespace, Skaffold, helm, kubeconfig, kubectl, objects_in};
 use system_tests::repo_root;
 
 const RELEASE: &str = "chat";
@@ -792,6 +792,22 @@ fn skaffold_renders_and_deploys_the_development_setup() -> anyhow::Result<()> {
         "deployment.apps/rabbitmq",
     ] {
         assert!(deployments.contains(name), "{name} deployed: {deployments}");
+    }
+    // `skaffold delete` (what Ctrl-C of `skaffold dev` runs) leaves what the developer made alone.
+    skaffold.run(&["delete", "-n", ns])?;
+    let releases = helm(&["list", "-a", "-q", "-n", ns])?;
+    ensure!(releases.trim().is_empty(), "releases left: {releases}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let left = objects_in(ns)?;
+        if left == ["secret/chat-dev-credentials"] {
+            break;
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "left 120 s after skaffold delete: {left:?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
     }
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! `skaffold dev -p local,embedded` (README "Kubernetes") in a copy of the tree: the first deploy,
 //! the tour against skaffold's forwarded api port, a change to the `/livez` body rebuilt and served
-//! by the new pod, and Ctrl-C (SIGINT) leaving no release behind.
+//! by the new pod, Ctrl-C (SIGINT) leaving nothing of skaffold's in the namespace, and
+//! `scripts/images skaffold-prune` removing the images it built from the store and the node.
 //!
 //! The copy builds into a private cargo target whose compiled dependencies are hard links to the
 //! shared target's (only the changed crate compiles): the shared target's binaries are what the
@@ -15,7 +16,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
-use system_tests::kube::{KillOnDrop, Namespace, Skaffold, helm, kubectl, stdout_of};
+use system_tests::kube::{KillOnDrop, Namespace, Skaffold, helm, objects_in, stdout_of};
 use system_tests::repo_root;
 
 use super::{timed, wait_for};
@@ -315,22 +316,25 @@ pub fn skaffold_dev_follows_a_change() -> anyhow::Result<()> {
         let releases = helm(&["list", "-a", "-q", "-n", ns])?;
         ensure!(releases.trim().is_empty(), "releases left: {releases}");
         wait_for(
-            "the release's objects gone",
+            "every object skaffold made gone",
             Duration::from_secs(120),
-            || {
-                let left = kubectl(&[
-                    "-n",
-                    ns,
-                    "get",
-                    "deployments,replicasets,pods,services,configmaps,secrets,jobs,cronjobs,serviceaccounts",
-                    "-l",
-                    "app.kubernetes.io/instance=chat",
-                    "-o",
-                    "name",
-                ])?;
-                Ok(left.trim().is_empty())
-            },
+            || Ok(objects_in(ns)?.is_empty()),
         )
     })?;
+
+    // The images stay as skaffold's build cache (as in Docker) until pruned.
+    let built = scripts_images(&["skaffold-list"])?;
+    ensure!(
+        built
+            .lines()
+            .any(|image| image.starts_with("localhost/chat-api:"))
+            && built
+                .lines()
+                .any(|image| image.starts_with("docker.io/library/chat-api:")),
+        "skaffold's api image in the store and on the node: {built}"
+    );
+    scripts_images(&["skaffold-prune"])?;
+    let left = scripts_images(&["skaffold-list"])?;
+    ensure!(left.trim().is_empty(), "left after skaffold-prune: {left}");
     Ok(())
 }

@@ -72,6 +72,26 @@ impl Drop for Namespace {
     }
 }
 
+/// Every object in `namespace` of the kinds a chart or a manifest makes, as `kind/name`, less the
+/// two every namespace gets (its default ServiceAccount and the cluster's CA ConfigMap).
+pub fn objects_in(namespace: &str) -> anyhow::Result<Vec<String>> {
+    let listed = kubectl(&[
+        "-n",
+        namespace,
+        "get",
+        "deployments,statefulsets,replicasets,pods,services,configmaps,secrets,\
+         persistentvolumeclaims,jobs,cronjobs,serviceaccounts,roles,rolebindings,\
+         poddisruptionbudgets,networkpolicies,ingresses,horizontalpodautoscalers",
+        "-o",
+        "name",
+    ])?;
+    Ok(listed
+        .lines()
+        .filter(|name| !["serviceaccount/default", "configmap/kube-root-ca.crt"].contains(name))
+        .map(str::to_owned)
+        .collect())
+}
+
 /// skaffold as a developer runs it, from the repository's root: the cluster's kubeconfig, helm and
 /// kubectl on PATH, and a HOME of its own for its settings (removed when dropped). With
 /// `dev_password`, CHAT_DEV_PASSWORD is set as the README says; without, it is unset.
