@@ -143,19 +143,25 @@ function messageItem(number: number): HTMLLIElement | null {
   return ui.messages.querySelector<HTMLLIElement>(`li[data-number="${number}"]`);
 }
 
+/** A message's line above its body: its sender (as text), then `after`. */
+function metaLine(sender: string | null | undefined, ...after: Node[]): HTMLDivElement {
+  const meta = document.createElement("div");
+  meta.className = "meta";
+  const name = document.createElement("span");
+  name.className = "sender";
+  name.textContent = sender ?? "anonymous";
+  meta.append(name, ...after);
+  return meta;
+}
+
 /** Adds a message, or replaces the one with its number (an edit), in number order. */
 function showMessage(message: StreamedMessage): void {
   const item = document.createElement("li");
   item.dataset.number = String(message.number);
-  const meta = document.createElement("div");
-  meta.className = "meta";
-  const sender = document.createElement("span");
-  sender.className = "sender";
-  sender.textContent = message.sender ?? "anonymous";
   const time = document.createElement("time");
   time.dateTime = message.created_at;
   time.textContent = new Date(message.created_at).toLocaleTimeString();
-  meta.append(sender, time);
+  const meta = metaLine(message.sender, time);
   if (message.edited_at) {
     const edited = document.createElement("span");
     edited.className = "edited";
@@ -276,14 +282,9 @@ async function search(current: Room, query: string): Promise<void> {
   if (!found.data) throw found.error;
   const items = found.data.messages.map((hit) => {
     const item = document.createElement("li");
-    const meta = document.createElement("div");
-    meta.className = "meta";
-    const sender = document.createElement("span");
-    sender.className = "sender";
-    sender.textContent = hit.sender ?? "anonymous";
     const number = document.createElement("span");
     number.textContent = `#${hit.number}`;
-    meta.append(sender, number);
+    const meta = metaLine(hit.sender, number);
     const body = document.createElement("div");
     body.className = "body highlight";
     body.append(...highlightNodes(hit.highlight));
