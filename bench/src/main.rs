@@ -8,7 +8,9 @@
 //!   running phase, on a chat of 1,000,000 messages and on an application of 1,000 chats (their
 //!   documents written straight into the index); and the webhooks: the latency of a delivery
 //!   to a receiver in the bench, the delivery of a backlog against the ingest leg, and the api's
-//!   CPU per message with live streams open on other chats;
+//!   CPU per message with live streams open on other chats; and the limits of the capacity plan
+//!   (the numbering script on one chat's counter, one queue's publish of the api's envelopes, one
+//!   hot chat against many);
 //! - the embedded process (`BENCH_STACK=embedded`, started by `scripts/bench`): the raw limit is the
 //!   rate of durable (`synchronous = FULL`) one-row SQLite commits on the same disk; what needs
 //!   the services or separate workers is skipped.
@@ -104,6 +106,11 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     let target = bench.target(token).await?;
     let backlog = bench.stopped_workers(&target).await?;
     let (running_chat, running_posted) = bench.running_workers(&target).await?;
+    if let Some(backlog) = &backlog {
+        bench
+            .capacity_limits(&target, backlog.events_per_message)
+            .await?;
+    }
     bench
         .webhooks(backlog.as_ref().map(|backlog| backlog.ingest_rate))
         .await?;

@@ -121,6 +121,15 @@ pub struct Settings {
         default_value_t = 20_000
     )]
     pub webhook_backlog: u64,
+    /// Messages of each leg of the hot-chat phase (all clients on one chat, then spread over as
+    /// many chats as connections; workers running): 0 skips it.
+    #[arg(
+        long,
+        env = "BENCH_HOT_CHAT_MESSAGES",
+        value_name = "BENCH_HOT_CHAT_MESSAGES",
+        default_value_t = 20_000
+    )]
+    pub hot_chat_messages: u64,
     /// Worker threads of the load generator (at least 1).
     #[arg(
         long,

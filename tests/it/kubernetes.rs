@@ -62,11 +62,13 @@ fn scenarios() -> anyhow::Result<Vec<Option<PathBuf>>> {
     Ok(scenarios)
 }
 
-/// The APIs of the Prometheus operator's CRDs: the renders stand for a cluster that has them (the
-/// chart leaves its monitoring objects out where they are missing).
-const MONITORING_APIS: [&str; 2] = [
+/// The APIs of the CRDs the chart may use: the renders stand for a cluster that has them (the chart
+/// leaves its monitoring objects out where the Prometheus operator's are missing, and refuses
+/// `*.keda.enabled` where KEDA's are).
+const CRD_APIS: [&str; 3] = [
     "monitoring.coreos.com/v1/ServiceMonitor",
     "monitoring.coreos.com/v1/PrometheusRule",
+    "keda.sh/v1alpha1/ScaledObject",
 ];
 
 pub(crate) fn run_helm(args: &[&str], values: Option<&Path>) -> anyhow::Result<String> {
@@ -91,11 +93,7 @@ pub(crate) fn run_helm_for(
         .args(["--kube-version", kube_version]);
     if args.first() == Some(&"template") {
         // `helm lint` takes no API versions.
-        command.args(
-            MONITORING_APIS
-                .iter()
-                .flat_map(|api| ["--api-versions", api]),
-        );
+        command.args(CRD_APIS.iter().flat_map(|api| ["--api-versions", api]));
     }
     for values in values {
         command.arg("--values").arg(values);
@@ -195,6 +193,8 @@ pub(crate) struct Rendered {
     pub(crate) secrets: Vec<Secret>,
     pub(crate) service_monitors: Vec<monitoring::ServiceMonitor>,
     pub(crate) prometheus_rules: Vec<monitoring::PrometheusRule>,
+    pub(crate) scaled_objects: Vec<keda::ScaledObject>,
+    pub(crate) trigger_authentications: Vec<keda::TriggerAuthentication>,
     pub(crate) labels: Vec<(String, BTreeMap<String, String>)>,
 }
 
@@ -233,6 +233,10 @@ impl Rendered {
                 "PersistentVolumeClaim" => round_trip::<PersistentVolumeClaim>(document).map(drop),
                 "ServiceMonitor" => round_trip(document).map(|m| rendered.service_monitors.push(m)),
                 "PrometheusRule" => round_trip(document).map(|r| rendered.prometheus_rules.push(r)),
+                "ScaledObject" => round_trip(document).map(|o| rendered.scaled_objects.push(o)),
+                "TriggerAuthentication" => {
+                    round_trip(document).map(|a| rendered.trigger_authentications.push(a))
+                }
                 other => bail!("{other}/{name}: a kind this check does not know; add it"),
             };
             parsed.with_context(|| format!("{kind}/{name}"))?;
@@ -591,6 +595,44 @@ fn check_chart_invariants(rendered: &Rendered, existing: &Existing) -> anyhow::R
             target.kind,
             target.name
         );
+    }
+    for scaled in &rendered.scaled_objects {
+        let target = &scaled.spec.scale_target_ref;
+        ensure!(
+            rendered.exists(&target.kind, &target.name),
+            "ScaledObject targets missing {}/{}",
+            target.kind,
+            target.name
+        );
+        // KEDA makes an HPA of its own from the ScaledObject: two would fight over the replicas.
+        ensure!(
+            !rendered.hpas.iter().any(|hpa| hpa
+                .spec
+                .as_ref()
+                .is_some_and(|spec| spec.scale_target_ref.name == target.name)),
+            "{}: both an HPA and a ScaledObject",
+            target.name
+        );
+        for trigger in &scaled.spec.triggers {
+            if let Some(auth) = &trigger.authentication_ref {
+                ensure!(
+                    rendered.exists("TriggerAuthentication", &auth.name),
+                    "ScaledObject/{:?}: TriggerAuthentication {} is not rendered",
+                    scaled.metadata.name,
+                    auth.name
+                );
+            }
+        }
+    }
+    for auth in &rendered.trigger_authentications {
+        for reference in &auth.spec.secret_target_ref {
+            ensure!(
+                secret_exists(&reference.name),
+                "TriggerAuthentication/{:?}: secret {}",
+                auth.metadata.name,
+                reference.name
+            );
+        }
     }
     for ingress in &rendered.ingresses {
         for rule in ingress
@@ -1069,6 +1111,160 @@ mod monitoring {
         pub labels: BTreeMap<String, String>,
         pub annotations: BTreeMap<String, String>,
     }
+}
+
+/// The fields of KEDA's `keda.sh/v1alpha1` resources this chart uses (not in k8s-openapi); unknown
+/// fields fail. Their full schema is KEDA's CRDs', which the API server applies in
+/// `kubernetes_live::keda_objects_pass_kedas_crd_schemas`.
+mod keda {
+    use std::collections::BTreeMap;
+
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    use serde::{Deserialize, Serialize};
+
+    #[derive(Deserialize, Serialize)]
+    #[serde(deny_unknown_fields, rename_all = "camelCase")]
+    pub struct ScaledObject {
+        pub api_version: String,
+        pub kind: String,
+        pub metadata: ObjectMeta,
+        pub spec: ScaledObjectSpec,
+    }
+
+    #[derive(Deserialize, Serialize)]
+    #[serde(deny_unknown_fields, rename_all = "camelCase")]
+    pub struct ScaledObjectSpec {
+        pub scale_target_ref: ScaleTarget,
+        pub min_replica_count: u32,
+        pub max_replica_count: u32,
+        pub polling_interval: u32,
+        pub cooldown_period: u32,
+        pub triggers: Vec<Trigger>,
+    }
+
+    #[derive(Deserialize, Serialize)]
+    #[serde(deny_unknown_fields, rename_all = "camelCase")]
+    pub struct ScaleTarget {
+        pub api_version: String,
+        pub kind: String,
+        pub name: String,
+    }
+
+    #[derive(Deserialize, Serialize)]
+    #[serde(deny_unknown_fields, rename_all = "camelCase")]
+    pub struct Trigger {
+        #[serde(rename = "type")]
+        pub type_: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub metric_type: Option<String>,
+        pub metadata: BTreeMap<String, String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub authentication_ref: Option<AuthenticationRef>,
+    }
+
+    #[derive(Deserialize, Serialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct AuthenticationRef {
+        pub name: String,
+    }
+
+    #[derive(Deserialize, Serialize)]
+    #[serde(deny_unknown_fields, rename_all = "camelCase")]
+    pub struct TriggerAuthentication {
+        pub api_version: String,
+        pub kind: String,
+        pub metadata: ObjectMeta,
+        pub spec: TriggerAuthenticationSpec,
+    }
+
+    #[derive(Deserialize, Serialize)]
+    #[serde(deny_unknown_fields, rename_all = "camelCase")]
+    pub struct TriggerAuthenticationSpec {
+        pub secret_target_ref: Vec<SecretTargetRef>,
+    }
+
+    #[derive(Deserialize, Serialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct SecretTargetRef {
+        pub parameter: String,
+        pub name: String,
+        pub key: String,
+    }
+}
+
+/// With KEDA on, each queue consumer scales on its own queue (the names the workers read from the
+/// chart's settings) through the connections Secret's AMQP URL, and the chart's HPAs remain for the
+/// components KEDA does not scale only (the rest of the render: `unittests/keda_test.yaml`).
+#[test]
+fn keda_scales_each_queue_consumer_on_its_own_queue_instead_of_an_hpa() -> anyhow::Result<()> {
+    let extra = "config: {amqpPrefix: tenant7}\n\
+        api: {autoscaling: {enabled: true}}\n\
+        webhookDispatcher: {autoscaling: {enabled: true}}\n\
+        ingestWorker: {autoscaling: {enabled: true}, keda: {enabled: true}}\n\
+        indexer: {keda: {enabled: true, minReplicas: 0, maxReplicas: 3}}\n";
+    let rendered = render_minimal_with("keda", extra)?;
+    check_chart_invariants(&rendered, &Existing::default())?;
+    let prefix = config_data(&rendered)?["CHAT_AMQP_PREFIX"].clone();
+    let mut queues = BTreeMap::new();
+    for scaled in &rendered.scaled_objects {
+        let rabbitmq = scaled
+            .spec
+            .triggers
+            .iter()
+            .find(|trigger| trigger.type_ == "rabbitmq")
+            .context("a rabbitmq trigger")?;
+        queues.insert(
+            scaled.spec.scale_target_ref.name.clone(),
+            rabbitmq.metadata["queueName"].clone(),
+        );
+    }
+    assert_eq!(
+        queues,
+        BTreeMap::from([
+            ("chat-indexer".to_owned(), format!("{prefix}.index")),
+            ("chat-ingest-worker".to_owned(), format!("{prefix}.ingest")),
+        ])
+    );
+    let [auth] = rendered.trigger_authentications.as_slice() else {
+        bail!("one TriggerAuthentication for both");
+    };
+    let [reference] = auth.spec.secret_target_ref.as_slice() else {
+        bail!("the AMQP URL alone");
+    };
+    assert_eq!(
+        (reference.parameter.as_str(), reference.key.as_str()),
+        ("host", "AMQP_URL")
+    );
+    let secret = rendered
+        .secrets
+        .iter()
+        .find(|secret| secret.metadata.name.as_deref() == Some(reference.name.as_str()))
+        .context("the connections Secret")?;
+    assert!(
+        secret
+            .string_data
+            .as_ref()
+            .is_some_and(|data| data["AMQP_URL"].starts_with("amqp")),
+        "the Secret holds the AMQP URL the workers read"
+    );
+    let hpa_targets: BTreeSet<String> = rendered
+        .hpas
+        .iter()
+        .filter_map(|hpa| Some(hpa.spec.as_ref()?.scale_target_ref.name.clone()))
+        .collect();
+    assert_eq!(
+        hpa_targets,
+        BTreeSet::from(["chat-api".to_owned(), "chat-webhook-dispatcher".to_owned()])
+    );
+    for deployment in &rendered.deployments {
+        let name = deployment.metadata.name.as_deref().unwrap_or_default();
+        let replicas = deployment.spec.as_ref().and_then(|spec| spec.replicas);
+        assert_eq!(
+            replicas, None,
+            "{name}: its autoscaler owns the replica count"
+        );
+    }
+    Ok(())
 }
 
 /// Metric names the services register (from the `# TYPE` lines; a family shows once it has a series).

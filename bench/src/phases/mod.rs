@@ -5,6 +5,8 @@
 //!   downstream leg alone, and each leg against its own raw limit (services only);
 //! - [`running_workers`]: `POST` with the workers running, and end to end into the storage and the
 //!   index;
+//! - [`capacity`]: the limits of the capacity plan: the numbering script on one chat's counter,
+//!   one queue's confirmed publish of the api's envelopes, one hot chat against many (services);
 //! - [`webhooks`]: the latency of webhook deliveries, the delivery of a backlog against the
 //!   ingest leg, and the api's CPU per message with live streams open on other chats;
 //! - [`reads`]: `GET` one message and a page of messages, against their raw SELECTs;
@@ -13,6 +15,7 @@
 //!
 //! [`posting`] is the `POST` load of the two phases with the workers stopped and running.
 
+pub mod capacity;
 pub mod deep_pages;
 pub mod posting;
 pub mod raw_limits;

@@ -107,10 +107,24 @@ pub async fn post_messages(
     chat: u64,
     load: Load,
 ) -> anyhow::Result<Outcome> {
-    let url = api.url(&format!("/applications/{token}/chats/{chat}/messages"));
+    post_messages_into(api, token, &[chat], load).await
+}
+
+/// `POST` message, one body per sequence number, the n-th into the n-th chat of `chats` in turn.
+pub async fn post_messages_into(
+    api: &Api,
+    token: &str,
+    chats: &[u64],
+    load: Load,
+) -> anyhow::Result<Outcome> {
+    let urls: Vec<String> = chats
+        .iter()
+        .map(|chat| api.url(&format!("/applications/{token}/chats/{chat}/messages")))
+        .collect();
     let api = api.clone();
     load::run(load, move |sequence| {
-        let (api, url) = (api.clone(), url.clone());
+        let api = api.clone();
+        let url = urls[(sequence % urls.len() as u64) as usize].clone();
         async move {
             api.post(&url, Some(json!({"body": api::body(sequence)})))
                 .await

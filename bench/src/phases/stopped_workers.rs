@@ -21,6 +21,8 @@ pub struct Backlog {
     pub count: u64,
     /// The ingest leg's drain of it, in messages per second.
     pub ingest_rate: f64,
+    /// Events per AMQP message of the ingest queue (the api's envelopes).
+    pub events_per_message: usize,
 }
 
 impl Bench {
@@ -95,6 +97,7 @@ impl Bench {
             chat,
             count,
             ingest_rate,
+            events_per_message: events_per_message as usize,
         }))
     }
 

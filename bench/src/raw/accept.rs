@@ -14,7 +14,7 @@ use crate::load::{self, Load, Outcome};
 /// AMQP delivery mode of messages written to disk, as the api publishes them.
 const PERSISTENT: u8 = 2;
 /// How long each raw limit of the accept path is measured.
-const RAW_PHASE: Duration = Duration::from_secs(5);
+pub(super) const RAW_PHASE: Duration = Duration::from_secs(5);
 /// Concurrent clients of Redis INCR.
 pub const REDIS_CLIENTS: usize = 50;
 /// Concurrent publishers of RabbitMQ confirmed publish, and writers of SQLite commits.

@@ -9,12 +9,12 @@ use chatcore::events::{Event, EventPayload, TraceContext};
 use chatcore::queue::envelope;
 use futures_util::StreamExt as _;
 use futures_util::future::join_all;
-use lapin::Channel;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel};
 use sqlx::{MySql, MySqlPool, QueryBuilder};
 
 use super::{ChatRef, amqp_connect, declare_durable};
@@ -154,30 +154,11 @@ async fn publish_events(
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
-    let chat_number = Number::new(chat.number).context("chat number")?;
     let sequences: Vec<u64> = (0..count).collect();
     for window in sequences.chunks(PUBLISH_WINDOW * events_per_message) {
         let mut confirms = Vec::with_capacity(PUBLISH_WINDOW);
         for envelope_sequences in window.chunks(events_per_message) {
-            let mut envelope_body = Vec::new();
-            let mut properties = None;
-            for &sequence in envelope_sequences {
-                let event = Event::new(EventPayload::MessageCreated {
-                    application_id: chat.application_id,
-                    chat_number,
-                    message_number: Number::new(sequence + 1).context("message number")?,
-                    body: body(sequence),
-                    created_at: chatcore::store::now(),
-                    sender: None,
-                    metadata: None,
-                });
-                let trace = TraceContext::child_of(None);
-                envelope::push(&mut envelope_body, Some(trace.as_str()), &event.encode());
-                properties.get_or_insert_with(|| {
-                    chatcore::queue::event_properties(&event, &trace)
-                        .with_content_type(envelope::CONTENT_TYPE.into())
-                });
-            }
+            let (envelope_body, properties) = envelope_of(chat, envelope_sequences)?;
             confirms.push(
                 channel
                     .basic_publish(
@@ -185,7 +166,7 @@ async fn publish_events(
                         queue.into(),
                         BasicPublishOptions::default(),
                         &envelope_body,
-                        properties.context("an envelope holds an event")?,
+                        properties,
                     )
                     .await?,
             );
@@ -195,6 +176,35 @@ async fn publish_events(
         }
     }
     Ok(())
+}
+
+/// One AMQP message as the api publishes it: the created events of `sequences` in an envelope (its
+/// framing, a trace context each), with the properties of its first event.
+pub fn envelope_of(chat: ChatRef, sequences: &[u64]) -> anyhow::Result<(Vec<u8>, BasicProperties)> {
+    let chat_number = Number::new(chat.number).context("chat number")?;
+    let mut envelope_body = Vec::new();
+    let mut properties = None;
+    for &sequence in sequences {
+        let event = Event::new(EventPayload::MessageCreated {
+            application_id: chat.application_id,
+            chat_number,
+            message_number: Number::new(sequence + 1).context("message number")?,
+            body: body(sequence),
+            created_at: chatcore::store::now(),
+            sender: None,
+            metadata: None,
+        });
+        let trace = TraceContext::child_of(None);
+        envelope::push(&mut envelope_body, Some(trace.as_str()), &event.encode());
+        properties.get_or_insert_with(|| {
+            chatcore::queue::event_properties(&event, &trace)
+                .with_content_type(envelope::CONTENT_TYPE.into())
+        });
+    }
+    Ok((
+        envelope_body,
+        properties.context("an envelope holds an event")?,
+    ))
 }
 
 /// The ingest-worker's statement for the messages of one chat (`insert_messages` of

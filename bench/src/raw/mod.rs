@@ -5,16 +5,20 @@
 //!   SQLite commits (the embedded stack);
 //! - the ingest leg: a lapin consumer doing the ingest-worker's multi-row `INSERT IGNORE` with sqlx;
 //! - the index leg: `_bulk` of the indexer's documents into the same index, under a chat of its own;
-//! - the reads: the storage's SELECT of one message and of one page, with sqlx.
+//! - the reads: the storage's SELECT of one message and of one page, with sqlx;
+//! - the capacity plan: the numbering script on one chat's counter, and one queue's confirmed
+//!   publish of the api's envelopes.
 
 mod accept;
+mod capacity;
 mod index;
 mod ingest;
 mod reads;
 
 pub use accept::{PUBLISHERS, REDIS_CLIENTS, confirmed_publish, redis_incr, sqlite_commits};
+pub use capacity::{confirmed_envelopes, numbering_increments};
 pub use index::{SEEDED_SENDERS, bulk_leg, seed_index, seeded_created_at, seeded_sender};
-pub use ingest::{ingest_leg, queue_depth};
+pub use ingest::{envelope_of, ingest_leg, queue_depth};
 pub use reads::{message_lookups, page_after, page_lookups};
 
 use chatcore::Config;
