@@ -27,6 +27,8 @@ use system_tests::{Client, StatusCode, TestEnv, eventually};
 use tokio::process::Child;
 use tokio_util::sync::CancellationToken;
 
+mod rollback;
+
 /// Time for the pipeline to catch up after a fault.
 const DRAIN: Duration = Duration::from_secs(120);
 /// Concurrent careful clients; each posts about 40 messages a second.
