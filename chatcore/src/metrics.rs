@@ -79,6 +79,10 @@ pub struct Metrics {
     pub events_processed: Family<QueueLabels, Counter>,
     pub events_failed: Family<QueueLabels, Counter>,
     pub events_dead_lettered: Family<QueueLabels, Counter>,
+    /// Messages whose number belonged to another event (handed out twice), dead-lettered.
+    pub number_conflicts: Counter,
+    /// Number counters raised above the stored numbers after such a conflict.
+    pub number_counter_raises: Counter,
     pub queue_depth: Family<QueueLabels, Gauge>,
     pub counter_sync_repairs: Family<RepairLabels, Counter>,
     pub live_streams: Gauge,
@@ -153,6 +157,18 @@ impl Metrics {
             "Events rejected into the dead-letter queue",
             events_dead_lettered.clone(),
         );
+        let number_conflicts = Counter::default();
+        registry.register(
+            "number_conflicts",
+            "Messages dead-lettered because their number belonged to another event (handed out twice)",
+            number_conflicts.clone(),
+        );
+        let number_counter_raises = Counter::default();
+        registry.register(
+            "number_counter_raises",
+            "Number counters raised above the stored numbers after a number was handed out twice",
+            number_counter_raises.clone(),
+        );
         let queue_depth = Family::<QueueLabels, Gauge>::default();
         registry.register(
             "queue_depth",
@@ -214,6 +230,8 @@ impl Metrics {
             events_processed,
             events_failed,
             events_dead_lettered,
+            number_conflicts,
+            number_counter_raises,
             queue_depth,
             counter_sync_repairs,
             live_streams,

@@ -179,7 +179,6 @@ async fn the_queue_delivers_to_every_bound_queue_until_acknowledged() -> anyhow:
         prefetch: 10,
         batch_max_size: 10,
         batch_max_wait: Duration::from_millis(10),
-        max_attempts: 1,
         retry: Backoff::new(Duration::from_millis(10), Duration::from_millis(10)),
     };
     let shutdown = CancellationToken::new();

@@ -35,6 +35,8 @@ pub(crate) use fault::{Fault, RedisFailover};
 pub(crate) use load::Load;
 pub(crate) use stack::{Stack, Topology};
 
+mod rollback;
+
 /// Time for the pipeline to catch up after a fault.
 pub(crate) const DRAIN: Duration = Duration::from_secs(120);
 /// The webhook receiver's endpoint of every scenario: it follows every message change of the

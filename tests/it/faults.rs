@@ -1,6 +1,7 @@
 //! Failures that do not restart a shared service (those are in `tests/faults`, run serially): an
 //! ambiguous 503 retried with its key, the broker dropping the api, a read-only index, a dead
-//! letter at the end of a batch, two events with one number, an event of a newer schema, a worker
+//! letter at the end of a batch, two events with one number (in one batch, and against a stored
+//! message: dead-lettered at once, the counter raised), an event of a newer schema, a worker
 //! behind a thousand of the largest events, quorum queues.
 
 use std::sync::Arc;
@@ -10,9 +11,10 @@ use chatcore::config::Topology;
 use chatcore::domain::Number;
 use chatcore::events::{Consumer, Event, EventPayload, TraceContext};
 use chatcore::health::Readiness;
-use chatcore::metrics::Metrics;
+use chatcore::metrics::{Metrics, QueueLabels};
+use chatcore::numbering::{NumberAllocator, Scope};
 use chatcore::pipeline::consumer::run;
-use chatcore::pipeline::{BatchHandler, HandleError, Observers, Received};
+use chatcore::pipeline::{BatchHandler, HandleError, IngestWriter, Observers, Received};
 use futures_util::future::join_all;
 use sqlx::Connection as _;
 use system_tests::{
@@ -222,11 +224,7 @@ fn message_event(number: u64) -> Event {
 #[tokio::test]
 async fn dead_lettering_the_last_event_of_a_batch_keeps_the_consumer_on_its_channel()
 -> anyhow::Result<()> {
-    let env = TestEnv::with_settings(&[
-        ("CHAT_BATCH_MAX_WAIT_MS", "500"),
-        ("CHAT_MAX_ATTEMPTS", "1"),
-    ])
-    .await?;
+    let env = TestEnv::with_settings(&[("CHAT_BATCH_MAX_WAIT_MS", "500")]).await?;
     let config = env.config();
     let metrics = Metrics::new();
     let queue = chatcore::adapters::queue(&config, &metrics).await?;
@@ -335,6 +333,162 @@ async fn a_number_handed_out_twice_is_dead_lettered_not_dropped(
     assert_eq!(stored.body["body"], "first", "{stored:?}");
     assert_eq!(env.stored_message_numbers(token, chat).await?, [1000]);
     running.stop().await
+}
+
+both_stacks!(a_number_handed_out_twice_is_dead_lettered_at_once_and_its_counter_raised);
+
+/// A counter that went back in time hands out stored numbers again. The first batch that meets
+/// them dead-letters them at once (no retries), writes the rest of the batch, and raises the
+/// chat's counter above every stored number, so the next number is new.
+async fn a_number_handed_out_twice_is_dead_lettered_at_once_and_its_counter_raised(
+    env: TestEnv,
+) -> anyhow::Result<()> {
+    // The api creates the application and the chat, then leaves the queue to this test's consumer.
+    let api = env.spawn_api().await?;
+    let token = api.client.create_application("rolled back").await?;
+    let chat_number = Number::new(api.client.create_chat(&token).await?).expect("positive");
+    api.stop().await?;
+    let application_id = env.application_id(&token).await?;
+    let config = env.config();
+    let metrics = Metrics::new();
+    let storage = chatcore::adapters::storage(&config, &metrics).await?;
+    let queue = chatcore::adapters::queue(&config, &metrics).await?;
+    queue.ensure_topology().await?;
+    let allocator = NumberAllocator::new(
+        chatcore::adapters::state(&config, &metrics).await?,
+        Arc::clone(&storage),
+        &config.redis_key_prefix,
+        config.number_block_size,
+    );
+    let scope = Scope::MessagesOf {
+        application_id,
+        chat_number,
+    };
+    let message = |number: u64, body: &str| {
+        Event::new(EventPayload::MessageCreated {
+            application_id,
+            chat_number,
+            message_number: Number::new(number).expect("positive"),
+            body: body.to_owned(),
+            created_at: chatcore::store::now(),
+            sender: None,
+            metadata: None,
+        })
+    };
+    let trace = TraceContext::child_of(None);
+    let publish_together = |events: Vec<Event>| {
+        let (queue, trace) = (&queue, &trace);
+        async move {
+            for published in join_all(events.iter().map(|event| queue.publish(event, trace))).await
+            {
+                published?;
+            }
+            anyhow::Ok(())
+        }
+    };
+    let writer = IngestWriter::new(
+        Arc::clone(&storage),
+        Arc::clone(&queue),
+        allocator.clone(),
+        Arc::clone(&metrics),
+    );
+    let shutdown = CancellationToken::new();
+    let observers = Observers {
+        readiness: Readiness::default(),
+        metrics: Arc::clone(&metrics),
+    };
+    let consuming = async {
+        run(
+            &queue,
+            Consumer::Ingest,
+            &writer,
+            &config.consumer,
+            &shutdown,
+            &observers,
+        )
+        .await;
+        anyhow::Ok(())
+    };
+    let stored_bodies = || async {
+        let page = chatcore::domain::PageRequest {
+            per_page: 100,
+            position: chatcore::domain::PagePosition::Page(1),
+        };
+        let rows = storage
+            .list_messages(application_id, chat_number, None, page)
+            .await?;
+        anyhow::Ok(
+            rows.into_iter()
+                .map(|row| (row.number, row.body))
+                .collect::<Vec<_>>(),
+        )
+    };
+    let dead_letter_queue = Topology::dead_letter_queue(&config.topology.ingest_queue);
+    let checks = async {
+        // 1 and 2 from the counter; 40 handed out before the counter went back.
+        let one = allocator.allocate(&scope).await?.get();
+        let two = allocator.allocate(&scope).await?.get();
+        publish_together(vec![
+            message(one, "one"),
+            message(two, "two"),
+            message(40, "forty"),
+        ])
+        .await?;
+        eventually("the first messages are stored", LONG, || async {
+            Ok(stored_bodies().await?.len() == 3)
+        })
+        .await?;
+        // One batch: two numbers handed out again, among new ones.
+        let three = allocator.allocate(&scope).await?.get();
+        let four = allocator.allocate(&scope).await?.get();
+        publish_together(vec![
+            message(two, "two again"),
+            message(three, "three"),
+            message(40, "forty again"),
+            message(four, "four"),
+        ])
+        .await?;
+        eventually("the duplicates are dead-lettered", LONG, || async {
+            Ok(queue.depth(&dead_letter_queue).await? == 2)
+        })
+        .await?;
+        eventually("the rest of the batch is stored", LONG, || async {
+            Ok(stored_bodies().await?.len() == 5)
+        })
+        .await?;
+        let next = allocator.allocate(&scope).await?.get();
+        shutdown.cancel();
+        anyhow::Ok(next)
+    };
+    let ((), next) = tokio::try_join!(consuming, checks)?;
+    let expected: Vec<(u64, String)> = [
+        (1, "one"),
+        (2, "two"),
+        (3, "three"),
+        (4, "four"),
+        (40, "forty"),
+    ]
+    .map(|(number, body)| (number, body.to_owned()))
+    .into();
+    assert_eq!(
+        stored_bodies().await?,
+        expected,
+        "the first of each number stays"
+    );
+    assert_eq!(next, 41, "the counter went above the highest stored number");
+    assert_eq!(metrics.number_conflicts.get(), 2);
+    assert_eq!(metrics.number_counter_raises.get(), 1);
+    let failed = metrics
+        .events_failed
+        .get_or_create(&QueueLabels {
+            queue: config.topology.ingest_queue.clone(),
+        })
+        .get();
+    assert!(
+        (1..=2).contains(&failed),
+        "one failed attempt per batch with duplicates, none retried: {failed}"
+    );
+    Ok(())
 }
 
 both_stacks!(an_event_of_a_newer_schema_waits_for_an_upgraded_consumer);
@@ -460,11 +614,7 @@ async fn workers_behind_a_thousand_of_the_largest_events_stay_within_their_memor
 
 #[tokio::test]
 async fn quorum_queues_carry_the_pipeline_and_its_dead_letters() -> anyhow::Result<()> {
-    let env = TestEnv::with_settings(&[
-        ("CHAT_AMQP_QUEUE_TYPE", "quorum"),
-        ("CHAT_MAX_ATTEMPTS", "1"),
-    ])
-    .await?;
+    let env = TestEnv::with_settings(&[("CHAT_AMQP_QUEUE_TYPE", "quorum")]).await?;
     let running = env.running_chat("replicated").await?;
     let (client, token, chat) = (&running.api.client, &running.token, running.chat);
     let accepted = careful_wave(client, token, chat, 0).await?;

@@ -348,7 +348,7 @@ async fn numbers_are_never_reused_when_redis_loses_its_data() -> anyhow::Result<
 
 #[tokio::test]
 async fn poison_events_are_dead_lettered_and_the_consumers_go_on() -> anyhow::Result<()> {
-    let env = TestEnv::with_settings(&[("CHAT_MAX_ATTEMPTS", "2")]).await?;
+    let env = TestEnv::new().await?;
     let running = env.running_chat("app").await?;
     let (client, token, chat) = (&running.api.client, &running.token, running.chat);
     let config = env.config();
@@ -730,7 +730,7 @@ async fn the_next_block_of_numbers_is_reserved_before_it_is_needed() -> anyhow::
 /// written, and the envelope leaves the queue.
 #[tokio::test]
 async fn a_poison_event_in_an_envelope_is_dead_lettered_alone() -> anyhow::Result<()> {
-    let env = TestEnv::with_settings(&[("CHAT_MAX_ATTEMPTS", "2")]).await?;
+    let env = TestEnv::new().await?;
     let running = env.running_chat("app").await?;
     let (client, token, chat) = (&running.api.client, &running.token, running.chat);
     // The chat row must exist before an event writes a message into it.

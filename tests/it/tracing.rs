@@ -399,12 +399,12 @@ async fn the_sampler_of_the_environment_decides_what_is_exported() -> anyhow::Re
 }
 
 /// Events the ingest-worker dead-letters have consumer spans with status error: one that does not
-/// decode (`error.type` `undecodable`) and one that keeps failing (an application that does not
-/// exist: `permanent`), each in the trace it was published with.
+/// decode (`error.type` `undecodable`) and one that can never be written (an application that
+/// does not exist: `permanent`), each in the trace it was published with.
 #[tokio::test]
 async fn a_dead_lettered_events_consumer_span_has_status_error() -> anyhow::Result<()> {
     let (collector, endpoint) = start_collector().await?;
-    let mut env = TestEnv::with_settings(&[("CHAT_MAX_ATTEMPTS", "2")]).await?;
+    let mut env = TestEnv::new().await?;
     env.set("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint);
     env.set("OTEL_BSP_SCHEDULE_DELAY", "100");
     env.set("RUST_LOG", "warn");

@@ -296,7 +296,6 @@ CHAT_AMQP_QUEUE_TYPE: {{ .Values.config.amqpQueueType | quote }}
 CHAT_AMQP_DELIVERY_LIMIT: {{ .Values.config.amqpDeliveryLimit | quote }}
 CHAT_BATCH_MAX_SIZE: {{ .Values.config.batchMaxSize | quote }}
 CHAT_BATCH_MAX_WAIT_MS: {{ .Values.config.batchMaxWaitMs | quote }}
-CHAT_MAX_ATTEMPTS: {{ .Values.config.maxAttempts | quote }}
 CHAT_CONNECT_TIMEOUT_MS: {{ .Values.config.connectTimeoutMs | int64 | quote }}
 CHAT_DEPENDENCY_TIMEOUT_MS: {{ .Values.config.dependencyTimeoutMs | int64 | quote }}
 CHAT_DOCS_ENABLED: {{ .Values.api.docs.enabled | quote }}

@@ -322,7 +322,6 @@ pub struct ConsumerConfig {
     /// A RabbitMQ batch is also at most `prefetch` (no more deliveries come unacknowledged).
     pub batch_max_size: usize,
     pub batch_max_wait: Duration,
-    pub max_attempts: u32,
     pub retry: Backoff,
 }
 
@@ -470,7 +469,6 @@ impl Config {
                 prefetch: settings.number(&CONSUMER_PREFETCH)?,
                 batch_max_size: settings.number(&BATCH_MAX_SIZE)?,
                 batch_max_wait: settings.millis(&BATCH_MAX_WAIT_MS)?,
-                max_attempts: settings.number(&MAX_ATTEMPTS)?,
                 retry: Backoff::new(
                     settings.millis(&RETRY_BASE_DELAY_MS)?,
                     settings.millis(&RETRY_MAX_DELAY_MS)?,

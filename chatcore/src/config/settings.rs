@@ -406,11 +406,6 @@ pub const BATCH_MAX_WAIT_MS: Setting = setting(
     Value("50"),
     "a batch closes after this wait",
 );
-pub const MAX_ATTEMPTS: Setting = positive(
-    "CHAT_MAX_ATTEMPTS",
-    "3",
-    "attempts of an event that fails on its own before it is dead-lettered",
-);
 pub const RETRY_BASE_DELAY_MS: Setting = positive(
     "CHAT_RETRY_BASE_DELAY_MS",
     "100",
@@ -627,7 +622,6 @@ pub const ALL: &[&Setting] = &[
     &AMQP_DELIVERY_LIMIT,
     &BATCH_MAX_SIZE,
     &BATCH_MAX_WAIT_MS,
-    &MAX_ATTEMPTS,
     &RETRY_BASE_DELAY_MS,
     &RETRY_MAX_DELAY_MS,
     &LOG_FILTER,

@@ -5,11 +5,17 @@
 //! redelivers it. Failures are classified by the handler:
 //! - transient (a dependency is down): the batch is retried with capped exponential backoff, for as
 //!   long as it takes, without acking; nothing is dead-lettered because MySQL is restarting.
-//! - permanent (this event cannot be processed): the batch is split and each event retried alone up
-//!   to `max_attempts`; an event that still fails is rejected into the dead-letter queue and the
-//!   consumer goes on.
+//! - rejected (the handler names the events that can never be processed, e.g. a message number
+//!   handed out twice): those are dead-lettered at once and the rest of the batch is handled again
+//!   without them, with no pause.
+//! - permanent (some event cannot be processed, the handler does not know which): each event is
+//!   handled alone, once; one that fails permanently is dead-lettered at once. A permanent failure
+//!   is deterministic, so it is never retried: a storm of them (a rollback of a counter) must not
+//!   hold the consumer. Events that fail transiently alone are retried together after the
+//!   backoff, once the others of the batch are acknowledged: a retried event holds the rest of
+//!   its batch no longer than one pass.
 //!
-//! Events that do not decode are dead-lettered at once: retrying cannot fix them. Events of a newer
+//! Events that do not decode are dead-lettered at once as well. Events of a newer
 //! schema version than this consumer knows are handed back to the queue for an upgraded consumer
 //! (during a rolling upgrade), with a growing pause. When the queue itself fails (the broker
 //! connection is lost), the consumer opens it again with backoff.
@@ -26,14 +32,27 @@ use crate::events::{Consumer, DecodeError, Event, TraceContext};
 use crate::health::Readiness;
 use crate::metrics::{Metrics, QueueLabels};
 use crate::queue::{Delivery, EventQueue, EventSource, QueueError};
-use crate::retry::{self, Stopped, Transient};
+use crate::retry::{self, Transient};
 
 #[derive(Debug, thiserror::Error)]
 pub enum HandleError {
+    /// A dependency failed: the same events may succeed in a moment.
     #[error("transient failure: {0:#}")]
     Transient(anyhow::Error),
+    /// Some event of the batch can never be processed; which one is not known.
     #[error("permanent failure: {0:#}")]
     Permanent(anyhow::Error),
+    /// These events of the batch can never be processed (nothing of the batch was written): they
+    /// are dead-lettered and the others handled again without them.
+    #[error("{} events rejected", .0.len())]
+    Rejected(Vec<Rejection>),
+}
+
+/// One event a handler can never process, and why.
+#[derive(Debug)]
+pub struct Rejection {
+    pub event_id: uuid::Uuid,
+    pub reason: anyhow::Error,
 }
 
 impl HandleError {
@@ -192,15 +211,13 @@ async fn process_batch<H: BatchHandler>(
     observe: &BatchObserver<'_>,
 ) -> Result<Option<usize>, QueueError> {
     let started = std::time::Instant::now();
-    let delivered = deliveries.len() as u64;
     observe
         .metrics
         .batch_size
         .get_or_create(&observe.labels)
-        .observe(delivered as f64);
-    let mut tags: Vec<u64> = deliveries.iter().map(|delivery| delivery.tag).collect();
-    let mut dead_tags = Vec::new();
-    let mut postponed_tags = Vec::new();
+        .observe(deliveries.len() as f64);
+    let mut settled = Settled::default();
+    let mut postponed = 0;
     let mut decoded = Vec::with_capacity(deliveries.len());
     for delivery in deliveries {
         match Event::decode(&delivery.data) {
@@ -215,7 +232,7 @@ async fn process_batch<H: BatchHandler>(
             Err(error @ DecodeError::UnsupportedVersion { .. }) => {
                 tracing::warn!(delivery_tag = delivery.tag, %error, "an event of a newer schema waits for an upgraded consumer");
                 source.postpone(delivery.tag).await?;
-                postponed_tags.push(delivery.tag);
+                postponed += 1;
             }
             Err(error) => {
                 let span = event_span(system, &observe.labels.queue, delivery.trace.as_ref());
@@ -223,7 +240,7 @@ async fn process_batch<H: BatchHandler>(
                 let _in_event = span.enter();
                 tracing::error!(delivery_tag = delivery.tag, %error, "dead-lettering an event that does not decode");
                 source.dead_letter(delivery.tag).await?;
-                dead_tags.push(delivery.tag);
+                settled.dead_lettered += 1;
             }
         }
     }
@@ -246,55 +263,79 @@ async fn process_batch<H: BatchHandler>(
         error.r#type = tracing::field::Empty,
     );
     crate::telemetry::add_links(&batch_span, &event_spans);
-    if !decoded.is_empty() {
-        let events: Vec<Received> = decoded
-            .iter()
-            .map(|(_, received)| received.clone())
-            .collect();
-        let handled = handle_with_retries(handler, &events, settings, shutdown, None, observe)
-            .instrument(batch_span.clone())
-            .await;
-        match handled {
-            Outcome::Done => {
-                // Inside the first event's span: the line carries its trace id.
-                let _in_event = event_spans.first().map(tracing::Span::enter);
-                tracing::debug!(events = events.len(), "batch written");
+    let mut pending: Vec<Pending> = decoded
+        .into_iter()
+        .zip(event_spans)
+        .map(|((tag, received), span)| Pending {
+            tag,
+            received,
+            span,
+        })
+        .collect();
+    let mut transient_rounds = 0;
+    while !pending.is_empty() {
+        let events: Vec<Received> = pending.iter().map(|p| p.received.clone()).collect();
+        let handled = handler.handle(&events).instrument(batch_span.clone()).await;
+        let failure = match handled {
+            Ok(()) => {
+                if let Some(first) = pending.first() {
+                    // Inside the first event's span: the line carries its trace id.
+                    let _in_event = first.span.enter();
+                    tracing::debug!(events = events.len(), "batch written");
+                }
+                settled.done(pending);
+                break;
             }
-            Outcome::Interrupted => return Ok(None),
-            Outcome::Permanent(error) => {
-                // The batch's write failed; each event's span tells how it ended on its own.
+            Err(failure) => failure,
+        };
+        observe.failed();
+        match failure {
+            HandleError::Transient(error) => {
+                transient_rounds += 1;
+                let delay = settings.retry.delay(transient_rounds);
+                tracing::warn!(events = events.len(), delay_ms = delay.as_millis() as u64, error = %format!("{error:#}"), "batch failed transiently, retrying");
+                if retry::sleep_or_cancel(delay, shutdown).await {
+                    return Ok(None);
+                }
+            }
+            HandleError::Rejected(rejections) if names_any(&rejections, &pending) => {
+                // The others are handled again at once, without them.
+                let (rejected, rest): (Vec<Pending>, Vec<Pending>) =
+                    pending.into_iter().partition(|p| {
+                        rejections
+                            .iter()
+                            .any(|r| r.event_id == p.received.event.event_id)
+                    });
+                for event in rejected {
+                    let reason = rejection_of(&rejections, &event);
+                    settled.dead_letter(source, event, &reason).await?;
+                }
+                pending = rest;
+            }
+            HandleError::Permanent(error) if pending.len() == 1 => {
                 crate::telemetry::record_error(&batch_span, "permanent");
-                tracing::warn!(events = events.len(), error = %format!("{error:#}"), "batch failed permanently, retrying its events one by one");
-                for ((delivery_tag, received), event_span) in decoded.iter().zip(&event_spans) {
-                    let single = std::slice::from_ref(received);
-                    match handle_with_retries(
-                        handler,
-                        single,
-                        settings,
-                        shutdown,
-                        Some(settings.max_attempts),
-                        observe,
-                    )
-                    .await
-                    {
-                        Outcome::Done => {}
-                        Outcome::Interrupted => return Ok(None),
-                        Outcome::Permanent(error) => {
-                            crate::telemetry::record_error(event_span, "permanent");
-                            tracing::error!(event_id = %received.event.event_id, trace_id = received.trace.as_ref().map(TraceContext::trace_id), error = %format!("{error:#}"), "dead-lettering an event that keeps failing");
-                            source.dead_letter(*delivery_tag).await?;
-                            dead_tags.push(*delivery_tag);
-                        }
-                    }
+                settled
+                    .dead_letter(source, pending.remove(0), &error)
+                    .await?;
+            }
+            HandleError::Permanent(_) | HandleError::Rejected(_) => {
+                crate::telemetry::record_error(&batch_span, "permanent");
+                tracing::warn!(events = events.len(), error = %failure, "batch failed permanently, trying its events one by one");
+                pending = one_by_one(source, handler, pending, &mut settled, observe).await?;
+                if pending.is_empty() {
+                    break;
+                }
+                // Only those that failed transiently wait for another round; the others are
+                // settled now.
+                settled.acknowledge(source).await?;
+                transient_rounds += 1;
+                if retry::sleep_or_cancel(settings.retry.delay(transient_rounds), shutdown).await {
+                    return Ok(None);
                 }
             }
         }
     }
-    // A delivery that was dead-lettered is settled: the ack must not name it (an ack of an
-    // unknown tag closes a RabbitMQ channel).
-    tags.retain(|tag| !dead_tags.contains(tag) && !postponed_tags.contains(tag));
-    source.acknowledge(&tags).await?;
-    let dead_lettered = dead_tags.len() as u64;
+    settled.acknowledge(source).await?;
     let metrics = observe.metrics;
     metrics
         .batch_duration
@@ -303,12 +344,115 @@ async fn process_batch<H: BatchHandler>(
     metrics
         .events_processed
         .get_or_create(&observe.labels)
-        .inc_by(delivered - dead_lettered - postponed_tags.len() as u64);
+        .inc_by(settled.acknowledged);
     metrics
         .events_dead_lettered
         .get_or_create(&observe.labels)
-        .inc_by(dead_lettered);
-    Ok(Some(postponed_tags.len()))
+        .inc_by(settled.dead_lettered);
+    Ok(Some(postponed))
+}
+
+/// A decoded delivery of the batch at hand, not settled yet, with the span of its event.
+struct Pending {
+    tag: u64,
+    received: Received,
+    span: tracing::Span,
+}
+
+/// What became of the events of a batch so far.
+#[derive(Default)]
+struct Settled {
+    /// Done, to be acknowledged.
+    done: Vec<u64>,
+    acknowledged: u64,
+    dead_lettered: u64,
+}
+
+impl Settled {
+    fn done(&mut self, events: Vec<Pending>) {
+        self.done.extend(events.into_iter().map(|p| p.tag));
+    }
+
+    async fn acknowledge(&mut self, source: &mut dyn EventSource) -> Result<(), QueueError> {
+        source.acknowledge(&self.done).await?;
+        self.acknowledged += self.done.len() as u64;
+        self.done.clear();
+        Ok(())
+    }
+
+    /// Rejects the event into the dead-letter queue at once: it can never be processed, and
+    /// retrying it would only hold the events behind it.
+    async fn dead_letter(
+        &mut self,
+        source: &mut dyn EventSource,
+        event: Pending,
+        reason: &anyhow::Error,
+    ) -> Result<(), QueueError> {
+        crate::telemetry::record_error(&event.span, "permanent");
+        let _in_event = event.span.enter();
+        let received = &event.received;
+        tracing::error!(event_id = %received.event.event_id, trace_id = received.trace.as_ref().map(TraceContext::trace_id), error = %format!("{reason:#}"), "dead-lettering an event that cannot be processed");
+        source.dead_letter(event.tag).await?;
+        self.dead_lettered += 1;
+        Ok(())
+    }
+}
+
+/// Whether the handler's rejections name any of the pending events (else the failure is not
+/// attributed and the events are tried one by one).
+fn names_any(rejections: &[Rejection], pending: &[Pending]) -> bool {
+    pending.iter().any(|p| {
+        rejections
+            .iter()
+            .any(|r| r.event_id == p.received.event.event_id)
+    })
+}
+
+/// Why the handler rejected `event` (the first reason it gave for it).
+fn rejection_of(rejections: &[Rejection], event: &Pending) -> anyhow::Error {
+    rejections
+        .iter()
+        .find(|r| r.event_id == event.received.event.event_id)
+        .map_or_else(
+            || anyhow::anyhow!("rejected"),
+            |r| anyhow::anyhow!("{:#}", r.reason),
+        )
+}
+
+/// Handles each event alone, once: done, or dead-lettered at once when it fails permanently.
+/// Returns the events that failed transiently, for another round after the backoff.
+async fn one_by_one<H: BatchHandler>(
+    source: &mut dyn EventSource,
+    handler: &H,
+    events: Vec<Pending>,
+    settled: &mut Settled,
+    observe: &BatchObserver<'_>,
+) -> Result<Vec<Pending>, QueueError> {
+    let mut again = Vec::new();
+    for event in events {
+        let handled = handler
+            .handle(std::slice::from_ref(&event.received))
+            .instrument(event.span.clone())
+            .await;
+        match handled {
+            Ok(()) => settled.done(vec![event]),
+            Err(HandleError::Transient(error)) => {
+                observe.failed();
+                tracing::warn!(event_id = %event.received.event.event_id, error = %format!("{error:#}"), "event failed transiently, retrying it after the others");
+                again.push(event);
+            }
+            Err(HandleError::Permanent(reason)) => {
+                observe.failed();
+                settled.dead_letter(source, event, &reason).await?;
+            }
+            Err(HandleError::Rejected(rejections)) => {
+                observe.failed();
+                let reason = rejection_of(&rejections, &event);
+                settled.dead_letter(source, event, &reason).await?;
+            }
+        }
+    }
+    Ok(again)
 }
 
 /// The consumer span of one delivery, continuing the trace it travelled with; status error when
@@ -332,58 +476,6 @@ fn event_span(system: &'static str, queue: &str, trace: Option<&TraceContext>) -
     span
 }
 
-enum Outcome {
-    Done,
-    Interrupted,
-    Permanent(anyhow::Error),
-}
-
-/// Transient failures retry until shutdown; permanent ones `permanent_attempts` times (None: once).
-async fn handle_with_retries<H: BatchHandler>(
-    handler: &H,
-    batch: &[Received],
-    settings: &ConsumerConfig,
-    shutdown: &CancellationToken,
-    permanent_attempts: Option<u32>,
-    observe: &BatchObserver<'_>,
-) -> Outcome {
-    let mut permanent_failures = 0;
-    let handled = retry::retry(
-        settings.retry,
-        shutdown,
-        || handler.handle(batch),
-        |failure, _, delay| {
-            observe
-                .metrics
-                .events_failed
-                .get_or_create(&observe.labels)
-                .inc();
-            match failure {
-                HandleError::Permanent(error) => {
-                    permanent_failures += 1;
-                    let retry = permanent_failures < permanent_attempts.unwrap_or(1);
-                    if retry {
-                        tracing::warn!(attempt = permanent_failures, error = %format!("{error:#}"), "event failed, retrying");
-                    }
-                    retry
-                }
-                HandleError::Transient(error) => {
-                    tracing::warn!(events = batch.len(), delay_ms = delay.as_millis() as u64, error = %format!("{error:#}"), "batch failed transiently, retrying");
-                    true
-                }
-            }
-        },
-    )
-    .await;
-    match handled {
-        Ok(()) => Outcome::Done,
-        Err(Stopped::Interrupted) => Outcome::Interrupted,
-        Err(Stopped::GaveUp(HandleError::Permanent(error) | HandleError::Transient(error))) => {
-            Outcome::Permanent(error)
-        }
-    }
-}
-
 /// What a consumer reports: readiness and metrics.
 #[derive(Clone)]
 pub struct Observers {
@@ -397,6 +489,13 @@ impl Default for Observers {
             readiness: Readiness::default(),
             metrics: Metrics::new(),
         }
+    }
+}
+
+impl BatchObserver<'_> {
+    /// Counts a failed attempt (of a batch or a single event).
+    fn failed(&self) {
+        self.metrics.events_failed.get_or_create(&self.labels).inc();
     }
 }
 

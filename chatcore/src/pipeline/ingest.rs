@@ -11,27 +11,89 @@
 //!
 //! The chats and messages of a deleted application are left out of a batch; its
 //! `application_deleted` event purges the rows it has.
+//!
+//! A message whose number belongs to another event (stored, or earlier in the batch) was handed
+//! out twice: the counter of its chat went back in time (a key-level restore of Redis). Its event
+//! is rejected into the dead-letter queue at once, the rest of the batch is written without it,
+//! and the chat's counter is raised above every stored number, as counter-sync would, so the
+//! duplicates of a rollback stop with the first batch that meets one.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::consumer::{BatchHandler, HandleError, Received, purge_deleted_applications};
+use super::consumer::{BatchHandler, HandleError, Received, Rejection, purge_deleted_applications};
 use crate::changes::{ChangeKind, MessageChange};
 use crate::events::EventPayload;
+use crate::metrics::Metrics;
+use crate::numbering::{NumberAllocator, Scope};
 use crate::queue::EventQueue;
 use crate::store::{
-    ChatKey, CreatedSequences, IngestBatch, NewChat, NewMessage, Storage, StorageError,
+    CreatedSequences, IngestBatch, NewChat, NewMessage, NumberConflict, Storage, StorageError,
 };
 
 /// Writes batches of accepted chats and messages to the storage (MySQL, or SQLite embedded),
-/// then announces the messages on `queue`.
+/// then announces the messages on `queue`; raises the counter of a chat whose number was handed
+/// out twice with `allocator`.
 pub struct IngestWriter {
     storage: Arc<dyn Storage>,
     queue: Arc<dyn EventQueue>,
+    allocator: NumberAllocator,
+    metrics: Arc<Metrics>,
 }
 
 impl IngestWriter {
-    pub fn new(storage: Arc<dyn Storage>, queue: Arc<dyn EventQueue>) -> Self {
-        Self { storage, queue }
+    pub fn new(
+        storage: Arc<dyn Storage>,
+        queue: Arc<dyn EventQueue>,
+        allocator: NumberAllocator,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            storage,
+            queue,
+            allocator,
+            metrics,
+        }
+    }
+
+    /// Raises the counter of each chat of `conflicts` above its highest stored number, then
+    /// rejects their events. A failed raise is logged and left to the next conflict of the chat:
+    /// the events are rejected either way.
+    async fn reject(&self, conflicts: Vec<NumberConflict>) -> HandleError {
+        let mut highest_per_scope: BTreeMap<(u64, u64), (Scope, u64)> = BTreeMap::new();
+        for conflict in &conflicts {
+            let scope = Scope::MessagesOf {
+                application_id: conflict.application_id,
+                chat_number: conflict.chat_number,
+            };
+            let key = (conflict.application_id, conflict.chat_number.get());
+            let entry = highest_per_scope.entry(key).or_insert((scope, 0));
+            entry.1 = entry.1.max(conflict.highest);
+        }
+        let targets: Vec<(Scope, u64)> = highest_per_scope.into_values().collect();
+        match self.allocator.ensure_beyond(&targets).await {
+            Ok(raised) => {
+                for scope in &raised {
+                    tracing::warn!(scope = %scope.id(), "raised a number counter above the stored numbers after a number was handed out twice");
+                }
+                self.metrics
+                    .number_counter_raises
+                    .inc_by(raised.len() as u64);
+            }
+            Err(error) => {
+                tracing::warn!(%error, "could not raise a number counter after a number was handed out twice; the next conflict tries again");
+            }
+        }
+        self.metrics.number_conflicts.inc_by(conflicts.len() as u64);
+        HandleError::Rejected(
+            conflicts
+                .into_iter()
+                .map(|conflict| Rejection {
+                    event_id: conflict.event_id,
+                    reason: conflict.into(),
+                })
+                .collect(),
+        )
     }
 }
 
@@ -39,12 +101,17 @@ impl BatchHandler for IngestWriter {
     const OPERATION: &'static str = "ingest batch write";
 
     async fn handle(&self, batch: &[Received]) -> Result<(), HandleError> {
-        let ingest = ingest_batch(batch).map_err(HandleError::of)?;
-        let sequences = self
-            .storage
-            .write_ingest_batch(&ingest)
-            .await
-            .map_err(HandleError::of)?;
+        let (ingest, taken_in_batch) = ingest_batch(batch);
+        if !taken_in_batch.is_empty() {
+            return Err(self.reject(taken_in_batch).await);
+        }
+        let sequences = match self.storage.write_ingest_batch(&ingest).await {
+            Ok(sequences) => sequences,
+            Err(StorageError::NumberConflicts(conflicts)) => {
+                return Err(self.reject(conflicts).await);
+            }
+            Err(error) => return Err(HandleError::of(error)),
+        };
         let created = created_messages(&ingest, &sequences);
         for announcement in announcements(&created) {
             self.queue
@@ -98,10 +165,12 @@ fn created_messages(ingest: &IngestBatch<'_>, sequences: &CreatedSequences) -> V
 }
 
 /// What a batch of events writes: each chat once (with its earliest creation time), also the
-/// chats that messages refer to (a message may arrive before its chat), and the messages.
+/// chats that messages refer to (a message may arrive before its chat), and the messages; and the
+/// messages whose number an earlier event of the batch carries (handed out twice).
 /// Updates and deletions are written synchronously by the api; only the indexer consumes them.
-fn ingest_batch(batch: &[Received]) -> Result<IngestBatch<'_>, StorageError> {
+fn ingest_batch(batch: &[Received]) -> (IngestBatch<'_>, Vec<NumberConflict>) {
     let mut ingest = IngestBatch::default();
+    let mut taken = Vec::new();
     for received in batch {
         match &received.event.payload {
             EventPayload::ChatCreated {
@@ -152,7 +221,15 @@ fn ingest_batch(batch: &[Received]) -> Result<IngestBatch<'_>, StorageError> {
                 let chat_messages = ingest.messages.entry(key).or_default();
                 if let Some(earlier) = chat_messages.get(message_number) {
                     // The same event twice is a redelivery; two events with one number are not.
-                    first_conflict_in_batch(key, earlier, &message)?;
+                    if earlier.event_id != message.event_id {
+                        taken.push(NumberConflict {
+                            application_id: key.0,
+                            chat_number: key.1,
+                            number: message.number,
+                            event_id: message.event_id,
+                            highest: 0,
+                        });
+                    }
                     continue;
                 }
                 chat_messages.insert(*message_number, message);
@@ -162,23 +239,16 @@ fn ingest_batch(batch: &[Received]) -> Result<IngestBatch<'_>, StorageError> {
             | EventPayload::ApplicationDeleted { .. } => {}
         }
     }
-    Ok(ingest)
-}
-
-fn first_conflict_in_batch(
-    chat: ChatKey,
-    earlier: &NewMessage<'_>,
-    message: &NewMessage<'_>,
-) -> Result<(), StorageError> {
-    if earlier.event_id == message.event_id {
-        return Ok(());
+    // The chat's counter must go above the batch's numbers too: they are stored next.
+    for conflict in &mut taken {
+        let chat = (conflict.application_id, conflict.chat_number);
+        conflict.highest = ingest
+            .messages
+            .get(&chat)
+            .and_then(BTreeMap::last_key_value)
+            .map_or(0, |(number, _)| number.get());
     }
-    Err(StorageError::NumberConflict {
-        application_id: chat.0,
-        chat_number: chat.1,
-        number: message.number,
-        event_id: message.event_id,
-    })
+    (ingest, taken)
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ mod index;
 mod ingest;
 mod reindex;
 
+use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
@@ -20,8 +21,9 @@ use crate::adapters::{self, Adapters};
 use crate::config::{Config, ConsumerConfig};
 use crate::events::Consumer;
 use crate::metrics::Metrics;
+use crate::numbering::NumberAllocator;
 use crate::queue::EventQueue;
-use crate::retry::{self, Stopped};
+use crate::retry;
 
 pub use consumer::{BatchHandler, HandleError, Observers, Received};
 pub use index::Indexer;
@@ -119,26 +121,34 @@ pub async fn run_worker(
     match consumer {
         Consumer::Ingest => {
             config.require_database_url()?;
-            let handler = IngestWriter::new(
-                adapters::storage(&config, metrics).await?,
-                Arc::clone(&queue),
+            // The counters: a number handed out twice makes the worker raise its chat's counter.
+            config.require_redis_url()?;
+            let storage = adapters::storage(&config, metrics).await?;
+            let Some(counters) = until_ready(settings, &shutdown, "redis", || {
+                adapters::state(&config, metrics)
+            })
+            .await
+            else {
+                return Ok(());
+            };
+            let allocator = NumberAllocator::new(
+                counters,
+                Arc::clone(&storage),
+                &config.redis_key_prefix,
+                config.number_block_size,
             );
+            let handler =
+                IngestWriter::new(storage, Arc::clone(&queue), allocator, Arc::clone(metrics));
             consumer::run(&queue, consumer, &handler, settings, &shutdown, &observers).await;
         }
         Consumer::Index => {
             config.require_elasticsearch_url()?;
             let search = adapters::search(&config, metrics).await?;
-            let created = retry::retry(
-                settings.retry,
-                &shutdown,
-                || search.ensure_index(),
-                |error, attempt, delay| {
-                    tracing::warn!(%error, attempt, delay_ms = delay.as_millis() as u64, "search index not ready, retrying");
-                    true
-                },
-            )
+            let ready = until_ready(settings, &shutdown, "search index", || async {
+                search.ensure_index().await.map_err(anyhow::Error::from)
+            })
             .await;
-            if let Err(Stopped::Interrupted) = created {
+            if ready.is_none() {
                 return Ok(());
             }
             let handler = Indexer::new(search);
@@ -146,6 +156,25 @@ pub async fn run_worker(
         }
     }
     Ok(())
+}
+
+/// Runs `attempt` until it succeeds (a dependency not up yet when the worker starts), retrying
+/// with the consumer's backoff; None when shutdown came first.
+async fn until_ready<T, Attempt>(
+    settings: &ConsumerConfig,
+    shutdown: &CancellationToken,
+    dependency: &str,
+    attempt: impl FnMut() -> Attempt,
+) -> Option<T>
+where
+    Attempt: Future<Output = anyhow::Result<T>>,
+{
+    let ready = retry::retry(settings.retry, shutdown, attempt, |error, attempt, delay| {
+        tracing::warn!(dependency, error = %format!("{error:#}"), attempt, delay_ms = delay.as_millis() as u64, "dependency not ready, retrying");
+        true
+    })
+    .await;
+    ready.ok()
 }
 
 /// The ingest and index consumers of an embedded queue, run by the api process itself, until
@@ -161,7 +190,12 @@ pub fn spawn_consumers(
         metrics: Arc::clone(metrics),
     };
     let settings = &config.consumer;
-    let writer = IngestWriter::new(Arc::clone(&adapters.storage), Arc::clone(&adapters.queue));
+    let writer = IngestWriter::new(
+        Arc::clone(&adapters.storage),
+        Arc::clone(&adapters.queue),
+        adapters.allocator.clone(),
+        Arc::clone(metrics),
+    );
     let indexer = Indexer::new(Arc::clone(&adapters.search));
     vec![
         spawn_consumer(

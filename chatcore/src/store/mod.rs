@@ -97,17 +97,10 @@ pub enum StorageError {
     ChatMissing(u64, Number),
     #[error("migrations: {0}")]
     Migration(#[from] sqlx::migrate::MigrateError),
-    /// Two different events carry the same message number: it was handed out twice. The second
-    /// can never be written; it is dead-lettered, not dropped.
-    #[error(
-        "message number {number} of chat {application_id}:{chat_number} already belongs to another event (event {event_id})"
-    )]
-    NumberConflict {
-        application_id: u64,
-        chat_number: Number,
-        number: Number,
-        event_id: uuid::Uuid,
-    },
+    /// Messages whose number is stored under another event: each was handed out twice. None of
+    /// them can ever be written (the batch wrote nothing); they are dead-lettered, not dropped.
+    #[error("{}", joined(.0))]
+    NumberConflicts(Vec<NumberConflict>),
 }
 
 impl Transient for StorageError {
@@ -118,7 +111,7 @@ impl Transient for StorageError {
             Self::UnknownApplication(_)
             | Self::ChatMissing(..)
             | Self::Migration(_)
-            | Self::NumberConflict { .. } => false,
+            | Self::NumberConflicts(_) => false,
         }
     }
 }
@@ -388,31 +381,45 @@ pub struct CountFigures {
     pub highest: u64,
 }
 
-/// The first message of `messages` whose number is stored with another event id (`stored`: the
+/// A message whose number belongs to another event: the number was handed out twice (only
+/// possible if the counter went back in time past the numbering guard).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "message number {number} of chat {application_id}:{chat_number} already belongs to another event (event {event_id})"
+)]
+pub struct NumberConflict {
+    pub application_id: u64,
+    pub chat_number: Number,
+    pub number: Number,
+    pub event_id: uuid::Uuid,
+    /// The highest number of the chat stored (or, for two events of one batch, written with the
+    /// batch): the chat's counter must go above it to stop handing out taken numbers.
+    pub highest: u64,
+}
+
+fn joined(conflicts: &[NumberConflict]) -> String {
+    let each: Vec<String> = conflicts.iter().map(ToString::to_string).collect();
+    each.join("; ")
+}
+
+/// The messages among `messages` whose number is stored with another event id (`stored`: the
 /// number and event id of rows that were there already; rows older than the event id column
 /// match anything).
-pub(crate) fn first_conflict<'a>(
-    chat: ChatKey,
+pub(crate) fn taken_by_other_events<'a>(
     messages: impl IntoIterator<Item = &'a NewMessage<'a>>,
     stored: &[(u64, Option<Vec<u8>>)],
-) -> Result<(), StorageError> {
-    for message in messages {
-        let taken = stored.iter().any(|(number, event_id)| {
-            *number == message.number.get()
-                && event_id
-                    .as_deref()
-                    .is_some_and(|event_id| event_id != message.event_id.as_bytes())
-        });
-        if taken {
-            return Err(StorageError::NumberConflict {
-                application_id: chat.0,
-                chat_number: chat.1,
-                number: message.number,
-                event_id: message.event_id,
-            });
-        }
-    }
-    Ok(())
+) -> Vec<&'a NewMessage<'a>> {
+    messages
+        .into_iter()
+        .filter(|message| {
+            stored.iter().any(|(number, event_id)| {
+                *number == message.number.get()
+                    && event_id
+                        .as_deref()
+                        .is_some_and(|event_id| event_id != message.event_id.as_bytes())
+            })
+        })
+        .collect()
 }
 
 /// The durable upper bound of the numbers handed out in one scope (see [`crate::numbering`]).

@@ -92,6 +92,37 @@ macro_rules! storage_impl {
                 Ok(())
             }
 
+            /// The messages of one chat whose number is stored under another event (`stored`:
+            /// the rows of their numbers), as conflicts with the chat's highest stored number.
+            async fn number_conflicts<'m>(
+                transaction: &mut sqlx::Transaction<'static, $database>,
+                (application_id, chat_number): $crate::store::ChatKey,
+                chat_id: u64,
+                messages: impl IntoIterator<Item = &'m $crate::store::NewMessage<'m>>,
+                stored: &[(u64, Option<Vec<u8>>)],
+            ) -> Result<Vec<$crate::store::NumberConflict>, sqlx::Error> {
+                let taken = $crate::store::taken_by_other_events(messages, stored);
+                if taken.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let highest: u64 = sqlx::query_scalar(
+                    "SELECT CAST(COALESCE(MAX(number), 0) AS UNSIGNED) FROM messages WHERE chat_id = ?",
+                )
+                .bind(chat_id as i64)
+                .fetch_one(&mut **transaction)
+                .await?;
+                Ok(taken
+                    .into_iter()
+                    .map(|message| $crate::store::NumberConflict {
+                        application_id,
+                        chat_number,
+                        number: message.number,
+                        event_id: message.event_id,
+                        highest,
+                    })
+                    .collect())
+            }
+
             /// Logs one change of a message (as it left the message) under the next sequences of
             /// its chat and of its application. In MySQL the caller has locked the application's
             /// row first, as a batch write does, so the two rows taken here cannot deadlock.

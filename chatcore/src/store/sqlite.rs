@@ -14,8 +14,8 @@ use sqlx::{AssertSqlSafe, Sqlite, SqlitePool, Transaction};
 use super::{
     APPLICATION_COLUMNS, ApplicationRow, ChangeKind, ChangeRow, ChatRow, CountFigures, CountLevel,
     CreatedSequences, IngestBatch, MessageEdit, MessageRow, MessageToIndex, MetadataEdit,
-    NewMessage, ReindexCursor, ReindexScope, Reservation, ScopeBind, StorageError, TokenGrant,
-    first_conflict, now, with_storage_errors,
+    NewMessage, ReindexCursor, ReindexScope, Reservation, ScopeBind, StorageError, TokenGrant, now,
+    with_storage_errors,
 };
 use crate::domain::{
     ApplicationName, ApplicationToken, ChatTitle, Metadata, Number, PageRequest, Sender,
@@ -271,6 +271,7 @@ super::shared_sql::storage_impl!(SqliteStorage, Sqlite, "sqlite", {
         let now = now();
         let mut new_chats_per_application: BTreeMap<u64, i64> = BTreeMap::new();
         let mut deleted_applications = BTreeSet::new();
+        let mut conflicts = Vec::new();
         for (&(application_id, chat_number), chat) in &batch.chats {
             if deleted_applications.contains(&application_id) {
                 continue;
@@ -349,6 +350,7 @@ super::shared_sql::storage_impl!(SqliteStorage, Sqlite, "sqlite", {
                     .await?
                     .ok_or(StorageError::ChatMissing(application_id, chat_number))?;
             let mut new_messages: Vec<&NewMessage<'_>> = Vec::new();
+            let mut stored_before = Vec::new();
             for message in messages.values() {
                 let inserted = sqlx::query(
                     "INSERT INTO messages \
@@ -378,11 +380,7 @@ super::shared_sql::storage_impl!(SqliteStorage, Sqlite, "sqlite", {
                 .bind(message.number.get() as i64)
                 .fetch_one(&mut *transaction)
                 .await?;
-                first_conflict(
-                    (application_id, chat_number),
-                    [message],
-                    &[(message.number.get(), stored)],
-                )?;
+                stored_before.push((message.number.get(), stored));
                 let logged: Option<i64> = sqlx::query_scalar(
                     "SELECT MIN(sequence) FROM message_changes WHERE chat_id = ? AND number = ?",
                 )
@@ -396,6 +394,19 @@ super::shared_sql::storage_impl!(SqliteStorage, Sqlite, "sqlite", {
                         sequence as u64,
                     );
                 }
+            }
+            let taken = Self::number_conflicts(
+                &mut transaction,
+                (application_id, chat_number),
+                chat_id as u64,
+                messages.values(),
+                &stored_before,
+            )
+            .await?;
+            if !taken.is_empty() {
+                // Every conflict of the batch is reported; the rollback writes nothing.
+                conflicts.extend(taken);
+                continue;
             }
             if new_messages.is_empty() {
                 continue;
@@ -446,6 +457,9 @@ super::shared_sql::storage_impl!(SqliteStorage, Sqlite, "sqlite", {
                     sequence as u64,
                 );
             }
+        }
+        if !conflicts.is_empty() {
+            return Err(StorageError::NumberConflicts(conflicts));
         }
         transaction.commit().await?;
         Ok(created)

@@ -17,8 +17,7 @@ use self::batch::{
 use super::{
     ApplicationRow, ChangeKind, ChangeRow, ChatRow, CountFigures, CountLevel, CreatedSequences,
     IngestBatch, MessageEdit, MessageRow, MessageToIndex, MetadataEdit, NewMessage, ReindexCursor,
-    ReindexScope, Reservation, ScopeBind, StorageError, TokenGrant, first_conflict, now,
-    with_storage_errors,
+    ReindexScope, Reservation, ScopeBind, StorageError, TokenGrant, now, with_storage_errors,
 };
 use crate::config::SecretUrl;
 use crate::domain::{
@@ -276,6 +275,7 @@ super::shared_sql::storage_impl!(MySqlStorage, MySql, "mysql", {
             new_chats_per_application.into_iter().collect();
         let mut new_messages_per_chat = Vec::new();
         let mut new_messages = Vec::new();
+        let mut conflicts = Vec::new();
         for (key, chat_messages) in &batch.messages {
             if deleted_applications.contains(&key.0) {
                 continue;
@@ -290,7 +290,19 @@ super::shared_sql::storage_impl!(MySqlStorage, MySql, "mysql", {
                 // Some were there already: redeliveries, or numbers handed out twice.
                 let stored =
                     stored_event_ids(&mut transaction, chat_id, chat_messages.keys()).await?;
-                first_conflict(*key, chat_messages.values(), &stored)?;
+                let taken = Self::number_conflicts(
+                    &mut transaction,
+                    *key,
+                    chat_id,
+                    chat_messages.values(),
+                    &stored,
+                )
+                .await?;
+                if !taken.is_empty() {
+                    // Every conflict of the batch is reported; the rollback writes nothing.
+                    conflicts.extend(taken);
+                    continue;
+                }
                 let logged =
                     created_sequences(&mut transaction, chat_id, chat_messages.keys()).await?;
                 for (&number, &sequence) in &logged {
@@ -302,6 +314,9 @@ super::shared_sql::storage_impl!(MySqlStorage, MySql, "mysql", {
                 new_messages_per_chat.push((chat_id, new.len() as u64));
                 new_messages.push((chat_id, *key, new));
             }
+        }
+        if !conflicts.is_empty() {
+            return Err(StorageError::NumberConflicts(conflicts));
         }
         // The new messages count in their chats, and take their chats' and their applications'
         // next change sequences (the applications' rows are locked since the batch began).
