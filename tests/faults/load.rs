@@ -64,6 +64,8 @@ struct Work {
     token: String,
     chat: u64,
     round: usize,
+    /// Whether the clients also edit, delete and create chats, or only post.
+    mixed: bool,
     /// The highest message number of `chat` a client was given so far.
     highest: AtomicU64,
     /// 5xx answers the clients retried.
@@ -73,16 +75,34 @@ struct Work {
 impl Load {
     /// Starts the clients on `chat`; `round` tells the keys of a load apart from an earlier one's.
     pub(crate) fn start(apis: Arc<Apis>, token: &str, chat: u64, round: usize) -> Self {
+        Self::with_work(apis, token, chat, round, CLIENTS, true)
+    }
+
+    /// `clients` that only post messages into `chat` (no edits, deletions or chats), each about
+    /// 40 a second.
+    pub(crate) fn posting_only(apis: Arc<Apis>, token: &str, chat: u64, clients: usize) -> Self {
+        Self::with_work(apis, token, chat, 0, clients, false)
+    }
+
+    fn with_work(
+        apis: Arc<Apis>,
+        token: &str,
+        chat: u64,
+        round: usize,
+        clients: usize,
+        mixed: bool,
+    ) -> Self {
         let work = Arc::new(Work {
             apis,
             token: token.to_owned(),
             chat,
             round,
+            mixed,
             highest: AtomicU64::new(0),
             server_errors: AtomicU64::new(0),
         });
         let stop = CancellationToken::new();
-        let clients = (0..CLIENTS)
+        let clients = (0..clients)
             .map(|client| tokio::spawn(Arc::clone(&work).client(client, stop.clone())))
             .collect();
         Self {
@@ -132,6 +152,10 @@ impl Work {
                 .messages
                 .push(Sent::new(self.chat, number, body.clone()));
             sequence += 1;
+            if !self.mixed {
+                tokio::time::sleep(PAUSE_BETWEEN_POSTS).await;
+                continue;
+            }
             if sequence % EDIT_EVERY == 0 {
                 let message = &mut ledger.messages[in_chat[sequence - 2]];
                 message.body = format!("{}e{sequence}", message.first_body);
