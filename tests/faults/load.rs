@@ -37,7 +37,7 @@ pub(crate) struct Sent {
     /// The last body acknowledged (`202` of the post, `200` of a `PUT`).
     pub(crate) body: String,
     pub(crate) edited: bool,
-    /// The `DELETE` was acknowledged (`204`).
+    /// The `DELETE` was acknowledged (`204`, or `404` after an attempt whose answer was lost).
     pub(crate) deleted: bool,
 }
 
@@ -49,6 +49,10 @@ pub(crate) struct Ledger {
     pub(crate) chats: Vec<(u64, String)>,
     pub(crate) edits: usize,
     pub(crate) deletes: usize,
+    /// Deletions the client saw only as a `404` after a `503` or a dropped answer: stored, but
+    /// their event may never have reached the index (README, "Messages": counter-sync repairs
+    /// them, a repeated `DELETE` does not).
+    pub(crate) unconfirmed_deletes: usize,
 }
 
 /// Careful clients at work until stopped.
@@ -128,6 +132,7 @@ impl Load {
             ledger.chats.extend(own.chats);
             ledger.edits += own.edits;
             ledger.deletes += own.deletes;
+            ledger.unconfirmed_deletes += own.unconfirmed_deletes;
         }
         Ok((ledger, self.work.server_errors.load(Ordering::Relaxed)))
     }
@@ -165,9 +170,10 @@ impl Work {
             }
             if sequence % DELETE_EVERY == 0 {
                 let message = &mut ledger.messages[in_chat[sequence - DELETE_BACK]];
-                self.delete(message).await?;
+                let confirmed = self.delete(message).await?;
                 message.deleted = true;
                 ledger.deletes += 1;
+                ledger.unconfirmed_deletes += usize::from(!confirmed);
             }
             if sequence % CHAT_EVERY == CHAT_EVERY / 2 {
                 let title = format!("{body}chat");
@@ -240,16 +246,18 @@ impl Work {
         .await
     }
 
-    /// `DELETE` until `204`, or `404` after an attempt whose answer was lost (it did delete).
-    async fn delete(&self, message: &Sent) -> anyhow::Result<()> {
+    /// `DELETE` until `204` (true), or `404` after an attempt whose answer was lost (false: it
+    /// did delete, but may not have published the deletion).
+    async fn delete(&self, message: &Sent) -> anyhow::Result<bool> {
         let path = format!("{}/{}", self.messages_path(message.chat), message.number);
         let what = format!("the deletion of {}", message.first_body);
         self.until_acknowledged(
             &what,
             |client| client.request(reqwest::Method::DELETE, &path),
-            |reply, ambiguous| {
-                let gone = reply.status == StatusCode::NOT_FOUND && ambiguous;
-                (reply.status == StatusCode::NO_CONTENT || gone).then_some(Some(()))
+            |reply, ambiguous| match reply.status {
+                StatusCode::NO_CONTENT => Some(Some(true)),
+                StatusCode::NOT_FOUND if ambiguous => Some(Some(false)),
+                _ => None,
             },
         )
         .await
