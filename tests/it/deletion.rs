@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use chatcore::domain::Number;
-use chatcore::events::{Event, EventPayload, TraceContext};
+use chatcore::events::{Consumer, Event, EventPayload, TraceContext};
 use chatcore::metrics::Metrics;
 use serde_json::json;
 use system_tests::{Client, StatusCode, TestEnv, both_stacks, eventually, search};
@@ -92,6 +92,136 @@ async fn a_deleted_message_leaves_reads_search_and_counts_and_its_number_is_not_
     )
     .await?;
     assert_eq!(listed(client, token, chat).await?, [1, 3, 4]);
+    running.stop().await
+}
+
+/// The chat's change log, as a backend reads it.
+async fn changes(client: &Client, token: &str, chat: u64) -> anyhow::Result<serde_json::Value> {
+    let reply = client
+        .get(&format!(
+            "/applications/{token}/chats/{chat}/changes?per_page=100"
+        ))
+        .await?;
+    anyhow::ensure!(reply.status == StatusCode::OK, "changes: {reply:?}");
+    Ok(reply.body["changes"].clone())
+}
+
+/// The types of the changes of message `number`, in log order.
+fn change_types_of(changes: &serde_json::Value, number: u64) -> Vec<&str> {
+    changes
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|change| change["message"]["number"] == number)
+        .filter_map(|change| change["type"].as_str())
+        .collect()
+}
+
+/// A chat with a message "doomed zebra" and a message "kept", both stored and searchable;
+/// returns the doomed one's number.
+async fn doomed_and_kept(client: &Client, token: &str, chat: u64) -> anyhow::Result<u64> {
+    let doomed = client.create_message(token, chat, "doomed zebra").await?;
+    let kept = client.create_message(token, chat, "kept").await?;
+    eventually(
+        "both are stored and searchable",
+        Duration::from_secs(60),
+        || async {
+            Ok(messages_count(client, token, chat).await? == 2
+                && search(client, token, chat, "zebra").await? == [doomed]
+                && search(client, token, chat, "kept").await? == [kept])
+        },
+    )
+    .await?;
+    Ok(doomed)
+}
+
+/// The loss of issue #31: RabbitMQ cannot confirm the deletion's event, so the api answers 503
+/// after MySQL committed the tombstone. The client's retry is a 404, and it publishes the
+/// deletion again first, so the index drops the message without counter-sync; the change log
+/// (what webhooks deliver) keeps its one deletion.
+#[tokio::test]
+async fn a_delete_answered_503_is_published_by_its_retry() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    let running = env.running_chat("app").await?;
+    let (client, token, chat) = (&running.api.client, &running.token, running.chat);
+    let doomed = doomed_and_kept(client, token, chat).await?;
+    let path = format!("/applications/{token}/chats/{chat}/messages/{doomed}");
+
+    env.unroute(Consumer::Index, "message.deleted").await?;
+    let lost = client.delete(&path).await?;
+    assert_eq!(lost.status, StatusCode::SERVICE_UNAVAILABLE, "{lost:?}");
+    assert_eq!(
+        client.get(&path).await?.status,
+        StatusCode::NOT_FOUND,
+        "the deletion is stored"
+    );
+    assert_eq!(
+        search(client, token, chat, "zebra").await?,
+        [doomed],
+        "no event reached the index"
+    );
+
+    env.route(Consumer::Index, "message.deleted").await?;
+    let retried = client.delete(&path).await?;
+    assert_eq!(retried.status, StatusCode::NOT_FOUND, "{retried:?}");
+    assert_eq!(retried.body["error"]["code"], "not_found");
+    eventually("search forgets it", Duration::from_secs(60), || async {
+        Ok(search(client, token, chat, "zebra").await?.is_empty())
+    })
+    .await?;
+    assert_eq!(search(client, token, chat, "kept").await?.len(), 1);
+    assert_eq!(
+        change_types_of(&changes(client, token, chat).await?, doomed),
+        ["message.created", "message.deleted"]
+    );
+    running.stop().await
+}
+
+both_stacks!(a_repeated_delete_republishes_a_stored_deletion_and_changes_nothing_else);
+
+/// A deletion stored whose event never left (as after a 503, here written to the storage
+/// directly, which both stacks allow) reaches the index with the next DELETE, a 404; that one
+/// and any further DELETE change nothing else: the log, the list and the count stay.
+async fn a_repeated_delete_republishes_a_stored_deletion_and_changes_nothing_else(
+    env: TestEnv,
+) -> anyhow::Result<()> {
+    let running = env.running_chat("app").await?;
+    let (client, token, chat) = (&running.api.client, &running.token, running.chat);
+    let doomed = doomed_and_kept(client, token, chat).await?;
+    let path = format!("/applications/{token}/chats/{chat}/messages/{doomed}");
+    let storage = chatcore::adapters::storage(&env.config(), &Metrics::new()).await?;
+    let application_id = env.application_id(token).await?;
+    let (chat_number, number) = (
+        Number::new(chat).expect("positive"),
+        Number::new(doomed).expect("positive"),
+    );
+    let stored = storage
+        .delete_message(application_id, chat_number, number)
+        .await?;
+    assert!(stored.is_some(), "the deletion is stored");
+    assert_eq!(search(client, token, chat, "zebra").await?, [doomed]);
+    let logged = changes(client, token, chat).await?;
+    assert_eq!(
+        change_types_of(&logged, doomed),
+        ["message.created", "message.deleted"]
+    );
+
+    for attempt in ["the first", "a further"] {
+        let again = client.delete(&path).await?;
+        assert_eq!(again.status, StatusCode::NOT_FOUND, "{attempt}: {again:?}");
+        assert_eq!(again.body["error"]["code"], "not_found");
+        eventually("search forgets it", Duration::from_secs(60), || async {
+            Ok(search(client, token, chat, "zebra").await?.is_empty())
+        })
+        .await?;
+        assert_eq!(
+            changes(client, token, chat).await?,
+            logged,
+            "{attempt} DELETE logs no change"
+        );
+        assert_eq!(listed(client, token, chat).await?, [doomed + 1]);
+        assert_eq!(messages_count(client, token, chat).await?, 1);
+    }
     running.stop().await
 }
 

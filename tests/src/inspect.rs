@@ -205,18 +205,44 @@ impl TestEnv {
     /// Unbinds `routing_key` from the queue of `consumer`: its events reach that queue no more
     /// (they are returned to the publisher), as a mistaken topology change would do.
     pub async fn unroute(&self, consumer: Consumer, routing_key: &str) -> anyhow::Result<()> {
+        self.set_route(consumer, routing_key, false).await
+    }
+
+    /// Binds `routing_key` to the queue of `consumer` again, as it was before [`Self::unroute`].
+    pub async fn route(&self, consumer: Consumer, routing_key: &str) -> anyhow::Result<()> {
+        self.set_route(consumer, routing_key, true).await
+    }
+
+    async fn set_route(
+        &self,
+        consumer: Consumer,
+        routing_key: &str,
+        bound: bool,
+    ) -> anyhow::Result<()> {
         let config = self.config();
         let connection = self.amqp_connection().await?;
         let channel = connection.create_channel().await?;
-        channel
-            .queue_unbind(
-                config.topology.queue(consumer).into(),
-                config.topology.exchange.as_str().into(),
-                routing_key.into(),
-                lapin::types::FieldTable::default(),
-            )
-            .await?;
-        connection.close(200, "unrouted".into()).await?;
+        let (queue, exchange) = (
+            config.topology.queue(consumer),
+            config.topology.exchange.as_str(),
+        );
+        let arguments = lapin::types::FieldTable::default();
+        if bound {
+            channel
+                .queue_bind(
+                    queue.into(),
+                    exchange.into(),
+                    routing_key.into(),
+                    lapin::options::QueueBindOptions::default(),
+                    arguments,
+                )
+                .await?;
+        } else {
+            channel
+                .queue_unbind(queue.into(), exchange.into(), routing_key.into(), arguments)
+                .await?;
+        }
+        connection.close(200, "routes set".into()).await?;
         Ok(())
     }
 

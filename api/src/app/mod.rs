@@ -314,9 +314,12 @@ impl ChatService {
 
     /// Deletes a message: a tombstone in the storage (its number is never reused), then the
     /// event for the index and the live streams. Like an update, a message accepted but not
-    /// stored yet is [`AppError::NotPersistedYet`]; deleting it again is 404. If the event cannot
-    /// be confirmed the client is told (503): the deletion is stored, and the counter-sync pass
-    /// re-indexes it (the messages updated lately include the deleted ones).
+    /// stored yet is [`AppError::NotPersistedYet`]. If the event cannot be confirmed the client
+    /// is told (503) although the deletion is stored, so deleting it again publishes the
+    /// tombstone's deletion once more (the same change: its version and sequence) before the
+    /// 404: a retried DELETE repairs the index like a retried PUT. Every tombstone's is
+    /// republished, however old: the index and the streams skip a version or sequence they
+    /// have, and the change log (what webhooks deliver) is not written again.
     pub async fn delete_message(
         &self,
         application_id: u64,
@@ -324,16 +327,39 @@ impl ChatService {
         number: Number,
         trace: &TraceContext,
     ) -> Result<(), AppError> {
-        let Some(change) = self
+        if let Some(deletion) = self
             .storage
             .delete_message(application_id, chat_number, number)
+            .await?
+        {
+            return self
+                .publish_deletion(application_id, chat_number, number, &deletion, trace)
+                .await;
+        }
+        let Some(deletion) = self
+            .storage
+            .message_deletion(application_id, chat_number, number)
             .await?
         else {
             return Err(self
                 .why_message_is_missing(application_id, chat_number, number)
                 .await);
         };
-        let row = &change.message;
+        self.publish_deletion(application_id, chat_number, number, &deletion, trace)
+            .await?;
+        Err(AppError::NotFound("message"))
+    }
+
+    /// Publishes a logged deletion: the event for the index, then the live streams' change.
+    async fn publish_deletion(
+        &self,
+        application_id: u64,
+        chat_number: Number,
+        number: Number,
+        deletion: &ChangeRow,
+        trace: &TraceContext,
+    ) -> Result<(), AppError> {
+        let row = &deletion.message;
         let event = Event::new(EventPayload::MessageDeleted {
             application_id,
             chat_number,
@@ -342,7 +368,7 @@ impl ChatService {
             created_at: row.created_at,
             deleted_at: row.updated_at,
         });
-        let announced = MessageChange::logged(application_id, chat_number, number, &change);
+        let announced = MessageChange::logged(application_id, chat_number, number, deletion);
         self.publish_change(&event, announced, trace).await
     }
 
@@ -502,11 +528,11 @@ impl ChatService {
         }
         match self
             .storage
-            .message_deleted(application_id, chat_number, number)
+            .message_deletion(application_id, chat_number, number)
             .await
         {
-            Ok(true) => return AppError::NotFound("message"),
-            Ok(false) => {}
+            Ok(Some(_)) => return AppError::NotFound("message"),
+            Ok(None) => {}
             Err(error) => return error.into(),
         }
         let scope = Scope::MessagesOf {

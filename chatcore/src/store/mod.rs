@@ -531,13 +531,14 @@ pub trait Storage: Send + Sync {
         number: Number,
     ) -> Result<Option<MessageRow>, StorageError>;
 
-    /// Whether the message was deleted (its tombstone is stored).
-    async fn message_deleted(
+    /// The logged change that deleted the message (its tombstone's version and deletion time);
+    /// None when the message is not deleted.
+    async fn message_deletion(
         &self,
         application_id: u64,
         chat_number: Number,
         number: Number,
-    ) -> Result<bool, StorageError>;
+    ) -> Result<Option<ChangeRow>, StorageError>;
 
     /// Messages by number, of one sender when `sender` is given; up to `page.fetch_limit()` rows,
     /// descending for a `before` page.

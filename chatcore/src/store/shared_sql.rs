@@ -524,25 +524,28 @@ macro_rules! storage_impl {
                 .await
             }
 
-            async fn message_deleted(
+            async fn message_deletion(
                 &self,
                 application_id: u64,
                 chat_number: Number,
                 number: Number,
-            ) -> Result<bool, StorageError> {
-                with_storage_errors(async {
-                    sqlx::query_scalar::<_, i64>(
-                        "SELECT 1 FROM messages m JOIN chats c ON c.id = m.chat_id \
+            ) -> Result<Option<$crate::store::ChangeRow>, StorageError> {
+                // The tombstone's change: the one of its version (one change per version).
+                with_storage_errors(
+                    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                        "SELECT mc.sequence, mc.kind, {} \
+                         FROM messages m JOIN chats c ON c.id = m.chat_id \
+                         JOIN message_changes mc ON mc.chat_id = m.chat_id \
+                         AND mc.number = m.number AND mc.version = m.version \
                          WHERE c.application_id = ? AND c.number = ? AND m.number = ? \
                          AND m.deleted_at IS NOT NULL",
-                    )
+                        $crate::store::CHANGED_MESSAGE_COLUMNS
+                    )))
                     .bind(application_id as i64)
                     .bind(chat_number.get() as i64)
                     .bind(number.get() as i64)
-                    .fetch_optional(&self.pool)
-                    .await
-                    .map(|found| found.is_some())
-                })
+                    .fetch_optional(&self.pool),
+                )
                 .await
             }
 

@@ -232,17 +232,17 @@ impl Storage for TimedStorage {
             .await
     }
 
-    async fn message_deleted(
+    async fn message_deletion(
         &self,
         application_id: u64,
         chat_number: Number,
         number: Number,
-    ) -> Result<bool, StorageError> {
+    ) -> Result<Option<ChangeRow>, StorageError> {
         let call = self
             .inner
-            .message_deleted(application_id, chat_number, number);
+            .message_deletion(application_id, chat_number, number);
         self.metrics
-            .time_within(self.kind(), "message_deleted", self.limit, call)
+            .time_within(self.kind(), "message_deletion", self.limit, call)
             .await
     }
 

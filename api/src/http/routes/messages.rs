@@ -431,8 +431,10 @@ async fn search(
 }
 
 /// Deletes a message: 204. It leaves GET, lists, search and counts, its number is never reused,
-/// and live streams get a `deleted` event. Deleting it again is 404; a message accepted but not
-/// stored yet is 409 `not_persisted_yet` (retry).
+/// and live streams get a `deleted` event. Deleting it again is 404, once its deletion is
+/// published again (a 503 may come after the deletion was stored: the retry's 404 means the
+/// search index has it too); a message accepted but not stored yet is 409 `not_persisted_yet`
+/// (retry).
 #[utoipa::path(delete, path = "/chats/{chat_number}/messages/{number}", tag = "messages", operation_id = "delete_message",
     security(("application_token" = [])),
     params(("chat_number" = u64, Path, minimum = 1, description = "chat number within the application"), ("number" = u64, Path, minimum = 1, description = "number within the parent")),
