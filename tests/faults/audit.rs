@@ -76,7 +76,7 @@ pub(crate) struct Outcome {
     pub(crate) chats_ok: usize,
     pub(crate) edits: usize,
     pub(crate) deletes: usize,
-    /// Deletions acknowledged only by a `404` after a lost answer, repaired by counter-sync.
+    /// Deletions acknowledged only by a `404` after a lost answer (that retry republished them).
     pub(crate) unconfirmed_deletes: usize,
     /// Numbers (of messages or chats) given to two clients.
     pub(crate) duplicates: usize,
@@ -274,11 +274,6 @@ pub(crate) async fn audit(
     ledger: &Ledger,
     patience: std::time::Duration,
 ) -> anyhow::Result<Outcome> {
-    if ledger.unconfirmed_deletes > 0 {
-        // What the deployment's counter-sync CronJob does every few minutes: the deletions
-        // stored without their event reach the index (and nothing else changes).
-        counter_sync::run(&env.config()).await?;
-    }
     let deadline = tokio::time::Instant::now() + patience;
     let mut outcome = loop {
         let outcome = match Reading::take(env, token, receiver).await {

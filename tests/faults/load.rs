@@ -49,9 +49,8 @@ pub(crate) struct Ledger {
     pub(crate) chats: Vec<(u64, String)>,
     pub(crate) edits: usize,
     pub(crate) deletes: usize,
-    /// Deletions the client saw only as a `404` after a `503` or a dropped answer: stored, but
-    /// their event may never have reached the index (README, "Messages": counter-sync repairs
-    /// them, a repeated `DELETE` does not).
+    /// Deletions the client saw only as a `404` after a `503` or a dropped answer: stored, and
+    /// their event published again by that repeated `DELETE` (README, "Messages").
     pub(crate) unconfirmed_deletes: usize,
 }
 
