@@ -465,8 +465,10 @@ export interface paths {
         post?: never;
         /**
          * Deletes a message: 204. It leaves GET, lists, search and counts, its number is never reused,
-         *     and live streams get a `deleted` event. Deleting it again is 404; a message accepted but not
-         *     stored yet is 409 `not_persisted_yet` (retry).
+         *     and live streams get a `deleted` event. Deleting it again is 404, once its deletion is
+         *     published again (a 503 may come after the deletion was stored: the retry's 404 means the
+         *     search index has it too); a message accepted but not stored yet is 409 `not_persisted_yet`
+         *     (retry).
          * @deprecated
          * @description Legacy form (the reference contract's): the token travels in the URL, which access logs, proxies and browser history record. Prefer the form with `Authorization: Bearer`.
          */
@@ -817,8 +819,10 @@ export interface paths {
         post?: never;
         /**
          * Deletes a message: 204. It leaves GET, lists, search and counts, its number is never reused,
-         *     and live streams get a `deleted` event. Deleting it again is 404; a message accepted but not
-         *     stored yet is 409 `not_persisted_yet` (retry).
+         *     and live streams get a `deleted` event. Deleting it again is 404, once its deletion is
+         *     published again (a 503 may come after the deletion was stored: the retry's 404 means the
+         *     search index has it too); a message accepted but not stored yet is 409 `not_persisted_yet`
+         *     (retry).
          */
         delete: operations["delete_message"];
         options?: never;
