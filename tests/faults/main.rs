@@ -12,7 +12,10 @@
 //!
 //! It restarts the shared MariaDB, RabbitMQ and Elasticsearch, so it runs alone and serially:
 //! `cargo test --workspace --test faults -- --test-threads=1` (scripts/test does, after the
-//! main suite). Redis scenarios use a Redis of their own.
+//! main suite). Redis scenarios use a Redis of their own; the Redis Sentinel and Redis Cluster
+//! failovers ([`redis_ha`]) the HA Redis of `scripts/services up --ha`.
+
+mod redis_ha;
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -392,6 +395,8 @@ enum Fault<'a> {
         replication: &'a TcpProxy,
         proxy: &'a TcpProxy,
     },
+    /// The master of the sentinels' set or of the cluster killed, a replica promoted.
+    RedisHa(redis_ha::HaFailover),
 }
 
 impl Fault<'_> {
@@ -405,11 +410,13 @@ impl Fault<'_> {
                 | Self::RedisRestartEmpty(_)
                 | Self::RedisRestartFromBackup(_)
                 | Self::RedisFailover { .. }
+                | Self::RedisHa(_)
         )
     }
 
     async fn strike(self, stack: &mut Stack) -> anyhow::Result<()> {
         match self {
+            Self::RedisHa(failover) => failover.strike(stack).await,
             Self::Kill9(binary) => stack.kill_and_restart(binary).await,
             Self::WebhookReceiverDownFor60Seconds => {
                 stack.receiver.stop().await?;
