@@ -120,6 +120,20 @@ impl RedisState {
     }
 }
 
+/// [`RAISE_NEXT`] of one key: 1 when raised.
+async fn raise_one(
+    script: &Script,
+    mut connection: RedisConnection,
+    key: &str,
+    number: u64,
+) -> redis::RedisResult<i64> {
+    script
+        .key(key)
+        .arg(number)
+        .invoke_async(&mut connection)
+        .await
+}
+
 /// `{next, ceil, epoch}` as the scripts answer it; `{}` is no counter.
 fn counter_of(state: &[u64]) -> Option<Counter> {
     match *state {
@@ -195,13 +209,13 @@ impl SharedState for RedisState {
             return Ok(Vec::new());
         }
         // Scripts one by one rather than a pipeline: on a cluster the keys lie in different
-        // slots. They share the multiplexed connection, so they still travel together.
-        let raised: Vec<i64> = futures_util::stream::iter(targets)
-            .map(|(key, number)| {
-                let mut connection = self.connection();
-                let invocation = self.raise_next.key(key).arg(*number);
-                async move { invocation.invoke_async::<i64>(&mut connection).await }
-            })
+        // slots. They share the multiplexed connection, so they still travel together. (Collected
+        // first: a stream that borrows the targets in its closure is not `Send` for async_trait.)
+        let raises: Vec<_> = targets
+            .iter()
+            .map(|(key, number)| raise_one(&self.raise_next, self.connection(), key, *number))
+            .collect();
+        let raised: Vec<i64> = futures_util::stream::iter(raises)
             .buffered(RAISES_IN_FLIGHT)
             .try_collect()
             .await?;

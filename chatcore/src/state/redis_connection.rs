@@ -123,7 +123,8 @@ pub async fn connect_redis_with(
             }
         }
     };
-    within(connect_timeout, connecting).await
+    // Boxed: the three ways of connecting make a large future for every caller to hold.
+    within(connect_timeout, Box::pin(connecting)).await
 }
 
 fn address(host: &str, port: u16, tls: bool) -> ConnectionAddr {
