@@ -82,10 +82,7 @@ impl HaFailover {
 }
 
 fn ha_base_port() -> u16 {
-    std::env::var("REDIS_HA_BASE_PORT")
-        .ok()
-        .and_then(|port| port.parse().ok())
-        .unwrap_or(6400)
+    Services::from_env().redis_ha_base_port
 }
 
 async fn node(port: u16) -> anyhow::Result<redis::aio::MultiplexedConnection> {

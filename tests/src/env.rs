@@ -33,6 +33,9 @@ pub struct Services {
     pub redis_sentinel_url: String,
     /// The Redis Cluster of `scripts/services up --ha` (three of its six nodes).
     pub redis_cluster_url: String,
+    /// `REDIS_HA_BASE_PORT`: the replicated Redis from here, their sentinels from +10, the
+    /// cluster's nodes from +20.
+    pub redis_ha_base_port: u16,
     pub amqp_url: String,
     /// RabbitMQ's management API (guest/guest).
     pub amqp_management_url: String,
@@ -63,6 +66,7 @@ impl Services {
             redis_url: format!("redis://127.0.0.1:{redis_port}/0"),
             redis_sentinel_url: format!("redis+sentinel://{}/chat-ha/0", nodes(ha_base + 10)),
             redis_cluster_url: format!("redis+cluster://{}", nodes(ha_base + 20)),
+            redis_ha_base_port: ha_base,
             amqp_url: format!("amqp://guest:guest@127.0.0.1:{amqp_port}/%2f"),
             amqp_management_url: format!("http://127.0.0.1:{amqp_management_port}/api"),
             elasticsearch_url: format!("http://127.0.0.1:{es_port}"),
