@@ -79,7 +79,9 @@ pub const DATABASE_URL: Setting = setting(
 pub const REDIS_URL: Setting = setting(
     "REDIS_URL",
     Nothing("in-process counters"),
-    "Redis, e.g. `redis://127.0.0.1:6379/0`",
+    "Redis, e.g. `redis://127.0.0.1:6379/0`; behind sentinels \
+     `redis+sentinel://host:26379,host2:26379/<master name>[/db]`; a cluster \
+     `redis+cluster://host:6379,host2:6379`; `rediss…` for TLS (README \"Redis Sentinel and Redis Cluster\")",
 );
 pub const AMQP_URL: Setting = setting(
     "AMQP_URL",

@@ -331,3 +331,25 @@ fn every_sampler_of_the_specification_is_offered() {
         assert_eq!(sampler(name, arg), expected, "{name} {arg}");
     }
 }
+
+#[test]
+fn a_redis_url_that_does_not_parse_stops_the_start_without_its_password() {
+    let error = Config::from_map(&HashMap::from([(
+        "REDIS_URL".to_owned(),
+        "redis+sentinel://chat:hunter2@s1:26379,s2:26379".to_owned(),
+    )]))
+    .expect_err("no master name");
+    let shown = format!("{error} {error:?}");
+    assert!(shown.contains("REDIS_URL"), "{shown}");
+    assert!(shown.contains("names no master"), "{shown}");
+    assert!(!shown.contains("hunter2"), "{shown}");
+    let config = Config::from_map(&HashMap::from([(
+        "REDIS_URL".to_owned(),
+        "redis+cluster://chat:hunter2@n1:7000,n2:7000".to_owned(),
+    )]))
+    .expect("a cluster");
+    assert!(matches!(
+        config.redis_url.map(|url| url.topology),
+        Some(RedisTopology::Cluster { .. })
+    ));
+}
