@@ -12,7 +12,8 @@
 //!
 //! It restarts the shared MariaDB, RabbitMQ and Elasticsearch, so it runs alone and serially:
 //! `cargo test --workspace --test faults -- --test-threads=1` (scripts/test does, after the
-//! main suite). Redis scenarios use a Redis of their own.
+//! main suite). Redis scenarios use a Redis of their own; the RabbitMQ cluster scenarios
+//! (`rabbit_ha`) the cluster of `scripts/services up --ha`.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -26,6 +27,8 @@ use system_tests::webhook_receiver::{Mode, WebhookReceiver};
 use system_tests::{Client, StatusCode, TestEnv, eventually};
 use tokio::process::Child;
 use tokio_util::sync::CancellationToken;
+
+mod rabbit_ha;
 
 /// Time for the pipeline to catch up after a fault.
 const DRAIN: Duration = Duration::from_secs(120);
@@ -383,6 +386,8 @@ enum Fault<'a> {
     StopFor30Seconds(&'static str),
     /// A memory alarm: RabbitMQ blocks every publishing connection (`connection.blocked`).
     RabbitMqBlocked,
+    /// One node of a RabbitMQ cluster killed, then brought back.
+    RabbitMqNodeKill9(&'a rabbit_ha::RabbitCluster),
     RedisFlushAll(&'a OwnRedis),
     RedisRestartEmpty(&'a mut OwnRedis),
     RedisRestartFromBackup(&'a mut OwnRedis),
@@ -449,6 +454,9 @@ impl Fault<'_> {
                     "a POST while RabbitMQ blocks publishers answered {status} after {took:?}"
                 );
                 Ok(())
+            }
+            Self::RabbitMqNodeKill9(cluster) => {
+                rabbit_ha::kill_a_node_and_bring_it_back(cluster, stack).await
             }
             Self::RedisFlushAll(redis) => {
                 let _: () = redis::cmd("FLUSHALL")
