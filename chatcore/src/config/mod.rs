@@ -12,6 +12,7 @@ use std::time::Duration;
 use crate::events::Consumer;
 use crate::retry::Backoff;
 
+mod amqp;
 pub mod destinations;
 pub mod origins;
 mod reader;
@@ -19,6 +20,7 @@ mod redis_url;
 pub mod settings;
 mod traces;
 
+pub use amqp::{AmqpNode, AmqpNodes};
 pub use destinations::AllowedDestinations;
 pub use origins::AllowedOrigins;
 pub use reader::ConfigError;
@@ -133,7 +135,7 @@ pub struct Config {
     pub database_max_connections: u32,
     pub redis_url: Option<RedisUrl>,
     pub redis_key_prefix: String,
-    pub amqp_url: Option<SecretUrl>,
+    pub amqp_url: Option<AmqpNodes>,
     pub topology: Topology,
     pub elasticsearch_url: Option<SecretUrl>,
     pub elasticsearch_index: String,
@@ -402,7 +404,8 @@ impl Config {
                 })
                 .transpose()?,
             redis_key_prefix: settings.text(&REDIS_PREFIX)?,
-            amqp_url: settings.url(&AMQP_URL),
+            // A refused value is not repeated: the reason names the node, its password redacted.
+            amqp_url: settings.secret(&AMQP_URL)?,
             topology: Topology {
                 queue_type,
                 ..Topology::from_prefix(&settings.text(&AMQP_PREFIX)?)
@@ -631,7 +634,7 @@ impl Config {
         required(&REDIS_URL, &self.redis_url)
     }
 
-    pub fn require_amqp_url(&self) -> Result<&SecretUrl, ConfigError> {
+    pub fn require_amqp_url(&self) -> Result<&AmqpNodes, ConfigError> {
         required(&AMQP_URL, &self.amqp_url)
     }
 
