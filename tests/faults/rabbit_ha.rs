@@ -1,43 +1,44 @@
 //! RabbitMQ as a three-node cluster (`scripts/services up --ha`): the stack's `AMQP_URL` names every
-//! node, its queues are quorum queues with a member on each node, and node 1 is killed (kill -9),
-//! then brought back. Node 1 is the one that matters most: the first of `AMQP_URL`, so every
-//! connection of the stack is on it, and the queues were declared there, so it leads them.
+//! node, its queues are quorum queues with a member on each node. Under the careful clients' load,
+//! audited like every scenario, the node leading the ingest queue is killed (`kill -9`) at each
+//! offset of the load, the load runs on two nodes for [`NODE_DOWN_FOR`], then the node comes back
+//! and its members catch up. At the first strike that is node 1: the first of `AMQP_URL`, so every
+//! connection of the stack is on it too. A probe message posted right after the kill measures how
+//! long the pipeline takes to write again (accepted by the api, stored by the ingest-worker), with
+//! [`RESUME_BOUND`] asserted. A second scenario kills node 1 with no traffic at all: the api and the
+//! workers reconnect to a surviving node by themselves.
 
 use std::time::Duration;
 
 use anyhow::Context as _;
 use serde_json::Value;
-use system_tests::eventually;
+use system_tests::{Services, eventually};
+use tokio::time::Instant;
 
-use super::{Fault, Stack, scenario, services};
+use crate::fault::services;
+use crate::{Fault, Stack, Topology, scenario};
 
-/// The node killed; the management API is asked on another one.
-const KILLED_NODE: u16 = 1;
-const ASKED_NODE: u16 = 2;
 /// How long the load runs on the two surviving nodes before the killed one comes back.
 const NODE_DOWN_FOR: Duration = Duration::from_secs(15);
 /// A node's boot and the queues' members catching up, on a loaded machine.
 const REJOIN: Duration = Duration::from_secs(120);
-/// Reconnecting to a surviving node (refused at once by the dead one) and consuming again.
-const RECONNECT: Duration = Duration::from_secs(60);
+/// Reconnecting to a surviving node (refused at once by the dead one), a quorum queue electing a
+/// new leader, and consuming again.
+const RESUME_BOUND: Duration = Duration::from_secs(60);
 
-/// The cluster of `scripts/services up --ha`, from the same variable (`AMQP_HA_BASE_PORT`): node N
-/// serves AMQP on base+N-1 and its management API on base+10+N-1.
-pub(super) struct RabbitCluster {
+/// The cluster of `scripts/services up --ha`: node N (1-3) serves AMQP on base+N-1 and its
+/// management API on base+10+N-1.
+pub(crate) struct RabbitCluster {
     base_port: u16,
     http: reqwest::Client,
 }
 
 impl RabbitCluster {
-    fn from_env() -> anyhow::Result<Self> {
-        let base_port = match std::env::var("AMQP_HA_BASE_PORT") {
-            Ok(port) if !port.is_empty() => port.parse().context("AMQP_HA_BASE_PORT")?,
-            _ => 5700,
-        };
-        Ok(Self {
-            base_port,
+    fn from_env() -> Self {
+        Self {
+            base_port: Services::from_env().amqp_ha_base_port,
             http: reqwest::Client::new(),
-        })
+        }
     }
 
     /// `AMQP_URL` naming the three nodes, node 1 first.
@@ -48,25 +49,37 @@ impl RabbitCluster {
             .join(",")
     }
 
-    /// A GET of the management API of `ASKED_NODE`.
+    /// A GET of the management API of the first node that answers.
     async fn get(&self, path: &str) -> anyhow::Result<Value> {
-        let url = format!(
-            "http://127.0.0.1:{}/api/{path}",
-            self.base_port + 10 + ASKED_NODE - 1
-        );
-        Ok(self
-            .http
-            .get(url)
-            .basic_auth("guest", Some("guest"))
-            .send()
-            .await?
-            .error_for_status()?
-            .json()
-            .await?)
+        let mut last = None;
+        for node in 1..=3 {
+            let url = format!(
+                "http://127.0.0.1:{}/api/{path}",
+                self.base_port + 10 + node - 1
+            );
+            let asked = async {
+                anyhow::Ok(
+                    self.http
+                        .get(url)
+                        .basic_auth("guest", Some("guest"))
+                        .timeout(Duration::from_secs(5))
+                        .send()
+                        .await?
+                        .error_for_status()?
+                        .json()
+                        .await?,
+                )
+            };
+            match asked.await {
+                Ok(value) => return Ok(value),
+                Err(error) => last = Some(error),
+            }
+        }
+        Err(last.context("no node")?)
     }
 
-    /// The members and the online members of a quorum queue.
-    async fn members(&self, queue: &str) -> anyhow::Result<(Vec<String>, Vec<String>)> {
+    /// A quorum queue's members, its online members and its leader.
+    async fn members(&self, queue: &str) -> anyhow::Result<(Vec<String>, Vec<String>, String)> {
         let info = self.get(&format!("queues/%2f/{queue}")).await?;
         anyhow::ensure!(
             info["type"] == "quorum",
@@ -80,13 +93,14 @@ impl RabbitCluster {
                 .filter_map(|name| name.as_str().map(str::to_owned))
                 .collect()
         };
-        Ok((names("members"), names("online")))
+        let leader = info["leader"].as_str().unwrap_or_default().to_owned();
+        Ok((names("members"), names("online"), leader))
     }
 
     /// Every durable queue of the stack has a member on each of the three nodes, all online.
     async fn all_members_online(&self, queues: &[String]) -> anyhow::Result<bool> {
         for queue in queues {
-            let (members, online) = self.members(queue).await?;
+            let (members, online, _) = self.members(queue).await?;
             if members.len() != 3 || online.len() != 3 {
                 return Ok(false);
             }
@@ -105,10 +119,76 @@ impl RabbitCluster {
             .filter_map(|connection| connection["node"].as_str().map(str::to_owned))
             .collect())
     }
+
+    /// Kills the node leading the ingest queue under load, measures how long until a message is
+    /// accepted and stored again, and brings the node back after [`NODE_DOWN_FOR`] with every
+    /// queue's member on it caught up.
+    pub(crate) async fn kill_the_leader_and_bring_it_back(
+        &self,
+        stack: &Stack,
+    ) -> anyhow::Result<()> {
+        let queues = durable_queues(stack);
+        for queue in &queues {
+            let (members, _, _) = self.members(queue).await?;
+            anyhow::ensure!(
+                members.len() == 3,
+                "{queue} is replicated on {members:?}, not on the three nodes"
+            );
+        }
+        let (_, _, leader) = self
+            .members(&stack.env.config().topology.ingest_queue)
+            .await?;
+        let node = node_number(&leader)?;
+        let client = stack.apis.first();
+        let token = client.create_application("probe").await?;
+        let chat = client.create_chat(&token).await?;
+
+        services(&["kill", &format!("rabbitmq-ha-{node}")]).await?;
+        let killed = Instant::now();
+        let number = client
+            .create_message_carefully(&token, chat, "after", "probe-after")
+            .await?;
+        let accepted = killed.elapsed();
+        eventually("the probe message is stored", RESUME_BOUND, || async {
+            Ok(stack
+                .env
+                .stored_message_numbers(&token, chat)
+                .await?
+                .contains(&number))
+        })
+        .await?;
+        let resumed = killed.elapsed();
+        println!(
+            "fault rabbitmq node kill -9 (cluster): {leader} (leading the ingest queue) killed; a \
+             message accepted {accepted:?} and stored {resumed:?} after the kill (bound: \
+             {RESUME_BOUND:?})"
+        );
+        anyhow::ensure!(
+            resumed <= RESUME_BOUND,
+            "writes resumed {resumed:?} after the kill of {leader}"
+        );
+        tokio::time::sleep(NODE_DOWN_FOR.saturating_sub(killed.elapsed())).await;
+        services(&["start", &format!("rabbitmq-ha-{node}")]).await?;
+        eventually(
+            "every queue has its three members online again",
+            REJOIN,
+            || self.all_members_online(&queues),
+        )
+        .await
+    }
 }
 
 fn node_name(node: u16) -> String {
     format!("chat-ha-{node}@localhost")
+}
+
+/// The number N of node `chat-ha-N@localhost`.
+fn node_number(name: &str) -> anyhow::Result<u16> {
+    let number = name
+        .strip_prefix("chat-ha-")
+        .and_then(|rest| rest.strip_suffix("@localhost"))
+        .with_context(|| format!("{name:?} is no node of the cluster"))?;
+    Ok(number.parse()?)
 }
 
 /// The settings of a stack on the cluster.
@@ -133,38 +213,9 @@ fn durable_queues(stack: &Stack) -> Vec<String> {
         .collect()
 }
 
-/// The fault: node 1 killed under load, `NODE_DOWN_FOR` on two nodes, node 1 back and every
-/// queue's member on it caught up.
-pub(super) async fn kill_a_node_and_bring_it_back(
-    cluster: &RabbitCluster,
-    stack: &Stack,
-) -> anyhow::Result<()> {
-    let queues = durable_queues(stack);
-    for queue in &queues {
-        let (members, _) = cluster.members(queue).await?;
-        anyhow::ensure!(
-            members.len() == 3,
-            "{queue} is replicated on {members:?}, not on the three nodes"
-        );
-    }
-    println!(
-        "fault rabbitmq node killed: {} quorum queues with 3 members each",
-        queues.len()
-    );
-    services("kill", &format!("rabbitmq-ha-{KILLED_NODE}")).await?;
-    tokio::time::sleep(NODE_DOWN_FOR).await;
-    services("start", &format!("rabbitmq-ha-{KILLED_NODE}")).await?;
-    eventually(
-        "every queue has its three members online again",
-        REJOIN,
-        || cluster.all_members_online(&queues),
-    )
-    .await
-}
-
 #[tokio::test]
 async fn rabbitmq_node_killed_under_load() -> anyhow::Result<()> {
-    let cluster = RabbitCluster::from_env()?;
+    let cluster = RabbitCluster::from_env();
     let settings = on_the_cluster(&cluster);
     let overrides: Vec<(&str, &str)> = settings
         .iter()
@@ -174,17 +225,18 @@ async fn rabbitmq_node_killed_under_load() -> anyhow::Result<()> {
     scenario("rabbitmq node kill -9 (cluster)", &overrides, fault).await
 }
 
-/// Without any request: after the kill, the workers consume again and the api is ready again,
-/// each connected to a surviving node, by themselves.
+/// Without any request: after the kill of node 1, the workers consume again and the api is ready
+/// again, each connected to a surviving node, by themselves.
 #[tokio::test]
 async fn rabbitmq_node_killed_while_idle() -> anyhow::Result<()> {
-    let cluster = RabbitCluster::from_env()?;
+    const KILLED_NODE: u16 = 1;
+    let cluster = RabbitCluster::from_env();
     let settings = on_the_cluster(&cluster);
     let overrides: Vec<(&str, &str)> = settings
         .iter()
         .map(|(name, value)| (*name, value.as_str()))
         .collect();
-    let stack = Stack::start(&overrides).await?;
+    let stack = Stack::start(&overrides, Topology::SINGLE).await?;
     let topology = stack.env.config().topology;
     // The connections' names: the api's publisher and each worker's queue.
     let connections = [
@@ -206,26 +258,27 @@ async fn rabbitmq_node_killed_while_idle() -> anyhow::Result<()> {
         !on_surviving_nodes().await?,
         "the stack should start on node 1, the first of AMQP_URL"
     );
-    services("kill", &format!("rabbitmq-ha-{KILLED_NODE}")).await?;
-    let killed_at = tokio::time::Instant::now();
+    services(&["kill", &format!("rabbitmq-ha-{KILLED_NODE}")]).await?;
+    let killed_at = Instant::now();
     eventually(
         "the api and the workers reconnect to a surviving node",
-        RECONNECT,
+        RESUME_BOUND,
         on_surviving_nodes,
     )
     .await?;
     stack.wait_until_ready().await?;
     println!(
-        "fault rabbitmq node killed while idle: the api ready and the workers consuming on the surviving nodes {:?} after the kill",
+        "fault rabbitmq node killed while idle: the api ready and the workers consuming on the \
+         surviving nodes {:?} after the kill",
         killed_at.elapsed()
     );
-    services("start", &format!("rabbitmq-ha-{KILLED_NODE}")).await?;
+    services(&["start", &format!("rabbitmq-ha-{KILLED_NODE}")]).await?;
     let queues = durable_queues(&stack);
     eventually(
         "every queue has its three members online again",
         REJOIN,
         || cluster.all_members_online(&queues),
     )
-    .await
-    // Dropping the stack kills its processes.
+    .await?;
+    stack.stop().await
 }

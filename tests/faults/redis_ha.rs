@@ -1,10 +1,13 @@
-//! Failovers of the HA Redis of `scripts/services up --ha`, under the careful clients' load: the
-//! master the api uses is killed with `kill -9`, and a replica takes over (elected by the
-//! sentinels, or by the cluster's other masters). The promoted replica has a run id of its own,
-//! so the counters it holds count as foreign and are reseeded above every durable reservation:
-//! no number twice. Writes resume within the failover's own time plus [`RESUME_BOUND`]; a
-//! probe (a chat of its own whose counter the killed master held) measures both. The dead node is
-//! started again at the end (`scripts/services start redis-ha`): it rejoins as a replica.
+//! Failovers of the HA Redis of `scripts/services up --ha`, under the careful clients' load and
+//! audited like every scenario: at each offset of the load the master the api uses is killed with
+//! `kill -9`, and a replica takes over (elected by the sentinels, or by the cluster's other
+//! masters). The promoted replica has a run id of its own, so the counters it holds count as
+//! foreign and are reseeded above every durable reservation: no number twice. What the dead master
+//! acknowledged and never replicated (idempotency records) is lost, as with any loss of Redis data:
+//! the audit's bound on extra messages. Writes resume within the failover's own time plus
+//! [`RESUME_BOUND`]; a probe (a chat of its own whose counter the killed master held) measures
+//! both. The dead node is started again after each strike (`scripts/services start redis-ha`): it
+//! rejoins as a replica, for the next strike.
 
 use std::time::Duration;
 
@@ -12,7 +15,8 @@ use anyhow::Context as _;
 use system_tests::{Services, eventually};
 use tokio::time::Instant;
 
-use super::{Fault, SMALL_BLOCKS, Stack, scenario, services};
+use crate::fault::services;
+use crate::{Fault, SMALL_BLOCKS, Stack, scenario};
 
 /// The longest the api may take, once the new master is in place, to accept writes again: it
 /// reconnects at its next request (sentinels) or on its refresh of the slots (cluster).
@@ -22,14 +26,16 @@ const RESUME_BOUND: Duration = Duration::from_secs(10);
 const FAILOVER_BOUND: Duration = Duration::from_secs(60);
 
 #[derive(Clone, Copy)]
-pub(super) enum HaFailover {
+pub(crate) enum HaFailover {
     Sentinel,
     Cluster,
 }
 
 impl HaFailover {
-    pub(super) async fn strike(self, stack: &Stack) -> anyhow::Result<()> {
-        let client = stack.client();
+    /// Kills the master, measures the failover and the writes' resumption, and brings the dead
+    /// node back as a replica.
+    pub(crate) async fn strike(self, stack: &Stack) -> anyhow::Result<()> {
+        let client = stack.apis.first();
         let token = client.create_application("probe").await?;
         let chat = client.create_chat(&token).await?;
         client
@@ -70,7 +76,7 @@ impl HaFailover {
             resumed <= failover + RESUME_BOUND,
             "writes resumed {resumed:?} after the kill, the failover took {failover:?}"
         );
-        services("start", "redis-ha").await
+        services(&["start", "redis-ha"]).await
     }
 
     fn name(self) -> &'static str {

@@ -39,6 +39,9 @@ pub struct Services {
     pub amqp_url: String,
     /// RabbitMQ's management API (guest/guest).
     pub amqp_management_url: String,
+    /// `AMQP_HA_BASE_PORT`: the RabbitMQ cluster of `scripts/services up --ha`, its nodes' AMQP
+    /// ports from here, their management APIs from +10.
+    pub amqp_ha_base_port: u16,
     pub elasticsearch_url: String,
     /// The Elasticsearch 7.17 node `scripts/test` starts beside the 8.x one.
     pub elasticsearch_7_url: String,
@@ -59,6 +62,9 @@ impl Services {
         };
         let amqp_port = env_or("AMQP_PORT", "5672");
         let amqp_management_port = env_or("AMQP_MANAGEMENT_PORT", "15672");
+        let amqp_ha_base_port = env_or("AMQP_HA_BASE_PORT", "5700")
+            .parse()
+            .expect("AMQP_HA_BASE_PORT is a port");
         let es_port = env_or("ES_PORT", "9200");
         let es7_port = env_or("ES7_PORT", "9201");
         Self {
@@ -69,6 +75,7 @@ impl Services {
             redis_ha_base_port: ha_base,
             amqp_url: format!("amqp://guest:guest@127.0.0.1:{amqp_port}/%2f"),
             amqp_management_url: format!("http://127.0.0.1:{amqp_management_port}/api"),
+            amqp_ha_base_port,
             elasticsearch_url: format!("http://127.0.0.1:{es_port}"),
             elasticsearch_7_url: format!("http://127.0.0.1:{es7_port}"),
         }
