@@ -37,7 +37,7 @@ pub(crate) struct Sent {
     /// The last body acknowledged (`202` of the post, `200` of a `PUT`).
     pub(crate) body: String,
     pub(crate) edited: bool,
-    /// The `DELETE` was acknowledged (`204`).
+    /// The `DELETE` was acknowledged (`204`, or `404` after an attempt whose answer was lost).
     pub(crate) deleted: bool,
 }
 
@@ -49,6 +49,10 @@ pub(crate) struct Ledger {
     pub(crate) chats: Vec<(u64, String)>,
     pub(crate) edits: usize,
     pub(crate) deletes: usize,
+    /// Deletions the client saw only as a `404` after a `503` or a dropped answer: stored, but
+    /// their event may never have reached the index (README, "Messages": counter-sync repairs
+    /// them, a repeated `DELETE` does not).
+    pub(crate) unconfirmed_deletes: usize,
 }
 
 /// Careful clients at work until stopped.
@@ -64,6 +68,8 @@ struct Work {
     token: String,
     chat: u64,
     round: usize,
+    /// Whether the clients also edit, delete and create chats, or only post.
+    mixed: bool,
     /// The highest message number of `chat` a client was given so far.
     highest: AtomicU64,
     /// 5xx answers the clients retried.
@@ -73,16 +79,34 @@ struct Work {
 impl Load {
     /// Starts the clients on `chat`; `round` tells the keys of a load apart from an earlier one's.
     pub(crate) fn start(apis: Arc<Apis>, token: &str, chat: u64, round: usize) -> Self {
+        Self::with_work(apis, token, chat, round, CLIENTS, true)
+    }
+
+    /// `clients` that only post messages into `chat` (no edits, deletions or chats), each about
+    /// 40 a second.
+    pub(crate) fn posting_only(apis: Arc<Apis>, token: &str, chat: u64, clients: usize) -> Self {
+        Self::with_work(apis, token, chat, 0, clients, false)
+    }
+
+    fn with_work(
+        apis: Arc<Apis>,
+        token: &str,
+        chat: u64,
+        round: usize,
+        clients: usize,
+        mixed: bool,
+    ) -> Self {
         let work = Arc::new(Work {
             apis,
             token: token.to_owned(),
             chat,
             round,
+            mixed,
             highest: AtomicU64::new(0),
             server_errors: AtomicU64::new(0),
         });
         let stop = CancellationToken::new();
-        let clients = (0..CLIENTS)
+        let clients = (0..clients)
             .map(|client| tokio::spawn(Arc::clone(&work).client(client, stop.clone())))
             .collect();
         Self {
@@ -108,6 +132,7 @@ impl Load {
             ledger.chats.extend(own.chats);
             ledger.edits += own.edits;
             ledger.deletes += own.deletes;
+            ledger.unconfirmed_deletes += own.unconfirmed_deletes;
         }
         Ok((ledger, self.work.server_errors.load(Ordering::Relaxed)))
     }
@@ -132,6 +157,10 @@ impl Work {
                 .messages
                 .push(Sent::new(self.chat, number, body.clone()));
             sequence += 1;
+            if !self.mixed {
+                tokio::time::sleep(PAUSE_BETWEEN_POSTS).await;
+                continue;
+            }
             if sequence % EDIT_EVERY == 0 {
                 let message = &mut ledger.messages[in_chat[sequence - 2]];
                 message.body = format!("{}e{sequence}", message.first_body);
@@ -141,9 +170,10 @@ impl Work {
             }
             if sequence % DELETE_EVERY == 0 {
                 let message = &mut ledger.messages[in_chat[sequence - DELETE_BACK]];
-                self.delete(message).await?;
+                let confirmed = self.delete(message).await?;
                 message.deleted = true;
                 ledger.deletes += 1;
+                ledger.unconfirmed_deletes += usize::from(!confirmed);
             }
             if sequence % CHAT_EVERY == CHAT_EVERY / 2 {
                 let title = format!("{body}chat");
@@ -216,16 +246,18 @@ impl Work {
         .await
     }
 
-    /// `DELETE` until `204`, or `404` after an attempt whose answer was lost (it did delete).
-    async fn delete(&self, message: &Sent) -> anyhow::Result<()> {
+    /// `DELETE` until `204` (true), or `404` after an attempt whose answer was lost (false: it
+    /// did delete, but may not have published the deletion).
+    async fn delete(&self, message: &Sent) -> anyhow::Result<bool> {
         let path = format!("{}/{}", self.messages_path(message.chat), message.number);
         let what = format!("the deletion of {}", message.first_body);
         self.until_acknowledged(
             &what,
             |client| client.request(reqwest::Method::DELETE, &path),
-            |reply, ambiguous| {
-                let gone = reply.status == StatusCode::NOT_FOUND && ambiguous;
-                (reply.status == StatusCode::NO_CONTENT || gone).then_some(Some(()))
+            |reply, ambiguous| match reply.status {
+                StatusCode::NO_CONTENT => Some(Some(true)),
+                StatusCode::NOT_FOUND if ambiguous => Some(Some(false)),
+                _ => None,
             },
         )
         .await

@@ -25,6 +25,7 @@ mod load;
 mod rabbit_ha;
 mod redis_ha;
 mod replicas;
+mod rollback;
 mod stack;
 
 use std::sync::Arc;
@@ -38,8 +39,6 @@ use system_tests::webhook_receiver::Mode;
 pub(crate) use fault::{Fault, RedisFailover};
 pub(crate) use load::Load;
 pub(crate) use stack::{Stack, Topology};
-
-mod rollback;
 
 /// Time for the pipeline to catch up after a fault.
 pub(crate) const DRAIN: Duration = Duration::from_secs(120);

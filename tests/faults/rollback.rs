@@ -12,19 +12,19 @@
 //! took to be stored after the rollback.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use chatcore::config::Topology;
+use chatcore::config::Topology as QueueTopology;
 use sqlx::Connection as _;
 use system_tests::own_redis::OwnRedis;
 use system_tests::{Client, eventually};
-use tokio_util::sync::CancellationToken;
 
-use super::{CLIENTS, DRAIN, PAUSE_BETWEEN_POSTS, Stack, post_carefully};
+use crate::{DRAIN, Load, Stack, Topology};
 
+/// Careful clients posting: about 300 messages a second.
+const CLIENTS: usize = 14;
 /// How far back the counter goes.
 const ROLLBACK: Duration = Duration::from_secs(4);
 /// The most numbers handed out twice the scenario accepts for that rollback at ~300 POSTs/s.
@@ -38,8 +38,8 @@ const OTHER_CHATS_BOUND: Duration = Duration::from_secs(30);
 async fn a_counter_rolled_back_4_seconds_in_place() -> anyhow::Result<()> {
     let redis = OwnRedis::start().await?;
     let url = redis.url();
-    let mut stack = Stack::start(&[("REDIS_URL", url.as_str())]).await?;
-    let client = stack.client();
+    let stack = Stack::start(&[("REDIS_URL", url.as_str())], Topology::SINGLE).await?;
+    let client = stack.apis.first().clone();
     let token = client.create_application("rolled back").await?;
     let chat = client.create_chat(&token).await?;
     let env = &stack.env;
@@ -48,7 +48,8 @@ async fn a_counter_rolled_back_4_seconds_in_place() -> anyhow::Result<()> {
         env.config().redis_key_prefix,
         env.application_id(&token).await?
     );
-    let load = SentBodies::start(&client, &token, chat);
+    let load = Load::posting_only(Arc::clone(&stack.apis), &token, chat, CLIENTS);
+    let load_started = tokio::time::Instant::now();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut counters = redis.connection().await?;
     let earlier: Vec<(String, String)> = redis::cmd("HGETALL")
@@ -66,15 +67,20 @@ async fn a_counter_rolled_back_4_seconds_in_place() -> anyhow::Result<()> {
     let rolled_back = tokio::time::Instant::now();
     let other = other_tenant_chats(&client).await?;
     tokio::time::sleep(Duration::from_secs(4)).await;
-    let sent = load.stop().await?;
+    let (ledger, _server_errors) = load.stop().await?;
     let load_stopped = tokio::time::Instant::now();
+    let rate = ledger.messages.len() as f64 / (load_stopped - load_started).as_secs_f64();
 
     // Each number and the bodies of the clients that were given it.
     let mut given: BTreeMap<u64, Vec<String>> = BTreeMap::new();
-    for (number, body) in &sent {
-        given.entry(*number).or_default().push(body.clone());
+    for sent in &ledger.messages {
+        given
+            .entry(sent.number)
+            .or_default()
+            .push(sent.body.clone());
     }
-    let handed_out_twice = sent.len() - given.len();
+    let accepted = ledger.messages.len();
+    let handed_out_twice = accepted - given.len();
     let stored = eventually("every number given is stored", DRAIN, || async {
         let stored = stored_bodies(env, &token, chat).await?;
         Ok(given.keys().all(|number| stored.contains_key(number)))
@@ -101,15 +107,15 @@ async fn a_counter_rolled_back_4_seconds_in_place() -> anyhow::Result<()> {
         .iter()
         .filter(|(number, sent)| bodies.get(number).is_none_or(|body| !sent.contains(body)))
         .count();
-    let dead_letter_queue = Topology::dead_letter_queue(&env.config().topology.ingest_queue);
+    let dead_letter_queue = QueueTopology::dead_letter_queue(&env.config().topology.ingest_queue);
     let dead_lettered = eventually("the duplicates are dead-lettered", DRAIN, || async {
         Ok(env.queue_depth(&dead_letter_queue).await? as usize == handed_out_twice)
     })
     .await;
     let dead = env.queue_depth(&dead_letter_queue).await?;
     println!(
-        "fault counter rolled back 4 s in place      accepted {:>5}  stored {:>5}  handed out twice {handed_out_twice}  dead-lettered {dead}  lost {lost}  caught up {caught_up:.1?} after the load  other tenant's chats stored {other_took:.1?} after the rollback",
-        sent.len(),
+        "fault counter rolled back 4 s in place      accepted {:>5} ({rate:.0}/s)  stored {:>5}  handed out twice {handed_out_twice}  dead-lettered {dead}  lost {lost}  caught up {caught_up:.1?} after the load  other tenant's chats stored {other_took:.1?} after the rollback",
+        accepted,
         bodies.len(),
     );
     stored.with_context(|| format!("lost {lost}"))?;
@@ -120,69 +126,7 @@ async fn a_counter_rolled_back_4_seconds_in_place() -> anyhow::Result<()> {
     );
     dead_lettered.context("each duplicate is dead-lettered, once")?;
     other_stored.context("another tenant's chats waited")?;
-    for process in [
-        &mut stack.api,
-        &mut stack.ingest,
-        &mut stack.indexer,
-        &mut stack.dispatcher,
-    ] {
-        process.kill().await?;
-    }
-    Ok(())
-}
-
-/// Careful clients posting into one chat until stopped, each remembering the number it was
-/// given for each body (its key).
-struct SentBodies {
-    sent: Arc<Mutex<Vec<(u64, String)>>>,
-    stop: CancellationToken,
-    clients: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
-}
-
-impl SentBodies {
-    fn start(client: &Client, token: &str, chat: u64) -> Self {
-        let sent: Arc<Mutex<Vec<(u64, String)>>> = Arc::default();
-        let stop = CancellationToken::new();
-        let clients = (0..CLIENTS)
-            .map(|client_index| {
-                let (client, token, sent, stop) = (
-                    client.clone(),
-                    token.to_owned(),
-                    Arc::clone(&sent),
-                    stop.clone(),
-                );
-                tokio::spawn(async move {
-                    let server_errors = AtomicU64::new(0);
-                    for sequence in 0.. {
-                        if stop.is_cancelled() {
-                            break;
-                        }
-                        let key = format!("rollback-c{client_index}-{sequence}");
-                        let number =
-                            post_carefully(&client, &token, chat, &key, &server_errors).await?;
-                        sent.lock().expect("not poisoned").push((number, key));
-                        tokio::time::sleep(PAUSE_BETWEEN_POSTS).await;
-                    }
-                    anyhow::Ok(())
-                })
-            })
-            .collect();
-        Self {
-            sent,
-            stop,
-            clients,
-        }
-    }
-
-    async fn stop(self) -> anyhow::Result<Vec<(u64, String)>> {
-        self.stop.cancel();
-        for client in self.clients {
-            client.await??;
-        }
-        Ok(std::mem::take(
-            &mut *self.sent.lock().expect("not poisoned"),
-        ))
-    }
+    stack.stop().await
 }
 
 /// Another tenant creates chats (each with a message) while the duplicates go through; returns

@@ -327,9 +327,14 @@ async fn a_number_handed_out_twice_is_dead_lettered_not_dropped(
         Ok(queue.depth(&dead_letter_queue).await? == 1)
     })
     .await?;
-    let stored = client
-        .get(&format!("/applications/{token}/chats/{chat}/messages/1000"))
-        .await?;
+    // The second is dead-lettered at once; the first is written after it, with the rest of
+    // its batch.
+    let path = format!("/applications/{token}/chats/{chat}/messages/1000");
+    eventually("the first event is stored", LONG, || async {
+        Ok(client.get(&path).await?.status == StatusCode::OK)
+    })
+    .await?;
+    let stored = client.get(&path).await?;
     assert_eq!(stored.body["body"], "first", "{stored:?}");
     assert_eq!(env.stored_message_numbers(token, chat).await?, [1000]);
     running.stop().await
