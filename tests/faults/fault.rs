@@ -9,6 +9,8 @@ use system_tests::StatusCode;
 use system_tests::own_redis::{OwnRedis, TcpProxy};
 
 use crate::load::{CLIENTS, Load};
+use crate::rabbit_ha::RabbitCluster;
+use crate::redis_ha::HaFailover;
 use crate::stack::Stack;
 
 /// A moment of the load at which a fault strikes.
@@ -95,10 +97,16 @@ pub(crate) enum Fault<'a> {
     StopFor30Seconds(&'static str),
     /// A memory alarm: RabbitMQ blocks every publishing connection (`connection.blocked`).
     RabbitMqBlocked,
+    /// The node of a RabbitMQ cluster leading the ingest queue killed (`kill -9`), brought back
+    /// 15 s later.
+    RabbitMqNodeKill9(&'a RabbitCluster),
     RedisFlushAll(&'a OwnRedis),
     RedisRestartEmpty(&'a mut OwnRedis),
     RedisRestartFromBackup(&'a mut OwnRedis),
     RedisFailover(&'a mut RedisFailover),
+    /// The master of the HA Redis' sentinels or of its cluster killed (`kill -9`), a replica
+    /// promoted.
+    RedisHa(HaFailover),
 }
 
 /// The replicas killed in turn by [`Fault::Kill9InTurn`].
@@ -127,6 +135,7 @@ impl Fault<'_> {
                 | Self::RedisRestartEmpty(_)
                 | Self::RedisRestartFromBackup(_)
                 | Self::RedisFailover(_)
+                | Self::RedisHa(_)
         );
         if loses_idempotency_records {
             CLIENTS * strikes
@@ -182,6 +191,9 @@ impl Fault<'_> {
                 );
                 Ok(())
             }
+            Self::RabbitMqNodeKill9(cluster) => {
+                cluster.kill_the_leader_and_bring_it_back(stack).await
+            }
             Self::RedisFlushAll(redis) => {
                 let _: () = redis::cmd("FLUSHALL")
                     .query_async(&mut redis.connection().await?)
@@ -195,12 +207,13 @@ impl Fault<'_> {
                 redis.restart_from_backup().await
             }
             Self::RedisFailover(failover) => failover.fail_over().await,
+            Self::RedisHa(failover) => failover.strike(stack).await,
         }
     }
 }
 
 /// `scripts/services <arguments>`, with the ports of the environment.
-async fn services(arguments: &[&str]) -> anyhow::Result<()> {
+pub(crate) async fn services(arguments: &[&str]) -> anyhow::Result<()> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/services");
     let status = tokio::process::Command::new(script)
         .args(arguments)

@@ -12,7 +12,9 @@
 //!
 //! It restarts the shared MariaDB, RabbitMQ and Elasticsearch, so it runs alone and serially:
 //! `cargo test --workspace --test faults -- --test-threads=1` (scripts/test does, after the
-//! main suite). Redis scenarios use a Redis of their own.
+//! main suite). Redis scenarios use a Redis of their own; the HA scenarios the HA services of
+//! `scripts/services up --ha`: the Redis Sentinel and Redis Cluster failovers ([`redis_ha`]), a
+//! RabbitMQ cluster node's loss ([`rabbit_ha`]).
 //!
 //! A scenario of another module runs through [`scenario`] (or [`run`] for another topology,
 //! which hands back the [`Stack`] to inspect and stop).
@@ -20,6 +22,8 @@
 mod audit;
 mod fault;
 mod load;
+mod rabbit_ha;
+mod redis_ha;
 mod replicas;
 mod rollback;
 mod stack;

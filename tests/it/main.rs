@@ -19,6 +19,7 @@ mod kubernetes_live;
 mod live;
 mod observability;
 mod pipeline;
+mod redis_ha;
 mod search;
 mod senders;
 mod tls;

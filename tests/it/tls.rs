@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use chatcore::Config;
-use chatcore::config::SecretUrl;
+use chatcore::config::{RedisUrl, SecretUrl};
 use chatcore::metrics::Metrics;
 use chatcore::retry::Transient as _;
 use chatcore::state::StateError;
@@ -256,7 +256,8 @@ async fn black_holed_mysql_and_redis_fail_the_connect_within_the_connect_timeout
 
     let started = Instant::now();
     let failure = chatcore::state::connect_redis_with(
-        &SecretUrl::new(format!("redis://{}/0", hole.address)),
+        &RedisUrl::parse(SecretUrl::new(format!("redis://{}/0", hole.address)))
+            .map_err(anyhow::Error::msg)?,
         CONNECT_TIMEOUT,
         None,
     )

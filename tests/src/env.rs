@@ -29,9 +29,19 @@ fn env_or(name: &str, default: &str) -> String {
 pub struct Services {
     pub mysql_admin_url: String,
     pub redis_url: String,
+    /// The sentinels of `scripts/services up --ha` (master `chat-ha`).
+    pub redis_sentinel_url: String,
+    /// The Redis Cluster of `scripts/services up --ha` (three of its six nodes).
+    pub redis_cluster_url: String,
+    /// `REDIS_HA_BASE_PORT`: the replicated Redis from here, their sentinels from +10, the
+    /// cluster's nodes from +20.
+    pub redis_ha_base_port: u16,
     pub amqp_url: String,
     /// RabbitMQ's management API (guest/guest).
     pub amqp_management_url: String,
+    /// `AMQP_HA_BASE_PORT`: the RabbitMQ cluster of `scripts/services up --ha`, its nodes' AMQP
+    /// ports from here, their management APIs from +10.
+    pub amqp_ha_base_port: u16,
     pub elasticsearch_url: String,
     /// The Elasticsearch 7.17 node `scripts/test` starts beside the 8.x one.
     pub elasticsearch_7_url: String,
@@ -41,15 +51,31 @@ impl Services {
     pub fn from_env() -> Self {
         let mysql_port = env_or("MYSQL_PORT", "3306");
         let redis_port = env_or("REDIS_PORT", "6379");
+        let ha_base: u16 = env_or("REDIS_HA_BASE_PORT", "6400")
+            .parse()
+            .expect("REDIS_HA_BASE_PORT is a port");
+        let nodes = |first: u16| {
+            (first..first + 3)
+                .map(|port| format!("127.0.0.1:{port}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
         let amqp_port = env_or("AMQP_PORT", "5672");
         let amqp_management_port = env_or("AMQP_MANAGEMENT_PORT", "15672");
+        let amqp_ha_base_port = env_or("AMQP_HA_BASE_PORT", "5700")
+            .parse()
+            .expect("AMQP_HA_BASE_PORT is a port");
         let es_port = env_or("ES_PORT", "9200");
         let es7_port = env_or("ES7_PORT", "9201");
         Self {
             mysql_admin_url: format!("mysql://chat:chat@127.0.0.1:{mysql_port}"),
             redis_url: format!("redis://127.0.0.1:{redis_port}/0"),
+            redis_sentinel_url: format!("redis+sentinel://{}/chat-ha/0", nodes(ha_base + 10)),
+            redis_cluster_url: format!("redis+cluster://{}", nodes(ha_base + 20)),
+            redis_ha_base_port: ha_base,
             amqp_url: format!("amqp://guest:guest@127.0.0.1:{amqp_port}/%2f"),
             amqp_management_url: format!("http://127.0.0.1:{amqp_management_port}/api"),
+            amqp_ha_base_port,
             elasticsearch_url: format!("http://127.0.0.1:{es_port}"),
             elasticsearch_7_url: format!("http://127.0.0.1:{es7_port}"),
         }

@@ -195,11 +195,12 @@ impl TestEnv {
 
     /// A connection to the test's RabbitMQ, for publishing what the api never would.
     pub async fn amqp_connection(&self) -> anyhow::Result<lapin::Connection> {
-        let url = self.config().require_amqp_url()?.clone();
-        Ok(
-            lapin::Connection::connect(url.expose(), lapin::ConnectionProperties::default())
-                .await?,
+        let nodes = self.config().require_amqp_url()?.clone();
+        Ok(lapin::Connection::connect(
+            nodes.first().expose(),
+            lapin::ConnectionProperties::default(),
         )
+        .await?)
     }
 
     /// Unbinds `routing_key` from the queue of `consumer`: its events reach that queue no more

@@ -52,7 +52,7 @@ pub fn batch_size(config: &Config) -> usize {
 
 async fn amqp_connect(config: &Config) -> anyhow::Result<lapin::Connection> {
     Ok(lapin::Connection::connect(
-        config.require_amqp_url()?.expose(),
+        config.require_amqp_url()?.first().expose(),
         lapin::ConnectionProperties::default(),
     )
     .await?)

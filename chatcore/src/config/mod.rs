@@ -12,16 +12,20 @@ use std::time::Duration;
 use crate::events::Consumer;
 use crate::retry::Backoff;
 
+mod amqp;
 pub mod destinations;
 pub mod origins;
 mod reader;
+mod redis_url;
 pub mod settings;
 mod traces;
 
+pub use amqp::{AmqpNode, AmqpNodes};
 pub use destinations::AllowedDestinations;
 pub use origins::AllowedOrigins;
 pub use reader::ConfigError;
 use reader::Reader;
+pub use redis_url::{RedisTopology, RedisUrl};
 use settings::*;
 pub use traces::{OtlpProtocol, TraceExport};
 
@@ -129,9 +133,9 @@ const EVENT_ENVELOPE_BYTES: usize = 1024;
 pub struct Config {
     pub database_url: Option<SecretUrl>,
     pub database_max_connections: u32,
-    pub redis_url: Option<SecretUrl>,
+    pub redis_url: Option<RedisUrl>,
     pub redis_key_prefix: String,
-    pub amqp_url: Option<SecretUrl>,
+    pub amqp_url: Option<AmqpNodes>,
     pub topology: Topology,
     pub elasticsearch_url: Option<SecretUrl>,
     pub elasticsearch_index: String,
@@ -392,9 +396,16 @@ impl Config {
         Ok(Self {
             database_url: settings.url(&DATABASE_URL),
             database_max_connections: settings.number(&DATABASE_MAX_CONNECTIONS)?,
-            redis_url: settings.url(&REDIS_URL),
+            redis_url: settings
+                .url(&REDIS_URL)
+                .map(|url| {
+                    RedisUrl::parse(url.clone())
+                        .map_err(|reason| ConfigError::new(&REDIS_URL, url, &reason))
+                })
+                .transpose()?,
             redis_key_prefix: settings.text(&REDIS_PREFIX)?,
-            amqp_url: settings.url(&AMQP_URL),
+            // A refused value is not repeated: the reason names the node, its password redacted.
+            amqp_url: settings.secret(&AMQP_URL)?,
             topology: Topology {
                 queue_type,
                 ..Topology::from_prefix(&settings.text(&AMQP_PREFIX)?)
@@ -595,34 +606,35 @@ impl Config {
         Ok(self)
     }
 
-    fn service_urls(&self) -> [&Option<SecretUrl>; 4] {
+    /// Whether each service's URL is set.
+    fn service_urls_set(&self) -> [bool; 4] {
         [
-            &self.database_url,
-            &self.redis_url,
-            &self.amqp_url,
-            &self.elasticsearch_url,
+            self.database_url.is_some(),
+            self.redis_url.is_some(),
+            self.amqp_url.is_some(),
+            self.elasticsearch_url.is_some(),
         ]
     }
 
     /// True when every part runs embedded in this process (no service URL is set).
     pub fn is_fully_embedded(&self) -> bool {
-        self.service_urls().iter().all(|url| url.is_none())
+        self.service_urls_set().iter().all(|set| !set)
     }
 
     /// True when at least one part runs embedded (and keeps files in `data_dir`).
     pub fn is_partly_embedded(&self) -> bool {
-        self.service_urls().iter().any(|url| url.is_none())
+        self.service_urls_set().iter().any(|set| !set)
     }
 
     pub fn require_database_url(&self) -> Result<&SecretUrl, ConfigError> {
         required(&DATABASE_URL, &self.database_url)
     }
 
-    pub fn require_redis_url(&self) -> Result<&SecretUrl, ConfigError> {
+    pub fn require_redis_url(&self) -> Result<&RedisUrl, ConfigError> {
         required(&REDIS_URL, &self.redis_url)
     }
 
-    pub fn require_amqp_url(&self) -> Result<&SecretUrl, ConfigError> {
+    pub fn require_amqp_url(&self) -> Result<&AmqpNodes, ConfigError> {
         required(&AMQP_URL, &self.amqp_url)
     }
 
@@ -632,10 +644,7 @@ impl Config {
 }
 
 /// For the parts that exist only as real services (the separate workers, counter-sync).
-fn required<'a>(
-    setting: &Setting,
-    url: &'a Option<SecretUrl>,
-) -> Result<&'a SecretUrl, ConfigError> {
+fn required<'a, Url>(setting: &Setting, url: &'a Option<Url>) -> Result<&'a Url, ConfigError> {
     url.as_ref()
         .ok_or_else(|| ConfigError::new(setting, "", "is required by this service"))
 }

@@ -79,12 +79,16 @@ pub const DATABASE_URL: Setting = setting(
 pub const REDIS_URL: Setting = setting(
     "REDIS_URL",
     Nothing("in-process counters"),
-    "Redis, e.g. `redis://127.0.0.1:6379/0`",
+    "Redis, e.g. `redis://127.0.0.1:6379/0`; behind sentinels \
+     `redis+sentinel://host:26379,host2:26379/<master name>[/db]`; a cluster \
+     `redis+cluster://host:6379,host2:6379`; `rediss…` for TLS (README \"Redis Sentinel and Redis Cluster\")",
 );
 pub const AMQP_URL: Setting = setting(
     "AMQP_URL",
     Nothing("embedded queue, consumed in the api"),
-    "RabbitMQ, e.g. `amqp://guest:guest@127.0.0.1:5672/%2f`; needs `DATABASE_URL` and \
+    "RabbitMQ, e.g. `amqp://guest:guest@127.0.0.1:5672/%2f`; a cluster: each node's URL, \
+     comma-separated (`amqp://u:p@rabbit-0:5672/%2f,amqp://u:p@rabbit-1:5672/%2f`), tried in turn \
+     from the last that worked when a connection is made or lost; needs `DATABASE_URL` and \
      `ELASTICSEARCH_URL`",
 );
 pub const ELASTICSEARCH_URL: Setting = setting(

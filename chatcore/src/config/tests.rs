@@ -81,6 +81,61 @@ fn secret_url_redacts_password() {
 }
 
 #[test]
+fn amqp_url_lists_the_nodes_of_a_cluster_in_order() {
+    let config = Config::from_map(&HashMap::from([
+        (
+            "AMQP_URL".to_owned(),
+            "amqp://chat:hunter2@rabbit-0:5672/%2f, amqps://chat:hunter2@rabbit-1/%2f".to_owned(),
+        ),
+        ("DATABASE_URL".to_owned(), "mysql://db/chat".to_owned()),
+        ("ELASTICSEARCH_URL".to_owned(), "http://es:9200".to_owned()),
+    ]))
+    .expect("valid");
+    let nodes = config.require_amqp_url().expect("set");
+    let hosts: Vec<(&str, u16)> = nodes
+        .nodes()
+        .iter()
+        .map(|node| {
+            (
+                node.uri().authority.host.as_str(),
+                node.uri().authority.port,
+            )
+        })
+        .collect();
+    assert_eq!(hosts, [("rabbit-0", 5672), ("rabbit-1", 5671)]);
+    assert_eq!(
+        nodes.first().expose(),
+        "amqp://chat:hunter2@rabbit-0:5672/%2f"
+    );
+    let shown = format!("{config:?} {nodes}");
+    assert!(!shown.contains("hunter2"), "{shown}");
+}
+
+#[test]
+fn a_refused_amqp_url_names_the_node_without_its_password() {
+    for (value, reason) in [
+        (
+            "amqp://chat:hunter2@rabbit-0/%2f,,amqp://rabbit-2",
+            "node 2 is empty",
+        ),
+        (
+            "amqp://chat:hunter2@rabbit-0/%2f,http://chat:hunter2@rabbit-1",
+            "node 2",
+        ),
+        ("amqp://chat:hunter2@rabbit-0:port/%2f", "node 1"),
+    ] {
+        let error = Config::from_map(&HashMap::from([("AMQP_URL".to_owned(), value.to_owned())]))
+            .expect_err("refused");
+        let shown = format!("{error} {error:?}");
+        assert!(
+            shown.contains("AMQP_URL") && shown.contains(reason),
+            "{shown}"
+        );
+        assert!(!shown.contains("hunter2"), "{shown}");
+    }
+}
+
+#[test]
 fn defaults_apply_and_overrides_parse() {
     let mut values = HashMap::new();
     values.insert("CHAT_BATCH_MAX_SIZE".to_owned(), "42".to_owned());
@@ -330,4 +385,26 @@ fn every_sampler_of_the_specification_is_offered() {
     ] {
         assert_eq!(sampler(name, arg), expected, "{name} {arg}");
     }
+}
+
+#[test]
+fn a_redis_url_that_does_not_parse_stops_the_start_without_its_password() {
+    let error = Config::from_map(&HashMap::from([(
+        "REDIS_URL".to_owned(),
+        "redis+sentinel://chat:hunter2@s1:26379,s2:26379".to_owned(),
+    )]))
+    .expect_err("no master name");
+    let shown = format!("{error} {error:?}");
+    assert!(shown.contains("REDIS_URL"), "{shown}");
+    assert!(shown.contains("names no master"), "{shown}");
+    assert!(!shown.contains("hunter2"), "{shown}");
+    let config = Config::from_map(&HashMap::from([(
+        "REDIS_URL".to_owned(),
+        "redis+cluster://chat:hunter2@n1:7000,n2:7000".to_owned(),
+    )]))
+    .expect("a cluster");
+    assert!(matches!(
+        config.redis_url.map(|url| url.topology),
+        Some(RedisTopology::Cluster { .. })
+    ));
 }

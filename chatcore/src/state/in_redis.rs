@@ -1,103 +1,21 @@
 //! [`SharedState`] on Redis: a counter is a hash `{next, ceil, epoch, server}` changed by Lua
 //! scripts, so every step is atomic across api replicas; keys are plain strings with a TTL.
+//!
+//! Every script and command touches exactly one key, so each runs within one hash slot of a
+//! Redis Cluster whatever the key's name: the key names need no hash tags (and stay those of
+//! earlier versions).
 
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures_util::{StreamExt as _, TryStreamExt as _};
 use redis::Script;
-use redis::aio::ConnectionManager;
 
+use super::redis_connection::RedisConnection;
 use super::{Counter, SharedState, StateError};
-use crate::config::SecretUrl;
 
-/// [`connect_redis_with`] with 5 s to connect and the public roots only (the benchmark).
-pub async fn connect_redis(url: &SecretUrl) -> Result<ConnectionManager, redis::RedisError> {
-    connect_redis_with(url, Duration::from_secs(5), None).await
-}
-
-/// Connects to Redis with a multiplexed, self-reconnecting connection. The response timeout is
-/// generous (the client default of 500 ms fails requests on a briefly saturated machine); a dead
-/// Redis is still noticed at once through the dropped connection.
-///
-/// `rediss://` connects with TLS (rustls), trusting the public (webpki) roots and `tls_ca` (PEM,
-/// `CHAT_TLS_CA_FILE`). Each connection (TCP, TLS, the handshake's commands) takes at most
-/// `connect_timeout`, and so does this first one as a whole: its failure is the error of one
-/// attempt (a refused port, an untrusted certificate), not of the manager's retries.
-pub async fn connect_redis_with(
-    url: &SecretUrl,
-    connect_timeout: Duration,
-    tls_ca: Option<&[u8]>,
-) -> Result<ConnectionManager, redis::RedisError> {
-    // Commands of concurrent requests share the multiplexed connection: Nagle's algorithm would
-    // hold a command back while an earlier one is unanswered.
-    let info = redis::IntoConnectionInfo::into_connection_info(url.expose())?
-        .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
-    let mut client = redis::Client::open(info)?;
-    if let Some(pem) = tls_ca
-        && matches!(
-            client.get_connection_info().addr(),
-            redis::ConnectionAddr::TcpTls { .. }
-        )
-    {
-        let certificates = redis::TlsCertificates {
-            client_tls: None,
-            root_cert: Some(with_public_roots(pem)),
-        };
-        client = redis::Client::build_with_tls(client.get_connection_info().clone(), certificates)?;
-    }
-    // One attempt first, for its own error (the manager makes seven before it reports one).
-    let attempt = redis::AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(connect_timeout))
-        .set_response_timeout(Some(connect_timeout));
-    within(connect_timeout, async {
-        let mut connection = client
-            .get_multiplexed_async_connection_with_config(&attempt)
-            .await?;
-        redis::cmd("PING").query_async::<()>(&mut connection).await
-    })
-    .await?;
-    let settings = redis::aio::ConnectionManagerConfig::new()
-        .set_response_timeout(Some(Duration::from_secs(5)))
-        .set_connection_timeout(Some(connect_timeout));
-    within(
-        connect_timeout,
-        ConnectionManager::new_with_config(client, settings),
-    )
-    .await
-}
-
-/// `connecting`, failing as an IO error (transient) past `timeout`.
-async fn within<T>(
-    timeout: Duration,
-    connecting: impl Future<Output = Result<T, redis::RedisError>>,
-) -> Result<T, redis::RedisError> {
-    tokio::time::timeout(timeout, connecting)
-        .await
-        .map_err(|_| {
-            std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("redis: no connection within {timeout:?}"),
-            )
-        })?
-}
-
-/// The PEM of `ca` followed by the public roots: given a root certificate, redis-rs trusts that
-/// one alone.
-fn with_public_roots(ca: &[u8]) -> Vec<u8> {
-    use base64::Engine as _;
-    let mut pem = ca.to_vec();
-    pem.push(b'\n');
-    for root in webpki_root_certs::TLS_SERVER_ROOT_CERTS {
-        pem.extend_from_slice(b"-----BEGIN CERTIFICATE-----\n");
-        let encoded = base64::engine::general_purpose::STANDARD.encode(root);
-        for line in encoded.as_bytes().chunks(64) {
-            pem.extend_from_slice(line);
-            pem.push(b'\n');
-        }
-        pem.extend_from_slice(b"-----END CERTIFICATE-----\n");
-    }
-    pem
-}
+/// Scripts of one [`SharedState::raise_next`] call in flight at once, on the shared connection.
+const RAISES_IN_FLIGHT: usize = 64;
 
 /// Lua that sets `server` to the run id of the Redis server running the script. A counter
 /// remembers the server that installed it; on any other server (a restart, even one that reloaded
@@ -175,7 +93,7 @@ return 1
 
 #[derive(Clone)]
 pub struct RedisState {
-    redis: ConnectionManager,
+    redis: RedisConnection,
     increment: Script,
     read: Script,
     seed: Script,
@@ -185,7 +103,7 @@ pub struct RedisState {
 }
 
 impl RedisState {
-    pub fn new(redis: ConnectionManager) -> Self {
+    pub fn new(redis: RedisConnection) -> Self {
         Self {
             redis,
             increment: Script::new(INCREMENT),
@@ -197,9 +115,23 @@ impl RedisState {
         }
     }
 
-    fn connection(&self) -> ConnectionManager {
+    fn connection(&self) -> RedisConnection {
         self.redis.clone()
     }
+}
+
+/// [`RAISE_NEXT`] of one key: 1 when raised.
+async fn raise_one(
+    script: &Script,
+    mut connection: RedisConnection,
+    key: &str,
+    number: u64,
+) -> redis::RedisResult<i64> {
+    script
+        .key(key)
+        .arg(number)
+        .invoke_async(&mut connection)
+        .await
 }
 
 /// `{next, ceil, epoch}` as the scripts answer it; `{}` is no counter.
@@ -276,17 +208,17 @@ impl SharedState for RedisState {
         if targets.is_empty() {
             return Ok(Vec::new());
         }
-        // Pipelines only send EVALSHA: make sure the script is loaded first.
-        let _sha: String = redis::cmd("SCRIPT")
-            .arg("LOAD")
-            .arg(RAISE_NEXT)
-            .query_async(&mut self.connection())
+        // Scripts one by one rather than a pipeline: on a cluster the keys lie in different
+        // slots. They share the multiplexed connection, so they still travel together. (Collected
+        // first: a stream that borrows the targets in its closure is not `Send` for async_trait.)
+        let raises: Vec<_> = targets
+            .iter()
+            .map(|(key, number)| raise_one(&self.raise_next, self.connection(), key, *number))
+            .collect();
+        let raised: Vec<i64> = futures_util::stream::iter(raises)
+            .buffered(RAISES_IN_FLIGHT)
+            .try_collect()
             .await?;
-        let mut pipeline = redis::pipe();
-        for (key, number) in targets {
-            pipeline.invoke_script(self.raise_next.key(key).arg(*number));
-        }
-        let raised: Vec<i64> = pipeline.query_async(&mut self.connection()).await?;
         Ok(raised.into_iter().map(|raised| raised == 1).collect())
     }
 

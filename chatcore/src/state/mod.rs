@@ -8,6 +8,7 @@
 
 mod in_process;
 mod in_redis;
+mod redis_connection;
 mod timed;
 
 use std::time::Duration;
@@ -15,7 +16,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 pub use in_process::InProcessState;
-pub use in_redis::{RedisState, connect_redis, connect_redis_with};
+pub use in_redis::RedisState;
+pub use redis_connection::{RedisConnection, connect_redis, connect_redis_with};
 pub use timed::TimedState;
 
 use crate::retry::Transient;
@@ -40,12 +42,23 @@ pub enum StateError {
 }
 
 impl Transient for StateError {
-    /// The connection dropped and is being re-established, or the file is busy: worth a retry in
-    /// a moment.
+    /// The connection dropped and is being re-established, Redis is failing over (a demoted
+    /// master, a cluster without a master for a slot) or loading, or the file is busy: worth a
+    /// retry in a moment.
     fn is_transient(&self) -> bool {
+        use redis::{ErrorKind, RetryMethod, ServerErrorKind};
         match self {
             Self::TimedOut(_) => true,
-            Self::Redis(error) => error.is_connection_dropped() || error.is_io_error(),
+            Self::Redis(error) => {
+                error.is_connection_dropped()
+                    || error.is_io_error()
+                    || matches!(error.retry_method(), RetryMethod::WaitAndRetry)
+                    || matches!(
+                        error.kind(),
+                        ErrorKind::Server(ServerErrorKind::ReadOnly)
+                            | ErrorKind::ClusterConnectionNotFound
+                    )
+            }
             Self::Database(error) => crate::sql_errors::is_transient(error),
         }
     }

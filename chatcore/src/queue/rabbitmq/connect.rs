@@ -1,27 +1,60 @@
-//! Connecting to RabbitMQ within a bounded time: TCP, TLS for `amqps://`, the AMQP handshake.
+//! Connecting to RabbitMQ within a bounded time: TCP, TLS for `amqps://`, the AMQP handshake; to
+//! the next node of a cluster when one does not answer.
 
 use std::io;
 use std::net::Shutdown;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use lapin::tcp::{AsyncTcpStream, OwnedTLSConfig};
 use lapin::types::LongString;
-use lapin::uri::{AMQPScheme, AMQPUri};
+use lapin::uri::AMQPScheme;
 use lapin::{Connection, ConnectionProperties};
 
 use super::RabbitMqQueue;
+use crate::config::AmqpNode;
 
 impl RabbitMqQueue {
-    /// Opens a connection within `connect_timeout`: TCP, TLS (`amqps://`, trusting the public
-    /// roots and `tls_ca`) and the AMQP handshake. lapin runs the handshake on an IO thread of its
-    /// own that the timeout does not stop, so past it the socket is shut down under that thread
-    /// (a broker that accepts and never answers would otherwise hold it forever).
+    /// Opens a connection to the first node of `AMQP_URL` that answers, trying them in turn from
+    /// the one that answered last (so a lost node costs one refused or timed-out attempt, and
+    /// every connection of the process ends up on the node that answered). The error of the last
+    /// node when none does.
     pub(super) async fn connect(&self, connection_name: &str) -> Result<Connection, lapin::Error> {
-        let uri: AMQPUri = self
-            .url
-            .expose()
-            .parse()
-            .map_err(|error: String| io::Error::new(io::ErrorKind::InvalidInput, error))?;
+        let nodes = self.nodes.nodes();
+        let first = self.answered_last.load(Ordering::Relaxed);
+        let mut failure = None;
+        for offset in 0..nodes.len() {
+            let index = (first + offset) % nodes.len();
+            let node = &nodes[index];
+            match self.connect_to(node, connection_name).await {
+                Ok(connection) => {
+                    if index != first {
+                        tracing::info!(%node, connection_name, "rabbitmq: connected to another node");
+                        self.answered_last.store(index, Ordering::Relaxed);
+                    }
+                    return Ok(connection);
+                }
+                Err(error) => {
+                    if nodes.len() > 1 {
+                        tracing::warn!(%node, %error, connection_name, "rabbitmq node unreachable, trying the next");
+                    }
+                    failure = Some(error);
+                }
+            }
+        }
+        Err(failure.unwrap_or_else(|| io::Error::other("rabbitmq: no node configured").into()))
+    }
+
+    /// Opens a connection to one node within `connect_timeout`: TCP, TLS (`amqps://`, trusting
+    /// the public roots and `tls_ca`) and the AMQP handshake. lapin runs the handshake on an IO
+    /// thread of its own that the timeout does not stop, so past it the socket is shut down under
+    /// that thread (a broker that accepts and never answers would otherwise hold it forever).
+    async fn connect_to(
+        &self,
+        node: &AmqpNode,
+        connection_name: &str,
+    ) -> Result<Connection, lapin::Error> {
+        let uri = node.uri().clone();
         let properties =
             ConnectionProperties::default().with_connection_name(LongString::from(connection_name));
         let tls = OwnedTLSConfig {

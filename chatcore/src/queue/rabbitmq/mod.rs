@@ -23,6 +23,7 @@ mod publisher;
 mod source;
 mod topology;
 
+use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -37,14 +38,16 @@ use self::source::RabbitMqSource;
 use self::topology::declare_topology;
 use super::{EventQueue, EventSource, Listener, QueueError};
 use crate::changes::MessageChange;
-use crate::config::{ConsumerConfig, SecretUrl, Topology};
+use crate::config::{AmqpNodes, ConsumerConfig, Topology};
 use crate::events::{Consumer, Event, TraceContext};
 
 /// AMQP delivery mode of messages kept in memory only.
 const TRANSIENT: u8 = 1;
 
 pub struct RabbitMqQueue {
-    url: SecretUrl,
+    nodes: AmqpNodes,
+    /// The index of the node the last connection was made to: the first one tried next.
+    answered_last: AtomicUsize,
     topology: Topology,
     confirm_timeout: Duration,
     connect_timeout: Duration,
@@ -84,11 +87,11 @@ impl Link {
 }
 
 impl RabbitMqQueue {
-    /// Connects on first use, not here. A connection (TCP, TLS for `amqps://`, the AMQP
-    /// handshake) takes at most `connect_timeout`; `tls_ca` is PEM. Events published together
+    /// Connects on first use, not here, to one of `nodes`. A connection to a node (TCP, TLS for
+    /// `amqps://`, the AMQP handshake) takes at most `connect_timeout`; `tls_ca` is PEM. Events published together
     /// share a message of at most `max_message_bytes`.
     pub fn new(
-        url: SecretUrl,
+        nodes: AmqpNodes,
         topology: Topology,
         confirm_timeout: Duration,
         connect_timeout: Duration,
@@ -96,7 +99,8 @@ impl RabbitMqQueue {
         max_message_bytes: usize,
     ) -> Self {
         Self {
-            url,
+            nodes,
+            answered_last: AtomicUsize::new(0),
             topology,
             confirm_timeout,
             connect_timeout,
