@@ -246,9 +246,6 @@ mod tests {
         };
         assert!(settings(&[]).enforce);
         assert!(!settings(&["--enforce", "false"]).enforce);
-        assert_eq!(
-            settings(&["post-floor"]).command,
-            Some(Command::PostFloor)
-        );
+        assert_eq!(settings(&["post-floor"]).command, Some(Command::PostFloor));
     }
 }

@@ -44,7 +44,9 @@ impl PostFloorProcess {
             .kill_on_drop(true)
             .spawn()
             .context("starting the post floor's process")?;
-        let pid = child.id().context("the post floor's process exited at once")?;
+        let pid = child
+            .id()
+            .context("the post floor's process exited at once")?;
         let stdout = child.stdout.take().context("the post floor's stdout")?;
         let line = tokio::time::timeout(STARTUP, BufReader::new(stdout).lines().next_line())
             .await

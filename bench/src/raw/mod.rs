@@ -96,7 +96,11 @@ mod tests {
         };
         assert_eq!(batch_size(&config("255"), 1), 255, "the prefetch bounds");
         assert_eq!(batch_size(&config("255"), 10), 500, "50 envelopes of 10");
-        assert_eq!(batch_size(&config("255"), 7), 504, "72 whole envelopes of 7");
+        assert_eq!(
+            batch_size(&config("255"), 7),
+            504,
+            "72 whole envelopes of 7"
+        );
         assert_eq!(batch_size(&config("20"), 10), 200, "20 envelopes at most");
     }
 }
