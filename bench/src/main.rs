@@ -39,11 +39,12 @@ use sqlx::MySqlPool;
 use crate::api::Api;
 use crate::load::Outcome;
 use crate::persisted::{ChatWatch, IndexCount};
+use crate::phases::post_floor::PostFloorProcess;
 use crate::phases::raw_limits::RawLimit;
 use crate::processes::Processes;
 use crate::raw::ChatRef;
 use crate::report::{Measured, Report, ratio};
-use crate::settings::Settings;
+use crate::settings::{Command, Settings};
 
 /// What the phases share.
 struct Bench {
@@ -53,6 +54,10 @@ struct Bench {
     api: Api,
     raw_limits: Vec<RawLimit>,
     report: Report,
+    /// The floor of a `POST`'s own work, served by a process of its own (services only).
+    post_floor: Option<PostFloorProcess>,
+    /// Its rate in this run, once measured.
+    floor_rate: Option<f64>,
 }
 
 /// The bench's application and where its messages are counted.
@@ -80,6 +85,11 @@ impl ServiceStorage {
 
 fn main() -> anyhow::Result<()> {
     let settings = Settings::parse();
+    if settings.command == Some(Command::PostFloor) {
+        // As the api's runtime: a worker thread per core.
+        return tokio::runtime::Runtime::new()?
+            .block_on(raw::post_floor::serve(Config::from_env()?));
+    }
     // A small runtime: the load generator must not take the cores of the stack it measures.
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(settings.threads())
@@ -90,7 +100,16 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(settings: Settings) -> anyhow::Result<()> {
     let config = Config::from_env()?;
-    let processes = Processes::new(&settings.processes, settings.embedded(), settings.clk_tck);
+    let post_floor = if settings.embedded() {
+        None
+    } else {
+        Some(PostFloorProcess::start().await?)
+    };
+    let listed = match &post_floor {
+        Some(floor) => format!("{},post-floor={}", settings.processes, floor.pid()),
+        None => settings.processes.clone(),
+    };
+    let processes = Processes::new(&listed, settings.embedded(), settings.clk_tck);
     let api = Api::new(&settings.api_url, settings.connections)?;
     let mut bench = Bench {
         config,
@@ -99,6 +118,8 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         api,
         raw_limits: Vec::new(),
         report: Report::default(),
+        post_floor,
+        floor_rate: None,
     };
     bench.measure_raw_limits().await?;
 
@@ -129,6 +150,13 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     let deep_chat = bench.deep_pages(&target.token).await?;
     bench.search_at_scale(&target, deep_chat).await?;
     bench.report.print(&bench.processes);
+    let missed = bench.report.missed_goals();
+    anyhow::ensure!(
+        missed.is_empty() || !bench.settings.enforce,
+        "{} enforced goal(s) missed (BENCH_ENFORCE=false only prints them): {}",
+        missed.len(),
+        missed.join("; ")
+    );
     Ok(())
 }
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{Context as _, ensure};
 
 /// The processes of the table, in its order (the load generator is added last).
-const STACK_PROCESSES: [&str; 8] = [
+const STACK_PROCESSES: [&str; 9] = [
     "api",
     "ingest-worker",
     "indexer",
@@ -20,6 +20,8 @@ const STACK_PROCESSES: [&str; 8] = [
     "mariadb",
     "elasticsearch",
     "redis",
+    // The bench's own minimal POST server (raw::post_floor), a process of its own.
+    "post-floor",
 ];
 const LOAD_GENERATOR: &str = "load generator";
 

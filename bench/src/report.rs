@@ -60,6 +60,8 @@ pub struct Report {
     rows: Vec<[String; 3]>,
     cpu_columns: Vec<CpuColumn>,
     notes: Vec<String>,
+    /// The goals the bench enforces, and whether this run reached each.
+    goals: Vec<(String, bool)>,
 }
 
 impl Report {
@@ -97,6 +99,21 @@ impl Report {
         self.row(raw.label, raw_rate, "1");
         self.figure(figure, ratio);
         self.cpu(raw.column, raw.measured);
+    }
+
+    /// Records an enforced goal (`BENCH_ENFORCE`) and how its row says whether it was reached.
+    pub fn goal(&mut self, goal: impl Into<String>, reached: bool) -> &'static str {
+        self.goals.push((goal.into(), reached));
+        met(reached)
+    }
+
+    /// The enforced goals this run missed.
+    pub fn missed_goals(&self) -> Vec<&str> {
+        self.goals
+            .iter()
+            .filter(|(_, reached)| !reached)
+            .map(|(goal, _)| goal.as_str())
+            .collect()
     }
 
     pub fn note(&mut self, note: impl Into<String>) {
@@ -147,6 +164,19 @@ impl Report {
         }
         for note in &self.notes {
             println!("- {note}");
+        }
+        if !self.goals.is_empty() {
+            let missed = self.missed_goals();
+            println!();
+            println!(
+                "Enforced goals: {} of {} met{}",
+                self.goals.len() - missed.len(),
+                self.goals.len(),
+                if missed.is_empty() { "." } else { "; missed:" }
+            );
+            for goal in missed {
+                println!("- {goal}");
+            }
         }
     }
 }

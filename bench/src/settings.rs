@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 
 /// Under RabbitMQ's 60 s heartbeat: a stopped worker must not lose its connection.
 pub const MAX_STOPPED_SECONDS: u64 = 45;
@@ -19,10 +19,20 @@ pub enum Stack {
     Embedded,
 }
 
+/// What the bench binary runs besides the bench.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Subcommand)]
+pub enum Command {
+    /// Serves the floor of a `POST`'s own work (the bench starts it as a process of its own):
+    /// prints `listening <address>`, then serves until killed.
+    PostFloor,
+}
+
 /// Bounded load benchmark of a running chat platform stack against the raw limits of its services.
 // The value names are those of the environment variables: an error names the variable.
 #[derive(Debug, Parser)]
 pub struct Settings {
+    #[command(subcommand)]
+    pub command: Option<Command>,
     /// The stack under test.
     #[arg(
         long,
@@ -146,6 +156,17 @@ pub struct Settings {
         default_value = ""
     )]
     pub processes: String,
+    /// Whether a goal the bench enforces (a ratio to a raw limit, a latency) that the run missed
+    /// makes it exit non-zero once the report is printed; `false` only prints (a dev run on a
+    /// noisy machine).
+    #[arg(
+        long,
+        env = "BENCH_ENFORCE",
+        value_name = "BENCH_ENFORCE",
+        default_value_t = true,
+        action = clap::ArgAction::Set
+    )]
+    pub enforce: bool,
     /// Clock ticks per second of `/proc/<pid>/stat` (`getconf CLK_TCK`).
     #[arg(
         long,
@@ -216,5 +237,15 @@ mod tests {
             stopped(&["--max-seconds", "20", "--stopped-seconds", "60"]),
             60
         );
+    }
+
+    #[test]
+    fn goals_are_enforced_unless_switched_off() {
+        let settings = |args: &[&str]| {
+            Settings::try_parse_from(["bench"].iter().chain(args)).expect("valid flags")
+        };
+        assert!(settings(&[]).enforce);
+        assert!(!settings(&["--enforce", "false"]).enforce);
+        assert_eq!(settings(&["post-floor"]).command, Some(Command::PostFloor));
     }
 }

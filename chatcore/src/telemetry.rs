@@ -7,6 +7,8 @@
 //!   platform names it. The W3C trace context travels in AMQP headers ([`inject`] /
 //!   [`set_remote_parent`]), so one POST is one trace across api, ingest-worker and indexer.
 
+mod span_fields;
+
 use std::collections::HashMap;
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator as _};
@@ -50,6 +52,7 @@ pub fn init(service_name: &'static str, export: Option<&TraceExport>) -> Telemet
         .with_current_span(true)
         .with_span_list(true)
         .flatten_event(true)
+        .fmt_fields(span_fields::SpanFieldsJson)
         .with_filter(filter);
     let provider = export.and_then(|export| match tracer_provider(service_name, export) {
         Ok(provider) => Some(provider),

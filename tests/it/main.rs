@@ -17,6 +17,7 @@ mod generated_client;
 mod kubernetes;
 mod kubernetes_live;
 mod live;
+mod mysql_pool;
 mod observability;
 mod pipeline;
 mod redis_ha;

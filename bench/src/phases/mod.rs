@@ -1,6 +1,8 @@
 //! The phases of the bench, in the order they run, each an `impl Bench` of its own:
 //! - [`raw_limits`]: the raw limits of the accept path (Redis INCR and a confirmed RabbitMQ
 //!   publish, or durable SQLite commits embedded), every rate of the accept path is read against;
+//! - [`post_floor`]: the floor of a `POST`'s own work (a minimal server of the bench's), the raw
+//!   limit of `POST` with the workers stopped, measured first in that phase;
 //! - [`stopped_workers`]: `POST` with the workers stopped, the drain of that backlog by each
 //!   downstream leg alone, and each leg against its own raw limit (services only);
 //! - [`running_workers`]: `POST` with the workers running, and end to end into the storage and the
@@ -17,6 +19,7 @@
 
 pub mod capacity;
 pub mod deep_pages;
+pub mod post_floor;
 pub mod posting;
 pub mod raw_limits;
 pub mod reads;

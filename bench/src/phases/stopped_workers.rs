@@ -54,11 +54,13 @@ impl Bench {
             ));
         }
         let chat = self.stored_chat(&target.token).await?;
+        self.post_floor(target, chat).await?;
 
         let mut paused = PausedWorkers::stop(&worker_pids)?;
         let posted = self
             .post_phase(&target.token, chat, Workers::Stopped)
             .await?;
+        self.post_against_floor(&posted);
 
         let count = posted.completed();
         // The api's envelopes: how many events an AMQP message of the ingest queue carries (the
@@ -158,7 +160,7 @@ impl Bench {
             self.api.http(),
             &self.processes,
             chat_ref,
-            count,
+            (count, events_per_message),
         )
         .await?;
 
@@ -171,8 +173,9 @@ impl Bench {
         );
         let raw_bulk_label = format!(
             "raw: `_bulk` into the same index (a chat of its own), one at a time, batches of {} \
-             (CHAT_BATCH_MAX_SIZE {}, prefetch {}), until searchable",
-            raw::batch_size(&self.config),
+             (the indexer's: CHAT_BATCH_MAX_SIZE {}, prefetch {} messages of \
+             {events_per_message} events), until searchable",
+            raw::batch_size(&self.config, events_per_message),
             consumer.batch_max_size,
             consumer.prefetch
         );

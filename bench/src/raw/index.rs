@@ -61,7 +61,7 @@ pub fn seeded_created_at(start: DateTime<Utc>, number: u64) -> DateTime<Utc> {
 
 /// The raw index leg: the documents the indexer writes for `count` created messages (the same
 /// `_id` scheme, routing, external version 1 and source), sent with `_bulk` in bulks of the
-/// indexer's batch size, one at a time, without refresh, timed until they are searchable, as the
+/// indexer's batch size (its batches of envelopes of `events_per_message`), one at a time, without refresh, timed until they are searchable, as the
 /// index leg is. They go into the stack's own index, under a chat number no chat has
 /// ([`RAW_BULK_CHAT`]) of the run's new application, and are deleted afterwards: the same index
 /// is the same cost per document (the lookups of external versions and the merges grow with the
@@ -72,30 +72,30 @@ pub async fn bulk_leg(
     http: &reqwest::Client,
     processes: &Processes,
     chat: ChatRef,
-    count: u64,
+    (count, events_per_message): (u64, usize),
 ) -> anyhow::Result<Measured> {
     let index = SearchIndex::new(config, http)?;
     let raw_chat = ChatRef {
         number: RAW_BULK_CHAT,
         ..chat
     };
-    let measured = bulk_into(config, processes, &index, raw_chat, count).await;
+    let bulk_size = batch_size(config, events_per_message);
+    let measured = bulk_into(processes, &index, raw_chat, (count, bulk_size)).await;
     index.delete_chat_documents(raw_chat, count).await?;
     measured
 }
 
 /// The timed part of the raw index leg.
 async fn bulk_into(
-    config: &Config,
     processes: &Processes,
     index: &SearchIndex<'_>,
     chat: ChatRef,
-    count: u64,
+    (count, bulk_size): (u64, usize),
 ) -> anyhow::Result<Measured> {
     let origin = Origin::Posted(chatcore::store::now());
     let numbers: Vec<u64> = (1..=count).collect();
     let bulks: Vec<String> = numbers
-        .chunks(batch_size(config))
+        .chunks(bulk_size)
         .map(|bulk| bulk_lines(chat, bulk, origin))
         .collect();
     let before = processes.sample();

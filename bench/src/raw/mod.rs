@@ -2,7 +2,8 @@
 //! the api or the workers, doing the work the stack does. Each is what one figure of the stack is
 //! compared with:
 //! - the accept path of `POST`: Redis INCR and RabbitMQ confirmed publish, or durable one-row
-//!   SQLite commits (the embedded stack);
+//!   SQLite commits (the embedded stack); and the floor of a `POST`'s own work, a minimal server
+//!   ([`post_floor`]);
 //! - the ingest leg: a lapin consumer doing the ingest-worker's multi-row `INSERT IGNORE` with sqlx;
 //! - the index leg: `_bulk` of the indexer's documents into the same index, under a chat of its own;
 //! - the reads: the storage's SELECT of one message and of one page, with sqlx;
@@ -13,6 +14,7 @@ mod accept;
 mod capacity;
 mod index;
 mod ingest;
+pub mod post_floor;
 mod reads;
 
 pub use accept::{PUBLISHERS, REDIS_CLIENTS, confirmed_publish, redis_incr, sqlite_commits};
@@ -40,14 +42,19 @@ impl ChatRef {
     }
 }
 
-/// The size of the workers' batches: at most `CHAT_BATCH_MAX_SIZE`, and at most the prefetch
-/// (nothing more arrives before a batch is acknowledged).
-pub fn batch_size(config: &Config) -> usize {
+/// The events of the workers' batches when each AMQP message carries `events_per_message` (the
+/// api's envelopes): a consumer takes whole messages until its batch holds `CHAT_BATCH_MAX_SIZE`
+/// events, and at most the prefetch of messages (nothing more arrives before a batch is
+/// acknowledged).
+pub fn batch_size(config: &Config, events_per_message: usize) -> usize {
     let consumer = &config.consumer;
-    consumer
+    let events_per_message = events_per_message.max(1);
+    let messages = consumer
         .batch_max_size
+        .div_ceil(events_per_message)
         .min(usize::from(consumer.prefetch))
-        .max(1)
+        .max(1);
+    messages * events_per_message
 }
 
 async fn amqp_connect(config: &Config) -> anyhow::Result<lapin::Connection> {
@@ -70,4 +77,30 @@ async fn declare_durable(channel: &Channel, queue: &str) -> anyhow::Result<()> {
         )
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    #[test]
+    fn a_batch_holds_the_events_of_whole_envelopes_up_to_the_batch_size_and_the_prefetch() {
+        let config = |prefetch: &str| {
+            let values = HashMap::from([
+                ("CHAT_BATCH_MAX_SIZE".to_owned(), "500".to_owned()),
+                ("CHAT_CONSUMER_PREFETCH".to_owned(), prefetch.to_owned()),
+            ]);
+            Config::from_map(&values).expect("valid settings")
+        };
+        assert_eq!(batch_size(&config("255"), 1), 255, "the prefetch bounds");
+        assert_eq!(batch_size(&config("255"), 10), 500, "50 envelopes of 10");
+        assert_eq!(
+            batch_size(&config("255"), 7),
+            504,
+            "72 whole envelopes of 7"
+        );
+        assert_eq!(batch_size(&config("20"), 10), 200, "20 envelopes at most");
+    }
 }

@@ -52,9 +52,15 @@ pub async fn connect_with(
     {
         options = options.ssl_ca_from_pem(pem.to_vec());
     }
+    // No ping before handing a connection out (sqlx's default would add a round trip to every
+    // query): sqlx already pings each connection when it is returned and closes it when that
+    // fails, so only a connection broken while idle in the pool (a server restart, a dropped
+    // link) reaches a query. That query fails as a transient storage error (a 503 the client
+    // retries, a batch the worker retries) and the connection is dropped on its return.
     MySqlPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(connect_timeout)
+        .test_before_acquire(false)
         .connect_with(options)
         .await
 }
