@@ -421,7 +421,7 @@ async fn search(
     let (page, sort) = (request.page, request.sort);
     let last_hit = hits
         .get(page.per_page as usize - 1)
-        .map(|hit| SearchCursor::new(sort, hit.score, hit.number.get()));
+        .map(|hit| SearchCursor::new(sort, hit.rank, hit.number.get()));
     let (hits, pagination) = paginate(hits, page, |hit| hit.number.get());
     let pagination = pagination.with_next_cursor(last_hit);
     Ok(Json(SearchResults {
