@@ -396,8 +396,8 @@ export interface paths {
         /**
          * Searches the messages of one chat: every word must match a word or a word prefix, and every
          *     phrase in double quotes its words in a row; optionally only one sender's messages, or those
-         *     created in a time range. Hits come best match first, or newest or oldest first (`sort`). Each
-         *     hit carries a highlighted fragment.
+         *     created in a time range. Hits come by relevance (the most query words whole first, then the
+         *     newest), or newest or oldest first (`sort`). Each hit carries a highlighted fragment.
          * @deprecated
          * @description Legacy form (the reference contract's): the token travels in the URL, which access logs, proxies and browser history record. Prefer the form with `Authorization: Bearer`.
          */
@@ -758,8 +758,8 @@ export interface paths {
         /**
          * Searches the messages of one chat: every word must match a word or a word prefix, and every
          *     phrase in double quotes its words in a row; optionally only one sender's messages, or those
-         *     created in a time range. Hits come best match first, or newest or oldest first (`sort`). Each
-         *     hit carries a highlighted fragment.
+         *     created in a time range. Hits come by relevance (the most query words whole first, then the
+         *     newest), or newest or oldest first (`sort`). Each hit carries a highlighted fragment.
          */
         get: operations["search_messages"];
         put?: never;
@@ -1302,7 +1302,10 @@ export interface components {
              */
             previous_tokens_expire_at: string;
         };
-        /** @description A page of search hits in the order asked for (best match first by default). */
+        /**
+         * @description A page of search hits in the order asked for (by default: the most query words whole first,
+         *     then the newest).
+         */
         SearchResults: {
             messages: components["schemas"]["MessageHitView"][];
             pagination: components["schemas"]["Pagination"];
@@ -3509,7 +3512,8 @@ export interface operations {
                  */
                 created_before?: string;
                 /**
-                 * @description The order of the hits: `relevance` (the default: the best match first, then by number),
+                 * @description The order of the hits: `relevance` (the default: the hits with the most query words whole
+                 *     first, a whole-word match above a prefix-only one; the newest first among equals),
                  *     `newest` (the highest number first) or `oldest` (the lowest first).
                  */
                 sort?: "relevance" | "newest" | "oldest";
@@ -5346,7 +5350,8 @@ export interface operations {
                  */
                 created_before?: string;
                 /**
-                 * @description The order of the hits: `relevance` (the default: the best match first, then by number),
+                 * @description The order of the hits: `relevance` (the default: the hits with the most query words whole
+                 *     first, a whole-word match above a prefix-only one; the newest first among equals),
                  *     `newest` (the highest number first) or `oldest` (the lowest first).
                  */
                 sort?: "relevance" | "newest" | "oldest";
