@@ -310,7 +310,7 @@ impl ElasticsearchIndex {
             let ranked = answer.found(rank);
             found.visited += ranked.visited;
             found.hits.extend(ranked.hits);
-            let still_wanted = page.fetch_limit() - found.hits.len() as u64;
+            let still_wanted = page.fetch_limit().saturating_sub(found.hits.len() as u64);
             if still_wanted == 0 {
                 break;
             }
