@@ -44,7 +44,7 @@ use crate::phases::raw_limits::RawLimit;
 use crate::processes::Processes;
 use crate::raw::ChatRef;
 use crate::report::{Measured, Report, ratio};
-use crate::settings::{Command, Settings};
+use crate::settings::{Command, Phases, Settings};
 
 /// What the phases share.
 struct Bench {
@@ -121,6 +121,14 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         post_floor,
         floor_rate: None,
     };
+    if bench.settings.phases == Phases::Search {
+        let token = bench.api.create_application().await?;
+        let target = bench.target(token).await?;
+        let chat = bench.stored_chat(&target.token).await?;
+        bench.search_at_scale(&target, Some(chat)).await?;
+        bench.report.print(&bench.processes);
+        return Ok(());
+    }
     bench.measure_raw_limits().await?;
 
     let token = bench.api.create_application().await?;

@@ -27,6 +27,16 @@ pub enum Command {
     PostFloor,
 }
 
+/// The phases a run measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Phases {
+    /// Every phase.
+    All,
+    /// Search at scale alone: a chat of 1,000,000 messages and an application of 1,000 chats,
+    /// their documents written straight into the index (the real services only).
+    Search,
+}
+
 /// Bounded load benchmark of a running chat platform stack against the raw limits of its services.
 // The value names are those of the environment variables: an error names the variable.
 #[derive(Debug, Parser)]
@@ -42,6 +52,15 @@ pub struct Settings {
         default_value_t = Stack::Services
     )]
     pub stack: Stack,
+    /// The phases to run.
+    #[arg(
+        long,
+        env = "BENCH_PHASES",
+        value_name = "BENCH_PHASES",
+        value_enum,
+        default_value_t = Phases::All
+    )]
+    pub phases: Phases,
     /// The api's base URL.
     #[arg(
         long,

@@ -224,21 +224,25 @@ pub async fn queue(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Ar
     )))
 }
 
+/// The Elasticsearch index of `ELASTICSEARCH_URL` (required), untimed: for what only it answers
+/// (its sort, the documents a search visits).
+pub fn elasticsearch(config: &Config) -> anyhow::Result<ElasticsearchIndex> {
+    Ok(ElasticsearchIndex::connect(
+        config.require_elasticsearch_url()?,
+        &config.elasticsearch_index,
+        config.elasticsearch_replicas,
+        tls_ca(config)?.as_deref(),
+    )?
+    .with_search_timeout(config.api.search_timeout))
+}
+
 /// The search index: Elasticsearch when its URL is set, else the embedded FTS5 file.
 pub async fn search(
     config: &Config,
     metrics: &Arc<Metrics>,
 ) -> anyhow::Result<Arc<dyn SearchIndex>> {
     let search: Arc<dyn SearchIndex> = match &config.elasticsearch_url {
-        Some(url) => Arc::new(
-            ElasticsearchIndex::connect(
-                url,
-                &config.elasticsearch_index,
-                config.elasticsearch_replicas,
-                tls_ca(config)?.as_deref(),
-            )?
-            .with_search_timeout(config.api.search_timeout),
-        ),
+        Some(_) => Arc::new(elasticsearch(config)?),
         None => Arc::new(SqliteSearchIndex::open(&config.data_dir.join("search.db")).await?),
     };
     Ok(Arc::new(TimedSearchIndex::new(

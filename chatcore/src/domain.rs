@@ -403,8 +403,8 @@ pub enum PagePosition {
     AfterHit(SearchCursor),
 }
 
-/// The order of search hits: the best match first (then the lowest number), or by number, the
-/// newest (highest) or the oldest (lowest) first.
+/// The order of search hits: by relevance (the hits with the most query words whole first, the
+/// newest first among equals), or by number, the newest (highest) or the oldest (lowest) first.
 // The schema documents the api's `?sort=`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, utoipa::ToSchema)]
 #[schema(rename_all = "lowercase")]
@@ -438,41 +438,32 @@ impl SearchSort {
     }
 }
 
-/// Where the next page of a search starts: the last hit of a page (its relevance score and
-/// number) in the order of its sort, handed to the client as an opaque string (each index has
-/// its own kind of score). The sort is part of it: the same place means another hit in another
-/// order.
+/// Where the next page of a search starts: the last hit of a page (its rank and number) in the
+/// order of its sort, handed to the client as an opaque string. The sort is part of it: the same
+/// place means another hit in another order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SearchCursor {
     pub sort: SearchSort,
-    score_bits: u64,
+    /// How many query words the hit has whole ([`crate::search::QueryTerms::ranking_words`]);
+    /// 0 sorted by number.
+    pub rank: u32,
     pub number: u64,
 }
 
 impl SearchCursor {
-    /// After the hit of `score` and `number` in `sort` order (the score counts for relevance
-    /// only).
-    pub fn new(sort: SearchSort, score: f64, number: u64) -> Self {
-        let score = if sort == SearchSort::Relevance {
-            score
+    /// After the hit of `rank` and `number` in `sort` order (the rank counts for relevance only).
+    pub fn new(sort: SearchSort, rank: u32, number: u64) -> Self {
+        let rank = if sort == SearchSort::Relevance {
+            rank
         } else {
-            0.0
+            0
         };
-        Self {
-            sort,
-            score_bits: score.to_bits(),
-            number,
-        }
-    }
-
-    pub fn score(self) -> f64 {
-        f64::from_bits(self.score_bits)
+        Self { sort, rank, number }
     }
 
     pub fn encode(self) -> String {
         let text = match self.sort {
-            // The format of the cursors handed out before there were sorts, so those stay valid.
-            SearchSort::Relevance => format!("{}:{}", self.score(), self.number),
+            SearchSort::Relevance => format!("relevance:{}:{}", self.rank, self.number),
             sort => format!("{}:{}", sort.as_str(), self.number),
         };
         URL_SAFE_NO_PAD.encode(text)
@@ -482,24 +473,30 @@ impl SearchCursor {
         let invalid = || InvalidInput::new("cursor", "is not a cursor this api handed out");
         let decoded = URL_SAFE_NO_PAD.decode(raw).map_err(|_| invalid())?;
         let text = String::from_utf8(decoded).map_err(|_| invalid())?;
-        let (position, number) = text.split_once(':').ok_or_else(invalid)?;
+        let (position, rest) = text.split_once(':').ok_or_else(invalid)?;
+        let (sort, rank, number) = match position {
+            "newest" => (SearchSort::Newest, "0", rest),
+            "oldest" => (SearchSort::Oldest, "0", rest),
+            "relevance" => {
+                let (rank, number) = rest.split_once(':').ok_or_else(invalid)?;
+                (SearchSort::Relevance, rank, number)
+            }
+            // Untagged: a relevance score, as cursors were before relevance was ranks; its place
+            // in the order of ranks is unknown.
+            score if score.parse::<f64>().is_ok() => {
+                return Err(InvalidInput::new(
+                    "cursor",
+                    "was handed out for the relevance order of an earlier release; search again from the first page",
+                ));
+            }
+            _ => return Err(invalid()),
+        };
+        let rank: u32 = rank.parse().map_err(|_| invalid())?;
         let number: u64 = number.parse().map_err(|_| invalid())?;
-        if number > Number::MAX {
+        if number > Number::MAX || rank as usize > crate::search::MAX_QUERY_WORDS {
             return Err(invalid());
         }
-        let (sort, score) = match position {
-            "newest" => (SearchSort::Newest, 0.0),
-            "oldest" => (SearchSort::Oldest, 0.0),
-            // Untagged: a relevance score.
-            score => {
-                let score: f64 = score.parse().map_err(|_| invalid())?;
-                if !score.is_finite() {
-                    return Err(invalid());
-                }
-                (SearchSort::Relevance, score)
-            }
-        };
-        Ok(Self::new(sort, score, number))
+        Ok(Self::new(sort, rank, number))
     }
 }
 
@@ -928,26 +925,31 @@ mod tests {
 
     #[test]
     fn search_cursors_round_trip_and_reject_forgeries() {
-        let cursor = SearchCursor::new(SearchSort::Relevance, -0.123_456_789_012_345_67, 42);
+        let cursor = SearchCursor::new(SearchSort::Relevance, 3, 42);
         assert_eq!(SearchCursor::parse(&cursor.encode()), Ok(cursor));
         for sort in [SearchSort::Newest, SearchSort::Oldest] {
-            let cursor = SearchCursor::new(sort, 3.5, 7);
+            let cursor = SearchCursor::new(sort, 3, 7);
             assert_eq!(SearchCursor::parse(&cursor.encode()), Ok(cursor));
-            assert_eq!((cursor.sort, cursor.score()), (sort, 0.0));
+            assert_eq!((cursor.sort, cursor.rank), (sort, 0));
         }
-        for forged in ["", "!!", "bm90IGEgY3Vyc29y", "TmFOOjE", "bmV3ZXN0Ong"] {
+        let forged = ["", "!!", "bm90IGEgY3Vyc29y", "TmFOOjE", "bmV3ZXN0Ong"];
+        // `relevance:17:1` (more ranks than query words), `relevance:-1:1`, `relevance:1`.
+        let impossible = [
+            "cmVsZXZhbmNlOjE3OjE",
+            "cmVsZXZhbmNlOi0xOjE",
+            "cmVsZXZhbmNlOjE",
+        ];
+        for forged in forged.iter().chain(&impossible) {
             assert!(SearchCursor::parse(forged).is_err(), "{forged}");
         }
     }
 
     #[test]
-    fn cursors_handed_out_before_sorts_read_as_relevance() {
-        // `1.5:42`, as the api encoded a cursor before there were sorts.
-        let legacy = SearchCursor::parse("MS41OjQy").expect("a valid legacy cursor");
-        assert_eq!(
-            (legacy.sort, legacy.score(), legacy.number),
-            (SearchSort::Relevance, 1.5, 42)
-        );
+    fn relevance_cursors_of_the_order_by_score_are_refused_with_a_way_on() {
+        // `1.5:42`: a cursor of the releases that ranked by score.
+        let refused = SearchCursor::parse("MS41OjQy").expect_err("a position in another order");
+        assert_eq!(refused.field, "cursor");
+        assert!(refused.message.contains("search again"), "{refused:?}");
     }
 
     fn search_request(input: SearchInput<'_>) -> Result<SearchRequest, InvalidInput> {
@@ -1032,7 +1034,7 @@ mod tests {
 
     #[test]
     fn a_cursor_continues_only_the_sort_it_was_made_for() {
-        let newest = SearchCursor::new(SearchSort::Newest, 0.0, 9).encode();
+        let newest = SearchCursor::new(SearchSort::Newest, 0, 9).encode();
         let with_cursor = |sort| SearchInput {
             sort,
             page: PageInput {

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use chatcore::domain::{InvalidInput, Metadata, Number, SearchInput, SearchRequest, Sender};
 use chatcore::metrics::Metrics;
-use chatcore::search::{ItemOutcome, MessageDocument, Replacing};
+use chatcore::search::{ItemOutcome, MessageDocument, Replacing, SearchIndex};
 use chatcore::store::{ReindexCursor, ReindexScope};
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
@@ -402,7 +402,7 @@ async fn search_cursors_walk_every_hit_exactly_once(env: TestEnv) -> anyhow::Res
     let running = env.running_chat("cursor").await?;
     let (client, token, chat) = (&running.api.client, &running.token, running.chat);
     for index in 0..23 {
-        // Ranks differ: some bodies repeat the word.
+        // Some bodies repeat the word: the rank is the same.
         let body = format!("needle {} {index}", "needle ".repeat(index % 3));
         client.create_message(token, chat, &body).await?;
     }
@@ -430,6 +430,11 @@ async fn search_cursors_walk_every_hit_exactly_once(env: TestEnv) -> anyhow::Res
         .iter()
         .map(|hit| hit["number"].as_u64().expect("number"))
         .collect();
+    assert_eq!(
+        ranked,
+        (1..=23).rev().collect::<Vec<_>>(),
+        "every hit has the word whole: one rank, the newest first"
+    );
     let mut walked = Vec::new();
     let mut cursor = String::new();
     loop {
@@ -462,6 +467,155 @@ async fn search_cursors_walk_every_hit_exactly_once(env: TestEnv) -> anyhow::Res
         .await?;
     assert_eq!(forged.status, StatusCode::BAD_REQUEST);
     running.stop().await
+}
+
+on_every_index!(relevance_ranks_whole_words_first_then_the_newest);
+
+/// A hit with more query words whole ranks above one with fewer (a whole-word hit above a newer
+/// prefix-only one); among equal ranks the newest comes first. Walks by cursor and by page number
+/// (pages of 4, ties across their ends) return the same order, each hit once, on every index.
+async fn relevance_ranks_whole_words_first_then_the_newest(env: TestEnv) -> anyhow::Result<()> {
+    let running = env.running_chat("ranks").await?;
+    let (client, token, chat) = (&running.api.client, &running.token, running.chat);
+    let bodies = [
+        "alpha beta",
+        "alphabet beta",
+        "alpha betamax",
+        "alphabet betamax",
+        "alpha beta again",
+        "alphanumeric betas",
+        "alpha alone",
+    ];
+    let fixtures: Vec<FilterFixture> = bodies
+        .iter()
+        .zip(1..)
+        .map(|(body, number)| FilterFixture {
+            number,
+            sender: None,
+            created_at: fixture_epoch(),
+            body: (*body).to_owned(),
+            metadata: None,
+            edited_at: None,
+        })
+        .collect();
+    let application_id = env.application_id(token).await?;
+    index_fixtures(&env, application_id, chat, &fixtures).await?;
+    eventually_hits(client, token, chat, &[("query", "alph")], bodies.len()).await?;
+    let expectations: [(&str, &[u64]); 5] = [
+        // Both whole (5, 1), one (3, 2), none (6, 4).
+        ("alpha beta", &[5, 1, 3, 2, 6, 4]),
+        ("beta alpha", &[5, 1, 3, 2, 6, 4]),
+        // Whole (7, 5, 3, 1), then the newest prefix-only ones (6, 4, 2).
+        ("alpha", &[7, 5, 3, 1, 6, 4, 2]),
+        // Prefixes only: one rank, the newest first.
+        ("alph", &[7, 6, 5, 4, 3, 2, 1]),
+        // A phrase is whole in every hit: the word ranks.
+        ("\"alpha beta\" again", &[5]),
+    ];
+    for (query, expected) in expectations {
+        let parameters = [("query", query)];
+        let mut everything = parameters.to_vec();
+        everything.push(("per_page", "100"));
+        let page = search_ok(client, token, chat, &everything).await?;
+        assert_eq!(hit_numbers(&page), expected, "{query}");
+        assert_eq!(
+            walk_cursors(client, token, chat, &parameters).await?,
+            expected,
+            "cursors through {query}"
+        );
+        assert_eq!(
+            walk_pages(client, token, chat, &parameters).await?,
+            expected,
+            "pages through {query}"
+        );
+    }
+    running.stop().await
+}
+
+mod a_page_of_a_rank_visits_about_its_hits {
+    #[tokio::test]
+    async fn on_elasticsearch_8() -> anyhow::Result<()> {
+        super::a_page_of_a_rank_visits_about_its_hits(system_tests::TestEnv::new().await?).await
+    }
+
+    #[tokio::test]
+    async fn on_elasticsearch_7() -> anyhow::Result<()> {
+        let env = system_tests::TestEnv::on_elasticsearch_7().await?;
+        super::a_page_of_a_rank_visits_about_its_hits(env).await
+    }
+}
+
+/// The index this release creates is sorted by number, so a page of a relevance search (each rank
+/// newest first) visits about as many documents as it returns, however many match (the
+/// profile's count); a search in the other order (oldest first) visits far more.
+async fn a_page_of_a_rank_visits_about_its_hits(env: TestEnv) -> anyhow::Result<()> {
+    const MATCHES: u64 = 3_000;
+    /// One document in this many has the query's word whole.
+    const WHOLE_EVERY: u64 = 300;
+    let index = chatcore::adapters::elasticsearch(&env.config())?;
+    index.ensure_index().await?;
+    assert!(index.sorted_by_number().await?, "a new index is sorted");
+    let (application_id, chat) = (1, Number::new(1).expect("positive"));
+    let documents: Vec<MessageDocument> = (1..=MATCHES)
+        .map(|number| MessageDocument {
+            application_id,
+            chat_number: chat,
+            number: Number::new(number).expect("positive"),
+            body: if number % WHOLE_EVERY == 0 {
+                format!("kal kalo{number}")
+            } else {
+                format!("kalo{number} filler")
+            },
+            created_at: fixture_epoch(),
+            sender: None,
+            metadata: None,
+            edited_at: None,
+            version: 1,
+        })
+        .collect();
+    let outcomes = index
+        .bulk_index(&documents, Replacing::OlderVersions)
+        .await?;
+    assert!(outcomes.iter().all(|outcome| *outcome == ItemOutcome::Done));
+    index.refresh().await?;
+    let request = |sort: &str| {
+        SearchRequest::parse(
+            SearchInput {
+                query: Some("kal"),
+                sort: Some(sort),
+                ..SearchInput::default()
+            },
+            25,
+            100,
+        )
+    };
+    let relevance = request("relevance")?;
+    let hits: Vec<u64> = index
+        .search(application_id, chat, &relevance)
+        .await?
+        .iter()
+        .map(|hit| hit.number.get())
+        .collect();
+    let whole = (1..=MATCHES / WHOLE_EVERY).rev().map(|n| n * WHOLE_EVERY);
+    let prefix_only = (1..=MATCHES).rev().filter(|n| n % WHOLE_EVERY != 0);
+    let expected: Vec<u64> = whole.chain(prefix_only).take(26).collect();
+    assert_eq!(hits, expected, "the whole words, then the newest prefixes");
+    let visited = index
+        .visited_documents(application_id, chat, &relevance)
+        .await?;
+    let oldest_first = index
+        .visited_documents(application_id, chat, &request("oldest")?)
+        .await?;
+    eprintln!("visited: {visited} by relevance, {oldest_first} oldest first, of {MATCHES} matches");
+    assert!(
+        visited <= 200,
+        "{visited} documents visited for a page of 26"
+    );
+    assert!(
+        oldest_first > 10 * visited,
+        "{oldest_first} against {visited}"
+    );
+    Ok(())
 }
 
 /// The messages of the filter and sort tests, written straight into the chat's index (so their
@@ -675,8 +829,8 @@ impl Filter {
 on_every_index!(filters_and_sorts_give_the_same_hits_on_every_index);
 
 /// Sender and time filters, alone and together, in every sort: the hits are exactly the
-/// fixtures that match, by number in the number sorts (the same order on every index), and a
-/// walk by cursor or by page number returns each hit once, in the order of the whole list.
+/// fixtures that match, in the order of the sort (the same order on every index), and a walk by
+/// cursor or by page number returns each hit once, in the order of the whole list.
 async fn filters_and_sorts_give_the_same_hits_on_every_index(env: TestEnv) -> anyhow::Result<()> {
     let running = env.running_chat("filters").await?;
     let (client, token, chat) = (&running.api.client, &running.token, running.chat);
@@ -730,7 +884,12 @@ async fn filters_and_sorts_give_the_same_hits_on_every_index(env: TestEnv) -> an
                     "{parameters:?}"
                 ),
                 "oldest" => assert_eq!(hits, expected, "{parameters:?}"),
-                _ => assert_eq!(sorted(hits.clone()), expected, "{parameters:?}"),
+                // Every hit has `needle` whole: one rank, the newest first.
+                _ => assert_eq!(
+                    hits,
+                    expected.iter().rev().copied().collect::<Vec<_>>(),
+                    "{parameters:?}"
+                ),
             }
             assert_eq!(
                 walk_cursors(client, token, chat, &parameters).await?,
@@ -786,8 +945,8 @@ async fn filters_and_sorts_give_the_same_hits_on_every_index(env: TestEnv) -> an
 on_every_index!(bad_search_parameters_are_refused_by_name);
 
 /// A bad filter, sort or cursor is a 400 naming the parameter, and the search after it answers
-/// as before. A cursor continues only the sort it was handed out for; a relevance cursor (the
-/// format of the cursors handed out before there were sorts) continues without `sort`.
+/// as before. A cursor continues only the sort it was handed out for (relevance when `sort` is
+/// left out); a relevance cursor of the releases that ranked by score is refused.
 async fn bad_search_parameters_are_refused_by_name(env: TestEnv) -> anyhow::Result<()> {
     let running = env.running_chat("refusals").await?;
     let (client, token, chat) = (&running.api.client, &running.token, running.chat);
@@ -811,7 +970,7 @@ async fn bad_search_parameters_are_refused_by_name(env: TestEnv) -> anyhow::Resu
             .ok_or_else(|| anyhow::anyhow!("no cursor: {page:?}"))
     };
     let (newest, relevance) = (cursor_of("newest").await?, cursor_of("relevance").await?);
-    let refused: [(&[(&str, &str)], &str); 10] = [
+    let refused: [(&[(&str, &str)], &str); 11] = [
         (&[("sender", "not a sender")], "sender"),
         (&[("sender", "")], "sender"),
         (&[("created_after", "yesterday")], "created_after"),
@@ -828,6 +987,8 @@ async fn bad_search_parameters_are_refused_by_name(env: TestEnv) -> anyhow::Resu
         (&[("cursor", &newest)], "cursor"),
         (&[("sort", "newest"), ("cursor", &relevance)], "cursor"),
         (&[("cursor", "forged")], "cursor"),
+        // `1.5:42`: a relevance cursor of the releases that ranked by score.
+        (&[("cursor", "MS41OjQy")], "cursor"),
     ];
     for (parameters, field) in refused {
         let mut with_query = parameters.to_vec();
@@ -960,6 +1121,11 @@ async fn an_index_of_the_previous_release_gets_the_new_fields(env: TestEnv) -> a
         assert_eq!(properties["sender"]["type"], "keyword", "{mapping}");
         assert_eq!(properties["metadata"]["enabled"], false, "{mapping}");
         assert_eq!(properties["edited_at"]["type"], "date", "{mapping}");
+        let unsorted = chatcore::adapters::elasticsearch(&env.config())?;
+        assert!(
+            !unsorted.sorted_by_number().await?,
+            "an index of an earlier release keeps its order (searches on it still work, below)"
+        );
     }
     let written = MessageDocument {
         application_id,

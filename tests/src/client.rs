@@ -252,7 +252,7 @@ impl Client {
     }
 }
 
-/// The hits of a search (its first page), best match first, as the API answers them.
+/// The hits of a search (its first page), in the relevance order, as the API answers them.
 pub async fn search_hits(
     client: &Client,
     token: &str,
@@ -279,7 +279,7 @@ pub async fn search_hits(
         .unwrap_or_default())
 }
 
-/// The numbers of the hits of a search (its first page), best match first.
+/// The numbers of the hits of a search (its first page), in the relevance order.
 pub async fn search(
     client: &Client,
     token: &str,

@@ -4,8 +4,10 @@
 //! in double quotes matches its words in a row; the terms are extracted here ([`query_terms`]),
 //! so no other character of a query is ever query syntax. Both mark where a hit matched the same
 //! way ([`Highlight`]). A search may also keep to one sender and a range of creation times, and
-//! order its hits by relevance or by number ([`SearchRequest`]); both indexes give the same hits
-//! in the same order when ordered by number.
+//! order its hits by relevance or by number ([`SearchRequest`]). Relevance is a rank, the number
+//! of query words a hit has whole ([`QueryTerms::ranking_words`]), the newest first among equal
+//! ranks: both indexes give the same hits in the same order in every sort, and an index sorted by
+//! number answers a page of each rank from its first matches.
 
 mod elasticsearch;
 mod sqlite;
@@ -110,10 +112,10 @@ pub struct MessageHit {
     /// Where the body matched.
     #[serde(skip)]
     pub highlight: Highlight,
-    /// The relevance the hits are ranked by (the index's own measure; 0 when sorted by number);
-    /// the next page's cursor.
+    /// How many of the query's ranking words the hit has whole (0 when sorted by number); with
+    /// the number, the next page's cursor.
     #[serde(skip)]
-    pub score: f64,
+    pub rank: u32,
 }
 
 /// What happened to one document of a bulk request.
@@ -150,7 +152,8 @@ pub trait SearchIndex: Send + Sync {
     async fn purge_application(&self, application_id: u64) -> Result<u64, SearchError>;
 
     /// Messages of one chat matching every word of the query as a word or a word prefix and
-    /// the filter, in the order of the sort (relevance: the best match first, then by number).
+    /// the filter, in the order of the sort (relevance: the highest rank first, then the
+    /// newest).
     /// Returns up to `page.fetch_limit()` hits, from the start of the page: its offset, or after
     /// the hit of its cursor.
     async fn search(
@@ -172,6 +175,17 @@ pub struct QueryTerms {
 impl QueryTerms {
     pub fn is_empty(&self) -> bool {
         self.words.is_empty() && self.phrases.is_empty()
+    }
+
+    /// The words whose whole-word matches rank a hit: those that also match as a prefix (every
+    /// hit has a shorter word, and a phrase, whole). A hit's rank is how many of them it has
+    /// whole, from 0 (prefixes only) to their count.
+    pub fn ranking_words(&self) -> Vec<&str> {
+        self.words
+            .iter()
+            .map(String::as_str)
+            .filter(|word| matches_as_prefix(word))
+            .collect()
     }
 }
 

@@ -39,17 +39,16 @@ impl SqliteSearchIndex {
 const HIGHLIGHT_TOKENS: i64 = 24;
 
 /// The FTS5 expression: the chat's token, the sender's (its bytes in hex, as the migration
-/// indexes it), for each word the word itself or a word starting with it (the whole word counts
-/// twice in the ranking, like the boost of the Elasticsearch query), and each phrase. Query words
-/// hold only letters, digits, `_`, `'`, `.` and `,`, never a `"`, so quoting them makes every one
-/// a plain phrase (of the tokens FTS5 splits it into).
+/// indexes it), for each word the word itself or a word starting with it, and each phrase. Query
+/// words hold only letters, digits, `_`, `'`, `.` and `,`, never a `"`, so quoting them makes
+/// every one a plain phrase (of the tokens FTS5 splits it into).
 fn match_expression(
     application_id: u64,
     chat_number: Number,
     sender: Option<&Sender>,
     terms: &QueryTerms,
 ) -> String {
-    let mut expression = format!("chat : \"c{application_id}x{chat_number}\"");
+    let mut expression = chat_expression(application_id, chat_number);
     if let Some(sender) = sender {
         let token: String = sender
             .as_str()
@@ -69,6 +68,25 @@ fn match_expression(
         expression.push_str(&format!(" AND body : \"{}\"", phrase.join(" ")));
     }
     expression
+}
+
+fn chat_expression(application_id: u64, chat_number: Number) -> String {
+    format!("chat : \"c{application_id}x{chat_number}\"")
+}
+
+/// For each ranking word of the query, the FTS5 expression of the chat's documents that have it
+/// whole: a hit's rank is how many of them it is in.
+fn whole_word_expressions(
+    application_id: u64,
+    chat_number: Number,
+    terms: &QueryTerms,
+) -> Vec<String> {
+    let chat = chat_expression(application_id, chat_number);
+    terms
+        .ranking_words()
+        .into_iter()
+        .map(|word| format!("{chat} AND body : \"{word}\""))
+        .collect()
 }
 
 #[async_trait]
@@ -156,7 +174,11 @@ impl SearchIndex for SqliteSearchIndex {
             request.filter.sender.as_ref(),
             &terms,
         );
-        let mut query = hits_query(&expression, request);
+        let ranking = match request.sort {
+            SearchSort::Relevance => whole_word_expressions(application_id, chat_number, &terms),
+            SearchSort::Newest | SearchSort::Oldest => Vec::new(),
+        };
+        let mut query = hits_query(&expression, &ranking, request);
         let rows: Vec<HitRow> = query.build_query_as().fetch_all(&self.pool).await?;
         let mut highlights = self
             .highlights(&expression, rows.iter().map(|row| row.id))
@@ -172,7 +194,7 @@ impl SearchIndex for SqliteSearchIndex {
                     metadata: row.metadata,
                     edited_at: row.edited_at,
                     highlight: highlights.remove(&row.id).unwrap_or_default(),
-                    score: row.score,
+                    rank: u32::try_from(row.rank).ok()?,
                 })
             })
             .collect())
@@ -188,24 +210,31 @@ struct HitRow {
     sender: Option<Sender>,
     metadata: Option<Metadata>,
     edited_at: Option<DateTime<Utc>>,
-    score: f64,
+    rank: i64,
 }
 
-/// The page of hits of `request` matching `expression`. The creation times are compared as the
+/// The page of hits of `request` matching `expression`, each ranked by how many of the `ranking`
+/// expressions it matches (none sorted by number). The creation times are compared as the
 /// documents store them (RFC 3339 text in UTC, to the millisecond), which orders as the times do.
-fn hits_query(expression: &str, request: &SearchRequest) -> QueryBuilder<Sqlite> {
-    // bm25 is lower for a better match: ascending. Sorted by number, nothing is ranked.
-    let score = match request.sort {
-        SearchSort::Relevance => "bm25(search_fts, 0.0, 1.0, 0.0)",
-        SearchSort::Newest | SearchSort::Oldest => "0.0",
-    };
-    let mut query = QueryBuilder::new(format!(
-        "WITH hits AS (SELECT rowid, {score} AS score FROM search_fts WHERE search_fts MATCH "
-    ));
-    query.push_bind(expression).push(
-        ") SELECT d.id, d.number, d.body, d.created_at, d.sender, d.metadata, d.edited_at, hits.score \
-         FROM hits JOIN search_documents d ON d.id = hits.rowid WHERE true",
-    );
+fn hits_query(
+    expression: &str,
+    ranking: &[String],
+    request: &SearchRequest,
+) -> QueryBuilder<Sqlite> {
+    let mut query = QueryBuilder::new("WITH hits AS (SELECT rowid, 0");
+    for whole_words in ranking {
+        query
+            .push(" + (rowid IN (SELECT rowid FROM search_fts WHERE search_fts MATCH ")
+            .push_bind(whole_words.clone())
+            .push("))");
+    }
+    query
+        .push(" AS rank FROM search_fts WHERE search_fts MATCH ")
+        .push_bind(expression.to_owned())
+        .push(
+            ") SELECT d.id, d.number, d.body, d.created_at, d.sender, d.metadata, d.edited_at, \
+             hits.rank FROM hits JOIN search_documents d ON d.id = hits.rowid WHERE true",
+        );
     if let Some(after) = request.filter.created.after {
         query.push(" AND d.created_at >= ").push_bind(after);
     }
@@ -216,7 +245,7 @@ fn hits_query(expression: &str, request: &SearchRequest) -> QueryBuilder<Sqlite>
         push_after(&mut query, cursor);
     }
     query.push(match request.sort {
-        SearchSort::Relevance => " ORDER BY hits.score, d.number",
+        SearchSort::Relevance => " ORDER BY hits.rank DESC, d.number DESC",
         SearchSort::Newest => " ORDER BY d.number DESC",
         SearchSort::Oldest => " ORDER BY d.number",
     });
@@ -234,13 +263,13 @@ fn push_after(query: &mut QueryBuilder<Sqlite>, cursor: SearchCursor) {
     let number = cursor.number as i64;
     match cursor.sort {
         SearchSort::Relevance => {
-            let score = cursor.score();
+            let rank = i64::from(cursor.rank);
             query
-                .push(" AND (hits.score > ")
-                .push_bind(score)
-                .push(" OR (hits.score = ")
-                .push_bind(score)
-                .push(" AND d.number > ")
+                .push(" AND (hits.rank < ")
+                .push_bind(rank)
+                .push(" OR (hits.rank = ")
+                .push_bind(rank)
+                .push(" AND d.number < ")
                 .push_bind(number)
                 .push("))");
         }
@@ -287,6 +316,18 @@ impl SqliteSearchIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rank_counts_the_ranking_words_found_whole_in_the_chat() {
+        let chat = Number::new(7).expect("positive");
+        assert_eq!(
+            whole_word_expressions(3, chat, &query_terms("Hello a \"big world\" wor")),
+            [
+                "chat : \"c3x7\" AND body : \"hello\"",
+                "chat : \"c3x7\" AND body : \"wor\""
+            ]
+        );
+    }
 
     #[test]
     fn match_expression_scopes_to_the_chat_and_quotes_every_word() {

@@ -396,8 +396,8 @@ export interface paths {
         /**
          * Searches the messages of one chat: every word must match a word or a word prefix, and every
          *     phrase in double quotes its words in a row; optionally only one sender's messages, or those
-         *     created in a time range. Hits come best match first, or newest or oldest first (`sort`). Each
-         *     hit carries a highlighted fragment.
+         *     created in a time range. Hits come by relevance (the most query words whole first, then the
+         *     newest), or newest or oldest first (`sort`). Each hit carries a highlighted fragment.
          * @deprecated
          * @description Legacy form (the reference contract's): the token travels in the URL, which access logs, proxies and browser history record. Prefer the form with `Authorization: Bearer`.
          */
@@ -760,8 +760,8 @@ export interface paths {
         /**
          * Searches the messages of one chat: every word must match a word or a word prefix, and every
          *     phrase in double quotes its words in a row; optionally only one sender's messages, or those
-         *     created in a time range. Hits come best match first, or newest or oldest first (`sort`). Each
-         *     hit carries a highlighted fragment.
+         *     created in a time range. Hits come by relevance (the most query words whole first, then the
+         *     newest), or newest or oldest first (`sort`). Each hit carries a highlighted fragment.
          */
         get: operations["search_messages"];
         put?: never;
@@ -1306,7 +1306,10 @@ export interface components {
              */
             previous_tokens_expire_at: string;
         };
-        /** @description A page of search hits in the order asked for (best match first by default). */
+        /**
+         * @description A page of search hits in the order asked for (by default: the most query words whole first,
+         *     then the newest).
+         */
         SearchResults: {
             messages: components["schemas"]["MessageHitView"][];
             pagination: components["schemas"]["Pagination"];
@@ -3513,7 +3516,8 @@ export interface operations {
                  */
                 created_before?: string;
                 /**
-                 * @description The order of the hits: `relevance` (the default: the best match first, then by number),
+                 * @description The order of the hits: `relevance` (the default: the hits with the most query words whole
+                 *     first, a whole-word match above a prefix-only one; the newest first among equals),
                  *     `newest` (the highest number first) or `oldest` (the lowest first).
                  */
                 sort?: "relevance" | "newest" | "oldest";
@@ -5350,7 +5354,8 @@ export interface operations {
                  */
                 created_before?: string;
                 /**
-                 * @description The order of the hits: `relevance` (the default: the best match first, then by number),
+                 * @description The order of the hits: `relevance` (the default: the hits with the most query words whole
+                 *     first, a whole-word match above a prefix-only one; the newest first among equals),
                  *     `newest` (the highest number first) or `oldest` (the lowest first).
                  */
                 sort?: "relevance" | "newest" | "oldest";

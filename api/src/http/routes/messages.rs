@@ -184,7 +184,8 @@ impl From<MessageHit> for MessageHitView {
     }
 }
 
-/// A page of search hits in the order asked for (best match first by default).
+/// A page of search hits in the order asked for (by default: the most query words whole first,
+/// then the newest).
 #[derive(Debug, Serialize, ToSchema)]
 struct SearchResults {
     messages: Vec<MessageHitView>,
@@ -226,7 +227,8 @@ struct SearchParams {
     /// `created_after`).
     #[param(value_type = Option<String>, format = DateTime)]
     created_before: Option<String>,
-    /// The order of the hits: `relevance` (the default: the best match first, then by number),
+    /// The order of the hits: `relevance` (the default: the hits with the most query words whole
+    /// first, a whole-word match above a prefix-only one; the newest first among equals),
     /// `newest` (the highest number first) or `oldest` (the lowest first).
     #[param(value_type = Option<SearchSort>, inline)]
     sort: Option<String>,
@@ -396,8 +398,8 @@ async fn update(
 
 /// Searches the messages of one chat: every word must match a word or a word prefix, and every
 /// phrase in double quotes its words in a row; optionally only one sender's messages, or those
-/// created in a time range. Hits come best match first, or newest or oldest first (`sort`). Each
-/// hit carries a highlighted fragment.
+/// created in a time range. Hits come by relevance (the most query words whole first, then the
+/// newest), or newest or oldest first (`sort`). Each hit carries a highlighted fragment.
 #[utoipa::path(get, path = "/chats/{chat_number}/messages/search", tag = "messages", operation_id = "search_messages",
     security(("application_token" = [])),
     params(("chat_number" = u64, Path, minimum = 1, description = "chat number within the application"), SearchParams),
@@ -421,7 +423,7 @@ async fn search(
     let (page, sort) = (request.page, request.sort);
     let last_hit = hits
         .get(page.per_page as usize - 1)
-        .map(|hit| SearchCursor::new(sort, hit.score, hit.number.get()));
+        .map(|hit| SearchCursor::new(sort, hit.rank, hit.number.get()));
     let (hits, pagination) = paginate(hits, page, |hit| hit.number.get());
     let pagination = pagination.with_next_cursor(last_hit);
     Ok(Json(SearchResults {

@@ -3,7 +3,7 @@
 
 use serde_json::{Value, json};
 
-use crate::domain::{SearchCursor, SearchFilter, SearchSort};
+use crate::domain::{SearchFilter, SearchSort};
 use crate::search::{MATCH_END, MATCH_START, MIN_PREFIX_CHARS, QueryTerms, matches_as_prefix};
 
 /// Word prefixes of these lengths are indexed as their own terms; shorter and longer prefixes
@@ -17,10 +17,18 @@ const WORDS_BEFORE_MATCH: usize = 4;
 
 /// The index uses only what every Elasticsearch node has (no analysis plugins): the standard
 /// analyzer (lowercases, splits on word boundaries) and `index_prefixes`, which indexes word
-/// prefixes so that prefix queries are single term lookups.
+/// prefixes so that prefix queries are single term lookups. Its segments keep their documents
+/// sorted by number, highest first ([`INDEX_SORT`]): a search in that order (newest first, and
+/// each rank of a relevance search) stops after the first matches of each segment instead of
+/// visiting every match.
 pub(super) fn index_definition(replicas: u32) -> Value {
     json!({
-        "settings": {"number_of_shards": 1, "number_of_replicas": replicas},
+        "settings": {
+            "number_of_shards": 1,
+            "number_of_replicas": replicas,
+            "index.sort.field": INDEX_SORT.0,
+            "index.sort.order": INDEX_SORT.1,
+        },
         "mappings": {
             "dynamic": "strict",
             "_routing": {"required": true},
@@ -28,6 +36,9 @@ pub(super) fn index_definition(replicas: u32) -> Value {
         },
     })
 }
+
+/// The field and order of the index sort: set when an index is created, never changed after.
+pub(super) const INDEX_SORT: (&str, &str) = ("number", "desc");
 
 /// The fields of a document. Put onto an existing index as they are ([`ensure_index`]): fields
 /// may be added to a mapping, never changed, so a field once released keeps its definition.
@@ -52,29 +63,59 @@ pub(super) fn mapping_properties() -> Value {
     })
 }
 
-/// Every word of the query must match a word of the body, whole (scored higher) or as a prefix,
-/// and every phrase its words in a row. Terms are extracted by [`query_terms`], so no character
-/// of the query is ever parsed as query syntax.
-pub(super) fn query_definition(routing: &str, terms: &QueryTerms, filter: &SearchFilter) -> Value {
+/// Every word of the query must match a word of the body, whole or as a prefix, and every
+/// phrase its words in a row; with `rank`, the hit must have exactly that many of the query's
+/// ranking words whole ([`QueryTerms::ranking_words`]). Nothing is scored: hits are sorted by
+/// number. Terms are extracted by [`query_terms`], so no character of the query is ever parsed
+/// as query syntax.
+///
+/// [`query_terms`]: crate::search::query_terms
+pub(super) fn query_definition(
+    routing: &str,
+    terms: &QueryTerms,
+    filter: &SearchFilter,
+    rank: Option<u32>,
+) -> Value {
+    if terms.is_empty() {
+        return json!({"match_none": {}});
+    }
     let words = terms.words.iter().map(|word| {
-        let whole = json!({"term": {"body": {"value": word, "boost": 2.0}}});
         if !matches_as_prefix(word) {
-            return whole;
+            return whole_word(word);
         }
         json!({"bool": {"should": [
-            whole,
+            whole_word(word),
             // An explicit rewrite: Elasticsearch 7.17 fails on a prefix shorter than
             // index_prefixes.min_chars without one.
             {"prefix": {"body": {"value": word, "rewrite": "constant_score"}}},
         ]}})
     });
-    let must: Vec<Value> = words
-        .chain(terms.phrases.iter().map(|phrase| phrase_query(phrase)))
-        .collect();
-    json!({"bool": {
-        "filter": filter_clauses(routing, filter),
-        "must": if must.is_empty() { vec![json!({"match_none": {}})] } else { must },
-    }})
+    let mut clauses = filter_clauses(routing, filter);
+    clauses.extend(words.chain(terms.phrases.iter().map(|phrase| phrase_query(phrase))));
+    let mut query = json!({"bool": {"filter": clauses}});
+    if let Some(rank) = rank {
+        let ranking = terms.ranking_words();
+        if rank > 0 {
+            query["bool"]["filter"]
+                .as_array_mut()
+                .expect("an array")
+                .push(whole_words_at_least(&ranking, rank));
+        }
+        if (rank as usize) < ranking.len() {
+            query["bool"]["must_not"] = whole_words_at_least(&ranking, rank + 1);
+        }
+    }
+    query
+}
+
+fn whole_word(word: &str) -> Value {
+    json!({"term": {"body": word}})
+}
+
+/// At least `count` of `words` whole.
+fn whole_words_at_least(words: &[&str], count: u32) -> Value {
+    let whole: Vec<Value> = words.iter().map(|word| whole_word(word)).collect();
+    json!({"bool": {"should": whole, "minimum_should_match": count}})
 }
 
 /// The chat, and the sender and creation times the search keeps to (not scored).
@@ -96,20 +137,12 @@ fn filter_clauses(routing: &str, filter: &SearchFilter) -> Vec<Value> {
     clauses
 }
 
-/// The sort of the hits; [`search_after`] is the position in it.
+/// The sort of the hits by number (each rank of a relevance search: newest first, the order of
+/// the index); `search_after` is `[number]`.
 pub(super) fn sort_definition(sort: SearchSort) -> Value {
     match sort {
-        SearchSort::Relevance => json!([{"_score": "desc"}, {"number": "asc"}]),
-        SearchSort::Newest => json!([{"number": "desc"}]),
+        SearchSort::Relevance | SearchSort::Newest => json!([{INDEX_SORT.0: INDEX_SORT.1}]),
         SearchSort::Oldest => json!([{"number": "asc"}]),
-    }
-}
-
-/// The values of [`sort_definition`] of the hit a cursor points at.
-pub(super) fn search_after(cursor: SearchCursor) -> Value {
-    match cursor.sort {
-        SearchSort::Relevance => json!([cursor.score(), cursor.number]),
-        SearchSort::Newest | SearchSort::Oldest => json!([cursor.number]),
     }
 }
 
@@ -214,12 +247,36 @@ mod tests {
             "1:1",
             &query_terms(query.as_str()),
             &SearchFilter::default(),
+            Some(0),
         );
-        assert_eq!(definition["bool"]["must"][0], json!({"match_none": {}}));
+        assert_eq!(definition, json!({"match_none": {}}));
+    }
+
+    #[test]
+    fn a_rank_is_exactly_that_many_ranking_words_whole() {
+        let terms = query_terms("hello a wor \"big world\"");
+        let ranked = |rank| query_definition("1:1", &terms, &SearchFilter::default(), Some(rank));
+        let at_least = |count: u32| {
+            json!({"bool": {"should": [
+                {"term": {"body": "hello"}},
+                {"term": {"body": "wor"}},
+            ], "minimum_should_match": count}})
+        };
+        let top = ranked(2);
         assert_eq!(
-            definition["bool"]["filter"],
-            json!([{"term": {"chat": "1:1"}}])
+            top["bool"]["filter"]
+                .as_array()
+                .and_then(|clauses| clauses.last()),
+            Some(&at_least(2))
         );
+        assert!(top["bool"].get("must_not").is_none(), "{top}");
+        let bottom = ranked(0);
+        assert_eq!(bottom["bool"]["must_not"], at_least(1));
+        // The chat, three words, the phrase: no rank clause.
+        assert_eq!(bottom["bool"]["filter"].as_array().map(Vec::len), Some(5));
+        let unranked = query_definition("1:1", &terms, &SearchFilter::default(), None);
+        assert!(unranked["bool"].get("must_not").is_none(), "{unranked}");
+        assert_eq!(unranked["bool"]["filter"].as_array().map(Vec::len), Some(5));
     }
 
     #[test]

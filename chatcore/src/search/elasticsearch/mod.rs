@@ -11,22 +11,24 @@ use elasticsearch::cert::{Certificate, CertificateValidation};
 use elasticsearch::http::response::Response;
 use elasticsearch::http::transport::{SingleNodeConnectionPool, TransportBuilder};
 use elasticsearch::http::{StatusCode, Url};
-use elasticsearch::indices::{IndicesCreateParts, IndicesExistsParts, IndicesPutMappingParts};
+use elasticsearch::indices::{
+    IndicesCreateParts, IndicesExistsParts, IndicesGetSettingsParts, IndicesPutMappingParts,
+};
 use elasticsearch::{BulkParts, Elasticsearch, SearchParts};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{
-    Highlight, ItemOutcome, MessageDocument, MessageHit, Replacing, SearchError, SearchIndex,
-    query_terms,
+    Highlight, ItemOutcome, MessageDocument, MessageHit, QueryTerms, Replacing, SearchError,
+    SearchIndex, query_terms,
 };
 mod dsl;
 
 use crate::config::SecretUrl;
 use crate::domain::{Number, PagePosition, SearchRequest, SearchSort};
 use dsl::{
-    fragment_around_first_match, highlight_definition, index_definition, mapping_properties,
-    query_definition, search_after, sort_definition,
+    INDEX_SORT, fragment_around_first_match, highlight_definition, index_definition,
+    mapping_properties, query_definition, sort_definition,
 };
 
 /// The server-side time limit of a search unless set otherwise (the api's default).
@@ -174,6 +176,27 @@ impl ElasticsearchIndex {
         Ok(body.items.into_iter().map(BulkItem::outcome).collect())
     }
 
+    /// Whether the index keeps its documents in [`INDEX_SORT`] order (an index created by an
+    /// earlier release does not, and cannot be given it).
+    pub async fn sorted_by_number(&self) -> Result<bool, SearchError> {
+        let response = self
+            .client
+            .indices()
+            .get_settings(IndicesGetSettingsParts::Index(&[&self.index]))
+            .flat_settings(true)
+            .send()
+            .await?;
+        let settings: Value = success_or_error(response).await?.json().await?;
+        // Keyed by the index's own name (the configured one may be an alias).
+        Ok(settings.as_object().is_some_and(|indices| {
+            indices.values().all(|index| {
+                let settings = &index["settings"];
+                settings["index.sort.field"] == INDEX_SORT.0
+                    && settings["index.sort.order"] == INDEX_SORT.1
+            })
+        }))
+    }
+
     pub fn index_name(&self) -> &str {
         &self.index
     }
@@ -194,6 +217,192 @@ impl ElasticsearchIndex {
             ]))
             .send()
             .await?)
+    }
+}
+
+/// Whether a search asks Elasticsearch to profile its queries (to count the documents visited).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Profiling {
+    Off,
+    On,
+}
+
+/// The hits of a search and, when profiled, how many documents its queries visited.
+struct Found {
+    hits: Vec<MessageHit>,
+    visited: u64,
+}
+
+/// Where a query of a search starts and how many hits it needs.
+struct Window {
+    /// Hits of the query skipped before the first one returned (a page number's offset).
+    skip: u64,
+    wanted: u64,
+    /// After this number, in the query's order (a cursor).
+    after: Option<u64>,
+}
+
+impl ElasticsearchIndex {
+    /// How many documents the queries of `request` visit on the nodes (the sum of the profiled
+    /// `next_doc` and `advance` calls of each query): with the index sorted by number, a page
+    /// of a rank visits about as many documents as it returns, however many match.
+    pub async fn visited_documents(
+        &self,
+        application_id: u64,
+        chat_number: Number,
+        request: &SearchRequest,
+    ) -> Result<u64, SearchError> {
+        Ok(self
+            .find(application_id, chat_number, request, Profiling::On)
+            .await?
+            .visited)
+    }
+
+    /// Sorted by number, one query. By relevance, one query per rank, from the highest (or the
+    /// cursor's) down, each newest first (the index's own order, so each stops at the page's
+    /// hits), until the page is full: a page number's offset is skipped across ranks (each query
+    /// counts its hits up to the offset and the page).
+    async fn find(
+        &self,
+        application_id: u64,
+        chat_number: Number,
+        request: &SearchRequest,
+        profiling: Profiling,
+    ) -> Result<Found, SearchError> {
+        let routing = chat_key(application_id, chat_number);
+        let terms = query_terms(request.query.as_str());
+        let page = request.page;
+        let cursor = match page.position {
+            PagePosition::AfterHit(cursor) => Some(cursor),
+            _ => None,
+        };
+        let mut window = Window {
+            skip: page.offset(),
+            wanted: page.fetch_limit(),
+            after: cursor.map(|cursor| cursor.number),
+        };
+        if request.sort != SearchSort::Relevance {
+            let query = query_definition(&routing, &terms, &request.filter, None);
+            let answer = self
+                .query(&routing, &terms, request.sort, query, &window, profiling)
+                .await?;
+            return Ok(answer.found(0));
+        }
+        let top = terms.ranking_words().len() as u32;
+        // A cursor's rank above the query's (another query's cursor) comes before every hit.
+        let first = match cursor {
+            Some(cursor) if cursor.rank <= top => cursor.rank,
+            _ => {
+                window.after = None;
+                top
+            }
+        };
+        let mut found = Found {
+            hits: Vec::new(),
+            visited: 0,
+        };
+        for rank in (0..=first).rev() {
+            let query = query_definition(&routing, &terms, &request.filter, Some(rank));
+            let answer = self
+                .query(&routing, &terms, request.sort, query, &window, profiling)
+                .await?;
+            let matched = answer.total;
+            let ranked = answer.found(rank);
+            found.visited += ranked.visited;
+            found.hits.extend(ranked.hits);
+            let still_wanted = page.fetch_limit().saturating_sub(found.hits.len() as u64);
+            if still_wanted == 0 {
+                break;
+            }
+            window = Window {
+                skip: window.skip.saturating_sub(matched),
+                wanted: still_wanted,
+                after: None,
+            };
+        }
+        Ok(found)
+    }
+
+    /// One query of a search: its hits in the window, counted up to the window's end.
+    async fn query(
+        &self,
+        routing: &str,
+        terms: &QueryTerms,
+        sort: SearchSort,
+        query: Value,
+        window: &Window,
+        profiling: Profiling,
+    ) -> Result<Answer, SearchError> {
+        let mut body = json!({
+            "from": window.skip,
+            "size": window.wanted,
+            "track_total_hits": window.skip + window.wanted,
+            "_source": ["number", "body", "created_at", "sender", "metadata", "edited_at"],
+            "query": query,
+            "sort": sort_definition(sort),
+            "timeout": format!("{}ms", self.search_timeout.as_millis()),
+            "highlight": highlight_definition(terms),
+        });
+        if let Some(after) = window.after {
+            body["search_after"] = json!([after]);
+        }
+        if profiling == Profiling::On {
+            body["profile"] = json!(true);
+        }
+        let response = self
+            .client
+            .search(SearchParts::Index(&[&self.index]))
+            .routing(&[routing])
+            .body(body)
+            .send()
+            .await?;
+        if response.status_code() == StatusCode::NOT_FOUND {
+            // No message was ever indexed.
+            return Ok(Answer::default());
+        }
+        let body: SearchResponse = success_or_error(response).await?.json().await?;
+        let visited = body.profile.map_or(0, |profile| profile.visited());
+        Ok(Answer {
+            total: body.hits.total.map_or(0, |total| total.value),
+            hits: body.hits.hits,
+            visited,
+        })
+    }
+}
+
+/// What one query answered.
+#[derive(Default)]
+struct Answer {
+    /// The query's hits, counted up to the end of its window (all of them when fewer).
+    total: u64,
+    hits: Vec<SearchHit>,
+    visited: u64,
+}
+
+impl Answer {
+    /// The hits, of `rank`, as the api returns them.
+    fn found(self, rank: u32) -> Found {
+        let hits = self
+            .hits
+            .into_iter()
+            .map(|hit| {
+                // No highlight when nothing could be marked: the start of the body then.
+                let marked = hit
+                    .highlight
+                    .and_then(|mut fields| fields.body.pop())
+                    .unwrap_or_else(|| hit.source.body.clone());
+                let highlight = Highlight::from_marked(&fragment_around_first_match(&marked));
+                MessageHit {
+                    rank,
+                    highlight,
+                    ..hit.source
+                }
+            })
+            .collect();
+        Found {
+            hits,
+            visited: self.visited,
+        }
     }
 }
 
@@ -243,6 +452,13 @@ impl SearchIndex for ElasticsearchIndex {
             .await?;
         success_or_error(response).await?;
         tracing::info!(index = %self.index, "search index mapping up to date");
+        if !self.sorted_by_number().await? {
+            // Still correct, only slower: each search visits every match of its words.
+            tracing::warn!(
+                index = %self.index,
+                "search index is not sorted by number (created by an earlier release): rebuild it into a new index, see the readme's rebuilding the search index"
+            );
+        }
         Ok(())
     }
 
@@ -311,56 +527,10 @@ impl SearchIndex for ElasticsearchIndex {
         chat_number: Number,
         request: &SearchRequest,
     ) -> Result<Vec<MessageHit>, SearchError> {
-        let routing = chat_key(application_id, chat_number);
-        let terms = query_terms(request.query.as_str());
-        let page = request.page;
-        let mut body = json!({
-            "from": page.offset(),
-            "size": page.fetch_limit(),
-            "track_total_hits": false,
-            "_source": ["number", "body", "created_at", "sender", "metadata", "edited_at"],
-            "query": query_definition(&routing, &terms, &request.filter),
-            "sort": sort_definition(request.sort),
-            "timeout": format!("{}ms", self.search_timeout.as_millis()),
-            "highlight": highlight_definition(&terms),
-        });
-        if let PagePosition::AfterHit(cursor) = page.position {
-            body["search_after"] = search_after(cursor);
-        }
-        let ranked = request.sort == SearchSort::Relevance;
-        let response = self
-            .client
-            .search(SearchParts::Index(&[&self.index]))
-            .routing(&[&routing])
-            .body(body)
-            .send()
-            .await?;
-        if response.status_code() == StatusCode::NOT_FOUND {
-            // No message was ever indexed.
-            return Ok(Vec::new());
-        }
-        let response = success_or_error(response).await?;
-        let body: SearchResponse = response.json().await?;
-        Ok(body
-            .hits
-            .hits
-            .into_iter()
-            .map(|hit| {
-                // No highlight when nothing could be marked: the start of the body then.
-                let marked = hit
-                    .highlight
-                    .and_then(|mut fields| fields.body.pop())
-                    .unwrap_or_else(|| hit.source.body.clone());
-                let highlight = Highlight::from_marked(&fragment_around_first_match(&marked));
-                // Sorted by number, the hits carry no score.
-                let score = hit.sort.first().copied().filter(|_| ranked);
-                MessageHit {
-                    score: score.unwrap_or_default(),
-                    highlight,
-                    ..hit.source
-                }
-            })
-            .collect())
+        Ok(self
+            .find(application_id, chat_number, request, Profiling::Off)
+            .await?
+            .hits)
     }
 
     async fn ping(&self) -> Result<(), SearchError> {
@@ -463,21 +633,71 @@ struct DocumentId {
 #[derive(Deserialize)]
 struct SearchResponse {
     hits: SearchHits,
+    #[serde(default)]
+    profile: Option<SearchProfile>,
 }
 
 #[derive(Deserialize)]
 struct SearchHits {
+    #[serde(default)]
+    total: Option<TotalHits>,
     hits: Vec<SearchHit>,
+}
+
+/// Exact up to `track_total_hits`, a lower bound above.
+#[derive(Deserialize)]
+struct TotalHits {
+    value: u64,
 }
 
 #[derive(Deserialize)]
 struct SearchHit {
     #[serde(rename = "_source")]
     source: MessageHit,
-    /// The values the hits are sorted by ([`sort_definition`]): the score first when ranked.
-    sort: Vec<f64>,
     #[serde(default)]
     highlight: Option<HighlightedFields>,
+}
+
+/// The `profile` of a search: per shard, per search, the top queries with their counts.
+#[derive(Deserialize)]
+struct SearchProfile {
+    shards: Vec<ShardProfile>,
+}
+
+#[derive(Deserialize)]
+struct ShardProfile {
+    searches: Vec<QueriesProfile>,
+}
+
+#[derive(Deserialize)]
+struct QueriesProfile {
+    query: Vec<QueryProfile>,
+}
+
+#[derive(Deserialize)]
+struct QueryProfile {
+    breakdown: QueryBreakdown,
+}
+
+/// How often the query's iterator was moved to its next document or advanced to a target.
+#[derive(Deserialize)]
+struct QueryBreakdown {
+    #[serde(default)]
+    next_doc_count: u64,
+    #[serde(default)]
+    advance_count: u64,
+}
+
+impl SearchProfile {
+    /// The documents the top queries of every shard visited.
+    fn visited(&self) -> u64 {
+        self.shards
+            .iter()
+            .flat_map(|shard| &shard.searches)
+            .flat_map(|search| &search.query)
+            .map(|query| query.breakdown.next_doc_count + query.breakdown.advance_count)
+            .sum()
+    }
 }
 
 #[derive(Deserialize)]
