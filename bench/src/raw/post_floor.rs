@@ -18,12 +18,12 @@ use chatcore::config::Topology;
 use chatcore::domain::Number;
 use chatcore::events::{Event, EventPayload, TraceContext};
 use chatcore::queue::{EventQueue as _, RabbitMqQueue};
+use chatcore::state::RedisConnection;
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
-use redis::aio::ConnectionManager;
 use serde::Deserialize;
 use tokio::net::TcpListener;
 
@@ -41,7 +41,7 @@ struct NewMessage {
 }
 
 struct Floor {
-    redis: ConnectionManager,
+    redis: RedisConnection,
     queue: RabbitMqQueue,
     counter_key: String,
     chat_number: Number,
