@@ -12,17 +12,19 @@
 //! The chats and messages of a deleted application are left out of a batch; its
 //! `application_deleted` event purges the rows it has.
 //!
-//! A message whose number belongs to another event (stored, or earlier in the batch) was handed
-//! out twice: the counter of its chat went back in time (a key-level restore of Redis). Its event
-//! is rejected into the dead-letter queue at once, the rest of the batch is written without it,
-//! and the chat's counter is raised above every stored number, as counter-sync would, so the
-//! duplicates of a rollback stop with the first batch that meets one.
+//! A chat or a message whose number belongs to another event (stored, or earlier in the batch) was
+//! handed out twice: the counter of its application's chats or of its chat's messages went back in
+//! time (a key-level restore of Redis). Its event is rejected into the dead-letter queue at once
+//! (never merged into the stored chat or message), the rest of the batch is written without it,
+//! and that counter is raised above every stored number, as counter-sync would, so the duplicates
+//! of a rollback stop with the first batch that meets one.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::consumer::{BatchHandler, HandleError, Received, Rejection, purge_deleted_applications};
 use crate::changes::{ChangeKind, MessageChange};
+use crate::domain::Number;
 use crate::events::EventPayload;
 use crate::metrics::Metrics;
 use crate::numbering::{NumberAllocator, Scope};
@@ -32,8 +34,8 @@ use crate::store::{
 };
 
 /// Writes batches of accepted chats and messages to the storage (MySQL, or SQLite embedded),
-/// then announces the messages on `queue`; raises the counter of a chat whose number was handed
-/// out twice with `allocator`.
+/// then announces the messages on `queue`; raises the counter that handed a number out twice
+/// with `allocator`.
 pub struct IngestWriter {
     storage: Arc<dyn Storage>,
     queue: Arc<dyn EventQueue>,
@@ -56,21 +58,16 @@ impl IngestWriter {
         }
     }
 
-    /// Raises the counter of each chat of `conflicts` above its highest stored number, then
-    /// rejects their events. A failed raise is logged and left to the next conflict of the chat:
-    /// the events are rejected either way.
+    /// Raises the counter of each scope of `conflicts` (an application's chats, a chat's messages)
+    /// above its highest stored number, then rejects their events. A failed raise is logged and
+    /// left to the next conflict of the scope: the events are rejected either way.
     async fn reject(&self, conflicts: Vec<NumberConflict>) -> HandleError {
-        let mut highest_per_scope: BTreeMap<(u64, u64), (Scope, u64)> = BTreeMap::new();
+        let mut highest_per_scope: BTreeMap<Scope, u64> = BTreeMap::new();
         for conflict in &conflicts {
-            let scope = Scope::MessagesOf {
-                application_id: conflict.application_id,
-                chat_number: conflict.chat_number,
-            };
-            let key = (conflict.application_id, conflict.chat_number.get());
-            let entry = highest_per_scope.entry(key).or_insert((scope, 0));
-            entry.1 = entry.1.max(conflict.highest);
+            let highest = highest_per_scope.entry(conflict.scope).or_default();
+            *highest = (*highest).max(conflict.highest);
         }
-        let targets: Vec<(Scope, u64)> = highest_per_scope.into_values().collect();
+        let targets: Vec<(Scope, u64)> = highest_per_scope.into_iter().collect();
         match self.allocator.ensure_beyond(&targets).await {
             Ok(raised) => {
                 for scope in &raised {
@@ -166,12 +163,13 @@ fn created_messages(ingest: &IngestBatch<'_>, sequences: &CreatedSequences) -> V
 
 /// What a batch of events writes: each chat once (with its earliest creation time), also the
 /// chats that messages refer to (a message may arrive before its chat), and the messages; and the
-/// messages whose number an earlier event of the batch carries (handed out twice).
+/// chats and messages whose number an earlier event of the batch carries (handed out twice).
 /// Updates and deletions are written synchronously by the api; only the indexer consumes them.
 fn ingest_batch(batch: &[Received]) -> (IngestBatch<'_>, Vec<NumberConflict>) {
     let mut ingest = IngestBatch::default();
     let mut taken = Vec::new();
     for received in batch {
+        let event_id = received.event.event_id;
         match &received.event.payload {
             EventPayload::ChatCreated {
                 application_id,
@@ -184,16 +182,29 @@ fn ingest_batch(batch: &[Received]) -> (IngestBatch<'_>, Vec<NumberConflict>) {
                     .chats
                     .entry((*application_id, *chat_number))
                     .or_insert(NewChat {
+                        event_id: None,
                         created_at: *created_at,
                         title: None,
                         metadata: None,
                     });
-                chat.created_at = chat.created_at.min(*created_at);
-                // The chat's own event gives what a message that came first could not.
-                if !chat.has_details() {
-                    chat.title = title.as_ref();
-                    chat.metadata = metadata.as_ref();
+                match chat.event_id {
+                    // The same event twice is a redelivery; two events with one number are not.
+                    Some(earlier) if earlier != event_id => {
+                        let scope = Scope::ChatsOf {
+                            application_id: *application_id,
+                        };
+                        taken.push(conflict(scope, *chat_number, event_id));
+                        continue;
+                    }
+                    Some(_) => {}
+                    // The chat's own event gives what a message that came first could not.
+                    None => {
+                        chat.event_id = Some(event_id);
+                        chat.title = title.as_ref();
+                        chat.metadata = metadata.as_ref();
+                    }
                 }
+                chat.created_at = chat.created_at.min(*created_at);
             }
             EventPayload::MessageCreated {
                 application_id,
@@ -206,12 +217,13 @@ fn ingest_batch(batch: &[Received]) -> (IngestBatch<'_>, Vec<NumberConflict>) {
             } => {
                 let key = (*application_id, *chat_number);
                 ingest.chats.entry(key).or_insert(NewChat {
+                    event_id: None,
                     created_at: *created_at,
                     title: None,
                     metadata: None,
                 });
                 let message = NewMessage {
-                    event_id: received.event.event_id,
+                    event_id,
                     number: *message_number,
                     body,
                     sender: sender.as_ref(),
@@ -221,14 +233,12 @@ fn ingest_batch(batch: &[Received]) -> (IngestBatch<'_>, Vec<NumberConflict>) {
                 let chat_messages = ingest.messages.entry(key).or_default();
                 if let Some(earlier) = chat_messages.get(message_number) {
                     // The same event twice is a redelivery; two events with one number are not.
-                    if earlier.event_id != message.event_id {
-                        taken.push(NumberConflict {
+                    if earlier.event_id != event_id {
+                        let scope = Scope::MessagesOf {
                             application_id: key.0,
                             chat_number: key.1,
-                            number: message.number,
-                            event_id: message.event_id,
-                            highest: 0,
-                        });
+                        };
+                        taken.push(conflict(scope, *message_number, event_id));
                     }
                     continue;
                 }
@@ -239,16 +249,41 @@ fn ingest_batch(batch: &[Received]) -> (IngestBatch<'_>, Vec<NumberConflict>) {
             | EventPayload::ApplicationDeleted { .. } => {}
         }
     }
-    // The chat's counter must go above the batch's numbers too: they are stored next.
+    // The scope's counter must go above the batch's numbers too: they are stored next.
     for conflict in &mut taken {
-        let chat = (conflict.application_id, conflict.chat_number);
-        conflict.highest = ingest
-            .messages
-            .get(&chat)
-            .and_then(BTreeMap::last_key_value)
-            .map_or(0, |(number, _)| number.get());
+        conflict.highest = highest_in_batch(&ingest, conflict.scope);
     }
     (ingest, taken)
+}
+
+/// A number of `scope` that `event_id` carries although an earlier event of the batch does.
+fn conflict(scope: Scope, number: Number, event_id: uuid::Uuid) -> NumberConflict {
+    NumberConflict {
+        scope,
+        number,
+        event_id,
+        highest: 0,
+    }
+}
+
+/// The highest number of `scope` that `ingest` writes (0 if none).
+fn highest_in_batch(ingest: &IngestBatch<'_>, scope: Scope) -> u64 {
+    let highest = match scope {
+        Scope::ChatsOf { application_id } => ingest
+            .chats
+            .keys()
+            .filter(|(id, _)| *id == application_id)
+            .map(|(_, number)| *number)
+            .max(),
+        Scope::MessagesOf {
+            application_id,
+            chat_number,
+        } => ingest
+            .messages
+            .get(&(application_id, chat_number))
+            .and_then(|messages| messages.keys().next_back().copied()),
+    };
+    highest.map_or(0, Number::get)
 }
 
 #[cfg(test)]
@@ -256,7 +291,6 @@ mod tests {
     use chrono::Utc;
 
     use super::*;
-    use crate::domain::Number;
 
     fn change(body_bytes: usize) -> MessageChange {
         MessageChange {
