@@ -291,6 +291,8 @@ mod tests {
     use chrono::Utc;
 
     use super::*;
+    use crate::domain::ChatTitle;
+    use crate::store::StoredChat;
 
     fn change(body_bytes: usize) -> MessageChange {
         MessageChange {
@@ -307,6 +309,102 @@ mod tests {
             metadata: None,
             edited_at: None,
         }
+    }
+
+    fn number(value: u64) -> Number {
+        Number::new(value).expect("positive")
+    }
+
+    fn received(payload: EventPayload) -> Received {
+        Received {
+            event: crate::events::Event::new(payload),
+            trace: None,
+        }
+    }
+
+    fn chat_created(chat_number: u64, title: &str) -> Received {
+        received(EventPayload::ChatCreated {
+            application_id: 7,
+            chat_number: number(chat_number),
+            created_at: Utc::now(),
+            title: Some(ChatTitle::parse(title).expect("a valid title")),
+            metadata: None,
+        })
+    }
+
+    #[test]
+    fn the_second_chat_event_of_a_number_in_a_batch_is_a_conflict_not_merged() {
+        let message_first = received(EventPayload::MessageCreated {
+            application_id: 7,
+            chat_number: number(1),
+            message_number: number(1),
+            body: "before its chat".to_owned(),
+            created_at: Utc::now(),
+            sender: None,
+            metadata: None,
+        });
+        let first = chat_created(1, "first");
+        let batch = [
+            message_first,
+            first.clone(),
+            chat_created(1, "second"),
+            first.clone(),
+            chat_created(5, "five"),
+        ];
+        let (ingest, taken) = ingest_batch(&batch);
+        let chat = &ingest.chats[&(7, number(1))];
+        assert_eq!(
+            chat.event_id,
+            Some(first.event.event_id),
+            "the first event claims"
+        );
+        assert_eq!(chat.title.map(ChatTitle::as_str), Some("first"));
+        assert_eq!(
+            taken,
+            [NumberConflict {
+                scope: Scope::ChatsOf { application_id: 7 },
+                number: number(1),
+                event_id: batch[2].event.event_id,
+                highest: 5,
+            }],
+            "only the second event conflicts, the redelivery does not"
+        );
+        assert_eq!(
+            taken[0].to_string(),
+            format!(
+                "chat number 1 of application 7 already belongs to another event (event {})",
+                batch[2].event.event_id
+            )
+        );
+    }
+
+    #[test]
+    fn a_stored_chat_is_claimed_by_its_event_and_taken_by_another() {
+        let event_id = uuid::Uuid::new_v4();
+        let chat = NewChat {
+            event_id: Some(event_id),
+            created_at: Utc::now(),
+            title: None,
+            metadata: None,
+        };
+        let other = uuid::Uuid::new_v4();
+        assert_eq!(chat.against(None), StoredChat::Claim(event_id));
+        assert_eq!(
+            chat.against(Some(event_id.as_bytes())),
+            StoredChat::Unchanged
+        );
+        assert_eq!(
+            chat.against(Some(other.as_bytes())),
+            StoredChat::TakenByAnotherEvent(event_id)
+        );
+        let referred_to = NewChat {
+            event_id: None,
+            ..chat
+        };
+        assert_eq!(
+            referred_to.against(Some(other.as_bytes())),
+            StoredChat::Unchanged
+        );
     }
 
     #[test]
