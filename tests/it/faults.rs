@@ -4,6 +4,7 @@
 //! message or chat: dead-lettered at once, the counter raised), an event of a newer schema, a
 //! worker behind a thousand of the largest events, quorum queues.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -327,8 +328,8 @@ async fn a_number_handed_out_twice_is_dead_lettered_not_dropped(
         Ok(queue.depth(&dead_letter_queue).await? == 1)
     })
     .await?;
-    // The second is dead-lettered at once; the first is written after it, with the rest of
-    // its batch.
+    // The first is written with its batch, and the second dead-lettered (at once, or after the
+    // first when both came in one batch).
     let path = format!("/applications/{token}/chats/{chat}/messages/1000");
     eventually("the first event is stored", LONG, || async {
         Ok(client.get(&path).await?.status == StatusCode::OK)
@@ -413,7 +414,7 @@ impl IngestInPlaceOfTheApi {
     /// Runs the ingest consumer until `checks` end.
     async fn consuming_while<T>(
         &self,
-        checks: impl std::future::Future<Output = anyhow::Result<T>>,
+        checks: impl Future<Output = anyhow::Result<T>>,
     ) -> anyhow::Result<T> {
         let writer = IngestWriter::new(
             Arc::clone(&self.storage),

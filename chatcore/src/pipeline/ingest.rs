@@ -98,10 +98,10 @@ impl BatchHandler for IngestWriter {
     const OPERATION: &'static str = "ingest batch write";
 
     async fn handle(&self, batch: &[Received]) -> Result<(), HandleError> {
-        let (ingest, taken_in_batch) = ingest_batch(batch);
-        if !taken_in_batch.is_empty() {
-            return Err(self.reject(taken_in_batch).await);
-        }
+        // The batch's first event of a number is written, the later ones wait: if the first is
+        // the one the storage refuses (a duplicate of a stored row), a later one may be that row's
+        // redelivery, judged again in the next round without the first.
+        let (ingest, later_of_a_number) = ingest_batch(batch);
         let sequences = match self.storage.write_ingest_batch(&ingest).await {
             Ok(sequences) => sequences,
             Err(StorageError::NumberConflicts(conflicts)) => {
@@ -109,6 +109,10 @@ impl BatchHandler for IngestWriter {
             }
             Err(error) => return Err(HandleError::of(error)),
         };
+        if !later_of_a_number.is_empty() {
+            // The rest is handled again without them: a redelivery, announced then.
+            return Err(self.reject(later_of_a_number).await);
+        }
         let created = created_messages(&ingest, &sequences);
         for announcement in announcements(&created) {
             self.queue
