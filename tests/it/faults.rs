@@ -602,7 +602,7 @@ async fn a_chat_number_handed_out_twice_is_dead_lettered_not_merged(
         let stored = storage.find_chat(application_id, number).await?;
         anyhow::Ok(stored.map(|chat| chat.title.map(|title| title.as_str().to_owned())))
     };
-    let (late, again, three) = ingest
+    let (late, ahead, again, three, next) = ingest
         .consuming_while(async {
             // A message before its chat: the chat's event still gives it its title.
             let late = ingest.allocator.allocate(&scope).await?.get();
@@ -612,11 +612,12 @@ async fn a_chat_number_handed_out_twice_is_dead_lettered_not_merged(
             })
             .await?;
             ingest.publish_in_order(&[chat(late, "late")]).await?;
-            // 40 handed out before the counter went back.
-            ingest.publish_in_order(&[chat(40, "forty")]).await?;
+            // Handed out before the counter went back.
+            let ahead = late + 40;
+            ingest.publish_in_order(&[chat(ahead, "ahead")]).await?;
             eventually("the first chats are stored", LONG, || async {
                 Ok(title_of(late).await?.flatten().as_deref() == Some("late")
-                    && title_of(40).await?.is_some())
+                    && title_of(ahead).await?.is_some())
             })
             .await?;
             // A number handed out twice in a row (one batch, or the second against the first
@@ -629,7 +630,7 @@ async fn a_chat_number_handed_out_twice_is_dead_lettered_not_merged(
                     first.clone(),
                     chat(again, "second"),
                     first,
-                    chat(40, "forty again"),
+                    chat(ahead, "ahead again"),
                     chat(three, "three"),
                 ])
                 .await?;
@@ -641,13 +642,14 @@ async fn a_chat_number_handed_out_twice_is_dead_lettered_not_merged(
                 Ok(title_of(three).await?.is_some())
             })
             .await?;
-            Ok((late, again, three))
+            let next = ingest.allocator.allocate(&scope).await?.get();
+            Ok((late, ahead, again, three, next))
         })
         .await?;
     for (number, title) in [
         (late, "late"),
         (again, "first"),
-        (40, "forty"),
+        (ahead, "ahead"),
         (three, "three"),
     ] {
         assert_eq!(
@@ -663,9 +665,17 @@ async fn a_chat_number_handed_out_twice_is_dead_lettered_not_merged(
     );
     assert_eq!(ingest.metrics.number_conflicts.get(), 2);
     assert_eq!(ingest.metrics.number_counter_raises.get(), 1);
+    assert_eq!(
+        next,
+        ahead + 1,
+        "the counter went above the highest stored chat"
+    );
     let api = env.spawn_api().await?;
-    let next = api.client.create_chat(&ingest.token).await?;
-    assert_eq!(next, 41, "the api's next chat is above every stored chat");
+    let from_api = api.client.create_chat(&ingest.token).await?;
+    assert!(
+        from_api > next,
+        "the api's next chat is above every stored chat: {from_api}"
+    );
     api.stop().await
 }
 
