@@ -79,7 +79,7 @@ pub struct Metrics {
     pub events_processed: Family<QueueLabels, Counter>,
     pub events_failed: Family<QueueLabels, Counter>,
     pub events_dead_lettered: Family<QueueLabels, Counter>,
-    /// Messages whose number belonged to another event (handed out twice), dead-lettered.
+    /// Chats and messages whose number belonged to another event (handed out twice), dead-lettered.
     pub number_conflicts: Counter,
     /// Number counters raised above the stored numbers after such a conflict.
     pub number_counter_raises: Counter,
@@ -160,7 +160,7 @@ impl Metrics {
         let number_conflicts = Counter::default();
         registry.register(
             "number_conflicts",
-            "Messages dead-lettered because their number belonged to another event (handed out twice)",
+            "Chats and messages dead-lettered because their number belonged to another event (handed out twice)",
             number_conflicts.clone(),
         );
         let number_counter_raises = Counter::default();

@@ -26,7 +26,7 @@ use crate::state::{Counter, SharedState, StateError};
 use crate::store::{Storage, StorageError};
 
 /// The parent whose children are numbered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Scope {
     ChatsOf {
         application_id: u64,

@@ -501,6 +501,7 @@ async fn concurrent_batches_and_edits_of_one_application_do_not_deadlock() -> an
                     batch.chats.insert(
                         (application, chat),
                         NewChat {
+                            event_id: None,
                             created_at: now,
                             title: None,
                             metadata: None,

@@ -1,9 +1,10 @@
 //! Failures that do not restart a shared service (those are in `tests/faults`, run serially): an
 //! ambiguous 503 retried with its key, the broker dropping the api, a read-only index, a dead
 //! letter at the end of a batch, two events with one number (in one batch, and against a stored
-//! message: dead-lettered at once, the counter raised), an event of a newer schema, a worker
-//! behind a thousand of the largest events, quorum queues.
+//! message or chat: dead-lettered at once, the counter raised), an event of a newer schema, a
+//! worker behind a thousand of the largest events, quorum queues.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -327,8 +328,8 @@ async fn a_number_handed_out_twice_is_dead_lettered_not_dropped(
         Ok(queue.depth(&dead_letter_queue).await? == 1)
     })
     .await?;
-    // The second is dead-lettered at once; the first is written after it, with the rest of
-    // its batch.
+    // The first is written with its batch, and the second dead-lettered (at once, or after the
+    // first when both came in one batch).
     let path = format!("/applications/{token}/chats/{chat}/messages/1000");
     eventually("the first event is stored", LONG, || async {
         Ok(client.get(&path).await?.status == StatusCode::OK)
@@ -340,6 +341,124 @@ async fn a_number_handed_out_twice_is_dead_lettered_not_dropped(
     running.stop().await
 }
 
+/// An application and a chat the api created, then this test's ingest consumer in the api's
+/// place: the tests of a counter that went back in time hand out numbers with `allocator` and
+/// publish the events the api would.
+struct IngestInPlaceOfTheApi {
+    token: String,
+    application_id: u64,
+    chat_number: Number,
+    config: chatcore::config::Config,
+    metrics: Arc<Metrics>,
+    storage: Arc<dyn chatcore::store::Storage>,
+    queue: Arc<dyn chatcore::queue::EventQueue>,
+    allocator: NumberAllocator,
+    trace: TraceContext,
+}
+
+impl IngestInPlaceOfTheApi {
+    async fn start(env: &TestEnv, application: &str) -> anyhow::Result<Self> {
+        let api = env.spawn_api().await?;
+        let token = api.client.create_application(application).await?;
+        let chat_number = Number::new(api.client.create_chat(&token).await?).expect("positive");
+        api.stop().await?;
+        let application_id = env.application_id(&token).await?;
+        let config = env.config();
+        let metrics = Metrics::new();
+        let storage = chatcore::adapters::storage(&config, &metrics).await?;
+        let queue = chatcore::adapters::queue(&config, &metrics).await?;
+        queue.ensure_topology().await?;
+        let allocator = NumberAllocator::new(
+            chatcore::adapters::state(&config, &metrics).await?,
+            Arc::clone(&storage),
+            &config.redis_key_prefix,
+            config.number_block_size,
+        );
+        Ok(Self {
+            token,
+            application_id,
+            chat_number,
+            config,
+            metrics,
+            storage,
+            queue,
+            allocator,
+            trace: TraceContext::child_of(None),
+        })
+    }
+
+    /// Publishes `events` at once (their order in the queue is not theirs).
+    async fn publish_together(&self, events: &[Event]) -> anyhow::Result<()> {
+        let publishing = events
+            .iter()
+            .map(|event| self.queue.publish(event, &self.trace));
+        for published in join_all(publishing).await {
+            published?;
+        }
+        Ok(())
+    }
+
+    /// Publishes `events` one after the other, in this order.
+    async fn publish_in_order(&self, events: &[Event]) -> anyhow::Result<()> {
+        for event in events {
+            self.queue.publish(event, &self.trace).await?;
+        }
+        Ok(())
+    }
+
+    async fn dead_letters(&self) -> anyhow::Result<u64> {
+        let dead_letter_queue = Topology::dead_letter_queue(&self.config.topology.ingest_queue);
+        Ok(self.queue.depth(&dead_letter_queue).await?)
+    }
+
+    /// Runs the ingest consumer until `checks` end.
+    async fn consuming_while<T>(
+        &self,
+        checks: impl Future<Output = anyhow::Result<T>>,
+    ) -> anyhow::Result<T> {
+        let writer = IngestWriter::new(
+            Arc::clone(&self.storage),
+            Arc::clone(&self.queue),
+            self.allocator.clone(),
+            Arc::clone(&self.metrics),
+        );
+        let shutdown = CancellationToken::new();
+        let observers = Observers {
+            readiness: Readiness::default(),
+            metrics: Arc::clone(&self.metrics),
+        };
+        let consuming = async {
+            run(
+                &self.queue,
+                Consumer::Ingest,
+                &writer,
+                &self.config.consumer,
+                &shutdown,
+                &observers,
+            )
+            .await;
+            anyhow::Ok(())
+        };
+        let checking = async {
+            let checked = checks.await;
+            shutdown.cancel();
+            checked
+        };
+        let ((), checked) = tokio::try_join!(consuming, checking)?;
+        Ok(checked)
+    }
+
+    /// Failed attempts of the consumer so far.
+    fn failed_attempts(&self) -> u64 {
+        self.metrics
+            .events_failed
+            .get_or_create(&QueueLabels {
+                queue: self.config.topology.ingest_queue.clone(),
+            })
+            .get()
+    }
+}
+
 both_stacks!(a_number_handed_out_twice_is_dead_lettered_at_once_and_its_counter_raised);
 
 /// A counter that went back in time hands out stored numbers again. The first batch that meets
@@ -348,23 +467,8 @@ both_stacks!(a_number_handed_out_twice_is_dead_lettered_at_once_and_its_counter_
 async fn a_number_handed_out_twice_is_dead_lettered_at_once_and_its_counter_raised(
     env: TestEnv,
 ) -> anyhow::Result<()> {
-    // The api creates the application and the chat, then leaves the queue to this test's consumer.
-    let api = env.spawn_api().await?;
-    let token = api.client.create_application("rolled back").await?;
-    let chat_number = Number::new(api.client.create_chat(&token).await?).expect("positive");
-    api.stop().await?;
-    let application_id = env.application_id(&token).await?;
-    let config = env.config();
-    let metrics = Metrics::new();
-    let storage = chatcore::adapters::storage(&config, &metrics).await?;
-    let queue = chatcore::adapters::queue(&config, &metrics).await?;
-    queue.ensure_topology().await?;
-    let allocator = NumberAllocator::new(
-        chatcore::adapters::state(&config, &metrics).await?,
-        Arc::clone(&storage),
-        &config.redis_key_prefix,
-        config.number_block_size,
-    );
+    let ingest = IngestInPlaceOfTheApi::start(&env, "rolled back").await?;
+    let (application_id, chat_number) = (ingest.application_id, ingest.chat_number);
     let scope = Scope::MessagesOf {
         application_id,
         chat_number,
@@ -380,46 +484,13 @@ async fn a_number_handed_out_twice_is_dead_lettered_at_once_and_its_counter_rais
             metadata: None,
         })
     };
-    let trace = TraceContext::child_of(None);
-    let publish_together = |events: Vec<Event>| {
-        let (queue, trace) = (&queue, &trace);
-        async move {
-            for published in join_all(events.iter().map(|event| queue.publish(event, trace))).await
-            {
-                published?;
-            }
-            anyhow::Ok(())
-        }
-    };
-    let writer = IngestWriter::new(
-        Arc::clone(&storage),
-        Arc::clone(&queue),
-        allocator.clone(),
-        Arc::clone(&metrics),
-    );
-    let shutdown = CancellationToken::new();
-    let observers = Observers {
-        readiness: Readiness::default(),
-        metrics: Arc::clone(&metrics),
-    };
-    let consuming = async {
-        run(
-            &queue,
-            Consumer::Ingest,
-            &writer,
-            &config.consumer,
-            &shutdown,
-            &observers,
-        )
-        .await;
-        anyhow::Ok(())
-    };
     let stored_bodies = || async {
         let page = chatcore::domain::PageRequest {
             per_page: 100,
             position: chatcore::domain::PagePosition::Page(1),
         };
-        let rows = storage
+        let rows = ingest
+            .storage
             .list_messages(application_id, chat_number, None, page)
             .await?;
         anyhow::Ok(
@@ -428,44 +499,44 @@ async fn a_number_handed_out_twice_is_dead_lettered_at_once_and_its_counter_rais
                 .collect::<Vec<_>>(),
         )
     };
-    let dead_letter_queue = Topology::dead_letter_queue(&config.topology.ingest_queue);
-    let checks = async {
-        // 1 and 2 from the counter; 40 handed out before the counter went back.
-        let one = allocator.allocate(&scope).await?.get();
-        let two = allocator.allocate(&scope).await?.get();
-        publish_together(vec![
-            message(one, "one"),
-            message(two, "two"),
-            message(40, "forty"),
-        ])
-        .await?;
-        eventually("the first messages are stored", LONG, || async {
-            Ok(stored_bodies().await?.len() == 3)
+    let next = ingest
+        .consuming_while(async {
+            // 1 and 2 from the counter; 40 handed out before the counter went back.
+            let one = ingest.allocator.allocate(&scope).await?.get();
+            let two = ingest.allocator.allocate(&scope).await?.get();
+            ingest
+                .publish_together(&[
+                    message(one, "one"),
+                    message(two, "two"),
+                    message(40, "forty"),
+                ])
+                .await?;
+            eventually("the first messages are stored", LONG, || async {
+                Ok(stored_bodies().await?.len() == 3)
+            })
+            .await?;
+            // One batch: two numbers handed out again, among new ones.
+            let three = ingest.allocator.allocate(&scope).await?.get();
+            let four = ingest.allocator.allocate(&scope).await?.get();
+            ingest
+                .publish_together(&[
+                    message(two, "two again"),
+                    message(three, "three"),
+                    message(40, "forty again"),
+                    message(four, "four"),
+                ])
+                .await?;
+            eventually("the duplicates are dead-lettered", LONG, || async {
+                Ok(ingest.dead_letters().await? == 2)
+            })
+            .await?;
+            eventually("the rest of the batch is stored", LONG, || async {
+                Ok(stored_bodies().await?.len() == 5)
+            })
+            .await?;
+            Ok(ingest.allocator.allocate(&scope).await?.get())
         })
         .await?;
-        // One batch: two numbers handed out again, among new ones.
-        let three = allocator.allocate(&scope).await?.get();
-        let four = allocator.allocate(&scope).await?.get();
-        publish_together(vec![
-            message(two, "two again"),
-            message(three, "three"),
-            message(40, "forty again"),
-            message(four, "four"),
-        ])
-        .await?;
-        eventually("the duplicates are dead-lettered", LONG, || async {
-            Ok(queue.depth(&dead_letter_queue).await? == 2)
-        })
-        .await?;
-        eventually("the rest of the batch is stored", LONG, || async {
-            Ok(stored_bodies().await?.len() == 5)
-        })
-        .await?;
-        let next = allocator.allocate(&scope).await?.get();
-        shutdown.cancel();
-        anyhow::Ok(next)
-    };
-    let ((), next) = tokio::try_join!(consuming, checks)?;
     let expected: Vec<(u64, String)> = [
         (1, "one"),
         (2, "two"),
@@ -481,19 +552,131 @@ async fn a_number_handed_out_twice_is_dead_lettered_at_once_and_its_counter_rais
         "the first of each number stays"
     );
     assert_eq!(next, 41, "the counter went above the highest stored number");
-    assert_eq!(metrics.number_conflicts.get(), 2);
-    assert_eq!(metrics.number_counter_raises.get(), 1);
-    let failed = metrics
-        .events_failed
-        .get_or_create(&QueueLabels {
-            queue: config.topology.ingest_queue.clone(),
-        })
-        .get();
+    assert_eq!(ingest.metrics.number_conflicts.get(), 2);
+    assert_eq!(ingest.metrics.number_counter_raises.get(), 1);
+    let failed = ingest.failed_attempts();
     assert!(
         (1..=2).contains(&failed),
         "one failed attempt per batch with duplicates, none retried: {failed}"
     );
     Ok(())
+}
+
+both_stacks!(a_chat_number_handed_out_twice_is_dead_lettered_not_merged);
+
+/// A chats counter that went back in time hands out a chat number again: the second client was
+/// told "chat N titled B" while chat N is titled A. The second chat event is dead-lettered at once
+/// (in one batch with the first, or against the stored chat), never merged into the first chat;
+/// the application's chats counter goes above every stored chat number, so the api's next chat is
+/// new. A redelivery of the first event is no conflict, and a chat whose message came first still
+/// gets its title.
+async fn a_chat_number_handed_out_twice_is_dead_lettered_not_merged(
+    env: TestEnv,
+) -> anyhow::Result<()> {
+    let ingest = IngestInPlaceOfTheApi::start(&env, "chats rolled back").await?;
+    let application_id = ingest.application_id;
+    let scope = Scope::ChatsOf { application_id };
+    let chat = |number: u64, title: &str| {
+        Event::new(EventPayload::ChatCreated {
+            application_id,
+            chat_number: Number::new(number).expect("positive"),
+            created_at: chatcore::store::now(),
+            title: Some(chatcore::domain::ChatTitle::parse(title).expect("a valid title")),
+            metadata: None,
+        })
+    };
+    let message_to = |chat_number: u64| {
+        Event::new(EventPayload::MessageCreated {
+            application_id,
+            chat_number: Number::new(chat_number).expect("positive"),
+            message_number: Number::new(1).expect("positive"),
+            body: "before its chat".to_owned(),
+            created_at: chatcore::store::now(),
+            sender: None,
+            metadata: None,
+        })
+    };
+    let storage = &ingest.storage;
+    let title_of = |number: u64| async move {
+        let number = Number::new(number).expect("positive");
+        let stored = storage.find_chat(application_id, number).await?;
+        anyhow::Ok(stored.map(|chat| chat.title.map(|title| title.as_str().to_owned())))
+    };
+    let (late, ahead, again, three, next) = ingest
+        .consuming_while(async {
+            // A message before its chat: the chat's event still gives it its title.
+            let late = ingest.allocator.allocate(&scope).await?.get();
+            ingest.publish_in_order(&[message_to(late)]).await?;
+            eventually("the message's chat is stored", LONG, || async {
+                Ok(title_of(late).await? == Some(None))
+            })
+            .await?;
+            ingest.publish_in_order(&[chat(late, "late")]).await?;
+            // Handed out before the counter went back.
+            let ahead = late + 40;
+            ingest.publish_in_order(&[chat(ahead, "ahead")]).await?;
+            eventually("the first chats are stored", LONG, || async {
+                Ok(title_of(late).await?.flatten().as_deref() == Some("late")
+                    && title_of(ahead).await?.is_some())
+            })
+            .await?;
+            // A number handed out twice in a row (one batch, or the second against the first
+            // stored), the first event again, a number stored before, and a new chat.
+            let again = ingest.allocator.allocate(&scope).await?.get();
+            let three = ingest.allocator.allocate(&scope).await?.get();
+            let first = chat(again, "first");
+            ingest
+                .publish_in_order(&[
+                    first.clone(),
+                    chat(again, "second"),
+                    first,
+                    chat(ahead, "ahead again"),
+                    chat(three, "three"),
+                ])
+                .await?;
+            eventually("the duplicates are dead-lettered", LONG, || async {
+                Ok(ingest.dead_letters().await? == 2)
+            })
+            .await?;
+            eventually("the rest is stored", LONG, || async {
+                Ok(title_of(three).await?.is_some())
+            })
+            .await?;
+            let next = ingest.allocator.allocate(&scope).await?.get();
+            Ok((late, ahead, again, three, next))
+        })
+        .await?;
+    for (number, title) in [
+        (late, "late"),
+        (again, "first"),
+        (ahead, "ahead"),
+        (three, "three"),
+    ] {
+        assert_eq!(
+            title_of(number).await?,
+            Some(Some(title.to_owned())),
+            "chat {number} keeps the title of its first event"
+        );
+    }
+    assert_eq!(
+        ingest.dead_letters().await?,
+        2,
+        "the redelivered first event is no conflict"
+    );
+    assert_eq!(ingest.metrics.number_conflicts.get(), 2);
+    assert_eq!(ingest.metrics.number_counter_raises.get(), 1);
+    assert_eq!(
+        next,
+        ahead + 1,
+        "the counter went above the highest stored chat"
+    );
+    let api = env.spawn_api().await?;
+    let from_api = api.client.create_chat(&ingest.token).await?;
+    assert!(
+        from_api > next,
+        "the api's next chat is above every stored chat: {from_api}"
+    );
+    api.stop().await
 }
 
 both_stacks!(an_event_of_a_newer_schema_waits_for_an_upgraded_consumer);

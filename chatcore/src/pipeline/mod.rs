@@ -121,7 +121,7 @@ pub async fn run_worker(
     match consumer {
         Consumer::Ingest => {
             config.require_database_url()?;
-            // The counters: a number handed out twice makes the worker raise its chat's counter.
+            // The counters: a number handed out twice makes the worker raise its counter.
             config.require_redis_url()?;
             let storage = adapters::storage(&config, metrics).await?;
             let Some(counters) = until_ready(settings, &shutdown, "redis", || {

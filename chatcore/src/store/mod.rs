@@ -22,6 +22,7 @@ use crate::domain::{
     ApplicationName, ApplicationToken, ChatTitle, ClientKeyId, MessageBody, Metadata, Number,
     PageRequest, Sender, TokenDigest,
 };
+use crate::numbering::Scope;
 use crate::retry::Transient;
 
 pub use change_log::{
@@ -97,8 +98,9 @@ pub enum StorageError {
     ChatMissing(u64, Number),
     #[error("migrations: {0}")]
     Migration(#[from] sqlx::migrate::MigrateError),
-    /// Messages whose number is stored under another event: each was handed out twice. None of
-    /// them can ever be written (the batch wrote nothing); they are dead-lettered, not dropped.
+    /// Chats and messages whose number is stored under another event: each was handed out twice.
+    /// None of them can ever be written (the batch wrote nothing); they are dead-lettered, not
+    /// dropped.
     #[error("{}", joined(.0))]
     NumberConflicts(Vec<NumberConflict>),
 }
@@ -195,16 +197,38 @@ impl NewMessage<'_> {
 /// message that arrived before it (nothing but a creation time).
 #[derive(Debug, Clone, Copy)]
 pub struct NewChat<'a> {
+    /// The chat's own event; None for a chat only written because a message of the batch refers
+    /// to it (the message may arrive before its chat).
+    pub event_id: Option<uuid::Uuid>,
     pub created_at: DateTime<Utc>,
     pub title: Option<&'a ChatTitle>,
     pub metadata: Option<&'a Metadata>,
 }
 
+/// What a batch's chat does to the row of its number that was stored already.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StoredChat {
+    /// The row has no event id yet (a message came first): the chat's event gives it its id, and
+    /// its title and metadata if it has none.
+    Claim(uuid::Uuid),
+    /// A redelivery, or a chat only referred to by a message: nothing to write.
+    Unchanged,
+    /// The number belongs to another chat event: it was handed out twice.
+    TakenByAnotherEvent(uuid::Uuid),
+}
+
 impl NewChat<'_> {
-    /// Whether the chat carries anything beyond its creation time: such a chat, stored earlier by
-    /// a message that came first, still gets its title and metadata.
-    pub fn has_details(&self) -> bool {
-        self.title.is_some() || self.metadata.is_some()
+    /// What this chat does to the stored row of its number, whose event id is `stored` (rows
+    /// older than the event id column match anything).
+    pub(crate) fn against(&self, stored: Option<&[u8]>) -> StoredChat {
+        match (self.event_id, stored) {
+            (None, _) => StoredChat::Unchanged,
+            (Some(event_id), None) => StoredChat::Claim(event_id),
+            (Some(event_id), Some(stored)) if stored != event_id.as_bytes() => {
+                StoredChat::TakenByAnotherEvent(event_id)
+            }
+            (Some(_), Some(_)) => StoredChat::Unchanged,
+        }
     }
 }
 
@@ -381,34 +405,55 @@ pub struct CountFigures {
     pub highest: u64,
 }
 
-/// A message whose number belongs to another event: the number was handed out twice (only
-/// possible if the counter went back in time past the numbering guard).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "message number {number} of chat {application_id}:{chat_number} already belongs to another event (event {event_id})"
-)]
+/// An event (a chat's or a message's) whose number belongs to another event: the number was
+/// handed out twice (only possible if the counter of its scope went back in time past the
+/// numbering guard).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NumberConflict {
-    pub application_id: u64,
-    pub chat_number: Number,
+    /// Where the number was handed out: the chats of an application, or the messages of a chat.
+    pub scope: Scope,
     pub number: Number,
     pub event_id: uuid::Uuid,
-    /// The highest number of the chat stored (or, for two events of one batch, written with the
-    /// batch): the chat's counter must go above it to stop handing out taken numbers.
+    /// The highest number of the scope stored (or, for two events of one batch, written with the
+    /// batch): its counter must go above it to stop handing out taken numbers.
     pub highest: u64,
 }
+
+impl std::fmt::Display for NumberConflict {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Self {
+            number, event_id, ..
+        } = self;
+        match self.scope {
+            Scope::ChatsOf { application_id } => write!(
+                formatter,
+                "chat number {number} of application {application_id} already belongs to another event (event {event_id})"
+            ),
+            Scope::MessagesOf {
+                application_id,
+                chat_number,
+            } => write!(
+                formatter,
+                "message number {number} of chat {application_id}:{chat_number} already belongs to another event (event {event_id})"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for NumberConflict {}
 
 fn joined(conflicts: &[NumberConflict]) -> String {
     let each: Vec<String> = conflicts.iter().map(ToString::to_string).collect();
     each.join("; ")
 }
 
-/// The messages among `messages` whose number is stored with another event id (`stored`: the
-/// number and event id of rows that were there already; rows older than the event id column
-/// match anything).
+/// The number and event id of each message among `messages` whose number is stored with another
+/// event id (`stored`: the number and event id of rows that were there already; rows older than
+/// the event id column match anything).
 pub(crate) fn taken_by_other_events<'a>(
     messages: impl IntoIterator<Item = &'a NewMessage<'a>>,
     stored: &[(u64, Option<Vec<u8>>)],
-) -> Vec<&'a NewMessage<'a>> {
+) -> Vec<(Number, uuid::Uuid)> {
     messages
         .into_iter()
         .filter(|message| {
@@ -419,6 +464,7 @@ pub(crate) fn taken_by_other_events<'a>(
                         .is_some_and(|event_id| event_id != message.event_id.as_bytes())
             })
         })
+        .map(|message| (message.number, message.event_id))
         .collect()
 }
 

@@ -92,35 +92,67 @@ macro_rules! storage_impl {
                 Ok(())
             }
 
-            /// The messages of one chat whose number is stored under another event (`stored`:
-            /// the rows of their numbers), as conflicts with the chat's highest stored number.
-            async fn number_conflicts<'m>(
+            /// The events of `scope` in `taken` (number and event id, each number stored under
+            /// another event), as conflicts with the scope's highest stored number.
+            async fn number_conflicts(
                 transaction: &mut sqlx::Transaction<'static, $database>,
-                (application_id, chat_number): $crate::store::ChatKey,
-                chat_id: u64,
-                messages: impl IntoIterator<Item = &'m $crate::store::NewMessage<'m>>,
-                stored: &[(u64, Option<Vec<u8>>)],
+                scope: $crate::numbering::Scope,
+                taken: Vec<($crate::domain::Number, uuid::Uuid)>,
             ) -> Result<Vec<$crate::store::NumberConflict>, sqlx::Error> {
-                let taken = $crate::store::taken_by_other_events(messages, stored);
                 if taken.is_empty() {
                     return Ok(Vec::new());
                 }
-                let highest: u64 = sqlx::query_scalar(
-                    "SELECT CAST(COALESCE(MAX(number), 0) AS UNSIGNED) FROM messages WHERE chat_id = ?",
-                )
-                .bind(chat_id as i64)
+                let highest: u64 = match scope {
+                    $crate::numbering::Scope::ChatsOf { application_id } => sqlx::query_scalar(
+                        "SELECT CAST(COALESCE(MAX(number), 0) AS UNSIGNED) FROM chats \
+                         WHERE application_id = ?",
+                    )
+                    .bind(application_id as i64),
+                    $crate::numbering::Scope::MessagesOf {
+                        application_id,
+                        chat_number,
+                    } => sqlx::query_scalar(
+                        "SELECT CAST(COALESCE(MAX(m.number), 0) AS UNSIGNED) FROM messages m \
+                         JOIN chats c ON c.id = m.chat_id WHERE c.application_id = ? AND c.number = ?",
+                    )
+                    .bind(application_id as i64)
+                    .bind(chat_number.get() as i64),
+                }
                 .fetch_one(&mut **transaction)
                 .await?;
                 Ok(taken
                     .into_iter()
-                    .map(|message| $crate::store::NumberConflict {
-                        application_id,
-                        chat_number,
-                        number: message.number,
-                        event_id: message.event_id,
+                    .map(|(number, event_id)| $crate::store::NumberConflict {
+                        scope,
+                        number,
+                        event_id,
                         highest,
                     })
                     .collect())
+            }
+
+            /// Gives a chat stored earlier by a message that came first the id of its own event,
+            /// and its title and metadata; a chat some event gave details already (before the
+            /// event id was kept) stays as it is.
+            async fn claim_chat(
+                transaction: &mut sqlx::Transaction<'static, $database>,
+                (application_id, number): $crate::store::ChatKey,
+                event_id: uuid::Uuid,
+                chat: &$crate::store::NewChat<'_>,
+            ) -> Result<(), sqlx::Error> {
+                sqlx::query(
+                    "UPDATE chats SET event_id = ?, title = ?, metadata = ? \
+                     WHERE application_id = ? AND number = ? AND event_id IS NULL \
+                     AND title IS NULL AND metadata IS NULL",
+                )
+                .bind(event_id.as_bytes().as_slice())
+                .bind(chat.title.map($crate::domain::ChatTitle::as_str))
+                .bind(chat.metadata.map($crate::domain::Metadata::as_str))
+                .bind(application_id as i64)
+                .bind(number.get() as i64)
+                .execute(&mut **transaction)
+                .await?;
+                Ok(())
             }
 
             /// Logs one change of a message (as it left the message) under the next sequences of

@@ -14,13 +14,14 @@ use sqlx::{AssertSqlSafe, Sqlite, SqlitePool, Transaction};
 use super::{
     APPLICATION_COLUMNS, ApplicationRow, ChangeKind, ChangeRow, ChatRow, CountFigures, CountLevel,
     CreatedSequences, IngestBatch, MessageEdit, MessageRow, MessageToIndex, MetadataEdit,
-    NewMessage, ReindexCursor, ReindexScope, Reservation, ScopeBind, StorageError, TokenGrant, now,
-    with_storage_errors,
+    NewMessage, ReindexCursor, ReindexScope, Reservation, ScopeBind, StorageError, StoredChat,
+    TokenGrant, now, taken_by_other_events, with_storage_errors,
 };
 use crate::domain::{
     ApplicationName, ApplicationToken, ChatTitle, Metadata, Number, PageRequest, Sender,
     TokenDigest,
 };
+use crate::numbering::Scope;
 use crate::sqlite::begin_write;
 
 #[derive(Clone)]
@@ -294,8 +295,9 @@ super::shared_sql::storage_impl!(SqliteStorage, Sqlite, "sqlite", {
             }
             let inserted: Option<i64> = sqlx::query_scalar(
                 "INSERT INTO chats \
-                 (application_id, number, messages_count, created_at, updated_at, title, metadata) \
-                 VALUES (?, ?, 0, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING id",
+                 (application_id, number, messages_count, created_at, updated_at, title, metadata, \
+                 event_id) \
+                 VALUES (?, ?, 0, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING id",
             )
             .bind(application_id as i64)
             .bind(chat_number.get() as i64)
@@ -303,6 +305,7 @@ super::shared_sql::storage_impl!(SqliteStorage, Sqlite, "sqlite", {
             .bind(now)
             .bind(chat.title.map(ChatTitle::as_str))
             .bind(chat.metadata.map(Metadata::as_str))
+            .bind(chat.event_id.as_ref().map(|id| id.as_bytes().as_slice()))
             .fetch_optional(&mut *transaction)
             .await?;
             let new_chats = new_chats_per_application.entry(application_id).or_default();
@@ -314,18 +317,30 @@ super::shared_sql::storage_impl!(SqliteStorage, Sqlite, "sqlite", {
                     chat.created_at,
                 )
                 .await?;
-            } else if chat.has_details() {
-                // Stored earlier by a message that came first: the chat's own event completes it.
-                sqlx::query(
-                    "UPDATE chats SET title = ?, metadata = ? \
-                     WHERE application_id = ? AND number = ? AND title IS NULL AND metadata IS NULL",
-                )
-                .bind(chat.title.map(ChatTitle::as_str))
-                .bind(chat.metadata.map(Metadata::as_str))
-                .bind(application_id as i64)
-                .bind(chat_number.get() as i64)
-                .execute(&mut *transaction)
-                .await?;
+                continue;
+            }
+            if chat.event_id.is_none() {
+                // Only referred to by a message: the stored row is the chat.
+                continue;
+            }
+            let stored: Option<Vec<u8>> = sqlx::query_scalar(
+                "SELECT event_id FROM chats WHERE application_id = ? AND number = ?",
+            )
+            .bind(application_id as i64)
+            .bind(chat_number.get() as i64)
+            .fetch_one(&mut *transaction)
+            .await?;
+            match chat.against(stored.as_deref()) {
+                StoredChat::Claim(event_id) => {
+                    let key = (application_id, chat_number);
+                    Self::claim_chat(&mut transaction, key, event_id, chat).await?;
+                }
+                StoredChat::Unchanged => {}
+                StoredChat::TakenByAnotherEvent(event_id) => {
+                    let scope = Scope::ChatsOf { application_id };
+                    let taken = vec![(chat_number, event_id)];
+                    conflicts.extend(Self::number_conflicts(&mut transaction, scope, taken).await?);
+                }
             }
         }
         for (application_id, new_chats) in new_chats_per_application {
@@ -395,12 +410,14 @@ super::shared_sql::storage_impl!(SqliteStorage, Sqlite, "sqlite", {
                     );
                 }
             }
+            let scope = Scope::MessagesOf {
+                application_id,
+                chat_number,
+            };
             let taken = Self::number_conflicts(
                 &mut transaction,
-                (application_id, chat_number),
-                chat_id as u64,
-                messages.values(),
-                &stored_before,
+                scope,
+                taken_by_other_events(messages.values(), &stored_before),
             )
             .await?;
             if !taken.is_empty() {

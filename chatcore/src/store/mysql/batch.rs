@@ -5,21 +5,32 @@ use std::collections::{BTreeMap, BTreeSet};
 use chrono::{DateTime, Utc};
 use sqlx::{MySql, QueryBuilder, Transaction};
 
-use super::MAX_STATEMENT_BODY_BYTES;
+use super::{MAX_STATEMENT_BODY_BYTES, MySqlStorage};
 use crate::domain::{ChatTitle, Metadata, Number, Sender};
-use crate::store::{ChangeKind, ChatKey, NewChat, NewMessage, StorageError, now};
+use crate::numbering::Scope;
+use crate::store::{
+    ChangeKind, ChatKey, NewChat, NewMessage, NumberConflict, StorageError, StoredChat, now,
+};
 
-/// Inserts the chats that do not exist yet; the chats of deleted applications are left out.
-/// Returns those applications, and the chats inserted (with their creation time).
+/// What [`insert_chats`] did: the deleted applications whose chats it left out, the chats it
+/// inserted (with their creation time), and the chat events whose number belongs to another event.
+pub(super) struct InsertedChats {
+    pub(super) deleted_applications: BTreeSet<u64>,
+    pub(super) new_chats: Vec<(ChatKey, DateTime<Utc>)>,
+    pub(super) conflicts: Vec<NumberConflict>,
+}
+
+/// Inserts the chats that do not exist yet; the chats of deleted applications are left out. A chat
+/// stored earlier by a message that came first takes its event's id and details.
 ///
 /// The applications' rows are locked first, in id order: every write that logs a change locks its
 /// application before its chat (see [`super::lock_application`]), so two batches of one
 /// application, or a batch and a `PUT`, wait for each other instead of deadlocking (the chats'
 /// foreign key would otherwise take a shared lock on the application that both then upgrade).
 pub(super) async fn insert_chats(
-    transaction: &mut Transaction<'_, MySql>,
+    transaction: &mut Transaction<'static, MySql>,
     chats: &BTreeMap<ChatKey, NewChat<'_>>,
-) -> Result<(BTreeSet<u64>, Vec<(ChatKey, DateTime<Utc>)>), StorageError> {
+) -> Result<InsertedChats, StorageError> {
     let application_ids: BTreeSet<u64> = chats
         .keys()
         .map(|(application_id, _)| *application_id)
@@ -44,38 +55,51 @@ pub(super) async fn insert_chats(
         .collect();
     let now = now();
     let mut new_chats = Vec::new();
+    let mut conflicts = Vec::new();
     for application_id in application_ids.difference(&deleted).copied() {
         let requested: Vec<_> = chats
             .range((application_id, Number::new(1).expect("1 is positive"))..)
             .take_while(|((id, _), _)| *id == application_id)
             .collect();
         // Which are new: exact, since no other write inserts chats of a locked application.
-        let mut stored =
-            QueryBuilder::<MySql>::new("SELECT number FROM chats WHERE application_id = ");
+        let mut stored = QueryBuilder::<MySql>::new(
+            "SELECT number, event_id FROM chats WHERE application_id = ",
+        );
         stored.push_bind(application_id).push(" AND number IN ");
         push_in_list(
             &mut stored,
             requested.iter().map(|((_, number), _)| number.get()),
         );
-        let stored: BTreeSet<u64> = stored
-            .build_query_scalar()
+        let stored: BTreeMap<u64, Option<Vec<u8>>> = stored
+            .build_query_as()
             .fetch_all(&mut **transaction)
             .await?
             .into_iter()
             .collect();
         let (existing, rows): (Vec<_>, Vec<_>) = requested
             .into_iter()
-            .partition(|((_, number), _)| stored.contains(&number.get()));
-        for ((_, number), chat) in existing.into_iter().filter(|(_, chat)| chat.has_details()) {
-            add_chat_details(transaction, application_id, *number, chat).await?;
+            .partition(|((_, number), _)| stored.contains_key(&number.get()));
+        let mut taken = Vec::new();
+        for (key, chat) in existing {
+            let stored_event_id = stored.get(&key.1.get()).and_then(Option::as_deref);
+            match chat.against(stored_event_id) {
+                StoredChat::Claim(event_id) => {
+                    MySqlStorage::claim_chat(transaction, *key, event_id, chat).await?;
+                }
+                StoredChat::Unchanged => {}
+                StoredChat::TakenByAnotherEvent(event_id) => taken.push((key.1, event_id)),
+            }
         }
+        let scope = Scope::ChatsOf { application_id };
+        conflicts.extend(MySqlStorage::number_conflicts(transaction, scope, taken).await?);
         if rows.is_empty() {
             continue;
         }
         new_chats.extend(rows.iter().map(|(key, chat)| (**key, chat.created_at)));
         let mut insert = QueryBuilder::<MySql>::new(
             "INSERT IGNORE INTO chats \
-             (application_id, number, messages_count, created_at, updated_at, title, metadata) ",
+             (application_id, number, messages_count, created_at, updated_at, title, metadata, \
+             event_id) ",
         );
         insert.push_values(rows, |mut row, ((application_id, number), chat)| {
             row.push_bind(*application_id)
@@ -84,32 +108,16 @@ pub(super) async fn insert_chats(
                 .push_bind(chat.created_at)
                 .push_bind(now)
                 .push_bind(chat.title.map(ChatTitle::as_str))
-                .push_bind(chat.metadata.map(Metadata::as_str));
+                .push_bind(chat.metadata.map(Metadata::as_str))
+                .push_bind(chat.event_id.map(|id| id.as_bytes().to_vec()));
         });
         insert.build().execute(&mut **transaction).await?;
     }
-    Ok((deleted, new_chats))
-}
-
-/// Gives a chat stored earlier (by a message that arrived before its chat) the title and metadata
-/// of its own event, unless it has some already (that event came before).
-async fn add_chat_details(
-    transaction: &mut Transaction<'_, MySql>,
-    application_id: u64,
-    number: Number,
-    chat: &NewChat<'_>,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "UPDATE chats SET title = ?, metadata = ? \
-         WHERE application_id = ? AND number = ? AND title IS NULL AND metadata IS NULL",
-    )
-    .bind(chat.title.map(ChatTitle::as_str))
-    .bind(chat.metadata.map(Metadata::as_str))
-    .bind(application_id)
-    .bind(number.get())
-    .execute(&mut **transaction)
-    .await?;
-    Ok(())
+    Ok(InsertedChats {
+        deleted_applications: deleted,
+        new_chats,
+        conflicts,
+    })
 }
 
 /// Internal ids of the given chats, looked up per application with the unique key.

@@ -11,18 +11,20 @@ use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
 use sqlx::{MySql, MySqlPool, QueryBuilder, Transaction};
 
 use self::batch::{
-    CreatedChange, add_counts, chat_ids, created_sequences, insert_chats, insert_created_changes,
-    insert_messages, last_change_sequences, stored_event_ids,
+    CreatedChange, InsertedChats, add_counts, chat_ids, created_sequences, insert_chats,
+    insert_created_changes, insert_messages, last_change_sequences, stored_event_ids,
 };
 use super::{
     ApplicationRow, ChangeKind, ChangeRow, ChatRow, CountFigures, CountLevel, CreatedSequences,
     IngestBatch, MessageEdit, MessageRow, MessageToIndex, MetadataEdit, NewMessage, ReindexCursor,
-    ReindexScope, Reservation, ScopeBind, StorageError, TokenGrant, now, with_storage_errors,
+    ReindexScope, Reservation, ScopeBind, StorageError, TokenGrant, now, taken_by_other_events,
+    with_storage_errors,
 };
 use crate::config::SecretUrl;
 use crate::domain::{
     ApplicationName, ApplicationToken, Metadata, Number, PageRequest, Sender, TokenDigest,
 };
+use crate::numbering::Scope;
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/mysql");
 
@@ -261,8 +263,11 @@ super::shared_sql::storage_impl!(MySqlStorage, MySql, "mysql", {
             return Ok(created);
         }
         let mut transaction = self.pool.begin().await?;
-        let (deleted_applications, new_chats) =
-            insert_chats(&mut transaction, &batch.chats).await?;
+        let InsertedChats {
+            deleted_applications,
+            new_chats,
+            mut conflicts,
+        } = insert_chats(&mut transaction, &batch.chats).await?;
         let live_chats = batch
             .chats
             .keys()
@@ -281,7 +286,6 @@ super::shared_sql::storage_impl!(MySqlStorage, MySql, "mysql", {
             new_chats_per_application.into_iter().collect();
         let mut new_messages_per_chat = Vec::new();
         let mut new_messages = Vec::new();
-        let mut conflicts = Vec::new();
         for (key, chat_messages) in &batch.messages {
             if deleted_applications.contains(&key.0) {
                 continue;
@@ -296,12 +300,14 @@ super::shared_sql::storage_impl!(MySqlStorage, MySql, "mysql", {
                 // Some were there already: redeliveries, or numbers handed out twice.
                 let stored =
                     stored_event_ids(&mut transaction, chat_id, chat_messages.keys()).await?;
+                let scope = Scope::MessagesOf {
+                    application_id: key.0,
+                    chat_number: key.1,
+                };
                 let taken = Self::number_conflicts(
                     &mut transaction,
-                    *key,
-                    chat_id,
-                    chat_messages.values(),
-                    &stored,
+                    scope,
+                    taken_by_other_events(chat_messages.values(), &stored),
                 )
                 .await?;
                 if !taken.is_empty() {
