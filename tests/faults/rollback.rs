@@ -1,10 +1,12 @@
 //! A counter rolled back in place: one chat's counter hash in Redis is set back to what it held
 //! 4 s earlier, on the same server (what a key-level restore or a migration tool does; its
 //! `server` field stays, so the guard against restarts and failovers cannot see it), under the
-//! full load on that chat. The counter hands out again the numbers of those 4 s; the
-//! ingest-worker must dead-letter each duplicate at once, store everything else as its client
-//! sent it, raise the chat's counter above the stored numbers with the first duplicate (so the
-//! duplicates stop within a second), and keep storing other tenants' chats meanwhile.
+//! full load on that chat from three api replicas. The counter hands out again the numbers of
+//! those 4 s: each api meeting a number it handed out raises the counter above its own, and what
+//! the replicas handed out between them reaches the ingest-worker, which must dead-letter each
+//! duplicate at once, store everything else as its client sent it, raise the chat's counter
+//! above the stored numbers with the first duplicate, and keep storing other tenants' chats
+//! meanwhile.
 //!
 //! Printed: the numbers handed out twice (the goal: fewer than 50 at about 300 messages a
 //! second), the duplicates dead-lettered, lost (a number given once and not stored, or stored with
@@ -24,7 +26,13 @@ use system_tests::{Client, eventually};
 use crate::{DRAIN, Load, Stack, Topology};
 
 /// Careful clients posting: about 300 messages a second.
-const CLIENTS: usize = 14;
+const CLIENTS: usize = 20;
+/// Three apis round robin (each remembers only what it handed out), one worker of each kind.
+const API_REPLICAS: Topology = Topology {
+    apis: 3,
+    ingest_workers: 1,
+    indexers: 1,
+};
 /// How far back the counter goes.
 const ROLLBACK: Duration = Duration::from_secs(4);
 /// The most numbers handed out twice the scenario accepts for that rollback at ~300 POSTs/s.
@@ -38,7 +46,7 @@ const OTHER_CHATS_BOUND: Duration = Duration::from_secs(30);
 async fn a_counter_rolled_back_4_seconds_in_place() -> anyhow::Result<()> {
     let redis = OwnRedis::start().await?;
     let url = redis.url();
-    let stack = Stack::start(&[("REDIS_URL", url.as_str())], Topology::SINGLE).await?;
+    let stack = Stack::start(&[("REDIS_URL", url.as_str())], API_REPLICAS).await?;
     let client = stack.apis.first().clone();
     let token = client.create_application("rolled back").await?;
     let chat = client.create_chat(&token).await?;

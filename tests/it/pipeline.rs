@@ -520,16 +520,7 @@ async fn counter_sync_repairs_drifted_counts_and_counters_behind() -> anyhow::Re
         .bind(application_id)
         .execute(env.mysql())
         .await?;
-    let mut redis = redis::Client::open(env.config().require_redis_url()?.expose())?
-        .get_multiplexed_async_connection()
-        .await?;
-    let key = format!("{}:numbers:messages:{application_id}:{chat}", env.id);
-    let _: () = redis::cmd("HSET")
-        .arg(&key)
-        .arg("next")
-        .arg(1)
-        .query_async(&mut redis)
-        .await?;
+    set_message_counter_back(&env, application_id, chat, 1).await?;
 
     let report = counter_sync::run(&env.config()).await?;
     let described: Vec<String> = report.repairs.iter().map(ToString::to_string).collect();
@@ -561,6 +552,53 @@ async fn counter_sync_repairs_drifted_counts_and_counters_behind() -> anyhow::Re
     assert_eq!(client.create_message(token, chat, "next").await?, 4);
     assert!(counter_sync::run(&env.config()).await?.repairs.is_empty());
     running.stop().await
+}
+
+/// A counter set back in place (same server and epoch: a key-level restore) would hand out its
+/// recent numbers again: the api that handed them out raises it above them instead, so the next
+/// messages continue where they were.
+#[tokio::test]
+async fn a_counter_set_back_in_place_is_raised_not_handed_out_again() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    let running = env.running_chat("set back").await?;
+    let (client, token, chat) = (&running.api.client, &running.token, running.chat);
+    let mut before = Vec::new();
+    for _ in 0..30 {
+        before.push(client.create_message(token, chat, "before").await?);
+    }
+    assert_eq!(before, (1..=30).collect::<Vec<u64>>());
+    let application_id = env.application_id(token).await?;
+    set_message_counter_back(&env, application_id, chat, 10).await?;
+    let mut after = Vec::new();
+    for _ in 0..5 {
+        after.push(client.create_message(token, chat, "after").await?);
+    }
+    assert_eq!(after, (31..=35).collect::<Vec<u64>>(), "handed out again");
+    eventually("every message is stored once", LONG, || async {
+        Ok(env.stored_message_numbers(token, chat).await? == (1..=35).collect::<Vec<u64>>())
+    })
+    .await?;
+    running.stop().await
+}
+
+/// Sets the `next` of a chat's message counter in Redis, in place (same server and epoch).
+async fn set_message_counter_back(
+    env: &TestEnv,
+    application_id: u64,
+    chat: u64,
+    next: u64,
+) -> anyhow::Result<()> {
+    let mut redis = redis::Client::open(env.config().require_redis_url()?.expose())?
+        .get_multiplexed_async_connection()
+        .await?;
+    let key = format!("{}:numbers:messages:{application_id}:{chat}", env.id);
+    let _: () = redis::cmd("HSET")
+        .arg(&key)
+        .arg("next")
+        .arg(next)
+        .query_async(&mut redis)
+        .await?;
+    Ok(())
 }
 
 /// counter-sync writes the messages edited within its look-back window to the index again (an edit

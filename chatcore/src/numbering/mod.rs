@@ -13,6 +13,13 @@
 //! counter. Bumping the epoch makes every extension still in flight from the old counter fail, so
 //! the old and the new counter can never hand out the same number. Numbers may skip (the rest of a
 //! block is lost with the counter); they are never reused.
+//!
+//! A counter set back in place (a key-level restore: same server, same epoch) would hand out its
+//! recent numbers again. Each process remembers what it handed out lately ([`handed_out`]) and,
+//! meeting a number again, raises the counter above it instead of handing it out; numbers handed
+//! out twice across replicas are caught by the ingest-worker, which raises the counter too.
+
+mod handed_out;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -87,6 +94,7 @@ pub struct NumberAllocator {
     key_prefix: String,
     block_size: u64,
     reservation_locks: Arc<[tokio::sync::Mutex<()>]>,
+    handed_out: Arc<handed_out::HandedOut>,
     /// Allocations are never cut short by shutdown: a request in flight finishes.
     never_cancelled: CancellationToken,
 }
@@ -117,6 +125,7 @@ impl NumberAllocator {
             reservation_locks: (0..RESERVATION_LOCK_STRIPES)
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
+            handed_out: Arc::new(handed_out::HandedOut::new()),
             never_cancelled: CancellationToken::new(),
         }
     }
@@ -151,11 +160,27 @@ impl NumberAllocator {
     }
 
     /// One round: increments the counter, extending the reservation or seeding the counter when
-    /// due. `Contended` when another reservation got in the way.
+    /// due. `Contended` when another reservation got in the way, or when the counter handed out a
+    /// number again (after raising it).
     async fn allocate_round(&self, scope: &Scope, key: &str) -> Result<Number, AllocationError> {
         let mut seeded = false;
         loop {
-            match self.counters.increment(key).await? {
+            let counter = self.counters.increment(key).await?;
+            if let Some(Counter { next, .. }) = counter
+                && let Err(highest) = self.handed_out.record(scope, next)
+            {
+                tracing::warn!(
+                    scope = %scope.id(),
+                    number = next,
+                    highest,
+                    "number counter went back in time: raised above the numbers handed out here"
+                );
+                self.counters
+                    .raise_next(&[(key.to_owned(), highest)])
+                    .await?;
+                return Err(AllocationError::Contended);
+            }
+            match counter {
                 Some(Counter {
                     next,
                     ceiling,
