@@ -134,7 +134,7 @@ fn code_above_the_adapters_names_no_technology() {
         "counter-sync/src/lib.rs",
         "chatcore/src/pipeline",
         "chatcore/src/webhooks",
-        "chatcore/src/numbering.rs",
+        "chatcore/src/numbering",
     ];
     let found = lines_naming(&above_the_traits, &TECHNOLOGY_NAMES);
     assert!(
