@@ -2,7 +2,10 @@
 //! Redis data loss, poison events, broker refusal, counter-sync.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
+
+use anyhow::Context as _;
 
 use chatcore::domain::Number;
 use chatcore::events::{Consumer, Event, EventPayload};
@@ -10,7 +13,7 @@ use chatcore::queue::EventQueue as _;
 use futures_util::future::join_all;
 use lapin::options::{BasicGetOptions, BasicPublishOptions};
 use serde_json::json;
-use system_tests::own_redis::OwnRedis;
+use system_tests::own_redis::{OwnRedis, TcpProxy};
 use system_tests::{StatusCode, TestEnv, both_stacks, eventually, kill_hard};
 
 const LONG: Duration = Duration::from_secs(90);
@@ -438,6 +441,51 @@ async fn poison_events_are_dead_lettered_and_the_consumers_go_on() -> anyhow::Re
 
 fn chrono_now() -> chrono::DateTime<chrono::Utc> {
     chatcore::store::now()
+}
+
+/// A broker connection that goes silent without closing (a node lost under load, a partition)
+/// looks open to the client library until its heartbeat gives up, a minute or more: the api
+/// gives up on it once publishes wait past the confirm timeout unanswered, and publishes on a
+/// new one.
+#[tokio::test]
+async fn publishes_move_to_a_new_connection_when_the_broker_goes_silent() -> anyhow::Result<()> {
+    let amqp_port: u16 = std::env::var("AMQP_PORT")
+        .ok()
+        .and_then(|port| port.parse().ok())
+        .unwrap_or(5672);
+    let broker = TcpProxy::start(amqp_port).await?;
+    let mut env = TestEnv::new().await?;
+    env.set(
+        "AMQP_URL",
+        &format!("amqp://guest:guest@127.0.0.1:{}/%2f", broker.port),
+    );
+    env.set("CHAT_PUBLISH_CONFIRM_TIMEOUT_MS", "1000");
+    env.set("CHAT_DEPENDENCY_TIMEOUT_MS", "1500");
+    let api = env.spawn_api().await?;
+    let client = &api.client;
+    let token = client.create_application("silent broker").await?;
+    let chat = client.create_chat(&token).await?;
+    broker.freeze();
+    let frozen = tokio::time::Instant::now();
+    let path = format!("/applications/{token}/chats/{chat}/messages");
+    let unavailable = AtomicUsize::new(0);
+    let accepted = eventually("a message is accepted again", LONG, || async {
+        let reply = client.post(&path, json!({ "body": "hello" })).await?;
+        if reply.status == StatusCode::SERVICE_UNAVAILABLE {
+            unavailable.fetch_add(1, Ordering::Relaxed);
+            return Ok(false);
+        }
+        anyhow::ensure!(reply.status == StatusCode::ACCEPTED, "{reply:?}");
+        Ok(true)
+    })
+    .await;
+    let took = frozen.elapsed();
+    let unavailable = unavailable.into_inner();
+    accepted.with_context(|| format!("{unavailable} answered 503 in {took:?}"))?;
+    assert!(unavailable >= 1, "the silent connection was used first");
+    // Heartbeats would have taken 60 s at least.
+    assert!(took < Duration::from_secs(20), "took {took:?}");
+    api.stop().await
 }
 
 #[tokio::test]

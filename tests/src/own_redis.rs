@@ -177,6 +177,8 @@ pub struct TcpProxy {
     pub port: u16,
     target: Arc<Mutex<u16>>,
     connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    /// Told to the open connections by [`TcpProxy::freeze`].
+    frozen: Arc<tokio::sync::Notify>,
     accept: JoinHandle<()>,
 }
 
@@ -186,14 +188,23 @@ impl TcpProxy {
         let port = listener.local_addr()?.port();
         let target = Arc::new(Mutex::new(target));
         let connections: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let frozen = Arc::new(tokio::sync::Notify::new());
         let accept = tokio::spawn({
             let (target, connections) = (Arc::clone(&target), Arc::clone(&connections));
+            let frozen = Arc::clone(&frozen);
             async move {
                 while let Ok((mut client, _)) = listener.accept().await {
                     let port = *target.lock().expect("not poisoned");
+                    let frozen = Arc::clone(&frozen);
                     let pipe = tokio::spawn(async move {
                         if let Ok(mut server) = TcpStream::connect(("127.0.0.1", port)).await {
-                            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                            tokio::select! {
+                                _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                                () = frozen.notified() => {
+                                    // Both ends stay open and hear nothing more.
+                                    std::future::pending::<()>().await;
+                                }
+                            }
                         }
                     });
                     connections.lock().expect("not poisoned").push(pipe);
@@ -204,6 +215,7 @@ impl TcpProxy {
             port,
             target,
             connections,
+            frozen,
             accept,
         })
     }
@@ -218,6 +230,12 @@ impl TcpProxy {
         for connection in self.connections.lock().expect("not poisoned").drain(..) {
             connection.abort();
         }
+    }
+
+    /// The open connections go silent, both ways, without closing (a peer gone without a
+    /// word: a host lost, a network partition); new ones are forwarded as before.
+    pub fn freeze(&self) {
+        self.frozen.notify_waiters();
     }
 
     /// Drops the open connections and refuses new ones.

@@ -7,6 +7,11 @@ use lapin::uri::AMQPUri;
 
 use super::SecretUrl;
 
+/// The heartbeat a connection asks for unless its URL names one (`?heartbeat=30`): a connection
+/// that goes silent without closing (a node lost under load, a partition) is given up after two
+/// missed (20 s), where RabbitMQ's default of 60 s takes two minutes.
+const HEARTBEAT_SECONDS: u16 = 10;
+
 /// The RabbitMQ nodes of `AMQP_URL`, in the order they are tried: one URL, or one per node of a
 /// cluster separated by commas (`amqp://u:p@rabbit-0:5672/%2f,amqp://u:p@rabbit-1:5672/%2f`).
 /// Each parsed at start-up, so a URL that cannot work stops the process there; displayed with
@@ -62,12 +67,13 @@ impl FromStr for AmqpNodes {
                     ));
                 }
                 // lapin's errors may quote the whole URL: only the redacted one is shown.
-                let uri = entry.parse::<AMQPUri>().map_err(|_| {
+                let mut uri = entry.parse::<AMQPUri>().map_err(|_| {
                     format!(
                         "node {} ({url}) is not an amqp:// or amqps:// URL (amqp://user:password@host:port/vhost)",
                         index + 1
                     )
                 })?;
+                uri.query.heartbeat.get_or_insert(HEARTBEAT_SECONDS);
                 Ok(AmqpNode { url, uri })
             })
             .collect::<Result<Vec<_>, _>>()?;

@@ -88,8 +88,8 @@ pub const AMQP_URL: Setting = setting(
     Nothing("embedded queue, consumed in the api"),
     "RabbitMQ, e.g. `amqp://guest:guest@127.0.0.1:5672/%2f`; a cluster: each node's URL, \
      comma-separated (`amqp://u:p@rabbit-0:5672/%2f,amqp://u:p@rabbit-1:5672/%2f`), tried in turn \
-     from the last that worked when a connection is made or lost; needs `DATABASE_URL` and \
-     `ELASTICSEARCH_URL`",
+     from the last that worked when a connection is made or lost; a 10 s heartbeat unless a URL \
+     names one (`?heartbeat=30`); needs `DATABASE_URL` and `ELASTICSEARCH_URL`",
 );
 pub const ELASTICSEARCH_URL: Setting = setting(
     "ELASTICSEARCH_URL",

@@ -112,6 +112,19 @@ fn amqp_url_lists_the_nodes_of_a_cluster_in_order() {
 }
 
 #[test]
+fn an_amqp_node_asks_for_a_10_second_heartbeat_unless_its_url_names_one() {
+    let nodes: AmqpNodes = "amqp://rabbit-0/%2f,amqp://rabbit-1/%2f?heartbeat=30"
+        .parse()
+        .expect("valid");
+    let heartbeats: Vec<Option<u16>> = nodes
+        .nodes()
+        .iter()
+        .map(|node| node.uri().query.heartbeat)
+        .collect();
+    assert_eq!(heartbeats, [Some(10), Some(30)]);
+}
+
+#[test]
 fn a_refused_amqp_url_names_the_node_without_its_password() {
     for (value, reason) in [
         (

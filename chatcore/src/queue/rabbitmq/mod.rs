@@ -40,6 +40,7 @@ use super::{EventQueue, EventSource, Listener, QueueError};
 use crate::changes::MessageChange;
 use crate::config::{AmqpNodes, ConsumerConfig, Topology};
 use crate::events::{Consumer, Event, TraceContext};
+use crate::retry::DependencyTimedOut;
 
 /// AMQP delivery mode of messages kept in memory only.
 const TRANSIENT: u8 = 1;
@@ -62,7 +63,7 @@ pub struct RabbitMqQueue {
 /// The publisher-confirmed channel, its publisher and the connection it lives on.
 struct Link {
     // Kept so the connection lives as long as its channel.
-    _connection: Connection,
+    connection: Connection,
     channel: Channel,
     publisher: Publisher,
     generation: u64,
@@ -77,6 +78,14 @@ struct Linked {
 }
 
 impl Link {
+    /// Open, and not `broken_generation`, and answering: publications that waited longer than
+    /// `confirm_timeout` for any answer mean a connection dead in all but name.
+    fn usable(&self, broken_generation: Option<u64>, confirm_timeout: Duration) -> bool {
+        Some(self.generation) != broken_generation
+            && self.channel.status().connected()
+            && !self.publisher.stalled(confirm_timeout)
+    }
+
     fn linked(&self) -> Linked {
         Linked {
             channel: self.channel.clone(),
@@ -110,25 +119,55 @@ impl RabbitMqQueue {
         }
     }
 
-    /// The open channel, connecting when there is none or `broken_generation` is the current one.
+    /// The open channel, connecting when there is none, or it is not usable (see [`Link::usable`]),
+    /// or `broken_generation` is the current one.
     async fn channel(&self, broken_generation: Option<u64>) -> Result<Linked, QueueError> {
         {
             let link = self.link.read().await;
             if let Some(link) = link.as_ref()
-                && Some(link.generation) != broken_generation
-                && link.channel.status().connected()
+                && link.usable(broken_generation, self.confirm_timeout)
             {
                 return Ok(link.linked());
             }
         }
         let mut link = self.link.write().await;
         if let Some(current) = link.as_ref()
-            && Some(current.generation) != broken_generation
-            && current.channel.status().connected()
+            && current.usable(broken_generation, self.confirm_timeout)
         {
             return Ok(current.linked());
         }
         let generation = link.as_ref().map_or(0, |link| link.generation + 1);
+        if let Some(stale) = link.take()
+            && stale.channel.status().connected()
+        {
+            tracing::warn!(
+                generation = stale.generation,
+                "rabbitmq: publishes on the open channel went unanswered, opening another"
+            );
+            // Closed, not only dropped: lapin's IO thread would keep the connection.
+            let limit = self.connect_timeout;
+            tokio::spawn(async move {
+                let close = stale.connection.close(200, "unanswered publishes".into());
+                let _ = tokio::time::timeout(limit, close).await;
+            });
+        }
+        // Bounded as a whole: the declares of a node that is itself in trouble could hold this
+        // lock, and with it every publish of the process, for as long as they wait.
+        let limit = self.connect_timeout + self.confirm_timeout;
+        let opened = tokio::time::timeout(limit, self.open_link(generation))
+            .await
+            .map_err(|_| DependencyTimedOut {
+                dependency: "rabbitmq",
+                operation: "open the publishing channel",
+                limit,
+            })??;
+        let linked = opened.linked();
+        *link = Some(opened);
+        Ok(linked)
+    }
+
+    /// A connection, its confirmed channel with the topology declared, and its publisher.
+    async fn open_link(&self, generation: u64) -> Result<Link, QueueError> {
         let connection_name = format!("{} publisher", self.topology.exchange);
         let connection = self.connect(&connection_name).await?;
         let channel = connection.create_channel().await?;
@@ -136,15 +175,12 @@ impl RabbitMqQueue {
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
         declare_topology(&channel, &self.topology).await?;
-        let opened = Link {
-            _connection: connection,
+        Ok(Link {
+            connection,
             publisher: Publisher::start(channel.clone(), self.max_message_bytes),
             channel,
             generation,
-        };
-        let linked = opened.linked();
-        *link = Some(opened);
-        Ok(linked)
+        })
     }
 
     /// Publishes through the link's publisher; the broker's answer to this publish, within the
@@ -217,7 +253,8 @@ impl EventQueue for RabbitMqQueue {
         }
     }
 
-    /// True when the channel is open.
+    /// True when the channel is open. (Not whether it answers: a broker that blocks publishers
+    /// for a memory alarm still serves reads, and the next publish replaces a dead link.)
     async fn is_ready(&self) -> bool {
         self.link
             .read()

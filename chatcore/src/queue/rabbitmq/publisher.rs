@@ -20,7 +20,10 @@
 use std::collections::{HashSet, VecDeque};
 use std::future::poll_fn;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
 
 use lapin::options::BasicPublishOptions;
 use lapin::types::ShortString;
@@ -59,7 +62,57 @@ pub struct Publication {
     pub event_trace: Option<String>,
 }
 
-type Reply = oneshot::Sender<Result<Outcome, lapin::Error>>;
+/// Where a publication's answer goes; counted as unanswered until it is sent or dropped.
+struct Reply {
+    answer: oneshot::Sender<Result<Outcome, lapin::Error>>,
+    unanswered: Unanswered,
+}
+
+impl Reply {
+    fn send(self, outcome: Result<Outcome, lapin::Error>) {
+        self.unanswered.0.answered();
+        // The caller may have stopped waiting (its timeout): nobody to tell.
+        let _ = self.answer.send(outcome);
+    }
+}
+
+/// The publications handed to the tasks and not answered yet, and when the tasks last answered
+/// one (or, if none was waiting, when one began to wait).
+struct Progress {
+    unanswered: AtomicUsize,
+    /// Milliseconds since `since`.
+    last_answer: AtomicU64,
+    since: Instant,
+}
+
+impl Progress {
+    fn now(&self) -> u64 {
+        u64::try_from(self.since.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn answered(&self) {
+        self.last_answer.store(self.now(), Ordering::Relaxed);
+    }
+}
+
+/// One unanswered publication. Dropped unanswered (a publisher that stopped, a caller that gave up
+/// before handing it over) it is no progress.
+struct Unanswered(Arc<Progress>);
+
+impl Unanswered {
+    fn new(progress: &Arc<Progress>) -> Self {
+        if progress.unanswered.fetch_add(1, Ordering::Relaxed) == 0 {
+            progress.answered();
+        }
+        Self(Arc::clone(progress))
+    }
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        self.0.unanswered.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 /// Publications that go out as one message, and whom to answer.
 struct Outgoing {
@@ -71,6 +124,7 @@ struct Outgoing {
 #[derive(Clone)]
 pub struct Publisher {
     publications: mpsc::Sender<(Publication, Reply)>,
+    progress: Arc<Progress>,
 }
 
 /// The publisher task stopped (its channel or connection is gone).
@@ -92,7 +146,14 @@ impl Publisher {
             max_message_bytes,
         ));
         tokio::spawn(settle_in_order(to_settle));
-        Self { publications }
+        Self {
+            publications,
+            progress: Arc::new(Progress {
+                unanswered: AtomicUsize::new(0),
+                last_answer: AtomicU64::new(0),
+                since: Instant::now(),
+            }),
+        }
     }
 
     /// Publishes and waits for the broker's answer to this publish.
@@ -100,12 +161,28 @@ impl Publisher {
         &self,
         publication: Publication,
     ) -> Result<Result<Outcome, lapin::Error>, PublisherStopped> {
-        let (reply, answer) = oneshot::channel();
+        let (answer, answered) = oneshot::channel();
+        let reply = Reply {
+            answer,
+            unanswered: Unanswered::new(&self.progress),
+        };
         self.publications
             .send((publication, reply))
             .await
             .map_err(|_| PublisherStopped)?;
-        answer.await.map_err(|_| PublisherStopped)
+        answered.await.map_err(|_| PublisherStopped)
+    }
+
+    /// True when publications have waited longer than `limit` without the broker answering any:
+    /// a connection that died without closing (a node lost under load) can look open to lapin
+    /// while nothing it sends is ever confirmed.
+    pub fn stalled(&self, limit: Duration) -> bool {
+        let progress = &self.progress;
+        progress.unanswered.load(Ordering::Relaxed) > 0
+            && progress
+                .now()
+                .saturating_sub(progress.last_answer.load(Ordering::Relaxed))
+                > u64::try_from(limit.as_millis()).unwrap_or(u64::MAX)
     }
 }
 
@@ -182,7 +259,7 @@ async fn publish_in_order(
                 }
                 Err(error) => {
                     for reply in replies {
-                        let _ = reply.send(Err(error.clone()));
+                        reply.send(Err(error.clone()));
                     }
                 }
             }
@@ -351,6 +428,6 @@ fn answer(entry: InFlight, returned: &mut HashSet<ShortString>) {
         false => Outcome::Refused,
     });
     for reply in entry.replies {
-        let _ = reply.send(outcome.clone());
+        reply.send(outcome.clone());
     }
 }
