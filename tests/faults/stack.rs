@@ -175,7 +175,13 @@ fn spawn(
     let mut command = env.command(binary)?;
     command
         .env("CHAT_HEALTH_ADDR", format!("127.0.0.1:{health_port}"))
-        .stdout(std::process::Stdio::null());
+        .stdout(match std::env::var_os("FAULTS_LOG_DIR") {
+            Some(dir) => std::fs::File::create(
+                std::path::Path::new(&dir).join(format!("{binary}-{health_port}.log")),
+            )?
+            .into(),
+            None => std::process::Stdio::null(),
+        });
     if let Some(port) = http_port {
         command.env("CHAT_HTTP_ADDR", format!("127.0.0.1:{port}"));
     }

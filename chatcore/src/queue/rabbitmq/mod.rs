@@ -23,8 +23,8 @@ mod publisher;
 mod source;
 mod topology;
 
-use std::sync::atomic::AtomicUsize;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use lapin::options::{BasicAckOptions, BasicGetOptions, ConfirmSelectOptions, QueueDeclareOptions};
@@ -58,6 +58,8 @@ pub struct RabbitMqQueue {
     /// smaller ones sharing an envelope (so the consumers' memory bound holds either way).
     max_message_bytes: usize,
     link: RwLock<Option<Link>>,
+    /// The generation of the next link (a link's generation is never reused).
+    next_generation: AtomicU64,
 }
 
 /// The publisher-confirmed channel, its publisher and the connection it lives on.
@@ -67,6 +69,7 @@ struct Link {
     channel: Channel,
     publisher: Publisher,
     generation: u64,
+    opened_at: Instant,
 }
 
 /// What a publish needs of the link: the channel (for declares and gets) and its publisher.
@@ -75,6 +78,7 @@ struct Linked {
     channel: Channel,
     publisher: Publisher,
     generation: u64,
+    opened_at: Instant,
 }
 
 impl Link {
@@ -91,6 +95,7 @@ impl Link {
             channel: self.channel.clone(),
             publisher: self.publisher.clone(),
             generation: self.generation,
+            opened_at: self.opened_at,
         }
     }
 }
@@ -116,6 +121,7 @@ impl RabbitMqQueue {
             tls_ca: tls_ca.map(|pem| String::from_utf8_lossy(pem).into_owned()),
             max_message_bytes,
             link: RwLock::new(None),
+            next_generation: AtomicU64::new(0),
         }
     }
 
@@ -136,21 +142,23 @@ impl RabbitMqQueue {
         {
             return Ok(current.linked());
         }
-        let generation = link.as_ref().map_or(0, |link| link.generation + 1);
         if let Some(stale) = link.take()
             && stale.channel.status().connected()
         {
-            tracing::warn!(
-                generation = stale.generation,
-                "rabbitmq: publishes on the open channel went unanswered, opening another"
-            );
+            if stale.publisher.stalled(self.confirm_timeout) {
+                tracing::warn!(
+                    generation = stale.generation,
+                    "rabbitmq: publishes on the open channel went unanswered, opening another"
+                );
+            }
             // Closed, not only dropped: lapin's IO thread would keep the connection.
             let limit = self.connect_timeout;
             tokio::spawn(async move {
-                let close = stale.connection.close(200, "unanswered publishes".into());
+                let close = stale.connection.close(200, "replaced".into());
                 let _ = tokio::time::timeout(limit, close).await;
             });
         }
+        let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
         // Bounded as a whole: the declares of a node that is itself in trouble could hold this
         // lock, and with it every publish of the process, for as long as they wait.
         let limit = self.connect_timeout + self.confirm_timeout;
@@ -180,6 +188,7 @@ impl RabbitMqQueue {
             publisher: Publisher::start(channel.clone(), self.max_message_bytes),
             channel,
             generation,
+            opened_at: Instant::now(),
         })
     }
 
@@ -220,6 +229,23 @@ impl RabbitMqQueue {
     }
 }
 
+/// How long a link refused a publish stays in use before a refusal replaces it.
+const REFUSED_LINK_KEPT: Duration = Duration::from_secs(1);
+
+/// Whether a failed publish is tried again on a new link: the connection or its publisher broke;
+/// or the broker refused it (nack) on a link opened a while ago. A channel that published to a
+/// quorum queue whose leader was lost can go on being refused after a new leader is elected
+/// (RabbitMQ 3.10, three nodes, one killed under load: every publish refused for over a minute)
+/// where a new channel is not. At most once a second per link, so a broker that refuses
+/// everything is not reconnected to on every publish.
+fn reopens_after(error: &QueueError, linked: &Linked) -> bool {
+    match error {
+        QueueError::Broker(_) | QueueError::PublisherStopped => true,
+        QueueError::Nacked => linked.opened_at.elapsed() >= REFUSED_LINK_KEPT,
+        _ => false,
+    }
+}
+
 #[async_trait]
 impl EventQueue for RabbitMqQueue {
     fn kind(&self) -> &'static str {
@@ -240,11 +266,11 @@ impl EventQueue for RabbitMqQueue {
     }
 
     /// Waits for the broker's confirm. Retries once on a fresh connection when the current one
-    /// is broken (events are idempotent, so a duplicate is harmless).
+    /// is broken or refused it (events are idempotent, so a duplicate is harmless).
     async fn publish(&self, event: &Event, trace: &TraceContext) -> Result<(), QueueError> {
         let linked = self.channel(None).await?;
         match self.publish_on(&linked, event, trace).await {
-            Err(error @ (QueueError::Broker(_) | QueueError::PublisherStopped)) => {
+            Err(error) if reopens_after(&error, &linked) => {
                 tracing::warn!(%error, "publish failed, reconnecting to rabbitmq");
                 let linked = self.channel(Some(linked.generation)).await?;
                 self.publish_on(&linked, event, trace).await
