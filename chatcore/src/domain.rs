@@ -8,6 +8,10 @@ use chrono::{DateTime, SecondsFormat, SubsecRound as _, Utc};
 use rand::Rng as _;
 use serde::{Deserialize, Serialize, Serializer};
 
+/// Words of a query beyond this many are ignored, which bounds the cost of one search (and the
+/// rank a relevance cursor can name).
+pub const MAX_QUERY_WORDS: usize = 16;
+
 /// Why a value was refused; `field` names the JSON field or parameter that was wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {message}")]
@@ -493,7 +497,7 @@ impl SearchCursor {
         };
         let rank: u32 = rank.parse().map_err(|_| invalid())?;
         let number: u64 = number.parse().map_err(|_| invalid())?;
-        if number > Number::MAX || rank as usize > crate::search::MAX_QUERY_WORDS {
+        if number > Number::MAX || rank as usize > MAX_QUERY_WORDS {
             return Err(invalid());
         }
         Ok(Self::new(sort, rank, number))
@@ -776,6 +780,31 @@ pub fn serialize_optional_timestamp<S: Serializer>(
     match at {
         Some(at) => serialize_timestamp(at, serializer),
         None => serializer.serialize_none(),
+    }
+}
+
+/// The parent whose children are numbered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Scope {
+    ChatsOf {
+        application_id: u64,
+    },
+    MessagesOf {
+        application_id: u64,
+        chat_number: Number,
+    },
+}
+
+impl Scope {
+    /// Stable identifier, used as the reservation row key and in the counter key.
+    pub fn id(&self) -> String {
+        match self {
+            Self::ChatsOf { application_id } => format!("chats:{application_id}"),
+            Self::MessagesOf {
+                application_id,
+                chat_number,
+            } => format!("messages:{application_id}:{chat_number}"),
+        }
     }
 }
 

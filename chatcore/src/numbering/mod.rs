@@ -28,34 +28,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::domain::Number;
+pub use crate::domain::Scope;
 use crate::retry::{self, Backoff, Stopped, Transient};
 use crate::state::{Counter, SharedState, StateError};
 use crate::store::{Storage, StorageError};
-
-/// The parent whose children are numbered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Scope {
-    ChatsOf {
-        application_id: u64,
-    },
-    MessagesOf {
-        application_id: u64,
-        chat_number: Number,
-    },
-}
-
-impl Scope {
-    /// Stable identifier, used as the reservation row key and in the counter key.
-    pub fn id(&self) -> String {
-        match self {
-            Self::ChatsOf { application_id } => format!("chats:{application_id}"),
-            Self::MessagesOf {
-                application_id,
-                chat_number,
-            } => format!("messages:{application_id}:{chat_number}"),
-        }
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum AllocationError {

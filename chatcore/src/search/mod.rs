@@ -24,8 +24,7 @@ pub use self::elasticsearch::ElasticsearchIndex;
 pub use self::sqlite::SqliteSearchIndex;
 pub use self::timed::TimedSearchIndex;
 
-/// Words of a query beyond this many are ignored, which bounds the cost of one search.
-pub const MAX_QUERY_WORDS: usize = 16;
+pub use crate::domain::MAX_QUERY_WORDS;
 
 /// Words of the query shorter than this match whole words only: a one-letter prefix would
 /// expand to every word of the index that starts with the letter (the prefix index starts here).

@@ -18,11 +18,11 @@ use std::future::Future;
 use async_trait::async_trait;
 use chrono::{DateTime, SubsecRound as _, Utc};
 
+use crate::domain::Scope;
 use crate::domain::{
     ApplicationName, ApplicationToken, ChatTitle, ClientKeyId, MessageBody, Metadata, Number,
     PageRequest, Sender, TokenDigest,
 };
-use crate::numbering::Scope;
 use crate::retry::Transient;
 
 pub use change_log::{

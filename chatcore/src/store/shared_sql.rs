@@ -96,19 +96,19 @@ macro_rules! storage_impl {
             /// another event), as conflicts with the scope's highest stored number.
             async fn number_conflicts(
                 transaction: &mut sqlx::Transaction<'static, $database>,
-                scope: $crate::numbering::Scope,
+                scope: $crate::domain::Scope,
                 taken: Vec<($crate::domain::Number, uuid::Uuid)>,
             ) -> Result<Vec<$crate::store::NumberConflict>, sqlx::Error> {
                 if taken.is_empty() {
                     return Ok(Vec::new());
                 }
                 let highest: u64 = match scope {
-                    $crate::numbering::Scope::ChatsOf { application_id } => sqlx::query_scalar(
+                    $crate::domain::Scope::ChatsOf { application_id } => sqlx::query_scalar(
                         "SELECT CAST(COALESCE(MAX(number), 0) AS UNSIGNED) FROM chats \
                          WHERE application_id = ?",
                     )
                     .bind(application_id as i64),
-                    $crate::numbering::Scope::MessagesOf {
+                    $crate::domain::Scope::MessagesOf {
                         application_id,
                         chat_number,
                     } => sqlx::query_scalar(

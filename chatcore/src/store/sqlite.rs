@@ -17,11 +17,11 @@ use super::{
     NewMessage, ReindexCursor, ReindexScope, Reservation, ScopeBind, StorageError, StoredChat,
     TokenGrant, now, taken_by_other_events, with_storage_errors,
 };
+use crate::domain::Scope;
 use crate::domain::{
     ApplicationName, ApplicationToken, ChatTitle, Metadata, Number, PageRequest, Sender,
     TokenDigest,
 };
-use crate::numbering::Scope;
 use crate::sqlite::begin_write;
 
 #[derive(Clone)]

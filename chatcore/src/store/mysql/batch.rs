@@ -6,8 +6,8 @@ use chrono::{DateTime, Utc};
 use sqlx::{MySql, QueryBuilder, Transaction};
 
 use super::{MAX_STATEMENT_BODY_BYTES, MySqlStorage};
+use crate::domain::Scope;
 use crate::domain::{ChatTitle, Metadata, Number, Sender};
-use crate::numbering::Scope;
 use crate::store::{
     ChangeKind, ChatKey, NewChat, NewMessage, NumberConflict, StorageError, StoredChat, now,
 };

@@ -21,10 +21,10 @@ use super::{
     with_storage_errors,
 };
 use crate::config::SecretUrl;
+use crate::domain::Scope;
 use crate::domain::{
     ApplicationName, ApplicationToken, Metadata, Number, PageRequest, Sender, TokenDigest,
 };
-use crate::numbering::Scope;
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/mysql");
 
