@@ -157,6 +157,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         .await?;
     let deep_chat = bench.deep_pages(&target.token).await?;
     bench.search_at_scale(&target, deep_chat).await?;
+    bench.report.cpu_efficiency(&bench.processes);
     bench.report.print(&bench.processes);
     let missed = bench.report.missed_goals();
     anyhow::ensure!(

@@ -23,7 +23,7 @@ const STACK_PROCESSES: [&str; 9] = [
     // The bench's own minimal POST server (raw::post_floor), a process of its own.
     "post-floor",
 ];
-const LOAD_GENERATOR: &str = "load generator";
+pub const LOAD_GENERATOR: &str = "load generator";
 
 /// Where the figures of one process come from.
 enum Source {
@@ -116,6 +116,11 @@ impl Processes {
             .iter()
             .position(|tracked| tracked.name == name)?;
         used.0.get(row).copied().flatten()
+    }
+
+    /// The names of the tracked processes, in the order of the rows.
+    pub fn names(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.tracked.iter().map(|tracked| tracked.name)
     }
 
     /// Row labels: the name, with the pid when there is one.

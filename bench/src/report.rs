@@ -3,7 +3,13 @@
 
 use std::time::Duration;
 
-use crate::processes::{CpuUse, Processes};
+use crate::processes::{CpuUse, LOAD_GENERATOR, Processes};
+
+/// The CPU columns the efficiency is computed from.
+pub const END_TO_END: &str = "end-to-end";
+pub const RAW_POST_FLOOR: &str = "raw POST floor";
+pub const RAW_INGEST: &str = "raw ingest";
+pub const RAW_BULK: &str = "raw bulk";
 
 /// A timed phase: how many messages (or requests) in how long, and what each process spent.
 pub struct Measured {
@@ -114,6 +120,53 @@ impl Report {
             .filter(|(_, reached)| !reached)
             .map(|(goal, _)| goal.as_str())
             .collect()
+    }
+
+    /// The CPU every process but the load generator spent per message in the phase `column`
+    /// (None when the phase did not run or a process could not be read).
+    fn cpu_per_message(&self, column: &str, processes: &Processes) -> Option<Duration> {
+        let phase = self
+            .cpu_columns
+            .iter()
+            .find(|phase| phase.phase == column && phase.count > 0)?;
+        let mut total = Duration::ZERO;
+        for name in processes.names() {
+            if name == LOAD_GENERATOR {
+                continue;
+            }
+            total += processes.cpu_of(name, &phase.cpu)?;
+        }
+        Some(total / u32::try_from(phase.count).ok()?)
+    }
+
+    /// The row of the CPU efficiency: the end-to-end CPU per message of every process (the load
+    /// generator's left out) against the sum of the floors of the three legs measured in the same
+    /// run, each with the CPU of every process it used: the minimal POST server, the raw ingest
+    /// consumer and the raw `_bulk` (goal: at most 1.25, printed, not enforced).
+    pub fn cpu_efficiency(&mut self, processes: &Processes) {
+        let legs = [RAW_POST_FLOOR, RAW_INGEST, RAW_BULK]
+            .map(|column| self.cpu_per_message(column, processes));
+        let (Some(end_to_end), [Some(post), Some(ingest), Some(bulk)]) =
+            (self.cpu_per_message(END_TO_END, processes), legs)
+        else {
+            self.note("the CPU efficiency needs the end-to-end phase and the three raw legs");
+            return;
+        };
+        let floors = post + ingest + bulk;
+        let efficiency = end_to_end.as_secs_f64() / floors.as_secs_f64();
+        let reached = met(efficiency <= 1.25);
+        self.row(
+            "CPU efficiency: CPU per message end to end, every process but the load generator, against the sum of the legs' floors (raw POST floor + raw ingest + raw bulk, each with every process it used)",
+            format!(
+                "{:.0} µs against {:.0} + {:.0} + {:.0} = {:.0} µs",
+                end_to_end.as_secs_f64() * 1e6,
+                post.as_secs_f64() * 1e6,
+                ingest.as_secs_f64() * 1e6,
+                bulk.as_secs_f64() * 1e6,
+                floors.as_secs_f64() * 1e6,
+            ),
+            format!("{efficiency:.2}; goal ≤ 1.25: {reached}"),
+        );
     }
 
     pub fn note(&mut self, note: impl Into<String>) {

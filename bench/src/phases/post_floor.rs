@@ -14,7 +14,7 @@ use crate::load::{self, Load, Outcome};
 use crate::phases::posting::post_messages;
 use crate::phases::raw_limits::RawLimit;
 use crate::raw;
-use crate::report::{Measured, ratio};
+use crate::report::{Measured, RAW_POST_FLOOR, ratio};
 use crate::{Bench, Target};
 
 /// How long the floor's process may take to connect and listen.
@@ -118,7 +118,7 @@ impl Bench {
             posted.latencies.p50_p99()
         );
         self.report
-            .figure(measured.figure(label, "req/s", "raw POST floor"), "1");
+            .figure(measured.figure(label, "req/s", RAW_POST_FLOOR), "1");
         self.raw_limits.push(RawLimit {
             short_name: FLOOR,
             rate,

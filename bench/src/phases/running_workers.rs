@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use crate::phases::posting::Workers;
-use crate::report::Measured;
+use crate::report::{END_TO_END, Measured};
 use crate::{Bench, Target};
 
 impl Bench {
@@ -40,7 +40,7 @@ impl Bench {
             format!("{:.0} msg/s", end_to_end.rate()),
             self.general_ratios(end_to_end.rate()),
         );
-        self.report.cpu("end-to-end", &end_to_end);
+        self.report.cpu(END_TO_END, &end_to_end);
         Ok((chat, count))
     }
 }

@@ -8,7 +8,7 @@ use crate::persisted::Leg;
 use crate::phases::posting::Workers;
 use crate::processes::PausedWorkers;
 use crate::raw;
-use crate::report::{Figure, Measured};
+use crate::report::{Figure, Measured, RAW_BULK, RAW_INGEST};
 use crate::settings::MAX_STOPPED_SECONDS;
 use crate::{Bench, ServiceStorage, Target};
 
@@ -182,12 +182,12 @@ impl Bench {
         self.leg_against_raw(
             Leg::Storage,
             &ingest,
-            raw_ingest.figure(raw_ingest_label, "msg/s", "raw ingest"),
+            raw_ingest.figure(raw_ingest_label, "msg/s", RAW_INGEST),
         );
         self.leg_against_raw(
             Leg::Index,
             &index,
-            raw_bulk.figure(raw_bulk_label, "docs/s", "raw bulk"),
+            raw_bulk.figure(raw_bulk_label, "docs/s", RAW_BULK),
         );
         Ok(())
     }
