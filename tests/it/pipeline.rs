@@ -449,16 +449,9 @@ fn chrono_now() -> chrono::DateTime<chrono::Utc> {
 /// new one.
 #[tokio::test]
 async fn publishes_move_to_a_new_connection_when_the_broker_goes_silent() -> anyhow::Result<()> {
-    let amqp_port: u16 = std::env::var("AMQP_PORT")
-        .ok()
-        .and_then(|port| port.parse().ok())
-        .unwrap_or(5672);
-    let broker = TcpProxy::start(amqp_port).await?;
+    let broker = TcpProxy::in_front_of_rabbitmq().await?;
     let mut env = TestEnv::new().await?;
-    env.set(
-        "AMQP_URL",
-        &format!("amqp://guest:guest@127.0.0.1:{}/%2f", broker.port),
-    );
+    env.set("AMQP_URL", &broker.amqp_url());
     env.set("CHAT_PUBLISH_CONFIRM_TIMEOUT_MS", "1000");
     env.set("CHAT_DEPENDENCY_TIMEOUT_MS", "1500");
     let api = env.spawn_api().await?;

@@ -530,16 +530,9 @@ async fn internals_stay_internal(mut env: TestEnv) -> anyhow::Result<()> {
 /// A 503 says what to do, not what failed inside: no address, driver text or dependency name.
 #[tokio::test]
 async fn a_503_does_not_leak_what_failed_inside() -> anyhow::Result<()> {
-    let amqp_port: u16 = std::env::var("AMQP_PORT")
-        .ok()
-        .and_then(|port| port.parse().ok())
-        .unwrap_or(5672);
-    let broker = TcpProxy::start(amqp_port).await?;
+    let broker = TcpProxy::in_front_of_rabbitmq().await?;
     let mut env = TestEnv::new().await?;
-    env.set(
-        "AMQP_URL",
-        &format!("amqp://guest:guest@127.0.0.1:{}/%2f", broker.port),
-    );
+    env.set("AMQP_URL", &broker.amqp_url());
     env.set("CHAT_CONNECT_TIMEOUT_MS", "300");
     let api = env.spawn_api().await?;
     let token = api.client.create_application("leaky").await?;

@@ -224,6 +224,20 @@ impl TcpProxy {
         format!("redis://127.0.0.1:{}/0", self.port)
     }
 
+    /// A proxy in front of the test RabbitMQ (`AMQP_PORT`, 5672 by default).
+    pub async fn in_front_of_rabbitmq() -> anyhow::Result<Self> {
+        let amqp_port: u16 = std::env::var("AMQP_PORT")
+            .ok()
+            .and_then(|port| port.parse().ok())
+            .unwrap_or(5672);
+        Self::start(amqp_port).await
+    }
+
+    /// The `AMQP_URL` through this proxy (of [`TcpProxy::in_front_of_rabbitmq`]).
+    pub fn amqp_url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
     /// From now on connections go to `target`; the open ones are dropped.
     pub fn switch(&self, target: u16) {
         *self.target.lock().expect("not poisoned") = target;
