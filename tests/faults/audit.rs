@@ -317,7 +317,7 @@ async fn read_back_through_the_api(
                 sent.chat, sent.number
             );
             let read = apis
-                .send(|client| client.request(reqwest::Method::GET, &path))
+                .read(|client| client.request(reqwest::Method::GET, &path))
                 .await?;
             let read_ok = if sent.deleted {
                 read.status == StatusCode::NOT_FOUND
@@ -326,7 +326,7 @@ async fn read_back_through_the_api(
             };
             let search = format!("/applications/{token}/chats/{}/messages/search", sent.chat);
             let hits = apis
-                .send(|client| {
+                .read(|client| {
                     client
                         .request(reqwest::Method::GET, &search)
                         .query(&[("query", sent.body.as_str())])

@@ -202,6 +202,9 @@ async fn events_processed(health_port: u16) -> anyhow::Result<u64> {
         .sum::<f64>() as u64)
 }
 
+/// How long a read of the audit is tried again on 5xx answers.
+const READ_PATIENCE: Duration = Duration::from_secs(30);
+
 /// The clients' view of the api replicas: each attempt goes to the next one (round robin, as a
 /// Service's load balancing does), and each replica's answers are counted.
 pub(crate) struct Apis {
@@ -239,6 +242,26 @@ impl Apis {
         let reply = client.send_raw(build(client)).await?;
         self.answered[index].fetch_add(1, Ordering::Relaxed);
         Ok(reply)
+    }
+
+    /// A read (it changes nothing, so it may be sent again): tried on the next replica while
+    /// the connection fails or the answer is a 5xx (a search past its time limit on a loaded
+    /// machine says nothing of what is stored), for up to [`READ_PATIENCE`].
+    pub(crate) async fn read(
+        &self,
+        build: impl Fn(&Client) -> reqwest::RequestBuilder,
+    ) -> anyhow::Result<Reply> {
+        let deadline = tokio::time::Instant::now() + READ_PATIENCE;
+        loop {
+            let reply = self.send(&build).await;
+            let again = reply
+                .as_ref()
+                .map_or(true, |reply| reply.status.is_server_error());
+            if !again || tokio::time::Instant::now() >= deadline {
+                return reply;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// HTTP answers each replica gave, in replica order.
