@@ -88,6 +88,8 @@ pub(crate) struct Outcome {
     pub(crate) dead_lettered: usize,
     pub(crate) server_errors: u64,
     pub(crate) redelivered: usize,
+    /// From the stack's start to the end of the audit (CI's time goes mostly to this suite).
+    pub(crate) took: std::time::Duration,
     /// What broke a promise, one line each.
     pub(crate) problems: Vec<String>,
 }
@@ -205,7 +207,7 @@ impl Outcome {
         format!(
             "fault {name:<34} strikes {}  accepted {:>5}  stored {:>5}  indexed {:>5}  hooked {:>5}  \
              bodies ok {:>5}  chats {:>3}  edits {:>4}  deletes {:>4} ({} unconfirmed)  duplicates {}  lost {}  \
-             extra {} (at most {})  dead-lettered {}  5xx {}  redelivered {}",
+             extra {} (at most {})  dead-lettered {}  5xx {}  redelivered {}  took {} s",
             self.strikes,
             self.accepted,
             self.stored,
@@ -223,6 +225,7 @@ impl Outcome {
             self.dead_lettered,
             self.server_errors,
             self.redelivered,
+            self.took.as_secs(),
         )
     }
 

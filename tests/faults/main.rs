@@ -69,6 +69,7 @@ pub(crate) async fn run(
     topology: Topology,
     mut fault: Fault<'_>,
 ) -> anyhow::Result<Stack> {
+    let started = tokio::time::Instant::now();
     let mut stack = Stack::start(overrides, topology).await?;
     let client = stack.apis.first().clone();
     let token = client.create_application(name).await?;
@@ -117,6 +118,7 @@ pub(crate) async fn run(
     outcome.strikes = offsets.len();
     outcome.extra_bound = fault.extra_bound(offsets.len());
     outcome.server_errors = server_errors;
+    outcome.took = started.elapsed();
     println!("{}", outcome.report(name));
     outcome.assert_kept(name)?;
     Ok(stack)
