@@ -806,6 +806,13 @@ impl Scope {
             } => format!("messages:{application_id}:{chat_number}"),
         }
     }
+
+    /// Which of `stripes` shards of a per-scope table (locks, memories) this scope falls in.
+    pub fn stripe(&self, stripes: usize) -> usize {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        std::hash::Hash::hash(self, &mut hasher);
+        std::hash::Hasher::finish(&hasher) as usize % stripes
+    }
 }
 
 #[cfg(test)]

@@ -88,9 +88,7 @@ impl HandedOut {
     /// Records a number the counter just handed out in `scope`; `Err(highest)` (the highest this
     /// process handed out there) when the counter handed it out before.
     pub(super) fn record(&self, scope: &Scope, number: u64) -> Result<(), u64> {
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        std::hash::Hash::hash(scope, &mut hasher);
-        let stripe = std::hash::Hasher::finish(&hasher) as usize % STRIPES;
+        let stripe = scope.stripe(STRIPES);
         // A panic elsewhere cannot leave a `Recent` half-changed: recover the map.
         let mut scopes = self.stripes[stripe]
             .lock()

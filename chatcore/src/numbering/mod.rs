@@ -207,10 +207,7 @@ impl NumberAllocator {
     /// The stripe lock of a scope: reservations of one scope run one at a time in this process,
     /// so a burst of requests on a fresh or exhausted scope makes one reservation, not hundreds.
     fn reservation_lock(&self, scope: &Scope) -> &tokio::sync::Mutex<()> {
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        std::hash::Hash::hash(scope, &mut hasher);
-        let stripe = std::hash::Hasher::finish(&hasher) as usize % self.reservation_locks.len();
-        &self.reservation_locks[stripe]
+        &self.reservation_locks[scope.stripe(self.reservation_locks.len())]
     }
 
     async fn seed_serialized(&self, scope: &Scope, key: &str) -> Result<(), AllocationError> {
